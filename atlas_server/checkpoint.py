@@ -1,0 +1,236 @@
+"""The Atlas checkpoint: a directory the trainer writes and the server reads.
+
+Layout:
+    config.json        {"format": "atlas-checkpoint", "format_version": 1,
+                        "model": {ModelConfig fields}, "tokenizer": {"file", "sha256", "vocab_size"},
+                        "provenance": {"created_by", "created_at", "source", "step", ...}}
+    model.safetensors  the weights, named as in `Transformer.state_dict()`
+    tokenizer.json     the Atlas tokenizer
+
+What it does: save (atomically: written into a sibling temp directory, then renamed),
+load (safetensors only, never unpickling), validate (every tensor present with the right
+shape, no unknown config keys, no newer format) and describe a checkpoint. What it does
+not do: trainer state (optimizer, data position; see `trainer/state.py`) or format
+conversion (see `hf_import.py`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .model import ConfigError, ModelConfig, Transformer
+from .tokenizer import Tokenizer, TokenizerError
+
+FORMAT_NAME = "atlas-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    path: Path
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write an atlas checkpoint; an existing directory is replaced only once the new one is whole."""
+    directory = Path(directory)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} embeddings"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model": model.config.to_dict(),
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "sha256": sha256_file(tmp / TOKENIZER_FILE),
+                "vocab_size": tokenizer.vocab_size,
+            },
+            "provenance": {
+                "created_by": f"atlas {_atlas_version()}",
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "user": _user(),
+                **(provenance or {}),
+            },
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_dir(tmp)
+        # Swap in: the old directory (if any) is moved aside first, so a crash leaves
+        # either the old or the new checkpoint whole, never a mix.
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """Parse and check config.json (format, version, model keys) without touching weights."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; an atlas checkpoint is a folder")
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; is {directory} an atlas checkpoint?") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path} is not an atlas checkpoint config (format={meta.get('format') if isinstance(meta, dict) else None!r});"
+            " Hugging Face checkpoints are converted with `atlas checkpoint import-hf`"
+        )
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
+        )
+    unknown = sorted(set(meta) - {"format", "format_version", "model", "tokenizer", "provenance"})
+    if unknown:
+        raise CheckpointError(f"{path} has unknown top-level keys {unknown}")
+    try:
+        ModelConfig.from_dict(meta.get("model") or {})
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid model config: {e}") from None
+    return meta
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    **config_overrides: Any,
+) -> Checkpoint:
+    """Load an atlas checkpoint. `config_overrides` may change runtime-only fields (attention, dropout)."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    runtime_only = {"attention", "dropout"}
+    bad = sorted(set(config_overrides) - runtime_only)
+    if bad:
+        raise CheckpointError(f"only {sorted(runtime_only)} may be overridden at load time, not {bad}")
+    config = ModelConfig.from_dict({**meta["model"], **config_overrides})
+    tok_path = directory / meta.get("tokenizer", {}).get("file", TOKENIZER_FILE)
+    try:
+        tokenizer = Tokenizer.from_file(tok_path)
+    except TokenizerError as e:
+        raise CheckpointError(f"{tok_path}: {e}") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{tok_path} has {tokenizer.vocab_size} ids but the model only {config.vocab_size} embeddings"
+        )
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = _read_weights(directory / WEIGHTS_FILE, model)
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=True, assign=False)
+    model._rebuild_buffers()  # non-persistent tables (RoPE, sinusoid) were on the meta device
+    model.to(dtype=dtype)
+    model.eval()
+    return Checkpoint(model, tokenizer, config, directory, meta.get("provenance", {}))
+
+
+def _read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing = sorted(set(expected) - names)
+            unexpected = sorted(names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path}: tensors do not match the config: missing {missing[:5]}"
+                    f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                    f"{'...' if len(unexpected) > 5 else ''}"
+                )
+            state = {}
+            for name in sorted(names):
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
+                    )
+                state[name] = f.get_tensor(name)
+            return state
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _atlas_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("atlas-llm")
+    except Exception:
+        return "unknown"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _fsync_dir(path: Path) -> None:
+    for child in path.iterdir():
+        with child.open("rb") as f:
+            os.fsync(f.fileno())

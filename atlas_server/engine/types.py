@@ -1,0 +1,118 @@
+"""The engine's public contract: what a request asks for and what comes back.
+
+What it does: defines `SamplingParams` (validated, per request), `EngineConfig` (the
+bounds of one engine), the output events streamed to a caller, and the engine's
+errors. What it does not do: any work; see `engine.py`, `scheduler.py`, `sampling.py`.
+The HTTP layer translates OpenAI request fields into these types and never reaches
+further into the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class EngineError(Exception):
+    """Base class of the engine's errors."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request cannot be served as asked (e.g. prompt + max_tokens exceed the context)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its configured bound; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineStoppedError(EngineError):
+    """The engine is shutting down or has stopped and accepts no new requests."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue one prompt. Defaults follow the OpenAI completions API."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0  # stop conditions (EOS, stop ids/strings) are ignored before this many
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 or less: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1.0: off (HF/CTRL definition, over prompt + output)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
+    prompt_logprobs: int | None = None  # same, for the prompt tokens (OpenAI `echo` + `logprobs`)
+    n: int = 1  # independent samples of one prompt; they share its prefill
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Bounds of one engine. All memory is allocated at start from these numbers."""
+
+    max_running: int = 16  # sequences decoding at once (= KV cache slots)
+    max_batched_tokens: int = 512  # tokens per forward step, prefill chunks included
+    max_queued: int = 256  # requests waiting beyond the running set; more -> QueueFullError
+    max_model_len: int | None = None  # None: the model's max_seq_len
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class TokenLogprob:
+    """One position's log-probability, and its top alternatives (id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """One event of one choice of a request's stream.
+
+    Events carry only what is new since the previous event of the same choice.
+    `prompt_logprobs` arrives once, on the first event of choice 0, when asked for.
+    The last event of a choice has `finished=True` and a `finish_reason`.
+    """
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    token_ids: list[int]
+    text: str  # newly decoded text; stop strings and any partial UTF-8 are held back
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that matched
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # total so far for this choice
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_slots_total: int
+    kv_cache_bytes: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int

@@ -1,0 +1,54 @@
+"""Preallocated key/value cache in fixed slots.
+
+Layout: for each layer, `k[layer]` and `v[layer]` are [n_slots, n_kv_heads, max_len,
+head_dim]. A running sequence owns one slot for its whole life; the token at absolute
+position p of that sequence has its keys at [slot, :, p, :]. Memory is allocated once,
+up front, so the serving engine's memory use is bounded and known at start.
+
+Why slots rather than paged blocks: at the 50M-150M scale Atlas serves, a slot of
+max_len positions costs little (124M GPT-2, 1024 positions, fp32: 72 MiB per slot), and
+slots keep the attention read a plain slice that SDPA consumes directly. Paging would
+pay off for long contexts with very uneven lengths; see docs/architecture.md.
+
+What it does not do: decide which sequence gets which slot (the engine's scheduler).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        n_slots: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.n_slots, self.max_len = n_slots, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def write(self, layer: int, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v [B, T, K, D] for rows `slots` [B] at `positions` [B, T]."""
+        rows = slots[:, None]  # [B, 1] broadcasts against positions [B, T]
+        # Advanced indices around a slice put the indexed dims first: target is [B, T, K, D].
+        self.k[layer][rows, :, positions] = k.to(self.k[layer].dtype)
+        self.v[layer][rows, :, positions] = v.to(self.v[layer].dtype)
+
+    def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions [0, length) for rows `slots`: each [B, K, length, D]."""
+        if slots.numel() == 1:
+            s = int(slots[0])  # a view, no gather copy, for the common batch-1 case
+            return self.k[layer][s : s + 1, :, :length], self.v[layer][s : s + 1, :, :length]
+        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]

@@ -1,0 +1,339 @@
+"""A decoder-only transformer, readable top to bottom.
+
+What it does: token embedding -> positional information (learned, sinusoidal or RoPE)
+-> n pre-norm blocks of causal self-attention (multi-head or grouped-query) and a
+feed-forward network (GELU MLP or SwiGLU) with residual connections -> final norm ->
+logits. The forward pass optionally reads and writes a `KVCache` at explicit
+positions, which is all the serving engine needs to prefill and decode ragged
+batches. What it does not do: sampling, scheduling, tokenization or checkpoint I/O.
+
+Weight layout: every projection stores its weight as [in_features, out_features] and
+computes `x @ weight`. For batch-1 decode this streams the weight matrix row by row
+in memory order; the [out, in] layout of `nn.Linear` makes the same product a
+matrix-vector over a transposed view, which on CPU reaches well under half of DRAM
+bandwidth (see bench/). Shapes in comments: B batch, T tokens, C d_model, H heads,
+K kv heads, D head_dim, S cache length, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class Linear(nn.Module):
+    """y = x @ W (+ b) with W stored as [in, out] (see the module docstring for why)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 so bf16/fp16 activations keep their precision here.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def sinusoidal_table(max_len: int, dim: int) -> Tensor:
+    """The fixed sin/cos table of "Attention Is All You Need": [max_len, dim]."""
+    position = torch.arange(max_len, dtype=torch.float32)[:, None]  # [L, 1]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+    return table
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin for rotary embeddings, each [max_len, head_dim] (halves repeated)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [L, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [L, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + D/2) of x [B, T, H, D] by angles given as cos/sin [B, T, 1, D].
+
+    This is the "rotate half" convention used by Llama in Hugging Face transformers.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.kv_heads,
+            config.head_dim,
+        )
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.wqkv = Linear(config.d_model, qkv_out, config.bias)  # fused: one matmul
+        self.wo = Linear(self.n_heads * self.head_dim, config.d_model, config.bias)
+        self.dropout = config.dropout
+        self.impl = config.attention
+        self.use_rope = config.pos_encoding == "rope"
+
+    def forward(
+        self,
+        x: Tensor,  # [B, T, C]
+        positions: Tensor,  # [B, T]
+        rope: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        slots: Tensor | None,  # [B]
+    ) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)  # [B, T, (H + 2K) * D]
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, K, D)
+        v = v.view(B, T, K, D)
+        if self.use_rope:
+            cos, sin = rope  # type: ignore[misc]
+            cos = cos[positions].unsqueeze(2)  # [B, T, 1, D]
+            sin = sin[positions].unsqueeze(2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            # Training / full forward: the sequence attends to itself, causally.
+            out = attention(
+                q.transpose(1, 2),  # [B, H, T, D]
+                k.transpose(1, 2),  # [B, K, T, D]
+                v.transpose(1, 2),
+                mask=None,
+                dropout=self.dropout if self.training else 0.0,
+                impl=self.impl,
+            )
+        else:
+            assert slots is not None, "a KV cache needs the slot of each batch row"
+            cache.write(self.layer_index, slots, positions, k, v)
+            keys, values = cache.read(self.layer_index, slots, int(positions.max()) + 1)
+            # keys/values: [B, K, S, D] with S = furthest position in this batch + 1.
+            # Query at position p sees cache positions <= p of its own slot; positions past a
+            # row's own length hold stale or padding entries and are masked out here.
+            key_pos = torch.arange(keys.shape[2], device=x.device)
+            mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+            out = attention(q.transpose(1, 2), keys, values, mask=mask, dropout=0.0, impl=self.impl)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+        out = self.wo(out)
+        return F.dropout(out, self.dropout, self.training)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.ff_dim
+        # SwiGLU fuses its gate and up projections into one [C, 2F] matmul.
+        n_in = 2 * hidden if self.kind == "swiglu" else hidden
+        self.w_in = Linear(config.d_model, n_in, config.bias)
+        self.w_out = Linear(hidden, config.d_model, config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w_in(x)  # [B, T, F] or [B, T, 2F]
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return F.dropout(self.w_out(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, positions, rope, cache, slots) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self._rebuild_buffers()
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def _rebuild_buffers(self) -> None:
+        """(Re)compute the fixed position tables; they are derived, so never saved."""
+        config, device = self.config, self.tok_emb.weight.device
+        if config.pos_encoding == "sinusoidal":
+            table = sinusoidal_table(config.max_seq_len, config.d_model).to(device)
+            self.register_buffer("pos_table", table, persistent=False)
+        elif config.pos_encoding == "rope":
+            cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+            # Kept in fp32 whatever the model dtype: apply_rope computes in fp32.
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    # --- initialisation -------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                # Norm gains start at one, biases at zero.
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("wo.weight", "w_out.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    # --- forward --------------------------------------------------------------------
+    def output_weight(self) -> Tensor:
+        """The [C, V] matrix that maps final hidden states to logits."""
+        if self.config.tie_embeddings:
+            # A transposed view of the [V, C] embedding; see prepare_for_inference().
+            head_t = getattr(self, "_tied_head_t", None)
+            return head_t if head_t is not None else self.tok_emb.weight.t()
+        return self.lm_head.weight
+
+    def forward(
+        self,
+        idx: Tensor,  # [B, T] token ids
+        positions: Tensor | None = None,  # [B, T] absolute positions; default 0..T-1
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,  # [B] cache slot of each row (needed with a cache)
+        last_only: bool = False,  # return logits for the final position only
+    ) -> Tensor:
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        x = self.tok_emb(idx)  # [B, T, C]
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_emb(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, positions, rope, cache, slots)
+        if last_only:
+            x = x[:, -1:, :]  # [B, 1, C]
+        x = self.final_norm(x)
+        return x @ self.output_weight()  # [B, T, V]
+
+    def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean next-token cross-entropy; targets [B, T] are the ids that should follow."""
+        logits = self(idx)
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index
+        )
+
+    # --- serving helpers ------------------------------------------------------------
+    def prepare_for_inference(self) -> Transformer:
+        """Eval mode, and a contiguous [C, V] copy of a tied output matrix.
+
+        The tied head is read as a transposed view of the embedding, which is the slow
+        layout for matrix-vector products; a contiguous copy trades V*C extra numbers of
+        memory for batch-1 decode speed. Call again after changing the weights.
+        """
+        self.eval()
+        if self.config.tie_embeddings:
+            self._tied_head_t = self.tok_emb.weight.detach().t().contiguous()
+        return self
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.config.pos_encoding == "learned":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def new_cache(
+        self, n_slots: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(
+            n_layers=self.config.n_layers,
+            n_slots=n_slots,
+            n_kv_heads=self.config.kv_heads,
+            max_len=max_len or self.config.max_seq_len,
+            head_dim=self.config.head_dim,
+            device=p.device,
+            dtype=dtype or p.dtype,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
+        """Minimal one-sequence generation with a KV cache (the engine does the real serving)."""
+        total = len(prompt_ids) + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"{total} tokens exceed max_seq_len={self.config.max_seq_len}")
+        device = self.tok_emb.weight.device
+        cache = self.new_cache(1, total)
+        slots = torch.zeros(1, dtype=torch.long, device=device)
+        ids = torch.tensor([prompt_ids], device=device)
+        positions = torch.arange(len(prompt_ids), device=device)[None]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self(ids, positions, cache, slots, last_only=True)[0, -1].float()  # [V]
+            if temperature <= 0:
+                next_id = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_id = int(torch.multinomial(probs, 1, generator=generator))
+            out.append(next_id)
+            ids = torch.tensor([[next_id]], device=device)
+            positions = positions[:, -1:] + 1
+        return out
