@@ -1,4 +1,8 @@
-"""Atlas's byte-level BPE tokenizer (pure Python + regex; imports nothing else of Atlas)."""
+"""Atlas's byte-level BPE tokenizer (pure Python + regex; imports nothing else of Atlas).
+
+`bpe` encodes and decodes, `train` learns merges from files, `corpus` streams training
+text, `interop` builds the equivalent tiktoken / HF `tokenizers` objects. See docs/tokenizer.md.
+"""
 
 from .bpe import (
     DEFAULT_SPECIAL_TOKENS,
@@ -11,6 +15,7 @@ from .bpe import (
     TokenizerError,
     byte_level_tokenizer,
 )
+from .train import TrainConfig, TrainStats, train_from_files, train_from_texts
 
 __all__ = [
     "DEFAULT_SPECIAL_TOKENS",
@@ -21,5 +26,9 @@ __all__ = [
     "IM_START",
     "Tokenizer",
     "TokenizerError",
+    "TrainConfig",
+    "TrainStats",
     "byte_level_tokenizer",
+    "train_from_files",
+    "train_from_texts",
 ]
