@@ -270,7 +270,7 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy; targets [B, T] are the ids that should follow."""
         logits = self(idx)
         return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=ignore_index
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
         )
 
     # --- serving helpers ------------------------------------------------------------

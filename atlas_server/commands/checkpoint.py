@@ -1,0 +1,134 @@
+"""`atlas checkpoint`: inspect, create and import atlas checkpoints.
+
+What it does: `inspect DIR` (parameter counts, config, tokenizer, provenance, file sizes;
+`--json` for scripts), `init --preset NAME --tokenizer FILE --output DIR` (a randomly
+initialised model whose vocabulary matches the tokenizer) and `import-hf SRC DST` (a local
+Hugging Face GPT-2 or Llama folder). What it does not do: training (see `atlas-train`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+import typer
+
+from ..checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from ..model import Transformer, load_preset, preset_names
+from ..tokenizer import Tokenizer
+from ._common import user_errors
+
+app = typer.Typer(help="Inspect, create and import atlas checkpoints.", no_args_is_help=True)
+
+
+def _param_groups(model: Transformer) -> dict[str, int]:
+    groups: Counter[str] = Counter()
+    for name, p in model.named_parameters():
+        if name.startswith("blocks."):
+            kind = name.split(".")[2]  # attn, mlp, attn_norm, mlp_norm
+            groups[f"blocks.{'norm' if kind.endswith('norm') else kind}"] += p.numel()
+        else:
+            groups[name.split(".")[0]] += p.numel()
+    return dict(sorted(groups.items()))
+
+
+def describe(directory: Path) -> dict:
+    meta = read_metadata(directory)
+    ckpt = load_checkpoint(directory)
+    model = ckpt.model
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+    tok = ckpt.tokenizer
+    return {
+        "path": str(directory),
+        "format_version": meta["format_version"],
+        "parameters": {
+            "total": model.num_parameters(),
+            "non_embedding": model.num_parameters(exclude_embeddings=True),
+            "by_group": _param_groups(model),
+        },
+        "model": meta["model"],
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "merges": len(tok.merges or []),
+                      "special_tokens": tok.special_tokens, **meta.get("tokenizer", {})},
+        "provenance": meta.get("provenance", {}),
+        "files": files,
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="Checkpoint directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show parameter counts, config, tokenizer, provenance and file sizes.
+
+    Example: atlas checkpoint inspect runs/quickstart/checkpoint
+    """
+    with user_errors():
+        info = describe(directory)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    params = info["parameters"]
+    typer.echo(f"checkpoint {info['path']} (format v{info['format_version']})")
+    typer.echo(f"parameters: {_human(params['total'])} total, {_human(params['non_embedding'])} non-embedding")
+    for group, n in params["by_group"].items():
+        typer.echo(f"  {group:<16} {n:>14,}")
+    typer.echo("model config:")
+    for k, v in info["model"].items():
+        typer.echo(f"  {k:<16} {v}")
+    tok = info["tokenizer"]
+    typer.echo(f"tokenizer: {tok['name']}, {tok['vocab_size']} ids, {tok['merges']} merges, "
+               f"specials {sorted(tok['special_tokens'])}")
+    typer.echo("provenance:")
+    for k, v in info["provenance"].items():
+        typer.echo(f"  {k:<16} {v}")
+    typer.echo("files:")
+    for name, size in info["files"].items():
+        typer.echo(f"  {name:<20} {size / 2**20:>10.2f} MiB")
+
+
+@app.command()
+def init(
+    preset: str = typer.Option(..., help=f"Model preset from configs/models/ ({', '.join(preset_names())})."),
+    tokenizer: Path = typer.Option(..., help="tokenizer.json (its vocabulary size sets the embedding rows)."),
+    output: Path = typer.Option(..., help="Checkpoint directory to write."),
+    seed: int = typer.Option(0, help="Seed for the random initialisation."),
+) -> None:
+    """Write a randomly initialised checkpoint from a preset.
+
+    Example: atlas checkpoint init --preset gpt2-tiny --tokenizer tok/tokenizer.json --output ckpt/
+    """
+    with user_errors():
+        tok = Tokenizer.from_file(tokenizer)
+        config = load_preset(preset, vocab_size=tok.vocab_size)
+        torch.manual_seed(seed)
+        model = Transformer(config)
+        save_checkpoint(output, model, tok, {"source": f"atlas checkpoint init --preset {preset}", "seed": seed})
+    typer.echo(f"wrote {output} ({_human(model.num_parameters())} parameters, preset {preset})")
+
+
+@app.command("import-hf")
+def import_hf_command(
+    src: Path = typer.Argument(..., help="Local Hugging Face model folder (config.json + safetensors)."),
+    dst: Path = typer.Argument(..., help="Atlas checkpoint directory to write."),
+    tokenizer: Path = typer.Option(None, help="Use this tokenizer.json instead of SRC's (Atlas or HF byte-level BPE)."),
+) -> None:
+    """Convert a Hugging Face GPT-2 or Llama checkpoint into an atlas checkpoint.
+
+    Example: atlas checkpoint import-hf ~/models/gpt2 checkpoints/gpt2
+    """
+    from ..hf_import import import_hf
+
+    with user_errors():
+        path = import_hf(src, dst, str(tokenizer) if tokenizer else None)
+    typer.echo(f"wrote {path}")

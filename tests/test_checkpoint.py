@@ -1,0 +1,123 @@
+"""The atlas checkpoint: round trip, and refusals that name the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from atlas_server import checkpoint as ckpt_module
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from atlas_server.cli import app
+from atlas_server.model import Transformer, load_preset
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_llama_checkpoint):
+    return shutil.copytree(tiny_llama_checkpoint, tmp_path / "ckpt")
+
+
+def test_round_trip_keeps_weights_config_and_tokenizer(tmp_path, byte_tokenizer):
+    torch.manual_seed(3)
+    model = Transformer(load_preset("llama-tiny", vocab_size=byte_tokenizer.vocab_size)).eval()
+    save_checkpoint(tmp_path / "c", model, byte_tokenizer, {"step": 7})
+    loaded = load_checkpoint(tmp_path / "c")
+    ids = torch.randint(0, 259, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), model(ids), rtol=0, atol=0)
+    assert loaded.config == model.config
+    assert loaded.tokenizer.encode("héllo") == byte_tokenizer.encode("héllo")
+    assert loaded.provenance["step"] == 7
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_load_in_low_precision(tiny_checkpoint, dtype):
+    model = load_checkpoint(tiny_checkpoint, dtype=dtype).model
+    assert {p.dtype for p in model.parameters()} == {getattr(torch, dtype)}
+
+
+def _edit_config(ckpt, fn):
+    path = ckpt / "config.json"
+    meta = json.loads(path.read_text())
+    fn(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_newer_format_version_is_refused(ckpt):
+    _edit_config(ckpt, lambda m: m.update(format_version=99))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(ckpt)
+
+
+def test_unknown_model_key_is_refused(ckpt):
+    _edit_config(ckpt, lambda m: m["model"].update(n_experts=8))
+    with pytest.raises(CheckpointError, match="n_experts"):
+        load_checkpoint(ckpt)
+
+
+def test_shape_mismatch_names_the_tensor(ckpt):
+    _edit_config(ckpt, lambda m: m["model"].update(d_model=128))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(ckpt)
+
+
+def test_missing_tensor_is_named(ckpt):
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["blocks.1.mlp.w_out.weight"]
+    save_file(weights, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.w_out\.weight"):
+        load_checkpoint(ckpt)
+
+
+def test_truncated_weights_are_refused(ckpt):
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(ckpt)
+
+
+def test_corrupt_tokenizer_is_refused(ckpt):
+    (ckpt / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load_checkpoint(ckpt)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_checkpoint(tmp_path)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_whole(ckpt, byte_tokenizer, monkeypatch):
+    before = (ckpt / "model.safetensors").read_bytes()
+    model = Transformer(load_preset("llama-tiny", vocab_size=byte_tokenizer.vocab_size))
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_module, "_fsync_dir", explode)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(ckpt, model, byte_tokenizer)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert [p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")] == []
+    load_checkpoint(ckpt)
+
+
+def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
+    byte_tokenizer.save(tmp_path / "tokenizer.json")
+    runner = CliRunner()
+    out = tmp_path / "new"
+    result = runner.invoke(app, ["checkpoint", "init", "--preset", "gpt2-tiny", "--tokenizer",
+                                 str(tmp_path / "tokenizer.json"), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out).config.vocab_size == byte_tokenizer.vocab_size
+    result = runner.invoke(app, ["checkpoint", "inspect", str(out)])
+    assert result.exit_code == 0 and "parameters:" in result.output
+    bad = runner.invoke(app, ["checkpoint", "init", "--preset", "gpt9", "--tokenizer",
+                              str(tmp_path / "tokenizer.json"), "--output", str(out)])
+    assert bad.exit_code == 1 and "no model preset 'gpt9'" in bad.output
+    bad = runner.invoke(app, ["checkpoint", "inspect", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 1 and bad.output.startswith("error:")

@@ -1,0 +1,132 @@
+"""The transformer: both attention paths agree, the KV cache reproduces full forwards."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from atlas_server.model import ConfigError, ModelConfig, Transformer, load_preset, preset_names
+
+COMBOS = list(itertools.product(["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"],
+                                ["gelu", "swiglu"], [4, 2, 1]))
+
+
+def tiny(pos, norm, mlp, kv, attention="sdpa", **kw) -> ModelConfig:
+    return ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=4, n_kv_heads=kv, max_seq_len=64,
+                       pos_encoding=pos, norm=norm, mlp=mlp, attention=attention, **kw)
+
+
+def twin_models(config: ModelConfig):
+    torch.manual_seed(0)
+    ref = Transformer(config.replace(attention="reference")).eval()
+    fast = Transformer(config.replace(attention="sdpa")).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+@pytest.mark.parametrize(("pos", "norm", "mlp", "kv"), COMBOS)
+def test_reference_and_sdpa_attention_agree(pos, norm, mlp, kv):
+    ref, fast = twin_models(tiny(pos, norm, mlp, kv))
+    ids = torch.randint(0, 97, (3, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), ref(ids), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "reference"])
+@pytest.mark.parametrize(("pos", "norm", "mlp", "kv"), COMBOS[::3])
+def test_kv_cache_decoding_equals_full_forward(pos, norm, mlp, kv, attention):
+    torch.manual_seed(0)
+    model = Transformer(tiny(pos, norm, mlp, kv, attention)).eval()
+    ids = torch.randint(0, 97, (3, 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(n_slots=5, max_len=40)
+        slots = torch.tensor([4, 0, 2])
+        # prefill in two chunks of different sizes, then decode token by token
+        parts = [model(ids[:, :7], torch.arange(7).expand(3, 7), cache, slots),
+                 model(ids[:, 7:20], torch.arange(7, 20).expand(3, 13), cache, slots)]
+        for t in range(20, 30):
+            parts.append(model(ids[:, t:t + 1], torch.full((3, 1), t), cache, slots))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_ragged_batch_rows_at_different_positions_match_their_own_forward():
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).eval()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 5))
+    cache = model.new_cache(n_slots=2, max_len=32)
+    with torch.no_grad():
+        model(a[:, :11], torch.arange(11)[None], cache, torch.tensor([0]))
+        model(b[:, :4], torch.arange(4)[None], cache, torch.tensor([1]))
+        # one decode step for both sequences, at positions 11 and 4
+        step = model(torch.cat([a[:, 11:], b[:, 4:]]), torch.tensor([[11], [4]]), cache, torch.tensor([0, 1]))
+        torch.testing.assert_close(step[0, -1], model(a)[0, -1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(step[1, -1], model(b)[0, -1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_tracks_fp32(dtype):
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).eval()
+    ids = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        low = model.to(dtype)(ids)
+    assert low.dtype == dtype
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_prepare_for_inference_keeps_logits_and_tied_head():
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4)).eval()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        before = model(ids)
+        after = model.prepare_for_inference()(ids)
+    torch.testing.assert_close(before, after)
+    assert model.output_weight().is_contiguous()
+
+
+def test_training_loss_is_next_token_cross_entropy():
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4))
+    ids = torch.randint(0, 97, (2, 10))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    expected = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_position_past_max_seq_len_is_refused():
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"d_model": 30}, "divisible"),
+    ({"n_kv_heads": 3}, "multiple"),
+    ({"norm": "batchnorm"}, "norm"),
+    ({"dropout": 1.5}, "dropout"),
+    ({"vocab_size": 0}, "vocab_size"),
+])
+def test_invalid_configs_name_the_problem(change, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny("learned", "layernorm", "gelu", 4).replace(**change)
+
+
+def test_unknown_config_key_is_refused():
+    with pytest.raises(ConfigError, match="unknown model config keys"):
+        ModelConfig.from_dict({**tiny("rope", "rmsnorm", "gelu", 4).to_dict(), "n_expertz": 4})
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_build_and_have_the_documented_size(name):
+    config = load_preset(name)
+    with torch.device("meta"):
+        n = Transformer(config).num_parameters()
+    expected_millions = {"tiny": (0.05, 1), "50m": (45, 65), "124m": (115, 135)}[name.split("-")[1]]
+    assert expected_millions[0] <= n / 1e6 <= expected_millions[1]
