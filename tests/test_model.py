@@ -128,5 +128,5 @@ def test_presets_build_and_have_the_documented_size(name):
     config = load_preset(name)
     with torch.device("meta"):
         n = Transformer(config).num_parameters()
-    expected_millions = {"tiny": (0.05, 1), "50m": (45, 65), "124m": (115, 135)}[name.split("-")[1]]
+    expected_millions = {"tiny": (0.05, 1), "mini": (2, 10), "50m": (45, 65), "124m": (115, 135)}[name.split("-")[1]]
     assert expected_millions[0] <= n / 1e6 <= expected_millions[1]

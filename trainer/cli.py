@@ -1,0 +1,114 @@
+"""`atlas-train`: prepare data, train (also under torchrun), and run the quickstart.
+
+What it does: `atlas-train train --config FILE [--set k=v ...] [--resume] [--profile]`
+(also reachable as plain `atlas-train --config ...`), `atlas-train prepare-data PATH...
+--tokenizer FILE --output DIR` and `atlas-train quickstart [--output DIR]`. Errors a user
+can fix are one line on stderr with exit status 1.
+What it does not do: the work itself (see `loop.py`, `data.py`, `quickstart.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from atlas_server.checkpoint import CheckpointError
+from atlas_server.model import ConfigError
+from atlas_server.tokenizer import TokenizerError
+
+from .config import TrainConfigError, load_train_config
+from .data import DataError
+
+app = typer.Typer(name="atlas-train", help="Train Atlas models.", add_completion=False,
+                  pretty_exceptions_enable=False)
+USER_ERRORS = (TrainConfigError, DataError, TokenizerError, CheckpointError, ConfigError,
+               FileNotFoundError, ValueError)
+
+
+def _fail(e: BaseException) -> None:
+    print(f"error: {e}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Option(None, "--config", "-c", help="Training config TOML (see configs/train/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+    profile: bool = typer.Option(False, "--profile", help="Record a short torch.profiler trace and print the top operators."),
+) -> None:
+    """Train a model.
+
+    Example: atlas-train train --config configs/train/tiny-cpu.toml --set run.out_dir=runs/t1
+    Distributed: torchrun --nproc-per-node 2 -m trainer.cli train --config ...
+    """
+    from .loop import train
+
+    try:
+        cfg = load_train_config(config, set_)
+        summary = train(cfg, resume=resume, profile=profile)
+    except USER_ERRORS as e:
+        _fail(e)
+    if summary.get("checkpoint"):
+        typer.echo(f"final checkpoint: {summary['checkpoint']}")
+
+
+@app.command("prepare-data")
+def prepare_data_command(
+    paths: list[str] = typer.Argument(..., help="Files, folders, globs, or hf:NAME[:CONFIG][:SPLIT]."),
+    tokenizer: Path = typer.Option(..., help="tokenizer.json to encode with."),
+    output: Path = typer.Option(..., help="Folder for the shards and manifest.json."),
+    val_fraction: float = typer.Option(0.01, help="Share of documents held out for validation."),
+    shard_tokens: int = typer.Option(1 << 24, help="Tokens per shard (cut at document boundaries)."),
+    workers: int = typer.Option(None, help="Tokenizer processes (default: CPU count)."),
+    text_field: str = typer.Option("text", help="Field of .jsonl/.parquet records that holds the text."),
+) -> None:
+    """Tokenize raw text into token shards (resumable).
+
+    Example: atlas-train prepare-data docs/ --tokenizer tok/tokenizer.json --output data/tokens
+    """
+    from .data import prepare_data
+
+    try:
+        manifest = prepare_data(paths, tokenizer, output, val_fraction, shard_tokens, workers, text_field)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens "
+               f"from {manifest['documents']:,} documents in {output}")
+
+
+@app.command("quickstart")
+def quickstart_command(
+    output: Path = typer.Option(None, help="Folder for everything (default: $ATLAS_HOME/quickstart, "
+                                             "~/.cache/atlas/quickstart), the server's embedded default."),
+    steps: int = typer.Option(600, help="Optimizer steps."),
+    threads: int = typer.Option(None, help="torch threads."),
+) -> None:
+    """Train a tokenizer and a small model on the standard library's text (a few minutes on CPU).
+
+    Example: atlas-train quickstart && atlas serve
+    """
+    from atlas_server.commands.serve import default_checkpoint
+
+    from .quickstart import quickstart
+
+    target = output or default_checkpoint().parent
+    try:
+        result = quickstart(target, steps=steps, threads=threads)
+    except USER_ERRORS as e:
+        _fail(e)
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    # `atlas-train --config X` is short for `atlas-train train --config X`.
+    if len(sys.argv) > 1 and sys.argv[1].startswith("-") and sys.argv[1] not in ("--help", "-h"):
+        sys.argv.insert(1, "train")
+    app()
+
+
+if __name__ == "__main__":
+    main()

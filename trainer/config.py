@@ -1,0 +1,175 @@
+"""Training configuration: TOML decoded into frozen, validated structs.
+
+What it does: defines `TrainConfig` (model, data, optim, schedule, run sections), loads it
+from a TOML file with unknown keys refused, applies `--set section.key=value` overrides
+(values parsed as TOML literals, so `--set optim.lr=3e-4` and `--set run.compile=true`
+work) and renders the resolved config that every run saves beside its checkpoints.
+What it does not do: build models or optimizers (see `loop.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class TrainConfigError(ValueError):
+    """A training config that cannot be used; the message names the key."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(_Section):
+    preset: str = "gpt2-tiny"  # configs/models/NAME.toml; vocab_size comes from the tokenizer
+    overrides: dict[str, Any] = {}  # e.g. {max_seq_len = 256, dropout = 0.1}
+    init_from: str | None = None  # start from an atlas checkpoint instead of random weights
+
+
+class DataSection(_Section):
+    path: str = "data/tokens"  # output of `atlas-train prepare-data`
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward/backward on one process
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+class OptimSection(_Section):
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+class ScheduleSection(_Section):
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    max_steps: int = 1000
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+
+
+class RunSection(_Section):
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    device: str = "cpu"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    attention: Literal["sdpa", "reference"] = "sdpa"
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_last: int = 3
+    log_every: int = 10
+    sample_tokens: int = 48  # generated at each checkpoint; 0 disables
+    sample_prompt: str = "def "
+    tensorboard: bool = True
+    mlflow: bool = False
+    mlflow_uri: str | None = None  # default: file store in out_dir/mlruns
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+
+class TrainConfig(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    run: RunSection = RunSection()
+
+    def validate(self) -> TrainConfig:
+        checks = [
+            (self.data.seq_len >= 2, "data.seq_len must be >= 2"),
+            (self.data.micro_batch >= 1, "data.micro_batch must be >= 1"),
+            (self.data.grad_accum >= 1, "data.grad_accum must be >= 1"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+            (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
+            (self.schedule.max_steps >= 1, "schedule.max_steps must be >= 1"),
+            (0 <= self.schedule.warmup_steps <= self.schedule.max_steps,
+             "schedule.warmup_steps must be between 0 and max_steps"),
+            (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
+            (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
+            (self.run.eval_every >= 1 and self.run.checkpoint_every >= 1 and self.run.log_every >= 1,
+             "run.eval_every, run.checkpoint_every and run.log_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+        return self
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in msgspec.to_builtins(self).items():
+            lines.append(f"[{section}]")
+            for k, v in values.items():
+                lines.append(f"{k} = {_toml_value(v)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if v is None:
+        return '"__none__"'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _strip_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _strip_none(v) for k, v in data.items() if v != "__none__"}
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise TrainConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --set run.out_dir=runs/x
+    return key.strip().split("."), value
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TrainConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise TrainConfigError(f"{path} is not valid TOML: {e}") from None
+    data = _strip_none(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        target = data
+        for k in keys[:-1]:
+            target = target.setdefault(k, {})
+            if not isinstance(target, dict):
+                raise TrainConfigError(f"--set {item}: {k} is not a section")
+        target[keys[-1]] = value
+    try:
+        return msgspec.convert(data, TrainConfig).validate()
+    except msgspec.ValidationError as e:
+        raise TrainConfigError(f"{path or 'config'}: {e}") from None

@@ -1,0 +1,284 @@
+"""Token shards: preparing them from raw text, and reading them as deterministic batches.
+
+Shard file: a 32-byte header — magic `ATLASTOK`, format version (u32), bytes per token
+(u32: 2 for uint16, 4 for uint32), token count (u64), 8 reserved bytes — then the tokens.
+Documents are separated by `<|endoftext|>`. A folder of shards has `manifest.json`
+(shards with token counts and sha256, the tokenizer's hash, the sources, the split rule).
+
+Preparation streams documents from files (or a `datasets` source), tokenizes them in
+several processes with results kept in input order (so the output does not depend on
+scheduling), puts each document in the validation split when a hash of its text falls
+under `val_fraction`, and cuts a shard once it holds `shard_tokens` tokens, always at a
+document boundary. Each finished shard is written atomically and recorded in
+`progress.json` with the index of the next document, so an interrupted run resumes from
+the last finished shard and ends byte-identical to an uninterrupted one.
+
+Loading: shards are memory-mapped. The training stream is cut into windows of
+`seq_len + 1` tokens; each epoch visits them in a permutation seeded by (seed, epoch).
+A global batch is a contiguous run of that permutation; data-parallel rank r of w takes
+the r-th slice, so the union of the ranks' batches is the single-process global batch.
+The position (epoch, cursor) is saved in the trainer state for exact resume.
+What it does not do: tokenizer training (see atlas_server.tokenizer.train).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from atlas_server.tokenizer import ENDOFTEXT, Tokenizer
+from atlas_server.tokenizer.bpe import atomic_write_text
+
+MAGIC = b"ATLASTOK"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ8x")  # 32 bytes
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl", ".parquet")
+
+
+class DataError(ValueError):
+    """Data that cannot be prepared or read; the message names the file."""
+
+
+# --- shard files ----------------------------------------------------------------------
+def write_shard(path: Path, tokens: np.ndarray) -> str:
+    """Write tokens with the header atomically; returns the file's sha256."""
+    header = HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(tokens.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(header + tokens.tobytes()).hexdigest()
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """Memory-map a shard's tokens (read-only)."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
+    if len(raw) < HEADER.size:
+        raise DataError(f"{path} is too short to be a token shard")
+    magic, version, width, count = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise DataError(f"{path} is not an Atlas token shard (bad magic)")
+    if version > VERSION:
+        raise DataError(f"{path} has shard format version {version}; this Atlas reads up to {VERSION}")
+    dtype = {2: np.uint16, 4: np.uint32}.get(width)
+    if dtype is None:
+        raise DataError(f"{path} has an unsupported token width {width}")
+    expected = HEADER.size + width * count
+    if path.stat().st_size != expected:
+        raise DataError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+
+
+# --- sources --------------------------------------------------------------------------
+def resolve_sources(paths: Sequence[str]) -> list[str]:
+    """Files under folders/globs, sorted; `hf:NAME[:CONFIG][:SPLIT]` passes through."""
+    out: list[str] = []
+    for item in paths:
+        if item.startswith("hf:"):
+            out.append(item)
+            continue
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise DataError(f"no such file, folder or glob match: {item}")
+            out += [m for m in matches if Path(m).is_file()]
+    if not out:
+        raise DataError("no input files found")
+    return out
+
+
+def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    if source.startswith("hf:"):
+        yield from _hf_documents(source, text_field)
+        return
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}:{n} is not valid JSON") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if isinstance(text, str) and text:
+                    yield text
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path)
+        for batch in table.iter_batches(columns=[text_field]):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf: sources need the `datasets` package (pip install 'atlas-llm[datasets]')") from None
+    parts = source[3:].split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:
+        raise DataError(f"cannot open {source}: {e}") from None
+    for record in stream:
+        text = record.get(text_field)
+        if text:
+            yield text
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+# --- preparation ----------------------------------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_file(tokenizer_path)
+
+
+def _encode(text: str) -> list[int]:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.encode_ordinary(text)
+
+
+@dataclass
+class _Split:
+    name: str
+    buffer: list[np.ndarray]
+    count: int
+    shards: list[dict]
+
+
+def prepare_data(
+    sources: Sequence[str],
+    tokenizer_path: str | os.PathLike,
+    output: str | os.PathLike,
+    val_fraction: float = 0.01,
+    shard_tokens: int = 1 << 24,
+    workers: int | None = None,
+    text_field: str = "text",
+    progress: bool = True,
+) -> dict:
+    """Tokenize `sources` into shards under `output`; returns the manifest."""
+    if not 0 <= val_fraction < 1:
+        raise DataError("val_fraction must be in [0, 1)")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    # The shards are meaningless without their tokenizer: keep a copy beside them.
+    atomic_write_text(out / "tokenizer.json", Path(tokenizer_path).read_text(encoding="utf-8"))
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise DataError(f"the tokenizer has no {ENDOFTEXT} token to separate documents")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    files = resolve_sources(sources)
+    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    settings = {"sources": files, "tokenizer_sha256": tok_hash, "val_fraction": val_fraction,
+                "shard_tokens": shard_tokens, "dtype": np.dtype(dtype).name, "text_field": text_field}
+    progress_path = out / "progress.json"
+    state = json.loads(progress_path.read_text()) if progress_path.is_file() else None
+    if state is not None and state["settings"] != settings:
+        raise DataError(f"{out} holds a preparation with other settings; use another --output")
+    if state is None:
+        state = {"settings": settings, "next_doc": 0, "train": [], "val": [], "done": False}
+    if state["done"]:
+        return json.loads((out / "manifest.json").read_text())
+    splits = {name: _Split(name, [], 0, list(state[name])) for name in ("train", "val")}
+    skip = state["next_doc"]
+
+    def documents() -> Iterator[str]:
+        for f in files:
+            yield from iter_documents(f, text_field)
+
+    def write(split: _Split) -> None:
+        if split.count == 0:
+            return
+        tokens = np.concatenate(split.buffer).astype(dtype)
+        name = f"{split.name}_{len(split.shards):05d}.bin"
+        sha = write_shard(out / name, tokens)
+        split.shards.append({"file": name, "tokens": int(len(tokens)), "sha256": sha})
+        split.buffer, split.count = [], 0
+
+    def checkpoint(next_doc: int) -> None:
+        # Both splits are written together, so every document before `next_doc` is on disk.
+        write(splits["train"])
+        write(splits["val"])
+        state.update(next_doc=next_doc, train=splits["train"].shards, val=splits["val"].shards)
+        atomic_write_text(progress_path, json.dumps(state))
+        # Test hook: die right after a given number of shards, to prove resumption.
+        kill_after = os.environ.get("ATLAS_TEST_SIGKILL_AFTER_SHARDS")
+        if kill_after is not None and len(splits["train"].shards) >= int(kill_after):
+            os.kill(os.getpid(), 9)
+
+    n_workers = workers or max(1, (os.cpu_count() or 1))
+    ctx = mp.get_context("spawn")
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, initial=skip)
+    doc_index = skip
+    texts = (t for i, t in enumerate(documents()) if i >= skip)
+    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        # Bounded batches keep memory flat (Pool.imap would read the whole corpus ahead);
+        # map() returns results in input order, so the output never depends on scheduling.
+        for batch in _batched(texts, 256 * n_workers):
+            for text, ids in zip(batch, pool.map(_encode, batch, chunksize=8), strict=True):
+                split = splits["val" if is_validation(text, val_fraction) else "train"]
+                split.buffer.append(np.asarray(ids + [eot], dtype=np.int64))
+                split.count += len(ids) + 1
+                doc_index += 1
+                bar.update(1)
+                if split.count >= shard_tokens:
+                    checkpoint(doc_index)
+    bar.close()
+    checkpoint(doc_index)
+    if not splits["train"].shards:
+        raise DataError("no training tokens were produced (empty input, or everything went to validation)")
+    manifest = {"format": "atlas-tokens", "version": VERSION, **settings,
+                "tokenizer_vocab_size": tokenizer.vocab_size,
+                "train": splits["train"].shards, "val": splits["val"].shards,
+                "train_tokens": sum(s["tokens"] for s in splits["train"].shards),
+                "val_tokens": sum(s["tokens"] for s in splits["val"].shards),
+                "documents": doc_index}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    state.update(next_doc=doc_index, train=manifest["train"], val=manifest["val"], done=True)
+    atomic_write_text(progress_path, json.dumps(state))
+    return manifest
+
+
+def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,41 @@
+"""FLOP accounting for model FLOPs utilisation (MFU).
+
+What it does: counts training FLOPs per token as 6N + 12*L*C*T (PaLM, appendix B): N is
+every parameter that takes part in a matrix multiply (all parameters but the position
+table; a tied embedding counts once, as the output projection), and 12*L*C*T is the
+attention score and value products for a context of T. It also measures the machine's
+peak fp32 matmul rate (or bf16 on CUDA) in a few hundred milliseconds.
+What it does not do: decide what "good" is; benchmarks compare against this peak.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from atlas_server.model import ModelConfig
+
+
+def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
+    matmul_params = n_params - (config.max_seq_len * config.d_model if config.pos_encoding == "learned" else 0)
+    return 6.0 * matmul_params + 12.0 * config.n_layers * config.d_model * seq_len
+
+
+def measured_matmul_peak(device: str = "cpu", size: int = 2048, seconds: float = 0.5) -> float:
+    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    # torch.ones, not randn: measuring must not consume the global RNG stream (exact resume).
+    a = torch.ones(size, size, device=device, dtype=dtype)
+    b = torch.ones(size, size, device=device, dtype=dtype)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best

@@ -1,0 +1,136 @@
+"""Training checkpoints: an atlas checkpoint plus the trainer state, saved atomically.
+
+Layout of `RUN/checkpoints/step_000200/`: the atlas checkpoint (config.json,
+model.safetensors, tokenizer.json: the server loads it unchanged) plus
+`trainer_state.safetensors` (optimizer moments and the torch RNG states, as tensors) and
+`trainer_state.json` (step, optimizer hyper-parameters, GradScaler, data-loader position,
+Python and NumPy RNG states, config). Nothing is pickled: loading reads safetensors and
+JSON only.
+
+Atomicity: everything is written into `.tmp-step_000200/` and renamed into place at the
+end, so a crash (SIGKILL included) leaves either a whole checkpoint or a temp folder that
+`latest_checkpoint()` ignores and `clean_partial()` removes. `keep_last` prunes the oldest.
+What it does not do: decide when to save (see `loop.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from atlas_server.checkpoint import save_checkpoint
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    plain = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    n = plain["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = plain["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            tensors[f"opt.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def save_training_checkpoint(
+    run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scaler_state: dict | None,
+    loader_state: dict, config_toml: str, provenance: dict, keep_last: int,
+) -> Path:
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, tokenizer, provenance)
+    opt_tensors, opt_plain = optimizer_to_flat(optimizer_state)
+    rng_tensors, rng_plain = rng_state()
+    save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
+              str(tmp / "trainer_state.safetensors"))
+    _maybe_die_for_test(step)
+    plain = {"step": step, "optimizer": opt_plain, "scaler": scaler_state, "loader": loader_state,
+             "rng": rng_plain, "config_toml": config_toml}
+    (tmp / "trainer_state.json").write_text(json.dumps(plain))
+    for f in tmp.iterdir():
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+    final = ckpt_root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _maybe_die_for_test(step: int) -> None:
+    # Test hook: SIGKILL this process in the middle of a save, to prove saves are atomic.
+    target = os.environ.get("ATLAS_TEST_SIGKILL_DURING_SAVE_AT_STEP")
+    if target is not None and int(target) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def clean_partial(run_dir: Path) -> None:
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for p in root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_trainer_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    plain = json.loads((path / "trainer_state.json").read_text())
+    return tensors, plain
