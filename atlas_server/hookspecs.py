@@ -1,0 +1,76 @@
+"""The Atlas plugin API: pluggy hook specifications under the project name "atlas".
+
+This module is the documentation of every extension point. A plugin is a module (or
+object) with functions marked `@hookimpl` whose names match the specs below, exposed
+through the `atlas` entry-point group of its package:
+
+    # pyproject.toml of your plugin package
+    [project.entry-points.atlas]
+    my_retriever = "my_package.plugin"
+
+    # my_package/plugin.py
+    from atlas_server.hookspecs import hookimpl
+
+    @hookimpl
+    def atlas_register_retrievers(register):
+        register("my-retriever", lambda ctx: MyRetriever(ctx.store, ctx.embedder))
+
+Every hook follows the register-callback style: the host calls the hook with a
+`register(name, factory)` function; the plugin calls it once per thing it provides. A
+factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument) and returns
+the object. Names are global per kind: registering a name another plugin already took is
+an error that names both plugins. Objects are built lazily, the first time config or a
+request names them. The built-in retrievers, rerankers and metrics in `plugins/` are
+registered exactly this way.
+
+Plugins import only this module and `atlas_server.rag.types`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "atlas"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[str, Callable[..., Any]], None]
+
+
+@hookspec
+def atlas_register_retrievers(register: Register) -> None:
+    """Register retrievers: `register(name, factory)`.
+
+    `factory(ctx: RAGContext) -> Retriever`, where the retriever has
+    `retrieve(collection, query, top_k, filters=None) -> list[RetrievedChunk]`, best first.
+    `ctx.store` is the vector store (Qdrant), `ctx.embedder` the sentence embedder, and
+    `ctx.retrievers` the other retrievers (for fusion). Config (`[rag] retriever = NAME`)
+    and requests (`"rag": {"retriever": NAME}`) choose among them by name.
+    """
+
+
+@hookspec
+def atlas_register_rerankers(register: Register) -> None:
+    """Register rerankers: `register(name, factory)`.
+
+    `factory(ctx: RAGContext) -> Reranker`, where the reranker has
+    `rerank(query, candidates, top_k) -> list[RetrievedChunk]`. `ctx.score_text(prefix,
+    text)` gives log p(text | prefix) under the served model when the server has one, for
+    rerankers that score with the model itself. Chosen by `[rag] reranker = NAME` or
+    `"rag": {"reranker": NAME}`.
+    """
+
+
+@hookspec
+def atlas_register_metrics(register: Register) -> None:
+    """Register metrics: `register(name, factory)` with `factory() -> Metric`.
+
+    A metric has `name` and `compute(predictions: list[str], references: list[list[str]])
+    -> MetricResult(scores, higher_is_better, signature)`; ranking metrics implement
+    `compute_ranking(ranked: list[list[str]], relevant: list[set[str]]) -> MetricResult`.
+    Evaluation suites (`atlas-eval`) look metrics up by name, so a third-party metric can
+    be used in a suite's TOML without code changes.
+    """

@@ -1,0 +1,137 @@
+"""The plugin host: discovers plugins, collects what they register, and lists them.
+
+What it does: creates the pluggy manager for the "atlas" hooks, loads every entry point
+of the `atlas` group (the built-ins in `plugins/` included: they are registered in
+pyproject.toml like any third party's), reports a plugin that fails to import by name
+and keeps loading the others (`strict=True` makes that fatal), refuses misspelled hooks
+(`check_pending`), and calls the register hooks to fill three registries — retrievers,
+rerankers, metrics — rejecting a duplicate name with an error naming both plugins.
+`describe()` is what `atlas plugins` and `GET /v1/plugins` show.
+What it does not do: build retrievers (factories run lazily, see `rag/pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+log = logging.getLogger("atlas.plugins")
+GROUP = "atlas"
+KINDS = ("retrievers", "rerankers", "metrics")
+
+
+class PluginError(Exception):
+    """A plugin that cannot be loaded or that broke a rule of the plugin API."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    error: str | None = None
+
+
+class PluginHost:
+    def __init__(self, strict: bool = False, discover: bool = True) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = strict
+        self.plugins: dict[str, PluginInfo] = {}
+        self.retrievers: dict[str, Callable[..., Any]] = {}
+        self.rerankers: dict[str, Callable[..., Any]] = {}
+        self.metrics: dict[str, Callable[..., Any]] = {}
+        self._owner: dict[tuple[str, str], str] = {}
+        if discover:
+            self.load_entry_points()
+        self.collect()
+
+    # --- discovery ----------------------------------------------------------------------
+    def load_entry_points(self) -> None:
+        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+            if ep.name in self.plugins:
+                continue  # the same plugin installed twice (e.g. editable + site): first wins
+            self._load(ep)
+
+    def _load(self, ep: EntryPoint) -> None:
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(ep.name, ep.value, dist.name if dist else None, dist.version if dist else None)
+        self.plugins[ep.name] = info
+        try:
+            module = ep.load()
+            self.pm.register(module, name=ep.name)
+        except Exception as e:
+            info.error = f"{type(e).__name__}: {e}"
+            message = f"plugin {ep.name!r} ({ep.value}) failed to load: {info.error}"
+            if self.strict:
+                raise PluginError(message) from e
+            log.error(message)
+
+    def register(self, plugin: object, name: str, version: str | None = None) -> None:
+        """Add a plugin object directly (tests, applications embedding Atlas)."""
+        self.plugins[name] = PluginInfo(name, getattr(plugin, "__name__", type(plugin).__name__), None, version)
+        self.pm.register(plugin, name=name)
+        self.collect()
+
+    # --- registration -------------------------------------------------------------------
+    def collect(self) -> None:
+        """Check hook names, then call every register hook, plugin by plugin."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"a plugin implements a hook that does not exist (misspelled?): {e}") from e
+        for registry in (self.retrievers, self.rerankers, self.metrics):
+            registry.clear()
+        self._owner.clear()
+        for info in self.plugins.values():
+            info.registered = {k: [] for k in KINDS}
+        for plugin_name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            for kind in KINDS:
+                impl = getattr(plugin, f"atlas_register_{kind}", None)
+                if impl is not None:
+                    self._call(plugin_name, kind, impl)
+
+    def _call(self, plugin_name: str, kind: str, impl: Callable) -> None:
+        registry: dict[str, Callable] = getattr(self, kind)
+
+        def register(name: str, factory: Callable[..., Any]) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {plugin_name!r} registered a {kind[:-1]} without a name")
+            if not callable(factory):
+                raise PluginError(f"plugin {plugin_name!r}: the factory of {kind[:-1]} {name!r} is not callable")
+            if name in registry:
+                other = self._owner[(kind, name)]
+                raise PluginError(f"{kind[:-1]} {name!r} is registered by both plugin {other!r} "
+                                  f"and plugin {plugin_name!r}; uninstall one or rename it")
+            registry[name] = factory
+            self._owner[(kind, name)] = plugin_name
+            if plugin_name in self.plugins:
+                self.plugins[plugin_name].registered[kind].append(name)
+
+        impl(register=register)
+
+    def owner(self, kind: str, name: str) -> str | None:
+        return self._owner.get((kind, name))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
+                 "registered": p.registered, "error": p.error}
+                for p in sorted(self.plugins.values(), key=lambda p: p.name)]
+
+
+@functools.lru_cache(maxsize=1)
+def get_plugin_host() -> PluginHost:
+    """The process-wide host with every installed plugin loaded (built once)."""
+    return PluginHost()

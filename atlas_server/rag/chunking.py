@@ -1,0 +1,128 @@
+"""Split documents into chunks that fit the embedder, at sentence and heading boundaries.
+
+What it does: finds headings (Markdown `#` lines; reST titles underlined with `= - ~ ^ "
+' * + #` characters), cuts each section into sentences (or paragraph lines), and packs
+whole sentences into chunks of at most `max_tokens` (counted by the caller's function,
+normally the embedder's word-piece count), repeating the last sentences of a chunk at the
+start of the next up to `overlap_tokens`. A sentence too long on its own is split at word
+boundaries. Every chunk keeps its source, nearest heading and character span, and gets a
+content-derived id, so re-ingesting the same file produces the same ids.
+What it does not do: read files (see `ingest.py`) or embed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .types import Chunk
+
+NAMESPACE = uuid.UUID("6f1c7a52-6c7b-4f0e-9a7e-0a71a5c0ffee")
+_MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_RST_UNDERLINE = re.compile(r"^([=\-~^\"'*+#`])\1{2,}\s*$")
+# A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace,
+# or at a blank line; lists and code lines end at their newline.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+\.)\s)")
+
+
+@dataclass(frozen=True)
+class ChunkSettings:
+    max_tokens: int = 200  # below MiniLM's 256-piece window, leaving room for special tokens
+    overlap_tokens: int = 40
+
+
+def chunk_id(source: str, start: int, end: int, text: str) -> str:
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()
+    return str(uuid.uuid5(NAMESPACE, f"{source}\0{start}\0{end}\0{digest}"))
+
+
+def sections(text: str) -> Iterator[tuple[str | None, int, int]]:
+    """(heading, start, end) of each section; the heading line itself is not in the span."""
+    lines = text.splitlines(keepends=True)
+    offsets, pos = [], 0
+    for line in lines:
+        offsets.append(pos)
+        pos += len(line)
+    heading, start = None, 0
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip("\n")
+        title, consumed = None, 0
+        md = _MD_HEADING.match(line)
+        if md:
+            title, consumed = md.group(2), 1
+        elif (i + 1 < len(lines) and line.strip() and _RST_UNDERLINE.match(lines[i + 1].rstrip("\n"))
+              and len(lines[i + 1].strip()) >= len(line.strip())):
+            title, consumed = line.strip(), 2
+        if title is not None:
+            if offsets[i] > start:
+                yield heading, start, offsets[i]
+            heading = title
+            start = offsets[i + consumed] if i + consumed < len(lines) else len(text)
+            i += consumed
+            continue
+        i += 1
+    if len(text) > start:
+        yield heading, start, len(text)
+
+
+def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """Spans of sentences inside text[start:end], whitespace trimmed."""
+    spans, cursor = [], start
+    for m in _SENTENCE_END.finditer(text, start, end):
+        spans.append((cursor, m.start()))
+        cursor = m.end()
+    spans.append((cursor, end))
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def _split_long(text: str, a: int, b: int, count: Callable[[str], int], limit: int) -> list[tuple[int, int]]:
+    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[a:b])]
+    pieces, first = [], 0
+    while first < len(words):
+        last = first + 1
+        while last < len(words) and count(text[a + words[first][0]: a + words[last][1]]) <= limit:
+            last += 1
+        pieces.append((a + words[first][0], a + words[last - 1][1]))
+        first = last
+    return pieces
+
+
+def chunk_text(text: str, source: str, count: Callable[[str], int], settings: ChunkSettings,
+               title: str | None = None, metadata: dict | None = None) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for heading, s_start, s_end in sections(text):
+        units: list[tuple[int, int]] = []
+        for a, b in sentences(text, s_start, s_end):
+            if count(text[a:b]) > settings.max_tokens:
+                units += _split_long(text, a, b, count, settings.max_tokens)
+            else:
+                units.append((a, b))
+        i = 0
+        while i < len(units):
+            j = i + 1
+            while j < len(units) and count(text[units[i][0]:units[j][1]]) <= settings.max_tokens:
+                j += 1
+            a, b = units[i][0], units[j - 1][1]
+            body = text[a:b]
+            chunks.append(Chunk(chunk_id(source, a, b, body), body, source, heading or title, a, b,
+                                dict(metadata or {})))
+            if j >= len(units):
+                break
+            # Start the next chunk with as many trailing sentences as fit in the overlap.
+            k = j
+            while k - 1 > i and count(text[units[k - 1][0]:units[j - 1][1]]) <= settings.overlap_tokens:
+                k -= 1
+            i = k if k > i else j
+    return chunks

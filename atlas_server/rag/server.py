@@ -1,0 +1,218 @@
+"""RAG inside `atlas serve`: the prompt augmenter and the RAG/plugin routes.
+
+What it does: `rag_extensions(state)` returns what `create_app` plugs in — the routes
+`POST /v1/embeddings` (OpenAI shape), `POST /v1/retrieve`, `GET /v1/collections`,
+`POST /v1/collections/{name}/documents`, `DELETE /v1/collections/{name}`,
+`GET /v1/plugins` — and a `PromptAugmenter` that retrieves for a request's `rag` object,
+adds numbered sources to the prompt (or a system message for chat) and, after generation,
+returns `citations`. The embedder and the vector store open lazily on first use, so a
+server that never sees a RAG request never locks a Qdrant data directory or loads MiniLM.
+Retrieval runs in a worker thread, off the event loop.
+What it does not do: generation (the engine) or chunking details (see `chunking.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import msgspec
+from litestar import Request, delete, get, post
+
+from ..api.errors import APIError, RequestError
+from ..api.state import Augmentation, ServerState
+from ..engine.types import SamplingParams
+from ..plugins import PluginHost, get_plugin_host
+from .chunking import ChunkSettings
+from .grounding import extract_citations, grounded_messages, grounded_prompt, last_user_text
+from .ingest import Document, ingest
+from .pipeline import PluginRuntimeError, RAGPipeline, UnknownComponentError
+from .store import StoreError, VectorStore
+from .types import RAGContext, RetrievedChunk
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: str = "float"
+
+
+class RetrieveRequest(msgspec.Struct, kw_only=True):
+    collection: str
+    query: str
+    top_k: int = 4
+    retriever: str | None = None
+    reranker: str | None = None
+    filters: dict[str, Any] | None = None
+
+
+class DocumentIn(msgspec.Struct, kw_only=True):
+    text: str
+    source: str
+    title: str | None = None
+
+
+class DocumentsRequest(msgspec.Struct, kw_only=True):
+    documents: list[DocumentIn]
+
+
+class RAGService:
+    """Lazily opened store + embedder + pipeline, shared by the routes and the augmenter."""
+
+    def __init__(self, state: ServerState, host: PluginHost) -> None:
+        self.state, self.host = state, host
+        self._lock = threading.Lock()
+        self._store = self._embedder = self._pipeline = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _open(self) -> RAGPipeline:
+        with self._lock:
+            if self._pipeline is None:
+                from .embedding import Embedder
+
+                cfg = self.state.config.rag
+                self._store = VectorStore(cfg.data_dir, cfg.qdrant_url)
+                self._embedder = Embedder()
+                ctx = RAGContext(self._store, self._embedder, self._score_text)
+                self._pipeline = RAGPipeline(self.host, ctx)
+            return self._pipeline
+
+    @property
+    def store(self) -> VectorStore:
+        self._open()
+        return self._store
+
+    @property
+    def embedder(self):
+        self._open()
+        return self._embedder
+
+    def _score_text(self, prefix: str, text: str) -> float:
+        """Mean log p(text | prefix) under the served model (runs the engine from a worker thread)."""
+        state = self.state
+        tok = state.tokenizer
+        prefix_ids, text_ids = tok.encode(prefix), tok.encode(text)
+        room = state.max_model_len - 1 - len(text_ids)
+        ids = prefix_ids[-room:] + text_ids
+
+        async def score() -> float:
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            logprobs = None
+            async for event in state.engine.submit(ids, params):
+                if event.prompt_logprobs is not None:
+                    logprobs = event.prompt_logprobs
+            tail = [e.logprob for e in logprobs[-len(text_ids):] if e is not None]
+            return sum(tail) / max(1, len(tail))
+
+        return asyncio.run_coroutine_threadsafe(score(), self.loop).result(timeout=120)
+
+    def retrieve(self, collection, query, top_k, retriever, reranker, filters) -> list[RetrievedChunk]:
+        cfg = self.state.config.rag
+        return self._open().retrieve(collection, query, top_k or cfg.top_k, retriever or cfg.retriever,
+                                     reranker if reranker is not None else cfg.reranker, filters)
+
+    async def retrieve_async(self, *args) -> list[RetrievedChunk]:
+        self.loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.to_thread(self.retrieve, *args)
+        except UnknownComponentError as e:
+            raise RequestError(str(e), param="rag") from None
+        except StoreError as e:
+            raise RequestError(str(e), param="collection", code="collection_error") from None
+        except PluginRuntimeError as e:
+            raise APIError(502, str(e), code="plugin_error") from None
+
+
+class RAGAugmenter:
+    def __init__(self, service: RAGService) -> None:
+        self.service = service
+
+    async def augment(self, rag, prompt: str | None, messages: list[dict] | None) -> Augmentation:
+        query = prompt if prompt is not None else last_user_text(messages or [])
+        if not query.strip():
+            raise RequestError("rag needs a non-empty question (the prompt or the last user message)", param="rag")
+        chunks = await self.service.retrieve_async(rag.collection, query, rag.top_k, rag.retriever,
+                                                   rag.reranker, rag.filters)
+        if prompt is not None:
+            return Augmentation(prompt=grounded_prompt(prompt, chunks), context=chunks)
+        return Augmentation(messages=grounded_messages(messages or [], chunks), context=chunks)
+
+    def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]:
+        return extract_citations(text, augmentation.context)
+
+
+def _chunk_json(r: RetrievedChunk, rank: int) -> dict[str, Any]:
+    c = r.chunk
+    return {"rank": rank, "id": c.id, "score": r.score, "retriever": r.retriever, "text": c.text,
+            "source": c.source, "heading": c.heading, "span": [c.start, c.end], "metadata": c.metadata}
+
+
+def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[str, Any]:
+    host = host or get_plugin_host()
+    service = RAGService(state, host)
+
+    @post("/v1/embeddings", summary="Embed text (OpenAI-compatible)")
+    async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
+        texts = [data.input] if isinstance(data.input, str) else data.input
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise RequestError("input must be a non-empty string or list of non-empty strings", param="input")
+        if len(texts) > 2048:
+            raise RequestError("at most 2048 inputs per request", param="input")
+        if data.encoding_format not in ("float", "base64"):
+            raise RequestError("encoding_format must be float or base64", param="encoding_format")
+        embedder = await asyncio.to_thread(lambda: service.embedder)
+        vectors = await asyncio.to_thread(embedder.encode, texts)
+        if data.encoding_format == "base64":
+            import base64
+
+            rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            rows = [v.tolist() for v in vectors]
+        pieces = sum(embedder.count_pieces(t) for t in texts)
+        return {"object": "list", "model": embedder.name,
+                "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+                "usage": {"prompt_tokens": pieces, "total_tokens": pieces}}
+
+    @post("/v1/retrieve", summary="Ranked chunks for a query (Atlas)")
+    async def retrieve(data: RetrieveRequest) -> dict[str, Any]:
+        if not 1 <= data.top_k <= 100:
+            raise RequestError("top_k must be between 1 and 100", param="top_k")
+        chunks = await service.retrieve_async(data.collection, data.query, data.top_k, data.retriever,
+                                              data.reranker, data.filters)
+        return {"object": "list", "collection": data.collection,
+                "data": [_chunk_json(r, i) for i, r in enumerate(chunks, 1)]}
+
+    @get("/v1/collections", summary="List collections (Atlas)")
+    async def list_collections() -> dict[str, Any]:
+        store = await asyncio.to_thread(lambda: service.store)
+        names = store.collections()
+        return {"object": "list", "data": [{"name": n, "chunks": store.count(n)} for n in names]}
+
+    @post("/v1/collections/{name:str}/documents", summary="Ingest documents into a collection (Atlas)")
+    async def add_documents(name: str, data: DocumentsRequest) -> dict[str, Any]:
+        if not data.documents:
+            raise RequestError("documents must not be empty", param="documents")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise RequestError("collection names use letters, digits, - and _", param="name")
+        docs = [Document(d.text, d.source, d.title) for d in data.documents]
+
+        def run() -> dict:
+            return ingest(service.store, service.embedder, name, docs, ChunkSettings(), progress=False)
+
+        return await asyncio.to_thread(run)
+
+    @delete("/v1/collections/{name:str}", status_code=200, summary="Delete a collection (Atlas)")
+    async def delete_collection(name: str) -> dict[str, Any]:
+        store = await asyncio.to_thread(lambda: service.store)
+        if not store.exists(name):
+            raise APIError(404, f"collection {name!r} does not exist", param="name")
+        store.delete_collection(name)
+        return {"deleted": name}
+
+    @get("/v1/plugins", summary="Installed plugins and what they registered (Atlas)")
+    async def plugins(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": host.describe()}
+
+    handlers = [embeddings, retrieve, list_collections, add_documents, delete_collection, plugins]
+    return {"extra_handlers": handlers, "augmenter": RAGAugmenter(service), "plugin_host": host}

@@ -1,0 +1,78 @@
+"""Built-in rerankers: MMR, query likelihood under the served model, and a cross-encoder.
+
+- `mmr`: maximal marginal relevance over the embedder's vectors: repeatedly pick the
+  candidate maximising lambda * sim(query, c) - (1 - lambda) * max sim(c, picked); lambda
+  from options (default 0.7). It trades a little relevance for less redundancy.
+- `query-likelihood`: scores each candidate by the mean log p(query | passage) under the
+  model the server is serving (Atlas's own model judges which passage best "explains" the
+  question); needs `ctx.score_text`, so it works inside `atlas serve` only.
+- `cross-encoder`: any sentence-transformers CrossEncoder from a local folder
+  (`options.model_path`); nothing is downloaded.
+What it does not do: retrieval.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atlas_server.hookspecs import hookimpl
+from atlas_server.rag.types import RAGContext, RetrievedChunk
+
+
+class MMRReranker:
+    def __init__(self, ctx: RAGContext) -> None:
+        self.embedder = ctx.embedder
+        self.lam = float(ctx.options.get("lambda", 0.7))
+
+    def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
+        if not candidates:
+            return []
+        vectors = self.embedder.encode([query] + [c.chunk.text for c in candidates])
+        q, docs = vectors[0], vectors[1:]  # [D], [N, D] (normalised: dot = cosine)
+        relevance = docs @ q  # [N]
+        similarity = docs @ docs.T  # [N, N]
+        picked: list[int] = []
+        remaining = list(range(len(candidates)))
+        while remaining and len(picked) < top_k:
+            redundancy = similarity[remaining][:, picked].max(axis=1) if picked else np.zeros(len(remaining))
+            scores = self.lam * relevance[remaining] - (1 - self.lam) * redundancy
+            best = remaining[int(np.argmax(scores))]
+            picked.append(best)
+            remaining.remove(best)
+        return [RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr") for i in picked]
+
+
+class QueryLikelihoodReranker:
+    def __init__(self, ctx: RAGContext) -> None:
+        if ctx.score_text is None:
+            raise RuntimeError("query-likelihood reranking needs a served model (use it inside `atlas serve`)")
+        self.score_text = ctx.score_text
+
+    def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
+        scored = [(self.score_text(f"Passage: {c.chunk.text}\nQuestion:", f" {query}"), c) for c in candidates]
+        scored.sort(key=lambda sc: (-sc[0], sc[1].chunk.id))
+        return [RetrievedChunk(c.chunk, s, "query-likelihood") for s, c in scored[:top_k]]
+
+
+class CrossEncoderReranker:
+    def __init__(self, ctx: RAGContext) -> None:
+        path = ctx.options.get("model_path")
+        if not path:
+            raise RuntimeError("the cross-encoder reranker needs options.model_path (a local CrossEncoder folder)")
+        from sentence_transformers import CrossEncoder
+
+        self.model = CrossEncoder(str(path), device="cpu")
+
+    def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
+        if not candidates:
+            return []
+        scores = self.model.predict([(query, c.chunk.text) for c in candidates], show_progress_bar=False)
+        order = sorted(range(len(candidates)), key=lambda i: (-float(scores[i]), candidates[i].chunk.id))
+        return [RetrievedChunk(candidates[i].chunk, float(scores[i]), "cross-encoder") for i in order[:top_k]]
+
+
+@hookimpl
+def atlas_register_rerankers(register) -> None:
+    register("mmr", MMRReranker)
+    register("query-likelihood", QueryLikelihoodReranker)
+    register("cross-encoder", CrossEncoderReranker)
