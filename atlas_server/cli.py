@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import checkpoint, tokenizer
+from .commands import checkpoint, plugins, rag, serve, tokenizer
 
 app = typer.Typer(
     name="atlas",
@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(checkpoint.app, name="checkpoint")
+app.add_typer(serve.app, name="serve", help="Serve a checkpoint over the OpenAI-compatible API.")
+app.add_typer(rag.app, name="rag")
+app.add_typer(plugins.app, name="plugins", help="List installed plugins.")
 
 
 def main() -> None:

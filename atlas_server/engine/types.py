@@ -104,6 +104,16 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # total so far for this choice
     error: str | None = None
+    # Set on the first event of a request: seconds between submit() and the engine first
+    # scheduling it (the queue time the API reports as a metric).
+    queue_time_s: float | None = None
+    # Engine-side timestamps (time.perf_counter() of the engine process), so the API can
+    # compute TTFT, inter-token latency and end-to-end latency without trusting the event
+    # loop's delivery delay: `arrival_time` (submit() called) and `first_token_time` are on
+    # every event of a choice; `time` is when the engine produced this event.
+    arrival_time: float | None = None
+    first_token_time: float | None = None
+    time: float | None = None
 
 
 @dataclass

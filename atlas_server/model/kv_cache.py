@@ -48,7 +48,8 @@ class KVCache:
 
     def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions [0, length) for rows `slots`: each [B, K, length, D]."""
-        if slots.numel() == 1:
-            s = int(slots[0])  # a view, no gather copy, for the common batch-1 case
-            return self.k[layer][s : s + 1, :, :length], self.v[layer][s : s + 1, :, :length]
+        first, count = int(slots[0]), slots.numel()
+        if count == 1 or bool((slots == torch.arange(first, first + count, device=slots.device)).all()):
+            # Consecutive slots (the engine keeps decode batches sorted): a view, no gather copy.
+            return self.k[layer][first : first + count, :, :length], self.v[layer][first : first + count, :, :length]
         return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]

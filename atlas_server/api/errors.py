@@ -1,0 +1,128 @@
+"""Errors as OpenAI error bodies: `{"error": {"message", "type", "param", "code"}}`.
+
+What it does: defines `APIError` (and `RequestError` for 400s) and the Litestar exception
+handlers that turn every failure — validation, malformed JSON, oversize bodies, unknown
+routes, engine refusals, plugin failures and unexpected bugs — into an OpenAI error body
+with the right status. Unexpected exceptions become 500 with a generic message; their
+traceback goes to the server log, never to the client.
+What it does not do: decide when a request is invalid (schemas and routes do that).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+log = logging.getLogger("atlas.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error to send as an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+class RequestError(APIError):
+    """400: the request is malformed or asks for something out of range."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(400, message, param, code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _response(request: Request, status: int, message: str, param=None, code=None, headers=None) -> Response:
+    state = getattr(request.app.state, "atlas", None)
+    if state is not None:
+        state.metrics.errors.labels(status=str(status)).inc()
+    return Response(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _param_from_validation(detail: str) -> str | None:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`"
+    if "- at `$." in detail:
+        return detail.rsplit("- at `$.", 1)[1].rstrip("`")
+    return None
+
+
+def handle_api_error(request: Request, exc: APIError) -> Response:
+    return _response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
+def handle_http_exception(request: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    detail = str(exc.detail)
+    param = None
+    if isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        problems = [e for e in extra if isinstance(e, dict)]
+        if problems:
+            first = problems[0]
+            key = first.get("key")
+            param = key if key and key != "data" else _param_from_validation(str(first.get("message", "")))
+            detail = "; ".join(
+                f"{p.get('message')}" + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")
+                for p in problems)
+        messages = problems
+        if "decod" in detail.lower() or "json" in detail.lower() and not messages:
+            detail = f"the request body is not valid JSON: {exc.detail}"
+        status = 400
+    if status == 413:
+        detail = "the request body is too large"
+    elif status == 404:
+        detail = f"no route {detail}" if detail.startswith("/") else "not found"
+    elif status == 405:
+        detail = "method not allowed for this route"
+    if status >= 500:
+        log.error("HTTP %s: %s", status, detail)
+        detail = "internal server error"
+    return _response(request, status, detail, param, headers=getattr(exc, "headers", None))
+
+
+def handle_too_deep(request: Request, exc: RecursionError) -> Response:
+    return _response(request, 400, "the request body is nested too deeply")
+
+
+def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _response(request, 500, "internal server error; the server log has the details")
+
+
+EXCEPTION_HANDLERS = {
+    APIError: handle_api_error,
+    HTTPException: handle_http_exception,
+    RecursionError: handle_too_deep,
+    Exception: handle_unexpected,
+}

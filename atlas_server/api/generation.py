@@ -1,0 +1,269 @@
+"""Shared machinery of the two generation routes (completions and chat completions).
+
+What it does: turns request fields into engine `SamplingParams`, submits prompts to the
+engine, merges the event streams of several prompts, aborts everything when the client
+goes away, accumulates choices, formats logprobs in the OpenAI completions shape and keeps
+JSON finite. What it does not do: the route-specific response shapes (see
+`completions.py` and `chat.py`).
+
+Token strings in logprobs: a token whose bytes are valid UTF-8 is shown as that text; a
+token holding part of a multi-byte character is shown as `bytes:\\xe2\\x80` (the escaped
+bytes), the convention vLLM and OpenAI use, so clients can still rebuild the bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Request
+
+from ..engine.types import (
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from ..tokenizer import Tokenizer
+from .errors import APIError, RequestError
+from .metrics import RequestTimer
+from .schemas import _SamplingFields
+from .state import ServerState
+
+# JSON has no -inf/NaN; a log-probability this low means "impossible" to every client.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(x: float | None) -> float | None:
+    if x is None:
+        return None
+    if math.isnan(x) or x < LOGPROB_FLOOR:
+        return LOGPROB_FLOOR
+    return float(x)
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def check_ready(state: ServerState) -> None:
+    if state.draining:
+        raise APIError(503, "the server is shutting down; retry on another replica",
+                       headers={"Retry-After": "1"})
+    if not state.ready:
+        message = "the model is still loading" if state.load_error is None else (
+            f"the model failed to load: {state.load_error}")
+        raise APIError(503, message, headers={"Retry-After": "2"})
+
+
+def sampling_params(
+    req: _SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+    extra_stop_ids: tuple[int, ...] = (),
+) -> SamplingParams:
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=0 if req.top_k is None or req.top_k < 0 else req.top_k,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
+        seed=req.seed,
+        stop=stops,
+        stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        n=req.n,
+    )
+
+
+def default_max_tokens(state: ServerState, prompt_len: int, asked: int | None, fallback: int) -> int:
+    """OpenAI's completions default is 16; chat's is "until the context is full"."""
+    if asked is not None:
+        return asked
+    return max(0, min(fallback, state.max_model_len - prompt_len))
+
+
+@dataclass
+class Choice:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, event: RequestOutput) -> None:
+        self.token_ids += event.token_ids
+        self.text.append(event.text)
+        if event.logprobs:
+            self.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.finished:
+            self.finish_reason = "stop" if event.finish_reason == "stop" else "length"
+            if event.finish_reason in ("abort", "error"):
+                self.finish_reason = event.finish_reason
+            self.stop_reason = event.stop_reason
+
+
+def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    """engine.submit with its refusals mapped to HTTP errors."""
+    try:
+        return state.engine.submit(prompt_ids, params, request_id=request_id)
+    except InvalidRequestError as e:
+        raise RequestError(str(e), param=e.param) from None
+    except QueueFullError as e:
+        raise APIError(429, f"the server is at capacity: {e}", code="queue_full",
+                       headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
+    except EngineStoppedError as e:
+        raise APIError(503, f"the engine is not accepting requests: {e}") from None
+
+
+async def merged_events(streams: list[AsyncIterator[RequestOutput]], offsets: list[int]):
+    """Interleave several engine streams; yields (global choice offset, event)."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield offsets[0], event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int) -> None:
+        try:
+            async for event in streams[i]:
+                await queue.put((offsets[i], event))
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Make sure every engine stream is closed (this aborts unfinished requests).
+        for s in streams:
+            aclose = getattr(s, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def until_disconnect(request: Request, work) -> Any:
+    """Run `work` (a coroutine) and cancel it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise asyncio.CancelledError("client disconnected")
+        return task.result()
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def collect(state: ServerState, streams, offsets, n_choices: int, timer: RequestTimer) -> list[Choice]:
+    choices = [Choice(i) for i in range(n_choices)]
+    async for offset, event in merged_events(streams, offsets):
+        choice = choices[offset + event.index]
+        choice.add(event)
+        timer.on_tokens(choice.index, time.perf_counter(), len(event.token_ids))
+        if event.finished:
+            if event.finish_reason == "error":
+                raise APIError(500, f"generation failed: {event.error or 'engine error'}")
+    timer.on_finish(time.perf_counter(), ",".join(sorted({c.finish_reason or "" for c in choices})))
+    return choices
+
+
+def completion_logprobs(
+    tokenizer: Tokenizer,
+    entries: list[TokenLogprob | None],
+    token_ids: list[int],
+    text_start: int,
+) -> dict[str, Any]:
+    """The OpenAI completions `logprobs` object for `token_ids` (entries align with them)."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    position = text_start
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        text = token_text(tokenizer, token_id)
+        tokens.append(text)
+        offsets.append(position)
+        position += len(tokenizer.decode([token_id]))
+        if entry is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(finite(entry.logprob))
+        top = {token_text(tokenizer, t): finite(lp) for t, lp in entry.top.items()}
+        top.setdefault(text, finite(entry.logprob))  # like vLLM: the chosen token is always listed
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def augment(state: ServerState, rag, prompt: str | None = None, messages: list | None = None):
+    """Run the RAG augmenter, naming the failing plugin if it raises."""
+    if state.augmenter is None:
+        raise RequestError("this server has no RAG enabled; start it with RAG configured "
+                           "or drop the `rag` field", param="rag")
+    try:
+        return await state.augmenter.augment(rag, prompt, messages)
+    except APIError:
+        raise
+    except Exception as e:
+        plugin = getattr(e, "plugin", None)
+        where = f"plugin {plugin!r}" if plugin else "the retrieval pipeline"
+        raise APIError(502, f"{where} failed: {type(e).__name__}: {e}", param="rag",
+                       code="plugin_error") from None

@@ -1,0 +1,78 @@
+"""Prometheus metrics, named like vLLM's so existing dashboards transfer.
+
+What it does: one `prometheus_client` registry per app with latency histograms (time to
+first token, inter-token latency, end-to-end latency, queue time), gauges read from the
+engine at scrape time (running and waiting requests, KV-cache slot usage) and counters
+(prompt and generation tokens, finished requests by reason, errors by status).
+Latencies are measured at the HTTP layer, from the moment the request body is parsed,
+so they include tokenization and queueing as a client sees them.
+What it does not do: serve the endpoint (see `system.py`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.ttft = Histogram("atlas:time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("atlas:inter_token_latency_seconds",
+                             "Time between successive streamed tokens.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("atlas:e2e_request_latency_seconds", "End-to-end request latency.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("atlas:request_queue_time_seconds",
+                               "Time a request waited before the engine first scheduled it.",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("atlas:num_requests_running", "Sequences in the running batch.", registry=r)
+        self.waiting = Gauge("atlas:num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_usage = Gauge("atlas:kv_cache_usage_perc", "Fraction of KV-cache slots in use.", registry=r)
+        self.prompt_tokens = Counter("atlas:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter("atlas:request_success", "Finished requests by finish reason.",
+                                ["finished_reason"], registry=r)
+        self.errors = Counter("atlas:request_errors", "Requests answered with an error, by status.",
+                              ["status"], registry=r)
+
+    def observe_engine(self, stats) -> None:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        total = max(1, stats.kv_slots_total)
+        self.kv_usage.set(stats.kv_slots_used / total)
+
+    def render(self, engine_stats=None) -> bytes:
+        if engine_stats is not None:
+            self.observe_engine(engine_stats)
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Per-choice timing of one request, fed by the stream of engine events."""
+
+    def __init__(self, metrics: Metrics, start: float) -> None:
+        self.metrics, self.start = metrics, start
+        self.last: dict[int, float] = {}
+
+    def on_tokens(self, index: int, now: float, n_tokens: int) -> None:
+        if n_tokens <= 0:
+            return
+        previous = self.last.get(index)
+        if previous is None:
+            self.metrics.ttft.observe(now - self.start)
+        else:
+            # Several tokens in one event share the gap evenly.
+            gap = (now - previous) / n_tokens
+            for _ in range(n_tokens):
+                self.metrics.itl.observe(gap)
+        self.last[index] = now
+        self.metrics.generation_tokens.inc(n_tokens)
+
+    def on_finish(self, now: float, reason: str | None) -> None:
+        self.metrics.e2e.observe(now - self.start)
+        self.metrics.finished.labels(finished_reason=reason or "unknown").inc()

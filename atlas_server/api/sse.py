@@ -1,0 +1,52 @@
+"""Server-Sent Events framing for streamed responses.
+
+What it does: encodes chunks as `data: {json}\n\n`, ends every stream with
+`data: [DONE]\n\n`, and turns an error raised after streaming has begun into an error
+event (the HTTP status is already 200 by then) followed by `[DONE]`.
+What it does not do: decide chunk contents (the route modules do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar.response import Stream
+
+from .errors import APIError, error_body
+
+log = logging.getLogger("atlas.api")
+_encoder = msgspec.json.Encoder()
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+def sse_error(status: int, message: str, param: str | None = None) -> bytes:
+    return sse_event(error_body(status, message, param))
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+async def _framed(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in events:
+            yield chunk
+    except APIError as e:
+        yield sse_event(e.body())
+    except Exception:
+        log.exception("error while streaming")
+        yield sse_error(500, "internal server error while streaming; the server log has the details")
+    yield DONE
+
+
+def sse_response(events: AsyncIterator[bytes]) -> Stream:
+    return Stream(
+        _framed(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,128 @@
+"""What the HTTP layer shares between requests: the engine, the tokenizer and switches.
+
+What it does: holds the loaded engine and tokenizer, the served model name, readiness and
+draining flags, the metrics, the optional RAG augmenter and the plugin host; loads the
+checkpoint in a background thread so `/health` can answer 503 while it loads.
+What it does not do: handle requests (route modules) or run the model (the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..config import ServerConfig
+from ..engine.types import EngineConfig
+from ..tokenizer import Tokenizer
+from .metrics import Metrics
+
+log = logging.getLogger("atlas.api")
+
+
+@dataclass
+class Augmentation:
+    """A prompt (or messages) with retrieved sources added, and what is needed to cite them."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    context: Any = None
+
+
+class PromptAugmenter(Protocol):
+    """The RAG hook: Atlas's RAG package implements it; None means RAG is off.
+
+    `augment` receives the request's `rag` options (a `schemas.RAGOptions`) and either the
+    prompt text (completions) or the messages (chat), retrieves and reranks sources, and
+    returns the augmented prompt or messages. `citations` maps the generated text back to
+    the sources given, returning (citations, number of dropped references to sources that
+    were not given).
+    """
+
+    async def augment(self, rag: Any, prompt: str | None, messages: list[dict] | None) -> Augmentation: ...
+
+    def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]: ...
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: Any = None  # atlas_server.engine.Engine once loaded
+    tokenizer: Tokenizer | None = None
+    model_name: str = "atlas"
+    max_model_len: int = 0
+    checkpoint_path: str | None = None
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    in_flight: int = 0
+    metrics: Metrics = field(default_factory=Metrics)
+    augmenter: PromptAugmenter | None = None
+    plugin_host: Any = None
+    created: int = 0
+    _idle: asyncio.Event | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+    def load_in_background(self, checkpoint: str, engine: Any = None) -> threading.Thread:
+        """Load the checkpoint and start the engine off the event loop."""
+
+        def load() -> None:
+            try:
+                self.load(checkpoint, engine)
+            except Exception as e:  # reported through /health and the log
+                self.load_error = f"{type(e).__name__}: {e}"
+                log.error("loading %s failed: %s", checkpoint, self.load_error)
+
+        thread = threading.Thread(target=load, name="atlas-load", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self, checkpoint: str | None, engine: Any = None) -> None:
+        from ..engine import Engine
+
+        if engine is None:
+            cfg = self.config
+            engine = Engine.from_checkpoint(
+                checkpoint,
+                EngineConfig(
+                    max_running=cfg.engine.max_running,
+                    max_batched_tokens=cfg.engine.max_batched_tokens,
+                    max_queued=cfg.engine.max_queued,
+                    max_model_len=cfg.engine.max_model_len,
+                    device=cfg.model.device,
+                    dtype=cfg.model.dtype,
+                ),
+            )
+        engine.start()
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.checkpoint_path = checkpoint
+        self.ready = True
+        log.info("model %s ready (max_model_len=%d)", self.model_name, self.max_model_len)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown(timeout=5.0)
+
+    # --- in-flight accounting (for draining) --------------------------------------------
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no generation request is in flight; False if the timeout hit first."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False

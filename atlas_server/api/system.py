@@ -1,0 +1,111 @@
+"""Routes around generation: models, health, metrics and the vLLM-style tokenizer routes.
+
+What it does: `GET /v1/models`, `GET /health` (200 ready, 503 while loading, after a failed
+load or while draining), `GET /metrics` (Prometheus text), `POST /tokenize`,
+`POST /detokenize` and `GET /tokenizer_info` in the shapes vLLM and lm-evaluation-harness
+use. What it does not do: generate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get, post
+from litestar.response import Response
+
+from ..tokenizer import IM_END, IM_START
+from .chat import render_chat
+from .errors import APIError, RequestError
+from .generation import check_model
+from .schemas import DetokenizeRequest, TokenizeRequest
+from .state import ServerState
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}" + IM_START + "{{ message['role'] }}\n"
+    "{{ message['content'] }}" + IM_END + "\n{% endfor %}"
+    "{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
+)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.atlas
+
+
+def _loaded(state: ServerState) -> None:
+    if not state.ready:
+        raise APIError(503, "the model is still loading", headers={"Retry-After": "2"})
+
+
+@get("/health", summary="Readiness: 200 when serving, 503 while loading or draining")
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.draining:
+        return Response({"status": "draining"}, status_code=503)
+    if state.load_error is not None:
+        return Response({"status": "error", "error": state.load_error}, status_code=503)
+    if not state.ready:
+        return Response({"status": "loading"}, status_code=503)
+    return Response({"status": "ok", "model": state.model_name})
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    stats = state.engine.stats() if state.engine is not None else None
+    return Response(state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/v1/models", summary="List the served model (OpenAI-compatible)")
+async def list_models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    data = []
+    if state.ready:
+        data.append({"id": state.model_name, "object": "model", "created": state.created,
+                     "owned_by": "atlas", "root": state.checkpoint_path,
+                     "max_model_len": state.max_model_len})
+    return {"object": "list", "data": data}
+
+
+@post("/tokenize", status_code=200, summary="Tokenize a prompt or chat messages (vLLM-compatible)")
+async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
+    state = _state(request)
+    _loaded(state)
+    check_model(state, data.model)
+    if (data.prompt is None) == (data.messages is None):
+        raise RequestError("give exactly one of prompt or messages", param="prompt")
+    if data.messages is not None:
+        tokens = render_chat(state.tokenizer, data.messages, data.add_generation_prompt)
+    else:
+        tokens = state.tokenizer.encode(data.prompt)
+    return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+
+
+@post("/detokenize", status_code=200, summary="Turn token ids back into text (vLLM-compatible)")
+async def detokenize(request: Request, data: DetokenizeRequest) -> dict[str, Any]:
+    state = _state(request)
+    _loaded(state)
+    check_model(state, data.model)
+    vocab = state.tokenizer.vocab_size
+    bad = [t for t in data.tokens if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+    return {"prompt": state.tokenizer.decode(data.tokens)}
+
+
+@get("/tokenizer_info", summary="Tokenizer description (vLLM-compatible)")
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    _loaded(state)
+    tok = state.tokenizer
+    specials = tok.special_tokens
+    return {
+        "tokenizer_class": "AtlasBPETokenizer",
+        "vocab_size": tok.vocab_size,
+        "model_max_length": state.max_model_len,
+        "eos_token": "<|endoftext|>" if tok.eot_id is not None else None,
+        "eos_token_id": tok.eot_id,
+        "additional_special_tokens": sorted(specials),
+        "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in specials.items()},
+        "chat_template": CHAT_TEMPLATE if IM_START in specials and IM_END in specials else None,
+        "pattern": tok.pattern,
+    }

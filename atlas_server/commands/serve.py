@@ -1,0 +1,142 @@
+"""`atlas serve`: load a checkpoint and serve it over the OpenAI-compatible API.
+
+What it does: resolves the config (defaults < --config TOML < flags), finds the checkpoint
+(flag, config, ATLAS_CHECKPOINT, then the embedded default made by `atlas-train
+quickstart`), reads the API key from the flag, ATLAS_API_KEY or a secret file, prints
+the resolved config, and runs uvicorn. SIGTERM/SIGINT drain: /health turns 503, new
+generation requests get 503, running requests get up to `http.drain_timeout_s` to finish,
+then the server stops and exits 0. A second SIGINT forces the exit.
+What it does not do: routes (see `atlas_server/api/`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import typer
+
+from ..config import ConfigFileError, load_config, render, with_overrides
+from ._common import fail, user_errors
+
+app = typer.Typer(add_completion=False)
+log = logging.getLogger("atlas.serve")
+
+
+def default_checkpoint() -> Path:
+    """The embedded default: the quickstart checkpoint (see `atlas-train quickstart`)."""
+    home = Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
+    return home / "quickstart" / "checkpoint"
+
+
+def resolve_checkpoint(flag: str | None, configured: str | None) -> Path:
+    for candidate in (flag, configured, os.environ.get("ATLAS_CHECKPOINT")):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if not (path / "config.json").is_file():
+                fail(f"{path} is not an atlas checkpoint (no config.json there)")
+            return path
+    path = default_checkpoint()
+    if not (path / "config.json").is_file():
+        fail(f"no checkpoint given and no embedded default at {path}; pass --checkpoint DIR "
+             "or create the default with `atlas-train quickstart`")
+    return path
+
+
+def read_api_key(flag: str | None, key_file: Path | None) -> str | None:
+    if flag:
+        return flag
+    if key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as e:
+            fail(f"cannot read --api-key-file {key_file}: {e.strerror}")
+        if not key:
+            fail(f"--api-key-file {key_file} is empty")
+        return key
+    return os.environ.get("ATLAS_API_KEY") or None
+
+
+class DrainingServer:
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before stopping."""
+
+    def __new__(cls, config, state, drain_timeout: float):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame) -> None:
+                if state.draining:  # second signal: stop now
+                    self.force_exit = sig == signal.SIGINT
+                    self.should_exit = True
+                    return
+                state.draining = True
+                log.warning("signal %s: draining (up to %.0f s) before exit", sig, drain_timeout)
+                loop = self._loop
+                loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+            async def _drain(self) -> None:
+                finished = await state.wait_idle(drain_timeout)
+                if not finished:
+                    log.warning("drain timeout: ending %d running request(s)", state.in_flight)
+                self.should_exit = True
+
+            async def serve(self, sockets=None) -> None:
+                self._loop = asyncio.get_running_loop()
+                await super().serve(sockets)
+
+        return _Server(config)
+
+
+@app.callback(invoke_without_command=True)
+def serve(
+    checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Atlas checkpoint directory."),
+    host: str = typer.Option(None, help="Address to bind (default 127.0.0.1; 0.0.0.0 in containers)."),
+    port: int = typer.Option(None, help="Port (default 8000)."),
+    config: Path = typer.Option(None, "--config", help="Server config TOML (see configs/server/default.toml)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` on /v1 routes (or ATLAS_API_KEY)."),
+    api_key_file: Path = typer.Option(None, "--api-key-file", help="Read the API key from this file (a mounted secret)."),
+    model_name: str = typer.Option(None, "--model-name", help="Model id in /v1/models (default: checkpoint folder name)."),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
+    device: str = typer.Option(None, help="cpu or cuda."),
+    max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve a checkpoint over the OpenAI-compatible API.
+
+    Example: atlas serve --checkpoint runs/quickstart/checkpoint --port 8000
+    """
+    import uvicorn
+
+    from ..api import ServerState, create_app
+
+    with user_errors(ConfigFileError):
+        cfg = load_config(config)
+        cfg = with_overrides(cfg, http__host=host, http__port=port, model__name=model_name,
+                             model__dtype=dtype, model__device=device,
+                             engine__max_running=max_running)
+    path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
+    key = read_api_key(api_key, api_key_file)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    typer.echo(f"atlas serve: checkpoint {path}\n{render(cfg)}\napi key: {'set' if key else 'none'}")
+    state = ServerState(config=cfg, model_name=cfg.model.name or path.name, checkpoint_path=str(path))
+    plugin_kwargs = _rag_extensions(state)
+    application = create_app(state, api_key=key, **plugin_kwargs)
+    uv_config = uvicorn.Config(application, host=cfg.http.host, port=cfg.http.port,
+                               log_level=log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(uv_config, state, cfg.http.drain_timeout_s)
+    try:
+        server.run()
+    except OSError as e:
+        fail(f"cannot listen on {cfg.http.host}:{cfg.http.port}: {e.strerror or e}")
+
+
+def _rag_extensions(state) -> dict:
+    """Routes and the prompt augmenter of the RAG package, unless `[rag] enabled = false`."""
+    if not state.config.rag.enabled:
+        return {}
+    from ..rag.server import rag_extensions
+
+    return rag_extensions(state)

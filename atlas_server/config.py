@@ -1,0 +1,127 @@
+"""Server configuration: TOML decoded into frozen, validated structs.
+
+What it does: defines `ServerConfig` (model, engine, http and rag sections), loads it from
+a TOML file with unknown keys refused, applies the few command-line overrides and
+renders the resolved config for the start-up log. Defaults live here and only here;
+`configs/server/default.toml` spells them out for users to copy.
+What it does not do: start anything, or read secrets: the API key comes from the command
+line, the ATLAS_API_KEY environment variable or a secret file, never from this file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigFileError(ValueError):
+    """A server config file that cannot be used; the message names the key or the file."""
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ModelSection(_Section):
+    # None: the embedded default (ATLAS_CHECKPOINT, else the quickstart checkpoint).
+    checkpoint: str | None = None
+    name: str | None = None  # the id in /v1/models; default: the checkpoint folder's name
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+class EngineSection(_Section):
+    max_running: int = 16
+    max_batched_tokens: int = 512
+    max_queued: int = 256
+    max_model_len: int | None = None
+
+
+class HTTPSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Seconds a SIGTERM waits for running requests before ending them (keep it below
+    # Kubernetes' terminationGracePeriodSeconds).
+    drain_timeout_s: float = 20.0
+    cors_allow_origins: list[str] = []
+
+
+class RAGSection(_Section):
+    enabled: bool = True
+    data_dir: str | None = None  # embedded Qdrant data directory; default ~/.local/share/atlas/qdrant
+    qdrant_url: str | None = None  # use a Qdrant server instead of the embedded store
+    retriever: str = "hybrid"
+    reranker: str | None = None
+    top_k: int = 4
+
+
+class ServerConfig(_Section):
+    model: ModelSection = ModelSection()
+    engine: EngineSection = EngineSection()
+    http: HTTPSection = HTTPSection()
+    rag: RAGSection = RAGSection()
+
+    def validate(self) -> ServerConfig:
+        checks = [
+            (self.engine.max_running >= 1, "engine.max_running must be >= 1"),
+            (self.engine.max_batched_tokens >= 1, "engine.max_batched_tokens must be >= 1"),
+            (self.engine.max_queued >= 0, "engine.max_queued must be >= 0"),
+            (0 < self.http.port < 65536, "http.port must be in 1..65535"),
+            (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),
+            (self.http.drain_timeout_s >= 0, "http.drain_timeout_s must be >= 0"),
+            (self.rag.top_k >= 1, "rag.top_k must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigFileError(message)
+        return self
+
+
+def load_config(path: str | os.PathLike | None = None) -> ServerConfig:
+    """Read a TOML server config (or the defaults when `path` is None)."""
+    if path is None:
+        return ServerConfig().validate()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"{path} is not valid TOML: {e}") from None
+    try:
+        return msgspec.convert(data, ServerConfig).validate()
+    except msgspec.ValidationError as e:
+        raise ConfigFileError(f"{path}: {e}") from None
+
+
+def with_overrides(config: ServerConfig, **overrides: Any) -> ServerConfig:
+    """Apply `section__field=value` overrides whose value is not None (command-line flags)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, field = key.split("__", 1)
+        sections.setdefault(section, {})[field] = value
+    changed = {
+        name: msgspec.structs.replace(getattr(config, name), **fields)
+        for name, fields in sections.items()
+    }
+    return msgspec.structs.replace(config, **changed).validate()
+
+
+def render(config: ServerConfig) -> str:
+    """The resolved config as TOML-like text for the start-up log."""
+    lines = []
+    for section, values in msgspec.to_builtins(config).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {v!r}" for k, v in values.items()]
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Incremental detokenization with stop-string hold-back, one instance per output stream.
+
+What it does: `IncrementalDetokenizer` turns token ids into text as they arrive and
+emits only complete UTF-8 (a character split across tokens waits for its last byte);
+the concatenation of everything it emits equals `tokenizer.decode(all ids)`, invalid
+bytes included (both use the "replace" error handler). `StopStringMatcher` sits after
+it: text that could still be the beginning of a stop string is held back, a matched stop
+string is cut off and never emitted. What it does not do: choose tokens or decide EOS.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from ..tokenizer import Tokenizer
+
+__all__ = ["IncrementalDetokenizer", "StopStringMatcher"]
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._token_bytes = tokenizer.token_bytes
+        # The codec's incremental decoder keeps an incomplete trailing sequence (at most
+        # 3 bytes) between calls, which is exactly the hold-back we need.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        """The text that became complete with this token (often '', at most a few chars)."""
+        return self._decoder.decode(self._token_bytes(token_id), final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held at the end of the stream (an incomplete char becomes U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+
+class StopStringMatcher:
+    """Buffers text until it cannot be part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str, check: bool = True) -> tuple[str, str | None]:
+        """Returns (text safe to emit, matched stop string or None).
+
+        With `check=False` (min_tokens not reached yet) stop strings are ignored and
+        everything is released.
+        """
+        if not self.stops or not check:
+            out, self._held = self._held + text, ""
+            return out, None
+        buffer = self._held + text
+        match_at, matched = -1, None
+        for stop in self.stops:
+            at = buffer.find(stop)
+            if at != -1 and (match_at == -1 or at < match_at):
+                match_at, matched = at, stop
+        if matched is not None:
+            self._held = ""
+            return buffer[:match_at], matched
+        keep = self._longest_stop_prefix_suffix(buffer)
+        self._held = buffer[len(buffer) - keep :]
+        return buffer[: len(buffer) - keep], None
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return out
+
+    def _longest_stop_prefix_suffix(self, buffer: str) -> int:
+        """Length of the longest suffix of `buffer` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buffer)), best, -1):
+                if buffer.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,624 @@
+"""The serving engine: request lifecycle, continuous-batching scheduler and KV slots.
+
+What it does: `Engine.submit()` validates a request on the caller's thread, queues it and
+returns an async stream of `RequestOutput` events bound to the caller's event loop. One
+dedicated engine thread runs the model: each step it applies aborts, admits waiting
+requests into free KV slots, runs one batched decode forward over every decoding
+sequence plus prefill chunks within the token budget, samples, detokenizes, checks stop
+conditions and hands events back with `loop.call_soon_threadsafe`.
+
+Scheduling (iteration level): a step is
+  1. one decode forward over all decoding sequences, idx [B, 1] (they count against
+     `max_batched_tokens` first, so running streams never stall behind a long prompt);
+  2. then prefill chunks, oldest request first, each its own forward [1, T] with T cut
+     to what is left of the budget. A prompt longer than the budget is prefilled over
+     several steps while the others keep decoding.
+Why not one padded forward mixing both: the model's attention takes one [B, T] block,
+so mixing a 1-token decode row with a T-token chunk would pad every decode row to T and
+multiply the decode compute by T (at B=16, T=256: 4096 token-rows for 272 real ones).
+Separate forwards cost one extra pass over the weights per chunk (~17 ms for 124M fp32
+at 30 GB/s), which a chunk of tens of tokens already amortises: a prefill chunk is
+compute-bound, a decode step bandwidth-bound.
+
+KV memory: the model's slot cache (model/kv_cache.py), allocated once at start with
+`max_running` slots of `max_model_len` positions; one slot per running sequence. Slots
+rather than paged blocks because at Atlas's model sizes a full-length slot is small and
+a slot is a plain slice attention reads directly (kv_cache.py gives the numbers); the
+cost is that memory is reserved for the longest allowed sequence. A request whose
+prompt + max_tokens exceeds `max_model_len` is refused in submit(), so an admitted
+request always fits its slot. n > 1 choices prefill once and copy the prompt's KV rows
+into the other choices' slots.
+
+What it does not do: HTTP, chat templates, tokenization of text (the API layer), or
+preemption / swapping (the queue bound and up-front slot reservation make it unneeded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .sampling import SamplingRow, sample, top_logprobs
+from .types import (
+    EngineConfig,
+    EngineStats,
+    EngineStoppedError,
+    FinishReason,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+log = logging.getLogger("atlas.engine")
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class _Choice:
+    """One output sequence of a request; it owns one KV slot while it runs."""
+
+    index: int
+    slot: int
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    finished: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    emit: Callable[[RequestOutput], None]
+    choices: list[_Choice] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in the KV cache (of choice 0's slot)
+    scheduled_time: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    sent_prompt_logprobs: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
+
+
+class _RequestStream:
+    """The async iterator submit() returns; closing or dropping it aborts the request."""
+
+    def __init__(self, engine: Engine, request_id: str, n: int, queue: asyncio.Queue) -> None:
+        self._engine, self.request_id = engine, request_id
+        self._remaining, self._queue = n, queue
+
+    def __aiter__(self) -> _RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._remaining == 0:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        if event.finished:
+            self._remaining -= 1
+        return event
+
+    async def aclose(self) -> None:
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if self._remaining:
+            self._remaining = 0
+            self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        # Garbage-collected before the end (e.g. a handler that stopped iterating).
+        if getattr(self, "_remaining", 0):
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    """Continuous-batching generation over a Transformer with a preallocated KV cache."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        model_max = model.config.max_seq_len
+        self.max_model_len = config.max_model_len or model_max
+        if not 1 <= self.max_model_len <= model_max:
+            raise ValueError(f"max_model_len={self.max_model_len} must be in [1, {model_max}]")
+        if config.max_running < 1 or config.max_queued < 0:
+            raise ValueError("max_running must be >= 1 and max_queued >= 0")
+        if config.max_batched_tokens < config.max_running:
+            raise ValueError(
+                f"max_batched_tokens={config.max_batched_tokens} must be >= max_running="
+                f"{config.max_running}: every decoding sequence needs a token each step"
+            )
+        self.model = model.prepare_for_inference()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.vocab_size = model.config.vocab_size
+        self.cache = model.new_cache(config.max_running, self.max_model_len)
+        self._device = model.tok_emb.weight.device
+        self._stop_ids_eos = tokenizer.eot_id
+        self._free_slots = list(range(config.max_running - 1, -1, -1))  # pop() gives 0 first
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._ids: set[str] = set()
+        self._abort_ids: deque[str] = deque()  # appended from any thread (atomic)
+        self._lock = threading.Lock()  # guards _waiting and _ids
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._draining = self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._counter = itertools.count()
+        self._prompt_tokens_total = self._generation_tokens_total = self._steps_total = 0
+        self._step_seconds_ema = 0.05
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
+        from ..checkpoint import load_checkpoint
+
+        config = config or EngineConfig()
+        ckpt = load_checkpoint(path, device=config.device, dtype=config.dtype)
+        return cls(ckpt.model, ckpt.tokenizer, config)
+
+    # --- lifecycle ------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="atlas-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, let the accepted ones finish; True if all did in time."""
+        self._draining = True
+        return self._idle.wait(timeout)
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stop the engine thread; unfinished requests end with finish_reason "abort"."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._abort_all()
+
+    # --- requests -------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request; returns its event stream on the running loop."""
+        if self._stopping or self._draining:
+            raise EngineStoppedError("the engine is shutting down")
+        prompt_ids = self._validate(prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        request = _Request(
+            request_id, prompt_ids, params, time.perf_counter(), self._emitter(loop, queue)
+        )
+        with self._lock:
+            if request_id in self._ids:
+                raise InvalidRequestError(f"request id {request_id!r} is in use", "request_id")
+            if len(self._waiting) >= self.config.max_queued:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are queued (max_queued="
+                    f"{self.config.max_queued})",
+                    retry_after=self._retry_after(),
+                )
+            self._ids.add(request_id)
+            self._waiting.append(request)
+            self._idle.clear()
+        self._wake.set()
+        return _RequestStream(self, request_id, params.n, queue)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id (queued or running); its slots free at the next step."""
+        self._abort_ids.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=sum(not c.finished for r in list(self._running) for c in r.choices),
+            waiting=len(self._waiting),
+            kv_slots_used=self.config.max_running - len(self._free_slots),
+            kv_slots_total=self.config.max_running,
+            kv_cache_bytes=self.cache.nbytes,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            steps_total=self._steps_total,
+        )
+
+    @staticmethod
+    def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        def emit(event: RequestOutput) -> None:
+            # A closed loop raises RuntimeError: nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        return emit
+
+    def _retry_after(self) -> float:
+        # Rough time for the queue to move by one request: a typical request's steps.
+        return max(1.0, self._step_seconds_ema * 64)
+
+    # --- validation -----------------------------------------------------------------
+    def _validate(self, prompt_ids: list[int], p: SamplingParams) -> list[int]:
+        def bad(message: str, param: str) -> InvalidRequestError:
+            return InvalidRequestError(message, param)
+
+        if not prompt_ids:
+            raise bad("the prompt is empty; give at least one token", "prompt")
+        ids = [int(t) for t in prompt_ids]
+        out_of_vocab = [t for t in ids if not 0 <= t < self.vocab_size]
+        if out_of_vocab:
+            raise bad(
+                f"prompt token ids {out_of_vocab[:5]} are outside the vocabulary "
+                f"[0, {self.vocab_size})",
+                "prompt",
+            )
+        self._validate_params(p)
+        if len(ids) + p.max_tokens > self.max_model_len:
+            raise bad(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {len(ids)} and max_tokens asks for {p.max_tokens} more "
+                f"({len(ids) + p.max_tokens}); shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        return ids
+
+    def _validate_params(self, p: SamplingParams) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (p.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {p.max_tokens}"),
+            (
+                0 <= p.min_tokens <= p.max_tokens,
+                "min_tokens",
+                f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}",
+            ),
+            (
+                math.isfinite(p.temperature) and p.temperature >= 0,
+                "temperature",
+                f"temperature must be >= 0, got {p.temperature}",
+            ),
+            (0 < p.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {p.top_p}"),
+            (0 <= p.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {p.min_p}"),
+            (
+                -2 <= p.presence_penalty <= 2,
+                "presence_penalty",
+                f"presence_penalty must be in [-2, 2], got {p.presence_penalty}",
+            ),
+            (
+                -2 <= p.frequency_penalty <= 2,
+                "frequency_penalty",
+                f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}",
+            ),
+            (
+                math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0,
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {p.repetition_penalty}",
+            ),
+            (
+                1 <= p.n <= self.config.max_running,
+                "n",
+                f"n must be in [1, {self.config.max_running}] (max_running), got {p.n}",
+            ),
+        ]
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(p, name)
+            ok = k is None or 0 <= k <= MAX_LOGPROBS
+            checks.append((ok, name, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}"))
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidRequestError(message, param)
+        for token, bias in p.logit_bias.items():
+            if not 0 <= int(token) < self.vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias token {token} is outside the vocabulary", "logit_bias"
+                )
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequestError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
+                    "logit_bias",
+                )
+        bad_stop_ids = [t for t in p.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop_ids:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad_stop_ids} are outside the vocabulary", "stop_token_ids"
+            )
+
+    # --- the engine thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            if self._stopping:
+                self._abort_all()
+                return
+            self._apply_aborts()
+            self._admit()
+            if self._running:
+                self._wake.set()  # keep stepping while there is work
+                started = time.perf_counter()
+                try:
+                    with torch.inference_mode():
+                        self._step()
+                except Exception as e:  # a bug or OOM must not kill the thread silently
+                    log.exception("engine step failed")
+                    self._fail_running(f"{type(e).__name__}: {e}")
+                self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * (
+                    time.perf_counter() - started
+                )
+            with self._lock:
+                if not self._running and not self._waiting:
+                    self._idle.set()
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and len(self._free_slots) >= self._waiting[0].params.n:
+                request = self._waiting.popleft()
+                request.choices = [self._new_choice(request, i) for i in range(request.params.n)]
+                request.scheduled_time = time.perf_counter()
+                self._running.append(request)
+
+    def _new_choice(self, request: _Request, index: int) -> _Choice:
+        p = request.params
+        generator = None
+        if p.seed is not None:
+            # Each choice gets its own stream: distinct, and reproducible per (seed, index).
+            generator = torch.Generator(device=self._device).manual_seed(p.seed + index)
+        return _Choice(
+            index,
+            self._free_slots.pop(),
+            IncrementalDetokenizer(self.tokenizer),
+            StopStringMatcher(p.stop),
+            generator,
+        )
+
+    def _apply_aborts(self) -> None:
+        while self._abort_ids:
+            request_id = self._abort_ids.popleft()
+            with self._lock:
+                waiting = [r for r in self._waiting if r.request_id == request_id]
+                for r in waiting:
+                    self._waiting.remove(r)
+                    self._ids.discard(request_id)
+            for r in waiting:
+                for i in range(r.params.n):
+                    r.emit(self._final_event(r, i, "abort"))
+            for r in [r for r in self._running if r.request_id == request_id]:
+                self._finish_request(r, "abort")
+
+    def _abort_all(self) -> None:
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for r in waiting:
+            for i in range(r.params.n):
+                r.emit(self._final_event(r, i, "abort"))
+        for r in list(self._running):
+            self._finish_request(r, "abort")
+        with self._lock:
+            self._ids.clear()
+            self._idle.set()
+
+    def _fail_running(self, error: str) -> None:
+        for r in list(self._running):
+            self._finish_request(r, "error", error)
+
+    def _finish_request(self, r: _Request, reason: FinishReason, error: str | None = None) -> None:
+        """End every unfinished choice of a running request with `reason`."""
+        for c in r.choices:
+            if not c.finished:
+                self._release(r, c)
+                r.emit(self._final_event(r, c.index, reason, error))
+
+    def _final_event(
+        self, r: _Request, index: int, reason: FinishReason, error: str | None = None
+    ) -> RequestOutput:
+        generated = len(r.choices[index].output_ids) if r.choices else 0
+        return RequestOutput(
+            r.request_id,
+            index,
+            [],
+            "",
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=len(r.prompt_ids),
+            num_generated_tokens=generated,
+            error=error,
+            arrival_time=r.arrival_time,
+            time=time.perf_counter(),
+        )
+
+    def _release(self, r: _Request, c: _Choice) -> None:
+        c.finished = True
+        self._free_slots.append(c.slot)
+        if all(x.finished for x in r.choices):
+            self._running.remove(r)
+            with self._lock:
+                self._ids.discard(r.request_id)
+
+    # --- one step -------------------------------------------------------------------
+    def _step(self) -> None:
+        self._steps_total += 1
+        decoding = [
+            (r, c) for r in self._running if r.decoding for c in r.choices if not c.finished
+        ]
+        budget = self.config.max_batched_tokens - len(decoding)
+        rows: list[tuple[_Request, _Choice]] = []
+        logits: list[Tensor] = []
+        if decoding:
+            logits.append(self._decode_forward(decoding))  # [B, V]
+            rows += decoding
+        for r in [r for r in self._running if not r.decoding]:
+            if budget <= 0:
+                break
+            chunk = min(len(r.prompt_ids) - r.prefilled, budget)
+            budget -= chunk
+            last = self._prefill_chunk(r, chunk)  # [V] once the prompt is complete, else None
+            if last is not None:
+                self._fork_prompt_kv(r)
+                logits.append(last[None, :].expand(len(r.choices), -1))
+                rows += [(r, c) for c in r.choices]
+        if rows:
+            self._sample_and_emit(rows, torch.cat(logits, dim=0))
+
+    def _decode_forward(self, decoding: list[tuple[_Request, _Choice]]) -> Tensor:
+        last_ids, positions, slots = [], [], []
+        for r, c in decoding:
+            last_ids.append(c.output_ids[-1])
+            positions.append(len(r.prompt_ids) + len(c.output_ids) - 1)
+            slots.append(c.slot)
+        dev = self._device
+        idx = torch.tensor(last_ids, device=dev)[:, None]  # [B, 1]
+        pos = torch.tensor(positions, device=dev)[:, None]  # [B, 1]
+        out = self.model(idx, pos, self.cache, torch.tensor(slots, device=dev), last_only=True)
+        return out[:, -1].float()  # [B, V]
+
+    def _prefill_chunk(self, r: _Request, chunk: int) -> Tensor | None:
+        start, end = r.prefilled, r.prefilled + chunk
+        dev = self._device
+        idx = torch.tensor(r.prompt_ids[start:end], device=dev)[None, :]  # [1, T]
+        pos = torch.arange(start, end, device=dev)[None, :]  # [1, T]
+        slots = torch.tensor([r.choices[0].slot], device=dev)
+        want_prompt_lp = r.params.prompt_logprobs is not None
+        out = self.model(idx, pos, self.cache, slots, last_only=not want_prompt_lp)[0].float()
+        if want_prompt_lp:
+            self._collect_prompt_logprobs(r, out, start, end)  # out: [T, V]
+        r.prefilled = end
+        self._prompt_tokens_total += chunk
+        return out[-1] if r.decoding else None
+
+    def _collect_prompt_logprobs(self, r: _Request, logits: Tensor, start: int, end: int) -> None:
+        if r.prompt_logprobs is None:
+            r.prompt_logprobs = [None]  # the first prompt token has no context to score it
+        # Logits at position i predict prompt token i + 1; the prompt's last position
+        # predicts the first generated token, which is not a prompt logprob.
+        targets = r.prompt_ids[start + 1 : end + 1]
+        if targets:
+            chosen = torch.tensor(targets, device=logits.device)
+            r.prompt_logprobs += top_logprobs(
+                logits[: len(targets)], chosen, r.params.prompt_logprobs or 0
+            )
+
+    def _fork_prompt_kv(self, r: _Request) -> None:
+        """Copy choice 0's prompt KV rows into the slots of choices 1..n-1."""
+        if len(r.choices) == 1:
+            return
+        source, n_prompt = r.choices[0].slot, len(r.prompt_ids)
+        targets = torch.tensor([c.slot for c in r.choices[1:]], device=self._device)
+        for layer in range(len(self.cache.k)):
+            for store in (self.cache.k[layer], self.cache.v[layer]):
+                store[targets, :, :n_prompt] = store[source, :, :n_prompt]
+
+    def _sample_and_emit(self, rows: list[tuple[_Request, _Choice]], logits: Tensor) -> None:
+        eos = self._stop_ids_eos
+        sampling_rows = [
+            SamplingRow(
+                r.params,
+                r.prompt_ids,
+                c.output_ids,
+                c.generator,
+                r.params.stop_token_ids
+                + ((eos,) if eos is not None and not r.params.ignore_eos else ()),
+            )
+            for r, c in rows
+        ]
+        tokens = sample(logits, sampling_rows)  # [N]
+        wanted = [r.params.logprobs for r, _ in rows]
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if any(k is not None for k in wanted):
+            entries = top_logprobs(logits, tokens, max(k or 0 for k in wanted))  # type: ignore[assignment]
+            for entry, k in zip(entries, wanted, strict=True):
+                if entry is not None and k is not None and len(entry.top) > k:
+                    entry.top = dict(itertools.islice(entry.top.items(), k))
+        now = time.perf_counter()
+        for (r, c), token, entry in zip(rows, tokens.tolist(), entries, strict=True):
+            self._append_token(r, c, token, entry if r.params.logprobs is not None else None, now)
+
+    def _append_token(
+        self, r: _Request, c: _Choice, token: int, entry: TokenLogprob | None, now: float
+    ) -> None:
+        p = r.params
+        c.output_ids.append(token)
+        self._generation_tokens_total += 1
+        first = c.first_token_time is None
+        if first:
+            c.first_token_time = now
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        text = ""
+        if token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif token == self._stop_ids_eos and not p.ignore_eos:
+            reason = "stop"
+        else:
+            text, matched = c.stops.feed(c.detok.add(token), len(c.output_ids) >= p.min_tokens)
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is None and len(c.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None and not isinstance(stop_reason, str):
+            tail, matched = self._flush_tail(c, p)
+            text += tail
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is not None:
+            self._release(r, c)
+        send_prompt_lp = (
+            c.index == 0 and not r.sent_prompt_logprobs and r.prompt_logprobs is not None
+        )
+        if send_prompt_lp:
+            r.sent_prompt_logprobs = True
+        r.emit(
+            RequestOutput(
+                r.request_id,
+                c.index,
+                [token],
+                text,
+                logprobs=[entry] if entry is not None else None,
+                prompt_logprobs=r.prompt_logprobs if send_prompt_lp else None,
+                finished=reason is not None,
+                finish_reason=reason,
+                stop_reason=stop_reason,
+                num_prompt_tokens=len(r.prompt_ids),
+                num_generated_tokens=len(c.output_ids),
+                queue_time_s=(r.scheduled_time or now) - r.arrival_time if first else None,
+                arrival_time=r.arrival_time,
+                first_token_time=c.first_token_time,
+                time=now,
+            )
+        )
+
+    @staticmethod
+    def _flush_tail(c: _Choice, p: SamplingParams) -> tuple[str, str | None]:
+        """Held text at the end of a stream, and a stop string that still matched in it."""
+        text, matched = c.stops.feed(c.detok.flush(), len(c.output_ids) >= p.min_tokens)
+        return (text, matched) if matched is not None else (text + c.stops.flush(), None)

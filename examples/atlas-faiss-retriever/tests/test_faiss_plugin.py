@@ -1,0 +1,31 @@
+"""The example plugin answers like the dense retriever (both are exact cosine search)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from atlas_server.plugins import PluginHost
+from atlas_server.rag.ingest import Document, ingest
+from atlas_server.rag.pipeline import RAGPipeline
+from atlas_server.rag.store import VectorStore
+from atlas_server.rag.types import RAGContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import atlas_faiss_retriever  # noqa: E402
+
+
+def test_faiss_matches_dense(tmp_path):
+    from atlas_server.rag.embedding import Embedder
+
+    host = PluginHost()
+    host.register(atlas_faiss_retriever, "faiss-example")
+    store, embedder = VectorStore(tmp_path / "q"), Embedder()
+    docs = [Document(f"Paragraph {i} is about {topic}.", f"doc{i}") for i, topic in
+            enumerate(["sorting lists", "reading files", "network sockets", "regular expressions"])]
+    ingest(store, embedder, "c", docs, progress=False)
+    pipeline = RAGPipeline(host, RAGContext(store, embedder))
+    faiss_ids = [r.chunk.id for r in pipeline.retrieve("c", "how to open a file", 3, "faiss")]
+    dense_ids = [r.chunk.id for r in pipeline.retrieve("c", "how to open a file", 3, "dense")]
+    assert faiss_ids == dense_ids
+    store.close()

@@ -1,0 +1,106 @@
+"""The plugin host: discovery, isolation of broken plugins, duplicates, documentation."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atlas_server import hookspecs
+from atlas_server.cli import app
+from atlas_server.hookspecs import hookimpl
+from atlas_server.plugins import PluginError, PluginHost
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_builtins_are_discovered_through_entry_points():
+    host = PluginHost()
+    described = {p["name"]: p for p in host.describe()}
+    assert described["atlas-retrievers"]["distribution"] == "atlas-llm"
+    assert {"dense", "bm25", "hybrid", "hybrid-rrf"} <= set(host.retrievers)
+    assert {"mmr", "query-likelihood", "cross-encoder"} <= set(host.rerankers)
+    assert {"bleu", "chrf", "rouge", "exact_match", "token_f1", "recall_at_k", "mrr", "ndcg"} <= set(host.metrics)
+
+
+def test_every_hook_is_documented():
+    specs = [f for name, f in vars(hookspecs).items() if name.startswith("atlas_") and callable(f)]
+    assert len(specs) >= 3
+    for spec in specs:
+        doc = inspect.getdoc(spec) or ""
+        assert len(doc) > 120 and "register(" in doc, f"{spec.__name__} needs a full docstring"
+
+
+def test_duplicate_names_are_refused_naming_both_plugins():
+    class Other:
+        @hookimpl
+        def atlas_register_retrievers(self, register):
+            register("dense", lambda ctx: None)
+
+    host = PluginHost()
+    with pytest.raises(PluginError, match=r"'dense'.*'atlas-retrievers'.*'my-dup-plugin'"):
+        host.register(Other(), "my-dup-plugin")
+
+
+def test_misspelled_hook_is_refused():
+    class Typo:
+        @hookimpl
+        def atlas_register_retreivers(self, register):
+            register("x", lambda ctx: None)
+
+    with pytest.raises(PluginError, match="does not exist"):
+        PluginHost().register(Typo(), "typo-plugin")
+
+
+@pytest.fixture
+def broken_plugin_path(tmp_path, monkeypatch):
+    """A fake installed distribution whose `atlas` entry point fails to import."""
+    dist = tmp_path / "broken_atlas_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-atlas-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[atlas]\nbroken = broken_atlas_plugin\n")
+    (tmp_path / "broken_atlas_plugin.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_broken_plugin_is_reported_and_the_rest_load(broken_plugin_path):
+    host = PluginHost()
+    broken = next(p for p in host.describe() if p["name"] == "broken")
+    assert "boom at import" in broken["error"]
+    assert "dense" in host.retrievers  # the others still load
+    with pytest.raises(PluginError, match="'broken'.*boom at import"):
+        PluginHost(strict=True)
+
+
+def test_atlas_plugins_command_lists_them(broken_plugin_path):
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {p["name"]: p for p in json.loads(result.output)}
+    assert rows["atlas-metrics"]["registered"]["metrics"][:2] == ["bleu", "chrf"]
+    assert rows["broken"]["error"]
+    strict = CliRunner().invoke(app, ["plugins", "--strict"])
+    assert strict.exit_code == 1 and "boom at import" in strict.output
+
+
+def test_example_faiss_package_installs_and_registers(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT / "examples" / "atlas-faiss-retriever")],
+                   check=True, capture_output=True)
+    script = textwrap.dedent("""
+        import json
+        from atlas_server.plugins import PluginHost
+        print(json.dumps(PluginHost(strict=True).describe()))
+    """)
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    rows = {p["name"]: p for p in json.loads(out.stdout)}
+    assert rows["faiss"]["registered"]["retrievers"] == ["faiss"]
+    assert rows["faiss"]["distribution"] == "atlas-faiss-retriever"
