@@ -156,6 +156,7 @@ async def _stream(state, data: ChatCompletionRequest, ids, stream, timer, reques
     try:
         async for _, event in merged_events([stream], [0]):
             i = event.index
+            timer.on_queue_time(event.queue_time_s)
             timer.on_tokens(i, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
             texts.setdefault(i, []).append(event.text)

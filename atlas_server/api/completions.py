@@ -169,6 +169,7 @@ async def _stream(state, data: CompletionRequest, prompts, streams, offsets, tim
         async for offset, event in merged_events(streams, offsets):
             index = offset + event.index
             ids, prompt_text = prompts[index // data.n]
+            timer.on_queue_time(event.queue_time_s)
             timer.on_tokens(index, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
             text = event.text

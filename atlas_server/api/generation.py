@@ -214,6 +214,7 @@ async def collect(state: ServerState, streams, offsets, n_choices: int, timer: R
     async for offset, event in merged_events(streams, offsets):
         choice = choices[offset + event.index]
         choice.add(event)
+        timer.on_queue_time(event.queue_time_s)
         timer.on_tokens(choice.index, time.perf_counter(), len(event.token_ids))
         if event.finished:
             if event.finish_reason == "error":

@@ -59,6 +59,10 @@ class RequestTimer:
         self.metrics, self.start = metrics, start
         self.last: dict[int, float] = {}
 
+    def on_queue_time(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.metrics.queue.observe(seconds)
+
     def on_tokens(self, index: int, now: float, n_tokens: int) -> None:
         if n_tokens <= 0:
             return

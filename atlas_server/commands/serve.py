@@ -121,7 +121,9 @@ def serve(
     key = read_api_key(api_key, api_key_file)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(f"atlas serve: checkpoint {path}\n{render(cfg)}\napi key: {'set' if key else 'none'}")
-    state = ServerState(config=cfg, model_name=cfg.model.name or path.name, checkpoint_path=str(path))
+    # A checkpoint folder called "checkpoint" (the quickstart's) is named after its parent.
+    default_name = path.resolve().parent.name if path.name == "checkpoint" else path.name
+    state = ServerState(config=cfg, model_name=cfg.model.name or default_name, checkpoint_path=str(path))
     plugin_kwargs = _rag_extensions(state)
     application = create_app(state, api_key=key, **plugin_kwargs)
     uv_config = uvicorn.Config(application, host=cfg.http.host, port=cfg.http.port,
