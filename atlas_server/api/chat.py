@@ -103,7 +103,8 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     augmentation = None
     if data.rag is not None:
         plain = [msgspec.to_builtins(m) for m in data.messages]
-        augmentation = await augment(state, data.rag, messages=plain)
+        asked = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+        augmentation = await augment(state, data.rag, messages=plain, max_tokens=asked)
         data = msgspec.structs.replace(
             data, messages=[msgspec.convert(m, ChatMessage) for m in augmentation.messages])
     ids = render_chat(tokenizer, data.messages, data.add_generation_prompt)

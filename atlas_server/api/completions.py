@@ -105,7 +105,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     if data.rag is not None:
         if not isinstance(data.prompt, str):
             raise RequestError("rag needs the prompt as one string", param="rag")
-        augmentation = await augment(state, data.rag, prompt=data.prompt)
+        augmentation = await augment(state, data.rag, prompt=data.prompt, max_tokens=data.max_tokens)
         data = msgspec.structs.replace(data, prompt=augmentation.prompt)
     prompts = prompts_of(data, state)
     start = time.perf_counter()

@@ -254,13 +254,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def augment(state: ServerState, rag, prompt: str | None = None, messages: list | None = None):
+async def augment(state: ServerState, rag, prompt: str | None = None, messages: list | None = None,
+                  max_tokens: int | None = None):
     """Run the RAG augmenter, naming the failing plugin if it raises."""
     if state.augmenter is None:
         raise RequestError("this server has no RAG enabled; start it with RAG configured "
                            "or drop the `rag` field", param="rag")
     try:
-        return await state.augmenter.augment(rag, prompt, messages)
+        # Leave room for the answer (and the chat template's few tokens).
+        budget = state.max_model_len - (max_tokens if max_tokens is not None else 16) - 16
+        return await state.augmenter.augment(rag, prompt, messages, max_prompt_tokens=budget)
     except APIError:
         raise
     except Exception as e:

@@ -36,12 +36,14 @@ class PromptAugmenter(Protocol):
 
     `augment` receives the request's `rag` options (a `schemas.RAGOptions`) and either the
     prompt text (completions) or the messages (chat), retrieves and reranks sources, and
-    returns the augmented prompt or messages. `citations` maps the generated text back to
+    returns the augmented prompt or messages, dropping the lowest-ranked sources when the
+    result would exceed `max_prompt_tokens`. `citations` maps the generated text back to
     the sources given, returning (citations, number of dropped references to sources that
     were not given).
     """
 
-    async def augment(self, rag: Any, prompt: str | None, messages: list[dict] | None) -> Augmentation: ...
+    async def augment(self, rag: Any, prompt: str | None, messages: list[dict] | None,
+                      max_prompt_tokens: int | None = None) -> Augmentation: ...
 
     def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]: ...
 

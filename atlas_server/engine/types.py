@@ -76,7 +76,12 @@ class EngineConfig:
 
 @dataclass
 class TokenLogprob:
-    """One position's log-probability, and its top alternatives (id -> logprob)."""
+    """One position's log-probability, and its top alternatives (id -> logprob).
+
+    Values are the raw model's log_softmax (before logit_bias, penalties, temperature and
+    truncation), as OpenAI and vLLM report them; they are finite for finite logits.
+    `top` is ordered best first and holds at most the k asked for.
+    """
 
     token_id: int
     logprob: float

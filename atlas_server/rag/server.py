@@ -128,15 +128,30 @@ class RAGAugmenter:
     def __init__(self, service: RAGService) -> None:
         self.service = service
 
-    async def augment(self, rag, prompt: str | None, messages: list[dict] | None) -> Augmentation:
+    async def augment(self, rag, prompt: str | None, messages: list[dict] | None,
+                      max_prompt_tokens: int | None = None) -> Augmentation:
         query = prompt if prompt is not None else last_user_text(messages or [])
         if not query.strip():
             raise RequestError("rag needs a non-empty question (the prompt or the last user message)", param="rag")
         chunks = await self.service.retrieve_async(rag.collection, query, rag.top_k, rag.retriever,
                                                    rag.reranker, rag.filters)
-        if prompt is not None:
-            return Augmentation(prompt=grounded_prompt(prompt, chunks), context=chunks)
-        return Augmentation(messages=grounded_messages(messages or [], chunks), context=chunks)
+        tokenizer = self.service.state.tokenizer
+        # Drop the lowest-ranked sources until the grounded prompt fits the context.
+        while True:
+            if prompt is not None:
+                augmented = Augmentation(prompt=grounded_prompt(prompt, chunks), context=chunks)
+                text = augmented.prompt
+            else:
+                augmented = Augmentation(messages=grounded_messages(messages or [], chunks), context=chunks)
+                text = " ".join(str(m.get("content") or "") for m in augmented.messages)
+            if max_prompt_tokens is None or not chunks or len(tokenizer.encode(text)) <= max_prompt_tokens:
+                break
+            chunks = chunks[:-1]
+        if not chunks:
+            raise RequestError(f"no retrieved source fits the model's {self.service.state.max_model_len}-token "
+                               "context next to the question; lower max_tokens or use a longer-context model",
+                               param="rag")
+        return augmented
 
     def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]:
         return extract_citations(text, augmentation.context)
@@ -152,7 +167,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
     host = host or get_plugin_host()
     service = RAGService(state, host)
 
-    @post("/v1/embeddings", summary="Embed text (OpenAI-compatible)")
+    @post("/v1/embeddings", status_code=200, summary="Embed text (OpenAI-compatible)")
     async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not texts or any(not isinstance(t, str) or not t for t in texts):
@@ -174,7 +189,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
                 "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
                 "usage": {"prompt_tokens": pieces, "total_tokens": pieces}}
 
-    @post("/v1/retrieve", summary="Ranked chunks for a query (Atlas)")
+    @post("/v1/retrieve", status_code=200, summary="Ranked chunks for a query (Atlas)")
     async def retrieve(data: RetrieveRequest) -> dict[str, Any]:
         if not 1 <= data.top_k <= 100:
             raise RequestError("top_k must be between 1 and 100", param="top_k")
@@ -189,7 +204,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         names = store.collections()
         return {"object": "list", "data": [{"name": n, "chunks": store.count(n)} for n in names]}
 
-    @post("/v1/collections/{name:str}/documents", summary="Ingest documents into a collection (Atlas)")
+    @post("/v1/collections/{name:str}/documents", status_code=200, summary="Ingest documents into a collection (Atlas)")
     async def add_documents(name: str, data: DocumentsRequest) -> dict[str, Any]:
         if not data.documents:
             raise RequestError("documents must not be empty", param="documents")
