@@ -216,9 +216,8 @@ async def collect(state: ServerState, streams, offsets, n_choices: int, timer: R
         choice.add(event)
         timer.on_queue_time(event.queue_time_s)
         timer.on_tokens(choice.index, time.perf_counter(), len(event.token_ids))
-        if event.finished:
-            if event.finish_reason == "error":
-                raise APIError(500, f"generation failed: {event.error or 'engine error'}")
+        if event.finished and event.finish_reason == "error":
+            raise APIError(500, f"generation failed: {event.error or 'engine error'}")
     timer.on_finish(time.perf_counter(), ",".join(sorted({c.finish_reason or "" for c in choices})))
     return choices
 
