@@ -237,7 +237,9 @@ class Engine:
         with self._lock:
             if request_id in self._ids:
                 raise InvalidRequestError(f"request id {request_id!r} is in use", "request_id")
-            if len(self._waiting) >= self.config.max_queued:
+            # A request that a free slot takes at the next step is not "queued".
+            fits_now = not self._waiting and len(self._free_slots) >= params.n
+            if len(self._waiting) >= self.config.max_queued and not fits_now:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are queued (max_queued="
                     f"{self.config.max_queued})",
@@ -291,7 +293,9 @@ class Engine:
 
         if not prompt_ids:
             raise bad("the prompt is empty; give at least one token", "prompt")
-        ids = [int(t) for t in prompt_ids]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+            raise bad("prompt token ids must be integers", "prompt")
+        ids = list(prompt_ids)
         out_of_vocab = [t for t in ids if not 0 <= t < self.vocab_size]
         if out_of_vocab:
             raise bad(
@@ -353,7 +357,7 @@ class Engine:
             if not ok:
                 raise InvalidRequestError(message, param)
         for token, bias in p.logit_bias.items():
-            if not 0 <= int(token) < self.vocab_size:
+            if not isinstance(token, int) or not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(
                     f"logit_bias token {token} is outside the vocabulary", "logit_bias"
                 )
@@ -563,7 +567,7 @@ class Engine:
                 r.prompt_ids,
                 c.output_ids,
                 c.generator,
-                r.params.stop_token_ids
+                tuple(r.params.stop_token_ids)
                 + ((eos,) if eos is not None and not r.params.ignore_eos else ()),
             )
             for r, c in rows

@@ -26,7 +26,9 @@ from torch import Tensor
 
 from .types import SamplingParams, TokenLogprob
 
-__all__ = ["SamplingRow", "sample", "top_logprobs"]
+__all__ = ["LOGPROB_FLOOR", "SamplingRow", "sample", "top_logprobs"]
+
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -145,7 +147,9 @@ def top_logprobs(logits: Tensor, chosen: Tensor, k: Tensor | int) -> list[TokenL
 
     `k` is the largest k asked for in the batch; callers trim rows that asked for fewer.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    # The floor keeps every value finite (JSON has no -inf) even for a token a model gives
+    # a -inf logit; any real logprob is far above it.
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)  # [B, V]
     chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()  # [B]
     k = int(k)
     if k > 0:

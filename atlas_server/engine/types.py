@@ -79,7 +79,7 @@ class TokenLogprob:
     """One position's log-probability, and its top alternatives (id -> logprob).
 
     Values are the raw model's log_softmax (before logit_bias, penalties, temperature and
-    truncation), as OpenAI and vLLM report them; they are finite for finite logits.
+    truncation), as OpenAI and vLLM report them; always finite (floored at -9999.0).
     `top` is ordered best first and holds at most the k asked for.
     """
 

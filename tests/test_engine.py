@@ -1,0 +1,414 @@
+"""The serving engine against plain references: the model's own greedy loop and a full forward.
+
+Every test builds a small engine over the session's tiny random-weight checkpoints
+(fp32), drives it through its public contract (submit / abort / stats / shutdown)
+from an asyncio loop, and compares with code that does not go through the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from atlas_server.engine import (
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    SamplingParams,
+)
+from atlas_server.model import Transformer, load_preset
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+def checkpoint(request, byte_tokenizer):
+    """A tiny model whose random weights are scaled up so greedy text varies token to token
+    (at the init scale it repeats one token, which would make batch-invariance checks weak)."""
+    torch.manual_seed(0)
+    model = Transformer(load_preset(request.param, vocab_size=byte_tokenizer.vocab_size))
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(8.0)
+    return SimpleNamespace(model=model.prepare_for_inference(), tokenizer=byte_tokenizer)
+
+
+@pytest.fixture
+def make_engine(checkpoint):
+    engines = []
+
+    def make(**config) -> Engine:
+        engine = Engine(checkpoint.model, checkpoint.tokenizer, EngineConfig(**config)).start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(timeout=5)
+
+
+async def run(engine: Engine, prompt: list[int], params: SamplingParams, **kw):
+    """All events of one request -> (token ids per choice, text per choice, events)."""
+    events = [e async for e in engine.submit(prompt, params, **kw)]
+    ids = {i: [t for e in events if e.index == i for t in e.token_ids] for i in range(params.n)}
+    text = {i: "".join(e.text for e in events if e.index == i) for i in range(params.n)}
+    return ids, text, events
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "in", "rain"]
+    return [tokenizer.encode(" ".join(words[: 2 + 3 * i])) for i in range(n)]
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# --- correctness against references ------------------------------------------------
+async def test_greedy_is_batch_invariant_with_staggered_arrivals(checkpoint, make_engine):
+    engine = make_engine(max_running=4, max_batched_tokens=16)
+    ps = prompts(checkpoint.tokenizer, 4)
+    expected = [checkpoint.model.generate(p, GREEDY.max_tokens) for p in ps]
+
+    async def late(p, delay_tokens, first):
+        await first.wait()
+        await asyncio.sleep(0.001 * delay_tokens)
+        return (await run(engine, p, GREEDY))[0][0]
+
+    first = asyncio.Event()
+
+    async def leader():
+        ids = []
+        async for e in engine.submit(ps[0], GREEDY):
+            ids += e.token_ids
+            first.set()
+        return ids
+
+    got = await asyncio.gather(leader(), *(late(p, i, first) for i, p in enumerate(ps[1:])))
+    assert got == expected
+
+
+async def test_chunked_prefill_equals_unchunked(checkpoint, make_engine):
+    prompt = checkpoint.tokenizer.encode("chunked prefill " * 8)  # > 100 tokens
+    params = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2)
+    chunked = await run(make_engine(max_running=2, max_batched_tokens=7), prompt, params)
+    whole = await run(make_engine(max_running=2, max_batched_tokens=512), prompt, params)
+    assert chunked[0] == whole[0]
+    a, b = chunked[2][0].prompt_logprobs, whole[2][0].prompt_logprobs
+    assert [x and x.logprob for x in a] == pytest.approx([x and x.logprob for x in b], abs=1e-5)
+
+
+async def test_prompt_logprobs_equal_a_full_forward(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=16)
+    prompt = checkpoint.tokenizer.encode("echo these prompt tokens back with scores")
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=1, prompt_logprobs=1)
+    _, _, events = await run(engine, prompt, params)
+    entries = events[0].prompt_logprobs
+    with torch.inference_mode():
+        ref = torch.log_softmax(checkpoint.model(torch.tensor([prompt]))[0].float(), -1)  # [T, V]
+    assert entries[0] is None and len(entries) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert entries[i].token_id == prompt[i]
+        assert entries[i].logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-5)
+        assert list(entries[i].top) == [int(ref[i - 1].argmax())]
+    sampled = events[0].logprobs[0]
+    assert sampled.logprob == pytest.approx(float(ref[-1].max()), abs=1e-5)
+
+
+async def test_sampled_token_logprobs_are_the_raw_model_distribution(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    prompt = checkpoint.tokenizer.encode("logprobs of sampled tokens")
+    params = SamplingParams(temperature=1.5, top_k=10, max_tokens=5, logprobs=3, seed=1)
+    ids, _, events = await run(engine, prompt, params)
+    entries = [lp for e in events for lp in (e.logprobs or [])]
+    with torch.inference_mode():
+        full = torch.tensor([prompt + ids[0]])
+        ref = torch.log_softmax(checkpoint.model(full)[0].float(), -1)
+    for j, entry in enumerate(entries):
+        row = ref[len(prompt) - 1 + j]
+        assert entry.logprob == pytest.approx(float(row[ids[0][j]]), abs=1e-5)
+        assert len(entry.top) == 3 and max(entry.top.values()) == pytest.approx(
+            float(row.max()), abs=1e-5
+        )
+
+
+async def test_same_seed_same_text_alone_and_in_a_mixed_batch(checkpoint, make_engine):
+    engine = make_engine(max_running=6, max_batched_tokens=64)
+    prompt = checkpoint.tokenizer.encode("seeded sampling")
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=1234)
+    alone = (await run(engine, prompt, seeded))[0][0]
+    others = [
+        run(engine, p, SamplingParams(temperature=1.0, max_tokens=10 + i))
+        for i, p in enumerate(prompts(checkpoint.tokenizer, 4))
+    ]
+    mixed, *_ = await asyncio.gather(run(engine, prompt, seeded), *others)
+    assert mixed[0][0] == alone
+    other_seed = await run(engine, prompt, SamplingParams(temperature=1.0, max_tokens=16, seed=99))
+    assert other_seed[0][0] != alone
+
+
+async def test_n_choices_share_prefill_and_sample_independently(checkpoint, make_engine):
+    engine = make_engine(max_running=4, max_batched_tokens=8)
+    prompt = checkpoint.tokenizer.encode("several choices of one prompt")
+    greedy = await run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=8, n=3))
+    expected = checkpoint.model.generate(prompt, 8)
+    assert all(greedy[0][i] == expected for i in range(3))
+
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=7)
+    first, second = await run(engine, prompt, params), await run(engine, prompt, params)
+    assert first[0] == second[0]
+    assert len({tuple(v) for v in first[0].values()}) == 3
+    # Choice i draws from seed + i: the same stream as a single request with that seed.
+    single = await run(engine, prompt, SamplingParams(temperature=1.0, max_tokens=12, seed=9))
+    assert first[0][2] == single[0][0]
+    assert engine.stats().kv_slots_used == 0
+
+
+async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    prompt = checkpoint.tokenizer.encode("stop strings")
+    base = SamplingParams(temperature=1.0, max_tokens=40, seed=5)
+    _, text, _ = await run(engine, prompt, base)
+    full = text[0]
+    stop = full[12:15]  # three byte tokens long
+    cut = full.index(stop)
+    params = SamplingParams(temperature=1.0, max_tokens=40, seed=5, stop=(stop, "never-seen"))
+    ids, text, events = await run(engine, prompt, params)
+    assert text[0] == full[:cut]
+    assert all(stop not in e.text for e in events)
+    assert events[-1].finish_reason == "stop" and events[-1].stop_reason == stop
+
+
+async def test_stop_token_ids_eos_and_ignore_eos(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    tok = checkpoint.tokenizer
+    prompt = tok.encode("stop ids")
+    forced = {65: 100.0}  # "A"
+    _, _, events = await run(
+        engine, prompt, SamplingParams(logit_bias=forced, stop_token_ids=(65,))
+    )
+    assert events[-1].finish_reason == "stop" and events[-1].stop_reason == 65
+    assert events[-1].num_generated_tokens == 1
+
+    eos = {tok.eot_id: 100.0}
+    ids, text, events = await run(engine, prompt, SamplingParams(logit_bias=eos, max_tokens=5))
+    assert (ids[0], text[0], events[-1].finish_reason) == ([tok.eot_id], "", "stop")
+    ids, _, events = await run(
+        engine, prompt, SamplingParams(logit_bias=eos, max_tokens=5, ignore_eos=True)
+    )
+    assert len(ids[0]) == 5 and events[-1].finish_reason == "length"
+
+
+async def test_min_tokens_delays_stop_strings_and_ids(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    prompt = checkpoint.tokenizer.encode("min tokens")
+    forced = {65: 100.0}
+    _, text, events = await run(
+        engine, prompt, SamplingParams(logit_bias=forced, stop=("A",), min_tokens=3, max_tokens=9)
+    )
+    assert text[0] == "AA" and events[-1].stop_reason == "A"
+    eos = checkpoint.tokenizer.eot_id
+    ids, _, events = await run(
+        engine, prompt, SamplingParams(logit_bias={eos: 100.0}, min_tokens=4, max_tokens=9)
+    )
+    assert eos not in ids[0][:4] and ids[0][4] == eos and events[-1].finish_reason == "stop"
+
+
+async def test_max_tokens_finishes_with_length_and_text_matches_decode(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    prompt = checkpoint.tokenizer.encode("length")
+    # Random bytes from a byte-level vocab split UTF-8 characters across tokens often.
+    ids, text, events = await run(
+        engine, prompt, SamplingParams(max_tokens=30, seed=3, ignore_eos=True)
+    )
+    assert len(ids[0]) == 30 and events[-1].finish_reason == "length"
+    assert text[0] == checkpoint.tokenizer.decode(ids[0])
+    assert [e.num_generated_tokens for e in events] == list(range(1, 31))
+    assert events[0].queue_time_s is not None and events[0].queue_time_s >= 0
+    assert events[-1].first_token_time >= events[-1].arrival_time
+
+
+# --- scheduling and lifecycle ---------------------------------------------------------
+async def test_requests_join_and_leave_between_steps(checkpoint, make_engine):
+    engine = make_engine(max_running=4, max_batched_tokens=64)
+    prompt = checkpoint.tokenizer.encode("continuous batching")
+    long_stream = engine.submit(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    seen = 0
+    async for event in long_stream:
+        seen += 1
+        if seen == 5:
+            short = await run(engine, prompt, SamplingParams(max_tokens=5, ignore_eos=True))
+            # The short request ran to completion while the long one was mid-stream.
+            assert short[2][-1].finish_reason == "length"
+            assert not event.finished
+        if seen > 5 and engine.stats().running == 1:
+            break
+    assert seen < 40, "the short request should have left before the long one ended"
+    await long_stream.aclose()
+    # Shared steps: far fewer steps than the two requests' tokens run one after the other.
+    assert engine.stats().steps_total < 40 + 5
+
+
+async def test_abort_by_id_frees_the_slot(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True), "req-x")
+    await stream.__anext__()
+    engine.abort("req-x")
+    events = [e async for e in stream]
+    assert events[-1].finish_reason == "abort"
+    await wait_for(lambda: engine.stats().kv_slots_used == 0)
+    assert engine.stats().running == 0
+
+
+async def test_consumer_aclose_aborts_within_a_step(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+    await stream.__anext__()
+    await stream.aclose()
+    steps = engine.stats().steps_total
+    await wait_for(lambda: engine.stats().kv_slots_used == 0)
+    assert engine.stats().steps_total - steps <= 2
+    assert engine.stats().generation_tokens_total < 200
+
+
+async def test_dropped_stream_is_aborted_when_garbage_collected(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+    await wait_for(lambda: engine.stats().generation_tokens_total > 0)
+    del stream
+    gc.collect()
+    await wait_for(lambda: engine.stats().kv_slots_used == 0)
+    assert engine.stats().generation_tokens_total < 200
+
+
+async def test_a_failing_step_ends_running_requests_with_error(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    real_forward = engine._decode_forward
+    engine._decode_forward = lambda rows: (_ for _ in ()).throw(RuntimeError("boom"))
+    _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert events[-1].finish_reason == "error" and "boom" in events[-1].error
+    assert engine.stats().kv_slots_used == 0
+    engine._decode_forward = real_forward  # the engine thread survived and serves again
+    _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert events[-1].finish_reason == "length"
+
+
+async def test_cancelled_consumer_task_aborts(checkpoint, make_engine):
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+
+    async def consume():
+        async for _ in engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)):
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(consume())
+    await wait_for(lambda: engine.stats().generation_tokens_total > 0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await wait_for(lambda: engine.stats().kv_slots_used == 0)
+
+
+async def test_shutdown_ends_streams_with_abort(checkpoint, make_engine):
+    engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=4)
+    running = engine.submit([1, 2], SamplingParams(max_tokens=200, ignore_eos=True))
+    queued = engine.submit([3, 4], SamplingParams(max_tokens=5))
+    await running.__anext__()
+    await asyncio.to_thread(engine.shutdown, 5)
+    assert [e async for e in running][-1].finish_reason == "abort"
+    assert [e async for e in queued][-1].finish_reason == "abort"
+    assert not engine.is_running
+    with pytest.raises(EngineStoppedError):
+        engine.submit([1], SamplingParams())
+
+
+async def test_drain_finishes_accepted_work_and_refuses_new(checkpoint, make_engine):
+    engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=4)
+    streams = [
+        engine.submit([1, 2], SamplingParams(max_tokens=6, ignore_eos=True)) for _ in range(2)
+    ]
+    drained = asyncio.create_task(asyncio.to_thread(engine.drain, 10))
+    await asyncio.sleep(0.01)
+    with pytest.raises(EngineStoppedError):
+        engine.submit([1], SamplingParams())
+    finals = []
+    for stream in streams:
+        finals.append([e async for e in stream][-1])
+    assert await drained
+    assert [f.finish_reason for f in finals] == ["length", "length"]
+
+
+# --- refusals before queueing --------------------------------------------------------------
+async def test_queue_full_is_refused_with_retry_after(checkpoint):
+    engine = Engine(
+        checkpoint.model, checkpoint.tokenizer, EngineConfig(max_running=1, max_queued=2)
+    )
+    # Not started: everything stays queued.
+    engine.submit([1], SamplingParams())
+    engine.submit([1], SamplingParams())
+    with pytest.raises(QueueFullError) as err:
+        engine.submit([1], SamplingParams())
+    assert err.value.retry_after > 0
+    assert engine.stats().waiting == 2
+    engine.shutdown()
+
+
+async def test_zero_queue_still_admits_into_free_slots(checkpoint, make_engine):
+    engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=0)
+    stream = engine.submit([1, 2], SamplingParams(max_tokens=50, ignore_eos=True))
+    await stream.__anext__()  # running now: the single slot is taken and nothing may queue
+    with pytest.raises(QueueFullError):
+        engine.submit([1], SamplingParams())
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "param"),
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1, 10**6], SamplingParams(), "prompt"),
+        ([1, "a"], SamplingParams(), "prompt"),
+        ([1], SamplingParams(logit_bias={"5": 1.0}), "logit_bias"),
+        ([1] * 200, SamplingParams(max_tokens=100), "max_tokens"),
+        ([1], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1], SamplingParams(temperature=-0.5), "temperature"),
+        ([1], SamplingParams(top_p=0.0), "top_p"),
+        ([1], SamplingParams(top_p=1.5), "top_p"),
+        ([1], SamplingParams(min_p=2.0), "min_p"),
+        ([1], SamplingParams(n=0), "n"),
+        ([1], SamplingParams(n=99), "n"),
+        ([1], SamplingParams(logprobs=21), "logprobs"),
+        ([1], SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
+        ([1], SamplingParams(presence_penalty=3.0), "presence_penalty"),
+        ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        ([1], SamplingParams(min_tokens=20, max_tokens=5), "min_tokens"),
+        ([1], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
+        ([1], SamplingParams(stop_token_ids=(-1,)), "stop_token_ids"),
+    ],
+)
+async def test_invalid_requests_are_refused_naming_the_field(checkpoint, prompt, params, param):
+    engine = Engine(checkpoint.model, checkpoint.tokenizer, EngineConfig(max_running=4))
+    with pytest.raises(InvalidRequestError) as err:
+        engine.submit(prompt, params)
+    assert err.value.param == param
+    assert engine.stats().waiting == 0
+
+
+async def test_from_checkpoint_serves_the_saved_model(tiny_checkpoint):
+    engine = Engine.from_checkpoint(tiny_checkpoint, EngineConfig(max_running=2)).start()
+    try:
+        prompt = engine.tokenizer.encode("from a checkpoint")
+        ids, _, _ = await run(engine, prompt, GREEDY)
+        assert ids[0] == engine.model.generate(prompt, GREEDY.max_tokens)
+        assert engine.max_model_len == engine.model.config.max_seq_len
+    finally:
+        engine.shutdown()

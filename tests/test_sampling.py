@@ -1,0 +1,196 @@
+"""Sampling, detokenization and stop strings, checked against plain reference code.
+
+The references below are written from the definitions (OpenAI for presence/frequency
+penalties, CTRL/HF for repetition penalty, the usual top-k/top-p/min-p), one token at a
+time with Python loops, so they share nothing with the vectorised sampler.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from atlas_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from atlas_server.engine.sampling import SamplingRow, sample, top_logprobs
+from atlas_server.engine.types import SamplingParams
+
+VOCAB = 24
+
+
+def reference_probs(logits: list[float], p: SamplingParams, prompt: list[int], out: list[int]):
+    """The distribution the sampler must draw from, computed one token at a time."""
+    x = list(logits)
+    for token, bias in p.logit_bias.items():
+        x[token] += bias
+    if p.repetition_penalty != 1.0:
+        for token in set(prompt + out):
+            x[token] = (
+                x[token] / p.repetition_penalty if x[token] > 0 else x[token] * p.repetition_penalty
+            )
+    for token in set(out):
+        x[token] -= p.frequency_penalty * out.count(token) + p.presence_penalty
+    x = [v / p.temperature for v in x]
+    order = sorted(range(len(x)), key=lambda i: -x[i])
+    z = sum(math.exp(v) for v in x)
+    probs = [math.exp(v) / z for v in x]
+    keep = set(order[: p.top_k] if p.top_k > 0 else order)
+    mass = 0.0
+    nucleus = set()
+    for i in order:
+        if mass >= p.top_p:
+            break
+        nucleus.add(i)
+        mass += probs[i]
+    keep &= nucleus
+    kept = [probs[i] if i in keep else 0.0 for i in range(len(x))]
+    z = sum(kept)
+    kept = [v / z for v in kept]
+    if p.min_p > 0:
+        top = max(kept)
+        kept = [v if v >= p.min_p * top else 0.0 for v in kept]
+        z = sum(kept)
+        kept = [v / z for v in kept]
+    return kept
+
+
+CASES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.6),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=0.5),
+    SamplingParams(temperature=1.0, repetition_penalty=1.8),
+    SamplingParams(temperature=0.9, top_k=8, top_p=0.8, min_p=0.05, logit_bias={3: 2.0}),
+]
+
+
+@pytest.mark.parametrize("params", CASES, ids=lambda p: repr(p)[15:70])
+def test_sampled_frequencies_match_the_reference_distribution(params):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(VOCAB, generator=gen) * 2
+    prompt, out = [1, 2, 3, 1], [4, 4, 5, 1, 9]
+    expected = reference_probs(logits.tolist(), params, prompt, out)
+    draws = 6000
+    rows = [SamplingRow(params, prompt, out, None) for _ in range(draws)]
+    torch.manual_seed(1)
+    tokens = sample(logits.expand(draws, -1), rows)
+    counts = torch.bincount(tokens, minlength=VOCAB).tolist()
+    for token, (count, p) in enumerate(zip(counts, expected, strict=True)):
+        if p == 0:
+            assert count == 0, f"token {token} is outside the reference support"
+    total_variation = 0.5 * sum(abs(c / draws - p) for c, p in zip(counts, expected, strict=True))
+    assert total_variation < 0.04
+
+
+@pytest.mark.parametrize("params", CASES[4:], ids=lambda p: repr(p)[15:70])
+def test_greedy_picks_the_argmax_after_bias_and_penalties(params):
+    gen = torch.Generator().manual_seed(3)
+    prompt, out = [1, 2, 3], [4, 4, 7]
+    for _ in range(20):
+        logits = torch.randn(VOCAB, generator=gen)
+        greedy = SamplingParams(
+            **{**params.__dict__, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        )
+        ref = reference_probs(
+            logits.tolist(), SamplingParams(**{**greedy.__dict__, "temperature": 1.0}), prompt, out
+        )
+        token = sample(logits[None], [SamplingRow(greedy, prompt, out, None)])
+        assert int(token) == max(range(VOCAB), key=ref.__getitem__)
+
+
+def test_logit_bias_forces_a_token():
+    logits = torch.randn(4, VOCAB)
+    rows = [SamplingRow(SamplingParams(logit_bias={7: 100.0}), [1], [], None) for _ in range(4)]
+    assert sample(logits, rows).tolist() == [7, 7, 7, 7]
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5] = 50.0
+    params = SamplingParams(temperature=0.0, min_tokens=2)
+    early = SamplingRow(params, [1], [9], None, banned_until_min=(5,))
+    late = SamplingRow(params, [1], [9, 9], None, banned_until_min=(5,))
+    assert int(sample(logits, [early])) != 5
+    assert int(sample(logits, [late])) == 5
+
+
+def test_seeded_row_is_independent_of_its_batch_companions():
+    logits = torch.randn(1, VOCAB)
+    params = SamplingParams(temperature=1.0)
+
+    def draw_seq(companions: int) -> list[int]:
+        gen = torch.Generator().manual_seed(42)
+        out = []
+        for _ in range(10):
+            rows = [SamplingRow(params, [1], [], None) for _ in range(companions)]
+            rows.insert(companions // 2, SamplingRow(params, [1], [], gen))
+            tokens = sample(logits.expand(len(rows), -1), rows)
+            out.append(int(tokens[companions // 2]))
+        return out
+
+    alone = draw_seq(0)
+    assert draw_seq(5) == alone == draw_seq(2)
+    assert len(set(alone)) > 1
+
+
+def test_top_logprobs_are_the_raw_log_softmax():
+    logits = torch.randn(3, VOCAB)
+    chosen = torch.tensor([0, 5, 9])
+    entries = top_logprobs(logits, chosen, 4)
+    ref = torch.log_softmax(logits.double(), -1)
+    for row, entry in enumerate(entries):
+        assert entry.token_id == int(chosen[row])
+        assert entry.logprob == pytest.approx(float(ref[row, chosen[row]]), abs=1e-5)
+        best = ref[row].topk(4)
+        assert list(entry.top) == best.indices.tolist()
+        assert list(entry.top.values()) == pytest.approx(best.values.tolist(), abs=1e-5)
+
+
+def test_logprobs_stay_finite_for_masked_tokens():
+    logits = torch.randn(1, VOCAB)
+    logits[0, 3] = float("-inf")
+    (entry,) = top_logprobs(logits, torch.tensor([3]), VOCAB)
+    assert math.isfinite(entry.logprob) and all(math.isfinite(v) for v in entry.top.values())
+
+
+# --- detokenization -------------------------------------------------------------------
+def test_multibyte_characters_are_held_until_complete(byte_tokenizer):
+    text = "añb€c😀d"
+    ids = byte_tokenizer.encode(text)
+    detok = IncrementalDetokenizer(byte_tokenizer)
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) + detok.flush() == text
+    # Every emitted piece is whole characters; the bytes of € arrive as '', '', '€'.
+    assert pieces[4:7] == ["", "", "€"]
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_incremental_text_equals_decode_of_random_bytes(byte_tokenizer):
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(256) for _ in range(rng.randrange(1, 40))]
+        detok = IncrementalDetokenizer(byte_tokenizer)
+        text = "".join(detok.add(t) for t in ids) + detok.flush()
+        assert text == byte_tokenizer.decode(ids)
+
+
+def test_stop_string_is_held_back_and_cut():
+    matcher = StopStringMatcher(("###", "END"))
+    emitted = []
+    for piece in ["hello #", "#", " x E", "N", "D tail"]:
+        text, matched = matcher.feed(piece)
+        emitted.append(text)
+        if matched:
+            break
+    assert "".join(emitted) == "hello ## x "
+    assert matched == "END"
+    assert emitted[1] == ""  # "##" might still become "###"
+
+
+def test_stop_strings_are_ignored_when_not_checked():
+    matcher = StopStringMatcher(("ab",))
+    assert matcher.feed("xab", check=False) == ("xab", None)
+    assert matcher.feed("zab") == ("z", "ab")
