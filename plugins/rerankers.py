@@ -27,8 +27,14 @@ class MMRReranker:
     def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
         if not candidates:
             return []
-        vectors = self.embedder.encode([query] + [c.chunk.text for c in candidates])
-        q, docs = vectors[0], vectors[1:]  # [D], [N, D] (normalised: dot = cosine)
+        q = self.embedder.encode([query])[0]  # [D]
+        # Stored vectors come with the candidates; embed only those that lack one.
+        missing = [i for i, c in enumerate(candidates) if c.vector is None]
+        fresh = self.embedder.encode([candidates[i].chunk.text for i in missing]) if missing else []
+        vectors = [c.vector for c in candidates]
+        for i, v in zip(missing, fresh, strict=True):
+            vectors[i] = v
+        docs = np.asarray(vectors, dtype=np.float32)  # [N, D], normalised: dot = cosine
         relevance = docs @ q  # [N]
         similarity = docs @ docs.T  # [N, N]
         picked: list[int] = []
@@ -39,7 +45,7 @@ class MMRReranker:
             best = remaining[int(np.argmax(scores))]
             picked.append(best)
             remaining.remove(best)
-        return [RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr") for i in picked]
+        return [RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr", candidates[i].vector) for i in picked]
 
 
 class QueryLikelihoodReranker:

@@ -27,7 +27,7 @@ class DenseRetriever:
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
         vector = self.embedder.encode([query])[0]
-        return [RetrievedChunk(c, s, "dense") for c, s in self.store.search_dense(collection, vector, top_k, filters)]
+        return [RetrievedChunk(c, s, "dense", v) for c, s, v in self.store.search_dense(collection, vector, top_k, filters)]
 
 
 class BM25Retriever:
@@ -35,7 +35,7 @@ class BM25Retriever:
         self.store = ctx.store
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
-        return [RetrievedChunk(c, s, "bm25") for c, s in self.store.search_bm25(collection, query, top_k, filters)]
+        return [RetrievedChunk(c, s, "bm25", v) for c, s, v in self.store.search_bm25(collection, query, top_k, filters)]
 
 
 class HybridRetriever:
@@ -50,7 +50,7 @@ class HybridRetriever:
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
         n = int(self.candidates or 4 * top_k)
         fused: dict[str, float] = {}
-        chunks = {}
+        chunks, vectors = {}, {}
         for name, retriever in self.parts.items():
             results = retriever.retrieve(collection, query, n, filters)
             if self.method == "rrf":
@@ -62,10 +62,11 @@ class HybridRetriever:
             for r, value in zip(results, contributions, strict=True):
                 fused[r.chunk.id] = fused.get(r.chunk.id, 0.0) + self.weights[name] * value
                 chunks[r.chunk.id] = r.chunk
+                vectors[r.chunk.id] = r.vector
         # Ties (same fused score) break by chunk id, so results are deterministic.
         order = sorted(fused, key=lambda cid: (-fused[cid], cid))[:top_k]
         label = "hybrid-rrf" if self.method == "rrf" else "hybrid"
-        return [RetrievedChunk(chunks[cid], fused[cid], label) for cid in order]
+        return [RetrievedChunk(chunks[cid], fused[cid], label, vectors[cid]) for cid in order]
 
 
 @hookimpl

@@ -139,20 +139,24 @@ class VectorStore:
             raise StoreError(f"collection {name!r} does not exist; ingest documents into it first "
                              f"(collections: {', '.join(self.collections()) or 'none'})")
 
-    def search_dense(self, name: str, vector, top_k: int, filters=None) -> list[tuple[Chunk, float]]:
+    def search_dense(self, name: str, vector, top_k: int, filters=None) -> list[tuple[Chunk, float, Any]]:
+        """(chunk, score, stored dense vector) best first."""
         self._require(name)
         hits = self.client.query_points(name, query=list(map(float, vector)), using=DENSE, limit=top_k,
-                                        query_filter=_filter(filters), with_payload=True).points
-        return [(chunk_from_payload(h.id, h.payload), float(h.score)) for h in hits]
+                                        query_filter=_filter(filters), with_payload=True,
+                                        with_vectors=[DENSE]).points
+        return [(chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits]
 
-    def search_bm25(self, name: str, query: str, top_k: int, filters=None) -> list[tuple[Chunk, float]]:
+    def search_bm25(self, name: str, query: str, top_k: int, filters=None) -> list[tuple[Chunk, float, Any]]:
+        """(chunk, score, stored dense vector) best first."""
         self._require(name)
         vector = bm25_query_vector(query)
         if not vector.indices:
             return []
         hits = self.client.query_points(name, query=vector, using=SPARSE, limit=top_k,
-                                        query_filter=_filter(filters), with_payload=True).points
-        return [(chunk_from_payload(h.id, h.payload), float(h.score)) for h in hits]
+                                        query_filter=_filter(filters), with_payload=True,
+                                        with_vectors=[DENSE]).points
+        return [(chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits]
 
     def vectors(self, name: str, ids: list[str]):
         points = self.client.retrieve(name, ids=ids, with_vectors=[DENSE])

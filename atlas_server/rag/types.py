@@ -31,6 +31,7 @@ class RetrievedChunk:
     chunk: Chunk
     score: float  # higher is better; comparable only within one retriever's results
     retriever: str
+    vector: Any = None  # the stored dense embedding when the store returned it (saves re-embedding)
 
 
 @runtime_checkable
