@@ -1,0 +1,141 @@
+"""A run's results directory: results.json, samples.jsonl and report.md, written atomically.
+
+results.json holds everything needed to trust and reproduce a number: the metrics (each
+with its higher-is-better flag and a description), the suite config snapshot, the data
+files' SHA-256, the seed, `--limit` (marked "for testing only"), package versions, the git
+commit of this checkout, the server's /v1/models answer and the start/end times. Only
+`run.started_at`, `run.finished_at`, `run.duration_s` and `cache` vary between two runs
+with the same seed against the same server. What it does not do: compare runs (see
+`compare.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import ResultsError
+
+__all__ = ["load_results", "package_versions", "git_state", "write_json_atomic", "write_run"]
+
+PACKAGES = (
+    "atlas-llm",
+    "torch",
+    "httpx",
+    "sacrebleu",
+    "rouge-score",
+    "sentence-transformers",
+    "transformers",
+    "numpy",
+    "matplotlib",
+)
+LIMIT_NOTE = (
+    "for testing only: --limit evaluates a prefix of the suite's items; do not report these numbers"
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def write_run(output_dir: Path, results: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """Write samples first and results.json last: its presence marks a complete run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write_text_atomic(output_dir / "samples.jsonl", lines)
+    write_text_atomic(output_dir / "report.md", run_markdown(results))
+    write_json_atomic(output_dir / "results.json", results)
+
+
+def run_markdown(results: dict[str, Any]) -> str:
+    server = results.get("server", {})
+    lines = [
+        f"# atlas-eval {results['suite']}: {server.get('model')} at {server.get('base_url')}",
+        "",
+        f"- seed {results['run']['seed']}, {results['run']['duration_s']:.1f} s,"
+        f" started {results['run']['started_at']}",
+    ]
+    if results["run"].get("limit"):
+        lines.append(f"- **limit {results['run']['limit']}: {LIMIT_NOTE}**")
+    lines += ["", "| metric | value | better |", "|---|---:|:---:|"]
+    for name, m in results["metrics"].items():
+        arrow = {True: "higher", False: "lower", None: ""}[m.get("higher_is_better")]
+        lines.append(f"| {name} | {format_value(m['value'])} | {arrow} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_value(value: float) -> str:
+    if value != value:  # NaN: a metric with nothing to measure (e.g. no numbers in answers)
+        return "n/a"
+    if abs(value) >= 1e7:
+        return f"{value:.4e}"
+    if abs(value) >= 1000:
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+def load_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise ResultsError(f"{run_dir} has no results.json; is it an atlas-eval run directory?")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(results, dict) or "metrics" not in results or "suite" not in results:
+        raise ResultsError(f"{path} is not an atlas-eval results file")
+    return results
+
+
+def command_line() -> list[str]:
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]

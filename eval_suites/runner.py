@@ -1,0 +1,163 @@
+"""Run one suite end to end: config, cache, server, client, suite, results directory.
+
+This is `atlas-eval run` without the command-line parsing, so tests and scripts can call
+it directly. What it does not do: print (the CLI does) or interpret numbers (suites do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cache import ResponseCache
+from .client import OpenAIClient
+from .config import load_suite_config
+from .errors import SuiteConfigError
+from .results import LIMIT_NOTE, command_line, git_state, package_versions, write_run
+from .server import checkpoint_identity, local_atlas_server
+from .suites import SUITES
+from .suites.base import RunContext, SuiteResult
+
+__all__ = ["RunOptions", "default_cache_path", "run_suite"]
+
+
+@dataclass
+class RunOptions:
+    suite: str
+    base_url: str | None = None
+    checkpoint: Path | None = None
+    model: str | None = None
+    api_key: str | None = None
+    output: Path | None = None
+    limit: int | None = None
+    seed: int = 0
+    concurrency: int = 4
+    config_file: Path | None = None
+    overrides: tuple[str, ...] = ()
+    tokenizer: Path | None = None
+    cache_path: Path | None = None
+    use_cache: bool = True
+    server_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def default_cache_path() -> Path:
+    env = os.environ.get("ATLAS_EVAL_CACHE")
+    if env:
+        return Path(env)
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "atlas"
+        / "eval-cache.sqlite"
+    )
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_suite(options: RunOptions) -> Path:
+    """Run `options.suite` and return the results directory."""
+    if options.suite not in SUITES:
+        raise SuiteConfigError(f"unknown suite {options.suite!r}; available: {', '.join(SUITES)}")
+    if (options.base_url is None) == (options.checkpoint is None):
+        raise SuiteConfigError("give exactly one of --base-url URL or --checkpoint DIR")
+    if options.limit is not None and options.limit < 1:
+        raise SuiteConfigError("--limit must be >= 1")
+    suite = SUITES[options.suite]()
+    config = load_suite_config(
+        options.suite, suite.config_cls, options.config_file, options.overrides
+    )
+    if options.base_url is not None:
+        suite.check_server(options.base_url)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    output = options.output or Path("eval_runs") / f"{options.suite}-{stamp}"
+    output.mkdir(parents=True, exist_ok=True)
+    with server_for(options, output) as (base_url, server_id):
+        return asyncio.run(_run(options, suite, config, base_url, server_id, output))
+
+
+@contextlib.contextmanager
+def server_for(options: RunOptions, output: Path) -> Iterator[tuple[str, str]]:
+    if options.checkpoint is None:
+        assert options.base_url is not None
+        yield options.base_url, options.base_url.rstrip("/")
+        return
+    with local_atlas_server(
+        options.checkpoint, output, api_key=options.api_key, extra_args=options.server_args
+    ) as url:
+        yield url, checkpoint_identity(options.checkpoint)
+
+
+async def _run(
+    options: RunOptions, suite, config, base_url: str, server_id: str, output: Path
+) -> Path:
+    cache = ResponseCache(options.cache_path or default_cache_path()) if options.use_cache else None
+    started_at, t0 = utc_now(), time.perf_counter()
+    client = OpenAIClient(
+        base_url,
+        api_key=options.api_key,
+        model=options.model,
+        cache=cache,
+        server_id=server_id,
+        concurrency=options.concurrency,
+    )
+    try:
+        card = await client.resolve_model()
+        models = await client.models()
+        ctx = RunContext(
+            client, config, options.seed, options.limit, output, card, options.tokenizer
+        )
+        result: SuiteResult = await suite.run(ctx)
+    finally:
+        await client.aclose()
+        if cache is not None:
+            cache.close()
+    results = assemble(options, suite, config, base_url, server_id, client.model, models, result)
+    results["run"].update(
+        started_at=started_at, finished_at=utc_now(), duration_s=round(time.perf_counter() - t0, 3)
+    )
+    results["cache"] = (
+        {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
+        if cache is not None
+        else None
+    )
+    write_run(output, results, result.samples)
+    return output
+
+
+def assemble(options, suite, config, base_url, server_id, model, models, result) -> dict[str, Any]:
+    return {
+        "format": "atlas-eval-results",
+        "format_version": 1,
+        "suite": suite.name,
+        "metrics": result.metrics,
+        "details": result.details,
+        "config": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+        },
+        "data": result.data_files,
+        "run": {
+            "seed": options.seed,
+            "limit": options.limit,
+            "limit_note": LIMIT_NOTE if options.limit else None,
+            "concurrency": options.concurrency,
+            "command": command_line(),
+            "samples": len(result.samples),
+        },
+        "server": {
+            "base_url": base_url,
+            "identity": server_id,
+            "checkpoint": str(options.checkpoint) if options.checkpoint else None,
+            "model": model,
+            "models": models,
+        },
+        "environment": {"packages": package_versions(), "git": git_state()},
+    }

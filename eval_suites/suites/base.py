@@ -1,0 +1,88 @@
+"""What every suite shares: the run context it receives and the result it returns.
+
+A suite is a class with a `name`, a one-line `description`, the `metrics` it reports (for
+`atlas-eval list`), a frozen config dataclass whose defaults live in
+`eval_suites/configs/<name>.toml`, and `async run(ctx) -> SuiteResult`. Suites talk to the
+server only through `ctx.client` (HTTP). What this module does not do: write results
+(see `results.py`) or start servers (see `server.py`).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..client import OpenAIClient
+
+__all__ = [
+    "DATA_DIR",
+    "RunContext",
+    "Suite",
+    "SuiteResult",
+    "data_path",
+    "file_sha256",
+    "metric",
+    "stable_order",
+]
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass
+class RunContext:
+    client: OpenAIClient
+    config: Any  # the suite's frozen config dataclass
+    seed: int
+    limit: int | None  # for testing only: fewer items than the suite defines
+    output_dir: Path
+    model_card: dict[str, Any]
+    tokenizer_file: Path | None = None
+
+
+@dataclass
+class SuiteResult:
+    # name -> {"value": float, "higher_is_better": bool | None, "description": str}
+    metrics: dict[str, dict[str, Any]]
+    samples: list[dict[str, Any]]
+    data_files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    details: dict[str, Any] = field(default_factory=dict)  # suite-specific tables, signatures
+
+
+class Suite(abc.ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]
+    config_cls: ClassVar[type]
+
+    def check_server(self, base_url: str) -> None:
+        """Refuse a server before any request is sent (default: every server is fine)."""
+        return None
+
+    @abc.abstractmethod
+    async def run(self, ctx: RunContext) -> SuiteResult:
+        """Send the suite's requests through `ctx.client` and score the answers."""
+
+
+def metric(value: float, higher_is_better: bool | None, description: str) -> dict[str, Any]:
+    return {"value": float(value), "higher_is_better": higher_is_better, "description": description}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def data_path(relative: str) -> Path:
+    """A suite data file: relative paths resolve inside eval_suites/data/."""
+    path = Path(relative)
+    return path if path.is_absolute() else DATA_DIR / path
+
+
+def stable_order(ids: list[str], seed: int) -> list[str]:
+    """A seeded permutation that does not depend on Python's hash randomisation."""
+    keyed = sorted(ids)
+    random.Random(seed).shuffle(keyed)
+    return keyed

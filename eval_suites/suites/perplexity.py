@@ -1,0 +1,244 @@
+"""The `perplexity` suite: rolling log-likelihood of held-out prose, as lm-evaluation-harness does it.
+
+How: each document is tokenized (the server's `/tokenize`, else a local `--tokenizer`
+file), cut into rolling windows, and every window is scored by one `/v1/completions`
+request with token-id prompts, `echo: true, logprobs: 1, max_tokens: 1, temperature: 0`
+(exactly the request lm-eval's `local-completions` sends). The first window is
+`[prefix] + tokens[:W]` and scores all W tokens, the prefix (end-of-text) giving the first
+token something to condition on; every later window scores the next `stride` tokens and
+feeds as much preceding text as fits in W + 1 prompt tokens. With the default
+`stride = W` the scored spans are disjoint and each window's first token is conditioned on
+the token before it — lm-eval's `get_rolling_token_windows(context_len=1)` +
+`make_disjoint_window` as lm-eval 0.4's `loglikelihood_rolling` runs them with its
+`max_length = W + 2` (W + 1 prompt tokens plus the one generated token). A smaller stride gives every
+scored token more context (the "strided" evaluation of the HF perplexity guide) at the
+cost of more requests.
+
+Reports total NLL (nats), token / byte / word counts, token perplexity, word perplexity,
+byte perplexity and bits per byte. Only bits per byte (and byte perplexity) compare across
+tokenizers: token perplexity depends on how many tokens the text becomes. What it does not
+do: score with the model directly (that is the test's reference) or use chat endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..client import first_choice, gather_with_progress
+from ..errors import ServerRequestError, SuiteConfigError
+from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric
+
+__all__ = ["PerplexityConfig", "PerplexitySuite", "rolling_windows"]
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    data: str  # JSONL with "id" and "text", relative to eval_suites/data/
+    window: int  # W: tokens scored per window; 0 = the server's max_model_len - 2 (max 2048)
+    stride: int  # tokens newly scored per later window; 0 = W (disjoint windows)
+    prefix_token_id: int  # token fed before the first window; -1 = the tokenizer's end-of-text
+    max_tokens: int  # generated tokens per scoring request (lm-eval sends 1; vLLM/Atlas accept 0)
+
+    def validate(self) -> None:
+        if self.window < 0 or self.stride < 0:
+            raise SuiteConfigError("perplexity: window and stride must be >= 0")
+        if self.max_tokens not in (0, 1):
+            raise SuiteConfigError("perplexity: max_tokens must be 0 or 1")
+
+
+@dataclass(frozen=True)
+class Window:
+    prompt: list[int]  # ids sent to the server
+    scored: int  # the last `scored` prompt tokens are the ones this window predicts
+
+
+def rolling_windows(tokens: list[int], prefix: int, window: int, stride: int) -> list[Window]:
+    """Windows that together score every token exactly once (see the module docstring)."""
+    if not tokens:
+        return []
+    first = min(window, len(tokens))
+    windows = [Window([prefix, *tokens[:first]], first)]
+    done = first
+    while done < len(tokens):
+        scored = min(stride, len(tokens) - done)
+        end = done + scored
+        windows.append(Window(tokens[max(0, end - window - 1) : end], scored))
+        done = end
+    return windows
+
+
+def count_words(text: str) -> int:
+    # lm-eval's wikitext convention: pieces between runs of whitespace.
+    return len(re.split(r"\s+", text))
+
+
+def load_documents(path: Path, limit: int | None) -> list[dict[str, str]]:
+    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return docs[:limit] if limit else docs
+
+
+class LocalTokenizer:
+    """Token ids from a tokenizer file: an Atlas tokenizer.json or a Hugging Face one."""
+
+    def __init__(self, path: Path) -> None:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if "model" in raw and "pre_tokenizer" in raw:  # the Hugging Face tokenizers format
+            from tokenizers import Tokenizer as HFTokenizer
+
+            hf = HFTokenizer.from_file(str(path))
+            self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
+            self.eot_id = hf.token_to_id("<|endoftext|>")
+        else:
+            from atlas_server.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_file(path)
+            self.encode = tok.encode_ordinary
+            self.eot_id = tok.eot_id
+
+
+class PerplexitySuite(Suite):
+    name = "perplexity"
+    description = "rolling log-likelihood of held-out Python documentation prose (echo + logprobs)"
+    metrics = ("bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity", "nll")
+    config_cls = PerplexityConfig
+
+    async def run(self, ctx: RunContext) -> SuiteResult:
+        cfg: PerplexityConfig = ctx.config
+        path = data_path(cfg.data)
+        docs = load_documents(path, ctx.limit)
+        local = LocalTokenizer(ctx.tokenizer_file) if ctx.tokenizer_file else None
+        token_lists = await self._tokenize(ctx, local, docs)
+        window = resolve_window(cfg, ctx.model_card)
+        stride = cfg.stride or window
+        if stride > window:
+            raise SuiteConfigError(f"perplexity: stride {stride} exceeds window {window}")
+        prefix = await resolve_prefix(ctx, cfg, local)
+        probe = next((t for t in token_lists if t), [prefix])[:8]
+        await ctx.client.probe_echo_logprobs(self.name, probe)
+
+        jobs = [
+            (d, w)
+            for d, toks in enumerate(token_lists)
+            for w in rolling_windows(toks, prefix, window, stride)
+        ]
+        scores = await gather_with_progress(
+            (score_window(ctx, w, cfg.max_tokens) for _, w in jobs), desc="perplexity windows"
+        )
+        doc_ll = [0.0] * len(docs)
+        doc_windows = [0] * len(docs)
+        for (d, _), ll in zip(jobs, scores, strict=True):
+            doc_ll[d] += ll
+            doc_windows[d] += 1
+        samples = [
+            {
+                "id": doc["id"],
+                "loglikelihood": doc_ll[i],
+                "tokens": len(token_lists[i]),
+                "bytes": len(doc["text"].encode("utf-8")),
+                "words": count_words(doc["text"]),
+                "windows": doc_windows[i],
+            }
+            for i, doc in enumerate(docs)
+        ]
+        return SuiteResult(
+            metrics=summarise(samples),
+            samples=samples,
+            data_files={cfg.data: file_sha256(path)},
+            details={
+                "window": window,
+                "stride": stride,
+                "prefix_token_id": prefix,
+                "requests": len(jobs),
+                "tokenizer": str(ctx.tokenizer_file) if local else "server /tokenize",
+                "counts": {k: sum(s[k] for s in samples) for k in ("tokens", "bytes", "words")},
+                "documents": len(docs),
+            },
+        )
+
+    async def _tokenize(
+        self, ctx: RunContext, local: LocalTokenizer | None, docs: list[dict]
+    ) -> list[list[int]]:
+        if local is not None:
+            return [local.encode(d["text"]) for d in docs]
+        return await gather_with_progress(
+            (ctx.client.tokenize(d["text"]) for d in docs), desc="tokenize"
+        )
+
+
+async def score_window(ctx: RunContext, window: Window, max_tokens: int) -> float:
+    body = {
+        "prompt": [window.prompt],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+    }
+    response = await ctx.client.completion(body)
+    logprobs = first_choice(response, "/v1/completions").get("logprobs") or {}
+    token_logprobs = logprobs.get("token_logprobs")
+    n = len(window.prompt)
+    scored = token_logprobs[n - window.scored : n] if isinstance(token_logprobs, list) else []
+    if len(scored) != window.scored or not all(isinstance(x, int | float) for x in scored):
+        raise ServerRequestError(
+            f"/v1/completions returned {len(scored)} prompt logprobs for {window.scored} scored tokens;"
+            " the server must echo one logprob per prompt token"
+        )
+    # Entries after the prompt belong to the generated token(s): not part of the text.
+    return float(sum(scored))
+
+
+def resolve_window(cfg: PerplexityConfig, card: dict[str, Any]) -> int:
+    if cfg.window:
+        return cfg.window
+    max_len = card.get("max_model_len")
+    if not isinstance(max_len, int) or max_len < 4:
+        raise SuiteConfigError(
+            "perplexity: the server does not report max_model_len in /v1/models;"
+            " set the window explicitly, e.g. --set window=1023"
+        )
+    # The prompt is W + 1 tokens and one more is generated (lm-eval's max_tokens=1).
+    return min(max_len - 2, 2048)
+
+
+async def resolve_prefix(
+    ctx: RunContext, cfg: PerplexityConfig, local: LocalTokenizer | None
+) -> int:
+    if cfg.prefix_token_id >= 0:
+        return cfg.prefix_token_id
+    if local is not None and local.eot_id is not None:
+        return int(local.eot_id)
+    info = await ctx.client.tokenizer_info() or {}
+    for key in ("eos_token_id", "bos_token_id"):
+        if isinstance(info.get(key), int):
+            return int(info[key])
+    ids = await ctx.client.tokenize("<|endoftext|>")
+    if len(ids) == 1:
+        return ids[0]
+    raise SuiteConfigError(
+        "perplexity: cannot find the end-of-text token id; set --set prefix_token_id=N"
+    )
+
+
+def summarise(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    ll = sum(s["loglikelihood"] for s in samples)
+    tokens = sum(s["tokens"] for s in samples)
+    n_bytes = sum(s["bytes"] for s in samples)
+    words = sum(s["words"] for s in samples)
+    return {
+        "nll": metric(-ll, False, "total negative log-likelihood of the text, nats"),
+        "token_perplexity": metric(
+            math.exp(-ll / tokens), False, "exp(NLL / tokens); tokenizer-dependent"
+        ),
+        "word_perplexity": metric(math.exp(-ll / words), False, "exp(NLL / whitespace words)"),
+        "byte_perplexity": metric(math.exp(-ll / n_bytes), False, "exp(NLL / UTF-8 bytes)"),
+        "bits_per_byte": metric(
+            -ll / (n_bytes * math.log(2)),
+            False,
+            "NLL / (UTF-8 bytes * ln 2); compares across tokenizers",
+        ),
+    }

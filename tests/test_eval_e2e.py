@@ -1,0 +1,609 @@
+"""atlas-eval end to end through real HTTP: Atlas and the transformers shim on a tiny model.
+
+References nobody here wrote: the model's own logits (perplexity), lm-evaluation-harness's
+`local-completions` rolling log-likelihood, and sacrebleu / rouge-score (generation).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import http.server
+import inspect
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from atlas_server.checkpoint import load_checkpoint, save_checkpoint
+from atlas_server.model import Transformer, load_preset
+from eval_suites.client import OpenAIClient
+from eval_suites.runner import RunOptions, run_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def start(command: list[str], url: str, env: dict | None = None):
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    wait_healthy(url, process)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
+    """gpt2-tiny with a 2048-token context, so few-shot and multi-source prompts fit."""
+    torch.manual_seed(0)
+    model = Transformer(
+        load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size, max_seq_len=2048)
+    )
+    root = tmp_path_factory.mktemp("eval-ckpt")
+    return save_checkpoint(
+        root / "tiny-eval", model, byte_tokenizer, {"source": "tests/test_eval_e2e.py"}
+    )
+
+
+@pytest.fixture(scope="module")
+def atlas_url(eval_checkpoint):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "atlas_server.cli",
+        "serve",
+        "--checkpoint",
+        str(eval_checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    process = start(cmd, url)
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def shim_url(eval_checkpoint):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "hf_openai_shim.py"),
+        "--checkpoint",
+        str(eval_checkpoint),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--threads",
+        "1",
+    ]
+    process = start(cmd, url)
+    yield url
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def stdlib_docs(tmp_path_factory) -> Path:
+    """Real text derived at test time: docstrings of three stdlib modules, 300-900 bytes each."""
+    docs = [
+        {"id": "heapq", "text": inspect.getdoc(heapq)[:900]},
+        {"id": "json", "text": inspect.getdoc(json)[:700]},
+        {
+            "id": "bisect",
+            "text": (
+                inspect.getdoc(bisect.insort_left) + "\n" + inspect.getdoc(bisect.bisect_left)
+            )[:500],
+        },
+    ]
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def run(tmp_path: Path, suite: str, url: str, *overrides: str, **kwargs) -> dict:
+    options = RunOptions(
+        suite=suite,
+        base_url=url,
+        output=tmp_path / f"{suite}-{len(list(tmp_path.iterdir()))}",
+        cache_path=kwargs.pop("cache", tmp_path / "cache.sqlite"),
+        overrides=overrides,
+        **kwargs,
+    )
+    out = run_suite(options)
+    results = json.loads((out / "results.json").read_text())
+    results["_samples"] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    results["_dir"] = out
+    return results
+
+
+# --- perplexity -------------------------------------------------------------------------------------
+def direct_loglikelihood(checkpoint: Path, text: str) -> float:
+    """Sum of log p(token | end-of-text, previous tokens) from one full forward of the model."""
+    ckpt = load_checkpoint(checkpoint)
+    ids = [ckpt.tokenizer.eot_id, *ckpt.tokenizer.encode_ordinary(text)]
+    with torch.no_grad():
+        logits = ckpt.model(torch.tensor([ids]))[0].double()  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
+
+
+def test_perplexity_equals_the_models_own_logits(tmp_path, atlas_url, eval_checkpoint, stdlib_docs):
+    results = run(tmp_path, "perplexity", atlas_url, f"data='{stdlib_docs}'", "window=1024")
+    docs = [json.loads(x) for x in stdlib_docs.read_text().splitlines()]
+    assert results["details"]["window"] == 1024 and results["details"]["requests"] == len(docs)
+    reference = [direct_loglikelihood(eval_checkpoint, d["text"]) for d in docs]
+    for sample, ref in zip(results["_samples"], reference, strict=True):
+        assert sample["loglikelihood"] == pytest.approx(ref, abs=1e-4 * sample["tokens"])
+    n_bytes = sum(len(d["text"].encode()) for d in docs)
+    expected_bpb = -sum(reference) / (n_bytes * math.log(2))
+    assert results["metrics"]["bits_per_byte"]["value"] == pytest.approx(expected_bpb, abs=1e-4)
+    assert results["metrics"]["bits_per_byte"]["higher_is_better"] is False
+    expected_ppl = math.exp(-sum(reference) / sum(s["tokens"] for s in results["_samples"]))
+    assert results["metrics"]["token_perplexity"]["value"] == pytest.approx(expected_ppl, rel=1e-4)
+
+
+def test_perplexity_equals_lm_eval_local_completions(tmp_path, atlas_url, stdlib_docs):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    window = 100
+    results = run(tmp_path, "perplexity", atlas_url, f"data='{stdlib_docs}'", f"window={window}")
+    assert results["details"]["requests"] > len(results["_samples"])  # several windows per doc
+    model = httpx.get(f"{atlas_url}/v1/models").json()["data"][0]["id"]
+    eot = results["details"]["prefix_token_id"]
+    lm = LocalCompletionsAPI(
+        base_url=f"{atlas_url}/v1/completions",
+        model=model,
+        tokenizer_backend="remote",
+        max_length=window + 2,
+        custom_prefix_token_id=eot,
+        num_concurrent=1,
+    )
+    docs = [json.loads(x)["text"] for x in stdlib_docs.read_text().splitlines()]
+    requests = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    theirs = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    ours = [s["loglikelihood"] for s in results["_samples"]]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_an_interrupted_run_resumes_from_the_cache_with_identical_results(
+    tmp_path, atlas_url, stdlib_docs, monkeypatch
+):
+    overrides = (f"data='{stdlib_docs}'", "window=48")
+    clean = run(tmp_path, "perplexity", atlas_url, *overrides, cache=tmp_path / "clean.sqlite")
+    total = clean["details"]["requests"]
+
+    real_request = OpenAIClient.request
+    calls = {"n": 0}
+
+    async def crash_midway(self, method, path, body=None):
+        response = await real_request(self, method, path, body)
+        if path == "/v1/completions" and len(body["prompt"][0]) > 8:  # not the probe
+            calls["n"] += 1
+            if calls["n"] > total // 2:
+                raise ConnectionAbortedError("simulated crash midway")
+        return response
+
+    monkeypatch.setattr(OpenAIClient, "request", crash_midway)
+    with pytest.raises(ConnectionAbortedError):
+        run(
+            tmp_path,
+            "perplexity",
+            atlas_url,
+            *overrides,
+            cache=tmp_path / "resume.sqlite",
+            concurrency=1,
+        )
+    monkeypatch.setattr(OpenAIClient, "request", real_request)
+    resumed = run(tmp_path, "perplexity", atlas_url, *overrides, cache=tmp_path / "resume.sqlite")
+    assert resumed["metrics"] == clean["metrics"] and resumed["_samples"] == clean["_samples"]
+    # Everything answered before the crash came from the cache; only the rest was sent.
+    assert resumed["cache"]["hits"] >= total // 2
+
+
+# --- errors -------------------------------------------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eval_suites.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_reports_an_unreachable_server_in_one_line(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = cli("run", "perplexity", "--base-url", url, "--no-cache", "-o", str(tmp_path / "r"))
+    assert_one_line_error(proc, "cannot reach", url)
+
+
+def test_cli_reports_a_wrong_api_key_in_one_line(tmp_path, shim_url):
+    proc = cli(
+        "run",
+        "perplexity",
+        "--base-url",
+        shim_url,
+        "--api-key",
+        "wrong",
+        "--no-cache",
+        "-o",
+        str(tmp_path / "r"),
+    )
+    assert_one_line_error(proc, "401", "--api-key")
+
+
+class NoLogprobsHandler(http.server.BaseHTTPRequestHandler):
+    """A server that speaks the OpenAI API but ignores echo/logprobs (like some hosted APIs)."""
+
+    def log_message(self, *args):
+        return
+
+    def reply(self, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.reply(
+            {"object": "list", "data": [{"id": "plain", "object": "model", "max_model_len": 512}]}
+        )
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/tokenize":
+            self.reply({"tokens": [1, 2, 3], "count": 3, "max_model_len": 512})
+        else:
+            self.reply(
+                {
+                    "choices": [
+                        {"index": 0, "text": "x", "finish_reason": "length", "logprobs": None}
+                    ]
+                }
+            )
+
+
+def test_cli_names_the_suite_that_needs_echo_logprobs(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoLogprobsHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = cli(
+            "run",
+            "perplexity",
+            "--base-url",
+            url,
+            "--no-cache",
+            "--set",
+            "prefix_token_id=0",
+            "-o",
+            str(tmp_path / "r"),
+        )
+    finally:
+        server.shutdown()
+    assert_one_line_error(proc, "perplexity suite needs", "echo", "logprobs")
+
+
+# --- hallucination --------------------------------------------------------------------------------------
+def test_hallucination_runs_end_to_end_and_reports_its_judges(tmp_path, atlas_url):
+    results = run(
+        tmp_path, "hallucination", atlas_url, "max_tokens=16", "metrics=[]", limit=6, seed=3
+    )
+    samples = results["_samples"]
+    assert len(samples) == 6 and {s["kind"] for s in samples} <= {
+        "answerable",
+        "counterfactual",
+        "unanswerable",
+    }
+    assert all("closed_book_answer" in s and s["sources"] for s in samples)
+    assert results["run"]["limit"] == 6 and "for testing only" in results["run"]["limit_note"]
+    calibration = results["details"]["support_calibration"]
+    assert set(calibration) == {"lexical", "embedding"}
+    assert all(c["pairs"] >= 40 and 0.5 < c["loo_accuracy"] <= 1.0 for c in calibration.values())
+    again = run(
+        tmp_path, "hallucination", atlas_url, "max_tokens=16", "metrics=[]", limit=6, seed=3
+    )
+    assert again["metrics"] == results["metrics"] and again["_samples"] == samples
+
+
+# --- compare: Atlas vs transformers on the same weights ---------------------------------------------------
+def test_atlas_and_the_transformers_shim_agree_and_compare_plots_them(
+    tmp_path, atlas_url, shim_url, stdlib_docs
+):
+    overrides = (f"data='{stdlib_docs}'", "window=200")
+    atlas = run(tmp_path, "perplexity", atlas_url, *overrides)
+    shim = run(tmp_path, "perplexity", shim_url, *overrides, api_key=API_KEY)
+    assert atlas["metrics"]["bits_per_byte"]["value"] == pytest.approx(
+        shim["metrics"]["bits_per_byte"]["value"], abs=1e-4
+    )
+    proc = cli(
+        "compare",
+        str(atlas["_dir"]),
+        str(shim["_dir"]),
+        "--label",
+        "atlas",
+        "--label",
+        "hf",
+        "-o",
+        str(tmp_path / "cmp"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| metric | atlas | hf | better |" in proc.stdout
+    assert (tmp_path / "cmp" / "perplexity_metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class HostileHandler(NoLogprobsHandler):
+    """A server whose answers are not what the OpenAI API promises."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/tokenize":
+            self.reply({"tokens": ["not", "ids"]})
+        elif self.path == "/v1/chat/completions":
+            self.send_response(500)
+            self.send_header("Content-Length", "21")
+            self.end_headers()
+            self.wfile.write(b"<html>crashed</html>\n")
+        else:
+            self.reply({"id": "x", "choices": []})
+
+
+@pytest.mark.parametrize(
+    "suite,extra,needle",
+    [
+        ("perplexity", [], "/tokenize did not return a list of token ids"),
+        ("generation", ["--set", "api=chat", "--limit", "1"], "HTTP 500"),
+        ("hallucination", ["--limit", "1"], "without choices[0]"),
+    ],
+)
+def test_cli_turns_malformed_server_answers_into_one_line_errors(tmp_path, suite, extra, needle):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HostileHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = cli("run", suite, "--base-url", url, "--no-cache", "-o", str(tmp_path / "r"), *extra)
+    finally:
+        server.shutdown()
+    assert_one_line_error(proc, needle)
+
+
+# --- generation: metric plugins equal the libraries; a third-party metric plugs in -------------------------
+def test_generation_scores_equal_sacrebleu_and_rouge_score(tmp_path, atlas_url):
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    overrides = ("num_shots=1", "max_tokens=24", "max_source_chars=200")
+    results = run(tmp_path, "generation", atlas_url, *overrides, limit=4)
+    metrics = results["metrics"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for task in ("heading", "continuation"):
+        rows = [s for s in results["_samples"] if s["task"] == task]
+        assert len(rows) == 4
+        preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+        assert metrics[f"{task}/bleu"]["value"] == pytest.approx(
+            sacrebleu.corpus_bleu(preds, [refs]).score
+        )
+        chrf = sacrebleu.corpus_chrf(preds, [refs]).score
+        assert chrf > 0 and metrics[f"{task}/chrf"]["value"] == pytest.approx(chrf)
+        for kind in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            expected = (
+                sum(scorer.score(r, p)[kind].fmeasure for p, r in zip(preds, refs, strict=True)) / 4
+            )
+            assert metrics[f"{task}/{kind}"]["value"] == pytest.approx(expected)
+    assert results["details"]["signatures"]["bleu"].startswith("nrefs:1|")
+    assert "chrf" in results["details"]["signatures"]
+
+
+class LengthRatioPlugin:
+    """A third party's metric, registered through the plugin host like any installed plugin."""
+
+    class LengthRatio:
+        name = "length_ratio"
+
+        def compute(self, predictions, references):
+            from atlas_server.rag.types import MetricResult
+
+            ratio = sum(len(p) for p in predictions) / max(1, sum(len(r[0]) for r in references))
+            return MetricResult({"length_ratio": ratio}, {"length_ratio": False}, None)
+
+    @staticmethod
+    def atlas_register_metrics(register):
+        register("length_ratio", LengthRatioPlugin.LengthRatio)
+
+
+def test_a_metric_plugin_registered_by_a_third_party_scores_a_suite(
+    tmp_path, atlas_url, monkeypatch
+):
+    import atlas_server.plugins
+    from atlas_server.hookspecs import hookimpl
+
+    host = atlas_server.plugins.PluginHost()
+    plugin = type(
+        "ThirdParty",
+        (),
+        {
+            "atlas_register_metrics": staticmethod(
+                hookimpl(LengthRatioPlugin.atlas_register_metrics)
+            )
+        },
+    )
+    host.register(plugin, "third-party-length")
+    monkeypatch.setattr(atlas_server.plugins, "get_plugin_host", lambda: host)
+    results = run(
+        tmp_path,
+        "generation",
+        atlas_url,
+        "metrics=['length_ratio']",
+        "tasks=['heading']",
+        "num_shots=0",
+        "max_tokens=16",
+        "max_source_chars=200",
+        limit=3,
+    )
+    rows = results["_samples"]
+    expected = sum(len(r["prediction"]) for r in rows) / sum(len(r["reference"]) for r in rows)
+    entry = results["metrics"]["heading/length_ratio"]
+    assert entry["value"] == pytest.approx(expected) and entry["higher_is_better"] is False
+    with pytest.raises(Exception, match="not registered by any installed plugin"):
+        run(tmp_path, "generation", atlas_url, "metrics=['no_such_metric']", limit=1)
+
+
+def test_checkpoint_mode_starts_and_stops_an_atlas_server(tmp_path, eval_checkpoint, atlas_url):
+    out = tmp_path / "ckpt-run"
+    proc = cli(
+        "run",
+        "perplexity",
+        "--checkpoint",
+        str(eval_checkpoint),
+        "--limit",
+        "1",
+        "--set",
+        "window=255",
+        "--cache",
+        str(tmp_path / "c.sqlite"),
+        "-o",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["server"]["checkpoint"] == str(eval_checkpoint)
+    assert results["server"]["identity"].startswith(f"checkpoint://{eval_checkpoint.resolve()}#")
+    assert (out / "server.log").is_file()
+    # The same numbers as the long-running server on the same weights.
+    reference = run(tmp_path, "perplexity", atlas_url, "window=255", limit=1)
+    assert results["metrics"]["bits_per_byte"]["value"] == pytest.approx(
+        reference["metrics"]["bits_per_byte"]["value"], abs=1e-6
+    )
+    # The child server is gone: its port no longer answers.
+    port = int(results["server"]["base_url"].rsplit(":", 1)[1])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0)
+
+
+# --- latency ---------------------------------------------------------------------------------------------
+def test_latency_suite_measures_every_level_with_vllm_field_names(tmp_path, atlas_url):
+    overrides = (
+        "concurrencies=[1,2]",
+        "request_rates=[8.0]",
+        "num_prompts=4",
+        "input_len=16",
+        "output_len=6",
+    )
+    results = run(tmp_path, "latency", atlas_url, *overrides)
+    levels = results["details"]["levels"]
+    assert [lv["load"] for lv in levels] == ["concurrency 1", "concurrency 2", "poisson 8 req/s"]
+    for level in levels:
+        s = level["summary"]
+        assert (s["completed"], s["failed"], s["total_output_tokens"]) == (
+            4,
+            0,
+            24,
+        )  # ignore_eos + min_tokens
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            assert 0 < s[f"median_{name}_ms"] <= s[f"p90_{name}_ms"] <= s[f"p99_{name}_ms"]
+        assert s["median_ttft_ms"] < s["median_e2el_ms"] and s["output_throughput"] > 0
+    assert len(results["_samples"]) == 12 and all(r["success"] for r in results["_samples"])
+    assert results["metrics"]["c2/output_throughput"]["higher_is_better"] is True
+    assert results["metrics"]["failed"]["value"] == 0 and results["cache"]["misses"] == 0
+    proc = cli("compare", str(results["_dir"]), "-o", str(tmp_path / "cmp"))
+    assert proc.returncode == 0 and (tmp_path / "cmp" / "latency_percentiles.png").is_file()
+
+
+def test_latency_refuses_non_loopback_servers(tmp_path):
+    proc = cli(
+        "run",
+        "latency",
+        "--base-url",
+        "http://10.255.255.1:8000",
+        "--no-cache",
+        "-o",
+        str(tmp_path / "r"),
+    )
+    assert_one_line_error(proc, "loopback", "10.255.255.1")
+
+
+def test_a_local_tokenizer_file_gives_the_same_ids_as_the_servers_tokenize(
+    tmp_path, atlas_url, eval_checkpoint, stdlib_docs
+):
+    overrides = (f"data='{stdlib_docs}'", "window=128", "stride=64")
+    remote = run(tmp_path, "perplexity", atlas_url, *overrides)
+    local = run(
+        tmp_path, "perplexity", atlas_url, *overrides, tokenizer=eval_checkpoint / "tokenizer.json"
+    )
+    assert (
+        local["details"]["tokenizer"].endswith("tokenizer.json")
+        and remote["details"]["stride"] == 64
+    )
+    assert local["metrics"] == remote["metrics"]
+
+
+def test_generation_through_chat_completions(tmp_path, atlas_url):
+    results = run(
+        tmp_path,
+        "generation",
+        atlas_url,
+        "api=chat",
+        "num_shots=1",
+        "max_tokens=8",
+        "max_source_chars=120",
+        "metrics=['chrf']",
+        limit=2,
+    )
+    assert len(results["_samples"]) == 4
+    assert all(s["finish_reason"] in ("stop", "length") for s in results["_samples"])
+    assert set(results["metrics"]) == {"heading/chrf", "continuation/chrf", "all/chrf"}
