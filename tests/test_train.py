@@ -201,3 +201,13 @@ def test_config_errors_are_one_line(tmp_path):
 def test_profile_writes_a_trace(tmp_path, data_dir):
     train(config(data_dir, tmp_path / "prof", "schedule.max_steps=6"), profile=True, progress=False)
     assert (tmp_path / "prof" / "profile_trace.json").stat().st_size > 0
+
+
+def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):
+    train(config(data_dir, tmp_path / "ml", "schedule.max_steps=4", "run.mlflow=true", "run.tensorboard=false"),
+          progress=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'ml' / 'mlflow.db').resolve()}")
+    runs = mlflow.search_runs(experiment_names=["atlas"])
+    assert len(runs) == 1 and runs.iloc[0]["metrics.train_loss"] > 0

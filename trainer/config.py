@@ -76,7 +76,7 @@ class RunSection(_Section):
     sample_prompt: str = "def "
     tensorboard: bool = True
     mlflow: bool = False
-    mlflow_uri: str | None = None  # default: file store in out_dir/mlruns
+    mlflow_uri: str | None = None  # default: a local SQLite store, out_dir/mlflow.db
     distributed: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 

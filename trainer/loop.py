@@ -135,7 +135,8 @@ class Logger:
         if cfg.run.mlflow:
             import mlflow
 
-            mlflow.set_tracking_uri(cfg.run.mlflow_uri or (run_dir / "mlruns").resolve().as_uri())
+            # A local SQLite store beside the run (MLflow 3 retired the plain file store).
+            mlflow.set_tracking_uri(cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
             mlflow.set_experiment("atlas")
             mlflow.start_run(run_name=run_dir.name)
             mlflow.log_text(cfg.to_toml(), "config.toml")
