@@ -9,7 +9,9 @@ Layout:
 
 What it does: save (atomically: written into a sibling temp directory, then renamed),
 load (safetensors only, never unpickling), validate (every tensor present with the right
-shape, no unknown config keys, no newer format) and describe a checkpoint. What it does
+shape, no unknown config keys, no newer format, tokenizer.json still the file whose sha256
+config.json records: a changed tokenizer is refused, not warned about) and describe a
+checkpoint. What it does
 not do: trainer state (optimizer, data position; see `trainer/state.py`) or format
 conversion (see `hf_import.py`).
 """
@@ -38,8 +40,14 @@ FORMAT_NAME = "atlas-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 class CheckpointError(ValueError):
@@ -152,15 +160,22 @@ def load_checkpoint(
     dtype: str | torch.dtype = torch.float32,
     **config_overrides: Any,
 ) -> Checkpoint:
-    """Load an atlas checkpoint. `config_overrides` may change runtime-only fields (attention, dropout)."""
+    """Load an atlas checkpoint. `config_overrides` may change runtime-only fields (attention, dropout).
+
+    The model comes back in eval mode but not `prepare_for_inference()`d: that copy of a tied
+    head costs vocab x d_model numbers the trainer does not want; servers call it themselves.
+    """
     directory = Path(directory)
     meta = read_metadata(directory)
     runtime_only = {"attention", "dropout"}
     bad = sorted(set(config_overrides) - runtime_only)
     if bad:
-        raise CheckpointError(f"only {sorted(runtime_only)} may be overridden at load time, not {bad}")
+        raise CheckpointError(
+            f"only {sorted(runtime_only)} may be overridden at load time, not {bad}"
+        )
     config = ModelConfig.from_dict({**meta["model"], **config_overrides})
     tok_path = directory / meta.get("tokenizer", {}).get("file", TOKENIZER_FILE)
+    _check_tokenizer_hash(tok_path, meta.get("tokenizer", {}).get("sha256"))
     try:
         tokenizer = Tokenizer.from_file(tok_path)
     except TokenizerError as e:
@@ -182,6 +197,21 @@ def load_checkpoint(
     model.to(dtype=dtype)
     model.eval()
     return Checkpoint(model, tokenizer, config, directory, meta.get("provenance", {}))
+
+
+def _check_tokenizer_hash(path: Path, recorded: str | None) -> None:
+    # Refuse rather than warn: the weights were trained on the ids of the recorded
+    # tokenizer, and a changed vocabulary silently turns every prompt into other tokens.
+    # A deliberate edit is made official by re-saving the checkpoint (save_checkpoint).
+    if recorded is None or not path.is_file():
+        return  # absent hash (hand-made config): nothing to compare; a missing file fails later
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} changed since the checkpoint was saved (sha256 {actual[:12]}..., config.json "
+            f"records {recorded[:12]}...); the model was trained on the recorded tokenizer: restore "
+            "it, or re-save the checkpoint if the change is deliberate"
+        )
 
 
 def _read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:

@@ -38,9 +38,13 @@ def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return buf.numel() * 4 / seconds
 
 
-def matvec_bandwidth(rows: int = 768, cols: int = 3072 * 4, layers: int = 12, repeats: int = 5) -> dict[str, float]:
+def matvec_bandwidth(
+    rows: int = 768, cols: int = 3072 * 4, layers: int = 12, repeats: int = 5
+) -> dict[str, float]:
     """Weight-read GB/s of a 124M-sized stack of matrices: torch.mv on [out, in] vs x @ W on [in, out]."""
-    row_major = [torch.randn(cols, rows) for _ in range(layers)]  # [out, in], as nn.Linear stores it
+    row_major = [
+        torch.randn(cols, rows) for _ in range(layers)
+    ]  # [out, in], as nn.Linear stores it
     in_out = [w.t().contiguous() for w in row_major]  # [in, out], as Atlas stores it
     x = torch.randn(rows)
     nbytes = sum(w.numel() * 4 for w in row_major)
@@ -64,8 +68,12 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> None:
@@ -73,9 +81,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     gib = 0.5 if args.quick else 1.0
-    result = {"machine": machine(), "dram_read_gbs": dram_read_bandwidth(gib) / 1e9,
-              **matvec_bandwidth(repeats=3 if args.quick else 5),
-              "fp32_matmul_gflops": matmul_peak_flops() / 1e9}
+    result = {
+        "machine": machine(),
+        "dram_read_gbs": dram_read_bandwidth(gib) / 1e9,
+        **matvec_bandwidth(repeats=3 if args.quick else 5),
+        "fp32_matmul_gflops": matmul_peak_flops() / 1e9,
+    }
     torch.set_num_threads(1)
     result["fp32_matmul_gflops_1_thread"] = matmul_peak_flops() / 1e9
     print(json.dumps(result, indent=2))

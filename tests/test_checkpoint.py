@@ -110,14 +110,79 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
     byte_tokenizer.save(tmp_path / "tokenizer.json")
     runner = CliRunner()
     out = tmp_path / "new"
-    result = runner.invoke(app, ["checkpoint", "init", "--preset", "gpt2-tiny", "--tokenizer",
-                                 str(tmp_path / "tokenizer.json"), "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "checkpoint",
+            "init",
+            "--preset",
+            "gpt2-tiny",
+            "--tokenizer",
+            str(tmp_path / "tokenizer.json"),
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out).config.vocab_size == byte_tokenizer.vocab_size
     result = runner.invoke(app, ["checkpoint", "inspect", str(out)])
     assert result.exit_code == 0 and "parameters:" in result.output
-    bad = runner.invoke(app, ["checkpoint", "init", "--preset", "gpt9", "--tokenizer",
-                              str(tmp_path / "tokenizer.json"), "--output", str(out)])
+    bad = runner.invoke(
+        app,
+        [
+            "checkpoint",
+            "init",
+            "--preset",
+            "gpt9",
+            "--tokenizer",
+            str(tmp_path / "tokenizer.json"),
+            "--output",
+            str(out),
+        ],
+    )
     assert bad.exit_code == 1 and "no model preset 'gpt9'" in bad.output
     bad = runner.invoke(app, ["checkpoint", "inspect", str(tmp_path / "nowhere")])
     assert bad.exit_code == 1 and bad.output.startswith("error:")
+
+
+def test_changed_tokenizer_is_refused_with_both_hashes(ckpt, byte_tokenizer):
+    # A valid tokenizer.json, but not the one the weights were saved with.
+    data = json.loads((ckpt / "tokenizer.json").read_text())
+    data["name"] = "edited"
+    (ckpt / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="changed since the checkpoint was saved"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_llama_checkpoint"])
+def test_loaded_model_prepared_for_inference_decodes_like_the_full_forward(fixture, request):
+    loaded = load_checkpoint(request.getfixturevalue(fixture))
+    model = loaded.model
+    ids = torch.randint(
+        0, loaded.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        full = model(ids)
+        model.prepare_for_inference()
+        assert model.output_weight().is_contiguous()
+        cache = model.new_cache(n_slots=1, max_len=16)
+        prefill = model(ids[:, :6], torch.arange(6)[None], cache, torch.tensor([0]))
+        steps = [
+            model(ids[:, t : t + 1], torch.tensor([[t]]), cache, torch.tensor([0]))
+            for t in range(6, 10)
+        ]
+    torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["inspect", "init", "import-hf"])
+def test_every_checkpoint_command_has_help_with_an_example(command):
+    result = CliRunner().invoke(app, ["checkpoint", command, "--help"])
+    assert result.exit_code == 0 and f"atlas checkpoint {command}" in result.output
+
+
+def test_cli_inspect_of_a_changed_tokenizer_is_one_error_line(ckpt):
+    (ckpt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text() + "\n")
+    result = CliRunner().invoke(app, ["checkpoint", "inspect", str(ckpt)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error:") and "changed since" in result.output
+    assert "Traceback" not in result.output

@@ -26,9 +26,12 @@ def hf_bpe_json(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(stdlib_sample(300_000), trainer)
     path = tmp_path_factory.mktemp("hftok") / "tokenizer.json"
     tok.save(str(path))
@@ -44,18 +47,34 @@ def _save_hf(model, folder, tokenizer_json=None):
 
 def _gpt2(vocab: int, tie: bool = True):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=48, n_layer=2, n_head=4,
-                                  tie_word_embeddings=tie, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tie,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def _llama(vocab: int, kv_heads: int, tie: bool):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=kv_heads, max_position_embeddings=128,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # random norms, so a mix-up of norm weights would show
         for name, p in model.named_parameters():
@@ -142,5 +161,88 @@ def test_cli_import_hf_and_inspect(tmp_path, hf_bpe_json):
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["parameters"]["total"] == sum(p.numel() for p in _gpt2(vocab).parameters())
-    bad = runner.invoke(app, ["checkpoint", "import-hf", str(tmp_path / "missing"), str(tmp_path / "x")])
+    bad = runner.invoke(
+        app, ["checkpoint", "import-hf", str(tmp_path / "missing"), str(tmp_path / "x")]
+    )
     assert bad.exit_code == 1 and bad.output.startswith("error:")
+
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def test_llama3_style_split_regex_tokenizer_matches_hf_tokenizers(tmp_path):
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    theirs = HFTokenizer(models.BPE())
+    theirs.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    theirs.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=450,
+        special_tokens=["<|begin_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    theirs.train_from_iterator(stdlib_sample(100_000), trainer)
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer_from_hf_json(tmp_path / "tokenizer.json")
+    for text in stdlib_sample(60_000, stride=5) + ["12345 ÉCOLE it's\n\n  x"]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_sharded_safetensors_import_matches_transformers_logits(tmp_path, hf_bpe_json):
+    vocab = len(json.loads(hf_bpe_json.read_text())["model"]["vocab"])
+    model = _gpt2(vocab, tie=False)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    import_hf(tmp_path / "hf", tmp_path / "atlas", tokenizer_file=str(hf_bpe_json))
+    _assert_same_logits(model, tmp_path / "atlas", vocab)
+
+
+def _edit_hf_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_llama_import_refuses_unsupported_options(tmp_path, hf_bpe_json, changes, message):
+    src = _save_hf(_llama(600, 2, False), tmp_path / "hf", hf_bpe_json)
+    _edit_hf_config(src, **changes)
+    with pytest.raises(HFImportError, match=message):
+        import_hf(src, tmp_path / "atlas")
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_sentencepiece_style_tokenizer_is_refused_with_the_fix(tmp_path, hf_bpe_json):
+    src = _save_hf(_gpt2(600), tmp_path / "hf", hf_bpe_json)
+    data = json.loads((src / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
+    (src / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(HFImportError, match="Metaspace.*--tokenizer FILE"):
+        import_hf(src, tmp_path / "atlas")
+
+
+def test_missing_shard_is_named(tmp_path, hf_bpe_json):
+    model = _gpt2(600)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(HFImportError, match=shard.name):
+        import_hf(tmp_path / "hf", tmp_path / "atlas", tokenizer_file=str(hf_bpe_json))

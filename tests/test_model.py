@@ -9,13 +9,27 @@ import torch
 
 from atlas_server.model import ConfigError, ModelConfig, Transformer, load_preset, preset_names
 
-COMBOS = list(itertools.product(["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"],
-                                ["gelu", "swiglu"], [4, 2, 1]))
+COMBOS = list(
+    itertools.product(
+        ["learned", "sinusoidal", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [4, 2, 1]
+    )
+)
 
 
 def tiny(pos, norm, mlp, kv, attention="sdpa", **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=4, n_kv_heads=kv, max_seq_len=64,
-                       pos_encoding=pos, norm=norm, mlp=mlp, attention=attention, **kw)
+    return ModelConfig(
+        vocab_size=97,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=kv,
+        max_seq_len=64,
+        pos_encoding=pos,
+        norm=norm,
+        mlp=mlp,
+        attention=attention,
+        **kw,
+    )
 
 
 def twin_models(config: ModelConfig):
@@ -45,10 +59,12 @@ def test_kv_cache_decoding_equals_full_forward(pos, norm, mlp, kv, attention):
         cache = model.new_cache(n_slots=5, max_len=40)
         slots = torch.tensor([4, 0, 2])
         # prefill in two chunks of different sizes, then decode token by token
-        parts = [model(ids[:, :7], torch.arange(7).expand(3, 7), cache, slots),
-                 model(ids[:, 7:20], torch.arange(7, 20).expand(3, 13), cache, slots)]
+        parts = [
+            model(ids[:, :7], torch.arange(7).expand(3, 7), cache, slots),
+            model(ids[:, 7:20], torch.arange(7, 20).expand(3, 13), cache, slots),
+        ]
         for t in range(20, 30):
-            parts.append(model(ids[:, t:t + 1], torch.full((3, 1), t), cache, slots))
+            parts.append(model(ids[:, t : t + 1], torch.full((3, 1), t), cache, slots))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
 
 
@@ -61,7 +77,9 @@ def test_ragged_batch_rows_at_different_positions_match_their_own_forward():
         model(a[:, :11], torch.arange(11)[None], cache, torch.tensor([0]))
         model(b[:, :4], torch.arange(4)[None], cache, torch.tensor([1]))
         # one decode step for both sequences, at positions 11 and 4
-        step = model(torch.cat([a[:, 11:], b[:, 4:]]), torch.tensor([[11], [4]]), cache, torch.tensor([0, 1]))
+        step = model(
+            torch.cat([a[:, 11:], b[:, 4:]]), torch.tensor([[11], [4]]), cache, torch.tensor([0, 1])
+        )
         torch.testing.assert_close(step[0, -1], model(a)[0, -1], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(step[1, -1], model(b)[0, -1], atol=2e-5, rtol=1e-4)
 
@@ -94,7 +112,9 @@ def test_training_loss_is_next_token_cross_entropy():
     model = Transformer(tiny("learned", "layernorm", "gelu", 4))
     ids = torch.randint(0, 97, (2, 10))
     loss = model.loss(ids[:, :-1], ids[:, 1:])
-    expected = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 97), ids[:, 1:].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        model(ids[:, :-1]).reshape(-1, 97), ids[:, 1:].reshape(-1)
+    )
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -106,13 +126,16 @@ def test_position_past_max_seq_len_is_refused():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"d_model": 30}, "divisible"),
-    ({"n_kv_heads": 3}, "multiple"),
-    ({"norm": "batchnorm"}, "norm"),
-    ({"dropout": 1.5}, "dropout"),
-    ({"vocab_size": 0}, "vocab_size"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"d_model": 30}, "divisible"),
+        ({"n_kv_heads": 3}, "multiple"),
+        ({"norm": "batchnorm"}, "norm"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"vocab_size": 0}, "vocab_size"),
+    ],
+)
 def test_invalid_configs_name_the_problem(change, message):
     with pytest.raises(ConfigError, match=message):
         tiny("learned", "layernorm", "gelu", 4).replace(**change)
@@ -128,5 +151,73 @@ def test_presets_build_and_have_the_documented_size(name):
     config = load_preset(name)
     with torch.device("meta"):
         n = Transformer(config).num_parameters()
-    expected_millions = {"tiny": (0.05, 1), "mini": (2, 10), "50m": (45, 65), "124m": (115, 135)}[name.split("-")[1]]
+    expected_millions = {"tiny": (0.05, 1), "mini": (2, 10), "50m": (45, 65), "124m": (115, 135)}[
+        name.split("-")[1]
+    ]
     assert expected_millions[0] <= n / 1e6 <= expected_millions[1]
+
+
+def test_gpt2_124m_and_llama_124m_have_the_parameter_count_of_transformers():
+    transformers = pytest.importorskip("transformers")
+    gpt2, llama = load_preset("gpt2-124m"), load_preset("llama-124m")
+    with torch.device("meta"):
+        ours = [Transformer(gpt2).num_parameters(), Transformer(llama).num_parameters()]
+        theirs = [
+            transformers.GPT2LMHeadModel(transformers.GPT2Config()).num_parameters(),
+            transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    vocab_size=llama.vocab_size,
+                    hidden_size=llama.d_model,
+                    intermediate_size=llama.ff_dim,
+                    num_hidden_layers=llama.n_layers,
+                    num_attention_heads=llama.n_heads,
+                    num_key_value_heads=llama.n_kv_heads,
+                    tie_word_embeddings=False,
+                )
+            ).num_parameters(),
+        ]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_kv_cache_decoding_tracks_the_full_forward(dtype):
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).eval().to(dtype)
+    ids = torch.randint(0, 97, (2, 12))
+    cache = model.new_cache(n_slots=2, max_len=16)
+    slots = torch.tensor([0, 1])
+    with torch.no_grad():
+        full = model(ids).float()
+        parts = [model(ids[:, :8], torch.arange(8).expand(2, 8), cache, slots)]
+        parts += [
+            model(ids[:, t : t + 1], torch.full((2, 1), t), cache, slots) for t in range(8, 12)
+        ]
+    assert cache.k[0].dtype == dtype
+    got = torch.cat(parts, 1).float()
+    assert (got - full).abs().max() < 0.05 * full.abs().max()
+    assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4, dropout=0.5))
+    ids = torch.randint(0, 97, (1, 16))
+    assert not torch.equal(model.train()(ids), model(ids))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), model(ids))
+
+
+def test_prepared_tied_head_follows_dtype_changes_and_is_not_used_in_training():
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
+    assert "_tied_head_t" not in model.state_dict()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        low = model.to(torch.bfloat16)(ids)
+        expected = Transformer(model.config).to(torch.bfloat16)
+        expected.load_state_dict(model.state_dict())
+        torch.testing.assert_close(low, expected.eval()(ids))
+    model.float().train()
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(2)
+    assert torch.equal(model.output_weight(), model.tok_emb.weight.t())

@@ -49,8 +49,13 @@ def describe(directory: Path) -> dict:
             "by_group": _param_groups(model),
         },
         "model": meta["model"],
-        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "merges": len(tok.merges or []),
-                      "special_tokens": tok.special_tokens, **meta.get("tokenizer", {})},
+        "tokenizer": {
+            "name": tok.name,
+            "vocab_size": tok.vocab_size,
+            "merges": len(tok.merges or []),
+            "special_tokens": tok.special_tokens,
+            **meta.get("tokenizer", {}),
+        },
         "provenance": meta.get("provenance", {}),
         "files": files,
     }
@@ -80,15 +85,19 @@ def inspect(
         return
     params = info["parameters"]
     typer.echo(f"checkpoint {info['path']} (format v{info['format_version']})")
-    typer.echo(f"parameters: {_human(params['total'])} total, {_human(params['non_embedding'])} non-embedding")
+    typer.echo(
+        f"parameters: {_human(params['total'])} total, {_human(params['non_embedding'])} non-embedding"
+    )
     for group, n in params["by_group"].items():
         typer.echo(f"  {group:<16} {n:>14,}")
     typer.echo("model config:")
     for k, v in info["model"].items():
         typer.echo(f"  {k:<16} {v}")
     tok = info["tokenizer"]
-    typer.echo(f"tokenizer: {tok['name']}, {tok['vocab_size']} ids, {tok['merges']} merges, "
-               f"specials {sorted(tok['special_tokens'])}")
+    typer.echo(
+        f"tokenizer: {tok['name']}, {tok['vocab_size']} ids, {tok['merges']} merges, "
+        f"specials {sorted(tok['special_tokens'])}"
+    )
     typer.echo("provenance:")
     for k, v in info["provenance"].items():
         typer.echo(f"  {k:<16} {v}")
@@ -99,8 +108,12 @@ def inspect(
 
 @app.command()
 def init(
-    preset: str = typer.Option(..., help=f"Model preset from configs/models/ ({', '.join(preset_names())})."),
-    tokenizer: Path = typer.Option(..., help="tokenizer.json (its vocabulary size sets the embedding rows)."),
+    preset: str = typer.Option(
+        ..., help=f"Model preset from configs/models/ ({', '.join(preset_names())})."
+    ),
+    tokenizer: Path = typer.Option(
+        ..., help="tokenizer.json (its vocabulary size sets the embedding rows)."
+    ),
     output: Path = typer.Option(..., help="Checkpoint directory to write."),
     seed: int = typer.Option(0, help="Seed for the random initialisation."),
 ) -> None:
@@ -113,15 +126,21 @@ def init(
         config = load_preset(preset, vocab_size=tok.vocab_size)
         torch.manual_seed(seed)
         model = Transformer(config)
-        save_checkpoint(output, model, tok, {"source": f"atlas checkpoint init --preset {preset}", "seed": seed})
+        save_checkpoint(
+            output, model, tok, {"source": f"atlas checkpoint init --preset {preset}", "seed": seed}
+        )
     typer.echo(f"wrote {output} ({_human(model.num_parameters())} parameters, preset {preset})")
 
 
 @app.command("import-hf")
 def import_hf_command(
-    src: Path = typer.Argument(..., help="Local Hugging Face model folder (config.json + safetensors)."),
+    src: Path = typer.Argument(
+        ..., help="Local Hugging Face model folder (config.json + safetensors)."
+    ),
     dst: Path = typer.Argument(..., help="Atlas checkpoint directory to write."),
-    tokenizer: Path = typer.Option(None, help="Use this tokenizer.json instead of SRC's (Atlas or HF byte-level BPE)."),
+    tokenizer: Path = typer.Option(
+        None, help="Use this tokenizer.json instead of SRC's (Atlas or HF byte-level BPE)."
+    ),
 ) -> None:
     """Convert a Hugging Face GPT-2 or Llama checkpoint into an atlas checkpoint.
 

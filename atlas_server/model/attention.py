@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float
+) -> Tensor:
     B, H, T, D = q.shape
     group = H // k.shape[1]
     if group > 1:  # grouped-query: each kv head serves `group` query heads
@@ -46,7 +48,9 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, impl: str) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, impl: str
+) -> Tensor:
     if impl == "reference":
         return reference_attention(q, k, v, mask, dropout)
     return sdpa_attention(q, k, v, mask, dropout)

@@ -98,7 +98,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(
+                f"unknown model config keys {unknown}; known keys are {sorted(known)}"
+            )
         return cls(**data)
 
     def replace(self, **changes: Any) -> ModelConfig:

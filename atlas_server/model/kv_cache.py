@@ -49,7 +49,12 @@ class KVCache:
     def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions [0, length) for rows `slots`: each [B, K, length, D]."""
         first, count = int(slots[0]), slots.numel()
-        if count == 1 or bool((slots == torch.arange(first, first + count, device=slots.device)).all()):
+        if count == 1 or _are_consecutive(slots, first):
             # Consecutive slots (the engine keeps decode batches sorted): a view, no gather copy.
-            return self.k[layer][first : first + count, :, :length], self.v[layer][first : first + count, :, :length]
+            rows = slice(first, first + count)
+            return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
         return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+
+
+def _are_consecutive(slots: Tensor, first: int) -> bool:
+    return bool((slots == torch.arange(first, first + slots.numel(), device=slots.device)).all())

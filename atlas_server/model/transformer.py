@@ -191,6 +191,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        # A buffer (not a plain attribute) so .to(dtype/device) converts it with the weights;
+        # non-persistent, so checkpoints never hold it. Set by prepare_for_inference().
+        self.register_buffer("_tied_head_t", None, persistent=False)
         if config.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         self._rebuild_buffers()
@@ -231,8 +234,11 @@ class Transformer(nn.Module):
         """The [C, V] matrix that maps final hidden states to logits."""
         if self.config.tie_embeddings:
             # A transposed view of the [V, C] embedding; see prepare_for_inference().
-            head_t = getattr(self, "_tied_head_t", None)
-            return head_t if head_t is not None else self.tok_emb.weight.t()
+            # The inference copy goes stale once training updates the embedding: train mode
+            # always reads the live weight.
+            if self._tied_head_t is not None and not self.training:
+                return self._tied_head_t
+            return self.tok_emb.weight.t()
         return self.lm_head.weight
 
     def forward(
@@ -270,7 +276,9 @@ class Transformer(nn.Module):
         """Mean next-token cross-entropy; targets [B, T] are the ids that should follow."""
         logits = self(idx)
         return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
+            logits.float().reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=ignore_index,
         )
 
     # --- serving helpers ------------------------------------------------------------

@@ -37,9 +37,13 @@ def _split_pattern(pre: dict[str, Any] | None) -> str:
             if part.get("type") == "Split":
                 regex = part.get("pattern", {}).get("Regex")
                 if regex is None:
-                    raise TokenizerError("Split pre-tokenizer with a plain string pattern is not supported")
+                    raise TokenizerError(
+                        "Split pre-tokenizer with a plain string pattern is not supported"
+                    )
                 if part.get("behavior") != "Isolated" or part.get("invert"):
-                    raise TokenizerError("only isolated, non-inverted Split pre-tokenizers are supported")
+                    raise TokenizerError(
+                        "only isolated, non-inverted Split pre-tokenizers are supported"
+                    )
                 patterns.append(regex)
             elif part.get("type") == "ByteLevel":
                 if part.get("use_regex", True):
@@ -54,7 +58,9 @@ def _split_pattern(pre: dict[str, Any] | None) -> str:
     raise TokenizerError(f"pre-tokenizer {kind!r} is not byte-level BPE")
 
 
-def tokenizer_from_hf_json(source: str | os.PathLike | dict[str, Any], name: str = "hf") -> Tokenizer:
+def tokenizer_from_hf_json(
+    source: str | os.PathLike | dict[str, Any], name: str = "hf"
+) -> Tokenizer:
     """An Atlas tokenizer with the same ids as a Hugging Face byte-level BPE tokenizer.json."""
     if isinstance(source, dict):
         data = source
@@ -81,7 +87,9 @@ def tokenizer_from_hf_json(source: str | os.PathLike | dict[str, Any], name: str
         try:
             raw = bytes(to_byte[ch] for ch in token)
         except KeyError:
-            raise TokenizerError(f"vocabulary entry {token!r} is not in the byte-level alphabet") from None
+            raise TokenizerError(
+                f"vocabulary entry {token!r} is not in the byte-level alphabet"
+            ) from None
         ranks[raw] = int(token_id)
     specials = {}
     for added in data.get("added_tokens", []):
