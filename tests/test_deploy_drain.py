@@ -1,0 +1,245 @@
+"""Graceful shutdown of a real `atlas serve` process: what Kubernetes and Compose rely on.
+
+The promise (docs/deployment.md, "Graceful shutdown"): after SIGTERM the server
+  1. answers GET /health with 503 at once, the listener staying open while it drains;
+  2. refuses new generation requests with 503 and an OpenAI error body;
+  3. lets streams that were running finish normally (last chunk, usage, `data: [DONE]`) for up
+     to `http.drain_timeout_s`;
+  4. exits with status 0 once they are done.
+The test starts the server as a subprocess, opens streaming completions over HTTP, sends
+SIGTERM while they stream and checks those four points.
+
+What it does not cover: streams still running when the drain deadline passes (uvicorn adds
+its own 5 s graceful-shutdown wait after the deadline, and a tiny model finishes every stream
+within that, so the cut-off path could not be exercised reliably here); Kubernetes' own side
+(preStop, endpoint removal, grace period; see tests/test_deploy_manifests.py); SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from atlas_server.checkpoint import save_checkpoint
+from atlas_server.model import Transformer, load_preset
+
+pytestmark = pytest.mark.timeout(120)
+
+# Long enough that the streams outlive the checks made after SIGTERM: a tiny model decodes a
+# token in about a millisecond, so its default 256-token context would be gone in a blink.
+CONTEXT = 2048
+
+
+@pytest.fixture(scope="module")
+def long_context_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
+    """gpt2-tiny with a 2048-token context, so one stream can run for seconds."""
+    torch.manual_seed(0)
+    model = Transformer(
+        load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size, max_seq_len=CONTEXT)
+    )
+    root = tmp_path_factory.mktemp("drain")
+    return save_checkpoint(
+        root / "gpt2-tiny-2k", model, byte_tokenizer, {"source": __file__, "seed": 0}
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(checkpoint: Path, tmp_path: Path, drain_timeout_s: float) -> Server:
+    config = tmp_path / "server.toml"
+    # RAG off: this is about the HTTP lifecycle, and the embedder would only slow the start.
+    config.write_text(f"[http]\ndrain_timeout_s = {drain_timeout_s}\n\n[rag]\nenabled = false\n")
+    port = free_port()
+    log = tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(checkpoint),
+        "--host", "127.0.0.1", "--port", str(port), "--config", str(config),
+    ]  # fmt: skip
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    server = Server(process, port, log)
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, f"server exited early:\n{server.output()}"
+        try:
+            response = httpx.get(f"{server.url}/health", timeout=2)
+        except httpx.TransportError:
+            response = None
+        if response is not None and response.status_code == 200:
+            return server
+        if response is not None and response.json().get("status") == "error":
+            raise AssertionError(f"model failed to load: {response.json()}")
+        assert time.monotonic() < deadline, f"/health never answered 200:\n{server.output()}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+    yield started
+    for server in started:  # whatever a failed assertion left running
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)
+
+
+@dataclass
+class Stream:
+    """One streaming completion read on its own thread, event by event."""
+
+    events: list[dict] = field(default_factory=list)
+    done: bool = False  # `data: [DONE]` arrived
+    transport_error: str | None = None
+    status: int | None = None
+    first_event: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(c["text"] for e in self.events for c in e.get("choices", []))
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [
+            c["finish_reason"]
+            for e in self.events
+            for c in e.get("choices", [])
+            if c.get("finish_reason")
+        ]
+
+    @property
+    def usage(self) -> dict | None:
+        usages = [e["usage"] for e in self.events if e.get("usage")]
+        return usages[-1] if usages else None
+
+
+def completion_body(max_tokens: int, stream: bool) -> dict:
+    return {
+        "prompt": "The server drains",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None,
+    }
+
+
+def read_stream(url: str, max_tokens: int, stream: Stream) -> None:
+    try:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json=completion_body(max_tokens, True), timeout=60
+        ) as response:
+            stream.status = response.status_code
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[len("data: ") :]
+                if payload == "[DONE]":
+                    stream.done = True
+                    break
+                stream.events.append(json.loads(payload))
+                stream.first_event.set()
+    except httpx.TransportError as e:
+        stream.transport_error = repr(e)
+    finally:
+        stream.first_event.set()
+        stream.finished.set()
+
+
+def open_streams(server: Server, count: int, max_tokens: int) -> list[Stream]:
+    streams = [Stream() for _ in range(count)]
+    for stream in streams:
+        threading.Thread(
+            target=read_stream, args=(server.url, max_tokens, stream), daemon=True
+        ).start()
+    for stream in streams:
+        assert stream.first_event.wait(30), "a stream produced nothing in 30 s"
+        assert stream.status == 200 and stream.events, (stream, server.output())
+    assert not any(s.finished.is_set() for s in streams), "streams ended before SIGTERM: too short"
+    return streams
+
+
+def health_after_sigterm(server: Server) -> int:
+    """The first /health answer after SIGTERM that is not 200 (the flip must be quick)."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{server.url}/health", timeout=2).status_code
+        if status != 200:
+            return status
+        time.sleep(0.01)
+    raise AssertionError("/health still 200 two seconds after SIGTERM")
+
+
+def assert_refused_with_503(server: Server, stream: bool) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/completions", json=completion_body(8, stream), timeout=10
+    )
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def wait_exit(server: Server, within_s: float) -> int:
+    try:
+        return server.process.wait(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"server still running {within_s} s after SIGTERM:\n{server.output()}"
+        ) from None
+
+
+def test_sigterm_refuses_new_work_and_lets_running_streams_finish(
+    long_context_checkpoint, tmp_path, servers
+):
+    server = start_server(long_context_checkpoint, tmp_path, drain_timeout_s=30)
+    servers.append(server)
+    max_tokens = CONTEXT - 64
+    streams = open_streams(server, count=3, max_tokens=max_tokens)
+
+    server.process.send_signal(signal.SIGTERM)
+    sigterm_at = time.monotonic()
+    assert health_after_sigterm(server) == 503
+    assert_refused_with_503(server, stream=False)
+    assert_refused_with_503(server, stream=True)
+    assert not all(s.finished.is_set() for s in streams), "streams ended before the checks"
+
+    exit_code = wait_exit(server, within_s=30 + 5)
+    for stream in streams:
+        assert stream.finished.wait(5)
+        assert stream.transport_error is None, stream.transport_error
+        assert stream.done, "stream ended without data: [DONE]"
+        assert stream.finish_reasons == ["length"]
+        assert stream.usage["completion_tokens"] == max_tokens
+    # Same prompt, greedy: the drain did not disturb what the streams generated.
+    assert len({s.text for s in streams}) == 1
+    assert exit_code == 0, server.output()
+    assert time.monotonic() - sigterm_at < 30
