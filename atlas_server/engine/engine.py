@@ -492,6 +492,9 @@ class Engine:
         decoding = [
             (r, c) for r in self._running if r.decoding for c in r.choices if not c.finished
         ]
+        # Slot order lets the cache hand attention a view instead of a gather copy of every
+        # layer's KV rows when the running slots are consecutive (the usual full batch).
+        decoding.sort(key=lambda rc: rc[1].slot)
         budget = self.config.max_batched_tokens - len(decoding)
         rows: list[tuple[_Request, _Choice]] = []
         logits: list[Tensor] = []
