@@ -65,7 +65,9 @@ class PluginHost:
 
     def _load(self, ep: EntryPoint) -> None:
         dist = getattr(ep, "dist", None)
-        info = PluginInfo(ep.name, ep.value, dist.name if dist else None, dist.version if dist else None)
+        info = PluginInfo(
+            ep.name, ep.value, dist.name if dist else None, dist.version if dist else None
+        )
         self.plugins[ep.name] = info
         try:
             module = ep.load()
@@ -79,7 +81,9 @@ class PluginHost:
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
         """Add a plugin object directly (tests, applications embedding Atlas)."""
-        self.plugins[name] = PluginInfo(name, getattr(plugin, "__name__", type(plugin).__name__), None, version)
+        self.plugins[name] = PluginInfo(
+            name, getattr(plugin, "__name__", type(plugin).__name__), None, version
+        )
         self.pm.register(plugin, name=name)
         self.collect()
 
@@ -89,7 +93,9 @@ class PluginHost:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:
-            raise PluginError(f"a plugin implements a hook that does not exist (misspelled?): {e}") from e
+            raise PluginError(
+                f"a plugin implements a hook that does not exist (misspelled?): {e}"
+            ) from e
         for registry in (self.retrievers, self.rerankers, self.metrics):
             registry.clear()
         self._owner.clear()
@@ -110,11 +116,15 @@ class PluginHost:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin {plugin_name!r} registered a {kind[:-1]} without a name")
             if not callable(factory):
-                raise PluginError(f"plugin {plugin_name!r}: the factory of {kind[:-1]} {name!r} is not callable")
+                raise PluginError(
+                    f"plugin {plugin_name!r}: the factory of {kind[:-1]} {name!r} is not callable"
+                )
             if name in registry:
                 other = self._owner[(kind, name)]
-                raise PluginError(f"{kind[:-1]} {name!r} is registered by both plugin {other!r} "
-                                  f"and plugin {plugin_name!r}; uninstall one or rename it")
+                raise PluginError(
+                    f"{kind[:-1]} {name!r} is registered by both plugin {other!r} "
+                    f"and plugin {plugin_name!r}; uninstall one or rename it"
+                )
             registry[name] = factory
             self._owner[(kind, name)] = plugin_name
             if plugin_name in self.plugins:
@@ -126,9 +136,17 @@ class PluginHost:
         return self._owner.get((kind, name))
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"name": p.name, "module": p.module, "distribution": p.distribution, "version": p.version,
-                 "registered": p.registered, "error": p.error}
-                for p in sorted(self.plugins.values(), key=lambda p: p.name)]
+        return [
+            {
+                "name": p.name,
+                "module": p.module,
+                "distribution": p.distribution,
+                "version": p.version,
+                "registered": p.registered,
+                "error": p.error,
+            }
+            for p in sorted(self.plugins.values(), key=lambda p: p.name)
+        ]
 
 
 @functools.lru_cache(maxsize=1)

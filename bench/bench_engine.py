@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
@@ -37,39 +38,11 @@ from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
 
 
 # --- ceilings ----------------------------------------------------------------------------
-def measure_read_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Streaming-read bytes/s: the best of a few sums over a buffer far larger than cache."""
-    buf = torch.ones(n_bytes // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best
-
-
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def ceilings() -> dict[str, float]:
-    try:  # the model engineer's shared implementation, when present
-        sys.path.insert(0, str(Path(__file__).parent))
-        from ceilings import dram_read_bandwidth, matmul_peak_flops  # type: ignore
+    """DRAM read bandwidth and fp32 matmul peak, measured now by bench/ceilings.py."""
+    from ceilings import dram_read_bandwidth, matmul_peak_flops
 
-        return {"dram_bytes_per_s": dram_read_bandwidth(), "matmul_flops": matmul_peak_flops()}
-    except ImportError:
-        return {
-            "dram_bytes_per_s": measure_read_bandwidth(),
-            "matmul_flops": measure_matmul_flops(),
-        }
+    return {"dram_bytes_per_s": dram_read_bandwidth(), "matmul_flops": matmul_peak_flops()}
 
 
 # --- models ------------------------------------------------------------------------------

@@ -31,10 +31,18 @@ from atlas_server.rag.store import VectorStore  # noqa: E402
 from atlas_server.rag.types import RAGContext  # noqa: E402
 from atlas_server.tokenizer.corpus import stdlib_sample  # noqa: E402
 
-QUERIES = ["how do I open a file for reading", "parse command line arguments", "sort a list of tuples by key",
-           "create a temporary directory", "regular expression match groups", "format a date as a string",
-           "compute a sha256 hash of bytes", "read a csv file", "start a thread and wait for it",
-           "send an http request"]
+QUERIES = [
+    "how do I open a file for reading",
+    "parse command line arguments",
+    "sort a list of tuples by key",
+    "create a temporary directory",
+    "regular expression match groups",
+    "format a date as a string",
+    "compute a sha256 hash of bytes",
+    "read a csv file",
+    "start a thread and wait for it",
+    "send an http request",
+]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -57,18 +65,24 @@ def ingest_timed(store: VectorStore, embedder: Embedder, name: str, chunks: list
     store.ensure_collection(name, embedder.dim)
     t0 = time.perf_counter()
     for i in range(0, len(chunks), 64):
-        batch = chunks[i:i + 64]
+        batch = chunks[i : i + 64]
         store.upsert(name, batch, embedder.encode([c.text for c in batch]))
     return len(chunks) / (time.perf_counter() - t0)
 
 
-def latency(pipeline: RAGPipeline, name: str, retriever: str, reranker: str | None, repeats: int) -> dict:
+def latency(
+    pipeline: RAGPipeline, name: str, retriever: str, reranker: str | None, repeats: int
+) -> dict:
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
         pipeline.retrieve(name, QUERIES[i % len(QUERIES)], 5, retriever, reranker)
         times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99), "mean_ms": statistics.fmean(times)}
+    return {
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "mean_ms": statistics.fmean(times),
+    }
 
 
 def quality() -> None:
@@ -83,16 +97,31 @@ def quality() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_corpus(Path(tmp) / "corpus")
         store = VectorStore(Path(tmp) / "q")
-        ingest(store, embedder, "std", documents_from_paths([str(Path(tmp) / "corpus")]), progress=False)
+        ingest(
+            store,
+            embedder,
+            "std",
+            documents_from_paths([str(Path(tmp) / "corpus")]),
+            progress=False,
+        )
         print("| retriever | bm25 weight | hit@1 | hit@5 | MRR |\n|---|---|---|---|---|")
-        settings = [("dense", None), ("bm25", None)] + [(r, w) for r in ("hybrid-rrf", "hybrid") for w in (1.0, 0.5)]
+        settings = [("dense", None), ("bm25", None)] + [
+            (r, w) for r in ("hybrid-rrf", "hybrid") for w in (1.0, 0.5)
+        ]
         for name, weight in settings:
             options = {name: {"weights": {"dense": 1.0, "bm25": weight}}} if weight else {}
             pipeline = RAGPipeline(host, RAGContext(store, embedder), options)
-            ranked = [[Path(r.chunk.source).stem for r in pipeline.retrieve("std", q["q"], 5, name)] for q in queries]
+            ranked = [
+                [Path(r.chunk.source).stem for r in pipeline.retrieve("std", q["q"], 5, name)]
+                for q in queries
+            ]
             mrr = host.metrics["mrr"]().compute_ranking(ranked, relevant).scores["mrr"]
-            hit1 = sum(bool(r[:1]) and r[0] in rel for r, rel in zip(ranked, relevant, strict=True)) / len(queries)
-            hit5 = sum(bool(set(r) & rel) for r, rel in zip(ranked, relevant, strict=True)) / len(queries)
+            hit1 = sum(
+                bool(r[:1]) and r[0] in rel for r, rel in zip(ranked, relevant, strict=True)
+            ) / len(queries)
+            hit5 = sum(bool(set(r) & rel) for r, rel in zip(ranked, relevant, strict=True)) / len(
+                queries
+            )
             print(f"| {name} | {weight if weight else '-'} | {hit1:.3f} | {hit5:.3f} | {mrr:.3f} |")
         store.close()
 
@@ -100,7 +129,9 @@ def quality() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="RAG ingestion and retrieval benchmark")
     parser.add_argument("--quick", action="store_true", help="1k chunks only, fewer queries")
-    parser.add_argument("--quality", action="store_true", help="retrieval quality on the labelled questions")
+    parser.add_argument(
+        "--quality", action="store_true", help="retrieval quality on the labelled questions"
+    )
     args = parser.parse_args()
     if args.quality:
         quality()
@@ -122,10 +153,15 @@ def main() -> None:
             results["sizes"][n] = row
         store.close()
     print(json.dumps(results, indent=2))
-    print("\n| chunks | ingest chunks/s | dense p50/p99 ms | bm25 p50/p99 ms | hybrid p50/p99 ms | hybrid+MMR p50/p99 ms |")
+    print(
+        "\n| chunks | ingest chunks/s | dense p50/p99 ms | bm25 p50/p99 ms | hybrid p50/p99 ms | hybrid+MMR p50/p99 ms |"
+    )
     print("|---|---|---|---|---|---|")
     for n, row in results["sizes"].items():
-        cells = " | ".join(f"{row[k]['p50_ms']:.1f} / {row[k]['p99_ms']:.1f}" for k in ("dense", "bm25", "hybrid", "hybrid+mmr"))
+        cells = " | ".join(
+            f"{row[k]['p50_ms']:.1f} / {row[k]['p99_ms']:.1f}"
+            for k in ("dense", "bm25", "hybrid", "hybrid+mmr")
+        )
         print(f"| {n:,} | {row['ingest_chunks_per_s']:.0f} | {cells} |")
 
 

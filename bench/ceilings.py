@@ -32,7 +32,10 @@ def _best(fn, repeats: int) -> float:
 
 def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Best streaming-read bandwidth in bytes/s (sum over a buffer >> last-level cache)."""
-    buf = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    # Random contents, not a constant: identical pages can be merged by the hypervisor
+    # (same-page merging), and a sum over them then reads cache, not DRAM (measured here:
+    # a ones-filled buffer "read" at twice the speed of a random one).
+    buf = torch.rand(int(gib * 2**30 / 4), generator=torch.Generator().manual_seed(0))
     buf.sum()  # touch every page once before timing
     seconds = _best(lambda: buf.sum(), repeats)
     return buf.numel() * 4 / seconds

@@ -66,7 +66,9 @@ class ROUGE:
                 totals[kind] += best[kind].fmeasure
         n = max(1, len(predictions))
         scores = {k: v / n for k, v in totals.items()}
-        return MetricResult(scores, dict.fromkeys(scores, True), "rouge-score F1, use_stemmer=True, best reference")
+        return MetricResult(
+            scores, dict.fromkeys(scores, True), "rouge-score F1, use_stemmer=True, best reference"
+        )
 
 
 def normalize_answer(text: str) -> str:
@@ -92,19 +94,30 @@ class ExactMatch:
     name = "exact_match"
 
     def compute(self, predictions: list[str], references: list[list[str]]) -> MetricResult:
-        hits = [max(normalize_answer(p) == normalize_answer(r) for r in refs)
-                for p, refs in zip(predictions, references, strict=True)]
-        return MetricResult({"exact_match": sum(hits) / max(1, len(hits))}, {"exact_match": True},
-                            "SQuAD v1.1 normalisation, best reference")
+        hits = [
+            max(normalize_answer(p) == normalize_answer(r) for r in refs)
+            for p, refs in zip(predictions, references, strict=True)
+        ]
+        return MetricResult(
+            {"exact_match": sum(hits) / max(1, len(hits))},
+            {"exact_match": True},
+            "SQuAD v1.1 normalisation, best reference",
+        )
 
 
 class TokenF1:
     name = "token_f1"
 
     def compute(self, predictions: list[str], references: list[list[str]]) -> MetricResult:
-        scores = [max(token_f1(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True)]
-        return MetricResult({"token_f1": sum(scores) / max(1, len(scores))}, {"token_f1": True},
-                            "SQuAD v1.1 normalisation, best reference")
+        scores = [
+            max(token_f1(p, r) for r in refs)
+            for p, refs in zip(predictions, references, strict=True)
+        ]
+        return MetricResult(
+            {"token_f1": sum(scores) / max(1, len(scores))},
+            {"token_f1": True},
+            "SQuAD v1.1 normalisation, best reference",
+        )
 
 
 class Ranking:
@@ -127,8 +140,13 @@ class Ranking:
             scores["mrr"] = total / n
         for k in RANK_CUTOFFS:
             if self.name == "recall_at_k":
-                scores[f"recall@{k}"] = sum(len(set(ids[:k]) & rel) / max(1, len(rel))
-                                            for ids, rel in zip(ranked, relevant, strict=True)) / n
+                scores[f"recall@{k}"] = (
+                    sum(
+                        len(set(ids[:k]) & rel) / max(1, len(rel))
+                        for ids, rel in zip(ranked, relevant, strict=True)
+                    )
+                    / n
+                )
             elif self.name == "ndcg":
                 total = 0.0
                 for ids, rel in zip(ranked, relevant, strict=True):

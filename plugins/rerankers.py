@@ -40,22 +40,32 @@ class MMRReranker:
         picked: list[int] = []
         remaining = list(range(len(candidates)))
         while remaining and len(picked) < top_k:
-            redundancy = similarity[remaining][:, picked].max(axis=1) if picked else np.zeros(len(remaining))
+            redundancy = (
+                similarity[remaining][:, picked].max(axis=1) if picked else np.zeros(len(remaining))
+            )
             scores = self.lam * relevance[remaining] - (1 - self.lam) * redundancy
             best = remaining[int(np.argmax(scores))]
             picked.append(best)
             remaining.remove(best)
-        return [RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr", candidates[i].vector) for i in picked]
+        return [
+            RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr", candidates[i].vector)
+            for i in picked
+        ]
 
 
 class QueryLikelihoodReranker:
     def __init__(self, ctx: RAGContext) -> None:
         if ctx.score_text is None:
-            raise RuntimeError("query-likelihood reranking needs a served model (use it inside `atlas serve`)")
+            raise RuntimeError(
+                "query-likelihood reranking needs a served model (use it inside `atlas serve`)"
+            )
         self.score_text = ctx.score_text
 
     def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
-        scored = [(self.score_text(f"Passage: {c.chunk.text}\nQuestion:", f" {query}"), c) for c in candidates]
+        scored = [
+            (self.score_text(f"Passage: {c.chunk.text}\nQuestion:", f" {query}"), c)
+            for c in candidates
+        ]
         scored.sort(key=lambda sc: (-sc[0], sc[1].chunk.id))
         return [RetrievedChunk(c.chunk, s, "query-likelihood") for s, c in scored[:top_k]]
 
@@ -64,7 +74,9 @@ class CrossEncoderReranker:
     def __init__(self, ctx: RAGContext) -> None:
         path = ctx.options.get("model_path")
         if not path:
-            raise RuntimeError("the cross-encoder reranker needs options.model_path (a local CrossEncoder folder)")
+            raise RuntimeError(
+                "the cross-encoder reranker needs options.model_path (a local CrossEncoder folder)"
+            )
         from sentence_transformers import CrossEncoder
 
         self.model = CrossEncoder(str(path), device="cpu")
@@ -72,9 +84,16 @@ class CrossEncoderReranker:
     def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
         if not candidates:
             return []
-        scores = self.model.predict([(query, c.chunk.text) for c in candidates], show_progress_bar=False)
-        order = sorted(range(len(candidates)), key=lambda i: (-float(scores[i]), candidates[i].chunk.id))
-        return [RetrievedChunk(candidates[i].chunk, float(scores[i]), "cross-encoder") for i in order[:top_k]]
+        scores = self.model.predict(
+            [(query, c.chunk.text) for c in candidates], show_progress_bar=False
+        )
+        order = sorted(
+            range(len(candidates)), key=lambda i: (-float(scores[i]), candidates[i].chunk.id)
+        )
+        return [
+            RetrievedChunk(candidates[i].chunk, float(scores[i]), "cross-encoder")
+            for i in order[:top_k]
+        ]
 
 
 @hookimpl

@@ -27,7 +27,10 @@ class DenseRetriever:
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
         vector = self.embedder.encode([query])[0]
-        return [RetrievedChunk(c, s, "dense", v) for c, s, v in self.store.search_dense(collection, vector, top_k, filters)]
+        return [
+            RetrievedChunk(c, s, "dense", v)
+            for c, s, v in self.store.search_dense(collection, vector, top_k, filters)
+        ]
 
 
 class BM25Retriever:
@@ -35,7 +38,10 @@ class BM25Retriever:
         self.store = ctx.store
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
-        return [RetrievedChunk(c, s, "bm25", v) for c, s, v in self.store.search_bm25(collection, query, top_k, filters)]
+        return [
+            RetrievedChunk(c, s, "bm25", v)
+            for c, s, v in self.store.search_bm25(collection, query, top_k, filters)
+        ]
 
 
 class HybridRetriever:

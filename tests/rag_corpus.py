@@ -10,8 +10,20 @@ import importlib
 import inspect
 from pathlib import Path
 
-MODULES = ["bisect", "heapq", "json", "csv", "textwrap", "statistics", "shutil", "functools", "shlex",
-           "fnmatch", "difflib", "base64"]
+MODULES = [
+    "bisect",
+    "heapq",
+    "json",
+    "csv",
+    "textwrap",
+    "statistics",
+    "shutil",
+    "functools",
+    "shlex",
+    "fnmatch",
+    "difflib",
+    "base64",
+]
 
 
 def write_corpus(folder: Path) -> list[Path]:
@@ -22,7 +34,9 @@ def write_corpus(folder: Path) -> list[Path]:
         parts = [f"# {name}\n\n{inspect.getdoc(module) or ''}\n"]
         for attr in sorted(getattr(module, "__all__", dir(module))):
             obj = getattr(module, attr, None)
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+            if attr.startswith("_") or not (
+                inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)
+            ):
                 continue
             doc = inspect.getdoc(obj)
             if doc and getattr(obj, "__module__", name).split(".")[0] in (name, f"_{name}"):

@@ -26,7 +26,16 @@ def test_builtins_are_discovered_through_entry_points():
     assert described["atlas-retrievers"]["distribution"] == "atlas-llm"
     assert {"dense", "bm25", "hybrid", "hybrid-rrf"} <= set(host.retrievers)
     assert {"mmr", "query-likelihood", "cross-encoder"} <= set(host.rerankers)
-    assert {"bleu", "chrf", "rouge", "exact_match", "token_f1", "recall_at_k", "mrr", "ndcg"} <= set(host.metrics)
+    assert {
+        "bleu",
+        "chrf",
+        "rouge",
+        "exact_match",
+        "token_f1",
+        "recall_at_k",
+        "mrr",
+        "ndcg",
+    } <= set(host.metrics)
 
 
 def test_every_hook_is_documented():
@@ -63,7 +72,9 @@ def broken_plugin_path(tmp_path, monkeypatch):
     """A fake installed distribution whose `atlas` entry point fails to import."""
     dist = tmp_path / "broken_atlas_plugin-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-atlas-plugin\nVersion: 0.1\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-atlas-plugin\nVersion: 0.1\n"
+    )
     (dist / "entry_points.txt").write_text("[atlas]\nbroken = broken_atlas_plugin\n")
     (tmp_path / "broken_atlas_plugin.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -91,16 +102,31 @@ def test_atlas_plugins_command_lists_them(broken_plugin_path):
 
 def test_example_faiss_package_installs_and_registers(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "atlas-faiss-retriever")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "atlas-faiss-retriever"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     script = textwrap.dedent("""
         import json
         from atlas_server.plugins import PluginHost
         print(json.dumps(PluginHost(strict=True).describe()))
     """)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
     rows = {p["name"]: p for p in json.loads(out.stdout)}
     assert rows["faiss"]["registered"]["retrievers"] == ["faiss"]
     assert rows["faiss"]["distribution"] == "atlas-faiss-retriever"

@@ -49,10 +49,13 @@ def word_count(text: str) -> int:
 
 
 def test_chunks_keep_spans_headings_and_limits():
-    text = "# Title\n\nIntro sentence one. Intro two.\n\n## Part A\n\n" + " ".join(
-        f"Sentence number {i} talks about topic {i}." for i in range(40)) + "\n\nPart A ends here."
+    text = (
+        "# Title\n\nIntro sentence one. Intro two.\n\n## Part A\n\n"
+        + " ".join(f"Sentence number {i} talks about topic {i}." for i in range(40))
+        + "\n\nPart A ends here."
+    )
     chunks = chunk_text(text, "doc.md", word_count, ChunkSettings(max_tokens=30, overlap_tokens=8))
-    assert all(text[c.start:c.end] == c.text for c in chunks)
+    assert all(text[c.start : c.end] == c.text for c in chunks)
     assert all(word_count(c.text) <= 30 for c in chunks)
     assert chunks[0].heading == "Title" and chunks[-1].heading == "Part A"
     assert all(c.text[-1] in ".!?" for c in chunks)  # whole sentences
@@ -65,7 +68,10 @@ def test_chunks_keep_spans_headings_and_limits():
 def test_rst_headings_are_found():
     text = "Overview\n========\n\nFirst part.\n\nDetails\n-------\n\nSecond part."
     chunks = chunk_text(text, "x.rst", word_count, ChunkSettings(50, 5))
-    assert [(c.heading, c.text) for c in chunks] == [("Overview", "First part."), ("Details", "Second part.")]
+    assert [(c.heading, c.text) for c in chunks] == [
+        ("Overview", "First part."),
+        ("Details", "Second part."),
+    ]
 
 
 def test_chunks_fit_the_embedder_window(store, embedder):
@@ -80,13 +86,18 @@ def test_reingest_is_idempotent_and_interrupted_ingest_converges(tmp_path, embed
     ingest(fresh, embedder, "std", documents_from_paths(files), progress=False)
     ingest(fresh, embedder, "std", documents_from_paths(files), progress=False)  # and once more
     ids = sorted(str(p.id) for p in fresh.client.scroll("std", limit=5000)[0])
-    reference = sorted(str(p.id) for p in store.client.scroll("std", limit=5000)[0] if p.payload["source"] in files)
+    reference = sorted(
+        str(p.id) for p in store.client.scroll("std", limit=5000)[0] if p.payload["source"] in files
+    )
     assert ids == reference and len(ids) == fresh.count("std")
     fresh.close()
 
 
 def _ranked(pipeline, name, k=5):
-    return [[Path(r.chunk.source).stem for r in pipeline.retrieve("std", q["q"], k, name)] for q in QUERIES]
+    return [
+        [Path(r.chunk.source).stem for r in pipeline.retrieve("std", q["q"], k, name)]
+        for q in QUERIES
+    ]
 
 
 def test_hybrid_beats_or_ties_each_single_retriever(store, embedder):
@@ -94,16 +105,25 @@ def test_hybrid_beats_or_ties_each_single_retriever(store, embedder):
     pipeline = RAGPipeline(host, RAGContext(store, embedder))
     relevant = [set(q["relevant"]) for q in QUERIES]
     mrr = host.metrics["mrr"]()
-    scores = {name: mrr.compute_ranking(_ranked(pipeline, name), relevant).scores["mrr"]
-              for name in ("dense", "bm25", "hybrid")}
+    scores = {
+        name: mrr.compute_ranking(_ranked(pipeline, name), relevant).scores["mrr"]
+        for name in ("dense", "bm25", "hybrid")
+    }
     assert scores["dense"] > 0.8, scores  # the corpus and labels make sense
     assert scores["hybrid"] >= scores["dense"] - 1e-9 and scores["hybrid"] >= scores["bm25"], scores
 
 
 def test_filters_restrict_results(store, embedder):
     pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, embedder))
-    source = str(next(p for p in Path(store.client.scroll("std", limit=1)[0][0].payload["source"]).parents[:1]) / "json.md")
-    results = pipeline.retrieve("std", "sorted list insertion", 3, "dense", filters={"source": source})
+    source = str(
+        next(
+            p for p in Path(store.client.scroll("std", limit=1)[0][0].payload["source"]).parents[:1]
+        )
+        / "json.md"
+    )
+    results = pipeline.retrieve(
+        "std", "sorted list insertion", 3, "dense", filters={"source": source}
+    )
     assert results and all(r.chunk.source == source for r in results)
 
 
@@ -126,13 +146,27 @@ def test_cross_encoder_reranker_loads_a_local_model(tmp_path, store, embedder):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)]))
+    vocab.write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(97, 123)])
+    )
     folder = tmp_path / "ce"
-    BertForSequenceClassification(BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32, num_labels=1)).save_pretrained(folder)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=31,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=1,
+        )
+    ).save_pretrained(folder)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     expected_model = CrossEncoder(str(folder))
-    pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, embedder), {"cross-encoder": {"model_path": str(folder)}})
+    pipeline = RAGPipeline(
+        get_plugin_host(),
+        RAGContext(store, embedder),
+        {"cross-encoder": {"model_path": str(folder)}},
+    )
     candidates = pipeline.retrieve("std", "json", 5, "dense")
     reranked = pipeline.component("rerankers", "cross-encoder").rerank("json", candidates, 3)
     scores = expected_model.predict([("json", c.chunk.text) for c in candidates])
@@ -143,16 +177,23 @@ def test_cross_encoder_reranker_loads_a_local_model(tmp_path, store, embedder):
 def test_failing_plugin_is_named(store, embedder):
     pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, embedder))
     with pytest.raises(PluginRuntimeError, match="atlas-rerankers"):
-        pipeline.retrieve("std", "q", 2, "dense", reranker="cross-encoder")  # no model_path configured
+        pipeline.retrieve(
+            "std", "q", 2, "dense", reranker="cross-encoder"
+        )  # no model_path configured
 
 
 def test_grounded_prompt_and_citations(store, embedder):
-    chunks = RAGPipeline(get_plugin_host(), RAGContext(store, embedder)).retrieve("std", "bisect insort", 3, "hybrid")
+    chunks = RAGPipeline(get_plugin_host(), RAGContext(store, embedder)).retrieve(
+        "std", "bisect insort", 3, "hybrid"
+    )
     prompt = grounded_prompt("How do I insert into a sorted list?", chunks)
     assert "[1]" in prompt and "[3]" in prompt and chunks[0].chunk.text in prompt
     citations, dropped = extract_citations("Use insort [1][3], see also [7] and [1, 2].", chunks)
     assert [c["id"] for c in citations] == [1, 3, 2] and dropped == 1
-    assert citations[0]["text"] == chunks[0].chunk.text and citations[0]["span"] == [chunks[0].chunk.start, chunks[0].chunk.end]
+    assert citations[0]["text"] == chunks[0].chunk.text and citations[0]["span"] == [
+        chunks[0].chunk.start,
+        chunks[0].chunk.end,
+    ]
 
 
 def test_local_store_lock_error_says_what_to_do(tmp_path):

@@ -21,12 +21,21 @@ from test_api import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
-    {"text": "The bisect module keeps a list in sorted order. insort inserts an item at its sorted position.",
-     "source": "bisect.md", "title": "bisect"},
-    {"text": "The heapq module implements the heap queue algorithm, also known as the priority queue.",
-     "source": "heapq.md", "title": "heapq"},
-    {"text": "The json module serializes Python objects to JSON text with dumps and parses it with loads.",
-     "source": "json.md", "title": "json"},
+    {
+        "text": "The bisect module keeps a list in sorted order. insort inserts an item at its sorted position.",
+        "source": "bisect.md",
+        "title": "bisect",
+    },
+    {
+        "text": "The heapq module implements the heap queue algorithm, also known as the priority queue.",
+        "source": "heapq.md",
+        "title": "heapq",
+    },
+    {
+        "text": "The json module serializes Python objects to JSON text with dumps and parses it with loads.",
+        "source": "json.md",
+        "title": "json",
+    },
 ]
 
 
@@ -50,7 +59,9 @@ def long_checkpoint(tmp_path_factory, byte_tokenizer):
     from atlas_server.model import Transformer, load_preset
 
     torch.manual_seed(0)
-    model = Transformer(load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size, max_seq_len=1024))
+    model = Transformer(
+        load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size, max_seq_len=1024)
+    )
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-long", model, byte_tokenizer)
 
 
@@ -86,7 +97,9 @@ def rag_server(long_checkpoint, tmp_path_factory):
 
 
 def test_ingest_is_idempotent_over_http(rag_server):
-    r = httpx.post(rag_server + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=60)
+    r = httpx.post(
+        rag_server + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=60
+    )
     assert r.json()["total"] == 3
     listed = httpx.get(rag_server + "/v1/collections").json()["data"]
     assert {"name": "std", "chunks": 3} in listed
@@ -94,38 +107,68 @@ def test_ingest_is_idempotent_over_http(rag_server):
 
 @pytest.mark.parametrize("retriever", ["dense", "bm25", "hybrid", "hybrid-rrf"])
 def test_retrieve_ranks_the_right_document_first(rag_server, retriever):
-    r = httpx.post(rag_server + "/v1/retrieve", json={"collection": "std", "query": "priority queue heap",
-                                                      "top_k": 2, "retriever": retriever}, timeout=60).json()
+    r = httpx.post(
+        rag_server + "/v1/retrieve",
+        json={
+            "collection": "std",
+            "query": "priority queue heap",
+            "top_k": 2,
+            "retriever": retriever,
+        },
+        timeout=60,
+    ).json()
     assert r["data"][0]["source"] == "heapq.md" and r["data"][0]["rank"] == 1
-    assert r["data"][0]["text"] == DOCS[1]["text"] and r["data"][0]["span"] == [0, len(DOCS[1]["text"])]
+    assert r["data"][0]["text"] == DOCS[1]["text"] and r["data"][0]["span"] == [
+        0,
+        len(DOCS[1]["text"]),
+    ]
 
 
 def test_grounded_completion_returns_citations_of_given_sources(rag_server):
-    body = {"prompt": "Which module keeps a list sorted?", "max_tokens": 8, "temperature": 0,
-            "rag": {"collection": "std", "top_k": 2}}
+    body = {
+        "prompt": "Which module keeps a list sorted?",
+        "max_tokens": 8,
+        "temperature": 0,
+        "rag": {"collection": "std", "top_k": 2},
+    }
     r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60).json()
     choice = r["choices"][0]
     assert isinstance(choice["citations"], list) and choice["dropped_citations"] >= 0
-    assert r["usage"]["prompt_tokens"] > len(body["prompt"]) + len(DOCS[0]["text"])  # sources were added
+    assert r["usage"]["prompt_tokens"] > len(body["prompt"]) + len(
+        DOCS[0]["text"]
+    )  # sources were added
     tokenized = httpx.post(rag_server + "/tokenize", json={"prompt": "x"}).json()
     assert tokenized["count"] == 1
 
 
 def test_grounded_chat_and_stream(rag_server):
-    body = {"messages": [{"role": "user", "content": "What parses JSON?"}], "max_tokens": 4,
-            "temperature": 0, "rag": {"collection": "std", "top_k": 1}}
+    body = {
+        "messages": [{"role": "user", "content": "What parses JSON?"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "rag": {"collection": "std", "top_k": 1},
+    }
     r = httpx.post(rag_server + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and "citations" in r.json()["choices"][0]
-    with httpx.stream("POST", rag_server + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+    with httpx.stream(
+        "POST", rag_server + "/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as s:
         lines = [line for line in s.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and '"citations"' in lines[-2]
 
 
 def test_plugin_failure_is_named_and_the_server_stays_up(rag_server):
-    body = {"prompt": "anything", "max_tokens": 2, "rag": {"collection": "std", "retriever": "exploding"}}
+    body = {
+        "prompt": "anything",
+        "max_tokens": 2,
+        "rag": {"collection": "std", "retriever": "exploding"},
+    }
     r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 502
-    assert "broken-at-runtime" in r.json()["error"]["message"] and "index corrupted" in r.json()["error"]["message"]
+    assert (
+        "broken-at-runtime" in r.json()["error"]["message"]
+        and "index corrupted" in r.json()["error"]["message"]
+    )
     assert httpx.get(rag_server + "/health").status_code == 200
 
 
@@ -142,11 +185,21 @@ def test_sources_are_dropped_to_fit_a_short_context(tiny_checkpoint, tmp_path):
     service = ext["augmenter"].service
     from atlas_server.rag.ingest import Document, ingest
 
-    ingest(service.store, service.embedder, "c", [Document(d["text"], d["source"]) for d in DOCS], progress=False)
-    aug = asyncio.run(ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 340))
+    ingest(
+        service.store,
+        service.embedder,
+        "c",
+        [Document(d["text"], d["source"]) for d in DOCS],
+        progress=False,
+    )
+    aug = asyncio.run(
+        ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 340)
+    )
     assert len(state.tokenizer.encode(aug.prompt)) <= 340 and 1 <= len(aug.context) < 3
     with pytest.raises(RequestError, match="no retrieved source fits"):
-        asyncio.run(ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 200))
+        asyncio.run(
+            ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 200)
+        )
     state.shutdown()
     service.store.close()
 
@@ -168,9 +221,15 @@ def test_bad_rag_requests_are_4xx(rag_server):
 def test_embeddings_match_sentence_transformers(rag_server):
     from atlas_server.rag.embedding import Embedder
 
-    r = httpx.post(rag_server + "/v1/embeddings", json={"input": ["hello world", "heap"]}, timeout=60).json()
+    r = httpx.post(
+        rag_server + "/v1/embeddings", json={"input": ["hello world", "heap"]}, timeout=60
+    ).json()
     expected = Embedder().encode(["hello world", "heap"])
-    assert len(r["data"]) == 2 and abs(sum(a * b for a, b in zip(r["data"][0]["embedding"], expected[0], strict=False))) > 0.999
+    assert (
+        len(r["data"]) == 2
+        and abs(sum(a * b for a, b in zip(r["data"][0]["embedding"], expected[0], strict=False)))
+        > 0.999
+    )
     assert httpx.post(rag_server + "/v1/embeddings", json={"input": []}).status_code == 400
 
 
@@ -185,16 +244,51 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
     import time
 
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "atlas-faiss-retriever")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "atlas-faiss-retriever"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     config = tmp_path / "server.toml"
     config.write_text(f'[rag]\ndata_dir = "{tmp_path / "qdrant"}"\nretriever = "faiss"\n')
     port = free_port()
-    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tiny_checkpoint),
-                             "--port", str(port), "--config", str(config), "--log-level", "warning"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        "PYTHONPATH": str(target),
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "1",
+        "HOME": str(tmp_path),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atlas_server.cli",
+            "serve",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--port",
+            str(port),
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -203,8 +297,12 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        httpx.post(base + "/v1/collections/c/documents", json={"documents": DOCS}, timeout=120).raise_for_status()
-        r = httpx.post(base + "/v1/retrieve", json={"collection": "c", "query": "priority queue"}, timeout=60).json()
+        httpx.post(
+            base + "/v1/collections/c/documents", json={"documents": DOCS}, timeout=120
+        ).raise_for_status()
+        r = httpx.post(
+            base + "/v1/retrieve", json={"collection": "c", "query": "priority queue"}, timeout=60
+        ).json()
         assert r["data"][0]["retriever"] == "faiss" and r["data"][0]["source"] == "heapq.md"
         plugins = {p["name"] for p in httpx.get(base + "/v1/plugins").json()["data"]}
         assert "faiss" in plugins

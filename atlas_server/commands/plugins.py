@@ -31,7 +31,10 @@ def plugins(
         return
     for p in rows:
         version = p["version"] or "-"
-        typer.echo(f"{p['name']} {version} ({p['module']})" + (f"  FAILED: {p['error']}" if p["error"] else ""))
+        typer.echo(
+            f"{p['name']} {version} ({p['module']})"
+            + (f"  FAILED: {p['error']}" if p["error"] else "")
+        )
         for kind, names in p["registered"].items():
             if names:
                 typer.echo(f"    {kind}: {', '.join(names)}")

@@ -15,7 +15,9 @@ import typer
 
 from ._common import user_errors
 
-app = typer.Typer(help="Retrieval-augmented generation: ingest and query collections.", no_args_is_help=True)
+app = typer.Typer(
+    help="Retrieval-augmented generation: ingest and query collections.", no_args_is_help=True
+)
 
 
 def _store(data_dir: Path | None, qdrant_url: str | None):
@@ -31,14 +33,18 @@ def _errors():
     from ..rag.pipeline import PluginRuntimeError, UnknownComponentError
     from ..rag.store import StoreError
 
-    return user_errors(IngestError, StoreError, PluginRuntimeError, UnknownComponentError, RuntimeError)
+    return user_errors(
+        IngestError, StoreError, PluginRuntimeError, UnknownComponentError, RuntimeError
+    )
 
 
 @app.command()
 def ingest(
     paths: list[str] = typer.Argument(..., help="Files or folders (.txt .md .rst .jsonl)."),
     collection: str = typer.Option(..., help="Collection name."),
-    data_dir: Path = typer.Option(None, help="Embedded Qdrant data directory (default ~/.local/share/atlas/qdrant)."),
+    data_dir: Path = typer.Option(
+        None, help="Embedded Qdrant data directory (default ~/.local/share/atlas/qdrant)."
+    ),
     qdrant_url: str = typer.Option(None, help="A Qdrant server instead of the embedded store."),
     max_tokens: int = typer.Option(200, help="Chunk size in embedder word pieces (<= 256)."),
     overlap: int = typer.Option(40, help="Overlap between consecutive chunks, in word pieces."),
@@ -56,10 +62,17 @@ def ingest(
         if not 1 <= max_tokens <= 256 or not 0 <= overlap < max_tokens:
             raise ValueError("--max-tokens must be 1..256 and --overlap smaller than it")
         store = _store(data_dir, qdrant_url)
-        result = run_ingest(store, Embedder(), collection, documents_from_paths(paths),
-                            ChunkSettings(max_tokens, overlap))
+        result = run_ingest(
+            store,
+            Embedder(),
+            collection,
+            documents_from_paths(paths),
+            ChunkSettings(max_tokens, overlap),
+        )
         store.close()
-    typer.echo(f"{result['chunks']} chunks processed; collection {collection!r} now holds {result['total']}")
+    typer.echo(
+        f"{result['chunks']} chunks processed; collection {collection!r} now holds {result['total']}"
+    )
 
 
 @app.command()
@@ -67,7 +80,9 @@ def query(
     text: str = typer.Argument(..., help="The question."),
     collection: str = typer.Option(..., help="Collection name."),
     top_k: int = typer.Option(4, help="Chunks to return."),
-    retriever: str = typer.Option("hybrid", help="Retriever plugin name (atlas plugins lists them)."),
+    retriever: str = typer.Option(
+        "hybrid", help="Retriever plugin name (atlas plugins lists them)."
+    ),
     reranker: str = typer.Option(None, help="Reranker plugin name."),
     data_dir: Path = typer.Option(None, help="Embedded Qdrant data directory."),
     qdrant_url: str = typer.Option(None, help="A Qdrant server instead of the embedded store."),

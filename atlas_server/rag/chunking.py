@@ -54,8 +54,12 @@ def sections(text: str) -> Iterator[tuple[str | None, int, int]]:
         md = _MD_HEADING.match(line)
         if md:
             title, consumed = md.group(2), 1
-        elif (i + 1 < len(lines) and line.strip() and _RST_UNDERLINE.match(lines[i + 1].rstrip("\n"))
-              and len(lines[i + 1].strip()) >= len(line.strip())):
+        elif (
+            i + 1 < len(lines)
+            and line.strip()
+            and _RST_UNDERLINE.match(lines[i + 1].rstrip("\n"))
+            and len(lines[i + 1].strip()) >= len(line.strip())
+        ):
             title, consumed = line.strip(), 2
         if title is not None:
             if offsets[i] > start:
@@ -87,20 +91,28 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def _split_long(text: str, a: int, b: int, count: Callable[[str], int], limit: int) -> list[tuple[int, int]]:
+def _split_long(
+    text: str, a: int, b: int, count: Callable[[str], int], limit: int
+) -> list[tuple[int, int]]:
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[a:b])]
     pieces, first = [], 0
     while first < len(words):
         last = first + 1
-        while last < len(words) and count(text[a + words[first][0]: a + words[last][1]]) <= limit:
+        while last < len(words) and count(text[a + words[first][0] : a + words[last][1]]) <= limit:
             last += 1
         pieces.append((a + words[first][0], a + words[last - 1][1]))
         first = last
     return pieces
 
 
-def chunk_text(text: str, source: str, count: Callable[[str], int], settings: ChunkSettings,
-               title: str | None = None, metadata: dict | None = None) -> list[Chunk]:
+def chunk_text(
+    text: str,
+    source: str,
+    count: Callable[[str], int],
+    settings: ChunkSettings,
+    title: str | None = None,
+    metadata: dict | None = None,
+) -> list[Chunk]:
     chunks: list[Chunk] = []
     for heading, s_start, s_end in sections(text):
         units: list[tuple[int, int]] = []
@@ -112,17 +124,29 @@ def chunk_text(text: str, source: str, count: Callable[[str], int], settings: Ch
         i = 0
         while i < len(units):
             j = i + 1
-            while j < len(units) and count(text[units[i][0]:units[j][1]]) <= settings.max_tokens:
+            while j < len(units) and count(text[units[i][0] : units[j][1]]) <= settings.max_tokens:
                 j += 1
             a, b = units[i][0], units[j - 1][1]
             body = text[a:b]
-            chunks.append(Chunk(chunk_id(source, a, b, body), body, source, heading or title, a, b,
-                                dict(metadata or {})))
+            chunks.append(
+                Chunk(
+                    chunk_id(source, a, b, body),
+                    body,
+                    source,
+                    heading or title,
+                    a,
+                    b,
+                    dict(metadata or {}),
+                )
+            )
             if j >= len(units):
                 break
             # Start the next chunk with as many trailing sentences as fit in the overlap.
             k = j
-            while k - 1 > i and count(text[units[k - 1][0]:units[j - 1][1]]) <= settings.overlap_tokens:
+            while (
+                k - 1 > i
+                and count(text[units[k - 1][0] : units[j - 1][1]]) <= settings.overlap_tokens
+            ):
                 k -= 1
             i = k if k > i else j
     return chunks

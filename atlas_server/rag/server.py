@@ -102,15 +102,23 @@ class RAGService:
             async for event in state.engine.submit(ids, params):
                 if event.prompt_logprobs is not None:
                     logprobs = event.prompt_logprobs
-            tail = [e.logprob for e in logprobs[-len(text_ids):] if e is not None]
+            tail = [e.logprob for e in logprobs[-len(text_ids) :] if e is not None]
             return sum(tail) / max(1, len(tail))
 
         return asyncio.run_coroutine_threadsafe(score(), self.loop).result(timeout=120)
 
-    def retrieve(self, collection, query, top_k, retriever, reranker, filters) -> list[RetrievedChunk]:
+    def retrieve(
+        self, collection, query, top_k, retriever, reranker, filters
+    ) -> list[RetrievedChunk]:
         cfg = self.state.config.rag
-        return self._open().retrieve(collection, query, top_k or cfg.top_k, retriever or cfg.retriever,
-                                     reranker if reranker is not None else cfg.reranker, filters)
+        return self._open().retrieve(
+            collection,
+            query,
+            top_k or cfg.top_k,
+            retriever or cfg.retriever,
+            reranker if reranker is not None else cfg.reranker,
+            filters,
+        )
 
     async def retrieve_async(self, *args) -> list[RetrievedChunk]:
         self.loop = asyncio.get_running_loop()
@@ -128,13 +136,21 @@ class RAGAugmenter:
     def __init__(self, service: RAGService) -> None:
         self.service = service
 
-    async def augment(self, rag, prompt: str | None, messages: list[dict] | None,
-                      max_prompt_tokens: int | None = None) -> Augmentation:
+    async def augment(
+        self,
+        rag,
+        prompt: str | None,
+        messages: list[dict] | None,
+        max_prompt_tokens: int | None = None,
+    ) -> Augmentation:
         query = prompt if prompt is not None else last_user_text(messages or [])
         if not query.strip():
-            raise RequestError("rag needs a non-empty question (the prompt or the last user message)", param="rag")
-        chunks = await self.service.retrieve_async(rag.collection, query, rag.top_k, rag.retriever,
-                                                   rag.reranker, rag.filters)
+            raise RequestError(
+                "rag needs a non-empty question (the prompt or the last user message)", param="rag"
+            )
+        chunks = await self.service.retrieve_async(
+            rag.collection, query, rag.top_k, rag.retriever, rag.reranker, rag.filters
+        )
         tokenizer = self.service.state.tokenizer
         # Drop the lowest-ranked sources until the grounded prompt fits the context.
         while True:
@@ -142,15 +158,23 @@ class RAGAugmenter:
                 augmented = Augmentation(prompt=grounded_prompt(prompt, chunks), context=chunks)
                 text = augmented.prompt
             else:
-                augmented = Augmentation(messages=grounded_messages(messages or [], chunks), context=chunks)
+                augmented = Augmentation(
+                    messages=grounded_messages(messages or [], chunks), context=chunks
+                )
                 text = " ".join(str(m.get("content") or "") for m in augmented.messages)
-            if max_prompt_tokens is None or not chunks or len(tokenizer.encode(text)) <= max_prompt_tokens:
+            if (
+                max_prompt_tokens is None
+                or not chunks
+                or len(tokenizer.encode(text)) <= max_prompt_tokens
+            ):
                 break
             chunks = chunks[:-1]
         if not chunks:
-            raise RequestError(f"no retrieved source fits the model's {self.service.state.max_model_len}-token "
-                               "context next to the question; lower max_tokens or use a longer-context model",
-                               param="rag")
+            raise RequestError(
+                f"no retrieved source fits the model's {self.service.state.max_model_len}-token "
+                "context next to the question; lower max_tokens or use a longer-context model",
+                param="rag",
+            )
         return augmented
 
     def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]:
@@ -159,8 +183,17 @@ class RAGAugmenter:
 
 def _chunk_json(r: RetrievedChunk, rank: int) -> dict[str, Any]:
     c = r.chunk
-    return {"rank": rank, "id": c.id, "score": r.score, "retriever": r.retriever, "text": c.text,
-            "source": c.source, "heading": c.heading, "span": [c.start, c.end], "metadata": c.metadata}
+    return {
+        "rank": rank,
+        "id": c.id,
+        "score": r.score,
+        "retriever": r.retriever,
+        "text": c.text,
+        "source": c.source,
+        "heading": c.heading,
+        "span": [c.start, c.end],
+        "metadata": c.metadata,
+    }
 
 
 def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[str, Any]:
@@ -171,7 +204,9 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
     async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise RequestError("input must be a non-empty string or list of non-empty strings", param="input")
+            raise RequestError(
+                "input must be a non-empty string or list of non-empty strings", param="input"
+            )
         if len(texts) > 2048:
             raise RequestError("at most 2048 inputs per request", param="input")
         if data.encoding_format not in ("float", "base64"):
@@ -185,18 +220,27 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         else:
             rows = [v.tolist() for v in vectors]
         pieces = sum(embedder.count_pieces(t) for t in texts)
-        return {"object": "list", "model": embedder.name,
-                "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
-                "usage": {"prompt_tokens": pieces, "total_tokens": pieces}}
+        return {
+            "object": "list",
+            "model": embedder.name,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)
+            ],
+            "usage": {"prompt_tokens": pieces, "total_tokens": pieces},
+        }
 
     @post("/v1/retrieve", status_code=200, summary="Ranked chunks for a query (Atlas)")
     async def retrieve(data: RetrieveRequest) -> dict[str, Any]:
         if not 1 <= data.top_k <= 100:
             raise RequestError("top_k must be between 1 and 100", param="top_k")
-        chunks = await service.retrieve_async(data.collection, data.query, data.top_k, data.retriever,
-                                              data.reranker, data.filters)
-        return {"object": "list", "collection": data.collection,
-                "data": [_chunk_json(r, i) for i, r in enumerate(chunks, 1)]}
+        chunks = await service.retrieve_async(
+            data.collection, data.query, data.top_k, data.retriever, data.reranker, data.filters
+        )
+        return {
+            "object": "list",
+            "collection": data.collection,
+            "data": [_chunk_json(r, i) for i, r in enumerate(chunks, 1)],
+        }
 
     @get("/v1/collections", summary="List collections (Atlas)")
     async def list_collections() -> dict[str, Any]:
@@ -204,7 +248,11 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         names = store.collections()
         return {"object": "list", "data": [{"name": n, "chunks": store.count(n)} for n in names]}
 
-    @post("/v1/collections/{name:str}/documents", status_code=200, summary="Ingest documents into a collection (Atlas)")
+    @post(
+        "/v1/collections/{name:str}/documents",
+        status_code=200,
+        summary="Ingest documents into a collection (Atlas)",
+    )
     async def add_documents(name: str, data: DocumentsRequest) -> dict[str, Any]:
         if not data.documents:
             raise RequestError("documents must not be empty", param="documents")
@@ -213,7 +261,9 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         docs = [Document(d.text, d.source, d.title) for d in data.documents]
 
         def run() -> dict:
-            return ingest(service.store, service.embedder, name, docs, ChunkSettings(), progress=False)
+            return ingest(
+                service.store, service.embedder, name, docs, ChunkSettings(), progress=False
+            )
 
         return await asyncio.to_thread(run)
 

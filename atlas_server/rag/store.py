@@ -46,7 +46,10 @@ def terms(text: str) -> list[str]:
 
 
 def term_id(term: str) -> int:
-    return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+    return (
+        int.from_bytes(hashlib.blake2b(term.encode(), digest_size=4).digest(), "little")
+        & 0x7FFFFFFF
+    )
 
 
 def bm25_document_vector(text: str) -> models.SparseVector:
@@ -54,7 +57,9 @@ def bm25_document_vector(text: str) -> models.SparseVector:
     counts = Counter(term_id(w) for w in words)
     norm = K1 * (1 - B + B * len(words) / AVG_LEN)
     indices = sorted(counts)
-    return models.SparseVector(indices=indices, values=[counts[i] * (K1 + 1) / (counts[i] + norm) for i in indices])
+    return models.SparseVector(
+        indices=indices, values=[counts[i] * (K1 + 1) / (counts[i] + norm) for i in indices]
+    )
 
 
 def bm25_query_vector(text: str) -> models.SparseVector:
@@ -75,13 +80,24 @@ def _filter(filters: dict[str, Any] | None) -> models.Filter | None:
 
 
 def chunk_from_payload(point_id: Any, payload: dict[str, Any]) -> Chunk:
-    return Chunk(str(point_id), payload["text"], payload["source"], payload.get("heading"),
-                 int(payload["start"]), int(payload["end"]), payload.get("metadata") or {})
+    return Chunk(
+        str(point_id),
+        payload["text"],
+        payload["source"],
+        payload.get("heading"),
+        int(payload["start"]),
+        int(payload["end"]),
+        payload.get("metadata") or {},
+    )
 
 
 class VectorStore:
-    def __init__(self, data_dir: str | os.PathLike | None = None, url: str | None = None,
-                 api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.location = url or str(Path(data_dir) if data_dir else default_data_dir())
         try:
             if url:
@@ -95,7 +111,8 @@ class VectorStore:
                     f"the data dir {self.location} is in use by another process (a running `atlas serve`?): "
                     "embedded Qdrant allows one process per data directory. Ingest through "
                     "POST /v1/collections/NAME/documents on that server, stop it, or use a Qdrant server "
-                    "(--qdrant-url)") from None
+                    "(--qdrant-url)"
+                ) from None
             raise
 
     def close(self) -> None:
@@ -127,8 +144,14 @@ class VectorStore:
             models.PointStruct(
                 id=c.id,
                 vector={DENSE: v.tolist(), SPARSE: bm25_document_vector(c.text)},
-                payload={"text": c.text, "source": c.source, "heading": c.heading, "start": c.start,
-                         "end": c.end, "metadata": c.metadata},
+                payload={
+                    "text": c.text,
+                    "source": c.source,
+                    "heading": c.heading,
+                    "start": c.start,
+                    "end": c.end,
+                    "metadata": c.metadata,
+                },
             )
             for c, v in zip(chunks, vectors, strict=True)
         ]
@@ -136,27 +159,49 @@ class VectorStore:
 
     def _require(self, name: str) -> None:
         if not self.exists(name):
-            raise StoreError(f"collection {name!r} does not exist; ingest documents into it first "
-                             f"(collections: {', '.join(self.collections()) or 'none'})")
+            raise StoreError(
+                f"collection {name!r} does not exist; ingest documents into it first "
+                f"(collections: {', '.join(self.collections()) or 'none'})"
+            )
 
-    def search_dense(self, name: str, vector, top_k: int, filters=None) -> list[tuple[Chunk, float, Any]]:
+    def search_dense(
+        self, name: str, vector, top_k: int, filters=None
+    ) -> list[tuple[Chunk, float, Any]]:
         """(chunk, score, stored dense vector) best first."""
         self._require(name)
-        hits = self.client.query_points(name, query=list(map(float, vector)), using=DENSE, limit=top_k,
-                                        query_filter=_filter(filters), with_payload=True,
-                                        with_vectors=[DENSE]).points
-        return [(chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits]
+        hits = self.client.query_points(
+            name,
+            query=list(map(float, vector)),
+            using=DENSE,
+            limit=top_k,
+            query_filter=_filter(filters),
+            with_payload=True,
+            with_vectors=[DENSE],
+        ).points
+        return [
+            (chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits
+        ]
 
-    def search_bm25(self, name: str, query: str, top_k: int, filters=None) -> list[tuple[Chunk, float, Any]]:
+    def search_bm25(
+        self, name: str, query: str, top_k: int, filters=None
+    ) -> list[tuple[Chunk, float, Any]]:
         """(chunk, score, stored dense vector) best first."""
         self._require(name)
         vector = bm25_query_vector(query)
         if not vector.indices:
             return []
-        hits = self.client.query_points(name, query=vector, using=SPARSE, limit=top_k,
-                                        query_filter=_filter(filters), with_payload=True,
-                                        with_vectors=[DENSE]).points
-        return [(chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits]
+        hits = self.client.query_points(
+            name,
+            query=vector,
+            using=SPARSE,
+            limit=top_k,
+            query_filter=_filter(filters),
+            with_payload=True,
+            with_vectors=[DENSE],
+        ).points
+        return [
+            (chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits
+        ]
 
     def vectors(self, name: str, ids: list[str]):
         points = self.client.retrieve(name, ids=ids, with_vectors=[DENSE])

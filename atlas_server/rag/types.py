@@ -38,15 +38,18 @@ class RetrievedChunk:
 class Retriever(Protocol):
     """Returns up to `top_k` chunks of `collection` for `query`, best first."""
 
-    def retrieve(self, collection: str, query: str, top_k: int,
-                 filters: dict[str, Any] | None = None) -> list[RetrievedChunk]: ...
+    def retrieve(
+        self, collection: str, query: str, top_k: int, filters: dict[str, Any] | None = None
+    ) -> list[RetrievedChunk]: ...
 
 
 @runtime_checkable
 class Reranker(Protocol):
     """Reorders candidates for `query`; returns at most `top_k`, best first."""
 
-    def rerank(self, query: str, candidates: Sequence[RetrievedChunk], top_k: int) -> list[RetrievedChunk]: ...
+    def rerank(
+        self, query: str, candidates: Sequence[RetrievedChunk], top_k: int
+    ) -> list[RetrievedChunk]: ...
 
 
 @dataclass(frozen=True)

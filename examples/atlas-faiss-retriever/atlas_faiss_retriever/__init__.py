@@ -34,8 +34,13 @@ class FaissRetriever:
             if cached is None or cached[0] != size:
                 points, chunks, vectors, offset = [], [], [], None
                 while True:
-                    batch, offset = self.store.client.scroll(collection, limit=1024, offset=offset,
-                                                             with_payload=True, with_vectors=["dense"])
+                    batch, offset = self.store.client.scroll(
+                        collection,
+                        limit=1024,
+                        offset=offset,
+                        with_payload=True,
+                        with_vectors=["dense"],
+                    )
                     points += batch
                     if offset is None:
                         break
@@ -54,7 +59,11 @@ class FaissRetriever:
         _, index, chunks = self._index(collection)
         query_vector = self.embedder.encode([query])  # [1, D]
         scores, ids = index.search(query_vector, min(top_k, len(chunks)))
-        return [RetrievedChunk(chunks[i], float(s), "faiss") for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        return [
+            RetrievedChunk(chunks[i], float(s), "faiss")
+            for s, i in zip(scores[0], ids[0], strict=True)
+            if i >= 0
+        ]
 
 
 @hookimpl

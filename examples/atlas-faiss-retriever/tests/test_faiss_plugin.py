@@ -21,8 +21,12 @@ def test_faiss_matches_dense(tmp_path):
     host = PluginHost()
     host.register(atlas_faiss_retriever, "faiss-example")
     store, embedder = VectorStore(tmp_path / "q"), Embedder()
-    docs = [Document(f"Paragraph {i} is about {topic}.", f"doc{i}") for i, topic in
-            enumerate(["sorting lists", "reading files", "network sockets", "regular expressions"])]
+    docs = [
+        Document(f"Paragraph {i} is about {topic}.", f"doc{i}")
+        for i, topic in enumerate(
+            ["sorting lists", "reading files", "network sockets", "regular expressions"]
+        )
+    ]
     ingest(store, embedder, "c", docs, progress=False)
     pipeline = RAGPipeline(host, RAGContext(store, embedder))
     faiss_ids = [r.chunk.id for r in pipeline.retrieve("c", "how to open a file", 3, "faiss")]
