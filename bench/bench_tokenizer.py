@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_tokenizer.py            # ~10 MB corpus, 8k vocab
     .venv/bin/python bench/bench_tokenizer.py --quick    # ~2 MB corpus, 8k vocab
-    .venv/bin/python bench/bench_tokenizer.py --write docs/_bench_tokenizer.md
+    .venv/bin/python bench/bench_tokenizer.py [--write FILE.md]
 
 What it measures, all in one run on the same machine:
 - training: Atlas `train_from_files` vs HF `BpeTrainer` on the same files, same vocab size,
