@@ -12,14 +12,14 @@ with the same seed against the same server. What it does not do: compare runs (s
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from atlas_server.tokenizer.bpe import atomic_write_text
 
 from .errors import ResultsError
 
@@ -71,17 +71,8 @@ def git_state() -> dict[str, Any]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temp file beside `path`, fsync, rename: Atlas's one atomic writer."""
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
