@@ -161,7 +161,8 @@ def test_checkpoint_is_served_unchanged_and_logs_exist(tmp_path, data_dir):
     assert (tmp_path / "run" / "config.toml").read_text().startswith("[model]")
 
 
-def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir, strategy):
     single = train(config(data_dir, tmp_path / "one", "data.micro_batch=4", "model.overrides={dropout = 0.0}"),
                    progress=False)["losses"]
     out = tmp_path / "ddp"
@@ -171,7 +172,8 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir):
            "--set", "data.micro_batch=2", "--set", "data.grad_accum=2", "--set", "schedule.max_steps=12",
            "--set", "schedule.warmup_steps=3", "--set", "run.eval_every=6", "--set", "run.eval_batches=2",
            "--set", "run.checkpoint_every=12", "--set", "run.threads=1", "--set", "run.sample_tokens=0",
-           "--set", "model.overrides={dropout = 0.0}", "--set", "run.log_every=1"]
+           "--set", "model.overrides={dropout = 0.0}", "--set", "run.log_every=1",
+           "--set", f'run.distributed="{strategy}"']
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     ddp = load_checkpoint(out / "checkpoints" / "step_000012").model

@@ -192,27 +192,39 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
     raw_model = model
     if cfg.run.activation_checkpointing:
         enable_activation_checkpointing(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.run.precision == "fp16")
-
-    start_step = 0
+    start_step, saved = 0, None
     if resume:
         clean_partial(run_dir)
         last = latest_checkpoint(run_dir)
         if last is not None:
-            tensors, plain = load_trainer_state(last)
+            saved = load_trainer_state(last)
             weights = load_checkpoint(last, attention=cfg.run.attention).model.state_dict()
-            raw_model.load_state_dict(weights)
-            optimizer.load_state_dict(optimizer_from_flat(tensors, plain["optimizer"]))
-            if plain.get("scaler"):
-                scaler.load_state_dict(plain["scaler"])
-            train_data.load_state_dict(plain["loader"])
-            set_rng_state(tensors, plain["rng"])
-            start_step = plain["step"]
+            raw_model.load_state_dict(weights)  # full weights, before any sharding
+            start_step = saved[1]["step"]
 
     if d.world > 1:
         model = _wrap_distributed(model, cfg, device)
+    # The optimizer is built after wrapping: FSDP replaces parameters with sharded ones.
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.run.precision == "fp16")
+    if saved is not None:
+        tensors, plain = saved
+        optim_state = optimizer_from_flat(tensors, plain["optimizer"])
+        if cfg.run.distributed == "fsdp" and d.world > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(model, optimizer, optim_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optim_state)
+        if plain.get("scaler"):
+            scaler.load_state_dict(plain["scaler"])
+        train_data.load_state_dict(plain["loader"])
+        set_rng_state(tensors, plain["rng"])
     forward_model = torch.compile(model) if cfg.run.compile else model
 
     n_params = raw_model.num_parameters()

@@ -57,19 +57,21 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> No
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    # Keys are "opt|PARAM|SLOT": PARAM is an index (plain optimizers) or a parameter name
+    # (FSDP's full optimizer state), so "|" separates rather than the "." inside names.
     tensors = {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
-            tensors[f"opt.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt|{index}|{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return tensors, {"param_groups": state["param_groups"]}
 
 
 def optimizer_from_flat(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int | str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+        if key.startswith("opt|"):
+            _, index, name = key.split("|", 2)
+            state.setdefault(int(index) if index.isdigit() else index, {})[name] = value
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
