@@ -213,3 +213,14 @@ def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'ml' / 'mlflow.db').resolve()}")
     runs = mlflow.search_runs(experiment_names=["atlas"])
     assert len(runs) == 1 and runs.iloc[0]["metrics.train_loss"] > 0
+
+
+def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenizer_file):
+    """`hf:NAME` goes through `datasets.load_dataset(..., streaming=True)`; a local folder needs no hub."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    records = [{"text": f"Record {i} of a local dataset, streamed."} for i in range(40)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    manifest = prepare_data([f"hf:{folder}"], tokenizer_file, tmp_path / "out", val_fraction=0.0,
+                            workers=1, progress=False)
+    assert manifest["documents"] == 40 and manifest["sources"] == [f"hf:{folder}"]
