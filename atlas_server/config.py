@@ -57,7 +57,9 @@ class HTTPSection(_Section):
 
 class RAGSection(_Section):
     enabled: bool = True
-    data_dir: str | None = None  # embedded Qdrant data directory; default ~/.local/share/atlas/qdrant
+    data_dir: str | None = (
+        None  # embedded Qdrant data directory; default ~/.local/share/atlas/qdrant
+    )
     qdrant_url: str | None = None  # use a Qdrant server instead of the embedded store
     retriever: str = "hybrid"
     reranker: str | None = None

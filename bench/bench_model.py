@@ -11,9 +11,10 @@ reported (with the mean), since the machine may be shared.
 
 The ceiling: a batch-1 decode step reads every weight once (the embedding only through the
 tied output head), so tokens/s can not exceed DRAM bandwidth / weight bytes per token. The
-bandwidth is measured in the same run by `bench/ceilings.py`, as is the weight-read rate of
-torch's own `x @ W` matrix-vector kernel on a 124M-sized set of [in, out] matrices (the
-practical ceiling for any PyTorch decoder that does not write its own kernels). Run:
+bandwidth is measured in the same run by `bench/ceilings.py`, as are the weight-read rates
+of torch's own `x @ W` matrix-vector kernel and of oneDNN-packed weights on a 124M-sized
+set of matrices. Atlas is timed twice: as served (oneDNN-packed weights) and with
+`prepare_for_inference(pack=False)` (PyTorch's default kernels), to show what packing buys. Run:
 `python bench/bench_model.py [--quick] [--threads N]`; prints JSON, or markdown with --markdown.
 What it does not do: scheduling, sampling or HTTP (see bench_engine.py, bench_serving.py).
 """
@@ -21,6 +22,7 @@ What it does not do: scheduling, sampling or HTTP (see bench_engine.py, bench_se
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -92,14 +94,14 @@ def hf_decoder(hf, prompt: torch.Tensor) -> Iterator[float]:
             yield time.perf_counter() - start
 
 
-def step_times(hf, atlas: Transformer, prompt: torch.Tensor, steps: int) -> tuple[list, list]:
-    """Per-step seconds of both decoders, alternating step by step so both see the same load."""
-    ours, theirs = atlas_decoder(atlas, prompt), hf_decoder(hf, prompt)
-    atlas_times, hf_times = [], []
+def step_times(hf, atlas: Transformer, plain: Transformer, prompt: torch.Tensor, steps: int):
+    """Per-step seconds of the decoders, alternating step by step so all see the same load."""
+    decoders = [atlas_decoder(atlas, prompt), atlas_decoder(plain, prompt), hf_decoder(hf, prompt)]
+    times: list[list[float]] = [[], [], []]
     for _ in range(steps):
-        atlas_times.append(next(ours))
-        hf_times.append(next(theirs))
-    return atlas_times, hf_times
+        for decoder, t in zip(decoders, times, strict=True):
+            t.append(next(decoder))
+    return times
 
 
 def run(quick: bool, threads: int | None) -> dict:
@@ -114,12 +116,15 @@ def run(quick: bool, threads: int | None) -> dict:
     bandwidth = dram_read_bandwidth(0.5 if quick else 1.0)
     # What torch's own matrix-vector kernel reaches on the [in, out] layout: a practical
     # ceiling below the streaming-read one when the kernel, not DRAM, is the limit.
-    matvec = matvec_bandwidth(repeats=3)["x_at_w_in_out_gbs"] * 1e9
-    step_times(hf, atlas, prompt, 4)  # warm-up: allocator, thread pool
-    atlas_times, hf_times = step_times(hf, atlas, prompt, steps)
+    kernels = matvec_bandwidth(repeats=3)
+    matvec = kernels["x_at_w_in_out_gbs"] * 1e9
+    plain = copy.deepcopy(atlas).prepare_for_inference(pack=False)
+    step_times(hf, atlas, plain, prompt, 4)  # warm-up: allocator, thread pool
+    atlas_times, plain_times, hf_times = step_times(hf, atlas, plain, prompt, steps)
     per_token = weight_bytes_per_token(atlas)
     # The median step resists the spikes of a shared machine; the mean is reported too.
     atlas_tps, hf_tps = 1 / statistics.median(atlas_times), 1 / statistics.median(hf_times)
+    plain_tps = 1 / statistics.median(plain_times)
     ceiling_tps = bandwidth / per_token
     return {
         "machine": machine(),
@@ -130,6 +135,7 @@ def run(quick: bool, threads: int | None) -> dict:
         "dram_read_gbs": bandwidth / 1e9,
         "ceiling_tokens_per_s": ceiling_tps,
         "atlas_tokens_per_s": atlas_tps,
+        "atlas_unpacked_tokens_per_s": plain_tps,
         "transformers_tokens_per_s": hf_tps,
         "atlas_tokens_per_s_mean": steps / sum(atlas_times),
         "transformers_tokens_per_s_mean": steps / sum(hf_times),
@@ -137,6 +143,7 @@ def run(quick: bool, threads: int | None) -> dict:
         "atlas_pct_of_dram_ceiling": 100 * atlas_tps / ceiling_tps,
         "matvec_read_gbs": matvec / 1e9,
         "atlas_pct_of_matvec_ceiling": 100 * atlas_tps * per_token / matvec,
+        "onednn_matvec_read_gbs": kernels.get("onednn_packed_gbs"),
         "transformers_pct_of_dram_ceiling": 100 * hf_tps / ceiling_tps,
     }
 
@@ -147,6 +154,8 @@ def markdown(r: dict) -> str:
             "| | tokens/s | % of DRAM ceiling |",
             "|---|---|---|",
             f"| Atlas | {r['atlas_tokens_per_s']:.1f} | {r['atlas_pct_of_dram_ceiling']:.0f} |",
+            f"| Atlas, PyTorch's default kernels (pack=False) | {r['atlas_unpacked_tokens_per_s']:.1f} "
+            f"| {100 * r['atlas_unpacked_tokens_per_s'] / r['ceiling_tokens_per_s']:.0f} |",
             f"| transformers | {r['transformers_tokens_per_s']:.1f} "
             f"| {r['transformers_pct_of_dram_ceiling']:.0f} |",
             f"| ceiling ({r['dram_read_gbs']:.1f} GB/s / {r['weight_mb_per_token']:.0f} MB) "

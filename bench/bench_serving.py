@@ -56,20 +56,39 @@ def build_checkpoint(folder: Path) -> tuple[Path, Transformer]:
     torch.manual_seed(0)
     config = load_preset("gpt2-124m")
     model = Transformer(config)
-    return save_checkpoint(folder / "gpt2-124m-random", model, visible_tokenizer(config.vocab_size)), model
+    return save_checkpoint(
+        folder / "gpt2-124m-random", model, visible_tokenizer(config.vocab_size)
+    ), model
 
 
 def to_hf(model: Transformer):
     import transformers
 
     c = model.config
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layers,
-        n_head=c.n_heads, activation_function="gelu_new")).eval()
-    names = {"attn_norm": "ln_1", "attn.wqkv": "attn.c_attn", "attn.wo": "attn.c_proj",
-             "mlp_norm": "ln_2", "mlp.w_in": "mlp.c_fc", "mlp.w_out": "mlp.c_proj"}
-    state = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
-             "transformer.ln_f.weight": model.final_norm.weight, "transformer.ln_f.bias": model.final_norm.bias}
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.max_seq_len,
+            n_embd=c.d_model,
+            n_layer=c.n_layers,
+            n_head=c.n_heads,
+            activation_function="gelu_new",
+        )
+    ).eval()
+    names = {
+        "attn_norm": "ln_1",
+        "attn.wqkv": "attn.c_attn",
+        "attn.wo": "attn.c_proj",
+        "mlp_norm": "ln_2",
+        "mlp.w_in": "mlp.c_fc",
+        "mlp.w_out": "mlp.c_proj",
+    }
+    state = {
+        "transformer.wte.weight": model.tok_emb.weight,
+        "transformer.wpe.weight": model.pos_emb.weight,
+        "transformer.ln_f.weight": model.final_norm.weight,
+        "transformer.ln_f.bias": model.final_norm.bias,
+    }
     ours = model.state_dict()
     for i in range(c.n_layers):
         for a, b in names.items():
@@ -84,11 +103,19 @@ def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
     ids = torch.randint(0, 256, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
     best = 0.0
     with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        hf.generate(
+            ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0
+        )  # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
-            hf.generate(ids, max_new_tokens=OUTPUT, min_new_tokens=OUTPUT, do_sample=False, pad_token_id=0,
-                        use_cache=True)
+            hf.generate(
+                ids,
+                max_new_tokens=OUTPUT,
+                min_new_tokens=OUTPUT,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
             best = max(best, batch * OUTPUT / (time.perf_counter() - t0))
     return best
 
@@ -101,9 +128,23 @@ def free_port() -> int:
 
 def serve(checkpoint: Path, port: int, max_running: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "atlas"), "serve", "--checkpoint", str(checkpoint),
-                             "--port", str(port), "--max-running", str(max_running), "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "atlas"),
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--max-running",
+            str(max_running),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -135,13 +176,40 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         sweep = {}
         try:
-            run(LoadSpec(base, mode="concurrency", concurrency=1, num_requests=1, prompt_tokens=16, output_tokens=8))
-            for c in ([1, 16] if args.quick else [1, 4, 16, 32]):
+            run(
+                LoadSpec(
+                    base,
+                    mode="concurrency",
+                    concurrency=1,
+                    num_requests=1,
+                    prompt_tokens=16,
+                    output_tokens=8,
+                )
+            )
+            for c in [1, 16] if args.quick else [1, 4, 16, 32]:
                 n = max(2 * c, 4) if args.quick else max(3 * c, 8)
-                sweep[c] = run(LoadSpec(base, mode="concurrency", concurrency=c, num_requests=n,
-                                        prompt_tokens=PROMPT, output_tokens=OUTPUT, seed=c))["summary"]
-            poisson = run(LoadSpec(base, mode="poisson", request_rate=2.0, num_requests=8 if args.quick else 32,
-                                   prompt_tokens=PROMPT, output_tokens=OUTPUT, seed=7))["summary"]
+                sweep[c] = run(
+                    LoadSpec(
+                        base,
+                        mode="concurrency",
+                        concurrency=c,
+                        num_requests=n,
+                        prompt_tokens=PROMPT,
+                        output_tokens=OUTPUT,
+                        seed=c,
+                    )
+                )["summary"]
+            poisson = run(
+                LoadSpec(
+                    base,
+                    mode="poisson",
+                    request_rate=2.0,
+                    num_requests=8 if args.quick else 32,
+                    prompt_tokens=PROMPT,
+                    output_tokens=OUTPUT,
+                    seed=7,
+                )
+            )["summary"]
         finally:
             server.terminate()
             server.wait(60)
@@ -154,26 +222,45 @@ def main() -> None:
     ceiling_b1 = bandwidth / weight_bytes
     ceiling_batch = peak / (2 * n_params)
     result = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-        "dram_read_gbs": bandwidth / 1e9, "fp32_matmul_gflops": peak / 1e9, "params": n_params,
-        "batch1": {"atlas_http_tok_s": atlas_b1, "transformers_tok_s": hf_b1, "ratio": atlas_b1 / hf_b1,
-                   "ceiling_tok_s": ceiling_b1, "atlas_pct_of_ceiling": 100 * atlas_b1 / ceiling_b1},
-        "concurrent16": {"atlas_http_output_tok_s": atlas_c16, "transformers_batch16_tok_s": hf_b16,
-                         "ratio": atlas_c16 / hf_b16, "ceiling_tok_s": ceiling_batch,
-                         "atlas_pct_of_ceiling": 100 * atlas_c16 / ceiling_batch},
-        "sweep": sweep, "poisson": poisson,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "dram_read_gbs": bandwidth / 1e9,
+        "fp32_matmul_gflops": peak / 1e9,
+        "params": n_params,
+        "batch1": {
+            "atlas_http_tok_s": atlas_b1,
+            "transformers_tok_s": hf_b1,
+            "ratio": atlas_b1 / hf_b1,
+            "ceiling_tok_s": ceiling_b1,
+            "atlas_pct_of_ceiling": 100 * atlas_b1 / ceiling_b1,
+        },
+        "concurrent16": {
+            "atlas_http_output_tok_s": atlas_c16,
+            "transformers_batch16_tok_s": hf_b16,
+            "ratio": atlas_c16 / hf_b16,
+            "ceiling_tok_s": ceiling_batch,
+            "atlas_pct_of_ceiling": 100 * atlas_c16 / ceiling_batch,
+        },
+        "sweep": sweep,
+        "poisson": poisson,
     }
     print(json.dumps(result, indent=2))
     b1, c16 = result["batch1"], result["concurrent16"]
     print("\n| measure | Atlas (HTTP) | transformers | ratio | Atlas % of ceiling |")
     print("|---|---|---|---|---|")
-    print(f"| batch-1 decode tok/s | {b1['atlas_http_tok_s']:.1f} | {b1['transformers_tok_s']:.1f} | "
-          f"{b1['ratio']:.2f}x | {b1['atlas_pct_of_ceiling']:.0f}% of {b1['ceiling_tok_s']:.0f} |")
-    print(f"| 16 streams, output tok/s | {c16['atlas_http_output_tok_s']:.1f} | {c16['transformers_batch16_tok_s']:.1f} "
-          f"| {c16['ratio']:.2f}x | {c16['atlas_pct_of_ceiling']:.0f}% of {c16['ceiling_tok_s']:.0f} |")
+    print(
+        f"| batch-1 decode tok/s | {b1['atlas_http_tok_s']:.1f} | {b1['transformers_tok_s']:.1f} | "
+        f"{b1['ratio']:.2f}x | {b1['atlas_pct_of_ceiling']:.0f}% of {b1['ceiling_tok_s']:.0f} |"
+    )
+    print(
+        f"| 16 streams, output tok/s | {c16['atlas_http_output_tok_s']:.1f} | {c16['transformers_batch16_tok_s']:.1f} "
+        f"| {c16['ratio']:.2f}x | {c16['atlas_pct_of_ceiling']:.0f}% of {c16['ceiling_tok_s']:.0f} |"
+    )
     for c, s in sweep.items():
-        print(f"concurrency {c}: output {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
-              f"TPOT p50 {s['median_tpot_ms']:.1f} ms, ITL p99 {s['p99_itl_ms']:.1f} ms")
+        print(
+            f"concurrency {c}: output {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
+            f"TPOT p50 {s['median_tpot_ms']:.1f} ms, ITL p99 {s['p99_itl_ms']:.1f} ms"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

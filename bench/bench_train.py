@@ -46,18 +46,31 @@ def saved_activation_bytes(model, x, y) -> int:
     return total
 
 
-def run_setting(preset: str, device: str, batch: int, seq: int, steps: int, attention: str,
-                compile_model: bool, checkpointing: bool, precision: str) -> dict:
+def run_setting(
+    preset: str,
+    device: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    attention: str,
+    compile_model: bool,
+    checkpointing: bool,
+    precision: str,
+) -> dict:
     torch.manual_seed(0)
     config = load_preset(preset, attention=attention)
     model = Transformer(config).to(device)
     if checkpointing:
         enable_activation_checkpointing(model)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=device.startswith("cuda") or None)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, 0.1), lr=1e-4, fused=device.startswith("cuda") or None
+    )
     forward = torch.compile(model) if compile_model else model
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     y = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(
+        device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
 
     def step() -> None:
         with autocast:
@@ -78,9 +91,15 @@ def run_setting(preset: str, device: str, batch: int, seq: int, steps: int, atte
     best = min(times)
     n_params = model.num_parameters()
     tok_s = batch * seq / best
-    return {"attention": attention, "compile": compile_model, "activation_checkpointing": checkpointing,
-            "step_s": best, "tokens_per_s": tok_s, "flops_per_token": flops_per_token(config, n_params, seq),
-            "activation_bytes": saved_activation_bytes(model, x, y)}
+    return {
+        "attention": attention,
+        "compile": compile_model,
+        "activation_checkpointing": checkpointing,
+        "step_s": best,
+        "tokens_per_s": tok_s,
+        "flops_per_token": flops_per_token(config, n_params, seq),
+        "activation_bytes": saved_activation_bytes(model, x, y),
+    }
 
 
 def main() -> None:
@@ -99,18 +118,38 @@ def main() -> None:
         settings.append(("sdpa", True, False))
     rows = []
     for attention, compiled, ckpt in settings:
-        r = run_setting(args.preset, args.device, args.batch, args.seq, steps, attention, compiled, ckpt, args.precision)
+        r = run_setting(
+            args.preset,
+            args.device,
+            args.batch,
+            args.seq,
+            steps,
+            attention,
+            compiled,
+            ckpt,
+            args.precision,
+        )
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
         rows.append(r)
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "device": args.device,
-              "precision": args.precision, "batch": args.batch, "seq_len": args.seq,
-              "peak_matmul_gflops": peak / 1e9, "settings": rows}
+    result = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "preset": args.preset,
+        "device": args.device,
+        "precision": args.precision,
+        "batch": args.batch,
+        "seq_len": args.seq,
+        "peak_matmul_gflops": peak / 1e9,
+        "settings": rows,
+    }
     print(json.dumps(result, indent=2))
     print("\n| attention | compile | activation ckpt | tokens/s | MFU | saved activations |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attention']} | {r['compile']} | {r['activation_checkpointing']} | {r['tokens_per_s']:,.0f} | "
-              f"{100 * r['mfu']:.0f}% | {r['activation_bytes'] / 2**20:,.0f} MiB |")
+        print(
+            f"| {r['attention']} | {r['compile']} | {r['activation_checkpointing']} | {r['tokens_per_s']:,.0f} | "
+            f"{100 * r['mfu']:.0f}% | {r['activation_bytes'] / 2**20:,.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

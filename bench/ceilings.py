@@ -1,12 +1,18 @@
 """The machine's physical ceilings, measured: DRAM read bandwidth and peak matmul FLOP/s.
 
-What it does: `dram_read_bandwidth()` streams a float32 buffer much larger than any cache
-(1 GiB by default) through a reduction and reports the best GB/s of several passes; it
-also compares two ways to multiply a vector by a weight matrix, `torch.mv` over a
-row-major [out, in] matrix and `x @ W` over the [in, out] layout Atlas stores, as the GB/s
-of weight bytes they read. `matmul_peak_flops()` times large square fp32 matmuls (bf16
-on CUDA). Batch-1 decode is bound by the first (every weight is read once per token);
-batched decode and training by the second. Run: `python bench/ceilings.py [--quick]`.
+What it does: `dram_read_bandwidth()` streams float32 data much larger than any cache
+(1 GiB by default) and reports the best GB/s of several passes and of two readers: a
+`sum()` reduction and a oneDNN matrix-vector product over a 1 GiB matrix. A ceiling is
+what the hardware allows, so the fastest reader sets it (on this project's AMD EPYC
+machine the oneDNN mat-vec reads ~1.2x faster than `sum()`). `matvec_bandwidth()`
+compares ways to multiply a vector by a 124M-sized stack of weight matrices — `torch.mv`
+over [out, in], `x @ W` over [in, out], and oneDNN-packed weights (what Atlas serves
+with) — as the GB/s of weight bytes they read. `matmul_peak_flops()` times large square
+fp32 matmuls with PyTorch's default kernel (MKL) and with oneDNN and keeps the faster
+(bf16 on CUDA): MKL runs its AVX2 path on AMD CPUs and reaches less than half of what
+oneDNN's AVX-512 kernel does, so MKL alone would understate the peak. Batch-1 decode is
+bound by the first; batched decode and training by the last.
+Run: `python bench/ceilings.py [--quick]`.
 What it does not do: model-level numbers (see bench_serving.py, bench_train.py).
 """
 
@@ -30,33 +36,61 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_linear(weight_out_in: torch.Tensor):
+    """x @ weight.T through a oneDNN-packed copy of the weight (see atlas_server/model/onednn.py)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight_out_in, None)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best streaming-read bandwidth in bytes/s (sum over a buffer >> last-level cache)."""
+    """Best streaming-read bandwidth in bytes/s over data >> last-level cache (best reader)."""
     # Random contents, not a constant: identical pages can be merged by the hypervisor
     # (same-page merging), and a sum over them then reads cache, not DRAM (measured here:
     # a ones-filled buffer "read" at twice the speed of a random one).
-    buf = torch.rand(int(gib * 2**30 / 4), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    buf = torch.rand(int(gib * 2**30 / 4), generator=gen)
     buf.sum()  # touch every page once before timing
-    seconds = _best(lambda: buf.sum(), repeats)
-    return buf.numel() * 4 / seconds
+    best = buf.numel() * 4 / _best(buf.sum, repeats)
+    del buf
+    if _onednn_available():
+        # 16 matrices of [out, 4096] filling `gib` GiB; the packed copies are what is read.
+        n_out = int(gib * 2**30 / 4 / 4096 / 16)
+        mats = [_onednn_linear(torch.rand(n_out, 4096, generator=gen)) for _ in range(16)]
+        x = torch.randn(1, 4096)
+        [m(x) for m in mats]
+        seconds = _best(lambda: [m(x) for m in mats], repeats)
+        best = max(best, 16 * n_out * 4096 * 4 / seconds)
+    return best
 
 
 def matvec_bandwidth(
     rows: int = 768, cols: int = 3072 * 4, layers: int = 12, repeats: int = 5
 ) -> dict[str, float]:
-    """Weight-read GB/s of a 124M-sized stack of matrices: torch.mv on [out, in] vs x @ W on [in, out]."""
-    row_major = [
-        torch.randn(cols, rows) for _ in range(layers)
-    ]  # [out, in], as nn.Linear stores it
-    in_out = [w.t().contiguous() for w in row_major]  # [in, out], as Atlas stores it
+    """Weight-read GB/s of a 124M-sized stack of matrices, by kernel and layout."""
+    row_major = [torch.randn(cols, rows) for _ in range(layers)]  # [out, in], as nn.Linear
+    in_out = [w.t().contiguous() for w in row_major]  # [in, out], Atlas's stored layout
     x = torch.randn(rows)
     nbytes = sum(w.numel() * 4 for w in row_major)
     mv = _best(lambda: [torch.mv(w, x) for w in row_major], repeats)
     xw = _best(lambda: [x @ w for w in in_out], repeats)
-    return {"torch_mv_row_major_gbs": nbytes / mv / 1e9, "x_at_w_in_out_gbs": nbytes / xw / 1e9}
+    result = {"torch_mv_row_major_gbs": nbytes / mv / 1e9, "x_at_w_in_out_gbs": nbytes / xw / 1e9}
+    if _onednn_available():
+        packed = [_onednn_linear(w) for w in row_major]
+        del row_major, in_out
+        x2 = x[None]  # [1, in]
+        dnnl = _best(lambda: [m(x2) for m in packed], repeats)
+        result["onednn_packed_gbs"] = nbytes / dnnl / 1e9
+    return result
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+def matmul_peak_by_kernel(
+    size: int = 2048, repeats: int = 5, device: str = "cpu"
+) -> dict[str, float]:
+    """FLOP/s of a size^3 matmul per kernel: PyTorch's default, and oneDNN-packed on CPU."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -67,7 +101,17 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -
             torch.cuda.synchronize()
 
     run()
-    return 2 * size**3 / _best(run, repeats)
+    result = {"default": 2 * size**3 / _best(run, repeats)}
+    if device == "cpu" and _onednn_available():
+        linear = _onednn_linear(b.t().contiguous())
+        linear(a)
+        result["onednn"] = 2 * size**3 / _best(lambda: linear(a), repeats)
+    return result
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Peak matmul FLOP/s: the fastest kernel available (fp32 on CPU, bf16 on CUDA)."""
+    return max(matmul_peak_by_kernel(size, repeats, device).values())
 
 
 def machine() -> dict:
@@ -84,11 +128,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     gib = 0.5 if args.quick else 1.0
+    peaks = matmul_peak_by_kernel()
     result = {
         "machine": machine(),
         "dram_read_gbs": dram_read_bandwidth(gib) / 1e9,
         **matvec_bandwidth(repeats=3 if args.quick else 5),
-        "fp32_matmul_gflops": matmul_peak_flops() / 1e9,
+        "fp32_matmul_gflops": max(peaks.values()) / 1e9,
+        **{f"fp32_matmul_gflops_{k}": v / 1e9 for k, v in peaks.items()},
     }
     torch.set_num_threads(1)
     result["fp32_matmul_gflops_1_thread"] = matmul_peak_flops() / 1e9

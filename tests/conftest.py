@@ -27,7 +27,9 @@ def byte_tokenizer() -> Tokenizer:
 def _make_checkpoint(root: Path, preset: str, tokenizer: Tokenizer, seed: int) -> Path:
     torch.manual_seed(seed)
     model = Transformer(load_preset(preset, vocab_size=tokenizer.vocab_size))
-    return save_checkpoint(root / preset, model, tokenizer, {"source": "tests/conftest.py", "seed": seed})
+    return save_checkpoint(
+        root / preset, model, tokenizer, {"source": "tests/conftest.py", "seed": seed}
+    )
 
 
 @pytest.fixture(scope="session")

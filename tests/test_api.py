@@ -31,7 +31,9 @@ def free_port() -> int:
 
 @contextmanager
 def running_server(checkpoint, api_key=None, engine=EngineSection(), load=True):
-    state = ServerState(config=ServerConfig(engine=engine), model_name=MODEL, checkpoint_path=str(checkpoint))
+    state = ServerState(
+        config=ServerConfig(engine=engine), model_name=MODEL, checkpoint_path=str(checkpoint)
+    )
     app = create_app(state, api_key=api_key, load_on_startup=load)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -76,13 +78,14 @@ def greedy(model, ids, n):
     with torch.no_grad():
         for _ in range(n):
             out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
-    return out[len(ids):]
+    return out[len(ids) :]
 
 
 def test_completion_greedy_text_equals_the_model(client, model, byte_tokenizer):
     prompt = "The quick brown fox"
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     expected = byte_tokenizer.decode(greedy(model, byte_tokenizer.encode(prompt), 12))
     assert r.choices[0].text == expected
     assert r.choices[0].finish_reason == "length"
@@ -90,24 +93,50 @@ def test_completion_greedy_text_equals_the_model(client, model, byte_tokenizer):
 
 
 def test_prompt_forms_and_choice_indices(client, model, byte_tokenizer):
-    r = client.completions.create(model=MODEL, prompt=["ab", "xyz"], max_tokens=3, temperature=0, n=2,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=["ab", "xyz"],
+        max_tokens=3,
+        temperature=0,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     by_index = {c.index: c.text for c in r.choices}
     assert by_index[0] == by_index[1] == byte_tokenizer.decode(greedy(model, list(b"ab"), 3))
     assert by_index[2] == byte_tokenizer.decode(greedy(model, list(b"xyz"), 3))
-    ids = client.completions.create(model=MODEL, prompt=[120, 121, 122], max_tokens=3, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    ids = client.completions.create(
+        model=MODEL,
+        prompt=[120, 121, 122],
+        max_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert ids.choices[0].text == by_index[2]
-    many = client.completions.create(model=MODEL, prompt=[[97, 98], [120, 121, 122]], max_tokens=3,
-                                     temperature=0, extra_body={"ignore_eos": True})
-    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [by_index[0], by_index[2]]
+    many = client.completions.create(
+        model=MODEL,
+        prompt=[[97, 98], [120, 121, 122]],
+        max_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in sorted(many.choices, key=lambda c: c.index)] == [
+        by_index[0],
+        by_index[2],
+    ]
 
 
 def test_echo_logprobs_equal_log_softmax_like_lm_eval(server, model):
     # Exactly the request lm-evaluation-harness's local-completions sends for loglikelihood.
     ids = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
-    body = {"model": MODEL, "prompt": [ids], "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}
+    body = {
+        "model": MODEL,
+        "prompt": [ids],
+        "max_tokens": 1,
+        "logprobs": 1,
+        "echo": True,
+        "temperature": 0,
+    }
     r = httpx.post(server[0] + "/v1/completions", json=body).json()
     lp = r["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -128,8 +157,15 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(server):
 
 
 def test_seeded_sampling_is_reproducible_and_choices_differ(client):
-    kwargs = dict(model=MODEL, prompt="Once", max_tokens=16, temperature=1.0, n=3, seed=7,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        prompt="Once",
+        max_tokens=16,
+        temperature=1.0,
+        n=3,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     a = [c.text for c in sorted(client.completions.create(**kwargs).choices, key=lambda c: c.index)]
     b = [c.text for c in sorted(client.completions.create(**kwargs).choices, key=lambda c: c.index)]
     assert a == b and len(set(a)) == 3
@@ -138,18 +174,30 @@ def test_seeded_sampling_is_reproducible_and_choices_differ(client):
 def test_stop_string_cuts_the_text_and_never_leaks(client, model, byte_tokenizer):
     full = byte_tokenizer.decode(greedy(model, list(b"Stop here"), 20))
     stop = full[5:8]
-    kwargs = dict(model=MODEL, prompt="Stop here", max_tokens=20, temperature=0, stop=[stop],
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        prompt="Stop here",
+        max_tokens=20,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     r = client.completions.create(**kwargs)
     assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices
+    )
     assert streamed == r.choices[0].text
 
 
 def test_streaming_matches_non_streaming_and_reports_usage(client):
-    kwargs = dict(model=MODEL, prompt="Streams", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL, prompt="Streams", max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     whole = client.completions.create(**kwargs).choices[0].text
-    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -157,8 +205,9 @@ def test_streaming_matches_non_streaming_and_reports_usage(client):
 
 def test_chat_completion_and_stream(client, model, byte_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.role == "assistant"
     tok = byte_tokenizer
     start, end = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
@@ -169,8 +218,16 @@ def test_chat_completion_and_stream(client, model, byte_tokenizer):
     expected = greedy(model, ids, 6)
     cut = expected.index(end) if end in expected else len(expected)
     assert r.choices[0].message.content == tok.decode(expected[:cut])
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
 
@@ -179,9 +236,14 @@ def test_tokenizer_routes_and_models(server, byte_tokenizer):
     base = server[0]
     t = httpx.post(base + "/tokenize", json={"prompt": "héllo"}).json()
     assert t["tokens"] == byte_tokenizer.encode("héllo") and t["count"] == 6
-    assert httpx.post(base + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "héllo"
+    assert (
+        httpx.post(base + "/detokenize", json={"tokens": t["tokens"]}).json()["prompt"] == "héllo"
+    )
     info = httpx.get(base + "/tokenizer_info").json()
-    assert info["vocab_size"] == byte_tokenizer.vocab_size and info["eos_token_id"] == byte_tokenizer.eot_id
+    assert (
+        info["vocab_size"] == byte_tokenizer.vocab_size
+        and info["eos_token_id"] == byte_tokenizer.eot_id
+    )
     models = httpx.get(base + "/v1/models").json()["data"]
     assert models[0]["id"] == MODEL and models[0]["max_model_len"] == 256
 
@@ -221,22 +283,35 @@ def test_hostile_bodies_get_openai_errors_never_5xx(server, path):
 
 def test_specific_error_statuses(server):
     base = server[0]
-    assert httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}).status_code == 404
+    assert (
+        httpx.post(base + "/v1/completions", json={"prompt": "x", "model": "nope"}).status_code
+        == 404
+    )
     too_long = httpx.post(base + "/v1/completions", json={"prompt": "x" * 250, "max_tokens": 10})
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
     wrong_type = httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": "a"})
     assert wrong_type.json()["error"]["param"] == "max_tokens"
     assert httpx.get(base + "/v1/completions").status_code == 405
     assert httpx.get(base + "/nowhere").status_code == 404
-    big = httpx.post(base + "/v1/completions", content=b"x" * (5 * 2**20), headers={"content-type": "application/json"})
+    big = httpx.post(
+        base + "/v1/completions",
+        content=b"x" * (5 * 2**20),
+        headers={"content-type": "application/json"},
+    )
     assert big.status_code == 413
 
 
 def test_api_key_is_required_on_v1_only(tiny_checkpoint):
     with running_server(tiny_checkpoint, api_key="s3cret") as (base, _):
         assert httpx.get(base + "/v1/models").status_code == 401
-        assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert (
+            httpx.get(base + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code
+            == 401
+        )
+        assert (
+            httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code
+            == 200
+        )
         assert httpx.get(base + "/health").status_code == 200
         with pytest.raises(APIStatusError) as e:
             OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()
@@ -256,14 +331,19 @@ def test_full_queue_answers_429_with_retry_after(tiny_checkpoint):
     async def burst(base):
         async with httpx.AsyncClient(timeout=60) as http:
             body = {"prompt": "queue", "max_tokens": 200, "extra": 1, "ignore_eos": True}
-            return await asyncio.gather(*[http.post(base + "/v1/completions", json=body) for _ in range(6)])
+            return await asyncio.gather(
+                *[http.post(base + "/v1/completions", json=body) for _ in range(6)]
+            )
 
     with running_server(tiny_checkpoint, engine=engine) as (base, _):
         responses = asyncio.run(burst(base))
     statuses = sorted(r.status_code for r in responses)
     assert 200 in statuses and 429 in statuses
     limited = next(r for r in responses if r.status_code == 429)
-    assert int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "rate_limit_error"
+    assert (
+        int(limited.headers["retry-after"]) >= 1
+        and limited.json()["error"]["type"] == "rate_limit_error"
+    )
 
 
 def _gauge(base, name):
@@ -277,13 +357,24 @@ def _gauge(base, name):
 def test_32_concurrent_streams_with_disconnects(server, client):
     base, _ = server
     prompts = [f"client {i} says" for i in range(32)]
-    expected = {p: client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
-                                             extra_body={"ignore_eos": True}).choices[0].text
-                for p in prompts[::4]}
+    expected = {
+        p: client.completions.create(
+            model=MODEL, prompt=p, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p in prompts[::4]
+    }
 
     async def one(http, i, prompt):
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": 24,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         text, done = "", False
         async with http.stream("POST", base + "/v1/completions", json=body) as r:
             async for line in r.aiter_lines():

@@ -99,6 +99,36 @@ async def test_greedy_is_batch_invariant_with_staggered_arrivals(checkpoint, mak
     assert got == expected
 
 
+async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_outputs(
+    checkpoint, make_engine
+):
+    """Sequences finish at different times and new prompts take the freed slots while they
+    prefill; the engine moves decoding sequences into slots 0..B-1 (a view, not a gather,
+    for attention). Every output must still equal the model's own greedy loop."""
+    engine = make_engine(max_running=6, max_batched_tokens=24)
+    ps = prompts(checkpoint.tokenizer, 4) * 3  # 12 requests through 6 slots
+    lengths = [3, 9, 5, 12, 2, 7, 10, 4, 6, 8, 11, 3]
+    expected = [checkpoint.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
+    seen_slots: list[list[int]] = []
+    decode = engine._decode_forward
+
+    def recording(decoding):
+        seen_slots.append([c.slot for _, c in decoding])
+        return decode(decoding)
+
+    engine._decode_forward = recording
+    got = await asyncio.gather(
+        *(
+            run(engine, p, SamplingParams(temperature=0.0, max_tokens=n))
+            for p, n in zip(ps, lengths, strict=True)
+        )
+    )
+    assert [ids[0] for ids, _, _ in got] == expected
+    assert seen_slots and all(slots == list(range(len(slots))) for slots in seen_slots)
+    assert max(len(slots) for slots in seen_slots) > 1
+    assert engine.stats().kv_slots_used == 0
+
+
 async def test_chunked_prefill_equals_unchunked(checkpoint, make_engine):
     prompt = checkpoint.tokenizer.encode("chunked prefill " * 8)  # > 100 tokens
     params = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2)

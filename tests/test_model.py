@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 
 from atlas_server.model import ConfigError, ModelConfig, Transformer, load_preset, preset_names
+from atlas_server.model.onednn import packing_supported
+from atlas_server.model.transformer import Linear
 
 COMBOS = list(
     itertools.product(
@@ -102,9 +105,49 @@ def test_prepare_for_inference_keeps_logits_and_tied_head():
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         before = model(ids)
-        after = model.prepare_for_inference()(ids)
+        after = model.prepare_for_inference(pack=False)(ids)
     torch.testing.assert_close(before, after)
     assert model.output_weight().is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny("learned", "layernorm", "gelu", 4),
+        tiny("rope", "rmsnorm", "swiglu", 2, tie_embeddings=False),
+    ],
+)
+@pytest.mark.skipif(not packing_supported(torch.empty(1)), reason="PyTorch built without oneDNN")
+def test_onednn_packed_weights_give_the_same_logits_and_step_aside_when_stale(config):
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        before = model(ids)
+        model.prepare_for_inference()
+        packed = [m for m in model.modules() if getattr(m, "packed", None) is not None]
+        assert len(packed) == sum(isinstance(m, Linear) for m in model.modules())
+        assert (model._packed_head is not None) == config.tie_embeddings
+        torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=1e-5)
+        # Incremental decode through the packed path equals the full forward.
+        cache = model.new_cache(3, 16)
+        slots, pos = torch.arange(3), torch.arange(9).expand(3, 9)
+        model(ids[:, :5], pos[:, :5], cache, slots)
+        step = model(ids[:, 5:], pos[:, 5:], cache, slots)
+        torch.testing.assert_close(step, before[:, 5:], atol=1e-5, rtol=1e-5)
+        # In-place changes (an optimizer step, load_state_dict) make the packed copies stale.
+        for p in model.parameters():
+            p.mul_(1.5)
+        fresh = Transformer(config).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(ids), fresh(ids))
+    # With gradients recorded the live weights are used, so backward works.
+    model.prepare_for_inference()
+    model(ids).sum().backward()
+    assert model.blocks[0].mlp.w_in.weight.grad is not None
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids), model(ids))
 
 
 def test_training_loss_is_next_token_cross_entropy():

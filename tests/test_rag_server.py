@@ -311,14 +311,21 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
         proc.wait(30)
 
 
-def test_query_likelihood_reranker_scores_with_the_served_model(rag_server, long_checkpoint, byte_tokenizer):
+def test_query_likelihood_reranker_scores_with_the_served_model(
+    rag_server, long_checkpoint, byte_tokenizer
+):
     """The reranker's scores are the model's own mean log p(query | passage)."""
     import torch
 
     from atlas_server.checkpoint import load_checkpoint
 
-    body = {"collection": "std", "query": "priority queue", "top_k": 3, "retriever": "dense",
-            "reranker": "query-likelihood"}
+    body = {
+        "collection": "std",
+        "query": "priority queue",
+        "top_k": 3,
+        "retriever": "dense",
+        "reranker": "query-likelihood",
+    }
     r = httpx.post(rag_server + "/v1/retrieve", json=body, timeout=120).json()["data"]
     assert [c["retriever"] for c in r] == ["query-likelihood"] * 3
     model = load_checkpoint(long_checkpoint).model
@@ -329,7 +336,7 @@ def test_query_likelihood_reranker_scores_with_the_served_model(rag_server, long
         ids = torch.tensor([prefix + text])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(ids)[0, :-1].float(), -1)
-        picked = logprobs[torch.arange(len(prefix) - 1, ids.shape[1] - 1), ids[0, len(prefix):]]
+        picked = logprobs[torch.arange(len(prefix) - 1, ids.shape[1] - 1), ids[0, len(prefix) :]]
         expected[doc["text"]] = float(picked.mean())
     assert [c["text"] for c in r] == sorted(expected, key=lambda t: -expected[t])
     for c in r:

@@ -45,18 +45,42 @@ def tokenizer_file(tmp_path_factory, corpus) -> Path:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, corpus, tokenizer_file) -> Path:
     out = tmp_path_factory.mktemp("data")
-    prepare_data([str(corpus)], tokenizer_file, out, val_fraction=0.05, shard_tokens=40_000,
-                 workers=2, progress=False)
+    prepare_data(
+        [str(corpus)],
+        tokenizer_file,
+        out,
+        val_fraction=0.05,
+        shard_tokens=40_000,
+        workers=2,
+        progress=False,
+    )
     return out
 
 
 def config(data_dir: Path, out: Path, *extra: str):
-    return load_train_config(None, [
-        f'data.path="{data_dir}"', f'run.out_dir="{out}"', "model.preset=\"gpt2-tiny\"",
-        "data.seq_len=32", "data.micro_batch=4", "data.grad_accum=2", "schedule.max_steps=12",
-        "schedule.warmup_steps=3", "run.eval_every=6", "run.eval_batches=2", "run.checkpoint_every=4",
-        "run.keep_last=2", "run.log_every=2", "run.sample_tokens=4", "run.tensorboard=true",
-        "run.threads=1", "model.overrides={dropout = 0.1}", *extra])
+    return load_train_config(
+        None,
+        [
+            f'data.path="{data_dir}"',
+            f'run.out_dir="{out}"',
+            'model.preset="gpt2-tiny"',
+            "data.seq_len=32",
+            "data.micro_batch=4",
+            "data.grad_accum=2",
+            "schedule.max_steps=12",
+            "schedule.warmup_steps=3",
+            "run.eval_every=6",
+            "run.eval_batches=2",
+            "run.checkpoint_every=4",
+            "run.keep_last=2",
+            "run.log_every=2",
+            "run.sample_tokens=4",
+            "run.tensorboard=true",
+            "run.threads=1",
+            "model.overrides={dropout = 0.1}",
+            *extra,
+        ],
+    )
 
 
 def test_shards_have_header_manifest_and_every_document(data_dir, corpus, tokenizer_file):
@@ -66,25 +90,42 @@ def test_shards_have_header_manifest_and_every_document(data_dir, corpus, tokeni
     from atlas_server.tokenizer import Tokenizer
 
     eot = Tokenizer.from_file(tokenizer_file).eot_id
-    total_eot = sum(int((np.asarray(read_shard(data_dir / s["file"])) == eot).sum())
-                    for s in manifest["train"] + manifest["val"])
+    total_eot = sum(
+        int((np.asarray(read_shard(data_dir / s["file"])) == eot).sum())
+        for s in manifest["train"] + manifest["val"]
+    )
     assert total_eot == manifest["documents"]
     assert read_shard(data_dir / manifest["train"][0]["file"]).dtype == np.uint16
 
 
-def test_prepare_data_killed_midway_resumes_to_identical_output(tmp_path, corpus, tokenizer_file, data_dir):
+def test_prepare_data_killed_midway_resumes_to_identical_output(
+    tmp_path, corpus, tokenizer_file, data_dir
+):
     out = tmp_path / "resumed"
-    script = ("import sys; from trainer.data import prepare_data; "
-              "prepare_data([sys.argv[1]], sys.argv[2], sys.argv[3], val_fraction=0.05, "
-              "shard_tokens=40_000, workers=1, progress=False)")
+    script = (
+        "import sys; from trainer.data import prepare_data; "
+        "prepare_data([sys.argv[1]], sys.argv[2], sys.argv[3], val_fraction=0.05, "
+        "shard_tokens=40_000, workers=1, progress=False)"
+    )
     env = {**os.environ, "ATLAS_TEST_SIGKILL_AFTER_SHARDS": "2"}
-    proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(tokenizer_file), str(out)],
-                          env=env, cwd=ROOT, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(tokenizer_file), str(out)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not (out / "manifest.json").exists()
     assert json.loads((out / "progress.json").read_text())["next_doc"] > 0
-    prepare_data([str(corpus)], tokenizer_file, out, val_fraction=0.05, shard_tokens=40_000,
-                 workers=1, progress=False)
+    prepare_data(
+        [str(corpus)],
+        tokenizer_file,
+        out,
+        val_fraction=0.05,
+        shard_tokens=40_000,
+        workers=1,
+        progress=False,
+    )
     ours = json.loads((out / "manifest.json").read_text())
     ref = json.loads((data_dir / "manifest.json").read_text())
     for split in ("train", "val"):
@@ -136,14 +177,32 @@ def test_resume_is_bit_exact_and_keeps_last_n(tmp_path, data_dir):
 def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir):
     full = train(config(data_dir, tmp_path / "full"), progress=False)["losses"]
     out = tmp_path / "killed"
-    script = ("import sys; from trainer.config import load_train_config; from trainer.loop import train; "
-              "train(load_train_config(None, sys.argv[1:]), progress=False)")
-    args = [f'data.path="{data_dir}"', f'run.out_dir="{out}"', 'model.preset="gpt2-tiny"', "data.seq_len=32",
-            "data.micro_batch=4", "data.grad_accum=2", "schedule.max_steps=12", "schedule.warmup_steps=3",
-            "run.eval_every=6", "run.eval_batches=2", "run.checkpoint_every=4", "run.keep_last=2",
-            "run.log_every=2", "run.sample_tokens=4", "run.threads=1", "model.overrides={dropout = 0.1}"]
+    script = (
+        "import sys; from trainer.config import load_train_config; from trainer.loop import train; "
+        "train(load_train_config(None, sys.argv[1:]), progress=False)"
+    )
+    args = [
+        f'data.path="{data_dir}"',
+        f'run.out_dir="{out}"',
+        'model.preset="gpt2-tiny"',
+        "data.seq_len=32",
+        "data.micro_batch=4",
+        "data.grad_accum=2",
+        "schedule.max_steps=12",
+        "schedule.warmup_steps=3",
+        "run.eval_every=6",
+        "run.eval_batches=2",
+        "run.checkpoint_every=4",
+        "run.keep_last=2",
+        "run.log_every=2",
+        "run.sample_tokens=4",
+        "run.threads=1",
+        "model.overrides={dropout = 0.1}",
+    ]
     env = {**os.environ, "ATLAS_TEST_SIGKILL_DURING_SAVE_AT_STEP": "8"}
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert (out / "checkpoints" / ".tmp-step_000008").exists()  # the half-written save
     resumed = train(config(data_dir, out), resume=True, progress=False)
@@ -163,17 +222,53 @@ def test_checkpoint_is_served_unchanged_and_logs_exist(tmp_path, data_dir):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir, strategy):
-    single = train(config(data_dir, tmp_path / "one", "data.micro_batch=4", "model.overrides={dropout = 0.0}"),
-                   progress=False)["losses"]
+    single = train(
+        config(data_dir, tmp_path / "one", "data.micro_batch=4", "model.overrides={dropout = 0.0}"),
+        progress=False,
+    )["losses"]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(29500 + os.getpid() % 1000), "-m", "trainer.cli", "train",
-           "--set", f'data.path="{data_dir}"', "--set", f'run.out_dir="{out}"', "--set", "data.seq_len=32",
-           "--set", "data.micro_batch=2", "--set", "data.grad_accum=2", "--set", "schedule.max_steps=12",
-           "--set", "schedule.warmup_steps=3", "--set", "run.eval_every=6", "--set", "run.eval_batches=2",
-           "--set", "run.checkpoint_every=12", "--set", "run.threads=1", "--set", "run.sample_tokens=0",
-           "--set", "model.overrides={dropout = 0.0}", "--set", "run.log_every=1",
-           "--set", f'run.distributed="{strategy}"']
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "trainer.cli",
+        "train",
+        "--set",
+        f'data.path="{data_dir}"',
+        "--set",
+        f'run.out_dir="{out}"',
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "data.micro_batch=2",
+        "--set",
+        "data.grad_accum=2",
+        "--set",
+        "schedule.max_steps=12",
+        "--set",
+        "schedule.warmup_steps=3",
+        "--set",
+        "run.eval_every=6",
+        "--set",
+        "run.eval_batches=2",
+        "--set",
+        "run.checkpoint_every=12",
+        "--set",
+        "run.threads=1",
+        "--set",
+        "run.sample_tokens=0",
+        "--set",
+        "model.overrides={dropout = 0.0}",
+        "--set",
+        "run.log_every=1",
+        "--set",
+        f'run.distributed="{strategy}"',
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     ddp = load_checkpoint(out / "checkpoints" / "step_000012").model
@@ -184,11 +279,20 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir, st
 
 
 def test_schedule_warms_up_then_decays():
-    cfg = load_train_config(None, ["schedule.max_steps=100", "schedule.warmup_steps=10", "optim.lr=1.0",
-                                   "optim.min_lr_ratio=0.1"])
+    cfg = load_train_config(
+        None,
+        [
+            "schedule.max_steps=100",
+            "schedule.warmup_steps=10",
+            "optim.lr=1.0",
+            "optim.min_lr_ratio=0.1",
+        ],
+    )
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(
+        a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)
+    )
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -206,8 +310,16 @@ def test_profile_writes_a_trace(tmp_path, data_dir):
 
 
 def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):
-    train(config(data_dir, tmp_path / "ml", "schedule.max_steps=4", "run.mlflow=true", "run.tensorboard=false"),
-          progress=False)
+    train(
+        config(
+            data_dir,
+            tmp_path / "ml",
+            "schedule.max_steps=4",
+            "run.mlflow=true",
+            "run.tensorboard=false",
+        ),
+        progress=False,
+    )
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'ml' / 'mlflow.db').resolve()}")
@@ -221,6 +333,12 @@ def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenize
     folder.mkdir()
     records = [{"text": f"Record {i} of a local dataset, streamed."} for i in range(40)]
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    manifest = prepare_data([f"hf:{folder}"], tokenizer_file, tmp_path / "out", val_fraction=0.0,
-                            workers=1, progress=False)
+    manifest = prepare_data(
+        [f"hf:{folder}"],
+        tokenizer_file,
+        tmp_path / "out",
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+    )
     assert manifest["documents"] == 40 and manifest["sources"] == [f"hf:{folder}"]

@@ -4,4 +4,11 @@ from .app import create_app
 from .errors import APIError, RequestError
 from .state import Augmentation, PromptAugmenter, ServerState
 
-__all__ = ["APIError", "Augmentation", "PromptAugmenter", "RequestError", "ServerState", "create_app"]
+__all__ = [
+    "APIError",
+    "Augmentation",
+    "PromptAugmenter",
+    "RequestError",
+    "ServerState",
+    "create_app",
+]

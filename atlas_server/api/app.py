@@ -48,8 +48,11 @@ def _auth_hook(api_key: str | None):
         if hmac.compare_digest(given, expected):
             return None
         return Response(
-            error_body(401, "missing or wrong API key; send `Authorization: Bearer KEY`",
-                       code="invalid_api_key"),
+            error_body(
+                401,
+                "missing or wrong API key; send `Authorization: Bearer KEY`",
+                code="invalid_api_key",
+            ),
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -78,8 +81,17 @@ def create_app(
 
     cors = state.config.http.cors_allow_origins
     return Litestar(
-        route_handlers=[create_completion, create_chat_completion, list_models, tokenize,
-                        detokenize, tokenizer_info, health, metrics, *extra_handlers],
+        route_handlers=[
+            create_completion,
+            create_chat_completion,
+            list_models,
+            tokenize,
+            detokenize,
+            tokenizer_info,
+            health,
+            metrics,
+            *extra_handlers,
+        ],
         state=State({"atlas": state}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=_auth_hook(api_key),

@@ -53,7 +53,9 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
     if not items:
         raise RequestError("prompt must not be empty", param="prompt")
     if len({type(x) for x in items}) > 1:
-        raise RequestError("a prompt list must hold only strings or only token-id lists", param="prompt")
+        raise RequestError(
+            "a prompt list must hold only strings or only token-id lists", param="prompt"
+        )
     if len(items) > 64:
         raise RequestError("at most 64 prompts per request", param="prompt")
     prompts = []
@@ -61,15 +63,21 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
         if isinstance(item, str):
             ids = tokenizer.encode(item)
             text = item
-        elif isinstance(item, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+        elif isinstance(item, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in item
+        ):
             bad = [x for x in item if not 0 <= x < vocab]
             if bad:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt")
+                raise RequestError(
+                    f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+                )
             ids, text = list(item), tokenizer.decode(item)
         else:
-            raise RequestError("prompt must be a string, a list of strings, a list of token ids "
-                               "or a list of token-id lists", param="prompt")
+            raise RequestError(
+                "prompt must be a string, a list of strings, a list of token ids "
+                "or a list of token-id lists",
+                param="prompt",
+            )
         if not ids:
             raise RequestError("prompt must contain at least one token", param="prompt")
         prompts.append((ids, text))
@@ -88,8 +96,13 @@ def _choice_body(state: ServerState, req: CompletionRequest, choice, prompt, pro
             entries = list(prompt_entries) + entries
             token_ids = list(ids) + token_ids
         logprobs = completion_logprobs(state.tokenizer, entries, token_ids, 0)
-    body = {"index": choice.index, "text": text, "logprobs": logprobs,
-            "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+    body = {
+        "index": choice.index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": choice.finish_reason,
+        "stop_reason": choice.stop_reason,
+    }
     if citations is not None:
         body["citations"], body["dropped_citations"] = citations(generated)
     return body
@@ -105,7 +118,9 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     if data.rag is not None:
         if not isinstance(data.prompt, str):
             raise RequestError("rag needs the prompt as one string", param="rag")
-        augmentation = await augment(state, data.rag, prompt=data.prompt, max_tokens=data.max_tokens)
+        augmentation = await augment(
+            state, data.rag, prompt=data.prompt, max_tokens=data.max_tokens
+        )
         data = msgspec.structs.replace(data, prompt=augmentation.prompt)
     prompts = prompts_of(data, state)
     start = time.perf_counter()
@@ -117,8 +132,10 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
         for i, (ids, _) in enumerate(prompts):
             max_tokens = default_max_tokens(state, len(ids), data.max_tokens, 16)
             if max_tokens == 0 and not (data.echo and not data.stream):
-                raise RequestError("max_tokens 0 (scoring the prompt only) needs echo and no streaming",
-                                   param="max_tokens")
+                raise RequestError(
+                    "max_tokens 0 (scoring the prompt only) needs echo and no streaming",
+                    param="max_tokens",
+                )
             # Scoring only: the engine generates one token, which the response leaves out.
             params = sampling_params(data, max(1, max_tokens), data.logprobs, want_prompt_lp)
             streams.append(submit(state, ids, params, f"{request_id}-{i}"))
@@ -132,36 +149,63 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     timer = RequestTimer(state.metrics, start)
     created = int(time.time())
     if data.stream:
-        return sse_response(_stream(state, data, prompts, streams, offsets, timer, request_id, created))
+        return sse_response(
+            _stream(state, data, prompts, streams, offsets, timer, request_id, created)
+        )
     try:
         choices = await until_disconnect(
-            request, collect(state, streams, offsets, len(prompts) * data.n, timer))
+            request, collect(state, streams, offsets, len(prompts) * data.n, timer)
+        )
     finally:
         state.leave()
     if data.max_tokens == 0:
         for c in choices:
-            c.token_ids, c.text, c.logprobs, c.finish_reason, c.stop_reason = [], [], [], "length", None
+            c.token_ids, c.text, c.logprobs, c.finish_reason, c.stop_reason = (
+                [],
+                [],
+                [],
+                "length",
+                None,
+            )
     prompt_lps: dict[int, list] = {}
     for c in choices:
         if c.prompt_logprobs is not None:
             prompt_lps[c.index // data.n] = c.prompt_logprobs
     cite = None
     if augmentation is not None:
+
         def cite(text: str):
             return state.augmenter.citations(augmentation, text)
+
     body_choices = [
-        _choice_body(state, data, c, prompts[c.index // data.n], prompt_lps.get(c.index // data.n), cite)
+        _choice_body(
+            state, data, c, prompts[c.index // data.n], prompt_lps.get(c.index // data.n), cite
+        )
         for c in choices
     ]
     completion_tokens = sum(len(c.token_ids) for c in choices)
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
-    return Response({"id": request_id, "object": "text_completion", "created": created,
-                     "model": state.model_name, "choices": body_choices,
-                     "usage": usage(prompt_tokens, completion_tokens)})
+    return Response(
+        {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": body_choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+    )
 
 
-async def _stream(state, data: CompletionRequest, prompts, streams, offsets, timer, request_id, created):
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name}
+async def _stream(
+    state, data: CompletionRequest, prompts, streams, offsets, timer, request_id, created
+):
+    base = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model_name,
+    }
     completion_tokens = 0
     echoed: set[int] = set()
     prompt_lp: dict[int, list] = {}
@@ -193,13 +237,20 @@ async def _stream(state, data: CompletionRequest, prompts, streams, offsets, tim
             if event.finished:
                 finish = "stop" if event.finish_reason == "stop" else "length"
             if text or finish or event.token_ids:
-                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
                 if finish:
                     choice["stop_reason"] = event.stop_reason
                 yield sse_event({**base, "choices": [choice]})
         timer.on_finish(time.perf_counter(), "stream")
         if data.stream_options is not None and data.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for ids, _ in prompts)
-            yield sse_event({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield sse_event(
+                {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            )
     finally:
         state.leave()

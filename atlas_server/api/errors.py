@@ -58,12 +58,16 @@ class RequestError(APIError):
         super().__init__(400, message, param, code)
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _response(request: Request, status: int, message: str, param=None, code=None, headers=None) -> Response:
+def _response(
+    request: Request, status: int, message: str, param=None, code=None, headers=None
+) -> Response:
     state = getattr(request.app.state, "atlas", None)
     if state is not None:
         state.metrics.errors.labels(status=str(status)).inc()
@@ -91,10 +95,16 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         if problems:
             first = problems[0]
             key = first.get("key")
-            param = key if key and key != "data" else _param_from_validation(str(first.get("message", "")))
+            param = (
+                key
+                if key and key != "data"
+                else _param_from_validation(str(first.get("message", "")))
+            )
             detail = "; ".join(
-                f"{p.get('message')}" + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")
-                for p in problems)
+                f"{p.get('message')}"
+                + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")
+                for p in problems
+            )
         messages = problems
         if "decod" in detail.lower() or "json" in detail.lower() and not messages:
             detail = f"the request body is not valid JSON: {exc.detail}"

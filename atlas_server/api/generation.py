@@ -63,17 +63,27 @@ def new_id(prefix: str) -> str:
 
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def check_ready(state: ServerState) -> None:
     if state.draining:
-        raise APIError(503, "the server is shutting down; retry on another replica",
-                       headers={"Retry-After": "1"})
+        raise APIError(
+            503,
+            "the server is shutting down; retry on another replica",
+            headers={"Retry-After": "1"},
+        )
     if not state.ready:
-        message = "the model is still loading" if state.load_error is None else (
-            f"the model failed to load: {state.load_error}")
+        message = (
+            "the model is still loading"
+            if state.load_error is None
+            else (f"the model failed to load: {state.load_error}")
+        )
         raise APIError(503, message, headers={"Retry-After": "2"})
 
 
@@ -106,7 +116,9 @@ def sampling_params(
     )
 
 
-def default_max_tokens(state: ServerState, prompt_len: int, asked: int | None, fallback: int) -> int:
+def default_max_tokens(
+    state: ServerState, prompt_len: int, asked: int | None, fallback: int
+) -> int:
     """OpenAI's completions default is 16; chat's is "until the context is full"."""
     if asked is not None:
         return asked
@@ -144,8 +156,12 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
     except InvalidRequestError as e:
         raise RequestError(str(e), param=e.param) from None
     except QueueFullError as e:
-        raise APIError(429, f"the server is at capacity: {e}", code="queue_full",
-                       headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
+        raise APIError(
+            429,
+            f"the server is at capacity: {e}",
+            code="queue_full",
+            headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))},
+        ) from None
     except EngineStoppedError as e:
         raise APIError(503, f"the engine is not accepting requests: {e}") from None
 
@@ -209,7 +225,9 @@ async def until_disconnect(request: Request, work) -> Any:
         await asyncio.gather(watcher, return_exceptions=True)
 
 
-async def collect(state: ServerState, streams, offsets, n_choices: int, timer: RequestTimer) -> list[Choice]:
+async def collect(
+    state: ServerState, streams, offsets, n_choices: int, timer: RequestTimer
+) -> list[Choice]:
     choices = [Choice(i) for i in range(n_choices)]
     async for offset, event in merged_events(streams, offsets):
         choice = choices[offset + event.index]
@@ -244,21 +262,35 @@ def completion_logprobs(
         top = {token_text(tokenizer, t): finite(lp) for t, lp in entry.top.items()}
         top.setdefault(text, finite(entry.logprob))  # like vLLM: the chosen token is always listed
         top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-async def augment(state: ServerState, rag, prompt: str | None = None, messages: list | None = None,
-                  max_tokens: int | None = None):
+async def augment(
+    state: ServerState,
+    rag,
+    prompt: str | None = None,
+    messages: list | None = None,
+    max_tokens: int | None = None,
+):
     """Run the RAG augmenter, naming the failing plugin if it raises."""
     if state.augmenter is None:
-        raise RequestError("this server has no RAG enabled; start it with RAG configured "
-                           "or drop the `rag` field", param="rag")
+        raise RequestError(
+            "this server has no RAG enabled; start it with RAG configured or drop the `rag` field",
+            param="rag",
+        )
     try:
         # Leave room for the answer (and the chat template's few tokens).
         budget = state.max_model_len - (max_tokens if max_tokens is not None else 16) - 16
@@ -268,5 +300,6 @@ async def augment(state: ServerState, rag, prompt: str | None = None, messages: 
     except Exception as e:
         plugin = getattr(e, "plugin", None)
         where = f"plugin {plugin!r}" if plugin else "the retrieval pipeline"
-        raise APIError(502, f"{where} failed: {type(e).__name__}: {e}", param="rag",
-                       code="plugin_error") from None
+        raise APIError(
+            502, f"{where} failed: {type(e).__name__}: {e}", param="rag", code="plugin_error"
+        ) from None

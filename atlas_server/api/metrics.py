@@ -13,32 +13,79 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.ttft = Histogram("atlas:time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("atlas:inter_token_latency_seconds",
-                             "Time between successive streamed tokens.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("atlas:e2e_request_latency_seconds", "End-to-end request latency.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("atlas:request_queue_time_seconds",
-                               "Time a request waited before the engine first scheduled it.",
-                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.running = Gauge("atlas:num_requests_running", "Sequences in the running batch.", registry=r)
-        self.waiting = Gauge("atlas:num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
-        self.kv_usage = Gauge("atlas:kv_cache_usage_perc", "Fraction of KV-cache slots in use.", registry=r)
+        self.ttft = Histogram(
+            "atlas:time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "atlas:inter_token_latency_seconds",
+            "Time between successive streamed tokens.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "atlas:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "atlas:request_queue_time_seconds",
+            "Time a request waited before the engine first scheduled it.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.running = Gauge(
+            "atlas:num_requests_running", "Sequences in the running batch.", registry=r
+        )
+        self.waiting = Gauge(
+            "atlas:num_requests_waiting", "Requests waiting to be scheduled.", registry=r
+        )
+        self.kv_usage = Gauge(
+            "atlas:kv_cache_usage_perc", "Fraction of KV-cache slots in use.", registry=r
+        )
         self.prompt_tokens = Counter("atlas:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
-        self.finished = Counter("atlas:request_success", "Finished requests by finish reason.",
-                                ["finished_reason"], registry=r)
-        self.errors = Counter("atlas:request_errors", "Requests answered with an error, by status.",
-                              ["status"], registry=r)
+        self.finished = Counter(
+            "atlas:request_success",
+            "Finished requests by finish reason.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "atlas:request_errors",
+            "Requests answered with an error, by status.",
+            ["status"],
+            registry=r,
+        )
 
     def observe_engine(self, stats) -> None:
         self.running.set(stats.running)

@@ -61,31 +61,58 @@ class _SamplingFields(_Body, kw_only=True):
             if not ok:
                 raise RequestError(message, param=param)
 
-        need(self.max_tokens is None or self.max_tokens >= 0, "max_tokens", "max_tokens must be >= 0")
-        need(self.max_tokens is None or self.max_tokens <= 1_000_000, "max_tokens", "max_tokens is too large")
-        need(self.temperature is None or 0.0 <= self.temperature <= 2.0, "temperature",
-             "temperature must be between 0 and 2")
+        need(
+            self.max_tokens is None or self.max_tokens >= 0, "max_tokens", "max_tokens must be >= 0"
+        )
+        need(
+            self.max_tokens is None or self.max_tokens <= 1_000_000,
+            "max_tokens",
+            "max_tokens is too large",
+        )
+        need(
+            self.temperature is None or 0.0 <= self.temperature <= 2.0,
+            "temperature",
+            "temperature must be between 0 and 2",
+        )
         need(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]")
-        need(self.top_k is None or self.top_k >= -1, "top_k", "top_k must be -1, 0 (off) or positive")
+        need(
+            self.top_k is None or self.top_k >= -1, "top_k", "top_k must be -1, 0 (off) or positive"
+        )
         need(self.min_p is None or 0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]")
         need(1 <= self.n <= 16, "n", "n must be between 1 and 16")
-        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
-             "presence_penalty must be between -2 and 2")
-        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
-             "frequency_penalty must be between -2 and 2")
-        need(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty",
-             "repetition_penalty must be in (0, 10]")
+        need(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            "presence_penalty must be between -2 and 2",
+        )
+        need(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            "frequency_penalty must be between -2 and 2",
+        )
+        need(
+            0.0 < self.repetition_penalty <= 10.0,
+            "repetition_penalty",
+            "repetition_penalty must be in (0, 10]",
+        )
         need(self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         need(len(stops) <= 16, "stop", "at most 16 stop sequences")
-        need(all(0 < len(s) <= 256 for s in stops), "stop", "stop sequences must be 1-256 characters")
+        need(
+            all(0 < len(s) <= 256 for s in stops), "stop", "stop sequences must be 1-256 characters"
+        )
         for key, value in (self.logit_bias or {}).items():
-            need(key.lstrip("-").isdigit(), "logit_bias", f"logit_bias key {key!r} is not a token id")
+            need(
+                key.lstrip("-").isdigit(), "logit_bias", f"logit_bias key {key!r} is not a token id"
+            )
             need(-100.0 <= value <= 100.0, "logit_bias", "logit_bias values must be in [-100, 100]")
         if self.rag is not None:
             need(bool(self.rag.collection), "rag.collection", "rag.collection must not be empty")
-            need(self.rag.top_k is None or 1 <= self.rag.top_k <= 100, "rag.top_k",
-                 "rag.top_k must be between 1 and 100")
+            need(
+                self.rag.top_k is None or 1 <= self.rag.top_k <= 100,
+                "rag.top_k",
+                "rag.top_k must be between 1 and 100",
+            )
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):

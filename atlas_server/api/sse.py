@@ -40,7 +40,9 @@ async def _framed(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield sse_event(e.body())
     except Exception:
         log.exception("error while streaming")
-        yield sse_error(500, "internal server error while streaming; the server log has the details")
+        yield sse_error(
+            500, "internal server error while streaming; the server log has the details"
+        )
     yield DONE
 
 

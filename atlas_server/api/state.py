@@ -42,10 +42,17 @@ class PromptAugmenter(Protocol):
     were not given).
     """
 
-    async def augment(self, rag: Any, prompt: str | None, messages: list[dict] | None,
-                      max_prompt_tokens: int | None = None) -> Augmentation: ...
+    async def augment(
+        self,
+        rag: Any,
+        prompt: str | None,
+        messages: list[dict] | None,
+        max_prompt_tokens: int | None = None,
+    ) -> Augmentation: ...
 
-    def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]: ...
+    def citations(
+        self, augmentation: Augmentation, text: str
+    ) -> tuple[list[dict[str, Any]], int]: ...
 
 
 @dataclass

@@ -52,7 +52,9 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = _state(request)
     stats = state.engine.stats() if state.engine is not None else None
-    return Response(state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(
+        state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
 
 
 @get("/v1/models", summary="List the served model (OpenAI-compatible)")
@@ -60,9 +62,16 @@ async def list_models(request: Request) -> dict[str, Any]:
     state = _state(request)
     data = []
     if state.ready:
-        data.append({"id": state.model_name, "object": "model", "created": state.created,
-                     "owned_by": "atlas", "root": state.checkpoint_path,
-                     "max_model_len": state.max_model_len})
+        data.append(
+            {
+                "id": state.model_name,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "atlas",
+                "root": state.checkpoint_path,
+                "max_model_len": state.max_model_len,
+            }
+        )
     return {"object": "list", "data": data}
 
 
@@ -88,7 +97,9 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict[str, Any
     vocab = state.tokenizer.vocab_size
     bad = [t for t in data.tokens if not 0 <= t < vocab]
     if bad:
-        raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        raise RequestError(
+            f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens"
+        )
     return {"prompt": state.tokenizer.decode(data.tokens)}
 
 
@@ -105,7 +116,9 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
         "eos_token": "<|endoftext|>" if tok.eot_id is not None else None,
         "eos_token_id": tok.eot_id,
         "additional_special_tokens": sorted(specials),
-        "added_tokens_decoder": {str(i): {"content": s, "special": True} for s, i in specials.items()},
+        "added_tokens_decoder": {
+            str(i): {"content": s, "special": True} for s, i in specials.items()
+        },
         "chat_template": CHAT_TEMPLATE if IM_START in specials and IM_END in specials else None,
         "pattern": tok.pattern,
     }

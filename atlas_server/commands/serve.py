@@ -41,8 +41,10 @@ def resolve_checkpoint(flag: str | None, configured: str | None) -> Path:
             return path
     path = default_checkpoint()
     if not (path / "config.json").is_file():
-        fail(f"no checkpoint given and no embedded default at {path}; pass --checkpoint DIR "
-             "or create the default with `atlas-train quickstart`")
+        fail(
+            f"no checkpoint given and no embedded default at {path}; pass --checkpoint DIR "
+            "or create the default with `atlas-train quickstart`"
+        )
     return path
 
 
@@ -93,12 +95,24 @@ class DrainingServer:
 @app.callback(invoke_without_command=True)
 def serve(
     checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Atlas checkpoint directory."),
-    host: str = typer.Option(None, help="Address to bind (default 127.0.0.1; 0.0.0.0 in containers)."),
+    host: str = typer.Option(
+        None, help="Address to bind (default 127.0.0.1; 0.0.0.0 in containers)."
+    ),
     port: int = typer.Option(None, help="Port (default 8000)."),
-    config: Path = typer.Option(None, "--config", help="Server config TOML (see configs/server/default.toml)."),
-    api_key: str = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` on /v1 routes (or ATLAS_API_KEY)."),
-    api_key_file: Path = typer.Option(None, "--api-key-file", help="Read the API key from this file (a mounted secret)."),
-    model_name: str = typer.Option(None, "--model-name", help="Model id in /v1/models (default: checkpoint folder name)."),
+    config: Path = typer.Option(
+        None, "--config", help="Server config TOML (see configs/server/default.toml)."
+    ),
+    api_key: str = typer.Option(
+        None,
+        "--api-key",
+        help="Require `Authorization: Bearer KEY` on /v1 routes (or ATLAS_API_KEY).",
+    ),
+    api_key_file: Path = typer.Option(
+        None, "--api-key-file", help="Read the API key from this file (a mounted secret)."
+    ),
+    model_name: str = typer.Option(
+        None, "--model-name", help="Model id in /v1/models (default: checkpoint folder name)."
+    ),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
     device: str = typer.Option(None, help="cpu or cuda."),
     max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
@@ -114,20 +128,37 @@ def serve(
 
     with user_errors(ConfigFileError):
         cfg = load_config(config)
-        cfg = with_overrides(cfg, http__host=host, http__port=port, model__name=model_name,
-                             model__dtype=dtype, model__device=device,
-                             engine__max_running=max_running)
+        cfg = with_overrides(
+            cfg,
+            http__host=host,
+            http__port=port,
+            model__name=model_name,
+            model__dtype=dtype,
+            model__device=device,
+            engine__max_running=max_running,
+        )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     key = read_api_key(api_key, api_key_file)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    typer.echo(f"atlas serve: checkpoint {path}\n{render(cfg)}\napi key: {'set' if key else 'none'}")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    typer.echo(
+        f"atlas serve: checkpoint {path}\n{render(cfg)}\napi key: {'set' if key else 'none'}"
+    )
     # A checkpoint folder called "checkpoint" (the quickstart's) is named after its parent.
     default_name = path.resolve().parent.name if path.name == "checkpoint" else path.name
-    state = ServerState(config=cfg, model_name=cfg.model.name or default_name, checkpoint_path=str(path))
+    state = ServerState(
+        config=cfg, model_name=cfg.model.name or default_name, checkpoint_path=str(path)
+    )
     plugin_kwargs = _rag_extensions(state)
     application = create_app(state, api_key=key, **plugin_kwargs)
-    uv_config = uvicorn.Config(application, host=cfg.http.host, port=cfg.http.port,
-                               log_level=log_level, timeout_graceful_shutdown=5)
+    uv_config = uvicorn.Config(
+        application,
+        host=cfg.http.host,
+        port=cfg.http.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
     server = DrainingServer(uv_config, state, cfg.http.drain_timeout_s)
     try:
         server.run()

@@ -492,8 +492,9 @@ class Engine:
         decoding = [
             (r, c) for r in self._running if r.decoding for c in r.choices if not c.finished
         ]
-        # Slot order lets the cache hand attention a view instead of a gather copy of every
-        # layer's KV rows when the running slots are consecutive (the usual full batch).
+        self._pack_decode_slots(decoding)
+        # Slots 0..B-1 in order: the cache hands attention a view of every layer's KV rows
+        # instead of a gather copy (at B=16 and ~190 positions, 450 MB less traffic a step).
         decoding.sort(key=lambda rc: rc[1].slot)
         budget = self.config.max_batched_tokens - len(decoding)
         rows: list[tuple[_Request, _Choice]] = []
@@ -513,6 +514,33 @@ class Engine:
                 rows += [(r, c) for c in r.choices]
         if rows:
             self._sample_and_emit(rows, torch.cat(logits, dim=0))
+
+    def _pack_decode_slots(self, decoding: list[tuple[_Request, _Choice]]) -> None:
+        """Move decoding sequences into slots 0..B-1 (B = len(decoding)).
+
+        A finished sequence leaves a hole that a new, still-prefilling request often takes,
+        which would make attention gather the decode batch's KV rows every step. Instead, a
+        decoding sequence above the first B slots trades places with whatever holds a low
+        slot (a free slot, or a prefilling choice whose rows come along), once, at the
+        transition: a copy of each moved sequence's filled positions.
+        """
+        n = len(decoding)
+        misplaced = [(r, c) for r, c in decoding if c.slot >= n]
+        if not misplaced:
+            return
+        held = {c.slot: (r, c) for r in self._running for c in r.choices if not c.finished}
+        decoding_slots = {c.slot for _, c in decoding}
+        holes = [s for s in range(n) if s not in decoding_slots]
+        for (r, c), hole in zip(misplaced, holes, strict=True):
+            length = len(r.prompt_ids) + len(c.output_ids)
+            other = held.get(hole)
+            if other is None:  # a free slot
+                self.cache.copy_slot(c.slot, [hole], length)
+                self._free_slots[self._free_slots.index(hole)] = c.slot
+            else:  # a prefilling request's choice: its rows move up into c's slot
+                self.cache.swap_slots(c.slot, hole, max(length, other[0].prefilled))
+                other[1].slot = c.slot
+            c.slot = hole
 
     def _decode_forward(self, decoding: list[tuple[_Request, _Choice]]) -> Tensor:
         last_ids, positions, slots = [], [], []
@@ -556,11 +584,7 @@ class Engine:
         """Copy choice 0's prompt KV rows into the slots of choices 1..n-1."""
         if len(r.choices) == 1:
             return
-        source, n_prompt = r.choices[0].slot, len(r.prompt_ids)
-        targets = torch.tensor([c.slot for c in r.choices[1:]], device=self._device)
-        for layer in range(len(self.cache.k)):
-            for store in (self.cache.k[layer], self.cache.v[layer]):
-                store[targets, :, :n_prompt] = store[source, :, :n_prompt]
+        self.cache.copy_slot(r.choices[0].slot, [c.slot for c in r.choices[1:]], len(r.prompt_ids))
 
     def _sample_and_emit(self, rows: list[tuple[_Request, _Choice]], logits: Tensor) -> None:
         eos = self._stop_ids_eos
