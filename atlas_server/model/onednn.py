@@ -75,6 +75,8 @@ class PackedWeight:
             and not torch.is_grad_enabled()
         )
 
-    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        # x: [..., in] -> [..., out]
+    def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
+        """x [..., in] -> [..., out]; `gelu_tanh` applies GELU (tanh form) in the same pass."""
+        if gelu_tanh:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "gelu", [], "tanh")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")

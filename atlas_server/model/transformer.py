@@ -170,6 +170,16 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor) -> Tensor:
+        packed = self.w_in.packed
+        if (
+            self.kind == "gelu"
+            and not self.training
+            and packed is not None
+            and packed.usable_for(x)
+        ):
+            # oneDNN applies the GELU while the matmul's output is still in registers.
+            h = packed(x, self.w_in.bias, gelu_tanh=True)  # [B, T, F]
+            return self.w_out(h)
         h = self.w_in(x)  # [B, T, F] or [B, T, 2F]
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
