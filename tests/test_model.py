@@ -264,3 +264,46 @@ def test_prepared_tied_head_follows_dtype_changes_and_is_not_used_in_training():
     with torch.no_grad():
         model.tok_emb.weight.mul_(2)
     assert torch.equal(model.output_weight(), model.tok_emb.weight.t())
+
+
+@pytest.mark.skipif(not packing_supported(torch.empty(1)), reason="PyTorch built without oneDNN")
+def test_onednn_training_matmul_matches_autograd_through_plain_matmul():
+    """train_matmul's forward and all three gradients equal PyTorch's own matmul's."""
+    from atlas_server.model.onednn import train_matmul
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    weight = torch.randn(40, 24).t().requires_grad_()  # a transposed view, like the tied head
+    bias = torch.randn(40, requires_grad=True)
+    upstream = torch.randn(3, 7, 40)
+    ours = train_matmul(x, weight, bias)
+    assert ours is not None
+    ours.backward(upstream)
+    got = [ours.detach(), x.grad, weight.grad, bias.grad]
+    for t in (x, weight, bias):
+        t.grad = None
+    (x @ weight + bias).backward(upstream)
+    want = [(x @ weight + bias).detach(), x.grad, weight.grad, bias.grad]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        assert train_matmul(x, weight, bias) is None  # nothing to differentiate: caller's path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train_matmul(x, weight, bias) is None  # autocast decides precision there
+
+
+@pytest.mark.skipif(not packing_supported(torch.empty(1)), reason="PyTorch built without oneDNN")
+def test_model_gradients_are_the_same_with_and_without_onednn(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4))
+    ids = torch.randint(0, 97, (2, 12))
+    grads = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ATLAS_ONEDNN", flag)
+        through_onednn = type(model(ids).grad_fn).__name__ == "_TrainMatmulBackward"
+        assert through_onednn == (flag == "1")
+        model.zero_grad(set_to_none=True)
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .onednn import PackedWeight, packing_supported
+from .onednn import PackedWeight, packing_supported, train_matmul
 
 
 class Linear(nn.Module):
@@ -45,6 +45,9 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None and self.packed.usable_for(x):
             return self.packed(x, self.bias)
+        y = train_matmul(x, self.weight, self.bias)  # oneDNN with autograd, where it applies
+        if y is not None:
+            return y
         y = x @ self.weight
         return y + self.bias if self.bias is not None else y
 
@@ -291,7 +294,9 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if self._packed_head is not None and self._packed_head.usable_for(x):
             return self._packed_head(x)  # [B, T, V]
-        return x @ self.output_weight()  # [B, T, V]
+        head = self.output_weight()  # [C, V]
+        logits = train_matmul(x, head)
+        return logits if logits is not None else x @ head  # [B, T, V]
 
     def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Mean next-token cross-entropy; targets [B, T] are the ids that should follow."""
