@@ -86,7 +86,9 @@ def best_index(values: list[float | None], higher: bool | None) -> int | None:
     if higher is None or len(present) < 2:
         return None
     value, index = max(present) if higher else min(present)
-    if sum(v == value for v, _ in present) > 1:  # a tie has no winner
+    # A tie has no winner, and neither has a difference the table cannot show (1e-9 apart
+    # looks like a tie and is one for any reader).
+    if sum(format_value(v) == format_value(value) for v, _ in present) > 1:
         return None
     return index
 

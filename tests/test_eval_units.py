@@ -263,6 +263,15 @@ def test_compare_writes_a_table_with_the_best_value_in_bold_and_pngs(tmp_path: P
         compare_runs([tmp_path], None, [])
 
 
+def test_compare_bolds_no_winner_for_values_equal_at_the_shown_precision(tmp_path: Path):
+    runs = [
+        fake_run(tmp_path, "a", "perplexity", {"nll": (553906.7000001, False)}),
+        fake_run(tmp_path, "b", "perplexity", {"nll": (553906.7000000, False)}),
+    ]
+    table, _ = compare_runs(runs, None, ["atlas", "hf"])
+    assert "**" not in table.split("| nll |")[1].splitlines()[0]
+
+
 # --- CLI surface ------------------------------------------------------------------------------------------
 def test_list_shows_every_suite_with_its_metrics_and_help_has_examples():
     from typer.testing import CliRunner
