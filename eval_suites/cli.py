@@ -86,6 +86,8 @@ def run(
       atlas-eval run generation --base-url http://127.0.0.1:8000 --model my-model --limit 20
 
       atlas-eval run latency --base-url http://127.0.0.1:8000 --set 'concurrencies=[1,4,16]'
+
+      atlas-eval run hallucination --base-url http://127.0.0.1:8000 --set context=rag
     """
     from .runner import RunOptions, run_suite
 

@@ -134,6 +134,11 @@ def test_grounded_completion_returns_citations_of_given_sources(rag_server):
     r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60).json()
     choice = r["choices"][0]
     assert isinstance(choice["citations"], list) and choice["dropped_citations"] >= 0
+    # Every source given is listed in prompt order; citations are a subset of them.
+    given = r["sources"]
+    assert [s["id"] for s in given] == list(range(1, len(given) + 1)) and 1 <= len(given) <= 2
+    assert given[0]["source"] == "bisect.md" and given[0]["text"] == DOCS[0]["text"]
+    assert all(c == given[c["id"] - 1] for c in choice["citations"])
     assert r["usage"]["prompt_tokens"] > len(body["prompt"]) + len(
         DOCS[0]["text"]
     )  # sources were added
@@ -150,11 +155,12 @@ def test_grounded_chat_and_stream(rag_server):
     }
     r = httpx.post(rag_server + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200 and "citations" in r.json()["choices"][0]
+    assert [s["source"] for s in r.json()["sources"]] == ["json.md"]
     with httpx.stream(
         "POST", rag_server + "/v1/chat/completions", json={**body, "stream": True}, timeout=60
     ) as s:
         lines = [line for line in s.iter_lines() if line.startswith("data: ")]
-    assert lines[-1] == "data: [DONE]" and '"citations"' in lines[-2]
+    assert lines[-1] == "data: [DONE]" and '"citations"' in lines[-2] and '"sources"' in lines[-2]
 
 
 def test_plugin_failure_is_named_and_the_server_stays_up(rag_server):

@@ -28,6 +28,7 @@ from .generation import (
     finite,
     merged_events,
     new_id,
+    rag_sources,
     sampling_params,
     submit,
     token_text,
@@ -169,7 +170,19 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     created = int(time.time())
     cite = (lambda text: state.augmenter.citations(augmentation, text)) if augmentation else None
     if data.stream:
-        return sse_response(_stream(state, data, ids, stream, timer, request_id, created, cite))
+        return sse_response(
+            _stream(
+                state,
+                data,
+                ids,
+                stream,
+                timer,
+                request_id,
+                created,
+                cite,
+                rag_sources(state, augmentation),
+            )
+        )
     try:
         choices = await until_disconnect(request, collect(state, [stream], [0], data.n, timer))
     finally:
@@ -197,12 +210,13 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             "model": state.model_name,
             "choices": body,
             "usage": usage(len(ids), sum(len(c.token_ids) for c in choices)),
+            **rag_sources(state, augmentation),
         }
     )
 
 
 async def _stream(
-    state, data: ChatCompletionRequest, ids, stream, timer, request_id, created, cite
+    state, data: ChatCompletionRequest, ids, stream, timer, request_id, created, cite, sources
 ):
     base = {
         "id": request_id,
@@ -240,7 +254,7 @@ async def _stream(
             if finish and cite is not None:
                 choice["citations"], choice["dropped_citations"] = cite("".join(texts[i]))
             if delta.get("content") or "role" in delta or finish:
-                yield sse_event({**base, "choices": [choice]})
+                yield sse_event({**base, "choices": [choice], **(sources if finish else {})})
         timer.on_finish(time.perf_counter(), "stream")
         if data.stream_options is not None and data.stream_options.include_usage:
             yield sse_event({**base, "choices": [], "usage": usage(len(ids), completion_tokens)})

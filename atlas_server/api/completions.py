@@ -28,6 +28,7 @@ from .generation import (
     default_max_tokens,
     merged_events,
     new_id,
+    rag_sources,
     sampling_params,
     submit,
     until_disconnect,
@@ -193,6 +194,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
             "model": state.model_name,
             "choices": body_choices,
             "usage": usage(prompt_tokens, completion_tokens),
+            **rag_sources(state, augmentation),
         }
     )
 

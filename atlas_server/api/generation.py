@@ -278,6 +278,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def rag_sources(state: ServerState, augmentation) -> dict[str, Any]:
+    """`{"sources": [...]}` for a RAG response: every source the prompt numbered (or {})."""
+    if augmentation is None or not hasattr(state.augmenter, "sources"):
+        return {}
+    return {"sources": state.augmenter.sources(augmentation)}
+
+
 async def augment(
     state: ServerState,
     rag,

@@ -39,7 +39,8 @@ class PromptAugmenter(Protocol):
     returns the augmented prompt or messages, dropping the lowest-ranked sources when the
     result would exceed `max_prompt_tokens`. `citations` maps the generated text back to
     the sources given, returning (citations, number of dropped references to sources that
-    were not given).
+    were not given). `sources` (optional: responses leave the field out when an augmenter
+    lacks it) lists every source the augmented prompt numbered, in prompt order.
     """
 
     async def augment(
@@ -53,6 +54,8 @@ class PromptAugmenter(Protocol):
     def citations(
         self, augmentation: Augmentation, text: str
     ) -> tuple[list[dict[str, Any]], int]: ...
+
+    def sources(self, augmentation: Augmentation) -> list[dict[str, Any]]: ...
 
 
 @dataclass

@@ -4,7 +4,8 @@ What it does: renders retrieved chunks as numbered sources `[1] (source — head
 with an instruction to answer from them and cite as [n]; for chat, the sources go into a
 system message placed before the conversation. After generation, `extract_citations`
 finds [n] markers (also [1, 3] and [2][4]), maps valid numbers to their chunks and counts
-the numbers that refer to no given source as dropped.
+the numbers that refer to no given source as dropped; `given_sources` lists every source
+the prompt numbered, cited or not.
 What it does not do: retrieval or generation.
 """
 
@@ -51,21 +52,25 @@ def extract_citations(text: str, chunks: list[RetrievedChunk]) -> tuple[list[dic
                     cited.append(number)
             else:
                 dropped += 1
-    out = []
-    for n in cited:
-        r = chunks[n - 1]
-        out.append(
-            {
-                "id": n,
-                "chunk_id": r.chunk.id,
-                "source": r.chunk.source,
-                "heading": r.chunk.heading,
-                "span": [r.chunk.start, r.chunk.end],
-                "score": r.score,
-                "text": r.chunk.text,
-            }
-        )
-    return out, dropped
+    return [source_json(n, chunks[n - 1]) for n in cited], dropped
+
+
+def source_json(number: int, r: RetrievedChunk) -> dict[str, Any]:
+    """One source as the response shows it; `id` is its number [n] in the prompt."""
+    return {
+        "id": number,
+        "chunk_id": r.chunk.id,
+        "source": r.chunk.source,
+        "heading": r.chunk.heading,
+        "span": [r.chunk.start, r.chunk.end],
+        "score": r.score,
+        "text": r.chunk.text,
+    }
+
+
+def given_sources(chunks: list[RetrievedChunk]) -> list[dict[str, Any]]:
+    """Every source the grounded prompt numbered, in prompt order (cited or not)."""
+    return [source_json(n, r) for n, r in enumerate(chunks, 1)]
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

@@ -5,7 +5,7 @@ What it does: `rag_extensions(state)` returns what `create_app` plugs in — the
 `POST /v1/collections/{name}/documents`, `DELETE /v1/collections/{name}`,
 `GET /v1/plugins` — and a `PromptAugmenter` that retrieves for a request's `rag` object,
 adds numbered sources to the prompt (or a system message for chat) and, after generation,
-returns `citations`. The embedder and the vector store open lazily on first use, so a
+returns `citations` (the sources the answer cites) and `sources` (every source given). The embedder and the vector store open lazily on first use, so a
 server that never sees a RAG request never locks a Qdrant data directory or loads MiniLM.
 Retrieval runs in a worker thread, off the event loop.
 What it does not do: generation (the engine) or chunking details (see `chunking.py`).
@@ -25,7 +25,13 @@ from ..api.state import Augmentation, ServerState
 from ..engine.types import SamplingParams
 from ..plugins import PluginHost, get_plugin_host
 from .chunking import ChunkSettings
-from .grounding import extract_citations, grounded_messages, grounded_prompt, last_user_text
+from .grounding import (
+    extract_citations,
+    given_sources,
+    grounded_messages,
+    grounded_prompt,
+    last_user_text,
+)
 from .ingest import Document, ingest
 from .pipeline import PluginRuntimeError, RAGPipeline, UnknownComponentError
 from .store import StoreError, VectorStore
@@ -179,6 +185,9 @@ class RAGAugmenter:
 
     def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]:
         return extract_citations(text, augmentation.context)
+
+    def sources(self, augmentation: Augmentation) -> list[dict[str, Any]]:
+        return given_sources(augmentation.context)
 
 
 def _chunk_json(r: RetrievedChunk, rank: int) -> dict[str, Any]:

@@ -9,24 +9,41 @@ alternately a `counterfactual` item (the passage states a different value than t
 world; the context's value is the gold answer) or an `unanswerable` item (the entity's own
 passage and distractors, none of which answers; gold "unanswerable").
 
-Context is given inline as numbered sources ([1] Title: text) in a plain completion
-prompt that asks for an answer citing sources as [n] or "unanswerable". Inline is the
-only mode on purpose: any OpenAI-compatible server can run it, and each item fixes
-exactly which passages are seen and in what order, which the distractor and position
-measurements need (retrieval through a server's `rag` field would change both). Every
-item is also asked closed-book (no sources) to show what the context changes.
+Two context modes (`context` in the config):
+  - `inline` (default): the suite writes the item's passages into a plain completion prompt
+    as numbered sources ([1] Title: text) and asks for an answer citing them as [n] or
+    "unanswerable". Each item fixes exactly which passages are seen and in what order,
+    which the distractor and position measurements need, and any OpenAI-compatible server
+    can run it; that is why it stays the default.
+  - `rag` (Atlas only): the suite ingests the corpus into two collections on the server
+    (`POST /v1/collections/NAME/documents`): every passage with its real value, and every
+    passage with its counterfactual value, so the two versions of a passage never compete.
+    Names are `hallucination-{facts|counterfactual}-<hash of the documents>`, so reruns and
+    resumed runs send identical (cached) requests; ingestion is idempotent, and the
+    collections are deleted at the end unless `rag_keep_collections`. Each bare question
+    goes out with the request's `rag` object (counterfactual items: the counterfactual
+    collection), the server retrieves and writes its own grounded prompt, and the answer
+    is scored against the `sources` the response says were given (in prompt order, so
+    [n] means the n-th). This adds retrieval recall@k of the gold passage and mixes
+    retrieval quality into every other number; distractor-count and gold-position metrics
+    are left out, since the retriever, not the item, then picks the context. A server
+    without `/v1/collections` stops the run with a one-line CapabilityError.
+Every item is also asked closed-book (no sources, no `rag`) to show what the context changes.
 
 Metrics (definitions in docs/evaluation.md): accuracy, closed-book accuracy and the gain;
-accuracy by distractor count and noise sensitivity; accuracy by gold position;
+accuracy by distractor count and noise sensitivity, accuracy by gold position (inline only);
 abstention on unanswerable items and false abstention; counterfactual adherence vs
 parametric override; ALCE citation recall / precision (citations to sources not given
 count against both) and validity; supported-sentence ratio and unsupported-number rate,
 judged by the offline proxies of `support.py`, whose accuracy on the hand-labelled fixture
-is reported with the run. What it does not do: judge with an LLM, or test retrieval.
+is reported with the run; in rag mode, retrieval recall@k. What it does not do: judge with an
+LLM, or measure retrieval beyond whether the gold passage was among the sources given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -35,8 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..client import first_choice, gather_with_progress
-from ..errors import SuiteConfigError
+from ..client import OpenAIClient, first_choice, gather_with_progress
+from ..errors import CapabilityError, EvalError, ServerRequestError, SuiteConfigError
 from ..metrics import compute_metric
 from ..support import (
     EmbeddingJudge,
@@ -49,7 +66,14 @@ from ..support import (
 )
 from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, stable_order
 
-__all__ = ["HallucinationConfig", "HallucinationSuite", "build_items", "score_answer"]
+__all__ = [
+    "HallucinationConfig",
+    "HallucinationSuite",
+    "build_items",
+    "collection_name",
+    "rag_documents",
+    "score_answer",
+]
 
 POSITIONS = ("first", "middle", "last")
 ABSTAIN = re.compile(
@@ -64,6 +88,9 @@ OPEN_INSTRUCTION = (
     ' like [1]. If the sources do not contain the answer, reply "unanswerable".'
 )
 CLOSED_INSTRUCTION = 'Answer the question. If you do not know the answer, reply "unanswerable".'
+# Metrics that need the item to fix which passages the model sees and where: meaningless
+# when the server's retriever chooses the context, so rag mode leaves them out.
+INLINE_ONLY = "accuracy_distractors_*, noise_sensitivity, accuracy_position_*"
 
 
 @dataclass(frozen=True)
@@ -82,6 +109,11 @@ class HallucinationConfig:
     nli_threshold: float
     max_passage_chars: int  # 0 = whole passages; smaller values fit tiny context windows
     metrics: tuple[str, ...]  # metric plugins applied to answerable answers vs gold
+    context: str  # "inline" (numbered sources in the prompt) | "rag" (the server retrieves)
+    rag_top_k: int  # rag mode: sources the server retrieves per question
+    rag_retriever: str  # rag mode: "" = the server's default retriever
+    rag_reranker: str  # rag mode: "" = the server's default reranker
+    rag_keep_collections: bool  # rag mode: leave the suite's collections on the server
 
     def validate(self) -> None:
         if not self.distractor_counts or any(n < 0 for n in self.distractor_counts):
@@ -97,6 +129,10 @@ class HallucinationConfig:
             )
         if self.api not in ("completions", "chat"):
             raise SuiteConfigError("hallucination: api must be 'completions' or 'chat'")
+        if self.context not in ("inline", "rag"):
+            raise SuiteConfigError("hallucination: context must be 'inline' or 'rag'")
+        if not 1 <= self.rag_top_k <= 100:
+            raise SuiteConfigError("hallucination: rag_top_k must be between 1 and 100")
 
 
 @dataclass(frozen=True)
@@ -229,6 +265,127 @@ def open_prompt(item: Item) -> str:
 
 def closed_prompt(item: Item) -> str:
     return f"{CLOSED_INSTRUCTION}\n\nQuestion: {item.question}\nAnswer:"
+
+
+# --- rag mode: the server retrieves from collections the suite fills ---------------------------
+def rag_documents(
+    facts: list[dict[str, Any]], cfg: HallucinationConfig, counterfactual: bool
+) -> list[dict[str, str]]:
+    """The corpus as documents for `POST /v1/collections/NAME/documents`, one per fact.
+
+    The counterfactual collection holds every passage with its counterfactual value, so a
+    collection never holds both versions of a passage; `source` is the fact id in both.
+    """
+    return [
+        {
+            "text": passage_text(
+                f, f["counterfactual"] if counterfactual else f["answer"], cfg.max_passage_chars
+            ),
+            "source": f["id"],
+            "title": f["title"],
+        }
+        for f in facts
+    ]
+
+
+def collection_name(role: str, documents: list[dict[str, str]]) -> str:
+    """Deterministic per role and content: a rerun (or a resumed run) uses the same name."""
+    canonical = json.dumps(documents, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return f"hallucination-{role}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}"
+
+
+def collection_role(item: Item) -> str:
+    return "counterfactual" if item.kind == "counterfactual" else "facts"
+
+
+def gold_passage(item: Item) -> str | None:
+    """The fact id of the passage that answers the item (None for unanswerable items)."""
+    return item.sources[item.gold_indices[0] - 1].fact_id if item.gold_indices else None
+
+
+def with_given_sources(item: Item, given: list[dict[str, Any]]) -> Item:
+    """The item as the server posed it: the sources it retrieved, numbered as in its prompt."""
+    gold = gold_passage(item)
+    sources = tuple(
+        Source(str(s["source"]), str(s.get("heading") or ""), str(s["text"])) for s in given
+    )
+    gold_indices = tuple(
+        n for n, s in enumerate(sources, 1) if gold is not None and s.fact_id == gold
+    )
+    return dataclasses.replace(
+        item, sources=sources, gold_indices=gold_indices, distractors=0, position=None
+    )
+
+
+def rag_routes_error(client: OpenAIClient, status: int | None) -> CapabilityError:
+    return CapabilityError(
+        f"the hallucination suite's rag mode (context = 'rag') needs Atlas's RAG routes, but"
+        f" {client.base_url} answered GET /v1/collections with HTTP {status}; run it against"
+        " `atlas serve` with [rag] enabled, or use the default --set context=inline"
+    )
+
+
+async def probe_rag_routes(client: OpenAIClient) -> None:
+    """Fail in one line before anything is sent when the server has no collections routes."""
+    try:
+        await client.request("GET", "/v1/collections")
+    except ServerRequestError as e:
+        if e.status in (404, 405):
+            raise rag_routes_error(client, e.status) from None
+        raise
+
+
+async def fill_collections(
+    client: OpenAIClient, documents: dict[str, list[dict[str, str]]]
+) -> dict[str, dict[str, Any]]:
+    """Ingest each role's documents into its collection; idempotent (content-derived ids)."""
+    out = {}
+    for role, docs in documents.items():
+        name = collection_name(role, docs)
+        path = f"/v1/collections/{name}/documents"
+        answer = await client.request("POST", path, {"documents": docs})
+        chunks = answer.get("chunks") if isinstance(answer, dict) else None
+        total = answer.get("total") if isinstance(answer, dict) else None
+        if not isinstance(chunks, int) or not isinstance(total, int):
+            raise ServerRequestError(
+                f"POST {path} did not answer with chunk counts: {answer!r:.120}"
+            )
+        if total != chunks:
+            # Same name, other content: someone else's points would compete in retrieval.
+            raise ServerRequestError(
+                f"collection {name} holds {total} chunks after ingesting {chunks}; it has other"
+                f" content: delete it (DELETE /v1/collections/{name}) and run again"
+            )
+        out[role] = {"collection": name, "documents": len(docs), "chunks": chunks}
+    return out
+
+
+async def drop_collections(client: OpenAIClient, names: list[str]) -> bool:
+    """Delete the suite's collections (best effort: a failure never hides the run's result)."""
+    ok = True
+    for name in names:
+        try:
+            await client.request("DELETE", f"/v1/collections/{name}")
+        except ServerRequestError as e:
+            ok = ok and e.status == 404  # never created: nothing to delete
+        except EvalError:
+            ok = False
+    return ok
+
+
+def given_sources(response: Any, path: str) -> list[dict[str, Any]]:
+    """The `sources` an Atlas RAG response lists: every source its prompt numbered."""
+    sources = response.get("sources") if isinstance(response, dict) else None
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("source"), str) and isinstance(s.get("text"), str)
+        for s in sources
+    ):
+        raise CapabilityError(
+            f"{path} answered a request with a `rag` field without the list of `sources` it"
+            " gave the model; the hallucination suite's rag mode needs an Atlas server that"
+            " reports them (or use the default --set context=inline)"
+        )
+    return sources
 
 
 # --- scoring one answer -------------------------------------------------------------------------
@@ -366,6 +523,7 @@ class HallucinationSuite(Suite):
         "citation_recall",
         "citation_precision",
         "supported_sentence_ratio",
+        "retrieval_recall_at_k (context = rag)",
     )
     config_cls = HallucinationConfig
 
@@ -378,9 +536,17 @@ class HallucinationSuite(Suite):
             if line
         ]
         items = build_items(facts, cfg, ctx.seed)[: ctx.limit or None]
-        open_answers = await gather_with_progress(
-            (self.ask(ctx, cfg, open_prompt(it)) for it in items), desc="hallucination (sources)"
-        )
+        rag_details: dict[str, Any] = {}
+        if cfg.context == "rag":
+            posed, open_answers, extra = await self.ask_with_retrieval(
+                ctx, cfg, facts, items, rag_details
+            )
+        else:
+            posed, extra = items, [{} for _ in items]
+            open_answers = await gather_with_progress(
+                (self.ask(ctx, cfg, open_prompt(it)) for it in items),
+                desc="hallucination (sources)",
+            )
         closed_answers = (
             await gather_with_progress(
                 (self.ask(ctx, cfg, closed_prompt(it)) for it in items),
@@ -392,22 +558,29 @@ class HallucinationSuite(Suite):
         judges = make_judges(cfg)
         judgements = Judgements(judges[cfg.support_judge])
         judgements.fill(
-            set().union(*(needed_pairs(it, a) for it, a in zip(items, open_answers, strict=True)))
+            set().union(*(needed_pairs(it, a) for it, a in zip(posed, open_answers, strict=True)))
         )
         samples = []
-        for it, answer, closed in zip(items, open_answers, closed_answers, strict=True):
-            sample = {
+        for it, answer, closed, more in zip(
+            posed, open_answers, closed_answers, extra, strict=True
+        ):
+            sample: dict[str, Any] = {
                 "id": it.id,
                 "kind": it.kind,
                 "question": it.question,
                 "gold": it.gold,
-                "distractors": it.distractors,
-                "position": it.position,
-                "gold_sources": list(it.gold_indices),
-                "sources": [s.fact_id for s in it.sources],
-                "answer": answer,
-                "scores": score_answer(it, answer, judgements),
             }
+            if cfg.context == "inline":
+                sample.update(distractors=it.distractors, position=it.position)
+            sample.update(
+                gold_sources=list(it.gold_indices),
+                sources=[s.fact_id for s in it.sources],
+                **more,
+                answer=answer,
+                scores=score_answer(it, answer, judgements),
+            )
+            if "gold_passage" in more and more["gold_passage"] is not None:
+                sample["scores"]["gold_retrieved"] = bool(it.gold_indices)
             if closed is not None:
                 sample["closed_book_answer"] = closed
                 sample["closed_book_scores"] = score_answer(it, closed, None)
@@ -419,6 +592,32 @@ class HallucinationSuite(Suite):
         }
         metrics = summarise(samples, cfg)
         metrics.update(plugin_scores(cfg, samples))
+        details: dict[str, Any] = {
+            "items": {
+                k: sum(s["kind"] == k for s in samples)
+                for k in ("answerable", "counterfactual", "unanswerable")
+            },
+            "support_judge": cfg.support_judge,
+            "support_calibration": calibration,
+            "context_mode": (
+                "inline numbered sources"
+                if cfg.context == "inline"
+                else "rag: the server retrieves sources for the request's `rag` field"
+            ),
+        }
+        if rag_details:
+            given = [len(s["retrieved"]) for s in samples]
+            rag_details.update(
+                sources_given_mean=sum(given) / len(given) if given else None,
+                items_given_fewer_than_top_k=sum(n < cfg.rag_top_k for n in given),
+                omitted_metrics=INLINE_ONLY,
+                omitted_because=(
+                    "the retriever, not the item, chooses which passages the model sees, how"
+                    " many and in what order, so accuracy by distractor count and by gold"
+                    " position would not measure what their names say"
+                ),
+            )
+            details["rag"] = rag_details
         return SuiteResult(
             metrics=metrics,
             samples=samples,
@@ -426,32 +625,109 @@ class HallucinationSuite(Suite):
                 cfg.corpus: file_sha256(corpus_path),
                 cfg.calibration: file_sha256(pairs_path),
             },
-            details={
-                "items": {
-                    k: sum(s["kind"] == k for s in samples)
-                    for k in ("answerable", "counterfactual", "unanswerable")
-                },
-                "support_judge": cfg.support_judge,
-                "support_calibration": calibration,
-                "context_mode": "inline numbered sources",
-            },
+            details=details,
         )
 
+    async def ask_with_retrieval(
+        self,
+        ctx: RunContext,
+        cfg: HallucinationConfig,
+        facts: list[dict[str, Any]],
+        items: list[Item],
+        details: dict[str, Any],
+    ) -> tuple[list[Item], list[str], list[dict[str, Any]]]:
+        """Rag mode: fill the collections, ask each question with `rag`, drop the collections.
+
+        Returns each item as the server posed it (its sources are those the server says it
+        gave), the answers, and the per-sample retrieval record.
+        """
+        documents = {
+            "facts": rag_documents(facts, cfg, counterfactual=False),
+            "counterfactual": rag_documents(facts, cfg, counterfactual=True),
+        }
+        names = {role: collection_name(role, docs) for role, docs in documents.items()}
+        options = {"top_k": cfg.rag_top_k}
+        if cfg.rag_retriever:
+            options["retriever"] = cfg.rag_retriever
+        if cfg.rag_reranker:
+            options["reranker"] = cfg.rag_reranker
+        details.update(
+            top_k=cfg.rag_top_k,
+            retriever=cfg.rag_retriever or "server default",
+            reranker=cfg.rag_reranker or "server default",
+        )
+        await probe_rag_routes(ctx.client)
+        try:
+            details["collections"] = await fill_collections(ctx.client, documents)
+            responses = await gather_with_progress(
+                (
+                    self.ask_full(
+                        ctx, cfg, it.question, {"collection": names[collection_role(it)], **options}
+                    )
+                    for it in items
+                ),
+                desc="hallucination (rag)",
+            )
+        finally:
+            details["collections_deleted"] = not cfg.rag_keep_collections and (
+                await drop_collections(ctx.client, list(names.values()))
+            )
+        posed, answers, extra = [], [], []
+        for it, (answer, response, choice) in zip(items, responses, strict=True):
+            given = given_sources(response, self.path(cfg))
+            posed.append(with_given_sources(it, given))
+            answers.append(answer)
+            extra.append(
+                {
+                    "collection": names[collection_role(it)],
+                    "gold_passage": gold_passage(it),
+                    "retrieved": [
+                        {k: s.get(k) for k in ("id", "chunk_id", "source", "score", "text")}
+                        for s in given
+                    ],
+                    "server_citations": [
+                        c.get("id") for c in choice.get("citations") or [] if isinstance(c, dict)
+                    ],
+                    "server_dropped_citations": choice.get("dropped_citations"),
+                }
+            )
+        return posed, answers, extra
+
+    @staticmethod
+    def path(cfg: HallucinationConfig) -> str:
+        return "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
+
     async def ask(self, ctx: RunContext, cfg: HallucinationConfig, prompt: str) -> str:
-        params = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": ctx.seed}
+        return (await self.ask_full(ctx, cfg, prompt))[0]
+
+    async def ask_full(
+        self,
+        ctx: RunContext,
+        cfg: HallucinationConfig,
+        prompt: str,
+        rag: dict[str, Any] | None = None,
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """(answer text, whole response, its first choice); `rag` adds the server's retrieval."""
+        params: dict[str, Any] = {
+            "max_tokens": cfg.max_tokens,
+            "temperature": cfg.temperature,
+            "seed": ctx.seed,
+        }
+        if rag is not None:
+            params["rag"] = rag
         if cfg.api == "chat":
             response = await ctx.client.chat(
                 {"messages": [{"role": "user", "content": prompt}], **params}
             )
-            text = (first_choice(response, "/v1/chat/completions").get("message") or {}).get(
-                "content"
-            ) or ""
+            choice = first_choice(response, "/v1/chat/completions")
+            text = (choice.get("message") or {}).get("content") or ""
         else:
             response = await ctx.client.completion(
                 {"prompt": prompt, "stop": ["\n\n", "\nQuestion:"], **params}
             )
-            text = first_choice(response, "/v1/completions").get("text") or ""
-        return text.strip()
+            choice = first_choice(response, "/v1/completions")
+            text = choice.get("text") or ""
+        return text.strip(), response, choice
 
 
 def make_judges(cfg: HallucinationConfig) -> dict[str, SupportJudge]:
@@ -490,26 +766,16 @@ def summarise(samples: list[dict[str, Any]], cfg: HallucinationConfig) -> dict[s
             True,
             "accuracy with sources minus closed-book accuracy",
         )
-    by_noise = {}
-    for n in cfg.distractor_counts:
-        group = [s for s in answerable if s["distractors"] == n]
-        by_noise[n] = ratio(sum(s["scores"]["correct"] for s in group), len(group))
+    if cfg.context == "inline":
+        add_noise_and_position(add, answerable, cfg)
+    else:
+        with_gold = [s for s in samples if "gold_retrieved" in s["scores"]]
         add(
-            f"accuracy_distractors_{n}",
-            by_noise[n],
+            "retrieval_recall_at_k",
+            ratio(sum(s["scores"]["gold_retrieved"] for s in with_gold), len(with_gold)),
             True,
-            f"answerable items with {n} distractor sources",
-        )
-    lo, hi = by_noise.get(min(cfg.distractor_counts)), by_noise.get(max(cfg.distractor_counts))
-    if lo is not None and hi is not None and len(by_noise) > 1:
-        add("noise_sensitivity", lo - hi, False, "accuracy drop from fewest to most distractors")
-    for pos in POSITIONS:
-        group = [s for s in answerable if s["position"] == pos]
-        add(
-            f"accuracy_position_{pos}",
-            ratio(sum(s["scores"]["correct"] for s in group), len(group)),
-            True,
-            f"answerable items (>= 2 distractors) with the gold source {pos}",
+            "answerable and counterfactual items whose gold passage is among the sources"
+            " the server gave",
         )
     add(
         "abstention_unanswerable",
@@ -587,6 +853,31 @@ def summarise(samples: list[dict[str, Any]], cfg: HallucinationConfig) -> dict[s
         "numbers in answers that appear in no given source nor the question",
     )
     return out
+
+
+def add_noise_and_position(add, answerable: list[dict[str, Any]], cfg: HallucinationConfig) -> None:
+    """Inline mode only: accuracy by distractor count and by where the gold source sits."""
+    by_noise = {}
+    for n in cfg.distractor_counts:
+        group = [s for s in answerable if s["distractors"] == n]
+        by_noise[n] = ratio(sum(s["scores"]["correct"] for s in group), len(group))
+        add(
+            f"accuracy_distractors_{n}",
+            by_noise[n],
+            True,
+            f"answerable items with {n} distractor sources",
+        )
+    lo, hi = by_noise.get(min(cfg.distractor_counts)), by_noise.get(max(cfg.distractor_counts))
+    if lo is not None and hi is not None and len(by_noise) > 1:
+        add("noise_sensitivity", lo - hi, False, "accuracy drop from fewest to most distractors")
+    for pos in POSITIONS:
+        group = [s for s in answerable if s["position"] == pos]
+        add(
+            f"accuracy_position_{pos}",
+            ratio(sum(s["scores"]["correct"] for s in group), len(group)),
+            True,
+            f"answerable items (>= 2 distractors) with the gold source {pos}",
+        )
 
 
 def plugin_scores(
