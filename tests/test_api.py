@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -405,6 +406,44 @@ def test_32_concurrent_streams_with_disconnects(server, client):
     assert _gauge(base, "atlas:num_requests_running") == 0
     assert _gauge(base, "atlas:kv_cache_usage_perc") == 0
     assert _gauge(base, "atlas:time_to_first_token_seconds_count") > 0
+
+
+def test_non_streaming_client_that_hangs_up_is_cancelled_quietly(server):
+    """No traceback in the server log (a hang-up is routine), and the request is aborted."""
+    base, _ = server
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "atlas.api", "litestar")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        limit = httpx.get(base + "/v1/models").json()["data"][0]["max_model_len"]
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "prompt": "hang up",
+                "max_tokens": limit - 16,
+                "n": 4,
+                "ignore_eos": True,
+            }
+        ).encode()
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # send, then hang up at once
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.05)
+        deadline = time.time() + 10
+        while _gauge(base, "atlas:num_requests_running") != 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _gauge(base, "atlas:num_requests_running") == 0
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert records == []
 
 
 def test_openapi_schema_is_served(server):

@@ -268,7 +268,7 @@ def test_compare_bolds_no_winner_for_values_equal_at_the_shown_precision(tmp_pat
         fake_run(tmp_path, "a", "perplexity", {"nll": (553906.7000001, False)}),
         fake_run(tmp_path, "b", "perplexity", {"nll": (553906.7000000, False)}),
     ]
-    table, _ = compare_runs(runs, None, ["atlas", "hf"])
+    table, _ = compare_runs(runs, tmp_path / "out", ["atlas", "hf"])
     assert "**" not in table.split("| nll |")[1].splitlines()[0]
 
 

@@ -51,6 +51,17 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+class ClientDisconnected(APIError):
+    """The client hung up before its answer was ready; the work was cancelled.
+
+    Answered with nginx's 499 ("client closed request") that nobody will read, and logged
+    at info level: a client that goes away is routine, not a server error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(499, "client closed the connection before the response")
+
+
 class RequestError(APIError):
     """400: the request is malformed or asks for something out of range."""
 
@@ -82,6 +93,8 @@ def _param_from_validation(detail: str) -> str | None:
 
 
 def handle_api_error(request: Request, exc: APIError) -> Response:
+    if isinstance(exc, ClientDisconnected):
+        log.info("%s %s: client disconnected; request cancelled", request.method, request.url.path)
     return _response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 

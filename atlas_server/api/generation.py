@@ -32,7 +32,7 @@ from ..engine.types import (
     TokenLogprob,
 )
 from ..tokenizer import Tokenizer
-from .errors import APIError, RequestError
+from .errors import APIError, ClientDisconnected, RequestError
 from .metrics import RequestTimer
 from .schemas import _SamplingFields
 from .state import ServerState
@@ -203,7 +203,8 @@ async def merged_events(streams: list[AsyncIterator[RequestOutput]], offsets: li
 
 
 async def until_disconnect(request: Request, work) -> Any:
-    """Run `work` (a coroutine) and cancel it if the client disconnects first."""
+    """Run `work` (a coroutine); if the client disconnects first, cancel it and raise
+    ClientDisconnected (answered quietly, see errors.py)."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -218,7 +219,7 @@ async def until_disconnect(request: Request, work) -> Any:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientDisconnected
         return task.result()
     finally:
         watcher.cancel()
