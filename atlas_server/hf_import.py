@@ -139,6 +139,17 @@ def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         raise HFImportError(f"tensor {name} is missing from the checkpoint") from None
 
 
+# Atlas block parameter names -> GPT-2's (transformers and the original checkpoints).
+GPT2_BLOCK_NAMES = {
+    "attn_norm": "ln_1",
+    "attn.wqkv": "attn.c_attn",
+    "attn.wo": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp.w_in": "mlp.c_fc",
+    "mlp.w_out": "mlp.c_proj",
+}
+
+
 def _gpt2_state(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     p = "transformer." if "transformer.wte.weight" in t else ""
     state = {
@@ -147,16 +158,8 @@ def _gpt2_state(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
         "final_norm.weight": _take(t, f"{p}ln_f.weight"),
         "final_norm.bias": _take(t, f"{p}ln_f.bias"),
     }
-    names = {
-        "attn_norm": "ln_1",
-        "attn.wqkv": "attn.c_attn",
-        "attn.wo": "attn.c_proj",
-        "mlp_norm": "ln_2",
-        "mlp.w_in": "mlp.c_fc",
-        "mlp.w_out": "mlp.c_proj",
-    }
     for i in range(config.n_layers):
-        for ours, theirs in names.items():
+        for ours, theirs in GPT2_BLOCK_NAMES.items():
             for suffix in ("weight", "bias"):
                 state[f"blocks.{i}.{ours}.{suffix}"] = _take(t, f"{p}h.{i}.{theirs}.{suffix}")
     if not config.tie_embeddings:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from atlas_server.hf_import import GPT2_BLOCK_NAMES  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
 
@@ -72,14 +73,6 @@ def build_models(preset: str, vocab_size: int):
 
 def hf_state_from_atlas(model: Transformer) -> dict[str, torch.Tensor]:
     """Atlas GPT-2 weights under transformers' names (both store [in, out] projections)."""
-    names = {
-        "attn_norm": "ln_1",
-        "attn.wqkv": "attn.c_attn",
-        "attn.wo": "attn.c_proj",
-        "mlp_norm": "ln_2",
-        "mlp.w_in": "mlp.c_fc",
-        "mlp.w_out": "mlp.c_proj",
-    }
     ours = model.state_dict()
     state = {
         "transformer.wte.weight": ours["tok_emb.weight"],
@@ -89,7 +82,7 @@ def hf_state_from_atlas(model: Transformer) -> dict[str, torch.Tensor]:
         "lm_head.weight": ours["tok_emb.weight"],
     }
     for i in range(model.config.n_layers):
-        for a, h in names.items():
+        for a, h in GPT2_BLOCK_NAMES.items():
             for suffix in ("weight", "bias"):
                 state[f"transformer.h.{i}.{h}.{suffix}"] = ours[f"blocks.{i}.{a}.{suffix}"]
     return state

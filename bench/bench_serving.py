@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_engine import hf_state_from_atlas  # noqa: E402
 from ceilings import dram_read_bandwidth, machine, matmul_peak_flops  # noqa: E402
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
@@ -75,25 +76,7 @@ def to_hf(model: Transformer):
             activation_function="gelu_new",
         )
     ).eval()
-    names = {
-        "attn_norm": "ln_1",
-        "attn.wqkv": "attn.c_attn",
-        "attn.wo": "attn.c_proj",
-        "mlp_norm": "ln_2",
-        "mlp.w_in": "mlp.c_fc",
-        "mlp.w_out": "mlp.c_proj",
-    }
-    state = {
-        "transformer.wte.weight": model.tok_emb.weight,
-        "transformer.wpe.weight": model.pos_emb.weight,
-        "transformer.ln_f.weight": model.final_norm.weight,
-        "transformer.ln_f.bias": model.final_norm.bias,
-    }
-    ours = model.state_dict()
-    for i in range(c.n_layers):
-        for a, b in names.items():
-            for suffix in ("weight", "bias"):
-                state[f"transformer.h.{i}.{b}.{suffix}"] = ours[f"blocks.{i}.{a}.{suffix}"]
+    state = hf_state_from_atlas(model)
     hf.load_state_dict(state, strict=False)
     hf.tie_weights()
     return hf

@@ -6,16 +6,15 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from openai import APIStatusError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from servers import serving
 
 from atlas_server.api import ServerState, create_app
 from atlas_server.checkpoint import load_checkpoint
@@ -24,37 +23,15 @@ from atlas_server.config import EngineSection, ServerConfig
 MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_server(checkpoint, api_key=None, engine=EngineSection(), load=True):
     state = ServerState(
         config=ServerConfig(engine=engine), model_name=MODEL, checkpoint_path=str(checkpoint)
     )
     app = create_app(state, api_key=api_key, load_on_startup=load)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            status = httpx.get(base + "/health").status_code
-            if status == 200 or (not load and status == 503):
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    try:
+    # Without loading, /health answers 503 ("loading") for good: that is ready enough.
+    with serving(app, ready=lambda status: status == 200 or (not load and status == 503)) as base:
         yield base, state
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from servers import free_port
 
 from atlas_server.checkpoint import save_checkpoint
 from atlas_server.model import Transformer, load_preset
@@ -52,12 +52,6 @@ def long_context_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
     return save_checkpoint(
         root / "gpt2-tiny-2k", model, byte_tokenizer, {"source": __file__, "seed": 0}
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

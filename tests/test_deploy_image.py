@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from servers import free_port
 from typer.testing import CliRunner
 
 try:  # Python 3.11+
@@ -341,12 +341,6 @@ def test_cpu_lock_uses_the_cpu_torch_build_from_the_pytorch_index():
 
 
 # --- the entrypoint and healthcheck, run here ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health(port: int) -> tuple[int | None, dict]:

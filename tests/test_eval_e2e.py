@@ -13,7 +13,6 @@ import inspect
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from servers import free_port
 
 from atlas_server.checkpoint import load_checkpoint, save_checkpoint
 from atlas_server.model import Transformer, load_preset
@@ -31,12 +31,6 @@ from eval_suites.runner import RunOptions, run_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -13,7 +13,6 @@ import json
 import sqlite3
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -40,7 +39,8 @@ from eval_suites.suites.hallucination import (
 from eval_suites.support import LexicalJudge
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_eval_e2e import assert_one_line_error, cli, free_port, run  # noqa: E402
+from servers import serving  # noqa: E402
+from test_eval_e2e import assert_one_line_error, cli, run  # noqa: E402
 
 FACTS = [
     json.loads(line)
@@ -54,7 +54,6 @@ RAG = ("context=rag", "rag_top_k=2", "max_tokens=8", "metrics=[]")
 def rag_atlas(tmp_path_factory, byte_tokenizer):
     """gpt2-tiny (2048 positions, so two sources fit) served with RAG on a temporary store."""
     import torch
-    import uvicorn
 
     from atlas_server.checkpoint import save_checkpoint
     from atlas_server.model import Transformer, load_preset
@@ -67,21 +66,8 @@ def rag_atlas(tmp_path_factory, byte_tokenizer):
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path_factory.mktemp("qdrant"))))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(checkpoint))
     app = create_app(state, **rag_extensions(state, PluginHost()))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        yield base
 
 
 def collections(base: str) -> dict[str, int]:

@@ -17,7 +17,7 @@ from atlas_server.rag.server import rag_extensions
 from atlas_server.rag.types import RetrievedChunk
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_api import free_port  # noqa: E402
+from servers import free_port, serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
@@ -67,33 +67,18 @@ def long_checkpoint(tmp_path_factory, byte_tokenizer):
 
 @pytest.fixture(scope="module")
 def rag_server(long_checkpoint, tmp_path_factory):
-    import threading
-    import time
-
-    import uvicorn
 
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path_factory.mktemp("qdrant"))))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(long_checkpoint))
     host = PluginHost()
     host.register(BrokenPlugin(), "broken-at-runtime")
     app = create_app(state, **rag_extensions(state, host))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    r = httpx.post(base + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=120)
-    assert r.status_code == 200 and r.json()["total"] == 3, r.text
-    yield base
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as base:
+        r = httpx.post(
+            base + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=120
+        )
+        assert r.status_code == 200 and r.json()["total"] == 3, r.text
+        yield base
 
 
 def test_ingest_is_idempotent_over_http(rag_server):
