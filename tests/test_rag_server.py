@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,30 @@ def test_grounded_completion_returns_citations_of_given_sources(rag_server):
     )  # sources were added
     tokenized = httpx.post(rag_server + "/tokenize", json={"prompt": "x"}).json()
     assert tokenized["count"] == 1
+
+
+def test_streamed_grounded_completion_ends_with_the_same_citations_and_sources(rag_server):
+    body = {
+        "prompt": "Which module keeps a list sorted?",
+        "max_tokens": 8,
+        "temperature": 0,
+        "rag": {"collection": "std", "top_k": 2},
+    }
+    whole = httpx.post(rag_server + "/v1/completions", json=body, timeout=60).json()
+    with httpx.stream(
+        "POST", rag_server + "/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as s:
+        chunks = [
+            json.loads(line[6:])
+            for line in s.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
+    last = chunks[-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["choices"][0]["citations"] == whole["choices"][0]["citations"]
+    assert last["sources"] == whole["sources"]
+    assert all("sources" not in c for c in chunks[:-1])
 
 
 def test_grounded_chat_and_stream(rag_server):

@@ -150,8 +150,13 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     timer = RequestTimer(state.metrics, start)
     created = int(time.time())
     if data.stream:
+        # A RAG stream ends each choice with its citations and the sources it was given.
+        cite = (
+            (lambda text: state.augmenter.citations(augmentation, text)) if augmentation else None
+        )
+        rag = (cite, rag_sources(state, augmentation))
         return sse_response(
-            _stream(state, data, prompts, streams, offsets, timer, request_id, created)
+            _stream(state, data, prompts, streams, offsets, timer, request_id, created, rag)
         )
     try:
         choices = await until_disconnect(
@@ -200,8 +205,10 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
 
 
 async def _stream(
-    state, data: CompletionRequest, prompts, streams, offsets, timer, request_id, created
+    state, data: CompletionRequest, prompts, streams, offsets, timer, request_id, created, rag
 ):
+    cite, sources = rag
+    generated: dict[int, list[str]] = {}  # generated text per choice, for citations
     base = {
         "id": request_id,
         "object": "text_completion",
@@ -219,6 +226,7 @@ async def _stream(
             timer.on_tokens(index, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
             text = event.text
+            generated.setdefault(index, []).append(event.text)
             logprobs = None
             first_of_choice = data.echo and index not in echoed
             if first_of_choice:
@@ -247,7 +255,10 @@ async def _stream(
                 }
                 if finish:
                     choice["stop_reason"] = event.stop_reason
-                yield sse_event({**base, "choices": [choice]})
+                    if cite is not None:
+                        cited = cite("".join(generated[index]))
+                        choice["citations"], choice["dropped_citations"] = cited
+                yield sse_event({**base, "choices": [choice], **(sources if finish else {})})
         timer.on_finish(time.perf_counter(), "stream")
         if data.stream_options is not None and data.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for ids, _ in prompts)
