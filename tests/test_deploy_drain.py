@@ -9,10 +9,11 @@ The promise (docs/deployment.md, "Graceful shutdown"): after SIGTERM the server
 The test starts the server as a subprocess, opens streaming completions over HTTP, sends
 SIGTERM while they stream and checks those four points.
 
-What it does not cover: streams still running when the drain deadline passes (uvicorn adds
-its own 5 s graceful-shutdown wait after the deadline, and a tiny model finishes every stream
-within that, so the cut-off path could not be exercised reliably here); Kubernetes' own side
-(preStop, endpoint removal, grace period; see tests/test_deploy_manifests.py); SIGKILL.
+A second test lets the drain deadline pass with streams still running: the engine is
+stopped, each stream ends with a 503 error event and `data: [DONE]`, and the server exits.
+
+What it does not cover: Kubernetes' own side (preStop, endpoint removal, grace period; see
+tests/test_deploy_manifests.py); SIGKILL.
 """
 
 from __future__ import annotations
@@ -237,3 +238,30 @@ def test_sigterm_refuses_new_work_and_lets_running_streams_finish(
     assert len({s.text for s in streams}) == 1
     assert exit_code == 0, server.output()
     assert time.monotonic() - sigterm_at < 30
+
+
+def test_streams_still_running_at_the_drain_deadline_end_with_a_503_event(
+    long_context_checkpoint, tmp_path, servers
+):
+    """Past `drain_timeout_s` the engine is stopped: each running stream gets an OpenAI
+    error event (503) and `data: [DONE]`, never a silent cut, and the server exits 0
+    without waiting out uvicorn's own graceful-shutdown period."""
+    server = start_server(long_context_checkpoint, tmp_path, drain_timeout_s=0.5)
+    servers.append(server)
+    max_tokens = CONTEXT - 64
+    streams = open_streams(server, count=2, max_tokens=max_tokens)
+
+    server.process.send_signal(signal.SIGTERM)
+    sigterm_at = time.monotonic()
+    exit_code = wait_exit(server, within_s=15)
+    for stream in streams:
+        assert stream.finished.wait(5)
+        assert stream.transport_error is None, stream.transport_error
+        assert stream.done, "stream ended without data: [DONE]"
+        error = stream.events[-1]["error"]
+        assert error["type"] == "service_unavailable" and "shut down" in error["message"]
+        assert stream.finish_reasons == []  # cut short: no choice claims to have finished
+        assert stream.text and stream.usage is None
+    assert exit_code == 0, server.output()
+    assert time.monotonic() - sigterm_at < 0.5 + 4  # well inside uvicorn's extra 5 s
+    assert "drain timeout: ending" in server.output()

@@ -166,11 +166,29 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
         raise APIError(503, f"the engine is not accepting requests: {e}") from None
 
 
+class ShutDownBeforeFinishing(APIError):
+    """The engine stopped (the drain deadline passed) while this request was running."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server shut down before this request finished; retry it")
+
+
+def _check_not_aborted(event: RequestOutput) -> RequestOutput:
+    # The engine aborts a request for two reasons: its client went away (then nobody reads
+    # this), or the engine shut down, which the client must hear as an error, not a finish.
+    if event.finished and event.finish_reason == "abort":
+        raise ShutDownBeforeFinishing
+    return event
+
+
 async def merged_events(streams: list[AsyncIterator[RequestOutput]], offsets: list[int]):
-    """Interleave several engine streams; yields (global choice offset, event)."""
+    """Interleave several engine streams; yields (global choice offset, event).
+
+    Raises ShutDownBeforeFinishing (503) if the engine aborts a request under it.
+    """
     if len(streams) == 1:
         async for event in streams[0]:
-            yield offsets[0], event
+            yield offsets[0], _check_not_aborted(event)
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -190,7 +208,7 @@ async def merged_events(streams: list[AsyncIterator[RequestOutput]], offsets: li
             if item is done:
                 remaining -= 1
                 continue
-            yield item
+            yield item[0], _check_not_aborted(item[1])
     finally:
         for t in tasks:
             t.cancel()
