@@ -66,13 +66,19 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        return (
+            (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        )
 
 
 def _percentiles(values: list[float], name: str, unit_scale: float = 1000.0) -> dict[str, float]:
     if not values:
-        return {f"mean_{name}_ms": 0.0, f"median_{name}_ms": 0.0, f"std_{name}_ms": 0.0,
-                **{f"p{p}_{name}_ms": 0.0 for p in PERCENTILES}}
+        return {
+            f"mean_{name}_ms": 0.0,
+            f"median_{name}_ms": 0.0,
+            f"std_{name}_ms": 0.0,
+            **{f"p{p}_{name}_ms": 0.0 for p in PERCENTILES},
+        }
     ordered = sorted(values)
 
     def pct(p: float) -> float:  # linear interpolation, as numpy.percentile does
@@ -80,9 +86,11 @@ def _percentiles(values: list[float], name: str, unit_scale: float = 1000.0) -> 
         lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
-    out = {f"mean_{name}_ms": statistics.fmean(values) * unit_scale,
-           f"median_{name}_ms": pct(50) * unit_scale,
-           f"std_{name}_ms": (statistics.pstdev(values) if len(values) > 1 else 0.0) * unit_scale}
+    out = {
+        f"mean_{name}_ms": statistics.fmean(values) * unit_scale,
+        f"median_{name}_ms": pct(50) * unit_scale,
+        f"std_{name}_ms": (statistics.pstdev(values) if len(values) > 1 else 0.0) * unit_scale,
+    }
     out.update({f"p{p}_{name}_ms": pct(p) * unit_scale for p in PERCENTILES})
     return out
 
@@ -91,15 +99,24 @@ def summarize(records: list[RequestRecord], duration: float, spec: LoadSpec) -> 
     ok = [r for r in records if r.success]
     tpots = [r.tpot for r in ok if r.tpot is not None]
     itls = [gap for r in ok for gap in r.itl]
-    good = [r for r in ok if r.ttft * 1000 <= spec.slo_ttft_ms and (r.tpot is None or r.tpot * 1000 <= spec.slo_tpot_ms)]
+    good = [
+        r
+        for r in ok
+        if r.ttft * 1000 <= spec.slo_ttft_ms
+        and (r.tpot is None or r.tpot * 1000 <= spec.slo_tpot_ms)
+    ]
     total_in = sum(r.prompt_tokens for r in ok)
     total_out = sum(r.output_tokens for r in ok)
     summary = {
-        "mode": spec.mode, "max_concurrency": spec.concurrency if spec.mode == "concurrency" else None,
+        "mode": spec.mode,
+        "max_concurrency": spec.concurrency if spec.mode == "concurrency" else None,
         "request_rate": spec.request_rate if spec.mode == "poisson" else None,
-        "duration": duration, "completed": len(ok), "failed": len(records) - len(ok),
+        "duration": duration,
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
         "rate_limited": sum(1 for r in records if r.status == 429),
-        "total_input_tokens": total_in, "total_output_tokens": total_out,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
         "request_throughput": len(ok) / duration if duration else 0.0,
         "request_goodput": len(good) / duration if duration else 0.0,
         "output_throughput": total_out / duration if duration else 0.0,
@@ -126,15 +143,28 @@ async def _vocab_size(http: httpx.AsyncClient, spec: LoadSpec) -> int | None:
 def _make_prompt(rng: random.Random, n_tokens: int, vocab: int | None, chat: bool):
     if vocab and not chat:
         # Stay clear of the top ids, where special tokens usually live.
-        return [rng.randrange(0, max(1, min(vocab, 256 if vocab <= 512 else vocab - 64))) for _ in range(n_tokens)]
+        return [
+            rng.randrange(0, max(1, min(vocab, 256 if vocab <= 512 else vocab - 64)))
+            for _ in range(n_tokens)
+        ]
     words = ("time", "data", "model", "server", "token", "value", "list", "file", "error", "method")
     return " ".join(rng.choice(words) for _ in range(n_tokens))
 
 
-async def _one(http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int, out_len: int) -> RequestRecord:
-    url = spec.base_url.rstrip("/") + ("/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions")
-    body: dict = {"max_tokens": out_len, "temperature": 0.0, "stream": True, "ignore_eos": True,
-                  "min_tokens": out_len, "stream_options": {"include_usage": True}}
+async def _one(
+    http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int, out_len: int
+) -> RequestRecord:
+    url = spec.base_url.rstrip("/") + (
+        "/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions"
+    )
+    body: dict = {
+        "max_tokens": out_len,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "min_tokens": out_len,
+        "stream_options": {"include_usage": True},
+    }
     if spec.model:
         body["model"] = spec.model
     if spec.endpoint == "chat":
@@ -147,10 +177,14 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int,
     last = None
     chunks = 0
     try:
-        async with http.stream("POST", url, json=body, headers=headers, timeout=spec.timeout_s) as r:
+        async with http.stream(
+            "POST", url, json=body, headers=headers, timeout=spec.timeout_s
+        ) as r:
             record.status = r.status_code
             if r.status_code != 200:
-                record.error = f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+                record.error = (
+                    f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+                )
                 return record
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -163,7 +197,11 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int,
                     record.output_tokens = int(chunk["usage"]["completion_tokens"])
                     record.prompt_tokens = int(chunk["usage"]["prompt_tokens"])
                 choices = chunk.get("choices") or []
-                text = (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")) if choices else None
+                text = (
+                    (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
+                    if choices
+                    else None
+                )
                 if text:
                     now = time.perf_counter()
                     if last is None:
@@ -186,12 +224,19 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int,
 async def run_load(spec: LoadSpec, progress=None) -> tuple[list[RequestRecord], dict]:
     """Run one load test; returns the per-request records and the summary."""
     rng = random.Random(spec.seed)
-    limits = httpx.Limits(max_connections=max(spec.concurrency, 64), max_keepalive_connections=max(spec.concurrency, 64))
+    limits = httpx.Limits(
+        max_connections=max(spec.concurrency, 64),
+        max_keepalive_connections=max(spec.concurrency, 64),
+    )
     async with httpx.AsyncClient(limits=limits) as http:
         vocab = await _vocab_size(http, spec)
         jobs = []
         for i in range(spec.num_requests):
-            p_len, o_len = spec.lengths[i % len(spec.lengths)] if spec.lengths else (spec.prompt_tokens, spec.output_tokens)
+            p_len, o_len = (
+                spec.lengths[i % len(spec.lengths)]
+                if spec.lengths
+                else (spec.prompt_tokens, spec.output_tokens)
+            )
             jobs.append((_make_prompt(rng, p_len, vocab, spec.endpoint == "chat"), p_len, o_len))
         records: list[RequestRecord] = []
         deadline = time.perf_counter() + spec.max_duration_s

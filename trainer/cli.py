@@ -22,10 +22,21 @@ from atlas_server.tokenizer import TokenizerError
 from .config import TrainConfigError, load_train_config
 from .data import DataError
 
-app = typer.Typer(name="atlas-train", help="Train Atlas models.", add_completion=False,
-                  pretty_exceptions_enable=False)
-USER_ERRORS = (TrainConfigError, DataError, TokenizerError, CheckpointError, ConfigError,
-               FileNotFoundError, ValueError)
+app = typer.Typer(
+    name="atlas-train",
+    help="Train Atlas models.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+USER_ERRORS = (
+    TrainConfigError,
+    DataError,
+    TokenizerError,
+    CheckpointError,
+    ConfigError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def _fail(e: BaseException) -> None:
@@ -35,10 +46,18 @@ def _fail(e: BaseException) -> None:
 
 @app.command("train")
 def train_command(
-    config: Path = typer.Option(None, "--config", "-c", help="Training config TOML (see configs/train/)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
-    profile: bool = typer.Option(False, "--profile", help="Record a short torch.profiler trace and print the top operators."),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="Training config TOML (see configs/train/)."
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the latest complete checkpoint."
+    ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Record a short torch.profiler trace and print the top operators."
+    ),
 ) -> None:
     """Train a model.
 
@@ -58,13 +77,19 @@ def train_command(
 
 @app.command("prepare-data")
 def prepare_data_command(
-    paths: list[str] = typer.Argument(..., help="Files, folders, globs, or hf:NAME[:CONFIG][:SPLIT]."),
+    paths: list[str] = typer.Argument(
+        ..., help="Files, folders, globs, or hf:NAME[:CONFIG][:SPLIT]."
+    ),
     tokenizer: Path = typer.Option(..., help="tokenizer.json to encode with."),
     output: Path = typer.Option(..., help="Folder for the shards and manifest.json."),
     val_fraction: float = typer.Option(0.01, help="Share of documents held out for validation."),
-    shard_tokens: int = typer.Option(1 << 24, help="Tokens per shard (cut at document boundaries)."),
+    shard_tokens: int = typer.Option(
+        1 << 24, help="Tokens per shard (cut at document boundaries)."
+    ),
     workers: int = typer.Option(None, help="Tokenizer processes (default: CPU count)."),
-    text_field: str = typer.Option("text", help="Field of .jsonl/.parquet records that holds the text."),
+    text_field: str = typer.Option(
+        "text", help="Field of .jsonl/.parquet records that holds the text."
+    ),
 ) -> None:
     """Tokenize raw text into token shards (resumable).
 
@@ -73,17 +98,24 @@ def prepare_data_command(
     from .data import prepare_data
 
     try:
-        manifest = prepare_data(paths, tokenizer, output, val_fraction, shard_tokens, workers, text_field)
+        manifest = prepare_data(
+            paths, tokenizer, output, val_fraction, shard_tokens, workers, text_field
+        )
     except USER_ERRORS as e:
         _fail(e)
-    typer.echo(f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens "
-               f"from {manifest['documents']:,} documents in {output}")
+    typer.echo(
+        f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens "
+        f"from {manifest['documents']:,} documents in {output}"
+    )
 
 
 @app.command("quickstart")
 def quickstart_command(
-    output: Path = typer.Option(None, help="Folder for everything (default: $ATLAS_HOME/quickstart, "
-                                             "~/.cache/atlas/quickstart), the server's embedded default."),
+    output: Path = typer.Option(
+        None,
+        help="Folder for everything (default: $ATLAS_HOME/quickstart, "
+        "~/.cache/atlas/quickstart), the server's embedded default.",
+    ),
     steps: int = typer.Option(600, help="Optimizer steps."),
     threads: int = typer.Option(None, help="torch threads."),
 ) -> None:

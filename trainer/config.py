@@ -97,12 +97,18 @@ class TrainConfig(_Section):
             (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
             (self.schedule.max_steps >= 1, "schedule.max_steps must be >= 1"),
-            (0 <= self.schedule.warmup_steps <= self.schedule.max_steps,
-             "schedule.warmup_steps must be between 0 and max_steps"),
+            (
+                0 <= self.schedule.warmup_steps <= self.schedule.max_steps,
+                "schedule.warmup_steps must be between 0 and max_steps",
+            ),
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
-            (self.run.eval_every >= 1 and self.run.checkpoint_every >= 1 and self.run.log_every >= 1,
-             "run.eval_every, run.checkpoint_every and run.log_every must be >= 1"),
+            (
+                self.run.eval_every >= 1
+                and self.run.checkpoint_every >= 1
+                and self.run.log_every >= 1,
+                "run.eval_every, run.checkpoint_every and run.log_every must be >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

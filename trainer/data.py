@@ -73,13 +73,17 @@ def read_shard(path: Path) -> np.ndarray:
     if magic != MAGIC:
         raise DataError(f"{path} is not an Atlas token shard (bad magic)")
     if version > VERSION:
-        raise DataError(f"{path} has shard format version {version}; this Atlas reads up to {VERSION}")
+        raise DataError(
+            f"{path} has shard format version {version}; this Atlas reads up to {VERSION}"
+        )
     dtype = {2: np.uint16, 4: np.uint32}.get(width)
     if dtype is None:
         raise DataError(f"{path} has an unsupported token width {width}")
     expected = HEADER.size + width * count
     if path.stat().st_size != expected:
-        raise DataError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+        raise DataError(
+            f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}"
+        )
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
 
 
@@ -139,9 +143,15 @@ def _hf_documents(source: str, text_field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError("hf: sources need the `datasets` package (pip install 'atlas-llm[datasets]')") from None
+        raise DataError(
+            "hf: sources need the `datasets` package (pip install 'atlas-llm[datasets]')"
+        ) from None
     parts = source[3:].split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    name, config, split = (
+        parts[0],
+        (parts[1] if len(parts) > 1 else None),
+        (parts[2] if len(parts) > 2 else "train"),
+    )
     try:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
@@ -203,8 +213,14 @@ def prepare_data(
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     files = resolve_sources(sources)
     tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
-    settings = {"sources": files, "tokenizer_sha256": tok_hash, "val_fraction": val_fraction,
-                "shard_tokens": shard_tokens, "dtype": np.dtype(dtype).name, "text_field": text_field}
+    settings = {
+        "sources": files,
+        "tokenizer_sha256": tok_hash,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "dtype": np.dtype(dtype).name,
+        "text_field": text_field,
+    }
     progress_path = out / "progress.json"
     state = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if state is not None and state["settings"] != settings:
@@ -260,13 +276,20 @@ def prepare_data(
     bar.close()
     checkpoint(doc_index)
     if not splits["train"].shards:
-        raise DataError("no training tokens were produced (empty input, or everything went to validation)")
-    manifest = {"format": "atlas-tokens", "version": VERSION, **settings,
-                "tokenizer_vocab_size": tokenizer.vocab_size,
-                "train": splits["train"].shards, "val": splits["val"].shards,
-                "train_tokens": sum(s["tokens"] for s in splits["train"].shards),
-                "val_tokens": sum(s["tokens"] for s in splits["val"].shards),
-                "documents": doc_index}
+        raise DataError(
+            "no training tokens were produced (empty input, or everything went to validation)"
+        )
+    manifest = {
+        "format": "atlas-tokens",
+        "version": VERSION,
+        **settings,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "train": splits["train"].shards,
+        "val": splits["val"].shards,
+        "train_tokens": sum(s["tokens"] for s in splits["train"].shards),
+        "val_tokens": sum(s["tokens"] for s in splits["val"].shards),
+        "documents": doc_index,
+    }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     state.update(next_doc=doc_index, train=manifest["train"], val=manifest["val"], done=True)
     atomic_write_text(progress_path, json.dumps(state))

@@ -28,21 +28,29 @@ class LoaderPosition:
 
 
 class TokenLoader:
-    def __init__(self, folder: str | Path, split: str, seq_len: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, folder: str | Path, split: str, seq_len: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         folder = Path(folder)
         try:
             self.manifest = json.loads((folder / "manifest.json").read_text())
         except FileNotFoundError:
-            raise DataError(f"{folder} has no manifest.json; run `atlas-train prepare-data` first") from None
+            raise DataError(
+                f"{folder} has no manifest.json; run `atlas-train prepare-data` first"
+            ) from None
         self.shards = [read_shard(folder / s["file"]) for s in self.manifest[split]]
         self.seq_len, self.seed, self.rank, self.world = seq_len, seed, rank, world
         window = seq_len + 1
         # (shard index, start offset) of every full window
-        starts = [(i, off) for i, shard in enumerate(self.shards)
-                  for off in range(0, len(shard) - window + 1, seq_len)]
+        starts = [
+            (i, off)
+            for i, shard in enumerate(self.shards)
+            for off in range(0, len(shard) - window + 1, seq_len)
+        ]
         if not starts:
-            raise DataError(f"the {split} split has no window of {window} tokens; lower data.seq_len")
+            raise DataError(
+                f"the {split} split has no window of {window} tokens; lower data.seq_len"
+            )
         self.windows = np.array(starts, dtype=np.int64)  # [N, 2]
         self.position = LoaderPosition()
 
@@ -55,7 +63,11 @@ class TokenLoader:
     def _gather(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
         for shard_index, start in self.windows[window_ids]:
-            rows.append(np.asarray(self.shards[shard_index][start : start + self.seq_len + 1], dtype=np.int64))
+            rows.append(
+                np.asarray(
+                    self.shards[shard_index][start : start + self.seq_len + 1], dtype=np.int64
+                )
+            )
         batch = torch.from_numpy(np.stack(rows))  # [B, T+1]
         return batch[:, :-1], batch[:, 1:]  # inputs [B, T], targets [B, T]
 
@@ -63,7 +75,9 @@ class TokenLoader:
         """This rank's `per_rank` sequences of the next global batch of per_rank * world."""
         global_size = per_rank * self.world
         if global_size > len(self.windows):
-            raise DataError(f"a global batch of {global_size} exceeds the {len(self.windows)} training windows")
+            raise DataError(
+                f"a global batch of {global_size} exceeds the {len(self.windows)} training windows"
+            )
         if self.position.cursor + global_size > len(self.windows):
             # The tail of an epoch that cannot fill a global batch is dropped, as in most loaders.
             self.position = LoaderPosition(self.position.epoch + 1, 0)

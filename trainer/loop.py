@@ -101,7 +101,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -136,7 +139,9 @@ class Logger:
             import mlflow
 
             # A local SQLite store beside the run (MLflow 3 retired the plain file store).
-            mlflow.set_tracking_uri(cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+            mlflow.set_tracking_uri(
+                cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            )
             mlflow.set_experiment("atlas")
             mlflow.start_run(run_name=run_dir.name)
             mlflow.log_text(cfg.to_toml(), "config.toml")
@@ -160,7 +165,9 @@ class Logger:
             self.mlflow.end_run()
 
 
-def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig, resume: bool = False, profile: bool = False, progress: bool = True
+) -> dict:
     """Run training; returns a summary (losses per step, final validation metrics)."""
     device = cfg.run.device
     d = setup_distributed(device)
@@ -186,7 +193,9 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
         overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
         config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)
         if cfg.data.seq_len > config.max_seq_len:
-            raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={config.max_seq_len}"
+            )
         model = Transformer(config)
     model.to(device)
     raw_model = model
@@ -205,8 +214,12 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
     if d.world > 1:
         model = _wrap_distributed(model, cfg, device)
     # The optimizer is built after wrapping: FSDP replaces parameters with sharded ones.
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.run.precision == "fp16")
     if saved is not None:
         tensors, plain = saved
@@ -217,8 +230,9 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
                 set_optimizer_state_dict,
             )
 
-            set_optimizer_state_dict(model, optimizer, optim_state,
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+            )
         else:
             optimizer.load_state_dict(optim_state)
         if plain.get("scaler"):
@@ -235,8 +249,13 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
     logger = Logger(cfg, run_dir, d.main)
     losses: list[float] = []
     summary: dict = {"losses": losses, "start_step": start_step}
-    bar = tqdm(total=cfg.schedule.max_steps, initial=start_step, disable=not (progress and d.main),
-               desc="training", unit="step")
+    bar = tqdm(
+        total=cfg.schedule.max_steps,
+        initial=start_step,
+        disable=not (progress and d.main),
+        desc="training",
+        unit="step",
+    )
     profiler = _profiler(run_dir) if profile and d.main else None
     t_last = time.perf_counter()
     for step in range(start_step, cfg.schedule.max_steps):
@@ -248,15 +267,22 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
             x, y = train_data.next_batch(cfg.data.micro_batch)
             x, y = x.to(device), y.to(device)
             sync = micro == cfg.data.grad_accum - 1
-            ctx = model.no_sync() if (d.world > 1 and not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            ctx = (
+                model.no_sync()
+                if (d.world > 1 and not sync and hasattr(model, "no_sync"))
+                else contextlib.nullcontext()
+            )
             with ctx, autocast_context(cfg, device):
                 logits = forward_model(x)  # [B, T, V]
-                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+                )
             scaler.scale(loss / cfg.data.grad_accum).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        )
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -275,8 +301,13 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
             steps = cfg.run.log_every if done % cfg.run.log_every == 0 else done % cfg.run.log_every
             tok_s = tokens_per_step * steps / max(elapsed, 1e-9)
             t_last = time.perf_counter()
-            values = {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                      "perf/tokens_per_s": tok_s, "perf/mfu": tok_s * flops_tok / peak if peak else 0.0}
+            values = {
+                "train/loss": step_loss,
+                "train/lr": lr,
+                "train/grad_norm": float(grad_norm),
+                "perf/tokens_per_s": tok_s,
+                "perf/mfu": tok_s * flops_tok / peak if peak else 0.0,
+            }
             if device.startswith("cuda"):
                 values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logger.scalars(done, values)
@@ -287,11 +318,25 @@ def train(cfg: TrainConfig, resume: bool = False, profile: bool = False, progres
             summary["val"] = metrics
             if d.main:
                 logger.scalars(done, {f"val/{k}": v for k, v in metrics.items()})
-                bar.write(f"step {done}: val loss {metrics['loss']:.4f}, ppl {metrics['perplexity']:.2f}, "
-                          f"bpb {metrics['bits_per_byte']:.4f}")
+                bar.write(
+                    f"step {done}: val loss {metrics['loss']:.4f}, ppl {metrics['perplexity']:.2f}, "
+                    f"bpb {metrics['bits_per_byte']:.4f}"
+                )
         if done % cfg.run.checkpoint_every == 0 or done == cfg.schedule.max_steps:
-            _checkpoint(cfg, d, run_dir, done, raw_model, model, tokenizer, optimizer, scaler,
-                        train_data, logger, bar)
+            _checkpoint(
+                cfg,
+                d,
+                run_dir,
+                done,
+                raw_model,
+                model,
+                tokenizer,
+                optimizer,
+                scaler,
+                train_data,
+                logger,
+                bar,
+            )
     bar.close()
     logger.close()
     summary["run_dir"] = str(run_dir)
@@ -315,8 +360,9 @@ def _wrap_distributed(model: Transformer, cfg: TrainConfig, device: str):
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, data: TokenLoader, cfg: TrainConfig, device: str,
-             byte_table: torch.Tensor) -> dict[str, float]:
+def evaluate(
+    model: Transformer, data: TokenLoader, cfg: TrainConfig, device: str, byte_table: torch.Tensor
+) -> dict[str, float]:
     """Validation loss, perplexity and bits per byte (nats summed over target bytes)."""
     was_training = model.training
     model.eval()
@@ -325,18 +371,34 @@ def evaluate(model: Transformer, data: TokenLoader, cfg: TrainConfig, device: st
         with autocast_context(cfg, device):
             logits = model(x.to(device))
         losses = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum")
+            logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum"
+        )
         nll += float(losses)
         tokens += y.numel()
         n_bytes += float(byte_table[y].sum())
     model.train(was_training)
     loss = nll / max(1, tokens)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": nll / (math.log(2) * max(1.0, n_bytes))}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": nll / (math.log(2) * max(1.0, n_bytes)),
+    }
 
 
-def _checkpoint(cfg, d: Dist, run_dir, step, raw_model, model, tokenizer, optimizer, scaler,
-                train_data, logger, bar) -> None:
+def _checkpoint(
+    cfg,
+    d: Dist,
+    run_dir,
+    step,
+    raw_model,
+    model,
+    tokenizer,
+    optimizer,
+    scaler,
+    train_data,
+    logger,
+    bar,
+) -> None:
     if cfg.run.distributed == "fsdp" and d.world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -356,10 +418,22 @@ def _checkpoint(cfg, d: Dist, run_dir, step, raw_model, model, tokenizer, optimi
         save_model = Transformer(raw_model.config)
         save_model.load_state_dict(weights)
     path = save_training_checkpoint(
-        run_dir, step, save_model, tokenizer, opt_state, scaler.state_dict() if scaler.is_enabled() else None,
-        train_data.state_dict(), cfg.to_toml(),
-        {"source": "atlas-train", "step": step, "data": cfg.data.path,
-         "data_manifest_sha256": _manifest_hash(cfg.data.path)}, cfg.run.keep_last)
+        run_dir,
+        step,
+        save_model,
+        tokenizer,
+        opt_state,
+        scaler.state_dict() if scaler.is_enabled() else None,
+        train_data.state_dict(),
+        cfg.to_toml(),
+        {
+            "source": "atlas-train",
+            "step": step,
+            "data": cfg.data.path,
+            "data_manifest_sha256": _manifest_hash(cfg.data.path),
+        },
+        cfg.run.keep_last,
+    )
     if cfg.run.sample_tokens > 0:
         sample = _sample(save_model, tokenizer, cfg)
         logger.text(step, "sample", sample)
@@ -372,8 +446,12 @@ def _sample(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> str:
     budget = min(cfg.run.sample_tokens, model.config.max_seq_len - len(prompt))
     was_training = model.training
     model.eval()
-    out = model.generate(prompt, max(0, budget), temperature=0.8,
-                         generator=torch.Generator(device=model.tok_emb.weight.device).manual_seed(0))
+    out = model.generate(
+        prompt,
+        max(0, budget),
+        temperature=0.8,
+        generator=torch.Generator(device=model.tok_emb.weight.device).manual_seed(0),
+    )
     model.train(was_training)
     return cfg.run.sample_prompt + tokenizer.decode(out)
 
@@ -387,8 +465,12 @@ def _manifest_hash(path: str) -> str:
 def _profiler(run_dir: Path):
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3), record_shapes=True)
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
+    prof = profile(
+        activities=activities, schedule=schedule(wait=1, warmup=1, active=3), record_shapes=True
+    )
     prof.start()
     return prof
 

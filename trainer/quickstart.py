@@ -43,7 +43,9 @@ def unigram_bits_per_byte(data_dir: Path, vocab_size: int, byte_lengths: np.ndar
     manifest = json.loads((data_dir / "manifest.json").read_text())
     counts = np.ones(vocab_size, dtype=np.float64)  # add-one smoothing
     for shard in manifest["train"]:
-        counts += np.bincount(np.asarray(read_shard(data_dir / shard["file"])), minlength=vocab_size)
+        counts += np.bincount(
+            np.asarray(read_shard(data_dir / shard["file"])), minlength=vocab_size
+        )
     logp = np.log(counts / counts.sum())
     nll, n_bytes = 0.0, 0.0
     for shard in manifest["val"] or manifest["train"][:1]:
@@ -53,32 +55,52 @@ def unigram_bits_per_byte(data_dir: Path, vocab_size: int, byte_lengths: np.ndar
     return nll / (math.log(2) * n_bytes)
 
 
-def quickstart(output: Path, steps: int = 600, corpus_bytes: int = 6_000_000, vocab_size: int = 4096,
-               threads: int | None = None, progress: bool = True) -> dict:
+def quickstart(
+    output: Path,
+    steps: int = 600,
+    corpus_bytes: int = 6_000_000,
+    vocab_size: int = 4096,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     output = Path(output)
     corpus = write_corpus(output / "corpus", corpus_bytes)
     tok_dir = output / "tokenizer"
-    tokenizer = train_from_files([str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size),
-                                 progress=progress)
+    tokenizer = train_from_files(
+        [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=progress
+    )
     tokenizer.save(tok_dir / "tokenizer.json")
     data_dir = output / "data"
-    prepare_data([str(p) for p in corpus], tok_dir / "tokenizer.json", data_dir, val_fraction=0.02,
-                 progress=progress)
-    overrides = [f"run.out_dir={json.dumps(str(output / 'run'))}", f"data.path={json.dumps(str(data_dir))}",
-                 f"schedule.max_steps={steps}"]
+    prepare_data(
+        [str(p) for p in corpus],
+        tok_dir / "tokenizer.json",
+        data_dir,
+        val_fraction=0.02,
+        progress=progress,
+    )
+    overrides = [
+        f"run.out_dir={json.dumps(str(output / 'run'))}",
+        f"data.path={json.dumps(str(data_dir))}",
+        f"schedule.max_steps={steps}",
+    ]
     if threads:
         overrides.append(f"run.threads={threads}")
     cfg = load_train_config(configs_dir() / "train" / "quickstart.toml", overrides)
     summary = train(cfg, resume=True, progress=progress)
     final = output / "checkpoint"
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(summary["checkpoint"], final,
-                    ignore=shutil.ignore_patterns("trainer_state.*"))
-    byte_lengths = np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.float64)
-    result = {"checkpoint": str(final), "val_bits_per_byte": summary["val"]["bits_per_byte"],
-              "val_loss": summary["val"]["loss"],
-              "unigram_bits_per_byte": unigram_bits_per_byte(data_dir, tokenizer.vocab_size, byte_lengths),
-              "steps": steps}
+    shutil.copytree(summary["checkpoint"], final, ignore=shutil.ignore_patterns("trainer_state.*"))
+    byte_lengths = np.array(
+        [len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], dtype=np.float64
+    )
+    result = {
+        "checkpoint": str(final),
+        "val_bits_per_byte": summary["val"]["bits_per_byte"],
+        "val_loss": summary["val"]["loss"],
+        "unigram_bits_per_byte": unigram_bits_per_byte(
+            data_dir, tokenizer.vocab_size, byte_lengths
+        ),
+        "steps": steps,
+    }
     (output / "quickstart.json").write_text(json.dumps(result, indent=2))
     return result
-

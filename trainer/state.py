@@ -40,8 +40,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"rng.cuda.{i}"] = s
     np_state = np.random.get_state()
     py_state = random.getstate()
-    plain = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    plain = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
     return tensors, plain
 
 
@@ -62,7 +64,9 @@ def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, A
     tensors = {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
-            tensors[f"opt|{index}|{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt|{index}|{name}"] = (
+                value if torch.is_tensor(value) else torch.tensor(value)
+            )
     return tensors, {"param_groups": state["param_groups"]}
 
 
@@ -76,8 +80,16 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], plain: dict[str, Any])
 
 
 def save_training_checkpoint(
-    run_dir: Path, step: int, model, tokenizer, optimizer_state: dict, scaler_state: dict | None,
-    loader_state: dict, config_toml: str, provenance: dict, keep_last: int,
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer_state: dict,
+    scaler_state: dict | None,
+    loader_state: dict,
+    config_toml: str,
+    provenance: dict,
+    keep_last: int,
 ) -> Path:
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -87,11 +99,19 @@ def save_training_checkpoint(
     save_checkpoint(tmp, model, tokenizer, provenance)
     opt_tensors, opt_plain = optimizer_to_flat(optimizer_state)
     rng_tensors, rng_plain = rng_state()
-    save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
-              str(tmp / "trainer_state.safetensors"))
+    save_file(
+        {k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
+        str(tmp / "trainer_state.safetensors"),
+    )
     _maybe_die_for_test(step)
-    plain = {"step": step, "optimizer": opt_plain, "scaler": scaler_state, "loader": loader_state,
-             "rng": rng_plain, "config_toml": config_toml}
+    plain = {
+        "step": step,
+        "optimizer": opt_plain,
+        "scaler": scaler_state,
+        "loader": loader_state,
+        "rng": rng_plain,
+        "config_toml": config_toml,
+    }
     (tmp / "trainer_state.json").write_text(json.dumps(plain))
     for f in tmp.iterdir():
         with f.open("rb") as handle:
@@ -115,8 +135,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
