@@ -11,7 +11,8 @@ What it does, in one run on one machine:
 5. prints JSON and a Markdown table: batch-1 decode tok/s over HTTP (1 / mean TPOT) vs
    transformers batch 1, aggregate output tok/s with 16 concurrent streams vs transformers
    batch 16, and each as a percentage of its ceiling (DRAM bandwidth / weight bytes for
-   batch 1; matmul peak / 2 * params for batches).
+   batch 1; matmul peak / 2 * params for batches, and the tighter bound of this workload
+   with its prefill FLOPs counted).
 Run: `python bench/bench_serving.py [--quick] [--out FILE.json]`.
 """
 
@@ -154,6 +155,7 @@ def main() -> None:
         # bytes read per decode step: every weight once (the tied head via its [C, V] copy);
         # the position table contributes one row only.
         weight_bytes = (n_params - model.pos_emb.weight.numel()) * 4
+        pos_params, model_head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
         port = free_port()
         server = serve(checkpoint, port, max_running=32)
         base = f"http://127.0.0.1:{port}"
@@ -204,6 +206,13 @@ def main() -> None:
     atlas_c16 = sweep[16]["output_throughput"]
     ceiling_b1 = bandwidth / weight_bytes
     ceiling_batch = peak / (2 * n_params)
+    # The same bound for this workload, prefill included: a request's PROMPT tokens pass
+    # every matmul but the output head (logits of the last one only), its OUTPUT tokens all.
+    head = model_head_params
+    flops_per_output = (
+        2 * (PROMPT * (n_params - head - pos_params) + OUTPUT * (n_params - pos_params)) / OUTPUT
+    )
+    ceiling_workload = peak / flops_per_output
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -223,6 +232,9 @@ def main() -> None:
             "ratio": atlas_c16 / hf_b16,
             "ceiling_tok_s": ceiling_batch,
             "atlas_pct_of_ceiling": 100 * atlas_c16 / ceiling_batch,
+            "workload_flops_per_output_token": flops_per_output,
+            "workload_ceiling_tok_s": ceiling_workload,
+            "atlas_pct_of_workload_ceiling": 100 * atlas_c16 / ceiling_workload,
         },
         "sweep": sweep,
         "poisson": poisson,
@@ -238,6 +250,11 @@ def main() -> None:
     print(
         f"| 16 streams, output tok/s | {c16['atlas_http_output_tok_s']:.1f} | {c16['transformers_batch16_tok_s']:.1f} "
         f"| {c16['ratio']:.2f}x | {c16['atlas_pct_of_ceiling']:.0f}% of {c16['ceiling_tok_s']:.0f} |"
+    )
+    print(
+        f"16 streams vs the workload's own FLOP bound (prefill included, "
+        f"{c16['workload_flops_per_output_token'] / 1e9:.2f} GFLOP per output token): "
+        f"{c16['atlas_pct_of_workload_ceiling']:.0f}% of {c16['workload_ceiling_tok_s']:.0f} tok/s"
     )
     for c, s in sweep.items():
         print(
