@@ -50,6 +50,11 @@ def ceilings() -> dict[str, float]:
 def build_models(preset: str, vocab_size: int):
     torch.manual_seed(0)
     atlas = Transformer(load_preset(preset, vocab_size=vocab_size)).prepare_for_inference()
+    return atlas, hf_from_atlas(atlas)
+
+
+def hf_from_atlas(atlas: Transformer):
+    """A transformers GPT2LMHeadModel holding the same weights as a GPT-2-shaped Atlas model."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = atlas.config
@@ -68,7 +73,7 @@ def build_models(preset: str, vocab_size: int):
     hf = GPT2LMHeadModel(hf_config).eval()
     hf.load_state_dict(hf_state_from_atlas(atlas), strict=False)
     hf.tie_weights()
-    return atlas, hf
+    return hf
 
 
 def hf_state_from_atlas(model: Transformer) -> dict[str, torch.Tensor]:

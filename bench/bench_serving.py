@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_engine import hf_state_from_atlas  # noqa: E402
+from bench_engine import hf_from_atlas  # noqa: E402
 from ceilings import dram_read_bandwidth, machine, matmul_peak_flops  # noqa: E402
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
@@ -61,26 +61,6 @@ def build_checkpoint(folder: Path) -> tuple[Path, Transformer]:
     return save_checkpoint(
         folder / "gpt2-124m-random", model, visible_tokenizer(config.vocab_size)
     ), model
-
-
-def to_hf(model: Transformer):
-    import transformers
-
-    c = model.config
-    hf = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=c.vocab_size,
-            n_positions=c.max_seq_len,
-            n_embd=c.d_model,
-            n_layer=c.n_layers,
-            n_head=c.n_heads,
-            activation_function="gelu_new",
-        )
-    ).eval()
-    state = hf_state_from_atlas(model)
-    hf.load_state_dict(state, strict=False)
-    hf.tie_weights()
-    return hf
 
 
 def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
@@ -198,7 +178,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-        hf = to_hf(model)
+        hf = hf_from_atlas(model)
         del model
         hf_b1 = hf_generate_tok_s(hf, 1, reps)
         hf_b16 = hf_generate_tok_s(hf, 16, reps)
