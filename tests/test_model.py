@@ -307,3 +307,17 @@ def test_model_gradients_are_the_same_with_and_without_onednn(monkeypatch):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(
+    not packing_supported(torch.empty(1, dtype=torch.bfloat16)), reason="no oneDNN bf16 here"
+)
+def test_onednn_packed_bf16_weights_match_plain_bf16_matmuls():
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        plain = model.prepare_for_inference(pack=False)(ids).float()
+        packed = model.prepare_for_inference()(ids).float()
+    assert model.blocks[0].attn.wqkv.packed is not None
+    assert (packed - plain).abs().max() <= 0.05 * plain.abs().max()

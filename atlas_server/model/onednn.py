@@ -47,6 +47,8 @@ def packing_supported(weight: Tensor) -> bool:
         and weight.dtype in _DTYPES
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        # bf16 only where the CPU has native bf16 support (AVX-512 BF16 / AMX).
+        and (weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
 
 
