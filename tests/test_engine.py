@@ -110,13 +110,14 @@ async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_out
     lengths = [3, 9, 5, 12, 2, 7, 10, 4, 6, 8, 11, 3]
     expected = [checkpoint.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
     seen_slots: list[list[int]] = []
-    decode = engine._decode_forward
+    forward_step = engine._forward_step
 
-    def recording(decoding):
-        seen_slots.append([c.slot for _, c in decoding])
-        return decode(decoding)
+    def recording(decoding, chunks):
+        if decoding:
+            seen_slots.append([c.slot for _, c in decoding])
+        return forward_step(decoding, chunks)
 
-    engine._decode_forward = recording
+    engine._forward_step = recording
     got = await asyncio.gather(
         *(
             run(engine, p, SamplingParams(temperature=0.0, max_tokens=n))
@@ -324,12 +325,18 @@ async def test_dropped_stream_is_aborted_when_garbage_collected(checkpoint, make
 
 async def test_a_failing_step_ends_running_requests_with_error(checkpoint, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    real_forward = engine._decode_forward
-    engine._decode_forward = lambda rows: (_ for _ in ()).throw(RuntimeError("boom"))
+    real_forward = engine._forward_step
+
+    def failing(decoding, chunks):  # the prompt prefills; the first decode step fails
+        if decoding:
+            raise RuntimeError("boom")
+        return real_forward(decoding, chunks)
+
+    engine._forward_step = failing
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "error" and "boom" in events[-1].error
     assert engine.stats().kv_slots_used == 0
-    engine._decode_forward = real_forward  # the engine thread survived and serves again
+    engine._forward_step = real_forward  # the engine thread survived and serves again
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "length"
 

@@ -321,3 +321,35 @@ def test_onednn_packed_bf16_weights_match_plain_bf16_matmuls():
         packed = model.prepare_for_inference()(ids).float()
     assert model.blocks[0].attn.wqkv.packed is not None
     assert (packed - plain).abs().max() <= 0.05 * plain.abs().max()
+
+
+@pytest.mark.parametrize(
+    "config", [tiny("learned", "layernorm", "gelu", 4), tiny("rope", "rmsnorm", "swiglu", 2)]
+)
+def test_forward_segments_equals_separate_forwards(config):
+    """Decode rows and prompt chunks in one flattened forward give the logits (and the KV
+    cache contents) that separate batched forwards give."""
+    from atlas_server.model.transformer import Segment
+
+    torch.manual_seed(0)
+    model = Transformer(config).prepare_for_inference()
+    prompts = torch.randint(0, 97, (3, 12))
+    with torch.no_grad():
+        apart, together = model.new_cache(4, 32), model.new_cache(4, 32)
+        for cache in (apart, together):  # slots 0-1 hold 8 prompt tokens already
+            model(prompts[:2, :8], torch.arange(8).expand(2, 8), cache, torch.tensor([0, 1]))
+        decode_pos = torch.tensor([[8], [8]])
+        want_decode = model(prompts[:2, 8:9], decode_pos, apart, torch.tensor([0, 1]))[:, -1]
+        # slot 3: a new prompt's first chunk of 5 tokens
+        want_chunk = model(prompts[2:, :5], torch.arange(5)[None], apart, torch.tensor([3]))[0]
+        segments = [
+            Segment(0, 2, 2, 1, torch.tensor([0, 1]), decode_pos),
+            Segment(2, 7, 1, 5, torch.tensor([3]), torch.arange(5)[None]),
+        ]
+        idx = torch.cat([prompts[:2, 8], prompts[2, :5]])
+        got = model.forward_segments(idx, segments, together, torch.tensor([0, 1, 2, 3, 4, 5, 6]))
+    torch.testing.assert_close(got[:2], want_decode, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2:], want_chunk, atol=1e-5, rtol=1e-5)
+    for layer in range(config.n_layers):
+        torch.testing.assert_close(together.k[layer][:, :, :9], apart.k[layer][:, :, :9])
+        torch.testing.assert_close(together.v[layer][:, :, :9], apart.v[layer][:, :, :9])

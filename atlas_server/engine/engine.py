@@ -3,24 +3,24 @@
 What it does: `Engine.submit()` validates a request on the caller's thread, queues it and
 returns an async stream of `RequestOutput` events bound to the caller's event loop. One
 dedicated engine thread runs the model: each step it applies aborts, admits waiting
-requests into free KV slots, runs one batched decode forward over every decoding
-sequence plus prefill chunks within the token budget, samples, detokenizes, checks stop
-conditions and hands events back with `loop.call_soon_threadsafe`.
+requests into free KV slots, runs one forward over every decoding sequence plus prompt
+chunks within the token budget, samples, detokenizes, checks stop conditions and hands
+events back with `loop.call_soon_threadsafe`.
 
-Scheduling (iteration level): a step is
-  1. one decode forward over all decoding sequences, idx [B, 1] (they count against
-     `max_batched_tokens` first, so running streams never stall behind a long prompt);
-  2. then prefill chunks, oldest request first, each its own forward [1, T] with T cut
-     to what is left of the budget. A prompt longer than the budget is prefilled over
-     several steps while the others keep decoding.
-Why not one padded forward mixing both: the model's attention takes one [B, T] block,
-so mixing a 1-token decode row with a T-token chunk would pad every decode row to T and
-multiply the decode compute by T (at B=16, T=256: 4096 token-rows for 272 real ones).
-Separate forwards cost one extra pass over the weights per chunk (~17 ms for 124M fp32
-at 30 GB/s), which a chunk of tens of tokens already amortises: a prefill chunk is
-compute-bound, a decode step bandwidth-bound. Measured (gpt2-124m fp32, 1 thread, shared
-2-core machine, 16 decode rows + one 64-token chunk): decode forward + chunk forward
-312-321 ms; one padded [17, 64] forward 2696-2719 ms (8.5x slower).
+Scheduling (iteration level): a step is one forward pass over
+  1. every decoding sequence, one token each (they count against `max_batched_tokens`
+     first, so running streams never stall behind a long prompt), then
+  2. prompt chunks, oldest request first, each cut to what is left of the budget; a prompt
+     longer than the budget is prefilled over several steps while the others keep decoding.
+The step is one flattened batch (`Transformer.forward_segments`): all its tokens go
+through every projection and MLP matmul together, so the weights are read once per step
+(at 124M fp32, ~10 ms of DRAM traffic that a separate prompt forward would pay again), and
+attention runs per segment (the decode rows as one [B, 1] batch against their KV slots,
+each chunk as [1, T]), so nothing is padded: a padded [B, T] block mixing 1-token rows
+with a T-token chunk would multiply the decode work by T (measured 8.5x slower for 16 rows
+and a 64-token chunk). Measured gain of the single forward over a decode forward plus
+separate chunk forwards: ~6% output throughput with 16 streams of 128-token prompts, and a
+lower time to first token (`bench/bench_serving.py`, docs/benchmarks.md).
 
 KV memory: the model's slot cache (model/kv_cache.py), allocated once at start with
 `max_running` slots of `max_model_len` positions; one slot per running sequence. Slots
@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ..model import Transformer
+from ..model.transformer import Segment
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .sampling import SamplingRow, sample, top_logprobs
@@ -497,23 +498,81 @@ class Engine:
         # instead of a gather copy (at B=16 and ~190 positions, 450 MB less traffic a step).
         decoding.sort(key=lambda rc: rc[1].slot)
         budget = self.config.max_batched_tokens - len(decoding)
-        rows: list[tuple[_Request, _Choice]] = []
-        logits: list[Tensor] = []
-        if decoding:
-            logits.append(self._decode_forward(decoding))  # [B, V]
-            rows += decoding
+        chunks: list[tuple[_Request, int]] = []  # (request, prompt tokens to prefill now)
         for r in [r for r in self._running if not r.decoding]:
             if budget <= 0:
                 break
             chunk = min(len(r.prompt_ids) - r.prefilled, budget)
             budget -= chunk
-            last = self._prefill_chunk(r, chunk)  # [V] once the prompt is complete, else None
-            if last is not None:
+            chunks.append((r, chunk))
+        if not decoding and not chunks:
+            return
+        decode_logits, chunk_logits = self._forward_step(decoding, chunks)
+        rows: list[tuple[_Request, _Choice]] = list(decoding)
+        logits: list[Tensor] = [decode_logits]  # [B, V]
+        for (r, chunk), out in zip(chunks, chunk_logits, strict=True):
+            start, end = r.prefilled, r.prefilled + chunk
+            if r.params.prompt_logprobs is not None:
+                self._collect_prompt_logprobs(r, out, start, end)  # out: [T, V]
+            r.prefilled = end
+            self._prompt_tokens_total += chunk
+            if r.decoding:  # the prompt is complete: its last logits give the first token
                 self._fork_prompt_kv(r)
-                logits.append(last[None, :].expand(len(r.choices), -1))
+                logits.append(out[-1:].expand(len(r.choices), -1))
                 rows += [(r, c) for c in r.choices]
         if rows:
             self._sample_and_emit(rows, torch.cat(logits, dim=0))
+
+    def _forward_step(
+        self, decoding: list[tuple[_Request, _Choice]], chunks: list[tuple[_Request, int]]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One model forward for the whole step: the decode rows, then each prompt chunk.
+
+        Returns the decode rows' logits [B, V] and, per chunk, the logits it needs: every
+        position's [T, V] when the request wants prompt logprobs, else the last position's
+        [1, V] when the chunk completes the prompt, else [0, V].
+        """
+        dev = self._device
+        ids: list[int] = []
+        segments: list[Segment] = []
+        logit_rows: list[int] = list(range(len(decoding)))
+        if decoding:
+            ids += [c.output_ids[-1] for _, c in decoding]
+            positions = [len(r.prompt_ids) + len(c.output_ids) - 1 for r, c in decoding]
+            slots = [c.slot for _, c in decoding]
+            n = len(decoding)
+            segments.append(
+                Segment(
+                    0,
+                    n,
+                    n,
+                    1,
+                    torch.tensor(slots, device=dev),
+                    torch.tensor(positions, device=dev)[:, None],
+                )
+            )
+        wanted: list[int] = []  # logit rows per chunk
+        for r, chunk in chunks:
+            start, end, at = r.prefilled, r.prefilled + chunk, len(ids)
+            ids += r.prompt_ids[start:end]
+            slot = torch.tensor([r.choices[0].slot], device=dev)
+            segments.append(
+                Segment(at, at + chunk, 1, chunk, slot, torch.arange(start, end, device=dev)[None])
+            )
+            if r.params.prompt_logprobs is not None:
+                rows = list(range(at, at + chunk))
+            else:
+                rows = [at + chunk - 1] if end == len(r.prompt_ids) else []
+            logit_rows += rows
+            wanted.append(len(rows))
+        out = self.model.forward_segments(
+            torch.tensor(ids, device=dev),
+            segments,
+            self.cache,
+            torch.tensor(logit_rows, dtype=torch.long, device=dev),
+        ).float()  # [R, V]
+        decode_logits, *per_chunk = out.split([len(decoding), *wanted])
+        return decode_logits, per_chunk
 
     def _pack_decode_slots(self, decoding: list[tuple[_Request, _Choice]]) -> None:
         """Move decoding sequences into slots 0..B-1 (B = len(decoding)).
@@ -541,32 +600,6 @@ class Engine:
                 self.cache.swap_slots(c.slot, hole, max(length, other[0].prefilled))
                 other[1].slot = c.slot
             c.slot = hole
-
-    def _decode_forward(self, decoding: list[tuple[_Request, _Choice]]) -> Tensor:
-        last_ids, positions, slots = [], [], []
-        for r, c in decoding:
-            last_ids.append(c.output_ids[-1])
-            positions.append(len(r.prompt_ids) + len(c.output_ids) - 1)
-            slots.append(c.slot)
-        dev = self._device
-        idx = torch.tensor(last_ids, device=dev)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, device=dev)[:, None]  # [B, 1]
-        out = self.model(idx, pos, self.cache, torch.tensor(slots, device=dev), last_only=True)
-        return out[:, -1].float()  # [B, V]
-
-    def _prefill_chunk(self, r: _Request, chunk: int) -> Tensor | None:
-        start, end = r.prefilled, r.prefilled + chunk
-        dev = self._device
-        idx = torch.tensor(r.prompt_ids[start:end], device=dev)[None, :]  # [1, T]
-        pos = torch.arange(start, end, device=dev)[None, :]  # [1, T]
-        slots = torch.tensor([r.choices[0].slot], device=dev)
-        want_prompt_lp = r.params.prompt_logprobs is not None
-        out = self.model(idx, pos, self.cache, slots, last_only=not want_prompt_lp)[0].float()
-        if want_prompt_lp:
-            self._collect_prompt_logprobs(r, out, start, end)  # out: [T, V]
-        r.prefilled = end
-        self._prompt_tokens_total += chunk
-        return out[-1] if r.decoding else None
 
     def _collect_prompt_logprobs(self, r: _Request, logits: Tensor, start: int, end: int) -> None:
         if r.prompt_logprobs is None:

@@ -18,6 +18,7 @@ K kv heads, D head_dim, S cache length, V vocab.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +123,41 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         slots: Tensor | None,  # [B]
+        segments: list[Segment] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x)  # [B, T, (H + 2K) * D]
+        if segments is None:
+            out = self._attend(qkv, positions, rope, cache, slots)  # [B, T, H*D]
+        else:
+            # One flattened batch (B = 1) of several groups of sequences: the projections
+            # ran over all N tokens at once; attention runs group by group.
+            out = torch.cat(
+                [
+                    self._attend(
+                        qkv[0, g.start : g.stop].view(g.rows, g.length, -1),
+                        g.positions,
+                        rope,
+                        cache,
+                        g.slots,
+                    ).reshape(1, g.stop - g.start, -1)
+                    for g in segments
+                ],
+                dim=1,
+            )  # [1, N, H*D]
+        out = self.wo(out)
+        return F.dropout(out, self.dropout, self.training)
+
+    def _attend(
+        self,
+        qkv: Tensor,  # [B, T, (H + 2K) * D]
+        positions: Tensor,  # [B, T]
+        rope: tuple[Tensor, Tensor] | None,
+        cache: KVCache | None,
+        slots: Tensor | None,  # [B]
+    ) -> Tensor:
+        B, T, _ = qkv.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D)
         k = k.view(B, T, K, D)
@@ -153,12 +185,23 @@ class CausalSelfAttention(nn.Module):
             # keys/values: [B, K, S, D] with S = furthest position in this batch + 1.
             # Query at position p sees cache positions <= p of its own slot; positions past a
             # row's own length hold stale or padding entries and are masked out here.
-            key_pos = torch.arange(keys.shape[2], device=x.device)
+            key_pos = torch.arange(keys.shape[2], device=qkv.device)
             mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
             out = attention(q.transpose(1, 2), keys, values, mask=mask, dropout=0.0, impl=self.impl)
-        out = out.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
-        out = self.wo(out)
-        return F.dropout(out, self.dropout, self.training)
+        return out.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens [start, stop) of a flattened batch: `rows` sequences of `length` tokens each,
+    row i in KV slot `slots[i]` at `positions[i]` ([rows, length])."""
+
+    start: int
+    stop: int
+    rows: int
+    length: int
+    slots: Tensor
+    positions: Tensor
 
 
 class FeedForward(nn.Module):
@@ -202,8 +245,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, positions, rope, cache, slots) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots)
+    def forward(self, x, positions, rope, cache, slots, segments=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots, segments)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -274,6 +317,34 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
+        x, rope = self._embed(idx, positions)  # [B, T, C]
+        for block in self.blocks:
+            x = block(x, positions, rope, cache, slots)
+        if last_only:
+            x = x[:, -1:, :]  # [B, 1, C]
+        return self._logits(x)  # [B, T, V]
+
+    def forward_segments(
+        self,
+        idx: Tensor,  # [N] token ids of every segment, back to back
+        segments: list[Segment],
+        cache: KVCache,
+        logit_rows: Tensor,  # [R] which of the N tokens need logits
+    ) -> Tensor:
+        """One forward over several groups of sequences at once: the serving engine's step.
+
+        Decode rows (one token each) and prompt chunks (many tokens each) share every
+        projection and MLP matmul, so the weights are read once per step however the work
+        is split; attention runs per segment against the KV cache. Returns [R, V].
+        """
+        positions = torch.cat([g.positions.reshape(-1) for g in segments])[None]  # [1, N]
+        x, rope = self._embed(idx[None], positions)  # [1, N, C]
+        for block in self.blocks:
+            x = block(x, positions, rope, cache, None, segments)
+        return self._logits(x[0, logit_rows])  # [R, V]
+
+    def _embed(self, idx: Tensor, positions: Tensor) -> tuple[Tensor, tuple | None]:
+        """Token embeddings plus positional information; RoPE tables are returned instead."""
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(
                 f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}"
@@ -286,17 +357,15 @@ class Transformer(nn.Module):
             x = x + self.pos_table[positions].to(x.dtype)
         else:
             rope = (self.rope_cos, self.rope_sin)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, positions, rope, cache, slots)
-        if last_only:
-            x = x[:, -1:, :]  # [B, 1, C]
+        return self.drop(x), rope
+
+    def _logits(self, x: Tensor) -> Tensor:
         x = self.final_norm(x)
         if self._packed_head is not None and self._packed_head.usable_for(x):
-            return self._packed_head(x)  # [B, T, V]
+            return self._packed_head(x)  # [..., V]
         head = self.output_weight()  # [C, V]
         logits = train_matmul(x, head)
-        return logits if logits is not None else x @ head  # [B, T, V]
+        return logits if logits is not None else x @ head  # [..., V]
 
     def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Mean next-token cross-entropy; targets [B, T] are the ids that should follow."""
