@@ -132,19 +132,17 @@ class CausalSelfAttention(nn.Module):
         else:
             # One flattened batch (B = 1) of several groups of sequences: the projections
             # ran over all N tokens at once; attention runs group by group.
-            out = torch.cat(
-                [
-                    self._attend(
-                        qkv[0, g.start : g.stop].view(g.rows, g.length, -1),
-                        g.positions,
-                        rope,
-                        cache,
-                        g.slots,
-                    ).reshape(1, g.stop - g.start, -1)
-                    for g in segments
-                ],
-                dim=1,
-            )  # [1, N, H*D]
+            parts = [
+                self._attend(
+                    qkv[0, g.start : g.stop].view(g.rows, g.length, -1),
+                    g.positions,
+                    rope,
+                    cache,
+                    g.slots,
+                ).reshape(1, g.stop - g.start, -1)
+                for g in segments
+            ]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [1, N, H*D]
         out = self.wo(out)
         return F.dropout(out, self.dropout, self.training)
 
