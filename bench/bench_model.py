@@ -25,13 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
+# As atlas_server does on import (see its __init__), before torch allocates anything, so
+# Atlas and its baselines in this process run with the same allocator setting.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

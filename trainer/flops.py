@@ -25,19 +25,30 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * config.n_layers * config.d_model * seq_len
 
 
-def measured_matmul_peak(device: str = "cpu", size: int = 2048, seconds: float = 0.5) -> float:
-    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA), fastest kernel."""
+def measured_matmul_peak(device: str = "cpu", size: int = 2048, seconds: float = 1.0) -> float:
+    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA), fastest kernel.
+
+    Two sizes (size and 1.5 x size): with 2 MB-aligned buffers (THP_MEM_ALLOC_ENABLE, which
+    atlas_server sets) a 2048^3 product can hit cache-set conflicts and understate the peak.
+    """
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    # torch.ones, not randn: measuring must not consume the global RNG stream (exact resume).
-    a = torch.ones(size, size, device=device, dtype=dtype)
-    b = torch.ones(size, size, device=device, dtype=dtype)
-    kernels = [lambda: a @ b]
-    if device == "cpu" and packing_supported(b):
-        # PyTorch's default fp32 matmul (MKL) runs at under half of oneDNN's rate on AMD
-        # CPUs; the peak is what the fastest kernel reaches (see bench/ceilings.py).
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    kernels = []  # (function, FLOPs)
+    for n in (size, size * 3 // 2):
+        # torch.ones, not randn: measuring must not consume the global RNG stream (exact resume).
+        a = torch.ones(n, n, device=device, dtype=dtype)
+        b = torch.ones(n, n, device=device, dtype=dtype)
+        kernels.append((lambda a=a, b=b: a @ b, 2 * n**3))
+        if device == "cpu" and packing_supported(b):
+            # PyTorch's default fp32 matmul (MKL) runs at under half of oneDNN's rate on AMD
+            # CPUs; the peak is what the fastest kernel reaches (see bench/ceilings.py).
+            kernels.append(
+                (
+                    lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""),
+                    2 * n**3,
+                )
+            )
     best = 0.0
-    for kernel in kernels:
+    for kernel, flops in kernels:
         deadline = time.perf_counter() + seconds / len(kernels)
         while time.perf_counter() < deadline:
             if device.startswith("cuda"):
@@ -46,5 +57,5 @@ def measured_matmul_peak(device: str = "cpu", size: int = 2048, seconds: float =
             kernel()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+            best = max(best, flops / (time.perf_counter() - t0))
     return best
