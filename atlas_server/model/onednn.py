@@ -111,8 +111,14 @@ class _TrainMatmul(torch.autograd.Function):
         g = grad_y.reshape(-1, grad_y.shape[-1])  # [M, out]
         x2d = x.reshape(-1, x.shape[-1])  # [M, in]
         grad_x = _linear(g, weight).view(x.shape)  # [M, out] @ [out, in]
-        # dW = x^T g: [in, M] @ [M, out], i.e. a linear with g^T [out, M] as its weight
-        grad_w = _linear(x2d.t(), g.t())  # [in, out]
+        if weight.t().is_contiguous():
+            # A transposed view of an [out, in] tensor (the tied head): compute dW^T = g^T x
+            # in that tensor's own layout, so the gradient that reaches it is contiguous and
+            # adds to the embedding's gradient without a strided pass over V x C numbers.
+            grad_w = _linear(g.t(), x2d.t()).t()  # [out, in] -> view [in, out]
+        else:
+            # dW = x^T g: [in, M] @ [M, out], i.e. a linear with g^T [out, M] as its weight
+            grad_w = _linear(x2d.t(), g.t())  # [in, out]
         grad_b = g.sum(0) if ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
