@@ -50,9 +50,8 @@ def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Best streaming-read bandwidth in bytes/s over data >> last-level cache (best reader)."""
     # Random contents from an unpredictable seed, not a constant or a fixed seed: identical
     # pages can be merged by the host (same-page merging), also across processes that
-    # drew the same numbers, and reads of them then come partly from cache (measured here:
-    # a ones-filled buffer "read" at twice the speed of a random one, and one fixed-seed
-    # run reported 79 GB/s against 48-50 in every other).
+    # drew the same numbers, and reads of them could then come partly from cache. (On the
+    # project's VM the figure is bimodal anyway, 46-50 or 70-80 GB/s: docs/benchmarks.md.)
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "little"))
     buf = torch.rand(int(gib * 2**30 / 4), generator=gen)
     buf.sum()  # touch every page once before timing
