@@ -30,9 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference_tokenizers import to_tiktoken  # noqa: E402
+
 from atlas_server.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT4_SPLIT_PATTERN, Tokenizer  # noqa: E402
 from atlas_server.tokenizer.corpus import stdlib_sample  # noqa: E402
-from atlas_server.tokenizer.interop import to_tiktoken  # noqa: E402
 from atlas_server.tokenizer.train import TrainConfig, TrainStats, train_from_files  # noqa: E402
 
 

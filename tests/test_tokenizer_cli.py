@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +12,9 @@ from typer.testing import CliRunner
 from atlas_server.commands.tokenizer import app
 from atlas_server.tokenizer import ENDOFTEXT, Tokenizer
 from atlas_server.tokenizer.corpus import stdlib_sample
-from atlas_server.tokenizer.interop import to_tiktoken
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from reference_tokenizers import to_tiktoken  # noqa: E402
 
 runner = CliRunner()
 

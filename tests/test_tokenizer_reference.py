@@ -7,6 +7,8 @@ and merge list (a byte-level `tokenizers` BPE model); neither library was writte
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,8 +21,10 @@ from atlas_server.tokenizer import (
     TokenizerError,
 )
 from atlas_server.tokenizer.corpus import stdlib_sample
-from atlas_server.tokenizer.interop import to_hf_tokenizer, to_tiktoken
 from atlas_server.tokenizer.train import TrainConfig, train_from_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from reference_tokenizers import to_hf_tokenizer, to_tiktoken  # noqa: E402
 
 tiktoken = pytest.importorskip("tiktoken")
 tokenizers = pytest.importorskip("tokenizers")
@@ -176,3 +180,21 @@ def test_hf_export_needs_a_merge_list():
     ranks_only = Tokenizer({bytes([b]): b for b in range(256)}, merges=None)
     with pytest.raises(TokenizerError, match="no merge list"):
         to_hf_tokenizer(ranks_only)
+
+
+def test_the_tokenizer_package_imports_neither_tiktoken_nor_hugging_face():
+    """The from-scratch core stays free of the libraries it is checked against."""
+    import ast
+
+    import atlas_server.tokenizer as package
+
+    banned = {"tiktoken", "tokenizers", "transformers", "huggingface_hub"}
+    for source in Path(package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not {n.split(".")[0] for n in names} & banned, f"{source.name} imports {names}"

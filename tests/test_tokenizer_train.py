@@ -23,7 +23,7 @@ from atlas_server.tokenizer import (
 from atlas_server.tokenizer import corpus as corpus_module
 from atlas_server.tokenizer import train as train_module
 from atlas_server.tokenizer.corpus import iter_chunks, resolve_corpus_files, stdlib_sample
-from atlas_server.tokenizer.interop import gpt2_bytes_to_unicode
+from atlas_server.tokenizer.hf_format import gpt2_bytes_to_unicode
 from atlas_server.tokenizer.train import (
     TrainConfig,
     TrainStats,

@@ -1,7 +1,9 @@
 """Atlas's byte-level BPE tokenizer (pure Python + regex; imports nothing else of Atlas).
 
 `bpe` encodes and decodes, `train` learns merges from files, `corpus` streams training
-text, `interop` builds the equivalent tiktoken / HF `tokenizers` objects. See docs/tokenizer.md.
+text, `hf_format` reads a Hugging Face byte-level `tokenizer.json`. Neither tiktoken nor HF
+`tokenizers` is imported here: the equivalent objects the tests compare against are built
+in `bench/reference_tokenizers.py`. See docs/tokenizer.md.
 """
 
 from .bpe import (

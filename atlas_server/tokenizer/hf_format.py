@@ -18,9 +18,28 @@ from pathlib import Path
 from typing import Any
 
 from .bpe import GPT2_SPLIT_PATTERN, Tokenizer, TokenizerError
-from .interop import gpt2_bytes_to_unicode
 
-__all__ = ["tokenizer_from_hf_json"]
+__all__ = ["gpt2_bytes_to_unicode", "tokenizer_from_hf_json"]
+
+
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable characters.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte order,
+    to U+0100 and up. Byte-level BPE in `tokenizers` stores its vocabulary in this form.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
 
 
 def _split_pattern(pre: dict[str, Any] | None) -> str:

@@ -1,41 +1,23 @@
-"""Build tiktoken and Hugging Face `tokenizers` objects that encode exactly like an Atlas tokenizer.
+"""tiktoken and Hugging Face `tokenizers` objects that encode exactly like an Atlas tokenizer.
 
 What it does: hands an Atlas tokenizer's ranks, pattern and special tokens to
 `tiktoken.Encoding`, and its vocabulary and merges to a byte-level `tokenizers` BPE model
 (bytes mapped through GPT-2's byte-to-unicode table, the split pattern as an isolated
-`Split` pre-tokenizer). Tests use these as independent references; users can use them to
-run an Atlas tokenizer inside tools that expect either library. What it does not do:
-read Hugging Face files into Atlas (that is `hf_format.py`) or add either library as a
-dependency of the core (both are imported only when these functions are called).
+`Split` pre-tokenizer). The tests use them as independent references and
+`bench/bench_tokenizer.py` as its baseline; they also let an Atlas tokenizer run inside
+tools that expect either library. They live here, not in `atlas_server/tokenizer/`, so the
+from-scratch tokenizer never imports either library. What it does not do: read Hugging
+Face files into Atlas (that is `atlas_server/tokenizer/hf_format.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .bpe import Tokenizer, TokenizerError
+from atlas_server.tokenizer import Tokenizer, TokenizerError
+from atlas_server.tokenizer.hf_format import gpt2_bytes_to_unicode
 
-__all__ = ["gpt2_bytes_to_unicode", "to_hf_tokenizer", "to_tiktoken"]
-
-
-def gpt2_bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 bytes to printable characters.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map, in byte order,
-    to U+0100 and up. Byte-level BPE in `tokenizers` stores its vocabulary in this form.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + shifted)
-            shifted += 1
-    return table
+__all__ = ["to_hf_tokenizer", "to_tiktoken"]
 
 
 def to_tiktoken(tokenizer: Tokenizer, name: str | None = None) -> Any:
