@@ -100,8 +100,8 @@ def test_atlas_plugins_command_lists_them(broken_plugin_path):
     assert strict.exit_code == 1 and "boom at import" in strict.output
 
 
-def test_example_faiss_package_installs_and_registers(tmp_path):
-    target = tmp_path / "site"
+def install_faiss_example(target: Path) -> None:
+    """pip-install examples/atlas-faiss-retriever into `target`, as a user would."""
     subprocess.run(
         [
             sys.executable,
@@ -118,6 +118,11 @@ def test_example_faiss_package_installs_and_registers(tmp_path):
         check=True,
         capture_output=True,
     )
+
+
+def test_example_faiss_package_installs_and_registers(tmp_path):
+    target = tmp_path / "site"
+    install_faiss_example(target)
     script = textwrap.dedent("""
         import json
         from atlas_server.plugins import PluginHost

@@ -19,6 +19,7 @@ from atlas_server.rag.types import RetrievedChunk
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import free_port, serving  # noqa: E402
+from test_plugins import install_faiss_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [
@@ -260,22 +261,7 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
     import time
 
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(ROOT / "examples" / "atlas-faiss-retriever"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    install_faiss_example(target)
     config = tmp_path / "server.toml"
     config.write_text(f'[rag]\ndata_dir = "{tmp_path / "qdrant"}"\nretriever = "faiss"\n')
     port = free_port()

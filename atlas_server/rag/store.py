@@ -169,18 +169,7 @@ class VectorStore:
     ) -> list[tuple[Chunk, float, Any]]:
         """(chunk, score, stored dense vector) best first."""
         self._require(name)
-        hits = self.client.query_points(
-            name,
-            query=list(map(float, vector)),
-            using=DENSE,
-            limit=top_k,
-            query_filter=_filter(filters),
-            with_payload=True,
-            with_vectors=[DENSE],
-        ).points
-        return [
-            (chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits
-        ]
+        return self._query(name, list(map(float, vector)), DENSE, top_k, filters)
 
     def search_bm25(
         self, name: str, query: str, top_k: int, filters=None
@@ -190,10 +179,14 @@ class VectorStore:
         vector = bm25_query_vector(query)
         if not vector.indices:
             return []
+        return self._query(name, vector, SPARSE, top_k, filters)
+
+    def _query(self, name: str, query, using: str, top_k: int, filters):
+        """Points nearest `query` in the `using` vector space, with their dense vectors."""
         hits = self.client.query_points(
             name,
-            query=vector,
-            using=SPARSE,
+            query=query,
+            using=using,
             limit=top_k,
             query_filter=_filter(filters),
             with_payload=True,
