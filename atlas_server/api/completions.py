@@ -226,7 +226,8 @@ async def _stream(
             timer.on_tokens(index, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
             text = event.text
-            generated.setdefault(index, []).append(event.text)
+            if cite is not None:
+                generated.setdefault(index, []).append(event.text)
             logprobs = None
             first_of_choice = data.echo and index not in echoed
             if first_of_choice:

@@ -43,14 +43,16 @@ class Linear(nn.Module):
         """Keep a oneDNN-packed copy of the weight for CPU inference (no-op where unsupported)."""
         self.packed = PackedWeight(self.weight) if packing_supported(self.weight) else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu_tanh: bool = False) -> Tensor:
+        """x @ W (+ b), then GELU (tanh form) when asked: fused into the matmul when packed."""
         if self.packed is not None and self.packed.usable_for(x):
-            return self.packed(x, self.bias)
+            # oneDNN applies the GELU while the matmul's output is still in registers.
+            return self.packed(x, self.bias, gelu_tanh)
         y = train_matmul(x, self.weight, self.bias)  # oneDNN with autograd, where it applies
-        if y is not None:
-            return y
-        y = x @ self.weight
-        return y + self.bias if self.bias is not None else y
+        if y is None:
+            y = x @ self.weight
+            y = y + self.bias if self.bias is not None else y
+        return F.gelu(y, approximate="tanh") if gelu_tanh else y
 
 
 class RMSNorm(nn.Module):
@@ -214,22 +216,11 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        packed = self.w_in.packed
-        if (
-            self.kind == "gelu"
-            and not self.training
-            and packed is not None
-            and packed.usable_for(x)
-        ):
-            # oneDNN applies the GELU while the matmul's output is still in registers.
-            h = packed(x, self.w_in.bias, gelu_tanh=True)  # [B, T, F]
-            return self.w_out(h)
-        h = self.w_in(x)  # [B, T, F] or [B, T, 2F]
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
+            gate, up = self.w_in(x).chunk(2, dim=-1)  # [B, T, F] each
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            h = self.w_in(x, gelu_tanh=True)  # [B, T, F]; GPT-2's "gelu_new"
         return F.dropout(self.w_out(h), self.dropout, self.training)
 
 
