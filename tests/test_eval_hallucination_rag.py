@@ -273,3 +273,19 @@ def test_rag_mode_against_a_server_without_rag_routes_is_one_line(tmp_path):
         server.shutdown()
     assert_one_line_error(proc, "rag mode", "/v1/collections", "HTTP 404", "context=inline")
     assert NoRAGHandler.posted == []  # refused before ingesting or asking anything
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("context=bogus", "context must be 'inline' or 'rag'"),
+        ("rag_top_k=0", "rag_top_k must be between 1 and 100"),
+        ("rag_top_k=100000", "rag_top_k must be between 1 and 100"),
+        ("rag_keep_collections=maybe", "rag_keep_collections"),
+    ],
+)
+def test_bad_rag_options_are_one_line_errors_before_any_request(override, named):
+    proc = cli(
+        "run", "hallucination", "--base-url", "http://127.0.0.1:9", "--no-cache", "--set", override
+    )
+    assert_one_line_error(proc, named)
