@@ -108,6 +108,24 @@ def run_setting(
     }
 
 
+def optimizer_step_ms(preset: str, device: str, fused: bool, repeats: int = 5) -> float:
+    """Best AdamW step time over the preset's parameters, fused kernel or multi-tensor path."""
+    torch.manual_seed(0)
+    model = Transformer(load_preset(preset)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
+    optimizer.step()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="training step tokens/s and MFU")
     parser.add_argument("--quick", action="store_true")
@@ -147,6 +165,10 @@ def main() -> None:
         "seq_len": args.seq,
         "peak_matmul_gflops": peak / 1e9,
         "settings": rows,
+        "adamw_step_ms": {
+            "fused": optimizer_step_ms(args.preset, args.device, fused=True),
+            "multi_tensor": optimizer_step_ms(args.preset, args.device, fused=False),
+        },
     }
     print(json.dumps(result, indent=2))
     print("\n| attention | compile | activation ckpt | tokens/s | MFU | saved activations |")
@@ -156,6 +178,11 @@ def main() -> None:
             f"| {r['attention']} | {r['compile']} | {r['activation_checkpointing']} | {r['tokens_per_s']:,.0f} | "
             f"{100 * r['mfu']:.0f}% | {r['activation_bytes'] / 2**20:,.0f} MiB |"
         )
+    adamw = result["adamw_step_ms"]
+    print(
+        f"\nAdamW step: fused {adamw['fused']:.0f} ms, multi-tensor {adamw['multi_tensor']:.0f} ms "
+        f"({adamw['multi_tensor'] / adamw['fused']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

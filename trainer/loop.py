@@ -214,8 +214,8 @@ def train(
     if d.world > 1:
         model = _wrap_distributed(model, cfg, device)
     # The optimizer is built after wrapping: FSDP replaces parameters with sharded ones.
-    # The fused kernel updates each tensor in one pass: on the CPU 7.7x faster than the
-    # default multi-tensor path for a 124M model (37 vs 289 ms a step). FSDP's sharded
+    # The fused kernel updates each tensor in one pass, several times faster than the
+    # default multi-tensor path on the CPU (bench/bench_train.py prints both). FSDP's sharded
     # (DTensor) parameters keep the default path.
     sharded = d.world > 1 and cfg.run.distributed == "fsdp"
     optimizer = torch.optim.AdamW(

@@ -18,9 +18,9 @@ through every projection and MLP matmul together, so the weights are read once p
 attention runs per segment (the decode rows as one [B, 1] batch against their KV slots,
 each chunk as [1, T]), so nothing is padded: a padded [B, T] block mixing 1-token rows
 with a T-token chunk would multiply the decode work by T (measured 8.5x slower for 16 rows
-and a 64-token chunk). Measured gain of the single forward over a decode forward plus
-separate chunk forwards: ~6% output throughput with 16 streams of 128-token prompts, and a
-lower time to first token (`bench/bench_serving.py`, docs/benchmarks.md).
+and a 64-token chunk). Measured against a decode forward plus separate chunk forwards
+(`python bench/ab_serving.py 6efd908 de36c19`, alternating builds): +3% output throughput
+with 16 streams of 128-token prompts, -2% with 4 (within the run-to-run noise).
 
 KV memory: the model's slot cache (model/kv_cache.py), allocated once at start with
 `max_running` slots of `max_model_len` positions; one slot per running sequence. Slots

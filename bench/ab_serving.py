@@ -1,0 +1,85 @@
+"""A/B two revisions of Atlas's server on the same machine, alternating, same load.
+
+What it does: checks out each git revision into a temporary worktree, then for each round
+starts `atlas serve` from revision A, then from revision B (the revision's code comes first
+on PYTHONPATH), on the same random-weight gpt2-124m checkpoint, and runs the load
+generator at each concurrency (128 prompt / 64 output tokens). Alternating rounds puts
+both builds under the same machine state, which on a shared or virtual machine drifts
+by more than the differences being measured. Prints every round and the mean output
+tokens/s per build and concurrency, with the B/A ratio.
+Run: `python bench/ab_serving.py REV_A REV_B [--concurrency 4 16] [--rounds 2]`.
+What it does not do: compare against other servers (bench_serving.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_serving import OUTPUT, PROMPT, build_checkpoint, free_port, serve  # noqa: E402
+
+from eval_suites.loadgen import LoadSpec, run  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rev_a")
+    parser.add_argument("rev_b")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    results: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, _ = build_checkpoint(Path(tmp))
+        trees = {}
+        for rev in (args.rev_a, args.rev_b):
+            trees[rev] = Path(tmp) / f"tree-{len(trees)}"
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(trees[rev]), rev],
+                check=True,
+            )
+        try:
+            for round_ in range(args.rounds):
+                for rev, tree in trees.items():
+                    os.environ["PYTHONPATH"] = str(tree)  # the served code is this revision's
+                    port = free_port()
+                    server = serve(checkpoint, port, max_running=32)
+                    base = f"http://127.0.0.1:{port}"
+                    try:
+                        run(LoadSpec(base, mode="concurrency", concurrency=1, num_requests=1,
+                                     prompt_tokens=16, output_tokens=8))  # fmt: skip
+                        for c in args.concurrency:
+                            summary = run(LoadSpec(base, mode="concurrency", concurrency=c,
+                                                   num_requests=3 * c, prompt_tokens=PROMPT,
+                                                   output_tokens=OUTPUT, seed=c))["summary"]  # fmt: skip
+                            if summary["completed"] < 3 * c:
+                                raise SystemExit(f"error: {rev} at concurrency {c}: only "
+                                                 f"{summary['completed']} of {3 * c} requests completed")  # fmt: skip
+                            results.setdefault((rev, c), []).append(summary["output_throughput"])
+                            print(f"round {round_} {rev} c{c}: "
+                                  f"{summary['output_throughput']:.1f} tok/s", flush=True)  # fmt: skip
+                    finally:
+                        server.terminate()
+                        server.wait(60)
+        finally:
+            os.environ.pop("PYTHONPATH", None)
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
+    print("\n| concurrency | A tok/s (mean) | B tok/s (mean) | B / A |\n|---|---:|---:|---:|")
+    for c in args.concurrency:
+        a = statistics.mean(results[(args.rev_a, c)])
+        b = statistics.mean(results[(args.rev_b, c)])
+        print(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Where a serving step's time goes: a prompt prefill and a batch-16 decode step, by kind.
+
+What it does: builds the gpt2-124m preset (random weights, fp32) prepared for serving
+(oneDNN-packed weights on CPU), then times (median of N) a 128-token prefill into one KV
+slot and a decode step of 16 sequences at ~190 cached positions in consecutive slots, the
+shapes of `bench/bench_serving.py` at 16 streams. A `torch.profiler` pass splits each into
+oneDNN matmuls, attention (SDPA), KV-cache writes and everything else (self CPU time; the
+profiler adds overhead, so the split is a proportion, the medians are the times).
+Run: `python bench/profile_step.py [--steps N]`; prints JSON and a markdown table.
+What it does not do: HTTP, scheduling or sampling (see bench_serving.py, bench_engine.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as atlas_server sets it
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ceilings import machine  # noqa: E402
+
+from atlas_server.model import Transformer, load_preset  # noqa: E402
+
+KINDS = {
+    "mkldnn::_linear_pointwise": "matmul (oneDNN)",
+    "aten::mm": "matmul (MKL)",
+    "aten::addmm": "matmul (MKL)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::index_put_": "KV-cache write",
+    "aten::_index_put_impl_": "KV-cache write",
+}
+
+
+def split_by_kind(fn, repeats: int = 5) -> dict[str, float]:
+    with torch.profiler.profile() as prof:
+        for _ in range(repeats):
+            fn()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = KINDS.get(event.key, "other")
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values())
+    return {kind: t / whole for kind, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def median_ms(fn, steps: int) -> float:
+    fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed repeats of each forward")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = Transformer(load_preset("gpt2-124m")).prepare_for_inference()
+    n_matmul = model.num_parameters() - model.pos_emb.weight.numel() - model.tok_emb.weight.numel()
+    cache = model.new_cache(32, 1024)
+    prompt, batch, context = 128, 16, 190
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        ids = torch.randint(0, 50000, (batch, context), generator=gen)
+        model(ids, None, cache, torch.arange(batch), last_only=True)  # fill 16 slots
+
+        prompt_ids = torch.randint(0, 50000, (1, prompt), generator=gen)
+        positions = torch.arange(prompt)[None]
+        slot = torch.tensor([20])
+
+        def prefill():
+            model(prompt_ids, positions, cache, slot, last_only=True)
+
+        token = torch.randint(0, 50000, (batch, 1), generator=gen)
+        decode_pos = torch.randint(context - 60, context, (batch, 1), generator=gen)
+        slots = torch.arange(batch)
+
+        def decode():
+            model(token, decode_pos, cache, slots, last_only=True)
+
+        result = {"machine": machine(), "model": "gpt2-124m, random weights, fp32, packed"}
+        for name, fn, flops in [
+            (f"prefill {prompt} tokens", prefill, 2 * n_matmul * prompt),
+            (f"decode step, batch {batch}", decode, 2 * model.num_parameters() * batch),
+        ]:
+            ms = median_ms(fn, args.steps)
+            result[name] = {
+                "median_ms": ms,
+                "gflops_per_s": flops / ms / 1e6,
+                "share_by_kind": split_by_kind(fn),
+            }
+    print(json.dumps(result, indent=2))
+    print("\n| forward | median ms | GFLOP/s | share of self CPU time |\n|---|---:|---:|---|")
+    for name, r in result.items():
+        if isinstance(r, dict) and "median_ms" in r:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share_by_kind"].items())
+            print(f"| {name} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | {shares} |")
+
+
+if __name__ == "__main__":
+    main()
