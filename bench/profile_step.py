@@ -35,6 +35,7 @@ KINDS = {
     "aten::mm": "matmul (MKL)",
     "aten::addmm": "matmul (MKL)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "atlas::decode_attention": "attention",
     "aten::index_put_": "KV-cache write",
     "aten::_index_put_impl_": "KV-cache write",
 }

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import attention
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -181,6 +182,17 @@ class CausalSelfAttention(nn.Module):
         else:
             assert slots is not None, "a KV cache needs the slot of each batch row"
             cache.write(self.layer_index, slots, positions, k, v)
+            if T == 1 and self._native_decode_applies(q, cache):
+                # One token per row: read each row's own positions straight from the cache.
+                out = native.decode_attention(
+                    q[:, 0],  # [B, H, D]
+                    cache.k[self.layer_index],
+                    cache.v[self.layer_index],
+                    slots,
+                    positions[:, 0] + 1,  # [B] cached positions each row attends to
+                    D**-0.5,
+                )  # [B, H, D]
+                return out.reshape(B, T, H * D)
             keys, values = cache.read(self.layer_index, slots, int(positions.max()) + 1)
             # keys/values: [B, K, S, D] with S = furthest position in this batch + 1.
             # Query at position p sees cache positions <= p of its own slot; positions past a
@@ -189,6 +201,16 @@ class CausalSelfAttention(nn.Module):
             mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
             out = attention(q.transpose(1, 2), keys, values, mask=mask, dropout=0.0, impl=self.impl)
         return out.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+
+    def _native_decode_applies(self, q: Tensor, cache: KVCache) -> bool:
+        """The C decode kernel covers fp32 CPU inference with the default attention."""
+        return (
+            self.impl == "sdpa"
+            and q.device.type == "cpu"
+            and q.dtype == cache.k[0].dtype == torch.float32
+            and not (q.requires_grad and torch.is_grad_enabled())
+            and native.available()
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,192 @@
+"""The one native kernel Atlas ships: decode attention on the CPU, compiled on first use.
+
+What it does: compiles `decode_attention.c` with the system C compiler (`$CC`, else `cc`)
+for this machine's CPU (`-O3 -march=native -fopenmp`), caches the shared library under
+`$ATLAS_HOME/kernels` (default `~/.cache/atlas/kernels`; a name derived from the source,
+the flags, the compiler and the CPU, written atomically so concurrent first uses agree),
+and calls it through `ctypes` on tensors' raw pointers. `decode_attention()` checks every
+shape, dtype, device and index before it hands a pointer to C.
+
+Why C and not PyTorch: see decode_attention.c. Compiling takes well under a second and
+needs no PyTorch headers, so no build step comes with it.
+
+Images without a compiler ship a library built ahead of time for a portable target
+(`python -c "from atlas_server.model.native import main; main()" --march x86-64-v3 FILE`,
+as the Dockerfile does) and point `ATLAS_NATIVE_LIB` at it; nothing is compiled at run time.
+
+What it does not do: anything but fp32 on the CPU, or autograd. Where no compiler is found
+or compiling fails, `available()` is False (one warning says why) and callers keep their
+PyTorch path; `ATLAS_NATIVE=0` turns the kernel off to compare.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "decode_attention"]
+
+log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("decode_attention.c")
+_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
+_MAX_HEAD_DIM = 256  # the kernel's stack buffers
+
+
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
+    return home / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _compile(compiler: str, target: Path | None = None, march: str = "native") -> Path:
+    """Build the library (into the cache unless `target` is given); returns its path."""
+    flags = [*_FLAGS, f"-march={march}"]
+    if target is None:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join([_SOURCE.read_text(), *flags, version, _cpu_signature()]).encode()
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"decode_attention-{key}.so"
+        if target.exists():
+            return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: a reader never sees a half-written library.
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *flags, str(_SOURCE), "-o", partial, "-lm"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.chmod(partial, 0o755)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("ATLAS_NATIVE", "1") == "0":
+        return None
+    prebuilt, compiler = os.environ.get("ATLAS_NATIVE_LIB"), _compiler()
+    if not prebuilt and compiler is None:
+        log.warning("no C compiler found: decode attention uses PyTorch's SDPA (slower)")
+        return None
+    try:
+        torch.zeros(1).add_(1)  # load torch's OpenMP runtime first, so the kernel shares it
+        library = ctypes.CDLL(prebuilt or str(_compile(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("native decode attention unavailable, using SDPA: %s", detail.strip())
+        return None
+    fn = library.decode_attention
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = None
+    return library
+
+
+def available() -> bool:
+    """True when the kernel is compiled and loaded (compiles it on first call)."""
+    return _library() is not None
+
+
+def decode_attention(
+    q: Tensor,  # [B, H, D]: one query token per row
+    k_store: Tensor,  # [n_slots, K, max_len, D]: a layer's whole key cache
+    v_store: Tensor,  # same shape and strides as k_store
+    slots: Tensor,  # [B] int64: the cache slot of each row
+    lengths: Tensor,  # [B] int64: row b attends to positions [0, lengths[b])
+    scale: float,
+) -> Tensor:
+    """softmax(q K^T * scale) V per row over its own cached positions: [B, H, D]."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("native decode attention is not available (see available())")
+    B, H, D = q.shape
+    n_slots, K, max_len, _ = k_store.shape
+    tensors = (q, k_store, v_store)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("decode_attention needs float32 CPU tensors")
+    if k_store.shape != v_store.shape or k_store.stride() != v_store.stride():
+        raise ValueError("key and value caches must share shape and strides")
+    if k_store.shape[3] != D or k_store.stride(3) != 1 or H % K or D > _MAX_HEAD_DIM:
+        raise ValueError(f"unsupported shapes: q {tuple(q.shape)}, cache {tuple(k_store.shape)}")
+    slots, lengths = slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
+    if slots.shape != (B,) or lengths.shape != (B,):
+        raise ValueError("slots and lengths need one entry per row")
+    if B and (
+        int(slots.min()) < 0
+        or int(slots.max()) >= n_slots
+        or int(lengths.min()) < 1
+        or int(lengths.max()) > max_len
+    ):
+        raise IndexError("slot or length outside the KV cache")
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    with torch.profiler.record_function("atlas::decode_attention"):  # named in profiles
+        library.decode_attention(
+            q.data_ptr(),
+            k_store.data_ptr(),
+            v_store.data_ptr(),
+            out.data_ptr(),
+            slots.data_ptr(),
+            lengths.data_ptr(),
+            B,
+            H,
+            K,
+            D,
+            *k_store.stride()[:3],
+            scale,
+            torch.get_num_threads(),
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the decode-attention library ahead of time, for one CPU target."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("output", type=Path, help="where to write the shared library")
+    parser.add_argument("--march", default="native", help="the CPU to build for (gcc -march)")
+    args = parser.parse_args(argv)
+    compiler = _compiler()
+    if compiler is None:
+        raise SystemExit("error: no C compiler found (set CC)")
+    try:
+        _compile(compiler, args.output.resolve(), args.march)
+    except subprocess.CalledProcessError as e:
+        first_line = (e.stderr.strip().splitlines() or ["no output"])[0]
+        raise SystemExit(f"error: {compiler} failed: {first_line}") from None
+    print(args.output)

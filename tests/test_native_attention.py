@@ -1,0 +1,184 @@
+"""The C decode-attention kernel (atlas_server/model/native.py) against PyTorch's attention."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atlas_server.model import Transformer, native
+from atlas_server.model.attention import reference_attention
+from tests.test_model import tiny
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+def sdpa_over_own_lengths(q, k_store, v_store, slots, lengths):
+    """The oracle: PyTorch's SDPA per row over exactly that row's cached positions."""
+    group = q.shape[1] // k_store.shape[1]
+    rows = []
+    for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist(), strict=True)):
+        k = k_store[slot, :, :n].repeat_interleave(group, 0)  # [H, n, D]
+        v = v_store[slot, :, :n].repeat_interleave(group, 0)
+        rows.append(F.scaled_dot_product_attention(q[b, :, None], k, v)[:, 0])  # [H, D]
+    return torch.stack(rows)  # [B, H, D]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(12, 12, 64), (8, 2, 32), (4, 1, 80), (3, 3, 7)]
+)
+def test_kernel_equals_sdpa_over_each_rows_own_positions(heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    k_store = torch.randn(6, kv_heads, 50, head_dim, generator=gen)
+    v_store = torch.randn(6, kv_heads, 50, head_dim, generator=gen)
+    q = 3 * torch.randn(5, heads, head_dim, generator=gen)  # large scores: softmax is peaked
+    slots = torch.tensor([5, 0, 3, 3, 1])  # any order, repeats allowed
+    lengths = torch.tensor([1, 50, 17, 30, 2])  # one position, the whole cache, ragged
+    out = native.decode_attention(q, k_store, v_store, slots, lengths, head_dim**-0.5)
+    expected = sdpa_over_own_lengths(q, k_store, v_store, slots, lengths)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_reads_views_and_matches_the_reference_attention_with_a_mask():
+    # A cache view with a storage offset (like a slice of a larger cache), and a
+    # non-contiguous query (like a slice of the fused qkv projection).
+    big = torch.randn(2, 4, 2, 32, 16)
+    k_store, v_store = big[0], big[1]
+    qkv = torch.randn(3, 2 * 16 * 3)
+    q = qkv[:, : 2 * 16].view(3, 2, 16)
+    slots, lengths = torch.tensor([2, 1, 0]), torch.tensor([32, 9, 20])
+    out = native.decode_attention(q, k_store, v_store, slots, lengths, 0.25)
+    keys, values = k_store[slots], v_store[slots]  # [B, K, 32, D]
+    mask = torch.arange(32)[None, None, None, :] < lengths[:, None, None, None]
+    expected = reference_attention(q[:, :, None] * (0.25 * 16**0.5), keys, values, mask, 0.0)
+    torch.testing.assert_close(out, expected[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"slots": torch.tensor([0, 4])}, IndexError),
+        ({"slots": torch.tensor([-1, 0])}, IndexError),
+        ({"lengths": torch.tensor([0, 3])}, IndexError),
+        ({"lengths": torch.tensor([3, 11])}, IndexError),
+        ({"lengths": torch.tensor([3])}, ValueError),
+        ({"q": torch.randn(2, 4, 8, dtype=torch.float64)}, ValueError),
+        ({"q": torch.randn(2, 3, 8)}, ValueError),  # 3 heads over 2 kv heads
+        (
+            {"v_store": torch.randn(4, 2, 10, 8).transpose(0, 1).contiguous().transpose(0, 1)},
+            ValueError,
+        ),
+    ],
+)
+def test_kernel_refuses_inputs_it_would_read_out_of_bounds(change, error):
+    args = {
+        "q": torch.randn(2, 4, 8),
+        "k_store": torch.randn(4, 2, 10, 8),
+        "v_store": torch.randn(4, 2, 10, 8),
+        "slots": torch.tensor([0, 3]),
+        "lengths": torch.tensor([3, 10]),
+    }
+    args.update(change)
+    with pytest.raises(error):
+        native.decode_attention(**args, scale=1.0)
+
+
+@needs_kernel
+def test_model_decode_steps_run_the_kernel_and_equal_the_full_forward(monkeypatch):
+    calls = []
+    kernel = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).eval()
+    ids = torch.randint(0, 97, (3, 16))
+    slots = torch.tensor([4, 0, 2])
+    with torch.inference_mode():
+        full = model(ids)
+        cache = model.new_cache(n_slots=5, max_len=20)
+        parts = [model(ids[:, :10], torch.arange(10).expand(3, 10), cache, slots)]
+        for t in range(10, 16):
+            parts.append(model(ids[:, t : t + 1], torch.full((3, 1), t), cache, slots))
+    assert len(calls) == 6 * model.config.n_layers  # every decode step, every layer; no prefill
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_without_a_compiler_decoding_falls_back_to_sdpa_with_one_warning(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert not native.available()
+            assert not native.available()  # decided once
+        assert len(caplog.records) == 1 and "using SDPA" in caplog.records[0].getMessage()
+        torch.manual_seed(0)
+        model = Transformer(tiny("learned", "layernorm", "gelu", 4)).eval()
+        ids = torch.randint(0, 97, (2, 9))
+        cache = model.new_cache(n_slots=2, max_len=9)
+        with torch.inference_mode():
+            model(ids[:, :8], torch.arange(8).expand(2, 8), cache, torch.tensor([0, 1]))
+            step = model(ids[:, 8:], torch.full((2, 1), 8), cache, torch.tensor([0, 1]))
+            torch.testing.assert_close(step[:, -1], model(ids)[:, -1], atol=2e-5, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="not available"):
+            native.decode_attention(
+                torch.zeros(1, 1, 1),
+                *[torch.zeros(1, 1, 1, 1)] * 2,
+                *[torch.ones(1, dtype=torch.long)] * 2,
+                1.0,
+            )
+    finally:
+        native._library.cache_clear()
+
+
+def test_atlas_native_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("ATLAS_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+    finally:
+        native._library.cache_clear()
+
+
+@needs_kernel
+def test_compiled_library_is_cached_by_content_and_written_atomically(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path))
+    compiler = native._compiler()
+    first = native._compile(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert native._compile(compiler) == first and first.stat().st_mtime_ns == stamp  # reused
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial files left
+
+
+@needs_kernel
+def test_a_library_built_ahead_of_time_runs_without_a_compiler(monkeypatch, tmp_path):
+    target = tmp_path / "decode_attention.so"
+    native.main([str(target)])  # the Dockerfile's step, for this machine's CPU
+    monkeypatch.setenv("ATLAS_NATIVE_LIB", str(target))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        q, k, v = torch.randn(2, 4, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)
+        slots, lengths = torch.tensor([2, 0]), torch.tensor([8, 5])
+        torch.testing.assert_close(
+            native.decode_attention(q, k, v, slots, lengths, 0.25),
+            sdpa_over_own_lengths(q * (0.25 * 4), k, v, slots, lengths),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    finally:
+        native._library.cache_clear()
+
+
+@needs_kernel
+def test_building_for_an_unknown_cpu_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="error: .*march"):
+        native.main(["--march", "no-such-cpu", str(tmp_path / "x.so")])
+    assert list(tmp_path.iterdir()) == []
