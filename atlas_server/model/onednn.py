@@ -131,7 +131,9 @@ def train_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     on None.
     """
     if not (
-        torch.is_grad_enabled()
+        # First: under torch.compile, the checks below (mkldnn.is_available) break the graph.
+        not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
         and (x.requires_grad or weight.requires_grad)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -140,7 +142,6 @@ def train_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
         and packing_supported(weight)
         and x.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     ):
         return None
     return _TrainMatmul.apply(x, weight, bias)

@@ -52,7 +52,9 @@ class Linear(nn.Module):
         y = train_matmul(x, self.weight, self.bias)  # oneDNN with autograd, where it applies
         if y is None:
             y = x @ self.weight
-            y = y + self.bias if self.bias is not None else y
+            # The bias in the product's dtype: under autocast an fp32 bias would promote a
+            # bf16/fp16 result back to fp32 for the rest of the block.
+            y = y + self.bias.to(y.dtype) if self.bias is not None else y
         return F.gelu(y, approximate="tanh") if gelu_tanh else y
 
 
@@ -288,7 +290,8 @@ class Transformer(nn.Module):
             self.register_buffer("pos_table", table, persistent=False)
         elif config.pos_encoding == "rope":
             cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
-            # Kept in fp32 whatever the model dtype: apply_rope computes in fp32.
+            # Built in fp32; `model.to(dtype)` converts them like any buffer (as Hugging Face's
+            # Llama does). apply_rope multiplies in fp32 either way.
             self.register_buffer("rope_cos", cos.to(device), persistent=False)
             self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
@@ -326,9 +329,12 @@ class Transformer(nn.Module):
         last_only: bool = False,  # return logits for the final position only
     ) -> Tensor:
         B, T = idx.shape
+        furthest = T - 1  # known without reading the tensor: no GPU sync, no compile graph break
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        x, rope = self._embed(idx, positions)  # [B, T, C]
+        else:
+            furthest = int(positions.max())
+        x, rope = self._embed(idx, positions, furthest)  # [B, T, C]
         for block in self.blocks:
             x = block(x, positions, rope, cache, slots)
         if last_only:
@@ -349,17 +355,15 @@ class Transformer(nn.Module):
         is split; attention runs per segment against the KV cache. Returns [R, V].
         """
         positions = torch.cat([g.positions.reshape(-1) for g in segments])[None]  # [1, N]
-        x, rope = self._embed(idx[None], positions)  # [1, N, C]
+        x, rope = self._embed(idx[None], positions, int(positions.max()))  # [1, N, C]
         for block in self.blocks:
             x = block(x, positions, rope, cache, None, segments)
         return self._logits(x[0, logit_rows])  # [R, V]
 
-    def _embed(self, idx: Tensor, positions: Tensor) -> tuple[Tensor, tuple | None]:
+    def _embed(self, idx: Tensor, positions: Tensor, furthest: int) -> tuple[Tensor, tuple | None]:
         """Token embeddings plus positional information; RoPE tables are returned instead."""
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(
-                f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len}"
-            )
+        if furthest >= self.config.max_seq_len:
+            raise ValueError(f"position {furthest} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx)  # [B, T, C]
         rope = None
         if self.config.pos_encoding == "learned":
