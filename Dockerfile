@@ -52,7 +52,7 @@ COPY configs/ /src/configs/
 # nothing unpinned is fetched and the runtime venv keeps exactly the versions of its own lock.
 RUN /opt/build-venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/wheels /src \
     && pip install --no-deps /tmp/wheels/*.whl
-# The CPU decode-attention kernel (atlas_server/model/native.py), built here because the
+# The native CPU kernels (atlas_server/model/native.py), built here because the
 # runtime image has no compiler. NATIVE_MARCH is the oldest CPU the image must run on
 # (x86-64-v3: AVX2 and FMA); an empty value skips it and the server uses PyTorch's SDPA.
 ARG NATIVE_MARCH=x86-64-v3
@@ -61,7 +61,7 @@ RUN if [ -n "$NATIVE_MARCH" ]; then \
         apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
         && rm -rf /var/lib/apt/lists/* \
         && python -c "from atlas_server.model.native import main; main()" \
-            --march "$NATIVE_MARCH" /opt/venv/lib/atlas-decode-attention.so; \
+            --march "$NATIVE_MARCH" /opt/venv/lib/atlas-cpu-kernels.so; \
     fi
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     ATLAS_PORT=8000 \
     ATLAS_CONFIG=/etc/atlas/atlas.toml \
     ATLAS_CHECKPOINT=/opt/atlas/quickstart/checkpoint \
-    ATLAS_NATIVE_LIB=/opt/venv/lib/atlas-decode-attention.so
+    ATLAS_NATIVE_LIB=/opt/venv/lib/atlas-cpu-kernels.so
 # Checkpoints you bring, and the embedded Qdrant's data directory for RAG (rag.data_dir in
 # /etc/atlas/atlas.toml).
 VOLUME ["/var/lib/atlas/checkpoints", "/var/lib/atlas/rag"]

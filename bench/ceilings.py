@@ -1,13 +1,15 @@
 """The machine's physical ceilings, measured: DRAM read bandwidth and peak matmul FLOP/s.
 
 What it does: `dram_read_bandwidth()` streams float32 data much larger than any cache
-(1 GiB by default) and reports the best GB/s of several passes and of two readers: a
-`sum()` reduction and a oneDNN matrix-vector product over a 1 GiB matrix. A ceiling is
-what the hardware allows, so the fastest reader sets it (on this project's AMD EPYC
-machine the oneDNN mat-vec reads ~1.2x faster than `sum()`). `matvec_bandwidth()`
-compares ways to multiply a vector by a 124M-sized stack of weight matrices — `torch.mv`
-over [out, in], `x @ W` over [in, out], and oneDNN-packed weights (what Atlas serves
-with) — as the GB/s of weight bytes they read. `matmul_peak_flops()` times large square
+(1 GiB by default) and reports the best GB/s of several passes and of three readers: a
+`sum()` reduction, a oneDNN matrix-vector product over a 1 GiB matrix, and Atlas's own C
+mat-vec (`atlas_server.model.native.matvec_rows`, where a compiler is present) over the
+same matrix. A ceiling is what the hardware allows, so the fastest reader sets it (on
+one of this project's AMD EPYC hosts the oneDNN mat-vec read ~1.2x faster than `sum()`).
+`matvec_bandwidth()` compares ways to multiply a vector by a 124M-sized stack of weight
+matrices — `torch.mv` over [out, in], `x @ W` over [in, out], oneDNN-packed weights (what
+Atlas serves its projections with) and Atlas's C mat-vec over [out, in] (its batch-1
+output head) — as the GB/s of weight bytes they read. `matmul_peak_flops()` times large square
 fp32 matmuls (2048 and 3072) with PyTorch's default kernel (MKL) and with oneDNN and keeps
 the fastest (bf16 on CUDA): MKL runs its AVX2 path on AMD CPUs and reaches less than half of what
 oneDNN's AVX-512 kernel does, so MKL alone would understate the peak. Batch-1 decode is
@@ -57,15 +59,31 @@ def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     buf.sum()  # touch every page once before timing
     best = buf.numel() * 4 / _best(buf.sum, repeats)
     del buf
-    if _onednn_available():
-        # 16 matrices of [out, 4096] filling `gib` GiB; the packed copies are what is read.
-        n_out = int(gib * 2**30 / 4 / 4096 / 16)
+    # 16 matrices of [out, 4096] filling `gib` GiB.
+    n_out = int(gib * 2**30 / 4 / 4096 / 16)
+    x = torch.randn(1, 4096)
+    if _onednn_available():  # the packed copies are what is read
         mats = [_onednn_linear(torch.rand(n_out, 4096, generator=gen)) for _ in range(16)]
-        x = torch.randn(1, 4096)
         [m(x) for m in mats]
         seconds = _best(lambda: [m(x) for m in mats], repeats)
         best = max(best, 16 * n_out * 4096 * 4 / seconds)
+        del mats
+    native = _atlas_native()
+    if native is not None:
+        mats = [torch.rand(n_out, 4096, generator=gen) for _ in range(16)]
+        [native.matvec_rows(m, x) for m in mats]
+        seconds = _best(lambda: [native.matvec_rows(m, x) for m in mats], repeats)
+        best = max(best, 16 * n_out * 4096 * 4 / seconds)
     return best
+
+
+def _atlas_native():
+    """atlas_server.model.native when its kernels are built here, else None."""
+    try:
+        from atlas_server.model import native
+    except ImportError:  # run from outside the repo without Atlas installed
+        return None
+    return native if native.available() else None
 
 
 def matvec_bandwidth(
@@ -79,6 +97,11 @@ def matvec_bandwidth(
     mv = _best(lambda: [torch.mv(w, x) for w in row_major], repeats)
     xw = _best(lambda: [x @ w for w in in_out], repeats)
     result = {"torch_mv_row_major_gbs": nbytes / mv / 1e9, "x_at_w_in_out_gbs": nbytes / xw / 1e9}
+    native = _atlas_native()
+    if native is not None:
+        x2 = x[None]  # [1, in]
+        seconds = _best(lambda: [native.matvec_rows(w, x2) for w in row_major], repeats)
+        result["atlas_matvec_rows_gbs"] = nbytes / seconds / 1e9
     if _onednn_available():
         packed = [_onednn_linear(w) for w in row_major]
         del row_major, in_out

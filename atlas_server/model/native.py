@@ -1,13 +1,13 @@
-"""The one native kernel Atlas ships: decode attention on the CPU, compiled on first use.
+"""Atlas's native CPU kernels (decode attention, batch-1 output head), compiled on first use.
 
-What it does: compiles `decode_attention.c` with the system C compiler (`$CC`, else `cc`)
+What it does: compiles `cpu_kernels.c` with the system C compiler (`$CC`, else `cc`)
 for this machine's CPU (`-O3 -march=native -fopenmp`), caches the shared library under
 `$ATLAS_HOME/kernels` (default `~/.cache/atlas/kernels`; a name derived from the source,
 the flags, the compiler and the CPU, written atomically so concurrent first uses agree),
 and calls it through `ctypes` on tensors' raw pointers. `decode_attention()` checks every
 shape, dtype, device and index before it hands a pointer to C.
 
-Why C and not PyTorch: see decode_attention.c. Compiling takes well under a second and
+Why C and not PyTorch: see cpu_kernels.c. Compiling takes well under a second and
 needs no PyTorch headers, so no build step comes with it.
 
 Images without a compiler ship a library built ahead of time for a portable target
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "decode_attention"]
+__all__ = ["available", "decode_attention", "matvec_rows"]
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("decode_attention.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 _MAX_HEAD_DIM = 256  # the kernel's stack buffers
 
@@ -72,7 +72,7 @@ def _compile(compiler: str, target: Path | None = None, march: str = "native") -
         key = hashlib.sha256(
             "\0".join([_SOURCE.read_text(), *flags, version, _cpu_signature()]).encode()
         ).hexdigest()[:16]
-        target = _cache_dir() / f"decode_attention-{key}.so"
+        target = _cache_dir() / f"cpu_kernels-{key}.so"
         if target.exists():
             return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,15 +109,15 @@ def _library() -> ctypes.CDLL | None:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("native decode attention unavailable, using SDPA: %s", detail.strip())
         return None
-    fn = library.decode_attention
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
-    fn.restype = None
+    library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
+    library.matvec_rows.argtypes = [pointer] * 3 + [i64] * 2 + [ctypes.c_int]
+    library.decode_attention.restype = library.matvec_rows.restype = None
     return library
 
 
 def available() -> bool:
-    """True when the kernel is compiled and loaded (compiles it on first call)."""
+    """True when the kernels are compiled and loaded (compiles them on first call)."""
     return _library() is not None
 
 
@@ -132,7 +132,7 @@ def decode_attention(
     """softmax(q K^T * scale) V per row over its own cached positions: [B, H, D]."""
     library = _library()
     if library is None:
-        raise RuntimeError("native decode attention is not available (see available())")
+        raise RuntimeError("native CPU kernels are not available (see available())")
     B, H, D = q.shape
     n_slots, K, max_len, _ = k_store.shape
     tensors = (q, k_store, v_store)
@@ -173,8 +173,27 @@ def decode_attention(
     return out
 
 
+def matvec_rows(weight: Tensor, x: Tensor) -> Tensor:
+    """weight [N, K] (row-major) times one vector x [..., K] with one row: [..., N]."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("native CPU kernels are not available (see available())")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (weight, x)):
+        raise ValueError("matvec_rows needs float32 CPU tensors")
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in or x.numel() != n_in or not weight.is_contiguous():
+        raise ValueError(f"unsupported shapes: weight {tuple(weight.shape)}, x {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], n_out)
+    with torch.profiler.record_function("atlas::matvec_rows"):
+        library.matvec_rows(
+            weight.data_ptr(), x.data_ptr(), y.data_ptr(), n_out, n_in, torch.get_num_threads()
+        )
+    return y
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Build the decode-attention library ahead of time, for one CPU target."""
+    """Build the kernels' library ahead of time, for one CPU target."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -377,6 +377,9 @@ class Transformer(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         x = self.final_norm(x)
         if self._packed_head is not None and self._packed_head.usable_for(x):
+            if x.dtype == torch.float32 and x.numel() == x.shape[-1] and native.available():
+                # One row (batch-1 decode): a plain C loop streams the [V, C] embedding faster.
+                return native.matvec_rows(self.tok_emb.weight, x)  # [..., V]
             return self._packed_head(x)  # [..., V]
         head = self.output_weight()  # [C, V]
         logits = train_matmul(x, head)

@@ -1,4 +1,4 @@
-"""The C decode-attention kernel (atlas_server/model/native.py) against PyTorch's attention."""
+"""The native CPU kernels (atlas_server/model/native.py) against PyTorch's own operations."""
 
 from __future__ import annotations
 
@@ -182,3 +182,45 @@ def test_building_for_an_unknown_cpu_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="error: .*march"):
         native.main(["--march", "no-such-cpu", str(tmp_path / "x.so")])
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n_out", "n_in"), [(50257, 768), (97, 32), (5, 3)])
+def test_matvec_rows_equals_a_matrix_vector_product(n_out, n_in):
+    weight, x = torch.randn(n_out, n_in), torch.randn(1, 1, n_in)
+    y = native.matvec_rows(weight, x)
+    assert y.shape == (1, 1, n_out)
+    torch.testing.assert_close(y, x @ weight.t(), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("weight", "x"),
+    [
+        (torch.randn(4, 3), torch.randn(2, 3)),  # two rows: not a matrix-vector product
+        (torch.randn(4, 3), torch.randn(1, 5)),
+        (torch.randn(3, 4).t(), torch.randn(1, 3)),  # not row-major
+        (torch.randn(4, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)),
+    ],
+)
+def test_matvec_rows_refuses_shapes_it_would_misread(weight, x):
+    with pytest.raises(ValueError):
+        native.matvec_rows(weight, x)
+
+
+@needs_kernel
+def test_batch1_decode_takes_the_head_through_matvec_rows_with_the_same_logits(monkeypatch):
+    calls = []
+    kernel = native.matvec_rows
+    monkeypatch.setattr(native, "matvec_rows", lambda *a: calls.append(1) or kernel(*a))
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
+    ids = torch.randint(0, 97, (1, 12))
+    cache = model.new_cache(n_slots=1, max_len=12)
+    with torch.inference_mode():
+        model(ids[:, :11], torch.arange(11)[None], cache, torch.tensor([0]))
+        step = model(ids[:, 11:], torch.tensor([[11]]), cache, torch.tensor([0]))
+        assert calls  # the one-row head went through the kernel
+        model.prepare_for_inference(pack=False)  # no packed head: PyTorch's own matmul
+        full = model(ids)
+    torch.testing.assert_close(step[0, -1], full[0, -1], atol=2e-5, rtol=1e-4)

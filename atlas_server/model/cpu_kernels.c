@@ -1,19 +1,22 @@
-/* Decode attention straight from the KV cache: one query token per sequence, fp32, CPU.
+/* Atlas's two native CPU kernels, fp32, for the memory-bound work of decoding.
  *
- * For every (row b, query head h): out[b, h] = softmax(q[b, h] . K[slot_b, h/group, :len_b]
- * * scale) V[slot_b, h/group, :len_b], with an online softmax so keys and values are read
- * once, in memory order, and only the len_b positions row b owns (no padding to the
- * batch's longest row, no mask, no gather copy). Rows are independent: a row's result is
- * the same whatever else is in the batch.
+ * decode_attention: for every (row b, query head h), out[b, h] = softmax(q[b, h] .
+ * K[slot_b, h/group, :len_b] * scale) V[slot_b, h/group, :len_b], with an online softmax
+ * so keys and values are read once, in memory order, and only the len_b positions row b
+ * owns (no padding to the batch's longest row, no mask, no gather copy). Rows are
+ * independent: a row's result is the same whatever else is in the batch. Why: at batch 16
+ * the general SDPA kernel reads the cache at well under half of DRAM bandwidth for
+ * one-token queries (docs/benchmarks.md, bench/profile_step.py).
  *
- * Why it exists: at batch 16 the general SDPA kernel reads the cache at well under half of
- * DRAM bandwidth for one-token queries (docs/benchmarks.md, bench/profile_step.py). This
- * loop is memory bound by construction. Built by native.py with the system C compiler;
- * OpenMP here is the runtime torch already loaded (same soname), so it shares torch's
- * threads.
+ * matvec_rows: y = W x for a row-major W [n_out, n_in], one contiguous dot product per
+ * output. The output head of a batch-1 decode step is this shape (the tied embedding,
+ * [V, C], 31% of GPT-2 124M's bytes), which this plain loop streams faster than oneDNN's
+ * packed kernel (`python bench/ceilings.py` prints both readers).
  *
- * Layouts (element strides): q and out [B, H, D] contiguous; k and v share
- * strides (slot, head, pos) with D contiguous. D <= 256. Callers validate every index.
+ * Built by native.py with the system C compiler; OpenMP here is the runtime torch already
+ * loaded (same soname), so the kernels share torch's threads. Layouts (element strides):
+ * q and out [B, H, D] contiguous; k and v share strides (slot, head, pos) with D
+ * contiguous; D <= 256. Callers validate every index.
  */
 #include <math.h>
 #include <stdint.h>
@@ -54,5 +57,17 @@ void decode_attention(const float *q, const float *k, const float *v, float *out
         }
         float *op = out + bh * D;
         for (int64_t d = 0; d < D; d++) op[d] = acc[d] / denominator;
+    }
+}
+
+void matvec_rows(const float *w, const float *x, float *y, int64_t n_out, int64_t n_in,
+                 int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < n_out; o++) {
+        const float *row = w + o * n_in;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n_in; i++) sum += row[i] * x[i];
+        y[o] = sum;
     }
 }
