@@ -36,6 +36,7 @@ KINDS = {
     "aten::addmm": "matmul (MKL)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "atlas::decode_attention": "attention",
+    "atlas::matvec_rows": "matmul (Atlas C mat-vec)",
     "aten::index_put_": "KV-cache write",
     "aten::_index_put_impl_": "KV-cache write",
 }
