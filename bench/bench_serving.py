@@ -13,7 +13,10 @@ What it does, in one run on one machine:
    batch 16, and each as a percentage of its ceiling (DRAM bandwidth / weight bytes for
    batch 1; matmul peak / 2 * params for batches, and the tighter bound of this workload
    with its prefill FLOPs counted).
-Run: `python bench/bench_serving.py [--quick] [--out FILE.json]`.
+Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]`. With
+`--device cuda` both run on the GPU (fp32, TF32 off as PyTorch defaults) and the ceilings
+are the GPU's: a streaming read of a 4 GiB buffer and the fp32 matmul peak (the CPU
+figures and their oneDNN readers do not apply there).
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def build_checkpoint(folder: Path) -> tuple[Path, Transformer]:
 
 def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
     ids = torch.randint(0, 256, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(hf.device)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     best = 0.0
     with torch.inference_mode():
         hf.generate(
@@ -84,7 +89,34 @@ def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
                 pad_token_id=0,
                 use_cache=True,
             )
+            sync()
             best = max(best, batch * OUTPUT / (time.perf_counter() - t0))
+    return best
+
+
+def gpu_read_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> float:
+    """Best bytes/s of a `sum()` over a buffer far larger than the GPU's L2 cache."""
+    buf = torch.rand(int(gib * 2**30 / 4), device=device)
+    best = 0.0
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        buf.sum()
+        torch.cuda.synchronize()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def gpu_fp32_peak(device: str, n: int = 8192, repeats: int = 5) -> float:
+    """Best FLOP/s of an fp32 n^3 product with PyTorch's default precision (no TF32)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
@@ -94,12 +126,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(checkpoint: Path, port: int, max_running: int) -> subprocess.Popen:
+def serve(checkpoint: Path, port: int, max_running: int, device: str = "cpu") -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [
-            str(Path(sys.executable).parent / "atlas"),
+            sys.executable,  # the CLI as a module: also where no `atlas` script is installed
+            "-m",
+            "atlas_server.cli",
             "serve",
+            "--device",
+            device,
             "--checkpoint",
             str(checkpoint),
             "--port",
@@ -130,9 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Atlas serving vs transformers generate")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     args = parser.parse_args()
     reps = 1 if args.quick else 3
-    bandwidth, peak = dram_read_bandwidth(), matmul_peak_flops()
+    if args.device.startswith("cuda"):
+        bandwidth, peak = gpu_read_bandwidth(args.device), gpu_fp32_peak(args.device)
+    else:
+        bandwidth, peak = dram_read_bandwidth(), matmul_peak_flops()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, model = build_checkpoint(Path(tmp))
         n_params = model.num_parameters()
@@ -141,7 +181,7 @@ def main() -> None:
         weight_bytes = (n_params - model.pos_emb.weight.numel()) * 4
         pos_params, model_head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
         port = free_port()
-        server = serve(checkpoint, port, max_running=32)
+        server = serve(checkpoint, port, max_running=32, device=args.device)
         base = f"http://127.0.0.1:{port}"
         sweep = {}
         try:
@@ -182,7 +222,7 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(60)
-        hf = hf_from_atlas(model)
+        hf = hf_from_atlas(model).to(args.device)
         del model
         hf_b1 = hf_generate_tok_s(hf, 1, reps)
         hf_b16 = hf_generate_tok_s(hf, 16, reps)
@@ -200,6 +240,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
         "dram_read_gbs": bandwidth / 1e9,
         "fp32_matmul_gflops": peak / 1e9,
         "params": n_params,

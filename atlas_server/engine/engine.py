@@ -541,6 +541,7 @@ class Engine:
             positions = [len(r.prompt_ids) + len(c.output_ids) - 1 for r, c in decoding]
             slots = [c.slot for _, c in decoding]
             n = len(decoding)
+            consecutive = slots == list(range(slots[0], slots[0] + n))
             segments.append(
                 Segment(
                     0,
@@ -549,15 +550,26 @@ class Engine:
                     1,
                     torch.tensor(slots, device=dev),
                     torch.tensor(positions, device=dev)[:, None],
+                    kv_length=max(positions) + 1,
+                    first_slot=slots[0] if consecutive else None,
                 )
             )
         wanted: list[int] = []  # logit rows per chunk
         for r, chunk in chunks:
             start, end, at = r.prefilled, r.prefilled + chunk, len(ids)
             ids += r.prompt_ids[start:end]
-            slot = torch.tensor([r.choices[0].slot], device=dev)
+            slot = r.choices[0].slot
             segments.append(
-                Segment(at, at + chunk, 1, chunk, slot, torch.arange(start, end, device=dev)[None])
+                Segment(
+                    at,
+                    at + chunk,
+                    1,
+                    chunk,
+                    torch.tensor([slot], device=dev),
+                    torch.arange(start, end, device=dev)[None],
+                    kv_length=end,
+                    first_slot=slot,
+                )
             )
             if r.params.prompt_logprobs is not None:
                 rows = list(range(at, at + chunk))

@@ -46,10 +46,21 @@ class KVCache:
         self.k[layer][rows, :, positions] = k.to(self.k[layer].dtype)
         self.v[layer][rows, :, positions] = v.to(self.v[layer].dtype)
 
-    def read(self, layer: int, slots: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Keys and values of positions [0, length) for rows `slots`: each [B, K, length, D]."""
-        first, count = int(slots[0]), slots.numel()
-        if count == 1 or _are_consecutive(slots, first):
+    def read(
+        self, layer: int, slots: Tensor, length: int, first: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions [0, length) for rows `slots`: each [B, K, length, D].
+
+        `first`, when the caller knows the slots are first, first + 1, ..., saves reading
+        the slots back from the device to find out.
+        """
+        count = slots.numel()
+        if first is None:
+            first = int(slots[0])
+            consecutive = count == 1 or _are_consecutive(slots, first)
+        else:
+            consecutive = True
+        if consecutive:
             # Consecutive slots (the engine keeps decode batches sorted): a view, no gather copy.
             rows = slice(first, first + count)
             return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]

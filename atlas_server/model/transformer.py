@@ -144,6 +144,8 @@ class CausalSelfAttention(nn.Module):
                     rope,
                     cache,
                     g.slots,
+                    g.kv_length,
+                    g.first_slot,
                 ).reshape(1, g.stop - g.start, -1)
                 for g in segments
             ]
@@ -158,6 +160,8 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         cache: KVCache | None,
         slots: Tensor | None,  # [B]
+        kv_length: int | None = None,  # host-side hints, see Segment
+        first_slot: int | None = None,
     ) -> Tensor:
         B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -195,7 +199,8 @@ class CausalSelfAttention(nn.Module):
                     D**-0.5,
                 )  # [B, H, D]
                 return out.reshape(B, T, H * D)
-            keys, values = cache.read(self.layer_index, slots, int(positions.max()) + 1)
+            length = kv_length if kv_length is not None else int(positions.max()) + 1
+            keys, values = cache.read(self.layer_index, slots, length, first_slot)
             # keys/values: [B, K, S, D] with S = furthest position in this batch + 1.
             # Query at position p sees cache positions <= p of its own slot; positions past a
             # row's own length hold stale or padding entries and are masked out here.
@@ -218,7 +223,12 @@ class CausalSelfAttention(nn.Module):
 @dataclass(frozen=True)
 class Segment:
     """Tokens [start, stop) of a flattened batch: `rows` sequences of `length` tokens each,
-    row i in KV slot `slots[i]` at `positions[i]` ([rows, length])."""
+    row i in KV slot `slots[i]` at `positions[i]` ([rows, length]).
+
+    The optional hints repeat, as host integers, what the tensors hold, so that a GPU step
+    never waits to read them back: `kv_length` = max(positions) + 1, and `first_slot` when
+    the slots are first_slot, first_slot + 1, ... (the cache then hands out a view).
+    """
 
     start: int
     stop: int
@@ -226,6 +236,8 @@ class Segment:
     length: int
     slots: Tensor
     positions: Tensor
+    kv_length: int | None = None
+    first_slot: int | None = None
 
 
 class FeedForward(nn.Module):
@@ -355,7 +367,9 @@ class Transformer(nn.Module):
         is split; attention runs per segment against the KV cache. Returns [R, V].
         """
         positions = torch.cat([g.positions.reshape(-1) for g in segments])[None]  # [1, N]
-        x, rope = self._embed(idx[None], positions, int(positions.max()))  # [1, N, C]
+        lengths = [g.kv_length for g in segments]
+        furthest = max(lengths) - 1 if None not in lengths else int(positions.max())
+        x, rope = self._embed(idx[None], positions, furthest)  # [1, N, C]
         for block in self.blocks:
             x = block(x, positions, rope, cache, None, segments)
         return self._logits(x[0, logit_rows])  # [R, V]
