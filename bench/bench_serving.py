@@ -146,6 +146,9 @@ def serve(checkpoint: Path, port: int, max_running: int, device: str = "cpu") ->
             "warning",
         ],
         env=env,
+        # Not the repo: `python -m` puts the working directory first on sys.path, which would
+        # shadow the revision that PYTHONPATH names (bench/ab_serving.py relies on it).
+        cwd=checkpoint.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
