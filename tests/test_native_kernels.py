@@ -209,7 +209,7 @@ def test_matvec_rows_refuses_shapes_it_would_misread(weight, x):
 
 
 @needs_kernel
-def test_batch1_decode_takes_the_head_through_matvec_rows_with_the_same_logits(monkeypatch):
+def test_batch1_decode_takes_every_matmul_through_matvec_rows_with_the_same_logits(monkeypatch):
     calls = []
     kernel = native.matvec_rows
     monkeypatch.setattr(native, "matvec_rows", lambda *a: calls.append(1) or kernel(*a))
@@ -219,8 +219,26 @@ def test_batch1_decode_takes_the_head_through_matvec_rows_with_the_same_logits(m
     cache = model.new_cache(n_slots=1, max_len=12)
     with torch.inference_mode():
         model(ids[:, :11], torch.arange(11)[None], cache, torch.tensor([0]))
+        assert not calls  # 11 rows: oneDNN's packed weights, not the mat-vec
         step = model(ids[:, 11:], torch.tensor([[11]]), cache, torch.tensor([0]))
-        assert calls  # the one-row head went through the kernel
+        # One row: every projection (qkv, out, MLP in and out per layer) and the tied head.
+        assert len(calls) == 4 * model.config.n_layers + 1
         model.prepare_for_inference(pack=False)  # no packed head: PyTorch's own matmul
         full = model(ids)
     torch.testing.assert_close(step[0, -1], full[0, -1], atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_one_row_copies_step_aside_once_the_weight_changes():
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).prepare_for_inference()
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # bumps every version counter: the packed and [out, in] copies are stale
+        cache = model.new_cache(n_slots=1, max_len=6)
+        model(ids[:, :5], torch.arange(5)[None], cache, torch.tensor([0]))
+        step = model(ids[:, 5:], torch.tensor([[5]]), cache, torch.tensor([0]))
+        fresh = Transformer(model.config).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(step[0, -1], fresh(ids)[0, -1], atol=2e-5, rtol=1e-4)
