@@ -9,9 +9,9 @@
  * one-token queries (docs/benchmarks.md, bench/profile_step.py).
  *
  * matvec_rows: y = W x for a row-major W [n_out, n_in], one contiguous dot product per
- * output. The output head of a batch-1 decode step is this shape (the tied embedding,
- * [V, C], 31% of GPT-2 124M's bytes), which this plain loop streams faster than oneDNN's
- * packed kernel (`python bench/ceilings.py` prints both readers).
+ * output: every product of a batch-1 decode step (the tied embedding [V, C] as the head,
+ * an [out, in] copy of each projection), which this plain loop streams faster than
+ * oneDNN's packed kernel (`python bench/ceilings.py` prints both readers).
  *
  * Built by native.py with the system C compiler; OpenMP here is the runtime torch already
  * loaded (same soname), so the kernels share torch's threads. Layouts (element strides):
