@@ -37,10 +37,19 @@ def reference_attention(
     return (weights @ v.float()).to(q.dtype)  # [B, H, T, D]
 
 
+# `enable_gqa` (torch >= 2.5) lets the CUDA flash kernel read each kv head for its whole
+# group of query heads, instead of attention reading (and autograd keeping) repeated copies.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
     group = q.shape[1] // k.shape[1]
+    if mask is None and group > 1 and q.is_cuda and _SDPA_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True
+        )
     if group > 1:
-        # enable_gqa exists from torch 2.5; repeating the heads works everywhere.
+        # Elsewhere (CPU kernels, masked decode, older torch) repeating the heads works.
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     if mask is None:
