@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_models import hf_gpt2, hf_llama
 from test_engine import GREEDY, prompts, run
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -119,48 +120,10 @@ def test_onednn_copies_step_aside_for_cuda_weights(preset):
     assert train_matmul(x, torch.randn(64, 8, device=DEVICE, requires_grad=True)) is None
 
 
-def _hf_gpt2(transformers, vocab: int):
-    """As tests/test_hf_import.py builds it (that module imports the CLI, hence msgspec)."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=64,
-        n_embd=48,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def _hf_llama(transformers, vocab: int):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms, so a mix-up of norm weights would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cuda_logits_and_greedy_tokens_match_transformers(tmp_path, arch):
-    transformers = pytest.importorskip("transformers")
-    hf = (_hf_gpt2 if arch == "gpt2" else _hf_llama)(transformers, VOCAB)
+    pytest.importorskip("transformers")
+    hf = (hf_gpt2 if arch == "gpt2" else hf_llama)(VOCAB)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = hf_to_atlas_model(tmp_path).to(DEVICE)
     hf.to(DEVICE)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from hf_models import hf_gpt2, hf_llama
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import load_checkpoint
@@ -45,44 +46,6 @@ def _save_hf(model, folder, tokenizer_json=None):
     return folder
 
 
-def _gpt2(vocab: int, tie: bool = True):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=64,
-        n_embd=48,
-        n_layer=2,
-        n_head=4,
-        tie_word_embeddings=tie,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def _llama(vocab: int, kv_heads: int, tie: bool):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # random norms, so a mix-up of norm weights would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
 def _assert_same_logits(hf_model, atlas_dir, vocab):
     ckpt = load_checkpoint(atlas_dir)
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -100,7 +63,7 @@ def _assert_same_logits(hf_model, atlas_dir, vocab):
 @pytest.mark.parametrize("tie", [True, False])
 def test_gpt2_import_matches_transformers_logits(tmp_path, hf_bpe_json, tie):
     vocab = json.loads(hf_bpe_json.read_text())["model"]["vocab"]
-    model = _gpt2(len(vocab), tie)
+    model = hf_gpt2(len(vocab), tie)
     src = _save_hf(model, tmp_path / "hf", hf_bpe_json)
     import_hf(src, tmp_path / "atlas")
     _assert_same_logits(model, tmp_path / "atlas", len(vocab))
@@ -108,7 +71,7 @@ def test_gpt2_import_matches_transformers_logits(tmp_path, hf_bpe_json, tie):
 
 @pytest.mark.parametrize(("kv_heads", "tie"), [(4, False), (2, False), (1, True)])
 def test_llama_import_matches_transformers_logits(tmp_path, hf_bpe_json, kv_heads, tie):
-    model = _llama(600, kv_heads, tie)
+    model = hf_llama(600, kv_heads, tie)
     src = _save_hf(model, tmp_path / "hf", hf_bpe_json)
     import_hf(src, tmp_path / "atlas")
     _assert_same_logits(model, tmp_path / "atlas", 600)
@@ -129,7 +92,7 @@ def test_imported_tokenizer_matches_hf_tokenizers_on_real_text(hf_bpe_json):
 
 
 def test_import_without_tokenizer_names_the_fix(tmp_path):
-    src = _save_hf(_gpt2(300), tmp_path / "hf")
+    src = _save_hf(hf_gpt2(300), tmp_path / "hf")
     with pytest.raises(HFImportError, match="--tokenizer"):
         import_hf(src, tmp_path / "atlas")
     assert not (tmp_path / "atlas").exists()
@@ -145,7 +108,7 @@ def test_import_refuses_unsupported_architecture(tmp_path):
 def test_import_refuses_pickled_weights(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps(_gpt2(300).config.to_dict()))
+    (src / "config.json").write_text(json.dumps(hf_gpt2(300).config.to_dict()))
     (src / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(HFImportError, match="pickled"):
         import_hf(src, tmp_path / "atlas")
@@ -153,14 +116,14 @@ def test_import_refuses_pickled_weights(tmp_path):
 
 def test_cli_import_hf_and_inspect(tmp_path, hf_bpe_json):
     vocab = len(json.loads(hf_bpe_json.read_text())["model"]["vocab"])
-    src = _save_hf(_gpt2(vocab), tmp_path / "hf", hf_bpe_json)
+    src = _save_hf(hf_gpt2(vocab), tmp_path / "hf", hf_bpe_json)
     runner = CliRunner()
     result = runner.invoke(app, ["checkpoint", "import-hf", str(src), str(tmp_path / "atlas")])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["checkpoint", "inspect", str(tmp_path / "atlas"), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["parameters"]["total"] == sum(p.numel() for p in _gpt2(vocab).parameters())
+    assert info["parameters"]["total"] == sum(p.numel() for p in hf_gpt2(vocab).parameters())
     bad = runner.invoke(
         app, ["checkpoint", "import-hf", str(tmp_path / "missing"), str(tmp_path / "x")]
     )
@@ -200,7 +163,7 @@ def test_llama3_style_split_regex_tokenizer_matches_hf_tokenizers(tmp_path):
 
 def test_sharded_safetensors_import_matches_transformers_logits(tmp_path, hf_bpe_json):
     vocab = len(json.loads(hf_bpe_json.read_text())["model"]["vocab"])
-    model = _gpt2(vocab, tie=False)
+    model = hf_gpt2(vocab, tie=False)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     import_hf(tmp_path / "hf", tmp_path / "atlas", tokenizer_file=str(hf_bpe_json))
@@ -223,7 +186,7 @@ def _edit_hf_config(folder, **changes):
     ],
 )
 def test_llama_import_refuses_unsupported_options(tmp_path, hf_bpe_json, changes, message):
-    src = _save_hf(_llama(600, 2, False), tmp_path / "hf", hf_bpe_json)
+    src = _save_hf(hf_llama(600, 2, False), tmp_path / "hf", hf_bpe_json)
     _edit_hf_config(src, **changes)
     with pytest.raises(HFImportError, match=message):
         import_hf(src, tmp_path / "atlas")
@@ -231,7 +194,7 @@ def test_llama_import_refuses_unsupported_options(tmp_path, hf_bpe_json, changes
 
 
 def test_sentencepiece_style_tokenizer_is_refused_with_the_fix(tmp_path, hf_bpe_json):
-    src = _save_hf(_gpt2(600), tmp_path / "hf", hf_bpe_json)
+    src = _save_hf(hf_gpt2(600), tmp_path / "hf", hf_bpe_json)
     data = json.loads((src / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}
     (src / "tokenizer.json").write_text(json.dumps(data))
@@ -240,7 +203,7 @@ def test_sentencepiece_style_tokenizer_is_refused_with_the_fix(tmp_path, hf_bpe_
 
 
 def test_missing_shard_is_named(tmp_path, hf_bpe_json):
-    model = _gpt2(600)
+    model = hf_gpt2(600)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="100KB")
     shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
     shard.unlink()

@@ -7,12 +7,20 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import tiny
 
 from atlas_server.model import Transformer, native
 from atlas_server.model.attention import reference_attention
-from tests.test_model import tiny
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+@pytest.fixture
+def reload_library():
+    """The library is loaded once per process: forget it around a test that changes how."""
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
 
 
 def sdpa_over_own_lengths(q, k_store, v_store, slots, lengths):
@@ -107,43 +115,35 @@ def test_model_decode_steps_run_the_kernel_and_equal_the_full_forward(monkeypatc
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
 
 
-def test_without_a_compiler_decoding_falls_back_to_sdpa_with_one_warning(
-    monkeypatch, tmp_path, caplog
+def test_without_a_compiler_decoding_falls_back_to_pytorch_with_one_warning(
+    monkeypatch, tmp_path, caplog, reload_library
 ):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("ATLAS_HOME", str(tmp_path))
-    native._library.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger=native.__name__):
-            assert not native.available()
-            assert not native.available()  # decided once
-        assert len(caplog.records) == 1 and "using SDPA" in caplog.records[0].getMessage()
-        torch.manual_seed(0)
-        model = Transformer(tiny("learned", "layernorm", "gelu", 4)).eval()
-        ids = torch.randint(0, 97, (2, 9))
-        cache = model.new_cache(n_slots=2, max_len=9)
-        with torch.inference_mode():
-            model(ids[:, :8], torch.arange(8).expand(2, 8), cache, torch.tensor([0, 1]))
-            step = model(ids[:, 8:], torch.full((2, 1), 8), cache, torch.tensor([0, 1]))
-            torch.testing.assert_close(step[:, -1], model(ids)[:, -1], atol=2e-5, rtol=1e-4)
-        with pytest.raises(RuntimeError, match="not available"):
-            native.decode_attention(
-                torch.zeros(1, 1, 1),
-                *[torch.zeros(1, 1, 1, 1)] * 2,
-                *[torch.ones(1, dtype=torch.long)] * 2,
-                1.0,
-            )
-    finally:
-        native._library.cache_clear()
-
-
-def test_atlas_native_0_turns_the_kernel_off(monkeypatch):
-    monkeypatch.setenv("ATLAS_NATIVE", "0")
-    native._library.cache_clear()
-    try:
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert not native.available()
-    finally:
-        native._library.cache_clear()
+        assert not native.available()  # decided once
+    assert len(caplog.records) == 1 and "PyTorch" in caplog.records[0].getMessage()
+    torch.manual_seed(0)
+    model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
+    ids = torch.randint(0, 97, (2, 9))
+    cache = model.new_cache(n_slots=2, max_len=9)
+    with torch.inference_mode():
+        model(ids[:, :8], torch.arange(8).expand(2, 8), cache, torch.tensor([0, 1]))
+        step = model(ids[:, 8:], torch.full((2, 1), 8), cache, torch.tensor([0, 1]))
+        torch.testing.assert_close(step[:, -1], model(ids)[:, -1], atol=2e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="not available"):
+        native.decode_attention(
+            torch.zeros(1, 1, 1),
+            *[torch.zeros(1, 1, 1, 1)] * 2,
+            *[torch.ones(1, dtype=torch.long)] * 2,
+            1.0,
+        )
+
+
+def test_atlas_native_0_turns_the_kernels_off(monkeypatch, reload_library):
+    monkeypatch.setenv("ATLAS_NATIVE", "0")
+    assert not native.available()
 
 
 @needs_kernel
@@ -157,24 +157,45 @@ def test_compiled_library_is_cached_by_content_and_written_atomically(monkeypatc
 
 
 @needs_kernel
-def test_a_library_built_ahead_of_time_runs_without_a_compiler(monkeypatch, tmp_path):
-    target = tmp_path / "decode_attention.so"
+def test_a_library_built_ahead_of_time_runs_without_a_compiler(
+    monkeypatch, tmp_path, reload_library
+):
+    target = tmp_path / "cpu_kernels.so"
     native.main([str(target)])  # the Dockerfile's step, for this machine's CPU
     monkeypatch.setenv("ATLAS_NATIVE_LIB", str(target))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    native._library.cache_clear()
-    try:
-        assert native.available()
-        q, k, v = torch.randn(2, 4, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)
-        slots, lengths = torch.tensor([2, 0]), torch.tensor([8, 5])
-        torch.testing.assert_close(
-            native.decode_attention(q, k, v, slots, lengths, 0.25),
-            sdpa_over_own_lengths(q * (0.25 * 4), k, v, slots, lengths),
-            atol=1e-5,
-            rtol=1e-5,
-        )
-    finally:
-        native._library.cache_clear()
+    assert native.available()
+    q, k, v = torch.randn(2, 4, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)
+    slots, lengths = torch.tensor([2, 0]), torch.tensor([8, 5])
+    torch.testing.assert_close(
+        native.decode_attention(q, k, v, slots, lengths, 0.25),
+        sdpa_over_own_lengths(q, k, v, slots, lengths),  # SDPA's default scale: 16**-0.5
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_a_prebuilt_library_that_is_not_one_falls_back_with_a_warning(
+    monkeypatch, tmp_path, caplog, reload_library
+):
+    fake = tmp_path / "cpu_kernels.so"
+    fake.write_bytes(b"\x7fELF not really")
+    monkeypatch.setenv("ATLAS_NATIVE_LIB", str(fake))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available()
+    assert "unavailable" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("problem", ["no compiler", "output under a file"])
+def test_building_ahead_of_time_reports_what_went_wrong_in_one_line(monkeypatch, tmp_path, problem):
+    output = tmp_path / "out" / "cpu_kernels.so"
+    if problem == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    else:
+        (tmp_path / "out").write_text("a file where the folder should be")
+    with pytest.raises(SystemExit, match=r"^error: ") as raised:
+        native.main([str(output)])
+    assert "\n" not in str(raised.value)
 
 
 @needs_kernel

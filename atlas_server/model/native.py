@@ -100,14 +100,14 @@ def _library() -> ctypes.CDLL | None:
         return None
     prebuilt, compiler = os.environ.get("ATLAS_NATIVE_LIB"), _compiler()
     if not prebuilt and compiler is None:
-        log.warning("no C compiler found: decode attention uses PyTorch's SDPA (slower)")
+        log.warning("no C compiler found: decoding uses PyTorch's kernels (slower)")
         return None
     try:
         torch.zeros(1).add_(1)  # load torch's OpenMP runtime first, so the kernel shares it
         library = ctypes.CDLL(prebuilt or str(_compile(compiler)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("native decode attention unavailable, using SDPA: %s", detail.strip())
+        log.warning("native CPU kernels unavailable, using PyTorch's: %s", detail.strip())
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
@@ -208,4 +208,6 @@ def main(argv: list[str] | None = None) -> None:
     except subprocess.CalledProcessError as e:
         first_line = (e.stderr.strip().splitlines() or ["no output"])[0]
         raise SystemExit(f"error: {compiler} failed: {first_line}") from None
+    except OSError as e:  # the compiler cannot run, or the output folder cannot be written
+        raise SystemExit(f"error: {e}") from None
     print(args.output)
