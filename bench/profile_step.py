@@ -2,9 +2,11 @@
 
 What it does: builds the gpt2-124m preset (random weights, fp32) prepared for serving
 (oneDNN-packed weights on CPU), then times (median of N) a 128-token prefill into one KV
-slot and a decode step of 16 sequences at ~190 cached positions in consecutive slots, the
-shapes of `bench/bench_serving.py` at 16 streams. A `torch.profiler` pass splits each into
-oneDNN matmuls, attention (SDPA), KV-cache writes and everything else (self CPU time; the
+slot, a decode step of 16 sequences at ~190 cached positions in consecutive slots (the
+shapes of `bench/bench_serving.py` at 16 streams) and a decode step of one; the batch-1
+step is also timed with and without the C mat-vec for one-row products, alternated. A
+`torch.profiler` pass splits each into matmuls (oneDNN, Atlas's C mat-vec), attention
+(SDPA or the C kernel), KV-cache writes and everything else (self CPU time; the
 profiler adds overhead, so the split is a proportion, the medians are the times).
 Run: `python bench/profile_step.py [--steps N]`; prints JSON and a markdown table.
 What it does not do: HTTP, scheduling or sampling (see bench_serving.py, bench_engine.py).
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import machine  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset  # noqa: E402
+from atlas_server.model.transformer import Linear  # noqa: E402
 
 KINDS = {
     "mkldnn::_linear_pointwise": "matmul (oneDNN)",
@@ -64,6 +67,22 @@ def median_ms(fn, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def one_row_ab(model: Transformer, step, steps: int, rounds: int = 8) -> dict[str, float]:
+    """Median batch-1 step with the projections' [out, in] copies (C mat-vec) and without
+    (oneDNN's packed mat-vec), alternating in rounds so both see the same machine state."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    copies = [m.rows for m in linears]
+    times: dict[str, list[float]] = {"c_matvec_ms": [], "onednn_ms": []}
+    for r in range(rounds):
+        for name in ("c_matvec_ms", "onednn_ms") if r % 2 else ("onednn_ms", "c_matvec_ms"):
+            for m, rows in zip(linears, copies, strict=True):
+                m.rows = rows if name == "c_matvec_ms" else None
+            times[name].append(median_ms(step, max(2, steps // rounds)))
+    for m, rows in zip(linears, copies, strict=True):
+        m.rows = rows
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed repeats of each forward")
@@ -92,10 +111,16 @@ def main() -> None:
         def decode():
             model(token, decode_pos, cache, slots, last_only=True)
 
+        one_token, one_pos = token[:1], decode_pos[:1]
+
+        def decode_one():
+            model(one_token, one_pos, cache, slots[:1], last_only=True)
+
         result = {"machine": machine(), "model": "gpt2-124m, random weights, fp32, packed"}
         for name, fn, flops in [
             (f"prefill {prompt} tokens", prefill, 2 * n_matmul * prompt),
             (f"decode step, batch {batch}", decode, 2 * model.num_parameters() * batch),
+            ("decode step, batch 1", decode_one, 2 * model.num_parameters()),
         ]:
             ms = median_ms(fn, args.steps)
             result[name] = {
@@ -103,12 +128,20 @@ def main() -> None:
                 "gflops_per_s": flops / ms / 1e6,
                 "share_by_kind": split_by_kind(fn),
             }
+        result["batch-1 step, one-row C mat-vec vs oneDNN"] = one_row_ab(
+            model, decode_one, args.steps
+        )
     print(json.dumps(result, indent=2))
     print("\n| forward | median ms | GFLOP/s | share of self CPU time |\n|---|---:|---:|---|")
     for name, r in result.items():
         if isinstance(r, dict) and "median_ms" in r:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share_by_kind"].items())
             print(f"| {name} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | {shares} |")
+    ab = result["batch-1 step, one-row C mat-vec vs oneDNN"]
+    print(
+        f"\nbatch-1 step, alternated: one-row C mat-vec {ab['c_matvec_ms']:.1f} ms, "
+        f"oneDNN packed {ab['onednn_ms']:.1f} ms ({ab['onednn_ms'] / ab['c_matvec_ms']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":
