@@ -3,13 +3,13 @@
 What it does: `dram_read_bandwidth()` streams float32 data much larger than any cache
 (1 GiB by default) and reports the best GB/s of several passes and of three readers: a
 `sum()` reduction, a oneDNN matrix-vector product over a 1 GiB matrix, and Atlas's own C
-mat-vec (`atlas_server.model.native.matvec_rows`, where a compiler is present) over the
-same matrix. A ceiling is what the hardware allows, so the fastest reader sets it (on
+panel kernel at one row (`atlas_server.model.native.matmul_panels`, where a compiler is
+present) over the same matrix. A ceiling is what the hardware allows, so the fastest reader sets it (on
 one of this project's AMD EPYC hosts the oneDNN mat-vec read ~1.2x faster than `sum()`).
 `matvec_bandwidth()` compares ways to multiply a vector by a 124M-sized stack of weight
-matrices — `torch.mv` over [out, in], `x @ W` over [in, out], oneDNN-packed weights (what
-Atlas serves its projections with) and Atlas's C mat-vec over [out, in] (its batch-1
-output head) — as the GB/s of weight bytes they read. `matmul_peak_flops()` times large square
+matrices — `torch.mv` over [out, in], `x @ W` over [in, out], oneDNN-packed weights and
+Atlas's C panel kernel (what Atlas serves decode steps with) — as the GB/s of weight
+bytes they read. `matmul_peak_flops()` times large square
 fp32 matmuls (2048 and 3072) with PyTorch's default kernel (MKL) and with oneDNN and keeps
 the fastest (bf16 on CUDA): MKL runs its AVX2 path on AMD CPUs and reaches less than half of what
 oneDNN's AVX-512 kernel does, so MKL alone would understate the peak. Batch-1 decode is
@@ -70,9 +70,9 @@ def dram_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         del mats
     native = _atlas_native()
     if native is not None:
-        mats = [torch.rand(n_out, 4096, generator=gen) for _ in range(16)]
-        [native.matvec_rows(m, x) for m in mats]
-        seconds = _best(lambda: [native.matvec_rows(m, x) for m in mats], repeats)
+        mats = [native.pack_panels(torch.rand(4096, n_out, generator=gen)) for _ in range(16)]
+        [native.matmul_panels(x, m, n_out) for m in mats]
+        seconds = _best(lambda: [native.matmul_panels(x, m, n_out) for m in mats], repeats)
         best = max(best, 16 * n_out * 4096 * 4 / seconds)
     return best
 
@@ -99,9 +99,10 @@ def matvec_bandwidth(
     result = {"torch_mv_row_major_gbs": nbytes / mv / 1e9, "x_at_w_in_out_gbs": nbytes / xw / 1e9}
     native = _atlas_native()
     if native is not None:
-        x2 = x[None]  # [1, in]
-        seconds = _best(lambda: [native.matvec_rows(w, x2) for w in row_major], repeats)
-        result["atlas_matvec_rows_gbs"] = nbytes / seconds / 1e9
+        x2, panels = x[None], [native.pack_panels(w) for w in in_out]  # [1, in]
+        seconds = _best(lambda: [native.matmul_panels(x2, p, cols) for p in panels], repeats)
+        result["atlas_c_panels_gbs"] = nbytes / seconds / 1e9
+        del panels
     if _onednn_available():
         packed = [_onednn_linear(w) for w in row_major]
         del row_major, in_out

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceilings import machine  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset  # noqa: E402
+from atlas_server.model.onednn import PackedWeight  # noqa: E402
 from atlas_server.model.transformer import Linear  # noqa: E402
 
 KINDS = {
@@ -39,7 +40,7 @@ KINDS = {
     "aten::addmm": "matmul (MKL)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "atlas::decode_attention": "attention",
-    "atlas::matvec_rows": "matmul (Atlas C mat-vec)",
+    "atlas::matmul_panels": "matmul (Atlas C panels)",
     "aten::index_put_": "KV-cache write",
     "aten::_index_put_impl_": "KV-cache write",
 }
@@ -67,19 +68,25 @@ def median_ms(fn, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def one_row_ab(model: Transformer, step, steps: int, rounds: int = 8) -> dict[str, float]:
-    """Median batch-1 step with the projections' [out, in] copies (C mat-vec) and without
-    (oneDNN's packed mat-vec), alternating in rounds so both see the same machine state."""
+def panels_ab(model: Transformer, step, steps: int, rounds: int = 8) -> dict[str, float]:
+    """Median step time with the column panels (C kernel) and with oneDNN-packed copies
+    instead, alternating in rounds so both see the same machine state."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    copies = [m.rows for m in linears]
-    times: dict[str, list[float]] = {"c_matvec_ms": [], "onednn_ms": []}
+    panels = [m.packed for m in linears] + [model._packed_head]
+    onednn = [PackedWeight(m.weight) for m in linears]
+    onednn.append(PackedWeight(model.tok_emb.weight, out_in=True))
+
+    def use(copies: list) -> None:
+        for m, c in zip(linears, copies, strict=False):
+            m.packed = c
+        model._packed_head = copies[-1]
+
+    times: dict[str, list[float]] = {"c_panels_ms": [], "onednn_ms": []}
     for r in range(rounds):
-        for name in ("c_matvec_ms", "onednn_ms") if r % 2 else ("onednn_ms", "c_matvec_ms"):
-            for m, rows in zip(linears, copies, strict=True):
-                m.rows = rows if name == "c_matvec_ms" else None
+        for name in ("c_panels_ms", "onednn_ms") if r % 2 else ("onednn_ms", "c_panels_ms"):
+            use(panels if name == "c_panels_ms" else onednn)
             times[name].append(median_ms(step, max(2, steps // rounds)))
-    for m, rows in zip(linears, copies, strict=True):
-        m.rows = rows
+    use(panels)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -128,20 +135,25 @@ def main() -> None:
                 "gflops_per_s": flops / ms / 1e6,
                 "share_by_kind": split_by_kind(fn),
             }
-        result["batch-1 step, one-row C mat-vec vs oneDNN"] = one_row_ab(
-            model, decode_one, args.steps
-        )
+        for name, fn in [
+            (f"prefill {prompt} tokens", prefill),
+            (f"batch-{batch} step", decode),
+            ("batch-1 step", decode_one),
+        ]:
+            result[f"{name}, C panels vs oneDNN"] = panels_ab(model, fn, args.steps)
     print(json.dumps(result, indent=2))
     print("\n| forward | median ms | GFLOP/s | share of self CPU time |\n|---|---:|---:|---|")
     for name, r in result.items():
         if isinstance(r, dict) and "median_ms" in r:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["share_by_kind"].items())
             print(f"| {name} | {r['median_ms']:.1f} | {r['gflops_per_s']:.0f} | {shares} |")
-    ab = result["batch-1 step, one-row C mat-vec vs oneDNN"]
-    print(
-        f"\nbatch-1 step, alternated: one-row C mat-vec {ab['c_matvec_ms']:.1f} ms, "
-        f"oneDNN packed {ab['onednn_ms']:.1f} ms ({ab['onednn_ms'] / ab['c_matvec_ms']:.2f}x)"
-    )
+    print()
+    for name, ab in result.items():
+        if name.endswith("C panels vs oneDNN"):
+            print(
+                f"{name.split(',')[0]}, alternated: C panels {ab['c_panels_ms']:.1f} ms, oneDNN "
+                f"packed {ab['onednn_ms']:.1f} ms ({ab['onednn_ms'] / ab['c_panels_ms']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from test_model import tiny
 
 from atlas_server.model import Transformer, native
 from atlas_server.model.attention import reference_attention
+from atlas_server.model.transformer import Linear
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
@@ -206,57 +207,98 @@ def test_building_for_an_unknown_cpu_is_a_one_line_error(tmp_path):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("n_out", "n_in"), [(50257, 768), (97, 32), (5, 3)])
-def test_matvec_rows_equals_a_matrix_vector_product(n_out, n_in):
-    weight, x = torch.randn(n_out, n_in), torch.randn(1, 1, n_in)
-    y = native.matvec_rows(weight, x)
-    assert y.shape == (1, 1, n_out)
-    torch.testing.assert_close(y, x @ weight.t(), atol=1e-4, rtol=1e-5)
+@pytest.mark.parametrize(
+    ("rows", "k", "n"),
+    # every tile height (1-8 rows, and past one tile), odd K, N short of a whole panel or
+    # spanning many with a ragged last one, and the GPT-2 head
+    [(m, 33, 97) for m in range(1, 10)] + [(17, 3, 5), (64, 768, 2304), (2, 768, 50257)],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_panels_equals_x_at_w(rows, k, n, with_bias):
+    weight, x = torch.randn(k, n), torch.randn(rows, k)
+    bias = torch.randn(n) if with_bias else None
+    y = native.matmul_panels(x, native.pack_panels(weight), n, bias)
+    expected = x.double() @ weight.double() + (0 if bias is None else bias.double())
+    torch.testing.assert_close(y.double(), expected, atol=1e-4 * k**0.5, rtol=1e-5)
+
+
+@needs_kernel
+def test_matmul_panels_keeps_leading_dimensions_and_reads_a_transposed_source():
+    weight, x = torch.randn(24, 40).t(), torch.randn(2, 3, 40)  # [K, N] as a view
+    y = native.matmul_panels(x, native.pack_panels(weight), 24)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, x @ weight, atol=1e-4, rtol=1e-5)
 
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("weight", "x"),
+    ("x_shape", "n_out", "change"),
     [
-        (torch.randn(4, 3), torch.randn(2, 3)),  # two rows: not a matrix-vector product
-        (torch.randn(4, 3), torch.randn(1, 5)),
-        (torch.randn(3, 4).t(), torch.randn(1, 3)),  # not row-major
-        (torch.randn(4, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)),
+        ((2, 7), 10, None),  # x has 7 features, the panels 8
+        ((2, 8), 10 + 10_000, None),  # more outputs than the panels hold
+        ((2, 8), 0, None),  # fewer than the panels' last one starts at
+        ((2, 8), 10, "bias"),  # bias of the wrong length
+        ((2, 8), 10, "strided"),
+        ((2, 8), 10, "float64"),
     ],
 )
-def test_matvec_rows_refuses_shapes_it_would_misread(weight, x):
+def test_matmul_panels_refuses_shapes_it_would_misread(x_shape, n_out, change):
+    panels = native.pack_panels(torch.randn(8, 10))
+    x, bias = torch.randn(x_shape), None
+    if change == "bias":
+        bias = torch.randn(n_out + 1)
+    elif change == "strided":
+        panels = panels.transpose(0, 1)
+    elif change == "float64":
+        x, panels = x.double(), panels.double()
     with pytest.raises(ValueError):
-        native.matvec_rows(weight, x)
+        native.matmul_panels(x, panels, n_out, bias)
 
 
 @needs_kernel
-def test_batch1_decode_takes_every_matmul_through_matvec_rows_with_the_same_logits(monkeypatch):
+def test_a_rows_numbers_do_not_depend_on_the_other_rows_in_the_product():
+    # Batch invariance, bit for bit: each row is summed in the same order whatever tile it
+    # lands in, so a sequence's logits are the same alone and inside any batch.
+    weight, x = torch.randn(768, 2304), torch.randn(17, 768)
+    panels = native.pack_panels(weight)
+    together = native.matmul_panels(x, panels, 2304)
+    for i in (0, 7, 8, 16):
+        assert torch.equal(native.matmul_panels(x[i : i + 1], panels, 2304)[0], together[i])
+    assert torch.equal(native.matmul_panels(x[5:11], panels, 2304), together[5:11])
+
+
+@needs_kernel
+def test_model_products_all_go_through_the_panels_with_the_same_logits(monkeypatch):
     calls = []
-    kernel = native.matvec_rows
-    monkeypatch.setattr(native, "matvec_rows", lambda *a: calls.append(1) or kernel(*a))
+    kernel = native.matmul_panels
+    monkeypatch.setattr(native, "matmul_panels", lambda *a: calls.append(1) or kernel(*a))
     torch.manual_seed(0)
     model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
-    ids = torch.randint(0, 97, (1, 12))
-    cache = model.new_cache(n_slots=1, max_len=12)
+    ids = torch.randint(0, 97, (3, 12))
+    cache = model.new_cache(n_slots=3, max_len=12)
+    slots = torch.arange(3)
+    per_forward = 4 * model.config.n_layers + 1  # qkv, out, MLP in and out; the tied head
     with torch.inference_mode():
-        model(ids[:, :11], torch.arange(11)[None], cache, torch.tensor([0]))
-        assert not calls  # 11 rows: oneDNN's packed weights, not the mat-vec
-        step = model(ids[:, 11:], torch.tensor([[11]]), cache, torch.tensor([0]))
-        # One row: every projection (qkv, out, MLP in and out per layer) and the tied head.
-        assert len(calls) == 4 * model.config.n_layers + 1
-        model.prepare_for_inference(pack=False)  # no packed head: PyTorch's own matmul
+        prompt = model(ids[:, :11], torch.arange(11).expand(3, 11), cache, slots, last_only=True)
+        assert len(calls) == per_forward
+        step = model(ids[:, 11:], torch.full((3, 1), 11), cache, slots)
+        assert len(calls) == 2 * per_forward
+        model.prepare_for_inference(pack=False)  # no copies: PyTorch's own matmul
         full = model(ids)
-    torch.testing.assert_close(step[0, -1], full[0, -1], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(prompt[:, -1], full[:, 10], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=2e-5, rtol=1e-4)
 
 
 @needs_kernel
-def test_one_row_copies_step_aside_once_the_weight_changes():
+def test_panel_copies_step_aside_once_the_weight_changes():
     torch.manual_seed(0)
     model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).prepare_for_inference()
+    copies = [m.packed for m in model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(c, native.PanelWeight) for c in [*copies, model._packed_head])
     ids = torch.randint(0, 97, (1, 6))
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(1.5)  # bumps every version counter: the packed and [out, in] copies are stale
+            p.mul_(1.5)  # bumps every version counter: the panel copies are stale
         cache = model.new_cache(n_slots=1, max_len=6)
         model(ids[:, :5], torch.arange(5)[None], cache, torch.tensor([0]))
         step = model(ids[:, 5:], torch.tensor([[5]]), cache, torch.tensor([0]))

@@ -1,11 +1,15 @@
-"""Atlas's native CPU kernels (decode attention, batch-1 output head), compiled on first use.
+"""Atlas's native CPU kernels (decode attention, small-batch matmuls), compiled on first use.
 
 What it does: compiles `cpu_kernels.c` with the system C compiler (`$CC`, else `cc`)
 for this machine's CPU (`-O3 -march=native -fopenmp`), caches the shared library under
 `$ATLAS_HOME/kernels` (default `~/.cache/atlas/kernels`; a name derived from the source,
 the flags, the compiler and the CPU, written atomically so concurrent first uses agree),
-and calls it through `ctypes` on tensors' raw pointers. `decode_attention()` checks every
-shape, dtype, device and index before it hands a pointer to C.
+and calls it through `ctypes` on tensors' raw pointers. `decode_attention()` and
+`matmul_panels()` check every shape, dtype, device and index before they hand a pointer
+to C; `pack_panels()` lays a weight out the way `matmul_panels()` reads it, and
+`PanelWeight` is that copy of a model's weight, which steps aside once the weight changes
+(weight_copy.py): the fp32 serving path for every product, whatever its number of rows,
+so a row's numbers never depend on what else is in the batch.
 
 Why C and not PyTorch: see cpu_kernels.c. Compiling takes well under a second and
 needs no PyTorch headers, so no build step comes with it.
@@ -35,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "decode_attention", "matvec_rows"]
+from .weight_copy import WeightCopy
+
+__all__ = ["PanelWeight", "available", "decode_attention", "matmul_panels", "pack_panels"]
 
 log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -111,8 +117,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
-    library.matvec_rows.argtypes = [pointer] * 3 + [i64] * 2 + [ctypes.c_int]
-    library.decode_attention.restype = library.matvec_rows.restype = None
+    library.matmul_panels.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
+    library.decode_attention.restype = library.matmul_panels.restype = None
     return library
 
 
@@ -173,23 +179,71 @@ def decode_attention(
     return out
 
 
-def matvec_rows(weight: Tensor, x: Tensor) -> Tensor:
-    """weight [N, K] (row-major) times one vector x [..., K] with one row: [..., N]."""
+def pack_panels(weight: Tensor) -> Tensor:
+    """weight [K, N] as the column panels matmul_panels reads: [P, K, NR], P = ceil(N / NR),
+    panel p holding columns p*NR..(p+1)*NR-1 (zeros past N). A copy: the weight's memory."""
     library = _library()
     if library is None:
         raise RuntimeError("native CPU kernels are not available (see available())")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (weight, x)):
-        raise ValueError("matvec_rows needs float32 CPU tensors")
-    n_out, n_in = weight.shape
-    if x.shape[-1] != n_in or x.numel() != n_in or not weight.is_contiguous():
-        raise ValueError(f"unsupported shapes: weight {tuple(weight.shape)}, x {tuple(x.shape)}")
-    x = x.contiguous()
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError("pack_panels needs a 2-D float32 CPU tensor")
+    width = library.panel_width()
+    k, n = weight.shape
+    padded = weight.new_zeros(k, -(-n // width) * width)  # [K, P * NR]
+    padded[:, :n] = weight.detach()
+    return padded.view(k, -1, width).transpose(0, 1).contiguous()  # [P, K, NR]
+
+
+def matmul_panels(x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ W (+ bias [N]) with W given as `pack_panels(W)`: [..., n_out]."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("native CPU kernels are not available (see available())")
+    tensors = (x, panels) if bias is None else (x, panels, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("matmul_panels needs float32 CPU tensors")
+    width = library.panel_width()
+    if (
+        panels.dim() != 3
+        or not panels.is_contiguous()
+        or panels.shape[2] != width
+        or panels.shape[1] != x.shape[-1]
+        or not (panels.shape[0] - 1) * width < n_out <= panels.shape[0] * width
+        or (bias is not None and (bias.shape != (n_out,) or not bias.is_contiguous()))
+    ):
+        raise ValueError(
+            f"unsupported shapes: x {tuple(x.shape)}, panels {tuple(panels.shape)}, "
+            f"n_out {n_out}, bias {None if bias is None else tuple(bias.shape)}"
+        )
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()  # [M, K]
     y = torch.empty(*x.shape[:-1], n_out)
-    with torch.profiler.record_function("atlas::matvec_rows"):
-        library.matvec_rows(
-            weight.data_ptr(), x.data_ptr(), y.data_ptr(), n_out, n_in, torch.get_num_threads()
+    with torch.profiler.record_function("atlas::matmul_panels"):  # named in profiles
+        library.matmul_panels(
+            rows.data_ptr(),
+            panels.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            rows.shape[0],
+            k,
+            n_out,
+            torch.get_num_threads(),
         )
     return y
+
+
+class PanelWeight(WeightCopy):
+    """A weight as column panels for matmul_panels; call it like `x @ weight (+ bias)`."""
+
+    def __init__(self, source: Tensor, out_in: bool = False) -> None:
+        w = source.detach()
+        w = w.t() if out_in else w  # [in, out]
+        self.panels, self.n_out = pack_panels(w), w.shape[1]  # [P, in, NR]
+        super().__init__(source, out_in, torch.float32)
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
+        y = matmul_panels(x, self.panels, self.n_out, bias)  # [..., out]
+        return torch.nn.functional.gelu(y, approximate="tanh") if gelu_tanh else y
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,12 +7,11 @@ faster (`python bench/ceilings.py` prints both; MKL takes its AVX2 path on AMD C
 
 What it does:
 - `PackedWeight(w)` reorders a weight once into oneDNN's blocked layout and computes
-  `x @ w (+ bias)` with it: the serving path. This is the kernel `torch.compile`'s CPU
-  freezing pass swaps in for `nn.Linear`; calling it directly keeps the eager engine
-  readable and free of compile time. A `PackedWeight` remembers its source tensor's
-  version counter and storage, and reports itself stale once the source is changed in
-  place (an optimizer step, `load_state_dict`) or moved (`.to()`), so callers fall back to
-  the live weight rather than use old numbers.
+  `x @ w (+ bias)` with it: the serving path for bf16, and for fp32 where Atlas's own C
+  kernels are not built (native.py; where they are, its column panels run fp32 decode
+  faster). This is the kernel `torch.compile`'s CPU freezing pass swaps in for
+  `nn.Linear`; calling it directly keeps the eager engine readable and free of compile
+  time. Like every `WeightCopy`, it steps aside once its source changes.
 - `train_matmul(x, w, bias)` is `x @ w (+ bias)` with a backward pass, each of the three
   products (forward, input gradient, weight gradient) one oneDNN call on the plain,
   possibly transposed operands (weights change every step, so packing them would not pay).
@@ -25,11 +24,12 @@ anything but fp32/bf16. `ATLAS_ONEDNN=0` turns both paths off, to compare.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
 from torch import Tensor
+
+from .weight_copy import WeightCopy
 
 __all__ = ["PackedWeight", "packing_supported", "train_matmul"]
 
@@ -52,36 +52,15 @@ def packing_supported(weight: Tensor) -> bool:
     )
 
 
-class PackedWeight:
-    """A weight reordered for oneDNN; call it like `x @ weight (+ bias)`.
-
-    `source` is the live weight, stored [in, out] (Atlas's `Linear`) or, with
-    `out_in=True`, [out, in] (a tied embedding read as the output head).
-    """
+class PackedWeight(WeightCopy):
+    """A weight reordered for oneDNN; call it like `x @ weight (+ bias)` (see WeightCopy)."""
 
     def __init__(self, source: Tensor, out_in: bool = False) -> None:
         w = source.detach()
         w = w.contiguous() if out_in else w.t().contiguous()  # oneDNN wants [out, in]
         # A copy in oneDNN's blocked layout; batch size unknown at pack time (None).
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        self.source, self.out_in = source, out_in
-        # Identity of the numbers packed: an in-place change bumps the version counter, and
-        # `.to()`/`.float()` swap in new storage.
-        self.version, self.data_ptr = source._version, source.data_ptr()
-
-    def __deepcopy__(self, memo: dict) -> PackedWeight:
-        # oneDNN's opaque tensors have no storage to copy: repack the copied source instead.
-        return PackedWeight(copy.deepcopy(self.source, memo), self.out_in)
-
-    def usable_for(self, x: Tensor) -> bool:
-        """Fresh, and `x` is a CPU tensor of the packed dtype with no gradient being recorded."""
-        return (
-            self.source._version == self.version
-            and self.source.data_ptr() == self.data_ptr
-            and x.device.type == "cpu"
-            and x.dtype == self.packed.dtype
-            and not torch.is_grad_enabled()
-        )
+        super().__init__(source, out_in, self.packed.dtype)
 
     def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
         """x [..., in] -> [..., out]; `gelu_tanh` applies GELU (tanh form) in the same pass."""

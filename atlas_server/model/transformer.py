@@ -29,6 +29,16 @@ from .attention import attention
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .onednn import PackedWeight, packing_supported, train_matmul
+from .weight_copy import WeightCopy
+
+
+def inference_copy(weight: Tensor, out_in: bool = False) -> WeightCopy | None:
+    """The fastest inference copy of `weight` this machine has, or None: column panels for
+    Atlas's C kernel in fp32 (native.py: faster than oneDNN for decode's 1-64 rows and on
+    par beyond, bench/profile_step.py), else a oneDNN-packed copy (onednn.py)."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and native.available():
+        return native.PanelWeight(weight, out_in)
+    return PackedWeight(weight, out_in) if packing_supported(weight) else None
 
 
 class Linear(nn.Module):
@@ -38,28 +48,15 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.packed: PackedWeight | None = None  # set by pack(); see onednn.py
-        self.rows: Tensor | None = None  # [out, in] copy for one-row products, set by pack()
+        self.packed: WeightCopy | None = None  # set by pack(); see inference_copy()
 
     def pack(self) -> None:
-        """Keep inference copies of the weight for the CPU (no-op where unsupported): a
-        oneDNN-packed one, and an [out, in] one for the C mat-vec of one-row products."""
-        self.packed = PackedWeight(self.weight) if packing_supported(self.weight) else None
-        fp32 = self.weight.dtype == torch.float32
-        self.rows = None
-        if self.packed is not None and fp32 and native.available():
-            self.rows = self.weight.detach().t().contiguous()
+        """Keep an inference copy of the weight for the CPU (see inference_copy())."""
+        self.packed = inference_copy(self.weight)
 
     def forward(self, x: Tensor, gelu_tanh: bool = False) -> Tensor:
-        """x @ W (+ b), then GELU (tanh form) when asked: fused into the matmul when packed."""
-        if self.packed is not None and self.packed.usable_for(x):  # also vouches for rows
-            if self.rows is not None and x.numel() == x.shape[-1]:
-                # One row (batch-1 decode): each output is one contiguous dot product, which
-                # streams the weight faster than oneDNN's packed mat-vec (profile_step.py).
-                y = native.matvec_rows(self.rows, x)
-                y = y + self.bias if self.bias is not None else y
-                return F.gelu(y, approximate="tanh") if gelu_tanh else y
-            # oneDNN applies the GELU while the matmul's output is still in registers.
+        """x @ W (+ b), then GELU (tanh form) when asked."""
+        if self.packed is not None and self.packed.usable_for(x):
             return self.packed(x, self.bias, gelu_tanh)
         y = train_matmul(x, self.weight, self.bias)  # oneDNN with autograd, where it applies
         if y is None:
@@ -295,7 +292,7 @@ class Transformer(nn.Module):
         # A buffer (not a plain attribute) so .to(dtype/device) converts it with the weights;
         # non-persistent, so checkpoints never hold it. Set by prepare_for_inference().
         self.register_buffer("_tied_head_t", None, persistent=False)
-        self._packed_head: PackedWeight | None = None  # oneDNN copy of a tied head (CPU)
+        self._packed_head: WeightCopy | None = None  # inference copy of a tied head (CPU)
         if config.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         self._rebuild_buffers()
@@ -403,9 +400,6 @@ class Transformer(nn.Module):
     def _logits(self, x: Tensor) -> Tensor:
         x = self.final_norm(x)
         if self._packed_head is not None and self._packed_head.usable_for(x):
-            if x.dtype == torch.float32 and x.numel() == x.shape[-1] and native.available():
-                # One row (batch-1 decode): a plain C loop streams the [V, C] embedding faster.
-                return native.matvec_rows(self.tok_emb.weight, x)  # [..., V]
             return self._packed_head(x)  # [..., V]
         head = self.output_weight()  # [C, V]
         logits = train_matmul(x, head)
@@ -424,12 +418,11 @@ class Transformer(nn.Module):
     def prepare_for_inference(self, pack: bool = True) -> Transformer:
         """Eval mode, plus the weight copies that make decoding fast.
 
-        On a CPU with oneDNN (and `pack=True`), every projection and the output head get a
-        oneDNN-packed copy (see onednn.py: 1.5-3x faster matmuls than PyTorch's default on
-        the 1-32 rows of decode), and, where the C kernels are built (native.py), every
-        projection also an [out, in] copy for one-row products. Elsewhere, a tied head gets a contiguous [C, V] copy: read
-        as a transposed view of the [V, C] embedding it is the slow layout for
-        matrix-vector products. Either copy costs the memory of the weights it copies.
+        On a CPU (and with `pack=True`), every projection and the output head get an
+        inference copy (see inference_copy(): column panels for Atlas's C kernel in fp32,
+        else a oneDNN-packed copy, both faster than PyTorch's default matmul). Elsewhere, a tied head gets a contiguous [C, V] copy: read as a transposed view of
+        the [V, C] embedding it is the slow layout for matrix-vector products. Each copy
+        costs the memory of the weights it copies.
         Packed copies notice in-place changes to their weight and step aside; call this
         again after changing the weights to get the fast path back.
         """
@@ -437,14 +430,13 @@ class Transformer(nn.Module):
         self._packed_head, self._tied_head_t = None, None
         for module in self.modules():
             if isinstance(module, Linear):
-                module.packed, module.rows = None, None
+                module.packed = None
                 if pack:
                     module.pack()
         if self.config.tie_embeddings:
             weight = self.tok_emb.weight
-            if pack and packing_supported(weight):
-                self._packed_head = PackedWeight(weight, out_in=True)
-            else:
+            self._packed_head = inference_copy(weight, out_in=True) if pack else None
+            if self._packed_head is None:
                 self._tied_head_t = weight.detach().t().contiguous()
         return self
 

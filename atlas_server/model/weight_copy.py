@@ -1,0 +1,51 @@
+"""A weight copied into a kernel's own layout for inference, which knows when it is stale.
+
+What it does: `WeightCopy` is the part the inference copies of a weight share (the
+oneDNN-packed `onednn.PackedWeight`, the column panels of `native.PanelWeight`). It
+remembers its source tensor's version counter and storage; `usable_for(x)` turns False
+once the source is changed in place (an optimizer step, `load_state_dict`) or moved
+(`.to()`, `.float()`), so callers fall back to the live weight rather than use old
+numbers. A deep copy lays out the copied source afresh (a copied tensor starts a new
+version counter). Subclasses lay the weight out and compute `x @ weight (+ bias)`.
+
+What it does not do: refresh itself (`Transformer.prepare_for_inference()` makes new
+copies), autograd, or any device but the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+__all__ = ["WeightCopy"]
+
+
+class WeightCopy(ABC):
+    """A copy of `source`, stored [in, out] (Atlas's `Linear`) or, with `out_in=True`,
+    [out, in] (a tied embedding read as the output head); call it like `x @ weight`."""
+
+    def __init__(self, source: Tensor, out_in: bool, dtype: torch.dtype) -> None:
+        self.source, self.out_in, self.dtype = source, out_in, dtype
+        # Identity of the numbers copied: an in-place change bumps the version counter, and
+        # `.to()`/`.float()` swap in new storage.
+        self.version, self.data_ptr = source._version, source.data_ptr()
+
+    def __deepcopy__(self, memo: dict) -> WeightCopy:
+        return type(self)(copy.deepcopy(self.source, memo), self.out_in)
+
+    def usable_for(self, x: Tensor) -> bool:
+        """Fresh, and `x` is a CPU tensor of the copy's dtype with no gradient being recorded."""
+        return (
+            self.source._version == self.version
+            and self.source.data_ptr() == self.data_ptr
+            and x.device.type == "cpu"
+            and x.dtype == self.dtype
+            and not torch.is_grad_enabled()
+        )
+
+    @abstractmethod
+    def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
+        """x [..., in] -> [..., out]; `gelu_tanh` applies GELU (tanh form) to the result."""
