@@ -25,6 +25,7 @@ PyTorch path; `ATLAS_NATIVE=0` turns the kernel off to compare.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -119,7 +120,16 @@ def _library() -> ctypes.CDLL | None:
     library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
     library.matmul_panels.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
     library.decode_attention.restype = library.matmul_panels.restype = None
+    library.width = library.panel_width()  # floats per panel, fixed when it was compiled
     return library
+
+
+def _named(name: str):
+    """A range named `name` in profiles (bench/profile_step.py reads them), opened only while
+    a profiler runs: record_function costs ~6 us a call, 1-3% of a decode step."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def available() -> bool:
@@ -160,7 +170,7 @@ def decode_attention(
         raise IndexError("slot or length outside the KV cache")
     q = q.contiguous()
     out = torch.empty_like(q)
-    with torch.profiler.record_function("atlas::decode_attention"):  # named in profiles
+    with _named("atlas::decode_attention"):
         library.decode_attention(
             q.data_ptr(),
             k_store.data_ptr(),
@@ -187,7 +197,7 @@ def pack_panels(weight: Tensor) -> Tensor:
         raise RuntimeError("native CPU kernels are not available (see available())")
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         raise ValueError("pack_panels needs a 2-D float32 CPU tensor")
-    width = library.panel_width()
+    width = library.width
     k, n = weight.shape
     padded = weight.new_zeros(k, -(-n // width) * width)  # [K, P * NR]
     padded[:, :n] = weight.detach()
@@ -202,7 +212,7 @@ def matmul_panels(x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = N
     tensors = (x, panels) if bias is None else (x, panels, bias)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         raise ValueError("matmul_panels needs float32 CPU tensors")
-    width = library.panel_width()
+    width = library.width
     if (
         panels.dim() != 3
         or not panels.is_contiguous()
@@ -218,7 +228,7 @@ def matmul_panels(x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = N
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()  # [M, K]
     y = torch.empty(*x.shape[:-1], n_out)
-    with torch.profiler.record_function("atlas::matmul_panels"):  # named in profiles
+    with _named("atlas::matmul_panels"):
         library.matmul_panels(
             rows.data_ptr(),
             panels.data_ptr(),
