@@ -7,8 +7,8 @@ cannot stay in the last-level cache (as in a decode step, where every weight com
 DRAM): `native.matmul_panels` over `native.pack_panels` copies (what Atlas serves fp32
 with), oneDNN's packed weights (`onednn.PackedWeight`) and PyTorch's default `x @ W`
 (MKL). The first two alternate in rounds and each keeps its median, so both see the same
-machine state; MKL runs after them, on its own, because its threads slow whatever runs
-next (oneDNN and the panels measured 20-50% slower when alternated with it). Prints JSON and a Markdown table of GFLOP/s, the share of the fp32 peak
+machine state; MKL runs after them, on its own, so it cannot disturb their alternation
+(in a trial, both measured slower when alternated with it). Prints JSON and a Markdown table of GFLOP/s, the share of the fp32 peak
 measured in the same run (bench/ceilings.py), and the panel kernel's speed-up.
 Run: `python bench/bench_matmul.py [--rows 1 16 64] [--rounds 5]`.
 What it does not do: whole steps (bench/profile_step.py) or serving (bench_serving.py).

@@ -12,9 +12,10 @@ reported (with the mean), since the machine may be shared.
 The ceiling: a batch-1 decode step reads every weight once (the embedding only through the
 tied output head), so tokens/s can not exceed DRAM bandwidth / weight bytes per token. The
 bandwidth is measured in the same run by `bench/ceilings.py`, as are the weight-read rates
-of torch's own `x @ W` matrix-vector kernel and of oneDNN-packed weights on a 124M-sized
-set of matrices. Atlas is timed as served (oneDNN-packed weights), with
-`prepare_for_inference(pack=False)` (PyTorch's default kernels), to show what packing buys,
+of torch's own `x @ W` matrix-vector kernel, of oneDNN-packed weights and of Atlas's C
+panel kernel on a 124M-sized set of matrices. Atlas is timed as served (the panel kernel
+where a C compiler is found, else oneDNN-packed weights), with
+`prepare_for_inference(pack=False)` (PyTorch's default kernels), to show what the copies buy,
 and once more as served but alone, since alternating decoders evict each other's caches. Run:
 `python bench/bench_model.py [--quick] [--threads N]`; prints JSON, or markdown with --markdown.
 What it does not do: scheduling, sampling or HTTP (see bench_engine.py, bench_serving.py).

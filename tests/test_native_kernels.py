@@ -17,8 +17,11 @@ needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler 
 
 
 @pytest.fixture
-def reload_library():
-    """The library is loaded once per process: forget it around a test that changes how."""
+def reload_library(monkeypatch):
+    """The library is loaded once per process: forget it around a test that changes how,
+    which starts from the default settings whatever the environment sets."""
+    monkeypatch.delenv("ATLAS_NATIVE", raising=False)
+    monkeypatch.delenv("ATLAS_NATIVE_LIB", raising=False)
     native._library.cache_clear()
     yield
     native._library.cache_clear()
