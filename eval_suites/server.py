@@ -1,7 +1,8 @@
 """Start an Atlas server for a run (`atlas-eval run --checkpoint DIR`) and stop it afterwards.
 
 What it does: picks a free loopback port, runs `atlas serve --checkpoint DIR` as a child
-process with its log in the run's output directory, waits until /health answers 200, and
+process with its log, its config and its embedded Qdrant store in the run's output
+directory, waits until /health answers 200, and
 on exit sends SIGTERM (the server drains gracefully), then SIGKILL after a grace period.
 It also gives the checkpoint a stable identity (path + weights hash) for the response
 cache, since the port differs between runs. What it does not do: start anything that is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -86,6 +88,10 @@ def local_atlas_server(
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "server.log"
+    # The child's embedded Qdrant store lives in the run's folder: the default store may be
+    # locked by a server already running, and an evaluation should not write into it.
+    config = log_dir / "server.toml"
+    config.write_text(f"[rag]\ndata_dir = {json.dumps(str(log_dir / 'qdrant'))}\n")
     command = [
         sys.executable,
         "-m",
@@ -97,6 +103,8 @@ def local_atlas_server(
         "127.0.0.1",
         "--port",
         str(port),
+        "--config",
+        str(config),
         *extra_args,
     ]
     env = dict(os.environ)

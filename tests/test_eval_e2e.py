@@ -25,6 +25,7 @@ import torch
 from servers import free_port
 
 from atlas_server.checkpoint import load_checkpoint, save_checkpoint
+from atlas_server.config import load_config
 from atlas_server.model import Transformer, load_preset
 from eval_suites.client import OpenAIClient
 from eval_suites.runner import RunOptions, run_suite
@@ -518,6 +519,8 @@ def test_checkpoint_mode_starts_and_stops_an_atlas_server(tmp_path, eval_checkpo
     assert results["server"]["checkpoint"] == str(eval_checkpoint)
     assert results["server"]["identity"].startswith(f"checkpoint://{eval_checkpoint.resolve()}#")
     assert (out / "server.log").is_file()
+    # Its RAG store (created on first use) is the run's own, not the user's default one.
+    assert load_config(out / "server.toml").rag.data_dir == str(out / "qdrant")
     # The same numbers as the long-running server on the same weights.
     reference = run(tmp_path, "perplexity", atlas_url, "window=255", limit=1)
     assert results["metrics"]["bits_per_byte"]["value"] == pytest.approx(
