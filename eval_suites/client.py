@@ -110,9 +110,13 @@ class OpenAIClient:
                 f"{method} {path} answered HTTP {response.status_code} with a body that is not JSON"
             ) from None
 
-    async def cached_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST through the response cache (deterministic requests only)."""
-        key = request_key(self.server_id, self.model or "", path, body)
+    async def cached_post(
+        self, path: str, body: dict[str, Any], key_body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """POST through the response cache (deterministic requests only). `key_body`, when
+        given, is what the cache keys on instead of `body`: the same request as far as the
+        answer goes, with the parts that differ between runs (a run's own names) made stable."""
+        key = request_key(self.server_id, self.model or "", path, key_body or body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
         response = await self.request("POST", path, body)
@@ -143,11 +147,17 @@ class OpenAIClient:
             f"model {self.model!r} is not served at {self.base_url}; it serves: {names}"
         )
 
-    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.cached_post("/v1/completions", {"model": self.model, **body})
+    async def completion(
+        self, body: dict[str, Any], key_body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        key = None if key_body is None else {"model": self.model, **key_body}
+        return await self.cached_post("/v1/completions", {"model": self.model, **body}, key)
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self.cached_post("/v1/chat/completions", {"model": self.model, **body})
+    async def chat(
+        self, body: dict[str, Any], key_body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        key = None if key_body is None else {"model": self.model, **key_body}
+        return await self.cached_post("/v1/chat/completions", {"model": self.model, **body}, key)
 
     async def tokenize(self, text: str) -> list[int]:
         """Token ids from the server's vLLM-style /tokenize (no special tokens added)."""

@@ -183,7 +183,7 @@ def test_rag_mode_asks_through_the_servers_rag_field(tmp_path, rag_atlas):
         rag_field = {"collection": names[role], "top_k": 2}
         assert (s["question"], json.dumps(rag_field, sort_keys=True)) in with_rag
         assert any(p.endswith(f"Question: {s['question']}\nAnswer:") for p in closed)
-        assert s["collection"] == names[role]
+        assert s["collection"] == names[role].rsplit("-", 1)[0]  # the run-independent name
         assert "distractors" not in s and "position" not in s
         # What the suite recorded is what the server's retrieval returns for the question.
         direct = httpx.post(
@@ -216,11 +216,17 @@ def test_rag_mode_asks_through_the_servers_rag_field(tmp_path, rag_atlas):
     ]
     assert "noise_sensitivity" in rag["omitted_metrics"] and rag["omitted_because"]
 
-    # A rerun hits the same cache keys (same collection names) and deletes the collections.
+    # A rerun fills collections of its own (so two runs on one server never delete each
+    # other's), yet hits the same cache keys, and deletes only its own at the end.
     again = run(tmp_path, "hallucination", rag_atlas, *RAG, limit=4, seed=0, cache=cache)
+    again_names = {info["collection"] for info in again["details"]["rag"]["collections"].values()}
     assert again["cache"]["misses"] == 0 and again["details"]["rag"]["collections_deleted"]
     assert again["metrics"] == kept["metrics"] and again["_samples"] == samples
-    assert not set(names.values()) & set(collections(rag_atlas))
+    assert not again_names & set(names.values())
+    listed = collections(rag_atlas)
+    assert not again_names & set(listed) and set(names.values()) <= set(listed)
+    for name in names.values():
+        httpx.delete(f"{rag_atlas}/v1/collections/{name}", timeout=60).raise_for_status()
 
 
 class NoRAGHandler(http.server.BaseHTTPRequestHandler):

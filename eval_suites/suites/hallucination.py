@@ -18,9 +18,12 @@ Two context modes (`context` in the config):
   - `rag` (Atlas only): the suite ingests the corpus into two collections on the server
     (`POST /v1/collections/NAME/documents`): every passage with its real value, and every
     passage with its counterfactual value, so the two versions of a passage never compete.
-    Names are `hallucination-{facts|counterfactual}-<hash of the documents>`, so reruns and
-    resumed runs send identical (cached) requests; ingestion is idempotent, and the
-    collections are deleted at the end unless `rag_keep_collections`. Each bare question
+    Each run fills collections of its own, `hallucination-{facts|counterfactual}-<hash of
+    the documents>-<run token>`, so two runs on one server never delete or change each
+    other's; the response cache keys on the name without the token, so reruns and resumed
+    runs still hit it (chunk ids are content-derived, the same in every collection). The
+    collections are deleted at the end unless `rag_keep_collections` (a run killed
+    outright leaves its pair behind: `DELETE /v1/collections/NAME`). Each bare question
     goes out with the request's `rag` object (counterfactual items: the counterfactual
     collection), the server retrieves and writes its own grounded prompt, and the answer
     is scored against the `sources` the response says were given (in prompt order, so
@@ -48,6 +51,7 @@ import json
 import random
 import re
 import string
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,7 +293,8 @@ def rag_documents(
 
 
 def collection_name(role: str, documents: list[dict[str, str]]) -> str:
-    """Deterministic per role and content: a rerun (or a resumed run) uses the same name."""
+    """Deterministic per role and content: the name samples record and the cache keys on
+    (a run's collections add a token of its own to it)."""
     canonical = json.dumps(documents, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return f"hallucination-{role}-{hashlib.sha256(canonical.encode('utf-8')).hexdigest()[:16]}"
 
@@ -336,12 +341,12 @@ async def probe_rag_routes(client: OpenAIClient) -> None:
 
 
 async def fill_collections(
-    client: OpenAIClient, documents: dict[str, list[dict[str, str]]]
+    client: OpenAIClient, documents: dict[str, list[dict[str, str]]], names: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """Ingest each role's documents into its collection; idempotent (content-derived ids)."""
+    """Ingest each role's documents into its collection (`names[role]`)."""
     out = {}
     for role, docs in documents.items():
-        name = collection_name(role, docs)
+        name = names[role]
         path = f"/v1/collections/{name}/documents"
         answer = await client.request("POST", path, {"documents": docs})
         chunks = answer.get("chunks") if isinstance(answer, dict) else None
@@ -645,7 +650,9 @@ class HallucinationSuite(Suite):
             "facts": rag_documents(facts, cfg, counterfactual=False),
             "counterfactual": rag_documents(facts, cfg, counterfactual=True),
         }
-        names = {role: collection_name(role, docs) for role, docs in documents.items()}
+        stable = {role: collection_name(role, docs) for role, docs in documents.items()}
+        token = uuid.uuid4().hex[:8]  # this run's own collections (see the module docstring)
+        names = {role: f"{name}-{token}" for role, name in stable.items()}
         options = {"top_k": cfg.rag_top_k}
         if cfg.rag_retriever:
             options["retriever"] = cfg.rag_retriever
@@ -658,11 +665,15 @@ class HallucinationSuite(Suite):
         )
         await probe_rag_routes(ctx.client)
         try:
-            details["collections"] = await fill_collections(ctx.client, documents)
+            details["collections"] = await fill_collections(ctx.client, documents, names)
             responses = await gather_with_progress(
                 (
                     self.ask_full(
-                        ctx, cfg, it.question, {"collection": names[collection_role(it)], **options}
+                        ctx,
+                        cfg,
+                        it.question,
+                        {"collection": names[collection_role(it)], **options},
+                        {"collection": stable[collection_role(it)], **options},
                     )
                     for it in items
                 ),
@@ -679,7 +690,7 @@ class HallucinationSuite(Suite):
             answers.append(answer)
             extra.append(
                 {
-                    "collection": names[collection_role(it)],
+                    "collection": stable[collection_role(it)],
                     "gold_passage": gold_passage(it),
                     "retrieved": [
                         {k: s.get(k) for k in ("id", "chunk_id", "source", "score", "text")}
@@ -706,24 +717,30 @@ class HallucinationSuite(Suite):
         cfg: HallucinationConfig,
         prompt: str,
         rag: dict[str, Any] | None = None,
+        rag_key: dict[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """(answer text, whole response, its first choice); `rag` adds the server's retrieval."""
+        """(answer text, whole response, its first choice); `rag` adds the server's retrieval,
+        and the response cache keys on `rag_key` in its place (the run-independent names)."""
         params: dict[str, Any] = {
             "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature,
             "seed": ctx.seed,
         }
+        key_params = dict(params)
         if rag is not None:
-            params["rag"] = rag
+            params["rag"], key_params["rag"] = rag, rag_key or rag
         if cfg.api == "chat":
+            messages = [{"role": "user", "content": prompt}]
             response = await ctx.client.chat(
-                {"messages": [{"role": "user", "content": prompt}], **params}
+                {"messages": messages, **params}, {"messages": messages, **key_params}
             )
             choice = first_choice(response, "/v1/chat/completions")
             text = (choice.get("message") or {}).get("content") or ""
         else:
+            stop = ["\n\n", "\nQuestion:"]
             response = await ctx.client.completion(
-                {"prompt": prompt, "stop": ["\n\n", "\nQuestion:"], **params}
+                {"prompt": prompt, "stop": stop, **params},
+                {"prompt": prompt, "stop": stop, **key_params},
             )
             choice = first_choice(response, "/v1/completions")
             text = choice.get("text") or ""
