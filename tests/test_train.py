@@ -132,6 +132,28 @@ def test_prepare_data_killed_midway_resumes_to_identical_output(
         assert [s["sha256"] for s in ours[split]] == [s["sha256"] for s in ref[split]]
 
 
+def test_prepare_data_from_a_script_on_stdin_tokenizes_in_process(
+    tmp_path, corpus, tokenizer_file, data_dir
+):
+    # Spawned workers re-import the calling script by path; one read from stdin has none,
+    # so its workers would die at start and the pool restart them forever.
+    out = tmp_path / "stdin"
+    script = (
+        "from trainer.data import prepare_data\n"
+        f"prepare_data([{str(corpus)!r}], {str(tokenizer_file)!r}, {str(out)!r},"
+        " val_fraction=0.05, shard_tokens=40_000, workers=2, progress=False)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-"], input=script, text=True, cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tokenizing in this process" in proc.stderr
+    ours = json.loads((out / "manifest.json").read_text())
+    ref = json.loads((data_dir / "manifest.json").read_text())
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in ours[split]] == [s["sha256"] for s in ref[split]]
+
+
 def test_truncated_shard_is_refused(tmp_path, data_dir):
     name = json.loads((data_dir / "manifest.json").read_text())["train"][0]["file"]
     broken = tmp_path / name

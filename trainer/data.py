@@ -23,13 +23,16 @@ What it does not do: tokenizer training (see atlas_server.tokenizer.train).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import struct
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,8 @@ from tqdm import tqdm
 
 from atlas_server.tokenizer import ENDOFTEXT, Tokenizer
 from atlas_server.tokenizer.bpe import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"ATLASTOK"
 VERSION = 1
@@ -181,6 +186,28 @@ def _encode(text: str) -> list[int]:
     return _worker_tokenizer.encode_ordinary(text)
 
 
+def _spawn_can_start_workers() -> bool:
+    """Whether "spawn" workers can start: each re-imports the main script by its path, which a
+    script read from stdin or given with -c does not have (its workers die at start, and the
+    pool restarts them forever)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.isfile(path)  # None: an interactive session, not re-run
+
+
+@contextlib.contextmanager
+def _encoder_pool(n_workers: int, tokenizer_path: str) -> Iterator[Callable]:
+    """A function encoding a list of texts in order: by `n_workers` spawned processes, or in
+    this process when there is one worker."""
+    if n_workers == 1:
+        _init_worker(tokenizer_path)
+        yield lambda batch: [_encode(text) for text in batch]
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        yield lambda batch: pool.map(_encode, batch, chunksize=8)
+
+
 @dataclass
 class _Split:
     name: str
@@ -257,15 +284,21 @@ def prepare_data(
             os.kill(os.getpid(), 9)
 
     n_workers = workers or max(1, (os.cpu_count() or 1))
-    ctx = mp.get_context("spawn")
+    if n_workers > 1 and not _spawn_can_start_workers():
+        log.warning(
+            "tokenizing in this process: worker processes must re-import the calling script,"
+            " and this one has no file (stdin or -c); run it from a .py file to use %d workers",
+            n_workers,
+        )
+        n_workers = 1
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, initial=skip)
     doc_index = skip
     texts = (t for i, t in enumerate(documents()) if i >= skip)
-    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+    with _encoder_pool(n_workers, str(tokenizer_path)) as encode_all:
         # Bounded batches keep memory flat (Pool.imap would read the whole corpus ahead);
         # map() returns results in input order, so the output never depends on scheduling.
         for batch in _batched(texts, 256 * n_workers):
-            for text, ids in zip(batch, pool.map(_encode, batch, chunksize=8), strict=True):
+            for text, ids in zip(batch, encode_all(batch), strict=True):
                 split = splits["val" if is_validation(text, val_fraction) else "train"]
                 split.buffer.append(np.asarray(ids + [eot], dtype=np.int64))
                 split.count += len(ids) + 1
