@@ -14,10 +14,12 @@
  * loads NR weights and broadcasts MR inputs, no horizontal sums, no packing of x. One
  * panel is read from memory once and from cache by every further block of MR rows; a
  * thread takes a contiguous run of panels, so the weight is read as one stream per
- * thread. Why: for the 1-64 rows of a decode step this runs 1.1-2.4x faster than
- * oneDNN's packed kernels, and at batch 1 it streams the weight at DRAM speed
- * (`python bench/profile_step.py`, `python bench/ceilings.py`). NR is a vector multiple
- * chosen at compile time; `panel_width()` tells Python how to lay the panels out.
+ * thread. Why: for the 1-32 rows of a decode step this runs 1.03-1.98x faster than
+ * oneDNN's packed kernels, at 64-128 rows on par, and at batch 1 it streams the weight
+ * near DRAM speed (`python bench/bench_matmul.py`, `python bench/ceilings.py`). Each row
+ * is summed in the same order whatever tile it lands in, so results do not depend on the
+ * batch. NR is a vector multiple chosen at compile time; `panel_width()` tells Python how
+ * to lay the panels out.
  *
  * Built by native.py with the system C compiler; OpenMP here is the runtime torch already
  * loaded (same soname), so the kernels share torch's threads. Layouts (element strides):

@@ -34,8 +34,10 @@ from .weight_copy import WeightCopy
 
 def inference_copy(weight: Tensor, out_in: bool = False) -> WeightCopy | None:
     """The fastest inference copy of `weight` this machine has, or None: column panels for
-    Atlas's C kernel in fp32 (native.py: faster than oneDNN for decode's 1-64 rows and on
-    par beyond, bench/profile_step.py), else a oneDNN-packed copy (onednn.py)."""
+    Atlas's C kernel in fp32 (native.py: faster than oneDNN for a decode step's 1-32 rows
+    and on par beyond, `python bench/bench_matmul.py`), else a oneDNN-packed copy
+    (onednn.py). One kernel for every row count keeps a row's numbers independent of the
+    batch it is in."""
     if weight.dtype == torch.float32 and weight.device.type == "cpu" and native.available():
         return native.PanelWeight(weight, out_in)
     return PackedWeight(weight, out_in) if packing_supported(weight) else None
@@ -55,7 +57,7 @@ class Linear(nn.Module):
         self.packed = inference_copy(self.weight)
 
     def forward(self, x: Tensor, gelu_tanh: bool = False) -> Tensor:
-        """x @ W (+ b), then GELU (tanh form) when asked."""
+        """x @ W (+ b), then GELU (tanh form) when asked (oneDNN fuses it into its matmul)."""
         if self.packed is not None and self.packed.usable_for(x):
             return self.packed(x, self.bias, gelu_tanh)
         y = train_matmul(x, self.weight, self.bias)  # oneDNN with autograd, where it applies
@@ -420,9 +422,10 @@ class Transformer(nn.Module):
 
         On a CPU (and with `pack=True`), every projection and the output head get an
         inference copy (see inference_copy(): column panels for Atlas's C kernel in fp32,
-        else a oneDNN-packed copy, both faster than PyTorch's default matmul). Elsewhere, a tied head gets a contiguous [C, V] copy: read as a transposed view of
-        the [V, C] embedding it is the slow layout for matrix-vector products. Each copy
-        costs the memory of the weights it copies.
+        else a oneDNN-packed copy, both faster than PyTorch's default matmul). Elsewhere,
+        a tied head gets a contiguous [C, V] copy: read as a transposed view of the [V, C]
+        embedding it is the slow layout for matrix-vector products. Each copy costs the
+        memory of the weights it copies.
         Packed copies notice in-place changes to their weight and step aside; call this
         again after changing the weights to get the fast path back.
         """
