@@ -226,6 +226,17 @@ def test_matmul_panels_equals_x_at_w(rows, k, n, with_bias):
 
 
 @needs_kernel
+def test_matmul_panels_applies_the_tanh_gelu_to_within_float_rounding():
+    # Pre-activations from deep in both tails to the middle, with a ragged last panel.
+    weight = torch.eye(50)
+    x = torch.cat([torch.linspace(-12, 12, 2999), torch.randn(1001) * 3]).view(-1, 50)
+    bias = torch.randn(50)
+    y = native.matmul_panels(x, native.pack_panels(weight), 50, bias, gelu_tanh=True)
+    exact = F.gelu(x.double() + bias.double(), approximate="tanh")
+    torch.testing.assert_close(y.double(), exact, atol=1e-6, rtol=2e-6)
+
+
+@needs_kernel
 def test_matmul_panels_keeps_leading_dimensions_and_reads_a_transposed_source():
     weight, x = torch.randn(24, 40).t(), torch.randn(2, 3, 40)  # [K, N] as a view
     y = native.matmul_panels(x, native.pack_panels(weight), 24)

@@ -8,7 +8,8 @@
  * the general SDPA kernel reads the cache at well under half of DRAM bandwidth for
  * one-token queries (docs/benchmarks.md, bench/profile_step.py).
  *
- * matmul_panels: y = x W (+ bias) for x [M, K] and W [K, N] stored as column panels:
+ * matmul_panels: y = x W (+ bias), then GELU (tanh form) when asked, for x [M, K] and W
+ * [K, N] stored as column panels:
  * W[:, p*NR:(p+1)*NR] is panel p, [K, NR] contiguous (the last one zero-padded). A tile
  * keeps MR rows x NR columns of y in vector registers while it walks k once: each step
  * loads NR weights and broadcasts MR inputs, no horizontal sums, no packing of x. One
@@ -28,6 +29,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 void decode_attention(const float *q, const float *k, const float *v, float *out,
                       const int64_t *slots, const int64_t *lengths, int64_t B, int64_t H,
@@ -87,12 +89,45 @@ typedef float vec __attribute__((vector_size(VL * 4), aligned(4))); /* unaligned
 
 int panel_width(void) { return NR; }
 
+typedef int32_t ivec __attribute__((vector_size(VL * 4))); /* a vec's lanes as integers */
+
+static inline vec select_lanes(ivec mask, vec a, vec b) { /* mask ? a : b, lane by lane */
+    return (vec)(((ivec)a & mask) | ((ivec)b & ~mask));
+}
+
+/* exp(t) for t in [-88, 88] as 2^n e^r, n = round(t / ln 2), |r| <= ln 2 / 2, e^r by its
+ * degree-6 Taylor polynomial, a vector at a time (libm's expf vectorises only under
+ * -ffast-math, which the attention kernel's infinities and the batch invariance rule out). */
+static inline vec exp_approx(vec t) {
+    const vec n = (t * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */
+    const vec r = (t - n * 0.693359375f) + n * 2.12194440e-4f; /* t - n ln 2, in two parts */
+    vec p = (vec){0} + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23; /* 2^n */
+    return p * (vec)bits;
+}
+
+/* GELU, tanh form: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715
+ * x^3); within 2e-6 relative of the exact value (tests/test_native_kernels.py). */
+static inline vec gelu_tanh(vec x) {
+    const vec limit = (vec){0} + 88.f; /* exp's range; the result is 0 or x well before */
+    vec t = -1.5957691216f * (x + 0.044715f * x * x * x); /* -2u */
+    t = select_lanes(t < limit, t, limit);
+    t = select_lanes(t > -limit, t, -limit);
+    return x / (1.f + exp_approx(t));
+}
+
 /* y[r, :cols] = x[r, :] . panel (+ bias) for `rows` <= MR rows; inlined once per row count
  * so the loops over r and v unroll into registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, int64_t K,
                                                        const float *panel, const float *bias,
                                                        float *y, int64_t N, int64_t cols,
-                                                       const int rows) {
+                                                       int gelu, const int rows) {
     vec acc[MR][NV];
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (vec){0};
@@ -107,12 +142,17 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
     for (int r = 0; r < rows; r++) {
         float out[NR];
         for (int v = 0; v < NV; v++) *(vec *)(out + v * VL) = acc[r][v];
-        for (int64_t c = 0; c < cols; c++) y[r * N + c] = bias ? out[c] + bias[c] : out[c];
+        if (bias)
+            for (int64_t c = 0; c < cols; c++) out[c] += bias[c];
+        if (gelu) /* over all NR columns: the padding past `cols` is never stored */
+            for (int v = 0; v < NV; v++)
+                *(vec *)(out + v * VL) = gelu_tanh(*(vec *)(out + v * VL));
+        memcpy(y + r * N, out, cols * sizeof(float));
     }
 }
 
 void matmul_panels(const float *x, const float *panels, const float *bias, float *y, int64_t M,
-                   int64_t K, int64_t N, int threads) {
+                   int64_t K, int64_t N, int gelu, int threads) {
     const int64_t n_panels = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < n_panels; p++) {
@@ -123,7 +163,7 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
             float *ym = y + m * N + p * NR;
             switch (M - m < MR ? M - m : MR) {
 #define TILE(rows) \
-    case rows: tile(xm, K, panel, b, ym, N, cols, rows); break;
+    case rows: tile(xm, K, panel, b, ym, N, cols, gelu, rows); break;
                 TILE(1) TILE(2) TILE(3) TILE(4)
 #if MR > 4
                 TILE(5) TILE(6) TILE(7) TILE(8)

@@ -118,7 +118,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
-    library.matmul_panels.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int]
+    library.matmul_panels.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int] * 2
     library.decode_attention.restype = library.matmul_panels.restype = None
     library.width = library.panel_width()  # floats per panel, fixed when it was compiled
     return library
@@ -204,8 +204,11 @@ def pack_panels(weight: Tensor) -> Tensor:
     return padded.view(k, -1, width).transpose(0, 1).contiguous()  # [P, K, NR]
 
 
-def matmul_panels(x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ W (+ bias [N]) with W given as `pack_panels(W)`: [..., n_out]."""
+def matmul_panels(
+    x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = None, gelu_tanh: bool = False
+) -> Tensor:
+    """x [..., K] @ W (+ bias [N]) with W given as `pack_panels(W)`, then GELU (tanh form)
+    when asked, applied while the tile is still in cache: [..., n_out]."""
     library = _library()
     if library is None:
         raise RuntimeError("native CPU kernels are not available (see available())")
@@ -237,6 +240,7 @@ def matmul_panels(x: Tensor, panels: Tensor, n_out: int, bias: Tensor | None = N
             rows.shape[0],
             k,
             n_out,
+            int(gelu_tanh),
             torch.get_num_threads(),
         )
     return y
@@ -252,8 +256,7 @@ class PanelWeight(WeightCopy):
         super().__init__(source, out_in, torch.float32)
 
     def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
-        y = matmul_panels(x, self.panels, self.n_out, bias)  # [..., out]
-        return torch.nn.functional.gelu(y, approximate="tanh") if gelu_tanh else y
+        return matmul_panels(x, self.panels, self.n_out, bias, gelu_tanh)  # [..., out]
 
 
 def main(argv: list[str] | None = None) -> None:
