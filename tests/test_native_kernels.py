@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import pytest
 import torch
@@ -188,6 +189,30 @@ def test_a_prebuilt_library_that_is_not_one_falls_back_with_a_warning(
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert not native.available()
     assert "unavailable" in caplog.records[0].getMessage()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "source",
+    [
+        'const char *source_sha(void) { return "0123456789abcdef"; }',  # another version
+        "int unrelated(void) { return 0; }",  # predates the check: no source_sha at all
+    ],
+)
+def test_a_prebuilt_library_from_another_source_is_refused_with_a_warning(
+    monkeypatch, tmp_path, caplog, reload_library, source
+):
+    # Its functions may take other arguments: calling them would read memory wrongly.
+    (tmp_path / "other.c").write_text(source + "\n")
+    library = tmp_path / "other.so"
+    subprocess.run(
+        [native._compiler(), "-shared", "-fPIC", str(tmp_path / "other.c"), "-o", str(library)],
+        check=True,
+    )
+    monkeypatch.setenv("ATLAS_NATIVE_LIB", str(library))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available()
+    assert "another version" in caplog.records[0].getMessage()
 
 
 @pytest.mark.parametrize("problem", ["no compiler", "output under a file"])

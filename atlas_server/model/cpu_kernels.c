@@ -31,6 +31,13 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Which source the library was built from (native.py passes its hash and refuses a library
+ * built from another: the signatures below may have changed). */
+#ifndef SOURCE_SHA
+#define SOURCE_SHA "unknown"
+#endif
+const char *source_sha(void) { return SOURCE_SHA; }
+
 void decode_attention(const float *q, const float *k, const float *v, float *out,
                       const int64_t *slots, const int64_t *lengths, int64_t B, int64_t H,
                       int64_t K, int64_t D, int64_t slot_stride, int64_t head_stride,

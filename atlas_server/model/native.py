@@ -69,9 +69,14 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _source_sha() -> str:
+    """What a library must have been built from to be called: its signatures are this file's."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def _compile(compiler: str, target: Path | None = None, march: str = "native") -> Path:
     """Build the library (into the cache unless `target` is given); returns its path."""
-    flags = [*_FLAGS, f"-march={march}"]
+    flags = [*_FLAGS, f"-march={march}", f'-DSOURCE_SHA="{_source_sha()}"']
     if target is None:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, check=True
@@ -115,6 +120,19 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("native CPU kernels unavailable, using PyTorch's: %s", detail.strip())
+        return None
+    # A prebuilt library from another version of cpu_kernels.c may have other signatures:
+    # calling it would read arguments wrongly, so it must say which source it was built from.
+    built_from = getattr(library, "source_sha", None)
+    if built_from is not None:
+        built_from.restype = ctypes.c_char_p
+    if built_from is None or built_from().decode() != _source_sha():
+        log.warning(
+            "native CPU kernels unavailable, using PyTorch's: %s was built from another version"
+            " of cpu_kernels.c; rebuild it (python -c 'from atlas_server.model.native import"
+            " main; main()' FILE)",
+            prebuilt,
+        )
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
