@@ -17,6 +17,8 @@ needs no PyTorch headers, so no build step comes with it.
 Images without a compiler ship a library built ahead of time for a portable target
 (`python -c "from atlas_server.model.native import main; main()" --march x86-64-v3 FILE`,
 as the Dockerfile does) and point `ATLAS_NATIVE_LIB` at it; nothing is compiled at run time.
+Every library carries the hash of the source it was built from, and one built from another
+version is refused with a warning, since its functions may take other arguments.
 
 What it does not do: anything but fp32 on the CPU, or autograd. Where no compiler is found
 or compiling fails, `available()` is False (one warning says why) and callers keep their
