@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 128])
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds per case")
     args = parser.parse_args()
+    if min(args.rows) < 1 or args.rounds < 1:
+        parser.error("--rows and --rounds must be at least 1")
     if not native.available() or not packing_supported(torch.zeros(1)):
         raise SystemExit("error: needs the native kernels (a C compiler) and oneDNN")
     peak = matmul_peak_flops()

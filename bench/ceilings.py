@@ -4,16 +4,16 @@ What it does: `dram_read_bandwidth()` streams float32 data much larger than any 
 (1 GiB by default) and reports the best GB/s of several passes and of three readers: a
 `sum()` reduction, a oneDNN matrix-vector product over a 1 GiB matrix, and Atlas's own C
 panel kernel at one row (`atlas_server.model.native.matmul_panels`, where a compiler is
-present) over the same matrix. A ceiling is what the hardware allows, so the fastest reader sets it (on
-one of this project's AMD EPYC hosts the oneDNN mat-vec read ~1.2x faster than `sum()`).
-`matvec_bandwidth()` compares ways to multiply a vector by a 124M-sized stack of weight
-matrices — `torch.mv` over [out, in], `x @ W` over [in, out], oneDNN-packed weights and
-Atlas's C panel kernel (what Atlas serves decode steps with) — as the GB/s of weight
-bytes they read. `matmul_peak_flops()` times large square
-fp32 matmuls (2048 and 3072) with PyTorch's default kernel (MKL) and with oneDNN and keeps
-the fastest (bf16 on CUDA): MKL runs its AVX2 path on AMD CPUs and reaches less than half of what
-oneDNN's AVX-512 kernel does, so MKL alone would understate the peak. Batch-1 decode is
-bound by the first; batched decode and training by the last.
+present) over the same matrix. A ceiling is what the hardware allows, so the fastest
+reader sets it (on one of this project's AMD EPYC hosts the oneDNN mat-vec read ~1.2x
+faster than `sum()`). `matvec_bandwidth()` compares ways to multiply a vector by a
+124M-sized stack of weight matrices — `torch.mv` over [out, in], `x @ W` over [in, out],
+oneDNN-packed weights and Atlas's C panel kernel (what Atlas serves fp32 with) — as the
+GB/s of weight bytes they read. `matmul_peak_flops()` times large square fp32 matmuls
+(2048 and 3072 on a CPU) with PyTorch's default kernel (MKL) and with oneDNN and keeps the
+fastest (bf16 on CUDA): MKL runs its AVX2 path on AMD CPUs and reaches less than half of
+what oneDNN's AVX-512 kernel does, so MKL alone would understate the peak. Batch-1 decode
+is bound by the first; batched decode and training by the last.
 Run: `python bench/ceilings.py [--quick]`.
 What it does not do: model-level numbers (see bench_serving.py, bench_train.py).
 """

@@ -1,13 +1,14 @@
-"""Where a serving step's time goes: a prompt prefill and a batch-16 decode step, by kind.
+"""Where a serving step's time goes: a prompt prefill and decode steps of 16 and 1 rows, by kind.
 
-What it does: builds the gpt2-124m preset (random weights, fp32) prepared for serving
-(oneDNN-packed weights on CPU), then times (median of N) a 128-token prefill into one KV
-slot, a decode step of 16 sequences at ~190 cached positions in consecutive slots (the
-shapes of `bench/bench_serving.py` at 16 streams) and a decode step of one; the batch-1
-step is also timed with and without the C mat-vec for one-row products, alternated. A
-`torch.profiler` pass splits each into matmuls (oneDNN, Atlas's C mat-vec), attention
-(SDPA or the C kernel), KV-cache writes and everything else (self CPU time; the
-profiler adds overhead, so the split is a proportion, the medians are the times).
+What it does: builds the gpt2-124m preset (random weights, fp32) prepared for serving (on
+the CPU, Atlas's C panel kernel where a compiler is found, else oneDNN-packed weights),
+then times (median of N) a 128-token prefill into one KV slot, a decode step of 16
+sequences at ~190 cached positions in consecutive slots (the shapes of
+`bench/bench_serving.py` at 16 streams) and a decode step of one. Each is also timed with
+the panel kernel and with oneDNN-packed copies instead, alternated in rounds. A
+`torch.profiler` pass splits each into matmuls (Atlas's C panels, oneDNN), attention (SDPA
+or the C kernel), KV-cache writes and everything else (self CPU time; the profiler adds
+overhead, so the split is a proportion, the medians are the times).
 Run: `python bench/profile_step.py [--steps N]`; prints JSON and a markdown table.
 What it does not do: HTTP, scheduling or sampling (see bench_serving.py, bench_engine.py).
 """
@@ -94,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed repeats of each forward")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     torch.manual_seed(0)
     model = Transformer(load_preset("gpt2-124m")).prepare_for_inference()
     n_matmul = model.num_parameters() - model.pos_emb.weight.numel() - model.tok_emb.weight.numel()

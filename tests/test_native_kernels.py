@@ -295,6 +295,17 @@ def test_matmul_panels_refuses_shapes_it_would_misread(x_shape, n_out, change):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "weight",
+    [torch.randn(3), torch.randn(2, 3, 4), torch.randn(4, 3, dtype=torch.float64)],
+    ids=["1-D", "3-D", "float64"],
+)
+def test_pack_panels_refuses_what_is_not_a_float32_matrix(weight):
+    with pytest.raises(ValueError, match="2-D float32"):
+        native.pack_panels(weight)
+
+
+@needs_kernel
 def test_a_rows_numbers_do_not_depend_on_the_other_rows_in_the_product():
     # Batch invariance, bit for bit: each row is summed in the same order whatever tile it
     # lands in, so a sequence's logits are the same alone and inside any batch.
