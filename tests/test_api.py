@@ -303,6 +303,53 @@ def test_health_is_503_until_the_model_is_loaded(tiny_checkpoint):
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
 
 
+def test_out_of_range_seed_is_a_400_and_the_server_keeps_serving(server):
+    base = server[0]
+    for seed in (2**63, -(2**63) - 1, 2**64 + 5):
+        r = httpx.post(base + "/v1/completions", json={"prompt": "x", "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    edge = {"prompt": "x", "max_tokens": 2, "n": 2, "seed": 2**63 - 1}  # + choice index
+    assert httpx.post(base + "/v1/completions", json=edge, timeout=30).status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_is_503_when_the_engine_thread_died(tiny_checkpoint):
+    with running_server(tiny_checkpoint) as (base, state):
+
+        def crash():
+            raise RuntimeError("bug")
+
+        state.engine._apply_aborts = crash
+        state.engine._wake.set()
+        state.engine._thread.join(10)
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        r = httpx.post(base + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert r.status_code == 503 and "engine thread has stopped" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}),
+    ],
+)
+def test_streams_are_labelled_as_event_streams(server, path, body):
+    """Browsers' EventSource and strict SSE clients refuse any other content type."""
+    with httpx.stream("POST", server[0] + path, json={**body, "max_tokens": 2}) as r:
+        assert r.headers.get_list("content-type") == ["text/event-stream"]
+        assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
+    schema = httpx.get(server[0] + "/schema/openapi.json").json()
+    ok = schema["paths"][path]["post"]["responses"]["200"]["content"]
+    assert set(ok) == {"application/json", "text/event-stream"}
+
+
+def test_missing_body_is_named(server):
+    r = httpx.post(server[0] + "/v1/completions")
+    assert r.status_code == 400 and "request body is missing" in r.json()["error"]["message"]
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_checkpoint):
     engine = EngineSection(max_running=1, max_queued=1, max_batched_tokens=64)
 

@@ -341,6 +341,44 @@ async def test_a_failing_step_ends_running_requests_with_error(checkpoint, make_
     assert events[-1].finish_reason == "length"
 
 
+async def test_a_request_that_cannot_be_admitted_fails_alone(checkpoint, make_engine):
+    """A bug while admitting one request (found by fuzzing: an out-of-range seed used to
+    raise here and kill the engine thread, leaving every later request queued forever)."""
+    engine = make_engine(max_running=4, max_batched_tokens=32)
+    real_new_choice = engine._new_choice
+
+    def failing(request, index):
+        if request.params.seed == 7 and index == 1:  # after choice 0 took a slot
+            raise OverflowError("bad seed")
+        return real_new_choice(request, index)
+
+    engine._new_choice = failing
+    _, _, events = await run(engine, [1, 2], SamplingParams(n=2, seed=7, max_tokens=3))
+    assert {e.index for e in events} == {0, 1}
+    assert all(e.finish_reason == "error" and "bad seed" in e.error for e in events)
+    assert engine.stats().kv_slots_used == 0 and engine.is_running
+    ids, _, events = await run(engine, [1, 2], SamplingParams(n=4, max_tokens=3, ignore_eos=True))
+    assert all(len(ids[i]) == 3 for i in range(4))  # every slot came back
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_dead_engine_thread_refuses_new_requests(checkpoint, make_engine):
+    engine = make_engine(max_running=2)
+
+    def crash():
+        raise RuntimeError("bug")
+
+    engine._apply_aborts = crash  # runs outside the step's error handling
+    engine._wake.set()
+    for _ in range(100):
+        if not engine.is_running:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stopped_unexpectedly
+    with pytest.raises(EngineStoppedError, match="engine thread has stopped"):
+        engine.submit([1], SamplingParams())
+
+
 async def test_cancelled_consumer_task_aborts(checkpoint, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
 
@@ -430,6 +468,8 @@ async def test_zero_queue_still_admits_into_free_slots(checkpoint, make_engine):
         ([1], SamplingParams(min_tokens=20, max_tokens=5), "min_tokens"),
         ([1], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
         ([1], SamplingParams(stop_token_ids=(-1,)), "stop_token_ids"),
+        ([1], SamplingParams(seed=2**63), "seed"),  # torch generators take 64-bit seeds
+        ([1], SamplingParams(seed=-(2**63) - 1), "seed"),
     ],
 )
 async def test_invalid_requests_are_refused_naming_the_field(checkpoint, prompt, params, param):

@@ -11,14 +11,14 @@ What it does not do: tool calls or images (content parts other than text are ref
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from litestar import Request, post
 from litestar.response import Response
 
 from ..tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
-from .errors import RequestError
+from .errors import RequestError, error_responses
 from .generation import (
     augment,
     check_model,
@@ -36,11 +36,11 @@ from .generation import (
     usage,
 )
 from .metrics import RequestTimer
-from .schemas import ChatCompletionRequest, ChatMessage
-from .sse import sse_event, sse_response
+from .schemas import ChatCompletionRequest, ChatMessage, Role
+from .sse import StreamingOperation, sse_event, sse_response
 from .state import ServerState
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
+ROLES = get_args(Role)
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -120,7 +120,11 @@ def chat_logprobs(tokenizer: Tokenizer, entries, token_ids) -> dict[str, Any]:
 
 
 @post(
-    "/v1/chat/completions", status_code=200, summary="Create a chat completion (OpenAI-compatible)"
+    "/v1/chat/completions",
+    status_code=200,
+    summary="Create a chat completion (OpenAI-compatible)",
+    responses=error_responses(400, 401, 404, 413, 429, 502, 503),
+    operation_class=StreamingOperation,
 )
 async def create_chat_completion(request: Request, data: ChatCompletionRequest) -> Any:
     state: ServerState = request.app.state.atlas

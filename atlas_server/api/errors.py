@@ -5,16 +5,21 @@ handlers that turn every failure — validation, malformed JSON, oversize bodies
 routes, engine refusals, plugin failures and unexpected bugs — into an OpenAI error body
 with the right status. Unexpected exceptions become 500 with a generic message; their
 traceback goes to the server log, never to the client.
+It also declares those bodies for the OpenAPI schema (`error_responses(...)`, used on
+every route), so the served schema documents the errors a client can actually get.
 What it does not do: decide when a request is invalid (schemas and routes do that).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 
 log = logging.getLogger("atlas.api")
 
@@ -30,6 +35,42 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+_MEANINGS = {
+    400: "The request is malformed or a value is out of range; `param` names the field.",
+    401: "Missing or wrong API key (only when the server runs with one).",
+    404: "The named model or collection does not exist.",
+    413: "The request body is larger than the server accepts.",
+    429: "The request queue is full; retry after the `Retry-After` seconds.",
+    500: "A bug in the server; the server log has the details.",
+    502: "A retriever or reranker plugin failed; `message` names it.",
+    503: "The model is still loading, or the server is shutting down.",
+}
+
+
+class ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI response entries for these error statuses, all with the OpenAI error body.
+
+    They replace Litestar's default 400 entry, which describes a body Atlas never sends.
+    """
+    return {
+        s: ResponseSpec(ErrorBody, description=_MEANINGS[s], generate_examples=False)
+        for s in statuses
+    }
 
 
 class APIError(Exception):
@@ -86,10 +127,10 @@ def _response(
 
 
 def _param_from_validation(detail: str) -> str | None:
-    # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`"
-    if "- at `$." in detail:
-        return detail.rsplit("- at `$.", 1)[1].rstrip("`")
-    return None
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`", or for a dict key
+    # "... - at `key` in `$.logit_bias`"
+    paths = re.findall(r"`\$\.([^`]+)`", detail)
+    return paths[-1] if paths else None
 
 
 def handle_api_error(request: Request, exc: APIError) -> Response:
@@ -105,7 +146,11 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
     if isinstance(exc, ValidationException):
         extra = exc.extra if isinstance(exc.extra, list) else []
         problems = [e for e in extra if isinstance(e, dict)]
-        if problems:
+        # Litestar's way of saying the request had no body at all:
+        missing = bool(problems) and problems[0].get("message") == "'data'"
+        if missing:
+            detail = "the request body is missing: send a JSON object"
+        elif problems:
             first = problems[0]
             key = first.get("key")
             param = (
@@ -118,8 +163,7 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
                 + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")
                 for p in problems
             )
-        messages = problems
-        if "decod" in detail.lower() or "json" in detail.lower() and not messages:
+        if not missing and ("decod" in detail.lower() or "json" in detail.lower() and not problems):
             detail = f"the request body is not valid JSON: {exc.detail}"
         status = 400
     if status == 413:

@@ -3,6 +3,7 @@
 What it does: encodes chunks as `data: {json}\n\n`, ends every stream with
 `data: [DONE]\n\n`, and turns an error raised after streaming has begun into an error
 event (the HTTP status is already 200 by then) followed by `[DONE]`.
+`StreamingOperation` adds the event stream to a route's documented 200 response.
 What it does not do: decide chunk contents (the route modules do).
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.response import Stream
 
 from .errors import APIError, error_body
@@ -50,5 +53,27 @@ def sse_response(events: AsyncIterator[bytes]) -> Stream:
     return Stream(
         _framed(events),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        # Also as a header: Litestar 2 lets the route's media type (JSON, for the same
+        # route's non-streamed answers) override the Stream's own, and SSE clients such as
+        # browsers' EventSource refuse a stream that is not labelled text/event-stream.
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
     )
+
+
+@dataclass
+class StreamingOperation(Operation):
+    """An OpenAPI operation whose 200 answer is JSON, or an event stream with `stream: true`."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if ok is not None and ok.content is not None:
+            ok.content["text/event-stream"] = OpenAPIMediaType(
+                schema=Schema(
+                    type=OpenAPIType.STRING,
+                    description="With `stream: true`: `data: {chunk}` events, then `data: [DONE]`",
+                )
+            )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Request, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 
 from ..tokenizer import IM_END, IM_START
 from .chat import render_chat
-from .errors import APIError, RequestError
+from .errors import APIError, RequestError, error_responses
 from .generation import check_model
 from .schemas import DetokenizeRequest, TokenizeRequest
 from .state import ServerState
@@ -27,6 +29,14 @@ CHAT_TEMPLATE = (
 )
 
 
+class Health(msgspec.Struct):
+    """What /health answers: status ok, loading, draining or error."""
+
+    status: str
+    model: str | None = None
+    error: str | None = None
+
+
 def _state(request: Request) -> ServerState:
     return request.app.state.atlas
 
@@ -36,7 +46,11 @@ def _loaded(state: ServerState) -> None:
         raise APIError(503, "the model is still loading", headers={"Retry-After": "2"})
 
 
-@get("/health", summary="Readiness: 200 when serving, 503 while loading or draining")
+@get(
+    "/health",
+    summary="Readiness: 200 when serving, 503 while loading or draining",
+    responses={503: ResponseSpec(Health, description="Loading, draining, or the load failed.")},
+)
 async def health(request: Request) -> Response:
     state = _state(request)
     if state.draining:
@@ -45,6 +59,9 @@ async def health(request: Request) -> Response:
         return Response({"status": "error", "error": state.load_error}, status_code=503)
     if not state.ready:
         return Response({"status": "loading"}, status_code=503)
+    if state.engine is not None and state.engine.stopped_unexpectedly:
+        error = "the engine thread has stopped; the server log says why"
+        return Response({"status": "error", "error": error}, status_code=503)
     return Response({"status": "ok", "model": state.model_name})
 
 
@@ -57,7 +74,11 @@ async def metrics(request: Request) -> Response:
     )
 
 
-@get("/v1/models", summary="List the served model (OpenAI-compatible)")
+@get(
+    "/v1/models",
+    summary="List the served model (OpenAI-compatible)",
+    responses=error_responses(401),
+)
 async def list_models(request: Request) -> dict[str, Any]:
     state = _state(request)
     data = []
@@ -75,7 +96,12 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@post("/tokenize", status_code=200, summary="Tokenize a prompt or chat messages (vLLM-compatible)")
+@post(
+    "/tokenize",
+    status_code=200,
+    summary="Tokenize a prompt or chat messages (vLLM-compatible)",
+    responses=error_responses(400, 404, 413, 503),
+)
 async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
     state = _state(request)
     _loaded(state)
@@ -89,7 +115,12 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
     return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
 
 
-@post("/detokenize", status_code=200, summary="Turn token ids back into text (vLLM-compatible)")
+@post(
+    "/detokenize",
+    status_code=200,
+    summary="Turn token ids back into text (vLLM-compatible)",
+    responses=error_responses(400, 404, 413, 503),
+)
 async def detokenize(request: Request, data: DetokenizeRequest) -> dict[str, Any]:
     state = _state(request)
     _loaded(state)
@@ -103,7 +134,11 @@ async def detokenize(request: Request, data: DetokenizeRequest) -> dict[str, Any
     return {"prompt": state.tokenizer.decode(data.tokens)}
 
 
-@get("/tokenizer_info", summary="Tokenizer description (vLLM-compatible)")
+@get(
+    "/tokenizer_info",
+    summary="Tokenizer description (vLLM-compatible)",
+    responses=error_responses(503),
+)
 async def tokenizer_info(request: Request) -> dict[str, Any]:
     state = _state(request)
     _loaded(state)

@@ -73,6 +73,7 @@ from .types import (
 log = logging.getLogger("atlas.engine")
 
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass
@@ -200,6 +201,11 @@ class Engine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def stopped_unexpectedly(self) -> bool:
+        """Started, not asked to stop, and its thread is gone (a bug killed it)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stopping
+
     def start(self) -> Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="atlas-engine", daemon=True)
@@ -228,6 +234,8 @@ class Engine:
         """Validate and queue a request; returns its event stream on the running loop."""
         if self._stopping or self._draining:
             raise EngineStoppedError("the engine is shutting down")
+        if self.stopped_unexpectedly:
+            raise EngineStoppedError("the engine thread has stopped; the server log says why")
         prompt_ids = self._validate(prompt_ids, params)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -349,6 +357,11 @@ class Engine:
                 "n",
                 f"n must be in [1, {self.config.max_running}] (max_running), got {p.n}",
             ),
+            (
+                p.seed is None or SEED_MIN <= p.seed <= SEED_MAX,
+                "seed",
+                f"seed must be a 64-bit signed integer, got {p.seed}",
+            ),
         ]
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(p, name)
@@ -406,7 +419,17 @@ class Engine:
         with self._lock:
             while self._waiting and len(self._free_slots) >= self._waiting[0].params.n:
                 request = self._waiting.popleft()
-                request.choices = [self._new_choice(request, i) for i in range(request.params.n)]
+                try:
+                    for i in range(request.params.n):
+                        request.choices.append(self._new_choice(request, i))
+                except Exception as e:  # a bug: fail this request, never the engine thread
+                    log.exception("could not admit request %s", request.request_id)
+                    self._free_slots.extend(c.slot for c in request.choices)
+                    request.choices = []
+                    self._ids.discard(request.request_id)
+                    for i in range(request.params.n):
+                        request.emit(self._final_event(request, i, "error", f"{e!r}"))
+                    continue
                 request.scheduled_time = time.perf_counter()
                 self._running.append(request)
 

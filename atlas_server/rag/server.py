@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Request, delete, get, post
+from msgspec import Meta
 
-from ..api.errors import APIError, RequestError
+from ..api.errors import APIError, RequestError, error_responses
+from ..api.schemas import CollectionName, Filters
 from ..api.state import Augmentation, ServerState
 from ..engine.types import SamplingParams
 from ..plugins import PluginHost, get_plugin_host
@@ -37,20 +39,22 @@ from .pipeline import PluginRuntimeError, RAGPipeline, UnknownComponentError
 from .store import StoreError, VectorStore
 from .types import RAGContext, RetrievedChunk
 
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
-    input: str | list[str]
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=2048)]
     model: str | None = None
-    encoding_format: str = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class RetrieveRequest(msgspec.Struct, kw_only=True):
-    collection: str
-    query: str
-    top_k: int = 4
+    collection: CollectionName
+    query: NonEmpty
+    top_k: Annotated[int, Meta(ge=1, le=100)] = 4
     retriever: str | None = None
     reranker: str | None = None
-    filters: dict[str, Any] | None = None
+    filters: Filters | None = None
 
 
 class DocumentIn(msgspec.Struct, kw_only=True):
@@ -60,7 +64,15 @@ class DocumentIn(msgspec.Struct, kw_only=True):
 
 
 class DocumentsRequest(msgspec.Struct, kw_only=True):
-    documents: list[DocumentIn]
+    documents: Annotated[list[DocumentIn], Meta(min_length=1)]
+
+
+def check_collection_name(name: str, param: str) -> None:
+    """Refuse, as a 400, a name the store cannot hold (before any plugin sees it)."""
+    if not 0 < len(name) <= 255 or not name.replace("-", "").replace("_", "").isalnum():
+        raise RequestError(
+            f"collection names are 1-255 letters, digits, - and _; got {name[:80]!r}", param=param
+        )
 
 
 class RAGService:
@@ -126,14 +138,28 @@ class RAGService:
             filters,
         )
 
-    async def retrieve_async(self, *args) -> list[RetrievedChunk]:
+    async def retrieve_async(
+        self, collection, query, top_k, retriever, reranker, filters, field="collection"
+    ) -> list[RetrievedChunk]:
+        """retrieve() off the event loop; bad input and failures become API errors, the
+        collection's named as `field` (the request's own name for it)."""
+        check_collection_name(collection, field)
+        if not query.strip():
+            raise RequestError("the query must not be empty", param="query")
+        for key, value in (filters or {}).items():
+            if isinstance(value, list) and len({type(v) for v in value}) > 1:
+                raise RequestError(
+                    f"filter {key!r}: a list of values holds strings or integers, not both",
+                    param=field.replace("collection", "filters"),
+                )
         self.loop = asyncio.get_running_loop()
+        args = (collection, query, top_k, retriever, reranker, filters)
         try:
             return await asyncio.to_thread(self.retrieve, *args)
         except UnknownComponentError as e:
             raise RequestError(str(e), param="rag") from None
         except StoreError as e:
-            raise RequestError(str(e), param="collection", code="collection_error") from None
+            raise RequestError(str(e), param=field, code="collection_error") from None
         except PluginRuntimeError as e:
             raise APIError(502, str(e), code="plugin_error") from None
 
@@ -155,7 +181,13 @@ class RAGAugmenter:
                 "rag needs a non-empty question (the prompt or the last user message)", param="rag"
             )
         chunks = await self.service.retrieve_async(
-            rag.collection, query, rag.top_k, rag.retriever, rag.reranker, rag.filters
+            rag.collection,
+            query,
+            rag.top_k,
+            rag.retriever,
+            rag.reranker,
+            rag.filters,
+            field="rag.collection",
         )
         tokenizer = self.service.state.tokenizer
         # Drop the lowest-ranked sources until the grounded prompt fits the context.
@@ -209,17 +241,14 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
     host = host or get_plugin_host()
     service = RAGService(state, host)
 
-    @post("/v1/embeddings", status_code=200, summary="Embed text (OpenAI-compatible)")
+    @post(
+        "/v1/embeddings",
+        status_code=200,
+        summary="Embed text (OpenAI-compatible)",
+        responses=error_responses(400, 401, 413),
+    )
     async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
-        if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise RequestError(
-                "input must be a non-empty string or list of non-empty strings", param="input"
-            )
-        if len(texts) > 2048:
-            raise RequestError("at most 2048 inputs per request", param="input")
-        if data.encoding_format not in ("float", "base64"):
-            raise RequestError("encoding_format must be float or base64", param="encoding_format")
         embedder = await asyncio.to_thread(lambda: service.embedder)
         vectors = await asyncio.to_thread(embedder.encode, texts)
         if data.encoding_format == "base64":
@@ -238,10 +267,13 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
             "usage": {"prompt_tokens": pieces, "total_tokens": pieces},
         }
 
-    @post("/v1/retrieve", status_code=200, summary="Ranked chunks for a query (Atlas)")
+    @post(
+        "/v1/retrieve",
+        status_code=200,
+        summary="Ranked chunks for a query (Atlas)",
+        responses=error_responses(400, 401, 413, 502),
+    )
     async def retrieve(data: RetrieveRequest) -> dict[str, Any]:
-        if not 1 <= data.top_k <= 100:
-            raise RequestError("top_k must be between 1 and 100", param="top_k")
         chunks = await service.retrieve_async(
             data.collection, data.query, data.top_k, data.retriever, data.reranker, data.filters
         )
@@ -251,7 +283,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
             "data": [_chunk_json(r, i) for i, r in enumerate(chunks, 1)],
         }
 
-    @get("/v1/collections", summary="List collections (Atlas)")
+    @get("/v1/collections", summary="List collections (Atlas)", responses=error_responses(401))
     async def list_collections() -> dict[str, Any]:
         store = await asyncio.to_thread(lambda: service.store)
         names = store.collections()
@@ -261,12 +293,10 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         "/v1/collections/{name:str}/documents",
         status_code=200,
         summary="Ingest documents into a collection (Atlas)",
+        responses=error_responses(400, 401, 413),
     )
     async def add_documents(name: str, data: DocumentsRequest) -> dict[str, Any]:
-        if not data.documents:
-            raise RequestError("documents must not be empty", param="documents")
-        if not name.replace("-", "").replace("_", "").isalnum():
-            raise RequestError("collection names use letters, digits, - and _", param="name")
+        check_collection_name(name, "name")
         docs = [Document(d.text, d.source, d.title) for d in data.documents]
 
         def run() -> dict:
@@ -276,7 +306,12 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
 
         return await asyncio.to_thread(run)
 
-    @delete("/v1/collections/{name:str}", status_code=200, summary="Delete a collection (Atlas)")
+    @delete(
+        "/v1/collections/{name:str}",
+        status_code=200,
+        summary="Delete a collection (Atlas)",
+        responses=error_responses(401, 404),
+    )
     async def delete_collection(name: str) -> dict[str, Any]:
         store = await asyncio.to_thread(lambda: service.store)
         if not store.exists(name):
@@ -284,7 +319,11 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         store.delete_collection(name)
         return {"deleted": name}
 
-    @get("/v1/plugins", summary="Installed plugins and what they registered (Atlas)")
+    @get(
+        "/v1/plugins",
+        summary="Installed plugins and what they registered (Atlas)",
+        responses=error_responses(401),
+    )
     async def plugins(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": host.describe()}
 
