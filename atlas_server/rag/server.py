@@ -24,6 +24,7 @@ from msgspec import Meta
 from ..api.errors import APIError, RequestError, error_responses
 from ..api.schemas import CollectionName, Filters
 from ..api.state import Augmentation, ServerState
+from ..compute_threads import run_in_fresh_thread
 from ..engine.types import SamplingParams
 from ..plugins import PluginHost, get_plugin_host
 from .chunking import ChunkSettings
@@ -155,7 +156,7 @@ class RAGService:
         self.loop = asyncio.get_running_loop()
         args = (collection, query, top_k, retriever, reranker, filters)
         try:
-            return await asyncio.to_thread(self.retrieve, *args)
+            return await run_in_fresh_thread(self.retrieve, *args)
         except UnknownComponentError as e:
             raise RequestError(str(e), param="rag") from None
         except StoreError as e:
@@ -249,8 +250,8 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
     )
     async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
-        embedder = await asyncio.to_thread(lambda: service.embedder)
-        vectors = await asyncio.to_thread(embedder.encode, texts)
+        embedder = await run_in_fresh_thread(lambda: service.embedder)
+        vectors = await run_in_fresh_thread(embedder.encode, texts)
         if data.encoding_format == "base64":
             import base64
 
@@ -285,7 +286,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
 
     @get("/v1/collections", summary="List collections (Atlas)", responses=error_responses(401))
     async def list_collections() -> dict[str, Any]:
-        store = await asyncio.to_thread(lambda: service.store)
+        store = await run_in_fresh_thread(lambda: service.store)
         names = store.collections()
         return {"object": "list", "data": [{"name": n, "chunks": store.count(n)} for n in names]}
 
@@ -304,7 +305,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
                 service.store, service.embedder, name, docs, ChunkSettings(), progress=False
             )
 
-        return await asyncio.to_thread(run)
+        return await run_in_fresh_thread(run)
 
     @delete(
         "/v1/collections/{name:str}",
@@ -313,7 +314,7 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
         responses=error_responses(401, 404),
     )
     async def delete_collection(name: str) -> dict[str, Any]:
-        store = await asyncio.to_thread(lambda: service.store)
+        store = await run_in_fresh_thread(lambda: service.store)
         if not store.exists(name):
             raise APIError(404, f"collection {name!r} does not exist", param="name")
         store.delete_collection(name)

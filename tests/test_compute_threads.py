@@ -1,0 +1,87 @@
+"""PyTorch work off the event loop leaves no thread behind (atlas_server/compute_threads.py).
+
+A thread that outlives its PyTorch call keeps an OpenMP team, which slows every step of
+the serving engine (bench/omp_teams.py); these tests check that the helpers' threads,
+and their OpenMP workers, are gone once the call returns, where a pool's are not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from atlas_server.compute_threads import call_in_fresh_thread, run_in_fresh_thread
+
+needs_proc = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task"
+)
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def parallel_work() -> int:
+    """One PyTorch parallel region (4M elements is far above its grain size); returns the
+    process's thread count while it is still running."""
+    torch.ones(2**22).mul_(2.0)
+    return thread_count()
+
+
+def settled_count(expected: int) -> int:
+    """The thread count, given ended threads a moment to be reaped."""
+    for _ in range(50):
+        if thread_count() <= expected:
+            break
+        time.sleep(0.02)
+    return thread_count()
+
+
+def test_results_and_exceptions_come_back():
+    assert call_in_fresh_thread(lambda a, b: a + b, 2, 3) == 5
+    assert asyncio.run(run_in_fresh_thread(lambda a, b: a * b, 4, 5)) == 20
+
+    def fail():
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        call_in_fresh_thread(fail)
+    with pytest.raises(KeyError, match="missing"):
+        asyncio.run(run_in_fresh_thread(fail))
+
+
+async def test_the_event_loop_keeps_running_meanwhile():
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    await run_in_fresh_thread(time.sleep, 0.2)
+    task.cancel()
+    assert ticks >= 5
+
+
+@needs_proc
+def test_no_thread_outlives_the_call():
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two PyTorch threads to start an OpenMP team")
+    before = thread_count()
+    during = asyncio.run(run_in_fresh_thread(parallel_work))
+    assert during > before  # the call's thread, and its OpenMP worker, while it ran
+    assert settled_count(before) == before
+    assert call_in_fresh_thread(parallel_work) > before
+    assert settled_count(before) == before
+    # What the helpers avoid: a pool thread keeps its OpenMP team after the call.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(parallel_work).result()
+        assert settled_count(before) > before
