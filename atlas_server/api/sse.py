@@ -71,9 +71,12 @@ class StreamingOperation(Operation):
     def __post_init__(self) -> None:
         ok = (self.responses or {}).get("200")
         if ok is not None and ok.content is not None:
-            ok.content["text/event-stream"] = OpenAPIMediaType(
-                schema=Schema(
-                    type=OpenAPIType.STRING,
-                    description="With `stream: true`: `data: {chunk}` events, then `data: [DONE]`",
-                )
+            # Each event, as SSE-aware tools read one: its `data` is one JSON chunk in the
+            # OpenAI shape (an error body if generation failed midway), the last `[DONE]`.
+            event = Schema(
+                type=OpenAPIType.OBJECT,
+                properties={"data": Schema(type=OpenAPIType.STRING)},
+                required=["data"],
+                description="With `stream: true`: events whose data is a JSON chunk, then `[DONE]`",
             )
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema=event)
