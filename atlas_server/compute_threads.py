@@ -5,7 +5,7 @@ thread that opens a parallel region gets its own team of worker threads, kept fo
 as that thread lives. Once libgomp manages more threads than there are CPUs, its workers
 stop spinning between regions and sleep instead, so every one of the hundreds of small
 parallel regions in an engine step pays for a futex wake-up: a batch-16 decode step of
-GPT-2 124M then takes about a quarter longer (`python bench/omp_teams.py`). A pool thread
+GPT-2 124M then took 1.39x as long on the development machine (`python bench/omp_teams.py`). A pool thread
 that outlives its call, such as those of `asyncio.to_thread`, would keep a second team
 alive for the rest of the process once it had embedded one query.
 
@@ -18,7 +18,6 @@ the engine thread (the engine's own steps already run on one thread).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -47,27 +46,7 @@ def call_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
     """Await fn(*args) run in a new thread that ends with the call (see the module docstring).
 
-    The event loop keeps serving meanwhile; the result or exception comes back here.
+    The event loop keeps serving meanwhile. The pool thread of `asyncio.to_thread` only
+    waits for the fresh one to end; it never runs PyTorch, so it never gets a team.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: Any, error: BaseException | None) -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-
-    def target() -> None:
-        try:
-            value, error = fn(*args), None
-        except BaseException as e:  # handed to the awaiting coroutine
-            value, error = None, e
-        # RuntimeError: the loop closed meanwhile, and nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=target, name="atlas-compute", daemon=True).start()
-    return await future
+    return await asyncio.to_thread(call_in_fresh_thread, fn, *args)

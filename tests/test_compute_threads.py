@@ -71,10 +71,17 @@ async def test_the_event_loop_keeps_running_meanwhile():
     assert ticks >= 5
 
 
+@pytest.fixture
+def two_torch_threads():
+    """An OpenMP team needs at least two threads (one machine core still runs two)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @needs_proc
-def test_no_thread_outlives_the_call():
-    if torch.get_num_threads() < 2:
-        pytest.skip("needs two PyTorch threads to start an OpenMP team")
+def test_no_thread_outlives_the_call(two_torch_threads):
     before = thread_count()
     during = asyncio.run(run_in_fresh_thread(parallel_work))
     assert during > before  # the call's thread, and its OpenMP worker, while it ran

@@ -228,11 +228,39 @@ def test_bad_rag_requests_are_4xx(rag_server):
         {"prompt": "q", "rag": {"collection": "std", "top_k": 0}},
         {"prompt": ["a", "b"], "rag": {"collection": "std"}},
         {"prompt": "q", "rag": {"collection": ""}},
+        {"prompt": "q", "rag": {"collection": "../etc"}},
+        {"prompt": "q", "rag": {"collection": "std", "filters": {"source": ["a", 1]}}},
+        {"prompt": "q", "rag": {"collection": "std", "filters": {"source": {"$ne": 1}}}},
     ]
     for body in cases:
         r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"].startswith(("rag", "collection"))
+
+
+def test_bad_retrieve_requests_are_400s_before_any_plugin_runs(rag_server):
+    """Found by fuzzing: an empty collection name reached the plugin and came back a 502."""
+    cases = [
+        ({"collection": "", "query": "q"}, "collection"),
+        ({"collection": "a/b", "query": "q"}, "collection"),
+        ({"collection": "x" * 256, "query": "q"}, "collection"),
+        ({"collection": "std", "query": ""}, "query"),
+        ({"collection": "std", "query": "   "}, "query"),
+        ({"collection": "std", "query": "q", "top_k": 0}, "top_k"),
+        ({"collection": "std", "query": "q", "filters": {"source": [1, "a"]}}, "filters"),
+        ({"collection": "std", "query": "q", "filters": {"source": []}}, "filters[...]"),
+        (
+            {"collection": "std", "query": "q", "filters": {"source": 1.5}},
+            "filters[...]",
+        ),  # msgspec names dict values so
+    ]
+    for body, param in cases:
+        r = httpx.post(rag_server + "/v1/retrieve", json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["param"] == param, (body, r.text)
+    ok = {"collection": "std", "query": "heap", "filters": {"source": ["heapq.md", "json.md"]}}
+    sources = {c["source"] for c in httpx.post(rag_server + "/v1/retrieve", json=ok).json()["data"]}
+    assert sources and sources <= {"heapq.md", "json.md"}
 
 
 def test_embeddings_match_sentence_transformers(rag_server):

@@ -18,7 +18,7 @@ from litestar import Request, post
 from litestar.response import Response
 
 from ..tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
-from .errors import RequestError, error_responses
+from .errors import RequestError
 from .generation import (
     augment,
     check_model,
@@ -37,7 +37,7 @@ from .generation import (
 )
 from .metrics import RequestTimer
 from .schemas import ChatCompletionRequest, ChatMessage, Role
-from .sse import StreamingOperation, sse_event, sse_response
+from .sse import GENERATION_ROUTE_DOCS, sse_event, sse_response
 from .state import ServerState
 
 ROLES = get_args(Role)
@@ -123,8 +123,7 @@ def chat_logprobs(tokenizer: Tokenizer, entries, token_ids) -> dict[str, Any]:
     "/v1/chat/completions",
     status_code=200,
     summary="Create a chat completion (OpenAI-compatible)",
-    responses=error_responses(400, 401, 404, 413, 429, 502, 503),
-    operation_class=StreamingOperation,
+    **GENERATION_ROUTE_DOCS,
 )
 async def create_chat_completion(request: Request, data: ChatCompletionRequest) -> Any:
     state: ServerState = request.app.state.atlas

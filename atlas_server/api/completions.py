@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, post
 from litestar.response import Response
 
-from .errors import RequestError, error_responses
+from .errors import RequestError
 from .generation import (
     augment,
     check_model,
@@ -36,7 +36,7 @@ from .generation import (
 )
 from .metrics import RequestTimer
 from .schemas import CompletionRequest
-from .sse import StreamingOperation, sse_error, sse_event, sse_response
+from .sse import GENERATION_ROUTE_DOCS, sse_error, sse_event, sse_response
 from .state import ServerState
 
 
@@ -113,8 +113,7 @@ def _choice_body(state: ServerState, req: CompletionRequest, choice, prompt, pro
     "/v1/completions",
     status_code=200,
     summary="Create a completion (OpenAI-compatible)",
-    responses=error_responses(400, 401, 404, 413, 429, 502, 503),
-    operation_class=StreamingOperation,
+    **GENERATION_ROUTE_DOCS,
 )
 async def create_completion(request: Request, data: CompletionRequest) -> Any:
     state: ServerState = request.app.state.atlas

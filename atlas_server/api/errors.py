@@ -43,7 +43,6 @@ _MEANINGS = {
     404: "The named model or collection does not exist.",
     413: "The request body is larger than the server accepts.",
     429: "The request queue is full; retry after the `Retry-After` seconds.",
-    500: "A bug in the server; the server log has the details.",
     502: "A retriever or reranker plugin failed; `message` names it.",
     503: "The model is still loading, or the server is shutting down.",
 }

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from ..engine.types import SEED_MAX, SEED_MIN
 from .errors import RequestError
 
 
@@ -59,7 +60,7 @@ class _SamplingFields(_Body, kw_only=True):
     n: Annotated[int, Meta(ge=1, le=16)] = 1
     stop: Stop | Annotated[list[Stop], Meta(max_length=16)] | None = None
     stop_token_ids: list[int] | None = None
-    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
+    seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0

@@ -3,7 +3,8 @@
 What it does: encodes chunks as `data: {json}\n\n`, ends every stream with
 `data: [DONE]\n\n`, and turns an error raised after streaming has begun into an error
 event (the HTTP status is already 200 by then) followed by `[DONE]`.
-`StreamingOperation` adds the event stream to a route's documented 200 response.
+`StreamingOperation` adds the event stream to a route's documented 200 response, and
+`GENERATION_ROUTE_DOCS` is what the completion and chat routes document.
 What it does not do: decide chunk contents (the route modules do).
 """
 
@@ -18,7 +19,7 @@ import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.response import Stream
 
-from .errors import APIError, error_body
+from .errors import APIError, error_body, error_responses
 
 log = logging.getLogger("atlas.api")
 _encoder = msgspec.json.Encoder()
@@ -80,3 +81,10 @@ class StreamingOperation(Operation):
                 description="With `stream: true`: events whose data is a JSON chunk, then `[DONE]`",
             )
             ok.content["text/event-stream"] = OpenAPIMediaType(schema=event)
+
+
+# What both generation routes (completions and chat) document beside their summary.
+GENERATION_ROUTE_DOCS: dict = {
+    "responses": error_responses(400, 401, 404, 413, 429, 502, 503),
+    "operation_class": StreamingOperation,
+}

@@ -59,6 +59,8 @@ from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .sampling import SamplingRow, sample, top_logprobs
 from .types import (
+    SEED_MAX,
+    SEED_MIN,
     EngineConfig,
     EngineStats,
     EngineStoppedError,
@@ -73,7 +75,6 @@ from .types import (
 log = logging.getLogger("atlas.engine")
 
 MAX_LOGPROBS = 20
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass

@@ -39,6 +39,9 @@ class EngineStoppedError(EngineError):
     """The engine is shutting down or has stopped and accepts no new requests."""
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to continue one prompt. Defaults follow the OpenAI completions API."""

@@ -250,8 +250,11 @@ def rag_extensions(state: ServerState, host: PluginHost | None = None) -> dict[s
     )
     async def embeddings(data: EmbeddingsRequest) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
-        embedder = await run_in_fresh_thread(lambda: service.embedder)
-        vectors = await run_in_fresh_thread(embedder.encode, texts)
+
+        def embed():  # one thread: opening the embedder (first call) and encoding
+            return service.embedder, service.embedder.encode(texts)
+
+        embedder, vectors = await run_in_fresh_thread(embed)
         if data.encoding_format == "base64":
             import base64
 
