@@ -5,15 +5,18 @@ What it does, in one run on one machine:
 2. builds a GPT-2 124M-shaped checkpoint with random weights (fp32; a 50257-id tokenizer
    whose every id decodes to visible text, so each streamed token is a visible chunk);
 3. starts `atlas serve` on it and runs the load generator (eval_suites/loadgen.py):
-   a concurrency sweep 1/4/16/32 and a Poisson run, 128 prompt and 64 output tokens;
+   a concurrency sweep 1/4/16/32 and a Poisson run, 128 prompt and 64 output tokens
+   (`--prompt-tokens`, `--output-tokens`), then 16 streams of a decode-bound workload,
+   16 prompt and 128 output tokens;
 4. runs `transformers` GPT2LMHeadModel.generate on the same weights, greedy, at batch 1
-   and batch 16 with the same lengths;
+   and at batch 16, with the same lengths as each workload;
 5. prints JSON and a Markdown table: batch-1 decode tok/s over HTTP (1 / mean TPOT) vs
    transformers batch 1, aggregate output tok/s with 16 concurrent streams vs transformers
-   batch 16, and each as a percentage of its ceiling (DRAM bandwidth / weight bytes for
-   batch 1; matmul peak / 2 * params for batches, and the tighter bound of this workload
-   with its prefill FLOPs counted).
-Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]`. With
+   batch 16 for both workloads, and each as a percentage of its ceiling (DRAM bandwidth /
+   weight bytes for batch 1; matmul peak / 2 * params for batches, and the tighter bound of
+   each workload with its prefill FLOPs counted).
+Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]`
+(about 4 minutes on 2 cores; `--quick` about 1.5). With
 `--device cuda` both run on the GPU (fp32, TF32 off as PyTorch defaults) and the ceilings
 are the GPU's: a streaming read of a 4 GiB buffer and the fp32 matmul peak (the CPU
 figures and their oneDNN readers do not apply there).
@@ -51,6 +54,9 @@ from atlas_server.tokenizer import Tokenizer  # noqa: E402
 from eval_suites.loadgen import LoadSpec, run  # noqa: E402
 
 PROMPT, OUTPUT = 128, 64
+# The workload the issue's reference figures describe ("transformers decodes about 145
+# tok/s at batch 16"): short prompts, long generations, as bench/bench_engine.py times.
+DECODE_BOUND_PROMPT, DECODE_BOUND_OUTPUT = 16, 128
 
 
 def visible_tokenizer(vocab: int) -> Tokenizer:
@@ -70,8 +76,10 @@ def build_checkpoint(folder: Path) -> tuple[Path, Transformer]:
     ), model
 
 
-def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
-    ids = torch.randint(0, 256, (batch, PROMPT), generator=torch.Generator().manual_seed(1))
+def hf_generate_tok_s(
+    hf, batch: int, repeats: int, prompt: int = PROMPT, output: int = OUTPUT
+) -> float:
+    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
     ids = ids.to(hf.device)
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     best = 0.0
@@ -83,14 +91,14 @@ def hf_generate_tok_s(hf, batch: int, repeats: int) -> float:
             t0 = time.perf_counter()
             hf.generate(
                 ids,
-                max_new_tokens=OUTPUT,
-                min_new_tokens=OUTPUT,
+                max_new_tokens=output,
+                min_new_tokens=output,
                 do_sample=False,
                 pad_token_id=0,
                 use_cache=True,
             )
             sync()
-            best = max(best, batch * OUTPUT / (time.perf_counter() - t0))
+            best = max(best, batch * output / (time.perf_counter() - t0))
     return best
 
 
@@ -165,12 +173,32 @@ def serve(checkpoint: Path, port: int, max_running: int, device: str = "cpu") ->
     raise RuntimeError("atlas serve did not become ready")
 
 
+def workload_flops_per_output(n_params: int, head: int, pos: int, prompt: int, output: int):
+    """FLOPs per output token with the prefill counted: a request's prompt tokens pass every
+    matmul but the output head (logits of the last one only), its output tokens all."""
+    return 2 * (prompt * (n_params - head - pos) + output * (n_params - pos)) / output
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Atlas serving vs transformers generate")
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=PROMPT, help=f"per request (default {PROMPT})"
+    )
+    parser.add_argument(
+        "--output-tokens", type=int, default=OUTPUT, help=f"per request (default {OUTPUT})"
+    )
     args = parser.parse_args()
+    if args.prompt_tokens < 1 or args.output_tokens < 2:
+        parser.error("--prompt-tokens must be at least 1 and --output-tokens at least 2")
+    # The sweep's workload, then the decode-bound one that bench_engine.py times without
+    # HTTP; each compared at 16 streams with transformers at batch 16 on the same lengths.
+    workloads = {
+        "prompt_heavy": (args.prompt_tokens, args.output_tokens),
+        "decode_bound": (DECODE_BOUND_PROMPT, DECODE_BOUND_OUTPUT),
+    }
     reps = 1 if args.quick else 3
     if args.device.startswith("cuda"):
         bandwidth, peak = gpu_read_bandwidth(args.device), gpu_fp32_peak(args.device)
@@ -182,11 +210,12 @@ def main() -> None:
         # bytes read per decode step: every weight once (the tied head via its [C, V] copy);
         # the position table contributes one row only.
         weight_bytes = (n_params - model.pos_emb.weight.numel()) * 4
-        pos_params, model_head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
+        pos_params, head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
         port = free_port()
         server = serve(checkpoint, port, max_running=32, device=args.device)
         base = f"http://127.0.0.1:{port}"
-        sweep = {}
+        prompt, output = workloads["prompt_heavy"]
+        sweep, atlas_c16 = {}, {}
         try:
             run(
                 LoadSpec(
@@ -206,20 +235,33 @@ def main() -> None:
                         mode="concurrency",
                         concurrency=c,
                         num_requests=n,
-                        prompt_tokens=PROMPT,
-                        output_tokens=OUTPUT,
+                        prompt_tokens=prompt,
+                        output_tokens=output,
                         seed=c,
                     )
                 )["summary"]
+            atlas_c16["prompt_heavy"] = sweep[16]
             poisson = run(
                 LoadSpec(
                     base,
                     mode="poisson",
                     request_rate=2.0,
                     num_requests=8 if args.quick else 32,
-                    prompt_tokens=PROMPT,
-                    output_tokens=OUTPUT,
+                    prompt_tokens=prompt,
+                    output_tokens=output,
                     seed=7,
+                )
+            )["summary"]
+            d_prompt, d_output = workloads["decode_bound"]
+            atlas_c16["decode_bound"] = run(
+                LoadSpec(
+                    base,
+                    mode="concurrency",
+                    concurrency=16,
+                    num_requests=32 if args.quick else 48,
+                    prompt_tokens=d_prompt,
+                    output_tokens=d_output,
+                    seed=16,
                 )
             )["summary"]
         finally:
@@ -227,19 +269,29 @@ def main() -> None:
             server.wait(60)
         hf = hf_from_atlas(model).to(args.device)
         del model
-        hf_b1 = hf_generate_tok_s(hf, 1, reps)
-        hf_b16 = hf_generate_tok_s(hf, 16, reps)
+        hf_b1 = hf_generate_tok_s(hf, 1, reps, prompt, output)
+        hf_b16 = {name: hf_generate_tok_s(hf, 16, reps, *w) for name, w in workloads.items()}
     atlas_b1 = 1000.0 / sweep[1]["mean_tpot_ms"]
-    atlas_c16 = sweep[16]["output_throughput"]
     ceiling_b1 = bandwidth / weight_bytes
     ceiling_batch = peak / (2 * n_params)
-    # The same bound for this workload, prefill included: a request's PROMPT tokens pass
-    # every matmul but the output head (logits of the last one only), its OUTPUT tokens all.
-    head = model_head_params
-    flops_per_output = (
-        2 * (PROMPT * (n_params - head - pos_params) + OUTPUT * (n_params - pos_params)) / OUTPUT
-    )
-    ceiling_workload = peak / flops_per_output
+    concurrent16 = {}
+    for name, (w_prompt, w_output) in workloads.items():
+        flops = workload_flops_per_output(n_params, head_params, pos_params, w_prompt, w_output)
+        atlas = atlas_c16[name]["output_throughput"]
+        concurrent16[name] = {
+            "prompt_tokens": w_prompt,
+            "output_tokens": w_output,
+            "atlas_http_output_tok_s": atlas,
+            "transformers_batch16_tok_s": hf_b16[name],
+            "ratio": atlas / hf_b16[name],
+            "ceiling_tok_s": ceiling_batch,
+            "atlas_pct_of_ceiling": 100 * atlas / ceiling_batch,
+            "workload_flops_per_output_token": flops,
+            "workload_ceiling_tok_s": peak / flops,
+            "atlas_pct_of_workload_ceiling": 100 * atlas * flops / peak,
+            "median_tpot_ms": atlas_c16[name]["median_tpot_ms"],
+            "median_ttft_ms": atlas_c16[name]["median_ttft_ms"],
+        }
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -247,6 +299,8 @@ def main() -> None:
         "dram_read_gbs": bandwidth / 1e9,
         "fp32_matmul_gflops": peak / 1e9,
         "params": n_params,
+        "prompt_tokens": prompt,
+        "output_tokens": output,
         "batch1": {
             "atlas_http_tok_s": atlas_b1,
             "transformers_tok_s": hf_b1,
@@ -254,36 +308,27 @@ def main() -> None:
             "ceiling_tok_s": ceiling_b1,
             "atlas_pct_of_ceiling": 100 * atlas_b1 / ceiling_b1,
         },
-        "concurrent16": {
-            "atlas_http_output_tok_s": atlas_c16,
-            "transformers_batch16_tok_s": hf_b16,
-            "ratio": atlas_c16 / hf_b16,
-            "ceiling_tok_s": ceiling_batch,
-            "atlas_pct_of_ceiling": 100 * atlas_c16 / ceiling_batch,
-            "workload_flops_per_output_token": flops_per_output,
-            "workload_ceiling_tok_s": ceiling_workload,
-            "atlas_pct_of_workload_ceiling": 100 * atlas_c16 / ceiling_workload,
-        },
+        "concurrent16": concurrent16,
         "sweep": sweep,
         "poisson": poisson,
     }
     print(json.dumps(result, indent=2))
-    b1, c16 = result["batch1"], result["concurrent16"]
+    b1 = result["batch1"]
     print("\n| measure | Atlas (HTTP) | transformers | ratio | Atlas % of ceiling |")
     print("|---|---|---|---|---|")
     print(
         f"| batch-1 decode tok/s | {b1['atlas_http_tok_s']:.1f} | {b1['transformers_tok_s']:.1f} | "
         f"{b1['ratio']:.2f}x | {b1['atlas_pct_of_ceiling']:.0f}% of {b1['ceiling_tok_s']:.0f} |"
     )
-    print(
-        f"| 16 streams, output tok/s | {c16['atlas_http_output_tok_s']:.1f} | {c16['transformers_batch16_tok_s']:.1f} "
-        f"| {c16['ratio']:.2f}x | {c16['atlas_pct_of_ceiling']:.0f}% of {c16['ceiling_tok_s']:.0f} |"
-    )
-    print(
-        f"16 streams vs the workload's own FLOP bound (prefill included, "
-        f"{c16['workload_flops_per_output_token'] / 1e9:.2f} GFLOP per output token): "
-        f"{c16['atlas_pct_of_workload_ceiling']:.0f}% of {c16['workload_ceiling_tok_s']:.0f} tok/s"
-    )
+    for c16 in concurrent16.values():
+        print(
+            f"| 16 streams, output tok/s, {c16['prompt_tokens']} prompt + "
+            f"{c16['output_tokens']} output tokens | {c16['atlas_http_output_tok_s']:.1f} | "
+            f"{c16['transformers_batch16_tok_s']:.1f} | {c16['ratio']:.2f}x | "
+            f"{c16['atlas_pct_of_ceiling']:.0f}% of {c16['ceiling_tok_s']:.0f}; "
+            f"{c16['atlas_pct_of_workload_ceiling']:.0f}% of {c16['workload_ceiling_tok_s']:.0f} "
+            "with the prefill counted |"
+        )
     for c, s in sweep.items():
         print(
             f"concurrency {c}: output {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "

@@ -19,6 +19,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("omp_teams.py", ["--rounds", "many"]),
         ("bench_matmul.py", ["--rows", "16", "0"]),
         ("profile_step.py", ["--steps", "0"]),
+        ("bench_serving.py", ["--prompt-tokens", "0"]),
+        ("bench_serving.py", ["--output-tokens", "1"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):
