@@ -134,7 +134,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(checkpoint: Path, port: int, max_running: int, device: str = "cpu") -> subprocess.Popen:
+def serve(
+    checkpoint: Path, port: int, max_running: int, device: str = "cpu", config: Path | None = None
+) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [
@@ -152,6 +154,7 @@ def serve(checkpoint: Path, port: int, max_running: int, device: str = "cpu") ->
             str(max_running),
             "--log-level",
             "warning",
+            *(["--config", str(config)] if config else []),
         ],
         env=env,
         # Not the repo: `python -m` puts the working directory first on sys.path, which would

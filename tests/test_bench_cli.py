@@ -21,6 +21,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("profile_step.py", ["--steps", "0"]),
         ("bench_serving.py", ["--prompt-tokens", "0"]),
         ("bench_serving.py", ["--output-tokens", "1"]),
+        ("bench_step_budget.py", ["--budgets", "512", "16"]),
+        ("bench_step_budget.py", ["--rounds", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):

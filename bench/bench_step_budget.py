@@ -1,0 +1,121 @@
+"""What the per-step token budget (`engine.max_batched_tokens`) trades: stalls against throughput.
+
+Each engine step runs every decoding sequence's next token plus prompt chunks up to the
+budget. A large budget prefills new prompts in few steps, which is cheapest in total, but
+every running stream waits for the whole step: on 2 CPU cores a 512-token step takes about
+half a second, and that is the inter-token latency (ITL) a stream sees while others join.
+A small budget cuts that stall and spreads each prompt over more steps.
+
+What it does: builds the GPT-2 124M-shaped random-weight checkpoint of bench_serving.py,
+then for each round and each budget starts `atlas serve` with that budget (32 KV slots,
+RAG off) and streams 16 concurrent clients of 128 prompt and 64 output tokens (48
+requests), then the same 48 requests arriving as a Poisson process at 3 per second. Budgets
+alternate within a round, so each sees the same machine state. Prints JSON and a Markdown
+table of the means over rounds: output tok/s, TTFT and ITL p50/p99.
+Run: `python bench/bench_step_budget.py [--budgets 128 256 512 1024] [--rounds 2]`.
+What it does not do: compare against other servers (bench_serving.py does), or GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_serving import OUTPUT, PROMPT, build_checkpoint, free_port, serve  # noqa: E402
+
+from eval_suites.loadgen import LoadSpec, run  # noqa: E402
+
+CONCURRENCY, REQUESTS = 16, 48
+# Arrivals spread out, so new prompts keep landing in steps that running streams wait on
+# (16 closed-loop clients start and finish in waves); about 80% of the server's capacity.
+POISSON_RATE = 3.0
+MEASURES = {  # loadgen summary key -> column
+    "output_throughput": "output tok/s",
+    "median_ttft_ms": "TTFT p50 ms",
+    "p99_ttft_ms": "TTFT p99 ms",
+    "median_itl_ms": "ITL p50 ms",
+    "p99_itl_ms": "ITL p99 ms",
+}
+
+
+def measure(checkpoint: Path, budget: int, folder: Path, seed: int) -> dict:
+    config = folder / f"budget-{budget}.toml"
+    config.write_text(f"[engine]\nmax_batched_tokens = {budget}\n\n[rag]\nenabled = false\n")
+    port = free_port()
+    server = serve(checkpoint, port, max_running=32, config=config)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        run(LoadSpec(base, concurrency=1, num_requests=1, prompt_tokens=16, output_tokens=8))
+        summaries = {
+            "16 streams": run(
+                LoadSpec(
+                    base,
+                    concurrency=CONCURRENCY,
+                    num_requests=REQUESTS,
+                    prompt_tokens=PROMPT,
+                    output_tokens=OUTPUT,
+                    seed=seed,
+                )
+            )["summary"],
+            f"Poisson {POISSON_RATE} req/s": run(
+                LoadSpec(
+                    base,
+                    mode="poisson",
+                    request_rate=POISSON_RATE,
+                    num_requests=REQUESTS,
+                    prompt_tokens=PROMPT,
+                    output_tokens=OUTPUT,
+                    seed=seed,
+                )
+            )["summary"],
+        }
+    finally:
+        server.terminate()
+        server.wait(60)
+    for load, summary in summaries.items():
+        if summary["failed"]:
+            raise RuntimeError(f"budget {budget}, {load}: {summary['failed']} requests failed")
+    return {load: {key: s[key] for key in MEASURES} for load, s in summaries.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="engine.max_batched_tokens: ITL vs throughput")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512, 1024])
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    # The engine needs room for every decoding row (32 slots) plus some prompt each step.
+    if min(args.budgets) <= 32 or args.rounds < 1:
+        parser.error("every budget must exceed the 32 KV slots, and --rounds must be >= 1")
+    runs: dict[int, list[dict]] = {b: [] for b in args.budgets}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, model = build_checkpoint(Path(tmp))
+        del model
+        for round_ in range(args.rounds):
+            for budget in args.budgets:
+                runs[budget].append(measure(checkpoint, budget, Path(tmp), seed=round_))
+                print(f"round {round_ + 1}, budget {budget}: {runs[budget][-1]}", flush=True)
+    loads = list(runs[args.budgets[0]][0])
+    means = {
+        b: {load: {k: statistics.mean(r[load][k] for r in rs) for k in MEASURES} for load in loads}
+        for b, rs in runs.items()
+    }
+    print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs, "means": means}))
+    print("\n| load | max_batched_tokens | " + " | ".join(MEASURES.values()) + " |")
+    print("|---|---:|" + "---:|" * len(MEASURES))
+    for load in loads:
+        for budget, m in means.items():
+            cells = " | ".join(f"{m[load][k]:.1f}" for k in MEASURES)
+            print(f"| {load} | {budget} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
