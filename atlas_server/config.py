@@ -75,7 +75,16 @@ class ServerConfig(_Section):
     def validate(self) -> ServerConfig:
         checks = [
             (self.engine.max_running >= 1, "engine.max_running must be >= 1"),
-            (self.engine.max_batched_tokens >= 1, "engine.max_batched_tokens must be >= 1"),
+            (
+                self.engine.max_batched_tokens >= self.engine.max_running,
+                f"engine.max_batched_tokens ({self.engine.max_batched_tokens}) must be >= "
+                f"engine.max_running ({self.engine.max_running}): every running sequence "
+                "needs one token of each step",
+            ),
+            (
+                self.engine.max_model_len is None or self.engine.max_model_len >= 1,
+                "engine.max_model_len must be >= 1 (its upper bound is the model's context)",
+            ),
             (self.engine.max_queued >= 0, "engine.max_queued must be >= 0"),
             (0 < self.http.port < 65536, "http.port must be in 1..65535"),
             (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),

@@ -1,0 +1,64 @@
+"""`atlas serve --config`: a config the engine could not run with is refused at the command
+line, in one line and with a non-zero exit, before any model loads or port opens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atlas_server.config import ConfigFileError, load_config, with_overrides
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_defaults_load():
+    config = load_config(Path(__file__).parent.parent / "configs/server/default.toml")
+    assert config.engine.max_batched_tokens >= config.engine.max_running
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[engine]\nmax_batched_tokens = 8\n",
+            r"engine.max_batched_tokens \(8\) must be >= engine.max_running \(16\)",
+        ),
+        ("[engine]\nmax_model_len = 0\n", "engine.max_model_len must be >= 1"),
+        ("[engine]\nmax_running = 0\n", "engine.max_running must be >= 1"),
+        ("[engine]\nmax_slots = 4\n", "unknown field"),
+        ("[http]\nport = 'eighty'\n", "Expected `int`"),
+        ("[engine\n", "is not valid TOML"),
+    ],
+)
+def test_bad_config_files_are_refused_with_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(ConfigFileError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_a_flag_that_breaks_the_budget_is_refused():
+    """--max-running 32 against the default budget of 512 is fine; against 16 it is not."""
+    config = load_config(None)
+    assert with_overrides(config, engine__max_running=32).engine.max_running == 32
+    small = with_overrides(config, engine__max_batched_tokens=16)
+    with pytest.raises(ConfigFileError, match=r"max_batched_tokens \(16\)"):
+        with_overrides(small, engine__max_running=32)
+
+
+def test_serve_exits_with_one_line_before_loading_anything(tmp_path):
+    config = write(tmp_path, "[engine]\nmax_running = 32\nmax_batched_tokens = 16\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tmp_path),
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "max_batched_tokens (16) must be >=" in lines[0], r.stderr
