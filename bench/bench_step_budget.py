@@ -11,8 +11,9 @@ then for each round and each budget starts `atlas serve` with that budget (32 KV
 RAG off) and streams 16 concurrent clients of 128 prompt and 64 output tokens (48
 requests), then the same 48 requests arriving as a Poisson process at 3 per second. Budgets
 alternate within a round, so each sees the same machine state. Prints JSON and a Markdown
-table of the means over rounds: output tok/s, TTFT and ITL p50/p99.
-Run: `python bench/bench_step_budget.py [--budgets 128 256 512 1024] [--rounds 2]`.
+table of the means over rounds: output tok/s, TTFT and ITL p50/p99; with `--out DIR`, also
+`step_budget.json` and `step_budget.png` (output tok/s, ITL p99, median TTFT by budget).
+Run: `python bench/bench_step_budget.py [--budgets 128 256 512 1024] [--rounds 2] [--out DIR]`.
 What it does not do: compare against other servers (bench_serving.py does), or GPUs.
 """
 
@@ -87,10 +88,35 @@ def measure(checkpoint: Path, budget: int, folder: Path, seed: int) -> dict:
     return {load: {key: s[key] for key in MEASURES} for load, s in summaries.items()}
 
 
+def plot(means: dict[int, dict[str, dict]], loads: list[str], path: Path) -> None:
+    """Output tok/s, ITL p99 and median TTFT against the budget, one line per load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(means)
+    keys = ["output_throughput", "p99_itl_ms", "median_ttft_ms"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.8), constrained_layout=True)
+    for ax, key in zip(axes, keys, strict=True):
+        for load in loads:
+            ax.plot(budgets, [means[b][load][key] for b in budgets], marker="o", label=load)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("engine.max_batched_tokens")
+        ax.set_title(MEASURES[key])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="engine.max_batched_tokens: ITL vs throughput")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write step_budget.json and .png here")
     args = parser.parse_args()
     # The engine needs room for every decoding row (32 slots) plus some prompt each step.
     if min(args.budgets) <= 32 or args.rounds < 1:
@@ -108,7 +134,16 @@ def main() -> None:
         b: {load: {k: statistics.mean(r[load][k] for r in rs) for k in MEASURES} for load in loads}
         for b, rs in runs.items()
     }
-    print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "runs": runs, "means": means}))
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "runs": runs,
+        "means": means,
+    }
+    print(json.dumps(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "step_budget.json").write_text(json.dumps(result, indent=2))
+        plot(means, loads, args.out / "step_budget.png")
     print("\n| load | max_batched_tokens | " + " | ".join(MEASURES.values()) + " |")
     print("|---|---:|" + "---:|" * len(MEASURES))
     for load in loads:
