@@ -188,10 +188,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     parser.add_argument(
-        "--prompt-tokens", type=int, default=PROMPT, help=f"per request (default {PROMPT})"
+        "--prompt-tokens",
+        type=int,
+        default=PROMPT,
+        help=f"prompt tokens per request in the sweep (default {PROMPT})",
     )
     parser.add_argument(
-        "--output-tokens", type=int, default=OUTPUT, help=f"per request (default {OUTPUT})"
+        "--output-tokens",
+        type=int,
+        default=OUTPUT,
+        help=f"output tokens per request in the sweep (default {OUTPUT})",
     )
     args = parser.parse_args()
     if args.prompt_tokens < 1 or args.output_tokens < 2:
