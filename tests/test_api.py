@@ -473,3 +473,14 @@ def test_non_streaming_client_that_hangs_up_is_cancelled_quietly(server):
 def test_openapi_schema_is_served(server):
     schema = httpx.get(server[0] + "/schema/openapi.json").json()
     assert "/v1/completions" in schema["paths"] and "/v1/chat/completions" in schema["paths"]
+    # Zero bounds of optional fields, which Litestar leaves out (api/openapi_bounds.py),
+    # are there as msgspec enforces them.
+    completion = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert completion["max_tokens"]["minimum"] == 0
+    assert completion["max_tokens"]["maximum"] == 1_000_000
+    assert completion["temperature"]["minimum"] == 0
+    assert completion["top_p"]["exclusiveMinimum"] == 0
+    assert completion["logprobs"]["minimum"] == 0
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert chat["max_completion_tokens"]["minimum"] == 0
+    assert chat["top_logprobs"]["minimum"] == 0

@@ -3,7 +3,8 @@
 What it does: `create_app(state, ...)` assembles the routes (completions, chat, models,
 tokenizer routes, health, metrics, plus any extra handlers such as the RAG routes), the
 OpenAI-shaped exception handlers, the optional bearer-token check on /v1 routes, the body
-size limit and the OpenAPI schema (served at /schema). On startup it loads the checkpoint
+size limit and the OpenAPI schema (served at /schema, with the bounds Litestar drops put
+back: openapi_bounds.py). On startup it loads the checkpoint
 in a background thread, so /health answers 503 until the model is ready; on shutdown it
 stops the engine.
 
@@ -31,6 +32,8 @@ from litestar.response import Response
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import EXCEPTION_HANDLERS, error_body
+from .openapi_bounds import restore_zero_bounds
+from .schemas import REQUEST_BODIES
 from .state import PromptAugmenter, ServerState
 from .system import detokenize, health, list_models, metrics, tokenize, tokenizer_info
 
@@ -80,7 +83,7 @@ def create_app(
         state.shutdown()
 
     cors = state.config.http.cors_allow_origins
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             create_completion,
             create_chat_completion,
@@ -102,3 +105,5 @@ def create_app(
         openapi_config=OpenAPIConfig(title="Atlas", version="0.1.0", path="/schema"),
         debug=False,
     )
+    restore_zero_bounds(app, REQUEST_BODIES)
+    return app

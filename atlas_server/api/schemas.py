@@ -118,3 +118,8 @@ class TokenizeRequest(_Body, kw_only=True):
 class DetokenizeRequest(_Body, kw_only=True):
     model: str | None = None
     tokens: list[int]
+
+
+# The bodies of the API's routes, for the OpenAPI fix-up in openapi_bounds.py (their nested
+# Structs come with them).
+REQUEST_BODIES = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
