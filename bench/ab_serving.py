@@ -3,11 +3,13 @@
 What it does: checks out each git revision into a temporary worktree, then for each round
 starts `atlas serve` from revision A, then from revision B (the revision's code comes first
 on PYTHONPATH), on the same random-weight gpt2-124m checkpoint, and runs the load
-generator at each concurrency (128 prompt / 64 output tokens). Alternating rounds puts
-both builds under the same machine state, which on a shared or virtual machine drifts
-by more than the differences being measured. Prints every round and the mean output
+generator at each concurrency: 128 prompt and 64 output tokens, unless `--prompt-tokens`
+and `--output-tokens` say otherwise (bench_serving.py's decode-bound workload is 16 and
+128). Alternating rounds puts both builds under the same machine state, which on a shared
+or virtual machine drifts by more than the differences being measured. Prints every round and the mean output
 tokens/s per build and concurrency, with the B/A ratio.
-Run: `python bench/ab_serving.py REV_A REV_B [--concurrency 4 16] [--rounds 2]`.
+Run: `python bench/ab_serving.py REV_A REV_B [--concurrency 4 16] [--rounds 2]
+[--prompt-tokens 128] [--output-tokens 64]`.
 What it does not do: compare against other servers (bench_serving.py does).
 """
 
@@ -36,7 +38,13 @@ def main() -> None:
     parser.add_argument("rev_b")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT)
+    parser.add_argument("--output-tokens", type=int, default=OUTPUT)
     args = parser.parse_args()
+    if min(args.concurrency) < 1 or args.rounds < 1 or args.prompt_tokens < 1:
+        parser.error("--concurrency, --rounds and --prompt-tokens must be at least 1")
+    if args.output_tokens < 2:
+        parser.error("--output-tokens must be at least 2")
     results: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, _ = build_checkpoint(Path(tmp))
@@ -59,8 +67,8 @@ def main() -> None:
                                      prompt_tokens=16, output_tokens=8))  # fmt: skip
                         for c in args.concurrency:
                             summary = run(LoadSpec(base, mode="concurrency", concurrency=c,
-                                                   num_requests=3 * c, prompt_tokens=PROMPT,
-                                                   output_tokens=OUTPUT, seed=c))["summary"]  # fmt: skip
+                                                   num_requests=3 * c, prompt_tokens=args.prompt_tokens,
+                                                   output_tokens=args.output_tokens, seed=c))["summary"]  # fmt: skip
                             if summary["completed"] < 3 * c:
                                 raise SystemExit(f"error: {rev} at concurrency {c}: only "
                                                  f"{summary['completed']} of {3 * c} requests completed")  # fmt: skip

@@ -23,6 +23,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_serving.py", ["--output-tokens", "1"]),
         ("bench_step_budget.py", ["--budgets", "512", "16"]),
         ("bench_step_budget.py", ["--rounds", "0"]),
+        ("ab_serving.py", ["HEAD", "HEAD", "--output-tokens", "1"]),
+        ("ab_serving.py", ["HEAD", "HEAD", "--concurrency", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):
