@@ -6,8 +6,8 @@ on PYTHONPATH), on the same random-weight gpt2-124m checkpoint, and runs the loa
 generator at each concurrency: 128 prompt and 64 output tokens, unless `--prompt-tokens`
 and `--output-tokens` say otherwise (bench_serving.py's decode-bound workload is 16 and
 128). Alternating rounds puts both builds under the same machine state, which on a shared
-or virtual machine drifts by more than the differences being measured. Prints every round and the mean output
-tokens/s per build and concurrency, with the B/A ratio.
+or virtual machine drifts by more than the differences being measured. Prints every round
+and the mean output tokens/s per build and concurrency, with the B/A ratio.
 Run: `python bench/ab_serving.py REV_A REV_B [--concurrency 4 16] [--rounds 2]
 [--prompt-tokens 128] [--output-tokens 64]`.
 What it does not do: compare against other servers (bench_serving.py does).
