@@ -43,6 +43,7 @@ class EngineSection(_Section):
     max_batched_tokens: int = 512
     max_queued: int = 256
     max_model_len: int | None = None
+    prefix_caching: bool = True
 
 
 class HTTPSection(_Section):

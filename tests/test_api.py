@@ -484,3 +484,35 @@ def test_openapi_schema_is_served(server):
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert chat["max_completion_tokens"]["minimum"] == 0
     assert chat["top_logprobs"]["minimum"] == 0
+
+
+def test_next_chat_turn_reports_cached_prompt_tokens(server, client, model, byte_tokenizer):
+    """A conversation's second turn resends the first: the prefix cache serves those tokens,
+    `usage.prompt_tokens_details.cached_tokens` says how many, /metrics counts them, and the
+    answer is still the model's own greedy continuation."""
+
+    def hits() -> float:
+        text = httpx.get(server[0] + "/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        samples = families["atlas:prefix_cache_hit_tokens"].samples
+        return sum(s.value for s in samples if s.name.endswith("_total"))
+
+    before = hits()
+    history = [{"role": "user", "content": "Name a sorting algorithm and say why it is fast."}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=history, max_tokens=8, temperature=0
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a slow one?"},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=history, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0.5 * second.usage.prompt_tokens  # the whole first turn, about
+    assert hits() - before == cached
+    ids = httpx.post(server[0] + "/tokenize", json={"messages": history}).json()["tokens"]
+    expected = byte_tokenizer.decode(greedy(model, ids, 8))
+    assert second.choices[0].message.content == expected

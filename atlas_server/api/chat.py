@@ -212,7 +212,9 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             "created": created,
             "model": state.model_name,
             "choices": body,
-            "usage": usage(len(ids), sum(len(c.token_ids) for c in choices)),
+            "usage": usage(
+                len(ids), sum(len(c.token_ids) for c in choices), choices[0].cached_tokens
+            ),
             **rag_sources(state, augmentation),
         }
     )
@@ -229,10 +231,11 @@ async def _stream(
     }
     started: set[int] = set()
     texts: dict[int, list[str]] = {}
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         async for _, event in merged_events([stream], [0]):
             i = event.index
+            cached_tokens = event.num_cached_tokens
             timer.on_queue_time(event.queue_time_s)
             timer.on_tokens(i, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
@@ -260,6 +263,7 @@ async def _stream(
                 yield sse_event({**base, "choices": [choice], **(sources if finish else {})})
         timer.on_finish(time.perf_counter(), "stream")
         if data.stream_options is not None and data.stream_options.include_usage:
-            yield sse_event({**base, "choices": [], "usage": usage(len(ids), completion_tokens)})
+            total = usage(len(ids), completion_tokens, cached_tokens)
+            yield sse_event({**base, "choices": [], "usage": total})
     finally:
         state.leave()

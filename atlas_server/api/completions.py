@@ -196,6 +196,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     ]
     completion_tokens = sum(len(c.token_ids) for c in choices)
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
+    cached_tokens = sum(c.cached_tokens for c in choices if c.index % data.n == 0)
     return Response(
         {
             "id": request_id,
@@ -203,7 +204,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
             "created": created,
             "model": state.model_name,
             "choices": body_choices,
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
             **rag_sources(state, augmentation),
         }
     )
@@ -221,6 +222,7 @@ async def _stream(
         "model": state.model_name,
     }
     completion_tokens = 0
+    cached: dict[int, int] = {}  # prompt index -> its tokens served by the prefix cache
     echoed: set[int] = set()
     prompt_lp: dict[int, list] = {}
     try:
@@ -230,6 +232,7 @@ async def _stream(
             timer.on_queue_time(event.queue_time_s)
             timer.on_tokens(index, time.perf_counter(), len(event.token_ids))
             completion_tokens += len(event.token_ids)
+            cached[index // data.n] = event.num_cached_tokens
             text = event.text
             if cite is not None:
                 generated.setdefault(index, []).append(event.text)
@@ -268,8 +271,7 @@ async def _stream(
         timer.on_finish(time.perf_counter(), "stream")
         if data.stream_options is not None and data.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for ids, _ in prompts)
-            yield sse_event(
-                {**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
-            )
+            total = usage(prompt_tokens, completion_tokens, sum(cached.values()))
+            yield sse_event({**base, "choices": [], "usage": total})
     finally:
         state.leave()

@@ -134,8 +134,10 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    cached_tokens: int = 0  # of its prompt's tokens, those served by the prefix cache
 
     def add(self, event: RequestOutput) -> None:
+        self.cached_tokens = event.num_cached_tokens
         self.token_ids += event.token_ids
         self.text.append(event.text)
         if event.logprobs:
@@ -289,11 +291,13 @@ def completion_logprobs(
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens` counts prompt tokens the prefix cache served."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 

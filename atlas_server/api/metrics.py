@@ -73,6 +73,12 @@ class Metrics:
             "atlas:kv_cache_usage_perc", "Fraction of KV-cache slots in use.", registry=r
         )
         self.prompt_tokens = Counter("atlas:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.prefix_cache_hits = Counter(
+            "atlas:prefix_cache_hit_tokens",
+            "Prompt tokens whose KV rows came from the prefix cache instead of a forward pass.",
+            registry=r,
+        )
+        self._prefix_hits_seen = 0
         self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter(
             "atlas:request_success",
@@ -92,6 +98,11 @@ class Metrics:
         self.waiting.set(stats.waiting)
         total = max(1, stats.kv_slots_total)
         self.kv_usage.set(stats.kv_slots_used / total)
+        # The engine keeps the running total; the counter takes what is new since last time.
+        new_hits = stats.prefix_cache_hit_tokens_total - self._prefix_hits_seen
+        if new_hits > 0:
+            self.prefix_cache_hits.inc(new_hits)
+            self._prefix_hits_seen = stats.prefix_cache_hit_tokens_total
 
     def render(self, engine_stats=None) -> bytes:
         if engine_stats is not None:

@@ -103,6 +103,7 @@ class ServerState:
                     max_batched_tokens=cfg.engine.max_batched_tokens,
                     max_queued=cfg.engine.max_queued,
                     max_model_len=cfg.engine.max_model_len,
+                    prefix_caching=cfg.engine.prefix_caching,
                     device=cfg.model.device,
                     dtype=cfg.model.dtype,
                 ),

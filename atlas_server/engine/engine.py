@@ -31,6 +31,12 @@ prompt + max_tokens exceeds `max_model_len` is refused in submit(), so an admitt
 request always fits its slot. n > 1 choices prefill once and copy the prompt's KV rows
 into the other choices' slots.
 
+Prefix caching (engine/prefix_cache.py; on unless `prefix_caching=False`): a freed slot
+keeps its rows, and the engine remembers which tokens they hold. A new prompt whose start
+a slot already holds (a shared system prompt, the earlier turns of a chat) takes that
+slot as it is, or a copy of a running sequence's rows, and prefills only the rest. Free
+slots that hold nothing are used first, then the one freed longest ago.
+
 What it does not do: HTTP, chat templates, tokenization of text (the API layer), or
 preemption / swapping (the queue bound and up-front slot reservation make it unneeded).
 """
@@ -57,6 +63,7 @@ from ..model import Transformer
 from ..model.transformer import Segment
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .prefix_cache import SlotContents
 from .sampling import SamplingRow, sample, top_logprobs
 from .types import (
     SEED_MAX,
@@ -100,6 +107,7 @@ class _Request:
     emit: Callable[[RequestOutput], None]
     choices: list[_Choice] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already in the KV cache (of choice 0's slot)
+    cached: int = 0  # of those, found already computed (prefix caching) at admission
     scheduled_time: float | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     sent_prompt_logprobs: bool = False
@@ -173,6 +181,7 @@ class Engine:
         self._device = model.tok_emb.weight.device
         self._stop_ids_eos = tokenizer.eot_id
         self._free_slots = list(range(config.max_running - 1, -1, -1))  # pop() gives 0 first
+        self._slot_contents = SlotContents()  # what free slots still hold (prefix caching)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids: set[str] = set()
@@ -187,6 +196,7 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._counter = itertools.count()
         self._prompt_tokens_total = self._generation_tokens_total = self._steps_total = 0
+        self._prefix_hit_tokens_total = 0
         self._step_seconds_ema = 0.05
 
     @classmethod
@@ -274,6 +284,7 @@ class Engine:
             kv_slots_total=self.config.max_running,
             kv_cache_bytes=self.cache.nbytes,
             prompt_tokens_total=self._prompt_tokens_total,
+            prefix_cache_hit_tokens_total=self._prefix_hit_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             steps_total=self._steps_total,
         )
@@ -442,11 +453,57 @@ class Engine:
             generator = torch.Generator(device=self._device).manual_seed(p.seed + index)
         return _Choice(
             index,
-            self._free_slots.pop(),
+            self._take_slot_for_prompt(request) if index == 0 else self._take_free_slot(),
             IncrementalDetokenizer(self.tokenizer),
             StopStringMatcher(p.stop),
             generator,
         )
+
+    def _take_free_slot(self) -> int:
+        """A free slot, sparing the ones that still hold a cached prefix: the lowest empty
+        slot if any (decode batches pack into low slots), else the longest-free one."""
+        empty = [s for s in self._free_slots if not self._slot_contents.holds(s)]
+        slot = min(empty) if empty else self._free_slots[0]
+        self._free_slots.remove(slot)
+        self._slot_contents.forget(slot)
+        return slot
+
+    def _take_slot_for_prompt(self, r: _Request) -> int:
+        """The slot for choice 0, with as much of the prompt's KV as the cache already holds.
+
+        Sets r.prefilled (and r.cached) to the reused length: a free slot holding a prefix
+        is taken as it is; a prefix held by a running sequence is copied into a free slot.
+        """
+        if not self.config.prefix_caching or r.params.prompt_logprobs is not None:
+            return self._take_free_slot()
+        running = [
+            (c.slot, self._tokens_held(x, c)) for x in self._running for c in x.choices
+            if not c.finished
+        ]  # fmt: skip
+        length, source, source_is_free = self._slot_contents.longest_prefix(
+            r.prompt_ids, self._free_slots, running
+        )
+        if source is None:
+            return self._take_free_slot()
+        if source_is_free:
+            self._free_slots.remove(source)
+            self._slot_contents.forget(source)
+            slot = source
+        else:
+            slot = self._take_free_slot()
+            self.cache.copy_slot(source, [slot], length)
+        r.prefilled = r.cached = length
+        self._prefix_hit_tokens_total += length
+        return slot
+
+    @staticmethod
+    def _tokens_held(r: _Request, c: _Choice) -> list[int]:
+        """The tokens whose KV rows c's slot holds: the prompt so far (choice 0 only, until
+        the prompt is complete and forked), then the generated tokens but the last, which
+        has not been through the model yet."""
+        if r.decoding:
+            return r.prompt_ids + c.output_ids[:-1]
+        return r.prompt_ids[: r.prefilled] if c is r.choices[0] else []
 
     def _apply_aborts(self) -> None:
         while self._abort_ids:
@@ -497,6 +554,7 @@ class Engine:
             finished=True,
             finish_reason=reason,
             num_prompt_tokens=len(r.prompt_ids),
+            num_cached_tokens=r.cached,
             num_generated_tokens=generated,
             error=error,
             arrival_time=r.arrival_time,
@@ -505,6 +563,8 @@ class Engine:
 
     def _release(self, r: _Request, c: _Choice) -> None:
         c.finished = True
+        if self.config.prefix_caching:
+            self._slot_contents.remember(c.slot, self._tokens_held(r, c))
         self._free_slots.append(c.slot)
         if all(x.finished for x in r.choices):
             self._running.remove(r)
@@ -632,6 +692,9 @@ class Engine:
             if other is None:  # a free slot
                 self.cache.copy_slot(c.slot, [hole], length)
                 self._free_slots[self._free_slots.index(hole)] = c.slot
+                self._slot_contents.forget(hole)
+                if self.config.prefix_caching:  # the old slot still holds c's rows
+                    self._slot_contents.remember(c.slot, self._tokens_held(r, c))
             else:  # a prefilling request's choice: its rows move up into c's slot
                 self.cache.swap_slots(c.slot, hole, max(length, other[0].prefilled))
                 other[1].slot = c.slot
@@ -726,6 +789,7 @@ class Engine:
                 finish_reason=reason,
                 stop_reason=stop_reason,
                 num_prompt_tokens=len(r.prompt_ids),
+                num_cached_tokens=r.cached,
                 num_generated_tokens=len(c.output_ids),
                 queue_time_s=(r.scheduled_time or now) - r.arrival_time if first else None,
                 arrival_time=r.arrival_time,

@@ -73,6 +73,8 @@ class EngineConfig:
     max_batched_tokens: int = 512  # tokens per forward step, prefill chunks included
     max_queued: int = 256  # requests waiting beyond the running set; more -> QueueFullError
     max_model_len: int | None = None  # None: the model's max_seq_len
+    # Reuse KV rows of a prompt prefix that a slot already holds (engine/prefix_cache.py).
+    prefix_caching: bool = True
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -110,6 +112,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, not recomputed
     num_generated_tokens: int = 0  # total so far for this choice
     error: str | None = None
     # Set on the first event of a request: seconds between submit() and the engine first
@@ -131,6 +134,7 @@ class EngineStats:
     kv_slots_used: int
     kv_slots_total: int
     kv_cache_bytes: int
-    prompt_tokens_total: int
+    prompt_tokens_total: int  # prompt tokens run through the model
     generation_tokens_total: int
     steps_total: int
+    prefix_cache_hit_tokens_total: int = 0  # prompt tokens whose KV rows were reused
