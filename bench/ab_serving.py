@@ -27,9 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import OUTPUT, PROMPT, build_checkpoint, free_port, serve  # noqa: E402
-
-from eval_suites.loadgen import LoadSpec, run  # noqa: E402
+from bench_serving import (  # noqa: E402
+    OUTPUT,
+    PROMPT,
+    build_checkpoint,
+    closed_loop,
+    free_port,
+    serve,
+    warm_up,
+)
 
 
 def main() -> None:
@@ -63,12 +69,10 @@ def main() -> None:
                     server = serve(checkpoint, port, max_running=32)
                     base = f"http://127.0.0.1:{port}"
                     try:
-                        run(LoadSpec(base, mode="concurrency", concurrency=1, num_requests=1,
-                                     prompt_tokens=16, output_tokens=8))  # fmt: skip
+                        warm_up(base)
                         for c in args.concurrency:
-                            summary = run(LoadSpec(base, mode="concurrency", concurrency=c,
-                                                   num_requests=3 * c, prompt_tokens=args.prompt_tokens,
-                                                   output_tokens=args.output_tokens, seed=c))["summary"]  # fmt: skip
+                            summary = closed_loop(base, c, 3 * c, args.prompt_tokens,
+                                                  args.output_tokens, seed=c)  # fmt: skip
                             if summary["completed"] < 3 * c:
                                 raise SystemExit(f"error: {rev} at concurrency {c}: only "
                                                  f"{summary['completed']} of {3 * c} requests completed")  # fmt: skip

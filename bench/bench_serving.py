@@ -176,6 +176,26 @@ def serve(
     raise RuntimeError("atlas serve did not become ready")
 
 
+def closed_loop(base: str, clients: int, requests: int, prompt: int, output: int, seed: int):
+    """Loadgen summary of `requests` streamed by `clients` clients, each sending its next
+    request when its last one ends."""
+    spec = LoadSpec(base, mode="concurrency", concurrency=clients, num_requests=requests,
+                    prompt_tokens=prompt, output_tokens=output, seed=seed)  # fmt: skip
+    return run(spec)["summary"]
+
+
+def poisson_arrivals(base: str, rate: float, requests: int, prompt: int, output: int, seed: int):
+    """Loadgen summary of `requests` arriving as a Poisson process at `rate` per second."""
+    spec = LoadSpec(base, mode="poisson", request_rate=rate, num_requests=requests,
+                    prompt_tokens=prompt, output_tokens=output, seed=seed)  # fmt: skip
+    return run(spec)["summary"]
+
+
+def warm_up(base: str) -> None:
+    """One short request, so the first measured one does not pay for first-use costs."""
+    closed_loop(base, 1, 1, 16, 8, seed=0)
+
+
 def workload_flops_per_output(n_params: int, head: int, pos: int, prompt: int, output: int):
     """FLOPs per output token with the prefill counted: a request's prompt tokens pass every
     matmul but the output head (logits of the last one only), its output tokens all."""
@@ -202,6 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt_tokens < 1 or args.output_tokens < 2:
         parser.error("--prompt-tokens must be at least 1 and --output-tokens at least 2")
+    if args.out is not None and not args.out.parent.is_dir():  # before minutes of measuring
+        parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     # The sweep's workload, then the decode-bound one that bench_engine.py times without
     # HTTP; each compared at 16 streams with transformers at batch 16 on the same lengths.
     workloads = {
@@ -226,53 +248,17 @@ def main() -> None:
         prompt, output = workloads["prompt_heavy"]
         sweep, atlas_c16 = {}, {}
         try:
-            run(
-                LoadSpec(
-                    base,
-                    mode="concurrency",
-                    concurrency=1,
-                    num_requests=1,
-                    prompt_tokens=16,
-                    output_tokens=8,
-                )
-            )
+            warm_up(base)
             for c in [1, 16] if args.quick else [1, 4, 16, 32]:
                 n = max(2 * c, 4) if args.quick else max(3 * c, 8)
-                sweep[c] = run(
-                    LoadSpec(
-                        base,
-                        mode="concurrency",
-                        concurrency=c,
-                        num_requests=n,
-                        prompt_tokens=prompt,
-                        output_tokens=output,
-                        seed=c,
-                    )
-                )["summary"]
+                sweep[c] = closed_loop(base, c, n, prompt, output, seed=c)
             atlas_c16["prompt_heavy"] = sweep[16]
-            poisson = run(
-                LoadSpec(
-                    base,
-                    mode="poisson",
-                    request_rate=2.0,
-                    num_requests=8 if args.quick else 32,
-                    prompt_tokens=prompt,
-                    output_tokens=output,
-                    seed=7,
-                )
-            )["summary"]
-            d_prompt, d_output = workloads["decode_bound"]
-            atlas_c16["decode_bound"] = run(
-                LoadSpec(
-                    base,
-                    mode="concurrency",
-                    concurrency=16,
-                    num_requests=32 if args.quick else 48,
-                    prompt_tokens=d_prompt,
-                    output_tokens=d_output,
-                    seed=16,
-                )
-            )["summary"]
+            n = 8 if args.quick else 32
+            poisson = poisson_arrivals(base, 2.0, n, prompt, output, seed=7)
+            n = 32 if args.quick else 48
+            atlas_c16["decode_bound"] = closed_loop(
+                base, 16, n, *workloads["decode_bound"], seed=16
+            )
         finally:
             server.terminate()
             server.wait(60)

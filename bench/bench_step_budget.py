@@ -11,8 +11,10 @@ then for each round and each budget starts `atlas serve` with that budget (32 KV
 RAG off) and streams 16 concurrent clients of 128 prompt and 64 output tokens (48
 requests), then the same 48 requests arriving as a Poisson process at 3 per second. Budgets
 alternate within a round, so each sees the same machine state. Prints JSON and a Markdown
-table of the means over rounds: output tok/s, TTFT and ITL p50/p99; with `--out DIR`, also
-`step_budget.json` and `step_budget.png` (output tok/s, ITL p99, median TTFT by budget).
+table of the means over rounds: output tok/s, TTFT and ITL p50/p99, and each budget's
+output tok/s and ITL p99 as a ratio to the default budget's in the same run. With
+`--out DIR`, also `step_budget.json` and `step_budget.png` (output tok/s, ITL p99, median
+TTFT by budget).
 Run: `python bench/bench_step_budget.py [--budgets 128 256 512 1024] [--rounds 2] [--out DIR]`.
 What it does not do: compare against other servers (bench_serving.py does), or GPUs.
 """
@@ -31,11 +33,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import OUTPUT, PROMPT, build_checkpoint, free_port, serve  # noqa: E402
+from bench_serving import (  # noqa: E402
+    OUTPUT,
+    PROMPT,
+    build_checkpoint,
+    closed_loop,
+    free_port,
+    poisson_arrivals,
+    serve,
+    warm_up,
+)
 
-from eval_suites.loadgen import LoadSpec, run  # noqa: E402
+from atlas_server.config import EngineSection  # noqa: E402
 
 CONCURRENCY, REQUESTS = 16, 48
+DEFAULT_BUDGET = EngineSection().max_batched_tokens  # what `atlas serve` uses unless told
 # Arrivals spread out, so new prompts keep landing in steps that running streams wait on
 # (16 closed-loop clients start and finish in waves); about 80% of the server's capacity.
 POISSON_RATE = 3.0
@@ -55,29 +67,12 @@ def measure(checkpoint: Path, budget: int, folder: Path, seed: int) -> dict:
     server = serve(checkpoint, port, max_running=32, config=config)
     base = f"http://127.0.0.1:{port}"
     try:
-        run(LoadSpec(base, concurrency=1, num_requests=1, prompt_tokens=16, output_tokens=8))
+        warm_up(base)
         summaries = {
-            "16 streams": run(
-                LoadSpec(
-                    base,
-                    concurrency=CONCURRENCY,
-                    num_requests=REQUESTS,
-                    prompt_tokens=PROMPT,
-                    output_tokens=OUTPUT,
-                    seed=seed,
-                )
-            )["summary"],
-            f"Poisson {POISSON_RATE} req/s": run(
-                LoadSpec(
-                    base,
-                    mode="poisson",
-                    request_rate=POISSON_RATE,
-                    num_requests=REQUESTS,
-                    prompt_tokens=PROMPT,
-                    output_tokens=OUTPUT,
-                    seed=seed,
-                )
-            )["summary"],
+            "16 streams": closed_loop(base, CONCURRENCY, REQUESTS, PROMPT, OUTPUT, seed),
+            f"Poisson {POISSON_RATE} req/s": poisson_arrivals(
+                base, POISSON_RATE, REQUESTS, PROMPT, OUTPUT, seed
+            ),
         }
     finally:
         server.terminate()
@@ -121,6 +116,11 @@ def main() -> None:
     # The engine needs room for every decoding row (32 slots) plus some prompt each step.
     if min(args.budgets) <= 32 or args.rounds < 1:
         parser.error("every budget must exceed the 32 KV slots, and --rounds must be >= 1")
+    if args.out is not None:  # before minutes of measuring, not after
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: {e.strerror or e}")
     runs: dict[int, list[dict]] = {b: [] for b in args.budgets}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, model = build_checkpoint(Path(tmp))
@@ -141,15 +141,22 @@ def main() -> None:
     }
     print(json.dumps(result))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "step_budget.json").write_text(json.dumps(result, indent=2))
         plot(means, loads, args.out / "step_budget.png")
-    print("\n| load | max_batched_tokens | " + " | ".join(MEASURES.values()) + " |")
-    print("|---|---:|" + "---:|" * len(MEASURES))
+    # Ratios against the server's default budget when it was measured, else the first one.
+    base = DEFAULT_BUDGET if DEFAULT_BUDGET in means else args.budgets[0]
+    print(
+        "\n| load | max_batched_tokens | " + " | ".join(MEASURES.values())
+        + f" | tok/s vs {base} | ITL p99 vs {base} |"
+    )  # fmt: skip
+    print("|---|---:|" + "---:|" * (len(MEASURES) + 2))
     for load in loads:
         for budget, m in means.items():
             cells = " | ".join(f"{m[load][k]:.1f}" for k in MEASURES)
-            print(f"| {load} | {budget} | {cells} |")
+            ratios = [
+                m[load][k] / means[base][load][k] for k in ("output_throughput", "p99_itl_ms")
+            ]
+            print(f"| {load} | {budget} | {cells} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,36 @@ def tiny_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
 def tiny_llama_checkpoint(tmp_path_factory, byte_tokenizer) -> Path:
     """A random-weight llama-tiny checkpoint (RoPE, RMSNorm, SwiGLU, GQA)."""
     return _make_checkpoint(tmp_path_factory.mktemp("ckpt"), "llama-tiny", byte_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session", params=["gpt2-tiny", "llama-tiny"])
+def varied_model(request, byte_tokenizer):
+    """A tiny model (each architecture in turn) ready for the engine, whose random weights
+    are scaled up so greedy text varies token to token (at the init scale it repeats one
+    token, which would make batch-invariance and cache-reuse checks weak)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = Transformer(load_preset(request.param, vocab_size=byte_tokenizer.vocab_size))
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(8.0)
+    return SimpleNamespace(model=model.prepare_for_inference(), tokenizer=byte_tokenizer)
+
+
+@pytest.fixture
+def make_engine(varied_model):
+    """Engine(**config) factories over `varied_model`; every engine is shut down after."""
+    from atlas_server.engine import Engine, EngineConfig
+
+    engines = []
+
+    def make(**config):
+        engine = Engine(varied_model.model, varied_model.tokenizer, EngineConfig(**config))
+        engines.append(engine.start())
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown(timeout=5)

@@ -21,8 +21,10 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("profile_step.py", ["--steps", "0"]),
         ("bench_serving.py", ["--prompt-tokens", "0"]),
         ("bench_serving.py", ["--output-tokens", "1"]),
+        ("bench_serving.py", ["--out", "/no/such/folder/out.json"]),
         ("bench_step_budget.py", ["--budgets", "512", "16"]),
         ("bench_step_budget.py", ["--rounds", "0"]),
+        ("bench_step_budget.py", ["--out", __file__]),  # a file, not a folder
         ("ab_serving.py", ["HEAD", "HEAD", "--output-tokens", "1"]),
         ("ab_serving.py", ["HEAD", "HEAD", "--concurrency", "0"]),
     ],

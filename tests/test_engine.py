@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,36 +22,8 @@ from atlas_server.engine import (
     QueueFullError,
     SamplingParams,
 )
-from atlas_server.model import Transformer, load_preset
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
-
-
-@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
-def checkpoint(request, byte_tokenizer):
-    """A tiny model whose random weights are scaled up so greedy text varies token to token
-    (at the init scale it repeats one token, which would make batch-invariance checks weak)."""
-    torch.manual_seed(0)
-    model = Transformer(load_preset(request.param, vocab_size=byte_tokenizer.vocab_size))
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(8.0)
-    return SimpleNamespace(model=model.prepare_for_inference(), tokenizer=byte_tokenizer)
-
-
-@pytest.fixture
-def make_engine(checkpoint):
-    engines = []
-
-    def make(**config) -> Engine:
-        engine = Engine(checkpoint.model, checkpoint.tokenizer, EngineConfig(**config)).start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=5)
 
 
 async def run(engine: Engine, prompt: list[int], params: SamplingParams, **kw):
@@ -76,10 +47,10 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 # --- correctness against references ------------------------------------------------
-async def test_greedy_is_batch_invariant_with_staggered_arrivals(checkpoint, make_engine):
+async def test_greedy_is_batch_invariant_with_staggered_arrivals(varied_model, make_engine):
     engine = make_engine(max_running=4, max_batched_tokens=16)
-    ps = prompts(checkpoint.tokenizer, 4)
-    expected = [checkpoint.model.generate(p, GREEDY.max_tokens) for p in ps]
+    ps = prompts(varied_model.tokenizer, 4)
+    expected = [varied_model.model.generate(p, GREEDY.max_tokens) for p in ps]
 
     async def late(p, delay_tokens, first):
         await first.wait()
@@ -100,15 +71,15 @@ async def test_greedy_is_batch_invariant_with_staggered_arrivals(checkpoint, mak
 
 
 async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_outputs(
-    checkpoint, make_engine
+    varied_model, make_engine
 ):
     """Sequences finish at different times and new prompts take the freed slots while they
     prefill; the engine moves decoding sequences into slots 0..B-1 (a view, not a gather,
     for attention). Every output must still equal the model's own greedy loop."""
     engine = make_engine(max_running=6, max_batched_tokens=24)
-    ps = prompts(checkpoint.tokenizer, 4) * 3  # 12 requests through 6 slots
+    ps = prompts(varied_model.tokenizer, 4) * 3  # 12 requests through 6 slots
     lengths = [3, 9, 5, 12, 2, 7, 10, 4, 6, 8, 11, 3]
-    expected = [checkpoint.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
+    expected = [varied_model.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
     seen_slots: list[list[int]] = []
     forward_step = engine._forward_step
 
@@ -130,8 +101,8 @@ async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_out
     assert engine.stats().kv_slots_used == 0
 
 
-async def test_chunked_prefill_equals_unchunked(checkpoint, make_engine):
-    prompt = checkpoint.tokenizer.encode("chunked prefill " * 8)  # > 100 tokens
+async def test_chunked_prefill_equals_unchunked(varied_model, make_engine):
+    prompt = varied_model.tokenizer.encode("chunked prefill " * 8)  # > 100 tokens
     params = SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2)
     chunked = await run(make_engine(max_running=2, max_batched_tokens=7), prompt, params)
     whole = await run(make_engine(max_running=2, max_batched_tokens=512), prompt, params)
@@ -140,14 +111,14 @@ async def test_chunked_prefill_equals_unchunked(checkpoint, make_engine):
     assert [x and x.logprob for x in a] == pytest.approx([x and x.logprob for x in b], abs=1e-5)
 
 
-async def test_prompt_logprobs_equal_a_full_forward(checkpoint, make_engine):
+async def test_prompt_logprobs_equal_a_full_forward(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=16)
-    prompt = checkpoint.tokenizer.encode("echo these prompt tokens back with scores")
+    prompt = varied_model.tokenizer.encode("echo these prompt tokens back with scores")
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=1, prompt_logprobs=1)
     _, _, events = await run(engine, prompt, params)
     entries = events[0].prompt_logprobs
     with torch.inference_mode():
-        ref = torch.log_softmax(checkpoint.model(torch.tensor([prompt]))[0].float(), -1)  # [T, V]
+        ref = torch.log_softmax(varied_model.model(torch.tensor([prompt]))[0].float(), -1)  # [T, V]
     assert entries[0] is None and len(entries) == len(prompt)
     for i in range(1, len(prompt)):
         assert entries[i].token_id == prompt[i]
@@ -157,15 +128,15 @@ async def test_prompt_logprobs_equal_a_full_forward(checkpoint, make_engine):
     assert sampled.logprob == pytest.approx(float(ref[-1].max()), abs=1e-5)
 
 
-async def test_sampled_token_logprobs_are_the_raw_model_distribution(checkpoint, make_engine):
+async def test_sampled_token_logprobs_are_the_raw_model_distribution(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    prompt = checkpoint.tokenizer.encode("logprobs of sampled tokens")
+    prompt = varied_model.tokenizer.encode("logprobs of sampled tokens")
     params = SamplingParams(temperature=1.5, top_k=10, max_tokens=5, logprobs=3, seed=1)
     ids, _, events = await run(engine, prompt, params)
     entries = [lp for e in events for lp in (e.logprobs or [])]
     with torch.inference_mode():
         full = torch.tensor([prompt + ids[0]])
-        ref = torch.log_softmax(checkpoint.model(full)[0].float(), -1)
+        ref = torch.log_softmax(varied_model.model(full)[0].float(), -1)
     for j, entry in enumerate(entries):
         row = ref[len(prompt) - 1 + j]
         assert entry.logprob == pytest.approx(float(row[ids[0][j]]), abs=1e-5)
@@ -174,14 +145,14 @@ async def test_sampled_token_logprobs_are_the_raw_model_distribution(checkpoint,
         )
 
 
-async def test_same_seed_same_text_alone_and_in_a_mixed_batch(checkpoint, make_engine):
+async def test_same_seed_same_text_alone_and_in_a_mixed_batch(varied_model, make_engine):
     engine = make_engine(max_running=6, max_batched_tokens=64)
-    prompt = checkpoint.tokenizer.encode("seeded sampling")
+    prompt = varied_model.tokenizer.encode("seeded sampling")
     seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=1234)
     alone = (await run(engine, prompt, seeded))[0][0]
     others = [
         run(engine, p, SamplingParams(temperature=1.0, max_tokens=10 + i))
-        for i, p in enumerate(prompts(checkpoint.tokenizer, 4))
+        for i, p in enumerate(prompts(varied_model.tokenizer, 4))
     ]
     mixed, *_ = await asyncio.gather(run(engine, prompt, seeded), *others)
     assert mixed[0][0] == alone
@@ -189,11 +160,11 @@ async def test_same_seed_same_text_alone_and_in_a_mixed_batch(checkpoint, make_e
     assert other_seed[0][0] != alone
 
 
-async def test_n_choices_share_prefill_and_sample_independently(checkpoint, make_engine):
+async def test_n_choices_share_prefill_and_sample_independently(varied_model, make_engine):
     engine = make_engine(max_running=4, max_batched_tokens=8)
-    prompt = checkpoint.tokenizer.encode("several choices of one prompt")
+    prompt = varied_model.tokenizer.encode("several choices of one prompt")
     greedy = await run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=8, n=3))
-    expected = checkpoint.model.generate(prompt, 8)
+    expected = varied_model.model.generate(prompt, 8)
     assert all(greedy[0][i] == expected for i in range(3))
 
     params = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=7)
@@ -206,9 +177,9 @@ async def test_n_choices_share_prefill_and_sample_independently(checkpoint, make
     assert engine.stats().kv_slots_used == 0
 
 
-async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(checkpoint, make_engine):
+async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    prompt = checkpoint.tokenizer.encode("stop strings")
+    prompt = varied_model.tokenizer.encode("stop strings")
     base = SamplingParams(temperature=1.0, max_tokens=40, seed=5)
     _, text, _ = await run(engine, prompt, base)
     full = text[0]
@@ -221,9 +192,9 @@ async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(checkpoint,
     assert events[-1].finish_reason == "stop" and events[-1].stop_reason == stop
 
 
-async def test_stop_token_ids_eos_and_ignore_eos(checkpoint, make_engine):
+async def test_stop_token_ids_eos_and_ignore_eos(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    tok = checkpoint.tokenizer
+    tok = varied_model.tokenizer
     prompt = tok.encode("stop ids")
     forced = {65: 100.0}  # "A"
     _, _, events = await run(
@@ -241,39 +212,39 @@ async def test_stop_token_ids_eos_and_ignore_eos(checkpoint, make_engine):
     assert len(ids[0]) == 5 and events[-1].finish_reason == "length"
 
 
-async def test_min_tokens_delays_stop_strings_and_ids(checkpoint, make_engine):
+async def test_min_tokens_delays_stop_strings_and_ids(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    prompt = checkpoint.tokenizer.encode("min tokens")
+    prompt = varied_model.tokenizer.encode("min tokens")
     forced = {65: 100.0}
     _, text, events = await run(
         engine, prompt, SamplingParams(logit_bias=forced, stop=("A",), min_tokens=3, max_tokens=9)
     )
     assert text[0] == "AA" and events[-1].stop_reason == "A"
-    eos = checkpoint.tokenizer.eot_id
+    eos = varied_model.tokenizer.eot_id
     ids, _, events = await run(
         engine, prompt, SamplingParams(logit_bias={eos: 100.0}, min_tokens=4, max_tokens=9)
     )
     assert eos not in ids[0][:4] and ids[0][4] == eos and events[-1].finish_reason == "stop"
 
 
-async def test_max_tokens_finishes_with_length_and_text_matches_decode(checkpoint, make_engine):
+async def test_max_tokens_finishes_with_length_and_text_matches_decode(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    prompt = checkpoint.tokenizer.encode("length")
+    prompt = varied_model.tokenizer.encode("length")
     # Random bytes from a byte-level vocab split UTF-8 characters across tokens often.
     ids, text, events = await run(
         engine, prompt, SamplingParams(max_tokens=30, seed=3, ignore_eos=True)
     )
     assert len(ids[0]) == 30 and events[-1].finish_reason == "length"
-    assert text[0] == checkpoint.tokenizer.decode(ids[0])
+    assert text[0] == varied_model.tokenizer.decode(ids[0])
     assert [e.num_generated_tokens for e in events] == list(range(1, 31))
     assert events[0].queue_time_s is not None and events[0].queue_time_s >= 0
     assert events[-1].first_token_time >= events[-1].arrival_time
 
 
 # --- scheduling and lifecycle ---------------------------------------------------------
-async def test_requests_join_and_leave_between_steps(checkpoint, make_engine):
+async def test_requests_join_and_leave_between_steps(varied_model, make_engine):
     engine = make_engine(max_running=4, max_batched_tokens=64)
-    prompt = checkpoint.tokenizer.encode("continuous batching")
+    prompt = varied_model.tokenizer.encode("continuous batching")
     long_stream = engine.submit(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
     seen = 0
     async for event in long_stream:
@@ -291,7 +262,7 @@ async def test_requests_join_and_leave_between_steps(checkpoint, make_engine):
     assert engine.stats().steps_total < 40 + 5
 
 
-async def test_abort_by_id_frees_the_slot(checkpoint, make_engine):
+async def test_abort_by_id_frees_the_slot(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
     stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True), "req-x")
     await stream.__anext__()
@@ -302,7 +273,7 @@ async def test_abort_by_id_frees_the_slot(checkpoint, make_engine):
     assert engine.stats().running == 0
 
 
-async def test_consumer_aclose_aborts_within_a_step(checkpoint, make_engine):
+async def test_consumer_aclose_aborts_within_a_step(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
     stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
     await stream.__anext__()
@@ -313,7 +284,7 @@ async def test_consumer_aclose_aborts_within_a_step(checkpoint, make_engine):
     assert engine.stats().generation_tokens_total < 200
 
 
-async def test_dropped_stream_is_aborted_when_garbage_collected(checkpoint, make_engine):
+async def test_dropped_stream_is_aborted_when_garbage_collected(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
     stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
     await wait_for(lambda: engine.stats().generation_tokens_total > 0)
@@ -323,7 +294,7 @@ async def test_dropped_stream_is_aborted_when_garbage_collected(checkpoint, make
     assert engine.stats().generation_tokens_total < 200
 
 
-async def test_a_failing_step_ends_running_requests_with_error(checkpoint, make_engine):
+async def test_a_failing_step_ends_running_requests_with_error(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
     real_forward = engine._forward_step
 
@@ -341,7 +312,7 @@ async def test_a_failing_step_ends_running_requests_with_error(checkpoint, make_
     assert events[-1].finish_reason == "length"
 
 
-async def test_a_request_that_cannot_be_admitted_fails_alone(checkpoint, make_engine):
+async def test_a_request_that_cannot_be_admitted_fails_alone(varied_model, make_engine):
     """A bug while admitting one request (found by fuzzing: an out-of-range seed used to
     raise here and kill the engine thread, leaving every later request queued forever)."""
     engine = make_engine(max_running=4, max_batched_tokens=32)
@@ -362,7 +333,7 @@ async def test_a_request_that_cannot_be_admitted_fails_alone(checkpoint, make_en
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-async def test_a_dead_engine_thread_refuses_new_requests(checkpoint, make_engine):
+async def test_a_dead_engine_thread_refuses_new_requests(varied_model, make_engine):
     engine = make_engine(max_running=2)
 
     def crash():
@@ -379,7 +350,7 @@ async def test_a_dead_engine_thread_refuses_new_requests(checkpoint, make_engine
         engine.submit([1], SamplingParams())
 
 
-async def test_cancelled_consumer_task_aborts(checkpoint, make_engine):
+async def test_cancelled_consumer_task_aborts(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
 
     async def consume():
@@ -393,7 +364,7 @@ async def test_cancelled_consumer_task_aborts(checkpoint, make_engine):
     await wait_for(lambda: engine.stats().kv_slots_used == 0)
 
 
-async def test_shutdown_ends_streams_with_abort(checkpoint, make_engine):
+async def test_shutdown_ends_streams_with_abort(varied_model, make_engine):
     engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=4)
     running = engine.submit([1, 2], SamplingParams(max_tokens=200, ignore_eos=True))
     queued = engine.submit([3, 4], SamplingParams(max_tokens=5))
@@ -406,7 +377,7 @@ async def test_shutdown_ends_streams_with_abort(checkpoint, make_engine):
         engine.submit([1], SamplingParams())
 
 
-async def test_drain_finishes_accepted_work_and_refuses_new(checkpoint, make_engine):
+async def test_drain_finishes_accepted_work_and_refuses_new(varied_model, make_engine):
     engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=4)
     streams = [
         engine.submit([1, 2], SamplingParams(max_tokens=6, ignore_eos=True)) for _ in range(2)
@@ -423,9 +394,9 @@ async def test_drain_finishes_accepted_work_and_refuses_new(checkpoint, make_eng
 
 
 # --- refusals before queueing --------------------------------------------------------------
-async def test_queue_full_is_refused_with_retry_after(checkpoint):
+async def test_queue_full_is_refused_with_retry_after(varied_model):
     engine = Engine(
-        checkpoint.model, checkpoint.tokenizer, EngineConfig(max_running=1, max_queued=2)
+        varied_model.model, varied_model.tokenizer, EngineConfig(max_running=1, max_queued=2)
     )
     # Not started: everything stays queued.
     engine.submit([1], SamplingParams())
@@ -437,7 +408,7 @@ async def test_queue_full_is_refused_with_retry_after(checkpoint):
     engine.shutdown()
 
 
-async def test_zero_queue_still_admits_into_free_slots(checkpoint, make_engine):
+async def test_zero_queue_still_admits_into_free_slots(varied_model, make_engine):
     engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=0)
     stream = engine.submit([1, 2], SamplingParams(max_tokens=50, ignore_eos=True))
     await stream.__anext__()  # running now: the single slot is taken and nothing may queue
@@ -472,8 +443,8 @@ async def test_zero_queue_still_admits_into_free_slots(checkpoint, make_engine):
         ([1], SamplingParams(seed=-(2**63) - 1), "seed"),
     ],
 )
-async def test_invalid_requests_are_refused_naming_the_field(checkpoint, prompt, params, param):
-    engine = Engine(checkpoint.model, checkpoint.tokenizer, EngineConfig(max_running=4))
+async def test_invalid_requests_are_refused_naming_the_field(varied_model, prompt, params, param):
+    engine = Engine(varied_model.model, varied_model.tokenizer, EngineConfig(max_running=4))
     with pytest.raises(InvalidRequestError) as err:
         engine.submit(prompt, params)
     assert err.value.param == param

@@ -9,39 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from types import SimpleNamespace
 
-import pytest
-import torch
-
-from atlas_server.engine import Engine, EngineConfig, SamplingParams
+from atlas_server.engine import Engine, SamplingParams
 from atlas_server.engine.prefix_cache import SlotContents, common_prefix
-from atlas_server.model import Transformer, load_preset
-
-
-@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
-def checkpoint(request, byte_tokenizer):
-    torch.manual_seed(0)
-    model = Transformer(load_preset(request.param, vocab_size=byte_tokenizer.vocab_size))
-    with torch.no_grad():  # scaled up so greedy text varies from token to token
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.mul_(8.0)
-    return SimpleNamespace(model=model.prepare_for_inference(), tokenizer=byte_tokenizer)
-
-
-@pytest.fixture
-def make_engine(checkpoint):
-    engines = []
-
-    def make(**config) -> Engine:
-        engine = Engine(checkpoint.model, checkpoint.tokenizer, EngineConfig(**config)).start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown(timeout=5)
 
 
 async def generate(engine: Engine, prompt: list[int], max_tokens: int, **params):
@@ -51,8 +21,8 @@ async def generate(engine: Engine, prompt: list[int], max_tokens: int, **params)
     return [t for e in events for t in e.token_ids], events[-1].num_cached_tokens
 
 
-def reference(checkpoint, prompt: list[int], max_tokens: int) -> list[int]:
-    return checkpoint.model.generate(prompt, max_tokens)
+def reference(varied_model, prompt: list[int], max_tokens: int) -> list[int]:
+    return varied_model.model.generate(prompt, max_tokens)
 
 
 def test_common_prefix_and_longest_match():
@@ -73,36 +43,36 @@ def test_common_prefix_and_longest_match():
     assert contents.longest_prefix([4, 6], [0, 1], []) == (0, None, False)
 
 
-async def test_shared_prefix_is_reused_and_output_is_unchanged(checkpoint, make_engine):
-    tok = checkpoint.tokenizer
+async def test_shared_prefix_is_reused_and_output_is_unchanged(varied_model, make_engine):
+    tok = varied_model.tokenizer
     system = tok.encode("You are a careful assistant. Answer briefly and cite sources. " * 2)
     first, second = system + tok.encode("Q: first?"), system + tok.encode("Q: second one?")
     engine = make_engine(max_running=2, max_batched_tokens=32)
     ids, cached = await generate(engine, first, 8)
-    assert cached == 0 and ids == reference(checkpoint, first, 8)
+    assert cached == 0 and ids == reference(varied_model, first, 8)
     ids, cached = await generate(engine, second, 8)
     assert cached >= len(system)  # the system prompt (and any common start of "Q: ")
     assert cached == common_prefix(first, second, len(second) - 1)
-    assert ids == reference(checkpoint, second, 8)
+    assert ids == reference(varied_model, second, 8)
     assert engine.stats().prefix_cache_hit_tokens_total == cached
     assert engine.stats().kv_slots_used == 0
 
 
-async def test_next_chat_turn_reuses_the_previous_answer(checkpoint, make_engine):
+async def test_next_chat_turn_reuses_the_previous_answer(varied_model, make_engine):
     """Turn 2 resends turn 1's prompt and answer: all but the answer's last token (never
     run through the model) come from the cache."""
-    tok = checkpoint.tokenizer
+    tok = varied_model.tokenizer
     engine = make_engine(max_running=2, max_batched_tokens=64)
     turn1 = tok.encode("user: tell me about caches\nassistant:")
     answer, _ = await generate(engine, turn1, 10)
     turn2 = turn1 + answer + tok.encode("\nuser: and prefixes?\nassistant:")
     ids, cached = await generate(engine, turn2, 10)
     assert cached == len(turn1) + len(answer) - 1
-    assert ids == reference(checkpoint, turn2, 10)
+    assert ids == reference(varied_model, turn2, 10)
 
 
-async def test_prefix_of_a_running_sequence_is_copied(checkpoint, make_engine):
-    tok = checkpoint.tokenizer
+async def test_prefix_of_a_running_sequence_is_copied(varied_model, make_engine):
+    tok = varied_model.tokenizer
     shared = tok.encode("a shared preamble that both requests start with, ")
     long_prompt = shared + tok.encode("A")
     long_tokens = 255 - len(long_prompt)  # runs for the rest of the 256-token context
@@ -114,14 +84,14 @@ async def test_prefix_of_a_running_sequence_is_copied(checkpoint, make_engine):
         await asyncio.sleep(0.001)
     ids, cached = await generate(engine, shared + tok.encode("B"), 8)
     assert cached == len(shared)
-    assert ids == reference(checkpoint, shared + tok.encode("B"), 8)
+    assert ids == reference(varied_model, shared + tok.encode("B"), 8)
     assert not long_request.done()  # the source was running throughout
     ids_a, cached_a = await long_request
-    assert cached_a == 0 and ids_a == reference(checkpoint, long_prompt, long_tokens)
+    assert cached_a == 0 and ids_a == reference(varied_model, long_prompt, long_tokens)
 
 
-async def test_prompt_logprobs_and_disabled_caching_never_reuse(checkpoint, make_engine):
-    tok = checkpoint.tokenizer
+async def test_prompt_logprobs_and_disabled_caching_never_reuse(varied_model, make_engine):
+    tok = varied_model.tokenizer
     prompt = tok.encode("score every token of this prompt")
     engine = make_engine(max_running=2, max_batched_tokens=64)
     await generate(engine, prompt, 2)
@@ -131,13 +101,13 @@ async def test_prompt_logprobs_and_disabled_caching_never_reuse(checkpoint, make
     await generate(plain, prompt, 2)
     ids, cached = await generate(plain, prompt, 4)
     assert cached == 0 and plain.stats().prefix_cache_hit_tokens_total == 0
-    assert ids == reference(checkpoint, prompt, 4)
+    assert ids == reference(varied_model, prompt, 4)
 
 
-async def test_many_overlapping_requests_match_the_reference(checkpoint, make_engine):
+async def test_many_overlapping_requests_match_the_reference(varied_model, make_engine):
     """Staggered requests over three shared prefixes, through few slots: slots are reused,
     packed for decoding and copied between, and every output is still the model's own."""
-    tok = checkpoint.tokenizer
+    tok = varied_model.tokenizer
     rng = random.Random(0)
     stems = [tok.encode(s * 3) for s in ("alpha beta ", "gamma delta ", "alpha gamma ")]
     jobs = [
@@ -152,6 +122,6 @@ async def test_many_overlapping_requests_match_the_reference(checkpoint, make_en
 
     results = await asyncio.gather(*(staggered(i, p, n) for i, (p, n) in enumerate(jobs)))
     for (prompt, n), (ids, _) in zip(jobs, results, strict=True):
-        assert ids == reference(checkpoint, prompt, n)
+        assert ids == reference(varied_model, prompt, n)
     assert sum(cached for _, cached in results) > 0
     assert engine.stats().kv_slots_used == 0

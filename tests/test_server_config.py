@@ -33,6 +33,7 @@ def test_the_shipped_defaults_load():
         ("[engine]\nmax_model_len = 0\n", "engine.max_model_len must be >= 1"),
         ("[engine]\nmax_running = 0\n", "engine.max_running must be >= 1"),
         ("[engine]\nmax_slots = 4\n", "unknown field"),
+        ("[engine]\nprefix_caching = 'yes'\n", "Expected `bool`"),
         ("[http]\nport = 'eighty'\n", "Expected `int`"),
         ("[engine\n", "is not valid TOML"),
     ],

@@ -476,10 +476,11 @@ class Engine:
         """
         if not self.config.prefix_caching or r.params.prompt_logprobs is not None:
             return self._take_free_slot()
-        running = [
+        # Lazily, and only for prompts that start alike: the token lists are built per match.
+        running = (
             (c.slot, self._tokens_held(x, c)) for x in self._running for c in x.choices
-            if not c.finished
-        ]  # fmt: skip
+            if not c.finished and x.prompt_ids[0] == r.prompt_ids[0]
+        )  # fmt: skip
         length, source, source_is_free = self._slot_contents.longest_prefix(
             r.prompt_ids, self._free_slots, running
         )
