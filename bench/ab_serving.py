@@ -54,16 +54,17 @@ def main() -> None:
     results: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, _ = build_checkpoint(Path(tmp))
-        trees = {}
-        for rev in (args.rev_a, args.rev_b):
-            trees[rev] = Path(tmp) / f"tree-{len(trees)}"
+        # Keyed by side, not by revision: the same revision twice is an A/A run, which
+        # measures the noise.
+        trees = {"A": (args.rev_a, Path(tmp) / "tree-a"), "B": (args.rev_b, Path(tmp) / "tree-b")}
+        for rev, tree in trees.values():
             subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(trees[rev]), rev],
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), rev],
                 check=True,
             )
         try:
             for round_ in range(args.rounds):
-                for rev, tree in trees.items():
+                for side, (rev, tree) in trees.items():
                     os.environ["PYTHONPATH"] = str(tree)  # the served code is this revision's
                     port = free_port()
                     server = serve(checkpoint, port, max_running=32)
@@ -76,20 +77,19 @@ def main() -> None:
                             if summary["completed"] < 3 * c:
                                 raise SystemExit(f"error: {rev} at concurrency {c}: only "
                                                  f"{summary['completed']} of {3 * c} requests completed")  # fmt: skip
-                            results.setdefault((rev, c), []).append(summary["output_throughput"])
-                            print(f"round {round_} {rev} c{c}: "
+                            results.setdefault((side, c), []).append(summary["output_throughput"])
+                            print(f"round {round_} {side} {rev} c{c}: "
                                   f"{summary['output_throughput']:.1f} tok/s", flush=True)  # fmt: skip
                     finally:
                         server.terminate()
                         server.wait(60)
         finally:
             os.environ.pop("PYTHONPATH", None)
-            for tree in trees.values():
+            for _, tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
     print("\n| concurrency | A tok/s (mean) | B tok/s (mean) | B / A |\n|---|---:|---:|---:|")
     for c in args.concurrency:
-        a = statistics.mean(results[(args.rev_a, c)])
-        b = statistics.mean(results[(args.rev_b, c)])
+        a, b = (statistics.mean(results[(side, c)]) for side in "AB")
         print(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
 
 
