@@ -1,7 +1,7 @@
 """The `atlas` command: one Typer app whose sub-commands live in `atlas_server/commands/`.
 
-Each sub-command module owns one family (tokenizer, checkpoint, serve, plugins, rag) and
-exposes a Typer `app`. Errors that a user can fix are printed as one line and exit with
+Each sub-command module owns one family: tokenizer, checkpoint and rag expose a Typer
+`app` of subcommands; serve and plugins are single commands (a function each). Errors that a user can fix are printed as one line and exit with
 status 1 (see `commands/_common.py`), never as a traceback.
 """
 
@@ -20,9 +20,9 @@ app = typer.Typer(
 )
 app.add_typer(tokenizer.app, name="tokenizer")
 app.add_typer(checkpoint.app, name="checkpoint")
-app.add_typer(serve.app, name="serve", help="Serve a checkpoint over the OpenAI-compatible API.")
+app.command("serve")(serve.serve)  # commands, not groups: they have no subcommands
 app.add_typer(rag.app, name="rag")
-app.add_typer(plugins.app, name="plugins", help="List installed plugins.")
+app.command("plugins")(plugins.plugins)
 
 
 def main() -> None:

@@ -57,9 +57,12 @@ def atlas_register_rerankers(register: Register) -> None:
     """Register rerankers: `register(name, factory)`.
 
     `factory(ctx: RAGContext) -> Reranker`, where the reranker has
-    `rerank(query, candidates, top_k) -> list[RetrievedChunk]`. `ctx.score_text(prefix,
-    text)` gives log p(text | prefix) under the served model when the server has one, for
-    rerankers that score with the model itself. Chosen by `[rag] reranker = NAME` or
+    `rerank(query, candidates, top_k) -> list[RetrievedChunk]`. For rerankers that score
+    with the served model itself, `ctx.score_texts(pairs)` gives the mean log p(text |
+    prefix) of each (prefix, text) pair, all pairs in one engine round trip (None when no
+    model is served). `ctx.score_text(prefix, text)`, the one-pair form, still works but
+    costs a round trip per call: score all candidates with one `score_texts` call. Both
+    block; call them from `rerank` (a worker thread). Chosen by `[rag] reranker = NAME` or
     `"rag": {"reranker": NAME}`.
     """
 

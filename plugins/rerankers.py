@@ -5,7 +5,8 @@
   from options (default 0.7). It trades a little relevance for less redundancy.
 - `query-likelihood`: scores each candidate by the mean log p(query | passage) under the
   model the server is serving (Atlas's own model judges which passage best "explains" the
-  question); needs `ctx.score_text`, so it works inside `atlas serve` only.
+  question), all of a query's candidates in one batched engine call
+  (`ctx.score_texts`), so it works inside `atlas serve` only.
 - `cross-encoder`: any sentence-transformers CrossEncoder from a local folder
   (`options.model_path`); nothing is downloaded.
 What it does not do: retrieval.
@@ -55,17 +56,16 @@ class MMRReranker:
 
 class QueryLikelihoodReranker:
     def __init__(self, ctx: RAGContext) -> None:
-        if ctx.score_text is None:
+        if ctx.score_texts is None:
             raise RuntimeError(
                 "query-likelihood reranking needs a served model (use it inside `atlas serve`)"
             )
-        self.score_text = ctx.score_text
+        self.score_texts = ctx.score_texts
 
     def rerank(self, query, candidates, top_k) -> list[RetrievedChunk]:
-        scored = [
-            (self.score_text(f"Passage: {c.chunk.text}\nQuestion:", f" {query}"), c)
-            for c in candidates
-        ]
+        # All candidates in one call: the engine scores them together, one round trip.
+        pairs = [(f"Passage: {c.chunk.text}\nQuestion:", f" {query}") for c in candidates]
+        scored = list(zip(self.score_texts(pairs), candidates, strict=True))
         scored.sort(key=lambda sc: (-sc[0], sc[1].chunk.id))
         return [RetrievedChunk(c.chunk, s, "query-likelihood") for s, c in scored[:top_k]]
 

@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import shutil
 import socket
+import threading
 import time
 from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
-from openai import APIStatusError, OpenAI
+from openai import APIError, APIStatusError, InternalServerError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from servers import serving
 
 from atlas_server.api import ServerState, create_app
 from atlas_server.checkpoint import load_checkpoint
-from atlas_server.config import EngineSection, ServerConfig
+from atlas_server.config import EngineSection, RAGSection, ServerConfig
+from atlas_server.engine.types import RequestOutput
 
 MODEL = "tiny"
 
 
 @contextmanager
 def running_server(checkpoint, api_key=None, engine=EngineSection(), load=True):
-    state = ServerState(
-        config=ServerConfig(engine=engine), model_name=MODEL, checkpoint_path=str(checkpoint)
-    )
+    """A server without RAG (tests/test_rag_server.py serves it): no vector store opens."""
+    config = ServerConfig(engine=engine, rag=RAGSection(enabled=False))
+    state = ServerState(config=config, model_name=MODEL, checkpoint_path=str(checkpoint))
     app = create_app(state, api_key=api_key, load_on_startup=load)
     # Without loading, /health answers 503 ("loading") for good: that is ready enough.
     with serving(app, ready=lambda status: status == 200 or (not load and status == 503)) as base:
@@ -516,3 +520,146 @@ def test_next_chat_turn_reports_cached_prompt_tokens(server, client, model, byte
     ids = httpx.post(server[0] + "/tokenize", json={"messages": history}).json()["tokens"]
     expected = byte_tokenizer.decode(greedy(model, ids, 8))
     assert second.choices[0].message.content == expected
+
+
+class FailingEngine:
+    """The server's real engine, except that every request fails after its first event,
+    the way the engine reports a step that raised (finish_reason "error")."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def submit(self, prompt_ids, params, request_id=None):
+        stream = self._engine.submit(prompt_ids, params, request_id=request_id)
+
+        async def failing():
+            try:
+                first = await stream.__anext__()
+                yield dataclasses.replace(first, finished=False, finish_reason=None)
+                yield RequestOutput(
+                    first.request_id, 0, [], "", finished=True, finish_reason="error",
+                    error="RuntimeError('the step failed')",
+                )  # fmt: skip
+            finally:
+                await stream.aclose()
+
+        return failing()
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_failing_engine_is_an_error_on_both_routes_streamed_or_not(server, client, route):
+    """Never a finish_reason: a 500 body, or (streamed) an error event the `openai` client
+    raises, then [DONE]."""
+    base, state = server
+    kwargs = dict(model=MODEL, max_tokens=8, extra_body={"ignore_eos": True})
+    if route == "completions":
+        path, body = "/v1/completions", {"prompt": "Hi"}
+
+        def create(**more):
+            return client.completions.create(prompt="Hi", **kwargs, **more)
+    else:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}
+
+        def create(**more):
+            return client.chat.completions.create(messages=body["messages"], **kwargs, **more)
+
+    real = state.engine
+    state.engine = FailingEngine(real)
+    try:
+        with pytest.raises(InternalServerError, match="generation failed.*the step failed"):
+            create()
+        with pytest.raises(APIError, match="generation failed.*the step failed"):
+            for _ in create(stream=True):
+                pass
+        wire = {**body, "max_tokens": 8, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", base + path, json=wire) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    finally:
+        state.engine = real
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    reasons = [c["finish_reason"] for e in events[:-2] for c in json.loads(e)["choices"]]
+    assert reasons and set(reasons) == {None}
+    assert state.in_flight == 0
+
+
+def test_embeddings_and_plugins_are_served_without_rag(tiny_checkpoint, monkeypatch):
+    """`[rag] enabled = false` drops retrieval, not /v1/embeddings or /v1/plugins; the
+    embedder loads on the first request, on a thread that ends with it."""
+    from atlas_server.api import embeddings
+
+    loaded_on = []
+
+    def factory():
+        loaded_on.append(threading.current_thread().name)
+        return embeddings.default_embedder()
+
+    with running_server(tiny_checkpoint) as (base, state):
+        assert not state.config.rag.enabled and state.rag is None
+        state.embedder = embeddings.SharedEmbedder(factory)
+        r = httpx.post(base + "/v1/embeddings", json={"input": ["heap queue", "x"]}, timeout=120)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert len(data["data"]) == 2 and len(data["data"][0]["embedding"]) == 384
+        assert loaded_on == ["atlas-compute"]
+        assert "atlas-compute" not in {t.name for t in threading.enumerate()}
+        httpx.post(base + "/v1/embeddings", json={"input": "again"}, timeout=120)
+        assert loaded_on == ["atlas-compute"]  # loaded once
+        plugins = {p["name"]: p for p in httpx.get(base + "/v1/plugins").json()["data"]}
+        assert "hybrid" in plugins["atlas-retrievers"]["registered"]["retrievers"]
+        assert httpx.post(base + "/v1/retrieve", json={}).status_code == 404
+        rag = {"prompt": "q", "rag": {"collection": "c"}}
+        refused = httpx.post(base + "/v1/completions", json=rag)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "rag"
+
+
+# A template of a checkpoint's own (as an imported Hugging Face model brings one), using
+# the byte tokenizer's special tokens in a layout unlike ChatML.
+CUSTOM_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] | trim }}"
+    "<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}"
+)
+
+
+def test_chat_renders_with_the_checkpoints_own_template(tmp_path, tiny_checkpoint, model):
+    """What /tokenize shows and chat feeds the model is the shared renderer's prompt; the
+    reply stops at the template's end-of-turn token; training on the answered conversation
+    sees the served prompt first."""
+    from atlas_server.chat_template import ChatTemplate
+
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "chat_template.jinja").write_text(CUSTOM_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "}]
+    with running_server(checkpoint) as (base, state):
+        template = ChatTemplate(CUSTOM_TEMPLATE, state.tokenizer)
+        ids = httpx.post(base + "/tokenize", json={"messages": messages}).json()["tokens"]
+        assert ids == template.prompt_ids(messages)
+        assert state.tokenizer.decode(ids).endswith("<|im_start|>ASSISTANT: ")
+        info = httpx.get(base + "/tokenizer_info").json()
+        assert info["chat_template"] == CUSTOM_TEMPLATE
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=0
+        )
+    expected = greedy(model, ids, 12)
+    stops = [i for i, t in enumerate(expected) if t in template.stop_token_ids]
+    expected = expected[: stops[0]] if stops else expected
+    assert reply.choices[0].message.content == state.tokenizer.decode(expected)
+    assert template.stop_token_ids == (state.tokenizer.eot_id,)
+    answered = [*messages, {"role": "assistant", "content": reply.choices[0].message.content}]
+    assert template.training_example(answered).ids[: len(ids)] == ids
+
+
+def test_a_bad_chat_template_fails_the_load_not_each_request(tmp_path, tiny_checkpoint):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    with running_server(checkpoint, load=False) as (base, state):
+        state.load_in_background(str(checkpoint)).join(60)
+        health = httpx.get(base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "chat_template.jinja: line 1" in health.json()["error"]
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(base + "/v1/chat/completions", json=body)
+        assert r.status_code == 503 and "chat_template.jinja" in r.json()["error"]["message"]

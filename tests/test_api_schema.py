@@ -35,7 +35,6 @@ from schemathesis.specs.openapi.checks import (
 from atlas_server.api import ServerState, create_app
 from atlas_server.config import RAGSection, ServerConfig
 from atlas_server.plugins import PluginHost
-from atlas_server.rag.server import rag_extensions
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import serving  # noqa: E402
@@ -53,7 +52,7 @@ CHECKS = [
 def api_schema(tiny_checkpoint, tmp_path_factory):
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path_factory.mktemp("qdrant"))))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(tiny_checkpoint))
-    app = create_app(state, **rag_extensions(state, PluginHost()))
+    app = create_app(state, plugin_host=PluginHost())
     with serving(app) as base:
         # One collection that exists, so retrieval has something to find.
         r = httpx.post(

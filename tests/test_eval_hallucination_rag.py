@@ -21,7 +21,6 @@ import pytest
 from atlas_server.api import ServerState, create_app
 from atlas_server.config import RAGSection, ServerConfig
 from atlas_server.plugins import PluginHost
-from atlas_server.rag.server import rag_extensions
 from eval_suites.config import load_suite_config
 from eval_suites.suites.base import DATA_DIR
 from eval_suites.suites.hallucination import (
@@ -65,7 +64,7 @@ def rag_atlas(tmp_path_factory, byte_tokenizer):
     checkpoint = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, byte_tokenizer)
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path_factory.mktemp("qdrant"))))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(checkpoint))
-    app = create_app(state, **rag_extensions(state, PluginHost()))
+    app = create_app(state, plugin_host=PluginHost())
     with serving(app) as base:
         yield base
 

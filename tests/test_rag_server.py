@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from atlas_server.api import RequestError, ServerState, create_app
-from atlas_server.config import RAGSection, ServerConfig
+from atlas_server.api.scoring import EngineScorer
+from atlas_server.config import EngineSection, RAGSection, ServerConfig
 from atlas_server.hookspecs import hookimpl
 from atlas_server.plugins import PluginHost
-from atlas_server.rag.server import rag_extensions
+from atlas_server.rag.ingest import Document
 from atlas_server.rag.types import RetrievedChunk
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -68,19 +75,24 @@ def long_checkpoint(tmp_path_factory, byte_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def rag_server(long_checkpoint, tmp_path_factory):
-
+def rag_served(long_checkpoint, tmp_path_factory):
+    """A RAG server (base URL and state) with DOCS ingested into the collection `std`."""
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path_factory.mktemp("qdrant"))))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(long_checkpoint))
     host = PluginHost()
     host.register(BrokenPlugin(), "broken-at-runtime")
-    app = create_app(state, **rag_extensions(state, host))
+    app = create_app(state, plugin_host=host)
     with serving(app) as base:
         r = httpx.post(
             base + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=120
         )
         assert r.status_code == 200 and r.json()["total"] == 3, r.text
-        yield base
+        yield SimpleNamespace(base=base, state=state)
+
+
+@pytest.fixture(scope="module")
+def rag_server(rag_served):
+    return rag_served.base
 
 
 def test_ingest_is_idempotent_over_http(rag_server):
@@ -174,56 +186,46 @@ def test_grounded_chat_and_stream(rag_server):
     assert lines[-1] == "data: [DONE]" and '"citations"' in lines[-2] and '"sources"' in lines[-2]
 
 
-def test_plugin_failure_is_named_and_the_server_stays_up(rag_server):
-    body = {
-        "prompt": "anything",
-        "max_tokens": 2,
-        "rag": {"collection": "std", "retriever": "exploding"},
-    }
-    r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
-    assert r.status_code == 502
-    assert (
-        "broken-at-runtime" in r.json()["error"]["message"]
-        and "index corrupted" in r.json()["error"]["message"]
-    )
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/retrieve"])
+def test_plugin_failure_is_named_logged_once_and_the_server_stays_up(rag_server, caplog, route):
+    """The client gets a 502 naming the plugin; the server log gets its traceback, once."""
+    if route == "/v1/retrieve":
+        body = {"collection": "std", "query": "anything", "retriever": "exploding"}
+    else:
+        body = {"prompt": "anything", "rag": {"collection": "std", "retriever": "exploding"}}
+    with caplog.at_level(logging.ERROR):
+        r = httpx.post(rag_server + route, json=body, timeout=60)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "plugin_error"
+    assert "broken-at-runtime" in r.json()["error"]["message"]
+    assert "index corrupted" in r.json()["error"]["message"]
+    logged = [rec for rec in caplog.records if "exploding" in rec.getMessage()]
+    assert len(logged) == 1 and "broken-at-runtime" in logged[0].getMessage()
+    traceback = caplog.text[caplog.text.index("Traceback") :]
+    assert "in retrieve" in traceback and "ValueError: index corrupted" in traceback
     assert httpx.get(rag_server + "/health").status_code == 200
 
 
 def test_sources_are_dropped_to_fit_a_short_context(tiny_checkpoint, tmp_path):
     """gpt2-tiny has 256 positions: the grounded prompt keeps as many sources as fit."""
-    import asyncio
-
     from atlas_server.api.schemas import RAGOptions
 
     config = ServerConfig(rag=RAGSection(data_dir=str(tmp_path / "q")))
     state = ServerState(config=config, model_name="tiny", checkpoint_path=str(tiny_checkpoint))
+    create_app(state, plugin_host=PluginHost())
     state.load(str(tiny_checkpoint))
-    ext = rag_extensions(state, PluginHost())
-    service = ext["augmenter"].service
-    from atlas_server.rag.ingest import Document, ingest
-
-    ingest(
-        service.store,
-        service.embedder,
-        "c",
-        [Document(d["text"], d["source"]) for d in DOCS],
-        progress=False,
-    )
-    aug = asyncio.run(
-        ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 340)
-    )
-    assert len(state.tokenizer.encode(aug.prompt)) <= 340 and 1 <= len(aug.context) < 3
-    with pytest.raises(RequestError, match="no retrieved source fits"):
-        asyncio.run(
-            ext["augmenter"].augment(RAGOptions(collection="c", top_k=3), "Why?", None, 200)
-        )
-    state.shutdown()
-    service.store.close()
+    try:
+        state.rag.add_documents("c", [Document(d["text"], d["source"]) for d in DOCS])
+        options = RAGOptions(collection="c", top_k=3)
+        aug = asyncio.run(state.augmenter.augment(options, "Why?", None, 340))
+        assert len(state.tokenizer.encode(aug.prompt)) <= 340 and 1 <= len(aug.context) < 3
+        with pytest.raises(RequestError, match="no retrieved source fits"):
+            asyncio.run(state.augmenter.augment(options, "Why?", None, 200))
+    finally:
+        state.shutdown()
 
 
 def test_bad_rag_requests_are_4xx(rag_server):
     cases = [
-        {"prompt": "q", "rag": {"collection": "missing"}},
         {"prompt": "q", "rag": {"collection": "std", "retriever": "nope"}},
         {"prompt": "q", "rag": {"collection": "std", "top_k": 0}},
         {"prompt": ["a", "b"], "rag": {"collection": "std"}},
@@ -236,6 +238,23 @@ def test_bad_rag_requests_are_4xx(rag_server):
         r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"].startswith(("rag", "collection"))
+
+
+def test_an_unknown_collection_is_a_404_everywhere(rag_server):
+    """Like OpenAI's unknown model (404 model_not_found, also when named in a body)."""
+    message = {"messages": [{"role": "user", "content": "q"}]}
+    cases = [
+        ("post", "/v1/completions", {"prompt": "q", "rag": {"collection": "missing"}}, "rag.collection"),
+        ("post", "/v1/chat/completions", {**message, "rag": {"collection": "missing"}}, "rag.collection"),
+        ("post", "/v1/retrieve", {"collection": "missing", "query": "q"}, "collection"),
+        ("delete", "/v1/collections/missing", None, "name"),
+    ]  # fmt: skip
+    for method, path, body, param in cases:
+        r = httpx.request(method, rag_server + path, json=body, timeout=60)
+        assert r.status_code == 404, (path, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "collection_not_found" and error["param"] == param, error
+        assert "'missing' does not exist" in error["message"]
 
 
 def test_bad_retrieve_requests_are_400s_before_any_plugin_runs(rag_server):
@@ -285,9 +304,10 @@ def test_plugins_route_lists_registrations(rag_server):
 
 
 def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint):
-    """Install the example package beside Atlas and pick its retriever by name over HTTP."""
-    import time
-
+    """`atlas serve` as a process, with the example package installed beside Atlas: its
+    retriever is picked by name over HTTP; the printed config names the checkpoint served;
+    SIGTERM after RAG use exits 0 with no error from a vector-store client left to the
+    garbage collector at exit (`Exception ignored in: QdrantClient.__del__`)."""
     target = tmp_path / "site"
     install_faiss_example(target)
     config = tmp_path / "server.toml"
@@ -299,25 +319,12 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
         "HF_HUB_OFFLINE": "1",
         "HOME": str(tmp_path),
     }
+    command = [
+        sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+        "--port", str(port), "--config", str(config), "--log-level", "warning",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atlas_server.cli",
-            "serve",
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -337,8 +344,11 @@ def test_installed_faiss_example_is_used_by_the_server(tmp_path, tiny_checkpoint
         plugins = {p["name"] for p in httpx.get(base + "/v1/plugins").json()["data"]}
         assert "faiss" in plugins
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"[model]\ncheckpoint = '{tiny_checkpoint}'" in out
+    assert "Exception ignored" not in err and "Traceback" not in err, err[-2000:]
 
 
 def test_query_likelihood_reranker_scores_with_the_served_model(
@@ -371,3 +381,78 @@ def test_query_likelihood_reranker_scores_with_the_served_model(
     assert [c["text"] for c in r] == sorted(expected, key=lambda t: -expected[t])
     for c in r:
         assert abs(c["score"] - expected[c["text"]]) < 1e-4
+
+
+class RecordingEngine:
+    """The server's engine, recording each submit (thread, event loop) and each event read."""
+
+    def __init__(self, engine) -> None:
+        self._engine, self.log = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def submit(self, prompt_ids, params, request_id=None):
+        stream = self._engine.submit(prompt_ids, params, request_id=request_id)
+        loop = asyncio.get_running_loop()
+        self.log.append(("submit", threading.current_thread().name, id(loop)))
+        log = self.log
+
+        class Recorded:
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                event = await stream.__anext__()
+                log.append(("event", threading.current_thread().name, id(loop)))
+                return event
+
+            async def aclose(self):
+                await stream.aclose()
+
+        return Recorded()
+
+
+def test_query_likelihood_reranking_is_one_engine_round_trip_per_query(rag_served):
+    """All candidates are submitted together, from the reranker's thread and one event
+    loop of its own, before any result is read: one hand-over to the engine and back."""
+    state = rag_served.state
+    real = state.engine
+    state.engine = recording = RecordingEngine(real)
+    body = {"collection": "std", "query": "heap", "top_k": 3, "retriever": "dense"}
+    try:
+        plain = httpx.post(rag_served.base + "/v1/retrieve", json=body, timeout=120).json()
+        body["reranker"] = "query-likelihood"
+        reranked = httpx.post(rag_served.base + "/v1/retrieve", json=body, timeout=120).json()
+    finally:
+        state.engine = real
+    candidates = len(plain["data"])
+    assert candidates >= 2 and len(reranked["data"]) == candidates
+    kinds = [kind for kind, _, _ in recording.log]
+    assert kinds[:candidates] == ["submit"] * candidates and "submit" not in kinds[candidates:]
+    assert len(kinds) > candidates  # the results were read after all were submitted
+    assert {(thread, loop) for _, thread, loop in recording.log} == {
+        (recording.log[0][1], recording.log[0][2])
+    }
+    assert recording.log[0][1] == "atlas-compute"
+
+
+def test_batched_scores_equal_one_at_a_time_even_past_a_full_queue(long_checkpoint):
+    """score_texts of many pairs = each pair scored alone, with an engine that queues one
+    request at a time (the scorer submits the rest as earlier ones finish)."""
+    engine = EngineSection(max_running=1, max_queued=1, max_batched_tokens=64)
+    state = ServerState(
+        config=ServerConfig(engine=engine, rag=RAGSection(enabled=False)), model_name="tiny"
+    )
+    state.load(str(long_checkpoint))
+    try:
+        scorer = EngineScorer(state)
+        pairs = [(f"Passage: {d['text']}\nQuestion:", " which module?") for d in DOCS]
+        pairs += [("", "no prefix at all"), ("x" * 2000, " a prefix cut from the left")]
+        together = scorer.score_texts(pairs)
+        alone = [scorer.score_texts([pair])[0] for pair in pairs]
+    finally:
+        state.shutdown()
+    assert len(together) == len(pairs) and len(set(together)) == len(pairs)
+    for a, b in zip(together, alone, strict=True):
+        assert abs(a - b) < 1e-4

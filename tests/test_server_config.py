@@ -3,6 +3,7 @@ line, in one line and with a non-zero exit, before any model loads or port opens
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,43 @@ def test_serve_exits_with_one_line_before_loading_anything(tmp_path):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "max_batched_tokens (16) must be >=" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "example"),
+    [
+        ("serve", "Example: atlas serve --checkpoint runs/quickstart/checkpoint --port 8000"),
+        ("plugins", "Example: atlas plugins --strict"),
+    ],
+)
+def test_help_shows_an_example_and_no_subcommands_that_do_not_exist(command, example):
+    from typer.testing import CliRunner
+
+    from atlas_server.cli import app
+
+    r = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output
+    assert example in r.output
+    assert f"{command} [OPTIONS]" in r.output and "COMMAND [ARGS]" not in r.output
+
+
+def test_the_plugins_example_runs():
+    from typer.testing import CliRunner
+
+    from atlas_server.cli import app
+
+    r = CliRunner().invoke(app, ["plugins", "--strict"])
+    assert r.exit_code == 0 and "retrievers: dense, bm25, hybrid, hybrid-rrf" in r.output
+
+
+def test_serve_refuses_a_bad_chat_template_before_loading_anything(tmp_path, tiny_checkpoint):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    (checkpoint / "chat_template.jinja").write_text("{{ messages | no_such_filter }}")
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(checkpoint)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "chat_template.jinja" in lines[0], r.stderr
+    assert "no_such_filter" in lines[0]

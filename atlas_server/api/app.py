@@ -1,17 +1,18 @@
 """The Litestar application factory.
 
-What it does: `create_app(state, ...)` assembles the routes (completions, chat, models,
-tokenizer routes, health, metrics, plus any extra handlers such as the RAG routes), the
+What it does: `create_app(state, ...)` assembles the routes — completions, chat, models,
+the tokenizer routes, embeddings, plugins, health and metrics always; the RAG routes
+(retrieve, collections) and the RAG prompt augmenter when `[rag] enabled` — the
 OpenAI-shaped exception handlers, the optional bearer-token check on /v1 routes, the body
 size limit and the OpenAPI schema (served at /schema, with the bounds Litestar drops put
-back: openapi_bounds.py). On startup it loads the checkpoint
-in a background thread, so /health answers 503 until the model is ready; on shutdown it
-stops the engine.
+back: openapi_bounds.py). On startup it loads the checkpoint in a background thread, so
+/health answers 503 until the model is ready; on shutdown it stops the engine and closes
+the vector store. Nothing heavy happens at creation: the embedder and the vector store
+open on first use.
 
-Extension points (used by the RAG package, never by editing the handlers): pass
-`extra_handlers` (Litestar route handlers or routers) and `augmenter` (a
-`state.PromptAugmenter`); a request with a `rag` field uses the augmenter and its
-responses carry `citations`.
+Extension point: `extra_handlers` (Litestar route handlers or routers) for applications
+that embed Atlas; a request with a `rag` field uses `state.augmenter` (any
+`state.PromptAugmenter`), and its responses carry `citations`.
 
 What it does not do: bind sockets or handle signals (see `commands/serve.py`).
 """
@@ -31,11 +32,20 @@ from litestar.response import Response
 
 from .chat import create_chat_completion
 from .completions import create_completion
+from .embeddings import SharedEmbedder, create_embeddings
 from .errors import EXCEPTION_HANDLERS, error_body
 from .openapi_bounds import restore_zero_bounds
 from .schemas import REQUEST_BODIES
-from .state import PromptAugmenter, ServerState
-from .system import detokenize, health, list_models, metrics, tokenize, tokenizer_info
+from .state import ServerState
+from .system import (
+    detokenize,
+    health,
+    list_models,
+    list_plugins,
+    metrics,
+    tokenize,
+    tokenizer_info,
+)
 
 OPEN_PATHS = ("/health", "/metrics", "/schema")
 
@@ -63,17 +73,52 @@ def _auth_hook(api_key: str | None):
     return check
 
 
+def install_rag(state: ServerState) -> None:
+    """The RAG service (lazy: nothing opens until a request needs it) and its augmenter."""
+    from ..rag.service import RAGService, RetrievalDefaults
+    from .retrieval import RAGAugmenter
+    from .scoring import EngineScorer
+
+    cfg = state.config.rag
+    state.rag = RAGService(
+        state.plugins(),
+        state.embedder.get,
+        data_dir=cfg.data_dir,
+        qdrant_url=cfg.qdrant_url,
+        defaults=RetrievalDefaults(cfg.retriever, cfg.reranker, cfg.top_k),
+        score_texts=EngineScorer(state).score_texts,
+    )
+    state.augmenter = RAGAugmenter(state, state.rag)
+
+
 def create_app(
     state: ServerState,
     api_key: str | None = None,
-    extra_handlers: Sequence[Any] = (),
-    augmenter: PromptAugmenter | None = None,
     plugin_host: Any = None,
     load_on_startup: bool = True,
+    extra_handlers: Sequence[Any] = (),
 ) -> Litestar:
-    state.augmenter = augmenter if augmenter is not None else state.augmenter
+    """The app serving `state`; `plugin_host` defaults to every installed plugin."""
     state.plugin_host = plugin_host if plugin_host is not None else state.plugin_host
+    state.embedder = state.embedder or SharedEmbedder()
     state.created = int(time.time())
+    handlers = [
+        create_completion,
+        create_chat_completion,
+        list_models,
+        tokenize,
+        detokenize,
+        tokenizer_info,
+        create_embeddings,
+        list_plugins,
+        health,
+        metrics,
+    ]
+    if state.config.rag.enabled:
+        from .retrieval import RAG_ROUTES
+
+        install_rag(state)
+        handlers += RAG_ROUTES
 
     def on_startup(_: Litestar) -> None:
         if load_on_startup and not state.ready and state.engine is None:
@@ -84,17 +129,7 @@ def create_app(
 
     cors = state.config.http.cors_allow_origins
     app = Litestar(
-        route_handlers=[
-            create_completion,
-            create_chat_completion,
-            list_models,
-            tokenize,
-            detokenize,
-            tokenizer_info,
-            health,
-            metrics,
-            *extra_handlers,
-        ],
+        route_handlers=[*handlers, *extra_handlers],
         state=State({"atlas": state}),
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=_auth_hook(api_key),

@@ -1,23 +1,27 @@
-"""`POST /v1/chat/completions`: the OpenAI chat endpoint over a ChatML template.
+"""`POST /v1/chat/completions`: the OpenAI chat endpoint.
 
-What it does: renders the messages with the tokenizer's chat special tokens
-(`<|im_start|>role\\n...<|im_end|>\\n` per message, then `<|im_start|>assistant\\n`),
-generates until `<|im_end|>` or `<|endoftext|>`, and answers in the OpenAI chat shape:
-one JSON body, or SSE deltas whose first chunk carries the role. Logprobs follow the chat
-shape (`content: [{token, logprob, bytes, top_logprobs}]`).
+What it does: renders the messages with the served checkpoint's chat template (ChatML by
+default, or the checkpoint's own Jinja template: `atlas_server/chat_template.py`, the
+renderer the trainer uses too), generates until the template's end-of-turn token or
+`<|endoftext|>`, and answers in the OpenAI chat shape: one JSON body, or SSE deltas whose
+first chunk carries the role (through the streaming generator both routes share,
+streaming.py). Logprobs follow the chat shape (`content: [{token, logprob, bytes,
+top_logprobs}]`).
 What it does not do: tool calls or images (content parts other than text are refused).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 from litestar import Request, post
 from litestar.response import Response
 
-from ..tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
+from ..chat_template import ChatTemplate, ChatTemplateError
+from ..engine.types import RequestOutput
+from ..tokenizer import Tokenizer
 from .errors import RequestError
 from .generation import (
     augment,
@@ -26,9 +30,8 @@ from .generation import (
     collect,
     default_max_tokens,
     finite,
-    merged_events,
+    grounding,
     new_id,
-    rag_sources,
     sampling_params,
     submit,
     token_text,
@@ -36,64 +39,26 @@ from .generation import (
     usage,
 )
 from .metrics import RequestTimer
-from .schemas import ChatCompletionRequest, ChatMessage, Role
-from .sse import GENERATION_ROUTE_DOCS, sse_event, sse_response
+from .schemas import ChatCompletionRequest, ChatMessage
+from .sse import GENERATION_ROUTE_DOCS, sse_response
 from .state import ServerState
-
-ROLES = get_args(Role)
-
-
-def message_text(message: ChatMessage, index: int) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise RequestError(
-                "only text content parts are supported", param=f"messages[{index}].content"
-            )
-        parts.append(part["text"])
-    return "".join(parts)
+from .streaming import stream_chunks
 
 
-def render_chat(
-    tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool
-) -> list[int]:
-    """Token ids of the ChatML rendering of `messages`."""
-    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.special_tokens]
-    if missing:
-        raise RequestError(
-            f"this model's tokenizer has no chat tokens {missing}; use /v1/completions",
-            param="messages",
-        )
-    start, end = tokenizer.special_tokens[IM_START], tokenizer.special_tokens[IM_END]
-    ids: list[int] = []
-    for i, message in enumerate(messages):
-        if message.role not in ROLES:
-            raise RequestError(
-                f"unknown role {message.role!r}; use one of {list(ROLES)}",
-                param=f"messages[{i}].role",
-            )
-        # Message text is encoded as plain text: special-token strings typed by a user never
-        # become control tokens.
-        ids += [
-            start,
-            *tokenizer.encode(f"{message.role}\n{message_text(message, i)}"),
-            end,
-            *tokenizer.encode("\n"),
-        ]
-    if add_generation_prompt:
-        ids += [start, *tokenizer.encode("assistant\n")]
-    return ids
+def chat_template(state: ServerState) -> ChatTemplate:
+    """The served model's chat template, or a 400 saying why it has none."""
+    if state.chat_template is None:
+        raise RequestError(state.no_chat_template or "this model has no chat template", "messages")
+    return state.chat_template
 
 
-def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    return tuple(
-        tokenizer.special_tokens[t] for t in (IM_END, ENDOFTEXT) if t in tokenizer.special_tokens
-    )
+def prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool):
+    """The ids the model is fed for these messages (atlas_server/chat_template.py)."""
+    plain = [msgspec.to_builtins(m) for m in messages]
+    try:
+        return chat_template(state).prompt_ids(plain, add_generation_prompt)
+    except ChatTemplateError as e:
+        raise RequestError(str(e), param=e.param) from None
 
 
 def chat_logprobs(tokenizer: Tokenizer, entries, token_ids) -> dict[str, Any]:
@@ -130,6 +95,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     data.check_ranges()
     check_ready(state)
     check_model(state, data.model)
+    chat_template(state)  # before any retrieval: a model without one cannot chat
     tokenizer = state.tokenizer
     augmentation = None
     if data.rag is not None:
@@ -143,7 +109,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
         data = msgspec.structs.replace(
             data, messages=[msgspec.convert(m, ChatMessage) for m in augmentation.messages]
         )
-    ids = render_chat(tokenizer, data.messages, data.add_generation_prompt)
+    ids = prompt_ids(state, data.messages, data.add_generation_prompt)
     asked = (
         data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     )
@@ -158,7 +124,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
         max_tokens,
         top if data.logprobs else None,
         None,
-        extra_stop_ids=chat_stop_ids(tokenizer),
+        extra_stop_ids=chat_template(state).stop_token_ids,
     )
     request_id = new_id("chatcmpl")
     start = time.perf_counter()
@@ -171,19 +137,19 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     state.metrics.prompt_tokens.inc(len(ids))
     timer = RequestTimer(state.metrics, start)
     created = int(time.time())
-    cite = (lambda text: state.augmenter.citations(augmentation, text)) if augmentation else None
+    rag = grounding(state, augmentation)
     if data.stream:
+        base = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": state.model_name,
+        }
+        include_usage = data.stream_options is not None and data.stream_options.include_usage
+        formatter = ChatChunks(tokenizer, data.logprobs)
         return sse_response(
-            _stream(
-                state,
-                data,
-                ids,
-                stream,
-                timer,
-                request_id,
-                created,
-                cite,
-                rag_sources(state, augmentation),
+            stream_chunks(
+                state, [stream], [0], formatter, base, timer, len(ids), include_usage, rag
             )
         )
     try:
@@ -202,8 +168,8 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
-        if cite is not None:
-            choice["citations"], choice["dropped_citations"] = cite(text)
+        if rag is not None:
+            rag.add_citations(choice, text)
         body.append(choice)
     return Response(
         {
@@ -215,55 +181,28 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             "usage": usage(
                 len(ids), sum(len(c.token_ids) for c in choices), choices[0].cached_tokens
             ),
-            **rag_sources(state, augmentation),
+            **(rag.sources if rag is not None else {}),
         }
     )
 
 
-async def _stream(
-    state, data: ChatCompletionRequest, ids, stream, timer, request_id, created, cite, sources
-):
-    base = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": state.model_name,
-    }
-    started: set[int] = set()
-    texts: dict[int, list[str]] = {}
-    completion_tokens = cached_tokens = 0
-    try:
-        async for _, event in merged_events([stream], [0]):
-            i = event.index
-            cached_tokens = event.num_cached_tokens
-            timer.on_queue_time(event.queue_time_s)
-            timer.on_tokens(i, time.perf_counter(), len(event.token_ids))
-            completion_tokens += len(event.token_ids)
-            texts.setdefault(i, []).append(event.text)
-            delta: dict[str, Any] = {}
-            if i not in started:
-                started.add(i)
-                delta["role"] = "assistant"
-            if event.text or not delta:
-                delta["content"] = event.text
-            finish = None
-            if event.finished:
-                finish = "stop" if event.finish_reason == "stop" else "length"
-            choice: dict[str, Any] = {
-                "index": i,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            if data.logprobs and event.logprobs:
-                choice["logprobs"] = chat_logprobs(state.tokenizer, event.logprobs, event.token_ids)
-            if finish and cite is not None:
-                choice["citations"], choice["dropped_citations"] = cite("".join(texts[i]))
-            if delta.get("content") or "role" in delta or finish:
-                yield sse_event({**base, "choices": [choice], **(sources if finish else {})})
-        timer.on_finish(time.perf_counter(), "stream")
-        if data.stream_options is not None and data.stream_options.include_usage:
-            total = usage(len(ids), completion_tokens, cached_tokens)
-            yield sse_event({**base, "choices": [], "usage": total})
-    finally:
-        state.leave()
+class ChatChunks:
+    """Chat's streamed choices: deltas, the first of each choice carrying the role."""
+
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool) -> None:
+        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.started: set[int] = set()
+
+    def choice(self, index: int, event: RequestOutput, finish: str | None) -> dict | None:
+        delta: dict[str, Any] = {}
+        if index not in self.started:
+            self.started.add(index)
+            delta["role"] = "assistant"
+        if event.text or not delta:
+            delta["content"] = event.text
+        if not (delta.get("content") or "role" in delta or finish):
+            return None
+        logprobs = None
+        if self.logprobs and event.logprobs:
+            logprobs = chat_logprobs(self.tokenizer, event.logprobs, event.token_ids)
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -2,7 +2,8 @@
 
 What it does: accepts a prompt as a string, a list of strings, token ids or a list of
 token-id lists; submits every prompt (each with `n` choices, indexed prompt-major as
-OpenAI does) to the engine; answers with one JSON body or a Server-Sent Events stream;
+OpenAI does) to the engine; answers with one JSON body or a Server-Sent Events stream (the generator both routes
+share, streaming.py);
 supports `echo` + `logprobs` exactly as lm-evaluation-harness's `local-completions` uses
 them for log-likelihoods (the prompt's tokens first, `null` for the first one), and
 `max_tokens: 0` with echo to score a prompt without generating.
@@ -18,17 +19,19 @@ import msgspec
 from litestar import Request, post
 from litestar.response import Response
 
+from ..engine.types import RequestOutput
+from ..tokenizer import Tokenizer
 from .errors import RequestError
 from .generation import (
+    Grounding,
     augment,
     check_model,
     check_ready,
     collect,
     completion_logprobs,
     default_max_tokens,
-    merged_events,
+    grounding,
     new_id,
-    rag_sources,
     sampling_params,
     submit,
     until_disconnect,
@@ -36,8 +39,9 @@ from .generation import (
 )
 from .metrics import RequestTimer
 from .schemas import CompletionRequest
-from .sse import GENERATION_ROUTE_DOCS, sse_error, sse_event, sse_response
+from .sse import GENERATION_ROUTE_DOCS, sse_response
 from .state import ServerState
+from .streaming import stream_chunks
 
 
 def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[int], str]]:
@@ -85,7 +89,9 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
     return prompts
 
 
-def _choice_body(state: ServerState, req: CompletionRequest, choice, prompt, prompt_lp, citations):
+def _choice_body(
+    state: ServerState, req: CompletionRequest, choice, prompt, prompt_lp, rag: Grounding | None
+):
     ids, prompt_text = prompt
     generated = "".join(choice.text)
     text = prompt_text + generated if req.echo else generated
@@ -104,8 +110,8 @@ def _choice_body(state: ServerState, req: CompletionRequest, choice, prompt, pro
         "finish_reason": choice.finish_reason,
         "stop_reason": choice.stop_reason,
     }
-    if citations is not None:
-        body["citations"], body["dropped_citations"] = citations(generated)
+    if rag is not None:
+        rag.add_citations(body, generated)
     return body
 
 
@@ -154,14 +160,21 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
         raise
     timer = RequestTimer(state.metrics, start)
     created = int(time.time())
+    rag = grounding(state, augmentation)
     if data.stream:
-        # A RAG stream ends each choice with its citations and the sources it was given.
-        cite = (
-            (lambda text: state.augmenter.citations(augmentation, text)) if augmentation else None
-        )
-        rag = (cite, rag_sources(state, augmentation))
+        base = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+        }
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        include_usage = data.stream_options is not None and data.stream_options.include_usage
+        formatter = CompletionChunks(state.tokenizer, data, prompts)
         return sse_response(
-            _stream(state, data, prompts, streams, offsets, timer, request_id, created, rag)
+            stream_chunks(
+                state, streams, offsets, formatter, base, timer, prompt_tokens, include_usage, rag
+            )
         )
     try:
         choices = await until_disconnect(
@@ -182,15 +195,9 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     for c in choices:
         if c.prompt_logprobs is not None:
             prompt_lps[c.index // data.n] = c.prompt_logprobs
-    cite = None
-    if augmentation is not None:
-
-        def cite(text: str):
-            return state.augmenter.citations(augmentation, text)
-
     body_choices = [
         _choice_body(
-            state, data, c, prompts[c.index // data.n], prompt_lps.get(c.index // data.n), cite
+            state, data, c, prompts[c.index // data.n], prompt_lps.get(c.index // data.n), rag
         )
         for c in choices
     ]
@@ -205,73 +212,41 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
             "model": state.model_name,
             "choices": body_choices,
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-            **rag_sources(state, augmentation),
+            **(rag.sources if rag is not None else {}),
         }
     )
 
 
-async def _stream(
-    state, data: CompletionRequest, prompts, streams, offsets, timer, request_id, created, rag
-):
-    cite, sources = rag
-    generated: dict[int, list[str]] = {}  # generated text per choice, for citations
-    base = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": state.model_name,
-    }
-    completion_tokens = 0
-    cached: dict[int, int] = {}  # prompt index -> its tokens served by the prefix cache
-    echoed: set[int] = set()
-    prompt_lp: dict[int, list] = {}
-    try:
-        async for offset, event in merged_events(streams, offsets):
-            index = offset + event.index
-            ids, prompt_text = prompts[index // data.n]
-            timer.on_queue_time(event.queue_time_s)
-            timer.on_tokens(index, time.perf_counter(), len(event.token_ids))
-            completion_tokens += len(event.token_ids)
-            cached[index // data.n] = event.num_cached_tokens
-            text = event.text
-            if cite is not None:
-                generated.setdefault(index, []).append(event.text)
-            logprobs = None
-            first_of_choice = data.echo and index not in echoed
-            if first_of_choice:
-                echoed.add(index)
-                text = prompt_text + text
-            if data.logprobs is not None:
-                entries, token_ids = list(event.logprobs or []), list(event.token_ids)
-                if event.prompt_logprobs is not None:
-                    prompt_lp[index // data.n] = event.prompt_logprobs
-                if first_of_choice:
-                    entries = list(prompt_lp.get(index // data.n) or [None] * len(ids)) + entries
-                    token_ids = list(ids) + token_ids
-                logprobs = completion_logprobs(state.tokenizer, entries, token_ids, 0)
-            if event.finished and event.finish_reason == "error":
-                yield sse_error(500, f"generation failed: {event.error or 'engine error'}")
-                return
-            finish = None
-            if event.finished:
-                finish = "stop" if event.finish_reason == "stop" else "length"
-            if text or finish or event.token_ids:
-                choice = {
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }
-                if finish:
-                    choice["stop_reason"] = event.stop_reason
-                    if cite is not None:
-                        cited = cite("".join(generated[index]))
-                        choice["citations"], choice["dropped_citations"] = cited
-                yield sse_event({**base, "choices": [choice], **(sources if finish else {})})
-        timer.on_finish(time.perf_counter(), "stream")
-        if data.stream_options is not None and data.stream_options.include_usage:
-            prompt_tokens = sum(len(ids) for ids, _ in prompts)
-            total = usage(prompt_tokens, completion_tokens, sum(cached.values()))
-            yield sse_event({**base, "choices": [], "usage": total})
-    finally:
-        state.leave()
+class CompletionChunks:
+    """Completions' streamed choices: text (after the echoed prompt, with `echo`) and
+    logprobs in the completions shape."""
+
+    def __init__(self, tokenizer: Tokenizer, req: CompletionRequest, prompts) -> None:
+        self.tokenizer, self.req, self.prompts = tokenizer, req, prompts
+        self.echoed: set[int] = set()
+        self.prompt_lp: dict[int, list] = {}  # prompt index -> its prompt logprobs
+
+    def choice(self, index: int, event: RequestOutput, finish: str | None) -> dict | None:
+        req = self.req
+        prompt = index // req.n
+        ids, prompt_text = self.prompts[prompt]
+        text = event.text
+        first = req.echo and index not in self.echoed
+        if first:
+            self.echoed.add(index)
+            text = prompt_text + text
+        logprobs = None
+        if req.logprobs is not None:
+            entries, token_ids = list(event.logprobs or []), list(event.token_ids)
+            if event.prompt_logprobs is not None:
+                self.prompt_lp[prompt] = event.prompt_logprobs
+            if first:
+                entries = list(self.prompt_lp.get(prompt) or [None] * len(ids)) + entries
+                token_ids = list(ids) + token_ids
+            logprobs = completion_logprobs(self.tokenizer, entries, token_ids, 0)
+        if not (text or finish or event.token_ids):
+            return None
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if finish:
+            choice["stop_reason"] = event.stop_reason
+        return choice

@@ -2,9 +2,13 @@
 
 What it does: defines `APIError` (and `RequestError` for 400s) and the Litestar exception
 handlers that turn every failure — validation, malformed JSON, oversize bodies, unknown
-routes, engine refusals, plugin failures and unexpected bugs — into an OpenAI error body
-with the right status. Unexpected exceptions become 500 with a generic message; their
-traceback goes to the server log, never to the client.
+routes, engine refusals, RAG errors, plugin failures and unexpected bugs — into an OpenAI
+error body with the right status. The RAG service raises its own errors
+(`atlas_server/rag/errors.py`); `rag_error()` maps them here: a bad request is a 400, an
+unknown collection a 404 (as OpenAI answers for a model that does not exist, also when a
+request body names it), a failing plugin a 502 whose traceback is logged once with the
+plugin's name, an unusable vector store a 503. Unexpected exceptions become 500 with a
+generic message; their traceback goes to the server log, never to the client.
 It also declares those bodies for the OpenAPI schema (`error_responses(...)`, used on
 every route), so the served schema documents the errors a client can actually get.
 What it does not do: decide when a request is invalid (schemas and routes do that).
@@ -20,6 +24,14 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+
+from ..rag.errors import (
+    CollectionNotFound,
+    PluginRuntimeError,
+    RAGError,
+    UnknownComponentError,
+    VectorStoreUnavailable,
+)
 
 log = logging.getLogger("atlas.api")
 
@@ -44,7 +56,7 @@ _MEANINGS = {
     413: "The request body is larger than the server accepts.",
     429: "The request queue is full; retry after the `Retry-After` seconds.",
     502: "A retriever or reranker plugin failed; `message` names it.",
-    503: "The model is still loading, or the server is shutting down.",
+    503: "The model is still loading, the server is shutting down, or the vector store is unavailable.",
 }
 
 
@@ -109,6 +121,23 @@ class RequestError(APIError):
         super().__init__(400, message, param, code)
 
 
+def rag_error(e: RAGError, prefix: str = "") -> APIError:
+    """The APIError of a RAG error; `prefix` is where the RAG fields sit in the request
+    ("rag." inside a completion body, "" for /v1/retrieve)."""
+    param = prefix + e.param if e.param else (prefix.rstrip(".") or None)
+    if isinstance(e, CollectionNotFound):
+        return APIError(404, str(e), param=param, code="collection_not_found")
+    if isinstance(e, PluginRuntimeError):
+        # The client gets the message; the operator needs the plugin's traceback.
+        log.error("%s %r of plugin %r failed", e.kind, e.name, e.plugin, exc_info=e)
+        return APIError(502, str(e), param=prefix.rstrip(".") or None, code="plugin_error")
+    if isinstance(e, VectorStoreUnavailable):
+        return APIError(503, str(e), code="store_unavailable", headers={"Retry-After": "5"})
+    if isinstance(e, UnknownComponentError):
+        return RequestError(str(e), param=param, code="unknown_plugin_component")
+    return RequestError(str(e), param=param)
+
+
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict:
@@ -136,6 +165,10 @@ def handle_api_error(request: Request, exc: APIError) -> Response:
     if isinstance(exc, ClientDisconnected):
         log.info("%s %s: client disconnected; request cancelled", request.method, request.url.path)
     return _response(request, exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
+def handle_rag_error(request: Request, exc: RAGError) -> Response:
+    return handle_api_error(request, rag_error(exc))
 
 
 def handle_http_exception(request: Request, exc: HTTPException) -> Response:
@@ -188,6 +221,7 @@ def handle_unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS = {
     APIError: handle_api_error,
+    RAGError: handle_rag_error,
     HTTPException: handle_http_exception,
     RecursionError: handle_too_deep,
     Exception: handle_unexpected,

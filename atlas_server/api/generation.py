@@ -14,10 +14,11 @@ bytes), the convention vLLM and OpenAI use, so clients can still rebuild the byt
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from .errors import APIError, ClientDisconnected, RequestError
 from .metrics import RequestTimer
 from .schemas import _SamplingFields
 from .state import ServerState
+
+log = logging.getLogger("atlas.api")
 
 # JSON has no -inf/NaN; a log-probability this low means "impossible" to every client.
 LOGPROB_FLOOR = -9999.0
@@ -125,6 +128,22 @@ def default_max_tokens(
     return max(0, min(fallback, state.max_model_len - prompt_len))
 
 
+def finish_reason(event: RequestOutput) -> str:
+    """OpenAI's finish_reason of a finished choice: "stop" or "length".
+
+    Aborts and engine errors never reach a client as a finish: `merged_events` turns an
+    abort into a 503 and `raise_if_failed` an error into a 500 (an error event when
+    streaming), on both routes.
+    """
+    return "stop" if event.finish_reason == "stop" else "length"
+
+
+def raise_if_failed(event: RequestOutput) -> None:
+    """An engine error on a choice fails the whole request (500, with the engine's reason)."""
+    if event.finished and event.finish_reason == "error":
+        raise APIError(500, f"generation failed: {event.error or 'engine error'}")
+
+
 @dataclass
 class Choice:
     index: int
@@ -145,9 +164,7 @@ class Choice:
         if event.prompt_logprobs is not None:
             self.prompt_logprobs = event.prompt_logprobs
         if event.finished:
-            self.finish_reason = "stop" if event.finish_reason == "stop" else "length"
-            if event.finish_reason in ("abort", "error"):
-                self.finish_reason = event.finish_reason
+            self.finish_reason = finish_reason(event)
             self.stop_reason = event.stop_reason
 
 
@@ -251,12 +268,11 @@ async def collect(
 ) -> list[Choice]:
     choices = [Choice(i) for i in range(n_choices)]
     async for offset, event in merged_events(streams, offsets):
+        raise_if_failed(event)
         choice = choices[offset + event.index]
         choice.add(event)
         timer.on_queue_time(event.queue_time_s)
         timer.on_tokens(choice.index, time.perf_counter(), len(event.token_ids))
-        if event.finished and event.finish_reason == "error":
-            raise APIError(500, f"generation failed: {event.error or 'engine error'}")
     timer.on_finish(time.perf_counter(), ",".join(sorted({c.finish_reason or "" for c in choices})))
     return choices
 
@@ -301,11 +317,25 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def rag_sources(state: ServerState, augmentation) -> dict[str, Any]:
-    """`{"sources": [...]}` for a RAG response: every source the prompt numbered (or {})."""
-    if augmentation is None or not hasattr(state.augmenter, "sources"):
-        return {}
-    return {"sources": state.augmenter.sources(augmentation)}
+@dataclass
+class Grounding:
+    """What a RAG answer adds to each finished choice (citations of its text) and to the
+    response (`sources`: every source the prompt numbered, in prompt order)."""
+
+    cite: Callable[[str], tuple[list[dict[str, Any]], int]]
+    sources: dict[str, Any]
+
+    def add_citations(self, choice: dict[str, Any], text: str) -> None:
+        choice["citations"], choice["dropped_citations"] = self.cite(text)
+
+
+def grounding(state: ServerState, augmentation) -> Grounding | None:
+    """The Grounding of an augmented request, or None without RAG."""
+    if augmentation is None:
+        return None
+    augmenter = state.augmenter
+    sources = {"sources": augmenter.sources(augmentation)} if hasattr(augmenter, "sources") else {}
+    return Grounding(lambda text: augmenter.citations(augmentation, text), sources)
 
 
 async def augment(
@@ -327,9 +357,11 @@ async def augment(
         return await state.augmenter.augment(rag, prompt, messages, max_prompt_tokens=budget)
     except APIError:
         raise
-    except Exception as e:
-        plugin = getattr(e, "plugin", None)
-        where = f"plugin {plugin!r}" if plugin else "the retrieval pipeline"
+    except Exception as e:  # an augmenter of an embedding application, failing its own way
+        log.error("the prompt augmenter failed", exc_info=e)
         raise APIError(
-            502, f"{where} failed: {type(e).__name__}: {e}", param="rag", code="plugin_error"
+            502,
+            f"the retrieval pipeline failed: {type(e).__name__}: {e}",
+            param="rag",
+            code="plugin_error",
         ) from None

@@ -1,8 +1,10 @@
 """What the HTTP layer shares between requests: the engine, the tokenizer and switches.
 
-What it does: holds the loaded engine and tokenizer, the served model name, readiness and
-draining flags, the metrics, the optional RAG augmenter and the plugin host; loads the
-checkpoint in a background thread so `/health` can answer 503 while it loads.
+What it does: holds the loaded engine, tokenizer and chat template, the served model
+name, readiness and draining flags, the metrics, the shared sentence embedder, the RAG
+service and its prompt augmenter (when `[rag] enabled`) and the plugin host; loads the
+checkpoint in a background thread so `/health` can answer 503 while it loads; on shutdown
+stops the engine and closes the RAG store's clients.
 What it does not do: handle requests (route modules) or run the model (the engine).
 """
 
@@ -14,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..chat_template import ChatTemplate, NoChatTemplateError, load_chat_template
 from ..config import ServerConfig
 from ..engine.types import EngineConfig
 from ..tokenizer import Tokenizer
@@ -71,8 +74,14 @@ class ServerState:
     load_error: str | None = None
     in_flight: int = 0
     metrics: Metrics = field(default_factory=Metrics)
+    # None when the checkpoint has no template and its tokenizer no ChatML tokens; then
+    # `no_chat_template` says so, and chat requests get it as a 400.
+    chat_template: ChatTemplate | None = None
+    no_chat_template: str | None = None
     augmenter: PromptAugmenter | None = None
-    plugin_host: Any = None
+    plugin_host: Any = None  # atlas_server.plugins.PluginHost, built on first use
+    embedder: Any = None  # embeddings.SharedEmbedder (create_app makes one)
+    rag: Any = None  # atlas_server.rag.service.RAGService when [rag] enabled
     created: int = 0
     _idle: asyncio.Event | None = None
 
@@ -108,6 +117,11 @@ class ServerState:
                     dtype=cfg.model.dtype,
                 ),
             )
+        # A bad chat template fails the load (named in /health and the log), not each request.
+        try:
+            self.chat_template = load_chat_template(checkpoint, engine.tokenizer)
+        except NoChatTemplateError as e:
+            self.no_chat_template = str(e)
         engine.start()
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -119,6 +133,18 @@ class ServerState:
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown(timeout=5.0)
+        if self.rag is not None:
+            # Closed here, while the interpreter is whole: a client left to the garbage
+            # collector at exit fails in __del__ ("sys.meta_path is None").
+            self.rag.close()
+
+    def plugins(self) -> Any:
+        """The plugin host (every installed plugin), discovered on first use."""
+        if self.plugin_host is None:
+            from ..plugins import get_plugin_host
+
+            self.plugin_host = get_plugin_host()
+        return self.plugin_host
 
     # --- in-flight accounting (for draining) --------------------------------------------
     def enter(self) -> None:

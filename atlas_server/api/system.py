@@ -1,9 +1,10 @@
-"""Routes around generation: models, health, metrics and the vLLM-style tokenizer routes.
+"""Routes around generation: models, health, metrics, plugins and the tokenizer routes.
 
 What it does: `GET /v1/models`, `GET /health` (200 ready, 503 while loading, after a failed
-load or while draining), `GET /metrics` (Prometheus text), `POST /tokenize`,
-`POST /detokenize` and `GET /tokenizer_info` in the shapes vLLM and lm-evaluation-harness
-use. What it does not do: generate.
+load or while draining), `GET /metrics` (Prometheus text), `GET /v1/plugins` (what `atlas
+plugins` shows), `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` in the
+shapes vLLM and lm-evaluation-harness use (`/tokenize` renders messages with the served
+chat template, so its ids are what chat generation is fed). What it does not do: generate.
 """
 
 from __future__ import annotations
@@ -15,18 +16,12 @@ from litestar import Request, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 
-from ..tokenizer import IM_END, IM_START
-from .chat import render_chat
+from ..compute_threads import run_in_fresh_thread
+from .chat import prompt_ids
 from .errors import APIError, RequestError, error_responses
 from .generation import check_model
 from .schemas import DetokenizeRequest, TokenizeRequest
 from .state import ServerState
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}" + IM_START + "{{ message['role'] }}\n"
-    "{{ message['content'] }}" + IM_END + "\n{% endfor %}"
-    "{% if add_generation_prompt %}" + IM_START + "assistant\n{% endif %}"
-)
 
 
 class Health(msgspec.Struct):
@@ -109,7 +104,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
     if (data.prompt is None) == (data.messages is None):
         raise RequestError("give exactly one of prompt or messages", param="prompt")
     if data.messages is not None:
-        tokens = render_chat(state.tokenizer, data.messages, data.add_generation_prompt)
+        tokens = prompt_ids(state, data.messages, data.add_generation_prompt)
     else:
         tokens = state.tokenizer.encode(data.prompt)
     return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
@@ -154,6 +149,17 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
         "added_tokens_decoder": {
             str(i): {"content": s, "special": True} for s, i in specials.items()
         },
-        "chat_template": CHAT_TEMPLATE if IM_START in specials and IM_END in specials else None,
+        "chat_template": state.chat_template.source if state.chat_template else None,
         "pattern": tok.pattern,
     }
+
+
+@get(
+    "/v1/plugins",
+    summary="Installed plugins and what they registered (Atlas)",
+    responses=error_responses(401),
+)
+async def list_plugins(request: Request) -> dict[str, Any]:
+    # Discovery imports the plugins' modules: done once, off the event loop.
+    host = await run_in_fresh_thread(_state(request).plugins)
+    return {"object": "list", "data": host.describe()}

@@ -6,17 +6,14 @@ import json
 
 import typer
 
-app = typer.Typer(help="List installed plugins.")
 
-
-@app.callback(invoke_without_command=True)
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     strict: bool = typer.Option(False, "--strict", help="Fail if any plugin cannot be loaded."),
 ) -> None:
-    """List plugins discovered through the `atlas` entry-point group.
+    """List installed plugins (the `atlas` entry-point group) and what they registered.
 
-    Example: atlas plugins --json
+    Example: atlas plugins --strict
     """
     from ..plugins import PluginError, PluginHost
 

@@ -2,8 +2,9 @@
 
 What it does: resolves the config (defaults < --config TOML < flags), finds the checkpoint
 (flag, config, ATLAS_CHECKPOINT, then the embedded default made by `atlas-train
-quickstart`), reads the API key from the flag, ATLAS_API_KEY or a secret file, prints
-the resolved config, and runs uvicorn. SIGTERM/SIGINT drain: /health turns 503, new
+quickstart`) and checks its chat template, reads the API key from the flag, ATLAS_API_KEY
+or a secret file, prints the resolved config (with the checkpoint it resolved), and runs
+uvicorn. SIGTERM/SIGINT drain: /health turns 503, new
 generation requests get 503, running requests get up to `http.drain_timeout_s` to finish,
 then the server stops and exits 0. A second SIGINT forces the exit.
 What it does not do: routes (see `atlas_server/api/`).
@@ -22,7 +23,6 @@ import typer
 from ..config import ConfigFileError, load_config, render, with_overrides
 from ._common import fail, user_errors
 
-app = typer.Typer(add_completion=False)
 log = logging.getLogger("atlas.serve")
 
 
@@ -97,7 +97,19 @@ class DrainingServer:
         return _Server(config)
 
 
-@app.callback(invoke_without_command=True)
+def check_chat_template(path: Path) -> None:
+    """Refuse, before any weights load, a checkpoint whose chat_template.jinja is unusable."""
+    from ..chat_template import TEMPLATE_FILE, ChatTemplateError, load_chat_template
+    from ..checkpoint import TOKENIZER_FILE, CheckpointError, read_metadata
+    from ..tokenizer import Tokenizer
+
+    if not (path / TEMPLATE_FILE).is_file():
+        return
+    with user_errors(ChatTemplateError, CheckpointError):
+        name = read_metadata(path).get("tokenizer", {}).get("file", TOKENIZER_FILE)
+        load_chat_template(path, Tokenizer.from_file(path / name))
+
+
 def serve(
     checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Atlas checkpoint directory."),
     host: str = typer.Option(
@@ -123,7 +135,11 @@ def serve(
     max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
-    """Serve a checkpoint over the OpenAI-compatible API.
+    """Serve a checkpoint over the OpenAI-compatible API (and RAG, unless disabled).
+
+    Checkpoint: --checkpoint, else model.checkpoint in --config,
+    else ATLAS_CHECKPOINT, else the quickstart's. SIGTERM or Ctrl-C
+    drains running requests, then exits.
 
     Example: atlas serve --checkpoint runs/quickstart/checkpoint --port 8000
     """
@@ -143,6 +159,9 @@ def serve(
             engine__max_running=max_running,
         )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
+    check_chat_template(path)
+    # The printed config names the checkpoint actually served, not the unset default.
+    cfg = with_overrides(cfg, model__checkpoint=str(path))
     key = read_api_key(api_key, api_key_file)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -155,8 +174,7 @@ def serve(
     state = ServerState(
         config=cfg, model_name=cfg.model.name or default_name, checkpoint_path=str(path)
     )
-    plugin_kwargs = _rag_extensions(state)
-    application = create_app(state, api_key=key, **plugin_kwargs)
+    application = create_app(state, api_key=key)
     uv_config = uvicorn.Config(
         application,
         host=cfg.http.host,
@@ -169,12 +187,3 @@ def serve(
         server.run()
     except OSError as e:
         fail(f"cannot listen on {cfg.http.host}:{cfg.http.port}: {e.strerror or e}")
-
-
-def _rag_extensions(state) -> dict:
-    """Routes and the prompt augmenter of the RAG package, unless `[rag] enabled = false`."""
-    if not state.config.rag.enabled:
-        return {}
-    from ..rag.server import rag_extensions
-
-    return rag_extensions(state)

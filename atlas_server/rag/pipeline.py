@@ -9,25 +9,15 @@ What it does not do: HTTP, prompting or ingestion.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
 from ..plugins import PluginHost
+from .errors import PluginRuntimeError, UnknownComponentError
 from .types import RAGContext, RetrievedChunk
 
-
-class PluginRuntimeError(RuntimeError):
-    """A plugin failed while serving; `.plugin` names it."""
-
-    def __init__(self, plugin: str, kind: str, name: str, error: BaseException) -> None:
-        super().__init__(
-            f"{kind} {name!r} (plugin {plugin!r}) failed: {type(error).__name__}: {error}"
-        )
-        self.plugin = plugin
-
-
-class UnknownComponentError(LookupError):
-    pass
+__all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError"]
 
 
 class RAGPipeline:
@@ -46,7 +36,8 @@ class RAGPipeline:
         registry = getattr(self.host, kind)
         if name not in registry:
             raise UnknownComponentError(
-                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}"
+                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}",
+                param=kind[:-1],
             )
         with self._lock:
             key = (kind, name)
@@ -54,13 +45,7 @@ class RAGPipeline:
                 if kind == "retrievers":
                     # fusion retrievers get the plain ones, built on demand
                     self.ctx.retrievers = _LazyRetrievers(self)
-                ctx = RAGContext(
-                    self.ctx.store,
-                    self.ctx.embedder,
-                    self.ctx.score_text,
-                    self.ctx.retrievers,
-                    dict(self.options.get(name, {})),
-                )
+                ctx = dataclasses.replace(self.ctx, options=dict(self.options.get(name, {})))
                 try:
                     self._built[key] = registry[name](ctx)
                 except Exception as e:

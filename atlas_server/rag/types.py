@@ -3,7 +3,7 @@
 What it does: defines a `Chunk` of a source document, a `RetrievedChunk` with its score,
 the `Retriever`, `Reranker` and `Metric` protocols, `MetricResult`, and the `RAGContext`
 handed to plugin factories (the vector store, the embedder, and — for rerankers that use
-the served model — a scoring function). What it does not do: any retrieval.
+the served model — scoring functions). What it does not do: any retrieval.
 """
 
 from __future__ import annotations
@@ -72,13 +72,30 @@ class Metric(Protocol):
     def compute(self, predictions: list[str], references: list[list[str]]) -> MetricResult: ...
 
 
+# (prefix, text) pairs -> the mean log p(text | prefix) of each under the served model.
+ScoreTexts = Callable[[Sequence[tuple[str, str]]], list[float]]
+
+
 @dataclass
 class RAGContext:
-    """What a retriever or reranker factory may use. Fields are None when unavailable."""
+    """What a retriever or reranker factory may use. Fields are None when unavailable.
+
+    `score_texts(pairs)` scores many (prefix, text) pairs under the served model in one
+    engine round trip (the engine batches them), for likelihood-based rerankers; call it
+    from `rerank` (a worker thread), never from an event loop. `score_text(prefix, text)`
+    is the one-pair form, kept for existing plugins: scoring candidates one at a time with
+    it costs one round trip each, so new rerankers should use `score_texts`.
+    """
 
     store: Any = None  # atlas_server.rag.store.VectorStore
     embedder: Any = None  # atlas_server.rag.embedding.Embedder
-    # log p(text | prefix) under the served model, for likelihood-based rerankers
+    # mean log p(text | prefix) under the served model (one pair; see score_texts)
     score_text: Callable[[str, str], float] | None = None
     retrievers: dict[str, Retriever] = field(default_factory=dict)  # for fusion retrievers
     options: dict[str, Any] = field(default_factory=dict)  # per-plugin options from config
+    score_texts: ScoreTexts | None = None  # many pairs, one engine round trip
+
+    def __post_init__(self) -> None:
+        if self.score_text is None and self.score_texts is not None:
+            score_texts = self.score_texts
+            self.score_text = lambda prefix, text: score_texts([(prefix, text)])[0]

@@ -1,0 +1,89 @@
+"""`POST /v1/embeddings`: sentence embeddings in the OpenAI shape, whatever `[rag]` says.
+
+What it does: embeds a string or a list of strings with the server's sentence embedder
+(all-MiniLM-L6-v2 by default; the same object RAG retrieval uses) and answers with float
+lists or base64 little-endian float32, and `usage` in the embedder's word pieces. The
+embedder loads lazily, on the first request that needs it, and it loads and encodes on a
+thread that ends with the call (`compute_threads.py`), never on the event loop or a pool
+thread: docs/architecture.md, "One thread runs the model".
+What it does not do: store vectors (the RAG routes, retrieval.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, post
+from msgspec import Meta
+
+from ..compute_threads import run_in_fresh_thread
+from .errors import APIError, error_responses
+from .state import ServerState
+
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=2048)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def default_embedder() -> Any:
+    from ..rag.embedding import Embedder
+
+    return Embedder()
+
+
+class SharedEmbedder:
+    """One embedder per server, built on first use by whichever thread needs it first."""
+
+    def __init__(self, factory: Callable[[], Any] = default_embedder) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._embedder: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    def get(self) -> Any:
+        """The embedder, loading it now if needed (blocks: call it off the event loop)."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = self._factory()
+            return self._embedder
+
+
+@post(
+    "/v1/embeddings",
+    status_code=200,
+    summary="Embed text (OpenAI-compatible)",
+    responses=error_responses(400, 401, 413, 503),
+)
+async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[str, Any]:
+    state: ServerState = request.app.state.atlas
+    texts = [data.input] if isinstance(data.input, str) else data.input
+
+    def embed():  # one fresh thread: loading the embedder (first call) and encoding
+        embedder = state.embedder.get()
+        return embedder, embedder.encode(texts), sum(embedder.count_pieces(t) for t in texts)
+
+    try:
+        embedder, vectors, pieces = await run_in_fresh_thread(embed)
+    except (ImportError, RuntimeError, OSError) as e:  # no embedder package or model folder
+        raise APIError(503, f"the embedder is unavailable: {e}") from None
+    if data.encoding_format == "base64":
+        rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        rows = [v.tolist() for v in vectors]
+    return {
+        "object": "list",
+        "model": embedder.name,
+        "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+        "usage": {"prompt_tokens": pieces, "total_tokens": pieces},
+    }

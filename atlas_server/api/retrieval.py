@@ -1,0 +1,183 @@
+"""The RAG routes and the prompt augmenter, over `atlas_server.rag.service.RAGService`.
+
+What it does: `POST /v1/retrieve`, `GET /v1/collections`, `POST
+/v1/collections/{name}/documents` and `DELETE /v1/collections/{name}` (served when `[rag]
+enabled`), and `RAGAugmenter`, the `state.PromptAugmenter` that grounds a completion or
+chat request with a `rag` object in retrieved sources and cites them after generation.
+Every call into the service runs on a thread that ends with it (`compute_threads.py`:
+the embedder and rerankers run PyTorch); the service's errors become HTTP errors in
+`errors.rag_error`, the request's `rag.` fields named in `param`.
+What it does not do: retrieval itself (`atlas_server/rag/`), or `/v1/embeddings` and
+`/v1/plugins`, which every server has (embeddings.py, system.py).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, delete, get, post
+from msgspec import Meta
+
+from ..compute_threads import run_in_fresh_thread
+from ..rag.errors import RAGError
+from ..rag.grounding import extract_citations, given_sources, last_user_text
+from ..rag.ingest import Document
+from ..rag.service import RAGService
+from ..rag.types import RetrievedChunk
+from .errors import RequestError, error_responses, rag_error
+from .schemas import CollectionName, Filters
+from .state import Augmentation, ServerState
+
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
+
+class RetrieveRequest(msgspec.Struct, kw_only=True):
+    collection: CollectionName
+    query: NonEmpty
+    top_k: Annotated[int, Meta(ge=1, le=100)] = 4
+    retriever: str | None = None
+    reranker: str | None = None
+    filters: Filters | None = None
+
+
+class DocumentIn(msgspec.Struct, kw_only=True):
+    text: str
+    source: str
+    title: str | None = None
+
+
+class DocumentsRequest(msgspec.Struct, kw_only=True):
+    documents: Annotated[list[DocumentIn], Meta(min_length=1)]
+
+
+def _service(request: Request) -> RAGService:
+    state: ServerState = request.app.state.atlas
+    return state.rag
+
+
+class RAGAugmenter:
+    """Grounds prompts in retrieved sources (see state.PromptAugmenter)."""
+
+    def __init__(self, state: ServerState, service: RAGService) -> None:
+        self.state, self.service = state, service
+
+    async def augment(
+        self,
+        rag,
+        prompt: str | None,
+        messages: list[dict] | None,
+        max_prompt_tokens: int | None = None,
+    ) -> Augmentation:
+        query = prompt if prompt is not None else last_user_text(messages or [])
+        if not query.strip():
+            raise RequestError(
+                "rag needs a non-empty question (the prompt or the last user message)", param="rag"
+            )
+        state, service = self.state, self.service
+
+        def run():
+            chunks = service.retrieve(
+                rag.collection, query, rag.top_k, rag.retriever, rag.reranker, rag.filters
+            )
+            return service.ground(
+                chunks,
+                lambda text: len(state.tokenizer.encode(text)),
+                prompt=prompt,
+                messages=messages,
+                max_prompt_tokens=max_prompt_tokens,
+                context_tokens=state.max_model_len,
+            )
+
+        try:
+            grounded = await run_in_fresh_thread(run)
+        except RAGError as e:
+            raise rag_error(e, prefix="rag.") from None
+        return Augmentation(grounded.prompt, grounded.messages, context=grounded.chunks)
+
+    def citations(self, augmentation: Augmentation, text: str) -> tuple[list[dict[str, Any]], int]:
+        return extract_citations(text, augmentation.context)
+
+    def sources(self, augmentation: Augmentation) -> list[dict[str, Any]]:
+        return given_sources(augmentation.context)
+
+
+def _chunk_json(r: RetrievedChunk, rank: int) -> dict[str, Any]:
+    c = r.chunk
+    return {
+        "rank": rank,
+        "id": c.id,
+        "score": r.score,
+        "retriever": r.retriever,
+        "text": c.text,
+        "source": c.source,
+        "heading": c.heading,
+        "span": [c.start, c.end],
+        "metadata": c.metadata,
+    }
+
+
+@post(
+    "/v1/retrieve",
+    status_code=200,
+    summary="Ranked chunks for a query (Atlas)",
+    responses=error_responses(400, 401, 404, 413, 502, 503),
+)
+async def retrieve(request: Request, data: RetrieveRequest) -> dict[str, Any]:
+    service = _service(request)
+    args = (data.collection, data.query, data.top_k, data.retriever, data.reranker, data.filters)
+    chunks = await run_in_fresh_thread(service.retrieve, *args)
+    return {
+        "object": "list",
+        "collection": data.collection,
+        "data": [_chunk_json(r, i) for i, r in enumerate(chunks, 1)],
+    }
+
+
+@get(
+    "/v1/collections",
+    summary="List collections (Atlas)",
+    responses=error_responses(401, 503),
+)
+async def list_collections(request: Request) -> dict[str, Any]:
+    rows = await run_in_fresh_thread(_service(request).collections)
+    return {"object": "list", "data": [{"name": n, "chunks": count} for n, count in rows]}
+
+
+@post(
+    "/v1/collections/{name:str}/documents",
+    status_code=200,
+    summary="Ingest documents into a collection (Atlas)",
+    responses=error_responses(400, 401, 413, 503),
+)
+async def add_documents(request: Request, name: str, data: DocumentsRequest) -> dict[str, Any]:
+    docs = [Document(d.text, d.source, d.title) for d in data.documents]
+    try:
+        return await run_in_fresh_thread(_service(request).add_documents, name, docs)
+    except RAGError as e:
+        raise _named(e) from None
+
+
+@delete(
+    "/v1/collections/{name:str}",
+    status_code=200,
+    summary="Delete a collection (Atlas)",
+    responses=error_responses(401, 404, 503),
+)
+async def delete_collection(request: Request, name: str) -> dict[str, Any]:
+    try:
+        await run_in_fresh_thread(_service(request).delete_collection, name)
+    except RAGError as e:
+        raise _named(e) from None
+    return {"deleted": name}
+
+
+def _named(e: RAGError):
+    """The collection is the path's `name` on the collection routes."""
+    error = rag_error(e)
+    if error.param == "collection":
+        error.param = "name"
+    return error
+
+
+RAG_ROUTES = [retrieve, list_collections, add_documents, delete_collection]

@@ -1,0 +1,197 @@
+"""RAG as a service: the collections, retrieval and grounding a server offers.
+
+What it does: `RAGService` opens the vector store and the retrieval pipeline lazily, on
+first use (a server that never sees a RAG request never locks a data directory or loads
+the embedder), checks a request before any plugin sees it (collection name, query,
+filters), retrieves and reranks through the plugins, ingests documents, lists and deletes
+collections, and grounds a prompt or a chat in retrieved sources, dropping the
+lowest-ranked ones until the prompt fits the model's context. It raises only the errors
+of `errors.py`. Every method blocks: callers run them off their event loop (the HTTP
+layer does, on a thread that ends with the call, see `compute_threads.py`).
+What it does not do: HTTP (`atlas_server/api/retrieval.py` serves it), generation, or
+chunking and embedding details (`chunking.py`, `embedding.py`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..plugins import PluginHost
+from .chunking import ChunkSettings
+from .errors import CollectionNotFound, InvalidRAGRequest, VectorStoreUnavailable
+from .grounding import grounded_messages, grounded_prompt
+from .ingest import Document, ingest
+from .pipeline import RAGPipeline
+from .store import StoreError, VectorStore
+from .types import RAGContext, RetrievedChunk, ScoreTexts
+
+
+@dataclass(frozen=True)
+class RetrievalDefaults:
+    """What a request that names no retriever, reranker or top_k gets (`[rag]` config)."""
+
+    retriever: str = "hybrid"
+    reranker: str | None = None
+    top_k: int = 4
+
+
+@dataclass
+class Grounded:
+    """A prompt (completions) or messages (chat) with numbered sources, and the sources."""
+
+    chunks: list[RetrievedChunk]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+def check_collection_name(name: str) -> None:
+    """Refuse a name the store cannot hold (before any plugin sees it)."""
+    if not 0 < len(name) <= 255 or not name.replace("-", "").replace("_", "").isalnum():
+        raise InvalidRAGRequest(
+            f"collection names are 1-255 letters, digits, - and _; got {name[:80]!r}",
+            "collection",
+        )
+
+
+def check_filters(filters: dict[str, Any] | None) -> None:
+    for key, value in (filters or {}).items():
+        if isinstance(value, list) and len({type(v) for v in value}) > 1:
+            raise InvalidRAGRequest(
+                f"filter {key!r}: a list of values holds strings or integers, not both", "filters"
+            )
+
+
+class RAGService:
+    """Lazily opened store + pipeline over a plugin host (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: PluginHost,
+        embedder: Callable[[], Any],
+        data_dir: str | None = None,
+        qdrant_url: str | None = None,
+        defaults: RetrievalDefaults = RetrievalDefaults(),
+        score_texts: ScoreTexts | None = None,
+    ) -> None:
+        """`embedder()` returns the (shared, lazily loaded) embedder; `score_texts` scores
+        text under the served model, for likelihood rerankers (RAGContext.score_texts)."""
+        self.host, self.defaults = host, defaults
+        self._embedder, self._score_texts = embedder, score_texts
+        self._data_dir, self._qdrant_url = data_dir, qdrant_url
+        self._lock = threading.Lock()
+        self._store: Any = None
+        self._pipeline: RAGPipeline | None = None
+
+    # --- lazily opened parts ------------------------------------------------------------
+    @property
+    def store(self) -> VectorStore:
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = VectorStore(self._data_dir, self._qdrant_url)
+                except StoreError as e:
+                    raise VectorStoreUnavailable(str(e)) from None
+            return self._store
+
+    @property
+    def pipeline(self) -> RAGPipeline:
+        store = self.store
+        with self._lock:
+            if self._pipeline is None:
+                ctx = RAGContext(store, self._embedder(), score_texts=self._score_texts)
+                self._pipeline = RAGPipeline(self.host, ctx)
+            return self._pipeline
+
+    def close(self) -> None:
+        """Close the store's clients (only if it was opened), before the interpreter ends."""
+        with self._lock:
+            store, self._store, self._pipeline = self._store, None, None
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+
+    # --- requests -----------------------------------------------------------------------
+    def retrieve(
+        self,
+        collection: str,
+        query: str,
+        top_k: int | None = None,
+        retriever: str | None = None,
+        reranker: str | None = None,
+        filters: dict[str, Any] | None = None,
+    ) -> list[RetrievedChunk]:
+        """Ranked chunks of `collection` for `query`, best first (config defaults fill in)."""
+        check_collection_name(collection)
+        if not query.strip():
+            raise InvalidRAGRequest("the query must not be empty", "query")
+        check_filters(filters)
+        self._require(collection)
+        pipeline = self.pipeline
+        try:
+            return pipeline.retrieve(
+                collection,
+                query,
+                top_k or self.defaults.top_k,
+                retriever or self.defaults.retriever,
+                reranker if reranker is not None else self.defaults.reranker,
+                filters,
+            )
+        except StoreError as e:
+            self._require(collection)  # deleted while we searched?
+            raise VectorStoreUnavailable(str(e)) from None
+
+    def collections(self) -> list[tuple[str, int]]:
+        """(name, number of chunks) of every collection."""
+        store = self.store
+        return [(name, store.count(name)) for name in store.collections()]
+
+    def add_documents(self, collection: str, documents: list[Document]) -> dict[str, Any]:
+        """Chunk, embed and store documents (idempotent: chunk ids come from content)."""
+        check_collection_name(collection)
+        store = self.store
+        return ingest(
+            store, self._embedder(), collection, documents, ChunkSettings(), progress=False
+        )
+
+    def delete_collection(self, collection: str) -> None:
+        self._require(collection)
+        self.store.delete_collection(collection)
+
+    def _require(self, collection: str) -> None:
+        if not self.store.exists(collection):
+            raise CollectionNotFound(f"collection {collection!r} does not exist", "collection")
+
+    # --- grounding ----------------------------------------------------------------------
+    def ground(
+        self,
+        chunks: list[RetrievedChunk],
+        count_tokens: Callable[[str], int],
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        max_prompt_tokens: int | None = None,
+        context_tokens: int | None = None,
+    ) -> Grounded:
+        """The prompt (or messages) with sources, the lowest-ranked dropped until it fits
+        `max_prompt_tokens` (as `count_tokens` counts; `context_tokens`, the model's
+        context, is named in the error when not even one source fits)."""
+        if not chunks:
+            raise InvalidRAGRequest("retrieval found no source for this question")
+        while True:
+            if prompt is not None:
+                grounded = Grounded(chunks, prompt=grounded_prompt(prompt, chunks))
+                text = grounded.prompt
+            else:
+                grounded = Grounded(chunks, messages=grounded_messages(messages or [], chunks))
+                text = " ".join(str(m.get("content") or "") for m in grounded.messages)
+            if max_prompt_tokens is None or count_tokens(text) <= max_prompt_tokens:
+                return grounded
+            chunks = chunks[:-1]
+            if not chunks:
+                context = f"the model's {context_tokens}-token" if context_tokens else "the"
+                raise InvalidRAGRequest(
+                    f"no retrieved source fits {context} context next to the question; "
+                    "lower max_tokens or use a longer-context model"
+                )
