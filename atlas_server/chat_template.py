@@ -60,9 +60,10 @@ _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 class ChatTemplateError(ValueError):
     """A template that cannot be used, or messages it cannot render; `param` names the field."""
 
-    def __init__(self, message: str, param: str | None = "messages") -> None:
+    def __init__(self, message: str, param: str | None = "messages", detail: str = "") -> None:
         super().__init__(message)
         self.param = param
+        self.detail = detail or message  # the template's own words, without our preamble
 
 
 class NoChatTemplateError(ChatTemplateError):
@@ -195,7 +196,7 @@ class ChatTemplate:
             self.stop_token_ids = self._find_stop_ids()
         except ChatTemplateError as e:
             raise ChatTemplateError(
-                f"{name} cannot render a plain user/assistant exchange: {e}", param=None
+                f"{name} cannot render a plain user/assistant exchange: {e.detail}", param=None
             ) from None
 
     @classmethod
@@ -241,9 +242,10 @@ class ChatTemplate:
                 documents=None,
             )
         except Exception as e:  # template code is data: any failure is the template's message
+            detail = f"{type(e).__name__}: {e}"
             raise ChatTemplateError(
-                f"the chat template ({self.name}) cannot render these messages: "
-                f"{type(e).__name__}: {e}"
+                f"the chat template ({self.name}) cannot render these messages: {detail}",
+                detail=detail,
             ) from None
 
     def _encode(
