@@ -19,6 +19,7 @@ from trainer.lora import (
     adapters_disabled,
     apply_lora,
     load_adapter,
+    load_adapter_weights,
     merge_lora,
     remove_lora,
     save_adapter,
@@ -122,6 +123,7 @@ def test_the_adapter_file_is_small_and_carries_its_provenance(tmp_path, byte_tok
     model = base_model(byte_tokenizer, "gpt2-tiny")
     base_hash = weights_sha256(model.state_dict())
     report = apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=("attn.wqkv",)))
+    train_a_little(model, steps=2)
     out = save_adapter(
         tmp_path / "a", adapter_of(model, report, {"base_checkpoint": "ckpt/", "step": 10})
     )
@@ -139,6 +141,14 @@ def test_the_adapter_file_is_small_and_carries_its_provenance(tmp_path, byte_tok
 
     again = load_adapter(out)
     assert again.config == report.config and again.modules == report.modules
+    # Loaded back into a freshly wrapped model (resuming training), it gives the same logits.
+    fresh = base_model(byte_tokenizer, "gpt2-tiny")
+    apply_lora(fresh, again.config)
+    load_adapter_weights(fresh, again)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens()), model(tokens()), rtol=0, atol=0)
+    with pytest.raises(LoRAError, match="apply_lora with the adapter's own configuration"):
+        load_adapter_weights(base_model(byte_tokenizer, "gpt2-tiny"), again)
     # Saving again replaces the directory whole.
     save_adapter(out, adapter_of(model, report))
     assert load_adapter(out).provenance == {}

@@ -13,7 +13,8 @@ untied. A target that matches nothing is an error listing what exists.
 `save_adapter` writes a directory with adapter.safetensors (the A and B matrices, the
 configuration and provenance in its metadata) and adapter.json (the same, plus the
 safetensors file's sha256), whole or not at all (written beside it, then renamed);
-`load_adapter` reads and checks both. `merge_lora(base, adapter)` returns a plain
+`load_adapter` reads and checks both; `load_adapter_weights` puts them back into a wrapped
+model (resuming). `merge_lora(base, adapter)` returns a plain
 Transformer whose projections hold W + A @ B * alpha/r, refusing a base whose weights are
 not the ones the adapter was trained on (sha256 of the weights, recorded at apply time).
 `adapters_disabled(model)` runs the base model alone: the DPO reference without a copy.
@@ -273,6 +274,26 @@ def load_adapter(directory: str | os.PathLike) -> Adapter:
         if b.shape[0] != config.rank:
             raise LoRAError(f"{weights}: {module}.lora_B must be [{config.rank}, out]")
     return adapter
+
+
+def load_adapter_weights(model: Transformer, adapter: Adapter) -> None:
+    """Copy a saved adapter's matrices into a model wrapped with the same configuration
+    (resuming LoRA training)."""
+    wrapped = lora_modules(model)
+    if sorted(wrapped) != adapter.modules:
+        raise LoRAError(
+            f"the adapter covers {len(adapter.modules)} projections, the model wraps"
+            f" {len(wrapped)}; apply_lora with the adapter's own configuration first"
+        )
+    with torch.no_grad():
+        for name, module in wrapped.items():
+            for part in ("lora_A", "lora_B"):
+                target, saved = getattr(module, part), adapter.tensors[f"{name}.{part}"]
+                if target.shape != saved.shape:
+                    raise LoRAError(
+                        f"{name}.{part}: saved {list(saved.shape)}, model {list(target.shape)}"
+                    )
+                target.copy_(saved)
 
 
 def merge_lora(base: Transformer, adapter: Adapter, check_base: bool = True) -> Transformer:
