@@ -26,6 +26,7 @@ from trainer.chat_data import (
     pack_conversations,
     read_conversations,
     read_preferences,
+    read_records,
     tokenize_conversation,
     tokenize_pair,
 )
@@ -162,16 +163,20 @@ def test_every_bad_record_is_named_with_its_line_and_problem(tmp_path):
             good,
         ],
     )
+    with path.open("ab") as f:
+        f.write(b'{"messages": "\xff\xfe"}\n')
     with pytest.raises(ChatDataError) as info:
         read_conversations([str(path)])
     message = str(info.value)
-    assert message.startswith("7 bad record(s): ")
+    assert message.startswith("8 bad record(s): ")
     assert f"{path}:2: not valid JSON" in message
     assert f"{path}:3: messages[0].role is 'bot'" in message
     assert f"{path}:4: no assistant message with weight 1" in message
     assert f"{path}:5: messages[0].content must be a string" in message
     assert f"{path}:6: messages[0].weight must be 0 or 1" in message
-    assert "(and 2 more)" in message
+    assert "(and 3 more)" in message
+    with pytest.raises(ChatDataError, match=rf"{path}:10: not valid UTF-8"):
+        read_records([str(path)], lambda record, origin: record)
 
 
 def test_preference_records_in_every_accepted_shape(tmp_path):

@@ -117,12 +117,14 @@ def iter_records(source: str) -> Iterator[tuple[str, Any]]:
                 n += 1
                 yield f"{source} row {n}", record
     else:
-        with open(source, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
+        with open(source, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue  # a blank line is not a record
                 try:
-                    yield f"{source}:{n}", json.loads(line)
+                    yield f"{source}:{n}", json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield f"{source}:{n}", RecordError("not valid UTF-8")
                 except json.JSONDecodeError as e:
                     yield f"{source}:{n}", RecordError(f"not valid JSON ({e.msg})")
 
