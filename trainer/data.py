@@ -144,7 +144,9 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
             yield text
 
 
-def _hf_documents(source: str, text_field: str) -> Iterator[str]:
+def iter_hf_records(source: str) -> Iterator[dict]:
+    """The records of `hf:NAME[:CONFIG][:SPLIT]` (a hub name or a local dataset folder),
+    streamed through `datasets.load_dataset`; the split defaults to train."""
     try:
         import datasets
     except ImportError:
@@ -161,7 +163,11 @@ def _hf_documents(source: str, text_field: str) -> Iterator[str]:
         stream = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
         raise DataError(f"cannot open {source}: {e}") from None
-    for record in stream:
+    yield from stream
+
+
+def _hf_documents(source: str, text_field: str) -> Iterator[str]:
+    for record in iter_hf_records(source):
         text = record.get(text_field)
         if text:
             yield text

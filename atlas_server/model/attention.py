@@ -6,7 +6,8 @@ either explicitly (`reference`, the readable oracle the tests compare against) o
 memory-efficient kernels on GPU). What it does not do: projections, RoPE or caching.
 
 Shapes: q [B, H, T, D]; k, v [B, K, S, D] with H a multiple of K; mask None (causal,
-T == S) or boolean [B, 1, T, S] where True means "may attend".
+T == S) or boolean [B, 1, T, S] where True means "may attend". `document_causal_mask`
+builds that mask for packed training rows (several documents per row).
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def document_causal_mask(doc_ids: Tensor) -> Tensor:
+    """Causal attention that never crosses documents: [B, T] ids -> boolean [B, 1, T, T].
+
+    Token i may attend to token j when j <= i and both belong to the same document. Every
+    token attends at least to itself, so no row of the softmax is empty (padding is given
+    its own document id, as any other run of tokens)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # [T, T]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
+    return (same & causal)[:, None]  # [B, 1, T, T]
 
 
 def attention(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .attention import attention
+from .attention import attention, document_causal_mask
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .onednn import PackedWeight, packing_supported, train_matmul
@@ -140,11 +140,12 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None,
         slots: Tensor | None,  # [B]
         segments: list[Segment] | None = None,
+        mask: Tensor | None = None,  # [B, 1, T, T] training-only attention mask
     ) -> Tensor:
         B, T, _ = x.shape
         qkv = self.wqkv(x)  # [B, T, (H + 2K) * D]
         if segments is None:
-            out = self._attend(qkv, positions, rope, cache, slots)  # [B, T, H*D]
+            out = self._attend(qkv, positions, rope, cache, slots, mask=mask)  # [B, T, H*D]
         else:
             # One flattened batch (B = 1) of several groups of sequences: the projections
             # ran over all N tokens at once; attention runs group by group.
@@ -173,6 +174,7 @@ class CausalSelfAttention(nn.Module):
         slots: Tensor | None,  # [B]
         kv_length: int | None = None,  # host-side hints, see Segment
         first_slot: int | None = None,
+        mask: Tensor | None = None,  # [B, 1, T, T]; None = plain causal
     ) -> Tensor:
         B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -187,12 +189,13 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if cache is None:
-            # Training / full forward: the sequence attends to itself, causally.
+            # Training / full forward: the sequence attends to itself, causally (within each
+            # document when packed rows bring a mask).
             out = attention(
                 q.transpose(1, 2),  # [B, H, T, D]
                 k.transpose(1, 2),  # [B, K, T, D]
                 v.transpose(1, 2),
-                mask=None,
+                mask=mask,
                 dropout=self.dropout if self.training else 0.0,
                 impl=self.impl,
             )
@@ -281,8 +284,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, positions, rope, cache, slots, segments=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots, segments)
+    def forward(self, x, positions, rope, cache, slots, segments=None, mask=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots, segments, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -350,6 +353,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots: Tensor | None = None,  # [B] cache slot of each row (needed with a cache)
         last_only: bool = False,  # return logits for the final position only
+        doc_ids: Tensor | None = None,  # [B, T] packed training rows: attend within a document
     ) -> Tensor:
         B, T = idx.shape
         furthest = T - 1  # known without reading the tensor: no GPU sync, no compile graph break
@@ -357,9 +361,14 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=idx.device).expand(B, T)
         else:
             furthest = int(positions.max())
+        mask = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids are for packed training rows, not for a KV cache")
+            mask = document_causal_mask(doc_ids)  # [B, 1, T, T]
         x, rope = self._embed(idx, positions, furthest)  # [B, T, C]
         for block in self.blocks:
-            x = block(x, positions, rope, cache, slots)
+            x = block(x, positions, rope, cache, slots, None, mask)
         if last_only:
             x = x[:, -1:, :]  # [B, 1, C]
         return self._logits(x)  # [B, T, V]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import RunContext, Suite, SuiteResult
 from .generation import GenerationSuite
 from .hallucination import HallucinationSuite
+from .instruct import InstructSuite
 from .latency import LatencySuite
 from .perplexity import PerplexitySuite
 
@@ -14,3 +15,4 @@ SUITES: dict[str, type[Suite]] = {
     suite.name: suite
     for suite in (PerplexitySuite, GenerationSuite, HallucinationSuite, LatencySuite)
 }
+SUITES[InstructSuite.name] = InstructSuite
