@@ -76,9 +76,6 @@ class PromptFitter:
     skipped: dict[str, str] = field(default_factory=dict)  # item id -> reason
     notes: list[str] = field(default_factory=list)
 
-    async def tokens(self, prompt: Prompt) -> int:
-        return await self.counter.count(prompt)
-
     async def fits(self, prompt: Prompt, max_tokens: int) -> bool:
         limit = self.window.tokens
         if limit is None:
