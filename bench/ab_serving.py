@@ -36,6 +36,7 @@ from bench_serving import (  # noqa: E402
     serve,
     warm_up,
 )
+from progress import Progress  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +53,9 @@ def main() -> None:
     if args.output_tokens < 2:
         parser.error("--output-tokens must be at least 2")
     results: dict[tuple[str, int], list[float]] = {}
+    progress = Progress(__file__, phases=1 + 2 * args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
+        progress.phase("building a random-weight gpt2-124m checkpoint and the two worktrees")
         checkpoint, _ = build_checkpoint(Path(tmp))
         # Keyed by side, not by revision: the same revision twice is an A/A run, which
         # measures the noise.
@@ -66,6 +69,8 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for side, (rev, tree) in trees.items():
                     os.environ["PYTHONPATH"] = str(tree)  # the served code is this revision's
+                    progress.phase(f"round {round_ + 1}/{args.rounds}, {side} = {rev}: atlas serve,"
+                                   f" concurrency {' '.join(map(str, args.concurrency))}")  # fmt: skip
                     port = free_port()
                     server = serve(checkpoint, port, max_running=32)
                     base = f"http://127.0.0.1:{port}"
@@ -91,6 +96,7 @@ def main() -> None:
     for c in args.concurrency:
         a, b = (statistics.mean(results[(side, c)]) for side in "AB")
         print(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.3f} |")
+    progress.done()
 
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ def main() -> None:
     new_tokens = 32 if args.quick else 128
     args.repeats = args.repeats or (2 if args.quick else 3)
 
+    from progress import Progress
+
+    progress = Progress(__file__, phases=4)
+    progress.phase(f"building {args.preset} for Atlas and transformers, checking their logits")
     tokenizer = byte_level_tokenizer()
     vocab = load_preset(args.preset).vocab_size
     # Every PyTorch job of this process runs on a thread that ends with it, and the engine
@@ -181,6 +185,9 @@ def main() -> None:
 
     results = {}
     for batch in (1, 16):
+        progress.phase(
+            f"batch {batch}: {args.repeats} alternated repeat(s) of {new_tokens} tokens each side"
+        )
         hf_rate(batch, 4)  # warm-up both
         atlas_rate(batch, 4)
         # Interleaved repeats, best of each: the machine may be shared, and the best run is
@@ -195,6 +202,7 @@ def main() -> None:
             "ratio": round(max(atlas_rates) / max(hf_rates), 2),
         }
 
+    progress.phase("measuring the ceilings (memory bandwidth, matmul peak)")
     limits = ceilings()
     weight_bytes = sum(
         p.numel() * p.element_size() for n, p in atlas.named_parameters() if "emb" not in n
@@ -239,6 +247,7 @@ def main() -> None:
             f"| {batch} | {r['atlas_tok_s']} | {r['transformers_tok_s']} | {r['ratio']}x "
             f"| {r['pct_dram_ceiling']} | {r['pct_matmul_peak']} |"
         )
+    progress.done()
 
 
 if __name__ == "__main__":

@@ -111,26 +111,34 @@ def step_times(hf, atlas: Transformer, plain: Transformer, prompt: torch.Tensor,
 
 
 def run(quick: bool, threads: int | None) -> dict:
+    from progress import Progress
+
     if threads:
         torch.set_num_threads(threads)
     steps = 32 if quick else 128
+    progress = Progress(__file__, phases=4)
+    progress.phase("building gpt2-124m in transformers and Atlas, checking their logits")
     hf, atlas = build_pair(GPT2_124M)
     prompt = torch.randint(
         0, GPT2_124M["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(1)
     )
     diff = max_logit_difference(hf, atlas, prompt)
+    progress.phase("measuring the memory bandwidth and the matrix-vector kernels' read rates")
     bandwidth = dram_read_bandwidth(0.5 if quick else 1.0)
     # What torch's own matrix-vector kernel reaches on the [in, out] layout: a practical
     # ceiling below the streaming-read one when the kernel, not DRAM, is the limit.
     kernels = matvec_bandwidth(repeats=3)
     matvec = kernels["x_at_w_in_out_gbs"] * 1e9
     plain = copy.deepcopy(atlas).prepare_for_inference(pack=False)
+    progress.phase(f"decoding {steps} steps, Atlas / Atlas unpacked / transformers alternating")
     step_times(hf, atlas, plain, prompt, 4)  # warm-up: allocator, thread pool
     atlas_times, plain_times, hf_times = step_times(hf, atlas, plain, prompt, steps)
     # Atlas once more on its own: alternating decoders evict each other's caches and thread
     # state, which costs the fastest one most.
+    progress.phase(f"decoding {steps} steps, Atlas alone")
     alone = atlas_decoder(atlas, prompt)
     alone_times = [next(alone) for _ in range(steps)]
+    progress.done()
     per_token = weight_bytes_per_token(atlas)
     # The median step resists the spikes of a shared machine; the mean is reported too.
     atlas_tps, hf_tps = 1 / statistics.median(atlas_times), 1 / statistics.median(hf_times)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serving import build_checkpoint, free_port, serve  # noqa: E402
+from progress import Progress  # noqa: E402
 
 SYSTEM, QUESTION, QUESTIONS, QUESTION_OUTPUT = 384, 32, 16, 16
 TURNS, TURN_INPUT, TURN_OUTPUT = 8, 48, 32
@@ -92,10 +93,13 @@ def run_loads(base: str, rng: random.Random) -> dict:
 
 def main() -> None:
     results = {}
+    progress = Progress(__file__, phases=5)
     with tempfile.TemporaryDirectory() as tmp:
+        progress.phase("building a random-weight gpt2-124m checkpoint")
         checkpoint, model = build_checkpoint(Path(tmp))
         del model
         for caching in (True, False):
+            progress.phase(f"starting atlas serve, prefix caching {'on' if caching else 'off'}")
             config = Path(tmp) / f"caching-{caching}.toml"
             config.write_text(
                 f"[engine]\nprefix_caching = {str(caching).lower()}\n\n[rag]\nenabled = false\n"
@@ -105,6 +109,10 @@ def main() -> None:
             try:
                 base = f"http://127.0.0.1:{port}"
                 stream_completion(base, [300, 301, 302], 2)  # warm-up
+                progress.phase(
+                    f"caching {'on' if caching else 'off'}: {QUESTIONS} requests sharing a"
+                    f" {SYSTEM}-token system prompt, then a {TURNS}-turn conversation"
+                )
                 results["on" if caching else "off"] = run_loads(base, random.Random(0))
             finally:
                 server.terminate()
@@ -126,6 +134,7 @@ def main() -> None:
         f"of {SYSTEM + QUESTION} (system prompt), {on['conversation']['last_turn_cached_tokens']} "
         f"of {on['conversation']['last_turn_prompt_tokens']} (turn 8)"
     )
+    progress.done()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from progress import Progress  # noqa: E402
 
 from atlas_server.plugins import get_plugin_host  # noqa: E402
 from atlas_server.rag.chunking import ChunkSettings, chunk_text  # noqa: E402
@@ -136,8 +139,10 @@ def main() -> None:
     if args.quality:
         quality()
         return
-    embedder = Embedder()
     sizes = [1000] if args.quick else [1000, 10000]
+    progress = Progress(__file__, phases=1 + 3 * len(sizes))
+    progress.phase(f"loading the embedder and chunking {max(sizes)} chunks of stdlib text")
+    embedder = Embedder()
     chunks = corpus_chunks(embedder, max(sizes))
     host = get_plugin_host()
     results = {"date": time.strftime("%Y-%m-%d"), "sizes": {}}
@@ -146,9 +151,12 @@ def main() -> None:
         pipeline = RAGPipeline(host, RAGContext(store, embedder))
         for n in sizes:
             name = f"c{n}"
+            progress.phase(f"{n} chunks: embedding and ingesting")
             row = {"ingest_chunks_per_s": ingest_timed(store, embedder, name, chunks[:n])}
+            progress.phase(f"{n} chunks: query latency of dense, bm25, hybrid")
             for retriever in ("dense", "bm25", "hybrid"):
                 row[retriever] = latency(pipeline, name, retriever, None, 20 if args.quick else 50)
+            progress.phase(f"{n} chunks: query latency of hybrid + MMR")
             row["hybrid+mmr"] = latency(pipeline, name, "hybrid", "mmr", 10 if args.quick else 30)
             results["sizes"][n] = row
         store.close()
@@ -163,6 +171,7 @@ def main() -> None:
             for k in ("dense", "bm25", "hybrid", "hybrid+mmr")
         )
         print(f"| {n:,} | {row['ingest_chunks_per_s']:.0f} | {cells} |")
+    progress.done()
 
 
 if __name__ == "__main__":

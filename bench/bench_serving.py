@@ -16,7 +16,8 @@ What it does, in one run on one machine:
    weight bytes for batch 1; matmul peak / 2 * params for batches, and the tighter bound of
    each workload with its prefill FLOPs counted).
 Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]`
-(about 4 minutes on 2 cores; `--quick` about 1.5). With
+(about 4 minutes on 2 cores; `--quick` about 1.5; far longer on a busy machine: each phase
+prints a progress line on stderr, stdout carries only the results). With
 `--device cuda` both run on the GPU (fp32, TF32 off as PyTorch defaults) and the ceilings
 are the GPU's: a streaming read of a 4 GiB buffer and the fp32 matmul peak (the CPU
 figures and their oneDNN readers do not apply there).
@@ -47,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_engine import hf_from_atlas  # noqa: E402
 from ceilings import dram_read_bandwidth, machine, matmul_peak_flops  # noqa: E402
+from progress import Progress  # noqa: E402
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
@@ -231,11 +233,15 @@ def main() -> None:
         "decode_bound": (DECODE_BOUND_PROMPT, DECODE_BOUND_OUTPUT),
     }
     reps = 1 if args.quick else 3
+    concurrencies = [1, 16] if args.quick else [1, 4, 16, 32]
+    progress = Progress(__file__, phases=10 + len(concurrencies))
+    progress.phase(f"measuring the ceilings on {args.device} (memory bandwidth, matmul peak)")
     if args.device.startswith("cuda"):
         bandwidth, peak = gpu_read_bandwidth(args.device), gpu_fp32_peak(args.device)
     else:
         bandwidth, peak = dram_read_bandwidth(), matmul_peak_flops()
     with tempfile.TemporaryDirectory() as tmp:
+        progress.phase("building a random-weight gpt2-124m checkpoint")
         checkpoint, model = build_checkpoint(Path(tmp))
         n_params = model.num_parameters()
         # bytes read per decode step: every weight once (the tied head via its [C, V] copy);
@@ -243,29 +249,48 @@ def main() -> None:
         weight_bytes = (n_params - model.pos_emb.weight.numel()) * 4
         pos_params, head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
         port = free_port()
+        progress.phase("starting atlas serve")
         server = serve(checkpoint, port, max_running=32, device=args.device)
         base = f"http://127.0.0.1:{port}"
         prompt, output = workloads["prompt_heavy"]
         sweep, atlas_c16 = {}, {}
+        lengths = f"{prompt} prompt + {output} output tokens"
         try:
+            progress.phase("atlas: warm-up request")
             warm_up(base)
-            for c in [1, 16] if args.quick else [1, 4, 16, 32]:
+            for c in concurrencies:
                 n = max(2 * c, 4) if args.quick else max(3 * c, 8)
+                progress.phase(f"atlas: concurrency {c}, {n} requests of {lengths}")
                 sweep[c] = closed_loop(base, c, n, prompt, output, seed=c)
+                progress.note(f"concurrency {c}: {sweep[c]['output_throughput']:.1f} output tok/s")
             atlas_c16["prompt_heavy"] = sweep[16]
             n = 8 if args.quick else 32
+            progress.phase(f"atlas: Poisson arrivals at 2 req/s, {n} requests of {lengths}")
             poisson = poisson_arrivals(base, 2.0, n, prompt, output, seed=7)
             n = 32 if args.quick else 48
+            decode_prompt, decode_output = workloads["decode_bound"]
+            progress.phase(
+                f"atlas: 16 streams, {n} requests of {decode_prompt} prompt + {decode_output}"
+                " output tokens"
+            )
             atlas_c16["decode_bound"] = closed_loop(
                 base, 16, n, *workloads["decode_bound"], seed=16
             )
         finally:
             server.terminate()
             server.wait(60)
+        progress.phase("transformers: loading the same weights into GPT2LMHeadModel")
         hf = hf_from_atlas(model).to(args.device)
         del model
+        progress.phase(f"transformers: generate at batch 1, {reps} repeat(s) of {lengths}")
         hf_b1 = hf_generate_tok_s(hf, 1, reps, prompt, output)
-        hf_b16 = {name: hf_generate_tok_s(hf, 16, reps, *w) for name, w in workloads.items()}
+        hf_b16 = {}
+        for name, w in workloads.items():
+            progress.phase(
+                f"transformers: generate at batch 16, {reps} repeat(s) of {w[0]} prompt +"
+                f" {w[1]} output tokens"
+            )
+            hf_b16[name] = hf_generate_tok_s(hf, 16, reps, *w)
     atlas_b1 = 1000.0 / sweep[1]["mean_tpot_ms"]
     ceiling_b1 = bandwidth / weight_bytes
     ceiling_batch = peak / (2 * n_params)
@@ -331,6 +356,7 @@ def main() -> None:
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    progress.done()
 
 
 if __name__ == "__main__":

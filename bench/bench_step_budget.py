@@ -43,6 +43,7 @@ from bench_serving import (  # noqa: E402
     serve,
     warm_up,
 )
+from progress import Progress  # noqa: E402
 
 from atlas_server.config import EngineSection  # noqa: E402
 
@@ -122,13 +123,23 @@ def main() -> None:
         except OSError as e:
             parser.error(f"--out {args.out}: {e.strerror or e}")
     runs: dict[int, list[dict]] = {b: [] for b in args.budgets}
+    progress = Progress(__file__, phases=1 + args.rounds * len(args.budgets))
     with tempfile.TemporaryDirectory() as tmp:
+        progress.phase("building a random-weight gpt2-124m checkpoint")
         checkpoint, model = build_checkpoint(Path(tmp))
         del model
         for round_ in range(args.rounds):
             for budget in args.budgets:
+                progress.phase(
+                    f"round {round_ + 1}/{args.rounds}, max_batched_tokens {budget}: atlas serve,"
+                    f" {CONCURRENCY} streams then Poisson {POISSON_RATE} req/s, {REQUESTS} requests each"
+                )
                 runs[budget].append(measure(checkpoint, budget, Path(tmp), seed=round_))
-                print(f"round {round_ + 1}, budget {budget}: {runs[budget][-1]}", flush=True)
+                streams = runs[budget][-1]["16 streams"]
+                progress.note(
+                    f"16 streams: {streams['output_throughput']:.1f} output tok/s,"
+                    f" ITL p99 {streams['p99_itl_ms']:.0f} ms"
+                )
     loads = list(runs[args.budgets[0]][0])
     means = {
         b: {load: {k: statistics.mean(r[load][k] for r in rs) for k in MEASURES} for load in loads}
@@ -157,6 +168,7 @@ def main() -> None:
                 m[load][k] / means[base][load][k] for k in ("output_throughput", "p99_itl_ms")
             ]
             print(f"| {load} | {budget} | {cells} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
+    progress.done()
 
 
 if __name__ == "__main__":

@@ -212,21 +212,29 @@ def main() -> None:
         hf_train_main(args.hf_train, args.vocab_size)
         return
     corpus_mb = args.corpus_mb or (2.0 if args.quick else 10.0)
+    from progress import Progress  # bench/ is on sys.path when this runs as a script
+
+    progress = Progress(__file__, phases=5)
     with tempfile.TemporaryDirectory(prefix="atlas-bench-tok-") as tmp:
         folder = Path(tmp)
+        progress.phase(f"writing a {corpus_mb:g} MB corpus from the standard library")
         files, text = write_corpus(folder, int(corpus_mb * 1e6))
         machine = machine_info()
+        progress.phase(f"training Atlas's tokenizer, vocab {args.vocab_size}")
         tok, atlas_train = train_atlas(folder, args.vocab_size)
         workers = os.cpu_count() or 1
+        progress.phase(f"training Atlas's tokenizer again, counting in {workers} processes")
         parallel_tok, atlas_parallel = train_atlas(folder, args.vocab_size, workers)
         atlas_parallel["workers"] = workers
         atlas_parallel["same_tokenizer"] = parallel_tok.to_dict() == tok.to_dict()
+        progress.phase("training HF tokenizers' BpeTrainer: 1 thread, then its default threads")
         training = {
             "atlas": atlas_train,
             "atlas_parallel_counting": atlas_parallel,
             "hf_1_thread": train_hf(folder, args.vocab_size, threads=1),
             "hf_default_threads": train_hf(folder, args.vocab_size, threads=None),
         }
+    progress.phase(f"encoding with Atlas and tiktoken, {args.repeats} repeat(s)")
     encoding = measure_encoding(tok, text, args.repeats)
     result = {
         "corpus_mb": len(text.encode("utf-8")) / 1e6,
@@ -243,6 +251,7 @@ def main() -> None:
     print(report)
     if args.write:
         args.write.write_text(report, encoding="utf-8")
+    progress.done()
 
 
 if __name__ == "__main__":

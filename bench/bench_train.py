@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ceilings import machine, matmul_peak_flops  # noqa: E402
+from progress import Progress  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from trainer.flops import flops_per_token  # noqa: E402
@@ -136,12 +137,18 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32")
     args = parser.parse_args()
     steps = 2 if args.quick else 5
-    peak = matmul_peak_flops(device=args.device)
     settings = [("sdpa", False, False), ("reference", False, False), ("sdpa", False, True)]
     if not args.quick:
         settings.append(("sdpa", True, False))
+    progress = Progress(__file__, phases=len(settings) + 2)
+    progress.phase(f"measuring the matmul peak on {args.device}")
+    peak = matmul_peak_flops(device=args.device)
     rows = []
     for attention, compiled, ckpt in settings:
+        progress.phase(
+            f"{args.preset}: {steps} training steps, attention {attention}, compile {compiled},"
+            f" activation checkpointing {ckpt}"
+        )
         r = run_setting(
             args.preset,
             args.device,
@@ -155,6 +162,7 @@ def main() -> None:
         )
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
         rows.append(r)
+    progress.phase("timing the AdamW step: fused, then multi-tensor")
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -183,6 +191,7 @@ def main() -> None:
         f"\nAdamW step: fused {adamw['fused']:.0f} ms, multi-tensor {adamw['multi_tensor']:.0f} ms "
         f"({adamw['multi_tensor'] / adamw['fused']:.1f}x)"
     )
+    progress.done()
 
 
 if __name__ == "__main__":

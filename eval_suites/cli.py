@@ -70,10 +70,14 @@ def run(
         [], "--set", help="suite option override key=value (repeatable)"
     ),
     tokenizer: Path = typer.Option(
-        None, "--tokenizer", help="tokenizer.json when the server has no /tokenize"
+        None,
+        "--tokenizer",
+        help="the model's tokenizer.json, for token ids and prompt lengths (default: /tokenize)",
     ),
     cache: Path = typer.Option(
-        None, "--cache", help="response cache file (default ~/.cache/atlas/eval-cache.sqlite)"
+        None,
+        "--cache",
+        help="response cache file (default $ATLAS_HOME/eval-cache.sqlite, ~/.cache/atlas/...)",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="send every request again"),
 ) -> None:

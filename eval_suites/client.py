@@ -161,10 +161,14 @@ class OpenAIClient:
 
     async def tokenize(self, text: str) -> list[int]:
         """Token ids from the server's vLLM-style /tokenize (no special tokens added)."""
+        body = await self.tokenize_request({"prompt": text, "add_special_tokens": False})
+        return body["tokens"]
+
+    async def tokenize_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /tokenize (cached) with `body` (a prompt or chat messages); the answer has a
+        list of integer `tokens`. A server without the route raises CapabilityError."""
         try:
-            body = await self.cached_post(
-                "/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False}
-            )
+            answer = await self.cached_post("/tokenize", {"model": self.model, **body})
         except ServerRequestError as e:
             if e.status in (404, 405):
                 raise CapabilityError(
@@ -172,12 +176,12 @@ class OpenAIClient:
                     " (the model's tokenizer.json) so token ids can be computed locally"
                 ) from None
             raise
-        tokens = body.get("tokens") if isinstance(body, dict) else None
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ServerRequestError(
                 f"{self.base_url}/tokenize did not return a list of token ids; pass --tokenizer FILE"
             )
-        return tokens
+        return answer
 
     async def tokenizer_info(self) -> dict[str, Any] | None:
         try:
@@ -239,7 +243,7 @@ def _server_message(response: httpx.Response) -> str:
             return str(body["detail"])
     except ValueError:
         pass
-    return response.text[:200] or response.reason_phrase
+    return " ".join(response.text[:200].split()) or response.reason_phrase  # one line
 
 
 async def gather_with_progress(

@@ -2,10 +2,16 @@
 
 Runs are grouped by suite; each suite gets one table (rows: metrics, columns: runs, the
 best value in bold where the metric has a direction) and one figure of small multiples
-(one bar panel per metric, so metrics of different scales stay readable). Latency runs
-also get percentile-vs-concurrency line plots (TTFT, TPOT, ITL, E2E at p50/p90/p99) and a
-table per load level. Plots use matplotlib's Agg backend (no display needed). What it does
-not do: statistics across seeds or re-scoring; it reads results.json files only.
+(one bar panel per metric, so metrics of different scales stay readable; a panel whose
+values span more than `LOG_SPAN` uses a log scale, so a small bar never vanishes beside a
+large one, and every bar carries its value). Latency runs also get percentile-vs-
+concurrency line plots (TTFT, TPOT, ITL, E2E at p50/p90/p99) and a table per load level.
+
+Column labels, unless given with --label: `model@host` (the model alone for `--checkpoint`
+runs, whose port is random); runs of one suite whose labels collide are told apart by their
+results folder's name (without the `SUITE-` prefix), then by start time, then by number.
+Plots use matplotlib's Agg backend (no display needed). What it does not do: statistics
+across seeds or re-scoring; it reads results.json files only.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from urllib.parse import urlparse
 from .errors import ResultsError
 from .results import format_value, load_results, write_text_atomic
 
-__all__ = ["compare_runs", "markdown_tables"]
+__all__ = ["compare_runs", "labels_for", "markdown_tables"]
+
+LOG_SPAN = 20.0  # max / min of a panel's positive values beyond which its y axis is log
 
 LATENCY_SERIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E latency"))
 LATENCY_TABLE_FIELDS = (
@@ -35,25 +43,60 @@ LATENCY_TABLE_FIELDS = (
 
 
 def run_label(results: dict[str, Any]) -> str:
+    """`model@host:port`, or the model alone for a `--checkpoint` run (a random port)."""
     server = results.get("server", {})
+    if server.get("checkpoint"):
+        return str(server.get("model"))
     host = urlparse(server.get("base_url") or "").netloc or "?"
     return f"{server.get('model')}@{host}"
 
 
-def labels_for(runs: list[dict[str, Any]], given: list[str]) -> list[str]:
+def folder_tag(run_dir: Path, suite: str) -> str:
+    """A results folder's name without the `SUITE-` of `eval_runs/SUITE-UTCSTAMP`."""
+    name = run_dir.resolve().name
+    rest = name.removeprefix(f"{suite}-")
+    return rest or name
+
+
+def labels_for(
+    runs: list[dict[str, Any]], given: list[str], run_dirs: list[Path] | None = None
+) -> list[str]:
+    """One distinct label per run within its suite (module docstring)."""
     if given and len(given) != len(runs):
         raise ResultsError(
             f"{len(given)} --label values for {len(runs)} runs; give one per run or none"
         )
     labels = list(given) or [run_label(r) for r in runs]
+    if not given:
+        dirs = run_dirs or [Path(f"run{i + 1}") for i in range(len(runs))]
+        tags = (
+            lambda i: folder_tag(dirs[i], runs[i]["suite"]),
+            lambda i: str(runs[i].get("run", {}).get("started_at") or ""),
+        )
+        for tag in tags:
+            for i in colliding(runs, labels):
+                if extra := tag(i):
+                    labels[i] = f"{labels[i]} · {extra}"
     seen: dict[tuple[str, str], int] = {}
     for i, (label, run) in enumerate(zip(labels, runs, strict=True)):
-        # Two runs of one suite with the same label (same server twice) become "label #2".
+        # Still the same label in one suite (or given twice): "label #2".
         key = (run["suite"], label)
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > 1:
             labels[i] = f"{label} #{seen[key]}"
     return labels
+
+
+def colliding(runs: list[dict[str, Any]], labels: list[str]) -> list[int]:
+    """Indices of runs whose label another run of the same suite also has."""
+    counts: dict[tuple[str, str], int] = {}
+    for run, label in zip(runs, labels, strict=True):
+        counts[(run["suite"], label)] = counts.get((run["suite"], label), 0) + 1
+    return [
+        i
+        for i, (run, label) in enumerate(zip(runs, labels, strict=True))
+        if counts[(run["suite"], label)] > 1
+    ]
 
 
 def compare_runs(
@@ -62,7 +105,7 @@ def compare_runs(
     if not run_dirs:
         raise ResultsError("give at least one results directory")
     runs = [load_results(Path(d)) for d in run_dirs]
-    names = labels_for(runs, labels)
+    names = labels_for(runs, labels, [Path(d) for d in run_dirs])
     table = markdown_tables(runs, names)
     output = output or Path("eval_compare")
     output.mkdir(parents=True, exist_ok=True)
@@ -160,19 +203,33 @@ def plot_runs(runs: list[dict[str, Any]], labels: list[str], output: Path) -> li
 def plot_metric_bars(suite: str, group: list[tuple[str, dict[str, Any]]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    fig = metric_bars_figure(suite, group)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_bars_figure(suite: str, group: list[tuple[str, dict[str, Any]]]):
+    """One bar panel per metric, one bar per run, under the suite's title."""
+    import matplotlib.pyplot as plt
+
     metric_names: list[str] = []
     for _, run in group:
         metric_names += [m for m in run["metrics"] if m not in metric_names]
     cols = min(4, len(metric_names)) or 1
     rows = math.ceil(len(metric_names) / cols) or 1
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    # Constrained layout keeps the suptitle clear of the first row (tight_layout does not).
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, name in zip(axes.flat, metric_names, strict=False):
         values = [run["metrics"].get(name, {}).get("value", float("nan")) for _, run in group]
         bars = ax.bar(
             range(len(group)), values, color=[colors[i % len(colors)] for i in range(len(group))]
         )
-        ax.bar_label(bars, fmt="%.4g", fontsize=6)
+        ax.bar_label(bars, labels=[bar_text(v) for v in values], fontsize=6)
+        log = scale_panel(ax, values)
         higher = next(
             (
                 run["metrics"][name]["higher_is_better"]
@@ -181,18 +238,43 @@ def plot_metric_bars(suite: str, group: list[tuple[str, dict[str, Any]]], path: 
             ),
             None,
         )
-        ax.set_title(f"{name} {'↑' if higher else '↓' if higher is False else ''}", fontsize=8)
+        arrow = "↑" if higher else "↓" if higher is False else ""
+        ax.set_title(f"{name} {arrow}{' (log)' if log else ''}", fontsize=8)
         ax.set_xticks(
             range(len(group)), [label for label, _ in group], fontsize=6, rotation=20, ha="right"
         )
         ax.tick_params(axis="y", labelsize=7)
+        ax.yaxis.get_offset_text().set_fontsize(6)  # "1e-5" above the axis, clear of the title
     for ax in list(axes.flat)[len(metric_names) :]:
         ax.axis("off")
     fig.suptitle(f"atlas-eval {suite}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def use_log_scale(values: list[float]) -> bool:
+    """Positive values spanning more than LOG_SPAN: a linear axis would flatten the small ones."""
+    finite = [v for v in values if v == v and not math.isinf(v)]
+    if len(finite) < 2 or min(finite) <= 0:
+        return False
+    return max(finite) / min(finite) > LOG_SPAN
+
+
+def scale_panel(ax, values: list[float]) -> bool:
+    """Log scale where `use_log_scale`; headroom for the value labels; returns log or not."""
+    finite = [v for v in values if v == v and not math.isinf(v)]
+    if use_log_scale(values):
+        ax.set_yscale("log")
+        ax.set_ylim(min(finite) / 2, max(finite) * 3)
+        return True
+    top = max(finite, default=0.0)
+    bottom = min(0.0, min(finite, default=0.0))
+    # All zero (e.g. failed requests): 0..1 rather than matplotlib's -0.05..0.05.
+    ax.set_ylim(bottom * 1.15, top * 1.15 if top > 0 else 1.0)
+    return False
+
+
+def bar_text(value: float) -> str:
+    return "n/a" if value != value else f"{value:.4g}"
 
 
 def plot_latency(group: list[tuple[str, dict[str, Any]]], path: Path) -> Path | None:
@@ -207,14 +289,20 @@ def plot_latency(group: list[tuple[str, dict[str, Any]]], path: Path) -> Path | 
     if not series:
         return None
     fig, axes = plt.subplots(
-        1, len(LATENCY_SERIES), figsize=(4.2 * len(LATENCY_SERIES), 3.4), squeeze=False
+        1,
+        len(LATENCY_SERIES),
+        figsize=(4.2 * len(LATENCY_SERIES), 3.4),
+        squeeze=False,
+        layout="constrained",
     )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes[0], LATENCY_SERIES, strict=True):
+        shown: list[float] = []
         for i, (label, levels) in enumerate(series):
             x = [lv["concurrency"] for lv in levels]
             for pct, style in (("median", "-"), ("p90", "--"), ("p99", ":")):
                 y = [lv["summary"].get(f"{pct}_{key}_ms", float("nan")) for lv in levels]
+                shown += y
                 ax.plot(
                     x,
                     y,
@@ -225,12 +313,17 @@ def plot_latency(group: list[tuple[str, dict[str, Any]]], path: Path) -> Path | 
                     label=f"{label} {'p50' if pct == 'median' else pct}",
                 )
         ax.set_xscale("log", base=2)
+        ticks = sorted({lv["concurrency"] for _, levels in series for lv in levels})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        log = use_log_scale(shown)
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("concurrency")
-        ax.set_ylabel("ms")
+        ax.set_ylabel("ms (log)" if log else "ms")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -98,11 +98,36 @@ def run_markdown(results: dict[str, Any]) -> str:
     ]
     if results["run"].get("limit"):
         lines.append(f"- **limit {results['run']['limit']}: {LIMIT_NOTE}**")
+    if fit := results.get("context_fit"):
+        lines.append(f"- {context_fit_line(fit)}")
     lines += ["", "| metric | value | better |", "|---|---:|:---:|"]
     for name, m in results["metrics"].items():
         arrow = {True: "higher", False: "lower", None: ""}[m.get("higher_is_better")]
         lines.append(f"| {name} | {format_value(m['value'])} | {arrow} |")
     return "\n".join(lines) + "\n"
+
+
+def context_fit_line(fit: dict[str, Any]) -> str:
+    """One line on how prompts met the context: its length, trimmed and skipped items."""
+    window = fit.get("max_model_len")
+    head = (
+        f"context {window} tokens ({fit.get('source')})"
+        if window
+        else f"context {fit.get('source')}"
+    )
+    total = fit.get("items_evaluated", 0) + fit.get("items_skipped", 0)
+    notes = "".join(f"; {n}" for n in fit.get("notes") or [])
+    if not total:  # a suite with nothing to trim per item (latency at fixed lengths)
+        return head + notes
+    parts = [f"{fit.get('items_evaluated', 0)} of {total} items evaluated"]
+    if fit.get("items_trimmed"):
+        parts.append(f"{fit['items_trimmed']} of them trimmed to fit")
+    if fit.get("items_skipped"):
+        parts.append(
+            f"**{fit['items_skipped']} skipped: too long for the context**"
+            " (ids and reasons in results.json `context_fit.skipped`)"
+        )
+    return f"{head}: " + ", ".join(parts) + notes
 
 
 def format_value(value: float) -> str:

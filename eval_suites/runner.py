@@ -1,7 +1,10 @@
 """Run one suite end to end: config, cache, server, client, suite, results directory.
 
 This is `atlas-eval run` without the command-line parsing, so tests and scripts can call
-it directly. What it does not do: print (the CLI does) or interpret numbers (suites do).
+it directly. A run that fails leaves no empty results folder behind: a folder it created
+and left empty is removed, and the error says so (with `--checkpoint` the folder keeps the
+server's log, and the error points to it). What it does not do: print (the CLI does) or
+interpret numbers (suites do).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,11 +24,13 @@ from typing import Any
 from .cache import ResponseCache
 from .client import OpenAIClient
 from .config import load_suite_config
-from .errors import SuiteConfigError
+from .errors import EvalError, SuiteConfigError
+from .fit import PromptFitter, resolve_context
 from .results import LIMIT_NOTE, command_line, git_state, package_versions, write_run
 from .server import checkpoint_identity, local_atlas_server
 from .suites import SUITES
 from .suites.base import RunContext, SuiteResult
+from .tokens import LocalTokenizer, TokenCounter
 
 __all__ = ["RunOptions", "default_cache_path", "run_suite"]
 
@@ -49,14 +55,14 @@ class RunOptions:
 
 
 def default_cache_path() -> Path:
-    env = os.environ.get("ATLAS_EVAL_CACHE")
-    if env:
+    """ATLAS_EVAL_CACHE, else $ATLAS_HOME/eval-cache.sqlite (Atlas's one home folder), else
+    $XDG_CACHE_HOME/atlas/..., else ~/.cache/atlas/eval-cache.sqlite."""
+    if env := os.environ.get("ATLAS_EVAL_CACHE"):
         return Path(env)
-    return (
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        / "atlas"
-        / "eval-cache.sqlite"
-    )
+    if home := os.environ.get("ATLAS_HOME"):
+        return Path(home) / "eval-cache.sqlite"
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "atlas" / "eval-cache.sqlite"
 
 
 def utc_now() -> str:
@@ -79,9 +85,29 @@ def run_suite(options: RunOptions) -> Path:
         suite.check_server(options.base_url)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     output = options.output or Path("eval_runs") / f"{options.suite}-{stamp}"
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    with server_for(options, output) as (base_url, server_id):
-        return asyncio.run(_run(options, suite, config, base_url, server_id, output))
+    try:
+        with server_for(options, output) as (base_url, server_id):
+            return asyncio.run(_run(options, suite, config, base_url, server_id, output))
+    except BaseException as e:
+        note = tidy_failed_output(output, created)
+        if isinstance(e, EvalError) and note and e.args:
+            e.args = (f"{str(e.args[0]).rstrip()} ({note})", *e.args[1:])
+        raise
+
+
+def tidy_failed_output(output: Path, created: bool) -> str | None:
+    """After a failed run: remove the results folder if this run created it and it holds
+    nothing; return what the user should know about it (None: nothing to say)."""
+    if (output / "results.json").exists():
+        return None  # a complete earlier run in a folder given again: left as it was
+    if created and output.is_dir() and not any(output.iterdir()):
+        shutil.rmtree(output, ignore_errors=True)
+        return f"no results written; removed the empty folder {output}"
+    if (output / "server.log").is_file():
+        return f"no results written; the server's log is {output / 'server.log'}"
+    return None
 
 
 @contextlib.contextmanager
@@ -112,8 +138,13 @@ async def _run(
     try:
         card = await client.resolve_model()
         models = await client.models()
+        local = LocalTokenizer(options.tokenizer) if options.tokenizer else None
+        fit = PromptFitter(
+            resolve_context(card, getattr(config, "max_context_tokens", 0)),
+            TokenCounter(client, local),
+        )
         ctx = RunContext(
-            client, config, options.seed, options.limit, output, card, options.tokenizer
+            client, config, options.seed, options.limit, output, card, fit, options.tokenizer
         )
         result: SuiteResult = await suite.run(ctx)
     finally:
@@ -124,6 +155,7 @@ async def _run(
     results["run"].update(
         started_at=started_at, finished_at=utc_now(), duration_s=round(time.perf_counter() - t0, 3)
     )
+    results["context_fit"] = fit.report()
     results["cache"] = (
         {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
         if cache is not None

@@ -1,7 +1,10 @@
-"""The benchmarks' command lines refuse counts that would measure nothing, in one line."""
+"""The benchmarks' command lines: counts that would measure nothing are refused in one line,
+and a long run says which phase it is in."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +39,43 @@ def test_non_positive_counts_are_refused(script, args):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+
+
+def test_a_long_benchmark_reports_each_phase_on_stderr_and_keeps_stdout_clean():
+    """bench_tokenizer at a toy size: progress lines on stderr, flushed as each phase starts
+    (bench_serving.py and the other long benchmarks print through the same bench/progress.py)."""
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_tokenizer.py"), "--corpus-mb", "0.05",
+         "--vocab-size", "300", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("[bench_tokenizer ")]
+    phases = [x.split("] ", 1)[1] for x in lines]
+    assert [x.split("] ")[0].split()[-1] for x in lines[:-1]] == ["1/5", "2/5", "3/5", "4/5", "5/5"]
+    assert phases[0].startswith("writing a 0.05 MB corpus") and "tiktoken" in phases[4]
+    assert phases[-1].startswith("done in ")
+    assert "[bench_" not in r.stdout
+    result, _ = json.JSONDecoder().raw_decode(r.stdout)
+    assert result["vocab_size"] == 300
+
+
+def test_progress_lines_are_flushed_at_once_and_can_be_silenced(tmp_path):
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from progress import Progress;"
+        " p = Progress('bench_x.py', phases=2); p.phase('first'); time.sleep(60)"
+    )
+    # The line must be readable while the benchmark still runs: nothing buffered.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(BENCH)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr.readline().startswith("[bench_x  0:00:00  1/2] first")
+    finally:
+        proc.kill()
+        proc.wait()
+    quiet = subprocess.run(
+        [sys.executable, "-c", script.replace("time.sleep(60)", "p.done()"), str(BENCH)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "ATLAS_BENCH_QUIET": "1"},
+    )  # fmt: skip
+    assert quiet.returncode == 0 and quiet.stderr == ""

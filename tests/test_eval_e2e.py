@@ -262,7 +262,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 def test_cli_reports_an_unreachable_server_in_one_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     proc = cli("run", "perplexity", "--base-url", url, "--no-cache", "-o", str(tmp_path / "r"))
-    assert_one_line_error(proc, "cannot reach", url)
+    assert_one_line_error(proc, "cannot reach", url, f"removed the empty folder {tmp_path / 'r'}")
+    assert not (tmp_path / "r").exists()  # no empty results folder left behind
 
 
 def test_cli_reports_a_wrong_api_key_in_one_line(tmp_path, shim_url):

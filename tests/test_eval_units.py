@@ -335,6 +335,110 @@ def test_compare_needs_one_label_per_run(tmp_path: Path):
         compare_runs([run], tmp_path / "out", ["x", "y"])
 
 
+def labelled_run(folder: Path, model: str, started: str, checkpoint=None, port=8000) -> Path:
+    results = {
+        "suite": "perplexity",
+        "metrics": {"bits_per_byte": {"value": 2.0, "higher_is_better": False}},
+        "run": {"seed": 0, "limit": None, "duration_s": 1.0, "started_at": started},
+        "server": {
+            "base_url": f"http://127.0.0.1:{port}",
+            "model": model,
+            "checkpoint": checkpoint,
+        },
+    }
+    write_run(folder, results, [])
+    return folder
+
+
+def default_labels(dirs: list[Path]) -> list[str]:
+    from eval_suites.compare import labels_for
+    from eval_suites.results import load_results
+
+    return labels_for([load_results(d) for d in dirs], [], dirs)
+
+
+def test_two_runs_of_one_model_get_labels_told_apart_by_their_folders(tmp_path: Path):
+    before = labelled_run(tmp_path / "ppl-before", "quickstart", "2026-11-24T17:00:00+00:00")
+    after = labelled_run(tmp_path / "ppl-after", "quickstart", "2026-11-24T18:00:00+00:00")
+    assert default_labels([before, after]) == [
+        "quickstart@127.0.0.1:8000 · ppl-before",
+        "quickstart@127.0.0.1:8000 · ppl-after",
+    ]
+    # Different models need nothing more than model@host.
+    other = labelled_run(tmp_path / "x", "other", "t")
+    assert default_labels([before, other]) == [
+        "quickstart@127.0.0.1:8000",
+        "other@127.0.0.1:8000",
+    ]
+
+
+def test_checkpoint_runs_are_labelled_without_their_random_port(tmp_path: Path):
+    # `atlas-eval run perplexity --checkpoint A/checkpoint` twice, default output folders.
+    a = labelled_run(tmp_path / "perplexity-20261124T170000Z", "checkpoint", "t1", "/a", 41233)
+    b = labelled_run(tmp_path / "perplexity-20261124T180000Z", "checkpoint", "t2", "/b", 39811)
+    assert default_labels([a, b]) == [
+        "checkpoint · 20261124T170000Z",
+        "checkpoint · 20261124T180000Z",
+    ]
+
+
+def test_runs_in_same_named_folders_fall_back_to_start_time_then_number(tmp_path: Path):
+    a = labelled_run(tmp_path / "1" / "run", "m", "2026-11-24T17:00:00+00:00")
+    b = labelled_run(tmp_path / "2" / "run", "m", "2026-11-24T18:00:00+00:00")
+    c = labelled_run(tmp_path / "3" / "run", "m", "2026-11-24T18:00:00+00:00")
+    host = "m@127.0.0.1:8000 · run"
+    assert default_labels([a, b, c]) == [
+        f"{host} · 2026-11-24T17:00:00+00:00",
+        f"{host} · 2026-11-24T18:00:00+00:00",
+        f"{host} · 2026-11-24T18:00:00+00:00 #2",
+    ]
+
+
+def test_given_labels_are_kept_and_repeats_numbered(tmp_path: Path):
+    from eval_suites.compare import labels_for
+    from eval_suites.results import load_results
+
+    runs = [load_results(labelled_run(tmp_path / n, "m", "t")) for n in ("a", "b")]
+    assert labels_for(runs, ["atlas", "atlas"]) == ["atlas", "atlas #2"]
+
+
+def test_metric_panels_use_a_log_scale_when_a_bar_would_vanish():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval_suites.compare import scale_panel
+
+    fig, (wide, narrow, zeros) = plt.subplots(1, 3)
+    assert scale_panel(wide, [44475.0, 31.0]) and wide.get_yscale() == "log"
+    assert not scale_panel(narrow, [2.35, 1.1]) and narrow.get_yscale() == "linear"
+    assert not scale_panel(zeros, [0.0, 0.0]) and zeros.get_ylim() == (0.0, 1.0)
+    plt.close(fig)
+
+
+def test_the_figure_title_clears_the_first_row_of_panels(tmp_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval_suites.compare import metric_bars_figure
+    from eval_suites.results import load_results
+
+    # As many panels as the latency suite reports (29: 8 rows), where tight_layout failed.
+    metrics = {f"c1/metric_{i}": (float(i + 1), True) for i in range(29)}
+    run = load_results(fake_run(tmp_path, "lat", "latency", metrics))
+    fig = metric_bars_figure("latency", [("atlas", run), ("hf", run)])
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    title_bottom = fig._suptitle.get_window_extent(renderer).y0
+    first_row = [ax for ax in fig.axes if ax.get_subplotspec().rowspan.start == 0]
+    assert len(first_row) == 4
+    assert all(title_bottom >= ax.title.get_window_extent(renderer).y1 for ax in first_row)
+    plt.close(fig)
+
+
 # --- latency config -------------------------------------------------------------------------------------
 def test_latency_levels_headlines_and_guards(tmp_path: Path):
     from eval_suites.suites.latency import (

@@ -2,9 +2,11 @@
 
 A suite is a class with a `name`, a one-line `description`, the `metrics` it reports (for
 `atlas-eval list`), a frozen config dataclass whose defaults live in
-`eval_suites/configs/<name>.toml`, and `async run(ctx) -> SuiteResult`. Suites talk to the
-server only through `ctx.client` (HTTP). What this module does not do: write results
-(see `results.py`) or start servers (see `server.py`).
+`eval_suites/configs/<name>.toml` (each has `max_context_tokens`, see `fit.py`), and
+`async run(ctx) -> SuiteResult`. Suites talk to the server only through `ctx.client` (HTTP)
+and fit their prompts to its context through `ctx.fit`, reporting every item there as kept,
+trimmed or skipped. What this module does not do: write results (see `results.py`) or
+start servers (see `server.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..client import OpenAIClient
+from ..errors import SuiteConfigError
+from ..fit import PromptFitter
 
 __all__ = [
     "DATA_DIR",
@@ -26,6 +30,7 @@ __all__ = [
     "data_path",
     "file_sha256",
     "metric",
+    "nothing_fits",
     "stable_order",
 ]
 
@@ -40,6 +45,7 @@ class RunContext:
     limit: int | None  # for testing only: fewer items than the suite defines
     output_dir: Path
     model_card: dict[str, Any]
+    fit: PromptFitter  # the server's context length, token counts, kept / trimmed / skipped
     tokenizer_file: Path | None = None
 
 
@@ -86,3 +92,12 @@ def stable_order(ids: list[str], seed: int) -> list[str]:
     keyed = sorted(ids)
     random.Random(seed).shuffle(keyed)
     return keyed
+
+
+def nothing_fits(suite: str, fit: PromptFitter, what: str) -> SuiteConfigError:
+    """The error when every item was skipped: a run with no scores is not a result."""
+    first = next(iter(sorted(fit.skipped.items())), ("", "no items"))
+    return SuiteConfigError(
+        f"{suite}: none of the {len(fit.skipped)} {what} fits the server's context"
+        f" ({fit.window.tokens} tokens, {fit.window.source}); e.g. {first[0]}: {first[1]}"
+    )

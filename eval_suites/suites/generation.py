@@ -12,6 +12,13 @@ Greedy decoding by default, one `/v1/completions` (or `/v1/chat/completions` wit
 `api = "chat"`) request per item, stopping at a blank line; the
 prediction is the first non-empty line of the answer.
 
+Fitting the server's context (`fit.py`): an item's prompt plus `max_tokens` must fit. When
+it does not, the item is asked with fewer in-context examples (the last ones go first);
+with none left, its source is cut at a word boundary to the longest that fits (never below
+`MIN_SOURCE_CHARS`); failing that, or when the server answers that the prompt is too long,
+the item is skipped: left out of the scores, listed in results.json `context_fit`. Each
+sample records the examples it was given (`shots`) and whether its source was cut.
+
 Scoring goes through metric plugins named in the config (default BLEU and chrF, computed
 with sacrebleu, whose signature is recorded, and ROUGE-1/2/L/Lsum with rouge-score):
 corpus scores per task and over both tasks. What it does not do: judge fluency or
@@ -20,6 +27,7 @@ factuality (see the hallucination suite) or use sampling unless configured.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -28,7 +36,16 @@ from typing import Any
 from ..client import first_choice, gather_with_progress
 from ..errors import SuiteConfigError
 from ..metrics import compute_metric
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, stable_order
+from .base import (
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    metric,
+    nothing_fits,
+    stable_order,
+)
 
 __all__ = ["GenerationConfig", "GenerationSuite", "build_items"]
 
@@ -39,6 +56,8 @@ INSTRUCTIONS = {
     "continuation": "Each paragraph from the Python FAQ is split after its first sentence.",
 }
 LABELS = {"heading": ("Answer", "Question"), "continuation": ("Beginning", "Rest")}
+# A source cut shorter than this says too little to be worth scoring: the item is skipped.
+MIN_SOURCE_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class GenerationConfig:
     temperature: float
     api: str  # "completions" | "chat"
     metrics: tuple[str, ...]  # metric plugin names
+    max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
     def validate(self) -> None:
         unknown = sorted(set(self.tasks) - set(TASKS))
@@ -65,6 +85,8 @@ class GenerationConfig:
             raise SuiteConfigError(
                 "generation: num_items and max_tokens must be >= 1, num_shots >= 0"
             )
+        if self.max_context_tokens < 0:
+            raise SuiteConfigError("generation: max_context_tokens must be >= 0 (0 = the server's)")
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,16 @@ class Item:
     task: str
     source: str
     reference: str
+
+
+@dataclass(frozen=True)
+class Posed:
+    """An item as it is asked: the examples it gets and its source, both fitted."""
+
+    item: Item
+    shots: int  # in-context examples given (<= num_shots)
+    source_clipped: bool
+    prompt: str | list[dict[str, str]]
 
 
 def split_first_sentence(paragraph: str) -> tuple[str, str]:
@@ -154,19 +186,25 @@ class GenerationSuite(Suite):
             items = {task: its[: ctx.limit] for task, its in items.items()}
         flat = [(task, it) for task in cfg.tasks for it in items[task]]
         answers = await gather_with_progress(
-            (self.generate(ctx, cfg, task, shots[task], it) for task, it in flat), desc="generation"
+            (self.pose_and_generate(ctx, cfg, task, shots[task], it) for task, it in flat),
+            desc="generation",
         )
+        answered = [(task, a) for (task, _), a in zip(flat, answers, strict=True) if a]
         samples = [
             {
-                "id": it.id,
+                "id": posed.item.id,
                 "task": task,
-                "source": it.source,
-                "reference": it.reference,
+                "source": posed.item.source,
+                "reference": posed.item.reference,
+                "shots": posed.shots,
+                "source_clipped": posed.source_clipped,
                 "prediction": text,
                 "finish_reason": finish,
             }
-            for (task, it), (text, finish) in zip(flat, answers, strict=True)
+            for task, (posed, text, finish) in answered
         ]
+        if not samples:
+            raise nothing_fits(self.name, ctx.fit, "items")
         metrics, signatures = score(cfg, samples)
         return SuiteResult(
             metrics=metrics,
@@ -174,13 +212,25 @@ class GenerationSuite(Suite):
             data_files={cfg.data: file_sha256(path)},
             details={
                 "signatures": signatures,
-                "items_per_task": {t: len(items[t]) for t in cfg.tasks},
+                "items_per_task": {t: sum(s["task"] == t for s in samples) for t in cfg.tasks},
+                "skipped_per_task": {
+                    t: sum(it.id in ctx.fit.skipped for it in items[t]) for t in cfg.tasks
+                },
                 "shots": {t: [s.id for s in shots[t]] for t in cfg.tasks},
             },
         )
 
-    async def generate(
+    async def pose_and_generate(
         self, ctx: RunContext, cfg: GenerationConfig, task: str, shots: list[Item], item: Item
+    ) -> tuple[Posed, str, str | None] | None:
+        posed = await pose(ctx, cfg, task, shots, item)
+        if posed is None:
+            return None
+        answer = await ctx.fit.refused_as_too_long(item.id, self.generate(ctx, cfg, posed))
+        return None if answer is None else (posed, *answer)
+
+    async def generate(
+        self, ctx: RunContext, cfg: GenerationConfig, posed: Posed
     ) -> tuple[str, str | None]:
         params: dict[str, Any] = {
             "max_tokens": cfg.max_tokens,
@@ -188,17 +238,51 @@ class GenerationSuite(Suite):
             "seed": ctx.seed,
         }
         if cfg.api == "chat":
-            response = await ctx.client.chat(
-                {"messages": chat_messages(task, shots, item), **params}
-            )
+            response = await ctx.client.chat({"messages": posed.prompt, **params})
             choice = first_choice(response, "/v1/chat/completions")
             text = (choice.get("message") or {}).get("content") or ""
         else:
-            body = {"prompt": completion_prompt(task, shots, item), "stop": ["\n\n"], **params}
+            body = {"prompt": posed.prompt, "stop": ["\n\n"], **params}
             response = await ctx.client.completion(body)
             choice = first_choice(response, "/v1/completions")
             text = choice.get("text") or ""
         return text.strip().split("\n")[0].strip(), choice.get("finish_reason")
+
+
+def prompt_for(
+    cfg: GenerationConfig, task: str, shots: list[Item], item: Item
+) -> str | list[dict[str, str]]:
+    if cfg.api == "chat":
+        return chat_messages(task, shots, item)
+    return completion_prompt(task, shots, item)
+
+
+async def pose(
+    ctx: RunContext, cfg: GenerationConfig, task: str, shots: list[Item], item: Item
+) -> Posed | None:
+    """Fit one item to the context (module docstring); None when it is skipped."""
+    fit = ctx.fit
+    for k in range(len(shots), -1, -1):
+        prompt = prompt_for(cfg, task, shots[:k], item)
+        if await fit.fits(prompt, cfg.max_tokens):
+            fit.keep(item.id, trimmed=k < len(shots))
+            return Posed(item, k, False, prompt)
+
+    def clipped(chars: int) -> Item:
+        return dataclasses.replace(item, source=clip(item.source, chars))
+
+    chars = await fit.largest_fitting(
+        lambda n: prompt_for(cfg, task, [], clipped(n)),
+        MIN_SOURCE_CHARS,
+        len(item.source) - 1,
+        cfg.max_tokens,
+    )
+    if chars is None:
+        what = f"the prompt without examples, its source cut to {MIN_SOURCE_CHARS} characters,"
+        fit.skip(item.id, fit.too_long_reason(what, cfg.max_tokens))
+        return None
+    fit.keep(item.id, trimmed=True)
+    return Posed(clipped(chars), 0, True, prompt_for(cfg, task, [], clipped(chars)))
 
 
 def score(

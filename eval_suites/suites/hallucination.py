@@ -33,6 +33,14 @@ Two context modes (`context` in the config):
     without `/v1/collections` stops the run with a one-line CapabilityError.
 Every item is also asked closed-book (no sources, no `rag`) to show what the context changes.
 
+Fitting the server's context (`fit.py`): in inline mode, an item whose prompt plus
+`max_tokens` does not fit has every passage cut to the longest common length that fits
+(the gold passage around its answer, so the answer stays in it; others from the start),
+never below `MIN_PASSAGE_CHARS`; the distractors stay, since they are what the noise
+metrics measure. An item that cannot fit so, whose closed-book or rag-mode question does
+not fit, or that the server refuses as too long, is skipped: left out of every metric and
+listed in results.json `context_fit`. Samples record `passage_chars`, the cut (null: whole).
+
 Metrics (definitions in docs/evaluation.md): accuracy, closed-book accuracy and the gain;
 accuracy by distractor count and noise sensitivity, accuracy by gold position (inline only);
 abstention on unanswerable items and false abstention; counterfactual adherence vs
@@ -68,7 +76,16 @@ from ..support import (
     load_pairs,
     numbers_in,
 )
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, stable_order
+from .base import (
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    metric,
+    nothing_fits,
+    stable_order,
+)
 
 __all__ = [
     "HallucinationConfig",
@@ -92,6 +109,8 @@ OPEN_INSTRUCTION = (
     ' like [1]. If the sources do not contain the answer, reply "unanswerable".'
 )
 CLOSED_INSTRUCTION = 'Answer the question. If you do not know the answer, reply "unanswerable".'
+# A passage cut shorter than this holds too little of its fact: the item is skipped instead.
+MIN_PASSAGE_CHARS = 48
 # Metrics that need the item to fix which passages the model sees and where: meaningless
 # when the server's retriever chooses the context, so rag mode leaves them out.
 INLINE_ONLY = "accuracy_distractors_*, noise_sensitivity, accuracy_position_*"
@@ -111,13 +130,14 @@ class HallucinationConfig:
     embedding_threshold: float
     nli_model: str  # local CrossEncoder directory; empty: the nli judge is off
     nli_threshold: float
-    max_passage_chars: int  # 0 = whole passages; smaller values fit tiny context windows
+    max_passage_chars: int  # 0 = whole passages (cut further only where a prompt must fit)
     metrics: tuple[str, ...]  # metric plugins applied to answerable answers vs gold
     context: str  # "inline" (numbered sources in the prompt) | "rag" (the server retrieves)
     rag_top_k: int  # rag mode: sources the server retrieves per question
     rag_retriever: str  # rag mode: "" = the server's default retriever
     rag_reranker: str  # rag mode: "" = the server's default reranker
     rag_keep_collections: bool  # rag mode: leave the suite's collections on the server
+    max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
     def validate(self) -> None:
         if not self.distractor_counts or any(n < 0 for n in self.distractor_counts):
@@ -137,6 +157,11 @@ class HallucinationConfig:
             raise SuiteConfigError("hallucination: context must be 'inline' or 'rag'")
         if not 1 <= self.rag_top_k <= 100:
             raise SuiteConfigError("hallucination: rag_top_k must be between 1 and 100")
+        if self.max_context_tokens < 0 or self.max_passage_chars < 0 or self.max_tokens < 1:
+            raise SuiteConfigError(
+                "hallucination: max_context_tokens and max_passage_chars must be >= 0,"
+                " max_tokens >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -269,6 +294,45 @@ def open_prompt(item: Item) -> str:
 
 def closed_prompt(item: Item) -> str:
     return f"{CLOSED_INSTRUCTION}\n\nQuestion: {item.question}\nAnswer:"
+
+
+def as_request(cfg: HallucinationConfig, prompt: str) -> str | list[dict[str, str]]:
+    """What the prompt is sent as: a completion prompt, or one user message (api = chat)."""
+    return [{"role": "user", "content": prompt}] if cfg.api == "chat" else prompt
+
+
+def with_passages_cut(item: Item, max_chars: int) -> Item:
+    """Every passage at most `max_chars` long, the gold one cut around its answer."""
+    sources = tuple(
+        s
+        if len(s.text) <= max_chars
+        else Source(s.fact_id, s.title, clip_around(s.text, item.gold, max_chars))
+        for s in item.sources
+    )
+    return dataclasses.replace(item, sources=sources)
+
+
+async def fit_inline(
+    ctx: RunContext, cfg: HallucinationConfig, item: Item
+) -> tuple[Item, int | None] | None:
+    """The item with passages cut to fit (and the cut, None when whole), or None: skipped."""
+    fit = ctx.fit
+    if await fit.fits(as_request(cfg, open_prompt(item)), cfg.max_tokens):
+        fit.keep(item.id, trimmed=False)
+        return item, None
+    longest = max(len(s.text) for s in item.sources)
+    cut = await fit.largest_fitting(
+        lambda n: as_request(cfg, open_prompt(with_passages_cut(item, n))),
+        MIN_PASSAGE_CHARS,
+        longest - 1,
+        cfg.max_tokens,
+    )
+    if cut is None:
+        what = f"the prompt with its {len(item.sources)} passages cut to {MIN_PASSAGE_CHARS} characters"
+        fit.skip(item.id, fit.too_long_reason(what, cfg.max_tokens))
+        return None
+    fit.keep(item.id, trimmed=True)
+    return with_passages_cut(item, cut), cut
 
 
 # --- rag mode: the server retrieves from collections the suite fills ---------------------------
@@ -543,23 +607,40 @@ class HallucinationSuite(Suite):
         items = build_items(facts, cfg, ctx.seed)[: ctx.limit or None]
         rag_details: dict[str, Any] = {}
         if cfg.context == "rag":
+            fits = await gather_with_progress(
+                (self.question_fits(ctx, cfg, it) for it in items), desc="fitting prompts"
+            )
             posed, open_answers, extra = await self.ask_with_retrieval(
-                ctx, cfg, facts, items, rag_details
+                ctx, cfg, facts, [it for it, ok in zip(items, fits, strict=True) if ok], rag_details
             )
         else:
-            posed, extra = items, [{} for _ in items]
+            fitted = await gather_with_progress(
+                (fit_inline(ctx, cfg, it) for it in items), desc="fitting prompts"
+            )
+            kept = [f for f in fitted if f is not None]
+            posed = [it for it, _ in kept]
+            extra = [{"passage_chars": cut} for _, cut in kept]
             open_answers = await gather_with_progress(
-                (self.ask(ctx, cfg, open_prompt(it)) for it in items),
+                (self.ask(ctx, cfg, it.id, open_prompt(it)) for it in posed),
                 desc="hallucination (sources)",
             )
         closed_answers = (
             await gather_with_progress(
-                (self.ask(ctx, cfg, closed_prompt(it)) for it in items),
+                (self.ask(ctx, cfg, it.id, closed_prompt(it), check_fit=True) for it in posed),
                 desc="hallucination (closed book)",
             )
             if cfg.closed_book
-            else [None] * len(items)
+            else [None] * len(posed)
         )
+        # Items skipped at any step (a refused request included) leave every metric.
+        rows = [
+            row
+            for row in zip(posed, open_answers, closed_answers, extra, strict=True)
+            if not ctx.fit.is_skipped(row[0].id)
+        ]
+        if not rows:
+            raise nothing_fits(self.name, ctx.fit, "items")
+        posed, open_answers, closed_answers, extra = (list(c) for c in zip(*rows, strict=True))
         judges = make_judges(cfg)
         judgements = Judgements(judges[cfg.support_judge])
         judgements.fill(
@@ -668,12 +749,15 @@ class HallucinationSuite(Suite):
             details["collections"] = await fill_collections(ctx.client, documents, names)
             responses = await gather_with_progress(
                 (
-                    self.ask_full(
-                        ctx,
-                        cfg,
-                        it.question,
-                        {"collection": names[collection_role(it)], **options},
-                        {"collection": stable[collection_role(it)], **options},
+                    ctx.fit.refused_as_too_long(
+                        it.id,
+                        self.ask_full(
+                            ctx,
+                            cfg,
+                            it.question,
+                            {"collection": names[collection_role(it)], **options},
+                            {"collection": stable[collection_role(it)], **options},
+                        ),
                     )
                     for it in items
                 ),
@@ -684,7 +768,13 @@ class HallucinationSuite(Suite):
                 await drop_collections(ctx.client, list(names.values()))
             )
         posed, answers, extra = [], [], []
-        for it, (answer, response, choice) in zip(items, responses, strict=True):
+        for it, answered in zip(items, responses, strict=True):
+            if answered is None:  # refused as too long: skipped (the caller drops it)
+                posed.append(it)
+                answers.append("")
+                extra.append({})
+                continue
+            answer, response, choice = answered
             given = given_sources(response, self.path(cfg))
             posed.append(with_given_sources(it, given))
             answers.append(answer)
@@ -708,8 +798,29 @@ class HallucinationSuite(Suite):
     def path(cfg: HallucinationConfig) -> str:
         return "/v1/chat/completions" if cfg.api == "chat" else "/v1/completions"
 
-    async def ask(self, ctx: RunContext, cfg: HallucinationConfig, prompt: str) -> str:
-        return (await self.ask_full(ctx, cfg, prompt))[0]
+    async def question_fits(self, ctx: RunContext, cfg: HallucinationConfig, item: Item) -> bool:
+        """Rag mode: the bare question must fit (the server fits its sources around it)."""
+        if await ctx.fit.fits(as_request(cfg, item.question), cfg.max_tokens):
+            ctx.fit.keep(item.id, trimmed=False)
+            return True
+        ctx.fit.skip(item.id, ctx.fit.too_long_reason("the question alone", cfg.max_tokens))
+        return False
+
+    async def ask(
+        self,
+        ctx: RunContext,
+        cfg: HallucinationConfig,
+        item_id: str,
+        prompt: str,
+        check_fit: bool = False,
+    ) -> str | None:
+        """The answer text, or None when the item is skipped: the prompt does not fit
+        (checked when `check_fit`) or the server refused it as too long."""
+        if check_fit and not await ctx.fit.fits(as_request(cfg, prompt), cfg.max_tokens):
+            ctx.fit.skip(item_id, ctx.fit.too_long_reason("the closed-book prompt", cfg.max_tokens))
+            return None
+        answer = await ctx.fit.refused_as_too_long(item_id, self.ask_full(ctx, cfg, prompt))
+        return None if answer is None else answer[0]
 
     async def ask_full(
         self,

@@ -12,6 +12,13 @@ records TTFT, TPOT, ITL and end-to-end latency. Per level it reports what
 the lowest and the highest concurrency. What it does not do: cache anything (every run
 measures afresh), reach beyond loopback addresses, or run unbounded (num_prompts and
 max_duration_s bound every level).
+
+Fitting the server's context (`fit.py`): `input_len + output_len` must fit the context
+length, else the run stops before sending anything with a one-line error that says so; rows
+of `lengths_file` that do not fit are skipped and listed in results.json `context_fit`.
+(With `endpoint = "chat"`, or a server without /tokenizer_info, prompts are `input_len`
+random words, which the server may count as more tokens: a request it refuses counts as
+failed.)
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import SuiteConfigError
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric
+from ..fit import PromptFitter
+from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, nothing_fits
 
 __all__ = ["LatencyConfig", "LatencySuite"]
 
@@ -55,6 +63,7 @@ class LatencyConfig:
     slo_ttft_ms: float
     slo_tpot_ms: float
     endpoint: str  # "completions" | "chat"
+    max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
     def validate(self) -> None:
         if self.mode not in ("sweep", "poisson", "both"):
@@ -74,6 +83,8 @@ class LatencyConfig:
             )
         if self.endpoint not in ("completions", "chat"):
             raise SuiteConfigError("latency: endpoint must be completions or chat")
+        if self.max_context_tokens < 0:
+            raise SuiteConfigError("latency: max_context_tokens must be >= 0 (0 = the server's)")
 
 
 def require_loopback(base_url: str) -> None:
@@ -82,6 +93,33 @@ def require_loopback(base_url: str) -> None:
         raise SuiteConfigError(
             f"the latency suite loads only loopback servers (127.0.0.1, localhost, ::1), not {host!r}"
         )
+
+
+def fit_lengths(
+    cfg: LatencyConfig, lengths: list[tuple[int, int]] | None, fit: PromptFitter
+) -> list[tuple[int, int]] | None:
+    """Check fixed lengths against the context (an error) and drop rows that do not fit."""
+    limit = fit.window.tokens
+    if lengths is None:
+        if limit is not None and cfg.input_len + cfg.output_len > limit:
+            raise SuiteConfigError(
+                f"latency: input_len {cfg.input_len} + output_len {cfg.output_len} ="
+                f" {cfg.input_len + cfg.output_len} tokens do not fit the server's"
+                f" {limit}-token context ({fit.window.source}); lower them, e.g."
+                f" --set input_len={max(1, limit - cfg.output_len)}"
+            )
+        return None
+    kept = []
+    for row, (prompt_len, output_len) in enumerate(lengths, 1):
+        key = f"{cfg.lengths_file}:{row}"
+        if limit is not None and prompt_len + output_len > limit:
+            fit.skip(key, f"input_len {prompt_len} + output_len {output_len} exceed {limit} tokens")
+        else:
+            fit.keep(key, trimmed=False)
+            kept.append((prompt_len, output_len))
+    if not kept:
+        raise nothing_fits("latency", fit, f"rows of {cfg.lengths_file}")
+    return kept
 
 
 def load_lengths(path: Path) -> list[tuple[int, int]]:
@@ -145,6 +183,7 @@ class LatencySuite(Suite):
 
         cfg: LatencyConfig = ctx.config
         lengths = load_lengths(data_path(cfg.lengths_file)) if cfg.lengths_file else None
+        lengths = fit_lengths(cfg, lengths, ctx.fit)
         num_requests = min(cfg.num_prompts, ctx.limit) if ctx.limit else cfg.num_prompts
         levels = levels_of(cfg)
         details_levels, samples = [], []

@@ -14,6 +14,12 @@ the token before it — lm-eval's `get_rolling_token_windows(context_len=1)` +
 scored token more context (the "strided" evaluation of the HF perplexity guide) at the
 cost of more requests.
 
+Fitting the server's context (`fit.py`): every window's prompt (W + 1 tokens) plus one
+generated token must fit, so W is at most the context length - 2; a configured `window`
+larger than that is lowered to it (and `stride` with it), which results.json records in
+`details.window_requested` and `context_fit.notes`. A document that the server still
+refuses as too long is skipped (left out of every total) and listed in `context_fit`.
+
 Reports total NLL (nats), token / byte / word counts, token perplexity, word perplexity,
 byte perplexity and bits per byte. Only bits per byte (and byte perplexity) compare across
 tokenizers: token perplexity depends on how many tokens the text becomes. What it does not
@@ -31,7 +37,9 @@ from typing import Any
 
 from ..client import first_choice, gather_with_progress
 from ..errors import ServerRequestError, SuiteConfigError
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric
+from ..fit import ContextWindow
+from ..tokens import LocalTokenizer
+from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, nothing_fits
 
 __all__ = ["PerplexityConfig", "PerplexitySuite", "rolling_windows"]
 
@@ -39,14 +47,15 @@ __all__ = ["PerplexityConfig", "PerplexitySuite", "rolling_windows"]
 @dataclass(frozen=True)
 class PerplexityConfig:
     data: str  # JSONL with "id" and "text", relative to eval_suites/data/
-    window: int  # W: tokens scored per window; 0 = the server's max_model_len - 2 (max 2048)
+    window: int  # W: tokens scored per window; 0 = the context length - 2 (max 2048)
     stride: int  # tokens newly scored per later window; 0 = W (disjoint windows)
     prefix_token_id: int  # token fed before the first window; -1 = the tokenizer's end-of-text
     max_tokens: int  # generated tokens per scoring request (lm-eval sends 1; vLLM/Atlas accept 0)
+    max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
     def validate(self) -> None:
-        if self.window < 0 or self.stride < 0:
-            raise SuiteConfigError("perplexity: window and stride must be >= 0")
+        if self.window < 0 or self.stride < 0 or self.max_context_tokens < 0:
+            raise SuiteConfigError("perplexity: window, stride and max_context_tokens must be >= 0")
         if self.max_tokens not in (0, 1):
             raise SuiteConfigError("perplexity: max_tokens must be 0 or 1")
 
@@ -82,25 +91,6 @@ def load_documents(path: Path, limit: int | None) -> list[dict[str, str]]:
     return docs[:limit] if limit else docs
 
 
-class LocalTokenizer:
-    """Token ids from a tokenizer file: an Atlas tokenizer.json or a Hugging Face one."""
-
-    def __init__(self, path: Path) -> None:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if "model" in raw and "pre_tokenizer" in raw:  # the Hugging Face tokenizers format
-            from tokenizers import Tokenizer as HFTokenizer
-
-            hf = HFTokenizer.from_file(str(path))
-            self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
-            self.eot_id = hf.token_to_id("<|endoftext|>")
-        else:
-            from atlas_server.tokenizer import Tokenizer
-
-            tok = Tokenizer.from_file(path)
-            self.encode = tok.encode_ordinary
-            self.eot_id = tok.eot_id
-
-
 class PerplexitySuite(Suite):
     name = "perplexity"
     description = "rolling log-likelihood of held-out Python documentation prose (echo + logprobs)"
@@ -111,12 +101,9 @@ class PerplexitySuite(Suite):
         cfg: PerplexityConfig = ctx.config
         path = data_path(cfg.data)
         docs = load_documents(path, ctx.limit)
-        local = LocalTokenizer(ctx.tokenizer_file) if ctx.tokenizer_file else None
+        local = ctx.fit.counter.local
         token_lists = await self._tokenize(ctx, local, docs)
-        window = resolve_window(cfg, ctx.model_card)
-        stride = cfg.stride or window
-        if stride > window:
-            raise SuiteConfigError(f"perplexity: stride {stride} exceeds window {window}")
+        window, stride = fit_window(cfg, ctx.fit.window, ctx.fit.notes)
         prefix = await resolve_prefix(ctx, cfg, local)
         probe = next((t for t in token_lists if t), [prefix])[:8]
         await ctx.client.probe_echo_logprobs(self.name, probe)
@@ -126,13 +113,19 @@ class PerplexitySuite(Suite):
             for d, toks in enumerate(token_lists)
             for w in rolling_windows(toks, prefix, window, stride)
         ]
+        for doc in docs:
+            ctx.fit.keep(doc["id"], trimmed=False)
         scores = await gather_with_progress(
-            (score_window(ctx, w, cfg.max_tokens) for _, w in jobs), desc="perplexity windows"
+            (
+                ctx.fit.refused_as_too_long(docs[d]["id"], score_window(ctx, w, cfg.max_tokens))
+                for d, w in jobs
+            ),
+            desc="perplexity windows",
         )
         doc_ll = [0.0] * len(docs)
         doc_windows = [0] * len(docs)
         for (d, _), ll in zip(jobs, scores, strict=True):
-            doc_ll[d] += ll
+            doc_ll[d] += ll or 0.0
             doc_windows[d] += 1
         samples = [
             {
@@ -144,19 +137,23 @@ class PerplexitySuite(Suite):
                 "windows": doc_windows[i],
             }
             for i, doc in enumerate(docs)
+            if not ctx.fit.is_skipped(doc["id"])  # a refused window: the whole document goes
         ]
+        if not samples:
+            raise nothing_fits(self.name, ctx.fit, "documents")
         return SuiteResult(
             metrics=summarise(samples),
             samples=samples,
             data_files={cfg.data: file_sha256(path)},
             details={
                 "window": window,
+                "window_requested": cfg.window or None,
                 "stride": stride,
                 "prefix_token_id": prefix,
                 "requests": len(jobs),
                 "tokenizer": str(ctx.tokenizer_file) if local else "server /tokenize",
                 "counts": {k: sum(s[k] for s in samples) for k in ("tokens", "bytes", "words")},
-                "documents": len(docs),
+                "documents": len(samples),
             },
         )
 
@@ -192,17 +189,37 @@ async def score_window(ctx: RunContext, window: Window, max_tokens: int) -> floa
     return float(sum(scored))
 
 
-def resolve_window(cfg: PerplexityConfig, card: dict[str, Any]) -> int:
-    if cfg.window:
-        return cfg.window
-    max_len = card.get("max_model_len")
-    if not isinstance(max_len, int) or max_len < 4:
+def fit_window(cfg: PerplexityConfig, context: ContextWindow, notes: list[str]) -> tuple[int, int]:
+    """(window, stride) that fit the context; a lowered window is noted in `notes`."""
+    # The prompt is W + 1 tokens and one more is generated (lm-eval's max_tokens=1; with
+    # max_tokens=0 the same room is left, so both settings score the same windows).
+    fits = None if context.tokens is None else context.tokens - 2
+    if fits is not None and fits < 1:
         raise SuiteConfigError(
-            "perplexity: the server does not report max_model_len in /v1/models;"
-            " set the window explicitly, e.g. --set window=1023"
+            f"perplexity: a {context.tokens}-token context ({context.source}) leaves no room"
+            " for a window"
         )
-    # The prompt is W + 1 tokens and one more is generated (lm-eval's max_tokens=1).
-    return min(max_len - 2, 2048)
+    if cfg.window == 0:
+        if fits is None:
+            raise SuiteConfigError(
+                "perplexity: the server does not report max_model_len in /v1/models; give"
+                " its context length with --set max_context_tokens=N (or a window: --set window=N)"
+            )
+        window = min(fits, 2048)
+    elif fits is not None and cfg.window > fits:
+        window = fits
+        notes.append(
+            f"window {cfg.window} lowered to {window} to fit the {context.tokens}-token context"
+        )
+    else:
+        window = cfg.window
+    stride = cfg.stride or window
+    if stride > window:
+        if cfg.window and window == cfg.window:
+            raise SuiteConfigError(f"perplexity: stride {stride} exceeds window {window}")
+        notes.append(f"stride {stride} lowered to the window, {window}")
+        stride = window
+    return window, stride
 
 
 async def resolve_prefix(

@@ -1,0 +1,53 @@
+"""Progress lines for the long benchmarks: which phase runs, since when, on stderr.
+
+A benchmark that measures for minutes must say what it is doing, or a user cannot tell a
+slow machine from a hang. Each phase prints one line to stderr, flushed at once, so the
+JSON (or table) on stdout stays clean for `> result.json` and pipes:
+
+    [bench_serving  0:00:12  3/9] concurrency 4: 12 requests, 128 prompt + 64 output tokens
+
+`ATLAS_BENCH_QUIET=1` silences them. What it does not do: bars that redraw in place (a log
+file or CI output would fill with carriage returns), or timing that enters the results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """`progress.phase("what")` before each phase; `progress.done()` at the end."""
+
+    def __init__(self, script: str, phases: int | None = None) -> None:
+        self.name = Path(script).stem
+        self.phases = phases
+        self.count = 0
+        self.start = time.perf_counter()
+        self.quiet = os.environ.get("ATLAS_BENCH_QUIET") == "1"
+
+    def _line(self, text: str, counted: bool) -> None:
+        if self.quiet:
+            return
+        seconds = int(time.perf_counter() - self.start)
+        clock = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        where = ""
+        if counted:
+            where = f"  {self.count}/{self.phases}" if self.phases else f"  {self.count}"
+        print(f"[{self.name}  {clock}{where}] {text}", file=sys.stderr, flush=True)
+
+    def phase(self, text: str) -> None:
+        """Announce the phase that starts now."""
+        self.count += 1
+        self._line(text, counted=True)
+
+    def note(self, text: str) -> None:
+        """A line within a phase (a measured figure, a skipped step)."""
+        self._line(text, counted=False)
+
+    def done(self) -> None:
+        self._line(f"done in {time.perf_counter() - self.start:.0f} s", counted=False)
