@@ -37,7 +37,7 @@ from .grounding import (
 )
 from .ingest import Document, ingest
 from .pipeline import PluginRuntimeError, RAGPipeline, UnknownComponentError
-from .store import StoreError, VectorStore
+from .store import StoreError, VectorStore, store_from_config
 from .types import RAGContext, RetrievedChunk
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
@@ -91,7 +91,7 @@ class RAGService:
                 from .embedding import Embedder
 
                 cfg = self.state.config.rag
-                self._store = VectorStore(cfg.data_dir, cfg.qdrant_url)
+                self._store = store_from_config(cfg)
                 self._embedder = Embedder()
                 ctx = RAGContext(self._store, self._embedder, self._score_text)
                 self._pipeline = RAGPipeline(self.host, ctx)
