@@ -291,9 +291,11 @@ def open_store(
     host = host or get_plugin_host()
     factories = host.vector_stores
     if name not in factories:
-        raise StoreError(
-            f"no vector store named {name!r}; installed: {', '.join(sorted(factories)) or 'none'}"
+        installed = ", ".join(sorted(factories)) or (
+            "none (the built-ins come from the `atlas` entry points: reinstall Atlas with "
+            "`pip install -e .` if it was installed before they existed)"
         )
+        raise StoreError(f"no vector store named {name!r}; installed: {installed}")
     settings = StoreSettings(
         Path(data_dir).expanduser() if data_dir else None, url, api_key, dict(options or {})
     )
