@@ -314,11 +314,14 @@ def benchmark(args) -> None:
         "skipped": {},
     }
     labels = [s for s in args.stores.split(",") if s]
+    caps = {k: int(v) for k, v in (item.split("=", 1) for item in args.max_size)}
     for label in labels:
         if label == "numpy-exact":
             results["stores"][label] = run_numpy(sizes, vectors, embedder, args)
             continue
         limit, reason = LIMITS.get(label, (None, ""))
+        if label in caps:
+            limit, reason = caps[label], "capped by --max-size for this run"
         if label == "qdrant-local":
             limit = args.baseline_max
             reason = (
@@ -399,6 +402,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50, help="timed queries per row")
     parser.add_argument("--batch", type=int, default=512, help="chunks per upsert")
     parser.add_argument("--baseline-max", type=int, default=10_000)
+    parser.add_argument(
+        "--max-size",
+        action="append",
+        default=[],
+        metavar="STORE=N",
+        help="run STORE only up to N chunks (repeatable), e.g. embedded=100000",
+    )
     parser.add_argument("--tmp", default=None, help="folder for the stores (default: system tmp)")
     parser.add_argument("--json", default=None, help="also write every number here")
     parser.add_argument("--quick", action="store_true", help="1k and 10k only, 20 queries")

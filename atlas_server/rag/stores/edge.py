@@ -83,6 +83,9 @@ class EdgeStore(VectorStore):
         self.ef_construct = int(opts.get("ef_construct", 100))
         self.hnsw_ef = opts.get("hnsw_ef")  # None: Qdrant's default (ef_construct)
         self.optimize_every = int(opts.get("optimize_every", 10_000))
+        # One query runs fastest on one thread here (waking a pool costs more than the
+        # search; bench/bench_rag.py); concurrent requests still search in parallel.
+        self.search_threads = int(opts.get("search_threads", 1))
         # Qdrant's thresholds, in KB of vectors: a segment above `indexing_threshold_kb`
         # gets an HNSW index; a search over fewer than `full_scan_threshold_kb` is exact.
         self.indexing_threshold_kb = opts.get("indexing_threshold_kb")
@@ -127,12 +130,33 @@ class EdgeStore(VectorStore):
                 raise StoreError("the vector store is closed")
             if name not in self._shards:
                 self._require(name)
-                self._shards[name] = qe.EdgeShard.load(str(self._path(name)))
+                runtime = self._config(self._dim(name), search_only=True)
+                self._shards[name] = qe.EdgeShard.load(str(self._path(name)), runtime)
             return self._shards[name]
 
     def _dim(self, name: str) -> int:
         config = json.loads((self._path(name) / "edge_config.json").read_text())
         return int(config["vectors"][DENSE]["size"])
+
+    def _config(self, dim: int, search_only: bool = False) -> qe.EdgeConfig:
+        """A new shard's configuration; `search_only`: what reopening one may override."""
+        common = {
+            "vectors": {DENSE: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)},
+            "sparse_vectors": {SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+            "max_search_threads": self.search_threads,
+        }
+        if search_only:
+            return qe.EdgeConfig(**common)
+        threshold = self.indexing_threshold_kb
+        return qe.EdgeConfig(
+            **common,
+            hnsw_config=qe.HnswIndexConfig(
+                m=self.hnsw_m,
+                ef_construct=self.ef_construct,
+                full_scan_threshold=self.full_scan_threshold_kb,
+            ),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=threshold and int(threshold)),
+        )
 
     def ensure_collection(self, name: str, dim: int) -> None:
         with self._lock:
@@ -145,20 +169,7 @@ class EdgeStore(VectorStore):
             path = self._path(name)
             if path.exists():  # a creation that died before writing its config
                 shutil.rmtree(path)
-            config = qe.EdgeConfig(
-                vectors={DENSE: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)},
-                sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
-                hnsw_config=qe.HnswIndexConfig(
-                    m=self.hnsw_m,
-                    ef_construct=self.ef_construct,
-                    full_scan_threshold=self.full_scan_threshold_kb,
-                ),
-                optimizers=qe.EdgeOptimizersConfig(
-                    indexing_threshold=self.indexing_threshold_kb
-                    and int(self.indexing_threshold_kb)
-                ),
-            )
-            self._shards[name] = qe.EdgeShard.create(str(path), config)
+            self._shards[name] = qe.EdgeShard.create(str(path), self._config(dim))
 
     def delete_collection(self, name: str) -> bool:
         with self._lock:

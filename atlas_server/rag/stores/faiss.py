@@ -65,6 +65,7 @@ CREATE TRIGGER IF NOT EXISTS chunks_au AFTER UPDATE ON chunks BEGIN
     INSERT INTO fts(fts, rowid, text) VALUES ('delete', old.rowid, old.text);
     INSERT INTO fts(rowid, text) VALUES (new.rowid, new.text);
 END;
+CREATE VIRTUAL TABLE IF NOT EXISTS fts_terms USING fts5vocab(fts, 'row');
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_source ON chunks(source);
 """
@@ -273,7 +274,14 @@ class _Collection:
                 params = faiss.SearchParameters(sel=selector)
         elif isinstance(self.index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=self.nprobe())
-        scores, ids = self.index.search(query, k, params=params)  # [1, k] each
+        # One query gains nothing from FAISS's OpenMP team, and waking it costs
+        # milliseconds on a busy machine: search on this thread.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            scores, ids = self.index.search(query, k, params=params)  # [1, k] each
+        finally:
+            faiss.omp_set_num_threads(threads)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         rows = self.rows([i for i, _ in hits]) if hits else {}
         return [(rows[i][0], s, rows[i][1]) for i, s in hits if i in rows]
@@ -282,6 +290,16 @@ class _Collection:
         words = sorted(set(terms(query)))
         if not words:
             return []
+        # A term in more than half the chunks has a BM25 IDF of about 0 (FTS5 floors it at
+        # 1e-6) yet makes FTS5 score every chunk holding it: leave such terms out unless
+        # the query has nothing else.
+        marks = ", ".join("?" * len(words))
+        df = dict(
+            self.db.execute(f"SELECT term, doc FROM fts_terms WHERE term IN ({marks})", words)
+        )
+        half = self.count() / 2
+        rare = [w for w in words if df.get(w, 0) <= half]
+        words = rare or words
         match = " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
         where, args = sql_filter(filters)
         found = self.db.execute(
