@@ -342,3 +342,81 @@ def test_unknown_store_name_lists_the_installed_ones():
     with pytest.raises(StoreError, match="installed: .*embedded"):
         open_store("chroma-nonexistent")
     assert {"embedded", "qdrant", "milvus", "faiss"} <= set(get_plugin_host().vector_stores)
+
+
+# --- choosing a back end --------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")  # nothing listens there
+def test_the_config_chooses_the_back_end(tmp_path):
+    from atlas_server.config import RAGSection
+    from atlas_server.rag.store import store_from_config
+
+    pytest.importorskip("faiss")
+    store = store_from_config(RAGSection(store="faiss", data_dir=str(tmp_path / "f")))
+    try:
+        assert store.name == "faiss" and store.location == str(tmp_path / "f")
+    finally:
+        store.close()
+    remote = store_from_config(RAGSection(qdrant_url="http://127.0.0.1:9"))  # the old shorthand
+    try:
+        assert remote.name == "qdrant" and remote.location == "http://127.0.0.1:9"
+    finally:
+        remote.close()
+
+
+def test_a_plugin_registers_a_store_and_a_bad_factory_is_named(tmp_path):
+    from atlas_server.hookspecs import hookimpl
+    from atlas_server.plugins import PluginHost
+    from atlas_server.rag.stores.faiss import FaissStore
+
+    pytest.importorskip("faiss")
+
+    class Shelf(FaissStore):
+        name = "shelf"
+
+    class Plugin:
+        @hookimpl
+        def atlas_register_vector_stores(self, register):
+            register("shelf", Shelf)
+            register("not-a-store", lambda settings: object())
+
+    host = PluginHost(discover=False)
+    host.register(Plugin(), "shelf-plugin")
+    store = open_store("shelf", tmp_path / "s", options={"exact_below": 5}, host=host)
+    try:
+        assert isinstance(store, Shelf) and store.opts == {"exact_below": 5}
+        assert host.describe()[0]["registered"]["vector_stores"] == ["shelf", "not-a-store"]
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="shelf-plugin.*does not implement"):
+        open_store("not-a-store", tmp_path / "x", host=host)
+
+
+def test_embedded_store_refuses_an_old_local_mode_folder(tmp_path):
+    old = open_store("qdrant", tmp_path / "old")  # qdrant-client local mode, as before
+    old.ensure_collection("manual", DIM)
+    old.close()
+    with pytest.raises(StoreError, match='store = "qdrant"'):
+        open_store("embedded", tmp_path / "old")
+
+
+def test_faiss_rebuilds_an_index_older_than_its_table(tmp_path):
+    """A process killed between saves leaves the table ahead of the index file."""
+    pytest.importorskip("faiss")
+    chunks, vectors = make_chunks(60)
+    store = open_store("faiss", tmp_path, options={"save_every_s": 3600})
+    store.ensure_collection("c", DIM)
+    store.upsert("c", chunks[:30], vectors[:30])
+    store.flush()  # the index file now holds the first 30
+    store.upsert("c", chunks[30:], vectors[30:])  # in SQLite only: then "killed"
+    for collection in store._open.values():
+        collection.db.close()
+    store._folder_lock.release()
+    again = open_store("faiss", tmp_path)
+    try:
+        assert again.count("c") == 60
+        for i in (5, 45, 59):
+            assert again.search_dense("c", vectors[i], 1)[0][0].id == chunks[i].id
+    finally:
+        again.close()
