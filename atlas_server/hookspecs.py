@@ -47,7 +47,8 @@ def atlas_register_retrievers(register: Register) -> None:
 
     `factory(ctx: RAGContext) -> Retriever`, where the retriever has
     `retrieve(collection, query, top_k, filters=None) -> list[RetrievedChunk]`, best first.
-    `ctx.store` is the vector store (Qdrant), `ctx.embedder` the sentence embedder, and
+    `ctx.store` is the vector store (`atlas_server.rag.store.VectorStore`, whichever back
+    end `[rag] store` names), `ctx.embedder` the sentence embedder, and
     `ctx.retrievers` the other retrievers (for fusion). Config (`[rag] retriever = NAME`)
     and requests (`"rag": {"retriever": NAME}`) choose among them by name.
     """

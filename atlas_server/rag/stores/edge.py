@@ -15,6 +15,7 @@ What it does not do: serve several processes (use a Qdrant server, the `qdrant` 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import uuid
@@ -90,6 +91,9 @@ class EdgeStore(VectorStore):
         # gets an HNSW index; a search over fewer than `full_scan_threshold_kb` is exact.
         self.indexing_threshold_kb = opts.get("indexing_threshold_kb")
         self.full_scan_threshold_kb = int(opts.get("full_scan_threshold_kb", 10_000))
+        # Every segment is searched on its own: as many as CPUs (Qdrant's rule; Qdrant Edge
+        # counts the host's CPUs, not this process's).
+        self.segments = int(opts.get("segments", len(os.sched_getaffinity(0))))
         if (self.root / "meta.json").is_file() and (self.root / "collection").is_dir():
             raise StoreError(
                 f"{self.root} is a qdrant-client local-mode folder (the embedded store before "
@@ -155,7 +159,10 @@ class EdgeStore(VectorStore):
                 ef_construct=self.ef_construct,
                 full_scan_threshold=self.full_scan_threshold_kb,
             ),
-            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=threshold and int(threshold)),
+            optimizers=qe.EdgeOptimizersConfig(
+                indexing_threshold=threshold and int(threshold),
+                default_segment_number=self.segments,
+            ),
         )
 
     def ensure_collection(self, name: str, dim: int) -> None:
