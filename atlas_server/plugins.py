@@ -115,7 +115,9 @@ class PluginHost:
 
         def register(name: str, factory: Callable[..., Any]) -> None:
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {plugin_name!r} registered a {kind[:-1].replace('_', ' ')} without a name")
+                raise PluginError(
+                    f"plugin {plugin_name!r} registered a {kind[:-1].replace('_', ' ')} without a name"
+                )
             if not callable(factory):
                 raise PluginError(
                     f"plugin {plugin_name!r}: the factory of {kind[:-1].replace('_', ' ')} {name!r} is not callable"
