@@ -5,17 +5,20 @@ it measures the write rate (chunks/s of upserts with precomputed vectors, index 
 included), retrieval latency p50 / p99 over `--queries` questions (MiniLM query embedding
 + dense search, top 5; BM25 search p50 beside it) and recall@10 of dense search against
 exact search (NumPy over the same vectors) on 200 held-out real chunks used as queries.
-Today's embedded store, qdrant-client's local mode (`qdrant-local`), is the baseline:
-every row prints the ratio of qdrant-local's search p50 to its own at the same size,
-measured in the same run (search alone: the query embedding is the same for all and,
-on a busy machine, the noisiest part), and qdrant-local runs only up to `--baseline-max` chunks (it searches
-exhaustively in Python: 0.5 s a query at 10k; 100k and more would take hours to fill).
+The embedded store before Qdrant Edge, qdrant-client's local mode (`qdrant-local`), is
+the baseline: every row prints the ratio of qdrant-local's search p50 to its own at the
+same size, measured in the same run (search alone: the query embedding is the same for
+all and, on a busy machine, the noisiest part). qdrant-local runs only up to
+`--baseline-max` chunks (10,000): it searches exhaustively in Python and writes ~40
+chunks/s, so 100,000 would take 40 minutes to fill and 1M hours. Milvus Lite stops at
+10,000 too (`LIMITS`); `--max-size STORE=N` caps any other for one run.
 `numpy-exact` is a plain matrix product over the vectors (no store), the floor an exact
 search can reach.
 
 Corpus: chunks of the Python standard library's docstrings and sources (64 word pieces,
 no overlap) embedded with all-MiniLM-L6-v2, `--real` of them (default 20,000; embedded
-once and cached under $ATLAS_HOME/bench, a few minutes on an idle 2-core machine). Sizes
+once and cached under $ATLAS_HOME/bench (~/.cache/atlas/bench): 50 minutes on the busy
+shared 2-core machine, a few on an idle one). Sizes
 beyond the real chunks are SYNTHETIC: chunk j copies the text of real chunk j mod R and
 gets its vector plus Gaussian noise (norm 0.5, then normalised: cosine ~0.89 to its
 source), so the collection keeps the real data's cluster structure; the output says
