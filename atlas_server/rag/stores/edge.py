@@ -45,6 +45,7 @@ from ..store import (
 from ..types import Chunk
 from .folder import FolderLock, remove_tree
 
+INDEXED_FIELDS = ("source", "heading")
 BOOLS = "_bools"  # 0/1 copies of boolean metadata, for filters (see edge_filter)
 
 
@@ -176,7 +177,14 @@ class EdgeStore(VectorStore):
             path = self._path(name)
             if path.exists():  # a creation that died before writing its config
                 shutil.rmtree(path)
-            self._shards[name] = qe.EdgeShard.create(str(path), self._config(dim))
+            shard = qe.EdgeShard.create(str(path), self._config(dim))
+            # Indexed payload fields let Qdrant's planner count a filter's matches and scan
+            # a small filtered set exactly instead of walking the graph past most of it.
+            for field in INDEXED_FIELDS:
+                shard.update(
+                    qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword)
+                )
+            self._shards[name] = shard
 
     def delete_collection(self, name: str) -> bool:
         with self._lock:

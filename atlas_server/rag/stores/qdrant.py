@@ -82,6 +82,7 @@ class QdrantStore(VectorStore):
                     "(--qdrant-url)"
                 ) from None
             raise
+        self.remote = bool(settings.url)
         self._closed = False
 
     def close(self) -> None:
@@ -107,6 +108,9 @@ class QdrantStore(VectorStore):
             vectors_config={DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
             sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
         )
+        if self.remote:  # a server plans filtered searches with these (local mode has none)
+            for field in ("source", "heading"):
+                self.client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
 
     def delete_collection(self, name: str) -> bool:
         return self.exists(name) and bool(self.client.delete_collection(name))
