@@ -58,10 +58,15 @@ class HTTPSection(_Section):
 
 class RAGSection(_Section):
     enabled: bool = True
-    data_dir: str | None = (
-        None  # embedded Qdrant data directory; default ~/.local/share/atlas/qdrant
-    )
-    qdrant_url: str | None = None  # use a Qdrant server instead of the embedded store
+    # The vector store back end, by registered name (`atlas plugins` lists them):
+    # embedded (default), qdrant, milvus, faiss. docs/rag.md says which at which scale.
+    store: str = "embedded"
+    # The store's folder, for in-process stores; default $ATLAS_HOME/rag/STORE, else
+    # ~/.local/share/atlas/rag/STORE.
+    data_dir: str | None = None
+    store_url: str | None = None  # a Qdrant or Milvus server / cluster
+    store_options: dict[str, Any] = {}  # back-end tuning, e.g. {hnsw_ef = 128}
+    qdrant_url: str | None = None  # shorthand kept from before: store "qdrant" at this URL
     retriever: str = "hybrid"
     reranker: str | None = None
     top_k: int = 4

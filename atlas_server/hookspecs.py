@@ -17,13 +17,14 @@ through the `atlas` entry-point group of its package:
 
 Every hook follows the register-callback style: the host calls the hook with a
 `register(name, factory)` function; the plugin calls it once per thing it provides. A
-factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument) and returns
-the object. Names are global per kind: registering a name another plugin already took is
+factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument; vector stores:
+a `atlas_server.rag.store.StoreSettings`) and returns the object. Names are global per kind: registering a name another plugin already took is
 an error that names both plugins. Objects are built lazily, the first time config or a
 request names them. The built-in retrievers, rerankers and metrics in `plugins/` are
 registered exactly this way.
 
-Plugins import only this module and `atlas_server.rag.types`.
+Plugins import only this module, `atlas_server.rag.types` and (vector stores)
+`atlas_server.rag.store`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def atlas_register_retrievers(register: Register) -> None:
 
     `factory(ctx: RAGContext) -> Retriever`, where the retriever has
     `retrieve(collection, query, top_k, filters=None) -> list[RetrievedChunk]`, best first.
-    `ctx.store` is the vector store (Qdrant), `ctx.embedder` the sentence embedder, and
+    `ctx.store` is the vector store (`atlas_server.rag.store.VectorStore`, whichever back
+    end `[rag] store` names), `ctx.embedder` the sentence embedder, and
     `ctx.retrievers` the other retrievers (for fusion). Config (`[rag] retriever = NAME`)
     and requests (`"rag": {"retriever": NAME}`) choose among them by name.
     """
@@ -76,4 +78,25 @@ def atlas_register_metrics(register: Register) -> None:
     `compute_ranking(ranked: list[list[str]], relevant: list[set[str]]) -> MetricResult`.
     Evaluation suites (`atlas-eval`) look metrics up by name, so a third-party metric can
     be used in a suite's TOML without code changes.
+    """
+
+
+@hookspec
+def atlas_register_vector_stores(register: Register) -> None:
+    """Register vector store back ends: `register(name, factory)`.
+
+    `factory(settings: StoreSettings) -> VectorStore`, where `VectorStore` is the abstract
+    class in `atlas_server.rag.store` (its module docstring lists every method: collections,
+    upsert by chunk id, dense and BM25 search with filters, deletion, close) and
+    `StoreSettings` carries `data_dir` (a folder for in-process stores; None means the
+    store's default under `$ATLAS_HOME/rag/NAME`), `url` (a server or cluster), `api_key`
+    (from the command line or `ATLAS_VECTOR_STORE_API_KEY`, never the config file) and
+    `options` (the `[rag] store_options` table, for tuning). The server and `atlas rag`
+    open the one named by `[rag] store = NAME` (or `--store NAME`) once, on first RAG use,
+    and close it at shutdown; retrievers reach it as `ctx.store`. The factory should
+    import its client library itself, so Atlas starts without it, and raise
+    `atlas_server.rag.store.StoreError` with a message the user can act on (missing
+    package, folder locked, server unreachable). Built-ins, in `plugins/stores.py`:
+    `embedded` (the default), `qdrant`, `milvus`, `faiss`; `tests/test_store_contract.py`
+    is the contract a new back end should pass.
     """

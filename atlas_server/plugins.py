@@ -4,8 +4,8 @@ What it does: creates the pluggy manager for the "atlas" hooks, loads every entr
 of the `atlas` group (the built-ins in `plugins/` included: they are registered in
 pyproject.toml like any third party's), reports a plugin that fails to import by name
 and keeps loading the others (`strict=True` makes that fatal), refuses misspelled hooks
-(`check_pending`), and calls the register hooks to fill three registries — retrievers,
-rerankers, metrics — rejecting a duplicate name with an error naming both plugins.
+(`check_pending`), and calls the register hooks to fill four registries — retrievers,
+rerankers, metrics, vector stores — rejecting a duplicate name with an error naming both plugins.
 `describe()` is what `atlas plugins` and `GET /v1/plugins` show.
 What it does not do: build retrievers (factories run lazily, see `rag/pipeline.py`).
 """
@@ -25,7 +25,7 @@ from . import hookspecs
 
 log = logging.getLogger("atlas.plugins")
 GROUP = "atlas"
-KINDS = ("retrievers", "rerankers", "metrics")
+KINDS = ("retrievers", "rerankers", "metrics", "vector_stores")
 
 
 class PluginError(Exception):
@@ -51,6 +51,7 @@ class PluginHost:
         self.retrievers: dict[str, Callable[..., Any]] = {}
         self.rerankers: dict[str, Callable[..., Any]] = {}
         self.metrics: dict[str, Callable[..., Any]] = {}
+        self.vector_stores: dict[str, Callable[..., Any]] = {}
         self._owner: dict[tuple[str, str], str] = {}
         if discover:
             self.load_entry_points()
@@ -96,7 +97,7 @@ class PluginHost:
             raise PluginError(
                 f"a plugin implements a hook that does not exist (misspelled?): {e}"
             ) from e
-        for registry in (self.retrievers, self.rerankers, self.metrics):
+        for registry in (self.retrievers, self.rerankers, self.metrics, self.vector_stores):
             registry.clear()
         self._owner.clear()
         for info in self.plugins.values():
@@ -114,15 +115,17 @@ class PluginHost:
 
         def register(name: str, factory: Callable[..., Any]) -> None:
             if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {plugin_name!r} registered a {kind[:-1]} without a name")
+                raise PluginError(
+                    f"plugin {plugin_name!r} registered a {kind[:-1].replace('_', ' ')} without a name"
+                )
             if not callable(factory):
                 raise PluginError(
-                    f"plugin {plugin_name!r}: the factory of {kind[:-1]} {name!r} is not callable"
+                    f"plugin {plugin_name!r}: the factory of {kind[:-1].replace('_', ' ')} {name!r} is not callable"
                 )
             if name in registry:
                 other = self._owner[(kind, name)]
                 raise PluginError(
-                    f"{kind[:-1]} {name!r} is registered by both plugin {other!r} "
+                    f"{kind[:-1].replace('_', ' ')} {name!r} is registered by both plugin {other!r} "
                     f"and plugin {plugin_name!r}; uninstall one or rename it"
                 )
             registry[name] = factory

@@ -75,8 +75,8 @@ def test_rst_headings_are_found():
 
 
 def test_chunks_fit_the_embedder_window(store, embedder):
-    points, _ = store.client.scroll("std", limit=1000, with_payload=True)
-    assert points and max(embedder.count_pieces(p.payload["text"]) for p in points) <= 256
+    texts = [c.text for c, _ in store.iter_chunks("std")]
+    assert texts and max(embedder.count_pieces(t) for t in texts) <= 256
 
 
 def test_reingest_is_idempotent_and_interrupted_ingest_converges(tmp_path, embedder, corpus, store):
@@ -85,10 +85,8 @@ def test_reingest_is_idempotent_and_interrupted_ingest_converges(tmp_path, embed
     ingest(fresh, embedder, "std", documents_from_paths(files[:1]), progress=False)  # then "killed"
     ingest(fresh, embedder, "std", documents_from_paths(files), progress=False)
     ingest(fresh, embedder, "std", documents_from_paths(files), progress=False)  # and once more
-    ids = sorted(str(p.id) for p in fresh.client.scroll("std", limit=5000)[0])
-    reference = sorted(
-        str(p.id) for p in store.client.scroll("std", limit=5000)[0] if p.payload["source"] in files
-    )
+    ids = sorted(c.id for c, _ in fresh.iter_chunks("std"))
+    reference = sorted(c.id for c, _ in store.iter_chunks("std") if c.source in files)
     assert ids == reference and len(ids) == fresh.count("std")
     fresh.close()
 
@@ -115,12 +113,7 @@ def test_hybrid_beats_or_ties_each_single_retriever(store, embedder):
 
 def test_filters_restrict_results(store, embedder):
     pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, embedder))
-    source = str(
-        next(
-            p for p in Path(store.client.scroll("std", limit=1)[0][0].payload["source"]).parents[:1]
-        )
-        / "json.md"
-    )
+    source = str(Path(next(store.iter_chunks("std"))[0].source).parent / "json.md")
     results = pipeline.retrieve(
         "std", "sorted list insertion", 3, "dense", filters={"source": source}
     )
@@ -194,13 +187,6 @@ def test_grounded_prompt_and_citations(store, embedder):
         chunks[0].chunk.start,
         chunks[0].chunk.end,
     ]
-
-
-def test_local_store_lock_error_says_what_to_do(tmp_path):
-    first = VectorStore(tmp_path / "locked")
-    with pytest.raises(StoreError, match="one process per data directory"):
-        VectorStore(tmp_path / "locked")
-    first.close()
 
 
 def test_retrieved_chunk_types_are_public():

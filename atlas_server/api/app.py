@@ -83,8 +83,7 @@ def install_rag(state: ServerState) -> None:
     state.rag = RAGService(
         state.plugins(),
         state.embedder.get,
-        data_dir=cfg.data_dir,
-        qdrant_url=cfg.qdrant_url,
+        store_config=cfg,
         defaults=RetrievalDefaults(cfg.retriever, cfg.reranker, cfg.top_k),
         score_texts=EngineScorer(state).score_texts,
     )

@@ -1,8 +1,8 @@
 """`atlas rag`: ingest documents into a collection and query it from the command line.
 
-What it does: `atlas rag ingest PATH... --collection NAME [--data-dir DIR | --qdrant-url URL]`
-chunks, embeds and stores files (progress bar; idempotent), and `atlas rag query` shows
-what a retriever returns. The data dir is the same embedded Qdrant directory `atlas serve`
+What it does: `atlas rag ingest PATH... --collection NAME [--store NAME] [--data-dir DIR |
+--store-url URL]` chunks, embeds and stores files (progress bar; idempotent), and `atlas rag
+query` shows what a retriever returns. The default store folder is the one `atlas serve`
 uses (one process at a time: while a server holds it, ingest through its HTTP route).
 What it does not do: generation.
 """
@@ -20,12 +20,20 @@ app = typer.Typer(
 )
 
 
-def _store(data_dir: Path | None, qdrant_url: str | None):
-    from ..rag.store import VectorStore
+def _store(data_dir: Path | None, qdrant_url: str | None, store: str | None, store_url: str | None):
+    import os
 
-    if data_dir and qdrant_url:
-        raise typer.BadParameter("give --data-dir or --qdrant-url, not both")
-    return VectorStore(data_dir, qdrant_url)
+    from ..rag.store import DEFAULT_STORE, open_store
+
+    if data_dir and (qdrant_url or store_url):
+        raise typer.BadParameter("give --data-dir or a server URL, not both")
+    name = store or ("qdrant" if qdrant_url else DEFAULT_STORE)
+    key = os.environ.get("ATLAS_VECTOR_STORE_API_KEY") or None
+    return open_store(name, data_dir, store_url or qdrant_url, key)
+
+
+STORE_HELP = "Vector store back end: embedded (default), qdrant, milvus, faiss (docs/rag.md)."
+URL_HELP = "A Qdrant or Milvus server for --store qdrant / milvus."
 
 
 def _errors():
@@ -43,9 +51,12 @@ def ingest(
     paths: list[str] = typer.Argument(..., help="Files or folders (.txt .md .rst .jsonl)."),
     collection: str = typer.Option(..., help="Collection name."),
     data_dir: Path = typer.Option(
-        None, help="Embedded Qdrant data directory (default ~/.local/share/atlas/qdrant)."
+        None,
+        help="The store's folder (default $ATLAS_HOME/rag/STORE or ~/.local/share/atlas/rag/STORE).",
     ),
-    qdrant_url: str = typer.Option(None, help="A Qdrant server instead of the embedded store."),
+    store: str = typer.Option(None, help=STORE_HELP),
+    store_url: str = typer.Option(None, help=URL_HELP),
+    qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
     max_tokens: int = typer.Option(200, help="Chunk size in embedder word pieces (<= 256)."),
     overlap: int = typer.Option(40, help="Overlap between consecutive chunks, in word pieces."),
 ) -> None:
@@ -61,15 +72,15 @@ def ingest(
     with _errors():
         if not 1 <= max_tokens <= 256 or not 0 <= overlap < max_tokens:
             raise ValueError("--max-tokens must be 1..256 and --overlap smaller than it")
-        store = _store(data_dir, qdrant_url)
+        vector_store = _store(data_dir, qdrant_url, store, store_url)
         result = run_ingest(
-            store,
+            vector_store,
             Embedder(),
             collection,
             documents_from_paths(paths),
             ChunkSettings(max_tokens, overlap),
         )
-        store.close()
+        vector_store.close()
     typer.echo(
         f"{result['chunks']} chunks processed; collection {collection!r} now holds {result['total']}"
     )
@@ -84,8 +95,10 @@ def query(
         "hybrid", help="Retriever plugin name (atlas plugins lists them)."
     ),
     reranker: str = typer.Option(None, help="Reranker plugin name."),
-    data_dir: Path = typer.Option(None, help="Embedded Qdrant data directory."),
-    qdrant_url: str = typer.Option(None, help="A Qdrant server instead of the embedded store."),
+    data_dir: Path = typer.Option(None, help="The store's folder."),
+    store: str = typer.Option(None, help=STORE_HELP),
+    store_url: str = typer.Option(None, help=URL_HELP),
+    qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
 ) -> None:
     """Show the chunks a retriever returns for a question.
 
@@ -97,10 +110,10 @@ def query(
     from ..rag.types import RAGContext
 
     with _errors():
-        store = _store(data_dir, qdrant_url)
-        pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, Embedder()))
+        vector_store = _store(data_dir, qdrant_url, store, store_url)
+        pipeline = RAGPipeline(get_plugin_host(), RAGContext(vector_store, Embedder()))
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)
-        store.close()
+        vector_store.close()
     for i, r in enumerate(results, 1):
         heading = f" — {r.chunk.heading}" if r.chunk.heading else ""
         typer.echo(f"[{i}] {r.score:.4f} {r.chunk.source}{heading} [{r.chunk.start}:{r.chunk.end}]")

@@ -25,7 +25,7 @@ from .errors import CollectionNotFound, InvalidRAGRequest, VectorStoreUnavailabl
 from .grounding import grounded_messages, grounded_prompt
 from .ingest import Document, ingest
 from .pipeline import RAGPipeline
-from .store import StoreError, VectorStore
+from .store import StoreError, VectorStore, store_from_config
 from .types import RAGContext, RetrievedChunk, ScoreTexts
 
 
@@ -71,8 +71,7 @@ class RAGService:
         self,
         host: PluginHost,
         embedder: Callable[[], Any],
-        data_dir: str | None = None,
-        qdrant_url: str | None = None,
+        store_config: Any = None,
         defaults: RetrievalDefaults = RetrievalDefaults(),
         score_texts: ScoreTexts | None = None,
     ) -> None:
@@ -80,7 +79,7 @@ class RAGService:
         text under the served model, for likelihood rerankers (RAGContext.score_texts)."""
         self.host, self.defaults = host, defaults
         self._embedder, self._score_texts = embedder, score_texts
-        self._data_dir, self._qdrant_url = data_dir, qdrant_url
+        self._store_config = store_config  # the server's [rag] section: which back end, where
         self._lock = threading.Lock()
         self._store: Any = None
         self._pipeline: RAGPipeline | None = None
@@ -91,7 +90,7 @@ class RAGService:
         with self._lock:
             if self._store is None:
                 try:
-                    self._store = VectorStore(self._data_dir, self._qdrant_url)
+                    self._store = store_from_config(self._store_config, self.host)
                 except StoreError as e:
                     raise VectorStoreUnavailable(str(e)) from None
             return self._store

@@ -1,17 +1,46 @@
-"""The vector store: Qdrant through qdrant-client, embedded or remote, unchanged either way.
+"""The vector store interface, and how a back end is chosen and opened by name.
 
-What it does: opens Qdrant in local mode on a data directory (the default: one process
-per directory, which Qdrant enforces with a lock) or a Qdrant server by URL (the
-scale-out path), creates collections with a dense vector (cosine) and a sparse `bm25`
-vector whose IDF Qdrant computes (`Modifier.IDF`), upserts chunks by their content-derived
-ids, and searches either vector with optional payload filters.
+What it does: defines `VectorStore`, the one interface every back end implements, the
+helpers they share (BM25 sparse vectors, filter normalisation, the default folder), and
+`open_store(name, ...)`, which builds the back end registered under `name` through the
+plugin host's `atlas_register_vector_stores` hook (built-ins: `plugins/stores.py`).
+What it does not do: chunking, embedding, or any back end's storage (`rag/stores/`).
 
-Sparse BM25 vectors: the document side carries the BM25 term-frequency part,
-tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len)), with k1 = 1.2, b = 0.75 and
-avg_len fixed at the chunker's typical chunk length (documents are chunked to similar
-sizes, so a fixed average costs little); the query side carries 1 per term and Qdrant
-multiplies by IDF. Terms are lower-cased word tokens hashed to 31-bit ids.
-What it does not do: chunking or embedding.
+The interface (what ingest, retrievers and the HTTP routes call):
+
+    collections() -> list[str]                 names, sorted
+    exists(name) -> bool
+    ensure_collection(name, dim)               create if missing; a different dim is an error
+    delete_collection(name) -> bool            False when there was none
+    count(name) -> int                         chunks stored
+    upsert(name, chunks, vectors)              by chunk id: the same id twice stores once
+    existing_ids(name, ids) -> set[str]        which of `ids` are stored (resumable ingest)
+    delete(name, ids) -> int                   remove chunks by id; returns how many were there
+    search_dense(name, vector, top_k, filters=None) -> [(Chunk, cosine, stored vector)]
+    search_bm25(name, query, top_k, filters=None)   -> [(Chunk, bm25 score, stored vector)]
+    vectors(name, ids) -> {id: vector}         stored dense vectors
+    iter_chunks(name, batch_size=1024) -> Iterator[(Chunk, vector)]   every chunk, any order
+    close()                                    idempotent; also run at interpreter exit
+
+Vectors are L2-normalised float32 rows (the embedder's output), so cosine = dot product.
+Results come best first; scores are comparable only within one back end and one method.
+An unknown collection raises `StoreError` (the HTTP layer turns it into a 400).
+
+Filters: `{field: value}` or `{field: [values]}` (strings or integers, not both in one
+list), all fields must match. A field is a chunk field (`source`, `heading`, `start`,
+`end`) or a metadata key, written `metadata.KEY` or plainly `KEY`.
+
+BM25: every back end ranks with Okapi BM25 (k1 = 1.2, b = 0.75). The Qdrant back ends store
+the document side, tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len)), as a sparse
+vector with avg_len fixed at the chunker's typical chunk length (chunks are cut to similar
+sizes, so a fixed average costs little) and let Qdrant apply the IDF at query time; terms
+are lower-cased word tokens hashed to 31-bit ids. Milvus and FAISS (SQLite FTS5) use their
+engines' own BM25, whose tokenisers differ slightly.
+
+Back ends (`[rag] store = NAME`): `embedded` (default, Qdrant Edge in-process: HNSW, one
+folder), `qdrant` (a Qdrant server by URL, or qdrant-client's local mode in a folder),
+`milvus` (Milvus by URI, or Milvus Lite in a local file), `faiss` (a FAISS index + SQLite
+in a folder). docs/rag.md says which to use at which scale.
 """
 
 from __future__ import annotations
@@ -19,28 +48,47 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from abc import ABC, ABCMeta, abstractmethod
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdrant_client import QdrantClient, models
+import numpy as np
 
 from .types import Chunk
 
 DENSE, SPARSE = "dense", "bm25"
 K1, B, AVG_LEN = 1.2, 0.75, 120.0
+DEFAULT_STORE = "embedded"
+CHUNK_FIELDS = ("source", "heading", "start", "end")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+
+Hit = tuple[Chunk, float, Any]  # (chunk, score, stored dense vector)
+Filters = dict[str, Any]
 
 
 class StoreError(RuntimeError):
     """A vector-store problem the user can act on (lock held, unknown collection, ...)."""
 
 
-def default_data_dir() -> Path:
+def atlas_data_home() -> Path:
+    """Where Atlas keeps RAG data: $ATLAS_HOME/rag, else $XDG_DATA_HOME/atlas/rag
+    (default ~/.local/share/atlas/rag)."""
+    if os.environ.get("ATLAS_HOME"):
+        return Path(os.environ["ATLAS_HOME"]) / "rag"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "atlas" / "qdrant"
+    return Path(base) / "atlas" / "rag"
 
 
+def default_data_dir(store: str = DEFAULT_STORE) -> Path:
+    """The folder a file-backed store uses when none is configured."""
+    return atlas_data_home() / store
+
+
+# --- BM25 sparse vectors (the Qdrant back ends) ------------------------------------------
 def terms(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 
@@ -52,31 +100,62 @@ def term_id(term: str) -> int:
     )
 
 
-def bm25_document_vector(text: str) -> models.SparseVector:
+def bm25_document_terms(text: str) -> tuple[list[int], list[float]]:
+    """(sorted term ids, BM25 tf weights) of a document."""
     words = terms(text)
     counts = Counter(term_id(w) for w in words)
     norm = K1 * (1 - B + B * len(words) / AVG_LEN)
     indices = sorted(counts)
-    return models.SparseVector(
-        indices=indices, values=[counts[i] * (K1 + 1) / (counts[i] + norm) for i in indices]
-    )
+    return indices, [counts[i] * (K1 + 1) / (counts[i] + norm) for i in indices]
 
 
-def bm25_query_vector(text: str) -> models.SparseVector:
+def bm25_query_terms(text: str) -> tuple[list[int], list[float]]:
+    """(sorted term ids, 1.0 each) of a query; the store multiplies by IDF."""
     indices = sorted({term_id(w) for w in terms(text)})
-    return models.SparseVector(indices=indices, values=[1.0] * len(indices))
+    return indices, [1.0] * len(indices)
 
 
-def _filter(filters: dict[str, Any] | None) -> models.Filter | None:
-    if not filters:
-        return None
-    conditions = []
-    for key, value in filters.items():
-        if isinstance(value, list):
-            conditions.append(models.FieldCondition(key=key, match=models.MatchAny(any=value)))
-        else:
-            conditions.append(models.FieldCondition(key=key, match=models.MatchValue(value=value)))
-    return models.Filter(must=conditions)
+# --- filters, payloads --------------------------------------------------------------------
+def filter_path(key: str) -> tuple[str, ...]:
+    """A filter key as a path into the payload: ("source",) or ("metadata", "lang")."""
+    if key in CHUNK_FIELDS:
+        return (key,)
+    if key.startswith("metadata."):
+        key = key[len("metadata.") :]
+    if not key:
+        raise StoreError("a filter key must name a chunk field or a metadata key")
+    return ("metadata", key)
+
+
+def check_filters(filters: Filters | None) -> list[tuple[tuple[str, ...], list[Any]]]:
+    """Filters as [(payload path, allowed values)], validated."""
+    out = []
+    for key, value in (filters or {}).items():
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise StoreError(f"filter {key!r}: the list of values is empty")
+        for v in values:
+            if not isinstance(v, str | int | bool) or (len(values) > 1 and isinstance(v, bool)):
+                raise StoreError(
+                    f"filter {key!r}: values are strings, integers or one boolean; got {v!r}"
+                )
+        if len({type(v) for v in values}) > 1:
+            raise StoreError(
+                f"filter {key!r}: a list of values holds strings or integers, not both"
+            )
+        out.append((filter_path(key), values))
+    return out
+
+
+def payload_of(chunk: Chunk) -> dict[str, Any]:
+    return {
+        "text": chunk.text,
+        "source": chunk.source,
+        "heading": chunk.heading,
+        "start": chunk.start,
+        "end": chunk.end,
+        "metadata": chunk.metadata,
+    }
 
 
 def chunk_from_payload(point_id: Any, payload: dict[str, Any]) -> Chunk:
@@ -91,72 +170,96 @@ def chunk_from_payload(point_id: Any, payload: dict[str, Any]) -> Chunk:
     )
 
 
-class VectorStore:
-    def __init__(
-        self,
-        data_dir: str | os.PathLike | None = None,
-        url: str | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.location = url or str(Path(data_dir) if data_dir else default_data_dir())
-        try:
-            if url:
-                self.client = QdrantClient(url=url, api_key=api_key, timeout=30)
-            else:
-                Path(self.location).mkdir(parents=True, exist_ok=True)
-                self.client = QdrantClient(path=self.location)
-        except RuntimeError as e:
-            if "already accessed" in str(e):
-                raise StoreError(
-                    f"the data dir {self.location} is in use by another process (a running `atlas serve`?): "
-                    "embedded Qdrant allows one process per data directory. Ingest through "
-                    "POST /v1/collections/NAME/documents on that server, stop it, or use a Qdrant server "
-                    "(--qdrant-url)"
-                ) from None
-            raise
+def as_matrix(vectors: Any, dim: int | None = None) -> np.ndarray:
+    """[N, D] float32 C-contiguous; checks D when `dim` is given."""
+    matrix = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if dim is not None and matrix.shape[1] != dim:
+        raise StoreError(f"vectors have {matrix.shape[1]} dimensions; the collection holds {dim}")
+    return matrix
 
-    def close(self) -> None:
-        self.client.close()
 
-    def collections(self) -> list[str]:
-        return sorted(c.name for c in self.client.get_collections().collections)
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise StoreError(f"collection names are 1-255 letters, digits, - and _; got {name[:80]!r}")
+    return name
 
-    def exists(self, name: str) -> bool:
-        return self.client.collection_exists(name)
 
-    def ensure_collection(self, name: str, dim: int) -> None:
-        if self.exists(name):
-            return
-        self.client.create_collection(
-            name,
-            vectors_config={DENSE: models.VectorParams(size=dim, distance=models.Distance.COSINE)},
-            sparse_vectors_config={SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)},
-        )
+# --- the interface ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreSettings:
+    """What a back end's factory gets: a folder, a URL, a secret and free-form options."""
 
-    def delete_collection(self, name: str) -> bool:
-        return bool(self.client.delete_collection(name))
+    data_dir: Path | None = None  # None: the back end's default (under atlas_data_home())
+    url: str | None = None  # a server or cluster (Qdrant, Milvus); None: in-process
+    api_key: str | None = None  # never from the config file: CLI or environment
+    options: dict[str, Any] = field(default_factory=dict)  # back-end specific tuning
 
-    def count(self, name: str) -> int:
-        return self.client.count(name, exact=True).count
 
-    def upsert(self, name: str, chunks: list[Chunk], vectors) -> None:
-        points = [
-            models.PointStruct(
-                id=c.id,
-                vector={DENSE: v.tolist(), SPARSE: bm25_document_vector(c.text)},
-                payload={
-                    "text": c.text,
-                    "source": c.source,
-                    "heading": c.heading,
-                    "start": c.start,
-                    "end": c.end,
-                    "metadata": c.metadata,
-                },
-            )
-            for c, v in zip(chunks, vectors, strict=True)
-        ]
-        self.client.upsert(name, points=points, wait=True)
+class _OpensDefault(ABCMeta):
+    """`VectorStore(data_dir, url)` keeps working as before this interface existed: it
+    opens the default back end (or the Qdrant server when `url` is given)."""
 
+    def __call__(cls, *args: Any, **kwargs: Any):
+        if cls is VectorStore:
+            data_dir = kwargs.pop("data_dir", args[0] if args else None)
+            url = kwargs.pop("url", args[1] if len(args) > 1 else None)
+            api_key = kwargs.pop("api_key", args[2] if len(args) > 2 else None)
+            return open_store("qdrant" if url else DEFAULT_STORE, data_dir, url, api_key)
+        return super().__call__(*args, **kwargs)
+
+
+class VectorStore(ABC, metaclass=_OpensDefault):
+    """Chunks with a dense vector and BM25 terms, in named collections (see module doc)."""
+
+    name: str = "?"  # the back end's registered name
+    location: str = ""  # folder or URL, for messages
+
+    @abstractmethod
+    def collections(self) -> list[str]: ...
+
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    @abstractmethod
+    def delete_collection(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def count(self, name: str) -> int: ...
+
+    @abstractmethod
+    def upsert(self, name: str, chunks: list[Chunk], vectors: Any) -> None: ...
+
+    @abstractmethod
+    def existing_ids(self, name: str, ids: list[str]) -> set[str]: ...
+
+    @abstractmethod
+    def delete(self, name: str, ids: list[str]) -> int: ...
+
+    @abstractmethod
+    def search_dense(
+        self, name: str, vector: Any, top_k: int, filters: Filters | None = None
+    ) -> list[Hit]: ...
+
+    @abstractmethod
+    def search_bm25(
+        self, name: str, query: str, top_k: int, filters: Filters | None = None
+    ) -> list[Hit]: ...
+
+    @abstractmethod
+    def vectors(self, name: str, ids: list[str]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def iter_chunks(self, name: str, batch_size: int = 1024) -> Iterator[tuple[Chunk, Any]]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # shared behaviour ----------------------------------------------------------------------
     def _require(self, name: str) -> None:
         if not self.exists(name):
             raise StoreError(
@@ -164,38 +267,51 @@ class VectorStore:
                 f"(collections: {', '.join(self.collections()) or 'none'})"
             )
 
-    def search_dense(
-        self, name: str, vector, top_k: int, filters=None
-    ) -> list[tuple[Chunk, float, Any]]:
-        """(chunk, score, stored dense vector) best first."""
-        self._require(name)
-        return self._query(name, list(map(float, vector)), DENSE, top_k, filters)
+    def __enter__(self) -> VectorStore:
+        return self
 
-    def search_bm25(
-        self, name: str, query: str, top_k: int, filters=None
-    ) -> list[tuple[Chunk, float, Any]]:
-        """(chunk, score, stored dense vector) best first."""
-        self._require(name)
-        vector = bm25_query_vector(query)
-        if not vector.indices:
-            return []
-        return self._query(name, vector, SPARSE, top_k, filters)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    def _query(self, name: str, query, using: str, top_k: int, filters):
-        """Points nearest `query` in the `using` vector space, with their dense vectors."""
-        hits = self.client.query_points(
-            name,
-            query=query,
-            using=using,
-            limit=top_k,
-            query_filter=_filter(filters),
-            with_payload=True,
-            with_vectors=[DENSE],
-        ).points
-        return [
-            (chunk_from_payload(h.id, h.payload), float(h.score), h.vector[DENSE]) for h in hits
-        ]
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} at {self.location}>"
 
-    def vectors(self, name: str, ids: list[str]):
-        points = self.client.retrieve(name, ids=ids, with_vectors=[DENSE])
-        return {str(p.id): p.vector[DENSE] for p in points}
+
+def open_store(
+    name: str = DEFAULT_STORE,
+    data_dir: str | os.PathLike | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    options: dict[str, Any] | None = None,
+    host: Any = None,
+) -> VectorStore:
+    """Open the vector store back end registered as `name` (see `atlas plugins`)."""
+    from ..plugins import get_plugin_host
+
+    host = host or get_plugin_host()
+    factories = host.vector_stores
+    if name not in factories:
+        installed = ", ".join(sorted(factories)) or (
+            "none (the built-ins come from the `atlas` entry points: reinstall Atlas with "
+            "`pip install -e .` if it was installed before they existed)"
+        )
+        raise StoreError(f"no vector store named {name!r}; installed: {installed}")
+    settings = StoreSettings(
+        Path(data_dir).expanduser() if data_dir else None, url, api_key, dict(options or {})
+    )
+    store = factories[name](settings)
+    if not isinstance(store, VectorStore):
+        raise StoreError(
+            f"vector store {name!r} (plugin {host.owner('vector_stores', name)!r}) built a "
+            f"{type(store).__name__}, which does not implement atlas_server.rag.store.VectorStore"
+        )
+    return store
+
+
+def store_from_config(rag: Any, host: Any = None) -> VectorStore:
+    """The store a server's `[rag]` section names (`qdrant_url` alone means store "qdrant")."""
+    name, url = rag.store, rag.store_url
+    if rag.qdrant_url and not url:
+        name, url = ("qdrant" if name == DEFAULT_STORE else name), rag.qdrant_url
+    key = os.environ.get("ATLAS_VECTOR_STORE_API_KEY") or None
+    return open_store(name, rag.data_dir, url, key, dict(rag.store_options), host)

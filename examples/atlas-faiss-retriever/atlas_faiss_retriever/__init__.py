@@ -1,10 +1,15 @@
-"""A FAISS retriever for Atlas, registered as "faiss".
+"""A FAISS retriever for Atlas, registered as "faiss": an example of a retriever plugin.
 
-It reads a collection's dense vectors from Atlas's vector store once, builds an exact
+It reads a collection's chunks and dense vectors once through the public vector store
+interface (`ctx.store.iter_chunks`, which every back end implements), builds an exact
 inner-product index (`IndexFlatIP`; the vectors are normalised, so scores are cosine
 similarities), and rebuilds it when the collection's size changes. It shows everything a
 retriever plugin needs: a factory taking the `RAGContext`, and `retrieve()` returning
 `RetrievedChunk`s best first.
+
+It is a teaching example, not the way to run FAISS in production: Atlas's built-in
+`faiss` vector store (`[rag] store = "faiss"`) keeps a persisted FAISS index (exact, then
+IVF) with filters and BM25, and every retriever works on it unchanged.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ import faiss
 import numpy as np
 
 from atlas_server.hookspecs import hookimpl
-from atlas_server.rag.store import chunk_from_payload
 from atlas_server.rag.types import RAGContext, RetrievedChunk
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class FaissRetriever:
@@ -32,21 +36,10 @@ class FaissRetriever:
         with self._lock:
             cached = self._indexes.get(collection)
             if cached is None or cached[0] != size:
-                points, chunks, vectors, offset = [], [], [], None
-                while True:
-                    batch, offset = self.store.client.scroll(
-                        collection,
-                        limit=1024,
-                        offset=offset,
-                        with_payload=True,
-                        with_vectors=["dense"],
-                    )
-                    points += batch
-                    if offset is None:
-                        break
-                for p in points:
-                    chunks.append(chunk_from_payload(p.id, p.payload))
-                    vectors.append(p.vector["dense"])
+                chunks, vectors = [], []
+                for chunk, vector in self.store.iter_chunks(collection):
+                    chunks.append(chunk)
+                    vectors.append(vector)
                 matrix = np.asarray(vectors, dtype=np.float32)  # [N, D]
                 index = faiss.IndexFlatIP(matrix.shape[1])
                 index.add(matrix)
@@ -55,7 +48,10 @@ class FaissRetriever:
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
         if filters:
-            raise ValueError("the faiss example retriever does not support filters")
+            raise ValueError(
+                "the faiss example retriever does not support filters "
+                '(the built-in `faiss` vector store does: [rag] store = "faiss")'
+            )
         _, index, chunks = self._index(collection)
         query_vector = self.embedder.encode([query])  # [1, D]
         scores, ids = index.search(query_vector, min(top_k, len(chunks)))
