@@ -53,7 +53,9 @@ def ingest(
         200, help="Chunk size in embedder word pieces (at most its window less [CLS]/[SEP]: 254)."
     ),
     overlap: int = typer.Option(40, help="Overlap between consecutive chunks, in word pieces."),
-    batch_size: int = typer.Option(256, help="Chunks embedded per call (sorted by length)."),
+    batch_size: int = typer.Option(
+        64, help="Chunks per embedding call (each 256 read are sorted by length first)."
+    ),
     backend: str = typer.Option(
         "auto",
         help="Embedder backend: auto (bf16 where the CPU has it, else fp32), fp32, bf16, int8.",

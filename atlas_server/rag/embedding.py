@@ -124,6 +124,8 @@ class Embedder:
         sentence-transformers sorts the texts of one call by length before batching, so
         one call with many texts pads less than many calls with a few.
         """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         with self._lock:
             vectors = self.model.encode(
                 texts,

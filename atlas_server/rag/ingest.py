@@ -7,9 +7,9 @@ What it does:
   record) is skipped and recorded in `corpus.skipped` with the reason; the rest go on.
 - `ingest(...)` chunks documents (see `chunking.py`), drops chunks the collection already
   holds (ids are content-derived, so this is what makes a killed ingest, run again,
-  continue where it stopped instead of starting over), embeds the rest in large windows
-  (sentence-transformers sorts each window by length, so little padding is computed), and
-  upserts them. With `pipeline=True` the embedding runs on its own thread while this
+  continue where it stopped instead of starting over), sorts the rest of each window of
+  256 by length and embeds and upserts them 64 at a time (similar lengths in one call,
+  so little padding is computed). With `pipeline=True` the embedding runs on its own thread while this
   thread reads, chunks and writes the windows before and after it; that thread is the
   only one that runs PyTorch, so one OpenMP team exists (docs/architecture.md, "One
   thread runs the model"), and it ends with the call.
@@ -35,8 +35,9 @@ from .chunking import ChunkSettings, chunk_text
 from .types import Chunk
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".jsonl")
-WINDOW = 256  # chunks embedded per call: enough for length sorting to remove most padding
-PIPELINE_DEPTH = 2  # windows queued for or held by the embedding thread
+WINDOW = 256  # chunks read, resume-checked and sorted by length together
+BATCH = 64  # chunks per embedding call (and per store write)
+PIPELINE_DEPTH = 2  # batches queued for or held by the embedding thread
 
 
 @dataclass
@@ -230,16 +231,18 @@ def ingest(
     collection: str,
     docs: Iterable[Document],
     settings: ChunkSettings = ChunkSettings(),
-    batch_size: int = WINDOW,
+    batch_size: int = BATCH,
     progress: bool = True,
     pipeline: bool = True,
     total_bytes: int | None = None,
+    window: int = WINDOW,
 ) -> dict:
     """Store every chunk of `docs` that `collection` lacks; returns counts.
 
-    `batch_size` chunks are embedded per call; `pipeline` embeds on a separate thread
-    (see the module docstring); `total_bytes` (e.g. `Corpus.total_bytes`) gives the
-    progress bar a total. Result keys: collection, chunks (seen), embedded (written now),
+    Chunks are taken `window` at a time, those the collection holds are dropped, the rest
+    sorted by length and embedded and written `batch_size` per call (similar lengths in
+    one call: little padding); `pipeline` embeds on a separate thread (see the module
+    docstring); `total_bytes` (e.g. `Corpus.total_bytes`) gives the progress bar a total. Result keys: collection, chunks (seen), embedded (written now),
     already_stored (skipped because the collection had them), total (collection size).
     """
     limit = getattr(embedder, "max_text_pieces", None)
@@ -250,11 +253,13 @@ def ingest(
         )
     store.ensure_collection(collection, embedder.dim)
     stats = IngestStats()
+    # With the input's size the bar counts bytes (and shows an ETA); without it, chunks.
+    by_bytes = total_bytes is not None
     bar = tqdm(
         total=total_bytes,
         desc=f"ingesting into {collection}",
-        unit="B",
-        unit_scale=True,
+        unit="B" if by_bytes else " chunks",
+        unit_scale=by_bytes,
         disable=not progress,
     )
     t0 = time.perf_counter()
@@ -273,39 +278,45 @@ def ingest(
         if window:
             store.upsert(collection, window, vectors)
             stats.embedded += len(window)
-        bar.update(done_bytes)
+        bar.update(done_bytes if by_bytes else len(window))
         rate = stats.embedded / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(
             f"{stats.embedded} chunks embedded ({rate:.0f}/s), {stats.already_stored} already stored"
         )
 
-    windows = _windows(docs, embedder.count_pieces, settings, batch_size)
+    def batches():
+        """(chunks, input bytes they complete) per embedding call, in length order."""
+        for chunks, done_bytes in _windows(docs, embedder.count_pieces, settings, window):
+            fresh = sorted(new(chunks), key=lambda c: len(c.text))
+            if not fresh:
+                yield [], done_bytes
+            for i in range(0, len(fresh), batch_size):
+                last = i + batch_size >= len(fresh)
+                yield fresh[i : i + batch_size], done_bytes if last else 0
+
     try:
         if pipeline:
             worker = _EmbeddingThread(embedder)
             in_flight, finished = 0, False
             try:
-                for window, done_bytes in windows:
-                    worker.submit((new(window), done_bytes))
+                for batch in batches():
+                    worker.submit(batch)
                     in_flight += 1
                     # Write whatever is finished; wait only when the queue is full.
                     while in_flight >= PIPELINE_DEPTH or not worker.done.empty():
-                        (fresh, nbytes), vectors = worker.result()
-                        write(fresh, nbytes, vectors)
+                        (chunks, nbytes), vectors = worker.result()
+                        write(chunks, nbytes, vectors)
                         in_flight -= 1
                 while in_flight:
-                    (fresh, nbytes), vectors = worker.result()
-                    write(fresh, nbytes, vectors)
+                    (chunks, nbytes), vectors = worker.result()
+                    write(chunks, nbytes, vectors)
                     in_flight -= 1
                 finished = True
             finally:
                 worker.close(wait=finished)
         else:
-            for window, done_bytes in windows:
-                fresh = new(window)
-                write(
-                    fresh, done_bytes, embedder.encode([c.text for c in fresh]) if fresh else None
-                )
+            for chunks, nbytes in batches():
+                write(chunks, nbytes, embedder.encode([c.text for c in chunks]))
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - t0
