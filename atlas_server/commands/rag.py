@@ -1,8 +1,9 @@
 """`atlas rag`: ingest documents into a collection and query it from the command line.
 
 What it does: `atlas rag ingest PATH... --collection NAME [--store NAME] [--data-dir DIR |
---store-url URL]` chunks, embeds and stores files (progress bar; idempotent), and `atlas rag
-query` shows what a retriever returns. The default store folder is the one `atlas serve`
+--store-url URL]` chunks, embeds and stores files (progress bar; idempotent and resumable;
+unusable files are skipped by name and counted), and `atlas rag query` shows what a
+retriever returns. The default store folder is the one `atlas serve`
 uses (one process at a time: while a server holds it, ingest through its HTTP route).
 What it does not do: generation.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from ._common import user_errors
+from ._common import fail, user_errors
 
 app = typer.Typer(
     help="Retrieval-augmented generation: ingest and query collections.", no_args_is_help=True
@@ -48,7 +49,9 @@ def _errors():
 
 @app.command()
 def ingest(
-    paths: list[str] = typer.Argument(..., help="Files or folders (.txt .md .rst .jsonl)."),
+    paths: list[str] = typer.Argument(
+        ..., help="Files or folders (.txt .md .markdown .rst .jsonl)."
+    ),
     collection: str = typer.Option(..., help="Collection name."),
     data_dir: Path = typer.Option(
         None,
@@ -57,33 +60,76 @@ def ingest(
     store: str = typer.Option(None, help=STORE_HELP),
     store_url: str = typer.Option(None, help=URL_HELP),
     qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
-    max_tokens: int = typer.Option(200, help="Chunk size in embedder word pieces (<= 256)."),
+    max_tokens: int = typer.Option(
+        200, help="Chunk size in embedder word pieces (at most its window less [CLS]/[SEP]: 254)."
+    ),
     overlap: int = typer.Option(40, help="Overlap between consecutive chunks, in word pieces."),
+    batch_size: int = typer.Option(
+        64, help="Chunks per embedding call (each 256 read are sorted by length first)."
+    ),
+    backend: str = typer.Option(
+        "auto",
+        help="Embedder backend: auto (bf16 where the CPU has it, else fp32), fp32, bf16, int8.",
+    ),
+    pipeline: bool = typer.Option(
+        True, help="Embed on a separate thread while reading, chunking and writing."
+    ),
+    strict: bool = typer.Option(
+        False, help="Exit non-zero if any file had to be skipped (default: only if all were)."
+    ),
 ) -> None:
-    """Chunk, embed and store documents; re-running on the same files adds nothing.
+    """Chunk, embed and store documents; re-running adds nothing and resumes a killed run.
+
+    Files that cannot be used (not UTF-8, binary, JSONL without a `text` field) are
+    skipped with a message naming them, and counted at the end; the exit status is 1 only
+    if no file could be read (or, with --strict, if any was skipped).
 
     Example: atlas rag ingest docs/ --collection manual --data-dir data/qdrant
     """
     from ..rag.chunking import ChunkSettings
-    from ..rag.embedding import Embedder
-    from ..rag.ingest import documents_from_paths
+    from ..rag.embedding import BACKENDS, Embedder
+    from ..rag.ingest import Corpus
     from ..rag.ingest import ingest as run_ingest
 
+    if max_tokens < 1 or not 0 <= overlap < max_tokens or batch_size < 1:
+        fail("--max-tokens must be >= 1, --overlap in 0..max-tokens-1, --batch-size >= 1")
+    if backend not in BACKENDS:
+        fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     with _errors():
-        if not 1 <= max_tokens <= 256 or not 0 <= overlap < max_tokens:
-            raise ValueError("--max-tokens must be 1..256 and --overlap smaller than it")
+        corpus = Corpus(paths)
+        embedder = Embedder(backend=backend)
         vector_store = _store(data_dir, qdrant_url, store, store_url)
-        result = run_ingest(
-            vector_store,
-            Embedder(),
-            collection,
-            documents_from_paths(paths),
-            ChunkSettings(max_tokens, overlap),
-        )
-        vector_store.close()
+        try:
+            result = run_ingest(
+                vector_store,
+                embedder,
+                collection,
+                corpus,
+                ChunkSettings(max_tokens, overlap),
+                batch_size=batch_size,
+                pipeline=pipeline,
+                total_bytes=corpus.total_bytes,
+            )
+        finally:
+            vector_store.close()
+    for skipped in corpus.skipped + corpus.bad_lines:
+        typer.echo(f"skipped {skipped.path}: {skipped.reason}", err=True)
+    rate = result["embedded"] / max(result["seconds"], 1e-9)
+    bad_lines = f", {len(corpus.bad_lines)} with bad lines" if corpus.bad_lines else ""
     typer.echo(
-        f"{result['chunks']} chunks processed; collection {collection!r} now holds {result['total']}"
+        f"{corpus.files_read} of {len(corpus.files)} files read ({len(corpus.skipped)} "
+        f"skipped{bad_lines}); "
+        f"{result['chunks']} chunks: {result['embedded']} embedded ({rate:.1f}/s), "
+        f"{result['already_stored']} already stored; collection {collection!r} now holds "
+        f"{result['total']}"
     )
+    if corpus.files_read == 0:
+        fail("no file could be ingested (see the skipped files above)")
+    if strict and (corpus.skipped or corpus.bad_lines):
+        fail(
+            f"{len(corpus.skipped)} file(s) skipped, {len(corpus.bad_lines)} with bad lines "
+            "(--strict)"
+        )
 
 
 @app.command()

@@ -93,16 +93,54 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
 
 def _split_long(
     text: str, a: int, b: int, count: Callable[[str], int], limit: int
-) -> list[tuple[int, int]]:
-    words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[a:b])]
-    pieces, first = [], 0
-    while first < len(words):
-        last = first + 1
-        while last < len(words) and count(text[a + words[first][0] : a + words[last][1]]) <= limit:
-            last += 1
-        pieces.append((a + words[first][0], a + words[last - 1][1]))
-        first = last
+) -> list[tuple[int, int, int]]:
+    """Cut text[a:b] into (start, end, pieces) runs of whole words of at most `limit` pieces.
+
+    Each word is counted once and runs are packed by summing (exact for word-piece
+    tokenizers, whose pieces never span whitespace); a run is re-counted before it is
+    kept. A single word longer than `limit` (a URL, a base64 blob) is cut between
+    characters, so no part of the text is ever left for the embedder to truncate.
+    """
+    words: list[tuple[int, int, int]] = []
+    for m in re.finditer(r"\S+", text[a:b]):
+        s, e = a + m.start(), a + m.end()
+        n = count(text[s:e])
+        words += _cut_word(text, s, e, count, limit) if n > limit else [(s, e, n)]
+    return _pack_runs(text, words, count, limit)
+
+
+def _cut_word(
+    text: str, a: int, b: int, count: Callable[[str], int], limit: int
+) -> list[tuple[int, int, int]]:
+    pieces = []
+    while a < b:
+        lo, hi = a + 1, b  # the longest prefix text[a:end] within the limit, by bisection
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(text[a:mid]) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        pieces.append((a, lo, count(text[a:lo])))
+        a = lo
     return pieces
+
+
+def _pack_runs(
+    text: str, units: list[tuple[int, int, int]], count: Callable[[str], int], limit: int
+) -> list[tuple[int, int, int]]:
+    runs, i = [], 0
+    while i < len(units):
+        j, total = i + 1, units[i][2]
+        while j < len(units) and total + units[j][2] <= limit:
+            total += units[j][2]
+            j += 1
+        # Sums are exact for word pieces; for other counters confirm and shrink if needed.
+        while j > i + 1 and count(text[units[i][0] : units[j - 1][1]]) > limit:
+            j -= 1
+        runs.append((units[i][0], units[j - 1][1], count(text[units[i][0] : units[j - 1][1]])))
+        i = j
+    return runs
 
 
 def chunk_text(
@@ -113,19 +151,27 @@ def chunk_text(
     title: str | None = None,
     metadata: dict | None = None,
 ) -> list[Chunk]:
+    """Chunks of `text` of at most `settings.max_tokens` pieces each, as `count` measures them.
+
+    Each sentence is counted once and chunks are packed by summing counts (exact for
+    word-piece tokenizers, whose pieces never span the whitespace between sentences);
+    a packed chunk is re-counted before it is kept, so the limit holds for any counter.
+    """
     chunks: list[Chunk] = []
+    limit, overlap = settings.max_tokens, settings.overlap_tokens
     for heading, s_start, s_end in sections(text):
-        units: list[tuple[int, int]] = []
+        units: list[tuple[int, int, int]] = []  # (start, end, pieces) of each sentence
         for a, b in sentences(text, s_start, s_end):
-            if count(text[a:b]) > settings.max_tokens:
-                units += _split_long(text, a, b, count, settings.max_tokens)
-            else:
-                units.append((a, b))
+            n = count(text[a:b])
+            units += _split_long(text, a, b, count, limit) if n > limit else [(a, b, n)]
         i = 0
         while i < len(units):
-            j = i + 1
-            while j < len(units) and count(text[units[i][0] : units[j][1]]) <= settings.max_tokens:
+            j, total = i + 1, units[i][2]
+            while j < len(units) and total + units[j][2] <= limit:
+                total += units[j][2]
                 j += 1
+            while j > i + 1 and count(text[units[i][0] : units[j - 1][1]]) > limit:
+                j -= 1  # a counter that is not additive (see the docstring)
             a, b = units[i][0], units[j - 1][1]
             body = text[a:b]
             chunks.append(
@@ -142,11 +188,9 @@ def chunk_text(
             if j >= len(units):
                 break
             # Start the next chunk with as many trailing sentences as fit in the overlap.
-            k = j
-            while (
-                k - 1 > i
-                and count(text[units[k - 1][0] : units[j - 1][1]]) <= settings.overlap_tokens
-            ):
+            k, tail = j, 0
+            while k - 1 > i and tail + units[k - 1][2] <= overlap:
+                tail += units[k - 1][2]
                 k -= 1
             i = k if k > i else j
     return chunks

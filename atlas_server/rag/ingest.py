@@ -1,10 +1,20 @@
-"""Ingestion: files -> chunks -> embeddings -> the vector store, idempotently.
+"""Ingestion: files -> chunks -> embeddings -> the vector store, resumably and idempotently.
 
-What it does: reads text, Markdown, reST (and .py/.txt as plain text) files and JSONL
-records (`text` field, optional `source`/`title`), chunks them (see `chunking.py`), embeds
-in batches and upserts by content-derived id, so re-ingesting the same files changes
-nothing and an ingest interrupted midway, run again, ends in the same state as one clean
-run (already stored chunks are simply overwritten with identical points).
+What it does:
+- `Corpus(paths)` lists the text, Markdown and reST files (and JSON Lines records with a
+  `text` field, optional `source`/`title`) under the given paths and reads them lazily. A
+  file that cannot be used (not UTF-8, binary, unreadable, a JSONL file with no usable
+  record) is skipped and recorded in `corpus.skipped` with the reason; the rest go on.
+- `ingest(...)` chunks documents (see `chunking.py`), drops chunks the collection already
+  holds (ids are content-derived, so this is what makes a killed ingest, run again,
+  continue where it stopped instead of starting over), sorts the rest of each window of
+  256 by length and embeds and upserts them 64 at a time (similar lengths in one call,
+  so little padding is computed). With `pipeline=True` the embedding runs on its own thread while this
+  thread reads, chunks and writes the windows before and after it; that thread is the
+  only one that runs PyTorch, so one OpenMP team exists (docs/architecture.md, "One
+  thread runs the model"), and it ends with the call.
+Re-ingesting the same files changes nothing, and an ingest interrupted at any point,
+run again, ends in the same state as one clean run.
 What it does not do: delete chunks of files that changed (ids of old spans remain; delete
 and re-create the collection to rebuild it).
 """
@@ -12,7 +22,10 @@ and re-create the collection to rebuild it).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +35,9 @@ from .chunking import ChunkSettings, chunk_text
 from .types import Chunk
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".jsonl")
+WINDOW = 256  # chunks read, resume-checked and sorted by length together
+BATCH = 64  # chunks per embedding call (and per store write)
+PIPELINE_DEPTH = 2  # batches queued for or held by the embedding thread
 
 
 @dataclass
@@ -29,42 +45,115 @@ class Document:
     text: str
     source: str
     title: str | None = None
+    nbytes: int = 0  # bytes of input this document accounts for (progress only)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
 
 
 class IngestError(ValueError):
     pass
 
 
-def documents_from_paths(paths: list[str]) -> Iterator[Document]:
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise IngestError(f"no such file or folder: {item}")
-    if not files:
-        raise IngestError(f"no {', '.join(SUFFIXES)} files under {', '.join(paths)}")
-    for f in files:
-        if f.suffix.lower() == ".jsonl":
-            with f.open(encoding="utf-8") as handle:
-                for n, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        text = record["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise IngestError(
-                            f"{f}:{n}: expected a JSON object with a `text` field"
-                        ) from None
-                    yield Document(
-                        text, str(record.get("source") or f"{f}#{n}"), record.get("title")
-                    )
-        else:
-            yield Document(f.read_text(encoding="utf-8", errors="replace"), str(f), f.stem)
+class Corpus:
+    """The documents under `paths`, read lazily; files that cannot be used are skipped.
+
+    Iterating yields `Document`s; afterwards `skipped` lists each file left out and why,
+    `bad_lines` each JSONL file some of whose lines were left out, and `files_read`
+    counts the files that gave at least one document.
+    """
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        paths = list(paths)
+        files: list[Path] = []
+        for item in paths:
+            p = Path(item)
+            if p.is_dir():
+                files += sorted(
+                    f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                )
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise IngestError(f"no such file or folder: {item}")
+        if not files:
+            raise IngestError(f"no {', '.join(SUFFIXES)} files under {', '.join(paths)}")
+        self.files = files
+        self.total_bytes = sum(f.stat().st_size for f in files)
+        self.skipped: list[Skipped] = []  # files left out entirely
+        self.bad_lines: list[Skipped] = []  # JSONL files whose other records were used
+        self.files_read = 0
+
+    def __iter__(self) -> Iterator[Document]:
+        for f in self.files:
+            try:
+                if f.suffix.lower() == ".jsonl":
+                    docs, bad, first_bad = _read_jsonl(f)
+                    if bad:
+                        self.bad_lines.append(
+                            Skipped(
+                                f"{f}:{first_bad}",
+                                f"{bad} line(s) without a JSON object with a string `text` "
+                                "field skipped (the file's other records are ingested)",
+                            )
+                        )
+                else:
+                    docs = [_read_text(f)]
+            except _Unusable as e:
+                self.skipped.append(Skipped(str(f), str(e)))
+                continue
+            except OSError as e:
+                self.skipped.append(Skipped(str(f), f"cannot be read: {e.strerror or e}"))
+                continue
+            self.files_read += 1
+            yield from docs
+
+
+def documents_from_paths(paths: list[str]) -> Corpus:
+    """The documents under `paths` (see `Corpus`)."""
+    return Corpus(paths)
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _read_text(path: Path) -> Document:
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:
+        raise _Unusable("binary file (NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Unusable(f"not UTF-8 text (byte {e.start})") from None
+    return Document(text, str(path), path.stem, len(raw))
+
+
+def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
+    """The records with a string `text`, how many lines had none, and the first such line."""
+    docs, bad, first_bad = [], 0, None
+    with path.open("rb") as handle:
+        for n, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                bad += 1
+                first_bad = first_bad or n
+                continue
+            source = record.get("source") or f"{path}#{n}"
+            docs.append(Document(text, str(source), record.get("title"), len(line)))
+    if not docs:
+        where = f" (line {first_bad} is the first)" if first_bad else " (the file is empty)"
+        raise _Unusable(f"no JSON object with a string `text` field{where}")
+    return docs, bad, first_bad
 
 
 def chunk_documents(docs, count, settings: ChunkSettings) -> Iterator[Chunk]:
@@ -72,32 +161,170 @@ def chunk_documents(docs, count, settings: ChunkSettings) -> Iterator[Chunk]:
         yield from chunk_text(doc.text, doc.source, count, settings, title=doc.title)
 
 
+@dataclass
+class IngestStats:
+    chunks: int = 0  # chunks the documents produced
+    embedded: int = 0  # chunks embedded and written by this call
+    already_stored: int = 0  # chunks the collection held already (skipped: resume / re-run)
+    seconds: float = 0.0
+
+
+def _windows(docs, count, settings: ChunkSettings, size: int):
+    """Lists of up to `size` chunks (with the bytes of input they complete), in order."""
+    window: list[Chunk] = []
+    done_bytes = 0
+    seen: set[str] = set()
+    for doc in docs:
+        for chunk in chunk_text(doc.text, doc.source, count, settings, title=doc.title):
+            if chunk.id in seen:  # the same span of the same source twice in one call
+                continue
+            seen.add(chunk.id)
+            window.append(chunk)
+            if len(window) >= size:
+                yield window, done_bytes
+                window, done_bytes = [], 0
+        done_bytes += doc.nbytes
+    if window or done_bytes:
+        yield window, done_bytes
+
+
+class _EmbeddingThread:
+    """Embeds windows handed to it, in order, on one thread that ends with `close()`."""
+
+    def __init__(self, embedder) -> None:
+        self.embedder = embedder
+        self.todo: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="atlas-embed", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            try:
+                texts = [c.text for c in item[0]]
+                vectors = self.embedder.encode(texts) if texts else None
+                self.done.put((item, vectors, None))
+            except BaseException as e:  # handed to the caller's thread
+                self.done.put((item, None, e))
+
+    def submit(self, item) -> None:
+        self.todo.put(item)
+
+    def result(self):
+        item, vectors, error = self.done.get()
+        if error is not None:
+            raise error
+        return item, vectors
+
+    def close(self, wait: bool = True) -> None:
+        self.todo.put(None)
+        if wait:  # not on an error or Ctrl-C: the daemon thread ends with the process
+            self.thread.join()
+
+
 def ingest(
     store,
     embedder,
     collection: str,
-    docs,
+    docs: Iterable[Document],
     settings: ChunkSettings = ChunkSettings(),
-    batch_size: int = 64,
+    batch_size: int = BATCH,
     progress: bool = True,
+    pipeline: bool = True,
+    total_bytes: int | None = None,
+    window: int = WINDOW,
 ) -> dict:
-    """Store every chunk of `docs`; returns counts (chunks seen, collection size after)."""
+    """Store every chunk of `docs` that `collection` lacks; returns counts.
+
+    Chunks are taken `window` at a time, those the collection holds are dropped, the rest
+    sorted by length and embedded and written `batch_size` per call (similar lengths in
+    one call: little padding); `pipeline` embeds on a separate thread (see the module
+    docstring); `total_bytes` (e.g. `Corpus.total_bytes`) gives the progress bar a total. Result keys: collection, chunks (seen), embedded (written now),
+    already_stored (skipped because the collection had them), total (collection size).
+    """
+    limit = getattr(embedder, "max_text_pieces", None)
+    if limit is not None and settings.max_tokens > limit:
+        raise IngestError(
+            f"chunks of {settings.max_tokens} word pieces do not fit the embedder's window "
+            f"({limit} pieces plus its special tokens): use at most {limit}"
+        )
     store.ensure_collection(collection, embedder.dim)
-    bar = tqdm(desc=f"ingesting into {collection}", unit="chunk", disable=not progress)
-    batch: list[Chunk] = []
-    seen = 0
+    stats = IngestStats()
+    # With the input's size the bar counts bytes (and shows an ETA); without it, chunks.
+    by_bytes = total_bytes is not None
+    bar = tqdm(
+        total=total_bytes,
+        desc=f"ingesting into {collection}",
+        unit="B" if by_bytes else " chunks",
+        unit_scale=by_bytes,
+        disable=not progress,
+    )
+    t0 = time.perf_counter()
 
-    def flush() -> None:
-        if batch:
-            store.upsert(collection, batch, embedder.encode([c.text for c in batch]))
-            bar.update(len(batch))
-            batch.clear()
+    def new(window: list[Chunk]) -> list[Chunk]:
+        """The chunks of `window` the collection does not hold yet."""
+        stats.chunks += len(window)
+        if not window:
+            return window
+        stored = store.vectors(collection, [c.id for c in window])
+        fresh = [c for c in window if c.id not in stored]
+        stats.already_stored += len(window) - len(fresh)
+        return fresh
 
-    for chunk in chunk_documents(docs, embedder.count_pieces, settings):
-        batch.append(chunk)
-        seen += 1
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    return {"collection": collection, "chunks": seen, "total": store.count(collection)}
+    def write(window: list[Chunk], done_bytes: int, vectors) -> None:
+        if window:
+            store.upsert(collection, window, vectors)
+            stats.embedded += len(window)
+        bar.update(done_bytes if by_bytes else len(window))
+        rate = stats.embedded / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(
+            f"{stats.embedded} chunks embedded ({rate:.0f}/s), {stats.already_stored} already stored"
+        )
+
+    def batches():
+        """(chunks, input bytes they complete) per embedding call, in length order."""
+        for chunks, done_bytes in _windows(docs, embedder.count_pieces, settings, window):
+            fresh = sorted(new(chunks), key=lambda c: len(c.text))
+            if not fresh:
+                yield [], done_bytes
+            for i in range(0, len(fresh), batch_size):
+                last = i + batch_size >= len(fresh)
+                yield fresh[i : i + batch_size], done_bytes if last else 0
+
+    try:
+        if pipeline:
+            worker = _EmbeddingThread(embedder)
+            in_flight, finished = 0, False
+            try:
+                for batch in batches():
+                    worker.submit(batch)
+                    in_flight += 1
+                    # Write whatever is finished; wait only when the queue is full.
+                    while in_flight >= PIPELINE_DEPTH or not worker.done.empty():
+                        (chunks, nbytes), vectors = worker.result()
+                        write(chunks, nbytes, vectors)
+                        in_flight -= 1
+                while in_flight:
+                    (chunks, nbytes), vectors = worker.result()
+                    write(chunks, nbytes, vectors)
+                    in_flight -= 1
+                finished = True
+            finally:
+                worker.close(wait=finished)
+        else:
+            for chunks, nbytes in batches():
+                write(chunks, nbytes, embedder.encode([c.text for c in chunks]))
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return {
+        "collection": collection,
+        "chunks": stats.chunks,
+        "embedded": stats.embedded,
+        "already_stored": stats.already_stored,
+        "total": store.count(collection),
+        "seconds": stats.seconds,
+    }

@@ -1,0 +1,250 @@
+"""Ingest: unusable files skipped by name, chunks that fit the embedder, resume after a kill,
+the embedding thread, the embedder backends, and the chunker against the previous one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT / "bench"))
+from rag_corpus import write_corpus  # noqa: E402
+
+from atlas_server.cli import app  # noqa: E402
+from atlas_server.rag.chunking import ChunkSettings, chunk_text  # noqa: E402
+from atlas_server.rag.ingest import Corpus, Document, IngestError, ingest  # noqa: E402
+from atlas_server.rag.store import VectorStore  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from atlas_server.rag.embedding import Embedder
+
+    return Embedder(backend="fp32")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Four modules' documentation (~90 chunks): enough for several windows and batches."""
+    folder = tmp_path_factory.mktemp("ingestcorpus")
+    for path in write_corpus(folder):
+        if path.stem not in ("bisect", "heapq", "json", "textwrap"):
+            path.unlink()
+    return folder
+
+
+def stored(store: VectorStore, name: str) -> dict[str, dict]:
+    points, _ = store.client.scroll(name, limit=100_000, with_payload=True, with_vectors=True)
+    return {str(p.id): p for p in points}
+
+
+def expected_ids(embedder, folder: Path, settings: ChunkSettings = ChunkSettings()) -> set[str]:
+    ids = set()
+    for doc in Corpus([str(folder)]):
+        ids |= {c.id for c in chunk_text(doc.text, doc.source, embedder.count_pieces, settings)}
+    return ids
+
+
+def mixed_folder(root: Path) -> Path:
+    folder = root / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "good.md").write_text("# Heaps\n\nA heap keeps its smallest item first.\n")
+    (folder / "sub" / "notes.txt").write_text("Bisection finds an insertion point quickly.\n")
+    # The eval report's samples file: JSON objects, none with a `text` field (issue 21).
+    (folder / "samples.jsonl").write_text('{"id": 1, "prompt": "p", "answer": "a"}\n')
+    (folder / "partly.jsonl").write_text(
+        '{"text": "Queues pass items between threads.", "source": "q"}\nnot json\n'
+    )
+    (folder / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (folder / "latin1.rst").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    return folder
+
+
+def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
+    folder = mixed_folder(tmp_path)
+    data = tmp_path / "q"
+    args = ["rag", "ingest", str(folder), "--collection", "c", "--data-dir", str(data)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"skipped {folder / 'samples.jsonl'}: no JSON object with a string `text` field" in out
+    assert f"skipped {folder / 'binary.txt'}: binary file" in out
+    assert f"skipped {folder / 'latin1.rst'}: not UTF-8 text" in out
+    assert f"skipped {folder / 'partly.jsonl'}:2: 1 line(s) without" in out
+    assert "3 of 6 files read (3 skipped, 1 with bad lines)" in out
+    store = VectorStore(data)
+    sources = {p.payload["source"] for p in stored(store, "c").values()}
+    store.close()
+    assert sources == {str(folder / "good.md"), str(folder / "sub" / "notes.txt"), "q"}
+
+    strict = CliRunner().invoke(app, [*args, "--strict"])
+    assert (
+        strict.exit_code == 1 and "3 file(s) skipped, 1 with bad lines (--strict)" in strict.output
+    )
+
+    for name in ("good.md", "sub/notes.txt", "partly.jsonl"):
+        (folder / name).unlink()
+    nothing = CliRunner().invoke(app, [*args, "--collection", "d"])
+    assert nothing.exit_code == 1 and "no file could be ingested" in nothing.output
+
+
+def test_missing_path_and_oversized_chunks_are_clear_errors(tmp_path, corpus):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["rag", "ingest", str(tmp_path / "nope"), "--collection", "c"])
+    assert missing.exit_code == 1 and "no such file or folder" in missing.output
+    too_big = runner.invoke(
+        app,
+        ["rag", "ingest", str(corpus), "--collection", "c", "--data-dir", str(tmp_path / "q")]
+        + ["--max-tokens", "300"],
+    )
+    assert too_big.exit_code == 1
+    assert "do not fit the embedder's window (254 pieces" in too_big.output
+    assert "Traceback" not in too_big.output
+
+
+def test_chunks_fit_the_window_whole_and_the_tokenizer_does_not_warn(embedder, caplog, capfd):
+    long_sentence = " ".join(f"word{i} and more" for i in range(400))  # ~1,600 pieces
+    blob = "QmFzZTY0" * 700  # one 5,600-character "word": ~2,000 pieces, no space to cut at
+    text = f"# Data\n\nShort first sentence. {long_sentence}. Then {blob} ends it.\n"
+    embedder.model.tokenizer.deprecation_warnings.clear()  # transformers warns once per tokenizer
+    with caplog.at_level(logging.WARNING):
+        chunks = chunk_text(text, "d.md", embedder.count_pieces, ChunkSettings(254, 40))
+    assert "longer than the specified maximum" not in caplog.text + "".join(capfd.readouterr())
+    limit = embedder.max_text_pieces
+    assert limit == 254 and all(embedder.count_pieces(c.text) <= limit for c in chunks)
+    # Nothing is lost: every character that is not whitespace is inside some chunk.
+    covered = np.zeros(len(text), dtype=bool)
+    for c in chunks:
+        covered[c.start : c.end] = True
+    body = text.index("Short")
+    assert all(covered[i] for i in range(body, len(text)) if not text[i].isspace())
+
+
+def test_chunker_cuts_the_same_chunks_as_the_previous_one(embedder, corpus):
+    import ingest_baseline
+
+    old_count = ingest_baseline.old_count_pieces(embedder)
+    for doc in Corpus([str(corpus)]):
+        for settings in (ChunkSettings(), ChunkSettings(60, 15)):
+            new = chunk_text(doc.text, doc.source, embedder.count_pieces, settings, doc.title)
+            old = ingest_baseline.chunk_text(doc.text, doc.source, old_count, settings, doc.title)
+            assert [c.id for c in new] == [c.id for c in old], doc.source
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_each_stored_vector_is_its_own_chunks_embedding(tmp_path, embedder, corpus, pipeline):
+    files = sorted(str(f) for f in corpus.iterdir())[:2]
+    store = VectorStore(tmp_path / "q")
+    result = ingest(
+        store,
+        embedder,
+        "c",
+        Corpus(files),
+        batch_size=8,
+        progress=False,
+        pipeline=pipeline,
+        window=16,
+    )
+    points = stored(store, "c")
+    store.close()
+    assert result["embedded"] == result["chunks"] == len(points) == result["total"] > 16
+    texts = [p.payload["text"] for p in points.values()]
+    vectors = np.array([p.vector["dense"] for p in points.values()], dtype=np.float32)
+    alone = np.stack([embedder.encode([t])[0] for t in texts[:12]])  # [12, D], one call each
+    assert np.min(np.sum(vectors[:12] * alone, axis=1)) > 0.9999
+
+
+def test_a_failing_embedder_stops_the_ingest_with_its_error(tmp_path, embedder):
+    class Broken:
+        dim, max_text_pieces = embedder.dim, embedder.max_text_pieces
+        count_pieces = staticmethod(embedder.count_pieces)
+
+        def encode(self, texts):
+            raise RuntimeError("embedder exploded")
+
+    store = VectorStore(tmp_path / "q")
+    docs = [Document(f"Sentence {i} about heaps.", f"d{i}") for i in range(5)]
+    with pytest.raises(RuntimeError, match="embedder exploded"):
+        ingest(store, Broken(), "c", docs, batch_size=2, progress=False)
+    with pytest.raises(IngestError, match="do not fit"):
+        ingest(store, embedder, "c", docs, ChunkSettings(255, 10), progress=False)
+    store.close()
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from atlas_server.rag.store import VectorStore
+    from atlas_server.cli import app
+
+    calls = 0
+    upsert = VectorStore.upsert
+
+    def upsert_then_die(self, *args, **kwargs):
+        global calls
+        upsert(self, *args, **kwargs)
+        calls += 1
+        if calls == 3:  # killed mid-way: no clean-up, no flush, nothing after this point
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    VectorStore.upsert = upsert_then_die
+    sys.argv = ["atlas"] + sys.argv[1:]
+    app()
+    """
+)
+
+
+def test_a_killed_ingest_rerun_continues_and_never_duplicates(tmp_path, embedder, corpus):
+    data = tmp_path / "q"
+    args = ["rag", "ingest", str(corpus), "--collection", "c", "--data-dir", str(data)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, *args, "--batch-size", "16", "--backend", "fp32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    store = VectorStore(data)
+    before = set(stored(store, "c"))
+    assert len(before) == 48  # three windows of 16 were written before the kill
+    result = ingest(store, embedder, "c", Corpus([str(corpus)]), batch_size=16, progress=False)
+    after = stored(store, "c")
+    store.close()
+    everything = expected_ids(embedder, corpus)
+    assert set(after) == everything and result["total"] == len(everything)  # no duplicates
+    assert result["already_stored"] == 48 and result["embedded"] == len(everything) - 48
+    again = VectorStore(data)
+    rerun = ingest(again, embedder, "c", Corpus([str(corpus)]), progress=False)
+    again.close()
+    assert rerun["embedded"] == 0 and rerun["total"] == len(everything)
+
+
+def test_bf16_and_int8_backends_stay_close_to_fp32(embedder, corpus):
+    from atlas_server.rag.embedding import Embedder
+
+    texts = [
+        c.text
+        for c in chunk_text(
+            (corpus / "json.md").read_text(), "j", embedder.count_pieces, ChunkSettings()
+        )
+    ][:24]
+    reference = embedder.encode(texts)  # [24, D]
+    for backend, floor in (("bf16", 0.999), ("int8", 0.9)):
+        other = Embedder(backend=backend)
+        assert other.backend == backend
+        vectors = other.encode(texts)
+        cosine = np.sum(vectors * reference, axis=1)
+        assert cosine.min() > floor and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+        assert cosine.mean() < 0.999999, backend  # it really computes differently
