@@ -43,9 +43,9 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def stored(store: VectorStore, name: str) -> dict[str, dict]:
-    points, _ = store.client.scroll(name, limit=100_000, with_payload=True, with_vectors=True)
-    return {str(p.id): p for p in points}
+def stored(store: VectorStore, name: str) -> dict[str, tuple]:
+    """Every stored chunk of `name` with its vector, by id, read through the store interface."""
+    return {chunk.id: (chunk, vector) for chunk, vector in store.iter_chunks(name)}
 
 
 def expected_ids(embedder, folder: Path, settings: ChunkSettings = ChunkSettings()) -> set[str]:
@@ -83,7 +83,7 @@ def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
     assert f"skipped {folder / 'partly.jsonl'}:2: 1 line(s) without" in out
     assert "3 of 6 files read (3 skipped, 1 with bad lines)" in out
     store = VectorStore(data)
-    sources = {p.payload["source"] for p in stored(store, "c").values()}
+    sources = {chunk.source for chunk, _ in stored(store, "c").values()}
     store.close()
     assert sources == {str(folder / "good.md"), str(folder / "sub" / "notes.txt"), "q"}
 
@@ -158,8 +158,8 @@ def test_each_stored_vector_is_its_own_chunks_embedding(tmp_path, embedder, corp
     points = stored(store, "c")
     store.close()
     assert result["embedded"] == result["chunks"] == len(points) == result["total"] > 16
-    texts = [p.payload["text"] for p in points.values()]
-    vectors = np.array([p.vector["dense"] for p in points.values()], dtype=np.float32)
+    texts = [chunk.text for chunk, _ in points.values()]
+    vectors = np.array([vector for _, vector in points.values()], dtype=np.float32)
     alone = np.stack([embedder.encode([t])[0] for t in texts[:12]])  # [12, D], one call each
     assert np.min(np.sum(vectors[:12] * alone, axis=1)) > 0.9999
 
@@ -184,20 +184,27 @@ def test_a_failing_embedder_stops_the_ingest_with_its_error(tmp_path, embedder):
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from atlas_server.rag.store import VectorStore
+    import atlas_server.rag.store as store_module
     from atlas_server.cli import app
 
     calls = 0
-    upsert = VectorStore.upsert
+    open_store = store_module.open_store
 
-    def upsert_then_die(self, *args, **kwargs):
-        global calls
-        upsert(self, *args, **kwargs)
-        calls += 1
-        if calls == 3:  # killed mid-way: no clean-up, no flush, nothing after this point
-            os.kill(os.getpid(), signal.SIGKILL)
+    def open_store_that_dies(*args, **kwargs):
+        store = open_store(*args, **kwargs)
+        upsert = store.upsert  # the back end's own method, whichever back end opened
 
-    VectorStore.upsert = upsert_then_die
+        def upsert_then_die(*a, **k):
+            global calls
+            upsert(*a, **k)
+            calls += 1
+            if calls == 3:  # killed mid-way: no clean-up, no flush, nothing after this point
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        store.upsert = upsert_then_die
+        return store
+
+    store_module.open_store = open_store_that_dies
     sys.argv = ["atlas"] + sys.argv[1:]
     app()
     """
