@@ -81,14 +81,14 @@ async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_out
     lengths = [3, 9, 5, 12, 2, 7, 10, 4, 6, 8, 11, 3]
     expected = [varied_model.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
     seen_slots: list[list[int]] = []
-    forward_step = engine._forward_step
+    execute = engine.runner.execute
 
-    def recording(decoding, chunks):
-        if decoding:
-            seen_slots.append([c.slot for _, c in decoding])
-        return forward_step(decoding, chunks)
+    def recording(plan):
+        if plan.decode.slots:
+            seen_slots.append(list(plan.decode.slots))
+        return execute(plan)
 
-    engine._forward_step = recording
+    engine.runner.execute = recording
     got = await asyncio.gather(
         *(
             run(engine, p, SamplingParams(temperature=0.0, max_tokens=n))
@@ -296,18 +296,18 @@ async def test_dropped_stream_is_aborted_when_garbage_collected(varied_model, ma
 
 async def test_a_failing_step_ends_running_requests_with_error(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    real_forward = engine._forward_step
+    real_execute = engine.runner.execute
 
-    def failing(decoding, chunks):  # the prompt prefills; the first decode step fails
-        if decoding:
+    def failing(plan):  # the prompt prefills; the first decode step fails
+        if plan.decode.tokens:
             raise RuntimeError("boom")
-        return real_forward(decoding, chunks)
+        return real_execute(plan)
 
-    engine._forward_step = failing
+    engine.runner.execute = failing
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "error" and "boom" in events[-1].error
     assert engine.stats().kv_slots_used == 0
-    engine._forward_step = real_forward  # the engine thread survived and serves again
+    engine.runner.execute = real_execute  # the engine thread survived and serves again
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "length"
 
@@ -316,14 +316,14 @@ async def test_a_request_that_cannot_be_admitted_fails_alone(varied_model, make_
     """A bug while admitting one request (found by fuzzing: an out-of-range seed used to
     raise here and kill the engine thread, leaving every later request queued forever)."""
     engine = make_engine(max_running=4, max_batched_tokens=32)
-    real_new_choice = engine._new_choice
+    real_place = engine.scheduler._place
 
-    def failing(request, index):
-        if request.params.seed == 7 and index == 1:  # after choice 0 took a slot
+    def failing(seq, plan):
+        if seq.request.params.seed == 7 and seq.index == 1:  # after choice 0 took a slot
             raise OverflowError("bad seed")
-        return real_new_choice(request, index)
+        return real_place(seq, plan)
 
-    engine._new_choice = failing
+    engine.scheduler._place = failing
     _, _, events = await run(engine, [1, 2], SamplingParams(n=2, seed=7, max_tokens=3))
     assert {e.index for e in events} == {0, 1}
     assert all(e.finish_reason == "error" and "bad seed" in e.error for e in events)
