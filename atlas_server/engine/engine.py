@@ -180,6 +180,16 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def draining(self) -> bool:
+        """drain() was called: accepted requests finish, new ones are refused."""
+        return self._draining
+
+    @property
+    def stopping(self) -> bool:
+        """shutdown() was called."""
+        return self._stopping
+
+    @property
     def stopped_unexpectedly(self) -> bool:
         """Started, not asked to stop, and its thread is gone (a bug killed it)."""
         return self._thread is not None and not self._thread.is_alive() and not self._stopping
@@ -294,7 +304,7 @@ class Engine:
                 except Exception as e:  # a bug or OOM must not kill the thread silently
                     log.exception("engine step failed")
                     self._fail_running(f"{type(e).__name__}: {e}")
-                if self.scheduler.running:
+                if self.scheduler.running or self.scheduler.waiting:
                     self._wake.set()  # keep stepping while there is work
                 self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * (
                     time.perf_counter() - started
