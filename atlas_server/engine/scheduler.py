@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .prefix_cache import SlotContents
-from .request import Request, Sequence
+from .request import NO_SLOT, Request, Sequence
 
 log = logging.getLogger("atlas.engine")
 
@@ -238,9 +238,9 @@ class Scheduler:
                 log.exception("could not admit request %s", r.request_id)
                 del plan.moves[moves_before:]
                 for seq in r.sequences:
-                    if seq.slot >= 0:
+                    if seq.slot != NO_SLOT:
                         self._free_slots.append(seq.slot)
-                        seq.slot = -1
+                        seq.slot = NO_SLOT
                     seq.finished = True
                 self.prefix_hit_tokens_total -= r.cached
                 r.prefilled = r.cached = 0
@@ -298,7 +298,7 @@ class Scheduler:
     # --- slots -------------------------------------------------------------------------------
     def _release(self, seq: Sequence, remember: bool) -> None:
         seq.finished = True
-        if seq.slot < 0:
+        if seq.slot == NO_SLOT:
             return
         if remember:
             self._contents.remember(seq.slot, seq.tokens_held)
