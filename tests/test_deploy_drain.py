@@ -12,6 +12,12 @@ SIGTERM while they stream and checks those four points.
 A second test lets the drain deadline pass with streams still running: the engine is
 stopped, each stream ends with a 503 error event and `data: [DONE]`, and the server exits.
 
+Both hold on a loaded machine (two busy processes beside the suite): no assertion times the
+server; the deadlines are generous, and the server runs with the OpenMP wait policy it
+sets itself (PASSIVE, atlas_server/cli.py), without which its idle OpenMP threads spin and
+starve the event loop that streams (a run with one busy process beside it took over 150 s
+instead of about 30).
+
 What it does not cover: Kubernetes' own side (preStop, endpoint removal, grace period; see
 tests/test_deploy_manifests.py); SIGKILL.
 """
@@ -184,14 +190,15 @@ def open_streams(server: Server, count: int, max_tokens: int) -> list[Stream]:
 
 
 def health_after_sigterm(server: Server) -> int:
-    """The first /health answer after SIGTERM that is not 200 (the flip must be quick)."""
-    deadline = time.monotonic() + 2
+    """The first /health answer after SIGTERM that is not 200. The flip happens in the
+    signal handler, before any other request is served; the deadline only bounds a hang."""
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status = httpx.get(f"{server.url}/health", timeout=2).status_code
+        status = httpx.get(f"{server.url}/health", timeout=10).status_code
         if status != 200:
             return status
         time.sleep(0.01)
-    raise AssertionError("/health still 200 two seconds after SIGTERM")
+    raise AssertionError("/health still 200 thirty seconds after SIGTERM")
 
 
 def assert_refused_with_503(server: Server, stream: bool) -> None:
@@ -227,7 +234,6 @@ def test_sigterm_refuses_new_work_and_lets_running_streams_finish(
     streams = open_streams(server, count=3, max_tokens=max_tokens)
 
     server.process.send_signal(signal.SIGTERM)
-    sigterm_at = time.monotonic()
     assert health_after_sigterm(server) == 503
     assert_refused_with_503(server, stream=False)
     assert_refused_with_503(server, stream=True)
@@ -243,7 +249,6 @@ def test_sigterm_refuses_new_work_and_lets_running_streams_finish(
     # Same prompt, greedy: the drain did not disturb what the streams generated.
     assert len({s.text for s in streams}) == 1
     assert exit_code == 0, server.output()
-    assert time.monotonic() - sigterm_at < GENEROUS_DRAIN_S
     assert "drain timeout" not in server.output()  # it ended because the streams did
 
 
@@ -259,8 +264,7 @@ def test_streams_still_running_at_the_drain_deadline_end_with_a_503_event(
     streams = open_streams(server, count=2, max_tokens=max_tokens)
 
     server.process.send_signal(signal.SIGTERM)
-    sigterm_at = time.monotonic()
-    exit_code = wait_exit(server, within_s=15)
+    exit_code = wait_exit(server, within_s=60)
     for stream in streams:
         assert stream.finished.wait(5)
         assert stream.transport_error is None, stream.transport_error
@@ -270,5 +274,33 @@ def test_streams_still_running_at_the_drain_deadline_end_with_a_503_event(
         assert stream.finish_reasons == []  # cut short: no choice claims to have finished
         assert stream.text and stream.usage is None
     assert exit_code == 0, server.output()
-    assert time.monotonic() - sigterm_at < 0.5 + 4  # well inside uvicorn's extra 5 s
     assert "drain timeout: ending" in server.output()
+    # The streams were closed by the drain, not cut by uvicorn's own graceful-shutdown
+    # timeout (5 s), which would cancel them and log this:
+    assert "timeout graceful shutdown exceeded" not in server.output()
+
+
+# What torch sees when it loads under `atlas` (a meta-path hook runs before its import).
+_POLICY_AT_TORCH_IMPORT = """
+import os, sys
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("policy:", os.environ.get("OMP_WAIT_POLICY"), flush=True)
+            sys.meta_path.remove(self)
+sys.meta_path.insert(0, Spy())
+import atlas_server.cli
+"""
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_atlas_sets_the_openmp_wait_policy_before_torch_loads(monkeypatch, given, seen):
+    """PASSIVE unless the user chose a policy; set before torch (and OpenMP) loads."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if given is not None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    out = subprocess.run(
+        [sys.executable, "-c", _POLICY_AT_TORCH_IMPORT], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == f"policy: {seen}"

@@ -39,11 +39,21 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer.encode(" ".join(words[: 2 + 3 * i])) for i in range(n)]
 
 
-async def wait_for(condition, timeout: float = 5.0) -> None:
+async def wait_for(condition, timeout: float = 30.0) -> None:
+    """Poll until condition() holds; generous, since a loaded machine is slow to get there."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.005)
+
+
+async def rest(stream, timeout: float = 30.0) -> list:
+    """The remaining events of a stream; fails (rather than hangs) if it does not end."""
+
+    async def collect():
+        return [e async for e in stream]
+
+    return await asyncio.wait_for(collect(), timeout)
 
 
 # --- correctness against references ------------------------------------------------
@@ -81,14 +91,14 @@ async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_out
     lengths = [3, 9, 5, 12, 2, 7, 10, 4, 6, 8, 11, 3]
     expected = [varied_model.model.generate(p, n) for p, n in zip(ps, lengths, strict=True)]
     seen_slots: list[list[int]] = []
-    forward_step = engine._forward_step
+    execute = engine.runner.execute
 
-    def recording(decoding, chunks):
-        if decoding:
-            seen_slots.append([c.slot for _, c in decoding])
-        return forward_step(decoding, chunks)
+    def recording(plan):
+        if plan.decode.slots:
+            seen_slots.append(list(plan.decode.slots))
+        return execute(plan)
 
-    engine._forward_step = recording
+    engine.runner.execute = recording
     got = await asyncio.gather(
         *(
             run(engine, p, SamplingParams(temperature=0.0, max_tokens=n))
@@ -242,72 +252,97 @@ async def test_max_tokens_finishes_with_length_and_text_matches_decode(varied_mo
 
 
 # --- scheduling and lifecycle ---------------------------------------------------------
-async def test_requests_join_and_leave_between_steps(varied_model, make_engine):
-    engine = make_engine(max_running=4, max_batched_tokens=64)
+async def test_requests_join_and_leave_between_steps(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=4, max_batched_tokens=64)
     prompt = varied_model.tokenizer.encode("continuous batching")
     long_stream = engine.submit(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
-    seen = 0
-    async for event in long_stream:
-        seen += 1
-        if seen == 5:
-            short = await run(engine, prompt, SamplingParams(max_tokens=5, ignore_eos=True))
-            # The short request ran to completion while the long one was mid-stream.
-            assert short[2][-1].finish_reason == "length"
-            assert not event.finished
-        if seen > 5 and engine.stats().running == 1:
-            break
-    assert seen < 40, "the short request should have left before the long one ended"
-    await long_stream.aclose()
-    # Shared steps: far fewer steps than the two requests' tokens run one after the other.
+    first = await long_stream.__anext__()  # the long request is running
+    short = asyncio.ensure_future(
+        run(engine, prompt, SamplingParams(max_tokens=5, ignore_eos=True))
+    )
+    gate.allow(10)  # enough steps for the short request, far too few for the long one
+    _, _, short_events = await asyncio.wait_for(short, 30)
+    # The short request joined and ran to completion while the long one was mid-stream.
+    assert short_events[-1].finish_reason == "length"
+    assert engine.stats().running == 1
+    gate.open()
+    events = [first, *await rest(long_stream)]
+    assert sum(len(e.token_ids) for e in events) == 40 and events[-1].finish_reason == "length"
+    # Shared steps: fewer steps than the two requests' tokens run one after the other.
     assert engine.stats().steps_total < 40 + 5
 
 
-async def test_abort_by_id_frees_the_slot(varied_model, make_engine):
-    engine = make_engine(max_running=2, max_batched_tokens=32)
-    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True), "req-x")
+async def test_queued_requests_start_at_once_when_a_slot_frees(varied_model, make_engine):
+    """The engine thread never sits out its idle poll while requests wait for a slot."""
+    engine = make_engine(max_running=1, max_batched_tokens=32)
+    stalls = []
+    wait = engine._wake.wait
+
+    def recording_wait(timeout=None):
+        woke = wait(timeout)
+        if not woke and (engine.scheduler.waiting or engine.scheduler.running):
+            stalls.append(engine.stats())
+        return woke
+
+    engine._wake.wait = recording_wait
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    results = await asyncio.gather(*(run(engine, [1, 2, i], params) for i in range(4)))
+    assert all(len(ids[0]) == 3 for ids, _, _ in results)
+    assert stalls == []
+
+
+# The abort tests run behind a StepGate (conftest.py): after its first token a request gets
+# one more decode step, so it can end only by being aborted, however loaded the machine is.
+LONG = SamplingParams(max_tokens=200, ignore_eos=True)
+
+
+async def test_abort_by_id_frees_the_slot(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], LONG, "req-x")
     await stream.__anext__()
     engine.abort("req-x")
-    events = [e async for e in stream]
+    gate.allow()  # the step that may be waiting already; the abort applies after it
+    events = await rest(stream)
     assert events[-1].finish_reason == "abort"
     await wait_for(lambda: engine.stats().kv_slots_used == 0)
-    assert engine.stats().running == 0
+    assert engine.stats().running == 0 and engine.stats().generation_tokens_total <= 2
 
 
-async def test_consumer_aclose_aborts_within_a_step(varied_model, make_engine):
-    engine = make_engine(max_running=2, max_batched_tokens=32)
-    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+async def test_consumer_aclose_aborts_within_a_step(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], LONG)
     await stream.__anext__()
     await stream.aclose()
-    steps = engine.stats().steps_total
+    gate.allow()
     await wait_for(lambda: engine.stats().kv_slots_used == 0)
-    assert engine.stats().steps_total - steps <= 2
-    assert engine.stats().generation_tokens_total < 200
+    assert engine.stats().generation_tokens_total <= 2
 
 
-async def test_dropped_stream_is_aborted_when_garbage_collected(varied_model, make_engine):
-    engine = make_engine(max_running=2, max_batched_tokens=32)
-    stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+async def test_dropped_stream_is_aborted_when_garbage_collected(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=2, max_batched_tokens=32)
+    stream = engine.submit([1, 2, 3], LONG)
     await wait_for(lambda: engine.stats().generation_tokens_total > 0)
     del stream
     gc.collect()
+    gate.allow()
     await wait_for(lambda: engine.stats().kv_slots_used == 0)
-    assert engine.stats().generation_tokens_total < 200
+    assert engine.stats().generation_tokens_total <= 2
 
 
 async def test_a_failing_step_ends_running_requests_with_error(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
-    real_forward = engine._forward_step
+    real_execute = engine.runner.execute
 
-    def failing(decoding, chunks):  # the prompt prefills; the first decode step fails
-        if decoding:
+    def failing(plan):  # the prompt prefills; the first decode step fails
+        if plan.decode.tokens:
             raise RuntimeError("boom")
-        return real_forward(decoding, chunks)
+        return real_execute(plan)
 
-    engine._forward_step = failing
+    engine.runner.execute = failing
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "error" and "boom" in events[-1].error
     assert engine.stats().kv_slots_used == 0
-    engine._forward_step = real_forward  # the engine thread survived and serves again
+    engine.runner.execute = real_execute  # the engine thread survived and serves again
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
     assert events[-1].finish_reason == "length"
 
@@ -316,14 +351,14 @@ async def test_a_request_that_cannot_be_admitted_fails_alone(varied_model, make_
     """A bug while admitting one request (found by fuzzing: an out-of-range seed used to
     raise here and kill the engine thread, leaving every later request queued forever)."""
     engine = make_engine(max_running=4, max_batched_tokens=32)
-    real_new_choice = engine._new_choice
+    real_place = engine.scheduler._place
 
-    def failing(request, index):
-        if request.params.seed == 7 and index == 1:  # after choice 0 took a slot
+    def failing(seq, plan):
+        if seq.request.params.seed == 7 and seq.index == 1:  # after choice 0 took a slot
             raise OverflowError("bad seed")
-        return real_new_choice(request, index)
+        return real_place(seq, plan)
 
-    engine._new_choice = failing
+    engine.scheduler._place = failing
     _, _, events = await run(engine, [1, 2], SamplingParams(n=2, seed=7, max_tokens=3))
     assert {e.index for e in events} == {0, 1}
     assert all(e.finish_reason == "error" and "bad seed" in e.error for e in events)
@@ -341,37 +376,39 @@ async def test_a_dead_engine_thread_refuses_new_requests(varied_model, make_engi
 
     engine._apply_aborts = crash  # runs outside the step's error handling
     engine._wake.set()
-    for _ in range(100):
-        if not engine.is_running:
-            break
-        await asyncio.sleep(0.01)
+    await wait_for(lambda: not engine.is_running)
     assert engine.stopped_unexpectedly
     with pytest.raises(EngineStoppedError, match="engine thread has stopped"):
         engine.submit([1], SamplingParams())
 
 
-async def test_cancelled_consumer_task_aborts(varied_model, make_engine):
-    engine = make_engine(max_running=2, max_batched_tokens=32)
+async def test_cancelled_consumer_task_aborts(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=2, max_batched_tokens=32)
 
     async def consume():
-        async for _ in engine.submit([1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)):
+        async for _ in engine.submit([1, 2, 3], LONG):
             await asyncio.sleep(0)
 
     task = asyncio.create_task(consume())
     await wait_for(lambda: engine.stats().generation_tokens_total > 0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    gate.allow()
     await wait_for(lambda: engine.stats().kv_slots_used == 0)
+    assert engine.stats().generation_tokens_total <= 2
 
 
-async def test_shutdown_ends_streams_with_abort(varied_model, make_engine):
-    engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=4)
-    running = engine.submit([1, 2], SamplingParams(max_tokens=200, ignore_eos=True))
+async def test_shutdown_ends_streams_with_abort(varied_model, gated_engine):
+    engine, gate = gated_engine(max_running=1, max_batched_tokens=32, max_queued=4)
+    running = engine.submit([1, 2], LONG)
     queued = engine.submit([3, 4], SamplingParams(max_tokens=5))
     await running.__anext__()
-    await asyncio.to_thread(engine.shutdown, 5)
-    assert [e async for e in running][-1].finish_reason == "abort"
-    assert [e async for e in queued][-1].finish_reason == "abort"
+    stopped = asyncio.ensure_future(asyncio.to_thread(engine.shutdown, 30))
+    await wait_for(lambda: engine.stopping)
+    gate.open()  # the waiting step ends; the engine thread then sees the shutdown
+    await stopped
+    assert (await rest(running))[-1].finish_reason == "abort"
+    assert (await rest(queued))[-1].finish_reason == "abort"
     assert not engine.is_running
     with pytest.raises(EngineStoppedError):
         engine.submit([1], SamplingParams())
@@ -382,8 +419,8 @@ async def test_drain_finishes_accepted_work_and_refuses_new(varied_model, make_e
     streams = [
         engine.submit([1, 2], SamplingParams(max_tokens=6, ignore_eos=True)) for _ in range(2)
     ]
-    drained = asyncio.create_task(asyncio.to_thread(engine.drain, 10))
-    await asyncio.sleep(0.01)
+    drained = asyncio.create_task(asyncio.to_thread(engine.drain, 60))
+    await wait_for(lambda: engine.draining)
     with pytest.raises(EngineStoppedError):
         engine.submit([1], SamplingParams())
     finals = []
@@ -408,10 +445,10 @@ async def test_queue_full_is_refused_with_retry_after(varied_model):
     engine.shutdown()
 
 
-async def test_zero_queue_still_admits_into_free_slots(varied_model, make_engine):
-    engine = make_engine(max_running=1, max_batched_tokens=32, max_queued=0)
+async def test_zero_queue_still_admits_into_free_slots(varied_model, gated_engine):
+    engine, _ = gated_engine(max_running=1, max_batched_tokens=32, max_queued=0)
     stream = engine.submit([1, 2], SamplingParams(max_tokens=50, ignore_eos=True))
-    await stream.__anext__()  # running now: the single slot is taken and nothing may queue
+    await stream.__anext__()  # running (and held there): the slot is taken, nothing may queue
     with pytest.raises(QueueFullError):
         engine.submit([1], SamplingParams())
     await stream.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
@@ -355,3 +356,79 @@ def test_panel_copies_step_aside_once_the_weight_changes():
         fresh = Transformer(model.config).eval()
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(step[0, -1], fresh(ids)[0, -1], atol=2e-5, rtol=1e-4)
+
+
+# --- which kernels serve, as the engine and /health report it -------------------------------
+@pytest.mark.parametrize("path", ["C", "oneDNN", "PyTorch"])
+async def test_the_engine_reports_the_kernels_that_actually_serve(
+    monkeypatch, reload_library, byte_tokenizer, caplog, path
+):
+    """Turned off by ATLAS_NATIVE=0 and ATLAS_ONEDNN=0 (as the CI legs do), the engine's
+    `backend` and start-up log name the path that is left, and only that path runs."""
+    from atlas_server.engine import Engine, EngineConfig, SamplingParams
+    from atlas_server.model import onednn
+
+    if path != "C":
+        monkeypatch.setenv("ATLAS_NATIVE", "0")
+    if path == "PyTorch":
+        monkeypatch.setenv("ATLAS_ONEDNN", "0")
+    if path == "C" and not native.available():
+        pytest.skip("no C compiler here")
+    if path == "oneDNN" and not onednn.packing_supported(torch.zeros(1)):
+        pytest.skip("this PyTorch has no oneDNN packing")
+    calls: list[str] = []
+    for module, name, label in [
+        (native, "matmul_panels", "C"),
+        (native, "decode_attention", "C attention"),
+        (onednn.PackedWeight, "__call__", "oneDNN"),
+    ]:
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _label=label, **kw: calls.append(_label) or _real(*a, **kw),
+        )
+    torch.manual_seed(0)
+    config = replace(tiny("learned", "layernorm", "gelu", 4), vocab_size=byte_tokenizer.vocab_size)
+    with caplog.at_level(logging.INFO, logger="atlas.engine"):
+        engine = Engine(Transformer(config), byte_tokenizer, EngineConfig(max_running=2)).start()
+    try:
+        attention = "C" if path == "C" else "PyTorch"
+        assert engine.backend == {
+            "device": "cpu", "dtype": "float32", "matmul": path, "attention": attention
+        }  # fmt: skip
+        assert f"kernels: matmul {path}, attention {attention}" in caplog.text
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        events = [e async for e in engine.submit([1, 2, 3], params)]
+        assert events[-1].finish_reason == "length"
+    finally:
+        engine.shutdown()
+    expected = {"C": {"C", "C attention"}, "oneDNN": {"oneDNN"}, "PyTorch": set()}[path]
+    assert set(calls) == expected
+
+
+def test_health_says_which_kernels_serve(tiny_checkpoint):
+    """/health carries the engine's backend; under ATLAS_NATIVE=0 (the CI leg without the
+    C kernels) it must not claim them."""
+    import os
+
+    from servers import serving
+
+    from atlas_server.api import ServerState, create_app
+    from atlas_server.config import ServerConfig
+
+    state = ServerState(
+        config=ServerConfig(), model_name="tiny", checkpoint_path=str(tiny_checkpoint)
+    )
+    with serving(create_app(state)) as base:
+        import httpx
+
+        health = httpx.get(base + "/health").json()
+    state.shutdown()
+    assert health["status"] == "ok" and health["backend"] == state.engine.backend
+    assert set(health["backend"]) == {"device", "dtype", "matmul", "attention"}
+    assert health["backend"]["matmul"] in {"C", "oneDNN", "PyTorch"}
+    if os.environ.get("ATLAS_NATIVE") == "0":
+        assert "C" not in (health["backend"]["matmul"], health["backend"]["attention"])
+    elif native.available():
+        assert health["backend"]["matmul"] == "C"

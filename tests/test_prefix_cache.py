@@ -71,21 +71,25 @@ async def test_next_chat_turn_reuses_the_previous_answer(varied_model, make_engi
     assert ids == reference(varied_model, turn2, 10)
 
 
-async def test_prefix_of_a_running_sequence_is_copied(varied_model, make_engine):
+async def test_prefix_of_a_running_sequence_is_copied(varied_model, gated_engine):
     tok = varied_model.tokenizer
     shared = tok.encode("a shared preamble that both requests start with, ")
     long_prompt = shared + tok.encode("A")
     long_tokens = 255 - len(long_prompt)  # runs for the rest of the 256-token context
-    engine = make_engine(max_running=3, max_batched_tokens=16)
+    # Behind a StepGate (conftest.py), so the long request is certainly still running.
+    engine, gate = gated_engine(max_running=3, max_batched_tokens=16)
     long_request = asyncio.ensure_future(generate(engine, long_prompt, long_tokens))
-    deadline = asyncio.get_running_loop().time() + 10
-    while engine.stats().prompt_tokens_total < len(long_prompt):  # its prompt is in its slot
+    deadline = asyncio.get_running_loop().time() + 30
+    while engine.stats().generation_tokens_total < 1:  # its prompt is in its slot
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.001)
-    ids, cached = await generate(engine, shared + tok.encode("B"), 8)
+    follower = asyncio.ensure_future(generate(engine, shared + tok.encode("B"), 8))
+    gate.allow(20)  # enough for the follower's 8 tokens, far from the long request's end
+    ids, cached = await asyncio.wait_for(follower, 30)
     assert cached == len(shared)
     assert ids == reference(varied_model, shared + tok.encode("B"), 8)
     assert not long_request.done()  # the source was running throughout
+    gate.open()
     ids_a, cached_a = await long_request
     assert cached_a == 0 and ids_a == reference(varied_model, long_prompt, long_tokens)
 

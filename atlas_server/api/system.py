@@ -25,11 +25,14 @@ from .state import ServerState
 
 
 class Health(msgspec.Struct):
-    """What /health answers: status ok, loading, draining or error."""
+    """What /health answers: status ok, loading, draining or error; when ok, what serves:
+    {"device", "dtype", "matmul", "attention"}, the kernels being "C" (Atlas's own),
+    "oneDNN" or "PyTorch"."""
 
     status: str
     model: str | None = None
     error: str | None = None
+    backend: dict[str, str] | None = None
 
 
 def _state(request: Request) -> ServerState:
@@ -57,7 +60,8 @@ async def health(request: Request) -> Response:
     if state.engine is not None and state.engine.stopped_unexpectedly:
         error = "the engine thread has stopped; the server log says why"
         return Response({"status": "error", "error": error}, status_code=503)
-    return Response({"status": "ok", "model": state.model_name})
+    backend = getattr(state.engine, "backend", None)
+    return Response({"status": "ok", "model": state.model_name, "backend": backend})
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")

@@ -10,7 +10,7 @@ history costs a second of TTFT each turn without this; copying a slot's rows cos
 What it does: `SlotContents` remembers, for each free slot, the tokens whose KV rows it
 still holds (set when a sequence leaves the slot, forgotten when the slot is reused), and
 `longest_prefix()` finds the slot, free or running, holding the longest prefix of a
-prompt. The engine then takes that free slot as it is, or copies the rows of a running
+prompt. The scheduler (scheduler.py) then takes that free slot as it is, or copies the rows of a running
 one into a free slot, and prefills only the rest.
 
 What it does not do: share rows between running sequences without a copy (that needs paged

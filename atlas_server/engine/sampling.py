@@ -14,7 +14,7 @@ with probability p_i (the "exponential race"), so one uniform tensor per row suf
 
 Logprobs are those of the raw model distribution (log_softmax of the logits before
 bias, penalties and temperature), as OpenAI and vLLM report them. What it does not do:
-stop strings or detokenization (see detokenizer.py and engine.py).
+stop strings or detokenization (see detokenizer.py and output.py).
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """The engine's public contract: what a request asks for and what comes back.
 
-What it does: defines `SamplingParams` (validated, per request), `EngineConfig` (the
-bounds of one engine), the output events streamed to a caller, and the engine's
-errors. What it does not do: any work; see `engine.py`, `scheduler.py`, `sampling.py`.
+What it does: defines `SamplingParams` (per request; `validate()` checks it against an
+engine's `RequestLimits`, and `validate_prompt()` checks the prompt ids), `EngineConfig`
+(the bounds of one engine), the output events streamed to a caller, and the engine's
+errors. What it does not do: any work; see `engine.py`, `scheduler.py`, `output.py`.
 The HTTP layer translates OpenAI request fields into these types and never reaches
 further into the engine.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +43,16 @@ class EngineStoppedError(EngineError):
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+MAX_LOGPROBS = 20  # top alternatives a request may ask for, per position (OpenAI's bound)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one engine can serve, which a request is validated against."""
+
+    vocab_size: int
+    max_model_len: int  # prompt + max_tokens must fit
+    max_n: int  # choices per request (each takes a KV slot): the engine's max_running
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,99 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
     prompt_logprobs: int | None = None  # same, for the prompt tokens (OpenAI `echo` + `logprobs`)
     n: int = 1  # independent samples of one prompt; they share its prefill
+
+    def validate(self, limits: RequestLimits, prompt_len: int | None = None) -> None:
+        """Raise InvalidRequestError naming the first field an engine with `limits` cannot
+        serve; with `prompt_len`, also check that prompt + max_tokens fit the context."""
+        for ok, param, message in self._checks(limits):
+            if not ok:
+                raise InvalidRequestError(message, param)
+        vocab = limits.vocab_size
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or not 0 <= token < vocab:
+                raise InvalidRequestError(
+                    f"logit_bias token {token} is outside the vocabulary", "logit_bias"
+                )
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequestError(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {token}",
+                    "logit_bias",
+                )
+        bad_stop_ids = [t for t in self.stop_token_ids if not 0 <= t < vocab]
+        if bad_stop_ids:
+            raise InvalidRequestError(
+                f"stop_token_ids {bad_stop_ids} are outside the vocabulary", "stop_token_ids"
+            )
+        if prompt_len is not None and prompt_len + self.max_tokens > limits.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limits.max_model_len} tokens; the "
+                f"prompt has {prompt_len} and max_tokens asks for {self.max_tokens} more "
+                f"({prompt_len + self.max_tokens}); shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+
+    def _checks(self, limits: RequestLimits) -> list[tuple[bool, str, str]]:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (
+                0 <= self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+            ),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                "temperature",
+                f"temperature must be >= 0, got {self.temperature}",
+            ),
+            (0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}"),
+            (
+                -2 <= self.presence_penalty <= 2,
+                "presence_penalty",
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                "frequency_penalty",
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                "repetition_penalty",
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            ),
+            (
+                1 <= self.n <= limits.max_n,
+                "n",
+                f"n must be in [1, {limits.max_n}] (max_running), got {self.n}",
+            ),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                "seed",
+                f"seed must be a 64-bit signed integer, got {self.seed}",
+            ),
+        ]
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            ok = k is None or 0 <= k <= MAX_LOGPROBS
+            checks.append((ok, name, f"{name} must be in [0, {MAX_LOGPROBS}], got {k}"))
+        return checks
+
+
+def validate_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as a list of token ids, or InvalidRequestError (param "prompt")."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+        raise InvalidRequestError("prompt token ids must be integers", "prompt")
+    ids = list(prompt_ids)
+    out_of_vocab = [t for t in ids if not 0 <= t < vocab_size]
+    if out_of_vocab:
+        raise InvalidRequestError(
+            f"prompt token ids {out_of_vocab[:5]} are outside the vocabulary [0, {vocab_size})",
+            "prompt",
+        )
+    return ids
 
 
 @dataclass(frozen=True)

@@ -269,6 +269,8 @@ def matmul_panels(
 class PanelWeight(WeightCopy):
     """A weight as column panels for matmul_panels; call it like `x @ weight (+ bias)`."""
 
+    kernel = "C"  # what /health and the start-up log call this path
+
     def __init__(self, source: Tensor, out_in: bool = False) -> None:
         w = source.detach()
         w = w.t() if out_in else w  # [in, out]

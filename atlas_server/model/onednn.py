@@ -55,6 +55,8 @@ def packing_supported(weight: Tensor) -> bool:
 class PackedWeight(WeightCopy):
     """A weight reordered for oneDNN; call it like `x @ weight (+ bias)` (see WeightCopy)."""
 
+    kernel = "oneDNN"  # what /health and the start-up log call this path
+
     def __init__(self, source: Tensor, out_in: bool = False) -> None:
         w = source.detach()
         w = w.contiguous() if out_in else w.t().contiguous()  # oneDNN wants [out, in]

@@ -1,0 +1,258 @@
+"""The output processor: from a step's logits to the events each request's stream receives.
+
+What it does: for each step, `process(plan, logits)` collects prompt logprobs of the chunks
+that asked for them, samples one token for every decode row and for every choice of a
+prompt that just completed (engine/sampling.py; each choice with its own seeded generator
+when the request has a seed), appends it to the sequence, detokenizes it incrementally,
+checks stop token ids, EOS, stop strings (held back until they cannot match; detokenizer.py)
+and max_tokens, and emits one `RequestOutput` per row through the request's `emit`. It
+returns the sequences that finished, which the engine reports to the scheduler to free
+their slots. `finish_request()` ends whatever is still open of a request (abort, error,
+shutdown) with a final event per choice.
+
+What it does not do: choose which sequences run or touch KV slots (scheduler.py), run the
+model (runner.py), or deliver events across threads (`emit` is the engine's; engine.py
+hands a step's events to each caller's event loop at once).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..tokenizer import Tokenizer
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .request import Request, Sequence
+from .runner import StepLogits
+from .sampling import SamplingRow, sample, top_logprobs
+from .scheduler import StepPlan
+from .types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+Emit = Callable[[RequestOutput], None]
+
+
+@dataclass(eq=False)
+class _Choice:
+    """What the output side keeps for one sequence: text state and its random stream."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generator: torch.Generator | None
+    first_token_time: float | None = None
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request: Request
+    emit: Emit
+    choices: list[_Choice] = field(default_factory=list)
+    open: set[int] = field(default_factory=set)  # choice indices without a final event yet
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    sent_prompt_logprobs: bool = False
+
+
+class OutputProcessor:
+    """Sampling, detokenizing, stop conditions and events; see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eot_id
+        self.device = device
+        self._states: dict[str, _RequestState] = {}
+        self.generation_tokens_total = 0
+
+    def add(self, request: Request, emit: Emit) -> None:
+        """Start a request's output state (before the scheduler sees it)."""
+        state = _RequestState(request, emit, open=set(range(request.params.n)))
+        self._states[request.request_id] = state  # first, so finish_request() can end it
+        p = request.params
+        for seq in request.sequences:
+            generator = None
+            if p.seed is not None:
+                # Each choice gets its own stream: distinct, and reproducible per (seed, index).
+                generator = torch.Generator(device=self.device).manual_seed(p.seed + seq.index)
+            state.choices.append(
+                _Choice(
+                    seq,
+                    IncrementalDetokenizer(self.tokenizer),
+                    StopStringMatcher(p.stop),
+                    generator,
+                )
+            )
+
+    def finish_request(self, request: Request, reason: FinishReason, error: str | None = None):
+        """A final event with `reason` for every choice still open; forgets the request."""
+        state = self._states.pop(request.request_id, None)
+        if state is None:
+            return
+        for index in sorted(state.open):
+            generated = len(request.sequences[index].output_ids)
+            state.emit(self._final_event(request, index, generated, reason, error))
+        state.open.clear()
+
+    def forget(self, request: Request) -> None:
+        """Drop a request whose choices all finished on their own."""
+        self._states.pop(request.request_id, None)
+
+    # --- one step --------------------------------------------------------------------------
+    def process(self, plan: StepPlan, logits: StepLogits) -> list[Sequence]:
+        """Sample and emit this step's tokens; returns the sequences that finished."""
+        rows: list[Sequence] = list(plan.decode.sequences)
+        parts: list[Tensor] = [logits.decode]  # [B, V]
+        for chunk, out in zip(plan.prefill, logits.prefill, strict=True):
+            r = chunk.request
+            if r.params.prompt_logprobs is not None:
+                self._collect_prompt_logprobs(
+                    self._states[r.request_id], out, chunk.start, chunk.end
+                )
+            if chunk.completes_prompt:  # its last logits give every choice's first token
+                parts.append(out[-1:].expand(len(r.sequences), -1))
+                rows += r.sequences
+        if not rows:
+            return []
+        return self._sample_and_emit(rows, torch.cat(parts, dim=0))
+
+    def _collect_prompt_logprobs(
+        self, state: _RequestState, logits: Tensor, start: int, end: int
+    ) -> None:
+        r = state.request
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None]  # the first prompt token has no context to score it
+        # Logits at position i predict prompt token i + 1; the prompt's last position
+        # predicts the first generated token, which is not a prompt logprob.
+        targets = r.prompt_ids[start + 1 : end + 1]
+        if targets:
+            chosen = torch.tensor(targets, device=logits.device)
+            state.prompt_logprobs += top_logprobs(
+                logits[: len(targets)], chosen, r.params.prompt_logprobs or 0
+            )
+
+    def _sample_and_emit(self, rows: list[Sequence], logits: Tensor) -> list[Sequence]:
+        eos = self.eos_id
+        states = [self._states[seq.request.request_id] for seq in rows]
+        choices = [state.choices[seq.index] for state, seq in zip(states, rows, strict=True)]
+        sampling_rows = [
+            SamplingRow(
+                seq.request.params,
+                seq.request.prompt_ids,
+                seq.output_ids,
+                choice.generator,
+                tuple(seq.request.params.stop_token_ids)
+                + ((eos,) if eos is not None and not seq.request.params.ignore_eos else ()),
+            )
+            for seq, choice in zip(rows, choices, strict=True)
+        ]
+        tokens = sample(logits, sampling_rows)  # [N]
+        wanted = [seq.request.params.logprobs for seq in rows]
+        entries: list[TokenLogprob | None] = [None] * len(rows)
+        if any(k is not None for k in wanted):
+            entries = top_logprobs(logits, tokens, max(k or 0 for k in wanted))  # type: ignore[assignment]
+            for entry, k in zip(entries, wanted, strict=True):
+                if entry is not None and k is not None and len(entry.top) > k:
+                    entry.top = dict(itertools.islice(entry.top.items(), k))
+        now = time.perf_counter()
+        finished = []
+        for state, choice, token, entry, k in zip(
+            states, choices, tokens.tolist(), entries, wanted, strict=True
+        ):
+            if self._append_token(state, choice, token, entry if k is not None else None, now):
+                finished.append(choice.seq)
+        return finished
+
+    def _append_token(
+        self,
+        state: _RequestState,
+        choice: _Choice,
+        token: int,
+        entry: TokenLogprob | None,
+        now: float,
+    ) -> bool:
+        """Add one sampled token to a choice and emit its event; True if that finished it."""
+        r, seq = state.request, choice.seq
+        p = r.params
+        seq.output_ids.append(token)
+        self.generation_tokens_total += 1
+        first = choice.first_token_time is None
+        if first:
+            choice.first_token_time = now
+        reason: FinishReason | None = None
+        stop_reason: str | int | None = None
+        text = ""
+        if token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif token == self.eos_id and not p.ignore_eos:
+            reason = "stop"
+        else:
+            text, matched = choice.stops.feed(
+                choice.detok.add(token), len(seq.output_ids) >= p.min_tokens
+            )
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None and not isinstance(stop_reason, str):
+            tail, matched = _flush_tail(choice, p)
+            text += tail
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is not None:
+            state.open.discard(seq.index)
+        send_prompt_lp = (
+            seq.index == 0 and not state.sent_prompt_logprobs and state.prompt_logprobs is not None
+        )
+        if send_prompt_lp:
+            state.sent_prompt_logprobs = True
+        state.emit(
+            RequestOutput(
+                r.request_id,
+                seq.index,
+                [token],
+                text,
+                logprobs=[entry] if entry is not None else None,
+                prompt_logprobs=state.prompt_logprobs if send_prompt_lp else None,
+                finished=reason is not None,
+                finish_reason=reason,
+                stop_reason=stop_reason,
+                num_prompt_tokens=len(r.prompt_ids),
+                num_cached_tokens=r.cached,
+                num_generated_tokens=len(seq.output_ids),
+                queue_time_s=(r.scheduled_time or now) - r.arrival_time if first else None,
+                arrival_time=r.arrival_time,
+                first_token_time=choice.first_token_time,
+                time=now,
+            )
+        )
+        return reason is not None
+
+    @staticmethod
+    def _final_event(
+        r: Request, index: int, generated: int, reason: FinishReason, error: str | None
+    ) -> RequestOutput:
+        return RequestOutput(
+            r.request_id,
+            index,
+            [],
+            "",
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=len(r.prompt_ids),
+            num_cached_tokens=r.cached,
+            num_generated_tokens=generated,
+            error=error,
+            arrival_time=r.arrival_time,
+            time=time.perf_counter(),
+        )
+
+
+def _flush_tail(choice: _Choice, p: SamplingParams) -> tuple[str, str | None]:
+    """Held text at the end of a stream, and a stop string that still matched in it."""
+    text, matched = choice.stops.feed(
+        choice.detok.flush(), len(choice.seq.output_ids) >= p.min_tokens
+    )
+    return (text, matched) if matched is not None else (text + choice.stops.flush(), None)

@@ -1,0 +1,71 @@
+"""The engine thread's record of one request: its prompt, its output sequences, their slots.
+
+What it does: `Request` and `Sequence` are the state the scheduler and the output
+processor share inside the engine thread. Each field has one writer:
+  - the scheduler (scheduler.py) writes `Sequence.slot` and `Sequence.finished`, and
+    `Request.prefilled`, `Request.cached` and `Request.scheduled_time`;
+  - the output processor (output.py) appends to `Sequence.output_ids`.
+Everything else is set once, when the engine takes the request in.
+
+What it does not do: anything per step, or anything another thread may touch (submit()
+hands requests over through the engine's inbox; see engine.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .types import SamplingParams
+
+NO_SLOT = -1
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One output sequence (a choice) of a request; it owns a KV slot while it runs."""
+
+    request: Request
+    index: int  # the choice index, 0..n-1
+    slot: int = NO_SLOT
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def tokens_held(self) -> list[int]:
+        """The tokens whose KV rows this sequence's slot holds: the prompt so far (choice 0
+        only, until the prompt is complete and copied to the other choices), then the
+        generated tokens but the last, which has not been through the model yet."""
+        r = self.request
+        if r.decoding:
+            return r.prompt_ids + self.output_ids[:-1]
+        return r.prompt_ids[: r.prefilled] if self.index == 0 else []
+
+    @property
+    def next_position(self) -> int:
+        """Where this sequence's last sampled token goes in its slot when it is decoded."""
+        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    sequences: list[Sequence] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens scheduled into choice 0's slot (reused ones included)
+    cached: int = 0  # of those, found already computed (prefix caching) at admission
+    scheduled_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sequences:
+            self.sequences = [Sequence(self, i) for i in range(self.params.n)]
+
+    @property
+    def decoding(self) -> bool:
+        """The whole prompt has been scheduled; every step now decodes its sequences."""
+        return self.prefilled == len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
