@@ -123,11 +123,11 @@ def quickstart_command(
 
     Example: atlas-train quickstart && atlas serve
     """
-    from atlas_server.commands.serve import default_checkpoint
+    from atlas_server.paths import quickstart_dir
 
     from .quickstart import quickstart
 
-    target = output or default_checkpoint().parent
+    target = output or quickstart_dir()
     try:
         result = quickstart(target, steps=steps, threads=threads)
     except USER_ERRORS as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import typer
 
 from ..config import ConfigFileError, load_config, render, with_overrides
+from ..paths import quickstart_dir
 from ._common import fail, user_errors
 
 app = typer.Typer(add_completion=False)
@@ -28,8 +29,7 @@ log = logging.getLogger("atlas.serve")
 
 def default_checkpoint() -> Path:
     """The embedded default: the quickstart checkpoint (see `atlas-train quickstart`)."""
-    home = Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
-    return home / "quickstart" / "checkpoint"
+    return quickstart_dir() / "checkpoint"
 
 
 def resolve_checkpoint(flag: str | None, configured: str | None) -> Path:
