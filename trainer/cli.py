@@ -53,7 +53,9 @@ def train_command(
         [], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable)."
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue from the latest complete checkpoint."
+        False,
+        "--resume",
+        help="Continue from the latest complete checkpoint of run.out_dir (Ctrl-C saves one).",
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Record a short torch.profiler trace and print the top operators."
@@ -71,6 +73,10 @@ def train_command(
         summary = train(cfg, resume=resume, profile=profile)
     except USER_ERRORS as e:
         _fail(e)
+    except KeyboardInterrupt:  # a second Ctrl-C; the loop has said where it stopped
+        raise typer.Exit(130) from None
+    if summary.get("interrupted"):
+        raise typer.Exit(130)  # the loop saved a checkpoint and said how to resume
     if summary.get("checkpoint"):
         typer.echo(f"final checkpoint: {summary['checkpoint']}")
 

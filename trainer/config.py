@@ -61,7 +61,12 @@ class RunSection(_Section):
     seed: int = 1337
     device: str = "cpu"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
+    # torch.compile of the whole loss module (forward, head, loss; backward too). Unset: on
+    # for CUDA, off for the CPU (where compiling takes minutes and needs a C++ toolchain).
+    compile: bool | None = None
+    # "chunked": head and loss together over chunks of rows, never the full [tokens, vocab]
+    # logits (trainer/loss.py); "plain": the logits, then F.cross_entropy; "auto": chunked on CUDA.
+    cross_entropy: Literal["auto", "plain", "chunked"] = "auto"
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "reference"] = "sdpa"
     eval_every: int = 100

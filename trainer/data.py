@@ -317,6 +317,15 @@ def prepare_data(
         "val_tokens": sum(s["tokens"] for s in splits["val"].shards),
         "documents": doc_index,
     }
+    if val_fraction > 0 and not manifest["val"]:
+        log.warning(
+            "warning: val_fraction=%g put none of the %d documents in the validation split "
+            "(each document goes there when a hash of its text falls under the fraction); "
+            "training will report no validation loss. Use a larger --val-fraction, or more, "
+            "smaller documents.",
+            val_fraction,
+            doc_index,
+        )
     atomic_write_json(out / "manifest.json", manifest, indent=2)
     state.update(next_doc=doc_index, train=manifest["train"], val=manifest["val"], done=True)
     atomic_write_json(progress_path, state)
