@@ -571,3 +571,19 @@ def test_next_token_loss_chunked_matches_plain_for_every_preset(preset):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    from trainer.loop import resolve_precision
+
+    cfg = load_train_config(None, ['run.precision="auto"'])
+    for avx512_bf16, amx, expected in [
+        (False, False, "fp32"),
+        (True, False, "bf16"),
+        (False, True, "bf16"),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision(cfg, "cpu") == expected
+    explicit = load_train_config(None, ['run.precision="fp16"'])
+    assert resolve_precision(explicit, "cpu") == "fp16"

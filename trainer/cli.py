@@ -138,6 +138,12 @@ def quickstart_command(
         result = quickstart(target, steps=steps, threads=threads)
     except USER_ERRORS as e:
         _fail(e)
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to continue", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if result.get("interrupted"):
+        print("run the same command again to continue the quickstart", file=sys.stderr)
+        raise typer.Exit(130)
     typer.echo(json.dumps(result, indent=2))
 
 

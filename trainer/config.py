@@ -60,13 +60,17 @@ class RunSection(_Section):
     out_dir: str = "runs/default"
     seed: int = 1337
     device: str = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # "auto": bf16 autocast where the device computes bf16 natively (a CUDA GPU that supports
+    # it; a CPU with AVX512-BF16 or AMX), else fp32. See loop.resolve_precision().
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     # torch.compile of the whole loss module (forward, head, loss; backward too). Unset: on
     # for CUDA, off for the CPU (where compiling takes minutes and needs a C++ toolchain).
     compile: bool | None = None
     # "chunked": head and loss together over chunks of rows, never the full [tokens, vocab]
-    # logits (trainer/loss.py); "plain": the logits, then F.cross_entropy; "auto": chunked on CUDA.
-    cross_entropy: Literal["auto", "plain", "chunked"] = "auto"
+    # logits (trainer/loss.py); "plain": the model's logits, then F.cross_entropy.
+    cross_entropy: Literal["chunked", "plain"] = "chunked"
+    # Rows per chunk; 0: chunks of ~8 MiB of fp32 logits on a CPU (they stay in cache), ~256 MiB on a GPU.
+    cross_entropy_chunk: int = 0
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "reference"] = "sdpa"
     eval_every: int = 100
@@ -105,6 +109,7 @@ class TrainConfig(_Section):
             ),
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
+            (self.run.cross_entropy_chunk >= 0, "run.cross_entropy_chunk must be >= 0"),
             (
                 self.run.eval_every >= 1
                 and self.run.checkpoint_every >= 1

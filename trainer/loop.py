@@ -138,10 +138,29 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
 
 
-def autocast_context(cfg: TrainConfig, device: str):
-    if cfg.run.precision == "fp32":
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than fp32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return device == "cpu" and any(
+        getattr(cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolve_precision(cfg: TrainConfig, device: str) -> str:
+    """`run.precision`, with "auto" made concrete for this device (bf16 or fp32)."""
+    if cfg.run.precision != "auto":
+        return cfg.run.precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast_context(precision: str, device: str):
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
@@ -154,12 +173,6 @@ def compile_enabled(cfg: TrainConfig) -> bool:
     minutes of compiling that a short CPU run never earns back)."""
     if cfg.run.compile is not None:
         return cfg.run.compile
-    return cfg.run.device.startswith("cuda")
-
-
-def chunked_loss_enabled(cfg: TrainConfig) -> bool:
-    if cfg.run.cross_entropy != "auto":
-        return cfg.run.cross_entropy == "chunked"
     return cfg.run.device.startswith("cuda")
 
 
@@ -203,7 +216,8 @@ def _warn_no_validation(d: Dist, why: str) -> None:
 
 
 def next_token_loss(model: Transformer, cfg: TrainConfig) -> nn.Module:
-    return NextTokenLoss(model, chunked=chunked_loss_enabled(cfg))
+    chunk = cfg.run.cross_entropy_chunk or None
+    return NextTokenLoss(model, chunked=cfg.run.cross_entropy == "chunked", chunk_rows=chunk)
 
 
 @dataclass(frozen=True)
@@ -234,6 +248,7 @@ class Run:
     scaler: torch.amp.GradScaler
     train_data: Batches
     val_data: Batches | None
+    precision: str = "fp32"  # run.precision with "auto" resolved for the device
     step: int = 0
     start_step: int = 0
     last_checkpoint: tuple[Path, int] | None = None  # (folder, step)
@@ -302,10 +317,13 @@ def setup(
         eps=cfg.optim.eps,
         fused=None if sharded or device.split(":")[0] not in ("cpu", "cuda") else True,
     )
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.run.precision == "fp16")
+    precision = resolve_precision(cfg, device)
+    if cfg.run.precision == "auto" and d.main:
+        say(f"precision auto: {precision} on {device}")
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
     run = Run(
         cfg, d, device, run_dir, tokenizer, model, loss_module, step_module, optimizer, scaler,
-        train_data, val_data,
+        train_data, val_data, precision,
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
@@ -382,7 +400,7 @@ def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
         sync = micro == cfg.data.grad_accum - 1
         no_sync = d.world > 1 and not sync and hasattr(run.wrapped, "no_sync")
         with run.wrapped.no_sync() if no_sync else contextlib.nullcontext():
-            with autocast_context(cfg, run.device):
+            with autocast_context(run.precision, run.device):
                 loss = run.step_module(*batch)
             run.scaler.scale(loss / cfg.data.grad_accum).backward()
         loss_sum += loss.detach()
@@ -458,6 +476,7 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
     provenance = {
         "source": "atlas-train",
         "step": run.step,
+        "precision": run.precision,
         "data": cfg.data.path,
         "data_manifest_sha256": _manifest_hash(cfg.data.path),
     }
@@ -568,6 +587,9 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
             say(_stop_message(run))
         raise
     log.close()
+    if "val" not in summary and run.val_data is not None and run.step == run.start_step:
+        # Resumed at max_steps: nothing to train, but the summary still has its metrics.
+        summary["val"] = evaluate(run.loss_module, run.val_data, cfg, run.device, byte_table)
     if stopped and d.main:
         say(_stop_message(run))
     summary["interrupted"] = stopped
