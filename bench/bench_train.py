@@ -16,9 +16,10 @@ Run: `python bench/bench_train.py [--quick] [--preset NAME] [--device cuda] [--b
 `--quickstart` mode: the step of `atlas-train quickstart` (configs/train/quickstart.toml)
 through the trainer's own `setup` and `train_step`, on the quickstart's token shards
 (`--data`, default `$ATLAS_HOME/quickstart/data`), for the settings named in SETTINGS,
-alternated round by round in one process so that a shared machine's load falls on all
-of them alike; it prints each setting's wall and CPU seconds per step (min / median /
-max) and the load average of each round.
+each in a process of its own (OpenMP's wait policy is fixed when a process starts),
+alternated round by round so that a shared machine's load falls on all of them alike; it
+prints each setting's wall and CPU seconds per step (min / median / max over every step
+of every round) and the load average after each round.
 Run: `python bench/bench_train.py --quickstart [--rounds 5] [--steps 3]`.
 """
 
@@ -29,6 +30,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +39,8 @@ from pathlib import Path
 # As atlas_server does on import (see its __init__), before torch allocates anything, so
 # Atlas and its baselines in this process run with the same allocator setting.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `atlas-train` (trainer/__init__.py)
+if "--omp-default" not in sys.argv:  # a --quickstart setting measures libgomp's own default
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `atlas-train` (trainer/__init__.py)
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,13 +253,14 @@ def main_step(args) -> None:
 
 
 # --- the quickstart's step ---------------------------------------------------------------------
-# name -> --set overrides of configs/train/quickstart.toml; "before" is the step the
-# quickstart ran before it was tuned (fp32; the whole batch's logits, then the softmax).
-# OpenMP's wait policy is fixed per process: compare it with two runs, the second under
-# OMP_WAIT_POLICY=ACTIVE (the spinning default of `atlas-train` before).
+# name -> (OpenMP wait policy, --set overrides of configs/train/quickstart.toml). "before" is
+# the step the quickstart ran before it was tuned: fp32, the whole batch's logits then the
+# softmax, and libgomp's default wait policy (spin, then sleep). "now, fp32" is today's
+# step on a CPU without native bf16.
 SETTINGS = {
-    "before": ['run.precision="fp32"', 'run.cross_entropy="plain"'],
-    "now": [],
+    "before": ("default", ['run.precision="fp32"', 'run.cross_entropy="plain"']),
+    "now": ("passive", []),
+    "now, fp32": ("passive", ['run.precision="fp32"']),
 }
 
 
@@ -265,48 +269,71 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def main_quickstart(args) -> None:
+def quickstart_child(args) -> None:
+    """One setting in this process (its OpenMP policy is fixed at start): JSON per-step times."""
     from atlas_server.model.config import configs_dir
-    from atlas_server.paths import quickstart_dir
     from trainer.config import load_train_config
     from trainer.loop import Dist, setup, train_step
+
+    _, sets = SETTINGS[args.quickstart_child]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_train_config(
+            configs_dir() / "train" / "quickstart.toml",
+            [f"data.path={json.dumps(args.data)}", f'run.out_dir="{tmp}/run"',
+             "run.tensorboard=false", *sets],
+        )  # fmt: skip
+        run = setup(cfg, Dist())
+        float(train_step(run)[0])  # warm-up
+        wall, cpu = [], []
+        for _ in range(args.steps):
+            t, c = time.perf_counter(), _cpu_seconds()
+            float(train_step(run)[0])
+            wall.append(time.perf_counter() - t)
+            cpu.append(_cpu_seconds() - c)
+    print(json.dumps({"wall": wall, "cpu": cpu, "precision": run.precision}))
+
+
+def main_quickstart(args) -> None:
+    """Each setting in its own process, settings alternated round by round."""
+    import subprocess
+
+    from atlas_server.paths import quickstart_dir
 
     data = Path(args.data) if args.data else quickstart_dir() / "data"
     if not (data / "manifest.json").is_file():
         sys.exit(f"error: no token shards at {data}; run `atlas-train quickstart` or pass --data")
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, sets in SETTINGS.items():
-            cfg = load_train_config(
-                configs_dir() / "train" / "quickstart.toml",
-                [f"data.path={json.dumps(str(data))}", f'run.out_dir="{tmp}/{name}"',
-                 "run.tensorboard=false", *sets],
-            )  # fmt: skip
-            runs[name] = setup(cfg, Dist())
-            train_step(runs[name])  # warm-up
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-        loads = []
-        for r in range(args.rounds):
-            for name, run in runs.items():
-                t, c = time.perf_counter(), _cpu_seconds()
-                for _ in range(args.steps):
-                    loss, _, _ = train_step(run)
-                float(loss)
-                times[name].append(
-                    ((time.perf_counter() - t) / args.steps, (_cpu_seconds() - c) / args.steps)
-                )
-            loads.append(os.getloadavg()[0])
-            line = ", ".join(f"{n} {v[-1][0]:.2f} s" for n, v in times.items())
-            print(f"round {r + 1}/{args.rounds}: {line} (load {loads[-1]:.1f})", file=sys.stderr)
+    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in SETTINGS}
+    precision, loads = {}, []
+    for r in range(args.rounds):
+        for name, (omp, _) in SETTINGS.items():
+            cmd = [sys.executable, __file__, "--quickstart-child", name, "--data", str(data),
+                   "--steps", str(args.steps), *(["--omp-default"] if omp == "default" else [])]  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            child = json.loads(out.stdout.strip().splitlines()[-1])
+            times[name]["wall"] += child["wall"]
+            times[name]["cpu"] += child["cpu"]
+            precision[name] = child["precision"]
+        loads.append(os.getloadavg()[0])
+        line = ", ".join(
+            f"{n} {statistics.median(v['wall'][-args.steps :]):.2f} s" for n, v in times.items()
+        )
+        print(
+            f"round {r + 1}/{args.rounds}: {line} (load {loads[-1]:.1f})",
+            file=sys.stderr,
+            flush=True,
+        )
     result = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "steps_per_round": args.steps,
         "load_average_1min": loads,
-        "settings": {name: SETTINGS[name] for name in runs},
-        "wall_s_per_step": {n: _spread([w for w, _ in v]) for n, v in times.items()},
-        "cpu_s_per_step": {n: _spread([c for _, c in v]) for n, v in times.items()},
+        "settings": {
+            n: {"omp_wait_policy": omp, "set": sets, "precision": precision[n]}
+            for n, (omp, sets) in SETTINGS.items()
+        },  # fmt: skip
+        "wall_s_per_step": {n: _spread(v["wall"]) for n, v in times.items()},
+        "cpu_s_per_step": {n: _spread(v["cpu"]) for n, v in times.items()},
     }
     print(json.dumps(result, indent=2))
     if args.out:
@@ -315,7 +342,7 @@ def main_quickstart(args) -> None:
     for name, spread in result["wall_s_per_step"].items():
         print(
             f"{name}: {spread['min']:.2f} / {spread['median']:.2f} / {spread['max']:.2f} s per step "
-            f"(min / median / max), {base / spread['median']:.2f}x 'before'"
+            f"(min / median / max), {base / spread['median']:.2f}x 'before' by the median"
         )
 
 
@@ -337,7 +364,13 @@ def main() -> None:
     parser.add_argument("--data", help="--quickstart: token shards (default: the quickstart's)")
     parser.add_argument("--rounds", type=int, default=5, help="--quickstart: rounds")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
+    parser.add_argument("--quickstart-child", choices=list(SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--omp-default", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quickstart_child:
+        args.steps = args.steps or 3
+        quickstart_child(args)
+        return
     if args.quickstart:
         args.steps = args.steps or 3
         main_quickstart(args)

@@ -38,8 +38,14 @@ IGNORE_INDEX = -100  # a target that contributes nothing (as in F.cross_entropy)
 
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     """a [M, K] @ b [K, N]; on the CPU in fp32 through oneDNN, which takes the (possibly
-    transposed) operands as they are and beats PyTorch's default kernel there (onednn.py)."""
-    if a.device.type == "cpu" and a.dtype == torch.float32 and packing_supported(b):
+    transposed) operands as they are and beats PyTorch's default kernel there (onednn.py);
+    under torch.compile the compiler picks."""
+    if (
+        not torch.compiler.is_compiling()  # first: the checks below break a compiled graph
+        and a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and packing_supported(b)
+    ):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
     return a @ b
 
