@@ -189,3 +189,17 @@ def test_atlas_home_honours_the_environment(monkeypatch, tmp_path):
     assert paths.quickstart_dir() == tmp_path / "quickstart"
     monkeypatch.delenv("ATLAS_HOME")
     assert paths.atlas_home() == Path(os.path.expanduser("~")) / ".cache" / "atlas"
+
+
+def test_serve_takes_set_options_like_the_other_commands(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tmp_path),
+         "--set", "engine.max_slots=4"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: --set: unknown field 'engine.max_slots'; known fields of [engine]"
+    )
+    assert "max_running" in line

@@ -47,8 +47,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
-from atlas_server.checkpoint import CheckpointError, load_checkpoint
-from atlas_server.model import Transformer, load_preset
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 
 from .config import TrainConfig
@@ -222,7 +222,14 @@ def next_token_loss(model: Transformer, cfg: TrainConfig) -> nn.Module:
 
 @dataclass(frozen=True)
 class Task:
-    """What a run trains for: the loss module over the model, and the data."""
+    """What a run trains for: the loss module over the model, and the data.
+
+    `make_loss(model, cfg)` returns an nn.Module holding the model as `.model` (FSDP shards
+    its blocks) whose `forward(*batch)` is the mean loss; `make_data(cfg, dist)` returns the
+    training batches (sharded over ranks) and the validation batches or None. `evaluate`
+    expects (inputs, targets) batches of token ids, targets IGNORE_INDEX where they do not
+    count.
+    """
 
     make_loss: Callable[[Transformer, TrainConfig], nn.Module] = next_token_loss
     make_data: Callable[[TrainConfig, Dist], tuple[Batches, Batches | None]] = pretraining_data
@@ -292,7 +299,7 @@ def setup(
     seed_everything(cfg.run.seed)
     tokenizer = Tokenizer.from_file(Path(cfg.data.path) / "tokenizer.json")
     train_data, val_data = task.make_data(cfg, d)
-    model = _build_model(cfg, tokenizer).to(device)
+    model = _build_model(cfg, tokenizer, resuming=resume is not None).to(device)
     if resume is not None:
         try:  # full weights, before any sharding
             model.load_state_dict(resume.weights)
@@ -330,8 +337,11 @@ def setup(
     return run
 
 
-def _build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> Transformer:
+def _build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Transformer:
     if cfg.model.init_from:
+        if resuming:  # the resume point has the weights: only the shape is needed from here
+            meta = read_metadata(cfg.model.init_from)["model"]
+            return Transformer(ModelConfig.from_dict({**meta, "attention": cfg.run.attention}))
         return load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model.train()
     overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
     config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)

@@ -107,6 +107,9 @@ def serve(
     config: Path = typer.Option(
         None, "--config", help="Server config TOML (see configs/server/default.toml)."
     ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key: --set engine.max_batched_tokens=1024 (repeatable)."
+    ),
     api_key: str = typer.Option(
         None,
         "--api-key",
@@ -132,7 +135,7 @@ def serve(
     from ..api import ServerState, create_app
 
     with user_errors(ConfigFileError):
-        cfg = load_config(config)
+        cfg = load_config(config, set_)
         cfg = with_overrides(
             cfg,
             http__host=host,
