@@ -253,14 +253,18 @@ def main_step(args) -> None:
 
 
 # --- the quickstart's step ---------------------------------------------------------------------
-# name -> (OpenMP wait policy, --set overrides of configs/train/quickstart.toml). "before" is
-# the step the quickstart ran before it was tuned: fp32, the whole batch's logits then the
-# softmax, and libgomp's default wait policy (spin, then sleep). "now, fp32" is today's
-# step on a CPU without native bf16.
+# name -> (OpenMP wait policy, --set overrides of configs/train/quickstart.toml), each
+# setting one change on the one before. "before" is the quickstart's step before it was
+# tuned: fp32, the whole batch's logits then the softmax, libgomp's default wait policy
+# (spin, then sleep); "now, fp32" is today's step on a CPU without native bf16; "now" is
+# today's (bf16 where the CPU has it); "now, 1 thread" the same on one thread.
+FP32_PLAIN = ['run.precision="fp32"', 'run.cross_entropy="plain"']
 SETTINGS = {
-    "before": ("default", ['run.precision="fp32"', 'run.cross_entropy="plain"']),
-    "now": ("passive", []),
+    "before": ("default", FP32_PLAIN),
+    "passive threads": ("passive", FP32_PLAIN),
     "now, fp32": ("passive", ['run.precision="fp32"']),
+    "now": ("passive", []),
+    "now, 1 thread": ("passive", ["run.threads=1"]),
 }
 
 
