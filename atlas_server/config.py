@@ -1,7 +1,9 @@
 """Server configuration: TOML decoded into frozen, validated structs.
 
 What it does: defines `ServerConfig` (model, engine, http and rag sections), loads it from
-a TOML file with unknown keys refused, applies the few command-line overrides and
+a TOML file and `--set section.key=value` options through Atlas's one config loader
+(`tomlconfig.py`: unknown keys and wrong types are refused, naming them), applies the few
+command-line overrides and
 renders the resolved config for the start-up log. Defaults live here and only here;
 `configs/server/default.toml` spells them out for users to copy.
 What it does not do: start anything, or read secrets: the API key comes from the command
@@ -11,15 +13,12 @@ line, the ATLAS_API_KEY environment variable or a secret file, never from this f
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from . import tomlconfig
 
 
 class ConfigFileError(ValueError):
@@ -103,21 +102,11 @@ class ServerConfig(_Section):
         return self
 
 
-def load_config(path: str | os.PathLike | None = None) -> ServerConfig:
-    """Read a TOML server config (or the defaults when `path` is None)."""
-    if path is None:
-        return ServerConfig().validate()
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigFileError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigFileError(f"{path} is not valid TOML: {e}") from None
-    try:
-        return msgspec.convert(data, ServerConfig).validate()
-    except msgspec.ValidationError as e:
-        raise ConfigFileError(f"{path}: {e}") from None
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ServerConfig:
+    """Read a TOML server config (or the defaults when `path` is None), then `--set` options."""
+    layers = [tomlconfig.file_layer(path, ConfigFileError)] if path is not None else []
+    layers.append(tomlconfig.set_layer(overrides, ConfigFileError))
+    return tomlconfig.decode(ServerConfig, layers, ConfigFileError).validate()
 
 
 def with_overrides(config: ServerConfig, **overrides: Any) -> ServerConfig:

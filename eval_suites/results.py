@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from atlas_server.tokenizer.bpe import atomic_write_text
+from atlas_server.io import atomic_write_text
 
 from .errors import ResultsError
 

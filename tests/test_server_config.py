@@ -34,8 +34,8 @@ def test_the_shipped_defaults_load():
         ("[engine]\nmax_model_len = 0\n", "engine.max_model_len must be >= 1"),
         ("[engine]\nmax_running = 0\n", "engine.max_running must be >= 1"),
         ("[engine]\nmax_slots = 4\n", "unknown field"),
-        ("[engine]\nprefix_caching = 'yes'\n", "Expected `bool`"),
-        ("[http]\nport = 'eighty'\n", "Expected `int`"),
+        ("[engine]\nprefix_caching = 'yes'\n", "'engine.prefix_caching' must be bool"),
+        ("[http]\nport = 'eighty'\n", "'http.port' must be int, got 'eighty'"),
         ("[engine\n", "is not valid TOML"),
     ],
 )

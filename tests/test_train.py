@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import trainer.loop
+import trainer.state
 from atlas_server.checkpoint import load_checkpoint
+from atlas_server.model import Transformer, load_preset, preset_names
 from atlas_server.tokenizer import train_from_texts
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.train import TrainConfig as TokenizerConfig
@@ -22,6 +28,7 @@ from trainer.config import TrainConfigError, load_train_config
 from trainer.data import DataError, prepare_data, read_shard
 from trainer.loader import TokenLoader
 from trainer.loop import lr_at, train
+from trainer.loss import IGNORE_INDEX, NextTokenLoss, chunked_cross_entropy
 from trainer.state import list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +189,9 @@ def test_same_seed_same_losses(tmp_path, data_dir):
     assert a[-1] < a[0]
 
 
-def test_resume_is_bit_exact_and_keeps_last_n(tmp_path, data_dir):
+def test_resume_is_bit_exact_keeps_last_n_and_reads_each_file_once(
+    tmp_path, data_dir, monkeypatch, capsys
+):
     full = train(config(data_dir, tmp_path / "full"), progress=False)["losses"]
     # an interrupted run: drop its last checkpoint so the newest one is at step 8
     part = train(config(data_dir, tmp_path / "part", "run.checkpoint_every=4"), progress=False)
@@ -190,10 +199,83 @@ def test_resume_is_bit_exact_and_keeps_last_n(tmp_path, data_dir):
     import shutil
 
     shutil.rmtree(tmp_path / "part" / "checkpoints" / "step_000012")
+    reads: list[str] = []
+    real_load_file = trainer.state.load_file
+
+    def counting_load_file(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real_load_file(path, *args, **kwargs)
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("resume loaded the checkpoint a second time (load_checkpoint)")
+
+    monkeypatch.setattr(trainer.state, "load_file", counting_load_file)
+    monkeypatch.setattr(trainer.loop, "load_checkpoint", no_second_load)
+    capsys.readouterr()
     resumed = train(config(data_dir, tmp_path / "part"), resume=True, progress=False)
+    assert sorted(reads) == ["model.safetensors", "trainer_state.safetensors"]
+    step_8 = tmp_path / "part" / "checkpoints" / "step_000008"
+    assert f"resuming from step 8 ({step_8})" in capsys.readouterr().err
     assert resumed["start_step"] == 8
     assert resumed["losses"] == full[8:]
     assert part["losses"] == full
+
+
+def test_resume_without_a_checkpoint_says_so_and_starts_at_zero(tmp_path, data_dir, capsys):
+    cfg = config(data_dir, tmp_path / "fresh", "schedule.max_steps=2", "schedule.warmup_steps=1")
+    summary = train(cfg, resume=True, progress=False)
+    assert summary["start_step"] == 0 and len(summary["losses"]) == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(tmp_path, data_dir):
+    """SIGINT to `atlas-train train`: the step finishes, a checkpoint of it is saved, the
+    command says where and exits 130; --resume then continues bit for bit."""
+    out = tmp_path / "interrupted"
+    constant = ["schedule.kind=constant", "run.checkpoint_every=3", "run.sample_tokens=0"]
+    sets = [
+        f'data.path="{data_dir}"', f'run.out_dir="{out}"', 'model.preset="gpt2-tiny"',
+        "data.seq_len=32", "data.micro_batch=4", "data.grad_accum=2", "schedule.max_steps=100000",
+        "schedule.warmup_steps=3", "run.eval_every=100000", "run.eval_batches=2",
+        "run.log_every=2", "run.threads=1", "run.tensorboard=false",
+        "model.overrides={dropout = 0.1}", *constant,
+    ]  # fmt: skip
+    args = [word for item in sets for word in ("--set", item)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "train", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step_000003").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    match = re.search(
+        r"stopped at step (\d+); last checkpoint (\S+) \(step (\d+)\); resume with --resume", err
+    )
+    assert match, err[-3000:]
+    stopped = int(match.group(1))
+    assert (
+        stopped == int(match.group(3))
+        and Path(match.group(2)) == out / "checkpoints" / f"step_{stopped:06d}"
+    )
+    assert Path(match.group(2), "trainer_state.json").is_file()
+
+    steps = f"schedule.max_steps={stopped + 3}"
+    full = train(config(data_dir, tmp_path / "full", *constant, steps), progress=False)["losses"]
+    resumed = train(config(data_dir, out, *constant, steps), resume=True, progress=False)
+    assert resumed["start_step"] == stopped
+    assert resumed["losses"] == full[stopped:]
 
 
 def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir):
@@ -364,3 +446,144 @@ def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenize
         progress=False,
     )
     assert manifest["documents"] == 40 and manifest["sources"] == [f"hf:{folder}"]
+
+
+# --- validation split ---------------------------------------------------------------------------
+def test_no_validation_split_warns_and_never_reports_training_loss_as_val(
+    tmp_path, corpus, tokenizer_file, capsys, caplog
+):
+    """--val-fraction 0.001 over a few documents puts none in validation: prepare-data warns,
+    and training warns and reports no val metrics (it used to evaluate on the training split)."""
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(corpus.iterdir())[:8]:
+        (few / p.name).write_text(p.read_text())
+    data = tmp_path / "data"
+    with caplog.at_level("WARNING", logger="trainer.data"):
+        manifest = prepare_data(
+            [str(few)], tokenizer_file, data, val_fraction=0.001, workers=1, progress=False
+        )
+    assert manifest["val_tokens"] == 0
+    assert "put none of the 8 documents in the validation split" in caplog.text
+    capsys.readouterr()
+    cfg = config(data, tmp_path / "run", "schedule.max_steps=4", "run.eval_every=2")
+    summary = train(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "has no validation split" in err and "validation is skipped" in err
+    assert "val" not in summary and not re.search(r"step \d+: val loss", err)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"]
+    assert not [t for t in events.Tags()["scalars"] if t.startswith("val/")]
+
+
+# --- no host sync per step ----------------------------------------------------------------------
+def test_the_loop_reads_losses_back_once_per_log_interval_not_every_step(
+    tmp_path, data_dir, monkeypatch
+):
+    """Device -> host reads (.item(), .tolist(), float(t)) happen per log_every steps: on a GPU
+    each one stalls the host until the queued work is done."""
+    counts = {"reads": 0}
+    for name in ("item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            counts["reads"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(steps: int) -> int:
+        counts["reads"] = 0
+        cfg = config(
+            data_dir, tmp_path / f"s{steps}", f"schedule.max_steps={steps}", "run.log_every=4",
+            f"run.eval_every={steps}", f"run.checkpoint_every={steps}", "run.sample_tokens=0",
+            "run.tensorboard=false", 'run.cross_entropy="chunked"',
+        )  # fmt: skip
+        losses = train(cfg, progress=False)["losses"]
+        assert len(losses) == steps and all(np.isfinite(losses))
+        return counts["reads"]
+
+    extra = reads_for(24) - reads_for(8)
+    # 16 more steps are 4 more log intervals: 2 reads each (the losses, the gradient norm).
+    assert extra <= 8, f"{extra} more device reads for 16 more steps"
+
+
+# --- chunked cross-entropy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "own-head"])
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(tied):
+    torch.manual_seed(0)
+    n, c, v = 300, 32, 1000
+    hidden = torch.randn(n, c, requires_grad=True)
+    w = torch.randn(v, c, requires_grad=True) if tied else torch.randn(c, v, requires_grad=True)
+    head = w.t() if tied else w  # [C, V]; the tied head is a transposed view
+    targets = torch.randint(0, v, (n,))
+    targets[::7] = IGNORE_INDEX
+    plain = torch.nn.functional.cross_entropy(hidden @ head, targets, ignore_index=IGNORE_INDEX)
+    plain_grads = torch.autograd.grad(plain * 3.0, (hidden, w))
+    chunked = chunked_cross_entropy(hidden, head, targets, chunk_rows=64)  # 5 chunks, 1 partial
+    chunked_grads = torch.autograd.grad(chunked * 3.0, (hidden, w))
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(chunked_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_cross_entropy_never_keeps_the_full_logits():
+    torch.manual_seed(0)
+    n, c, v = 256, 16, 2048
+    hidden = torch.randn(n, c, requires_grad=True)
+    emb = torch.randn(v, c, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    kept: list[int] = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_cross_entropy(hidden, emb.t(), targets, chunk_rows=64).backward()
+    assert kept and max(kept) < n * v  # the plain path keeps the [N, V] logits
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.nn.functional.cross_entropy(hidden @ emb.t(), targets).backward()
+    assert max(kept) >= n * v  # (the check above can see a full logits tensor)
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_next_token_loss_chunked_matches_plain_for_every_preset(preset):
+    """The chunked path applies the head to `hidden_states`; the plain one runs the model's
+    forward. Equal losses and gradients for every architecture keep the two in step."""
+    torch.manual_seed(0)
+    config = load_preset(preset, vocab_size=512, n_layers=1, max_seq_len=64)
+    model = Transformer(config)
+    idx = torch.randint(0, 512, (2, 16))
+    targets = torch.randint(0, 512, (2, 16))
+    losses, grads = [], []
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = NextTokenLoss(model, chunked=chunked, chunk_rows=8)(idx, targets)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    from trainer.loop import resolve_precision
+
+    cfg = load_train_config(None, ['run.precision="auto"'])
+    for avx512_bf16, amx, expected in [
+        (False, False, "fp32"),
+        (True, False, "bf16"),
+        (False, True, "bf16"),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision(cfg, "cpu") == expected
+    explicit = load_train_config(None, ['run.precision="fp16"'])
+    assert resolve_precision(explicit, "cpu") == "fp16"

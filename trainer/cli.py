@@ -53,7 +53,9 @@ def train_command(
         [], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable)."
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue from the latest complete checkpoint."
+        False,
+        "--resume",
+        help="Continue from the latest complete checkpoint of run.out_dir (Ctrl-C saves one).",
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Record a short torch.profiler trace and print the top operators."
@@ -71,6 +73,10 @@ def train_command(
         summary = train(cfg, resume=resume, profile=profile)
     except USER_ERRORS as e:
         _fail(e)
+    except KeyboardInterrupt:  # a second Ctrl-C; the loop has said where it stopped
+        raise typer.Exit(130) from None
+    if summary.get("interrupted"):
+        raise typer.Exit(130)  # the loop saved a checkpoint and said how to resume
     if summary.get("checkpoint"):
         typer.echo(f"final checkpoint: {summary['checkpoint']}")
 
@@ -123,15 +129,21 @@ def quickstart_command(
 
     Example: atlas-train quickstart && atlas serve
     """
-    from atlas_server.commands.serve import default_checkpoint
+    from atlas_server.paths import quickstart_dir
 
     from .quickstart import quickstart
 
-    target = output or default_checkpoint().parent
+    target = output or quickstart_dir()
     try:
         result = quickstart(target, steps=steps, threads=threads)
     except USER_ERRORS as e:
         _fail(e)
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to continue", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if result.get("interrupted"):
+        print("run the same command again to continue the quickstart", file=sys.stderr)
+        raise typer.Exit(130)
     typer.echo(json.dumps(result, indent=2))
 
 

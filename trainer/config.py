@@ -1,24 +1,21 @@
 """Training configuration: TOML decoded into frozen, validated structs.
 
 What it does: defines `TrainConfig` (model, data, optim, schedule, run sections), loads it
-from a TOML file with unknown keys refused, applies `--set section.key=value` overrides
-(values parsed as TOML literals, so `--set optim.lr=3e-4` and `--set run.compile=true`
-work) and renders the resolved config that every run saves beside its checkpoints.
+from a TOML file and `--set section.key=value` overrides through Atlas's one config loader
+(`atlas_server.tomlconfig`: unknown keys and wrong types are errors naming the key and
+where it came from; `--set optim.lr=3e-4`, `--set run.compile=true` are TOML values) and
+renders the resolved config that every run saves beside its checkpoints.
 What it does not do: build models or optimizers (see `loop.py`).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from atlas_server import tomlconfig
 
 
 class TrainConfigError(ValueError):
@@ -63,8 +60,17 @@ class RunSection(_Section):
     out_dir: str = "runs/default"
     seed: int = 1337
     device: str = "cpu"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
+    # "auto": bf16 autocast where the device computes bf16 natively (a CUDA GPU that supports
+    # it; a CPU with AVX512-BF16 or AMX), else fp32. See loop.resolve_precision().
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile of the whole loss module (forward, head, loss; backward too). Unset: on
+    # for CUDA, off for the CPU (where compiling takes minutes and needs a C++ toolchain).
+    compile: bool | None = None
+    # "chunked": head and loss together over chunks of rows, never the full [tokens, vocab]
+    # logits (trainer/loss.py); "plain": the model's logits, then F.cross_entropy.
+    cross_entropy: Literal["chunked", "plain"] = "chunked"
+    # Rows per chunk; 0: chunks of ~8 MiB of fp32 logits on a CPU (they stay in cache), ~256 MiB on a GPU.
+    cross_entropy_chunk: int = 0
     activation_checkpointing: bool = False
     attention: Literal["sdpa", "reference"] = "sdpa"
     eval_every: int = 100
@@ -103,6 +109,7 @@ class TrainConfig(_Section):
             ),
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
+            (self.run.cross_entropy_chunk >= 0, "run.cross_entropy_chunk must be >= 0"),
             (
                 self.run.eval_every >= 1
                 and self.run.checkpoint_every >= 1
@@ -140,42 +147,17 @@ def _toml_value(v: Any) -> str:
 
 
 def _strip_none(data: Any) -> Any:
+    # to_toml() writes None as "__none__" (TOML has no null); reading it back means "unset".
     if isinstance(data, dict):
         return {k: _strip_none(v) for k, v in data.items() if v != "__none__"}
     return data
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise TrainConfigError(f"--set expects section.key=value, got {item!r}")
-    key, raw = item.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word is a string: --set run.out_dir=runs/x
-    return key.strip().split("."), value
-
-
 def load_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    data: dict[str, Any] = {}
+    """A config file (or the defaults when `path` is None), then `--set` overrides in order."""
+    layers = []
     if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TrainConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise TrainConfigError(f"{path} is not valid TOML: {e}") from None
-    data = _strip_none(data)
-    for item in overrides:
-        keys, value = parse_override(item)
-        target = data
-        for k in keys[:-1]:
-            target = target.setdefault(k, {})
-            if not isinstance(target, dict):
-                raise TrainConfigError(f"--set {item}: {k} is not a section")
-        target[keys[-1]] = value
-    try:
-        return msgspec.convert(data, TrainConfig).validate()
-    except msgspec.ValidationError as e:
-        raise TrainConfigError(f"{path or 'config'}: {e}") from None
+        origin, values = tomlconfig.file_layer(path, TrainConfigError)
+        layers.append((origin, _strip_none(values)))
+    layers.append(tomlconfig.set_layer(overrides, TrainConfigError))
+    return tomlconfig.decode(TrainConfig, layers, TrainConfigError).validate()

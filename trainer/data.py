@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from atlas_server.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from atlas_server.tokenizer import ENDOFTEXT, Tokenizer
-from atlas_server.tokenizer.bpe import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,9 @@ class DataError(ValueError):
 # --- shard files ----------------------------------------------------------------------
 def write_shard(path: Path, tokens: np.ndarray) -> str:
     """Write tokens with the header atomically; returns the file's sha256."""
-    header = HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(tokens.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(header + tokens.tobytes()).hexdigest()
+    data = HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens)) + tokens.tobytes()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_shard(path: Path) -> np.ndarray:
@@ -283,7 +277,7 @@ def prepare_data(
         write(splits["train"])
         write(splits["val"])
         state.update(next_doc=next_doc, train=splits["train"].shards, val=splits["val"].shards)
-        atomic_write_text(progress_path, json.dumps(state))
+        atomic_write_json(progress_path, state)
         # Test hook: die right after a given number of shards, to prove resumption.
         kill_after = os.environ.get("ATLAS_TEST_SIGKILL_AFTER_SHARDS")
         if kill_after is not None and len(splits["train"].shards) >= int(kill_after):
@@ -329,9 +323,18 @@ def prepare_data(
         "val_tokens": sum(s["tokens"] for s in splits["val"].shards),
         "documents": doc_index,
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    if val_fraction > 0 and not manifest["val"]:
+        log.warning(
+            "warning: val_fraction=%g put none of the %d documents in the validation split "
+            "(each document goes there when a hash of its text falls under the fraction); "
+            "training will report no validation loss. Use a larger --val-fraction, or more, "
+            "smaller documents.",
+            val_fraction,
+            doc_index,
+        )
+    atomic_write_json(out / "manifest.json", manifest, indent=2)
     state.update(next_doc=doc_index, train=manifest["train"], val=manifest["val"], done=True)
-    atomic_write_text(progress_path, json.dumps(state))
+    atomic_write_json(progress_path, state)
     return manifest
 
 

@@ -1,55 +1,80 @@
-"""The training loop: one readable function from config to checkpoints.
+"""The training loop: config -> checkpoints, in pieces that other training tasks reuse.
 
-What it does: sets up (distributed when launched by torchrun: DDP, or FSDP2 for models
-that do not fit; gloo on CPU, NCCL on GPU), builds the model and AdamW (weight decay on
-matrices and embeddings, none on norms and biases, as GPT-2/nanoGPT do), runs
-warmup + cosine (or WSD, or constant) learning rate, gradient accumulation, clipping,
-bf16/fp16 autocast (fp16 with a GradScaler), optional activation checkpointing and
-`torch.compile`; evaluates validation loss, perplexity and bits per byte; samples text
-and writes atomic checkpoints with the full trainer state; logs to TensorBoard and MLflow
-and shows a progress bar; `--profile` records a torch.profiler trace.
+The pieces, in the order a run uses them:
+- `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`).
+- `setup` -> `Run`: threads, seeds, data, the model (from a preset, `init_from`, or the
+  resume point's weights), the loss module (`Task.make_loss`; pretraining's is
+  `NextTokenLoss`), DDP or FSDP2 when launched by torchrun (gloo on CPU, NCCL on GPU),
+  `torch.compile` of the whole loss module (the default on CUDA: forward, head and loss in
+  one graph, backward too), fused AdamW (weight decay on matrices and embeddings, none on
+  norms and biases, as GPT-2/nanoGPT do), the GradScaler; then the resume point's
+  optimizer, scaler, data position and RNG states.
+- `train_step`: one optimizer step: learning rate (warmup + cosine, WSD or constant; a
+  pure function of the step), gradient accumulation, bf16/fp16 autocast, clipping. It
+  returns the loss as a device tensor and never reads it back: the loop reads the losses
+  of `log_every` steps at once, so a GPU never waits for the host in between.
+- `evaluate`: validation loss, perplexity and bits per byte (skipped, with a warning,
+  when the data has no validation split: training loss is never reported as validation).
+- `save`: an atomic checkpoint with the full trainer state (`state.py`).
+- `fit`: the loop over steps with logging (TensorBoard, MLflow, a progress bar), periodic
+  evaluation and checkpoints, `--profile` traces, and Ctrl-C handling (`interrupt.py`).
+- `train(cfg)`: all of the above for pretraining.
 
 Exact resume: the model, optimizer, scaler, data position and every RNG state are
 restored, and the schedule is a function of the step, so a resumed run produces the same
 losses bit for bit on CPU as one that was never interrupted (tests/test_train.py).
-What it does not do: prepare data (see `data.py`).
+What it does not do: prepare data (see `data.py`) or define losses (see `loss.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
-from atlas_server.checkpoint import load_checkpoint
-from atlas_server.model import Transformer, load_preset
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 
 from .config import TrainConfig
+from .data import DataError
 from .flops import flops_per_token, measured_matmul_peak
+from .interrupt import graceful_interrupt
 from .loader import TokenLoader
+from .logger import Logger
+from .loss import IGNORE_INDEX, NextTokenLoss
 from .state import (
+    ResumePoint,
+    TrainerState,
     clean_partial,
     latest_checkpoint,
-    load_trainer_state,
-    optimizer_from_flat,
+    load_training_checkpoint,
     save_training_checkpoint,
     set_rng_state,
 )
 
 
+def say(message: str) -> None:
+    """A line for the person at the terminal (stderr, beside the progress bar)."""
+    tqdm.write(message, file=sys.stderr)
+
+
+# --- distributed, seeds, schedule, optimizer ---------------------------------------------------
 @dataclass
 class Dist:
     rank: int = 0
@@ -96,7 +121,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (o.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -113,10 +138,29 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
 
 
-def autocast_context(cfg: TrainConfig, device: str):
-    if cfg.run.precision == "fp32":
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than fp32)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return device == "cpu" and any(
+        getattr(cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolve_precision(cfg: TrainConfig, device: str) -> str:
+    """`run.precision`, with "auto" made concrete for this device (bf16 or fp32)."""
+    if cfg.run.precision != "auto":
+        return cfg.run.precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def autocast_context(precision: str, device: str):
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
@@ -124,55 +168,128 @@ def token_bytes_table(tokenizer: Tokenizer, vocab: int) -> torch.Tensor:
     return torch.tensor([len(tokenizer.token_bytes(i)) for i in range(vocab)], dtype=torch.float64)
 
 
-class Logger:
-    """TensorBoard (default) and MLflow (when enabled) scalars, on rank 0 only."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: Path, enabled: bool) -> None:
-        self.tb = self.mlflow = None
-        if not enabled:
-            return
-        if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if cfg.run.mlflow:
-            import mlflow
-
-            # A local SQLite store beside the run (MLflow 3 retired the plain file store).
-            mlflow.set_tracking_uri(
-                cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-            )
-            mlflow.set_experiment("atlas")
-            mlflow.start_run(run_name=run_dir.name)
-            mlflow.log_text(cfg.to_toml(), "config.toml")
-            self.mlflow = mlflow
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
-
-    def text(self, step: int, tag: str, text: str) -> None:
-        if self.tb is not None:
-            self.tb.add_text(tag, text, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.mlflow is not None:
-            self.mlflow.end_run()
+def compile_enabled(cfg: TrainConfig) -> bool:
+    """`run.compile`, or by default on CUDA only (CPU compile needs a C++ toolchain and
+    minutes of compiling that a short CPU run never earns back)."""
+    if cfg.run.compile is not None:
+        return cfg.run.compile
+    return cfg.run.device.startswith("cuda")
 
 
-def train(
-    cfg: TrainConfig, resume: bool = False, profile: bool = False, progress: bool = True
-) -> dict:
-    """Run training; returns a summary (losses per step, final validation metrics)."""
-    device = cfg.run.device
-    d = setup_distributed(device)
-    if d.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{d.local_rank}"
+# --- the task: what a run trains for -----------------------------------------------------------
+class Batches(Protocol):
+    """A resumable source of batches (TokenLoader is one)."""
+
+    def next_batch(self, per_rank: int) -> tuple[Tensor, ...]: ...
+    def eval_batches(self, batch_size: int, n_batches: int): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def pretraining_data(cfg: TrainConfig, d: Dist) -> tuple[Batches, Batches | None]:
+    """Token shards: the training split sharded over ranks, and the validation split (None
+    when the data has none, or none long enough for one window)."""
+    path, seq, seed = Path(cfg.data.path), cfg.data.seq_len, cfg.run.seed
+    train_data = TokenLoader(path, "train", seq, seed, d.rank, d.world)
+    manifest = train_data.manifest
+    if not manifest.get("val"):
+        _warn_no_validation(
+            d,
+            f"{path} has no validation split (prepared with val_fraction="
+            f"{manifest.get('val_fraction')}, which put none of its {manifest.get('documents')} "
+            "documents there)",
+        )
+        return train_data, None
+    try:
+        return train_data, TokenLoader(path, "val", seq, seed)
+    except DataError as e:
+        _warn_no_validation(d, str(e))
+        return train_data, None
+
+
+def _warn_no_validation(d: Dist, why: str) -> None:
+    if d.main:
+        say(
+            f"warning: {why}; validation is skipped and no val loss is reported. "
+            "Re-run `atlas-train prepare-data` with a larger --val-fraction to get one."
+        )
+
+
+def next_token_loss(model: Transformer, cfg: TrainConfig) -> nn.Module:
+    chunk = cfg.run.cross_entropy_chunk or None
+    return NextTokenLoss(model, chunked=cfg.run.cross_entropy == "chunked", chunk_rows=chunk)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run trains for: the loss module over the model, and the data.
+
+    `make_loss(model, cfg)` returns an nn.Module holding the model as `.model` (FSDP shards
+    its blocks) whose `forward(*batch)` is the mean loss; `make_data(cfg, dist)` returns the
+    training batches (sharded over ranks) and the validation batches or None. `evaluate`
+    expects (inputs, targets) batches of token ids, targets IGNORE_INDEX where they do not
+    count.
+    """
+
+    make_loss: Callable[[Transformer, TrainConfig], nn.Module] = next_token_loss
+    make_data: Callable[[TrainConfig, Dist], tuple[Batches, Batches | None]] = pretraining_data
+
+
+PRETRAINING = Task()
+
+
+# --- setup and resume --------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything a training run holds; `setup` builds it, `train_step` advances it."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: str
+    run_dir: Path
+    tokenizer: Tokenizer
+    model: Transformer  # the plain model: what checkpoints hold
+    loss_module: nn.Module  # the task's loss over `model`, unwrapped
+    step_module: Callable[..., Tensor]  # the same, wrapped (DDP/FSDP) and compiled as configured
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_data: Batches
+    val_data: Batches | None
+    precision: str = "fp32"  # run.precision with "auto" resolved for the device
+    step: int = 0
+    start_step: int = 0
+    last_checkpoint: tuple[Path, int] | None = None  # (folder, step)
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def wrapped(self) -> nn.Module:
+        return getattr(self.step_module, "_orig_mod", self.step_module)
+
+
+def find_resume_point(run_dir: Path, d: Dist) -> ResumePoint | None:
+    """The newest complete checkpoint of `run_dir`, read once; partial saves are removed."""
+    if d.main:
+        clean_partial(run_dir)
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        if d.main:
+            say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting at step 0")
+        return None
+    point = load_training_checkpoint(last)
+    if d.main:
+        say(f"resuming from step {point.step} ({last})")
+    return point
+
+
+def setup(
+    cfg: TrainConfig, d: Dist, resume: ResumePoint | None = None, task: Task = PRETRAINING
+) -> Run:
+    """Build a run; with a resume point, restore everything it holds."""
+    device = (
+        f"cuda:{d.local_rank}"
+        if d.world > 1 and cfg.run.device.startswith("cuda")
+        else cfg.run.device
+    )
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
@@ -180,208 +297,155 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
     seed_everything(cfg.run.seed)
-
-    data_dir = Path(cfg.data.path)
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
-    train_data = TokenLoader(data_dir, "train", cfg.data.seq_len, cfg.run.seed, d.rank, d.world)
-    val_split = "val" if json.loads((data_dir / "manifest.json").read_text())["val"] else "train"
-    val_data = TokenLoader(data_dir, val_split, cfg.data.seq_len, cfg.run.seed)
-
-    if cfg.model.init_from:
-        model = load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model.train()
-    else:
-        overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
-        config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)
-        if cfg.data.seq_len > config.max_seq_len:
-            raise ValueError(
-                f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={config.max_seq_len}"
-            )
-        model = Transformer(config)
-    model.to(device)
-    raw_model = model
+    tokenizer = Tokenizer.from_file(Path(cfg.data.path) / "tokenizer.json")
+    train_data, val_data = task.make_data(cfg, d)
+    model = _build_model(cfg, tokenizer, resuming=resume is not None).to(device)
+    if resume is not None:
+        try:  # full weights, before any sharding
+            model.load_state_dict(resume.weights)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"{resume.path} does not fit this run's model (was the config changed?): {e}"
+            ) from None
     if cfg.run.activation_checkpointing:
         enable_activation_checkpointing(model)
-    start_step, saved = 0, None
-    if resume:
-        clean_partial(run_dir)
-        last = latest_checkpoint(run_dir)
-        if last is not None:
-            saved = load_trainer_state(last)
-            weights = load_checkpoint(last, attention=cfg.run.attention).model.state_dict()
-            raw_model.load_state_dict(weights)  # full weights, before any sharding
-            start_step = saved[1]["step"]
-
-    if d.world > 1:
-        model = _wrap_distributed(model, cfg, device)
+    loss_module = task.make_loss(model, cfg)
+    wrapped = _wrap_distributed(loss_module, cfg, device) if d.world > 1 else loss_module
+    step_module = torch.compile(wrapped) if compile_enabled(cfg) else wrapped
     # The optimizer is built after wrapping: FSDP replaces parameters with sharded ones.
     # The fused kernel updates each tensor in one pass, several times faster than the
     # default multi-tensor path on the CPU (bench/bench_train.py prints both). FSDP's sharded
     # (DTensor) parameters keep the default path.
     sharded = d.world > 1 and cfg.run.distributed == "fsdp"
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay),
+        param_groups(wrapped, cfg.optim.weight_decay),
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         fused=None if sharded or device.split(":")[0] not in ("cpu", "cuda") else True,
     )
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.run.precision == "fp16")
-    if saved is not None:
-        tensors, plain = saved
-        optim_state = optimizer_from_flat(tensors, plain["optimizer"])
-        if cfg.run.distributed == "fsdp" and d.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
+    precision = resolve_precision(cfg, device)
+    if cfg.run.precision == "auto" and d.main:
+        say(f"precision auto: {precision} on {device}")
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    run = Run(
+        cfg, d, device, run_dir, tokenizer, model, loss_module, step_module, optimizer, scaler,
+        train_data, val_data, precision,
+    )  # fmt: skip
+    if resume is not None:
+        _restore_trainer_state(run, resume)
+    return run
 
-            set_optimizer_state_dict(
-                model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
-            )
-        else:
-            optimizer.load_state_dict(optim_state)
-        if plain.get("scaler"):
-            scaler.load_state_dict(plain["scaler"])
-        train_data.load_state_dict(plain["loader"])
-        set_rng_state(tensors, plain["rng"])
-    forward_model = torch.compile(model) if cfg.run.compile else model
 
-    n_params = raw_model.num_parameters()
-    tokens_per_step = cfg.data.micro_batch * cfg.data.grad_accum * d.world * cfg.data.seq_len
-    flops_tok = flops_per_token(raw_model.config, n_params, cfg.data.seq_len)
-    peak = measured_matmul_peak(device) if d.main else 0.0
-    byte_table = token_bytes_table(tokenizer, raw_model.config.vocab_size)
-    logger = Logger(cfg, run_dir, d.main)
-    losses: list[float] = []
-    summary: dict = {"losses": losses, "start_step": start_step}
-    bar = tqdm(
-        total=cfg.schedule.max_steps,
-        initial=start_step,
-        disable=not (progress and d.main),
-        desc="training",
-        unit="step",
-    )
-    profiler = _profiler(run_dir) if profile and d.main else None
-    t_last = time.perf_counter()
-    for step in range(start_step, cfg.schedule.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.data.grad_accum):
-            x, y = train_data.next_batch(cfg.data.micro_batch)
-            x, y = x.to(device), y.to(device)
-            sync = micro == cfg.data.grad_accum - 1
-            ctx = (
-                model.no_sync()
-                if (d.world > 1 and not sync and hasattr(model, "no_sync"))
-                else contextlib.nullcontext()
-            )
-            with ctx, autocast_context(cfg, device):
-                logits = forward_model(x)  # [B, T, V]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
-                )
-            scaler.scale(loss / cfg.data.grad_accum).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+def _build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Transformer:
+    if cfg.model.init_from:
+        if resuming:  # the resume point has the weights: only the shape is needed from here
+            meta = read_metadata(cfg.model.init_from)["model"]
+            return Transformer(ModelConfig.from_dict({**meta, "attention": cfg.run.attention}))
+        return load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model.train()
+    overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
+    config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    if cfg.data.seq_len > config.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={config.max_seq_len}"
         )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if d.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        step_loss = loss_sum.item() / cfg.data.grad_accum
-        losses.append(step_loss)
-        done = step + 1
-        if profiler is not None:
-            profiler.step()
-            if done - start_step >= 5:
-                _finish_profile(profiler, run_dir)
-                profiler = None
-        if d.main and (done % cfg.run.log_every == 0 or done == cfg.schedule.max_steps):
-            elapsed = time.perf_counter() - t_last
-            steps = cfg.run.log_every if done % cfg.run.log_every == 0 else done % cfg.run.log_every
-            tok_s = tokens_per_step * steps / max(elapsed, 1e-9)
-            t_last = time.perf_counter()
-            values = {
-                "train/loss": step_loss,
-                "train/lr": lr,
-                "train/grad_norm": float(grad_norm),
-                "perf/tokens_per_s": tok_s,
-                "perf/mfu": tok_s * flops_tok / peak if peak else 0.0,
-            }
-            if device.startswith("cuda"):
-                values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            logger.scalars(done, values)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        bar.update(1)
-        if done % cfg.run.eval_every == 0 or done == cfg.schedule.max_steps:
-            metrics = evaluate(raw_model, val_data, cfg, device, byte_table)
-            summary["val"] = metrics
-            if d.main:
-                logger.scalars(done, {f"val/{k}": v for k, v in metrics.items()})
-                bar.write(
-                    f"step {done}: val loss {metrics['loss']:.4f}, ppl {metrics['perplexity']:.2f}, "
-                    f"bpb {metrics['bits_per_byte']:.4f}"
-                )
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.schedule.max_steps:
-            _checkpoint(
-                cfg,
-                d,
-                run_dir,
-                done,
-                raw_model,
-                model,
-                tokenizer,
-                optimizer,
-                scaler,
-                train_data,
-                logger,
-                bar,
-            )
-    bar.close()
-    logger.close()
-    summary["run_dir"] = str(run_dir)
-    summary["checkpoint"] = str(latest_checkpoint(run_dir)) if d.main else None
-    if d.world > 1:
-        dist.destroy_process_group()
-    return summary
+    return Transformer(config)
 
 
-def _wrap_distributed(model: Transformer, cfg: TrainConfig, device: str):
+def _wrap_distributed(module: nn.Module, cfg: TrainConfig, device: str) -> nn.Module:
     if cfg.run.distributed == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.blocks:
+        for block in module.model.blocks:
             fully_shard(block)
-        return fully_shard(model)
+        return fully_shard(module)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [int(device.split(":")[1])] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _restore_trainer_state(run: Run, point: ResumePoint) -> None:
+    if run.cfg.run.distributed == "fsdp" and run.dist.world > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(
+            run.wrapped,
+            run.optimizer,
+            point.optimizer,
+            options=StateDictOptions(full_state_dict=True),
+        )
+    else:
+        run.optimizer.load_state_dict(point.optimizer)
+    if point.scaler:
+        run.scaler.load_state_dict(point.scaler)
+    run.train_data.load_state_dict(point.loader)
+    set_rng_state(point.rng_tensors, point.rng_plain)
+    run.step = run.start_step = point.step
+    run.last_checkpoint = (point.path, point.step)
+
+
+# --- one step, evaluation, checkpoint ----------------------------------------------------------
+def _to_device(batch: tuple[Tensor, ...], device: str) -> tuple[Tensor, ...]:
+    if device.startswith("cuda"):
+        # Pinned memory and an asynchronous copy: a plain copy from pageable memory waits
+        # for the GPU to finish the step before, which is a host sync every step.
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
+    """One optimizer step. Returns (sum of the micro-batch losses, gradient norm, lr), the
+    first two as device tensors that nothing here reads back."""
+    cfg, d = run.cfg, run.dist
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.data.grad_accum):
+        batch = _to_device(run.train_data.next_batch(cfg.data.micro_batch), run.device)
+        sync = micro == cfg.data.grad_accum - 1
+        no_sync = d.world > 1 and not sync and hasattr(run.wrapped, "no_sync")
+        with run.wrapped.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast_context(run.precision, run.device):
+                loss = run.step_module(*batch)
+            run.scaler.scale(loss / cfg.data.grad_accum).backward()
+        loss_sum += loss.detach()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.wrapped.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    )
+    run.scaler.step(run.optimizer)  # fp16 only: the scaler reads back whether grads are finite
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if d.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    run.step += 1
+    return loss_sum, grad_norm, lr
 
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer, data: TokenLoader, cfg: TrainConfig, device: str, byte_table: torch.Tensor
+    loss_module: nn.Module, data: Batches, cfg: TrainConfig, device: str, byte_table: Tensor
 ) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte (nats summed over target bytes)."""
-    was_training = model.training
-    model.eval()
+    """Validation loss, perplexity and bits per byte (nats summed over target bytes).
+
+    Runs the task's loss module (unwrapped, uncompiled) on (inputs, targets) batches; its
+    mean over the targets that count (not IGNORE_INDEX) times their number is their sum.
+    """
+    was_training = loss_module.training
+    loss_module.eval()
     nll, tokens, n_bytes = 0.0, 0, 0.0
     for x, y in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
-        with autocast_context(cfg, device):
-            logits = model(x.to(device))
-        losses = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum"
-        )
-        nll += float(losses)
-        tokens += y.numel()
-        n_bytes += float(byte_table[y].sum())
-    model.train(was_training)
+        valid = y != IGNORE_INDEX  # [B, T]
+        count = int(valid.sum())
+        nll += float(loss_module(x.to(device), y.to(device))) * count
+        tokens += count
+        n_bytes += float(byte_table[y[valid]].sum())
+    loss_module.train(was_training)
     loss = nll / max(1, tokens)
     return {
         "loss": loss,
@@ -390,20 +454,10 @@ def evaluate(
     }
 
 
-def _checkpoint(
-    cfg,
-    d: Dist,
-    run_dir,
-    step,
-    raw_model,
-    model,
-    tokenizer,
-    optimizer,
-    scaler,
-    train_data,
-    logger,
-    bar,
-) -> None:
+def save(run: Run) -> tuple[Path | None, Transformer]:
+    """Write a checkpoint of the current step (rank 0); returns its folder (None on other
+    ranks) and a model holding the full weights (for sampling)."""
+    cfg, d = run.cfg, run.dist
     if cfg.run.distributed == "fsdp" and d.world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -412,39 +466,187 @@ def _checkpoint(
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=opts)
-        opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
+        weights = get_model_state_dict(run.wrapped, options=opts)
+        opt_state = get_optimizer_state_dict(run.wrapped, run.optimizer, options=opts)
     else:
-        weights, opt_state = None, optimizer.state_dict()
+        weights, opt_state = None, run.optimizer.state_dict()
     if not d.main:
-        return
-    save_model = raw_model
-    if weights is not None:
-        save_model = Transformer(raw_model.config)
-        save_model.load_state_dict(weights)
-    path = save_training_checkpoint(
-        run_dir,
-        step,
-        save_model,
-        tokenizer,
-        opt_state,
-        scaler.state_dict() if scaler.is_enabled() else None,
-        train_data.state_dict(),
-        cfg.to_toml(),
-        {
-            "source": "atlas-train",
-            "step": step,
-            "data": cfg.data.path,
-            "data_manifest_sha256": _manifest_hash(cfg.data.path),
-        },
-        cfg.run.keep_last,
+        return None, run.model
+    full_model = run.model
+    if weights is not None:  # names are the loss module's: "model.blocks.0..."
+        full_model = Transformer(run.model.config)
+        full_model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
+    state = TrainerState(
+        step=run.step,
+        optimizer=opt_state,
+        scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        loader=run.train_data.state_dict(),
+        config_toml=cfg.to_toml(),
     )
-    if cfg.run.sample_tokens > 0:
-        sample = _sample(save_model, tokenizer, cfg)
-        logger.text(step, "sample", sample)
-        bar.write(f"step {step}: saved {path}\n  sample: {sample!r}")
+    provenance = {
+        "source": "atlas-train",
+        "step": run.step,
+        "precision": run.precision,
+        "data": cfg.data.path,
+        "data_manifest_sha256": _manifest_hash(cfg.data.path),
+    }
+    path = save_training_checkpoint(
+        run.run_dir, full_model, run.tokenizer, state, provenance, cfg.run.keep_last
+    )
+    run.last_checkpoint = (path, run.step)
+    return path, full_model
 
 
+# --- the loop ----------------------------------------------------------------------------------
+class Progress:
+    """Logging every `log_every` steps: reads the pending step losses back in one transfer,
+    writes scalars, moves the bar. Rank 0 only writes; every rank keeps the losses."""
+
+    def __init__(self, run: Run, enabled: bool) -> None:
+        cfg = run.cfg
+        self.run = run
+        self.pending: list[Tensor] = []
+        self.logger = Logger(cfg, run.run_dir, run.dist.main)
+        self.bar = tqdm(
+            total=cfg.schedule.max_steps,
+            initial=run.step,
+            disable=not (enabled and run.dist.main),
+            desc="training",
+            unit="step",
+        )
+        n_params = run.model.num_parameters()
+        self.tokens_per_step = (
+            cfg.data.micro_batch * cfg.data.grad_accum * run.dist.world * cfg.data.seq_len
+        )
+        self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
+        self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
+        self.t_last, self.step_last = time.perf_counter(), run.step
+
+    def step_done(self, loss_sum: Tensor) -> None:
+        self.pending.append(loss_sum)
+        self.bar.update(1)
+
+    def flush(self, grad_norm: Tensor, lr: float) -> None:
+        """Read the pending losses (the one host sync of `log_every` steps) and log."""
+        run, cfg = self.run, self.run.cfg
+        if not self.pending:
+            return
+        accum = cfg.data.grad_accum
+        losses = [v / accum for v in torch.stack(self.pending).tolist()]
+        self.pending.clear()
+        run.losses.extend(losses)
+        if not run.dist.main:
+            return
+        now = time.perf_counter()
+        tok_s = self.tokens_per_step * (run.step - self.step_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, run.step
+        values = {
+            "train/loss": losses[-1],
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "perf/tokens_per_s": tok_s,
+            "perf/mfu": tok_s * self.flops_per_token / self.peak if self.peak else 0.0,
+        }
+        if run.device.startswith("cuda"):
+            values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.scalars(run.step, values)
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+
+def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
+    """Train `run` to `schedule.max_steps` (or to a Ctrl-C); returns the summary."""
+    cfg, d = run.cfg, run.dist
+    max_steps = cfg.schedule.max_steps
+    summary: dict[str, Any] = {"losses": run.losses, "start_step": run.start_step}
+    byte_table = token_bytes_table(run.tokenizer, run.model.config.vocab_size)
+    log = Progress(run, progress)
+    profiler = _profiler() if profile and d.main else None
+    stopped = False
+    try:
+        with graceful_interrupt(enabled=d.world == 1) as stop:
+            while run.step < max_steps and not stopped:
+                loss_sum, grad_norm, lr = train_step(run)
+                log.step_done(loss_sum)
+                done, stopped = run.step, stop.requested
+                if profiler is not None:
+                    profiler.step()
+                    if done - run.start_step >= 5:
+                        _finish_profile(profiler, run.run_dir)
+                        profiler = None
+                last = done == max_steps
+                if done % cfg.run.log_every == 0 or last or stopped:
+                    log.flush(grad_norm, lr)
+                if (done % cfg.run.eval_every == 0 or last) and run.val_data is not None:
+                    metrics = evaluate(run.loss_module, run.val_data, cfg, run.device, byte_table)
+                    summary["val"] = metrics
+                    if d.main:
+                        log.logger.scalars(done, {f"val/{k}": v for k, v in metrics.items()})
+                        say(
+                            f"step {done}: val loss {metrics['loss']:.4f}, "
+                            f"ppl {metrics['perplexity']:.2f}, bpb {metrics['bits_per_byte']:.4f}"
+                        )
+                if done % cfg.run.checkpoint_every == 0 or last or stopped:
+                    _checkpoint_and_sample(run, log)
+    except KeyboardInterrupt:  # a second Ctrl-C, or any Ctrl-C in a distributed run
+        log.close()
+        if d.main:
+            say(_stop_message(run))
+        raise
+    log.close()
+    if "val" not in summary and run.val_data is not None and run.step == run.start_step:
+        # Resumed at max_steps: nothing to train, but the summary still has its metrics.
+        summary["val"] = evaluate(run.loss_module, run.val_data, cfg, run.device, byte_table)
+    if stopped and d.main:
+        say(_stop_message(run))
+    summary["interrupted"] = stopped
+    summary["run_dir"] = str(run.run_dir)
+    summary["checkpoint"] = str(latest_checkpoint(run.run_dir)) if d.main else None
+    return summary
+
+
+def _checkpoint_and_sample(run: Run, log: Progress) -> None:
+    path, full_model = save(run)
+    if path is None or run.cfg.run.sample_tokens <= 0:
+        return
+    sample = _sample(full_model, run.tokenizer, run.cfg)
+    log.logger.text(run.step, "sample", sample)
+    say(f"step {run.step}: saved {path}\n  sample: {sample!r}")
+
+
+def _stop_message(run: Run) -> str:
+    if run.last_checkpoint is None:
+        return (
+            f"stopped at step {run.step}; no checkpoint yet (the first comes at step "
+            f"{run.cfg.run.checkpoint_every}); a rerun starts from step 0"
+        )
+    path, step = run.last_checkpoint
+    return f"stopped at step {run.step}; last checkpoint {path} (step {step}); resume with --resume"
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    profile: bool = False,
+    progress: bool = True,
+    task: Task = PRETRAINING,
+) -> dict:
+    """Run training; returns a summary (losses per step, final validation metrics, whether
+    Ctrl-C stopped it, the last checkpoint)."""
+    d = setup_distributed(cfg.run.device)
+    try:
+        point = find_resume_point(Path(cfg.run.out_dir), d) if resume else None
+        run = setup(cfg, d, point, task)
+        return fit(run, profile, progress)
+    finally:
+        if d.world > 1:
+            dist.destroy_process_group()
+
+
+# --- helpers -----------------------------------------------------------------------------------
 def _sample(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> str:
     # A private generator, so sampling never disturbs the training RNG stream.
     prompt = tokenizer.encode(cfg.run.sample_prompt) or [tokenizer.eot_id or 0]
@@ -467,7 +669,7 @@ def _manifest_hash(path: str) -> str:
     return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
 
 
-def _profiler(run_dir: Path):
+def _profiler():
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + (

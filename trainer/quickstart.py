@@ -3,7 +3,8 @@
 What it does: writes a corpus from the running Python's standard library (docstrings and
 sources, chosen deterministically: text that exists on every machine with Python),
 trains a BPE tokenizer on it, prepares token shards with a held-out validation split,
-trains the `gpt2-mini` preset on 2 CPU cores for a fixed number of steps, and compares
+trains the `gpt2-mini` preset (configs/train/quickstart.toml: bf16 autocast where the CPU
+has native bf16, else fp32) for a fixed number of steps, and compares
 the held-out bits per byte with a unigram baseline (token frequencies of the training
 split, add-one smoothed, on the same validation tokens). The final checkpoint is copied
 to `OUTPUT/checkpoint`, which `atlas serve` uses as its embedded default.
@@ -15,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from atlas_server.io import atomic_write_json
 from atlas_server.model.config import configs_dir
-from atlas_server.tokenizer import train_from_files
+from atlas_server.tokenizer import Tokenizer, train_from_files
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.train import TrainConfig as TokenizerConfig
 
@@ -62,31 +65,41 @@ def quickstart(
     vocab_size: int = 4096,
     threads: int | None = None,
     progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> dict:
+    """Corpus, tokenizer, token shards, then configs/train/quickstart.toml for `steps` steps
+    (warmup 5% of them) with `overrides` (`section.key=value`) applied last; resumes a run
+    that was stopped. Returns (and writes to OUTPUT/quickstart.json) the held-out metrics."""
     output = Path(output)
     corpus = write_corpus(output / "corpus", corpus_bytes)
-    tok_dir = output / "tokenizer"
-    tokenizer = train_from_files(
-        [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=progress
-    )
-    tokenizer.save(tok_dir / "tokenizer.json")
+    tok_file = output / "tokenizer" / "tokenizer.json"
+    if tok_file.is_file():  # a rerun after Ctrl-C: training it again gives the same file
+        tokenizer = Tokenizer.from_file(tok_file)
+    else:
+        tokenizer = train_from_files(
+            [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=progress
+        )
+        tokenizer.save(tok_file)
     data_dir = output / "data"
     prepare_data(
         [str(p) for p in corpus],
-        tok_dir / "tokenizer.json",
+        tok_file,
         data_dir,
         val_fraction=0.02,
         progress=progress,
     )
-    overrides = [
+    settings = [
         f"run.out_dir={json.dumps(str(output / 'run'))}",
         f"data.path={json.dumps(str(data_dir))}",
         f"schedule.max_steps={steps}",
+        f"schedule.warmup_steps={max(1, round(0.05 * steps))}",
+        *([f"run.threads={threads}"] if threads else []),
+        *overrides,
     ]
-    if threads:
-        overrides.append(f"run.threads={threads}")
-    cfg = load_train_config(configs_dir() / "train" / "quickstart.toml", overrides)
+    cfg = load_train_config(configs_dir() / "train" / "quickstart.toml", settings)
     summary = train(cfg, resume=True, progress=progress)
+    if summary["interrupted"]:  # Ctrl-C: a checkpoint was saved; a rerun continues from it
+        return {"interrupted": True, "run": str(output / "run"), "steps": steps}
     final = output / "checkpoint"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(summary["checkpoint"], final, ignore=shutil.ignore_patterns("trainer_state.*"))
@@ -95,12 +108,12 @@ def quickstart(
     )
     result = {
         "checkpoint": str(final),
-        "val_bits_per_byte": summary["val"]["bits_per_byte"],
-        "val_loss": summary["val"]["loss"],
+        "val_bits_per_byte": summary.get("val", {}).get("bits_per_byte"),
+        "val_loss": summary.get("val", {}).get("loss"),
         "unigram_bits_per_byte": unigram_bits_per_byte(
             data_dir, tokenizer.vocab_size, byte_lengths
         ),
         "steps": steps,
     }
-    (output / "quickstart.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(output / "quickstart.json", result, indent=2)
     return result

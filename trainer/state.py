@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from atlas_server.checkpoint import save_checkpoint
+from atlas_server.checkpoint import WEIGHTS_FILE, CheckpointError, save_checkpoint
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -79,38 +80,55 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], plain: dict[str, Any])
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+@dataclass
+class TrainerState:
+    """What exact resume needs besides the weights (the RNG states are taken at save time)."""
+
+    step: int
+    optimizer: dict  # optimizer.state_dict(), or FSDP's full optimizer state
+    scaler: dict | None  # GradScaler state (fp16 only)
+    loader: dict  # the data position
+    config_toml: str
+
+
+@dataclass
+class ResumePoint:
+    """A training checkpoint read back in one pass over its files."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]  # Transformer.state_dict() names
+    optimizer: dict
+    scaler: dict | None
+    loader: dict
+    rng_tensors: dict[str, torch.Tensor]
+    rng_plain: dict[str, Any]
+
+
 def save_training_checkpoint(
-    run_dir: Path,
-    step: int,
-    model,
-    tokenizer,
-    optimizer_state: dict,
-    scaler_state: dict | None,
-    loader_state: dict,
-    config_toml: str,
-    provenance: dict,
-    keep_last: int,
+    run_dir: Path, model, tokenizer, state: TrainerState, provenance: dict, keep_last: int
 ) -> Path:
+    """Write RUN/checkpoints/step_NNNNNN atomically (see the module docstring); prune old ones."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
+    name = f"step_{state.step:06d}"
     tmp = ckpt_root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(tmp, model, tokenizer, provenance)
-    opt_tensors, opt_plain = optimizer_to_flat(optimizer_state)
+    opt_tensors, opt_plain = optimizer_to_flat(state.optimizer)
     rng_tensors, rng_plain = rng_state()
     save_file(
         {k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()},
         str(tmp / "trainer_state.safetensors"),
     )
-    _maybe_die_for_test(step)
+    _maybe_die_for_test(state.step)
     plain = {
-        "step": step,
+        "step": state.step,
         "optimizer": opt_plain,
-        "scaler": scaler_state,
-        "loader": loader_state,
+        "scaler": state.scaler,
+        "loader": state.loader,
         "rng": rng_plain,
-        "config_toml": config_toml,
+        "config_toml": state.config_toml,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(plain))
     for f in tmp.iterdir():
@@ -155,7 +173,25 @@ def clean_partial(run_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_trainer_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = load_file(str(path / "trainer_state.safetensors"))
-    plain = json.loads((path / "trainer_state.json").read_text())
-    return tensors, plain
+def load_training_checkpoint(path: Path) -> ResumePoint:
+    """Read a training checkpoint for resuming: each of its files once, nothing unpickled.
+
+    The weights are checked against the run's model when they are loaded into it (names
+    and shapes, `load_state_dict(strict=True)`); the trainer state here.
+    """
+    try:
+        weights = load_file(str(path / WEIGHTS_FILE))
+        tensors = load_file(str(path / "trainer_state.safetensors"))
+        plain = json.loads((path / "trainer_state.json").read_text())
+    except Exception as e:  # a missing file, bad JSON, safetensors' own error types
+        raise CheckpointError(f"cannot resume from {path}: {e}") from None
+    return ResumePoint(
+        path=path,
+        step=int(plain["step"]),
+        weights=weights,
+        optimizer=optimizer_from_flat(tensors, plain["optimizer"]),
+        scaler=plain.get("scaler"),
+        loader=plain["loader"],
+        rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng.")},
+        rng_plain=plain["rng"],
+    )

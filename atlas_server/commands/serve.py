@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from ..config import ConfigFileError, load_config, render, with_overrides
+from ..paths import quickstart_dir
 from ._common import fail, user_errors
 
 log = logging.getLogger("atlas.serve")
@@ -28,8 +29,7 @@ log = logging.getLogger("atlas.serve")
 
 def default_checkpoint() -> Path:
     """The embedded default: the quickstart checkpoint (see `atlas-train quickstart`)."""
-    home = Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
-    return home / "quickstart" / "checkpoint"
+    return quickstart_dir() / "checkpoint"
 
 
 def resolve_checkpoint(flag: str | None, configured: str | None) -> Path:
@@ -119,6 +119,9 @@ def serve(
     config: Path = typer.Option(
         None, "--config", help="Server config TOML (see configs/server/default.toml)."
     ),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key: --set engine.max_batched_tokens=1024 (repeatable)."
+    ),
     api_key: str = typer.Option(
         None,
         "--api-key",
@@ -148,7 +151,7 @@ def serve(
     from ..api import ServerState, create_app
 
     with user_errors(ConfigFileError):
-        cfg = load_config(config)
+        cfg = load_config(config, set_)
         cfg = with_overrides(
             cfg,
             http__host=host,

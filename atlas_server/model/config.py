@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from .. import tomlconfig  # a leaf that imports nothing of Atlas (docs/architecture.md)
 
 PositionalEncoding = Literal["learned", "sinusoidal", "rope"]
 NormKind = Literal["layernorm", "rmsnorm"]
@@ -125,8 +122,7 @@ def load_preset(name: str, **overrides: Any) -> ModelConfig:
     path = configs_dir() / "models" / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"no model preset {name!r}; available: {', '.join(preset_names())}")
-    with path.open("rb") as f:
-        data = tomllib.load(f)
+    origin, data = tomlconfig.file_layer(path, ConfigError)
     data.pop("description", None)
-    data.update(overrides)
-    return ModelConfig.from_dict(data)
+    layers = [(origin, data), ("overrides", overrides)]
+    return tomlconfig.decode(ModelConfig, layers, ConfigError, what="model config key")

@@ -373,6 +373,17 @@ class Transformer(nn.Module):
             x = x[:, -1:, :]  # [B, 1, C]
         return self._logits(x)  # [B, T, V]
 
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """The final-normed hidden states [B, T, C] of a training forward over idx [B, T]:
+        what `forward` multiplies by `output_weight()`, for losses that apply the head
+        themselves, a chunk of rows at a time (trainer/loss.py; tests compare the two)."""
+        B, T = idx.shape
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        x, rope = self._embed(idx, positions, T - 1)  # [B, T, C]
+        for block in self.blocks:
+            x = block(x, positions, rope, None, None)
+        return self.final_norm(x)  # [B, T, C]
+
     def forward_segments(
         self,
         idx: Tensor,  # [N] token ids of every segment, back to back

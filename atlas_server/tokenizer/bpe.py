@@ -364,7 +364,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
-        atomic_write_text(path, text)
+        _atomic_write_text(path, text)
         return path
 
     @classmethod
@@ -416,8 +416,12 @@ class Tokenizer:
         return cls.from_dict(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it.
+
+    A private copy of `atlas_server.io.atomic_write_text`: the tokenizer imports nothing
+    else of Atlas (docs/architecture.md), so that it can be lifted out whole.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -1,0 +1,66 @@
+"""Atomic file writes: a file is either its old self or its whole new self, never half.
+
+What it does: writes text, bytes, JSON or a safetensors file to a temporary sibling in
+the same folder, flushes it to disk (fsync), then renames it over the target (`os.replace`
+is atomic on POSIX and Windows), so a crash or a SIGKILL mid-write leaves the previous
+file intact and at worst a `.NAME.*.tmp` sibling that the next write of the same name
+does not trip over. Folders are created as needed.
+What it does not do: folders of several files (a checkpoint is written into a temporary
+folder and renamed by `checkpoint.py` and `trainer/state.py`), locking, or reading.
+
+A leaf: it imports nothing of Atlas, so any room may use it except the tokenizer, which
+keeps its own few lines so that it stays free of every other Atlas module (see
+docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "save_safetensors"]
+
+
+def _write_atomically(path: str | os.PathLike, mode: str, write: Callable[[IO], Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically; returns the path."""
+    return _write_atomically(path, "w", lambda f: f.write(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    return _write_atomically(path, "wb", lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """`json.dumps(obj)` written atomically (NaN and infinity refused: not JSON)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False))
+
+
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
+    """torch tensors to a safetensors file, atomically (contiguous CPU copies are written)."""
+    from safetensors.torch import save
+
+    plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    return atomic_write_bytes(path, save(plain, metadata=metadata))

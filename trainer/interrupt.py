@@ -1,0 +1,53 @@
+"""Ctrl-C during training: finish the step, save a checkpoint, say how to resume.
+
+What it does: while a single-process run trains, the first SIGINT only sets a flag that
+the loop reads after each step (the step finishes, a checkpoint is saved unless the step
+already has one, and the run ends with "stopped at step N; last checkpoint DIR (step N);
+resume with --resume"); a second SIGINT raises KeyboardInterrupt at once (saves are
+atomic, so at worst the run resumes from the checkpoint before). Saving on the way out is
+cheap next to a step of training: the trainer writes the same checkpoint every
+`checkpoint_every` steps.
+What it does not do: distributed runs (ranks would stop at different steps and wait on
+each other forever); there Ctrl-C stops at once and the run resumes from the last
+periodic checkpoint. Nor threads other than the main one, where Python cannot install
+signal handlers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+
+class StopRequest:
+    """Set by the first Ctrl-C; the loop reads `requested` between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def graceful_interrupt(enabled: bool = True) -> Iterator[StopRequest]:
+    stop = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum, frame) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(
+            "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
