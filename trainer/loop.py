@@ -182,7 +182,7 @@ def train(
     seed_everything(cfg.run.seed)
 
     data_dir = Path(cfg.data.path)
-    tokenizer = Tokenizer.from_file(data_dir / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(data_dir)  # its atlas_tokenizer.json
     train_data = TokenLoader(data_dir, "train", cfg.data.seq_len, cfg.run.seed, d.rank, d.world)
     val_split = "val" if json.loads((data_dir / "manifest.json").read_text())["val"] else "train"
     val_data = TokenLoader(data_dir, val_split, cfg.data.seq_len, cfg.run.seed)

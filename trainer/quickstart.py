@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_server.model.config import configs_dir
-from atlas_server.tokenizer import train_from_files
+from atlas_server.tokenizer import TOKENIZER_FILE, train_from_files
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.train import TrainConfig as TokenizerConfig
 
@@ -69,11 +69,11 @@ def quickstart(
     tokenizer = train_from_files(
         [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=progress
     )
-    tokenizer.save(tok_dir / "tokenizer.json")
+    tokenizer.save(tok_dir / TOKENIZER_FILE)
     data_dir = output / "data"
     prepare_data(
         [str(p) for p in corpus],
-        tok_dir / "tokenizer.json",
+        tok_dir / TOKENIZER_FILE,
         data_dir,
         val_fraction=0.02,
         progress=progress,

@@ -1,9 +1,10 @@
-"""Byte-level BPE tokenizer: encode, decode and the tokenizer.json file (pure Python).
+"""Byte-level BPE tokenizer: encode, decode and the atlas_tokenizer.json file (pure Python).
 
 What it does: splits text with a regex pre-tokenizer, then merges the bytes of each
 piece by rank (the lowest-ranked adjacent pair first, the rule tiktoken uses, which
 gives the same ids as applying the merge list in order); decodes any id sequence;
-reads and writes Atlas's `tokenizer.json`. Speed comes from caching the ids of each
+reads and writes Atlas's `atlas_tokenizer.json` (and reads a Hugging Face `tokenizer.json`
+through `hf_format.py`). Speed comes from caching the ids of each
 distinct piece, keeping the per-piece work in C-level builtins, and splitting ASCII text
 with `re` instead of `regex`. Lone surrogates in the input become U+FFFD (as in
 tiktoken). What it does not do: learn merges (see `train.py`), import other formats
@@ -67,6 +68,11 @@ CACHE_MAX_PIECES = 200_000
 
 FORMAT_NAME = "atlas-bpe"
 FORMAT_VERSION = 1
+# Atlas's own file name. `tokenizer.json` is the Hugging Face `tokenizers` format's name;
+# Atlas wrote its own format under that name before, so a folder holding only a
+# `tokenizer.json` is still read (whichever of the two formats it is in).
+TOKENIZER_FILE = "atlas_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class TokenizerError(ValueError):
@@ -359,17 +365,20 @@ class Tokenizer:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write tokenizer.json atomically (temp file + rename); returns the path."""
+        """Write the tokenizer atomically (temp file + rename); returns the path.
+
+        A folder gets `atlas_tokenizer.json` inside it.
+        """
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
         atomic_write_text(path, text)
         return path
 
     @classmethod
     def from_dict(cls, data: dict) -> Tokenizer:
-        """Build a tokenizer from parsed tokenizer.json; TokenizerError says what is wrong."""
+        """Build a tokenizer from a parsed Atlas tokenizer file; TokenizerError says what is wrong."""
         if not isinstance(data, dict):
             raise TokenizerError(
                 f"not an Atlas tokenizer: a JSON {type(data).__name__}, not an object"
@@ -377,7 +386,7 @@ class Tokenizer:
         if data.get("format") != FORMAT_NAME:
             raise TokenizerError(
                 f"not an Atlas tokenizer (format={data.get('format')!r}); "
-                "Hugging Face tokenizer.json files are converted by `atlas checkpoint import-hf`"
+                "Hugging Face tokenizer.json files are read by Tokenizer.from_file"
             )
         version = data.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -403,16 +412,26 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load tokenizer.json, or the tokenizer.json inside a folder (e.g. a checkpoint)."""
+        """Load a tokenizer file, or the one inside a folder (a checkpoint, an HF model folder).
+
+        A folder's `atlas_tokenizer.json` wins over its `tokenizer.json`. A file in the
+        Hugging Face `tokenizers` format (byte-level BPE) is converted (see hf_format.py).
+        """
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            legacy = path / HF_TOKENIZER_FILE
+            own = path / TOKENIZER_FILE
+            path = legacy if legacy.is_file() and not own.is_file() else own
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise TokenizerError(f"no tokenizer file at {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and "format" not in data and isinstance(data.get("model"), dict):
+            from .hf_format import tokenizer_from_hf_json  # the HF `tokenizers` format
+
+            return tokenizer_from_hf_json(data, name=path.parent.name or "hf")
         return cls.from_dict(data)
 
 

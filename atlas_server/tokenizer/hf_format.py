@@ -1,11 +1,21 @@
-"""Read a Hugging Face byte-level BPE `tokenizer.json` into an Atlas tokenizer.
+"""Hugging Face byte-level BPE `tokenizer.json`: read it into an Atlas tokenizer, write one.
 
-What it does: maps the vocabulary (strings in GPT-2's bytes-to-unicode alphabet) back to
+Reading: maps the vocabulary (strings in GPT-2's bytes-to-unicode alphabet) back to
 raw bytes with the same ids, keeps the merge list, carries added/special tokens over, and
 picks the split pattern: GPT-2's for a `ByteLevel` pre-tokenizer that uses its own regex,
 or the regex of a `Split` pre-tokenizer (Llama 3 style). Atlas encodes by rank (lowest id
 first), which equals merge-order BPE when ids follow merge order, as in GPT-2 style
 vocabularies; `tests/test_hf_import.py` checks the ids against `tokenizers` on real text.
+
+Writing (`tokenizer_to_hf_json`): the same vocabulary in the byte-level alphabet, the split
+pattern as an isolated `Split` pre-tokenizer (GPT-2's pattern as the plain `ByteLevel` one),
+special tokens as added tokens with their ids, and a merge list that makes the `tokenizers`
+BPE model encode by Atlas's rule: every split of a token into two vocabulary tokens is a
+merge, ranked by the merged token's id, and `ignore_merges` looks a whole pre-token up
+first, as Atlas does. `tokenizer_config_json` adds what `transformers.AutoTokenizer` reads
+(specials, chat template). `tests/test_hf_export.py` checks the ids against `tokenizers` and
+`AutoTokenizer` on held-out text.
+
 What it does not do: SentencePiece/Unigram/WordPiece models (refused with a clear error)
 or normalizers (a tokenizer.json with a normalizer is refused: Atlas would encode differently).
 """
@@ -17,9 +27,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bpe import GPT2_SPLIT_PATTERN, Tokenizer, TokenizerError
+from .bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, IM_END, IM_START, Tokenizer, TokenizerError
 
-__all__ = ["gpt2_bytes_to_unicode", "tokenizer_from_hf_json"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "gpt2_bytes_to_unicode",
+    "merges_by_rank",
+    "tokenizer_config_json",
+    "tokenizer_from_hf_json",
+    "tokenizer_to_hf_json",
+]
 
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
@@ -124,3 +141,141 @@ def tokenizer_from_hf_json(
             raise TokenizerError(f"merge {merge!r} names tokens missing from the vocabulary")
         merges.append((id_of[left], id_of[right]))
     return Tokenizer(ranks, specials, pattern, merges, name=name)
+
+
+# The chat format Atlas's server renders when a checkpoint brings no template of its own
+# (atlas_server/api/chat.py): `<|im_start|>role\ncontent<|im_end|>\n` per message, then
+# `<|im_start|>assistant\n` when a reply is asked for. No BOS token, no system default.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def merges_by_rank(tokenizer: Tokenizer, as_text: dict[int, str]) -> list[list[str]]:
+    """Every (left, right) split of every token into two vocabulary tokens, ordered by the
+    merged token's id (then the halves'): BPE over this list merges, at each step, the
+    adjacent pair whose concatenation has the lowest id, which is Atlas's rule."""
+    ranks = tokenizer.ranks
+    found: list[tuple[int, int, int]] = []
+    for raw, rank in ranks.items():
+        for cut in range(1, len(raw)):
+            left, right = ranks.get(raw[:cut]), ranks.get(raw[cut:])
+            if left is not None and right is not None:
+                found.append((rank, left, right))
+    found.sort()
+    return [[as_text[left], as_text[right]] for _, left, right in found]
+
+
+def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The Hugging Face `tokenizers` JSON of an Atlas tokenizer (same ids, same encoding)."""
+    to_char = gpt2_bytes_to_unicode()
+    as_text = {i: "".join(to_char[b] for b in raw) for raw, i in tokenizer.ranks.items()}
+    if tokenizer.pattern == GPT2_SPLIT_PATTERN:
+        pre_tokenizer: dict[str, Any] = {
+            "type": "ByteLevel",
+            "add_prefix_space": False,
+            "trim_offsets": True,
+            "use_regex": True,
+        }
+    else:
+        pre_tokenizer = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": tokenizer.pattern},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": False,
+                },
+            ],
+        }
+    added = [
+        {
+            "id": token_id,
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for text, token_id in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,  # Atlas adds no BOS/EOS when encoding
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {as_text[i]: i for i in sorted(as_text)},
+            "merges": merges_by_rank(tokenizer, as_text),
+        },
+    }
+
+
+def tokenizer_config_json(
+    tokenizer: Tokenizer, chat_template: str | None, model_max_length: int
+) -> dict[str, Any]:
+    """`tokenizer_config.json` for `transformers.AutoTokenizer`: specials and chat template.
+
+    `chat_template` None gives the ChatML template Atlas serves by default, when the
+    tokenizer has its tokens (else no template).
+    """
+    specials = tokenizer.special_tokens
+    if chat_template is None and IM_START in specials and IM_END in specials:
+        chat_template = CHATML_TEMPLATE
+    eos = ENDOFTEXT if ENDOFTEXT in specials else None
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,  # decode gives the bytes back unchanged
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": eos,
+        "eos_token": eos,
+        "unk_token": None,
+        "pad_token": None,
+        "added_tokens_decoder": {
+            str(token_id): {
+                "content": text,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for text, token_id in sorted(specials.items(), key=lambda kv: kv[1])
+        },
+    }
+    others = [t for t in sorted(specials, key=specials.get) if t != eos]
+    if others:
+        config["additional_special_tokens"] = others
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
