@@ -175,7 +175,9 @@ def test_loaded_model_prepared_for_inference_decodes_like_the_full_forward(fixtu
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("command", ["inspect", "init", "migrate", "import-hf", "export-hf"])
+@pytest.mark.parametrize(
+    "command", ["inspect", "init", "migrate", "import-hf", "export-hf", "export-gguf"]
+)
 def test_every_checkpoint_command_has_help_with_an_example(command):
     result = CliRunner().invoke(app, ["checkpoint", command, "--help"])
     assert result.exit_code == 0 and f"atlas checkpoint {command}" in result.output

@@ -216,3 +216,27 @@ def export_hf_command(
     with user_errors():
         path = export_hf(directory, out, dtype, overwrite)
     typer.echo(f"wrote {path}")
+
+
+@app.command("export-gguf")
+def export_gguf_command(
+    directory: Path = typer.Argument(..., help="Atlas checkpoint directory."),
+    out: Path = typer.Argument(..., help="GGUF file to write (llama.cpp runs it)."),
+    tensor_type: str = typer.Option(
+        "f32", "--type", help="Matrices as f32, f16 or q8_0 (norms and biases stay f32)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Write a GGUF file for llama.cpp: weights, hyper-parameters, tokenizer, chat template.
+
+    Example: atlas checkpoint export-gguf runs/quickstart/checkpoint quickstart-q8_0.gguf --type q8_0
+    """
+    from ..gguf_export import GGUF_TYPES, GGUFExportError, export_gguf
+
+    with user_errors(FileExistsError):
+        if tensor_type not in GGUF_TYPES:
+            raise GGUFExportError(f"--type {tensor_type!r}: choose one of {list(GGUF_TYPES)}")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        path = export_gguf(directory, out, tensor_type, progress=True)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {tensor_type})")
