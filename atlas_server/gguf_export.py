@@ -14,6 +14,9 @@ Layouts: GGUF stores matrices [out, in] (ggml's ne = [in, out]), so Atlas's [in,
 weights are transposed. llama.cpp's `llama` architecture rotates adjacent pairs, while
 Atlas (like Hugging Face Llama) rotates halves: q and k rows are permuted for it, as
 llama.cpp's converter does; qwen2 and gptneox rotate halves in llama.cpp too.
+Known differences, none of them in Atlas-trained models: llama.cpp's BPE does not apply an
+imported tokenizer's NFC normalizer (ids differ only on text that is not NFC already), and
+its gptneox graph uses tanh GELU where Pythia's is exact.
 What it does not do: other quantizations (use llama.cpp's `llama-quantize` on the f32
 or f16 file), importance matrices, or tokenizers llama.cpp has no pre-tokenizer for.
 """
@@ -32,7 +35,12 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .hf_arch import HFConversionError, architecture_for
 from .model import ModelConfig
 from .tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, IM_END, Tokenizer
-from .tokenizer.hf_format import CHATML_TEMPLATE, gpt2_bytes_to_unicode, merges_by_rank
+from .tokenizer.hf_format import (
+    CHATML_TEMPLATE,
+    DIGITS_GPT2_SPLIT_PATTERN,
+    gpt2_bytes_to_unicode,
+    merges_by_rank,
+)
 
 __all__ = ["GGUF_TYPES", "GGUFExportError", "export_gguf", "gguf_tensors"]
 
@@ -57,6 +65,7 @@ PRE_TOKENIZERS = {
     GPT4_SPLIT_PATTERN: "llama-bpe",
     LLAMA3_SPLIT_PATTERN: "llama-bpe",
     QWEN2_SPLIT_PATTERN: "qwen2",
+    DIGITS_GPT2_SPLIT_PATTERN: "smollm",  # digits one by one, then GPT-2's split
 }
 
 
@@ -139,11 +148,8 @@ def _tokenizer_fields(tokenizer: Tokenizer, n_vocab: int) -> dict[str, Any]:
     if pre is None:
         raise GGUFExportError(
             f"llama.cpp has no pre-tokenizer for this tokenizer's split pattern "
-            f"{tokenizer.pattern!r}; known: GPT-2's, GPT-4's (Atlas's default), Llama 3's, Qwen2's"
-        )
-    if getattr(tokenizer, "normalizer", None):
-        raise GGUFExportError(
-            f"this tokenizer normalizes text ({tokenizer.normalizer}); llama.cpp's BPE does not"
+            f"{tokenizer.pattern!r}; known: GPT-2's, GPT-4's (Atlas's default), Llama 3's, Qwen2's, "
+            "SmolLM's"
         )
     to_char = gpt2_bytes_to_unicode()
     tokens, types = [], []
@@ -154,6 +160,9 @@ def _tokenizer_fields(tokenizer: Tokenizer, n_vocab: int) -> dict[str, Any]:
         elif i in tokenizer.id_to_special:
             tokens.append(tokenizer.id_to_special[i])
             types.append(gguf.TokenType.CONTROL)
+        elif i in tokenizer.id_to_added:  # matched in any text, as llama.cpp does these
+            tokens.append(tokenizer.id_to_added[i])
+            types.append(gguf.TokenType.USER_DEFINED)
         else:  # embedding rows past the tokenizer (padding to a round size)
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -236,9 +245,9 @@ def export_gguf(
             w.add_layer_norm_eps(config.norm_eps)
         if config.pos_encoding == "rope":
             w.add_rope_freq_base(config.rope_theta)
-            w.add_rope_dimension_count(getattr(config, "rotary_dim", config.head_dim))
+            w.add_rope_dimension_count(config.rope_dims)
         if model_type == "gpt_neox":
-            w.add_parallel_residual(bool(getattr(config, "parallel_residual", False)))
+            w.add_parallel_residual(config.parallel_residual)
 
         w.add_tokenizer_model("gpt2")  # byte-level BPE
         w.add_tokenizer_pre(tok["pre"])

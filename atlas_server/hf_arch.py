@@ -1,6 +1,6 @@
 """The Hugging Face architectures Atlas converts, both ways: config keys and weight names.
 
-What it does: for each supported `model_type` (GPT-2, Llama), maps an HF `config.json`
+What it does: for each supported `model_type` (GPT-2, Llama, Qwen2, GPT-NeoX), maps an HF `config.json`
 dict to a `ModelConfig` and back, and an HF state dict (HF names, HF layouts) to Atlas's
 `Transformer.state_dict()` and back. This is the one place the weight-name maps live:
 `hf_import.py`, `hf_export.py`, `gguf_export.py` and the benchmarks' `transformers` twins
@@ -9,8 +9,10 @@ use it. `architecture_for(config)` says which HF architecture an Atlas config is
 Layouts: Atlas's `Linear` stores [in, out]. GPT-2's Conv1D is [in, out] too and `c_attn`
 is already the fused q|k|v, so its tensors copy unchanged. Llama's projections are
 [out, in] (`nn.Linear`): transposed, q/k/v fused into `wqkv`, gate/up into `w_in`
-(gate first, as `FeedForward` splits them). Both use the "rotate half" RoPE convention,
-so q/k need no permutation.
+(gate first, as `FeedForward` splits them); Qwen2 is Llama plus q/k/v biases. GPT-NeoX
+fuses q/k/v per head ([head][q, k, v][D] rows), which is regrouped into q|k|v, and rotates
+only the first `rotary_pct` of each head. All use the "rotate half" RoPE convention, so
+q/k need no permutation.
 What it does not do: read or write files (hf_import.py, hf_export.py), tokenizers
 (tokenizer/hf_format.py), or import `transformers`.
 """
@@ -89,10 +91,20 @@ GPT2_BLOCK_NAMES = {
 }
 
 
+# HF activation names -> Atlas's non-gated MLP kinds.
+GELU_KINDS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact"}
+
+
+def _gelu_kind(act: str, model: str) -> str:
+    if act not in GELU_KINDS:
+        raise HFConversionError(
+            f"{model} activation {act!r} is not supported (Atlas has GELU, tanh or exact)"
+        )
+    return GELU_KINDS[act]
+
+
 def _gpt2_config(cfg: dict[str, Any]) -> ModelConfig:
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise HFConversionError(f"GPT-2 activation {act!r} is not supported (Atlas uses tanh GELU)")
+    mlp = _gelu_kind(cfg.get("activation_function", "gelu_new"), "GPT-2")
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         n_layers=cfg["n_layer"],
@@ -103,7 +115,7 @@ def _gpt2_config(cfg: dict[str, Any]) -> ModelConfig:
         pos_encoding="learned",
         norm="layernorm",
         norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-        mlp="gelu",
+        mlp=mlp,
         bias=True,
         tie_embeddings=cfg.get("tie_word_embeddings", True),
     )
@@ -117,7 +129,7 @@ def _gpt2_hf_config(c: ModelConfig) -> dict[str, Any]:
         "n_layer": c.n_layers,
         "n_head": c.n_heads,
         "n_inner": c.ff_dim,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu" if c.mlp == "gelu_exact" else "gelu_new",
         "layer_norm_epsilon": c.norm_eps,
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
@@ -126,13 +138,19 @@ def _gpt2_hf_config(c: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _sequential(c: ModelConfig) -> bool:
+    return not c.parallel_residual and c.rope_dims == c.head_dim
+
+
 def _gpt2_matches(c: ModelConfig) -> bool:
     return (
         c.pos_encoding == "learned"
         and c.norm == "layernorm"
-        and c.mlp == "gelu"
+        and c.mlp in ("gelu", "gelu_exact")
         and c.bias
+        and c.has_qkv_bias
         and c.kv_heads == c.n_heads
+        and _sequential(c)
     )
 
 
@@ -170,16 +188,16 @@ def _gpt2_to_hf(s: State, c: ModelConfig) -> State:
 
 
 # --- Llama ---------------------------------------------------------------------------------
-def _llama_config(cfg: dict[str, Any]) -> ModelConfig:
+def _llama_config(cfg: dict[str, Any], model: str = "Llama", qkv_bias: bool = False) -> ModelConfig:
     _refuse_rope_scaling(cfg)
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise HFConversionError("Llama attention_bias / mlp_bias are not supported")
+        raise HFConversionError(f"{model} attention_bias / mlp_bias are not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise HFConversionError(f"Llama hidden_act {cfg.get('hidden_act')!r} is not supported")
+        raise HFConversionError(f"{model} hidden_act {cfg.get('hidden_act')!r} is not supported")
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if head_dim * heads != cfg["hidden_size"]:
-        raise HFConversionError("Llama head_dim * num_attention_heads must equal hidden_size")
+        raise HFConversionError(f"{model} head_dim * num_attention_heads must equal hidden_size")
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         n_layers=cfg["num_hidden_layers"],
@@ -194,6 +212,7 @@ def _llama_config(cfg: dict[str, Any]) -> ModelConfig:
         norm_eps=cfg.get("rms_norm_eps", 1e-6),
         mlp="swiglu",
         bias=False,
+        qkv_bias=True if qkv_bias else None,
         tie_embeddings=cfg.get("tie_word_embeddings", False),
     )
 
@@ -217,7 +236,14 @@ def _llama_hf_config(c: ModelConfig) -> dict[str, Any]:
 
 
 def _llama_matches(c: ModelConfig) -> bool:
-    return c.pos_encoding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.bias
+    return (
+        c.pos_encoding == "rope"
+        and c.norm == "rmsnorm"
+        and c.mlp == "swiglu"
+        and not c.bias
+        and not c.has_qkv_bias
+        and _sequential(c)
+    )
 
 
 def _llama_from_hf(t: State, c: ModelConfig) -> State:
@@ -229,6 +255,9 @@ def _llama_from_hf(t: State, c: ModelConfig) -> State:
         p, a = f"model.layers.{i}.", f"blocks.{i}."
         q, k, v = (_take(t, f"{p}self_attn.{n}_proj.weight") for n in "qkv")
         state[a + "attn.wqkv.weight"] = torch.cat([q.t(), k.t(), v.t()], dim=1)
+        if c.has_qkv_bias:  # Qwen2
+            biases = (_take(t, f"{p}self_attn.{n}_proj.bias") for n in "qkv")
+            state[a + "attn.wqkv.bias"] = torch.cat(list(biases))
         state[a + "attn.wo.weight"] = _take(t, f"{p}self_attn.o_proj.weight").t()
         gate, up = _take(t, f"{p}mlp.gate_proj.weight"), _take(t, f"{p}mlp.up_proj.weight")
         state[a + "mlp.w_in.weight"] = torch.cat([gate.t(), up.t()], dim=1)
@@ -253,6 +282,11 @@ def _llama_to_hf(s: State, c: ModelConfig) -> State:
         out[p + "self_attn.q_proj.weight"] = q.t()
         out[p + "self_attn.k_proj.weight"] = k.t()
         out[p + "self_attn.v_proj.weight"] = v.t()
+        if c.has_qkv_bias:  # Qwen2
+            qb, kb, vb = s[a + "attn.wqkv.bias"].split([H * D, K * D, K * D])
+            out[p + "self_attn.q_proj.bias"] = qb
+            out[p + "self_attn.k_proj.bias"] = kb
+            out[p + "self_attn.v_proj.bias"] = vb
         out[p + "self_attn.o_proj.weight"] = s[a + "attn.wo.weight"].t()
         out[p + "mlp.gate_proj.weight"] = gate.t()
         out[p + "mlp.up_proj.weight"] = up.t()
@@ -261,6 +295,159 @@ def _llama_to_hf(s: State, c: ModelConfig) -> State:
         out[p + "post_attention_layernorm.weight"] = s[a + "mlp_norm.weight"]
     if not c.tie_embeddings:
         out["lm_head.weight"] = s["lm_head.weight"].t()
+    return out
+
+
+# --- Qwen2 (Llama with q/k/v biases) ---------------------------------------------------------
+def _qwen2_config(cfg: dict[str, Any]) -> ModelConfig:
+    if cfg.get("use_sliding_window"):
+        raise HFConversionError("Qwen2 sliding-window attention is not supported")
+    return _llama_config(cfg, "Qwen2", qkv_bias=True)
+
+
+def _qwen2_hf_config(c: ModelConfig) -> dict[str, Any]:
+    config = _llama_hf_config(c)
+    for key in ("head_dim", "attention_bias", "mlp_bias"):  # not Qwen2Config keys
+        config.pop(key)
+    return {
+        **config,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": c.n_layers,
+    }
+
+
+def _qwen2_matches(c: ModelConfig) -> bool:
+    return (
+        c.pos_encoding == "rope"
+        and c.norm == "rmsnorm"
+        and c.mlp == "swiglu"
+        and not c.bias
+        and c.has_qkv_bias
+        and _sequential(c)
+    )
+
+
+# --- GPT-NeoX (Pythia) ---------------------------------------------------------------------
+def _neox_config(cfg: dict[str, Any]) -> ModelConfig:
+    _refuse_rope_scaling(cfg)
+    if not cfg.get("attention_bias", True):
+        raise HFConversionError("GPT-NeoX without attention biases is not supported")
+    heads, width = cfg["num_attention_heads"], cfg["hidden_size"]
+    rope = cfg.get("rope_parameters") or {}
+    pct = rope.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25))
+    theta = rope.get("rope_theta", cfg.get("rotary_emb_base", cfg.get("rope_theta", 10000.0)))
+    rotary = int(width // heads * pct)
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        n_layers=cfg["num_hidden_layers"],
+        d_model=width,
+        n_heads=heads,
+        d_ff=cfg["intermediate_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        pos_encoding="rope",
+        rope_theta=float(theta),
+        rotary_dim=None if rotary == width // heads else rotary,
+        norm="layernorm",
+        norm_eps=cfg.get("layer_norm_eps", 1e-5),
+        mlp=_gelu_kind(cfg.get("hidden_act", "gelu"), "GPT-NeoX"),
+        bias=True,
+        parallel_residual=cfg.get("use_parallel_residual", True),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+    )
+
+
+def _neox_hf_config(c: ModelConfig) -> dict[str, Any]:
+    pct = c.rope_dims / c.head_dim
+    if int(c.head_dim * pct) != c.rope_dims:  # transformers computes int(head_dim * pct)
+        raise HFConversionError(f"rotary_dim {c.rope_dims} is not expressible as rotary_pct")
+    return {
+        "hidden_size": c.d_model,
+        "num_attention_heads": c.n_heads,
+        "num_hidden_layers": c.n_layers,
+        "intermediate_size": c.ff_dim,
+        "max_position_embeddings": c.max_seq_len,
+        "layer_norm_eps": c.norm_eps,
+        "hidden_act": "gelu" if c.mlp == "gelu_exact" else "gelu_new",
+        "use_parallel_residual": c.parallel_residual,
+        "attention_bias": True,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        # transformers 4 reads rotary_pct / rotary_emb_base, 5 reads rope_parameters
+        "rotary_pct": pct,
+        "rotary_emb_base": c.rope_theta,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": c.rope_theta,
+            "partial_rotary_factor": pct,
+        },
+    }
+
+
+def _neox_matches(c: ModelConfig) -> bool:
+    return (
+        c.pos_encoding == "rope"
+        and c.norm == "layernorm"
+        and c.mlp in ("gelu", "gelu_exact")
+        and c.bias
+        and c.has_qkv_bias
+        and c.kv_heads == c.n_heads
+    )
+
+
+_NEOX_NAMES = {  # Atlas -> GPT-NeoX, per block (weight and bias each)
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "attn.wo": "attention.dense",
+    "mlp.w_in": "mlp.dense_h_to_4h",
+    "mlp.w_out": "mlp.dense_4h_to_h",
+}
+
+
+def _neox_from_hf(t: State, c: ModelConfig) -> State:
+    H, D, C = c.n_heads, c.head_dim, c.d_model
+    state = {
+        "tok_emb.weight": _take(t, "gpt_neox.embed_in.weight"),
+        "final_norm.weight": _take(t, "gpt_neox.final_layer_norm.weight"),
+        "final_norm.bias": _take(t, "gpt_neox.final_layer_norm.bias"),
+    }
+    for i in range(c.n_layers):
+        p, a = f"gpt_neox.layers.{i}.", f"blocks.{i}."
+        for ours, theirs in _NEOX_NAMES.items():
+            for suffix in ("weight", "bias"):
+                w = _take(t, f"{p}{theirs}.{suffix}")
+                linear = suffix == "weight" and "norm" not in ours
+                state[f"{a}{ours}.{suffix}"] = w.t() if linear else w
+        # rows [head][q, k, v][D] -> [q heads | k heads | v heads], then [in, out]
+        w = _take(t, f"{p}attention.query_key_value.weight").view(H, 3, D, C)
+        b = _take(t, f"{p}attention.query_key_value.bias").view(H, 3, D)
+        state[a + "attn.wqkv.weight"] = w.transpose(0, 1).reshape(3 * H * D, C).t()
+        state[a + "attn.wqkv.bias"] = b.transpose(0, 1).reshape(3 * H * D)
+    if not c.tie_embeddings:
+        state["lm_head.weight"] = _take(t, "embed_out.weight").t()
+    return state
+
+
+def _neox_to_hf(s: State, c: ModelConfig) -> State:
+    H, D, C = c.n_heads, c.head_dim, c.d_model
+    out = {
+        "gpt_neox.embed_in.weight": s["tok_emb.weight"],
+        "gpt_neox.final_layer_norm.weight": s["final_norm.weight"],
+        "gpt_neox.final_layer_norm.bias": s["final_norm.bias"],
+    }
+    for i in range(c.n_layers):
+        a, p = f"blocks.{i}.", f"gpt_neox.layers.{i}."
+        for ours, theirs in _NEOX_NAMES.items():
+            for suffix in ("weight", "bias"):
+                w = s[f"{a}{ours}.{suffix}"]
+                linear = suffix == "weight" and "norm" not in ours
+                out[f"{p}{theirs}.{suffix}"] = w.t() if linear else w
+        w = s[a + "attn.wqkv.weight"].t().reshape(3, H, D, C)  # [q|k|v][head][D][C]
+        b = s[a + "attn.wqkv.bias"].reshape(3, H, D)
+        out[p + "attention.query_key_value.weight"] = w.transpose(0, 1).reshape(3 * H * D, C)
+        out[p + "attention.query_key_value.bias"] = b.transpose(0, 1).reshape(3 * H * D)
+    if not c.tie_embeddings:  # a tied head is left to transformers to tie
+        out["embed_out.weight"] = s["lm_head.weight"].t()
     return out
 
 
@@ -296,6 +483,24 @@ ARCHITECTURES: dict[str, Architecture] = {
             _llama_matches,
             _llama_from_hf,
             _llama_to_hf,
+        ),
+        Architecture(
+            "qwen2",
+            "Qwen2ForCausalLM",
+            _qwen2_config,
+            _qwen2_hf_config,
+            _qwen2_matches,
+            _llama_from_hf,
+            _llama_to_hf,
+        ),
+        Architecture(
+            "gpt_neox",
+            "GPTNeoXForCausalLM",
+            _neox_config,
+            _neox_hf_config,
+            _neox_matches,
+            _neox_from_hf,
+            _neox_to_hf,
         ),
     )
 }
@@ -336,8 +541,8 @@ def architecture_for(config: ModelConfig, preferred: str | None = None) -> Archi
     raise HFConversionError(
         f"no Hugging Face architecture computes this model (pos_encoding={config.pos_encoding}, "
         f"norm={config.norm}, mlp={config.mlp}, bias={config.bias}); exportable shapes: "
-        "GPT-2 (learned positions, LayerNorm, GELU, biases) and Llama (RoPE, RMSNorm, SwiGLU, "
-        "no biases)"
+        "GPT-2 (learned positions, LayerNorm, GELU, biases), Llama (RoPE, RMSNorm, SwiGLU, "
+        "no biases), Qwen2 (Llama with q/k/v biases), GPT-NeoX (RoPE, LayerNorm, GELU, biases)"
     )
 
 

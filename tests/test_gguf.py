@@ -316,3 +316,76 @@ def test_bench_llamacpp_build_options_and_cache(monkeypatch, tmp_path):
     )
     lib, package = bench_llamacpp.ensure_llamacpp(parsed.cache, parsed.version, 1)
     assert lib == root / "build" / "bin" and package == root / "src"
+
+
+# --- the imported architectures: qwen2 (q/k/v biases) and gptneox (partial rotary, parallel)
+@pytest.mark.parametrize(
+    ("shape", "arch"),
+    [
+        ({"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+          "qkv_bias": True, "n_kv_heads": 2}, "qwen2"),
+        ({"pos_encoding": "rope", "norm": "layernorm", "mlp": "gelu_exact", "bias": True,
+          "rotary_dim": 8, "parallel_residual": True}, "gptneox"),
+    ],
+)  # fmt: skip
+def test_qwen2_and_gptneox_layouts(tmp_path, tokenizer, shape, arch):
+    from atlas_server.model import ModelConfig
+
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, n_layers=2, d_model=64, n_heads=4, **shape
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ckpt = save_checkpoint(tmp_path / arch, model, tokenizer)
+    reader = gguf.GGUFReader(export_gguf(ckpt, tmp_path / f"{arch}.gguf"))
+    f = _fields(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    state = model.state_dict()
+    assert f["general.architecture"] == arch
+    assert f[f"{arch}.rope.dimension_count"] == config.rope_dims
+    wqkv, bqkv = state["blocks.0.attn.wqkv.weight"], state["blocks.0.attn.wqkv.bias"]
+    if arch == "qwen2":
+        assert "blk.0.attn_output.bias" not in tensors and "output.weight" not in tensors
+        q_rows, kv_rows = 64, 2 * 16
+        # qwen2 rotates halves in llama.cpp too: q/k rows are not permuted
+        np.testing.assert_array_equal(
+            tensors["blk.0.attn_q.weight"].data.reshape(q_rows, 64), wqkv[:, :q_rows].t().numpy()
+        )
+        np.testing.assert_array_equal(
+            tensors["blk.0.attn_k.bias"].data, bqkv[q_rows : q_rows + kv_rows].numpy()
+        )
+    else:
+        assert f["gptneox.use_parallel_residual"] is True
+        assert f["gptneox.attention.layer_norm_epsilon"] == pytest.approx(config.norm_eps)
+        np.testing.assert_array_equal(
+            tensors["blk.0.attn_qkv.weight"].data.reshape(192, 64), wqkv.t().numpy()
+        )
+        np.testing.assert_array_equal(tensors["blk.0.attn_qkv.bias"].data, bqkv.numpy())
+        # llama.cpp's gptneox always reads an output matrix: the tied head is written out
+        np.testing.assert_array_equal(
+            tensors["output.weight"].data.reshape(tokenizer.vocab_size, 64),
+            state["tok_emb.weight"].numpy(),
+        )
+
+
+def test_added_tokens_are_user_defined_and_digit_splitting_is_smollm(tmp_path):
+    from atlas_server.tokenizer import Tokenizer
+    from atlas_server.tokenizer.hf_format import DIGITS_GPT2_SPLIT_PATTERN
+
+    trained = train_from_texts(stdlib_sample(60_000), TrainConfig(vocab_size=300))
+    tok = Tokenizer(
+        trained.ranks,
+        trained.special_tokens,
+        DIGITS_GPT2_SPLIT_PATTERN,
+        trained.merges,
+        normalizer="NFC",
+        added_tokens={"    ": 300, "  ": 301},
+    )
+    ckpt = _checkpoint(tmp_path, "gpt2-tiny", tok)
+    f = _fields(gguf.GGUFReader(export_gguf(ckpt, tmp_path / "m.gguf")))
+    assert f["tokenizer.ggml.pre"] == "smollm"
+    assert f["tokenizer.ggml.tokens"][300] == "    "
+    assert f["tokenizer.ggml.token_type"][300] == gguf.TokenType.USER_DEFINED

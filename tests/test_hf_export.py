@@ -231,3 +231,37 @@ def test_whole_piece_lookup_matches_for_tokens_no_merge_reaches():
     for text in ("abc", "x abc abcd", "abc<|endoftext|>"):
         assert theirs.encode(text).ids == ours.encode(text, allowed_special="all")
     assert ours.encode("abc") == [256]
+
+
+@pytest.mark.parametrize(
+    ("shape", "hf_class"),
+    [
+        ({"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+          "qkv_bias": True, "n_kv_heads": 2, "rope_theta": 1e6}, "Qwen2ForCausalLM"),
+        ({"pos_encoding": "rope", "norm": "layernorm", "mlp": "gelu_exact", "bias": True,
+          "rotary_dim": 4, "parallel_residual": True, "tie_embeddings": False},
+         "GPTNeoXForCausalLM"),
+        ({"pos_encoding": "rope", "norm": "layernorm", "mlp": "gelu", "bias": True,
+          "parallel_residual": False}, "GPTNeoXForCausalLM"),
+        ({"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu_exact", "bias": True},
+         "GPT2LMHeadModel"),
+    ],
+)  # fmt: skip
+def test_new_shapes_export_to_their_transformers_class(tmp_path, byte_tokenizer, shape, hf_class):
+    from atlas_server.model import ModelConfig
+
+    config = ModelConfig(
+        vocab_size=byte_tokenizer.vocab_size, n_layers=2, d_model=64, n_heads=4, **shape
+    )
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1) if p.dim() == 1 else p.mul_(5.0)
+    save_checkpoint(tmp_path / "atlas", model, byte_tokenizer)
+    export_hf(tmp_path / "atlas", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == hf_class
+    ids = torch.randint(0, 259, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4

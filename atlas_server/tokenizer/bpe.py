@@ -7,8 +7,11 @@ reads and writes Atlas's `atlas_tokenizer.json` (and reads a Hugging Face `token
 through `hf_format.py`). Speed comes from caching the ids of each
 distinct piece, keeping the per-piece work in C-level builtins, and splitting ASCII text
 with `re` instead of `regex`. Lone surrogates in the input become U+FFFD (as in
-tiktoken). What it does not do: learn merges (see `train.py`), import other formats
-(see `hf_format.py`), normalise Unicode, or use threads.
+tiktoken). Imported tokenizers may also bring an NFC normalizer (Qwen2, Pythia) and
+"added tokens": ordinary ids matched in the text before pre-tokenization, longest first,
+as Hugging Face `tokenizers` does for its non-special added tokens (Pythia's runs of
+spaces). What it does not do: learn merges (see `train.py`), import other formats (see
+`hf_format.py`), other normalizations, or use threads.
 
 Ids: a token's id is its rank. A tokenizer trained by Atlas has ids 0..255 for the 256
 single bytes and merges from 256 up; an imported one (GPT-2, Llama 3) keeps its own
@@ -25,6 +28,7 @@ import operator
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
 from pathlib import Path
@@ -194,6 +198,8 @@ class Tokenizer:
         pattern: str = GPT4_SPLIT_PATTERN,
         merges: Sequence[tuple[int, int]] | None = None,
         name: str = "atlas",
+        normalizer: str | None = None,
+        added_tokens: dict[str, int] | None = None,
     ) -> None:
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
@@ -215,9 +221,29 @@ class Tokenizer:
         if clash:
             raise TokenizerError(f"special tokens {clash} reuse ids of ordinary tokens")
         self.id_to_special = {i: s for s, i in self.special_tokens.items()}
+        if normalizer not in (None, "NFC"):
+            raise TokenizerError(f"normalizer {normalizer!r} is not supported (only NFC)")
+        self.normalizer = normalizer
+        self.added_tokens = dict(added_tokens or {})
+        self.id_to_added = {i: t for t, i in self.added_tokens.items()}
+        taken = set(self.id_to_bytes) | set(self.id_to_special)
+        clash = [t for t, i in self.added_tokens.items() if i in taken or not t]
+        if clash:
+            raise TokenizerError(f"added tokens {clash} are empty or reuse ids of other tokens")
+        # Longest first, so that at any position the longest added token wins.
+        self._added_split = (
+            regex.compile(
+                "("
+                + "|".join(map(regex.escape, sorted(self.added_tokens, key=len, reverse=True)))
+                + ")"
+            )
+            if self.added_tokens
+            else None
+        )
         # Everything decode needs in one dict; the tokenizer is not changed after this.
         self._bytes_of = {**self.id_to_bytes}
         self._bytes_of.update((i, s.encode()) for i, s in self.id_to_special.items())
+        self._bytes_of.update((i, t.encode()) for i, t in self.id_to_added.items())
         self._vocab_size = max(self._bytes_of) + 1
         self.merges = list(merges) if merges is not None else None
         self._cache: dict[str, list[int]] = {}
@@ -240,11 +266,26 @@ class Tokenizer:
             return self.id_to_bytes[token_id]
         if token_id in self.id_to_special:
             return self.id_to_special[token_id].encode()
+        if token_id in self.id_to_added:
+            return self.id_to_added[token_id].encode()
         return b""
 
     # --- encoding -------------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text with no special tokens (their text is encoded like any other)."""
+        if self.normalizer is not None:
+            text = unicodedata.normalize(self.normalizer, replace_lone_surrogates(text))
+        if self._added_split is not None:
+            ids: list[int] = []
+            for i, part in enumerate(self._added_split.split(text)):
+                if i % 2:  # odd parts are the captured added tokens
+                    ids.append(self.added_tokens[part])
+                elif part:
+                    ids.extend(self._encode_plain(part))
+            return ids
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
         try:
             return self._encode_pieces(self.split_pieces(text))
         except UnicodeEncodeError:
@@ -352,7 +393,7 @@ class Tokenizer:
     def to_dict(self) -> dict:
         """The JSON-ready content of tokenizer.json (see docs/tokenizer.md)."""
         ordered = sorted(self.id_to_bytes.items())
-        return {
+        data = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "name": self.name,
@@ -363,6 +404,12 @@ class Tokenizer:
             "merges": [list(m) for m in self.merges] if self.merges is not None else None,
             "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
         }
+        # Only imported tokenizers have these; leaving them out keeps other files unchanged.
+        if self.normalizer is not None:
+            data["normalizer"] = self.normalizer
+        if self.added_tokens:
+            data["added_tokens"] = dict(sorted(self.added_tokens.items(), key=lambda kv: kv[1]))
+        return data
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer atomically (temp file + rename); returns the path.
@@ -404,6 +451,8 @@ class Tokenizer:
                 data.get("pattern", GPT4_SPLIT_PATTERN),
                 [(int(a), int(b)) for a, b in merges] if merges is not None else None,
                 data.get("name", "atlas"),
+                data.get("normalizer"),
+                {str(k): int(v) for k, v in data.get("added_tokens", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, TokenizerError):
