@@ -14,6 +14,9 @@ loads it through that package's own ctypes bindings, exports the model with
      as many concurrent requests), both with `--threads` threads.
 Decode rate excludes the prompt: tokens after the first over the time from each side's
 first token to its last (as bench/bench_engine.py). Repeats interleave and keep the best.
+llama.cpp runs in a child process of its own (this script with `--worker`): its OpenMP
+runtime and PyTorch's are different libraries, and in one process the two thread teams
+spin against each other (bench/omp_teams.py shows the same effect within PyTorch).
 
 The model: `--checkpoint DIR` (any exportable atlas checkpoint), else a random-weight
 model from `--preset` (default gpt2-124m) with a 1024-id tokenizer trained on stdlib text.
@@ -96,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=positive, default=os.cpu_count() or 1, help="build jobs")
     p.add_argument("--build-only", action="store_true", help="build llama.cpp, then stop")
     p.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
@@ -295,7 +299,57 @@ def first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int
     with torch.inference_mode():
         logits = model(torch.tensor([prompt + ours[:k]]))[0, -1]
     top = logits.topk(2).values
-    return f"token {k}: Atlas {ours[k]}, llama.cpp {theirs[k]}; Atlas's top-2 margin {float(top[0] - top[1]):.2e}"
+    margin, scale = float(top[0] - top[1]), float(logits.abs().max())
+    return (
+        f"token {k}: Atlas {ours[k]}, llama.cpp {theirs[k]}; Atlas's top-2 margin {margin:.2e} "
+        f"({margin / scale:.1e} of the largest logit, {scale:.1f})"
+    )
+
+
+def worker(args: argparse.Namespace, lib_dir: Path, package_root: Path) -> None:
+    """Child process: read {gguf, prompts, new_tokens, n_ctx} from the --worker JSON file,
+    decode greedily with llama.cpp, print {tokens, tok_s} as JSON (no PyTorch loaded)."""
+    job = json.loads(args.worker.read_text())
+    ll = load_bindings(lib_dir, package_root)
+    cpp = LlamaCpp(
+        ll, Path(job["gguf"]), job["n_ctx"], len(job["prompts"]), args.threads, args.verbose
+    )
+    tokens, rate = cpp.greedy(job["prompts"], job["new_tokens"])
+    cpp.close()
+    print(json.dumps({"tokens": tokens, "tok_s": rate}))
+
+
+def llamacpp_run(args, gguf: Path, prompts: list[list[int]], new_tokens: int, work: Path):
+    """(greedy tokens, decode tok/s) from llama.cpp in a fresh child process."""
+    job = work / "job.json"
+    n_ctx = len(prompts) * (len(prompts[0]) + new_tokens)
+    job.write_text(
+        json.dumps(
+            {"gguf": str(gguf), "prompts": prompts, "new_tokens": new_tokens, "n_ctx": n_ctx}
+        )
+    )
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(job),
+        "--threads",
+        str(args.threads),
+        "--cache",
+        str(args.cache),
+        "--version",
+        args.version,
+    ]
+    done = subprocess.run(
+        command + (["--verbose"] if args.verbose else []),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"the llama.cpp worker failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["tokens"], result["tok_s"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.build_only:
         print(f"llama.cpp library in {lib_dir}")
         return
+    if args.worker is not None:
+        return worker(args, lib_dir, package_root)
 
     import torch
     from bench_engine import atlas_decode_rate
@@ -321,12 +377,9 @@ def main(argv: list[str] | None = None) -> None:
         gen = torch.Generator().manual_seed(1)
         vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         prompts = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=gen).tolist()
-        n_ctx = args.batch * (args.prompt_tokens + args.new_tokens)
-        ll = load_bindings(lib_dir, package_root)
-        cpp = LlamaCpp(ll, gguf_path, n_ctx, args.batch, args.threads, args.verbose)
 
         # 1. the same greedy tokens
-        theirs, _ = cpp.greedy(prompts, args.new_tokens)
+        theirs, _ = llamacpp_run(args, gguf_path, prompts, args.new_tokens, work)
         ours = [call_in_fresh_thread(model.generate, p, args.new_tokens) for p in prompts]
         same = sum(a == b for a, b in zip(ours, theirs, strict=True))
         divergences = [
@@ -351,17 +404,18 @@ def main(argv: list[str] | None = None) -> None:
 
         results = {}
         for batch in sorted({1, args.batch}):
-            atlas_rate(batch, 4), cpp.greedy(prompts[:batch], 4)  # warm-up both
+            atlas_rate(batch, 4)  # warm-up (llama.cpp's child starts cold every time)
             atlas_rates, cpp_rates = [], []
             for _ in range(args.repeats):
                 atlas_rates.append(atlas_rate(batch, args.new_tokens))
-                cpp_rates.append(cpp.greedy(prompts[:batch], args.new_tokens)[1])
+                cpp_rates.append(
+                    llamacpp_run(args, gguf_path, prompts[:batch], args.new_tokens, work)[1]
+                )
             results[f"batch_{batch}"] = {
                 "atlas_tok_s": round(max(atlas_rates), 1),
                 "llamacpp_tok_s": round(max(cpp_rates), 1),
                 "ratio": round(max(atlas_rates) / max(cpp_rates), 2),
             }
-        cpp.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if tmp is not None:
