@@ -70,7 +70,9 @@ def run(
         [], "--set", help="suite option override key=value (repeatable)"
     ),
     tokenizer: Path = typer.Option(
-        None, "--tokenizer", help="tokenizer.json when the server has no /tokenize"
+        None,
+        "--tokenizer",
+        help="tokenizer file (atlas_tokenizer.json or HF tokenizer.json) when the server has no /tokenize",
     ),
     cache: Path = typer.Option(
         None, "--cache", help="response cache file (default ~/.cache/atlas/eval-cache.sqlite)"

@@ -169,7 +169,7 @@ class OpenAIClient:
             if e.status in (404, 405):
                 raise CapabilityError(
                     f"{self.base_url} has no /tokenize endpoint; pass --tokenizer FILE"
-                    " (the model's tokenizer.json) so token ids can be computed locally"
+                    " (the model's atlas_tokenizer.json or tokenizer.json) so token ids can be computed locally"
                 ) from None
             raise
         tokens = body.get("tokens") if isinstance(body, dict) else None

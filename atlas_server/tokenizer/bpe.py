@@ -391,7 +391,7 @@ class Tokenizer:
 
     # --- file format ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The JSON-ready content of tokenizer.json (see docs/tokenizer.md)."""
+        """The JSON-ready content of atlas_tokenizer.json (see docs/tokenizer.md)."""
         ordered = sorted(self.id_to_bytes.items())
         data = {
             "format": FORMAT_NAME,
@@ -438,12 +438,12 @@ class Tokenizer:
         version = data.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise TokenizerError(
-                f"tokenizer.json has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
+                f"tokenizer file has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
             )
         try:
             ranks = {base64.b64decode(b64, validate=True): int(i) for i, b64 in data["tokens"]}
             if len(ranks) != len(data["tokens"]) or len(set(ranks.values())) != len(ranks):
-                raise TokenizerError("malformed tokenizer.json: a token or an id appears twice")
+                raise TokenizerError("malformed tokenizer file: a token or an id appears twice")
             merges = data.get("merges")
             return cls(
                 ranks,
@@ -457,7 +457,7 @@ class Tokenizer:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, TokenizerError):
                 raise
-            raise TokenizerError(f"malformed tokenizer.json: {e}") from e
+            raise TokenizerError(f"malformed tokenizer file: {e}") from e
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
