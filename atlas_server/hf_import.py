@@ -113,8 +113,8 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> HFSou
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         where = "the hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or its cache"
         raise HFImportError(
-            f"{text}{'@' + revision if revision else ''} is not in {where}; "
-            "download it once online, or point SRC at a local folder"
+            f"{text}{'@' + revision if revision else ''} is not a local folder and not in "
+            f"{where}; download it once online, or point SRC at a local folder"
         ) from None
     except OSError as e:  # network failures surface as requests/httpx OSErrors
         raise HFImportError(f"cannot fetch {text} from the hub: {e}") from None
