@@ -180,7 +180,7 @@ def _tokenizer_fields(tokenizer: Tokenizer, n_vocab: int) -> dict[str, Any]:
     }
 
 
-def _quantize(name: str, data: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
+def _quantize(data: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
     """(data, GGML type) for one tensor: matrices converted, vectors kept f32."""
     import gguf
 
@@ -269,7 +269,7 @@ def export_gguf(
             w.add_chat_template(template)
 
         for name, tensor in tensors.items():
-            data, qtype = _quantize(name, tensor.numpy(), kind)
+            data, qtype = _quantize(tensor.numpy(), kind)
             w.add_tensor(name, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
