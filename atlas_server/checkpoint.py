@@ -1,19 +1,25 @@
 """The Atlas checkpoint: a directory the trainer writes and the server reads.
 
-Layout:
-    config.json        {"format": "atlas-checkpoint", "format_version": 1,
-                        "model": {ModelConfig fields}, "tokenizer": {"file", "sha256", "vocab_size"},
-                        "provenance": {"created_by", "created_at", "source", "step", ...}}
-    model.safetensors  the weights, named as in `Transformer.state_dict()`
-    tokenizer.json     the Atlas tokenizer
+Layout (format version 2):
+    config.json           {"format": "atlas-checkpoint", "format_version": 2,
+                           "model": {ModelConfig fields},
+                           "tokenizer": {"file", "sha256", "vocab_size"},
+                           "provenance": {"created_by", "created_at", "source", "step", ...}}
+    model.safetensors     the weights, named as in `Transformer.state_dict()`
+    atlas_tokenizer.json  the Atlas tokenizer
+    chat_template.jinja   optional: the model's own chat template (Jinja text, as Hugging
+                          Face saves it); without one the server renders ChatML
+
+Version 1 named the tokenizer `tokenizer.json`, the name Hugging Face `tokenizers` files
+have, although it is in Atlas's format. Version 1 checkpoints load as they are (config.json
+names the file); `migrate_checkpoint` (`atlas checkpoint migrate`) renames it in place.
 
 What it does: save (atomically: written into a sibling temp directory, then renamed),
 load (safetensors only, never unpickling), validate (every tensor present with the right
-shape, no unknown config keys, no newer format, tokenizer.json still the file whose sha256
-config.json records: a changed tokenizer is refused, not warned about) and describe a
-checkpoint. What it does
-not do: trainer state (optimizer, data position; see `trainer/state.py`) or format
-conversion (see `hf_import.py`).
+shape, no unknown config keys, no newer format, the tokenizer still the file whose sha256
+config.json records: a changed tokenizer is refused, not warned about), migrate and
+describe a checkpoint. What it does not do: trainer state (optimizer, data position; see
+`trainer/state.py`) or format conversion (see `hf_import.py`, `hf_export.py`).
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import ConfigError, ModelConfig, Transformer
-from .tokenizer import Tokenizer, TokenizerError
+from .tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
+from .tokenizer.bpe import atomic_write_text
 
 FORMAT_NAME = "atlas-checkpoint"
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+FORMAT_VERSION = 2
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", TOKENIZER_FILE
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+V1_TOKENIZER_FILE = "tokenizer.json"  # version 1's name for the Atlas tokenizer
 
 DTYPES = {
     "float32": torch.float32,
@@ -61,6 +70,7 @@ class Checkpoint:
     config: ModelConfig
     path: Path
     provenance: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # chat_template.jinja, when the checkpoint has one
 
 
 def sha256_file(path: Path) -> str:
@@ -76,8 +86,12 @@ def save_checkpoint(
     model: Transformer,
     tokenizer: Tokenizer,
     provenance: dict[str, Any] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write an atlas checkpoint; an existing directory is replaced only once the new one is whole."""
+    """Write an atlas checkpoint; an existing directory is replaced only once the new one is whole.
+
+    `chat_template` (Jinja text) is stored as chat_template.jinja for the server to render.
+    """
     directory = Path(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
@@ -89,6 +103,8 @@ def save_checkpoint(
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save(tmp / TOKENIZER_FILE)
+        if chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -140,7 +156,7 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
             " Hugging Face checkpoints are converted with `atlas checkpoint import-hf`"
         )
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
         )
@@ -174,7 +190,7 @@ def load_checkpoint(
             f"only {sorted(runtime_only)} may be overridden at load time, not {bad}"
         )
     config = ModelConfig.from_dict({**meta["model"], **config_overrides})
-    tok_path = directory / meta.get("tokenizer", {}).get("file", TOKENIZER_FILE)
+    tok_path = tokenizer_path(directory, meta)
     _check_tokenizer_hash(tok_path, meta.get("tokenizer", {}).get("sha256"))
     try:
         tokenizer = Tokenizer.from_file(tok_path)
@@ -196,7 +212,53 @@ def load_checkpoint(
     model._rebuild_buffers()  # non-persistent tables (RoPE, sinusoid) were on the meta device
     model.to(dtype=dtype)
     model.eval()
-    return Checkpoint(model, tokenizer, config, directory, meta.get("provenance", {}))
+    template_path = directory / CHAT_TEMPLATE_FILE
+    chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    return Checkpoint(
+        model, tokenizer, config, directory, meta.get("provenance", {}), chat_template
+    )
+
+
+def tokenizer_path(directory: Path, meta: dict[str, Any]) -> Path:
+    """The tokenizer file config.json names (version 1 default: tokenizer.json)."""
+    default = TOKENIZER_FILE if meta.get("format_version", 1) >= 2 else V1_TOKENIZER_FILE
+    name = (meta.get("tokenizer") or {}).get("file", default)
+    if Path(name).name != name:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: tokenizer file {name!r} is not a plain name"
+        )
+    return directory / name
+
+
+def migrate_checkpoint(directory: str | os.PathLike) -> bool:
+    """Bring a checkpoint to the current format in place; False if it already was.
+
+    Version 1 -> 2: the Atlas tokenizer moves from tokenizer.json to atlas_tokenizer.json.
+    Every step leaves a loadable checkpoint: the new name is linked first, config.json is
+    replaced atomically to point at it, and only then the old name is removed.
+    """
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    if meta["format_version"] >= FORMAT_VERSION:
+        return False
+    old = tokenizer_path(directory, meta)
+    _check_tokenizer_hash(old, (meta.get("tokenizer") or {}).get("sha256"))
+    new = directory / TOKENIZER_FILE
+    if old != new:
+        if not old.is_file():
+            raise CheckpointError(f"{old} is missing; nothing to migrate")
+        new.unlink(missing_ok=True)
+        try:
+            os.link(old, new)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(old, new)
+    tokenizer_meta = {**(meta.get("tokenizer") or {}), "file": TOKENIZER_FILE}
+    tokenizer_meta.setdefault("sha256", sha256_file(new))
+    meta = {**meta, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_meta}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+    if old != new:
+        old.unlink()
+    return True
 
 
 def _check_tokenizer_hash(path: Path, recorded: str | None) -> None:

@@ -1,45 +1,127 @@
-"""Convert a local Hugging Face GPT-2 or Llama checkpoint into an atlas checkpoint.
+"""Convert a Hugging Face model (a local folder or a hub repository) into an atlas checkpoint.
 
-What it does: reads `config.json` and the safetensors weights (single file or sharded with
-`model.safetensors.index.json`) directly — no `transformers` import — maps every tensor
-to Atlas's names and `[in, out]` layout, checks the architecture options Atlas supports,
-converts the byte-level BPE `tokenizer.json` when present, and writes an atlas checkpoint.
-
-Mapping: GPT-2's Conv1D weights are already `[in, out]` and `c_attn` is already the fused
-q|k|v projection. Llama's projections are `[out, in]` and are transposed; q, k, v are
-fused into `wqkv` and gate, up into `w_in` (gate first, as `FeedForward` splits them).
-Both use the "rotate half" RoPE convention, so no permutation of q/k is needed.
+What it does: finds the model (a local folder, or `org/name` fetched with
+`huggingface_hub.snapshot_download` into the usual hub cache; `HF_HUB_OFFLINE=1` reads the
+cache only), reads `config.json` and the safetensors weights (single file or sharded with
+`model.safetensors.index.json`) directly — no `transformers` import — maps every tensor to
+Atlas's names and layouts (`hf_arch.py`), converts the byte-level BPE `tokenizer.json`,
+keeps the chat template (`tokenizer_config.json`'s `chat_template` or
+`chat_template.jinja`) as the checkpoint's `chat_template.jinja`, and writes an atlas
+checkpoint whose provenance names the source, revision and architecture.
 What it does not do: pickled `.bin` weights (never unpickled: convert them to safetensors
-first), rope scaling, attention/MLP biases for Llama, or SentencePiece tokenizers.
+first), rope scaling, or SentencePiece tokenizers (pass `--tokenizer FILE`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from .checkpoint import CheckpointError, save_checkpoint
-from .model import ModelConfig, Transformer
+from .checkpoint import save_checkpoint
+from .hf_arch import (
+    ARCHITECTURES,
+    GPT2_BLOCK_NAMES,
+    HFConversionError,
+    atlas_state_from_hf,
+    model_config_from_hf,
+)
+from .model import Transformer
 from .tokenizer import Tokenizer, TokenizerError
 from .tokenizer.hf_format import tokenizer_from_hf_json
 
 __all__ = [
+    "GPT2_BLOCK_NAMES",
     "HFImportError",
+    "HFSource",
     "hf_to_atlas_model",
     "import_hf",
     "load_hf_weights",
     "model_config_from_hf",
     "model_from_hf_tensors",
+    "resolve_source",
 ]
 
+# One error type for both directions; the import side keeps its own name.
+HFImportError = HFConversionError
 
-class HFImportError(CheckpointError):
-    """A Hugging Face checkpoint Atlas cannot convert; the message says what to change."""
+# What a conversion reads from a hub repository; everything else (pickles, ONNX, GGUF,
+# other frameworks' weights) stays on the hub.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Where a model was found: the local folder to read, and what to record about it."""
+
+    path: Path
+    name: str  # the repository id, or the folder's name
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_source(src: str | os.PathLike, revision: str | None = None) -> HFSource:
+    """A local folder as it is, else a hub repository id fetched into the hub cache."""
+    path = Path(src)
+    if path.is_dir():
+        if revision is not None:
+            raise HFImportError(f"--revision applies to hub repositories, and {src} is a folder")
+        return HFSource(path, path.resolve().name, {"source": f"huggingface:{path.resolve()}"})
+    text = str(src)
+    if not _REPO_ID.match(text) or text.startswith(("./", "../")):
+        raise HFImportError(f"{src} is not a directory (nor a hub repository id like org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:
+        raise HFImportError(
+            f"{src} is not a local folder, and fetching it from the hub needs huggingface_hub: "
+            "pip install 'atlas-llm[hub]'"
+        ) from None
+    try:
+        local = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise HFImportError(
+            f"{text} is gated: accept its licence on huggingface.co and log in "
+            "(`hf auth login` or HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise HFImportError(f"no hub repository {text} (or it is private)") from None
+    except RevisionNotFoundError:
+        raise HFImportError(f"{text} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        where = "the hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or its cache"
+        raise HFImportError(
+            f"{text}{'@' + revision if revision else ''} is not a local folder and not in "
+            f"{where}; download it once online, or point SRC at a local folder"
+        ) from None
+    except OSError as e:  # network failures surface as requests/httpx OSErrors
+        raise HFImportError(f"cannot fetch {text} from the hub: {e}") from None
+    provenance: dict[str, Any] = {"source": f"hf://{text}", "revision": revision or "main"}
+    if re.fullmatch(r"[0-9a-f]{40}", local.name):  # snapshots/<commit>
+        provenance["commit"] = local.name
+    return HFSource(local, text, provenance)
 
 
 def _read_config(src: Path) -> dict[str, Any]:
@@ -78,117 +160,8 @@ def load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    kind = cfg.get("model_type")
-    if kind == "gpt2":
-        act = cfg.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise HFImportError(f"GPT-2 activation {act!r} is not supported (Atlas uses tanh GELU)")
-        return ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            n_layers=cfg["n_layer"],
-            d_model=cfg["n_embd"],
-            n_heads=cfg["n_head"],
-            d_ff=cfg.get("n_inner") or 4 * cfg["n_embd"],
-            max_seq_len=cfg["n_positions"],
-            pos_encoding="learned",
-            norm="layernorm",
-            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-            mlp="gelu",
-            bias=True,
-            tie_embeddings=cfg.get("tie_word_embeddings", True),
-        )
-    if kind == "llama":
-        rope = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or (
-            {} if rope.get("rope_type", "default") == "default" else rope
-        )
-        if scaling:
-            raise HFImportError(f"rope scaling {scaling} is not supported")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise HFImportError("Llama attention_bias / mlp_bias are not supported")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise HFImportError(f"Llama hidden_act {cfg.get('hidden_act')!r} is not supported")
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-        if head_dim * heads != cfg["hidden_size"]:
-            raise HFImportError("Llama head_dim * num_attention_heads must equal hidden_size")
-        return ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            n_layers=cfg["num_hidden_layers"],
-            d_model=cfg["hidden_size"],
-            n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            d_ff=cfg["intermediate_size"],
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            pos_encoding="rope",
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            norm="rmsnorm",
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            mlp="swiglu",
-            bias=False,
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-        )
-    raise HFImportError(f"model_type {kind!r} is not supported; Atlas imports gpt2 and llama")
-
-
-def _take(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    try:
-        return tensors[name]
-    except KeyError:
-        raise HFImportError(f"tensor {name} is missing from the checkpoint") from None
-
-
-# Atlas block parameter names -> GPT-2's (transformers and the original checkpoints).
-GPT2_BLOCK_NAMES = {
-    "attn_norm": "ln_1",
-    "attn.wqkv": "attn.c_attn",
-    "attn.wo": "attn.c_proj",
-    "mlp_norm": "ln_2",
-    "mlp.w_in": "mlp.c_fc",
-    "mlp.w_out": "mlp.c_proj",
-}
-
-
-def _gpt2_state(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    p = "transformer." if "transformer.wte.weight" in t else ""
-    state = {
-        "tok_emb.weight": _take(t, f"{p}wte.weight"),
-        "pos_emb.weight": _take(t, f"{p}wpe.weight"),
-        "final_norm.weight": _take(t, f"{p}ln_f.weight"),
-        "final_norm.bias": _take(t, f"{p}ln_f.bias"),
-    }
-    for i in range(config.n_layers):
-        for ours, theirs in GPT2_BLOCK_NAMES.items():
-            for suffix in ("weight", "bias"):
-                state[f"blocks.{i}.{ours}.{suffix}"] = _take(t, f"{p}h.{i}.{theirs}.{suffix}")
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = _take(t, "lm_head.weight").t()
-    return state
-
-
-def _llama_state(t: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    state = {
-        "tok_emb.weight": _take(t, "model.embed_tokens.weight"),
-        "final_norm.weight": _take(t, "model.norm.weight"),
-    }
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}."
-        q, k, v = (_take(t, f"{p}self_attn.{n}_proj.weight") for n in "qkv")
-        state[f"blocks.{i}.attn.wqkv.weight"] = torch.cat([q.t(), k.t(), v.t()], dim=1)
-        state[f"blocks.{i}.attn.wo.weight"] = _take(t, f"{p}self_attn.o_proj.weight").t()
-        gate, up = _take(t, f"{p}mlp.gate_proj.weight"), _take(t, f"{p}mlp.up_proj.weight")
-        state[f"blocks.{i}.mlp.w_in.weight"] = torch.cat([gate.t(), up.t()], dim=1)
-        state[f"blocks.{i}.mlp.w_out.weight"] = _take(t, f"{p}mlp.down_proj.weight").t()
-        state[f"blocks.{i}.attn_norm.weight"] = _take(t, f"{p}input_layernorm.weight")
-        state[f"blocks.{i}.mlp_norm.weight"] = _take(t, f"{p}post_attention_layernorm.weight")
-    if not config.tie_embeddings:
-        state["lm_head.weight"] = _take(t, "lm_head.weight").t()
-    return state
-
-
 def hf_to_atlas_model(src: str | os.PathLike) -> Transformer:
-    """Build an Atlas Transformer holding the weights of a local HF GPT-2 / Llama folder."""
+    """Build an Atlas Transformer holding the weights of a local HF model folder."""
     src = Path(src)
     hf_config = _read_config(src)
     model_config_from_hf(hf_config)  # refuse an unsupported model before reading its weights
@@ -200,9 +173,7 @@ def model_from_hf_tensors(
 ) -> Transformer:
     """An Atlas Transformer from an HF config.json dict and its state dict (HF names)."""
     config = model_config_from_hf(hf_config)
-    tensors = {k: v.float() for k, v in tensors.items()}
-    convert = _gpt2_state if hf_config["model_type"] == "gpt2" else _llama_state
-    state = {k: v.contiguous() for k, v in convert(tensors, config).items()}
+    state = atlas_state_from_hf(hf_config, tensors)
     model = Transformer(config)
     expected = model.state_dict()
     for name, tensor in state.items():
@@ -216,41 +187,58 @@ def model_from_hf_tensors(
 
 
 def import_hf(
-    src: str | os.PathLike, dst: str | os.PathLike, tokenizer_file: str | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    tokenizer_file: str | None = None,
+    revision: str | None = None,
 ) -> Path:
-    """Convert SRC (a local HF folder) into an atlas checkpoint at DST."""
-    src = Path(src)
-    if not src.is_dir():
-        raise HFImportError(f"{src} is not a directory")
-    model = hf_to_atlas_model(src)
-    tokenizer = _tokenizer_for(src, tokenizer_file)
-    provenance = {
-        "source": f"huggingface:{src.resolve()}",
-        "imported_from": _read_config(src).get("model_type"),
-    }
-    return save_checkpoint(dst, model, tokenizer, provenance)
-
-
-def _tokenizer_for(src: Path, tokenizer_file: str | None) -> Tokenizer:
+    """Convert SRC (a local HF folder or a hub repository id) into an atlas checkpoint at DST."""
+    source = resolve_source(src, revision)
+    hf_config = _read_config(source.path)
+    model = hf_to_atlas_model(source.path)
+    tokenizer = _tokenizer_for(source.path, tokenizer_file, source.name)
+    model_type = hf_config.get("model_type")
+    hf_class = (hf_config.get("architectures") or [ARCHITECTURES[model_type].hf_class])[0]
+    provenance = {**source.provenance, "imported_from": model_type, "architecture": hf_class}
     if tokenizer_file is not None:
-        path = Path(tokenizer_file)
+        provenance["tokenizer"] = str(Path(tokenizer_file).resolve())
+    return save_checkpoint(dst, model, tokenizer, provenance, chat_template_of(source.path))
+
+
+def chat_template_of(src: Path) -> str | None:
+    """The model's chat template: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = src / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise HFImportError(f"{config} is not a JSON object: {e}") from None
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _tokenizer_for(src: Path, tokenizer_file: str | None, name: str) -> Tokenizer:
+    if tokenizer_file is not None:
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HFImportError(f"cannot read --tokenizer {path}: {e}") from None
-        if data.get("format") == "atlas-bpe":
-            return Tokenizer.from_dict(data)
-        return tokenizer_from_hf_json(data, name=src.name)
+            return Tokenizer.from_file(tokenizer_file)
+        except TokenizerError as e:
+            raise HFImportError(f"--tokenizer {tokenizer_file}: {e}") from None
     hf_json = src / "tokenizer.json"
     if not hf_json.is_file():
         raise HFImportError(
             f"{src} has no tokenizer.json; pass --tokenizer FILE (an Atlas or "
-            "Hugging Face byte-level BPE tokenizer.json)"
+            "Hugging Face byte-level BPE tokenizer file)"
         )
     try:
-        return tokenizer_from_hf_json(hf_json, name=src.name)
+        return tokenizer_from_hf_json(hf_json, name=name)
     except TokenizerError as e:
         raise HFImportError(
             f"{hf_json}: {e}; pass --tokenizer FILE (an Atlas or Hugging Face byte-level BPE "
-            "tokenizer.json) to import the weights with another tokenizer"
+            "tokenizer file) to import the weights with another tokenizer"
         ) from None

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from atlas_server.compute_threads import call_in_fresh_thread  # noqa: E402
 from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from atlas_server.hf_import import GPT2_BLOCK_NAMES  # noqa: E402
+from atlas_server.hf_export import to_transformers  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
 
@@ -55,43 +55,8 @@ def build_models(preset: str, vocab_size: int):
 
 
 def hf_from_atlas(atlas: Transformer):
-    """A transformers GPT2LMHeadModel holding the same weights as a GPT-2-shaped Atlas model."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = atlas.config
-    hf_config = GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.max_seq_len,
-        n_embd=c.d_model,
-        n_layer=c.n_layers,
-        n_head=c.n_heads,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=c.norm_eps,
-    )
-    hf = GPT2LMHeadModel(hf_config).eval()
-    hf.load_state_dict(hf_state_from_atlas(atlas), strict=False)
-    hf.tie_weights()
-    return hf
-
-
-def hf_state_from_atlas(model: Transformer) -> dict[str, torch.Tensor]:
-    """Atlas GPT-2 weights under transformers' names (both store [in, out] projections)."""
-    ours = model.state_dict()
-    state = {
-        "transformer.wte.weight": ours["tok_emb.weight"],
-        "transformer.wpe.weight": ours["pos_emb.weight"],
-        "transformer.ln_f.weight": ours["final_norm.weight"],
-        "transformer.ln_f.bias": ours["final_norm.bias"],
-        "lm_head.weight": ours["tok_emb.weight"],
-    }
-    for i in range(model.config.n_layers):
-        for a, h in GPT2_BLOCK_NAMES.items():
-            for suffix in ("weight", "bias"):
-                state[f"transformer.h.{i}.{h}.{suffix}"] = ours[f"blocks.{i}.{a}.{suffix}"]
-    return state
+    """The `transformers` model holding the same weights (the export's own name map)."""
+    return to_transformers(atlas)
 
 
 def check_same_logits(atlas: Transformer, hf, prompt: list[int]) -> float:

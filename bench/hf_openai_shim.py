@@ -35,131 +35,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atlas_server.checkpoint import load_checkpoint  # noqa: E402
+from atlas_server.hf_arch import HFConversionError  # noqa: E402
+from atlas_server.hf_export import to_transformers  # noqa: E402
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 
 # --- weights: Atlas -> Hugging Face ---------------------------------------------------------
-def to_hf_gpt2(config, state: dict[str, torch.Tensor], eot: int | None) -> GPT2LMHeadModel:
-    """GPT-2's Conv1D stores [in, out] like Atlas's Linear, so most tensors copy as they are."""
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.max_seq_len,
-        n_embd=config.d_model,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        n_inner=config.ff_dim,
-        activation_function="gelu_new",
-        layer_norm_epsilon=config.norm_eps,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=eot,
-        eos_token_id=eot,
-    )
-    mapped = {
-        "transformer.wte.weight": state["tok_emb.weight"],
-        "transformer.wpe.weight": state["pos_emb.weight"],
-    }
-    for i in range(config.n_layers):
-        a, h = f"blocks.{i}.", f"transformer.h.{i}."
-        for atlas_name, hf_name in [
-            ("attn_norm", "ln_1"),
-            ("mlp_norm", "ln_2"),
-            ("attn.wqkv", "attn.c_attn"),
-            ("attn.wo", "attn.c_proj"),
-            ("mlp.w_in", "mlp.c_fc"),
-            ("mlp.w_out", "mlp.c_proj"),
-        ]:
-            mapped[h + hf_name + ".weight"] = state[a + atlas_name + ".weight"]
-            mapped[h + hf_name + ".bias"] = state[a + atlas_name + ".bias"]
-    mapped["transformer.ln_f.weight"] = state["final_norm.weight"]
-    mapped["transformer.ln_f.bias"] = state["final_norm.bias"]
-    mapped["lm_head.weight"] = (
-        state["tok_emb.weight"] if config.tie_embeddings else state["lm_head.weight"].t()
-    )
-    model = GPT2LMHeadModel(hf_config)
-    model.load_state_dict(mapped, strict=False)
-    return model
-
-
-def to_hf_llama(config, state: dict[str, torch.Tensor], eot: int | None) -> LlamaForCausalLM:
-    """Llama projections are [out, in] in HF: transpose, and split the fused QKV and gate/up."""
-    H, K, D, F = config.n_heads, config.kv_heads, config.head_dim, config.ff_dim
-    hf_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=F,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=H,
-        num_key_value_heads=K,
-        head_dim=D,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=eot,
-        eos_token_id=eot,
-    )
-    mapped = {
-        "model.embed_tokens.weight": state["tok_emb.weight"],
-        "model.norm.weight": state["final_norm.weight"],
-    }
-    for i in range(config.n_layers):
-        a, h = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = state[a + "attn.wqkv.weight"].split([H * D, K * D, K * D], dim=1)  # [C, *]
-        gate, up = state[a + "mlp.w_in.weight"].chunk(2, dim=1)  # [C, F] each
-        mapped.update(
-            {
-                h + "self_attn.q_proj.weight": q.t(),
-                h + "self_attn.k_proj.weight": k.t(),
-                h + "self_attn.v_proj.weight": v.t(),
-                h + "self_attn.o_proj.weight": state[a + "attn.wo.weight"].t(),
-                h + "mlp.gate_proj.weight": gate.t(),
-                h + "mlp.up_proj.weight": up.t(),
-                h + "mlp.down_proj.weight": state[a + "mlp.w_out.weight"].t(),
-                h + "input_layernorm.weight": state[a + "attn_norm.weight"],
-                h + "post_attention_layernorm.weight": state[a + "mlp_norm.weight"],
-            }
-        )
-    mapped["lm_head.weight"] = (
-        state["tok_emb.weight"] if config.tie_embeddings else state["lm_head.weight"].t()
-    )
-    model = LlamaForCausalLM(hf_config)
-    model.load_state_dict({k: v.contiguous() for k, v in mapped.items()}, strict=False)
-    return model
-
-
 def load_hf_model(checkpoint: Path):
+    """The checkpoint as a `transformers` model, through the export's one name map."""
     ckpt = load_checkpoint(checkpoint)
-    config, state = ckpt.config, ckpt.model.state_dict()
-    if (
-        config.pos_encoding == "learned"
-        and config.norm == "layernorm"
-        and config.mlp == "gelu"
-        and config.bias
-    ):
-        model = to_hf_gpt2(config, state, ckpt.tokenizer.eot_id)
-    elif (
-        config.pos_encoding == "rope"
-        and config.norm == "rmsnorm"
-        and config.mlp == "swiglu"
-        and not config.bias
-    ):
-        model = to_hf_llama(config, state, ckpt.tokenizer.eot_id)
-    else:
-        raise SystemExit(
-            f"error: {checkpoint} is neither GPT-2- nor Llama-shaped; the shim cannot map it"
-        )
-    return model.eval(), ckpt.tokenizer, config
+    try:
+        model = to_transformers(ckpt.model, ckpt.tokenizer)
+    except HFConversionError as e:
+        raise SystemExit(f"error: {checkpoint}: {e}") from None
+    return model.eval(), ckpt.tokenizer, ckpt.config
 
 
 # --- the model service ------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def run(
     tokenizer: Path = typer.Option(
         None,
         "--tokenizer",
-        help="the model's tokenizer.json, for token ids and prompt lengths (default: /tokenize)",
+        help="tokenizer file (atlas_tokenizer.json or HF tokenizer.json) when the server has no /tokenize",
     ),
     cache: Path = typer.Option(
         None,

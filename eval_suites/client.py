@@ -173,7 +173,7 @@ class OpenAIClient:
             if e.status in (404, 405):
                 raise CapabilityError(
                     f"{self.base_url} has no /tokenize endpoint; pass --tokenizer FILE"
-                    " (the model's tokenizer.json) so token ids can be computed locally"
+                    " (the model's atlas_tokenizer.json or tokenizer.json) so token ids can be computed locally"
                 ) from None
             raise
         tokens = answer.get("tokens") if isinstance(answer, dict) else None

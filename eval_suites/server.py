@@ -38,7 +38,7 @@ def free_port() -> int:
 def checkpoint_identity(checkpoint: Path) -> str:
     """`checkpoint://<abs path>#<sha256 of config.json + model.safetensors>`."""
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "atlas_tokenizer.json", "tokenizer.json"):
         path = checkpoint / name
         if path.is_file():
             with path.open("rb") as f:

@@ -49,3 +49,56 @@ def hf_llama(vocab: int, kv_heads: int = 2, tie: bool = False):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def _random_norms(model):
+    with torch.no_grad():  # random norms and biases, so a mix-up of either would show
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def hf_qwen2(vocab: int, kv_heads: int = 2, tie: bool = False):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return _random_norms(transformers.Qwen2ForCausalLM(cfg).eval())
+
+
+def hf_gpt_neox(vocab: int, parallel: bool = True, rotary_pct: float = 0.25, act: str = "gelu"):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rotary_pct=rotary_pct,
+        rotary_emb_base=10000,
+        use_parallel_residual=parallel,
+        hidden_act=act,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
+    return _random_norms(transformers.GPTNeoXForCausalLM(cfg).eval())

@@ -81,8 +81,8 @@ def test_truncated_weights_are_refused(ckpt):
 
 
 def test_corrupt_tokenizer_is_refused(ckpt):
-    (ckpt / "tokenizer.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="tokenizer.json"):
+    (ckpt / "atlas_tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="atlas_tokenizer.json"):
         load_checkpoint(ckpt)
 
 
@@ -107,7 +107,7 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(ckpt, byte_tokenizer, 
 
 
 def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
-    byte_tokenizer.save(tmp_path / "tokenizer.json")
+    byte_tokenizer.save(tmp_path / "atlas_tokenizer.json")
     runner = CliRunner()
     out = tmp_path / "new"
     result = runner.invoke(
@@ -118,7 +118,7 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
             "--preset",
             "gpt2-tiny",
             "--tokenizer",
-            str(tmp_path / "tokenizer.json"),
+            str(tmp_path / "atlas_tokenizer.json"),
             "--output",
             str(out),
         ],
@@ -135,7 +135,7 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
             "--preset",
             "gpt9",
             "--tokenizer",
-            str(tmp_path / "tokenizer.json"),
+            str(tmp_path / "atlas_tokenizer.json"),
             "--output",
             str(out),
         ],
@@ -146,10 +146,10 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
 
 
 def test_changed_tokenizer_is_refused_with_both_hashes(ckpt, byte_tokenizer):
-    # A valid tokenizer.json, but not the one the weights were saved with.
-    data = json.loads((ckpt / "tokenizer.json").read_text())
+    # A valid tokenizer file, but not the one the weights were saved with.
+    data = json.loads((ckpt / "atlas_tokenizer.json").read_text())
     data["name"] = "edited"
-    (ckpt / "tokenizer.json").write_text(json.dumps(data))
+    (ckpt / "atlas_tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="changed since the checkpoint was saved"):
         load_checkpoint(ckpt)
 
@@ -175,15 +175,99 @@ def test_loaded_model_prepared_for_inference_decodes_like_the_full_forward(fixtu
     torch.testing.assert_close(torch.cat([prefill, *steps], 1), full, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("command", ["inspect", "init", "import-hf"])
+@pytest.mark.parametrize(
+    "command", ["inspect", "init", "migrate", "import-hf", "export-hf", "export-gguf"]
+)
 def test_every_checkpoint_command_has_help_with_an_example(command):
     result = CliRunner().invoke(app, ["checkpoint", command, "--help"])
     assert result.exit_code == 0 and f"atlas checkpoint {command}" in result.output
 
 
 def test_cli_inspect_of_a_changed_tokenizer_is_one_error_line(ckpt):
-    (ckpt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text() + "\n")
+    tok = ckpt / "atlas_tokenizer.json"
+    tok.write_text(tok.read_text() + "\n")
     result = CliRunner().invoke(app, ["checkpoint", "inspect", str(ckpt)])
     assert result.exit_code == 1
     assert result.output.startswith("error:") and "changed since" in result.output
     assert "Traceback" not in result.output
+
+
+# --- layout version 2 (atlas_tokenizer.json) and the migration from version 1 -------------
+
+
+def _write_v1_layout(ckpt, drop_file_key=False):
+    """Rewrite a checkpoint exactly as format version 1 stored it: the Atlas tokenizer under
+    the name tokenizer.json, config.json at version 1 naming that file."""
+    (ckpt / "atlas_tokenizer.json").rename(ckpt / "tokenizer.json")
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["format_version"] = 1
+    meta["tokenizer"]["file"] = "tokenizer.json"
+    if drop_file_key:  # hand-made v1 configs may leave the name to the default
+        del meta["tokenizer"]["file"]
+    (ckpt / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def test_saved_checkpoint_has_no_file_named_tokenizer_json(tmp_path, byte_tokenizer):
+    model = Transformer(load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size))
+    path = save_checkpoint(tmp_path / "c", model, byte_tokenizer)
+    names = {p.name for p in path.iterdir()}
+    assert "tokenizer.json" not in names and "atlas_tokenizer.json" in names
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["format_version"] == 2 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
+
+
+@pytest.mark.parametrize("drop_file_key", [False, True])
+def test_version_1_checkpoint_loads_and_migrates(ckpt, drop_file_key):
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = load_checkpoint(ckpt).model(ids)
+    _write_v1_layout(ckpt, drop_file_key)
+    old = load_checkpoint(ckpt)  # read as it is, nothing written
+    assert (ckpt / "tokenizer.json").is_file() and not (ckpt / "atlas_tokenizer.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(old.model(ids), before, rtol=0, atol=0)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert result.exit_code == 0 and "migrated" in result.output and "v2" in result.output
+    assert not (ckpt / "tokenizer.json").exists()
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["format_version"] == 2 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
+    new = load_checkpoint(ckpt)  # the recorded sha256 still matches the renamed file
+    assert new.tokenizer.encode("héllo") == old.tokenizer.encode("héllo")
+    with torch.no_grad():
+        torch.testing.assert_close(new.model(ids), before, rtol=0, atol=0)
+    again = runner.invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert again.exit_code == 0 and "already current" in again.output
+
+
+def test_migration_refuses_a_changed_tokenizer_and_changes_nothing(ckpt):
+    _write_v1_layout(ckpt)
+    (ckpt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text() + " ")
+    config_before = (ckpt / "config.json").read_text()
+    result = CliRunner().invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert result.exit_code == 1 and "changed since" in result.output
+    assert (ckpt / "config.json").read_text() == config_before
+    assert not (ckpt / "atlas_tokenizer.json").exists()
+
+
+def test_tokenizer_from_a_checkpoint_folder_reads_either_layout(ckpt, byte_tokenizer):
+    from atlas_server.tokenizer import Tokenizer
+
+    assert Tokenizer.from_file(ckpt).encode("abc") == byte_tokenizer.encode("abc")
+    _write_v1_layout(ckpt)
+    assert Tokenizer.from_file(ckpt).encode("abc") == byte_tokenizer.encode("abc")
+
+
+def test_chat_template_is_saved_loaded_and_shown(tmp_path, byte_tokenizer):
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    model = Transformer(load_preset("gpt2-tiny", vocab_size=byte_tokenizer.vocab_size))
+    path = save_checkpoint(tmp_path / "c", model, byte_tokenizer, chat_template=template)
+    assert (path / "chat_template.jinja").read_text() == template
+    assert load_checkpoint(path).chat_template == template
+    info = json.loads(
+        CliRunner().invoke(app, ["checkpoint", "inspect", str(path), "--json"]).output
+    )
+    assert info["chat_template"] == "chat_template.jinja"
+    plain = save_checkpoint(tmp_path / "d", model, byte_tokenizer)
+    assert load_checkpoint(plain).chat_template is None

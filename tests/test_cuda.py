@@ -333,7 +333,7 @@ def token_data(tmp_path_factory, byte_tokenizer) -> Path:
     corpus.mkdir()
     for i, text in enumerate(stdlib_sample(120_000, docstring_share=0.5)):
         (corpus / f"doc_{i:04d}.txt").write_text(text, encoding="utf-8")
-    tokenizer = byte_tokenizer.save(root / "tokenizer.json")
+    tokenizer = byte_tokenizer.save(root / "atlas_tokenizer.json")
     out = root / "tokens"
     prepare_data(
         [str(corpus)],

@@ -1,4 +1,11 @@
-"""Hugging Face import: random-initialised transformers models give the same logits in Atlas."""
+"""Hugging Face import: random-initialised transformers models give the same logits in Atlas.
+
+Architectures: GPT-2, Llama, Qwen2 (q/k/v biases), GPT-NeoX (partial rotary, parallel
+residual); each against `transformers` logits and greedy `generate`, and through Atlas's
+engine (continuous batching, KV cache, CPU kernels). Tokenizers against `tokenizers` on
+real text (NFC, added tokens, isolated digits). The hub path against a hub cache the tests
+build (offline, `HF_HUB_OFFLINE=1`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import json
 
 import pytest
 import torch
-from hf_models import hf_gpt2, hf_llama
+from hf_models import hf_gpt2, hf_gpt_neox, hf_llama, hf_qwen2
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import load_checkpoint
@@ -209,3 +216,305 @@ def test_missing_shard_is_named(tmp_path, hf_bpe_json):
     shard.unlink()
     with pytest.raises(HFImportError, match=shard.name):
         import_hf(tmp_path / "hf", tmp_path / "atlas", tokenizer_file=str(hf_bpe_json))
+
+
+# --- Qwen2 and GPT-NeoX ------------------------------------------------------------------------
+@pytest.mark.parametrize(("kv_heads", "tie"), [(2, False), (1, True)])
+def test_qwen2_import_matches_transformers_logits(tmp_path, hf_bpe_json, kv_heads, tie):
+    model = hf_qwen2(600, kv_heads, tie)
+    src = _save_hf(model, tmp_path / "hf", hf_bpe_json)
+    import_hf(src, tmp_path / "atlas")
+    ckpt = load_checkpoint(tmp_path / "atlas")
+    assert ckpt.config.has_qkv_bias and not ckpt.config.bias and ckpt.config.rope_theta == 1e6
+    _assert_same_logits(model, tmp_path / "atlas", 600)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "rotary_pct", "act"),
+    [(True, 0.25, "gelu"), (False, 1.0, "gelu_new"), (True, 0.5, "gelu_new")],
+)
+def test_gpt_neox_import_matches_transformers_logits(
+    tmp_path, hf_bpe_json, parallel, rotary_pct, act
+):
+    model = hf_gpt_neox(600, parallel, rotary_pct, act)
+    src = _save_hf(model, tmp_path / "hf", hf_bpe_json)
+    import_hf(src, tmp_path / "atlas")
+    config = load_checkpoint(tmp_path / "atlas").config
+    assert config.parallel_residual == parallel and config.rope_dims == int(16 * rotary_pct)
+    assert config.mlp == ("gelu_exact" if act == "gelu" else "gelu")
+    _assert_same_logits(model, tmp_path / "atlas", 600)
+
+
+def test_gpt_neox_config_with_transformers_4_keys(tmp_path, hf_bpe_json):
+    """Pythia's config.json on the hub says rotary_pct / rotary_emb_base (no rope_parameters)."""
+    model = hf_gpt_neox(600, rotary_pct=0.5)
+    src = _save_hf(model, tmp_path / "hf", hf_bpe_json)
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    import_hf(src, tmp_path / "atlas")
+    assert load_checkpoint(tmp_path / "atlas").config.rope_dims == 8
+    _assert_same_logits(model, tmp_path / "atlas", 600)
+
+
+@pytest.mark.parametrize(
+    ("builder", "changes", "message"),
+    [
+        (hf_qwen2, {"use_sliding_window": True}, "sliding-window"),
+        (hf_gpt_neox, {"attention_bias": False}, "attention biases"),
+        (hf_gpt_neox, {"hidden_act": "relu"}, "relu"),
+    ],
+)
+def test_unsupported_options_of_the_new_architectures_are_refused(
+    tmp_path, hf_bpe_json, builder, changes, message
+):
+    src = _save_hf(builder(600), tmp_path / "hf", hf_bpe_json)
+    _edit_hf_config(src, **changes)
+    with pytest.raises(HFImportError, match=message):
+        import_hf(src, tmp_path / "atlas")
+
+
+@pytest.mark.parametrize("builder", [hf_qwen2, hf_gpt_neox, hf_llama])
+def test_imported_models_serve_through_the_engine_like_transformers_generate(
+    tmp_path, hf_bpe_json, builder
+):
+    """Continuous batching (three requests at once), chunked prefill, the KV cache and the
+    CPU kernels (prepare_for_inference) give transformers' greedy tokens."""
+    import asyncio
+
+    from atlas_server.engine import Engine, EngineConfig, SamplingParams
+
+    hf = builder(600)
+    with torch.no_grad():  # bigger weights: greedy text that varies token to token
+        for name, p in hf.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    import_hf(_save_hf(hf, tmp_path / "hf", hf_bpe_json), tmp_path / "atlas")
+    ckpt = load_checkpoint(tmp_path / "atlas")
+    model = ckpt.model.prepare_for_inference()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 600, (n,), generator=gen).tolist() for n in (5, 11, 17)]
+    expected = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
+        expected.append(out[0, len(prompt) :].tolist())
+    assert len({tuple(e) for e in expected}) > 1  # the prompts lead to different text
+
+    engine = Engine(model, ckpt.tokenizer, EngineConfig(max_running=4, max_batched_tokens=8))
+    engine.start()
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+    async def one(prompt):
+        return [t async for e in engine.submit(prompt, params) for t in e.token_ids]
+
+    async def together():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        got = asyncio.run(together())
+    finally:
+        engine.shutdown()
+    assert got == expected
+
+
+# --- tokenizers with NFC, added tokens, isolated digits ---------------------------------------
+def _train_hf_tokenizer(pre_tokenizer, normalizer=None, vocab=500):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_sample(150_000), trainer)
+    return tok
+
+
+AWKWARD = [
+    "def f(x):\n        return x  # eight spaces\n\n\n    \t  tail   ",
+    "cafe\u0301 vs café, Å vs A\u030a, ﬁ ligature",  # NFD input: NFC composes it
+    "x = 1234567 + 89 - 0.5e10; v2 = [3, 14]",
+    "naïve 東京 🙂 \r\n  x  123456 it's",
+]
+
+
+def test_pythia_style_tokenizer_with_nfc_and_whitespace_added_tokens(tmp_path):
+    """GPT-NeoX's tokenizer: NFC, byte-level GPT-2 split, and runs of spaces as non-special
+    added tokens that `tokenizers` cuts out of any text first (longest first)."""
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    theirs = _train_hf_tokenizer(
+        pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC()
+    )
+    theirs.add_tokens([AddedToken(" " * n, normalized=True) for n in range(24, 1, -1)])
+    path = tmp_path / "tokenizer.json"
+    theirs.save(str(path))
+    # Pythia's file also lists the space tokens in the model's vocabulary, as raw spaces.
+    data = json.loads(path.read_text())
+    for added in data["added_tokens"]:
+        if not added["special"]:
+            data["model"]["vocab"][added["content"]] = added["id"]
+    path.write_text(json.dumps(data))
+    theirs = HFTokenizer.from_file(str(path))
+    ours = tokenizer_from_hf_json(path)
+    assert ours.normalizer == "NFC" and len(ours.added_tokens) == 23
+    for text in stdlib_sample(120_000, stride=5)[-30:] + AWKWARD:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids, text[:60]
+    assert ours.decode(ours.encode("a      b")) == "a      b"
+    # round trip through Atlas's own file format keeps both
+    (tmp_path / "atlas").mkdir()
+    again = type(ours).from_file(ours.save(tmp_path / "atlas" / "atlas_tokenizer.json"))
+    assert again.encode(AWKWARD[0] + AWKWARD[1]) == ours.encode(AWKWARD[0] + AWKWARD[1])
+
+
+def test_smollm_style_tokenizer_with_isolated_digits(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    theirs = _train_hf_tokenizer(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    )
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer_from_hf_json(tmp_path / "tokenizer.json")
+    extra = ["a 1", "x  1", "x   12  y", " 3 4  5\n6", "v1.2.3 -42 ٣٤ ½"]
+    for text in stdlib_sample(120_000, stride=5)[-30:] + AWKWARD + extra:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids, text[:60]
+
+
+def test_qwen2_style_tokenizer_with_nfc_and_split_regex(tmp_path):
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    qwen_split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    theirs = _train_hf_tokenizer(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        normalizers.NFC(),
+    )
+    theirs.save(str(tmp_path / "tokenizer.json"))
+    ours = tokenizer_from_hf_json(tmp_path / "tokenizer.json")
+    for text in stdlib_sample(120_000, stride=5)[-30:] + AWKWARD:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids, text[:60]
+
+
+def test_unsupported_normalizer_and_added_token_flags_are_refused(hf_bpe_json):
+    data = json.loads(hf_bpe_json.read_text())
+    with pytest.raises(Exception, match="Lowercase"):
+        tokenizer_from_hf_json({**data, "normalizer": {"type": "Lowercase"}})
+    stripped = {"id": 600, "content": "<x>", "special": False, "lstrip": True}
+    with pytest.raises(Exception, match="strips"):
+        tokenizer_from_hf_json({**data, "added_tokens": [*data["added_tokens"], stripped]})
+
+
+# --- the hub, offline, from a cache the test builds ---------------------------------------
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(root, repo_id, folder, commit=COMMIT, branch="main"):
+    """The huggingface_hub cache layout: models--org--name/{refs/BRANCH, snapshots/COMMIT/}."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / branch).write_text(commit)
+    (repo / "blobs").mkdir()
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, hf_bpe_json, monkeypatch):
+    """A hub cache holding `atlas-tests/tiny-qwen2` (a chat template in tokenizer_config.json)
+    at COMMIT, and the env that points huggingface_hub at it, offline."""
+    hf = hf_qwen2(600)
+    folder = _save_hf(hf, tmp_path / "hf", hf_bpe_json)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages[0]['content'] }}", "eos_token": "<|endoftext|>"})
+    )
+    root = tmp_path / "hub"
+    _hub_cache(root, "atlas-tests/tiny-qwen2", folder)
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    env = {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
+    return hf, root, env
+
+
+def test_import_from_the_hub_cache_offline_with_revision(tmp_path, hub_cache):
+    hf, _, _ = hub_cache
+    import_hf("atlas-tests/tiny-qwen2", tmp_path / "main")
+    ckpt = load_checkpoint(tmp_path / "main")
+    assert ckpt.provenance["source"] == "hf://atlas-tests/tiny-qwen2"
+    assert ckpt.provenance["revision"] == "main" and ckpt.provenance["commit"] == COMMIT
+    assert ckpt.provenance["architecture"] == "Qwen2ForCausalLM"
+    assert ckpt.chat_template == "{{ messages[0]['content'] }}"
+    _assert_same_logits(hf, tmp_path / "main", 600)
+    import_hf("atlas-tests/tiny-qwen2", tmp_path / "pinned", revision=COMMIT)
+    assert load_checkpoint(tmp_path / "pinned").provenance["commit"] == COMMIT
+    with pytest.raises(HFImportError, match="not in the hub cache"):
+        import_hf("atlas-tests/tiny-qwen2", tmp_path / "x", revision="v2.0")
+    with pytest.raises(HFImportError, match="not in the hub cache"):
+        import_hf("atlas-tests/not-there", tmp_path / "y")
+    with pytest.raises(HFImportError, match="applies to hub repositories"):
+        import_hf(tmp_path / "hf", tmp_path / "z", revision="main")
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_cli_import_from_the_hub_then_inspect_says_what_was_imported(tmp_path, hub_cache):
+    """The real command line in a fresh process: HF_HUB_CACHE and HF_HUB_OFFLINE from the
+    environment, as a user would set them."""
+    import os
+    import subprocess
+    import sys
+
+    _, _, env = hub_cache
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atlas_server.cli",
+            "checkpoint",
+            "import-hf",
+            "atlas-tests/tiny-qwen2",
+            str(tmp_path / "atlas"),
+            "--revision",
+            "main",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert run.returncode == 0, run.stderr
+    result = CliRunner().invoke(app, ["checkpoint", "inspect", str(tmp_path / "atlas")])
+    assert result.exit_code == 0, result.output
+    assert (
+        f"imported: Qwen2ForCausalLM from hf://atlas-tests/tiny-qwen2 (revision main @ {COMMIT})"
+        in result.output
+    )
+    assert "chat template: chat_template.jinja" in result.output
+    info = json.loads(
+        CliRunner().invoke(app, ["checkpoint", "inspect", str(tmp_path / "atlas"), "--json"]).output
+    )
+    assert info["imported"]["architecture"] == "Qwen2ForCausalLM"

@@ -10,7 +10,7 @@ import torch
 
 from atlas_server.model import ConfigError, ModelConfig, Transformer, load_preset, preset_names
 from atlas_server.model.onednn import packing_supported
-from atlas_server.model.transformer import Linear
+from atlas_server.model.transformer import Linear, apply_rope
 
 COMBOS = list(
     itertools.product(
@@ -177,6 +177,10 @@ def test_position_past_max_seq_len_is_refused():
         ({"norm": "batchnorm"}, "norm"),
         ({"dropout": 1.5}, "dropout"),
         ({"vocab_size": 0}, "vocab_size"),
+        ({"pos_encoding": "rope", "rotary_dim": 3}, "even number of rotated dims"),
+        ({"pos_encoding": "rope", "rotary_dim": 16}, "1..head_dim"),
+        ({"rotary_dim": 4}, "pos_encoding='rope' only"),
+        ({"mlp": "relu"}, "mlp"),
     ],
 )
 def test_invalid_configs_name_the_problem(change, message):
@@ -353,3 +357,107 @@ def test_forward_segments_equals_separate_forwards(config):
     for layer in range(config.n_layers):
         torch.testing.assert_close(together.k[layer][:, :, :9], apart.k[layer][:, :, :9])
         torch.testing.assert_close(together.v[layer][:, :, :9], apart.v[layer][:, :, :9])
+
+
+# --- the options imported architectures need: Qwen2's q/k/v bias, GPT-NeoX's partial rotary
+# and parallel residual, exact GELU (references: tests/test_hf_import.py, against transformers)
+NEW_SHAPES = {
+    "qwen2": tiny("rope", "rmsnorm", "swiglu", 2, bias=False, qkv_bias=True),
+    "neox": tiny("rope", "layernorm", "gelu_exact", 4, rotary_dim=2, parallel_residual=True),
+    "neox-sequential": tiny("rope", "layernorm", "gelu", 4, rotary_dim=4),
+}
+
+
+def _spread(model: Transformer) -> Transformer:
+    with torch.no_grad():  # non-zero biases and bigger weights, so each option shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", NEW_SHAPES)
+def test_new_options_shape_the_parameters(name):
+    model = Transformer(NEW_SHAPES[name])
+    attn = model.blocks[0].attn
+    assert (attn.wqkv.bias is not None) is True  # qwen2: qkv_bias; neox: bias
+    assert (attn.wo.bias is not None) == NEW_SHAPES[name].bias
+    assert model.rope_cos.shape[-1] == NEW_SHAPES[name].rope_dims
+
+
+def test_partial_rotary_leaves_the_other_dims_alone_and_parallel_residual_differs():
+    """Positions change only the rotated dims of q and k; the parallel residual is not the
+    sequential block."""
+    torch.manual_seed(0)
+    config = NEW_SHAPES["neox"]
+    model = _spread(Transformer(config)).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 1, config.d_model)
+    qkv = attn.wqkv(x)  # one token, seen at position 0 and at position 5
+    H, D, R = config.n_heads, config.head_dim, config.rope_dims
+    outs = []
+    for pos in (0, 5):
+        q = qkv[..., : H * D].view(1, 1, H, D)
+        cos, sin = model.rope_cos[pos].view(1, 1, 1, R), model.rope_sin[pos].view(1, 1, 1, R)
+        outs.append(torch.cat([apply_rope(q[..., :R], cos, sin), q[..., R:]], -1))
+    assert torch.equal(outs[0][..., R:], outs[1][..., R:])
+    assert not torch.allclose(outs[0][..., :R], outs[1][..., :R])
+    ids = torch.randint(0, 97, (2, 12))
+    sequential = Transformer(config.replace(parallel_residual=False)).eval()
+    sequential.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(model(ids), sequential(ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", NEW_SHAPES)
+@pytest.mark.parametrize("pack", [False, True])
+def test_new_options_decode_with_the_kv_cache_and_cpu_kernels_like_the_full_forward(name, pack):
+    torch.manual_seed(0)
+    model = _spread(Transformer(NEW_SHAPES[name])).eval()
+    ids = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        full = model(ids)
+        model.prepare_for_inference(pack=pack)  # C kernels / oneDNN copies carry the biases
+        if pack:
+            assert model.blocks[0].attn.wqkv.packed is not None or not packing_supported(
+                model.blocks[0].attn.wqkv.weight
+            )
+        cache = model.new_cache(n_slots=4, max_len=24)
+        slots = torch.tensor([3, 0, 1])
+        parts = [model(ids[:, :9], torch.arange(9).expand(3, 9), cache, slots)]
+        for t in range(9, 20):  # one token per row: the C decode-attention kernel
+            parts.append(model(ids[:, t : t + 1], torch.full((3, 1), t), cache, slots))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NEW_SHAPES)
+def test_new_options_forward_segments_equal_separate_forwards(name):
+    """The engine's flattened step (decode rows and a prompt chunk together)."""
+    from atlas_server.model.transformer import Segment
+
+    torch.manual_seed(0)
+    model = _spread(Transformer(NEW_SHAPES[name])).prepare_for_inference()
+    prompts = torch.randint(0, 97, (3, 12))
+    with torch.no_grad():
+        apart, together = model.new_cache(4, 32), model.new_cache(4, 32)
+        for cache in (apart, together):
+            model(prompts[:2, :8], torch.arange(8).expand(2, 8), cache, torch.tensor([0, 1]))
+        decode_pos = torch.tensor([[8], [8]])
+        want_decode = model(prompts[:2, 8:9], decode_pos, apart, torch.tensor([0, 1]))[:, -1]
+        want_chunk = model(prompts[2:, :5], torch.arange(5)[None], apart, torch.tensor([3]))[0]
+        segments = [
+            Segment(0, 2, 2, 1, torch.tensor([0, 1]), decode_pos),
+            Segment(2, 7, 1, 5, torch.tensor([3]), torch.arange(5)[None]),
+        ]
+        idx = torch.cat([prompts[:2, 8], prompts[2, :5]])
+        got = model.forward_segments(idx, segments, together, torch.arange(7))
+    torch.testing.assert_close(got[:2], want_decode, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[2:], want_chunk, atol=1e-5, rtol=1e-5)
+
+
+def test_configs_without_the_new_keys_load_with_the_old_behaviour():
+    old = tiny("rope", "rmsnorm", "swiglu", 2).to_dict()
+    for key in ("qkv_bias", "rotary_dim", "parallel_residual"):
+        del old[key]
+    config = ModelConfig.from_dict(old)
+    assert config.rope_dims == config.head_dim and config.has_qkv_bias == config.bias
+    assert not config.parallel_residual

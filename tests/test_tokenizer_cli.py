@@ -49,7 +49,7 @@ def trained_file(corpus_dir, tmp_path_factory):
         ],
     )
     assert result.exit_code == 0, result.output
-    return out / "tokenizer.json"
+    return out / "atlas_tokenizer.json"
 
 
 def test_train_writes_a_loadable_tokenizer_and_a_summary(trained_file, corpus_dir, tmp_path):
@@ -71,7 +71,7 @@ def test_train_writes_a_loadable_tokenizer_and_a_summary(trained_file, corpus_di
         ],
     )
     assert "vocab size 700" in result.output
-    assert (tmp_path / "tokenizer.json").read_bytes() == trained_file.read_bytes()
+    assert (tmp_path / "atlas_tokenizer.json").read_bytes() == trained_file.read_bytes()
 
 
 def test_train_options_reach_the_tokenizer(corpus_dir, tmp_path):

@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> Path:
 def tokenizer_file(tmp_path_factory, corpus) -> Path:
     texts = [p.read_text() for p in sorted(corpus.iterdir())]
     tok = train_from_texts(texts, TokenizerConfig(vocab_size=512), progress=False)
-    return tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    return tok.save(tmp_path_factory.mktemp("tok") / "atlas_tokenizer.json")
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,9 @@ def prepare_data_command(
     paths: list[str] = typer.Argument(
         ..., help="Files, folders, globs, or hf:NAME[:CONFIG][:SPLIT]."
     ),
-    tokenizer: Path = typer.Option(..., help="tokenizer.json to encode with."),
+    tokenizer: Path = typer.Option(
+        ..., help="Tokenizer to encode with (atlas_tokenizer.json or a folder holding it)."
+    ),
     output: Path = typer.Option(..., help="Folder for the shards and manifest.json."),
     val_fraction: float = typer.Option(0.01, help="Share of documents held out for validation."),
     shard_tokens: int = typer.Option(
@@ -99,7 +101,7 @@ def prepare_data_command(
 ) -> None:
     """Tokenize raw text into token shards (resumable).
 
-    Example: atlas-train prepare-data docs/ --tokenizer tok/tokenizer.json --output data/tokens
+    Example: atlas-train prepare-data docs/ --tokenizer tok/atlas_tokenizer.json --output data/tokens
     """
     from .data import prepare_data
 

@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from atlas_server.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from atlas_server.tokenizer import ENDOFTEXT, Tokenizer
+from atlas_server.tokenizer import ENDOFTEXT, TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def prepare_data(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     # The shards are meaningless without their tokenizer: keep a copy beside them.
-    atomic_write_text(out / "tokenizer.json", Path(tokenizer_path).read_text(encoding="utf-8"))
+    tokenizer.save(out / TOKENIZER_FILE)  # Atlas format, whatever format it came in
     eot = tokenizer.eot_id
     if eot is None:
         raise DataError(f"the tokenizer has no {ENDOFTEXT} token to separate documents")

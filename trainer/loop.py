@@ -297,7 +297,7 @@ def setup(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
     seed_everything(cfg.run.seed)
-    tokenizer = Tokenizer.from_file(Path(cfg.data.path) / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(Path(cfg.data.path))  # its atlas_tokenizer.json
     train_data, val_data = task.make_data(cfg, d)
     model = _build_model(cfg, tokenizer, resuming=resume is not None).to(device)
     if resume is not None:

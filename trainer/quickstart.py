@@ -23,7 +23,7 @@ import numpy as np
 
 from atlas_server.io import atomic_write_json
 from atlas_server.model.config import configs_dir
-from atlas_server.tokenizer import Tokenizer, train_from_files
+from atlas_server.tokenizer import TOKENIZER_FILE, Tokenizer, train_from_files
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.train import TrainConfig as TokenizerConfig
 
@@ -72,7 +72,7 @@ def quickstart(
     that was stopped. Returns (and writes to OUTPUT/quickstart.json) the held-out metrics."""
     output = Path(output)
     corpus = write_corpus(output / "corpus", corpus_bytes)
-    tok_file = output / "tokenizer" / "tokenizer.json"
+    tok_file = output / "tokenizer" / TOKENIZER_FILE
     if tok_file.is_file():  # a rerun after Ctrl-C: training it again gives the same file
         tokenizer = Tokenizer.from_file(tok_file)
     else:

@@ -1,7 +1,7 @@
 """Training checkpoints: an atlas checkpoint plus the trainer state, saved atomically.
 
 Layout of `RUN/checkpoints/step_000200/`: the atlas checkpoint (config.json,
-model.safetensors, tokenizer.json: the server loads it unchanged) plus
+model.safetensors, atlas_tokenizer.json: the server loads it unchanged) plus
 `trainer_state.safetensors` (optimizer moments and the torch RNG states, as tensors) and
 `trainer_state.json` (step, optimizer hyper-parameters, GradScaler, data-loader position,
 Python and NumPy RNG states, config). Nothing is pickled: loading reads safetensors and

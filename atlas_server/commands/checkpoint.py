@@ -1,9 +1,12 @@
-"""`atlas checkpoint`: inspect, create and import atlas checkpoints.
+"""`atlas checkpoint`: inspect, create, migrate, import and export atlas checkpoints.
 
-What it does: `inspect DIR` (parameter counts, config, tokenizer, provenance, file sizes;
-`--json` for scripts), `init --preset NAME --tokenizer FILE --output DIR` (a randomly
-initialised model whose vocabulary matches the tokenizer) and `import-hf SRC DST` (a local
-Hugging Face GPT-2 or Llama folder). What it does not do: training (see `atlas-train`).
+What it does: `inspect DIR` (parameter counts, config, tokenizer, chat template, what it was
+imported from, provenance, file sizes; `--json` for scripts), `init --preset NAME
+--tokenizer FILE --output DIR` (a randomly initialised model whose vocabulary matches the
+tokenizer), `migrate DIR` (an older checkpoint layout to the current one, in place),
+`import-hf SRC DST` (a Hugging Face folder or hub repository), `export-hf DIR OUT` (a
+folder `transformers` loads) and `export-gguf DIR OUT.gguf` (a file llama.cpp runs).
+What it does not do: training (see `atlas-train`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from pathlib import Path
 import torch
 import typer
 
-from ..checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from ..checkpoint import load_checkpoint, migrate_checkpoint, read_metadata, save_checkpoint
 from ..model import Transformer, load_preset, preset_names
 from ..tokenizer import Tokenizer
 from ._common import user_errors
 
-app = typer.Typer(help="Inspect, create and import atlas checkpoints.", no_args_is_help=True)
+app = typer.Typer(
+    help="Inspect, create, migrate, import and export atlas checkpoints.", no_args_is_help=True
+)
 
 
 def _param_groups(model: Transformer) -> dict[str, int]:
@@ -40,9 +45,17 @@ def describe(directory: Path) -> dict:
     model = ckpt.model
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
     tok = ckpt.tokenizer
+    provenance = meta.get("provenance", {})
+    imported = {
+        k: provenance[k]
+        for k in ("source", "revision", "commit", "architecture", "imported_from")
+        if k in provenance and (k != "source" or "imported_from" in provenance)
+    }
     return {
         "path": str(directory),
         "format_version": meta["format_version"],
+        "imported": imported or None,
+        "chat_template": "chat_template.jinja" if ckpt.chat_template is not None else None,
         "parameters": {
             "total": model.num_parameters(),
             "non_embedding": model.num_parameters(exclude_embeddings=True),
@@ -85,6 +98,14 @@ def inspect(
         return
     params = info["parameters"]
     typer.echo(f"checkpoint {info['path']} (format v{info['format_version']})")
+    if info["imported"]:
+        src = info["imported"]
+        where = src.get("source", "?")
+        at = f" @ {src['commit']}" if "commit" in src else ""
+        rev = f" (revision {src['revision']}{at})" if "revision" in src else ""
+        typer.echo(
+            f"imported: {src.get('architecture', src.get('imported_from'))} from {where}{rev}"
+        )
     typer.echo(
         f"parameters: {_human(params['total'])} total, {_human(params['non_embedding'])} non-embedding"
     )
@@ -97,6 +118,10 @@ def inspect(
     typer.echo(
         f"tokenizer: {tok['name']}, {tok['vocab_size']} ids, {tok['merges']} merges, "
         f"specials {sorted(tok['special_tokens'])}"
+    )
+    typer.echo(
+        "chat template: "
+        + ("chat_template.jinja" if info["chat_template"] else "none (the server renders ChatML)")
     )
     typer.echo("provenance:")
     for k, v in info["provenance"].items():
@@ -112,14 +137,14 @@ def init(
         ..., help=f"Model preset from configs/models/ ({', '.join(preset_names())})."
     ),
     tokenizer: Path = typer.Option(
-        ..., help="tokenizer.json (its vocabulary size sets the embedding rows)."
+        ..., help="Tokenizer file or folder (its vocabulary size sets the embedding rows)."
     ),
     output: Path = typer.Option(..., help="Checkpoint directory to write."),
     seed: int = typer.Option(0, help="Seed for the random initialisation."),
 ) -> None:
     """Write a randomly initialised checkpoint from a preset.
 
-    Example: atlas checkpoint init --preset gpt2-tiny --tokenizer tok/tokenizer.json --output ckpt/
+    Example: atlas checkpoint init --preset gpt2-tiny --tokenizer tok/ --output ckpt/
     """
     with user_errors():
         tok = Tokenizer.from_file(tokenizer)
@@ -132,22 +157,86 @@ def init(
     typer.echo(f"wrote {output} ({_human(model.num_parameters())} parameters, preset {preset})")
 
 
+@app.command()
+def migrate(
+    directory: Path = typer.Argument(..., help="Checkpoint directory, changed in place."),
+) -> None:
+    """Bring an older checkpoint to the current layout (v1 -> v2: the Atlas tokenizer file
+    becomes atlas_tokenizer.json). Older checkpoints load without it; this makes it official.
+
+    Example: atlas checkpoint migrate runs/old/checkpoint
+    """
+    with user_errors():
+        changed = migrate_checkpoint(directory)
+    version = read_metadata(directory)["format_version"]
+    typer.echo(f"{'migrated' if changed else 'already current:'} {directory} (format v{version})")
+
+
 @app.command("import-hf")
 def import_hf_command(
-    src: Path = typer.Argument(
-        ..., help="Local Hugging Face model folder (config.json + safetensors)."
+    src: str = typer.Argument(
+        ...,
+        help="Local Hugging Face model folder (config.json + safetensors), or a hub repository "
+        "id such as gpt2 or HuggingFaceTB/SmolLM2-135M (HF_HUB_OFFLINE=1: the cache only).",
     ),
     dst: Path = typer.Argument(..., help="Atlas checkpoint directory to write."),
+    revision: str = typer.Option(
+        None, help="Hub branch, tag or commit (hub repositories only; default main)."
+    ),
     tokenizer: Path = typer.Option(
-        None, help="Use this tokenizer.json instead of SRC's (Atlas or HF byte-level BPE)."
+        None, help="Use this tokenizer file instead of SRC's (Atlas or HF byte-level BPE)."
     ),
 ) -> None:
-    """Convert a Hugging Face GPT-2 or Llama checkpoint into an atlas checkpoint.
+    """Convert a Hugging Face GPT-2 or Llama model into an atlas checkpoint.
 
-    Example: atlas checkpoint import-hf ~/models/gpt2 checkpoints/gpt2
+    Example: atlas checkpoint import-hf HuggingFaceTB/SmolLM2-135M checkpoints/smollm2
     """
     from ..hf_import import import_hf
 
     with user_errors():
-        path = import_hf(src, dst, str(tokenizer) if tokenizer else None)
+        path = import_hf(src, dst, str(tokenizer) if tokenizer else None, revision)
     typer.echo(f"wrote {path}")
+
+
+@app.command("export-hf")
+def export_hf_command(
+    directory: Path = typer.Argument(..., help="Atlas checkpoint directory."),
+    out: Path = typer.Argument(
+        ..., help="Folder to write (transformers' from_pretrained reads it)."
+    ),
+    dtype: str = typer.Option("float32", help="Weight dtype: float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT."),
+) -> None:
+    """Write a Hugging Face model folder: weights, config, tokenizer.json, chat template.
+
+    Example: atlas checkpoint export-hf runs/quickstart/checkpoint hf/quickstart
+    """
+    from ..hf_export import export_hf
+
+    with user_errors():
+        path = export_hf(directory, out, dtype, overwrite)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("export-gguf")
+def export_gguf_command(
+    directory: Path = typer.Argument(..., help="Atlas checkpoint directory."),
+    out: Path = typer.Argument(..., help="GGUF file to write (llama.cpp runs it)."),
+    tensor_type: str = typer.Option(
+        "f32", "--type", help="Matrices as f32, f16 or q8_0 (norms and biases stay f32)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Write a GGUF file for llama.cpp: weights, hyper-parameters, tokenizer, chat template.
+
+    Example: atlas checkpoint export-gguf runs/quickstart/checkpoint quickstart-q8_0.gguf --type q8_0
+    """
+    from ..gguf_export import GGUF_TYPES, GGUFExportError, export_gguf
+
+    with user_errors(FileExistsError):
+        if tensor_type not in GGUF_TYPES:
+            raise GGUFExportError(f"--type {tensor_type!r}: choose one of {list(GGUF_TYPES)}")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        path = export_gguf(directory, out, tensor_type, progress=True)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {tensor_type})")

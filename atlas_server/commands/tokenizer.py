@@ -20,6 +20,7 @@ from ..tokenizer import (
     DEFAULT_SPECIAL_TOKENS,
     GPT2_SPLIT_PATTERN,
     GPT4_SPLIT_PATTERN,
+    TOKENIZER_FILE,
     Tokenizer,
     TokenizerError,
 )
@@ -45,7 +46,9 @@ def train(
     vocab_size: int = typer.Option(
         ..., "--vocab-size", help="Total ids: 256 bytes + merges + special tokens."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write tokenizer.json into."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Folder to write atlas_tokenizer.json into."
+    ),
     special_token: list[str] = typer.Option(
         None,
         "--special-token",
@@ -63,13 +66,13 @@ def train(
     min_frequency: int = typer.Option(
         2, "--min-frequency", help="Stop when the best pair occurs fewer times."
     ),
-    name: str = typer.Option("atlas", "--name", help="Name stored in tokenizer.json."),
+    name: str = typer.Option("atlas", "--name", help="Name stored in the tokenizer file."),
     workers: int = typer.Option(
         1, "--workers", help="Processes counting pre-tokens (0: one per CPU); same result."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Learn merges from text files and write OUTPUT/tokenizer.json (atomically).
+    """Learn merges from text files and write OUTPUT/atlas_tokenizer.json (atomically).
 
     Example: atlas tokenizer train docs/ notes/*.md --vocab-size 8192 --output tok/
     """
@@ -93,7 +96,7 @@ def train(
         tokenizer = train_from_files(
             paths, config, progress=not quiet, stats=stats, workers=workers or os.cpu_count() or 1
         )
-        path = tokenizer.save(output / "tokenizer.json")
+        path = tokenizer.save(output / TOKENIZER_FILE)
     elapsed = time.perf_counter() - start
     typer.echo(f"wrote {path}")
     typer.echo(
@@ -129,7 +132,10 @@ def encode(
         None, help="Text to encode; read from stdin when left out.", show_default=False
     ),
     tokenizer: Path = typer.Option(
-        ..., "--tokenizer", "-t", help="tokenizer.json or a checkpoint folder."
+        ...,
+        "--tokenizer",
+        "-t",
+        help="Tokenizer file (Atlas or Hugging Face) or a folder holding one (a checkpoint).",
     ),
     allow_special: bool = typer.Option(
         False, "--allow-special", help="Turn special-token text (e.g. <|endoftext|>) into its id."
@@ -141,7 +147,7 @@ def encode(
 ) -> None:
     """Print the token ids of TEXT (or of stdin).
 
-    Example: atlas tokenizer encode -t tok/tokenizer.json "Hello, world!"
+    Example: atlas tokenizer encode -t tok/atlas_tokenizer.json "Hello, world!"
     """
     tok = _load(tokenizer)
     if text is None:
@@ -184,12 +190,15 @@ def decode(
         None, help="Token ids; read from stdin when left out.", show_default=False
     ),
     tokenizer: Path = typer.Option(
-        ..., "--tokenizer", "-t", help="tokenizer.json or a checkpoint folder."
+        ...,
+        "--tokenizer",
+        "-t",
+        help="Tokenizer file (Atlas or Hugging Face) or a folder holding one (a checkpoint).",
     ),
 ) -> None:
     """Print the text of token IDS (invalid UTF-8 shows as U+FFFD).
 
-    Example: atlas tokenizer decode -t tok/tokenizer.json 72 101 108 108 111
+    Example: atlas tokenizer decode -t tok/atlas_tokenizer.json 72 101 108 108 111
     """
     tok = _load(tokenizer)
     raw = ids if ids else [_read_stdin()]
@@ -199,13 +208,15 @@ def decode(
 @app.command()
 def info(
     path: Path = typer.Argument(
-        ..., help="tokenizer.json or a checkpoint folder.", show_default=False
+        ...,
+        help="Tokenizer file (Atlas or Hugging Face) or a folder holding one (a checkpoint).",
+        show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Summarise a tokenizer: size, pattern, special tokens, longest tokens.
 
-    Example: atlas tokenizer info tok/tokenizer.json
+    Example: atlas tokenizer info tok/atlas_tokenizer.json
     """
     tok = _load(path)
     pattern_name = next((k for k, v in NAMED_PATTERNS.items() if v == tok.pattern), "custom")

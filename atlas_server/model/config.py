@@ -17,13 +17,13 @@ from .. import tomlconfig  # a leaf that imports nothing of Atlas (docs/architec
 
 PositionalEncoding = Literal["learned", "sinusoidal", "rope"]
 NormKind = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "swiglu"]
+MLPKind = Literal["gelu", "gelu_exact", "swiglu"]
 AttentionImpl = Literal["sdpa", "reference"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "pos_encoding": ("learned", "sinusoidal", "rope"),
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
+    "mlp": ("gelu", "gelu_exact", "swiglu"),
     "attention": ("sdpa", "reference"),
 }
 
@@ -45,8 +45,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: NormKind = "layernorm"
     norm_eps: float = 1e-5
+    # "gelu" is GELU's tanh form (GPT-2's "gelu_new"), "gelu_exact" the erf form (Pythia's).
     mlp: MLPKind = "gelu"
-    bias: bool = True
+    bias: bool = True  # biases of every projection and LayerNorm
+    qkv_bias: bool | None = None  # the q|k|v projection's own bias (Qwen2); None: as `bias`
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim of each head (GPT-NeoX); None: all
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX)
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention: AttentionImpl = "sdpa"
@@ -65,14 +69,30 @@ class ModelConfig:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}"
             )
-        if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.pos_encoding == "rope" and self.rope_dims % 2:
+            raise ConfigError(f"RoPE needs an even number of rotated dims, got {self.rope_dims}")
+        if self.rotary_dim is not None:
+            if self.pos_encoding != "rope":
+                raise ConfigError("rotary_dim applies to pos_encoding='rope' only")
+            if not 0 < self.rotary_dim <= self.head_dim:
+                raise ConfigError(
+                    f"rotary_dim={self.rotary_dim} must be in 1..head_dim ({self.head_dim})"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_dims(self) -> int:
+        """How many dims of each head RoPE rotates (the first ones)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.qkv_bias if self.qkv_bias is not None else self.bias
 
     @property
     def kv_heads(self) -> int:

@@ -3,7 +3,9 @@
 What it does: token embedding -> positional information (learned, sinusoidal or RoPE)
 -> n pre-norm blocks of causal self-attention (multi-head or grouped-query) and a
 feed-forward network (GELU MLP or SwiGLU) with residual connections -> final norm ->
-logits. The forward pass optionally reads and writes a `KVCache` at explicit
+logits. Options cover the imported architectures: a bias on the q|k|v projection alone
+(Qwen2), RoPE on part of each head and a parallel residual (GPT-NeoX), exact GELU.
+The forward pass optionally reads and writes a `KVCache` at explicit
 positions, which is all the serving engine needs to prefill and decode ragged
 batches. What it does not do: sampling, scheduling, tokenization or checkpoint I/O.
 
@@ -126,11 +128,12 @@ class CausalSelfAttention(nn.Module):
             config.head_dim,
         )
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.wqkv = Linear(config.d_model, qkv_out, config.bias)  # fused: one matmul
+        self.wqkv = Linear(config.d_model, qkv_out, config.has_qkv_bias)  # fused: one matmul
         self.wo = Linear(self.n_heads * self.head_dim, config.d_model, config.bias)
         self.dropout = config.dropout
         self.impl = config.attention
         self.use_rope = config.pos_encoding == "rope"
+        self.rope_dims = config.rope_dims
 
     def forward(
         self,
@@ -184,9 +187,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, K, D)
         if self.use_rope:
             cos, sin = rope  # type: ignore[misc]
-            cos = cos[positions].unsqueeze(2)  # [B, T, 1, D]
+            cos = cos[positions].unsqueeze(2)  # [B, T, 1, R], R = rotated dims (D or fewer)
             sin = sin[positions].unsqueeze(2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.rope_dims == D:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:  # partial rotary: the first R dims of each head turn, the rest pass
+                R = self.rope_dims
+                q = torch.cat([apply_rope(q[..., :R], cos, sin), q[..., R:]], dim=-1)
+                k = torch.cat([apply_rope(k[..., :R], cos, sin), k[..., R:]], dim=-1)
 
         if cache is None:
             # Training / full forward: the sequence attends to itself, causally (within each
@@ -269,13 +277,16 @@ class FeedForward(nn.Module):
         if self.kind == "swiglu":
             gate, up = self.w_in(x).chunk(2, dim=-1)  # [B, T, F] each
             h = F.silu(gate) * up
+        elif self.kind == "gelu_exact":
+            h = F.gelu(self.w_in(x))  # [B, T, F]; erf GELU (Pythia's "gelu")
         else:
             h = self.w_in(x, gelu_tanh=True)  # [B, T, F]; GPT-2's "gelu_new"
         return F.dropout(self.w_out(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    `parallel_residual`, both read the same x: x + attn(norm1(x)) + mlp(norm2(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -283,9 +294,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = FeedForward(config)
+        self.parallel = config.parallel_residual
 
     def forward(self, x, positions, rope, cache, slots, segments=None, mask=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, rope, cache, slots, segments, mask)
+        attn = self.attn(self.attn_norm(x), positions, rope, cache, slots, segments, mask)
+        if self.parallel:
+            return x + attn + self.mlp(self.mlp_norm(x))
+        x = x + attn
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -315,7 +330,7 @@ class Transformer(nn.Module):
             table = sinusoidal_table(config.max_seq_len, config.d_model).to(device)
             self.register_buffer("pos_table", table, persistent=False)
         elif config.pos_encoding == "rope":
-            cos, sin = rope_tables(config.max_seq_len, config.head_dim, config.rope_theta)
+            cos, sin = rope_tables(config.max_seq_len, config.rope_dims, config.rope_theta)
             # Built in fp32; `model.to(dtype)` converts them like any buffer (as Hugging Face's
             # Llama does). apply_rope multiplies in fp32 either way.
             self.register_buffer("rope_cos", cos.to(device), persistent=False)

@@ -1,7 +1,8 @@
 """Atlas's byte-level BPE tokenizer (pure Python + regex; imports nothing else of Atlas).
 
 `bpe` encodes and decodes, `train` learns merges from files, `corpus` streams training
-text, `hf_format` reads a Hugging Face byte-level `tokenizer.json`. Neither tiktoken nor HF
+text, `hf_format` reads and writes a Hugging Face byte-level `tokenizer.json` (Atlas's own
+file is `atlas_tokenizer.json`). Neither tiktoken nor HF
 `tokenizers` is imported here: the equivalent objects the tests compare against are built
 in `bench/reference_tokenizers.py`. See docs/tokenizer.md.
 """
@@ -13,6 +14,7 @@ from .bpe import (
     GPT4_SPLIT_PATTERN,
     IM_END,
     IM_START,
+    TOKENIZER_FILE,
     Tokenizer,
     TokenizerError,
     byte_level_tokenizer,
@@ -26,6 +28,7 @@ __all__ = [
     "GPT4_SPLIT_PATTERN",
     "IM_END",
     "IM_START",
+    "TOKENIZER_FILE",
     "Tokenizer",
     "TokenizerError",
     "TrainConfig",

@@ -1,13 +1,17 @@
-"""Byte-level BPE tokenizer: encode, decode and the tokenizer.json file (pure Python).
+"""Byte-level BPE tokenizer: encode, decode and the atlas_tokenizer.json file (pure Python).
 
 What it does: splits text with a regex pre-tokenizer, then merges the bytes of each
 piece by rank (the lowest-ranked adjacent pair first, the rule tiktoken uses, which
 gives the same ids as applying the merge list in order); decodes any id sequence;
-reads and writes Atlas's `tokenizer.json`. Speed comes from caching the ids of each
+reads and writes Atlas's `atlas_tokenizer.json` (and reads a Hugging Face `tokenizer.json`
+through `hf_format.py`). Speed comes from caching the ids of each
 distinct piece, keeping the per-piece work in C-level builtins, and splitting ASCII text
 with `re` instead of `regex`. Lone surrogates in the input become U+FFFD (as in
-tiktoken). What it does not do: learn merges (see `train.py`), import other formats
-(see `hf_format.py`), normalise Unicode, or use threads.
+tiktoken). Imported tokenizers may also bring an NFC normalizer (Qwen2, Pythia) and
+"added tokens": ordinary ids matched in the text before pre-tokenization, longest first,
+as Hugging Face `tokenizers` does for its non-special added tokens (Pythia's runs of
+spaces). What it does not do: learn merges (see `train.py`), import other formats (see
+`hf_format.py`), other normalizations, or use threads.
 
 Ids: a token's id is its rank. A tokenizer trained by Atlas has ids 0..255 for the 256
 single bytes and merges from 256 up; an imported one (GPT-2, Llama 3) keeps its own
@@ -24,6 +28,7 @@ import operator
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
 from pathlib import Path
@@ -67,6 +72,11 @@ CACHE_MAX_PIECES = 200_000
 
 FORMAT_NAME = "atlas-bpe"
 FORMAT_VERSION = 1
+# Atlas's own file name. `tokenizer.json` is the Hugging Face `tokenizers` format's name;
+# Atlas wrote its own format under that name before, so a folder holding only a
+# `tokenizer.json` is still read (whichever of the two formats it is in).
+TOKENIZER_FILE = "atlas_tokenizer.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class TokenizerError(ValueError):
@@ -188,6 +198,8 @@ class Tokenizer:
         pattern: str = GPT4_SPLIT_PATTERN,
         merges: Sequence[tuple[int, int]] | None = None,
         name: str = "atlas",
+        normalizer: str | None = None,
+        added_tokens: dict[str, int] | None = None,
     ) -> None:
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
@@ -209,9 +221,29 @@ class Tokenizer:
         if clash:
             raise TokenizerError(f"special tokens {clash} reuse ids of ordinary tokens")
         self.id_to_special = {i: s for s, i in self.special_tokens.items()}
+        if normalizer not in (None, "NFC"):
+            raise TokenizerError(f"normalizer {normalizer!r} is not supported (only NFC)")
+        self.normalizer = normalizer
+        self.added_tokens = dict(added_tokens or {})
+        self.id_to_added = {i: t for t, i in self.added_tokens.items()}
+        taken = set(self.id_to_bytes) | set(self.id_to_special)
+        clash = [t for t, i in self.added_tokens.items() if i in taken or not t]
+        if clash:
+            raise TokenizerError(f"added tokens {clash} are empty or reuse ids of other tokens")
+        # Longest first, so that at any position the longest added token wins.
+        self._added_split = (
+            regex.compile(
+                "("
+                + "|".join(map(regex.escape, sorted(self.added_tokens, key=len, reverse=True)))
+                + ")"
+            )
+            if self.added_tokens
+            else None
+        )
         # Everything decode needs in one dict; the tokenizer is not changed after this.
         self._bytes_of = {**self.id_to_bytes}
         self._bytes_of.update((i, s.encode()) for i, s in self.id_to_special.items())
+        self._bytes_of.update((i, t.encode()) for i, t in self.id_to_added.items())
         self._vocab_size = max(self._bytes_of) + 1
         self.merges = list(merges) if merges is not None else None
         self._cache: dict[str, list[int]] = {}
@@ -234,11 +266,26 @@ class Tokenizer:
             return self.id_to_bytes[token_id]
         if token_id in self.id_to_special:
             return self.id_to_special[token_id].encode()
+        if token_id in self.id_to_added:
+            return self.id_to_added[token_id].encode()
         return b""
 
     # --- encoding -------------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode text with no special tokens (their text is encoded like any other)."""
+        if self.normalizer is not None:
+            text = unicodedata.normalize(self.normalizer, replace_lone_surrogates(text))
+        if self._added_split is not None:
+            ids: list[int] = []
+            for i, part in enumerate(self._added_split.split(text)):
+                if i % 2:  # odd parts are the captured added tokens
+                    ids.append(self.added_tokens[part])
+                elif part:
+                    ids.extend(self._encode_plain(part))
+            return ids
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> list[int]:
         try:
             return self._encode_pieces(self.split_pieces(text))
         except UnicodeEncodeError:
@@ -344,9 +391,9 @@ class Tokenizer:
 
     # --- file format ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The JSON-ready content of tokenizer.json (see docs/tokenizer.md)."""
+        """The JSON-ready content of atlas_tokenizer.json (see docs/tokenizer.md)."""
         ordered = sorted(self.id_to_bytes.items())
-        return {
+        data = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "name": self.name,
@@ -357,19 +404,28 @@ class Tokenizer:
             "merges": [list(m) for m in self.merges] if self.merges is not None else None,
             "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
         }
+        # Only imported tokenizers have these; leaving them out keeps other files unchanged.
+        if self.normalizer is not None:
+            data["normalizer"] = self.normalizer
+        if self.added_tokens:
+            data["added_tokens"] = dict(sorted(self.added_tokens.items(), key=lambda kv: kv[1]))
+        return data
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write tokenizer.json atomically (temp file + rename); returns the path."""
+        """Write the tokenizer atomically (temp file + rename); returns the path.
+
+        A folder gets `atlas_tokenizer.json` inside it.
+        """
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
         _atomic_write_text(path, text)
         return path
 
     @classmethod
     def from_dict(cls, data: dict) -> Tokenizer:
-        """Build a tokenizer from parsed tokenizer.json; TokenizerError says what is wrong."""
+        """Build a tokenizer from a parsed Atlas tokenizer file; TokenizerError says what is wrong."""
         if not isinstance(data, dict):
             raise TokenizerError(
                 f"not an Atlas tokenizer: a JSON {type(data).__name__}, not an object"
@@ -377,17 +433,17 @@ class Tokenizer:
         if data.get("format") != FORMAT_NAME:
             raise TokenizerError(
                 f"not an Atlas tokenizer (format={data.get('format')!r}); "
-                "Hugging Face tokenizer.json files are converted by `atlas checkpoint import-hf`"
+                "Hugging Face tokenizer.json files are read by Tokenizer.from_file"
             )
         version = data.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise TokenizerError(
-                f"tokenizer.json has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
+                f"tokenizer file has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
             )
         try:
             ranks = {base64.b64decode(b64, validate=True): int(i) for i, b64 in data["tokens"]}
             if len(ranks) != len(data["tokens"]) or len(set(ranks.values())) != len(ranks):
-                raise TokenizerError("malformed tokenizer.json: a token or an id appears twice")
+                raise TokenizerError("malformed tokenizer file: a token or an id appears twice")
             merges = data.get("merges")
             return cls(
                 ranks,
@@ -395,24 +451,36 @@ class Tokenizer:
                 data.get("pattern", GPT4_SPLIT_PATTERN),
                 [(int(a), int(b)) for a, b in merges] if merges is not None else None,
                 data.get("name", "atlas"),
+                data.get("normalizer"),
+                {str(k): int(v) for k, v in data.get("added_tokens", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, TokenizerError):
                 raise
-            raise TokenizerError(f"malformed tokenizer.json: {e}") from e
+            raise TokenizerError(f"malformed tokenizer file: {e}") from e
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """Load tokenizer.json, or the tokenizer.json inside a folder (e.g. a checkpoint)."""
+        """Load a tokenizer file, or the one inside a folder (a checkpoint, an HF model folder).
+
+        A folder's `atlas_tokenizer.json` wins over its `tokenizer.json`. A file in the
+        Hugging Face `tokenizers` format (byte-level BPE) is converted (see hf_format.py).
+        """
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            legacy = path / HF_TOKENIZER_FILE
+            own = path / TOKENIZER_FILE
+            path = legacy if legacy.is_file() and not own.is_file() else own
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise TokenizerError(f"no tokenizer file at {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and "format" not in data and isinstance(data.get("model"), dict):
+            from .hf_format import tokenizer_from_hf_json  # the HF `tokenizers` format
+
+            return tokenizer_from_hf_json(data, name=path.parent.name or "hf")
         return cls.from_dict(data)
 
 

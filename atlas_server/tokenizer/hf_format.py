@@ -1,13 +1,25 @@
-"""Read a Hugging Face byte-level BPE `tokenizer.json` into an Atlas tokenizer.
+"""Hugging Face byte-level BPE `tokenizer.json`: read it into an Atlas tokenizer, write one.
 
-What it does: maps the vocabulary (strings in GPT-2's bytes-to-unicode alphabet) back to
+Reading: maps the vocabulary (strings in GPT-2's bytes-to-unicode alphabet) back to
 raw bytes with the same ids, keeps the merge list, carries added/special tokens over, and
 picks the split pattern: GPT-2's for a `ByteLevel` pre-tokenizer that uses its own regex,
 or the regex of a `Split` pre-tokenizer (Llama 3 style). Atlas encodes by rank (lowest id
 first), which equals merge-order BPE when ids follow merge order, as in GPT-2 style
 vocabularies; `tests/test_hf_import.py` checks the ids against `tokenizers` on real text.
-What it does not do: SentencePiece/Unigram/WordPiece models (refused with a clear error)
-or normalizers (a tokenizer.json with a normalizer is refused: Atlas would encode differently).
+
+Writing (`tokenizer_to_hf_json`): the same vocabulary in the byte-level alphabet, the split
+pattern as an isolated `Split` pre-tokenizer (GPT-2's pattern as the plain `ByteLevel` one),
+special tokens as added tokens with their ids, and a merge list that makes the `tokenizers`
+BPE model encode by Atlas's rule: every split of a token into two vocabulary tokens is a
+merge, ranked by the merged token's id, and `ignore_merges` looks a whole pre-token up
+first, as Atlas does. `tokenizer_config_json` adds what `transformers.AutoTokenizer` reads
+(specials, chat template). `tests/test_hf_export.py` checks the ids against `tokenizers` and
+`AutoTokenizer` on held-out text.
+
+Both ways carry an NFC normalizer and non-special added tokens (matched in any text before
+pre-tokenization), and GPT-2's split after isolated digits (`Digits` + `ByteLevel`, SmolLM).
+What it does not do: SentencePiece/Unigram/WordPiece models (refused with a clear error),
+normalizers other than NFC, or other pre-tokenizers (refused: Atlas would encode differently).
 """
 
 from __future__ import annotations
@@ -17,9 +29,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bpe import GPT2_SPLIT_PATTERN, Tokenizer, TokenizerError
+from .bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, IM_END, IM_START, Tokenizer, TokenizerError
 
-__all__ = ["gpt2_bytes_to_unicode", "tokenizer_from_hf_json"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "gpt2_bytes_to_unicode",
+    "merges_by_rank",
+    "tokenizer_config_json",
+    "tokenizer_from_hf_json",
+    "tokenizer_to_hf_json",
+]
 
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
@@ -42,6 +61,27 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+# GPT-2's split after digits are isolated one by one (a `Digits(individual_digits)`
+# pre-tokenizer before `ByteLevel`, as in SmolLM's and StarCoder's tokenizers), as one
+# pattern: a digit is a piece of its own, no other piece holds a digit, and a whitespace
+# run that ends before a digit ends a segment there, as it would at the end of the text.
+DIGITS_GPT2_SPLIT_PATTERN = (
+    r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
+
+
+def _normalizer(spec: dict[str, Any] | None) -> str | None:
+    if spec is None:
+        return None
+    if spec.get("type") == "Sequence" and len(spec.get("normalizers", [])) == 1:
+        spec = spec["normalizers"][0]
+    if spec.get("type") == "NFC":
+        return "NFC"
+    raise TokenizerError(
+        f"tokenizer.json has a {spec.get('type')!r} normalizer; Atlas supports NFC only"
+    )
+
+
 def _split_pattern(pre: dict[str, Any] | None) -> str:
     if pre is None:
         raise TokenizerError("tokenizer.json has no pre-tokenizer; Atlas needs a byte-level one")
@@ -51,8 +91,22 @@ def _split_pattern(pre: dict[str, Any] | None) -> str:
             raise TokenizerError("ByteLevel pre-tokenizers with add_prefix_space are not supported")
         return GPT2_SPLIT_PATTERN
     if kind == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        kinds = [part.get("type") for part in parts]
+        if kinds == ["Digits", "ByteLevel"]:
+            digits, byte_level = parts
+            if (
+                digits.get("individual_digits")
+                and byte_level.get("use_regex", True)
+                and not byte_level.get("add_prefix_space")
+            ):
+                return DIGITS_GPT2_SPLIT_PATTERN
+            raise TokenizerError(
+                "Digits + ByteLevel pre-tokenizers are supported with individual_digits, "
+                "use_regex and no add_prefix_space only"
+            )
         patterns = []
-        for part in pre.get("pretokenizers", []):
+        for part in parts:
             if part.get("type") == "Split":
                 regex = part.get("pattern", {}).get("Regex")
                 if regex is None:
@@ -97,25 +151,37 @@ def tokenizer_from_hf_json(
             f"tokenizer.json holds a {model.get('type')!r} model; Atlas imports byte-level BPE only "
             "(SentencePiece tokenizers such as Llama 2's are not byte-level): pass --tokenizer FILE"
         )
-    if data.get("normalizer") is not None:
-        raise TokenizerError("tokenizer.json has a normalizer; Atlas's byte-level BPE has none")
+    normalizer = _normalizer(data.get("normalizer"))
     pattern = _split_pattern(data.get("pre_tokenizer"))
+    added_list = data.get("added_tokens", [])
+    added_ids = {int(a["id"]): a["content"] for a in added_list}
     to_byte = {ch: b for b, ch in gpt2_bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
     for token, token_id in model.get("vocab", {}).items():
         try:
             raw = bytes(to_byte[ch] for ch in token)
         except KeyError:
+            if added_ids.get(int(token_id)) == token:
+                continue  # an added token (e.g. Pythia's raw "   "), handled below
             raise TokenizerError(
                 f"vocabulary entry {token!r} is not in the byte-level alphabet"
             ) from None
         ranks[raw] = int(token_id)
-    specials = {}
-    for added in data.get("added_tokens", []):
+    specials: dict[str, int] = {}
+    added_tokens: dict[str, int] = {}
+    for added in added_list:
         content, token_id = added["content"], int(added["id"])
-        if content.encode() in ranks and ranks[content.encode()] == token_id:
+        if ranks.get(content.encode()) == token_id:
             del ranks[content.encode()]  # GPT-2 lists <|endoftext|> in both places
-        specials[content] = token_id
+        if added.get("special", True):
+            specials[content] = token_id
+            continue
+        # Non-special added tokens are split out of any text, before pre-tokenization.
+        if added.get("lstrip") or added.get("rstrip") or added.get("single_word"):
+            raise TokenizerError(
+                f"added token {content!r} strips or matches single words; Atlas matches exactly"
+            )
+        added_tokens[content] = token_id
     merges = []
     id_of = {tok: i for tok, i in model.get("vocab", {}).items()}
     for merge in model.get("merges", []):
@@ -123,4 +189,159 @@ def tokenizer_from_hf_json(
         if left not in id_of or right not in id_of:
             raise TokenizerError(f"merge {merge!r} names tokens missing from the vocabulary")
         merges.append((id_of[left], id_of[right]))
-    return Tokenizer(ranks, specials, pattern, merges, name=name)
+    return Tokenizer(ranks, specials, pattern, merges, name, normalizer, added_tokens)
+
+
+# The chat format Atlas's server renders when a checkpoint brings no template of its own
+# (atlas_server/api/chat.py): `<|im_start|>role\ncontent<|im_end|>\n` per message, then
+# `<|im_start|>assistant\n` when a reply is asked for. No BOS token, no system default.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def merges_by_rank(tokenizer: Tokenizer, as_text: dict[int, str]) -> list[list[str]]:
+    """Every (left, right) split of every token into two vocabulary tokens, ordered by the
+    merged token's id (then the halves'): BPE over this list merges, at each step, the
+    adjacent pair whose concatenation has the lowest id, which is Atlas's rule."""
+    ranks = tokenizer.ranks
+    found: list[tuple[int, int, int]] = []
+    for raw, rank in ranks.items():
+        for cut in range(1, len(raw)):
+            left, right = ranks.get(raw[:cut]), ranks.get(raw[cut:])
+            if left is not None and right is not None:
+                found.append((rank, left, right))
+    found.sort()
+    return [[as_text[left], as_text[right]] for _, left, right in found]
+
+
+def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
+    """The Hugging Face `tokenizers` JSON of an Atlas tokenizer (same ids, same encoding)."""
+    to_char = gpt2_bytes_to_unicode()
+    as_text = {i: "".join(to_char[b] for b in raw) for raw, i in tokenizer.ranks.items()}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
+    if tokenizer.pattern == GPT2_SPLIT_PATTERN:
+        pre_tokenizer: dict[str, Any] = {**byte_level, "use_regex": True}
+    elif tokenizer.pattern == DIGITS_GPT2_SPLIT_PATTERN:
+        pre_tokenizer = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {**byte_level, "use_regex": True},
+            ],
+        }
+    else:
+        pre_tokenizer = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": tokenizer.pattern},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {
+                    "type": "ByteLevel",
+                    "add_prefix_space": False,
+                    "trim_offsets": True,
+                    "use_regex": False,
+                },
+            ],
+        }
+    added = [
+        {
+            "id": token_id,
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for text, token_id in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+    ]
+    added += [
+        {
+            "id": token_id,
+            "content": text,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": True,  # matched in the normalized text, as Atlas does
+            "special": False,
+        }
+        for text, token_id in sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1])
+    ]
+    added.sort(key=lambda a: a["id"])
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": tokenizer.normalizer} if tokenizer.normalizer else None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,  # Atlas adds no BOS/EOS when encoding
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {as_text[i]: i for i in sorted(as_text)},
+            "merges": merges_by_rank(tokenizer, as_text),
+        },
+    }
+
+
+def tokenizer_config_json(
+    tokenizer: Tokenizer, chat_template: str | None, model_max_length: int
+) -> dict[str, Any]:
+    """`tokenizer_config.json` for `transformers.AutoTokenizer`: specials and chat template.
+
+    `chat_template` None gives the ChatML template Atlas serves by default, when the
+    tokenizer has its tokens (else no template).
+    """
+    specials = tokenizer.special_tokens
+    if chat_template is None and IM_START in specials and IM_END in specials:
+        chat_template = CHATML_TEMPLATE
+    eos = ENDOFTEXT if ENDOFTEXT in specials else None
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,  # decode gives the bytes back unchanged
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": eos,
+        "eos_token": eos,
+        "unk_token": None,
+        "pad_token": None,
+        "added_tokens_decoder": {
+            str(token_id): {
+                "content": text,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for text, token_id in sorted(specials.items(), key=lambda kv: kv[1])
+        },
+    }
+    others = [t for t in sorted(specials, key=specials.get) if t != eos]
+    if others:
+        config["additional_special_tokens"] = others
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config

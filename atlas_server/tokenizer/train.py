@@ -14,7 +14,7 @@ What it does, in two phases:
 Tie-break (this is what makes training deterministic): the pair with the highest count
 wins; among equal counts, the pair whose (left bytes, right bytes) is lexicographically
 smallest. The rule depends only on the corpus content, never on file order, hash seeds
-or dict order, so the same corpus and settings give a byte-identical tokenizer.json.
+or dict order, so the same corpus and settings give a byte-identical atlas_tokenizer.json.
 
 Ids: 0..255 are the bytes, merge i makes id 256 + i, and the special tokens follow the
 last merge. `vocab_size` counts all three. Training stops early if no pair occurs at

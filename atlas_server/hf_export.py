@@ -1,0 +1,147 @@
+"""Export an atlas checkpoint as a Hugging Face model folder.
+
+What it does: writes OUT/ with `config.json` and `generation_config.json` (the HF
+architecture that computes exactly what the Atlas model does, `hf_arch.py`),
+`model.safetensors` (HF names and layouts; a tied head is left to `transformers` to tie),
+`tokenizer.json` in the `tokenizers` format, `tokenizer_config.json` (special tokens and
+the chat template: the checkpoint's `chat_template.jinja`, or the ChatML template Atlas
+serves by default) and a short README model card. `transformers.AutoModelForCausalLM` and
+`AutoTokenizer` load the folder; `tests/test_hf_export.py` checks logits and ids against
+Atlas. The folder is written beside OUT and renamed into place, so a failed export leaves
+nothing half-written; an existing non-empty OUT is refused unless `overwrite=True`.
+`to_transformers` builds the same model in memory (for benchmarks and tests).
+What it does not do: quantize (see `gguf_export.py`), push to the hub, or import
+`transformers` unless `to_transformers` is called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import DTYPES, Checkpoint, load_checkpoint
+from .hf_arch import (
+    Architecture,
+    HFConversionError,
+    architecture_for,
+    hf_config_from_atlas,
+    hf_state_from_atlas,
+)
+from .model import Transformer
+from .tokenizer import ENDOFTEXT, IM_END, Tokenizer
+from .tokenizer.hf_format import tokenizer_config_json, tokenizer_to_hf_json
+
+__all__ = ["export_hf", "hf_config_and_state", "to_transformers"]
+
+
+def _special_ids(tokenizer: Tokenizer) -> tuple[int | None, list[int]]:
+    """(eos id, ids that end a generation): <|endoftext|>, and <|im_end|> for chat."""
+    specials = tokenizer.special_tokens
+    eos = specials.get(ENDOFTEXT)
+    stops = [specials[t] for t in (ENDOFTEXT, IM_END) if t in specials]
+    return eos, stops
+
+
+def hf_config_and_state(
+    model: Transformer, tokenizer: Tokenizer | None = None, preferred: str | None = None
+) -> tuple[Architecture, dict[str, Any], dict[str, torch.Tensor]]:
+    """The HF architecture, config.json dict and state dict (HF names) of an Atlas model."""
+    arch = architecture_for(model.config, preferred)
+    eos = _special_ids(tokenizer)[0] if tokenizer is not None else None
+    hf_config = hf_config_from_atlas(model.config, arch, eos, eos)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return arch, hf_config, hf_state_from_atlas(state, model.config, arch)
+
+
+def to_transformers(model: Transformer, tokenizer: Tokenizer | None = None) -> Any:
+    """A `transformers` model (eval mode, fp32) holding the same weights as `model`."""
+    import transformers
+
+    _, hf_config, state = hf_config_and_state(model, tokenizer)
+    config = transformers.AutoConfig.for_model(**hf_config)
+    hf = transformers.AutoModelForCausalLM.from_config(config).float()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"weight names do not line up: missing {missing}, extra {unexpected}")
+    if model.config.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def _model_card(ckpt: Checkpoint, arch: Architecture) -> str:
+    provenance = "\n".join(f"- {k}: {v}" for k, v in ckpt.provenance.items())
+    c = ckpt.config
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n"
+        f"# {ckpt.path.name}\n\n"
+        f"Exported from an Atlas checkpoint (`atlas checkpoint export-hf`) as "
+        f"`{arch.hf_class}`: {ckpt.model.num_parameters():,} parameters, {c.n_layers} layers, "
+        f"d_model {c.d_model}, {c.n_heads} heads, context {c.max_seq_len}, "
+        f"vocabulary {c.vocab_size}.\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n\n'
+        f"## Provenance of the Atlas checkpoint\n\n{provenance}\n"
+    )
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
+    """Write the Hugging Face folder OUT for the atlas checkpoint CHECKPOINT."""
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise HFConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if out.exists() and not out.is_dir():
+        raise HFConversionError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise HFConversionError(f"{out} is not empty; pass --overwrite to replace it")
+    ckpt = load_checkpoint(checkpoint)
+    arch, hf_config, state = hf_config_and_state(
+        ckpt.model, ckpt.tokenizer, ckpt.provenance.get("imported_from")
+    )
+    torch_dtype = DTYPES[dtype]
+    # transformers 4 reads "torch_dtype", 5 reads "dtype".
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
+    eos, stops = _special_ids(ckpt.tokenizer)
+    generation = {"bos_token_id": eos, "eos_token_id": stops or None, "pad_token_id": eos}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        tensors = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        files = {
+            "config.json": hf_config,
+            "generation_config.json": generation,
+            "tokenizer.json": tokenizer_to_hf_json(ckpt.tokenizer),
+            "tokenizer_config.json": tokenizer_config_json(
+                ckpt.tokenizer, ckpt.chat_template, ckpt.config.max_seq_len
+            ),
+        }
+        for name, content in files.items():
+            text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(ckpt, arch), encoding="utf-8")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
