@@ -39,9 +39,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .io import atomic_write_text
 from .model import ConfigError, ModelConfig, Transformer
 from .tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
-from .tokenizer.bpe import atomic_write_text
 
 FORMAT_NAME = "atlas-checkpoint"
 FORMAT_VERSION = 2

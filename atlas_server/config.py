@@ -102,7 +102,9 @@ class ServerConfig(_Section):
         return self
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ServerConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> ServerConfig:
     """Read a TOML server config (or the defaults when `path` is None), then `--set` options."""
     layers = [tomlconfig.file_layer(path, ConfigFileError)] if path is not None else []
     layers.append(tomlconfig.set_layer(overrides, ConfigFileError))

@@ -581,7 +581,11 @@ def test_a_local_tokenizer_file_gives_the_same_ids_as_the_servers_tokenize(
     overrides = (f"data='{stdlib_docs}'", "window=128", "stride=64")
     remote = run(tmp_path, "perplexity", atlas_url, *overrides)
     local = run(
-        tmp_path, "perplexity", atlas_url, *overrides, tokenizer=eval_checkpoint / "atlas_tokenizer.json"
+        tmp_path,
+        "perplexity",
+        atlas_url,
+        *overrides,
+        tokenizer=eval_checkpoint / "atlas_tokenizer.json",
     )
     assert (
         local["details"]["tokenizer"].endswith("tokenizer.json")

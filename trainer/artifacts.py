@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from atlas_server.tokenizer.bpe import atomic_write_text
+from atlas_server.io import atomic_write_text
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:

@@ -13,17 +13,18 @@ What it does:
     records of a read are collected into one error (the first few shown, the rest counted),
     so nothing is dropped silently and one run shows every problem;
   - renders a conversation to token ids and an assistant-token mask through a
-    `ChatRenderer` (any callable messages -> (ids, mask)). `ChatMLRenderer` gives exactly the
-    ids `/v1/chat/completions` (atlas_server/api/chat.py) feeds the model for the same
-    messages; the mask marks what the model produces at serving time: each assistant
-    message's content and its `<|im_end|>`;
+    `ChatRenderer` (any callable messages -> (ids, mask)). `TemplateRenderer` renders through
+    the server's own chat template (ChatML or the checkpoint's chat_template.jinja), so the
+    ids are exactly what `/v1/chat/completions` feeds the model for the same messages; the
+    mask marks what the model produces at serving time: each assistant message's content
+    and its end-of-turn token;
   - packs tokenized conversations into rows of `seq_len` next-token pairs with per-token
     document ids (attention never crosses conversations: see
     atlas_server.model.attention.document_causal_mask) and positions restarting at 0 per
     conversation, as serving sees each one. A conversation longer than a row is skipped
     and counted (`PackStats`, plus a warning naming the first ones), never truncated.
-What it does not do: Jinja chat templates (a renderer from the chat template module plugs in
-through `ChatRenderer`), shuffling or batching across steps (the training loop).
+What it does not do: render templates itself (atlas_server/chat_template.py does), shuffling
+or batching across steps (the training loop).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from atlas_server.tokenizer import IM_END, IM_START, Tokenizer
+from atlas_server.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from atlas_server.tokenizer import Tokenizer
 
 from .data import DataError, iter_hf_records, resolve_sources
 
@@ -262,45 +264,33 @@ class ChatRenderer(Protocol):
     def __call__(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]: ...
 
 
-class ChatMLRenderer:
-    """ChatML exactly as atlas_server/api/chat.py renders it for the server:
-    per message `<|im_start|>` + encode(f"{role}\\n{content}") + `<|im_end|>` + encode("\\n").
+class TemplateRenderer:
+    """A conversation's ids and assistant mask through the server's chat template
+    (atlas_server/chat_template.py), so the ids trained on are the ids served."""
 
-    Role and content are encoded together (as the server does), so a BPE merge could join
-    the newline after the role with the content's first bytes; such a token counts as an
-    assistant token, since it carries bytes of the answer."""
+    def __init__(self, template: ChatTemplate) -> None:
+        self.template = template
+        self.tokenizer = template.tokenizer
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        missing = [t for t in (IM_START, IM_END) if t not in tokenizer.special_tokens]
-        if missing:
-            raise ChatDataError(f"the tokenizer has no chat tokens {missing}")
-        self.tokenizer = tokenizer
-        self.start = tokenizer.special_tokens[IM_START]
-        self.end = tokenizer.special_tokens[IM_END]
-        self.newline = tokenizer.encode("\n")
+    @classmethod
+    def for_checkpoint(cls, directory: str | Path | None, tokenizer: Tokenizer) -> TemplateRenderer:
+        """The checkpoint's own chat_template.jinja, else ChatML (what `atlas serve` uses)."""
+        try:
+            return cls(load_chat_template(directory, tokenizer))
+        except ChatTemplateError as e:
+            raise ChatDataError(str(e)) from None
 
     def __call__(self, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
-        ids: list[int] = []
-        mask: list[bool] = []
-        for message in messages:
-            header = f"{message['role']}\n"
-            body = self.tokenizer.encode(header + message["content"])
-            assistant = message["role"] == "assistant"
-            ids += [self.start, *body, self.end, *self.newline]
-            mask.append(False)
-            if assistant:
-                mask += self._content_tokens(body, len(header.encode("utf-8")))
-            else:
-                mask += [False] * len(body)
-            mask += [assistant] + [False] * len(self.newline)
-        return ids, mask
+        try:
+            example = self.template.training_example(messages)
+        except ChatTemplateError as e:
+            raise RecordError(str(e)) from None
+        return example.ids, example.assistant_mask
 
-    def _content_tokens(self, body: list[int], header_bytes: int) -> list[bool]:
-        flags, end = [], 0
-        for token in body:
-            end += len(self.tokenizer.token_bytes(token))
-            flags.append(end > header_bytes)
-        return flags
+
+def ChatMLRenderer(tokenizer: Tokenizer) -> TemplateRenderer:  # noqa: N802 (a renderer factory)
+    """ChatML, the chat template of a checkpoint without its own."""
+    return TemplateRenderer.for_checkpoint(None, tokenizer)
 
 
 # --- tokenized examples ----------------------------------------------------------------------
@@ -335,7 +325,10 @@ def mask_runs(mask: Sequence[bool]) -> list[tuple[int, int]]:
 
 
 def _assistant_spans(renderer: ChatRenderer, messages: Sequence[Message], origin: str):
-    ids, mask = renderer(messages)
+    try:
+        ids, mask = renderer(messages)
+    except RecordError as e:
+        raise ChatDataError(f"{origin}: {e}") from None
     if len(ids) != len(mask):
         raise ChatDataError(
             f"{origin}: the renderer gave {len(ids)} ids but {len(mask)} mask flags"

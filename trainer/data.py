@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from atlas_server.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from atlas_server.io import atomic_write_bytes, atomic_write_json
 from atlas_server.tokenizer import ENDOFTEXT, TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_server.checkpoint import sha256_file
-from atlas_server.tokenizer.bpe import atomic_write_text
+from atlas_server.io import atomic_write_text
 
 MODULES = (
     "builtins", "os", "os.path", "sys", "json", "re", "math", "cmath", "random", "statistics",

@@ -120,7 +120,9 @@ def serve(
         None, "--config", help="Server config TOML (see configs/server/default.toml)."
     ),
     set_: list[str] = typer.Option(
-        [], "--set", help="Override a config key: --set engine.max_batched_tokens=1024 (repeatable)."
+        [],
+        "--set",
+        help="Override a config key: --set engine.max_batched_tokens=1024 (repeatable).",
     ),
     api_key: str = typer.Option(
         None,
