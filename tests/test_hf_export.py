@@ -125,8 +125,7 @@ def test_exported_tokenizer_gives_atlas_ids_in_tokenizers_and_autotokenizer(
 
 
 def test_default_chat_template_is_what_the_server_renders(tmp_path, trained_tokenizer):
-    from atlas_server.api.chat import render_chat
-    from atlas_server.api.schemas import ChatMessage
+    from atlas_server.chat_template import load_chat_template
 
     save_checkpoint(
         tmp_path / "atlas", _model("gpt2-tiny", trained_tokenizer.vocab_size), trained_tokenizer
@@ -144,9 +143,8 @@ def test_default_chat_template_is_what_the_server_renders(tmp_path, trained_toke
             messages, add_generation_prompt=generation_prompt, tokenize=True
         )
         theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
-        ours = render_chat(
-            trained_tokenizer, [ChatMessage(**m) for m in messages], generation_prompt
-        )
+        served = load_chat_template(tmp_path / "atlas", trained_tokenizer)  # what serve uses
+        ours = served.prompt_ids(messages, generation_prompt)
         assert theirs == ours
 
 

@@ -257,6 +257,18 @@ def test_an_unknown_collection_is_a_404_everywhere(rag_server):
         assert "'missing' does not exist" in error["message"]
 
 
+def test_a_collection_name_the_stores_cannot_hold_is_a_400_naming_the_rule(rag_server):
+    """Found by fuzzing: '¹' passed str.isalnum() and the store's ASCII rule raised a 500."""
+    for name in ("%C2%B9", "caf%C3%A9"):  # '¹', 'café'
+        r = httpx.post(
+            f"{rag_server}/v1/collections/{name}/documents",
+            json={"documents": [{"text": "x", "source": "s"}]},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        assert "letters, digits, - and _" in r.json()["error"]["message"]
+
+
 def test_bad_retrieve_requests_are_400s_before_any_plugin_runs(rag_server):
     """Found by fuzzing: an empty collection name reached the plugin and came back a 502."""
     cases = [

@@ -25,7 +25,7 @@ from .errors import CollectionNotFound, InvalidRAGRequest, VectorStoreUnavailabl
 from .grounding import grounded_messages, grounded_prompt
 from .ingest import Document, ingest
 from .pipeline import RAGPipeline
-from .store import StoreError, VectorStore, store_from_config
+from .store import StoreError, VectorStore, check_name, store_from_config
 from .types import RAGContext, RetrievedChunk, ScoreTexts
 
 
@@ -49,11 +49,10 @@ class Grounded:
 
 def check_collection_name(name: str) -> None:
     """Refuse a name the store cannot hold (before any plugin sees it)."""
-    if not 0 < len(name) <= 255 or not name.replace("-", "").replace("_", "").isalnum():
-        raise InvalidRAGRequest(
-            f"collection names are 1-255 letters, digits, - and _; got {name[:80]!r}",
-            "collection",
-        )
+    try:
+        check_name(name)  # the stores' own rule: ASCII letters, digits, - and _
+    except StoreError as e:
+        raise InvalidRAGRequest(str(e), "collection") from None
 
 
 def check_filters(filters: dict[str, Any] | None) -> None:
