@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -21,11 +22,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import hf_gpt2, hf_llama
-from test_engine import GREEDY, prompts, run
+from test_engine import GREEDY, prompts, run, wait_for
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atlas_server.checkpoint import load_checkpoint
 from atlas_server.engine import Engine, EngineConfig, SamplingParams
+from atlas_server.engine.cuda_runner import GraphRunner, kv_bytes_per_slot
+from atlas_server.engine.request import Request
+from atlas_server.engine.runner import EagerRunner
+from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
 from atlas_server.hf_import import hf_to_atlas_model
 from atlas_server.model import Transformer, load_preset
 from atlas_server.model.onednn import train_matmul
@@ -311,6 +316,185 @@ def test_engine_from_checkpoint_serves_on_cuda(tiny_llama_checkpoint):
     prompt = engine.tokenizer.encode("from a checkpoint")
     ids, _, _ = run_engine(engine, lambda: run(engine, prompt, GREEDY))
     assert ids[0] == engine.model.generate(prompt, GREEDY.max_tokens)
+
+
+# --- the CUDA runner: captured decode graphs ----------------------------------------
+def prefill_chunk(slot: int, tokens: list[int]) -> PrefillChunk:
+    request = Request(f"r{slot}", tokens, SamplingParams(max_tokens=4), 0.0)
+    return PrefillChunk(request, slot, 0, tuple(tokens), "last")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_replay_equals_eager_logits_at_every_bucket(preset, caplog):
+    """fp32: replaying a captured graph gives the logits of the same padded forward run
+    eagerly (to 1e-5), and of the unpadded eager runner (summation order only), for every
+    batch size 1..8 (buckets 1, 2, 4, 8: padded ones too) and across a KV-length bucket."""
+    max_len, slots = 300, 8  # KV length buckets [256, 300]
+    model = build(preset, max_seq_len=512).to(DEVICE)
+    eager = EagerRunner(copy.deepcopy(model), slots, max_len)
+    twin = GraphRunner(copy.deepcopy(model), slots, max_len, cuda_graphs=False)
+    with caplog.at_level(logging.INFO, logger="atlas.engine"):
+        graphs = GraphRunner(copy.deepcopy(model), slots, max_len, cuda_graphs=True)
+    assert graphs.graph_status == "on (8 graphs)", graphs.graph_status
+    assert "captured 8 decode CUDA graphs" in caplog.text
+    generator = torch.Generator().manual_seed(0)
+    lengths = [3, 40, 17, 250, 9, 5, 30, 2]  # slot 3 crosses into the 300 bucket
+    plan = StepPlan(
+        prefill=[
+            prefill_chunk(s, torch.randint(0, VOCAB, (n,), generator=generator).tolist())
+            for s, n in enumerate(lengths)
+        ]
+    )
+    runners = (eager, twin, graphs)
+    with torch.inference_mode():
+        for runner in runners:
+            runner.execute(plan)
+        for step in range(12):
+            n = step % slots + 1
+            tokens = torch.randint(0, VOCAB, (n,), generator=generator).tolist()
+            batch = DecodeBatch((), tuple(tokens), tuple(lengths[:n]), tuple(range(n)))
+            want, same, got = (r.execute(StepPlan(decode=batch)).decode.clone() for r in runners)
+            torch.testing.assert_close(got, same, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for i in range(n):
+                lengths[i] += 1
+    for s, n in enumerate(lengths):  # padding rows never touched a real row's KV
+        torch.testing.assert_close(graphs.cache.k[0][s, :, :n], eager.cache.k[0][s, :, :n])
+
+
+def test_engine_on_cuda_uses_graphs_and_cuda_graphs_false_turns_them_off(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    on = Engine(model, byte_tokenizer, EngineConfig(max_running=4))
+    off = Engine(model, byte_tokenizer, EngineConfig(max_running=4, cuda_graphs=False))
+    try:
+        assert isinstance(on.runner, GraphRunner) and on.backend["cuda_graphs"].startswith("on")
+        assert isinstance(off.runner, GraphRunner) and off.backend["cuda_graphs"] == "off"
+        assert not off.runner._graphs
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_engine_greedy_is_the_same_alone_and_at_every_bucket(preset, byte_tokenizer):
+    model = varied_model(preset, byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=8)).start()
+    ps = prompts(byte_tokenizer, 8)
+    expected = [model.generate(p, GREEDY.max_tokens) for p in ps]
+
+    async def main():
+        got = {}
+        for size in range(1, 9):  # buckets 1, 2, 4, 8 and the padded sizes between
+            results = await asyncio.gather(*(run(engine, p, GREEDY) for p in ps[:size]))
+            got[size] = [ids[0] for ids, _, _ in results]
+        return got
+
+    got = run_engine(engine, main)
+    for size, outputs in got.items():
+        assert outputs == expected[:size], f"batch of {size}"
+
+
+def test_graph_engine_abort_during_replay_frees_the_slot(byte_tokenizer):
+    model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=2)).start()
+    prompt = byte_tokenizer.encode("abort me while I decode")
+
+    async def main():
+        stream = engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=200))
+        first = await stream.__anext__()
+        await stream.aclose()
+        await wait_for(lambda: engine.stats().kv_slots_used == 0)
+        assert engine.stats().running == 0
+        # The freed slots serve new requests exactly.
+        return first, await asyncio.gather(*(run(engine, prompt, GREEDY) for _ in range(2)))
+
+    first, again = run_engine(engine, main)
+    assert first.token_ids and not first.finished
+    expected = model.generate(prompt, GREEDY.max_tokens)
+    assert [ids[0] for ids, _, _ in again] == [expected, expected]
+
+
+def test_graph_engine_prefix_caching_and_n_choices(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=6)).start()
+    prompt = byte_tokenizer.encode("a shared prefix that the second request reuses")
+    expected = model.generate(prompt, GREEDY.max_tokens)
+
+    async def main():
+        first = await run(engine, prompt, GREEDY)
+        second = await run(engine, prompt, GREEDY)
+        three = await run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=12, n=3))
+        seeded = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=5)
+        return (
+            first,
+            second,
+            three,
+            await run(engine, prompt, seeded),
+            await run(engine, prompt, seeded),
+        )
+
+    first, second, three, s1, s2 = run_engine(engine, main)
+    assert first[0][0] == second[0][0] == expected
+    assert second[2][-1].num_cached_tokens > 0
+    assert [three[0][i] for i in range(3)] == [expected] * 3
+    assert s1[0] == s2[0] and len({tuple(v) for v in s1[0].values()}) > 1
+
+
+def test_graph_engine_64_streams_with_disconnects_returns_to_idle(byte_tokenizer):
+    model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=64)).start()
+    ps = [byte_tokenizer.encode(f"stream number {i} says") for i in range(64)]
+
+    async def one(i: int):
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        if i % 2:  # every other client disconnects after its first event
+            stream = engine.submit(ps[i], params)
+            await stream.__anext__()
+            await stream.aclose()
+            return None
+        return (await run(engine, ps[i], params))[0][0]
+
+    async def main():
+        results = await asyncio.gather(*(one(i) for i in range(64)))
+        await wait_for(lambda: engine.stats().kv_slots_used == 0)
+        return results, engine.stats()
+
+    results, stats = run_engine(engine, main)
+    assert stats.running == 0 and stats.waiting == 0
+    for i in (0, 30, 62):
+        assert results[i] == model.generate(ps[i], 24)
+
+
+def test_bf16_is_the_cuda_default_and_tracks_fp32(tiny_llama_checkpoint):
+    bf16 = Engine.from_checkpoint(tiny_llama_checkpoint, EngineConfig(device=DEVICE))
+    fp32 = Engine.from_checkpoint(
+        tiny_llama_checkpoint, EngineConfig(device=DEVICE, dtype="float32")
+    )
+    try:
+        assert bf16.backend["dtype"] == "bfloat16" and bf16.cache.k[0].dtype == torch.bfloat16
+        assert fp32.backend["dtype"] == "float32"
+        assert not torch.backends.cuda.matmul.allow_tf32  # TF32 only when asked
+        ids = token_ids((2, 24), vocab=bf16.model.config.vocab_size)
+        with torch.no_grad():
+            assert_tracks(bf16.model(ids), fp32.model(ids).float())
+    finally:
+        bf16.shutdown()
+        fp32.shutdown()
+
+
+def test_kv_cache_gib_on_cuda_sizes_the_slots(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    per_slot = kv_bytes_per_slot(model.config, model.config.max_seq_len, torch.float32)
+    small = EngineConfig(max_running=16, kv_cache_gib=5.5 * per_slot / 2**30)
+    engine = Engine(model, byte_tokenizer, small)
+    default = Engine(model, byte_tokenizer, EngineConfig(max_running=16))
+    try:
+        assert engine.cache.n_slots == 5 and engine.config.max_running == 5
+        assert engine.runner.batches == [1, 2, 4, 5]
+        assert default.cache.n_slots == 16  # half the free memory holds far more
+    finally:
+        engine.shutdown()
+        default.shutdown()
 
 
 # --- the trainer ----------------------------------------------------------------------
