@@ -7,7 +7,7 @@ kernel launches: 8 ms for a model whose bf16 weights stream from HBM in 0.1 ms).
 chunks still run eagerly (`forward_segments`, SDPA per chunk) in the same step.
 
 How a graph stays valid: a graph replays fixed kernels on fixed addresses, so
-  - inputs live in static buffers (`_inputs`: token ids and positions; the slots are the
+  - inputs live in static buffers (`_ids`, `_positions`; the slots are the
     fixed 0..b-1, because the scheduler keeps a decode batch of B rows in slots 0..B-1);
     a step copies its host integers in with one asynchronous pinned copy;
   - batch sizes are bucketed (`batch_buckets`: 1, 2, 4, ..., up to max_running) and a
@@ -162,7 +162,9 @@ class GraphRunner(EagerRunner):
         self.kv_lengths = kv_length_buckets(max_len)
         largest = self.batches[-1]
         dev = self.device
-        self._inputs = torch.zeros(2, largest, dtype=torch.long, device=dev)  # ids; positions
+        # Separate buffers, so that every bucket's slice of each is contiguous.
+        self._ids = torch.zeros(largest, dtype=torch.long, device=dev)
+        self._positions = torch.zeros(largest, dtype=torch.long, device=dev)
         self._slots = torch.arange(largest, device=dev)  # row i decodes in slot i
         self._graphs: dict[DecodeShape, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.graph_status = "off"
@@ -188,7 +190,8 @@ class GraphRunner(EagerRunner):
         host = torch.tensor(padded_inputs(decode, shape.batch, self.dead_position))  # [2, b]
         if self.device.type == "cuda":
             host = host.pin_memory()
-        self._inputs[:, : shape.batch].copy_(host, non_blocking=True)
+        self._ids[: shape.batch].copy_(host[0], non_blocking=True)
+        self._positions[: shape.batch].copy_(host[1], non_blocking=True)
         captured = self._graphs.get(shape)
         if captured is None:
             out = self._static_forward(shape)
@@ -200,7 +203,7 @@ class GraphRunner(EagerRunner):
     def _static_forward(self, shape: DecodeShape) -> Tensor:
         """The decode forward over the static buffers: what a graph captures. [b, V]."""
         b = shape.batch
-        ids, positions = self._inputs[0, :b], self._inputs[1, :b]
+        ids, positions = self._ids[:b], self._positions[:b]
         segment = Segment(
             0, b, b, 1, self._slots[:b], positions[:, None], kv_length=shape.kv_length, first_slot=0
         )
@@ -212,8 +215,8 @@ class GraphRunner(EagerRunner):
         shapes = [
             DecodeShape(b, n) for b in reversed(self.batches) for n in reversed(self.kv_lengths)
         ]
-        self._inputs[0].zero_()
-        self._inputs[1].fill_(self.dead_position)  # capture-time runs touch only dead positions
+        self._ids.zero_()
+        self._positions.fill_(self.dead_position)  # capture-time runs touch only dead positions
         try:
             pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode():
@@ -224,7 +227,9 @@ class GraphRunner(EagerRunner):
                         self._static_forward(shape)
                     torch.cuda.current_stream().wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    # thread_local: other threads' CUDA calls (another engine, the
+                    # server's) do not break this capture.
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                         out = self._static_forward(shape)
                     self._graphs[shape] = (graph, out)
             torch.cuda.synchronize()
