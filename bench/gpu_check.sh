@@ -12,12 +12,14 @@
 #        - tests/test_cuda.py (the CUDA correctness list: graph replay vs eager, greedy at
 #          every bucket, seeded sampling, abort, prefix caching, n > 1, 64 streams, bf16,
 #          kv_cache_gib, training);
+#        - bench/bench_cuda_decode.py: decode step time, eager vs graph replay, batch 1-256,
+#          fp32 and bf16, and the sampler's time per step;
 #        - bench/bench_serving.py --device cuda --quick, fp32 (like for like with the
 #          transformers baseline), with the 64- and 256-stream rows;
 #        - the same in bfloat16 (both sides), Atlas's default on CUDA;
 #        - bench/bench_train.py --device cuda (batch 16 x 1024, bf16, eager and compiled);
-#      and writes under $OUT (what the device tool brings back): pytest.xml, serving_fp32.json,
-#      serving_bf16.json, train.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
+#      and writes under $OUT (what the device tool brings back): pytest.xml, decode.json,
+#      serving_fp32.json, serving_bf16.json, train.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
 #      out of time is logged and the next one still runs; the exit status is the number of
 #      failed steps.
 # Commit the JSON next to the figures in docs/benchmarks.md ("On a GPU").
@@ -63,13 +65,15 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, count fail
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-step test_cuda 170 python3 -m pytest -q -x tests/test_cuda.py -p no:cacheprovider \
+step test_cuda 150 python3 -m pytest -q -x tests/test_cuda.py -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
-step serving_fp32 130 python3 bench/bench_serving.py --device cuda --quick --dtype float32 \
+step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \
+    --out "$OUT/decode.json"
+step serving_fp32 110 python3 bench/bench_serving.py --device cuda --quick --dtype float32 \
     --streams 64 256 --out "$OUT/serving_fp32.json"
-step serving_bf16 100 python3 bench/bench_serving.py --device cuda --quick --dtype bfloat16 \
+step serving_bf16 90 python3 bench/bench_serving.py --device cuda --quick --dtype bfloat16 \
     --streams 64 256 --out "$OUT/serving_bf16.json"
-step train 90 python3 bench/bench_train.py --device cuda --batch 16 --seq 1024 \
+step train 70 python3 bench/bench_train.py --device cuda --batch 16 --seq 1024 \
     --precision bf16 --out "$OUT/train.json"
 echo "gpu_check: $failed step(s) failed; results in $OUT" | tee -a "$LOG"
 exit "$failed"
