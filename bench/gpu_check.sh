@@ -65,7 +65,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, count fail
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-step test_cuda 150 python3 -m pytest -q -x tests/test_cuda.py -p no:cacheprovider \
+step test_cuda 150 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
 step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \
     --out "$OUT/decode.json"
