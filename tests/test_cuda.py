@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from conftest import StepGate
 from hf_models import hf_gpt2, hf_llama
 from test_engine import GREEDY, prompts, run, wait_for
+from test_sampling import CASES as SAMPLING_CASES
+from test_sampling import VOCAB as SAMPLING_VOCAB
+from test_sampling import reference_probs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atlas_server.checkpoint import load_checkpoint
@@ -31,6 +34,7 @@ from atlas_server.engine import Engine, EngineConfig, SamplingParams
 from atlas_server.engine.cuda_runner import GraphRunner, kv_bytes_per_slot
 from atlas_server.engine.request import Request
 from atlas_server.engine.runner import EagerRunner
+from atlas_server.engine.sampling import SamplingRow, sample, sample_step
 from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
 from atlas_server.hf_import import hf_to_atlas_model
 from atlas_server.model import Transformer, load_preset
@@ -319,6 +323,72 @@ def test_engine_from_checkpoint_serves_on_cuda(tiny_llama_checkpoint):
     assert ids[0] == engine.model.generate(prompt, GREEDY.max_tokens)
 
 
+# --- sampling on the GPU ---------------------------------------------------------------
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=lambda p: repr(p)[15:70])
+def test_gpu_sampling_matches_the_reference_distribution(params):
+    """tests/test_sampling.py's check, with the logits and every sampling stage on CUDA."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(SAMPLING_VOCAB, generator=generator) * 2
+    prompt, out = [1, 2, 3, 1], [4, 4, 5, 1, 9]
+    expected = reference_probs(logits.tolist(), params, prompt, out)
+    draws = 6000
+    rows = [SamplingRow(params, prompt, out, None) for _ in range(draws)]
+    torch.manual_seed(1)
+    tokens = sample(logits.to(DEVICE).expand(draws, -1), rows)
+    assert tokens.device.type == DEVICE
+    counts = torch.bincount(tokens.cpu(), minlength=SAMPLING_VOCAB).tolist()
+    for token, (count, p) in enumerate(zip(counts, expected, strict=True)):
+        if p == 0:
+            assert count == 0, f"token {token} is outside the reference support"
+    total_variation = 0.5 * sum(abs(c / draws - p) for c, p in zip(counts, expected, strict=True))
+    assert total_variation < 0.04
+
+
+def test_gpu_sampling_never_syncs_and_seeded_rows_ignore_their_batch():
+    """Every stage of a mixed batch (greedy, seeded, unseeded, bias, min_tokens, penalties,
+    top-k/p, min-p) runs without one host sync (torch's sync debug mode raises on any); the
+    step's single copy comes after. A seeded row draws the same tokens alone and in a batch."""
+    logits = torch.randn(6, SAMPLING_VOCAB, device=DEVICE) * 2
+    mixed = [
+        SamplingParams(temperature=0.0, logit_bias={3: 1.5}),
+        SamplingParams(temperature=0.9, top_k=5, repetition_penalty=1.3),
+        SamplingParams(temperature=1.1, top_p=0.8, presence_penalty=0.5, frequency_penalty=0.2),
+        SamplingParams(temperature=1.0, min_p=0.1, min_tokens=3),
+        SamplingParams(temperature=0.7, logprobs=2),
+        SamplingParams(temperature=1.0),
+    ]
+
+    def rows(seed_row: int | None, n: int = 6):
+        return [
+            SamplingRow(
+                p,
+                [1, 2, 3],
+                [4, 4],
+                torch.Generator(device=DEVICE).manual_seed(9) if i == seed_row else None,
+                (5,),
+            )
+            for i, p in enumerate(mixed[:n])
+        ]
+
+    batch = rows(seed_row=2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tokens.shape == (6,)
+    step = sample_step(logits, rows(seed_row=2), [p.logprobs for p in mixed])
+    assert [e is None for e in step.logprobs] == [True] * 4 + [False, True]
+    assert len(step.logprobs[4].top) == 2
+    alone = [
+        sample_step(logits[2:3], [SamplingRow(mixed[2], [1, 2, 3], [4, 4], g, (5,))]).tokens[0]
+        for g in [torch.Generator(device=DEVICE).manual_seed(9)]
+    ]
+    together = sample_step(logits, rows(seed_row=2)).tokens[2]
+    assert alone == [together]
+
+
 # --- the CUDA runner: captured decode graphs ----------------------------------------
 def prefill_chunk(slot: int, tokens: list[int]) -> PrefillChunk:
     request = Request(f"r{slot}", tokens, SamplingParams(max_tokens=4), 0.0)
@@ -350,6 +420,18 @@ def test_graph_replay_equals_eager_logits_at_every_bucket(preset, caplog):
     with torch.inference_mode():
         for runner in runners:
             runner.execute(plan)
+        # A decode step through a graph: pinned copies in, one replay, no host sync.
+        one = DecodeBatch((), (7, 8, 9), tuple(lengths[:3]), (0, 1, 2))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphs.execute(StepPlan(decode=one))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for runner in (eager, twin):  # the same step, so the caches stay alike
+            runner.execute(StepPlan(decode=one))
+        for i in range(3):
+            lengths[i] += 1
         for step in range(12):
             n = step % slots + 1
             tokens = torch.randint(0, VOCAB, (n,), generator=generator).tolist()
