@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=10, help="calls per timing")
     args = parser.parse_args()
+    if args.rounds < 1 or args.calls < 1 or min(args.batch) < 1:
+        parser.error("--rounds, --calls and every --batch must be at least 1")
     device = torch.device(args.device)
     modules = {"A": load_revision(args.rev_a, "a"), "B": load_revision(args.rev_b, "b")}
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)

@@ -109,6 +109,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.steps < 1 or min(args.batch) < 1:
+        parser.error("--steps and every --batch must be at least 1")
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     device = torch.device(args.device)
     results: dict = {"device": str(device), "preset": args.preset, "prompt": PROMPT, "rows": []}
     if device.type == "cuda":

@@ -252,6 +252,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt_tokens < 1 or args.output_tokens < 2:
         parser.error("--prompt-tokens must be at least 1 and --output-tokens at least 2")
+    if any(c < 1 for c in args.streams):
+        parser.error(f"--streams takes concurrencies of at least 1, got {args.streams}")
     if args.out is not None and not args.out.parent.is_dir():  # before minutes of measuring
         parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     # The sweep's workload, then the decode-bound one that bench_engine.py times without
