@@ -15,13 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from atlas_server.engine import Engine, EngineConfig, SamplingParams
-from atlas_server.model import Transformer, load_preset
-from atlas_server.tokenizer import byte_level_tokenizer
+# Last, not first: the checkout on PYTHONPATH (or installed) is the one measured.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from atlas_server.model import Transformer, load_preset  # noqa: E402
+from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
 
 
 def main() -> None:

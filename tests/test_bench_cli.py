@@ -34,6 +34,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_cuda_decode.py", ["--steps", "0"]),
         ("bench_cuda_decode.py", ["--batch", "16", "0"]),
         ("ab_sampling.py", ["HEAD", "HEAD", "--rounds", "0"]),
+        ("step_times.py", ["--tokens", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):

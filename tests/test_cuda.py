@@ -565,6 +565,9 @@ def test_bf16_is_the_cuda_default_and_tracks_fp32(tiny_llama_checkpoint):
         assert bf16.backend["dtype"] == "bfloat16" and bf16.cache.k[0].dtype == torch.bfloat16
         assert fp32.backend["dtype"] == "float32"
         assert not torch.backends.cuda.matmul.allow_tf32  # TF32 only when asked
+        asked = Engine(bf16.model, bf16.tokenizer, EngineConfig(tf32=True, cuda_graphs=False))
+        asked.shutdown()
+        assert torch.backends.cuda.matmul.allow_tf32  # (the fixture restores it)
         ids = token_ids((2, 24), vocab=bf16.model.config.vocab_size)
         with torch.no_grad():
             assert_tracks(bf16.model(ids), fp32.model(ids).float())
