@@ -34,7 +34,7 @@ class ModelSection(_Section):
     checkpoint: str | None = None
     name: str | None = None  # the id in /v1/models; default: the checkpoint folder's name
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 on CUDA, float32 elsewhere
 
 
 class EngineSection(_Section):
@@ -43,6 +43,9 @@ class EngineSection(_Section):
     max_queued: int = 256
     max_model_len: int | None = None
     prefix_caching: bool = True
+    kv_cache_gib: float | None = None  # None: max_running slots (CPU); 50% of free (CUDA)
+    cuda_graphs: bool = True
+    tf32: bool = False
 
 
 class HTTPSection(_Section):
@@ -91,6 +94,14 @@ class ServerConfig(_Section):
                 "engine.max_model_len must be >= 1 (its upper bound is the model's context)",
             ),
             (self.engine.max_queued >= 0, "engine.max_queued must be >= 0"),
+            (
+                self.engine.kv_cache_gib is None or self.engine.kv_cache_gib > 0,
+                "engine.kv_cache_gib must be > 0 (leave it out for the default)",
+            ),
+            (
+                self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+                f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}",
+            ),
             (0 < self.http.port < 65536, "http.port must be in 1..65535"),
             (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),
             (self.http.drain_timeout_s >= 0, "http.drain_timeout_s must be >= 0"),

@@ -15,12 +15,16 @@ What it does, in one run on one machine:
    batch 16 for both workloads, and each as a percentage of its ceiling (DRAM bandwidth /
    weight bytes for batch 1; matmul peak / 2 * params for batches, and the tighter bound of
    each workload with its prefill FLOPs counted).
-Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]`
+Run: `python bench/bench_serving.py [--quick] [--out FILE.json] [--device cuda]
+[--dtype bfloat16] [--streams 64 256]`
 (about 4 minutes on 2 cores; `--quick` about 1.5; far longer on a busy machine: each phase
 prints a progress line on stderr, stdout carries only the results). With
-`--device cuda` both run on the GPU (fp32, TF32 off as PyTorch defaults) and the ceilings
-are the GPU's: a streaming read of a 4 GiB buffer and the fp32 matmul peak (the CPU
-figures and their oneDNN readers do not apply there).
+`--device cuda` both run on the GPU (fp32 unless `--dtype bfloat16`, which both sides
+then use; TF32 off as PyTorch defaults) and the ceilings are the GPU's: a streaming read
+of a 4 GiB buffer and the matmul peak in that dtype (the CPU figures and their oneDNN
+readers do not apply there). `--streams 64 256` adds Atlas-only rows at those
+concurrencies (sweep lengths), each as a share of the FLOP ceiling and of the
+weight-streaming one (each step reads the weights once for all its streams).
 """
 
 from __future__ import annotations
@@ -117,9 +121,12 @@ def gpu_read_bandwidth(device: str, gib: float = 4.0, repeats: int = 10) -> floa
     return best
 
 
-def gpu_fp32_peak(device: str, n: int = 8192, repeats: int = 5) -> float:
-    """Best FLOP/s of an fp32 n^3 product with PyTorch's default precision (no TF32)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gpu_fp32_peak(
+    device: str, n: int = 8192, repeats: int = 5, dtype: torch.dtype = torch.float32
+) -> float:
+    """Best FLOP/s of an n^3 product in `dtype` with PyTorch's default precision (no TF32)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -137,7 +144,12 @@ def free_port() -> int:
 
 
 def serve(
-    checkpoint: Path, port: int, max_running: int, device: str = "cpu", config: Path | None = None
+    checkpoint: Path,
+    port: int,
+    max_running: int,
+    device: str = "cpu",
+    config: Path | None = None,
+    dtype: str | None = None,
 ) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -157,6 +169,7 @@ def serve(
             "--log-level",
             "warning",
             *(["--config", str(config)] if config else []),
+            *(["--dtype", dtype] if dtype else []),
         ],
         env=env,
         # Not the repo: `python -m` puts the working directory first on sys.path, which would
@@ -221,9 +234,26 @@ def main() -> None:
         default=OUTPUT,
         help=f"output tokens per request in the sweep (default {OUTPUT})",
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights on both sides (default float32; the server's own default on CUDA is"
+        " bfloat16)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        nargs="*",
+        default=[],
+        help="extra Atlas-only rows at these concurrencies (e.g. 64 256 on a GPU); the"
+        " server then runs with max_running = the largest",
+    )
     args = parser.parse_args()
     if args.prompt_tokens < 1 or args.output_tokens < 2:
         parser.error("--prompt-tokens must be at least 1 and --output-tokens at least 2")
+    if any(c < 1 for c in args.streams):
+        parser.error(f"--streams takes concurrencies of at least 1, got {args.streams}")
     if args.out is not None and not args.out.parent.is_dir():  # before minutes of measuring
         parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     # The sweep's workload, then the decode-bound one that bench_engine.py times without
@@ -237,7 +267,8 @@ def main() -> None:
     progress = Progress(__file__, phases=10 + len(concurrencies))
     progress.phase(f"measuring the ceilings on {args.device} (memory bandwidth, matmul peak)")
     if args.device.startswith("cuda"):
-        bandwidth, peak = gpu_read_bandwidth(args.device), gpu_fp32_peak(args.device)
+        dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        bandwidth, peak = gpu_read_bandwidth(args.device), gpu_fp32_peak(args.device, dtype=dtype)
     else:
         bandwidth, peak = dram_read_bandwidth(), matmul_peak_flops()
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,14 +277,22 @@ def main() -> None:
         n_params = model.num_parameters()
         # bytes read per decode step: every weight once (the tied head via its [C, V] copy);
         # the position table contributes one row only.
-        weight_bytes = (n_params - model.pos_emb.weight.numel()) * 4
+        weight_bytes = (n_params - model.pos_emb.weight.numel()) * (
+            2 if args.dtype == "bfloat16" else 4
+        )
         pos_params, head_params = model.pos_emb.weight.numel(), model.tok_emb.weight.numel()
         port = free_port()
         progress.phase("starting atlas serve")
-        server = serve(checkpoint, port, max_running=32, device=args.device)
+        server = serve(
+            checkpoint,
+            port,
+            max_running=max([32, *args.streams]),
+            device=args.device,
+            dtype=args.dtype,
+        )
         base = f"http://127.0.0.1:{port}"
         prompt, output = workloads["prompt_heavy"]
-        sweep, atlas_c16 = {}, {}
+        sweep, atlas_c16, streams = {}, {}, {}
         lengths = f"{prompt} prompt + {output} output tokens"
         try:
             progress.phase("atlas: warm-up request")
@@ -276,11 +315,14 @@ def main() -> None:
             atlas_c16["decode_bound"] = closed_loop(
                 base, 16, n, *workloads["decode_bound"], seed=16
             )
+            for c in args.streams:
+                progress.note(f"atlas: {c} streams, {2 * c} requests of {lengths}")
+                streams[c] = closed_loop(base, c, 2 * c, prompt, output, seed=c)
         finally:
             server.terminate()
             server.wait(60)
         progress.phase("transformers: loading the same weights into GPT2LMHeadModel")
-        hf = hf_from_atlas(model).to(args.device)
+        hf = hf_from_atlas(model).to(args.device, getattr(torch, args.dtype))
         del model
         progress.phase(f"transformers: generate at batch 1, {reps} repeat(s) of {lengths}")
         hf_b1 = hf_generate_tok_s(hf, 1, reps, prompt, output)
@@ -316,6 +358,7 @@ def main() -> None:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "device": args.device,
+        "dtype": args.dtype,
         "dram_read_gbs": bandwidth / 1e9,
         "fp32_matmul_gflops": peak / 1e9,
         "params": n_params,
@@ -331,6 +374,21 @@ def main() -> None:
         "concurrent16": concurrent16,
         "sweep": sweep,
         "poisson": poisson,
+        "streams": {
+            c: {
+                "output_tok_s": s["output_throughput"],
+                "pct_of_flop_ceiling": 100 * s["output_throughput"] / ceiling_batch,
+                # each step reads the weights once for all streams: tok/s / c steps/s
+                "pct_of_bandwidth_ceiling": 100
+                * s["output_throughput"]
+                / c
+                * weight_bytes
+                / bandwidth,
+                "median_tpot_ms": s["median_tpot_ms"],
+                "median_ttft_ms": s["median_ttft_ms"],
+            }
+            for c, s in streams.items()
+        },
     }
     print(json.dumps(result, indent=2))
     b1 = result["batch1"]
@@ -353,6 +411,13 @@ def main() -> None:
         print(
             f"concurrency {c}: output {s['output_throughput']:.1f} tok/s, TTFT p50 {s['median_ttft_ms']:.0f} ms, "
             f"TPOT p50 {s['median_tpot_ms']:.1f} ms, ITL p99 {s['p99_itl_ms']:.1f} ms"
+        )
+    for c, row in result["streams"].items():
+        print(
+            f"{c} streams: output {row['output_tok_s']:.1f} tok/s, "
+            f"{row['pct_of_flop_ceiling']:.1f}% of the FLOP ceiling, "
+            f"{row['pct_of_bandwidth_ceiling']:.0f}% of the weight-streaming ceiling, "
+            f"TPOT p50 {row['median_tpot_ms']:.1f} ms"
         )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

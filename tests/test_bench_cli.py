@@ -30,6 +30,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_step_budget.py", ["--out", __file__]),  # a file, not a folder
         ("ab_serving.py", ["HEAD", "HEAD", "--output-tokens", "1"]),
         ("ab_serving.py", ["HEAD", "HEAD", "--concurrency", "0"]),
+        ("bench_serving.py", ["--streams", "64", "0"]),
+        ("bench_cuda_decode.py", ["--steps", "0"]),
+        ("bench_cuda_decode.py", ["--batch", "16", "0"]),
+        ("ab_sampling.py", ["HEAD", "HEAD", "--rounds", "0"]),
+        ("step_times.py", ["--tokens", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):

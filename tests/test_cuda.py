@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -20,12 +21,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import StepGate
 from hf_models import hf_gpt2, hf_llama
-from test_engine import GREEDY, prompts, run
+from test_engine import GREEDY, prompts, run, wait_for
+from test_sampling import CASES as SAMPLING_CASES
+from test_sampling import VOCAB as SAMPLING_VOCAB
+from test_sampling import reference_probs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from atlas_server.checkpoint import load_checkpoint
 from atlas_server.engine import Engine, EngineConfig, SamplingParams
+from atlas_server.engine.cuda_runner import GraphRunner, kv_bytes_per_slot
+from atlas_server.engine.request import Request
+from atlas_server.engine.runner import EagerRunner
+from atlas_server.engine.sampling import SamplingRow, sample, sample_step
+from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
 from atlas_server.hf_import import hf_to_atlas_model
 from atlas_server.model import Transformer, load_preset
 from atlas_server.model.onednn import train_matmul
@@ -311,6 +321,274 @@ def test_engine_from_checkpoint_serves_on_cuda(tiny_llama_checkpoint):
     prompt = engine.tokenizer.encode("from a checkpoint")
     ids, _, _ = run_engine(engine, lambda: run(engine, prompt, GREEDY))
     assert ids[0] == engine.model.generate(prompt, GREEDY.max_tokens)
+
+
+# --- sampling on the GPU ---------------------------------------------------------------
+@pytest.mark.parametrize("params", SAMPLING_CASES, ids=lambda p: repr(p)[15:70])
+def test_gpu_sampling_matches_the_reference_distribution(params):
+    """tests/test_sampling.py's check, with the logits and every sampling stage on CUDA."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(SAMPLING_VOCAB, generator=generator) * 2
+    prompt, out = [1, 2, 3, 1], [4, 4, 5, 1, 9]
+    expected = reference_probs(logits.tolist(), params, prompt, out)
+    draws = 6000
+    rows = [SamplingRow(params, prompt, out, None) for _ in range(draws)]
+    torch.manual_seed(1)
+    tokens = sample(logits.to(DEVICE).expand(draws, -1), rows)
+    assert tokens.device.type == DEVICE
+    counts = torch.bincount(tokens.cpu(), minlength=SAMPLING_VOCAB).tolist()
+    for token, (count, p) in enumerate(zip(counts, expected, strict=True)):
+        if p == 0:
+            assert count == 0, f"token {token} is outside the reference support"
+    total_variation = 0.5 * sum(abs(c / draws - p) for c, p in zip(counts, expected, strict=True))
+    assert total_variation < 0.04
+
+
+def test_gpu_sampling_never_syncs_and_seeded_rows_ignore_their_batch():
+    """Every stage of a mixed batch (greedy, seeded, unseeded, bias, min_tokens, penalties,
+    top-k/p, min-p) runs without one host sync (torch's sync debug mode raises on any); the
+    step's single copy comes after. A seeded row draws the same tokens alone and in a batch."""
+    logits = torch.randn(6, SAMPLING_VOCAB, device=DEVICE) * 2
+    mixed = [
+        SamplingParams(temperature=0.0, logit_bias={3: 1.5}),
+        SamplingParams(temperature=0.9, top_k=5, repetition_penalty=1.3),
+        SamplingParams(temperature=1.1, top_p=0.8, presence_penalty=0.5, frequency_penalty=0.2),
+        SamplingParams(temperature=1.0, min_p=0.1, min_tokens=3),
+        SamplingParams(temperature=0.7, logprobs=2),
+        SamplingParams(temperature=1.0),
+    ]
+
+    def rows(seed_row: int | None, n: int = 6):
+        return [
+            SamplingRow(
+                p,
+                [1, 2, 3],
+                [4, 4],
+                torch.Generator(device=DEVICE).manual_seed(9) if i == seed_row else None,
+                (5,),
+            )
+            for i, p in enumerate(mixed[:n])
+        ]
+
+    batch = rows(seed_row=2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sample(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tokens.shape == (6,)
+    step = sample_step(logits, rows(seed_row=2), [p.logprobs for p in mixed])
+    assert [e is None for e in step.logprobs] == [True] * 4 + [False, True]
+    assert len(step.logprobs[4].top) == 2
+    alone = [
+        sample_step(logits[2:3], [SamplingRow(mixed[2], [1, 2, 3], [4, 4], g, (5,))]).tokens[0]
+        for g in [torch.Generator(device=DEVICE).manual_seed(9)]
+    ]
+    together = sample_step(logits, rows(seed_row=2)).tokens[2]
+    assert alone == [together]
+
+
+# --- the CUDA runner: captured decode graphs ----------------------------------------
+def prefill_chunk(slot: int, tokens: list[int]) -> PrefillChunk:
+    request = Request(f"r{slot}", tokens, SamplingParams(max_tokens=4), 0.0)
+    return PrefillChunk(request, slot, 0, tuple(tokens), "last")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_replay_equals_eager_logits_at_every_bucket(preset, caplog):
+    """fp32: replaying a captured graph gives the logits of the same padded forward run
+    eagerly (to 1e-5), and of the unpadded eager runner (summation order only), for every
+    batch size 1..8 (buckets 1, 2, 4, 8: padded ones too) and across a KV-length bucket."""
+    max_len, slots = 300, 8  # KV length buckets [256, 300]
+    model = build(preset, max_seq_len=512).to(DEVICE)
+    eager = EagerRunner(copy.deepcopy(model), slots, max_len)
+    twin = GraphRunner(copy.deepcopy(model), slots, max_len, cuda_graphs=False)
+    with caplog.at_level(logging.INFO, logger="atlas.engine"):
+        graphs = GraphRunner(copy.deepcopy(model), slots, max_len, cuda_graphs=True)
+    assert graphs.graph_status == "on (8 graphs)", graphs.graph_status
+    assert "captured 8 decode CUDA graphs" in caplog.text
+    generator = torch.Generator().manual_seed(0)
+    lengths = [3, 40, 17, 250, 9, 5, 30, 2]  # slot 3 crosses into the 300 bucket
+    plan = StepPlan(
+        prefill=[
+            prefill_chunk(s, torch.randint(0, VOCAB, (n,), generator=generator).tolist())
+            for s, n in enumerate(lengths)
+        ]
+    )
+    runners = (eager, twin, graphs)
+    with torch.inference_mode():
+        for runner in runners:
+            runner.execute(plan)
+        # A decode step through a graph: pinned copies in, one replay, no host sync.
+        one = DecodeBatch((), (7, 8, 9), tuple(lengths[:3]), (0, 1, 2))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphs.execute(StepPlan(decode=one))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for runner in (eager, twin):  # the same step, so the caches stay alike
+            runner.execute(StepPlan(decode=one))
+        for i in range(3):
+            lengths[i] += 1
+        for step in range(12):
+            n = step % slots + 1
+            tokens = torch.randint(0, VOCAB, (n,), generator=generator).tolist()
+            batch = DecodeBatch((), tuple(tokens), tuple(lengths[:n]), tuple(range(n)))
+            want, same, got = (r.execute(StepPlan(decode=batch)).decode.clone() for r in runners)
+            torch.testing.assert_close(got, same, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for i in range(n):
+                lengths[i] += 1
+    for s, n in enumerate(lengths):  # padding rows never touched a real row's KV
+        torch.testing.assert_close(graphs.cache.k[0][s, :, :n], eager.cache.k[0][s, :, :n])
+
+
+def test_engine_on_cuda_uses_graphs_and_cuda_graphs_false_turns_them_off(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    on = Engine(model, byte_tokenizer, EngineConfig(max_running=4))
+    off = Engine(model, byte_tokenizer, EngineConfig(max_running=4, cuda_graphs=False))
+    try:
+        assert isinstance(on.runner, GraphRunner) and on.backend["cuda_graphs"].startswith("on")
+        assert isinstance(off.runner, GraphRunner) and off.backend["cuda_graphs"] == "off"
+        assert not off.runner._graphs
+    finally:
+        on.shutdown()
+        off.shutdown()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_engine_greedy_is_the_same_alone_and_at_every_bucket(preset, byte_tokenizer):
+    model = varied_model(preset, byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=8)).start()
+    ps = prompts(byte_tokenizer, 8)
+    expected = [model.generate(p, GREEDY.max_tokens) for p in ps]
+
+    async def main():
+        got = {}
+        for size in range(1, 9):  # buckets 1, 2, 4, 8 and the padded sizes between
+            results = await asyncio.gather(*(run(engine, p, GREEDY) for p in ps[:size]))
+            got[size] = [ids[0] for ids, _, _ in results]
+        return got
+
+    got = run_engine(engine, main)
+    for size, outputs in got.items():
+        assert outputs == expected[:size], f"batch of {size}"
+
+
+def test_graph_engine_abort_during_replay_frees_the_slot(byte_tokenizer):
+    model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=2))
+    gate = StepGate(engine)  # decode steps (graph replays) run only when allowed
+    engine.start()
+    prompt = byte_tokenizer.encode("abort me while I decode")
+
+    async def main():
+        stream = engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=200))
+        first = await stream.__anext__()  # from the prefill step
+        gate.allow(3)  # three replays
+        await wait_for(lambda: engine.stats().generation_tokens_total >= 4)
+        await stream.aclose()
+        gate.allow()  # a step that may be waiting already; the abort applies after it
+        await wait_for(lambda: engine.stats().kv_slots_used == 0)
+        stats = engine.stats()
+        gate.open()
+        # The freed slots serve new requests exactly.
+        again = await asyncio.gather(*(run(engine, prompt, GREEDY) for _ in range(2)))
+        return first, stats, again
+
+    first, stats, again = run_engine(engine, main)
+    assert first.token_ids and not first.finished
+    assert stats.running == 0 and stats.generation_tokens_total <= 5
+    expected = model.generate(prompt, GREEDY.max_tokens)
+    assert [ids[0] for ids, _, _ in again] == [expected, expected]
+
+
+def test_graph_engine_prefix_caching_and_n_choices(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=6)).start()
+    prompt = byte_tokenizer.encode("a shared prefix that the second request reuses")
+    expected = model.generate(prompt, GREEDY.max_tokens)
+
+    async def main():
+        first = await run(engine, prompt, GREEDY)
+        second = await run(engine, prompt, GREEDY)
+        three = await run(engine, prompt, SamplingParams(temperature=0.0, max_tokens=12, n=3))
+        seeded = SamplingParams(temperature=1.0, max_tokens=12, n=3, seed=5)
+        return (
+            first,
+            second,
+            three,
+            await run(engine, prompt, seeded),
+            await run(engine, prompt, seeded),
+        )
+
+    first, second, three, s1, s2 = run_engine(engine, main)
+    assert first[0][0] == second[0][0] == expected
+    assert second[2][-1].num_cached_tokens > 0
+    assert [three[0][i] for i in range(3)] == [expected] * 3
+    assert s1[0] == s2[0]  # seeded n > 1: every choice repeats
+
+
+def test_graph_engine_64_streams_with_disconnects_returns_to_idle(byte_tokenizer):
+    model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
+    engine = Engine(model, byte_tokenizer, EngineConfig(max_running=64)).start()
+    ps = [byte_tokenizer.encode(f"stream number {i} says") for i in range(64)]
+
+    async def one(i: int):
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        if i % 2:  # every other client disconnects after its first event
+            stream = engine.submit(ps[i], params)
+            await stream.__anext__()
+            await stream.aclose()
+            return None
+        return (await run(engine, ps[i], params))[0][0]
+
+    async def main():
+        results = await asyncio.gather(*(one(i) for i in range(64)))
+        await wait_for(lambda: engine.stats().kv_slots_used == 0)
+        return results, engine.stats()
+
+    results, stats = run_engine(engine, main)
+    assert stats.running == 0 and stats.waiting == 0
+    for i in (0, 30, 62):
+        assert results[i] == model.generate(ps[i], 24)
+
+
+def test_bf16_is_the_cuda_default_and_tracks_fp32(tiny_llama_checkpoint):
+    bf16 = Engine.from_checkpoint(tiny_llama_checkpoint, EngineConfig(device=DEVICE))
+    fp32 = Engine.from_checkpoint(
+        tiny_llama_checkpoint, EngineConfig(device=DEVICE, dtype="float32")
+    )
+    try:
+        assert bf16.backend["dtype"] == "bfloat16" and bf16.cache.k[0].dtype == torch.bfloat16
+        assert fp32.backend["dtype"] == "float32"
+        assert not torch.backends.cuda.matmul.allow_tf32  # TF32 only when asked
+        asked = Engine(bf16.model, bf16.tokenizer, EngineConfig(tf32=True, cuda_graphs=False))
+        asked.shutdown()
+        assert torch.backends.cuda.matmul.allow_tf32  # (the fixture restores it)
+        ids = token_ids((2, 24), vocab=bf16.model.config.vocab_size)
+        with torch.no_grad():
+            assert_tracks(bf16.model(ids), fp32.model(ids).float())
+    finally:
+        bf16.shutdown()
+        fp32.shutdown()
+
+
+def test_kv_cache_gib_on_cuda_sizes_the_slots(byte_tokenizer):
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    per_slot = kv_bytes_per_slot(model.config, model.config.max_seq_len, torch.float32)
+    small = EngineConfig(max_running=16, kv_cache_gib=5.5 * per_slot / 2**30)
+    engine = Engine(model, byte_tokenizer, small)
+    default = Engine(model, byte_tokenizer, EngineConfig(max_running=16))
+    try:
+        assert engine.cache.n_slots == 5 and engine.config.max_running == 5
+        assert engine.runner.batches == [1, 2, 4, 5]
+        assert default.cache.n_slots == 16  # half the free memory holds far more
+    finally:
+        engine.shutdown()
+        default.shutdown()
 
 
 # --- the trainer ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from atlas_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from atlas_server.engine.sampling import SamplingRow, sample, top_logprobs
+from atlas_server.engine.sampling import SamplingRow, sample, sample_step, top_logprobs
 from atlas_server.engine.types import SamplingParams
 
 VOCAB = 24
@@ -154,6 +154,53 @@ def test_logprobs_stay_finite_for_masked_tokens():
     logits[0, 3] = float("-inf")
     (entry,) = top_logprobs(logits, torch.tensor([3]), VOCAB)
     assert math.isfinite(entry.logprob) and all(math.isfinite(v) for v in entry.top.values())
+
+
+def test_a_mixed_batch_samples_every_row_as_it_would_alone():
+    """Bias, min_tokens, penalties and truncation are applied to the whole batch at once;
+    each row must still get exactly its own: greedy and seeded rows pick, in a batch of
+    different parameters, the tokens they pick alone."""
+    gen = torch.Generator().manual_seed(5)
+    mixed = [
+        SamplingParams(temperature=0.0, logit_bias={3: 3.0, 11: -2.0}),
+        SamplingParams(temperature=0.0, repetition_penalty=5.0),
+        SamplingParams(temperature=0.0, presence_penalty=2.0, frequency_penalty=1.0),
+        SamplingParams(temperature=0.0, min_tokens=4, logit_bias={13: 6.0}),
+        SamplingParams(temperature=0.9, top_k=6, top_p=0.8, repetition_penalty=1.4),
+        SamplingParams(temperature=1.2, min_p=0.05, logit_bias={2: 1.0}),
+    ]
+    histories = [([1, 2], [3, 3]), ([4, 5, 6], [7, 4]), ([8], [9, 9, 9, 2]), ([1], [5]),
+                 ([2, 3], [4]), ([6], [6, 7])]  # fmt: skip
+    logits = torch.randn(6, VOCAB, generator=gen)
+    for i, (_, out) in enumerate(histories):
+        logits[i, out] += 4.0  # the history leads, so a penalty applied or not decides
+    logits[3, 0] += 50.0  # a stop id that min_tokens must mask
+
+    def row(i: int) -> SamplingRow:
+        generator = torch.Generator().manual_seed(100 + i) if i >= 4 else None
+        prompt, out = histories[i]
+        return SamplingRow(mixed[i], prompt, out, generator, banned_until_min=(0, 1))
+
+    together = sample(logits, [row(i) for i in range(6)]).tolist()
+    alone = [int(sample(logits[i : i + 1], [row(i)])) for i in range(6)]
+    assert together == alone
+    assert alone[3] == 13  # min_tokens masked 0, the bias chose 13
+    assert alone[1] not in histories[1][0] + histories[1][1]  # penalised away
+    assert alone[2] not in histories[2][1]
+
+
+def test_sample_step_gives_tokens_and_logprobs_only_where_asked():
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(2))
+    greedy = SamplingParams(temperature=0.0)
+    rows = [SamplingRow(greedy, [1], [], None) for _ in range(3)]
+    step = sample_step(logits, rows, [None, 0, 3])
+    assert step.tokens == logits.argmax(-1).tolist()
+    ref = torch.log_softmax(logits.double(), -1)
+    assert step.logprobs[0] is None
+    assert step.logprobs[1].top == {} and step.logprobs[1].token_id == step.tokens[1]
+    assert step.logprobs[1].logprob == pytest.approx(float(ref[1].max()), abs=1e-5)
+    assert list(step.logprobs[2].top) == ref[2].topk(3).indices.tolist()
+    assert sample_step(logits, rows).logprobs == [None, None, None]
 
 
 # --- detokenization -------------------------------------------------------------------

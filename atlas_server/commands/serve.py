@@ -135,7 +135,9 @@ def serve(
     model_name: str = typer.Option(
         None, "--model-name", help="Model id in /v1/models (default: checkpoint folder name)."
     ),
-    dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option(
+        None, help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."
+    ),
     device: str = typer.Option(None, help="cpu or cuda."),
     max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),

@@ -12,8 +12,8 @@ everything else, one step at a time, along the data flow:
   - scheduler.py: admission, KV slots, prefix reuse and packing under `max_batched_tokens`;
     returns a plain plan (which sequences decode in which slots, which prompt chunks
     prefill, which slot copies and moves come first);
-  - runner.py: executes the plan on the model and its KV cache (the eager runner today;
-    a CUDA runner with captured decode graphs implements the same interface);
+  - runner.py: executes the plan on the model and its KV cache (the eager runner on the
+    CPU; on CUDA cuda_runner.py's, with decode steps replayed from captured graphs);
   - output.py: sampling, incremental detokenizing, stop conditions, events.
 The step's events go to each caller's loop with one `loop.call_soon_threadsafe` per loop.
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -49,7 +50,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .output import Emit, OutputProcessor
 from .request import Request
-from .runner import EagerRunner, ModelRunner
+from .runner import ModelRunner, make_runner, resolve_dtype
 from .scheduler import Scheduler, StepPlan
 from .types import (
     EngineConfig,
@@ -129,10 +130,12 @@ class Engine:
                 f"max_batched_tokens={config.max_batched_tokens} must be >= max_running="
                 f"{config.max_running}: every decoding sequence needs a token each step"
             )
-        self.config = config
         self.tokenizer = tokenizer
-        self.runner = runner or EagerRunner(model, config.max_running, self.max_model_len)
+        self.runner = runner or make_runner(model, config, self.max_model_len)
         self.model, self.cache = self.runner.model, self.runner.cache
+        if self.cache.n_slots < config.max_running:  # the KV budget holds fewer slots
+            config = dataclasses.replace(config, max_running=self.cache.n_slots)
+        self.config = config
         self.limits = RequestLimits(model.config.vocab_size, self.max_model_len, config.max_running)
         self.scheduler = Scheduler(
             config.max_running, config.max_batched_tokens, config.prefix_caching
@@ -171,7 +174,8 @@ class Engine:
         from ..checkpoint import load_checkpoint
 
         config = config or EngineConfig()
-        ckpt = load_checkpoint(path, device=config.device, dtype=config.dtype)
+        dtype = resolve_dtype(config.device, config.dtype)
+        ckpt = load_checkpoint(path, device=config.device, dtype=dtype)
         return cls(ckpt.model, ckpt.tokenizer, config)
 
     # --- lifecycle ------------------------------------------------------------------

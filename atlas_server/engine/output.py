@@ -17,7 +17,6 @@ hands a step's events to each caller's event loop at once).
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .request import Request, Sequence
 from .runner import StepLogits
-from .sampling import SamplingRow, sample, top_logprobs
+from .sampling import SamplingRow, sample_step, top_logprobs
 from .scheduler import StepPlan
 from .types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -148,20 +147,15 @@ class OutputProcessor:
             )
             for seq, choice in zip(rows, choices, strict=True)
         ]
-        tokens = sample(logits, sampling_rows)  # [N]
         wanted = [seq.request.params.logprobs for seq in rows]
-        entries: list[TokenLogprob | None] = [None] * len(rows)
-        if any(k is not None for k in wanted):
-            entries = top_logprobs(logits, tokens, max(k or 0 for k in wanted))  # type: ignore[assignment]
-            for entry, k in zip(entries, wanted, strict=True):
-                if entry is not None and k is not None and len(entry.top) > k:
-                    entry.top = dict(itertools.islice(entry.top.items(), k))
+        # Tokens (and logprobs where asked) reach the host in one copy per step.
+        step = sample_step(logits, sampling_rows, wanted)
         now = time.perf_counter()
         finished = []
-        for state, choice, token, entry, k in zip(
-            states, choices, tokens.tolist(), entries, wanted, strict=True
+        for state, choice, token, entry in zip(
+            states, choices, step.tokens, step.logprobs, strict=True
         ):
-            if self._append_token(state, choice, token, entry if k is not None else None, now):
+            if self._append_token(state, choice, token, entry, now):
                 finished.append(choice.seq)
         return finished
 

@@ -18,9 +18,12 @@ chunk). Against a decode forward plus separate chunk forwards (`python bench/ab_
 6efd908 de36c19`, alternating builds): +3% output throughput with 16 streams of 128-token
 prompts, -2% with 4 (within the run-to-run noise).
 
-A CUDA runner with captured decode graphs goes beside it, implementing the same
-`execute()`: the plan gives every number as host integers (tokens, positions, slots),
-so filling static input buffers needs no device read-back.
+On CUDA, `make_runner` picks `GraphRunner` (cuda_runner.py): the same `execute()`, with
+the decode rows replayed from CUDA graphs captured at start-up; the plan gives every
+number as host integers (tokens, positions, slots), so filling the graphs' static input
+buffers needs no device read-back. `make_runner` also sizes the KV cache
+(`engine.kv_cache_gib`, by default a share of the free GPU memory) and `resolve_dtype`
+picks the serving dtype ("auto": bfloat16 on CUDA, float32 elsewhere).
 
 What it does not do: decide what runs (scheduler.py), sample or detokenize (output.py).
 """
@@ -37,6 +40,7 @@ from torch import Tensor
 from ..model import KVCache, Transformer, native
 from ..model.transformer import Segment
 from .scheduler import SlotCopy, StepPlan
+from .types import EngineConfig
 
 log = logging.getLogger("atlas.engine")
 
@@ -143,6 +147,47 @@ class EagerRunner(ModelRunner):
             "dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
             **serving_kernels(self.model),
         }
+
+
+def resolve_dtype(device: str | torch.device, dtype: str) -> str:
+    """The serving dtype's name: "auto" is bfloat16 on CUDA (the weights and KV cache read
+    half the bytes of fp32 per step), float32 elsewhere (CPUs without fast bf16 matmuls
+    decode slower in it); any other name is kept."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
+def make_runner(model: Transformer, config: EngineConfig, max_len: int) -> ModelRunner:
+    """The runner for the model's device, with its KV cache sized (see the module docstring).
+
+    Slots: `max_running`, fewer when the KV budget (`kv_cache_gib`; on CUDA by default a
+    share of the free memory) holds fewer; the engine then runs that many.
+    """
+    from . import cuda_runner as cr  # it subclasses EagerRunner, defined above
+
+    device = model.tok_emb.weight.device
+    if device.type == "cuda" and config.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    budget = cr.kv_budget_bytes(config.kv_cache_gib, free)
+    per_slot = cr.kv_bytes_per_slot(model.config, max_len, model.tok_emb.weight.dtype)
+    slots = config.max_running
+    if budget is not None:
+        slots = cr.kv_slots(budget, per_slot, config.max_running)
+        log.info(
+            "KV cache: %d slots x %d positions, %.1f MiB each (budget %.2f GiB%s; holds %d)",
+            slots,
+            max_len,
+            per_slot / 2**20,
+            budget / 2**30,
+            "" if config.kv_cache_gib is not None else f", {cr.KV_FREE_FRACTION:.0%} of free",
+            budget // per_slot,
+        )
+    if device.type == "cuda":
+        return cr.GraphRunner(model, slots, max_len, cuda_graphs=config.cuda_graphs)
+    return EagerRunner(model, slots, max_len)
 
 
 def serving_kernels(model: Transformer) -> dict[str, str]:

@@ -4,13 +4,23 @@ What it does: turns the model's logits [B, V] for B sequences into B token ids, 
 per row, in this order: logit_bias (added first) -> min_tokens masking of EOS / stop ids
 -> repetition penalty (HF/CTRL: over prompt + output) -> presence / frequency penalties
 (OpenAI: over output only) -> greedy argmax for temperature 0, otherwise temperature ->
-top-k -> top-p -> min-p -> a draw. Each step's work is batched tensor code over the rows
-that need it; no Python loop ever walks the vocabulary.
+top-k -> top-p -> min-p -> a draw. Every stage is one batched tensor operation over the
+step's rows, on whatever device the logits live (the GPU when serving on CUDA); no Python
+loop ever walks the vocabulary, and nothing is read back from the device until the end.
+
+Host <-> device traffic: which stages run is decided from the rows' parameters on the host
+(never by reading a tensor back), the per-row numbers travel as one small host tensor per
+stage (pinned and asynchronous on CUDA), and `sample_step` returns the step's token ids,
+with their logprobs when any row asked, through ONE device-to-host copy. So a CUDA step
+queues forward -> sampling -> copy and the host waits once.
 
 Randomness: a row with a seed draws from its own torch.Generator, so its text does not
 depend on who else is in the batch; rows without a seed share one draw from the global
 generator. A draw is `argmax(p / E)` with E ~ Exp(1) per token, which picks token i
 with probability p_i (the "exponential race"), so one uniform tensor per row suffices.
+A torch.Generator is a stateful stream, so each seeded row costs one `rand` launch
+(queued, no sync), as in vLLM; the unseeded rows share one launch. CPU and CUDA generators
+are different algorithms: a seed repeats its text on the same device, not across devices.
 
 Logprobs are those of the raw model distribution (log_softmax of the logits before
 bias, penalties and temperature), as OpenAI and vLLM report them. What it does not do:
@@ -19,6 +29,7 @@ stop strings or detokenization (see detokenizer.py and output.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +37,7 @@ from torch import Tensor
 
 from .types import SamplingParams, TokenLogprob
 
-__all__ = ["LOGPROB_FLOOR", "SamplingRow", "sample", "top_logprobs"]
+__all__ = ["LOGPROB_FLOOR", "SampledStep", "SamplingRow", "sample", "sample_step", "top_logprobs"]
 
 LOGPROB_FLOOR = -9999.0
 
@@ -42,44 +53,104 @@ class SamplingRow:
     banned_until_min: tuple[int, ...] = ()  # EOS + stop ids, masked while below min_tokens
 
 
+@dataclass
+class SampledStep:
+    """A step's result on the host: one token per row, and its logprob entry where the
+    row asked for one (`logprobs[i]` is None where row i did not)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def _to(device: torch.device, data: list, dtype: torch.dtype) -> Tensor:
+    """A host list as a tensor on `device`: on CUDA through pinned memory, asynchronously
+    (a plain copy from pageable memory would wait for the GPU's queue to drain)."""
+    host = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _padded(device: torch.device, lists: list[list[int]], pad: int) -> Tensor:
+    """Ragged token lists as one [B, L] tensor padded with `pad` (L >= 1)."""
+    width = max(1, max(len(x) for x in lists))
+    return _to(device, [x + [pad] * (width - len(x)) for x in lists], torch.long)
+
+
 def _apply_logit_bias(logits: Tensor, rows: list[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        if row.params.logit_bias:
-            ids = torch.tensor(list(row.params.logit_bias.keys()), device=logits.device)
-            bias = torch.tensor(list(row.params.logit_bias.values()), device=logits.device)
-            logits[i].index_add_(0, ids, bias.to(logits.dtype))
+    index = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
+    which = _to(logits.device, [[i, t] for i, t, _ in index], torch.long)  # [n, 2]
+    bias = _to(logits.device, [b for _, _, b in index], logits.dtype)  # [n]
+    # Keys of one row are distinct, so accumulate adds each bias once, as a per-row add.
+    logits.index_put_((which[:, 0], which[:, 1]), bias, accumulate=True)
 
 
 def _mask_early_stops(logits: Tensor, rows: list[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        if row.banned_until_min and len(row.output_ids) < row.params.min_tokens:
-            logits[i, list(row.banned_until_min)] = float("-inf")
+    index = [
+        [i, t]
+        for i, r in enumerate(rows)
+        if r.banned_until_min and len(r.output_ids) < r.params.min_tokens
+        for t in r.banned_until_min
+    ]
+    if index:
+        which = _to(logits.device, index, torch.long)  # [n, 2]
+        logits[which[:, 0], which[:, 1]] = float("-inf")
 
 
-def _apply_penalties(logits: Tensor, rows: list[SamplingRow]) -> None:
-    vocab = logits.shape[-1]
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(row.prompt_ids + row.output_ids, device=logits.device).unique()
-            values = logits[i, seen]
-            # CTRL: divide positive logits, multiply negative ones, so either way the
-            # token becomes less likely.
-            values = torch.where(
-                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
-            )
-            logits[i, seen] = values
-        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
-            counts = torch.bincount(
-                torch.tensor(row.output_ids, device=logits.device), minlength=vocab
-            )[:vocab].to(logits.dtype)  # [V]
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+def _apply_penalties(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
+    """Repetition, then presence/frequency penalties, for all rows at once. [B, V]."""
+    device, (B, V) = logits.device, logits.shape
+    per_row = _to(
+        device,
+        [
+            [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+            for r in rows
+        ],
+        torch.float32,
+    )  # [B, 3]
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        history = _padded(
+            device,
+            [
+                r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1.0 else []
+                for r in rows
+            ],
+            V,
+        )  # [B, L]; V marks padding, in the extra column dropped below
+        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, history, True)
+        rep = per_row[:, 0:1].to(logits.dtype)  # [B, 1]
+        # CTRL: divide positive logits, multiply negative ones, so either way the token
+        # becomes less likely.
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen[:, :V], penalized, logits)
+    if any((r.params.presence_penalty or r.params.frequency_penalty) for r in rows):
+        outputs = _padded(
+            device,
+            [
+                r.output_ids if (r.params.presence_penalty or r.params.frequency_penalty) else []
+                for r in rows
+            ],
+            V,
+        )  # [B, L]
+        counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=logits.dtype))
+        counts = counts[:, :V]  # [B, V]
+        frequency, presence = per_row[:, 1:2], per_row[:, 2:3]  # [B, 1] each
+        logits = logits - (frequency * counts + presence * (counts > 0))
+    return logits
 
 
-def _truncate(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
-    """Mask (-inf) the tokens outside each row's top-k / top-p / min-p set. scaled: [B, V]."""
+def _truncate(
+    scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, by_rank: bool, by_min_p: bool
+) -> Tensor:
+    """Mask (-inf) the tokens outside each row's top-k / top-p / min-p set. scaled: [B, V].
+
+    `by_rank` (some row has top-k or top-p) and `by_min_p` come from the host, so deciding
+    which stages run reads nothing back from the device.
+    """
     vocab = scaled.shape[-1]
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    if by_rank:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
         rank = torch.arange(vocab, device=scaled.device)[None, :]  # [1, V]
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)[:, None]  # [B, 1]
@@ -91,7 +162,7 @@ def _truncate(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Te
         drop |= mass_before >= top_p[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
-    if bool((min_p > 0).any()):
+    if by_min_p:
         probs = scaled.softmax(dim=-1)
         threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values  # [B, 1]
         scaled = scaled.masked_fill(probs < threshold, float("-inf"))
@@ -100,20 +171,30 @@ def _truncate(scaled: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Te
 
 def _draw(probs: Tensor, rows: list[SamplingRow]) -> Tensor:
     """One token per row from probs [B, V] by the exponential race (module docstring)."""
-    uniform = torch.empty_like(probs)
+    B, V = probs.shape
+    device = probs.device
     unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-    if unseeded:
-        uniform[unseeded] = torch.rand(len(unseeded), probs.shape[-1], device=probs.device)
-    for i, row in enumerate(rows):
-        if row.generator is not None:
-            uniform[i] = torch.rand(probs.shape[-1], generator=row.generator, device=probs.device)
+    if len(unseeded) == B:
+        uniform = torch.rand(B, V, device=device)
+    else:
+        uniform = torch.empty_like(probs)
+        if unseeded:
+            noise = torch.rand(len(unseeded), V, device=device)
+            uniform.index_copy_(0, _to(device, unseeded, torch.long), noise)
+        for i, row in enumerate(rows):
+            if row.generator is not None:  # a stateful stream: one launch per seeded row
+                uniform[i] = torch.rand(V, generator=row.generator, device=device)
     exp_noise = -torch.log1p(-uniform)  # Exp(1); log1p(-u) is finite for u in [0, 1)
     return (probs / exp_noise).argmax(dim=-1)
 
 
 def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
-    """Token ids [B] for logits [B, V] (any float dtype), one row per entry of `rows`."""
+    """Token ids [B] for logits [B, V] (any float dtype), one row per entry of `rows`.
+
+    The ids stay on the logits' device; nothing is read back (see `sample_step`).
+    """
     logits = logits.float().clone()  # [B, V]; processed in place below
+    device = logits.device
     if any(r.params.logit_bias for r in rows):
         _apply_logit_bias(logits, rows)
     if any(r.banned_until_min and r.params.min_tokens for r in rows):
@@ -124,40 +205,90 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
         or r.params.frequency_penalty
         for r in rows
     ):
-        _apply_penalties(logits, rows)
+        logits = _apply_penalties(logits, rows)
     greedy = logits.argmax(dim=-1)  # [B]
     sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]
     if not sampled_rows:
         return greedy
-    sub = [rows[i] for i in sampled_rows]
-    device = logits.device
-    temperature = torch.tensor([r.params.temperature for r in sub], device=device)
-    top_k = torch.tensor([r.params.top_k for r in sub], device=device)
-    top_p = torch.tensor([r.params.top_p for r in sub], device=device)
-    min_p = torch.tensor([r.params.min_p for r in sub], device=device)
-    scaled = logits[sampled_rows] / temperature[:, None]  # [b, V]
-    scaled = _truncate(scaled, top_k, top_p, min_p)
+    everyone = len(sampled_rows) == len(rows)
+    sub = rows if everyone else [rows[i] for i in sampled_rows]
+    index = None if everyone else _to(device, sampled_rows, torch.long)  # [b]
+    numbers = _to(
+        device,
+        [[r.params.temperature, r.params.top_p, r.params.min_p] for r in sub],
+        torch.float32,
+    )  # [b, 3]
+    temperature, top_p, min_p = numbers.unbind(1)
+    top_k = _to(device, [r.params.top_k for r in sub], torch.long)  # [b]
+    scaled = (logits if index is None else logits[index]) / temperature[:, None]  # [b, V]
+    scaled = _truncate(
+        scaled,
+        top_k,
+        top_p,
+        min_p,
+        by_rank=any(r.params.top_k > 0 or r.params.top_p < 1.0 for r in sub),
+        by_min_p=any(r.params.min_p > 0 for r in sub),
+    )
     drawn = _draw(scaled.softmax(dim=-1), sub)
-    greedy[sampled_rows] = drawn
-    return greedy
+    if index is None:
+        return drawn
+    return greedy.index_copy_(0, index, drawn)
+
+
+def _logprob_table(logits: Tensor, chosen: Tensor, k: int) -> Tensor:
+    """[B, 2 + 2k] float64 on the logits' device: chosen id, its logprob, top-k ids, their
+    logprobs. float64 holds ids and float32 values exactly, so one copy carries all."""
+    # The floor keeps every value finite (JSON has no -inf) even for a token a model gives
+    # a -inf logit; any real logprob is far above it.
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)  # [B, V]
+    parts = [chosen[:, None].double(), logprobs.gather(-1, chosen[:, None]).double()]
+    if k > 0:
+        top_values, top_ids = logprobs.topk(k, dim=-1)  # [B, k]
+        parts += [top_ids.double(), top_values.double()]
+    return torch.cat(parts, dim=1)
+
+
+def _entries(table: list[list[float]], k: int) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            int(row[0]),
+            row[1],
+            {int(t): v for t, v in zip(row[2 : 2 + k], row[2 + k :], strict=True)},
+        )
+        for row in table
+    ]
+
+
+def sample_step(
+    logits: Tensor, rows: list[SamplingRow], logprobs: Sequence[int | None] | None = None
+) -> SampledStep:
+    """Sample one token per row and bring the step's result to the host in one copy.
+
+    `logprobs[i]` is row i's top-k for logprobs (None: the row wants none). Entries hold at
+    most the k their row asked for.
+    """
+    tokens = sample(logits, rows)  # [B], on the device
+    wanted = list(logprobs) if logprobs is not None else [None] * len(rows)
+    if all(k is None for k in wanted):
+        return SampledStep(tokens.tolist(), [None] * len(rows))
+    k = max(k or 0 for k in wanted)
+    entries = _entries(_logprob_table(logits, tokens, k).tolist(), k)  # the one copy
+    out: list[TokenLogprob | None] = []
+    for entry, want in zip(entries, wanted, strict=True):
+        if want is None:
+            out.append(None)
+            continue
+        if len(entry.top) > want:
+            entry.top = dict(list(entry.top.items())[:want])
+        out.append(entry)
+    return SampledStep([e.token_id for e in entries], out)
 
 
 def top_logprobs(logits: Tensor, chosen: Tensor, k: Tensor | int) -> list[TokenLogprob]:
     """Raw-model logprob of `chosen` [B] under logits [B, V], with each row's top-k.
 
     `k` is the largest k asked for in the batch; callers trim rows that asked for fewer.
+    One device-to-host copy.
     """
-    # The floor keeps every value finite (JSON has no -inf) even for a token a model gives
-    # a -inf logit; any real logprob is far above it.
-    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)  # [B, V]
-    chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()  # [B]
     k = int(k)
-    if k > 0:
-        top_values, top_ids = logprobs.topk(k, dim=-1)  # [B, k]
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    else:
-        top_values = top_ids = [[] for _ in chosen_lp]
-    return [
-        TokenLogprob(int(t), lp, dict(zip(ids, vals, strict=True)))
-        for t, lp, ids, vals in zip(chosen.tolist(), chosen_lp, top_ids, top_values, strict=True)
-    ]
+    return _entries(_logprob_table(logits, chosen, k).tolist(), k)

@@ -182,7 +182,12 @@ class EngineConfig:
     # Reuse KV rows of a prompt prefix that a slot already holds (engine/prefix_cache.py).
     prefix_caching: bool = True
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere (runner.resolve_dtype)
+    # KV cache budget in GiB; None: max_running slots on the CPU, a share of the free
+    # memory on CUDA. Fewer slots than max_running fit -> the engine runs fewer.
+    kv_cache_gib: float | None = None
+    cuda_graphs: bool = True  # on CUDA: decode steps replay captured graphs (cuda_runner.py)
+    tf32: bool = False  # on CUDA: TF32 matmuls for fp32 weights (faster, ~1e-3 relative)
 
 
 @dataclass

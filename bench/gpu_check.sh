@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU check: the one script a session with a lent GPU runs (issue 16), under 8 minutes.
+#
+# Two steps:
+#   1. here, on the development machine (PyPI reachable), before asking for the GPU:
+#        bash bench/gpu_check.sh wheels
+#      downloads into .whl/ (git-ignored) the Python 3.12 wheels that the GPU image lacks
+#      (the server's web stack; the image has torch, transformers, pytest, numpy, ...).
+#   2. there, through the device tool, with `carry: [".whl"]` and a timeout of 600 s:
+#        bash bench/gpu_check.sh
+#      installs those wheels into /tmp/site, then runs, each with its own time limit,
+#        - tests/test_cuda.py (the CUDA correctness list: graph replay vs eager, greedy at
+#          every bucket, seeded sampling, abort, prefix caching, n > 1, 64 streams, bf16,
+#          kv_cache_gib, training);
+#        - bench/bench_cuda_decode.py: decode step time, eager vs graph replay, batch 1-256,
+#          fp32 and bf16, and the sampler's time per step;
+#        - bench/bench_serving.py --device cuda --quick, fp32 (like for like with the
+#          transformers baseline), with the 64- and 256-stream rows;
+#        - the same in bfloat16 (both sides), Atlas's default on CUDA;
+#        - bench/bench_train.py --device cuda (batch 16 x 1024, bf16, eager and compiled);
+#      and writes under $OUT (what the device tool brings back): pytest.xml, decode.json,
+#      serving_fp32.json, serving_bf16.json, train.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
+#      out of time is logged and the next one still runs; the exit status is the number of
+#      failed steps.
+# Commit the JSON next to the figures in docs/benchmarks.md ("On a GPU").
+set -u
+cd "$(dirname "$0")/.."
+
+WHEELS=(
+    litestar==2.25.0 litestar-htmx==0.5.0 msgspec==0.23.0 multipart==2.0.1
+    polyfactory==3.5.0 faker==40.63.0 rich-click==1.9.9 sniffio==1.3.1
+    uvicorn==0.55.0 annotated-types==0.8.0 dill==0.4.1
+)
+
+if [ "${1:-}" = "wheels" ]; then
+    mkdir -p .whl
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+fi
+
+OUT="${OUT:-bench/results/gpu_check}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || { echo "wheel install failed" | tee -a "$LOG"; exit 99; }
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python', sys.version.split()[0])" 2>&1 | tee -a "$LOG"
+
+failed=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, count failures
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - started)) s" | tee -a "$LOG"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+step test_cuda 150 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml"
+step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \
+    --out "$OUT/decode.json"
+step serving_fp32 110 python3 bench/bench_serving.py --device cuda --quick --dtype float32 \
+    --streams 64 256 --out "$OUT/serving_fp32.json"
+step serving_bf16 90 python3 bench/bench_serving.py --device cuda --quick --dtype bfloat16 \
+    --streams 64 256 --out "$OUT/serving_bf16.json"
+step train 70 python3 bench/bench_train.py --device cuda --batch 16 --seq 1024 \
+    --precision bf16 --out "$OUT/train.json"
+echo "gpu_check: $failed step(s) failed; results in $OUT" | tee -a "$LOG"
+exit "$failed"
