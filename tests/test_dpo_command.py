@@ -1,0 +1,128 @@
+"""`atlas-train dpo`: end to end on a tiny model through the training loop. The first
+step's loss is log 2 (policy == reference), the cached reference log-probs and a frozen
+reference copy train identically, the logged and validation metrics are DPO's, training
+raises the reward margin on its pairs, and the checkpoint records the dpo stage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from posttrain_helpers import make_base, preference_records, settings, write_jsonl
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from atlas_server.checkpoint import read_metadata, sha256_file
+from trainer.cli import app
+from trainer.config import load_train_config
+from trainer.dpo import reference_path
+from trainer.loop import train
+from trainer.posttrain import dpo_task
+from trainer.state import list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, byte_tokenizer) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dpo")
+    return {
+        "base": make_base(root, byte_tokenizer),
+        "prefs": write_jsonl(root / "prefs.jsonl", preference_records()),
+    }
+
+
+def dpo_config(files, out: Path, *extra: str):
+    return load_train_config(
+        None,
+        settings(
+            files["base"],
+            out,
+            f'dpo.train=["{files["prefs"]}"]',
+            f'dpo.val=["{files["prefs"]}"]',
+            "schedule.max_steps=8",
+            "run.eval_every=8",
+            "run.checkpoint_every=8",
+            "run.sample_tokens=0",
+            *extra,
+        ),
+    )
+
+
+def test_dpo_trains_from_log2_with_cached_or_frozen_reference_alike(tmp_path, files):
+    cached = train(dpo_config(files, tmp_path / "cached"), progress=False, task=dpo_task())
+    cache = reference_path(files["prefs"])
+    assert cache.is_file()  # scored once, stored beside the data, with what it belongs to
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("chosen").shape == (10,)
+    assert meta["format"] == "atlas-dpo-reference" and len(meta["model_sha256"]) == 64
+    frozen = train(
+        dpo_config(files, tmp_path / "frozen", 'dpo.reference="frozen"'),
+        progress=False,
+        task=dpo_task(),
+    )
+    # At step 0 the policy is the reference: every log-ratio is 0, the loss -log sigmoid(0).
+    assert cached["losses"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert cached["losses"] == pytest.approx(frozen["losses"], rel=1e-5)
+    val = cached["val"]
+    assert set(val) == {
+        "loss",
+        "reward_margin",
+        "preference_accuracy",
+        "reward_chosen",
+        "reward_rejected",
+    }
+    # Eight steps on ten pairs: the policy now prefers the chosen answers it was shown.
+    assert val["reward_margin"] > 0 and val["loss"] < math.log(2)
+    assert val["preference_accuracy"] > 0.5
+    assert val == pytest.approx(frozen["val"], rel=1e-4, abs=1e-6)
+
+
+def test_dpo_command_logs_reward_metrics_and_records_lineage(tmp_path, files):
+    out = tmp_path / "run"
+    args = [
+        a
+        for s in settings(
+            files["base"],
+            out,
+            f'dpo.train=["{files["prefs"]}"]',
+            "dpo.beta=0.5",
+            "dpo.label_smoothing=0.1",
+            "run.tensorboard=true",
+            "run.sample_tokens=0",
+        )
+        for a in ("--set", s)
+    ]
+    result = CliRunner().invoke(app, ["dpo", *args])
+    assert result.exit_code == 0, result.output
+    assert "dpo train: 10 pairs; skipped 0" in result.output
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/reward_margin", "train/preference_accuracy"} <= tags
+    prov = read_metadata(list_checkpoints(out)[-1])["provenance"]
+    assert prov["stage"] == "dpo"
+    assert prov["base_checkpoint_sha256"] == sha256_file(files["base"] / "model.safetensors")
+    assert prov["data"]["pairs"] == 10 and len(prov["data_sha256"]) == 64
+
+
+def test_stale_reference_cache_is_refused(tmp_path, files, byte_tokenizer):
+    """Reference log-probs computed for one base are never reused for another."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_records())
+    other = make_base(tmp_path / "other", byte_tokenizer, seed=1)
+    mine = {"base": files["base"], "prefs": prefs}
+    train(dpo_config(mine, tmp_path / "a", "schedule.max_steps=1"), progress=False, task=dpo_task())
+    result = CliRunner().invoke(
+        app,
+        [
+            "dpo",
+            *[
+                a
+                for s in settings(other, tmp_path / "b", f'dpo.train=["{prefs}"]')
+                for a in ("--set", s)
+            ],
+        ],
+    )
+    assert result.exit_code == 1
+    assert "was computed for other inputs (reference weights sha256" in result.output
