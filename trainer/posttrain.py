@@ -64,7 +64,14 @@ from .dpo import (
     sequence_logps,
 )
 from .loader import LoaderPosition
-from .loop import Dist, Task, load_checkpoint_tokenizer, say
+from .loop import (
+    Dist,
+    Task,
+    autocast_context,
+    load_checkpoint_tokenizer,
+    resolve_precision,
+    say,
+)
 from .lora import adapters_disabled, lora_modules
 from .sft import PackedLoader
 
@@ -273,11 +280,15 @@ def load_pairs(cfg: TrainConfig, sources: Sequence[str], d: Dist, split: str) ->
 
 
 def _cache_file(cfg: TrainConfig, data: PairData, split: str) -> Path:
-    """Beside the data file when there is one local file; else in the run folder."""
+    """Beside the data file when there is one local file; else in the run folder. Log-probs
+    computed under bf16 / fp16 autocast are other numbers: their file says so."""
+    precision = resolve_precision(cfg, cfg.run.device)
+    tag = "" if precision == "fp32" else f"-{precision}"
     local = [s for s in data.sources if not s.startswith("hf:")]
     if len(data.sources) == 1 and local:
-        return reference_path(local[0])
-    return Path(cfg.run.out_dir) / f"reference-logps-{split}.safetensors"
+        path = reference_path(local[0])
+        return path.with_name(path.name.replace(".ref-logps", f".ref-logps{tag}"))
+    return Path(cfg.run.out_dir) / f"reference-logps{tag}-{split}.safetensors"
 
 
 def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
@@ -292,16 +303,22 @@ def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
                 continue
             path = _cache_file(cfg, data, split)
             was_there = path.is_file()
-            data.reference = reference_logps(
-                path, reference, data.pairs, data.pad_id,
-                average=cfg.dpo.loss_type == "ipo", batch_size=cfg.data.micro_batch,
-                device=cfg.run.device, progress=d.main,
-            )  # fmt: skip
+            # In the policy's precision: at step 0 policy and reference then agree exactly.
+            with _autocast(cfg):
+                data.reference = reference_logps(
+                    path, reference, data.pairs, data.pad_id,
+                    average=cfg.dpo.loss_type == "ipo", batch_size=cfg.data.micro_batch,
+                    device=cfg.run.device, progress=d.main,
+                )  # fmt: skip
             if d.main:
                 say(
                     f"dpo {split}: reference log-probs {'read from' if was_there else 'written to'} {path}"
                 )
     return train, val
+
+
+def _autocast(cfg: TrainConfig):
+    return autocast_context(resolve_precision(cfg, cfg.run.device), cfg.run.device)
 
 
 class DPOLoss(nn.Module):
@@ -381,7 +398,8 @@ def dpo_evaluate(
     sums = torch.zeros(5, dtype=torch.float64)
     n = 0
     for batch in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
-        loss = loss_module(*(t.to(device) for t in batch))
+        with _autocast(cfg):  # the precision the reference log-probs were computed in
+            loss = loss_module(*(t.to(device) for t in batch))
         k = batch[0].size(0) // 2
         sums[0] += float(loss) * k
         sums[1:] += _stats(loss_module.last).double().cpu() * k
