@@ -9,16 +9,19 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from posttrain_helpers import make_base, preference_records, settings, write_jsonl
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from atlas_server.checkpoint import read_metadata, sha256_file
+from atlas_server.checkpoint import load_checkpoint, read_metadata, sha256_file
+from trainer.chat_data import IGNORE
 from trainer.cli import app
 from trainer.config import load_train_config
 from trainer.dpo import reference_path
-from trainer.loop import train
-from trainer.posttrain import dpo_task
+from trainer.loop import Dist, train
+from trainer.posttrain import DPOLoss, dpo_task, load_pairs
 from trainer.state import list_checkpoints
 
 
@@ -126,3 +129,21 @@ def test_stale_reference_cache_is_refused(tmp_path, files, byte_tokenizer):
     )
     assert result.exit_code == 1
     assert "was computed for other inputs (reference weights sha256" in result.output
+
+
+def test_sft_weight_adds_the_chosen_responses_mean_token_loss(tmp_path, files):
+    """dpo.sft_weight = w: the loss is the DPO loss plus w times the cross-entropy of the
+    chosen responses' tokens (TRL's rpo_alpha), from the same forward pass."""
+    cfg = dpo_config(files, tmp_path / "w", "dpo.sft_weight=0.5")
+    plain_cfg = dpo_config(files, tmp_path / "p")
+    data = load_pairs(cfg, cfg.dpo.train, Dist(), "train")
+    inputs, labels = data._batch([0, 1, 2])
+    model = load_checkpoint(files["base"]).model.train()
+    refs = torch.full((3,), -20.0), torch.full((3,), -25.0)
+    with torch.no_grad():
+        weighted = DPOLoss(model, cfg)(inputs, labels, *refs)
+        plain = DPOLoss(model, plain_cfg)(inputs, labels, *refs)
+        logits = model(inputs[:3])  # [3, T, V]: the chosen rows
+        nll = F.cross_entropy(logits.transpose(1, 2), labels[:3], ignore_index=IGNORE)
+    assert float(plain) != pytest.approx(float(weighted))
+    assert float(weighted) == pytest.approx(float(plain) + 0.5 * float(nll), rel=1e-5)

@@ -102,6 +102,9 @@ class DPOSection(_Section):
     beta: float = 0.1
     label_smoothing: float = 0.0  # > 0: conservative DPO (labels flipped with this probability)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # > 0 adds this times the chosen responses' mean next-token loss (TRL's rpo_alpha, the
+    # RPO paper's NLL term): the policy keeps generating what it prefers, not only ranking it.
+    sft_weight: float = 0.0
     # "cached": the reference (model.init_from) scores every pair once, before training, into
     # PREFS.jsonl.ref-logps.safetensors beside the data (reused while weights and data match);
     # "frozen": a frozen copy of the reference runs beside the policy at every step.
@@ -164,6 +167,7 @@ class TrainConfig(_Section):
                 f"{self.stage} starts from a trained model: set model.init_from to a checkpoint",
             ),
             (self.dpo.beta > 0, "dpo.beta must be > 0"),
+            (self.dpo.sft_weight >= 0, "dpo.sft_weight must be >= 0"),
             (0 <= self.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
             (
                 not (self.dpo.loss_type == "ipo" and self.dpo.label_smoothing),

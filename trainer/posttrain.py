@@ -59,9 +59,11 @@ from .dpo import (
     dpo_step_loss,
     frozen_copy,
     pairs_sha256,
+    preference_loss,
     reference_logps,
     reference_path,
     sequence_logps,
+    token_logps,
 )
 from .loader import LoaderPosition
 from .loop import (
@@ -330,6 +332,7 @@ class DPOLoss(nn.Module):
         self.model = model
         self.beta, self.label_smoothing = cfg.dpo.beta, cfg.dpo.label_smoothing
         self.loss_type = cfg.dpo.loss_type
+        self.sft_weight = cfg.dpo.sft_weight
         self.last: DPOOutput | None = None
         self._pending: list[Tensor] = []
         reference = None
@@ -362,14 +365,36 @@ class DPOLoss(nn.Module):
         batch = PairBatch(inputs, labels, list(range(inputs.size(0) // 2)))
         if ref_chosen is None:
             ref_chosen, ref_rejected = self._reference_logps(batch)
-        out = dpo_step_loss(
-            self.model, batch, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
-            self.loss_type,
-        )  # fmt: skip
+        if self.sft_weight > 0:
+            out, nll = self._with_chosen_nll(batch, ref_chosen, ref_rejected)
+        else:
+            out = dpo_step_loss(
+                self.model, batch, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
+                self.loss_type,
+            )  # fmt: skip
+            nll = None
         self.last = out
         if self.training:  # device tensors; read back with the loss, every log_every steps
             self._pending.append(_stats(out))
-        return out.loss
+        return out.loss if nll is None else out.loss + self.sft_weight * nll
+
+    def _with_chosen_nll(
+        self, batch: PairBatch, ref_chosen: Tensor, ref_rejected: Tensor
+    ) -> tuple[DPOOutput, Tensor]:
+        """The preference loss and the chosen responses' mean next-token loss, from one
+        forward pass: [B, T] token log-probs give both."""
+        logps = token_logps(self.model, batch)  # [2B, T], 0 where not labelled
+        counts = (batch.labels != IGNORE).sum(dim=1).clamp(min=1)  # [2B]
+        sums = logps.sum(dim=1)  # [2B]
+        seq = sums / counts if self.loss_type == "ipo" else sums
+        chosen, rejected = seq.split(batch.n_pairs)
+        out = preference_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
+            self.loss_type,
+        )  # fmt: skip
+        n = batch.n_pairs
+        nll = -sums[:n].sum() / counts[:n].sum()  # mean over every chosen token
+        return out, nll
 
     def pop_metrics(self) -> dict[str, float]:
         """Means of the training micro-batches since the last call."""
