@@ -333,7 +333,8 @@ class DPOLoss(nn.Module):
         self.beta, self.label_smoothing = cfg.dpo.beta, cfg.dpo.label_smoothing
         self.loss_type = cfg.dpo.loss_type
         self.sft_weight = cfg.dpo.sft_weight
-        self.last: DPOOutput | None = None
+        self.last: DPOOutput | None = None  # of the latest forward, for validation
+        self.last_nll: Tensor | None = None
         self._pending: list[Tensor] = []
         reference = None
         if cfg.dpo.reference == "frozen" and not lora_modules(model):
@@ -373,7 +374,7 @@ class DPOLoss(nn.Module):
                 self.loss_type,
             )  # fmt: skip
             nll = None
-        self.last = out
+        self.last, self.last_nll = out, nll
         if self.training:  # device tensors; read back with the loss, every log_every steps
             self._pending.append(_stats(out))
         return out.loss if nll is None else out.loss + self.sft_weight * nll
@@ -417,21 +418,27 @@ def _stats(out: DPOOutput) -> Tensor:
 def dpo_evaluate(
     loss_module: DPOLoss, data: PairData, cfg: TrainConfig, device: str, byte_table: Tensor
 ) -> dict[str, float]:
-    """Loss, reward margin and preference accuracy over the held-out pairs (pair-weighted)."""
+    """The preference loss, reward margin and preference accuracy over the held-out pairs
+    (pair-weighted), and with dpo.sft_weight the chosen responses' token loss apart."""
     was_training = loss_module.training
     loss_module.eval()
-    sums = torch.zeros(5, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64)
     n = 0
     for batch in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
         with _autocast(cfg):  # the precision the reference log-probs were computed in
-            loss = loss_module(*(t.to(device) for t in batch))
+            loss_module(*(t.to(device) for t in batch))
         k = batch[0].size(0) // 2
-        sums[0] += float(loss) * k
-        sums[1:] += _stats(loss_module.last).double().cpu() * k
+        sums[0] += float(loss_module.last.loss) * k
+        sums[1:5] += _stats(loss_module.last).double().cpu() * k
+        if loss_module.last_nll is not None:
+            sums[5] += float(loss_module.last_nll) * k
         n += k
     loss_module.train(was_training)
     values = (sums / max(1, n)).tolist()
-    return dict(zip(("loss", *STAT_NAMES), values, strict=True))
+    metrics = dict(zip(("loss", *STAT_NAMES), values[:5], strict=True))
+    if cfg.dpo.sft_weight > 0:
+        metrics["chosen_nll"] = values[5]
+    return metrics
 
 
 def dpo_task() -> Task:
