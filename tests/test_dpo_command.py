@@ -6,6 +6,7 @@ raises the reward margin on its pairs, and the checkpoint records the dpo stage.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from posttrain_helpers import make_base, preference_records, settings, write_jsonl
 from safetensors import safe_open
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import load_checkpoint, read_metadata, sha256_file
@@ -147,3 +149,18 @@ def test_sft_weight_adds_the_chosen_responses_mean_token_loss(tmp_path, files):
         nll = F.cross_entropy(logits.transpose(1, 2), labels[:3], ignore_index=IGNORE)
     assert float(plain) != pytest.approx(float(weighted))
     assert float(weighted) == pytest.approx(float(plain) + 0.5 * float(nll), rel=1e-5)
+
+
+def test_dpo_resume_is_bit_exact(tmp_path, files):
+    """The pair loader's position and the RNG states come back: a run resumed from step 4
+    ends with the weights of one that never stopped."""
+    extra = ("schedule.max_steps=8", "run.checkpoint_every=4", "run.eval_every=100")
+    full = train(dpo_config(files, tmp_path / "full", *extra), progress=False, task=dpo_task())
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "checkpoints" / "step_000008")
+    resumed = train(dpo_config(files, part, *extra), resume=True, progress=False, task=dpo_task())
+    assert resumed["start_step"] == 4 and resumed["losses"] == full["losses"][4:]
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000008" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "step_000008" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -3,12 +3,13 @@
 The pieces, in the order a run uses them:
 - `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`).
 - `setup` -> `Run`: threads, seeds, data, the model (from a preset, `init_from`, or the
-  resume point's weights; LoRA adapters when `[lora] enabled`), the loss module (`Task.make_loss`; pretraining's is
-  `NextTokenLoss`), DDP or FSDP2 when launched by torchrun (gloo on CPU, NCCL on GPU),
-  `torch.compile` of the whole loss module (the default on CUDA: forward, head and loss in
-  one graph, backward too), fused AdamW (weight decay on matrices and embeddings, none on
-  norms and biases, as GPT-2/nanoGPT do), the GradScaler; then the resume point's
-  optimizer, scaler, data position and RNG states.
+  resume point's weights; LoRA adapters when `[lora] enabled`), the loss module
+  (`Task.make_loss`; pretraining's is `NextTokenLoss`), DDP or FSDP2 when launched by
+  torchrun (gloo on CPU, NCCL on GPU), `torch.compile` of the whole loss module (the
+  default on CUDA: forward, head and loss in one graph, backward too), fused AdamW
+  (weight decay on matrices and embeddings, none on norms and biases, as GPT-2/nanoGPT
+  do), the GradScaler; then the resume point's optimizer, scaler, data position and RNG
+  states.
 - `train_step`: one optimizer step: learning rate (warmup + cosine, WSD or constant; a
   pure function of the step), gradient accumulation, bf16/fp16 autocast, clipping. It
   returns the loss as a device tensor and never reads it back: the loop reads the losses
@@ -63,7 +64,7 @@ from atlas_server.checkpoint import (
 from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .data import DataError
 from .flops import flops_per_token, measured_matmul_peak
 from .interrupt import graceful_interrupt
@@ -315,6 +316,11 @@ def setup(
     cfg: TrainConfig, d: Dist, resume: ResumePoint | None = None, task: Task = PRETRAINING
 ) -> Run:
     """Build a run; with a resume point, restore everything it holds."""
+    if cfg.stage != task.stage:
+        raise TrainConfigError(
+            f"the config is a {cfg.stage} config, the task trains {task.stage}"
+            " (atlas-train sft / dpo pick the task from the config's [sft] or [dpo] section)"
+        )
     device = (
         f"cuda:{d.local_rank}"
         if d.world > 1 and cfg.run.device.startswith("cuda")
