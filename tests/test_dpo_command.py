@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import load_checkpoint, read_metadata, sha256_file
+from trainer.artifacts import weights_sha256
 from trainer.chat_data import IGNORE
 from trainer.cli import app
 from trainer.config import load_train_config
-from trainer.dpo import reference_path
 from trainer.loop import Dist, train
 from trainer.posttrain import DPOLoss, dpo_task, load_pairs
 from trainer.state import list_checkpoints
@@ -55,8 +55,9 @@ def dpo_config(files, out: Path, *extra: str):
 
 def test_dpo_trains_from_log2_with_cached_or_frozen_reference_alike(tmp_path, files):
     cached = train(dpo_config(files, tmp_path / "cached"), progress=False, task=dpo_task())
-    cache = reference_path(files["prefs"])
-    assert cache.is_file()  # scored once, stored beside the data, with what it belongs to
+    (cache,) = files["prefs"].parent.glob("prefs.jsonl.ref-logps-*.safetensors")
+    # Scored once, stored beside the data, named after the reference weights' hash.
+    assert cache.name == f"prefs.jsonl.ref-logps-{weights_hash(files['base'])[:12]}.safetensors"
     with safe_open(str(cache), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("chosen").shape == (10,)
@@ -112,25 +113,30 @@ def test_dpo_command_logs_reward_metrics_and_records_lineage(tmp_path, files):
     assert prov["data"]["pairs"] == 10 and len(prov["data_sha256"]) == 64
 
 
-def test_stale_reference_cache_is_refused(tmp_path, files, byte_tokenizer):
-    """Reference log-probs computed for one base are never reused for another."""
+def weights_hash(checkpoint: Path) -> str:
+    return weights_sha256(load_checkpoint(checkpoint).model.state_dict())
+
+
+def test_each_reference_has_its_own_cache_and_changed_data_is_refused(
+    tmp_path, files, byte_tokenizer
+):
+    """Another reference model gets its own log-prob file; a file whose pairs changed
+    since it was computed is refused, never reused."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_records())
     other = make_base(tmp_path / "other", byte_tokenizer, seed=1)
-    mine = {"base": files["base"], "prefs": prefs}
-    train(dpo_config(mine, tmp_path / "a", "schedule.max_steps=1"), progress=False, task=dpo_task())
-    result = CliRunner().invoke(
-        app,
-        [
-            "dpo",
-            *[
-                a
-                for s in settings(other, tmp_path / "b", f'dpo.train=["{prefs}"]')
-                for a in ("--set", s)
-            ],
-        ],
+    one = ("schedule.max_steps=1", "run.sample_tokens=0")
+    for base, out in ((files["base"], "a"), (other, "b")):
+        cfg = dpo_config({"base": base, "prefs": prefs}, tmp_path / out, *one)
+        train(cfg, progress=False, task=dpo_task())
+    names = sorted(p.name for p in tmp_path.glob("prefs.jsonl.ref-logps-*"))
+    assert names == sorted(
+        f"prefs.jsonl.ref-logps-{weights_hash(b)[:12]}.safetensors" for b in (files["base"], other)
     )
+    write_jsonl(prefs, preference_records()[::-1])  # the same file name, other pairs
+    args = settings(files["base"], tmp_path / "c", f'dpo.train=["{prefs}"]')
+    result = CliRunner().invoke(app, ["dpo", *[a for s in args for a in ("--set", s)]])
     assert result.exit_code == 1
-    assert "was computed for other inputs (reference weights sha256" in result.output
+    assert "was computed for other inputs (data sha256" in result.output
 
 
 def test_sft_weight_adds_the_chosen_responses_mean_token_loss(tmp_path, files):

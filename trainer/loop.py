@@ -290,6 +290,7 @@ class Run:
     step: int = 0
     start_step: int = 0
     last_checkpoint: tuple[Path, int] | None = None  # (folder, step)
+    tokens_seen: int = 0  # token positions fed to the model by this process (for tokens/s)
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -509,6 +510,8 @@ def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
     loss_sum = torch.zeros((), device=run.device)
     accum = cfg.data.grad_accum
     batches = [run.train_data.next_batch(cfg.data.micro_batch) for _ in range(accum)]
+    # What the model ran on: DPO's padded pairs vary in length from step to step.
+    run.tokens_seen += sum(b[0].numel() for b in batches)
     shares = [1.0 / accum] * accum
     if run.task.batch_weight is not None:  # e.g. SFT: each trained token counts alike
         weights = [run.task.batch_weight(b) for b in batches]
@@ -639,12 +642,9 @@ class Progress:
             unit="step",
         )
         n_params = run.model.num_parameters()
-        self.tokens_per_step = (
-            cfg.data.micro_batch * cfg.data.grad_accum * run.dist.world * cfg.data.seq_len
-        )
         self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
         self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
-        self.t_last, self.step_last = time.perf_counter(), run.step
+        self.t_last, self.tokens_last = time.perf_counter(), run.tokens_seen
 
     def step_done(self, loss_sum: Tensor) -> None:
         self.pending.append(loss_sum)
@@ -662,8 +662,9 @@ class Progress:
         if not run.dist.main:
             return
         now = time.perf_counter()
-        tok_s = self.tokens_per_step * (run.step - self.step_last) / max(now - self.t_last, 1e-9)
-        self.t_last, self.step_last = now, run.step
+        tokens = (run.tokens_seen - self.tokens_last) * run.dist.world
+        tok_s = tokens / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, run.tokens_seen
         values = {
             "train/loss": losses[-1],
             "train/lr": lr,

@@ -14,6 +14,9 @@ the ids `/v1/chat/completions` serves.
     chosen and rejected in one forward pass; the reference is `init_from`, either scored
     once into a cached log-prob file beside the data (`reference = "cached"`) or run frozen
     beside the policy (`"frozen"`; with LoRA, the policy with its adapters switched off).
+    The cache file is named after the data file and the reference weights' hash
+    (`prefs.jsonl.ref-logps-<sha256[:12]>.safetensors`); one whose data changed since is
+    refused (dpo.py).
     Training logs reward margin, preference accuracy and the two rewards; validation gives
     loss, reward margin and preference accuracy on the held-out pairs.
 Conversations or pairs longer than the row are skipped and counted (the count is printed
@@ -37,7 +40,7 @@ from atlas_server.checkpoint import load_checkpoint
 from atlas_server.model import Transformer
 from atlas_server.tokenizer import Tokenizer
 
-from .artifacts import arrays_sha256
+from .artifacts import arrays_sha256, weights_sha256
 from .chat_data import (
     IGNORE,
     PackedRows,
@@ -281,11 +284,12 @@ def load_pairs(cfg: TrainConfig, sources: Sequence[str], d: Dist, split: str) ->
     )  # fmt: skip
 
 
-def _cache_file(cfg: TrainConfig, data: PairData, split: str) -> Path:
-    """Beside the data file when there is one local file; else in the run folder. Log-probs
-    computed under bf16 / fp16 autocast are other numbers: their file says so."""
+def _cache_file(cfg: TrainConfig, data: PairData, split: str, reference_sha256: str) -> Path:
+    """Beside the data file when there is one local file; else in the run folder. The name
+    carries the reference weights' hash (each reference model has its own file) and the
+    precision when it is not fp32 (bf16 log-probs are other numbers)."""
     precision = resolve_precision(cfg, cfg.run.device)
-    tag = "" if precision == "fp32" else f"-{precision}"
+    tag = f"-{reference_sha256[:12]}" + ("" if precision == "fp32" else f"-{precision}")
     local = [s for s in data.sources if not s.startswith("hf:")]
     if len(data.sources) == 1 and local:
         path = reference_path(local[0])
@@ -300,10 +304,11 @@ def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
         say("warning: dpo.val is empty; validation is skipped")
     if cfg.dpo.reference == "cached":
         reference = load_checkpoint(cfg.model.init_from).model
+        reference_sha256 = weights_sha256(reference.state_dict())
         for split, data in (("train", train), ("val", val)):
             if data is None:
                 continue
-            path = _cache_file(cfg, data, split)
+            path = _cache_file(cfg, data, split, reference_sha256)
             was_there = path.is_file()
             # In the policy's precision: at step 0 policy and reference then agree exactly.
             with _autocast(cfg):
