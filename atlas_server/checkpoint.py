@@ -10,6 +10,15 @@ Layout (format version 2):
     chat_template.jinja   optional: the model's own chat template (Jinja text, as Hugging
                           Face saves it); without one the server renders ChatML
 
+Lineage (in "provenance", plain JSON, so older readers ignore it): `stage` (pretrain, sft,
+dpo, merge-lora, import), `base_checkpoint` / `base_checkpoint_sha256` (the checkpoint this
+one was trained from, and the sha256 of its model.safetensors), `data_sha256` (the hash of
+the data it was trained on), and `lineage`: the whole chain, oldest first, each link with
+its stage, data hash and the weights hash of the checkpoint it produced (the last link's
+is this checkpoint's own file). A checkpoint saved before lineage existed has none; its
+chain is one link inferred from its provenance (`lineage()`), so it still loads and can
+still be a base.
+
 Version 1 named the tokenizer `tokenizer.json`, the name Hugging Face `tokenizers` files
 have, although it is in Atlas's format. Version 1 checkpoints load as they are (config.json
 names the file); `migrate_checkpoint` (`atlas checkpoint migrate`) renames it in place.
@@ -136,6 +145,68 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- lineage ------------------------------------------------------------------------------------
+STAGES = ("pretrain", "sft", "dpo", "merge-lora", "import")
+
+
+def infer_stage(provenance: dict[str, Any]) -> str:
+    """The stage a checkpoint's provenance records, or the best guess for one saved before
+    stages were recorded."""
+    stage = provenance.get("stage")
+    if isinstance(stage, str):
+        return stage
+    if "imported_from" in provenance or "architecture" in provenance:
+        return "import"
+    if provenance.get("source") == "atlas-train":
+        return "pretrain"
+    return "unknown"
+
+
+def lineage(provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chain of stages that made a checkpoint, oldest first (see the module docstring)."""
+    chain = provenance.get("lineage")
+    if isinstance(chain, list) and chain and all(isinstance(e, dict) for e in chain):
+        return [dict(e) for e in chain]
+    entry: dict[str, Any] = {"stage": infer_stage(provenance)}
+    for key in ("source", "step", "data"):
+        if key in provenance:
+            entry[key] = provenance[key]
+    data_hash = provenance.get("data_sha256") or provenance.get("data_manifest_sha256")
+    if data_hash:
+        entry["data_sha256"] = data_hash
+    return [entry]
+
+
+def lineage_provenance(
+    stage: str, base: str | os.PathLike | None, data: Any, data_sha256: str, **fields: Any
+) -> dict[str, Any]:
+    """Provenance fields for a checkpoint made by `stage` from `base` (None: from scratch)
+    on data hashing to `data_sha256`; `fields` (step, ...) go into its link of the chain."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    link: dict[str, Any] = {"stage": stage, "data": data, "data_sha256": data_sha256, **fields}
+    chain: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"stage": stage, "data_sha256": data_sha256}
+    if base is not None:
+        base = Path(base)
+        base_meta = read_metadata(base)
+        base_sha = weights_sha256_of(base)
+        chain = lineage(base_meta.get("provenance") or {})
+        chain[-1] = {**chain[-1], "checkpoint": str(base), "checkpoint_sha256": base_sha}
+        out["base_checkpoint"] = str(base)
+        out["base_checkpoint_sha256"] = base_sha
+    out["lineage"] = [*chain, link]
+    return out
+
+
+def weights_sha256_of(directory: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's model.safetensors (what `sha256sum` prints for it)."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    return sha256_file(path)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:

@@ -19,9 +19,15 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
+def test_the_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_tokenizer", "02_training", "03_serving_rag", "04_evaluation"]
+    assert names == [
+        "01_tokenizer",
+        "02_training",
+        "03_serving_rag",
+        "04_evaluation",
+        "05_posttraining",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

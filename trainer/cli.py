@@ -1,9 +1,11 @@
 """`atlas-train`: prepare data, train (also under torchrun), and run the quickstart.
 
 What it does: `atlas-train train --config FILE [--set k=v ...] [--resume] [--profile]`
-(also reachable as plain `atlas-train --config ...`), `atlas-train prepare-data PATH...
---tokenizer FILE --output DIR` and `atlas-train quickstart [--output DIR]`. Errors a user
-can fix are one line on stderr with exit status 1.
+(also reachable as plain `atlas-train --config ...`), `atlas-train sft --config FILE` and
+`atlas-train dpo --config FILE` (the same options and loop; the config's `[sft]` or `[dpo]`
+section names the data, `model.init_from` the base checkpoint, `[lora]` adapters),
+`atlas-train prepare-data PATH... --tokenizer FILE --output DIR` and `atlas-train
+quickstart [--output DIR]`. Errors a user can fix are one line on stderr with exit status 1.
 What it does not do: the work itself (see `loop.py`, `data.py`, `quickstart.py`).
 """
 
@@ -21,6 +23,7 @@ from atlas_server.tokenizer import TokenizerError
 
 from .config import TrainConfigError, load_train_config
 from .data import DataError
+from .lora import LoRAError
 
 app = typer.Typer(
     name="atlas-train",
@@ -34,9 +37,28 @@ USER_ERRORS = (
     TokenizerError,
     CheckpointError,
     ConfigError,
+    LoRAError,
     FileNotFoundError,
     ValueError,
 )
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="Training config TOML (see configs/train/)."
+)
+SET_OPTION = typer.Option([], "--set", help="Override a key: --set optim.lr=3e-4 (repeatable).")
+RESUME_OPTION = typer.Option(
+    False,
+    "--resume",
+    help="Continue from the latest complete checkpoint of run.out_dir (Ctrl-C saves one).",
+)
+PROFILE_OPTION = typer.Option(
+    False, "--profile", help="Record a short torch.profiler trace and print the top operators."
+)
+STAGE_COMMAND = {
+    "pretrain": "atlas-train train",
+    "sft": "atlas-train sft",
+    "dpo": "atlas-train dpo",
+}
 
 
 def _fail(e: BaseException) -> None:
@@ -66,11 +88,53 @@ def train_command(
     Example: atlas-train train --config configs/train/tiny-cpu.toml --set run.out_dir=runs/t1
     Distributed: torchrun --nproc-per-node 2 -m trainer.cli train --config ...
     """
-    from .loop import train
+    _run_stage("pretrain", config, set_, resume, profile)
+
+
+@app.command("sft")
+def sft_command(
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+    resume: bool = RESUME_OPTION,
+    profile: bool = PROFILE_OPTION,
+) -> None:
+    """Supervised fine-tuning on chat data, loss on assistant tokens only.
+
+    Example: atlas-train sft --config configs/train/sft-instruct.toml
+    --set model.init_from=quickstart/checkpoint
+    """
+    _run_stage("sft", config, set_, resume, profile)
+
+
+@app.command("dpo")
+def dpo_command(
+    config: Path = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+    resume: bool = RESUME_OPTION,
+    profile: bool = PROFILE_OPTION,
+) -> None:
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs.
+
+    Example: atlas-train dpo --config configs/train/dpo-instruct.toml
+    --set model.init_from=runs/sft/final
+    """
+    _run_stage("dpo", config, set_, resume, profile)
+
+
+def _run_stage(stage: str, config: Path | None, set_: list[str], resume: bool, profile: bool):
+    from .loop import PRETRAINING, train
+    from .posttrain import task_for
 
     try:
         cfg = load_train_config(config, set_)
-        summary = train(cfg, resume=resume, profile=profile)
+        if cfg.stage != stage:
+            what = {"pretrain": "has no [sft] or [dpo] train data"}.get(
+                cfg.stage, f"is a {cfg.stage} config ({cfg.stage}.train is set)"
+            )
+            raise TrainConfigError(
+                f"{config or 'the default config'} {what}; run it with {STAGE_COMMAND[cfg.stage]}"
+            )
+        summary = train(cfg, resume=resume, profile=profile, task=task_for(cfg) or PRETRAINING)
     except USER_ERRORS as e:
         _fail(e)
     except KeyboardInterrupt:  # a second Ctrl-C; the loop has said where it stopped

@@ -87,12 +87,60 @@ class RunSection(_Section):
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
 
 
+class SFTSection(_Section):
+    # Chat JSONL / parquet files, folders, globs or hf:NAME (trainer/chat_data.py). Setting
+    # `train` makes the config an SFT config: `atlas-train sft` runs it.
+    train: list[str] = []
+    val: list[str] = []  # held-out conversations for validation loss; [] skips validation
+
+
+class DPOSection(_Section):
+    # Preference records (prompt or messages, chosen, rejected). Setting `train` makes the
+    # config a DPO config: `atlas-train dpo` runs it.
+    train: list[str] = []
+    val: list[str] = []  # held-out pairs: validation loss, reward margin, preference accuracy
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # > 0: conservative DPO (labels flipped with this probability)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # > 0 adds this times the chosen responses' mean next-token loss (TRL's rpo_alpha, the
+    # RPO paper's NLL term): the policy keeps generating what it prefers, not only ranking it.
+    sft_weight: float = 0.0
+    # "cached": the reference (model.init_from) scores every pair once, before training, into
+    # PREFS.jsonl.ref-logps.safetensors beside the data (reused while weights and data match);
+    # "frozen": a frozen copy of the reference runs beside the policy at every step.
+    reference: Literal["cached", "frozen"] = "cached"
+
+
+class LoRASection(_Section):
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Projection names, dotted suffixes or globs (trainer/lora.py): attn.wqkv, attn.wo,
+    # mlp.w_in, mlp.w_out; lm_head where embeddings are untied.
+    targets: list[str] = msgspec.field(
+        default_factory=lambda: ["attn.wqkv", "attn.wo", "mlp.w_in", "mlp.w_out"]
+    )
+
+
 class TrainConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
     run: RunSection = RunSection()
+    sft: SFTSection = SFTSection()
+    dpo: DPOSection = DPOSection()
+    lora: LoRASection = LoRASection()
+
+    @property
+    def stage(self) -> Literal["pretrain", "sft", "dpo"]:
+        """What the config trains: "sft" with sft.train set, "dpo" with dpo.train set."""
+        if self.sft.train:
+            return "sft"
+        if self.dpo.train:
+            return "dpo"
+        return "pretrain"
 
     def validate(self) -> TrainConfig:
         checks = [
@@ -110,6 +158,29 @@ class TrainConfig(_Section):
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
             (self.run.cross_entropy_chunk >= 0, "run.cross_entropy_chunk must be >= 0"),
+            (
+                not (self.sft.train and self.dpo.train),
+                "set sft.train or dpo.train, not both: a run is one stage",
+            ),
+            (
+                self.stage == "pretrain" or bool(self.model.init_from),
+                f"{self.stage} starts from a trained model: set model.init_from to a checkpoint",
+            ),
+            (self.dpo.beta > 0, "dpo.beta must be > 0"),
+            (self.dpo.sft_weight >= 0, "dpo.sft_weight must be >= 0"),
+            (0 <= self.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
+            (
+                not (self.dpo.loss_type == "ipo" and self.dpo.label_smoothing),
+                "dpo.label_smoothing applies to loss_type sigmoid, not ipo",
+            ),
+            (self.lora.rank >= 1, "lora.rank must be >= 1"),
+            (self.lora.alpha > 0, "lora.alpha must be > 0"),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (bool(self.lora.targets), "lora.targets must name at least one projection"),
+            (
+                not self.lora.enabled or bool(self.model.init_from),
+                "LoRA adapts a trained model: set model.init_from to a checkpoint",
+            ),
             (
                 self.run.eval_every >= 1
                 and self.run.checkpoint_every >= 1

@@ -3,12 +3,13 @@
 The pieces, in the order a run uses them:
 - `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`).
 - `setup` -> `Run`: threads, seeds, data, the model (from a preset, `init_from`, or the
-  resume point's weights), the loss module (`Task.make_loss`; pretraining's is
-  `NextTokenLoss`), DDP or FSDP2 when launched by torchrun (gloo on CPU, NCCL on GPU),
-  `torch.compile` of the whole loss module (the default on CUDA: forward, head and loss in
-  one graph, backward too), fused AdamW (weight decay on matrices and embeddings, none on
-  norms and biases, as GPT-2/nanoGPT do), the GradScaler; then the resume point's
-  optimizer, scaler, data position and RNG states.
+  resume point's weights; LoRA adapters when `[lora] enabled`), the loss module
+  (`Task.make_loss`; pretraining's is `NextTokenLoss`), DDP or FSDP2 when launched by
+  torchrun (gloo on CPU, NCCL on GPU), `torch.compile` of the whole loss module (the
+  default on CUDA: forward, head and loss in one graph, backward too), fused AdamW
+  (weight decay on matrices and embeddings, none on norms and biases, as GPT-2/nanoGPT
+  do), the GradScaler; then the resume point's optimizer, scaler, data position and RNG
+  states.
 - `train_step`: one optimizer step: learning rate (warmup + cosine, WSD or constant; a
   pure function of the step), gradient accumulation, bf16/fp16 autocast, clipping. It
   returns the loss as a device tensor and never reads it back: the loop reads the losses
@@ -18,7 +19,12 @@ The pieces, in the order a run uses them:
 - `save`: an atomic checkpoint with the full trainer state (`state.py`).
 - `fit`: the loop over steps with logging (TensorBoard, MLflow, a progress bar), periodic
   evaluation and checkpoints, `--profile` traces, and Ctrl-C handling (`interrupt.py`).
-- `train(cfg)`: all of the above for pretraining.
+- `train(cfg)`: all of the above, for pretraining or the task given (SFT and DPO:
+  `posttrain.py`).
+
+Every checkpoint records its lineage (stage, base checkpoint hash, data hash: see
+atlas_server/checkpoint.py); `init_from` starts from a checkpoint's weights with a fresh
+optimizer at step 0 (continued pretraining, SFT, DPO).
 
 Exact resume: the model, optimizer, scaler, data position and every RNG state are
 restored, and the schedule is a function of the step, so a resumed run produces the same
@@ -47,16 +53,24 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
-from atlas_server.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from atlas_server.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from atlas_server.checkpoint import (
+    CheckpointError,
+    lineage_provenance,
+    load_checkpoint,
+    read_metadata,
+    tokenizer_path,
+)
 from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 from .data import DataError
 from .flops import flops_per_token, measured_matmul_peak
 from .interrupt import graceful_interrupt
 from .loader import TokenLoader
 from .logger import Logger
+from .lora import LoRAConfig, LoRAReport, adapter_of, apply_lora, load_adapter, load_adapter_weights
 from .loss import IGNORE_INDEX, NextTokenLoss
 from .state import (
     ResumePoint,
@@ -220,19 +234,32 @@ def next_token_loss(model: Transformer, cfg: TrainConfig) -> nn.Module:
     return NextTokenLoss(model, chunked=cfg.run.cross_entropy == "chunked", chunk_rows=chunk)
 
 
+def pretraining_data_identity(cfg: TrainConfig, data: Batches) -> tuple[Any, str]:
+    return cfg.data.path, _manifest_hash(cfg.data.path)
+
+
 @dataclass(frozen=True)
 class Task:
     """What a run trains for: the loss module over the model, and the data.
 
     `make_loss(model, cfg)` returns an nn.Module holding the model as `.model` (FSDP shards
-    its blocks) whose `forward(*batch)` is the mean loss; `make_data(cfg, dist)` returns the
-    training batches (sharded over ranks) and the validation batches or None. `evaluate`
-    expects (inputs, targets) batches of token ids, targets IGNORE_INDEX where they do not
-    count.
+    its blocks) whose `forward(*batch)` is the mean loss (a module with `pop_metrics()`
+    also has training metrics logged: DPO's reward margin and accuracy); `make_data(cfg,
+    dist)` returns the training batches (sharded over ranks) and the validation batches or
+    None. `evaluate(loss_module, val_data, cfg, device, byte_table)` gives the validation
+    metrics (the default expects batches whose second tensor is the targets,
+    IGNORE_INDEX where they do not count). `batch_weight(batch)`, when given, weighs the
+    micro-batches of a step (SFT: by trained tokens, so each counts alike); otherwise
+    each weighs 1/grad_accum. `data_identity(cfg, train_data)` names the data and its hash
+    for the checkpoint's lineage.
     """
 
+    stage: str = "pretrain"
     make_loss: Callable[[Transformer, TrainConfig], nn.Module] = next_token_loss
     make_data: Callable[[TrainConfig, Dist], tuple[Batches, Batches | None]] = pretraining_data
+    evaluate: Callable[..., dict[str, float]] | None = None  # None: `evaluate` below
+    batch_weight: Callable[[tuple[Tensor, ...]], float] | None = None
+    data_identity: Callable[[TrainConfig, Batches], tuple[Any, str]] = pretraining_data_identity
 
 
 PRETRAINING = Task()
@@ -256,9 +283,14 @@ class Run:
     train_data: Batches
     val_data: Batches | None
     precision: str = "fp32"  # run.precision with "auto" resolved for the device
+    task: Task = field(default_factory=Task)
+    lineage: dict[str, Any] = field(default_factory=dict)  # provenance fields of every save
+    chat: ChatTemplate | None = None  # post-training: the base checkpoint's chat template
+    lora: LoRAReport | None = None  # set when the run trains LoRA adapters
     step: int = 0
     start_step: int = 0
     last_checkpoint: tuple[Path, int] | None = None  # (folder, step)
+    tokens_seen: int = 0  # token positions fed to the model by this process (for tokens/s)
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -285,6 +317,11 @@ def setup(
     cfg: TrainConfig, d: Dist, resume: ResumePoint | None = None, task: Task = PRETRAINING
 ) -> Run:
     """Build a run; with a resume point, restore everything it holds."""
+    if cfg.stage != task.stage:
+        raise TrainConfigError(
+            f"the config is a {cfg.stage} config, the task trains {task.stage}"
+            " (atlas-train sft / dpo pick the task from the config's [sft] or [dpo] section)"
+        )
     device = (
         f"cuda:{d.local_rank}"
         if d.world > 1 and cfg.run.device.startswith("cuda")
@@ -297,16 +334,27 @@ def setup(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
     seed_everything(cfg.run.seed)
-    tokenizer = Tokenizer.from_file(Path(cfg.data.path))  # its atlas_tokenizer.json
+    tokenizer = _run_tokenizer(cfg)
     train_data, val_data = task.make_data(cfg, d)
-    model = _build_model(cfg, tokenizer, resuming=resume is not None).to(device)
-    if resume is not None:
+    lora = cfg.lora.enabled
+    # A LoRA run's resume point holds the adapter only: the base weights come from init_from.
+    model = _build_model(cfg, tokenizer, resuming=resume is not None and not lora).to(device)
+    if resume is not None and not lora:
         try:  # full weights, before any sharding
             model.load_state_dict(resume.weights)
         except RuntimeError as e:
             raise CheckpointError(
                 f"{resume.path} does not fit this run's model (was the config changed?): {e}"
             ) from None
+    report = None
+    if lora:
+        torch.manual_seed(cfg.run.seed)  # the adapters' initial A matrices
+        report = apply_lora(model, _lora_config(cfg))
+        if d.main:
+            say(str(report))
+        if resume is not None:
+            load_adapter_weights(model, load_adapter(resume.path))
+        seed_everything(cfg.run.seed)
     if cfg.run.activation_checkpointing:
         enable_activation_checkpointing(model)
     loss_module = task.make_loss(model, cfg)
@@ -328,21 +376,76 @@ def setup(
     if cfg.run.precision == "auto" and d.main:
         say(f"precision auto: {precision} on {device}")
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
+    data, data_sha256 = task.data_identity(cfg, train_data)
     run = Run(
         cfg, d, device, run_dir, tokenizer, model, loss_module, step_module, optimizer, scaler,
-        train_data, val_data, precision,
+        train_data, val_data, precision, task=task,
+        lineage=lineage_provenance(task.stage, cfg.model.init_from, data, data_sha256),
+        chat=_chat_template(cfg, tokenizer), lora=report,
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
     return run
 
 
+def _run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """Pretraining: the data's tokenizer (which must be init_from's, if any); SFT and DPO:
+    the base checkpoint's."""
+    if cfg.stage != "pretrain":
+        return load_checkpoint_tokenizer(cfg.model.init_from)
+    tokenizer = Tokenizer.from_file(Path(cfg.data.path))  # its atlas_tokenizer.json
+    if cfg.model.init_from:
+        base = load_checkpoint_tokenizer(cfg.model.init_from)
+        if _vocabulary(base) != _vocabulary(tokenizer):
+            raise DataError(
+                f"{cfg.data.path} was tokenized with another tokenizer than {cfg.model.init_from}"
+                "'s; prepare the data with the checkpoint's own (atlas-train prepare-data"
+                f" --tokenizer {cfg.model.init_from})"
+            )
+    return tokenizer
+
+
+def _vocabulary(tokenizer: Tokenizer) -> dict:
+    return {k: v for k, v in tokenizer.to_dict().items() if k != "name"}
+
+
+def load_checkpoint_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    return Tokenizer.from_file(tokenizer_path(Path(directory), read_metadata(directory)))
+
+
+def _chat_template(cfg: TrainConfig, tokenizer: Tokenizer) -> ChatTemplate | None:
+    if cfg.stage == "pretrain":
+        return None
+    try:
+        return load_chat_template(cfg.model.init_from, tokenizer)
+    except ChatTemplateError as e:
+        raise DataError(str(e)) from None
+
+
+def _lora_config(cfg: TrainConfig) -> LoRAConfig:
+    c = cfg.lora
+    return LoRAConfig(c.rank, c.alpha, c.dropout, tuple(c.targets))
+
+
 def _build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Transformer:
     if cfg.model.init_from:
         if resuming:  # the resume point has the weights: only the shape is needed from here
             meta = read_metadata(cfg.model.init_from)["model"]
-            return Transformer(ModelConfig.from_dict({**meta, "attention": cfg.run.attention}))
-        return load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model.train()
+            model = Transformer(ModelConfig.from_dict({**meta, "attention": cfg.run.attention}))
+        else:
+            ckpt = load_checkpoint(cfg.model.init_from, attention=cfg.run.attention)
+            model = ckpt.model.train()
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise DataError(
+                f"the tokenizer has {tokenizer.vocab_size} ids, {cfg.model.init_from} only "
+                f"{model.config.vocab_size} embeddings"
+            )
+        if cfg.data.seq_len > model.config.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.init_from}'s "
+                f"max_seq_len={model.config.max_seq_len}"
+            )
+        return model
     overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
     config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)
     if cfg.data.seq_len > config.max_seq_len:
@@ -405,15 +508,25 @@ def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(cfg.data.grad_accum):
-        batch = _to_device(run.train_data.next_batch(cfg.data.micro_batch), run.device)
-        sync = micro == cfg.data.grad_accum - 1
+    accum = cfg.data.grad_accum
+    batches = [run.train_data.next_batch(cfg.data.micro_batch) for _ in range(accum)]
+    # What the model ran on: DPO's padded pairs vary in length from step to step.
+    run.tokens_seen += sum(b[0].numel() for b in batches)
+    shares = [1.0 / accum] * accum
+    if run.task.batch_weight is not None:  # e.g. SFT: each trained token counts alike
+        weights = [run.task.batch_weight(b) for b in batches]
+        total = sum(weights)
+        shares = [w / total if total > 0 else 1.0 / accum for w in weights]
+    for micro, batch in enumerate(batches):
+        batch = _to_device(batch, run.device)
+        sync = micro == accum - 1
         no_sync = d.world > 1 and not sync and hasattr(run.wrapped, "no_sync")
         with run.wrapped.no_sync() if no_sync else contextlib.nullcontext():
             with autocast_context(run.precision, run.device):
                 loss = run.step_module(*batch)
-            run.scaler.scale(loss / cfg.data.grad_accum).backward()
-        loss_sum += loss.detach()
+            run.scaler.scale(loss * shares[micro]).backward()
+        # Logged as a mean over the step (Progress divides by grad_accum).
+        loss_sum += loss.detach() * (shares[micro] * accum)
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         run.wrapped.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -439,10 +552,11 @@ def evaluate(
     was_training = loss_module.training
     loss_module.eval()
     nll, tokens, n_bytes = 0.0, 0, 0.0
-    for x, y in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
+    for batch in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
+        y = batch[1]  # [B, T] targets; SFT batches also carry positions and doc ids
         valid = y != IGNORE_INDEX  # [B, T]
         count = int(valid.sum())
-        nll += float(loss_module(x.to(device), y.to(device))) * count
+        nll += float(loss_module(*(t.to(device) for t in batch))) * count
         tokens += count
         n_bytes += float(byte_table[y[valid]].sum())
     loss_module.train(was_training)
@@ -483,21 +597,34 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
         loader=run.train_data.state_dict(),
         config_toml=cfg.to_toml(),
     )
+    lineage = dict(run.lineage)
+    lineage["lineage"] = [*lineage["lineage"][:-1], {**lineage["lineage"][-1], "step": run.step}]
     provenance = {
         "source": "atlas-train",
         "step": run.step,
         "precision": run.precision,
-        "data": cfg.data.path,
-        "data_manifest_sha256": _manifest_hash(cfg.data.path),
+        "data": lineage["lineage"][-1]["data"],
+        **(
+            {"data_manifest_sha256": lineage["data_sha256"]} if run.task.stage == "pretrain" else {}
+        ),
+        **lineage,
     }
+    adapter = None
+    if run.lora is not None:
+        provenance["base_checkpoint"] = cfg.model.init_from
+        adapter = adapter_of(run.model, run.lora, provenance)
     path = save_training_checkpoint(
-        run.run_dir, full_model, run.tokenizer, state, provenance, cfg.run.keep_last
-    )
+        run.run_dir, full_model, run.tokenizer, state, provenance, cfg.run.keep_last,
+        chat_template=_own_template(cfg), adapter=adapter,
+    )  # fmt: skip
     run.last_checkpoint = (path, run.step)
     return path, full_model
 
 
 # --- the loop ----------------------------------------------------------------------------------
+SHOWN_ON_BAR = ("reward_margin", "preference_accuracy")
+
+
 class Progress:
     """Logging every `log_every` steps: reads the pending step losses back in one transfer,
     writes scalars, moves the bar. Rank 0 only writes; every rank keeps the losses."""
@@ -515,12 +642,9 @@ class Progress:
             unit="step",
         )
         n_params = run.model.num_parameters()
-        self.tokens_per_step = (
-            cfg.data.micro_batch * cfg.data.grad_accum * run.dist.world * cfg.data.seq_len
-        )
         self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
         self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
-        self.t_last, self.step_last = time.perf_counter(), run.step
+        self.t_last, self.tokens_last = time.perf_counter(), run.tokens_seen
 
     def step_done(self, loss_sum: Tensor) -> None:
         self.pending.append(loss_sum)
@@ -538,8 +662,9 @@ class Progress:
         if not run.dist.main:
             return
         now = time.perf_counter()
-        tok_s = self.tokens_per_step * (run.step - self.step_last) / max(now - self.t_last, 1e-9)
-        self.t_last, self.step_last = now, run.step
+        tokens = (run.tokens_seen - self.tokens_last) * run.dist.world
+        tok_s = tokens / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, run.tokens_seen
         values = {
             "train/loss": losses[-1],
             "train/lr": lr,
@@ -547,10 +672,20 @@ class Progress:
             "perf/tokens_per_s": tok_s,
             "perf/mfu": tok_s * self.flops_per_token / self.peak if self.peak else 0.0,
         }
+        extra = getattr(run.loss_module, "pop_metrics", None)
+        shown = {}
+        if extra is not None:  # e.g. DPO: reward margin, preference accuracy
+            shown = extra()
+            values.update({f"train/{k}": v for k, v in shown.items()})
         if run.device.startswith("cuda"):
             values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.scalars(run.step, values)
-        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        self.bar.set_postfix(
+            loss=f"{losses[-1]:.4f}",
+            **{k: f"{v:.3f}" for k, v in shown.items() if k in SHOWN_ON_BAR},
+            lr=f"{lr:.2e}",
+            tok_s=f"{tok_s:,.0f}",
+        )
 
     def close(self) -> None:
         self.bar.close()
@@ -581,14 +716,11 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
                 if done % cfg.run.log_every == 0 or last or stopped:
                     log.flush(grad_norm, lr)
                 if (done % cfg.run.eval_every == 0 or last) and run.val_data is not None:
-                    metrics = evaluate(run.loss_module, run.val_data, cfg, run.device, byte_table)
+                    metrics = _evaluate(run, byte_table)
                     summary["val"] = metrics
                     if d.main:
                         log.logger.scalars(done, {f"val/{k}": v for k, v in metrics.items()})
-                        say(
-                            f"step {done}: val loss {metrics['loss']:.4f}, "
-                            f"ppl {metrics['perplexity']:.2f}, bpb {metrics['bits_per_byte']:.4f}"
-                        )
+                        say(f"step {done}: {_describe(metrics)}")
                 if done % cfg.run.checkpoint_every == 0 or last or stopped:
                     _checkpoint_and_sample(run, log)
     except KeyboardInterrupt:  # a second Ctrl-C, or any Ctrl-C in a distributed run
@@ -599,7 +731,7 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
     log.close()
     if "val" not in summary and run.val_data is not None and run.step == run.start_step:
         # Resumed at max_steps: nothing to train, but the summary still has its metrics.
-        summary["val"] = evaluate(run.loss_module, run.val_data, cfg, run.device, byte_table)
+        summary["val"] = _evaluate(run, byte_table)
     if stopped and d.main:
         say(_stop_message(run))
     summary["interrupted"] = stopped
@@ -608,11 +740,25 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
     return summary
 
 
+def _evaluate(run: Run, byte_table: Tensor) -> dict[str, float]:
+    evaluate_fn = run.task.evaluate or evaluate
+    return evaluate_fn(run.loss_module, run.val_data, run.cfg, run.device, byte_table)
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    if {"loss", "perplexity", "bits_per_byte"} <= set(metrics):
+        return (
+            f"val loss {metrics['loss']:.4f}, ppl {metrics['perplexity']:.2f}, "
+            f"bpb {metrics['bits_per_byte']:.4f}"
+        )
+    return "val " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+
+
 def _checkpoint_and_sample(run: Run, log: Progress) -> None:
     path, full_model = save(run)
     if path is None or run.cfg.run.sample_tokens <= 0:
         return
-    sample = _sample(full_model, run.tokenizer, run.cfg)
+    sample = _sample(full_model, run.tokenizer, run.cfg, run.chat)
     log.logger.text(run.step, "sample", sample)
     say(f"step {run.step}: saved {path}\n  sample: {sample!r}")
 
@@ -647,8 +793,12 @@ def train(
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def _sample(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> str:
+def _sample(
+    model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, chat: ChatTemplate | None = None
+) -> str:
     # A private generator, so sampling never disturbs the training RNG stream.
+    if chat is not None:  # a chat model: the prompt as a user message, the reply to its end
+        return _chat_sample(model, tokenizer, cfg, chat)
     prompt = tokenizer.encode(cfg.run.sample_prompt) or [tokenizer.eot_id or 0]
     budget = min(cfg.run.sample_tokens, model.config.max_seq_len - len(prompt))
     was_training = model.training
@@ -661,6 +811,28 @@ def _sample(model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig) -> str:
     )
     model.train(was_training)
     return cfg.run.sample_prompt + tokenizer.decode(out)
+
+
+def _own_template(cfg: TrainConfig) -> str | None:
+    """The init_from checkpoint's chat_template.jinja, carried to the checkpoints it begets."""
+    if not cfg.model.init_from:
+        return None
+    path = Path(cfg.model.init_from) / "chat_template.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def _chat_sample(
+    model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, chat: ChatTemplate
+) -> str:
+    prompt = chat.prompt_ids([{"role": "user", "content": cfg.run.sample_prompt}])
+    budget = max(0, min(cfg.run.sample_tokens, model.config.max_seq_len - len(prompt)))
+    was_training = model.training
+    model.eval()
+    out = model.generate(prompt, budget, temperature=0.0)
+    model.train(was_training)
+    stops = [i for i, t in enumerate(out) if t in chat.stop_token_ids]
+    reply = tokenizer.decode(out[: stops[0]] if stops else out)
+    return f"{cfg.run.sample_prompt} -> {reply}"
 
 
 def _manifest_hash(path: str) -> str:

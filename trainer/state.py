@@ -4,7 +4,9 @@ Layout of `RUN/checkpoints/step_000200/`: the atlas checkpoint (config.json,
 model.safetensors, atlas_tokenizer.json: the server loads it unchanged) plus
 `trainer_state.safetensors` (optimizer moments and the torch RNG states, as tensors) and
 `trainer_state.json` (step, optimizer hyper-parameters, GradScaler, data-loader position,
-Python and NumPy RNG states, config). Nothing is pickled: loading reads safetensors and
+Python and NumPy RNG states, config). A LoRA run's checkpoint holds its adapter
+(adapter.safetensors + adapter.json, `trainer/lora.py`) in place of the full model: the
+base weights are the run's `model.init_from`. Nothing is pickled: loading reads safetensors and
 JSON only.
 
 Atomicity: everything is written into `.tmp-step_000200/` and renamed into place at the
@@ -97,7 +99,7 @@ class ResumePoint:
 
     path: Path
     step: int
-    weights: dict[str, torch.Tensor]  # Transformer.state_dict() names
+    weights: dict[str, torch.Tensor]  # Transformer.state_dict() names; {} for a LoRA adapter
     optimizer: dict
     scaler: dict | None
     loader: dict
@@ -106,15 +108,29 @@ class ResumePoint:
 
 
 def save_training_checkpoint(
-    run_dir: Path, model, tokenizer, state: TrainerState, provenance: dict, keep_last: int
+    run_dir: Path,
+    model,
+    tokenizer,
+    state: TrainerState,
+    provenance: dict,
+    keep_last: int,
+    chat_template: str | None = None,
+    adapter=None,
 ) -> Path:
-    """Write RUN/checkpoints/step_NNNNNN atomically (see the module docstring); prune old ones."""
+    """Write RUN/checkpoints/step_NNNNNN atomically (see the module docstring); prune old ones.
+
+    With `adapter` (a lora.Adapter), the adapter is written instead of the full model."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{state.step:06d}"
     tmp = ckpt_root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, model, tokenizer, provenance)
+    if adapter is not None:
+        from .lora import save_adapter
+
+        save_adapter(tmp, adapter)
+    else:
+        save_checkpoint(tmp, model, tokenizer, provenance, chat_template)
     opt_tensors, opt_plain = optimizer_to_flat(state.optimizer)
     rng_tensors, rng_plain = rng_state()
     save_file(
@@ -180,7 +196,9 @@ def load_training_checkpoint(path: Path) -> ResumePoint:
     and shapes, `load_state_dict(strict=True)`); the trainer state here.
     """
     try:
-        weights = load_file(str(path / WEIGHTS_FILE))
+        # A LoRA checkpoint has no full model: the adapter is read by the loop (lora.py).
+        adapter_only = not (path / WEIGHTS_FILE).exists() and (path / "adapter.json").is_file()
+        weights = {} if adapter_only else load_file(str(path / WEIGHTS_FILE))
         tensors = load_file(str(path / "trainer_state.safetensors"))
         plain = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:  # a missing file, bad JSON, safetensors' own error types

@@ -1,7 +1,10 @@
 """`atlas checkpoint`: inspect, create, migrate, import and export atlas checkpoints.
 
 What it does: `inspect DIR` (parameter counts, config, tokenizer, chat template, what it was
-imported from, provenance, file sizes; `--json` for scripts), `init --preset NAME
+imported from, provenance, its lineage chain: pretrain -> sft -> dpo with each link's data
+and weights hashes, file sizes; `--json` for scripts; a LoRA adapter directory too),
+`merge-lora BASE ADAPTER OUT` (a plain checkpoint whose projections hold base + adapter,
+which `atlas serve` serves like any other), `init --preset NAME
 --tokenizer FILE --output DIR` (a randomly initialised model whose vocabulary matches the
 tokenizer), `migrate DIR` (an older checkpoint layout to the current one, in place),
 `import-hf SRC DST` (a Hugging Face folder or hub repository), `export-hf DIR OUT` (a
@@ -18,7 +21,17 @@ from pathlib import Path
 import torch
 import typer
 
-from ..checkpoint import load_checkpoint, migrate_checkpoint, read_metadata, save_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    lineage,
+    lineage_provenance,
+    load_checkpoint,
+    migrate_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    sha256_file,
+    weights_sha256_of,
+)
 from ..model import Transformer, load_preset, preset_names
 from ..tokenizer import Tokenizer
 from ._common import user_errors
@@ -39,7 +52,39 @@ def _param_groups(model: Transformer) -> dict[str, int]:
     return dict(sorted(groups.items()))
 
 
+def chain_of(directory: Path, provenance: dict, own_sha256: str) -> list[dict]:
+    """The lineage chain, oldest first, its last link completed with this checkpoint's hash."""
+    chain = lineage(provenance)
+    chain[-1] = {**chain[-1], "checkpoint": str(directory), "checkpoint_sha256": own_sha256}
+    return chain
+
+
+def describe_adapter(directory: Path) -> dict:
+    from trainer.lora import load_adapter
+
+    adapter = load_adapter(directory)
+    own = sha256_file(directory / "adapter.safetensors")
+    return {
+        "path": str(directory),
+        "kind": "lora-adapter",
+        "lora": {
+            "rank": adapter.config.rank,
+            "alpha": adapter.config.alpha,
+            "dropout": adapter.config.dropout,
+            "targets": list(adapter.config.targets),
+            "modules": len(adapter.modules),
+            "parameters": sum(t.numel() for t in adapter.tensors.values()),
+        },
+        "base_weights_sha256": adapter.base_sha256,
+        "lineage": chain_of(directory, adapter.provenance, own),
+        "provenance": adapter.provenance,
+        "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
+    }
+
+
 def describe(directory: Path) -> dict:
+    if not (directory / "config.json").is_file() and (directory / "adapter.json").is_file():
+        return describe_adapter(directory)
     meta = read_metadata(directory)
     ckpt = load_checkpoint(directory)
     model = ckpt.model
@@ -70,8 +115,29 @@ def describe(directory: Path) -> dict:
             **meta.get("tokenizer", {}),
         },
         "provenance": meta.get("provenance", {}),
+        "lineage": chain_of(directory, provenance, weights_sha256_of(directory)),
         "files": files,
     }
+
+
+def _short(value: object) -> str:
+    return str(value)[:12] if value else "-"
+
+
+def show_lineage(chain: list[dict]) -> None:
+    typer.echo("lineage (oldest first; data and weights sha256, first 12 hex digits):")
+    for i, link in enumerate(chain, 1):
+        step = f"step {link['step']}" if "step" in link else ""
+        data = link.get("data")
+        if isinstance(data, dict):
+            data = ", ".join(data.get("sources") or [])
+        here = " (this)" if i == len(chain) else ""
+        typer.echo(
+            f"  {i}. {link.get('stage', '?'):<10} {step:<10} data {_short(link.get('data_sha256'))}"
+            f"  weights {_short(link.get('checkpoint_sha256'))}  {link.get('checkpoint', '')}{here}"
+        )
+        if data:
+            typer.echo(f"     {'':<10} {'':<10} from {data}")
 
 
 def _human(n: float) -> str:
@@ -95,6 +161,18 @@ def inspect(
         info = describe(directory)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
+        return
+    if info.get("kind") == "lora-adapter":
+        lora = info["lora"]
+        typer.echo(f"LoRA adapter {info['path']}")
+        typer.echo(
+            f"rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on "
+            f"{lora['modules']} projections ({', '.join(lora['targets'])}): "
+            f"{lora['parameters']:,} parameters"
+        )
+        typer.echo(f"base weights sha256: {info['base_weights_sha256']}")
+        show_lineage(info["lineage"])
+        typer.echo("merge for serving: atlas checkpoint merge-lora BASE ADAPTER OUT")
         return
     params = info["parameters"]
     typer.echo(f"checkpoint {info['path']} (format v{info['format_version']})")
@@ -125,10 +203,65 @@ def inspect(
     )
     typer.echo("provenance:")
     for k, v in info["provenance"].items():
-        typer.echo(f"  {k:<16} {v}")
+        if k != "lineage":
+            typer.echo(f"  {k:<16} {v}")
+    show_lineage(info["lineage"])
     typer.echo("files:")
     for name, size in info["files"].items():
         typer.echo(f"  {name:<20} {size / 2**20:>10.2f} MiB")
+
+
+@app.command("merge-lora")
+def merge_lora_command(
+    base: Path = typer.Argument(..., help="The base checkpoint the adapter was trained on."),
+    adapter: Path = typer.Argument(
+        ..., help="A LoRA adapter directory (a LoRA run's RUN/checkpoints/step_NNNNNN)."
+    ),
+    out: Path = typer.Argument(..., help="Checkpoint directory to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Merge a LoRA adapter into its base: W + A @ B * alpha / rank, a plain checkpoint.
+
+    The base must be the weights the adapter was trained on (their sha256 is checked).
+    OUT keeps the base's tokenizer and chat template and records the lineage.
+
+    Example: atlas checkpoint merge-lora quickstart/checkpoint runs/sft-lora/checkpoints/step_000120 sft-merged
+    """
+    from trainer.lora import LoRAError, load_adapter, merge_lora
+
+    with user_errors(LoRAError, FileExistsError):
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if out.exists() and out.resolve() in (base.resolve(), adapter.resolve()):
+            raise CheckpointError(f"{out} is an input; write the merged checkpoint elsewhere")
+        ckpt = load_checkpoint(base)
+        lora = load_adapter(adapter)
+        merged = merge_lora(ckpt.model, lora)
+        adapter_sha256 = sha256_file(adapter / "adapter.safetensors")
+        source = lora.provenance
+        if source.get("lineage"):  # the stage that trained the adapter, now merged
+            chain = [dict(link) for link in source["lineage"]]
+            chain[-1] = {**chain[-1], "adapter": str(adapter), "adapter_sha256": adapter_sha256}
+            fields = {
+                "stage": source.get("stage", chain[-1].get("stage")),
+                "data_sha256": source.get("data_sha256"),
+                "base_checkpoint": str(base),
+                "base_checkpoint_sha256": weights_sha256_of(base),
+                "lineage": chain,
+            }
+        else:  # an adapter saved without lineage: the merge is the stage on record
+            fields = lineage_provenance("merge-lora", base, str(adapter), adapter_sha256)
+        provenance = {
+            "source": "atlas checkpoint merge-lora",
+            "adapter": str(adapter),
+            "adapter_sha256": adapter_sha256,
+            "lora": {"rank": lora.config.rank, "alpha": lora.config.alpha},
+            **fields,
+        }
+        save_checkpoint(out, merged.eval(), ckpt.tokenizer, provenance, ckpt.chat_template)
+    typer.echo(
+        f"wrote {out}: {base} + {len(lora.modules)} LoRA projections (rank {lora.config.rank})"
+    )
 
 
 @app.command()

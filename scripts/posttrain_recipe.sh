@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The post-training recipe end to end, on CPU (docs/training.md, "Post-training"):
+#   quickstart base model -> SFT on a docstring instruction set -> DPO on preference pairs
+#   -> each served by `atlas serve` and scored through /v1/chat/completions and
+#   /v1/completions by the `atlas-eval` instruct suite -> base vs SFT vs DPO side by side
+#   (compare.md and a plot).
+#
+# Usage: scripts/posttrain_recipe.sh [WORK]        (default WORK=posttrain)
+#   SEED=0        instruction-set split and training seed
+#   BASE=DIR      the base checkpoint (default: the quickstart's, built first if missing)
+#   THREADS=N     torch threads for training (default: all cores)
+#   PYTHON=...    the interpreter with Atlas installed (default: python)
+# Every stage writes into WORK; timings.txt records how long each took. Rerunning reuses
+# finished stages (delete WORK/<stage> to redo one).
+set -euo pipefail
+
+WORK=${1:-posttrain}
+SEED=${SEED:-0}
+PYTHON=${PYTHON:-python}
+THREADS=${THREADS:-}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+TIMINGS="$WORK/timings.txt"
+: >"$TIMINGS"
+threads=()
+[ -n "$THREADS" ] && threads=(--set "run.threads=$THREADS")
+
+stage() {  # stage NAME COMMAND...: run and record the wall time
+    local name=$1 start end
+    shift
+    echo "== $name: $*" >&2
+    start=$(date +%s)
+    "$@"
+    end=$(date +%s)
+    echo "$name $((end - start)) s" | tee -a "$TIMINGS" >&2
+}
+
+# 1. The base model: the quickstart (a few minutes on 2 cores), unless BASE is given.
+if [ -z "${BASE:-}" ]; then
+    QS=$("$PYTHON" -c 'from atlas_server.paths import quickstart_dir; print(quickstart_dir())')
+    BASE="$QS/checkpoint"
+    if [ ! -f "$BASE/config.json" ]; then
+        stage quickstart "$PYTHON" -m trainer.cli quickstart
+    fi
+fi
+echo "base checkpoint: $BASE" >&2
+
+# 2. The instruction and preference data, from this Python's docstrings (held-out split).
+stage data "$PYTHON" -m trainer.instruct_data "$WORK/instruct" --seed "$SEED"
+
+# 3. SFT from the base, 4. DPO from the SFT model (reference log-probs cached beside the data).
+final() {  # the run's last checkpoint, without its trainer state: a servable checkpoint
+    local run=$1 out=$2 last
+    last=$(ls -d "$run"/checkpoints/step_* | sort | tail -n 1)
+    rm -rf "$out" && mkdir -p "$out"
+    for f in "$last"/*; do
+        case $(basename "$f") in trainer_state.*) ;; *) cp "$f" "$out/" ;; esac
+    done
+}
+if [ ! -f "$WORK/sft-final/config.json" ]; then
+    stage sft "$PYTHON" -m trainer.cli sft --config configs/train/sft-instruct.toml \
+        --set "model.init_from=\"$BASE\"" \
+        --set "sft.train=[\"$WORK/instruct/sft_train.jsonl\"]" \
+        --set "sft.val=[\"$WORK/instruct/sft_heldout.jsonl\"]" \
+        --set "run.out_dir=\"$WORK/sft\"" --set "run.seed=$SEED" "${threads[@]}"
+    final "$WORK/sft" "$WORK/sft-final"
+fi
+if [ ! -f "$WORK/dpo-final/config.json" ]; then
+    stage dpo "$PYTHON" -m trainer.cli dpo --config configs/train/dpo-instruct.toml \
+        --set "model.init_from=\"$WORK/sft-final\"" \
+        --set "dpo.train=[\"$WORK/instruct/prefs_train.jsonl\"]" \
+        --set "dpo.val=[\"$WORK/instruct/prefs_heldout.jsonl\"]" \
+        --set "run.out_dir=\"$WORK/dpo\"" --set "run.seed=$SEED" "${threads[@]}"
+    final "$WORK/dpo" "$WORK/dpo-final"
+fi
+
+# 5. Serve each model and score it on the held-out instructions and pairs.
+for name in base sft dpo; do
+    case $name in base) ckpt=$BASE ;; *) ckpt="$WORK/$name-final" ;; esac
+    stage "eval-$name" "$PYTHON" -m eval_suites.cli run instruct --checkpoint "$ckpt" \
+        --output "$WORK/eval/$name" --seed "$SEED" --cache "$WORK/eval-cache.sqlite" \
+        --set "data=\"$WORK/instruct/sft_heldout.jsonl\"" \
+        --set "pairs=\"$WORK/instruct/prefs_heldout.jsonl\"" >/dev/null
+done
+stage compare "$PYTHON" -m eval_suites.cli compare \
+    "$WORK/eval/base" "$WORK/eval/sft" "$WORK/eval/dpo" \
+    --label base --label sft --label dpo --output "$WORK/compare"
+
+# 6. The lineage of the final model, and a few held-out answers from each.
+"$PYTHON" -m atlas_server.cli checkpoint inspect "$WORK/dpo-final" | sed -n '/^lineage/,/^files/p'
+"$PYTHON" - "$WORK" <<'EOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+rows = {n: [json.loads(l) for l in (work / "eval" / n / "samples.jsonl").open()] for n in ("base", "sft", "dpo")}
+answers = {n: {r["id"]: r for r in rs if r.get("kind") == "answer"} for n, rs in rows.items()}
+for item_id in sorted(answers["base"])[:3]:
+    print(f"\nQ: {answers['base'][item_id]['question']}\nreference: {answers['base'][item_id]['reference']}")
+    for n in ("base", "sft", "dpo"):
+        print(f"{n:>5}: {answers[n][item_id]['prediction'][:160]!r}")
+EOF
+echo "timings (s):" && cat "$TIMINGS"
+echo "side by side: $WORK/compare/compare.md"
