@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text
 from .model import ConfigError, ModelConfig, Transformer
 from .tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
@@ -106,9 +105,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size} embeddings"
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save(tmp / TOKENIZER_FILE)
@@ -131,20 +128,7 @@ def save_checkpoint(
             },
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_dir(tmp)
-        # Swap in: the old directory (if any) is moved aside first, so a crash leaves
-        # either the old or the new checkpoint whole, never a mix.
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return directory
 
 
 # --- lineage ------------------------------------------------------------------------------------
@@ -391,9 +375,3 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return "unknown"
-
-
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        with child.open("rb") as f:
-            os.fsync(f.fileno())

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from .hf_arch import (
     hf_config_from_atlas,
     hf_state_from_atlas,
 )
+from .io import atomic_directory
 from .model import Transformer
 from .tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from .tokenizer.hf_format import tokenizer_config_json, tokenizer_to_hf_json
@@ -117,9 +116,7 @@ def export_hf(
     eos, stops = _special_ids(ckpt.tokenizer)
     generation = {"bos_token_id": eos, "eos_token_id": stops or None, "pad_token_id": eos}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(out) as tmp:
         tensors = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         files = {
@@ -134,14 +131,4 @@ def export_hf(
             text = json.dumps(content, indent=2, ensure_ascii=False) + "\n"
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / "README.md").write_text(_model_card(ckpt, arch), encoding="utf-8")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out

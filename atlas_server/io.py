@@ -5,8 +5,11 @@ the same folder, flushes it to disk (fsync), then renames it over the target (`o
 is atomic on POSIX and Windows), so a crash or a SIGKILL mid-write leaves the previous
 file intact and at worst a `.NAME.*.tmp` sibling that the next write of the same name
 does not trip over. Folders are created as needed.
-What it does not do: folders of several files (a checkpoint is written into a temporary
-folder and renamed by `checkpoint.py` and `trainer/state.py`), locking, or reading.
+`atomic_directory` does the same for a folder of several files (a checkpoint, an
+adapter, an export): they are written into a temporary sibling folder, flushed, and the
+folder is swapped in whole. What it does not do: locking, or reading. (The trainer's
+run checkpoints keep their own swap in `trainer/state.py`: a step's folder is renamed
+into a run folder that keeps several of them.)
 
 A leaf: it imports nothing of Atlas, so any room may use it except the tokenizer, which
 keeps its own few lines so that it stays free of every other Atlas module (see
@@ -17,12 +20,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "save_safetensors"]
+__all__ = [
+    "atomic_directory",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "save_safetensors",
+]
 
 
 def _write_atomically(path: str | os.PathLike, mode: str, write: Callable[[IO], Any]) -> Path:
@@ -64,3 +75,34 @@ def save_safetensors(
 
     plain = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     return atomic_write_bytes(path, save(plain, metadata=metadata))
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `directory`; when the block ends without an
+    exception its files are flushed to disk and it replaces `directory` whole.
+
+    The old folder, if any, is renamed aside before the new one is renamed in, so a crash
+    leaves the old folder or the new one complete (at worst beside a `.NAME.*` sibling),
+    never a mix. On an exception the temporary folder is removed and `directory` is
+    untouched.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with child.open("rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

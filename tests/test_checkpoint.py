@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from atlas_server import checkpoint as ckpt_module
 from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atlas_server.cli import app
 from atlas_server.model import Transformer, load_preset
@@ -98,7 +98,7 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(ckpt, byte_tokenizer, 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_module, "_fsync_dir", explode)
+    monkeypatch.setattr(os, "fsync", explode)  # fails as the new files are flushed
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(ckpt, model, byte_tokenizer)
     assert (ckpt / "model.safetensors").read_bytes() == before

@@ -163,6 +163,22 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == []
 
 
+def test_an_atomic_directory_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "ckpt"
+    with io.atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (
+        target / "a.txt"
+    ).read_text() == "old"
+    with io.atomic_directory(target) as tmp:
+        (tmp / "b.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["b.txt"]  # replaced whole, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+
+
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
     target = tmp_path / "state.txt"
     io.atomic_write_text(target, "old")

@@ -30,8 +30,6 @@ import fnmatch
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from atlas_server.checkpoint import sha256_file
+from atlas_server.io import atomic_directory
 from atlas_server.model import Transformer
 from atlas_server.model.transformer import Linear
 
@@ -200,9 +199,7 @@ def adapter_of(model: Transformer, report: LoRAReport, provenance: dict | None =
 def save_adapter(directory: str | os.PathLike, adapter: Adapter) -> Path:
     """Write adapter.safetensors and adapter.json into `directory`, replacing it whole."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(directory) as tmp:
         description = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -215,20 +212,7 @@ def save_adapter(directory: str | os.PathLike, adapter: Adapter) -> Path:
         save_file(adapter.tensors, str(tmp / WEIGHTS_FILE), metadata=metadata)
         description["adapter_sha256"] = sha256_file(tmp / WEIGHTS_FILE)
         (tmp / SIDECAR_FILE).write_text(json.dumps(description, indent=2) + "\n")
-        for child in tmp.iterdir():
-            with child.open("rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return directory
 
 
 def load_adapter(directory: str | os.PathLike) -> Adapter:
