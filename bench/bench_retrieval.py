@@ -35,7 +35,14 @@ import time
 import warnings
 from pathlib import Path
 
+# As `atlas serve` runs (atlas_server/cli.py): OpenMP threads sleep between parallel
+# regions instead of spinning. Set before PyTorch loads. With spinning, one query's
+# embedding took 0.8 s p50 on the loaded 2-core machine (1 thread: 0.1 s; passive: 0.04 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import msgspec
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,7 +107,26 @@ class ExactDense:
         ]
 
 
-def settings(store, embedder, chunks, cross_encoder: Path | None) -> dict[str, tuple]:
+def query_likelihood_scorer(checkpoint: Path):
+    """An Atlas engine serving `checkpoint` in this process, and its `score_texts`.
+
+    The same scorer `atlas serve` gives rerankers (`api/scoring.py`): every candidate of a
+    query goes to the engine in one call, as prompt-logprobs requests prefilled together.
+    """
+    from atlas_server.api.scoring import EngineScorer
+    from atlas_server.api.state import ServerState
+    from atlas_server.config import EngineSection, ServerConfig
+
+    # Larger steps than the server's default: 40 passages of ~300 tokens per call.
+    engine = EngineSection(max_batched_tokens=4096, max_running=64)
+    state = ServerState(msgspec.structs.replace(ServerConfig(), engine=engine))
+    state.load(str(checkpoint))
+    return state, EngineScorer(state).score_texts
+
+
+def settings(
+    store, embedder, chunks, cross_encoder: Path | None, score_texts=None
+) -> dict[str, tuple]:
     """label -> (retriever object, reranker object or None) of every setting measured."""
     # What the pipeline asks for: a reranker gets 4 x top_k candidates, and fusion asks
     # each retriever for 4 x its own top_k, so dense and BM25 go 16 x top_k deep.
@@ -126,6 +152,12 @@ def settings(store, embedder, chunks, cross_encoder: Path | None) -> dict[str, t
     if cross_encoder:
         ctx = RAGContext(store, embedder, options={"model_path": str(cross_encoder)})
         rows["hybrid (default) + cross-encoder"] = (default, rerankers.CrossEncoderReranker(ctx))
+    if score_texts is not None:
+        ctx = RAGContext(store, embedder, score_texts=score_texts)
+        rows["hybrid (default) + query-likelihood"] = (
+            default,
+            rerankers.QueryLikelihoodReranker(ctx),
+        )
     return rows
 
 
@@ -154,22 +186,53 @@ def ranked_sources(question: str, retriever, reranker) -> list[str]:
     return seen
 
 
-def open_store(
+def migrate_local(folder: Path, store: VectorStore, chunks: list) -> None:
+    """Copy vectors from this benchmark's earlier qdrant-client local-mode store, if any.
+
+    The stores of runs before the embedded default became Qdrant Edge are local-mode
+    folders of the same chunks (same ids); copying their vectors saves embedding the
+    corpus again, and ingest then finds every chunk stored.
+    """
+    old_folder = folder.with_name(folder.name.removesuffix("-edge"))
+    if store.count(COLLECTION) or not (old_folder / "collection" / COLLECTION).is_dir():
+        return
+    from atlas_server.rag.store import open_store as open_named
+
+    old = open_named("qdrant", old_folder)
+    copied = 0
+    for i in range(0, len(chunks), 512):
+        part = chunks[i : i + 512]
+        stored = old.vectors(COLLECTION, [c.id for c in part])
+        have = [c for c in part if c.id in stored]
+        if have:
+            store.upsert(COLLECTION, have, np.asarray([stored[c.id] for c in have], np.float32))
+            copied += len(have)
+    old.close()
+    print(f"copied {copied} stored vectors from {old_folder}", flush=True)
+
+
+def open_corpus_store(
     backend: str, docs: list[Document], store_root: Path
-) -> tuple[VectorStore, Embedder]:
+) -> tuple[VectorStore, Embedder, list]:
+    """The corpus in an embedded (Qdrant Edge) store of this embedder backend, resumable."""
+    from atlas_server.rag.store import open_store as open_named
+
     embedder = Embedder(backend=backend)
-    store = VectorStore(store_root / f"{embedder.backend}-{len(docs)}docs")
+    chunks = [
+        c
+        for d in docs
+        for c in chunk_text(d.text, d.source, embedder.count_pieces, ChunkSettings(), d.title)
+    ]
+    folder = store_root / f"{embedder.backend}-{len(docs)}docs-edge"
+    store = open_named("embedded", folder)
+    store.ensure_collection(COLLECTION, embedder.dim)
+    migrate_local(folder, store, chunks)
     result = ingest(store, embedder, COLLECTION, docs, progress=True)
     print(
         f"[{embedder.backend}] corpus: {result['chunks']} chunks ({result['embedded']} embedded "
         f"now, {result['embedded'] / max(result['seconds'], 1e-9):.1f}/s)",
         flush=True,
     )
-    chunks = [
-        c
-        for d in docs
-        for c in chunk_text(d.text, d.source, embedder.count_pieces, ChunkSettings(), d.title)
-    ]
     return store, embedder, chunks
 
 
@@ -192,6 +255,12 @@ def main() -> None:
     parser.add_argument("--backends", default="auto", help="embedder backends, comma-separated")
     parser.add_argument("--store-dir", type=Path, default=cache_dir().parent / "bench-retrieval")
     parser.add_argument("--cross-encoder", type=Path, help="a local CrossEncoder folder")
+    parser.add_argument(
+        "--query-likelihood",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="an Atlas checkpoint folder: adds the query-likelihood reranker's row",
+    )
     parser.add_argument("--limit", type=int, help="only the first N questions (for testing)")
     parser.add_argument(
         "--pages",
@@ -221,16 +290,23 @@ def main() -> None:
         "backends": {},
     }
 
+    state, score_texts = None, None
+    if args.query_likelihood:
+        state, score_texts = query_likelihood_scorer(args.query_likelihood)
+        report["query_likelihood_checkpoint"] = str(args.query_likelihood)
     for index, backend in enumerate(args.backends.split(",")):
-        store, embedder, chunks = open_store(backend, docs, args.store_dir)
-        rows = settings(store, embedder, chunks, args.cross_encoder)
+        store, embedder, chunks = open_corpus_store(backend, docs, args.store_dir)
+        rows = settings(store, embedder, chunks, args.cross_encoder, score_texts)
         if index > 0:  # other backends: the retrievers that use the embedder
-            rows = {k: v for k, v in rows.items() if k in ("dense", "hybrid, bm25 weight 0.5")}
+            rows = {k: v for k, v in rows.items() if k in ("dense", "hybrid, bm25 weight 0.25")}
         results: dict = {}
         per_question: dict = {}
         for label, (retriever, reranker) in rows.items():
             t0 = time.perf_counter()
-            ranked = [ranked_sources(q["question"], retriever, reranker) for q in questions]
+            ranked = [
+                ranked_sources(q["question"], retriever, reranker)
+                for q in tqdm(questions, desc=label, unit="question", file=sys.stderr)
+            ]
             ms = (time.perf_counter() - t0) * 1000 / len(questions)
             per_question[label] = ranked
             results[label] = {
@@ -265,6 +341,8 @@ def main() -> None:
                 s = scores([ranked[i] for i in pick], [set(questions[i]["relevant"]) for i in pick])
                 cells.append(f"{s['ndcg@10']:.3f} ({len(pick)})")
             print(f"| {name} | " + " | ".join(cells) + " |")
+    if state is not None:
+        state.shutdown()
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
