@@ -3,25 +3,30 @@
 What it does: builds the corpus of `eval_suites/data/build_retrieval.py` (every section of
 the Python 3.11 documentation and every glossary entry, 4,106 documents, from Debian's
 `python3.11-doc`, fetched once into a cache folder), ingests it with `atlas rag`'s ingest
-into an embedded store kept in a cache folder (resumable: a second run embeds nothing),
-and asks each of the 310 committed questions (`retrieval/python_docs_qa.jsonl`: 170 FAQ
-questions, 14 other question headings, 126 glossary terms; split dev/test by id hash)
-through each retriever and reranker setting, top 10 chunks. A chunk is relevant when its
-source is the question's answer section; the ranking scored is the top 10 chunks'
-sources with repeats removed (what a RAG prompt with top_k = 10 would draw on), so each
-question has one relevant document: recall@10 is its hit rate, MRR is MRR@10, nDCG@10
-is 1 / log2(1 + rank). Settings: `dense`, `bm25`, `hybrid` (score fusion) and
-`hybrid-rrf` at several BM25 weights, and the `mmr` reranker over the default retriever
-and over dense. The plugin classes are called directly (as the pipeline calls them), with
-each question's dense and BM25 candidates searched once and shared by every setting;
-dense search is exact cosine top-k over the stored vectors in NumPy (`ExactDense`: the
-same ranking an exact store returns, without today's embedded store's per-query scan).
-Prints one Markdown table per split (dev first: choose there, quote test), per question
-kind for the chosen settings, and writes everything to `--json`.
-`--backends fp32,int8` repeats the dense retrieval with each embedder backend (one store
-per backend), to measure what bf16 / int8 embedding costs in quality.
+into an embedded (Qdrant Edge) store kept in a cache folder (resumable: a second run embeds
+nothing; vectors of this script's earlier qdrant-client local-mode stores are copied, not
+embedded again), and asks each of the 310 committed questions
+(`retrieval/python_docs_qa.jsonl`: 170 FAQ questions, 14 other question headings, 126
+glossary terms; split dev/test by id hash) through each retriever and reranker setting,
+top 10 chunks. A chunk is relevant when its source is the question's answer section; the
+ranking scored is the top 10 chunks' sources with repeats removed (what a RAG prompt with
+top_k = 10 would draw on), so each question has one relevant document: recall@10 is its
+hit rate, MRR is MRR@10, nDCG@10 is 1 / log2(1 + rank). Settings: `dense`, `bm25`,
+`hybrid` (score fusion) and `hybrid-rrf` at several BM25 weights, the `mmr` reranker over
+the default retriever and over dense, and with `--query-likelihood CHECKPOINT` the
+`query-likelihood` reranker over the default retriever, its 40 candidates per question
+scored in one call of the engine scorer `atlas serve` gives rerankers (an Atlas engine
+serving CHECKPOINT in this process). The plugin classes are called directly (as the
+pipeline calls them), with each question's dense and BM25 candidates searched once and
+shared by every setting; dense search is exact cosine top-k over the stored vectors in
+NumPy (`ExactDense`: what the embedder's vectors rank, without the HNSW index's small
+recall loss). Prints one Markdown table per split (dev first: choose there, quote test),
+per question kind for the chosen settings, and writes everything to `--json`.
+`--backends auto,fp32,int8` repeats dense and the default fusion with each embedder
+backend (one store per backend), to measure what bf16 / int8 embedding costs in quality.
 The `cross-encoder` reranker needs a local CrossEncoder folder (`--cross-encoder DIR`;
-none ships with Atlas) and `query-likelihood` a served model: this script runs neither.
+none ships with Atlas or is on this machine). `atlas-eval run retrieval` asks the same
+questions of a running server instead.
 Run: `python bench/bench_retrieval.py [--docs DIR] [--backends auto,fp32,int8]`.
 """
 

@@ -32,6 +32,8 @@ DOCS = [
     ("socket", "The socket module opens network connections and sends and receives bytes."),
     ("zipfile", "The zipfile module reads and writes ZIP archives of compressed files."),
     ("random", "The random module draws pseudo-random numbers, shuffles lists and samples items."),
+    # A second chunk of one source: the ranking scored counts each source once.
+    ("bisect", "bisect.insort inserts an item into a list that is already sorted."),
 ]  # fmt: skip
 QUESTIONS = [
     ("q1", "How do I keep a list sorted while inserting?", "bisect", "dev"),
@@ -107,7 +109,7 @@ def test_the_suite_scores_the_servers_own_rankings(tmp_path, rag_server, data):
     assert results["details"]["reranker"] == "mmr"
     assert [s["id"] for s in results["_samples"]] == [q[0] for q in QUESTIONS]
     # Kept, with every document's chunks; a rerun embeds nothing and scores the same.
-    assert collections(rag_server)["mods"] == results["details"]["collection"]["chunks"] == 6
+    assert collections(rag_server)["mods"] == results["details"]["collection"]["chunks"] == 7
     again = run(tmp_path, "retrieval", rag_server, *sets, "reranker=mmr", "splits=['test']")
     assert again["details"]["collection"]["embedded_now"] == 0
     assert again["metrics"]["mrr"]["value"] == pytest.approx(metrics["test_mrr"])
