@@ -346,6 +346,7 @@ def benchmark(args) -> None:
         run_sizes = [n for n in sizes if limit is None or n <= limit]
         if len(run_sizes) < len(sizes):
             results["skipped"][label] = f"sizes above {limit:,}: {reason}"
+
         def save(rows, label=label):
             results["stores"][label] = rows
             results["load_average_now"] = os.getloadavg()
