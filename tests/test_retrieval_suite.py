@@ -8,9 +8,11 @@ question: nDCG@10 = 1 / log2(1 + rank), MRR = 1 / rank, recall@10 = hit), and th
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -23,7 +25,8 @@ from eval_suites.errors import ServerRequestError, SuiteConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import serving  # noqa: E402
-from test_eval_e2e import run  # noqa: E402
+from test_eval_e2e import assert_one_line_error, cli, run  # noqa: E402
+from test_eval_hallucination_rag import NoRAGHandler  # noqa: E402
 
 DOCS = [
     ("bisect", "The bisect module keeps a list in sorted order without sorting it after each insertion."),
@@ -144,3 +147,20 @@ def test_mismatched_questions_and_foreign_collections_stop_the_run(tmp_path, rag
             f"questions={questions}",
             "collection=taken",
         )
+
+
+def test_a_server_without_rag_routes_is_refused_in_one_line(tmp_path, data):
+    corpus, questions = data
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoRAGHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    NoRAGHandler.posted = []
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = cli(
+            "run", "retrieval", "--base-url", url, "--no-cache", "-o", str(tmp_path / "r"),
+            "--set", f"corpus={corpus}", "--set", f"questions={questions}",
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+    assert_one_line_error(proc, "retrieval suite needs Atlas's RAG routes", "HTTP 404")
+    assert NoRAGHandler.posted == []  # refused before ingesting or asking anything
