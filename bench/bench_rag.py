@@ -17,7 +17,7 @@ search can reach.
 
 PyTorch runs with OMP_WAIT_POLICY=PASSIVE, as `atlas serve` does (set before it loads):
 with OpenMP's default spinning, two threads embedding one query wait on each other on a
-loaded machine (0.8 s p50 against 0.04 s passive, measured on the shared 2-core machine).
+loaded machine (~0.65 s p50 against ~13 ms passive: bench/bench_query_embedding.py).
 Corpus: chunks of the Python standard library's docstrings and sources (64 word pieces,
 no overlap) embedded with all-MiniLM-L6-v2, `--real` of them (default 20,000; embedded
 once and cached under $ATLAS_HOME/bench (~/.cache/atlas/bench): 50 minutes on the busy
@@ -46,7 +46,8 @@ from pathlib import Path
 
 # As `atlas serve` runs (atlas_server/cli.py): OpenMP threads sleep between parallel
 # regions instead of spinning. Set before PyTorch loads. With spinning, one query's
-# embedding took 0.8 s p50 on the loaded 2-core machine (1 thread: 0.1 s; passive: 0.04 s).
+# embedding took ~0.65 s p50 on the loaded 2-core machine, passive ~13 ms
+# (bench/bench_query_embedding.py, docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np

@@ -42,7 +42,8 @@ from pathlib import Path
 
 # As `atlas serve` runs (atlas_server/cli.py): OpenMP threads sleep between parallel
 # regions instead of spinning. Set before PyTorch loads. With spinning, one query's
-# embedding took 0.8 s p50 on the loaded 2-core machine (1 thread: 0.1 s; passive: 0.04 s).
+# embedding took ~0.65 s p50 on the loaded 2-core machine, passive ~13 ms
+# (bench/bench_query_embedding.py, docs/benchmarks.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import msgspec
