@@ -247,7 +247,26 @@ def run_store(label, sizes, chunks, vectors, queries, truth, embedder, args, sav
             for q, expected in zip(queries, truth[n], strict=True):
                 got = {index[c.id] for c, _, _ in store.search_dense("bench", q, 10)}
                 found += len(got & set(expected.tolist()))
+            sweep = {}
+            for ef in args.ef_sweep:  # search width against recall, on the same index
+                if not hasattr(store, "hnsw_ef"):
+                    break
+                default_ef, store.hnsw_ef = store.hnsw_ef, ef
+                _, alone = timed_queries(
+                    lambda q: store.search_dense("bench", q, 5), embedder, args.queries
+                )
+                hits = sum(
+                    len({index[c.id] for c, _, _ in store.search_dense("bench", q, 10)} & set(e))
+                    for q, e in zip(queries, truth[n], strict=True)
+                )
+                sweep[ef] = {
+                    "search_p50_ms": percentile(alone, 50),
+                    "recall_at_10": hits / (10 * len(queries)),
+                }
+                store.hnsw_ef = default_ef
+                log(f"{label} at {n:,}, hnsw_ef {ef}: {json.dumps(sweep[ef])}")
             rows[n] = {
+                "hnsw_ef_sweep": sweep,
                 "write_chunks_per_s": write_rate,
                 "p50_ms": percentile(dense, 50),
                 "p99_ms": percentile(dense, 99),
@@ -443,6 +462,13 @@ def main() -> None:
         default=[],
         metavar="STORE=N",
         help="run STORE only up to N chunks (repeatable), e.g. embedded=100000",
+    )
+    parser.add_argument(
+        "--ef-sweep",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        metavar="EF,EF",
+        help="also measure HNSW search widths (embedded stores): search p50 and recall@10",
     )
     parser.add_argument("--tmp", default=None, help="folder for the stores (default: system tmp)")
     parser.add_argument("--json", default=None, help="also write every number here")
