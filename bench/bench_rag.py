@@ -15,6 +15,9 @@ chunks/s, so 100,000 would take 40 minutes to fill and 1M hours. Milvus Lite sto
 `numpy-exact` is a plain matrix product over the vectors (no store), the floor an exact
 search can reach.
 
+PyTorch runs with OMP_WAIT_POLICY=PASSIVE, as `atlas serve` does (set before it loads):
+with OpenMP's default spinning, two threads embedding one query wait on each other on a
+loaded machine (~0.65 s p50 against ~13 ms passive: bench/bench_query_embedding.py).
 Corpus: chunks of the Python standard library's docstrings and sources (64 word pieces,
 no overlap) embedded with all-MiniLM-L6-v2, `--real` of them (default 20,000; embedded
 once and cached under $ATLAS_HOME/bench (~/.cache/atlas/bench): 50 minutes on the busy
@@ -40,6 +43,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+# As `atlas serve` runs (atlas_server/cli.py): OpenMP threads sleep between parallel
+# regions instead of spinning. Set before PyTorch loads. With spinning, one query's
+# embedding took ~0.65 s p50 on the loaded 2-core machine, passive ~13 ms
+# (bench/bench_query_embedding.py, docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 from tqdm import tqdm
@@ -73,6 +82,11 @@ NOISE = 0.5  # norm of the noise added to a real vector to make a synthetic one
 # back end label -> (registered store name, options)
 STORES = {
     "embedded": ("embedded", {}),
+    # The same store and search settings, loaded in bulk: the HNSW index is built once,
+    # after the last write of a size (the benchmark calls optimize()), instead of every
+    # 10,000 new chunks; re-indexing merged segments as they grow makes a 1M load take
+    # hours on 2 cores.
+    "embedded-bulk": ("embedded", {"optimize_every": 10**12}),
     "faiss": ("faiss", {}),
     "milvus": ("milvus", {}),  # Milvus Lite: the same engine and client code as a cluster
     "qdrant-local": ("qdrant", {}),  # the embedded store before this one: the baseline
@@ -189,8 +203,12 @@ def timed_queries(search, embedder: Embedder, repeats: int) -> tuple[list[float]
     return total, alone
 
 
-def run_store(label, sizes, chunks, vectors, queries, truth, embedder, args) -> dict:
-    """Fill one back end size by size (adding the difference) and measure at each size."""
+def run_store(label, sizes, chunks, vectors, queries, truth, embedder, args, save) -> dict:
+    """Fill one back end size by size (adding the difference) and measure at each size.
+
+    `save(rows)` is called after every size, so a run stopped during the next (1M can take
+    an hour on 2 cores) keeps the rows it measured.
+    """
     name, options = STORES[label]
     rows = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -229,7 +247,26 @@ def run_store(label, sizes, chunks, vectors, queries, truth, embedder, args) -> 
             for q, expected in zip(queries, truth[n], strict=True):
                 got = {index[c.id] for c, _, _ in store.search_dense("bench", q, 10)}
                 found += len(got & set(expected.tolist()))
+            sweep = {}
+            for ef in args.ef_sweep:  # search width against recall, on the same index
+                if not hasattr(store, "hnsw_ef"):
+                    break
+                default_ef, store.hnsw_ef = store.hnsw_ef, ef
+                _, alone = timed_queries(
+                    lambda q: store.search_dense("bench", q, 5), embedder, args.queries
+                )
+                hits = sum(
+                    len({index[c.id] for c, _, _ in store.search_dense("bench", q, 10)} & set(e))
+                    for q, e in zip(queries, truth[n], strict=True)
+                )
+                sweep[ef] = {
+                    "search_p50_ms": percentile(alone, 50),
+                    "recall_at_10": hits / (10 * len(queries)),
+                }
+                store.hnsw_ef = default_ef
+                log(f"{label} at {n:,}, hnsw_ef {ef}: {json.dumps(sweep[ef])}")
             rows[n] = {
+                "hnsw_ef_sweep": sweep,
                 "write_chunks_per_s": write_rate,
                 "p50_ms": percentile(dense, 50),
                 "p99_ms": percentile(dense, 99),
@@ -238,6 +275,7 @@ def run_store(label, sizes, chunks, vectors, queries, truth, embedder, args) -> 
                 "recall_at_10": found / (10 * len(queries)),
             }
             log(f"{label} at {n:,}: {json.dumps(rows[n])}")
+            save(rows)
         store.close()
     return rows
 
@@ -288,7 +326,8 @@ def table(results: dict, real: int) -> str:
                 f"| {row['recall_at_10']:.3f} |"
             )
     lines.append(
-        f"\nQuery embedding alone (MiniLM, one query): p50 {results['embed_p50_ms']:.1f} ms."
+        f"\nQuery embedding alone (MiniLM, one query): p50 {results['embed_p50_ms']:.1f} ms, "
+        f"fastest {results['embed_min_ms']:.1f} ms (the machine's load moves the p50)."
     )
     for label, reason in results["skipped"].items():
         lines.append(f"Not run: {label}: {reason}")
@@ -314,6 +353,7 @@ def benchmark(args) -> None:
         "cpus": os.cpu_count(),
         "real_chunks": real,
         "embed_p50_ms": percentile(embed_times, 50),
+        "embed_min_ms": min(embed_times),
         "stores": {},
         "skipped": {},
     }
@@ -336,9 +376,16 @@ def benchmark(args) -> None:
         run_sizes = [n for n in sizes if limit is None or n <= limit]
         if len(run_sizes) < len(sizes):
             results["skipped"][label] = f"sizes above {limit:,}: {reason}"
+
+        def save(rows, label=label):
+            results["stores"][label] = rows
+            results["load_average_now"] = os.getloadavg()
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+
         try:
             results["stores"][label] = run_store(
-                label, run_sizes, chunks, vectors, held_out, truth, embedder, args
+                label, run_sizes, chunks, vectors, held_out, truth, embedder, args, save
             )
         except ImportError as e:
             results["skipped"][label] = f"not installed ({e})"
@@ -415,6 +462,13 @@ def main() -> None:
         default=[],
         metavar="STORE=N",
         help="run STORE only up to N chunks (repeatable), e.g. embedded=100000",
+    )
+    parser.add_argument(
+        "--ef-sweep",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        metavar="EF,EF",
+        help="also measure HNSW search widths (embedded stores): search p50 and recall@10",
     )
     parser.add_argument("--tmp", default=None, help="folder for the stores (default: system tmp)")
     parser.add_argument("--json", default=None, help="also write every number here")

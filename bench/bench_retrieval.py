@@ -3,25 +3,30 @@
 What it does: builds the corpus of `eval_suites/data/build_retrieval.py` (every section of
 the Python 3.11 documentation and every glossary entry, 4,106 documents, from Debian's
 `python3.11-doc`, fetched once into a cache folder), ingests it with `atlas rag`'s ingest
-into an embedded store kept in a cache folder (resumable: a second run embeds nothing),
-and asks each of the 310 committed questions (`retrieval/python_docs_qa.jsonl`: 170 FAQ
-questions, 14 other question headings, 126 glossary terms; split dev/test by id hash)
-through each retriever and reranker setting, top 10 chunks. A chunk is relevant when its
-source is the question's answer section; the ranking scored is the top 10 chunks'
-sources with repeats removed (what a RAG prompt with top_k = 10 would draw on), so each
-question has one relevant document: recall@10 is its hit rate, MRR is MRR@10, nDCG@10
-is 1 / log2(1 + rank). Settings: `dense`, `bm25`, `hybrid` (score fusion) and
-`hybrid-rrf` at several BM25 weights, and the `mmr` reranker over the default retriever
-and over dense. The plugin classes are called directly (as the pipeline calls them), with
-each question's dense and BM25 candidates searched once and shared by every setting;
-dense search is exact cosine top-k over the stored vectors in NumPy (`ExactDense`: the
-same ranking an exact store returns, without today's embedded store's per-query scan).
-Prints one Markdown table per split (dev first: choose there, quote test), per question
-kind for the chosen settings, and writes everything to `--json`.
-`--backends fp32,int8` repeats the dense retrieval with each embedder backend (one store
-per backend), to measure what bf16 / int8 embedding costs in quality.
+into an embedded (Qdrant Edge) store kept in a cache folder (resumable: a second run embeds
+nothing; vectors of this script's earlier qdrant-client local-mode stores are copied, not
+embedded again), and asks each of the 310 committed questions
+(`retrieval/python_docs_qa.jsonl`: 170 FAQ questions, 14 other question headings, 126
+glossary terms; split dev/test by id hash) through each retriever and reranker setting,
+top 10 chunks. A chunk is relevant when its source is the question's answer section; the
+ranking scored is the top 10 chunks' sources with repeats removed (what a RAG prompt with
+top_k = 10 would draw on), so each question has one relevant document: recall@10 is its
+hit rate, MRR is MRR@10, nDCG@10 is 1 / log2(1 + rank). Settings: `dense`, `bm25`,
+`hybrid` (score fusion) and `hybrid-rrf` at several BM25 weights, the `mmr` reranker over
+the default retriever and over dense, and with `--query-likelihood CHECKPOINT` the
+`query-likelihood` reranker over the default retriever, its 40 candidates per question
+scored in one call of the engine scorer `atlas serve` gives rerankers (an Atlas engine
+serving CHECKPOINT in this process). The plugin classes are called directly (as the
+pipeline calls them), with each question's dense and BM25 candidates searched once and
+shared by every setting; dense search is exact cosine top-k over the stored vectors in
+NumPy (`ExactDense`: what the embedder's vectors rank, without the HNSW index's small
+recall loss). Prints one Markdown table per split (dev first: choose there, quote test),
+per question kind for the chosen settings, and writes everything to `--json`.
+`--backends auto,fp32,int8` repeats dense and the default fusion with each embedder
+backend (one store per backend), to measure what bf16 / int8 embedding costs in quality.
 The `cross-encoder` reranker needs a local CrossEncoder folder (`--cross-encoder DIR`;
-none ships with Atlas) and `query-likelihood` a served model: this script runs neither.
+none ships with Atlas or is on this machine). `atlas-eval run retrieval` asks the same
+questions of a running server instead.
 Run: `python bench/bench_retrieval.py [--docs DIR] [--backends auto,fp32,int8]`.
 """
 
@@ -35,7 +40,15 @@ import time
 import warnings
 from pathlib import Path
 
+# As `atlas serve` runs (atlas_server/cli.py): OpenMP threads sleep between parallel
+# regions instead of spinning. Set before PyTorch loads. With spinning, one query's
+# embedding took ~0.65 s p50 on the loaded 2-core machine, passive ~13 ms
+# (bench/bench_query_embedding.py, docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import msgspec
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,7 +113,26 @@ class ExactDense:
         ]
 
 
-def settings(store, embedder, chunks, cross_encoder: Path | None) -> dict[str, tuple]:
+def query_likelihood_scorer(checkpoint: Path):
+    """An Atlas engine serving `checkpoint` in this process, and its `score_texts`.
+
+    The same scorer `atlas serve` gives rerankers (`api/scoring.py`): every candidate of a
+    query goes to the engine in one call, as prompt-logprobs requests prefilled together.
+    """
+    from atlas_server.api.scoring import EngineScorer
+    from atlas_server.api.state import ServerState
+    from atlas_server.config import EngineSection, ServerConfig
+
+    # Larger steps than the server's default: 40 passages of ~300 tokens per call.
+    engine = EngineSection(max_batched_tokens=4096, max_running=64)
+    state = ServerState(msgspec.structs.replace(ServerConfig(), engine=engine))
+    state.load(str(checkpoint))
+    return state, EngineScorer(state).score_texts
+
+
+def settings(
+    store, embedder, chunks, cross_encoder: Path | None, score_texts=None
+) -> dict[str, tuple]:
     """label -> (retriever object, reranker object or None) of every setting measured."""
     # What the pipeline asks for: a reranker gets 4 x top_k candidates, and fusion asks
     # each retriever for 4 x its own top_k, so dense and BM25 go 16 x top_k deep.
@@ -126,6 +158,12 @@ def settings(store, embedder, chunks, cross_encoder: Path | None) -> dict[str, t
     if cross_encoder:
         ctx = RAGContext(store, embedder, options={"model_path": str(cross_encoder)})
         rows["hybrid (default) + cross-encoder"] = (default, rerankers.CrossEncoderReranker(ctx))
+    if score_texts is not None:
+        ctx = RAGContext(store, embedder, score_texts=score_texts)
+        rows["hybrid (default) + query-likelihood"] = (
+            default,
+            rerankers.QueryLikelihoodReranker(ctx),
+        )
     return rows
 
 
@@ -154,22 +192,53 @@ def ranked_sources(question: str, retriever, reranker) -> list[str]:
     return seen
 
 
-def open_store(
+def migrate_local(folder: Path, store: VectorStore, chunks: list) -> None:
+    """Copy vectors from this benchmark's earlier qdrant-client local-mode store, if any.
+
+    The stores of runs before the embedded default became Qdrant Edge are local-mode
+    folders of the same chunks (same ids); copying their vectors saves embedding the
+    corpus again, and ingest then finds every chunk stored.
+    """
+    old_folder = folder.with_name(folder.name.removesuffix("-edge"))
+    if store.count(COLLECTION) or not (old_folder / "collection" / COLLECTION).is_dir():
+        return
+    from atlas_server.rag.store import open_store as open_named
+
+    old = open_named("qdrant", old_folder)
+    copied = 0
+    for i in range(0, len(chunks), 512):
+        part = chunks[i : i + 512]
+        stored = old.vectors(COLLECTION, [c.id for c in part])
+        have = [c for c in part if c.id in stored]
+        if have:
+            store.upsert(COLLECTION, have, np.asarray([stored[c.id] for c in have], np.float32))
+            copied += len(have)
+    old.close()
+    print(f"copied {copied} stored vectors from {old_folder}", flush=True)
+
+
+def open_corpus_store(
     backend: str, docs: list[Document], store_root: Path
-) -> tuple[VectorStore, Embedder]:
+) -> tuple[VectorStore, Embedder, list]:
+    """The corpus in an embedded (Qdrant Edge) store of this embedder backend, resumable."""
+    from atlas_server.rag.store import open_store as open_named
+
     embedder = Embedder(backend=backend)
-    store = VectorStore(store_root / f"{embedder.backend}-{len(docs)}docs")
+    chunks = [
+        c
+        for d in docs
+        for c in chunk_text(d.text, d.source, embedder.count_pieces, ChunkSettings(), d.title)
+    ]
+    folder = store_root / f"{embedder.backend}-{len(docs)}docs-edge"
+    store = open_named("embedded", folder)
+    store.ensure_collection(COLLECTION, embedder.dim)
+    migrate_local(folder, store, chunks)
     result = ingest(store, embedder, COLLECTION, docs, progress=True)
     print(
         f"[{embedder.backend}] corpus: {result['chunks']} chunks ({result['embedded']} embedded "
         f"now, {result['embedded'] / max(result['seconds'], 1e-9):.1f}/s)",
         flush=True,
     )
-    chunks = [
-        c
-        for d in docs
-        for c in chunk_text(d.text, d.source, embedder.count_pieces, ChunkSettings(), d.title)
-    ]
     return store, embedder, chunks
 
 
@@ -192,6 +261,12 @@ def main() -> None:
     parser.add_argument("--backends", default="auto", help="embedder backends, comma-separated")
     parser.add_argument("--store-dir", type=Path, default=cache_dir().parent / "bench-retrieval")
     parser.add_argument("--cross-encoder", type=Path, help="a local CrossEncoder folder")
+    parser.add_argument(
+        "--query-likelihood",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="an Atlas checkpoint folder: adds the query-likelihood reranker's row",
+    )
     parser.add_argument("--limit", type=int, help="only the first N questions (for testing)")
     parser.add_argument(
         "--pages",
@@ -221,16 +296,23 @@ def main() -> None:
         "backends": {},
     }
 
+    state, score_texts = None, None
+    if args.query_likelihood:
+        state, score_texts = query_likelihood_scorer(args.query_likelihood)
+        report["query_likelihood_checkpoint"] = str(args.query_likelihood)
     for index, backend in enumerate(args.backends.split(",")):
-        store, embedder, chunks = open_store(backend, docs, args.store_dir)
-        rows = settings(store, embedder, chunks, args.cross_encoder)
+        store, embedder, chunks = open_corpus_store(backend, docs, args.store_dir)
+        rows = settings(store, embedder, chunks, args.cross_encoder, score_texts)
         if index > 0:  # other backends: the retrievers that use the embedder
-            rows = {k: v for k, v in rows.items() if k in ("dense", "hybrid, bm25 weight 0.5")}
+            rows = {k: v for k, v in rows.items() if k in ("dense", "hybrid, bm25 weight 0.25")}
         results: dict = {}
         per_question: dict = {}
         for label, (retriever, reranker) in rows.items():
             t0 = time.perf_counter()
-            ranked = [ranked_sources(q["question"], retriever, reranker) for q in questions]
+            ranked = [
+                ranked_sources(q["question"], retriever, reranker)
+                for q in tqdm(questions, desc=label, unit="question", file=sys.stderr)
+            ]
             ms = (time.perf_counter() - t0) * 1000 / len(questions)
             per_question[label] = ranked
             results[label] = {
@@ -265,6 +347,8 @@ def main() -> None:
                 s = scores([ranked[i] for i in pick], [set(questions[i]["relevant"]) for i in pick])
                 cells.append(f"{s['ndcg@10']:.3f} ({len(pick)})")
             print(f"| {name} | " + " | ".join(cells) + " |")
+    if state is not None:
+        state.shutdown()
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ from .hallucination import HallucinationSuite
 from .instruct import InstructSuite
 from .latency import LatencySuite
 from .perplexity import PerplexitySuite
+from .retrieval import RetrievalSuite
 
 __all__ = ["SUITES", "RunContext", "Suite", "SuiteResult"]
 
@@ -16,3 +17,4 @@ SUITES: dict[str, type[Suite]] = {
     for suite in (PerplexitySuite, GenerationSuite, HallucinationSuite, LatencySuite)
 }
 SUITES[InstructSuite.name] = InstructSuite
+SUITES[RetrievalSuite.name] = RetrievalSuite

@@ -83,7 +83,10 @@ class EdgeStore(VectorStore):
         opts = settings.options
         self.hnsw_m = int(opts.get("hnsw_m", 16))
         self.ef_construct = int(opts.get("ef_construct", 100))
-        self.hnsw_ef = opts.get("hnsw_ef")  # None: Qdrant's default (ef_construct)
+        # Search width: Qdrant's default (ef_construct, 100) kept recall@10 at 0.98-0.99 at
+        # 100,000 chunks but 0.78-0.92 at 1M; 512 gave 0.996 / 0.989 for 2.3 / 4.2 ms a
+        # search on 2 cores (bench/bench_rag.py --ef-sweep, docs/benchmarks.md).
+        self.hnsw_ef = opts.get("hnsw_ef", 512)
         self.optimize_every = int(opts.get("optimize_every", 10_000))
         # One query runs fastest on one thread here (waking a pool costs more than the
         # search; bench/bench_rag.py); concurrent requests still search in parallel.
