@@ -36,6 +36,10 @@ def test_the_shipped_defaults_load():
         ("[engine]\nmax_slots = 4\n", "unknown field"),
         ("[engine]\nprefix_caching = 'yes'\n", "'engine.prefix_caching' must be bool"),
         ("[http]\nport = 'eighty'\n", "'http.port' must be int, got 'eighty'"),
+        ("[engine]\nkv_cache_gib = 0\n", "engine.kv_cache_gib must be > 0"),
+        ("[engine]\nkv_cache_gib = -1.5\n", "engine.kv_cache_gib must be > 0"),
+        ("[engine]\ncuda_graphs = 'on'\n", "'engine.cuda_graphs' must be bool"),
+        ("[model]\ndtype = 'int4'\n", "model.dtype must be auto, float32, bfloat16 or float16"),
         ("[engine\n", "is not valid TOML"),
     ],
 )
