@@ -10,14 +10,15 @@ chunks, then ingests the folder into a fresh embedded-store collection with
     256 chunks sorted by length and embedded 64 per call, embedding on its own thread,
     resume check);
   - with `--variants`, also `new` with one setting changed at a time (fp32, int8, no
-    embedding thread, windows of 64: no sorting across calls), to see what each part
-    contributes.
+    embedding thread, windows of 64: no sorting across calls, one embedding worker with
+    batches of 64 as before the worker split, forward batches of 8 or 16 instead of 4,
+    256 chunks per embedding call instead of 64), to see what each part contributes.
 The runs alternate (baseline, new, ..., then the reverse order) for `--rounds` rounds so
 that load from other jobs falls on both, and it prints each run as it ends, then chunks/s,
 input KB/s and the ratio of each to the baseline over all rounds, with the machine's load
 average at the start and end. Everything is read from the same files and written to the
 same kind of store, so the ratio is the ingest path's.
-Run: `python bench/bench_ingest.py [--chunks 600] [--rounds 2] [--variants [fp32,int8,no-thread,no-sort]]`.
+Run: `python bench/bench_ingest.py [--chunks 600] [--rounds 2] [--variants [fp32,int8,...]]`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ from atlas_server.rag.embedding import Embedder  # noqa: E402
 from atlas_server.rag.ingest import Corpus, ingest  # noqa: E402
 from atlas_server.rag.store import VectorStore  # noqa: E402
 from atlas_server.tokenizer.corpus import stdlib_sample  # noqa: E402
+
+
+# name: (label, one change to `new`: ingest() keywords, or Embedder keywords under "embedder")
+VARIANTS = {
+    "fp32": ("new, fp32", {"embedder": {"backend": "fp32"}}),
+    "int8": ("new, int8", {"embedder": {"backend": "int8"}}),
+    "no-thread": ("new, no embedding thread", {"pipeline": False}),
+    "no-sort": ("new, no sorting across calls", {"window": 64}),
+    "one-worker": ("new, one worker, batches of 64", {"embedder": {"workers": 1, "batch_size": 64}}),
+    "batch-8": ("new, batches of 8", {"embedder": {"batch_size": 8}}),
+    "batch-16": ("new, batches of 16", {"embedder": {"batch_size": 16}}),
+    "call-256": ("new, 256 chunks per call", {"batch_size": 256}),
+}
 
 
 def write_folder(folder: Path, embedder: Embedder, chunks: int) -> tuple[int, int]:
@@ -81,9 +95,9 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="?",
-        const="fp32,int8,no-thread,no-sort",
+        const=",".join(VARIANTS),
         default="",
-        help="also time one-change variants: any of fp32,int8,no-thread,no-sort (all if bare)",
+        help=f"also time one-change variants: any of {','.join(VARIANTS)} (all if bare)",
     )
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
@@ -94,35 +108,39 @@ def main() -> None:
         f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}",
         flush=True,
     )
-    embedders = {"fp32": Embedder(backend="fp32"), "auto": Embedder()}
-    print(f"backend auto = {embedders['auto'].backend} on this CPU", flush=True)
+    # The baseline's embedder as it was then: one thread team, 64 texts per forward pass.
+    embedders = {"baseline": Embedder(backend="fp32", workers=1, batch_size=64), "auto": Embedder()}
+    auto = embedders["auto"]
+    print(
+        f"default embedder: backend {auto.backend}, {auto.workers} workers, "
+        f"batches of {auto.batch_size} on this CPU",
+        flush=True,
+    )
     chosen = [v for v in args.variants.split(",") if v]
-    if "int8" in chosen:
-        embedders["int8"] = Embedder(backend="int8")
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    for key in chosen:
+        if "embedder" in VARIANTS[key][1]:
+            embedders[key] = Embedder(**VARIANTS[key][1]["embedder"])
     runs = {
-        "baseline": lambda store, docs: ingest_baseline.ingest(store, embedders["fp32"], "c", docs),
+        "baseline": lambda store, docs: ingest_baseline.ingest(store, embedders["baseline"], "c", docs),
         "new": lambda store, docs: ingest(store, embedders["auto"], "c", docs, progress=False)[
             "chunks"
         ],
     }
-    if chosen:
-        variants = {
-            "fp32": ("new, fp32", dict(embedder="fp32")),
-            "int8": ("new, int8", dict(embedder="int8")),
-            "no-thread": ("new, no embedding thread", dict(pipeline=False)),
-            "no-sort": ("new, no sorting across calls", dict(window=64)),
-        }
-        for key in chosen:
-            name, change = variants[key]
-            emb = embedders[change.pop("embedder", "auto")]
-            runs[name] = lambda store, docs, emb=emb, change=change: ingest(
-                store, emb, "c", docs, progress=False, **change
-            )["chunks"]
+    for key in chosen:
+        name, change = VARIANTS[key]
+        emb = embedders[key if "embedder" in change else "auto"]
+        kwargs = {k: v for k, v in change.items() if k != "embedder"}
+        runs[name] = lambda store, docs, emb=emb, kwargs=kwargs: ingest(
+            store, emb, "c", docs, progress=False, **kwargs
+        )["chunks"]
 
     results: dict[str, list[tuple[int, float]]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "files"
-        files, chunks = write_folder(folder, embedders["fp32"], args.chunks)
+        files, chunks = write_folder(folder, embedders["baseline"], args.chunks)
         nbytes = sum(f.stat().st_size for f in folder.iterdir())
         print(f"{files} files, {nbytes / 1e3:.0f} KB, {chunks} chunks per run", flush=True)
         order = list(runs)

@@ -18,6 +18,17 @@ Backends (`backend=`), all through the same sentence-transformers model object:
   cosine to fp32).
 `python bench/bench_retrieval.py` measures what each costs in retrieval quality and
 `python bench/bench_ingest.py` what each gains in speed (docs/rag.md has both tables).
+
+On the CPU a call with more than one batch runs its batches on `workers` threads (default:
+the CPUs this process may use), each running PyTorch single-threaded, instead of one
+thread whose every matrix product is split over the cores. MiniLM's matrices are small
+(384 wide, a few hundred rows per batch), so splitting each product costs a barrier per
+operation, while whole batches per core need none and keep each core's activations in
+its own cache; batches of 4 beat batches of 64 for the same reason. On the 2-core
+development machine the pair took encoding from 66 to about 85 chunks/s (docs/rag.md,
+"Ingest"). Threads with one PyTorch thread each start no OpenMP team, and they end with
+the call, so the rule of docs/architecture.md ("One thread runs the model") still holds.
+A call of one batch (a query) runs on the caller's thread with every core, for latency.
 ONNX Runtime through sentence-transformers' `backend="onnx"` needs `optimum-onnx`, which
 pins transformers below 4.58; Atlas runs on transformers 5, so that path is not offered.
 What it does not do: store vectors, or download anything.
@@ -28,12 +39,22 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 BACKENDS = ("auto", "fp32", "bf16", "int8")
+CPU_BATCH = 4  # texts per forward pass on the CPU (bench/bench_ingest.py --variants)
+CUDA_BATCH = 64
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def default_model_path() -> Path:
@@ -63,12 +84,16 @@ class Embedder:
         self,
         model_path: str | os.PathLike | None = None,
         device: str = "cpu",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         backend: str = "auto",
+        workers: int | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if backend not in BACKENDS:
             raise ValueError(f"unknown embedder backend {backend!r}; one of {', '.join(BACKENDS)}")
+        for name, value in (("batch_size", batch_size), ("workers", workers)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
         from sentence_transformers import SentenceTransformer
 
         path = Path(model_path) if model_path else default_model_path()
@@ -101,7 +126,10 @@ class Embedder:
         self.max_pieces = int(self.model.max_seq_length)
         # Pieces a text may have so that, with [CLS] and [SEP], nothing is truncated.
         self.max_text_pieces = self.max_pieces - self._special_pieces()
-        self.batch_size = batch_size
+        on_cpu = device == "cpu"
+        self.batch_size = batch_size or (CPU_BATCH if on_cpu else CUDA_BATCH)
+        # One GPU runs batches one after another; worker threads only help CPU cores.
+        self.workers = (workers or available_cpus()) if on_cpu else 1
         # A copy of the Rust tokenizer for counting: without the model's truncation (a
         # count must see the whole text), no warning, and no state shared with encode().
         backend_tokenizer = getattr(self.model.tokenizer, "backend_tokenizer", None)
@@ -126,6 +154,8 @@ class Embedder:
         """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.workers > 1 and len(texts) > self.batch_size:
+            return self._encode_on_workers(texts)
         with self._lock:
             vectors = self.model.encode(
                 texts,
@@ -137,6 +167,43 @@ class Embedder:
         vectors = np.asarray(vectors, dtype=np.float32)  # [N, dim]
         if self.backend != "fp32":  # normalised in bf16 / int8: renormalise in float32
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+    def _encode_on_workers(self, texts: list[str]) -> np.ndarray:
+        """`encode` with whole batches spread over `workers` single-threaded threads."""
+        import torch
+
+        # Longest first, so the last batches to start are the short ones and the threads
+        # finish together; neighbours in this order have similar lengths: little padding.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        batches = [order[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)  # [N, dim]
+        preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize
+
+        def embed(batch: np.ndarray, features: dict) -> None:
+            with torch.inference_mode():
+                out = self.model(features)["sentence_embedding"]  # [B, dim]
+            vectors[batch] = out.float().numpy()
+
+        with self._lock:
+            # Tokenized here, on one thread: a Rust tokenizer is not shared across threads.
+            features = [preprocess([texts[i] for i in batch]) for batch in batches]
+            # torch.set_num_threads sets the calling thread's OpenMP team size and also a
+            # process-wide value that threads starting PyTorch later copy: the workers'
+            # "1" must not outlive the call, or every later thread would run on one core.
+            callers = torch.get_num_threads()
+            try:
+                with ThreadPoolExecutor(
+                    self.workers,
+                    thread_name_prefix="atlas-embed",
+                    initializer=torch.set_num_threads,
+                    initargs=(1,),
+                ) as pool:
+                    for future in [pool.submit(embed, b, f) for b, f in zip(batches, features)]:
+                        future.result()  # re-raises a worker's error here
+            finally:
+                torch.set_num_threads(callers)
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
     def count_pieces(self, text: str) -> int:
