@@ -359,6 +359,39 @@ def test_forward_segments_equals_separate_forwards(config):
         torch.testing.assert_close(together.v[layer][:, :, :9], apart.v[layer][:, :, :9])
 
 
+@pytest.mark.parametrize(
+    "config", [tiny("learned", "layernorm", "gelu", 4), tiny("rope", "rmsnorm", "swiglu", 2)]
+)
+def test_a_prompt_chunk_at_position_0_attends_causally_without_reading_the_cache(config):
+    """The engine's first chunk of a prompt (kv_length == its length) runs plain causal
+    attention over its own keys: the logits of the uncached forward, the same cache
+    contents, and no cache read; a later chunk of the same prompt still reads the cache."""
+    from atlas_server.model.transformer import Segment
+
+    torch.manual_seed(0)
+    model = Transformer(config).prepare_for_inference()
+    prompt = torch.randint(0, 97, (1, 11))
+    cache = model.new_cache(2, 32)
+    reads: list[int] = []
+    read = cache.read
+
+    def spy(layer, *args, **kwargs):
+        reads.append(layer)
+        return read(layer, *args, **kwargs)
+
+    cache.read = spy
+    with torch.no_grad():
+        want = model(prompt)[0]  # [11, V], no cache at all
+        first = Segment(0, 7, 1, 7, torch.tensor([1]), torch.arange(7)[None], kv_length=7)
+        got_first = model.forward_segments(prompt[0, :7], [first], cache, torch.arange(7))
+        assert reads == []
+        rest = Segment(0, 4, 1, 4, torch.tensor([1]), torch.arange(7, 11)[None], kv_length=11)
+        got_rest = model.forward_segments(prompt[0, 7:], [rest], cache, torch.arange(4))
+        assert reads == list(range(config.n_layers))
+    torch.testing.assert_close(got_first, want[:7], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_rest, want[7:], atol=1e-5, rtol=1e-5)
+
+
 # --- the options imported architectures need: Qwen2's q/k/v bias, GPT-NeoX's partial rotary
 # and parallel residual, exact GELU (references: tests/test_hf_import.py, against transformers)
 NEW_SHAPES = {

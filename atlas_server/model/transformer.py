@@ -221,6 +221,16 @@ class CausalSelfAttention(nn.Module):
                     D**-0.5,
                 )  # [B, H, D]
                 return out.reshape(B, T, H * D)
+            if kv_length == T:
+                # A prompt chunk at position 0 (Segment: consecutive positions 0..T-1 in
+                # every row) sees only itself: plain causal attention over its own keys,
+                # with no mask, so SDPA can take its flash kernel instead of reading the
+                # cache back and masking (a host-side test: no GPU sync).
+                out = attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    mask=None, dropout=0.0, impl=self.impl,
+                )  # [B, H, T, D]
+                return out.transpose(1, 2).reshape(B, T, H * D)
             length = kv_length if kv_length is not None else int(positions.max()) + 1
             keys, values = cache.read(self.layer_index, slots, length, first_slot)
             # keys/values: [B, K, S, D] with S = furthest position in this batch + 1.
@@ -245,7 +255,7 @@ class CausalSelfAttention(nn.Module):
 @dataclass(frozen=True)
 class Segment:
     """Tokens [start, stop) of a flattened batch: `rows` sequences of `length` tokens each,
-    row i in KV slot `slots[i]` at `positions[i]` ([rows, length]).
+    row i in KV slot `slots[i]` at `positions[i]` ([rows, length], consecutive in a row).
 
     The optional hints repeat, as host integers, what the tensors hold, so that a GPU step
     never waits to read them back: `kv_length` = max(positions) + 1, and `first_slot` when
