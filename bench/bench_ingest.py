@@ -48,14 +48,16 @@ from atlas_server.rag.ingest import Corpus, ingest  # noqa: E402
 from atlas_server.rag.store import VectorStore  # noqa: E402
 from atlas_server.tokenizer.corpus import stdlib_sample  # noqa: E402
 
-
 # name: (label, one change to `new`: ingest() keywords, or Embedder keywords under "embedder")
 VARIANTS = {
     "fp32": ("new, fp32", {"embedder": {"backend": "fp32"}}),
     "int8": ("new, int8", {"embedder": {"backend": "int8"}}),
     "no-thread": ("new, no embedding thread", {"pipeline": False}),
     "no-sort": ("new, no sorting across calls", {"window": 64}),
-    "one-worker": ("new, one worker, batches of 64", {"embedder": {"workers": 1, "batch_size": 64}}),
+    "one-worker": (
+        "new, one worker, batches of 64",
+        {"embedder": {"workers": 1, "batch_size": 64}},
+    ),
     "batch-8": ("new, batches of 8", {"embedder": {"batch_size": 8}}),
     "batch-16": ("new, batches of 16", {"embedder": {"batch_size": 16}}),
     "call-256": ("new, 256 chunks per call", {"batch_size": 256}),
@@ -124,7 +126,9 @@ def main() -> None:
         if "embedder" in VARIANTS[key][1]:
             embedders[key] = Embedder(**VARIANTS[key][1]["embedder"])
     runs = {
-        "baseline": lambda store, docs: ingest_baseline.ingest(store, embedders["baseline"], "c", docs),
+        "baseline": lambda store, docs: ingest_baseline.ingest(
+            store, embedders["baseline"], "c", docs
+        ),
         "new": lambda store, docs: ingest(store, embedders["auto"], "c", docs, progress=False)[
             "chunks"
         ],

@@ -14,8 +14,7 @@ from atlas_server.rag.embedding import Embedder
 
 # Lengths vary a lot so that sorting by length really reorders them.
 TEXTS = [
-    " ".join(f"word{j} of text {i}" for j in range((i * 7) % 23 + 1)) + f" {i}."
-    for i in range(22)
+    " ".join(f"word{j} of text {i}" for j in range((i * 7) % 23 + 1)) + f" {i}." for i in range(22)
 ]
 
 
@@ -72,9 +71,7 @@ def test_worker_split_gives_sentence_transformers_vectors_in_the_callers_order(e
     assert int(np.argmax(vectors @ alone)) == 5
 
 
-def test_batches_run_on_single_threaded_workers_and_a_query_on_the_caller(
-    embedder, monkeypatch
-):
+def test_batches_run_on_single_threaded_workers_and_a_query_on_the_caller(embedder, monkeypatch):
     calls = record_forward_calls(monkeypatch, embedder)
     embedder.encode(TEXTS)
     assert len(calls) == -(-len(TEXTS) // embedder.batch_size)  # one forward per batch
@@ -96,9 +93,7 @@ def test_threads_started_after_an_encode_keep_the_processes_thread_count(embedde
     assert torch.get_num_threads() == before
 
 
-def test_a_workers_error_reaches_the_caller_and_the_thread_count_is_restored(
-    embedder, monkeypatch
-):
+def test_a_workers_error_reaches_the_caller_and_the_thread_count_is_restored(embedder, monkeypatch):
     before = in_fresh_thread(torch.get_num_threads)
     record_forward_calls(monkeypatch, embedder, fail_on_call=2)
     with pytest.raises(RuntimeError, match="worker exploded"):

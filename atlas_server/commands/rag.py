@@ -65,7 +65,8 @@ def ingest(
     ),
     overlap: int = typer.Option(40, help="Overlap between consecutive chunks, in word pieces."),
     batch_size: int = typer.Option(
-        64, help="Chunks per embedding call and store write (each 256 read are sorted by length first)."
+        64,
+        help="Chunks per embedding call and store write (each 256 read are sorted by length first).",
     ),
     backend: str = typer.Option(
         "auto",

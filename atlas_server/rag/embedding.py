@@ -199,7 +199,9 @@ class Embedder:
                     initializer=torch.set_num_threads,
                     initargs=(1,),
                 ) as pool:
-                    for future in [pool.submit(embed, b, f) for b, f in zip(batches, features)]:
+                    for future in [
+                        pool.submit(embed, b, f) for b, f in zip(batches, features, strict=True)
+                    ]:
                         future.result()  # re-raises a worker's error here
             finally:
                 torch.set_num_threads(callers)
