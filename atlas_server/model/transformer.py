@@ -227,8 +227,12 @@ class CausalSelfAttention(nn.Module):
                 # with no mask, so SDPA can take its flash kernel instead of reading the
                 # cache back and masking (a host-side test: no GPU sync).
                 out = attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                    mask=None, dropout=0.0, impl=self.impl,
+                    q.transpose(1, 2),
+                    k.transpose(1, 2),
+                    v.transpose(1, 2),
+                    mask=None,
+                    dropout=0.0,
+                    impl=self.impl,
                 )  # [B, H, T, D]
                 return out.transpose(1, 2).reshape(B, T, H * D)
             length = kv_length if kv_length is not None else int(positions.max()) + 1
