@@ -46,6 +46,7 @@ class EngineSection(_Section):
     kv_cache_gib: float | None = None  # None: max_running slots (CPU); 50% of free (CUDA)
     cuda_graphs: bool = True
     tf32: bool = False
+    overlap: bool | None = None  # None: on with CUDA, off on the CPU
 
 
 class HTTPSection(_Section):

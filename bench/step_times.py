@@ -1,9 +1,10 @@
 """Where an engine step's time goes, in-process: the runner's execute() and the output
-processor's process(), timed around each call during one greedy decode.
+processor's calls (launch, take_tokens, emit_text; process() in revisions before the
+overlap split), timed around each call during one greedy decode.
 
 What it does: builds a random-weight model (default gpt2-124m, fp32), starts an Engine
 with the checkout on PYTHONPATH, decodes one 128-token prompt greedily for `--tokens`
-tokens, and prints the median milliseconds per step of the two calls (the first two steps
+tokens, and prints the median milliseconds per step of each call (the first two steps
 left out). Point PYTHONPATH at two checkouts in turn to compare revisions without HTTP:
 `PYTHONPATH=/path/to/rev python bench/step_times.py`.
 What it does not do: HTTP, batching, or sampling beyond greedy (ab_serving.py,
@@ -39,22 +40,24 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(load_preset(args.preset))
     engine = Engine(model, byte_level_tokenizer(), EngineConfig(max_running=32))
-    times: dict[str, list[float]] = {"execute": [], "process": []}
-    execute, process = engine.runner.execute, engine.outputs.process
+    # Revisions before the overlap split have one output call per step; later ones three.
+    output_calls = ("launch", "take_tokens", "emit_text")
+    if not hasattr(engine.outputs, "take_tokens"):
+        output_calls = ("process",)
+    times: dict[str, list[float]] = {name: [] for name in ("execute", *output_calls)}
 
-    def timed_execute(plan):
-        started = time.perf_counter()
-        result = execute(plan)
-        times["execute"].append(time.perf_counter() - started)
-        return result
+    def timed(name, call):
+        def wrapper(*args):
+            started = time.perf_counter()
+            result = call(*args)
+            times[name].append(time.perf_counter() - started)
+            return result
 
-    def timed_process(plan, logits):
-        started = time.perf_counter()
-        result = process(plan, logits)
-        times["process"].append(time.perf_counter() - started)
-        return result
+        return wrapper
 
-    engine.runner.execute, engine.outputs.process = timed_execute, timed_process
+    engine.runner.execute = timed("execute", engine.runner.execute)
+    for name in output_calls:
+        setattr(engine.outputs, name, timed(name, getattr(engine.outputs, name)))
     engine.start()
 
     async def decode() -> None:

@@ -86,9 +86,11 @@ class StepGate:
 
     A tiny model decodes hundreds of tokens a second, so on a loaded machine a request can
     finish by itself before the test gets to abort it, drain, or check it is still running.
-    Behind the gate, every step that decodes waits for a permit (`allow(n)`): a request then
-    progresses only as far as the test says, whatever the load. Prompt-only steps run freely
-    (a request gets its first token without a permit). `open()` lets everything run.
+    Behind the gate, every step that decodes waits for a permit (`allow(n)`) before its
+    sampled tokens are taken (after its forward ran, and, in the engine's overlap mode,
+    after the previous step's events went out): a request then progresses only as far as
+    the test says, whatever the load. Prompt-only steps run freely (a request gets its
+    first token without a permit). `open()` lets everything run.
     """
 
     def __init__(self, engine) -> None:
@@ -96,14 +98,20 @@ class StepGate:
 
         self._permits = threading.Semaphore(0)
         self._open = False
-        execute = engine.runner.execute
+        self._decodes = False  # the step being run has decode rows
+        execute, take_tokens = engine.runner.execute, engine.outputs.take_tokens
 
-        def gated(plan):
-            if plan.decode.tokens and not self._open:
-                self._permits.acquire()
+        def noted(plan):
+            self._decodes = bool(plan.decode.tokens)
             return execute(plan)
 
-        engine.runner.execute = gated
+        def gated(pending):
+            if self._decodes and not self._open:
+                self._permits.acquire()
+            return take_tokens(pending)
+
+        engine.runner.execute = noted
+        engine.outputs.take_tokens = gated
 
     def allow(self, steps: int = 1) -> None:
         self._permits.release(steps)

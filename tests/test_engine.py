@@ -26,6 +26,16 @@ from atlas_server.engine import (
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 
 
+@pytest.fixture(autouse=True, params=[False, True], ids=["serial", "overlap"])
+def overlap(request, monkeypatch) -> bool:
+    """Every test here runs twice: host work after each step, and overlapped with the next
+    step (the CUDA default, engine.py "Overlap"): outputs, stops and aborts must not differ."""
+    import atlas_server.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "default_overlap", lambda device: request.param)
+    return request.param
+
+
 async def run(engine: Engine, prompt: list[int], params: SamplingParams, **kw):
     """All events of one request -> (token ids per choice, text per choice, events)."""
     events = [e async for e in engine.submit(prompt, params, **kw)]
@@ -196,10 +206,42 @@ async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(varied_mode
     stop = full[12:15]  # three byte tokens long
     cut = full.index(stop)
     params = SamplingParams(temperature=1.0, max_tokens=40, seed=5, stop=(stop, "never-seen"))
+    before = engine.stats().generation_tokens_total
     ids, text, events = await run(engine, prompt, params)
     assert text[0] == full[:cut]
     assert all(stop not in e.text for e in events)
     assert events[-1].finish_reason == "stop" and events[-1].stop_reason == stop
+    # With overlap the next step had already sampled a token for it: that one is dropped.
+    await wait_for(lambda: engine.stats().running == 0)
+    generated = engine.stats().generation_tokens_total - before
+    assert generated == len(ids[0]) == events[-1].num_generated_tokens
+
+
+async def test_overlap_emits_a_steps_events_after_the_next_step_is_queued(
+    varied_model, make_engine, overlap
+):
+    """Overlap mode queues step N+1 before step N's text and events; serial mode emits
+    step N's events before step N+1 starts. The tokens are the same either way."""
+    engine = make_engine(max_running=2, max_batched_tokens=32)
+    log: list[str] = []
+    execute, emit_text = engine.runner.execute, engine.outputs.emit_text
+
+    def logged_execute(plan):
+        log.append("step")
+        return execute(plan)
+
+    def logged_emit(pending):
+        log.append("events")
+        return emit_text(pending)
+
+    engine.runner.execute, engine.outputs.emit_text = logged_execute, logged_emit
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    ids, _, events = await run(engine, varied_model.tokenizer.encode("overlap"), params)
+    assert len(ids[0]) == 3 and events[-1].finish_reason == "length"
+    if overlap:  # prefill, decode 1 queued, first token's events, ..., the last at idle
+        assert log == ["step", "step", "events", "step", "events", "events"]
+    else:
+        assert log == ["step", "events", "step", "events", "step", "events"]
 
 
 async def test_stop_token_ids_eos_and_ignore_eos(varied_model, make_engine):

@@ -39,6 +39,7 @@ def test_the_shipped_defaults_load():
         ("[engine]\nkv_cache_gib = 0\n", "engine.kv_cache_gib must be > 0"),
         ("[engine]\nkv_cache_gib = -1.5\n", "engine.kv_cache_gib must be > 0"),
         ("[engine]\ncuda_graphs = 'on'\n", "'engine.cuda_graphs' must be bool"),
+        ("[engine]\noverlap = 1\n", "'engine.overlap' must be"),
         ("[model]\ndtype = 'int4'\n", "model.dtype must be auto, float32, bfloat16 or float16"),
         ("[engine\n", "is not valid TOML"),
     ],

@@ -116,6 +116,7 @@ class ServerState:
                     kv_cache_gib=cfg.engine.kv_cache_gib,
                     cuda_graphs=cfg.engine.cuda_graphs,
                     tf32=cfg.engine.tf32,
+                    overlap=cfg.engine.overlap,
                     device=cfg.model.device,
                     dtype=cfg.model.dtype,
                 ),

@@ -17,6 +17,17 @@ everything else, one step at a time, along the data flow:
   - output.py: sampling, incremental detokenizing, stop conditions, events.
 The step's events go to each caller's loop with one `loop.call_soon_threadsafe` per loop.
 
+Overlap (`EngineConfig.overlap`, on by default on CUDA): a step is split where the host
+would wait for the device. The engine schedules step N, queues its forward and sampling,
+and only then detokenizes, matches stop strings and emits the events of step N-1, while
+the device works; it then reads step N's tokens (one copy) and appends them, deciding the
+token-level finishes (stop token ids, EOS, max_tokens) before step N+1 is scheduled. Only
+a stop string is found one step late: that sequence was already scheduled into step N,
+so its step-N token is dropped (never appended, no event) and its slot freed after step N.
+Outputs are the same as without overlap (tests/test_engine.py runs every test both ways);
+events reach callers one step later. On the CPU the forward and the host work share the
+same cores, so there is nothing to gain and it is off.
+
 KV memory: the model's slot cache (model/kv_cache.py), allocated once at start with
 `max_running` slots of `max_model_len` positions; one slot per running sequence. Slots
 rather than paged blocks because at Atlas's model sizes a full-length slot is small and
@@ -48,8 +59,8 @@ import torch
 
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .output import Emit, OutputProcessor
-from .request import Request
+from .output import Emit, OutputProcessor, PendingStep
+from .request import Request, Sequence
 from .runner import ModelRunner, make_runner, resolve_dtype
 from .scheduler import Scheduler, StepPlan
 from .types import (
@@ -109,6 +120,11 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         queue.put_nowait(event)
 
 
+def default_overlap(device: torch.device) -> bool:
+    """Overlap host work with the device's where there is a separate device: CUDA."""
+    return device.type == "cuda"
+
+
 class Engine:
     """Continuous-batching generation over a Transformer with a preallocated KV cache."""
 
@@ -141,6 +157,12 @@ class Engine:
             config.max_running, config.max_batched_tokens, config.prefix_caching
         )
         self.outputs = OutputProcessor(tokenizer, model.tok_emb.weight.device)
+        device = model.tok_emb.weight.device
+        self.overlap = default_overlap(device) if config.overlap is None else config.overlap
+        # Overlap mode: the step whose text is not yet emitted, and the requests to forget
+        # once it is (they finished by token, their final events are in that text).
+        self._pending: PendingStep | None = None
+        self._forget_after_text: list[Request] = []
         # What serves (device, dtype, kernels), for /health and the start-up log.
         self.backend = self.runner.describe()
         log.info(
@@ -299,6 +321,8 @@ class Engine:
                 self._flush_outbox()
                 return
             self._take_inbox()
+            if self._abort_ids:
+                self._complete_text()  # an abort ends a request after its last event
             self._apply_aborts()
             if self.scheduler.running or self.scheduler.waiting:
                 started = time.perf_counter()
@@ -308,6 +332,8 @@ class Engine:
                 except Exception as e:  # a bug or OOM must not kill the thread silently
                     log.exception("engine step failed")
                     self._fail_running(f"{type(e).__name__}: {e}")
+                if not (self.scheduler.running or self.scheduler.waiting):
+                    self._complete_text()  # the last step's events (overlap mode)
                 if self.scheduler.running or self.scheduler.waiting:
                     self._wake.set()  # keep stepping while there is work
                 self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * (
@@ -340,12 +366,47 @@ class Engine:
         for request, error in plan.rejected:
             self._end(request, "error", error)
         if not plan.runs_model:
+            self._complete_text()
             return
         self._steps_total += 1
         logits = self.runner.execute(plan)
-        for seq in self.outputs.process(plan, logits):
+        pending = self.outputs.launch(plan, logits)  # queued on the device, not read back
+        # Overlap: the previous step's text and events while the device runs this one.
+        late = self._emit_pending_text() if self.overlap else []
+        if pending is not None:
+            finished = self.outputs.take_tokens(pending)  # waits for this step's tokens
+            if self.overlap:
+                self._pending = pending
+            else:
+                finished += self.outputs.emit_text(pending)
+            for seq in finished:
+                if self.scheduler.finish(seq):
+                    if self.overlap:  # its final event is in the pending text
+                        self._forget_after_text.append(seq.request)
+                    else:
+                        self._forget(seq.request)
+        self._finish_late(late)  # after this step, which still wrote their slots
+
+    def _emit_pending_text(self) -> list[Sequence]:
+        """Emit the pending step's text (overlap mode); returns the sequences a stop string
+        ended there, which the caller frees once no step in flight uses their slots."""
+        pending, self._pending = self._pending, None
+        late = self.outputs.emit_text(pending) if pending is not None else []
+        for request in self._forget_after_text:
+            self._forget(request)
+        self._forget_after_text.clear()
+        if pending is not None:
+            self._flush_outbox()  # deliver now rather than after this step
+        return late
+
+    def _finish_late(self, late: list[Sequence]) -> None:
+        for seq in late:
             if self.scheduler.finish(seq):
                 self._forget(seq.request)
+
+    def _complete_text(self) -> None:
+        """With no step in flight: emit the pending text and free what it finished."""
+        self._finish_late(self._emit_pending_text())
 
     def _end(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         """Final events for what is still open of `request`; it is gone afterwards."""
@@ -365,6 +426,7 @@ class Engine:
 
     def _abort_all(self) -> None:
         self._take_inbox()
+        self._complete_text()
         for request_id in self.scheduler.request_ids():
             request = self.scheduler.abort(request_id)
             if request is not None:
@@ -375,6 +437,12 @@ class Engine:
 
     def _fail_running(self, error: str) -> None:
         """After a failed step: end every running request (what their slots hold is unknown)."""
+        try:  # the step before the failed one had finished: its events are still true
+            self._emit_pending_text()  # what a stop string ended there is aborted below
+        except Exception:
+            log.exception("could not emit the previous step's events")
+            self._pending = None
+            self._forget_after_text.clear()
         for request in list(self.scheduler.running):
             self.scheduler.abort(request.request_id, remember=False)
             self._end(request, "error", error)

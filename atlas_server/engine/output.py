@@ -28,7 +28,7 @@ from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .request import Request, Sequence
 from .runner import StepLogits
-from .sampling import SamplingRow, sample_step, top_logprobs
+from .sampling import QueuedStep, SamplingRow, queue_step, top_logprobs
 from .scheduler import StepPlan
 from .types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -44,6 +44,31 @@ class _Choice:
     stops: StopStringMatcher
     generator: torch.Generator | None
     first_token_time: float | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sampled row of a step between its two halves (take_tokens, then emit_text)."""
+
+    state: _RequestState
+    choice: _Choice
+    token: int = -1
+    entry: TokenLogprob | None = None
+    count: int = 0  # the choice's generated tokens, this one included
+    reason: FinishReason | None = None  # by token: stop token id or EOS
+    stop_reason: str | int | None = None
+    at_length: bool = False  # this token reached max_tokens
+    first: bool = False  # the choice's first token
+    now: float = 0.0
+    dropped: bool = False  # the choice had ended: token not appended, no event
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """A step whose sampling is queued (`queued`); `rows` fill in as its halves run."""
+
+    rows: list[_Row]
+    queued: QueuedStep
 
 
 @dataclass(eq=False)
@@ -99,9 +124,17 @@ class OutputProcessor:
         """Drop a request whose choices all finished on their own."""
         self._states.pop(request.request_id, None)
 
-    # --- one step --------------------------------------------------------------------------
+    # --- one step ---------------------------------------------------------------------
     def process(self, plan: StepPlan, logits: StepLogits) -> list[Sequence]:
         """Sample and emit this step's tokens; returns the sequences that finished."""
+        pending = self.launch(plan, logits)
+        if pending is None:
+            return []
+        return self.take_tokens(pending) + self.emit_text(pending)
+
+    def launch(self, plan: StepPlan, logits: StepLogits) -> PendingStep | None:
+        """Queue the step's sampling on the device (prompt logprobs are read here); None if
+        no row samples. Nothing of the sampled tokens is read back yet."""
         rows: list[Sequence] = list(plan.decode.sequences)
         parts: list[Tensor] = [logits.decode]  # [B, V]
         for chunk, out in zip(plan.prefill, logits.prefill, strict=True):
@@ -114,8 +147,73 @@ class OutputProcessor:
                 parts.append(out[-1:].expand(len(r.sequences), -1))
                 rows += r.sequences
         if not rows:
-            return []
-        return self._sample_and_emit(rows, torch.cat(parts, dim=0))
+            return None
+        eos = self.eos_id
+        states = [self._states[seq.request.request_id] for seq in rows]
+        choices = [state.choices[seq.index] for state, seq in zip(states, rows, strict=True)]
+        sampling_rows = [
+            SamplingRow(
+                seq.request.params,
+                seq.request.prompt_ids,
+                seq.output_ids,
+                choice.generator,
+                tuple(seq.request.params.stop_token_ids)
+                + ((eos,) if eos is not None and not seq.request.params.ignore_eos else ()),
+            )
+            for seq, choice in zip(rows, choices, strict=True)
+        ]
+        wanted = [seq.request.params.logprobs for seq in rows]
+        queued = queue_step(torch.cat(parts, dim=0), sampling_rows, wanted)
+        return PendingStep(
+            [_Row(state, choice) for state, choice in zip(states, choices, strict=True)], queued
+        )
+
+    def take_tokens(self, pending: PendingStep) -> list[Sequence]:
+        """Wait for the step's tokens (the one device-to-host copy), append each to its
+        sequence and return those that finished by token: a stop token id, EOS or
+        max_tokens. Text, stop strings and events wait for `emit_text`.
+
+        A row whose choice already ended (in overlap mode, by a stop string found in the
+        text of the step before, while this step was already running) is dropped: its
+        token is not appended and no event is sent for it."""
+        step = pending.queued.result()
+        now = time.perf_counter()
+        finished = []
+        for row, token, entry in zip(pending.rows, step.tokens, step.logprobs, strict=True):
+            seq, p = row.choice.seq, row.state.request.params
+            if (
+                seq.index not in row.state.open
+                or self._states.get(seq.request.request_id) is not row.state
+            ):
+                row.dropped = True
+                continue
+            seq.output_ids.append(token)
+            self.generation_tokens_total += 1
+            row.token, row.entry, row.now = token, entry, now
+            row.count = len(seq.output_ids)
+            if row.choice.first_token_time is None:
+                row.choice.first_token_time = now
+                row.first = True
+            if token in p.stop_token_ids:
+                row.reason, row.stop_reason = "stop", token
+            elif token == self.eos_id and not p.ignore_eos:
+                row.reason = "stop"
+            row.at_length = row.count >= p.max_tokens
+            if row.reason is not None or row.at_length:
+                finished.append(seq)
+        return finished
+
+    def emit_text(self, pending: PendingStep) -> list[Sequence]:
+        """Detokenize the step's tokens, check stop strings, and emit one event per row;
+        returns the sequences that only a stop string finished (the rest `take_tokens`
+        returned already)."""
+        late = []
+        for row in pending.rows:
+            if row.dropped or self._states.get(row.state.request.request_id) is not row.state:
+                continue  # the request ended (abort, error) before its text was sent
+            if self._emit_row(row):
+                late.append(row.choice.seq)
+        return late
 
     def _collect_prompt_logprobs(
         self, state: _RequestState, logits: Tensor, start: int, end: int
@@ -132,63 +230,21 @@ class OutputProcessor:
                 logits[: len(targets)], chosen, r.params.prompt_logprobs or 0
             )
 
-    def _sample_and_emit(self, rows: list[Sequence], logits: Tensor) -> list[Sequence]:
-        eos = self.eos_id
-        states = [self._states[seq.request.request_id] for seq in rows]
-        choices = [state.choices[seq.index] for state, seq in zip(states, rows, strict=True)]
-        sampling_rows = [
-            SamplingRow(
-                seq.request.params,
-                seq.request.prompt_ids,
-                seq.output_ids,
-                choice.generator,
-                tuple(seq.request.params.stop_token_ids)
-                + ((eos,) if eos is not None and not seq.request.params.ignore_eos else ()),
-            )
-            for seq, choice in zip(rows, choices, strict=True)
-        ]
-        wanted = [seq.request.params.logprobs for seq in rows]
-        # Tokens (and logprobs where asked) reach the host in one copy per step.
-        step = sample_step(logits, sampling_rows, wanted)
-        now = time.perf_counter()
-        finished = []
-        for state, choice, token, entry in zip(
-            states, choices, step.tokens, step.logprobs, strict=True
-        ):
-            if self._append_token(state, choice, token, entry, now):
-                finished.append(choice.seq)
-        return finished
-
-    def _append_token(
-        self,
-        state: _RequestState,
-        choice: _Choice,
-        token: int,
-        entry: TokenLogprob | None,
-        now: float,
-    ) -> bool:
-        """Add one sampled token to a choice and emit its event; True if that finished it."""
+    def _emit_row(self, row: _Row) -> bool:
+        """One row's text and event; True if a stop string (and nothing before) ended it."""
+        state, choice = row.state, row.choice
         r, seq = state.request, choice.seq
         p = r.params
-        seq.output_ids.append(token)
-        self.generation_tokens_total += 1
-        first = choice.first_token_time is None
-        if first:
-            choice.first_token_time = now
-        reason: FinishReason | None = None
-        stop_reason: str | int | None = None
+        reason, stop_reason = row.reason, row.stop_reason
         text = ""
-        if token in p.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif token == self.eos_id and not p.ignore_eos:
-            reason = "stop"
-        else:
+        if reason is None:
             text, matched = choice.stops.feed(
-                choice.detok.add(token), len(seq.output_ids) >= p.min_tokens
+                choice.detok.add(row.token), row.count >= p.min_tokens
             )
             if matched is not None:
                 reason, stop_reason = "stop", matched
-        if reason is None and len(seq.output_ids) >= p.max_tokens:
+        by_stop_string = reason is not None and not row.at_length and row.reason is None
+        if reason is None and row.at_length:
             reason = "length"
         if reason is not None and not isinstance(stop_reason, str):
             tail, matched = _flush_tail(choice, p)
@@ -202,27 +258,28 @@ class OutputProcessor:
         )
         if send_prompt_lp:
             state.sent_prompt_logprobs = True
+        now = row.now
         state.emit(
             RequestOutput(
                 r.request_id,
                 seq.index,
-                [token],
+                [row.token],
                 text,
-                logprobs=[entry] if entry is not None else None,
+                logprobs=[row.entry] if row.entry is not None else None,
                 prompt_logprobs=state.prompt_logprobs if send_prompt_lp else None,
                 finished=reason is not None,
                 finish_reason=reason,
                 stop_reason=stop_reason,
                 num_prompt_tokens=len(r.prompt_ids),
                 num_cached_tokens=r.cached,
-                num_generated_tokens=len(seq.output_ids),
-                queue_time_s=(r.scheduled_time or now) - r.arrival_time if first else None,
+                num_generated_tokens=row.count,
+                queue_time_s=(r.scheduled_time or now) - r.arrival_time if row.first else None,
                 arrival_time=r.arrival_time,
                 first_token_time=choice.first_token_time,
                 time=now,
             )
         )
-        return reason is not None
+        return by_stop_string
 
     @staticmethod
     def _final_event(

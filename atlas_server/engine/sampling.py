@@ -259,10 +259,37 @@ def _entries(table: list[list[float]], k: int) -> list[TokenLogprob]:
     ]
 
 
-def sample_step(
+@dataclass
+class QueuedStep:
+    """A step's sampling, queued on the logits' device and not yet read back.
+
+    `result()` makes the one device-to-host copy (waiting for the device there); until
+    then the host is free, which is what the engine's overlap mode uses (engine.py)."""
+
+    table: Tensor  # [B] token ids, or [B, 2 + 2k] ids, logprobs and top-k when asked
+    wanted: list[int | None]
+
+    def result(self) -> SampledStep:
+        wanted = self.wanted
+        if all(k is None for k in wanted):
+            return SampledStep(self.table.tolist(), [None] * len(wanted))
+        k = max(k or 0 for k in wanted)
+        entries = _entries(self.table.tolist(), k)  # the one copy
+        out: list[TokenLogprob | None] = []
+        for entry, want in zip(entries, wanted, strict=True):
+            if want is None:
+                out.append(None)
+                continue
+            if len(entry.top) > want:
+                entry.top = dict(list(entry.top.items())[:want])
+            out.append(entry)
+        return SampledStep([e.token_id for e in entries], out)
+
+
+def queue_step(
     logits: Tensor, rows: list[SamplingRow], logprobs: Sequence[int | None] | None = None
-) -> SampledStep:
-    """Sample one token per row and bring the step's result to the host in one copy.
+) -> QueuedStep:
+    """Sample one token per row on the logits' device, without reading anything back.
 
     `logprobs[i]` is row i's top-k for logprobs (None: the row wants none). Entries hold at
     most the k their row asked for.
@@ -270,18 +297,16 @@ def sample_step(
     tokens = sample(logits, rows)  # [B], on the device
     wanted = list(logprobs) if logprobs is not None else [None] * len(rows)
     if all(k is None for k in wanted):
-        return SampledStep(tokens.tolist(), [None] * len(rows))
+        return QueuedStep(tokens, wanted)
     k = max(k or 0 for k in wanted)
-    entries = _entries(_logprob_table(logits, tokens, k).tolist(), k)  # the one copy
-    out: list[TokenLogprob | None] = []
-    for entry, want in zip(entries, wanted, strict=True):
-        if want is None:
-            out.append(None)
-            continue
-        if len(entry.top) > want:
-            entry.top = dict(list(entry.top.items())[:want])
-        out.append(entry)
-    return SampledStep([e.token_id for e in entries], out)
+    return QueuedStep(_logprob_table(logits, tokens, k), wanted)
+
+
+def sample_step(
+    logits: Tensor, rows: list[SamplingRow], logprobs: Sequence[int | None] | None = None
+) -> SampledStep:
+    """Sample one token per row and bring the step's result to the host in one copy."""
+    return queue_step(logits, rows, logprobs).result()
 
 
 def top_logprobs(logits: Tensor, chosen: Tensor, k: Tensor | int) -> list[TokenLogprob]:

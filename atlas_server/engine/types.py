@@ -188,6 +188,9 @@ class EngineConfig:
     kv_cache_gib: float | None = None
     cuda_graphs: bool = True  # on CUDA: decode steps replay captured graphs (cuda_runner.py)
     tf32: bool = False  # on CUDA: TF32 matmuls for fp32 weights (faster, ~1e-3 relative)
+    # Detokenize and emit step N's tokens while the device runs step N+1 (engine.py,
+    # "Overlap"); None: on where the model runs on CUDA, off on the CPU (nothing to overlap).
+    overlap: bool | None = None
 
 
 @dataclass
