@@ -103,6 +103,12 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
+    if args.chunks < 1 or args.rounds < 1:
+        parser.error("--chunks and --rounds must be at least 1")
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     load_start = os.getloadavg()
     print(
@@ -118,10 +124,6 @@ def main() -> None:
         f"batches of {auto.batch_size} on this CPU",
         flush=True,
     )
-    chosen = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown:
-        parser.error(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     for key in chosen:
         if "embedder" in VARIANTS[key][1]:
             embedders[key] = Embedder(**VARIANTS[key][1]["embedder"])

@@ -37,10 +37,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths takes comma-separated token counts, not {args.lengths!r}")
+    if min(lengths) < 1 or args.repeats < 1:
+        parser.error("--lengths and --repeats must be at least 1")
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    lengths = [int(n) for n in args.lengths.split(",")]
     torch.manual_seed(0)
     model = Transformer(load_preset(args.preset, max_seq_len=max(lengths)))
     model = model.to(device=device, dtype=dtype).prepare_for_inference()

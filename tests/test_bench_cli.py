@@ -35,6 +35,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_cuda_decode.py", ["--batch", "16", "0"]),
         ("ab_sampling.py", ["HEAD", "HEAD", "--rounds", "0"]),
         ("step_times.py", ["--tokens", "0"]),
+        ("bench_ingest.py", ["--chunks", "0"]),
+        ("bench_ingest.py", ["--variants", "fp32,turbo"]),
+        ("bench_prefill_attention.py", ["--lengths", "128,0"]),
+        ("bench_prefill_attention.py", ["--lengths", "long"]),
+        ("bench_prefill_attention.py", ["--repeats", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):
