@@ -88,29 +88,32 @@ class StepGate:
     finish by itself before the test gets to abort it, drain, or check it is still running.
     Behind the gate, every step that decodes waits for a permit (`allow(n)`) before its
     sampled tokens are taken (after its forward ran, and, in the engine's overlap mode,
-    after the previous step's events went out): a request then progresses only as far as
+    after the next step's forward was queued): a request then progresses only as far as
     the test says, whatever the load. Prompt-only steps run freely (a request gets its
     first token without a permit). `open()` lets everything run.
     """
 
     def __init__(self, engine) -> None:
         import threading
+        import weakref
 
         self._permits = threading.Semaphore(0)
         self._open = False
-        self._decodes = False  # the step being run has decode rows
-        execute, take_tokens = engine.runner.execute, engine.outputs.take_tokens
+        self._decoding = weakref.WeakSet()  # the sampled steps that have decode rows
+        launch, take_tokens = engine.outputs.launch, engine.outputs.take_tokens
 
-        def noted(plan):
-            self._decodes = bool(plan.decode.tokens)
-            return execute(plan)
+        def noted(plan, logits):
+            pending = launch(plan, logits)
+            if pending is not None and plan.decode.tokens:
+                self._decoding.add(pending)
+            return pending
 
         def gated(pending):
-            if self._decodes and not self._open:
+            if pending in self._decoding and not self._open:
                 self._permits.acquire()
             return take_tokens(pending)
 
-        engine.runner.execute = noted
+        engine.outputs.launch = noted
         engine.outputs.take_tokens = gated
 
     def allow(self, steps: int = 1) -> None:

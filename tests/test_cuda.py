@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from conftest import StepGate
 from hf_models import hf_gpt2, hf_llama
-from test_engine import GREEDY, prompts, run, wait_for
+from test_engine import GREEDY, feature_mix_outputs, prompts, run, wait_for
 from test_sampling import CASES as SAMPLING_CASES
 from test_sampling import VOCAB as SAMPLING_VOCAB
 from test_sampling import reference_probs
@@ -475,6 +475,20 @@ def test_graph_engine_greedy_is_the_same_alone_and_at_every_bucket(preset, byte_
     got = run_engine(engine, main)
     for size, outputs in got.items():
         assert outputs == expected[:size], f"batch of {size}"
+
+
+def test_graph_engine_overlap_equals_serial_for_every_sampling_feature(byte_tokenizer):
+    """Overlap mode on CUDA (the default: decode rows fed the last step's sampled ids on the
+    GPU, into graph replays) gives what serial mode gives, feature by feature."""
+    model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
+    ps = prompts(byte_tokenizer, 4)
+    results = []
+    for overlap in (False, True):
+        config = EngineConfig(max_running=4, max_batched_tokens=12, overlap=overlap)
+        engine = Engine(model, byte_tokenizer, config).start()
+        assert engine.overlap is overlap and engine.backend["cuda_graphs"].startswith("on")
+        results.append(run_engine(engine, lambda e=engine: feature_mix_outputs(e, ps)))
+    assert results[1] == results[0]
 
 
 def test_graph_engine_abort_during_replay_frees_the_slot(byte_tokenizer):

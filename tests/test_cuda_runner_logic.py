@@ -191,19 +191,52 @@ def test_padded_bucketed_decode_equals_the_eager_runner_at_every_batch_size(pres
             assert dead.abs().sum() > 0  # the padding rows did write somewhere: there
 
 
+@pytest.mark.parametrize("runner_kind", ["eager", "padded"])
+def test_rows_fed_the_last_steps_sampled_ids_equal_rows_given_the_tokens(runner_kind):
+    """Overlap mode's input path: decode rows whose `sampled_rows` point into the previous
+    step's sampled ids (a tensor on the device, in another order, some rows given as host
+    integers) get the same logits and KV as the same tokens given by the host."""
+    model = tiny("gpt2-tiny", "sdpa")
+    make = {
+        "eager": lambda m: EagerRunner(m, 4, 300),
+        "padded": lambda m: GraphRunner(m, 4, 300, cuda_graphs=False),
+    }[runner_kind]
+    given, fed = make(copy.deepcopy(model)), make(copy.deepcopy(model))
+    lengths = [5, 9, 3]
+    chunks = [prefill(s, list(range(10 + s, 10 + s + n))) for s, n in enumerate(lengths)]
+    tokens = (41, 17, 250)
+    sampled = torch.tensor([250, 99, 41])  # the previous step's ids, in its own row order
+    with torch.inference_mode():
+        for runner in (given, fed):
+            runner.execute(StepPlan(prefill=chunks))
+        host = DecodeBatch((), tokens, tuple(lengths), (0, 1, 2))
+        device = DecodeBatch((), (0, 17, 0), tuple(lengths), (0, 1, 2), sampled_rows=(2, -1, 0))
+        want = given.execute(StepPlan(decode=host)).decode
+        got = fed.execute(StepPlan(decode=device), sampled).decode
+        with pytest.raises(ValueError, match="sampled ids"):
+            fed.execute(StepPlan(decode=device))  # the plan needs them
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for store_g, store_f in zip(given.cache.k, fed.cache.k, strict=True):
+        torch.testing.assert_close(store_f[:3], store_g[:3], atol=0, rtol=0)
+
+
 def test_graph_runner_needs_cuda_for_graphs():
     with pytest.raises(ValueError, match="CUDA device"):
         GraphRunner(tiny("gpt2-tiny", "sdpa"), 2, 64, cuda_graphs=True)
 
 
-def test_engine_on_the_padded_runner_equals_greedy_alone_and_together(varied_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_engine_on_the_padded_runner_equals_greedy_alone_and_together(varied_model, overlap):
     """Engine-level: 5 slots -> buckets [1, 2, 4, 5], so 3 running streams decode padded
     into slots 3 and 4, where other prompts are prefilling; a request that fills its whole
-    slot (prompt + max_tokens = max_model_len) never meets the dead position."""
+    slot (prompt + max_tokens = max_model_len) never meets the dead position, also when
+    overlap mode schedules ahead of the tokens (CUDA's default)."""
     model, tokenizer = varied_model.model, varied_model.tokenizer
     max_len = 64
     runner = GraphRunner(model, 5, max_len, cuda_graphs=False)
-    config = EngineConfig(max_running=5, max_batched_tokens=16, max_model_len=max_len)
+    config = EngineConfig(
+        max_running=5, max_batched_tokens=16, max_model_len=max_len, overlap=overlap
+    )
     engine = Engine(model, tokenizer, config, runner=runner).start()
     ps = prompts(tokenizer, 5)
     full = SamplingParams(temperature=0.0, max_tokens=max_len - len(ps[0]))

@@ -103,10 +103,10 @@ async def test_decode_batch_is_packed_into_the_lowest_slots_without_changing_out
     seen_slots: list[list[int]] = []
     execute = engine.runner.execute
 
-    def recording(plan):
+    def recording(plan, *sampled):
         if plan.decode.slots:
             seen_slots.append(list(plan.decode.slots))
-        return execute(plan)
+        return execute(plan, *sampled)
 
     engine.runner.execute = recording
     got = await asyncio.gather(
@@ -217,31 +217,103 @@ async def test_stop_string_spanning_tokens_is_cut_and_never_streamed(varied_mode
     assert generated == len(ids[0]) == events[-1].num_generated_tokens
 
 
-async def test_overlap_emits_a_steps_events_after_the_next_step_is_queued(
+async def test_overlap_queues_the_next_forward_before_reading_a_steps_tokens(
     varied_model, make_engine, overlap
 ):
-    """Overlap mode queues step N+1 before step N's text and events; serial mode emits
-    step N's events before step N+1 starts. The tokens are the same either way."""
+    """Overlap mode queues step N+1's forward, fed step N's sampled ids on the device,
+    before the host reads step N's tokens, and emits step N's events after that; serial
+    mode reads and emits step N before step N+1 starts. The tokens are the same."""
     engine = make_engine(max_running=2, max_batched_tokens=32)
     log: list[str] = []
-    execute, emit_text = engine.runner.execute, engine.outputs.emit_text
+    execute, take_tokens = engine.runner.execute, engine.outputs.take_tokens
+    emit_text = engine.outputs.emit_text
 
-    def logged_execute(plan):
-        log.append("step")
-        return execute(plan)
+    def logged_execute(plan, sampled=None):
+        fed = plan.decode.feeds_sampled
+        assert fed == (sampled is not None and bool(plan.decode.tokens))
+        log.append("step fed on device" if fed else "step")
+        return execute(plan, sampled)
+
+    def logged_take(pending):
+        log.append("read")
+        return take_tokens(pending)
 
     def logged_emit(pending):
         log.append("events")
         return emit_text(pending)
 
-    engine.runner.execute, engine.outputs.emit_text = logged_execute, logged_emit
-    params = SamplingParams(max_tokens=3, ignore_eos=True)
-    ids, _, events = await run(engine, varied_model.tokenizer.encode("overlap"), params)
-    assert len(ids[0]) == 3 and events[-1].finish_reason == "length"
-    if overlap:  # prefill, decode 1 queued, first token's events, ..., the last at idle
-        assert log == ["step", "step", "events", "step", "events", "events"]
+    engine.runner.execute = logged_execute
+    engine.outputs.take_tokens, engine.outputs.emit_text = logged_take, logged_emit
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompt = varied_model.tokenizer.encode("overlap")
+    ids, _, events = await run(engine, prompt, params)
+    assert ids[0] == varied_model.model.generate(prompt, 3)
+    assert events[-1].finish_reason == "length"
+    if overlap:  # the third token is the last: no fourth forward is queued for it
+        assert log == [
+            "step",
+            *["step fed on device", "read", "events"] * 2,
+            *["read", "events"],
+        ]
     else:
-        assert log == ["step", "events", "step", "events", "step", "events"]
+        assert log == ["step", "read", "events"] * 3
+
+
+def feature_mix(eos: int) -> list[SamplingParams]:
+    """Requests that touch every feature whose state overlap mode must keep exact:
+    penalties over the output so far, min_tokens, seeded streams (n > 1 included),
+    logprobs, stop strings, stop ids and EOS found while the next step is already queued,
+    and max_tokens."""
+    return [
+        SamplingParams(temperature=0.9, seed=1, max_tokens=24, repetition_penalty=1.3,
+                       presence_penalty=0.5, frequency_penalty=0.5, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, top_k=20, top_p=0.9,
+                       min_p=0.05, logprobs=3, n=2),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=30, stop=("e", "th")),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=16, min_tokens=5,
+                       logit_bias={eos: 6.0}),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=16, stop_token_ids=(101,),
+                       logit_bias={101: 4.0}),
+        SamplingParams(temperature=0.0, max_tokens=10, frequency_penalty=1.0),
+    ]  # fmt: skip
+
+
+async def feature_mix_outputs(engine: Engine, ps: list[list[int]]):
+    """feature_mix run concurrently -> ([(ids, text, final events, logprob ids)] per
+    request, the engine's generated-token count once its slots are back)."""
+    mix = feature_mix(engine.tokenizer.eot_id)
+    results = await asyncio.gather(
+        *(run(engine, ps[i % len(ps)], params) for i, params in enumerate(mix))
+    )
+    await wait_for(lambda: engine.stats().kv_slots_used == 0)
+    summary = []
+    for ids, text, events in results:
+        finals = sorted((e.index, e.finish_reason, e.stop_reason) for e in events if e.finished)
+        logprobs = [e.logprobs[0].token_id for e in events if e.logprobs]
+        summary.append((ids, text, finals, logprobs))
+    return summary, engine.stats().generation_tokens_total
+
+
+async def test_overlap_and_serial_give_the_same_outputs_for_every_sampling_feature(
+    varied_model, make_engine
+):
+    """The two modes side by side on feature_mix, concurrently through few slots."""
+    ps = prompts(varied_model.tokenizer, 4)
+    results = []
+    for overlap in (False, True):
+        engine = make_engine(max_running=4, max_batched_tokens=12, overlap=overlap)
+        assert engine.overlap is overlap
+        results.append(await feature_mix_outputs(engine, ps))
+    serial, overlapped = results
+    assert overlapped == serial
+    endings = {(r, type(why).__name__) for _, _, finals, _ in serial[0] for _, r, why in finals}
+    # max_tokens, EOS, a stop string and a stop id all ended some sequence
+    assert endings == {
+        ("length", "NoneType"),
+        ("stop", "NoneType"),
+        ("stop", "str"),
+        ("stop", "int"),
+    }
 
 
 async def test_stop_token_ids_eos_and_ignore_eos(varied_model, make_engine):
@@ -375,10 +447,10 @@ async def test_a_failing_step_ends_running_requests_with_error(varied_model, mak
     engine = make_engine(max_running=2, max_batched_tokens=32)
     real_execute = engine.runner.execute
 
-    def failing(plan):  # the prompt prefills; the first decode step fails
+    def failing(plan, *sampled):  # the prompt prefills; the first decode step fails
         if plan.decode.tokens:
             raise RuntimeError("boom")
-        return real_execute(plan)
+        return real_execute(plan, *sampled)
 
     engine.runner.execute = failing
     _, _, events = await run(engine, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))

@@ -10,6 +10,8 @@ is what the real cache would give attention.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from atlas_server.engine.request import Request, Sequence
@@ -268,6 +270,91 @@ def test_random_traffic_keeps_every_sequence_on_its_own_rows(seed):
         if not (s.running or s.waiting):
             break
         step(s, rows)
+    assert s.num_free_slots == 4 and not s.running and not s.waiting
+
+
+class AheadOfTokens:
+    """The engine's overlap mode, simulated: step N+1 is scheduled and executed on `rows`
+    before step N's tokens are appended, its rows fed step N's sampled ids by
+    `sampled_rows`; then step N's tokens are read (a token STOP finishes its sequence, as
+    EOS would) and step N+1's rows are sampled, except the sequences that just finished."""
+
+    STOP = 2
+
+    def __init__(self, scheduler: Scheduler, rows: Rows, rng) -> None:
+        self.scheduler, self.rows, self.rng = scheduler, rows, rng
+        self.sampled: list[tuple[Sequence, int]] = []  # the step in flight: (seq, its token)
+        self.counter = 1000
+
+    def step(self) -> StepPlan:
+        plan = self.scheduler.schedule()
+        decode = plan.decode
+        if decode.feeds_sampled:
+            fed = [
+                self.sampled[row][1] if row >= 0 else token
+                for token, row in zip(decode.tokens, decode.sampled_rows, strict=True)
+            ]
+            decode = dataclasses.replace(decode, tokens=tuple(fed), sampled_rows=())
+        for seq, position in zip(decode.sequences, decode.positions, strict=True):
+            # Never past the last token that will be fed: prompt + max_tokens - 2.
+            assert position <= len(seq.request.prompt_ids) + seq.request.params.max_tokens - 2
+        self.rows.execute(dataclasses.replace(plan, decode=decode))
+        for seq, token in self.sampled:  # read step N: append, finish by token
+            seq.sampled_row = -1
+            if seq.finished:
+                continue
+            seq.output_ids.append(token)
+            if token == self.STOP or len(seq.output_ids) >= seq.request.params.max_tokens:
+                self.scheduler.finish(seq)
+        for seq in decode.sequences:  # what step N+1 fed: each row its own history
+            if not seq.finished:
+                assert self.rows.holds(seq) == seq.request.prompt_ids + seq.output_ids, plan
+        sampled = [seq for seq in decode.sequences if not seq.finished]
+        for chunk in plan.prefill:
+            if chunk.completes_prompt:
+                sampled += chunk.request.sequences
+        self.sampled = []
+        for i, seq in enumerate(sampled):
+            self.counter += 1
+            token = self.STOP if self.rng.random() < 0.1 else self.counter
+            seq.sampled_row = i
+            self.sampled.append((seq, token))
+        return plan
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_scheduling_ahead_of_the_tokens_feeds_each_row_its_own_sampled_id(seed):
+    """Overlap mode's order (see AheadOfTokens) under random traffic, early stops and
+    aborts: every decode row reads its own history, fed the right row of the last step's
+    sampled ids at the right position; a sequence whose token in flight is its last is
+    not scheduled again; decode batches stay in the lowest slots and all slots return."""
+    import random
+
+    rng = random.Random(seed)
+    s = Scheduler(num_slots=4, max_batched_tokens=10)
+    ahead = AheadOfTokens(s, Rows(4), rng)
+    stems = [[1, 2, 3, 4], [1, 2, 5], [6, 7, 8, 9, 10]]
+    live: list[Request] = []
+    fed = 0
+    for i in range(60):
+        if rng.random() < 0.5:
+            prompt = rng.choice(stems) + [rng.randint(11, 99) for _ in range(rng.randint(1, 12))]
+            r = request(f"r{i}", prompt, max_tokens=rng.randint(1, 8), n=rng.choice([1, 1, 2]))
+            s.add(r)
+            live.append(r)
+        if live and rng.random() < 0.1:
+            s.abort(rng.choice(live).request_id)
+        plan = ahead.step()
+        fed += sum(row >= 0 for row in plan.decode.sampled_rows)
+        assert plan.num_tokens <= 10
+        assert plan.decode.slots == tuple(range(len(plan.decode.slots)))
+        held = [q.slot for r in s.running for q in r.sequences if not q.finished]
+        assert len(held) == len(set(held)) and len(held) + s.num_free_slots == 4
+    for _ in range(200):
+        if not (s.running or s.waiting or ahead.sampled):
+            break
+        ahead.step()
+    assert fed > 20  # most decode rows took their input from the device
     assert s.num_free_slots == 4 and not s.running and not s.waiting
 
 

@@ -27,9 +27,12 @@ check the padding logic without a GPU).
 The pure functions at the top (buckets, padding, KV sizing) hold the arithmetic; they are
 tested on the CPU (tests/test_cuda_runner_logic.py).
 
-What it does not do: schedule (scheduler.py), sample (sampling.py, which runs on the GPU
-too), or overlap the host's next step with the device's current one (docs/architecture.md
-says how that would go).
+In overlap mode (engine.py) a step is queued before the host has read the last step's
+tokens: those rows' input ids are copied into `_ids` from the last step's sampled ids on
+the device (`feed_sampled`), after the host's integers and before the replay.
+
+What it does not do: schedule (scheduler.py) or sample (sampling.py, which runs on the GPU
+too).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torch import Tensor
 from ..model import Transformer
 from ..model.config import ModelConfig
 from ..model.transformer import Segment
-from .runner import EagerRunner, StepLogits
+from .runner import EagerRunner, StepLogits, feed_sampled
 from .scheduler import DecodeBatch, StepPlan
 
 log = logging.getLogger("atlas.engine")
@@ -175,23 +178,25 @@ class GraphRunner(EagerRunner):
             self._capture_all()
 
     # --- decode ---------------------------------------------------------------------
-    def _forward(self, plan: StepPlan) -> StepLogits:
+    def _forward(self, plan: StepPlan, sampled: Tensor | None = None) -> StepLogits:
         shape = decode_shape(plan.decode, self.batches, self.kv_lengths, self.dead_position)
         if shape is None:  # nothing to decode, or a batch no graph fits: all eager
-            return super()._forward(plan)
-        decode_logits = self._decode(plan.decode, shape)
+            return super()._forward(plan, sampled)
+        decode_logits = self._decode(plan.decode, shape, sampled)
         prefill = []
         if plan.prefill:
             rest = dataclasses.replace(plan, decode=DecodeBatch((), (), (), ()), moves=[])
             prefill = super()._forward(rest).prefill
         return StepLogits(decode_logits, prefill)
 
-    def _decode(self, decode: DecodeBatch, shape: DecodeShape) -> Tensor:
+    def _decode(self, decode: DecodeBatch, shape: DecodeShape, sampled: Tensor | None) -> Tensor:
         host = torch.tensor(padded_inputs(decode, shape.batch, self.dead_position))  # [2, b]
         if self.device.type == "cuda":
             host = host.pin_memory()
         self._ids[: shape.batch].copy_(host[0], non_blocking=True)
         self._positions[: shape.batch].copy_(host[1], non_blocking=True)
+        if decode.feeds_sampled:  # the last step's tokens, straight from the device
+            feed_sampled(self._ids, decode.sampled_rows, sampled)
         captured = self._graphs.get(shape)
         if captured is None:
             out = self._static_forward(shape)

@@ -17,16 +17,25 @@ everything else, one step at a time, along the data flow:
   - output.py: sampling, incremental detokenizing, stop conditions, events.
 The step's events go to each caller's loop with one `loop.call_soon_threadsafe` per loop.
 
-Overlap (`EngineConfig.overlap`, on by default on CUDA): a step is split where the host
-would wait for the device. The engine schedules step N, queues its forward and sampling,
-and only then detokenizes, matches stop strings and emits the events of step N-1, while
-the device works; it then reads step N's tokens (one copy) and appends them, deciding the
-token-level finishes (stop token ids, EOS, max_tokens) before step N+1 is scheduled. Only
-a stop string is found one step late: that sequence was already scheduled into step N,
-so its step-N token is dropped (never appended, no event) and its slot freed after step N.
-Outputs are the same as without overlap (tests/test_engine.py runs every test both ways);
-events reach callers one step later. On the CPU the forward and the host work share the
-same cores, so there is nothing to gain and it is off.
+Overlap (`EngineConfig.overlap`, on by default on CUDA): the host never waits for the
+device with nothing queued behind. While step N's forward and sampling run, the engine
+schedules step N+1 and queues its forward, each decode row's input token taken from step
+N's sampled ids on the device (the plan says which row; the host has not read them yet).
+Only then does it read step N's tokens (one copy, waiting behind N's sampling while N+1's
+forward is queued), append them and decide token-level finishes (stop token ids, EOS,
+max_tokens), queue step N+1's sampling, and detokenize, match stop strings and emit step
+N's events while the device runs step N+1. Sampling is queued after the read on purpose:
+penalties, min_tokens and seeded streams then see every earlier token, so they need no
+device-side copy of the output history, and the forward, most of a step, is what overlaps.
+A sequence that step N finished was already in step N+1's forward: that row is computed
+and not sampled (max_tokens is known ahead, so a sequence whose step-N token is its last
+is not scheduled at all). A stop string found in step N's text ends a sequence whose
+step-N+1 token is already sampled: that token is dropped (never appended, no event). Its
+slot is freed at once: anything that reuses the slot is queued after step N+1 on the same
+stream. Outputs are the same as without overlap (tests/test_engine.py runs every test both
+ways); events reach callers one step later, and an abort drops the token in flight. On the
+CPU the forward and the host work share the same cores, so there is nothing to gain and it
+is off.
 
 KV memory: the model's slot cache (model/kv_cache.py), allocated once at start with
 `max_running` slots of `max_model_len` positions; one slot per running sequence. Slots
@@ -60,7 +69,7 @@ import torch
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .output import Emit, OutputProcessor, PendingStep
-from .request import Request, Sequence
+from .request import Request
 from .runner import ModelRunner, make_runner, resolve_dtype
 from .scheduler import Scheduler, StepPlan
 from .types import (
@@ -159,10 +168,8 @@ class Engine:
         self.outputs = OutputProcessor(tokenizer, model.tok_emb.weight.device)
         device = model.tok_emb.weight.device
         self.overlap = default_overlap(device) if config.overlap is None else config.overlap
-        # Overlap mode: the step whose text is not yet emitted, and the requests to forget
-        # once it is (they finished by token, their final events are in that text).
-        self._pending: PendingStep | None = None
-        self._forget_after_text: list[Request] = []
+        # Overlap mode: the step sampled on the device whose tokens the host has not read.
+        self._in_flight: PendingStep | None = None
         # What serves (device, dtype, kernels), for /health and the start-up log.
         self.backend = self.runner.describe()
         log.info(
@@ -321,10 +328,8 @@ class Engine:
                 self._flush_outbox()
                 return
             self._take_inbox()
-            if self._abort_ids:
-                self._complete_text()  # an abort ends a request after its last event
             self._apply_aborts()
-            if self.scheduler.running or self.scheduler.waiting:
+            if self.scheduler.running or self.scheduler.waiting or self._in_flight:
                 started = time.perf_counter()
                 try:
                     with torch.inference_mode():
@@ -332,9 +337,7 @@ class Engine:
                 except Exception as e:  # a bug or OOM must not kill the thread silently
                     log.exception("engine step failed")
                     self._fail_running(f"{type(e).__name__}: {e}")
-                if not (self.scheduler.running or self.scheduler.waiting):
-                    self._complete_text()  # the last step's events (overlap mode)
-                if self.scheduler.running or self.scheduler.waiting:
+                if self.scheduler.running or self.scheduler.waiting or self._in_flight:
                     self._wake.set()  # keep stepping while there is work
                 self._step_seconds_ema = 0.9 * self._step_seconds_ema + 0.1 * (
                     time.perf_counter() - started
@@ -361,52 +364,55 @@ class Engine:
             self._end(request, "error", error)
 
     def _step(self) -> None:
-        """One scheduled forward: plan, run, sample and emit, free what finished."""
+        """One scheduled forward: plan, run, sample and emit, free what finished.
+
+        In overlap mode the step before this one is still in flight (sampled on the
+        device, not read back): this step's forward is queued first, feeding on that
+        step's tokens where the device has them, and only then are they read and emitted
+        (see the module docstring)."""
         plan: StepPlan = self.scheduler.schedule()
         for request, error in plan.rejected:
             self._end(request, "error", error)
-        if not plan.runs_model:
-            self._complete_text()
+        previous = self._in_flight
+        if previous is not None and not self.outputs.has_live_rows(previous):
+            self.outputs.discard(previous)  # all aborted: no read-back, no wait
+            previous = self._in_flight = None
+        logits = None
+        if plan.runs_model:
+            self._steps_total += 1
+            logits = self.runner.execute(plan, previous.queued.tokens if previous else None)
+        # Token-level finishes of the previous step, before this step's sampling, so that
+        # penalties and min_tokens see its tokens and a finished row is not sampled.
+        retired = self._take_tokens(previous) if previous is not None else []
+        self._in_flight = None
+        pending = self.outputs.launch(plan, logits) if logits is not None else None
+        if previous is not None:  # its text and events while the device runs this step
+            self._emit_text(previous, retired)
+        if pending is None:
             return
-        self._steps_total += 1
-        logits = self.runner.execute(plan)
-        pending = self.outputs.launch(plan, logits)  # queued on the device, not read back
-        # Overlap: the previous step's text and events while the device runs this one.
-        late = self._emit_pending_text() if self.overlap else []
-        if pending is not None:
-            finished = self.outputs.take_tokens(pending)  # waits for this step's tokens
-            if self.overlap:
-                self._pending = pending
-            else:
-                finished += self.outputs.emit_text(pending)
-            for seq in finished:
-                if self.scheduler.finish(seq):
-                    if self.overlap:  # its final event is in the pending text
-                        self._forget_after_text.append(seq.request)
-                    else:
-                        self._forget(seq.request)
-        self._finish_late(late)  # after this step, which still wrote their slots
+        if self.overlap:
+            self._in_flight = pending
+        else:
+            self._emit_text(pending, self._take_tokens(pending))
 
-    def _emit_pending_text(self) -> list[Sequence]:
-        """Emit the pending step's text (overlap mode); returns the sequences a stop string
-        ended there, which the caller frees once no step in flight uses their slots."""
-        pending, self._pending = self._pending, None
-        late = self.outputs.emit_text(pending) if pending is not None else []
-        for request in self._forget_after_text:
-            self._forget(request)
-        self._forget_after_text.clear()
-        if pending is not None:
-            self._flush_outbox()  # deliver now rather than after this step
-        return late
+    def _take_tokens(self, step: PendingStep) -> list[Request]:
+        """Read a step's tokens and free the sequences they finished; returns the requests
+        that ended, to forget once their final events are out (`_emit_text`)."""
+        return [seq.request for seq in self.outputs.take_tokens(step) if self.scheduler.finish(seq)]
 
-    def _finish_late(self, late: list[Sequence]) -> None:
-        for seq in late:
+    def _emit_text(self, step: PendingStep, retired: list[Request]) -> None:
+        """A step's text and events; frees what a stop string ended, forgets `retired`."""
+        for seq in self.outputs.emit_text(step):
             if self.scheduler.finish(seq):
-                self._forget(seq.request)
+                retired.append(seq.request)
+        for request in retired:
+            self._forget(request)
 
-    def _complete_text(self) -> None:
-        """With no step in flight: emit the pending text and free what it finished."""
-        self._finish_late(self._emit_pending_text())
+    def _complete_in_flight(self) -> None:
+        """With no next step to queue: read, emit and free the step in flight, if any."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            self._emit_text(step, self._take_tokens(step))
 
     def _end(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         """Final events for what is still open of `request`; it is gone afterwards."""
@@ -426,7 +432,7 @@ class Engine:
 
     def _abort_all(self) -> None:
         self._take_inbox()
-        self._complete_text()
+        self._in_flight = None  # its tokens would only be dropped
         for request_id in self.scheduler.request_ids():
             request = self.scheduler.abort(request_id)
             if request is not None:
@@ -437,12 +443,15 @@ class Engine:
 
     def _fail_running(self, error: str) -> None:
         """After a failed step: end every running request (what their slots hold is unknown)."""
-        try:  # the step before the failed one had finished: its events are still true
-            self._emit_pending_text()  # what a stop string ended there is aborted below
+        try:  # a step queued before the failed one may be unread: its tokens are true
+            self._complete_in_flight()
         except Exception:
             log.exception("could not emit the previous step's events")
-            self._pending = None
-            self._forget_after_text.clear()
+            self._in_flight = None
         for request in list(self.scheduler.running):
             self.scheduler.abort(request.request_id, remember=False)
             self._end(request, "error", error)
+        # Requests the scheduler already retired whose final events the failure cut off.
+        for request in self.outputs.requests():
+            if request.finished:
+                self._end(request, "error", error)

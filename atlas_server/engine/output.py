@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..tokenizer import Tokenizer
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
-from .request import Request, Sequence
+from .request import NOT_SAMPLED, Request, Sequence
 from .runner import StepLogits
 from .sampling import QueuedStep, SamplingRow, queue_step, top_logprobs
 from .scheduler import StepPlan
@@ -120,6 +120,10 @@ class OutputProcessor:
             state.emit(self._final_event(request, index, generated, reason, error))
         state.open.clear()
 
+    def requests(self) -> list[Request]:
+        """The requests with output state: taken in and not yet forgotten."""
+        return [state.request for state in self._states.values()]
+
     def forget(self, request: Request) -> None:
         """Drop a request whose choices all finished on their own."""
         self._states.pop(request.request_id, None)
@@ -134,9 +138,20 @@ class OutputProcessor:
 
     def launch(self, plan: StepPlan, logits: StepLogits) -> PendingStep | None:
         """Queue the step's sampling on the device (prompt logprobs are read here); None if
-        no row samples. Nothing of the sampled tokens is read back yet."""
+        no row samples. Nothing of the sampled tokens is read back yet.
+
+        A decode row whose sequence finished after the step was queued (overlap mode: by a
+        token the host read since) is not sampled: its seeded stream stays where it was."""
         rows: list[Sequence] = list(plan.decode.sequences)
         parts: list[Tensor] = [logits.decode]  # [B, V]
+        if any(seq.finished for seq in rows):
+            alive = [i for i, seq in enumerate(rows) if not seq.finished]
+            rows = [rows[i] for i in alive]
+            index = torch.tensor(alive, dtype=torch.long)
+            if logits.decode.device.type == "cuda":  # pinned: a pageable copy would sync
+                index = index.pin_memory()
+            index = index.to(logits.decode.device, non_blocking=True)
+            parts = [logits.decode.index_select(0, index)]  # [B_alive, V]
         for chunk, out in zip(plan.prefill, logits.prefill, strict=True):
             r = chunk.request
             if r.params.prompt_logprobs is not None:
@@ -164,8 +179,27 @@ class OutputProcessor:
         ]
         wanted = [seq.request.params.logprobs for seq in rows]
         queued = queue_step(torch.cat(parts, dim=0), sampling_rows, wanted)
+        for i, seq in enumerate(rows):
+            seq.sampled_row = i
         return PendingStep(
             [_Row(state, choice) for state, choice in zip(states, choices, strict=True)], queued
+        )
+
+    def has_live_rows(self, pending: PendingStep) -> bool:
+        """Some row's choice is still open: its token is worth reading back."""
+        return any(self._row_is_live(row) for row in pending.rows)
+
+    def discard(self, pending: PendingStep) -> None:
+        """Drop a step whose rows all ended (aborted) without reading its tokens."""
+        for row in pending.rows:
+            row.choice.seq.sampled_row = NOT_SAMPLED
+
+    def _row_is_live(self, row: _Row) -> bool:
+        seq = row.choice.seq
+        return (
+            not seq.finished
+            and seq.index in row.state.open
+            and self._states.get(seq.request.request_id) is row.state
         )
 
     def take_tokens(self, pending: PendingStep) -> list[Sequence]:
@@ -181,10 +215,8 @@ class OutputProcessor:
         finished = []
         for row, token, entry in zip(pending.rows, step.tokens, step.logprobs, strict=True):
             seq, p = row.choice.seq, row.state.request.params
-            if (
-                seq.index not in row.state.open
-                or self._states.get(seq.request.request_id) is not row.state
-            ):
+            seq.sampled_row = NOT_SAMPLED
+            if not self._row_is_live(row):
                 row.dropped = True
                 continue
             seq.output_ids.append(token)

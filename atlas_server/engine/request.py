@@ -4,7 +4,10 @@ What it does: `Request` and `Sequence` are the state the scheduler and the outpu
 processor share inside the engine thread. Each field has one writer:
   - the scheduler (scheduler.py) writes `Sequence.slot` and `Sequence.finished`, and
     `Request.prefilled`, `Request.cached` and `Request.scheduled_time`;
-  - the output processor (output.py) appends to `Sequence.output_ids`.
+  - the output processor (output.py) appends to `Sequence.output_ids`, and sets
+    `Sequence.sampled_row` when it queues a token for the sequence on the device and
+    clears it when it reads that token back (in overlap mode the next step is scheduled
+    in between: the scheduler then feeds that row of the device's sampled ids).
 Everything else is set once, when the engine takes the request in.
 
 What it does not do: anything per step, or anything another thread may touch (submit()
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from .types import SamplingParams
 
 NO_SLOT = -1
+NOT_SAMPLED = -1
 
 
 @dataclass(eq=False)
@@ -29,21 +33,35 @@ class Sequence:
     slot: int = NO_SLOT
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    # Its row in the last queued step's sampled ids while that token is not yet read back
+    # (not in output_ids); NOT_SAMPLED otherwise.
+    sampled_row: int = NOT_SAMPLED
+
+    @property
+    def in_flight(self) -> bool:
+        """A token was sampled for this sequence on the device and not yet read back."""
+        return self.sampled_row != NOT_SAMPLED
+
+    @property
+    def num_generated(self) -> int:
+        """Generated tokens, the one still on the device included."""
+        return len(self.output_ids) + self.in_flight
 
     @property
     def tokens_held(self) -> list[int]:
         """The tokens whose KV rows this sequence's slot holds: the prompt so far (choice 0
         only, until the prompt is complete and copied to the other choices), then the
-        generated tokens but the last, which has not been through the model yet."""
+        generated tokens that have been through the model: all but the last sampled one
+        (which is in output_ids, or still on the device)."""
         r = self.request
         if r.decoding:
-            return r.prompt_ids + self.output_ids[:-1]
+            return r.prompt_ids + (self.output_ids if self.in_flight else self.output_ids[:-1])
         return r.prompt_ids[: r.prefilled] if self.index == 0 else []
 
     @property
     def next_position(self) -> int:
         """Where this sequence's last sampled token goes in its slot when it is decoded."""
-        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+        return len(self.request.prompt_ids) + self.num_generated - 1
 
 
 @dataclass(eq=False)

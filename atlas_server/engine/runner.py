@@ -61,8 +61,11 @@ class ModelRunner(ABC):
     cache: KVCache
 
     @abstractmethod
-    def execute(self, plan: StepPlan) -> StepLogits:
-        """Do `plan.moves`, the forward, then each chunk's `copy_to`, in that order."""
+    def execute(self, plan: StepPlan, sampled: Tensor | None = None) -> StepLogits:
+        """Do `plan.moves`, the forward, then each chunk's `copy_to`, in that order.
+
+        `sampled`: the previous step's sampled token ids [B'] on the device, which decode
+        rows with `plan.decode.sampled_rows` >= 0 take as their input (overlap mode)."""
 
     @abstractmethod
     def describe(self) -> dict[str, str]:
@@ -77,19 +80,21 @@ class EagerRunner(ModelRunner):
         self.cache = model.new_cache(num_slots, max_len)
         self.device = model.tok_emb.weight.device
 
-    def execute(self, plan: StepPlan) -> StepLogits:
+    def execute(self, plan: StepPlan, sampled: Tensor | None = None) -> StepLogits:
+        if plan.decode.feeds_sampled and sampled is None:
+            raise ValueError("the plan feeds the previous step's sampled ids; none given")
         for move in plan.moves:
             if isinstance(move, SlotCopy):
                 self.cache.copy_slot(move.source, list(move.targets), move.length)
             else:
                 self.cache.swap_slots(move.a, move.b, move.length)
-        logits = self._forward(plan)
+        logits = self._forward(plan, sampled)
         for chunk in plan.prefill:
             if chunk.copy_to:
                 self.cache.copy_slot(chunk.slot, list(chunk.copy_to), chunk.end)
         return logits
 
-    def _forward(self, plan: StepPlan) -> StepLogits:
+    def _forward(self, plan: StepPlan, sampled: Tensor | None = None) -> StepLogits:
         dev = self.device
         decode = plan.decode
         ids: list[int] = list(decode.tokens)
@@ -132,8 +137,11 @@ class EagerRunner(ModelRunner):
                 rows = [at + length - 1] if chunk.logits == "last" else []
             logit_rows += rows
             wanted.append(len(rows))
+        ids_tensor = torch.tensor(ids, device=dev)  # [N]
+        if decode.feeds_sampled:
+            feed_sampled(ids_tensor, decode.sampled_rows, sampled)
         out = self.model.forward_segments(
-            torch.tensor(ids, device=dev),
+            ids_tensor,
             segments,
             self.cache,
             torch.tensor(logit_rows, dtype=torch.long, device=dev),
@@ -147,6 +155,17 @@ class EagerRunner(ModelRunner):
             "dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
             **serving_kernels(self.model),
         }
+
+
+def feed_sampled(ids: Tensor, sampled_rows: tuple[int, ...], sampled: Tensor) -> None:
+    """Overwrite ids[i] with sampled[sampled_rows[i]] where sampled_rows[i] >= 0, on the
+    device (two small copies and one index_copy; no read-back)."""
+    pairs = [(i, row) for i, row in enumerate(sampled_rows) if row >= 0]
+    host = torch.tensor(pairs, dtype=torch.long).T  # [2, F]: positions in ids, rows of sampled
+    if ids.device.type == "cuda":
+        host = host.pin_memory()
+    index = host.to(ids.device, non_blocking=True)
+    ids.index_copy_(0, index[0], sampled.index_select(0, index[1]))
 
 
 def resolve_dtype(device: str | torch.device, dtype: str) -> str:

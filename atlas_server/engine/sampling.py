@@ -266,7 +266,8 @@ class QueuedStep:
     `result()` makes the one device-to-host copy (waiting for the device there); until
     then the host is free, which is what the engine's overlap mode uses (engine.py)."""
 
-    table: Tensor  # [B] token ids, or [B, 2 + 2k] ids, logprobs and top-k when asked
+    tokens: Tensor  # [B] token ids (int64), on the device: what the next step may feed
+    table: Tensor  # what result() copies: `tokens`, or [B, 2 + 2k] ids, logprobs and top-k
     wanted: list[int | None]
 
     def result(self) -> SampledStep:
@@ -297,9 +298,9 @@ def queue_step(
     tokens = sample(logits, rows)  # [B], on the device
     wanted = list(logprobs) if logprobs is not None else [None] * len(rows)
     if all(k is None for k in wanted):
-        return QueuedStep(tokens, wanted)
+        return QueuedStep(tokens, tokens, wanted)
     k = max(k or 0 for k in wanted)
-    return QueuedStep(_logprob_table(logits, tokens, k), wanted)
+    return QueuedStep(tokens, _logprob_table(logits, tokens, k), wanted)
 
 
 def sample_step(

@@ -63,15 +63,26 @@ SlotMove = SlotCopy | SlotSwap
 @dataclass(frozen=True)
 class DecodeBatch:
     """One token for each of B decoding sequences: row i writes its KV at `positions[i]` of
-    slot `slots[i]` and gets a row of logits. Slots are in ascending order."""
+    slot `slots[i]` and gets a row of logits. Slots are in ascending order.
+
+    Row i's input token is `tokens[i]`, unless `sampled_rows[i]` >= 0: then it is that row
+    of the previous step's sampled ids, still on the device (overlap mode schedules a step
+    before the host has read the last one's tokens), and `tokens[i]` is a placeholder 0.
+    An empty `sampled_rows` means every token is given."""
 
     sequences: tuple[Sequence, ...]  # for the output processor; the runner needs only numbers
     tokens: tuple[int, ...]
     positions: tuple[int, ...]
     slots: tuple[int, ...]
+    sampled_rows: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def feeds_sampled(self) -> bool:
+        """Some input tokens are the previous step's sampled ids on the device."""
+        return any(row >= 0 for row in self.sampled_rows)
 
 
 LogitsWanted = Literal["none", "last", "all"]
@@ -192,14 +203,23 @@ class Scheduler:
         """Admit what fits, then plan the next forward (see the module docstring)."""
         plan = StepPlan()
         self._admit(plan)
-        decoding = [s for r in self.running if r.decoding for s in r.sequences if not s.finished]
+        # A sequence whose token on the device is its last (max_tokens) has nothing left to
+        # decode: it finishes when the host reads that token.
+        decoding = [
+            s
+            for r in self.running
+            if r.decoding
+            for s in r.sequences
+            if not s.finished and s.num_generated < r.params.max_tokens
+        ]
         self._pack_decode_slots(decoding, plan)
         decoding.sort(key=lambda s: s.slot)
         plan.decode = DecodeBatch(
             tuple(decoding),
-            tuple(s.output_ids[-1] for s in decoding),
+            tuple(0 if s.in_flight else s.output_ids[-1] for s in decoding),
             tuple(s.next_position for s in decoding),
             tuple(s.slot for s in decoding),
+            tuple(s.sampled_row for s in decoding) if any(s.in_flight for s in decoding) else (),
         )
         budget = self.max_batched_tokens - len(decoding)
         for r in self.running:
@@ -326,7 +346,7 @@ class Scheduler:
         low_decoding = {s.slot for s in decoding if s.slot < n}
         holes = [slot for slot in range(n) if slot not in low_decoding]
         for seq, hole in zip(misplaced, holes, strict=True):
-            length = len(seq.request.prompt_ids) + len(seq.output_ids)
+            length = len(seq.request.prompt_ids) + seq.num_generated
             other = held.get(hole)
             if other is None:  # a free slot
                 plan.moves.append(SlotCopy(seq.slot, (hole,), length))
