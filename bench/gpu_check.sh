@@ -18,10 +18,12 @@
 #          transformers baseline), with the 64- and 256-stream rows;
 #        - the same in bfloat16 (both sides), Atlas's default on CUDA;
 #        - bench/bench_train.py --device cuda (batch 16 x 1024, bf16, eager and compiled);
+#        - bench/bench_overlap.py: the engine in-process with overlap off and on, alternated,
+#          1/16/64 sampled streams, bf16 (what scheduling ahead of the tokens buys);
 #        - bench/bench_prefill_attention.py: a prompt's first chunk, causal (flash) over its
 #          own keys against the cache read with a mask, 512-4096 tokens, bf16;
 #      and writes under $OUT (what the device tool brings back): pytest.xml, decode.json,
-#      serving_fp32.json, serving_bf16.json, train.json, prefill.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
+#      serving_fp32.json, serving_bf16.json, train.json, overlap.json, prefill.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
 #      out of time is logged and the next one still runs; the exit status is the number of
 #      failed steps.
 # Commit the JSON next to the figures in docs/benchmarks.md ("On a GPU").
@@ -77,6 +79,8 @@ step serving_bf16 90 python3 bench/bench_serving.py --device cuda --quick --dtyp
     --streams 64 256 --out "$OUT/serving_bf16.json"
 step train 70 python3 bench/bench_train.py --device cuda --batch 16 --seq 1024 \
     --precision bf16 --out "$OUT/train.json"
+step overlap 45 python3 bench/bench_overlap.py --device cuda --streams 1 16 64 --tokens 128 \
+    --rounds 2 --out "$OUT/overlap.json"
 step prefill 20 python3 bench/bench_prefill_attention.py --device cuda --lengths 512,1024,4096 \
     --out "$OUT/prefill.json"
 echo "gpu_check: $failed step(s) failed; results in $OUT" | tee -a "$LOG"

@@ -40,6 +40,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_prefill_attention.py", ["--lengths", "128,0"]),
         ("bench_prefill_attention.py", ["--lengths", "long"]),
         ("bench_prefill_attention.py", ["--repeats", "0"]),
+        ("bench_overlap.py", ["--streams", "16", "0"]),
+        ("bench_overlap.py", ["--tokens", "1"]),
+        ("step_times.py", ["--streams", "0"]),
     ],
 )
 def test_non_positive_counts_are_refused(script, args):
@@ -89,3 +92,22 @@ def test_progress_lines_are_flushed_at_once_and_can_be_silenced(tmp_path):
         capture_output=True, text=True, timeout=60, env={**os.environ, "ATLAS_BENCH_QUIET": "1"},
     )  # fmt: skip
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_bench_overlap_measures_both_modes_and_they_give_the_same_tokens(tmp_path):
+    """The GPU check's overlap step, at a toy size on the CPU: both modes run, alternated,
+    and the seeded streams come out the same in each."""
+    out = tmp_path / "overlap.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_overlap.py"), "--preset", "gpt2-tiny",
+         "--streams", "1", "3", "--tokens", "6", "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert [row["streams"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert row["same_tokens"] is True
+        assert len(row["off_tok_s"]) == len(row["on_tok_s"]) == 1
+        assert min(row["off_tok_s"] + row["on_tok_s"]) > 0
+    assert report["dtype"] == "float32"  # the CPU's serving dtype

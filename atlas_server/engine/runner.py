@@ -159,7 +159,12 @@ class EagerRunner(ModelRunner):
 
 def feed_sampled(ids: Tensor, sampled_rows: tuple[int, ...], sampled: Tensor) -> None:
     """Overwrite ids[i] with sampled[sampled_rows[i]] where sampled_rows[i] >= 0, on the
-    device (two small copies and one index_copy; no read-back)."""
+    device (no read-back): one copy when the rows are the last step's in order, as in a
+    steady decode; otherwise an index copy."""
+    n = len(sampled_rows)
+    if sampled_rows == tuple(range(n)):
+        ids[:n].copy_(sampled[:n])
+        return
     pairs = [(i, row) for i, row in enumerate(sampled_rows) if row >= 0]
     host = torch.tensor(pairs, dtype=torch.long).T  # [2, F]: positions in ids, rows of sampled
     if ids.device.type == "cuda":
