@@ -34,7 +34,7 @@ from atlas_server.engine import Engine, EngineConfig, SamplingParams
 from atlas_server.engine.cuda_runner import GraphRunner, kv_bytes_per_slot
 from atlas_server.engine.request import Request
 from atlas_server.engine.runner import EagerRunner
-from atlas_server.engine.sampling import SamplingRow, sample, sample_step
+from atlas_server.engine.sampling import SamplingRow, queue_step, sample, sample_step
 from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
 from atlas_server.hf_import import hf_to_atlas_model
 from atlas_server.model import Transformer, load_preset
@@ -387,6 +387,21 @@ def test_gpu_sampling_never_syncs_and_seeded_rows_ignore_their_batch():
     ]
     together = sample_step(logits, rows(seed_row=2)).tokens[2]
     assert alone == [together]
+
+
+def test_a_queued_steps_tokens_are_read_without_waiting_for_later_device_work():
+    """Overlap mode reads step N's tokens while step N+1's forward is queued behind them:
+    result() must wait for N's copy only. A long kernel queued after the sampling is still
+    running when the tokens are back, and they are the right ones."""
+    logits = torch.randn(4, SAMPLING_VOCAB, device=DEVICE)
+    greedy = [SamplingRow(SamplingParams(temperature=0.0), [1], [], None) for _ in range(4)]
+    queued = queue_step(logits, greedy, [None, 2, None, None])
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued after the copy
+    step = queued.result()
+    assert not torch.cuda.current_stream().query()  # the sleep is still running
+    assert step.tokens == logits.argmax(-1).tolist()
+    assert step.logprobs[1] is not None and len(step.logprobs[1].top) == 2
+    torch.cuda.synchronize()
 
 
 # --- the CUDA runner: captured decode graphs ----------------------------------------

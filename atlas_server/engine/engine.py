@@ -21,8 +21,8 @@ Overlap (`EngineConfig.overlap`, on by default on CUDA): the host never waits fo
 device with nothing queued behind. While step N's forward and sampling run, the engine
 schedules step N+1 and queues its forward, each decode row's input token taken from step
 N's sampled ids on the device (the plan says which row; the host has not read them yet).
-Only then does it read step N's tokens (one copy, waiting behind N's sampling while N+1's
-forward is queued), append them and decide token-level finishes (stop token ids, EOS,
+Only then does it read step N's tokens (one copy, queued right behind N's sampling with
+an event after it: the host waits for that event, not for N+1's forward), append them and decide token-level finishes (stop token ids, EOS,
 max_tokens), queue step N+1's sampling, and detokenize, match stop strings and emit step
 N's events while the device runs step N+1. Sampling is queued after the read on purpose:
 penalties, min_tokens and seeded streams then see every earlier token, so they need no

@@ -263,19 +263,26 @@ def _entries(table: list[list[float]], k: int) -> list[TokenLogprob]:
 class QueuedStep:
     """A step's sampling, queued on the logits' device and not yet read back.
 
-    `result()` makes the one device-to-host copy (waiting for the device there); until
-    then the host is free, which is what the engine's overlap mode uses (engine.py)."""
+    On CUDA the one device-to-host copy is queued right behind the sampling, into pinned
+    host memory, with an event after it: `result()` waits for that event only, not for
+    whatever was queued on the device since (in overlap mode, the next step's forward).
+    Until then the host is free, which is what the engine's overlap mode uses (engine.py).
+    """
 
     tokens: Tensor  # [B] token ids (int64), on the device: what the next step may feed
-    table: Tensor  # what result() copies: `tokens`, or [B, 2 + 2k] ids, logprobs and top-k
+    table: Tensor  # what result() reads: `tokens`, or [B, 2 + 2k] ids, logprobs and top-k;
+    # on CUDA its pinned host copy
     wanted: list[int | None]
+    ready: torch.cuda.Event | None = None  # CUDA: recorded after the copy into `table`
 
     def result(self) -> SampledStep:
+        if self.ready is not None:
+            self.ready.synchronize()
         wanted = self.wanted
         if all(k is None for k in wanted):
             return SampledStep(self.table.tolist(), [None] * len(wanted))
         k = max(k or 0 for k in wanted)
-        entries = _entries(self.table.tolist(), k)  # the one copy
+        entries = _entries(self.table.tolist(), k)
         out: list[TokenLogprob | None] = []
         for entry, want in zip(entries, wanted, strict=True):
             if want is None:
@@ -297,10 +304,16 @@ def queue_step(
     """
     tokens = sample(logits, rows)  # [B], on the device
     wanted = list(logprobs) if logprobs is not None else [None] * len(rows)
-    if all(k is None for k in wanted):
-        return QueuedStep(tokens, tokens, wanted)
-    k = max(k or 0 for k in wanted)
-    return QueuedStep(tokens, _logprob_table(logits, tokens, k), wanted)
+    table = tokens
+    if any(k is not None for k in wanted):
+        table = _logprob_table(logits, tokens, max(k or 0 for k in wanted))
+    if table.device.type != "cuda":
+        return QueuedStep(tokens, table, wanted)
+    host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
+    host.copy_(table, non_blocking=True)  # the step's one copy, queued behind its sampling
+    ready = torch.cuda.Event()
+    ready.record()
+    return QueuedStep(tokens, host, wanted, ready)
 
 
 def sample_step(
