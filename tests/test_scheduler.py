@@ -241,18 +241,14 @@ def test_a_decoder_trades_slots_with_a_prefilling_sequence_by_an_explicit_swap()
     assert long.sequences[0].output_ids == [TOKEN, TOKEN]
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_random_traffic_keeps_every_sequence_on_its_own_rows(seed):
-    """Random arrivals, lengths, n and aborts through few slots with prefix sharing: every
-    decode row reads its own history (checked in step()), decode batches sit in the lowest
-    slots, the budget holds, and all slots come back."""
-    import random
-
-    rng = random.Random(seed)
-    s = Scheduler(num_slots=4, max_batched_tokens=10)
-    rows = Rows(4)
+def random_traffic(s: Scheduler, rng, step_once, busy) -> list[StepPlan]:
+    """60 steps of random arrivals (prompts sharing stems, lengths, n) and aborts through
+    `s` (4 slots, a budget of 10), `step_once()` running each, with the budget, the
+    lowest-slot packing and the slot count checked after every step; then steps while
+    `busy()`, and checks that every slot came back. Returns the plans."""
     stems = [[1, 2, 3, 4], [1, 2, 5], [6, 7, 8, 9, 10]]
     live: list[Request] = []
+    plans = []
     for i in range(60):
         if rng.random() < 0.5:
             prompt = rng.choice(stems) + [rng.randint(11, 99) for _ in range(rng.randint(1, 12))]
@@ -261,16 +257,30 @@ def test_random_traffic_keeps_every_sequence_on_its_own_rows(seed):
             live.append(r)
         if live and rng.random() < 0.1:
             s.abort(rng.choice(live).request_id)
-        plan, _ = step(s, rows)
+        plan = step_once()
+        plans.append(plan)
         assert plan.num_tokens <= 10
         assert plan.decode.slots == tuple(range(len(plan.decode.slots)))
         held = [q.slot for r in s.running for q in r.sequences if not q.finished]
         assert len(held) == len(set(held)) and len(held) + s.num_free_slots == 4
     for _ in range(200):
-        if not (s.running or s.waiting):
+        if not busy():
             break
-        step(s, rows)
+        step_once()
     assert s.num_free_slots == 4 and not s.running and not s.waiting
+    return plans
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_traffic_keeps_every_sequence_on_its_own_rows(seed):
+    """Random arrivals, lengths, n and aborts through few slots with prefix sharing: every
+    decode row reads its own history (checked in step()), decode batches sit in the lowest
+    slots, the budget holds, and all slots come back."""
+    import random
+
+    s = Scheduler(num_slots=4, max_batched_tokens=10)
+    rows = Rows(4)
+    random_traffic(s, random.Random(seed), lambda: step(s, rows)[0], lambda: s.running or s.waiting)
 
 
 class AheadOfTokens:
@@ -333,29 +343,9 @@ def test_scheduling_ahead_of_the_tokens_feeds_each_row_its_own_sampled_id(seed):
     rng = random.Random(seed)
     s = Scheduler(num_slots=4, max_batched_tokens=10)
     ahead = AheadOfTokens(s, Rows(4), rng)
-    stems = [[1, 2, 3, 4], [1, 2, 5], [6, 7, 8, 9, 10]]
-    live: list[Request] = []
-    fed = 0
-    for i in range(60):
-        if rng.random() < 0.5:
-            prompt = rng.choice(stems) + [rng.randint(11, 99) for _ in range(rng.randint(1, 12))]
-            r = request(f"r{i}", prompt, max_tokens=rng.randint(1, 8), n=rng.choice([1, 1, 2]))
-            s.add(r)
-            live.append(r)
-        if live and rng.random() < 0.1:
-            s.abort(rng.choice(live).request_id)
-        plan = ahead.step()
-        fed += sum(row >= 0 for row in plan.decode.sampled_rows)
-        assert plan.num_tokens <= 10
-        assert plan.decode.slots == tuple(range(len(plan.decode.slots)))
-        held = [q.slot for r in s.running for q in r.sequences if not q.finished]
-        assert len(held) == len(set(held)) and len(held) + s.num_free_slots == 4
-    for _ in range(200):
-        if not (s.running or s.waiting or ahead.sampled):
-            break
-        ahead.step()
+    plans = random_traffic(s, rng, ahead.step, lambda: s.running or s.waiting or ahead.sampled)
+    fed = sum(row >= 0 for plan in plans for row in plan.decode.sampled_rows)
     assert fed > 20  # most decode rows took their input from the device
-    assert s.num_free_slots == 4 and not s.running and not s.waiting
 
 
 def test_a_failed_admission_returns_the_slots_and_is_reported():
