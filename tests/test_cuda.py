@@ -35,7 +35,7 @@ from atlas_server.engine.cuda_runner import GraphRunner, kv_bytes_per_slot
 from atlas_server.engine.request import Request
 from atlas_server.engine.runner import EagerRunner
 from atlas_server.engine.sampling import SamplingRow, queue_step, sample, sample_step
-from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan
+from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, SlotCopy, StepPlan
 from atlas_server.hf_import import hf_to_atlas_model
 from atlas_server.model import Transformer, load_preset
 from atlas_server.model.onednn import train_matmul
@@ -458,6 +458,37 @@ def test_graph_replay_equals_eager_logits_at_every_bucket(preset, caplog):
                 lengths[i] += 1
     for s, n in enumerate(lengths):  # padding rows never touched a real row's KV
         torch.testing.assert_close(graphs.cache.k[0][s, :, :n], eager.cache.k[0][s, :, :n])
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_a_whole_step_queues_without_a_host_sync(cuda_graphs):
+    """What overlap mode needs from a step: slot moves, a prompt chunk mid-prompt, decode
+    rows fed the last step's sampled ids, and sampling all queue on the GPU without one
+    host sync (torch's sync debug mode raises on any), through graphs and without."""
+    max_len, slots = 300, 4
+    runner = GraphRunner(build("llama-tiny", max_seq_len=512).to(DEVICE), slots, max_len,
+                         cuda_graphs=cuda_graphs)  # fmt: skip
+    first = [prefill_chunk(s, list(range(5 + s, 25 + s))) for s in range(3)]
+    rest = PrefillChunk(first[2].request, 2, 20, tuple(range(40, 60)), "last")
+    greedy = [SamplingRow(SamplingParams(temperature=0.0), [1], [], None) for _ in range(3)]
+    with torch.inference_mode():
+        runner.execute(StepPlan(prefill=first[:2]))
+        runner.execute(StepPlan(prefill=first[2:]))
+        sampled = token_ids((2,))  # "the last step's" tokens, on the device
+        plan = StepPlan(
+            moves=[SlotCopy(0, (3,), 20)],
+            decode=DecodeBatch((), (0, 0), (20, 20), (0, 1), sampled_rows=(1, 0)),
+            prefill=[rest],
+        )
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = runner.execute(plan, sampled)
+            queued = queue_step(torch.cat([logits.decode, logits.prefill[0]]), greedy)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert len(queued.result().tokens) == 3
+    torch.testing.assert_close(runner.cache.k[0][3, :, :20], runner.cache.k[0][0, :, :20])
 
 
 def test_engine_on_cuda_uses_graphs_and_cuda_graphs_false_turns_them_off(byte_tokenizer):

@@ -50,6 +50,7 @@ from ..model.config import ModelConfig
 from ..model.transformer import Segment
 from .runner import EagerRunner, StepLogits, feed_sampled
 from .scheduler import DecodeBatch, StepPlan
+from .transfer import to_device
 
 log = logging.getLogger("atlas.engine")
 
@@ -190,11 +191,9 @@ class GraphRunner(EagerRunner):
         return StepLogits(decode_logits, prefill)
 
     def _decode(self, decode: DecodeBatch, shape: DecodeShape, sampled: Tensor | None) -> Tensor:
-        host = torch.tensor(padded_inputs(decode, shape.batch, self.dead_position))  # [2, b]
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        self._ids[: shape.batch].copy_(host[0], non_blocking=True)
-        self._positions[: shape.batch].copy_(host[1], non_blocking=True)
+        inputs = to_device(padded_inputs(decode, shape.batch, self.dead_position), self.device)
+        self._ids[: shape.batch].copy_(inputs[0])  # [b]
+        self._positions[: shape.batch].copy_(inputs[1])  # [b]
         if decode.feeds_sampled:  # the last step's tokens, straight from the device
             feed_sampled(self._ids, decode.sampled_rows, sampled)
         captured = self._graphs.get(shape)

@@ -30,6 +30,7 @@ from .request import NOT_SAMPLED, Request, Sequence
 from .runner import StepLogits
 from .sampling import QueuedStep, SamplingRow, queue_step, top_logprobs
 from .scheduler import StepPlan
+from .transfer import to_device
 from .types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 Emit = Callable[[RequestOutput], None]
@@ -147,10 +148,7 @@ class OutputProcessor:
         if any(seq.finished for seq in rows):
             alive = [i for i, seq in enumerate(rows) if not seq.finished]
             rows = [rows[i] for i in alive]
-            index = torch.tensor(alive, dtype=torch.long)
-            if logits.decode.device.type == "cuda":  # pinned: a pageable copy would sync
-                index = index.pin_memory()
-            index = index.to(logits.decode.device, non_blocking=True)
+            index = to_device(alive, logits.decode.device)
             parts = [logits.decode.index_select(0, index)]  # [B_alive, V]
         for chunk, out in zip(plan.prefill, logits.prefill, strict=True):
             r = chunk.request

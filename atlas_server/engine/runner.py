@@ -40,6 +40,7 @@ from torch import Tensor
 from ..model import KVCache, Transformer, native
 from ..model.transformer import Segment
 from .scheduler import SlotCopy, StepPlan
+from .transfer import to_device
 from .types import EngineConfig
 
 log = logging.getLogger("atlas.engine")
@@ -109,8 +110,8 @@ class EagerRunner(ModelRunner):
                     n,
                     n,
                     1,
-                    torch.tensor(slots, device=dev),
-                    torch.tensor(decode.positions, device=dev)[:, None],  # [B, 1]
+                    to_device(slots, dev),
+                    to_device(list(decode.positions), dev)[:, None],  # [B, 1]
                     kv_length=max(decode.positions) + 1,
                     first_slot=slots[0] if consecutive else None,
                 )
@@ -125,7 +126,7 @@ class EagerRunner(ModelRunner):
                     at + length,
                     1,
                     length,
-                    torch.tensor([chunk.slot], device=dev),
+                    to_device([chunk.slot], dev),
                     torch.arange(chunk.start, chunk.end, device=dev)[None],  # [1, T]
                     kv_length=chunk.end,
                     first_slot=chunk.slot,
@@ -137,14 +138,14 @@ class EagerRunner(ModelRunner):
                 rows = [at + length - 1] if chunk.logits == "last" else []
             logit_rows += rows
             wanted.append(len(rows))
-        ids_tensor = torch.tensor(ids, device=dev)  # [N]
+        ids_tensor = to_device(ids, dev)  # [N]
         if decode.feeds_sampled:
             feed_sampled(ids_tensor, decode.sampled_rows, sampled)
         out = self.model.forward_segments(
             ids_tensor,
             segments,
             self.cache,
-            torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            to_device(logit_rows, dev),
         ).float()  # [R, V]
         decode_logits, *per_chunk = out.split([len(decode), *wanted])
         return StepLogits(decode_logits, per_chunk)
@@ -166,10 +167,7 @@ def feed_sampled(ids: Tensor, sampled_rows: tuple[int, ...], sampled: Tensor) ->
         ids[:n].copy_(sampled[:n])
         return
     pairs = [(i, row) for i, row in enumerate(sampled_rows) if row >= 0]
-    host = torch.tensor(pairs, dtype=torch.long).T  # [2, F]: positions in ids, rows of sampled
-    if ids.device.type == "cuda":
-        host = host.pin_memory()
-    index = host.to(ids.device, non_blocking=True)
+    index = to_device(pairs, ids.device).T  # [2, F]: positions in ids, rows of sampled
     ids.index_copy_(0, index[0], sampled.index_select(0, index[1]))
 
 

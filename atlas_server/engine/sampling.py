@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .transfer import to_device
 from .types import SamplingParams, TokenLogprob
 
 __all__ = ["LOGPROB_FLOOR", "SampledStep", "SamplingRow", "sample", "sample_step", "top_logprobs"]
@@ -62,25 +63,16 @@ class SampledStep:
     logprobs: list[TokenLogprob | None]
 
 
-def _to(device: torch.device, data: list, dtype: torch.dtype) -> Tensor:
-    """A host list as a tensor on `device`: on CUDA through pinned memory, asynchronously
-    (a plain copy from pageable memory would wait for the GPU's queue to drain)."""
-    host = torch.tensor(data, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def _padded(device: torch.device, lists: list[list[int]], pad: int) -> Tensor:
     """Ragged token lists as one [B, L] tensor padded with `pad` (L >= 1)."""
     width = max(1, max(len(x) for x in lists))
-    return _to(device, [x + [pad] * (width - len(x)) for x in lists], torch.long)
+    return to_device([x + [pad] * (width - len(x)) for x in lists], device)
 
 
 def _apply_logit_bias(logits: Tensor, rows: list[SamplingRow]) -> None:
     index = [(i, t, b) for i, r in enumerate(rows) for t, b in r.params.logit_bias.items()]
-    which = _to(logits.device, [[i, t] for i, t, _ in index], torch.long)  # [n, 2]
-    bias = _to(logits.device, [b for _, _, b in index], logits.dtype)  # [n]
+    which = to_device([[i, t] for i, t, _ in index], logits.device)  # [n, 2]
+    bias = to_device([b for _, _, b in index], logits.device, logits.dtype)  # [n]
     # Keys of one row are distinct, so accumulate adds each bias once, as a per-row add.
     logits.index_put_((which[:, 0], which[:, 1]), bias, accumulate=True)
 
@@ -93,19 +85,19 @@ def _mask_early_stops(logits: Tensor, rows: list[SamplingRow]) -> None:
         for t in r.banned_until_min
     ]
     if index:
-        which = _to(logits.device, index, torch.long)  # [n, 2]
+        which = to_device(index, logits.device)  # [n, 2]
         logits[which[:, 0], which[:, 1]] = float("-inf")
 
 
 def _apply_penalties(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
     """Repetition, then presence/frequency penalties, for all rows at once. [B, V]."""
     device, (B, V) = logits.device, logits.shape
-    per_row = _to(
-        device,
+    per_row = to_device(
         [
             [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
             for r in rows
         ],
+        device,
         torch.float32,
     )  # [B, 3]
     if any(r.params.repetition_penalty != 1.0 for r in rows):
@@ -180,7 +172,7 @@ def _draw(probs: Tensor, rows: list[SamplingRow]) -> Tensor:
         uniform = torch.empty_like(probs)
         if unseeded:
             noise = torch.rand(len(unseeded), V, device=device)
-            uniform.index_copy_(0, _to(device, unseeded, torch.long), noise)
+            uniform.index_copy_(0, to_device(unseeded, device), noise)
         for i, row in enumerate(rows):
             if row.generator is not None:  # a stateful stream: one launch per seeded row
                 uniform[i] = torch.rand(V, generator=row.generator, device=device)
@@ -212,14 +204,12 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
         return greedy
     everyone = len(sampled_rows) == len(rows)
     sub = rows if everyone else [rows[i] for i in sampled_rows]
-    index = None if everyone else _to(device, sampled_rows, torch.long)  # [b]
-    numbers = _to(
-        device,
-        [[r.params.temperature, r.params.top_p, r.params.min_p] for r in sub],
-        torch.float32,
+    index = None if everyone else to_device(sampled_rows, device)  # [b]
+    numbers = to_device(
+        [[r.params.temperature, r.params.top_p, r.params.min_p] for r in sub], device, torch.float32
     )  # [b, 3]
     temperature, top_p, min_p = numbers.unbind(1)
-    top_k = _to(device, [r.params.top_k for r in sub], torch.long)  # [b]
+    top_k = to_device([r.params.top_k for r in sub], device)  # [b]
     scaled = (logits if index is None else logits[index]) / temperature[:, None]  # [b, V]
     scaled = _truncate(
         scaled,

@@ -72,10 +72,13 @@ class KVCache:
         )
 
     def copy_slot(self, source: int, targets: list[int], length: int) -> None:
-        """Copy positions [0, length) of slot `source` into each of `targets`, every layer."""
-        rows = torch.tensor(targets, device=self.k[0].device)
+        """Copy positions [0, length) of slot `source` into each of `targets`, every layer.
+
+        Slot numbers stay host integers (slices, no index tensor): building one on a GPU
+        from a list would make the host wait for the device's queue."""
         for store in self.k + self.v:
-            store[rows, :, :length] = store[source, :, :length]
+            for target in targets:
+                store[target, :, :length] = store[source, :, :length]
 
     def swap_slots(self, a: int, b: int, length: int) -> None:
         """Exchange positions [0, length) of slots a and b, every layer."""
