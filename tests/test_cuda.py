@@ -537,6 +537,22 @@ def test_graph_engine_overlap_equals_serial_for_every_sampling_feature(byte_toke
     assert results[1] == results[0]
 
 
+def test_two_graph_engines_over_one_model_both_serve_exactly(byte_tokenizer):
+    """bench_overlap.py's setup: a second engine over the same model prepares it again; the
+    first engine's graphs must still read live weights (the tied head's copy is kept)."""
+    model = varied_model("gpt2-tiny", byte_tokenizer.vocab_size)
+    first = Engine(model, byte_tokenizer, EngineConfig(max_running=2)).start()
+    second = Engine(model, byte_tokenizer, EngineConfig(max_running=2, overlap=False)).start()
+    torch.cuda.empty_cache()  # a freed head copy would now be handed out again
+    prompt = byte_tokenizer.encode("two engines, one model")
+    try:
+        got = [asyncio.run(run(e, prompt, GREEDY))[0][0] for e in (first, second)]
+    finally:
+        second.shutdown(timeout=5)
+        first.shutdown(timeout=5)
+    assert got == [model.generate(prompt, GREEDY.max_tokens)] * 2
+
+
 def test_graph_engine_abort_during_replay_frees_the_slot(byte_tokenizer):
     model = varied_model("llama-tiny", byte_tokenizer.vocab_size)
     engine = Engine(model, byte_tokenizer, EngineConfig(max_running=2))

@@ -108,6 +108,14 @@ def test_prepare_for_inference_keeps_logits_and_tied_head():
         after = model.prepare_for_inference(pack=False)(ids)
     torch.testing.assert_close(before, after)
     assert model.output_weight().is_contiguous()
+    # Again with the weights unchanged: the same copy (a captured CUDA graph reads it).
+    head = model._tied_head_t
+    assert model.prepare_for_inference(pack=False)._tied_head_t is head
+    with torch.no_grad():
+        model.tok_emb.weight.mul_(2.0)  # an in-place change: the copy is stale, remade
+        changed = model.prepare_for_inference(pack=False)._tied_head_t
+    assert changed is not head
+    torch.testing.assert_close(changed, 2.0 * head)
 
 
 @pytest.mark.parametrize(

@@ -476,9 +476,12 @@ class Transformer(nn.Module):
         embedding it is the slow layout for matrix-vector products. Each copy costs the
         memory of the weights it copies.
         Packed copies notice in-place changes to their weight and step aside; call this
-        again after changing the weights to get the fast path back.
+        again after changing the weights to get the fast path back. Calling it again with
+        the weights unchanged keeps the tied head's copy: a second engine over the same model
+        must not free the tensor the first one's captured CUDA graphs read.
         """
         self.eval()
+        kept_head = self._tied_head_t if self._tied_head_is_current() else None
         self._packed_head, self._tied_head_t = None, None
         for module in self.modules():
             if isinstance(module, Linear):
@@ -489,8 +492,22 @@ class Transformer(nn.Module):
             weight = self.tok_emb.weight
             self._packed_head = inference_copy(weight, out_in=True) if pack else None
             if self._packed_head is None:
-                self._tied_head_t = weight.detach().t().contiguous()
+                self._tied_head_t = (
+                    kept_head if kept_head is not None else weight.detach().t().contiguous()
+                )
+                self._tied_head_source = (weight.data_ptr(), weight._version)
         return self
+
+    def _tied_head_is_current(self) -> bool:
+        """The tied head's copy was made from the embedding as it is now (same storage, no
+        in-place change since)."""
+        weight = self.tok_emb.weight
+        return (
+            self._tied_head_t is not None
+            and self._tied_head_t.device == weight.device
+            and self._tied_head_t.dtype == weight.dtype
+            and getattr(self, "_tied_head_source", None) == (weight.data_ptr(), weight._version)
+        )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
