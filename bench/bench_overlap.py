@@ -10,7 +10,9 @@ repetition penalty and a seed per request, so the sampler does the work a real r
 asks of it). Output tokens/s is the requests' tokens over the wall time from submitting
 to the last event. Rounds alternate off, on, off, on... so both see the same machine
 state; the mean per mode, the on/off ratio, and whether both modes produced the same
-tokens (they must) are printed as JSON and a Markdown table.
+tokens are printed as JSON and a Markdown table. (Seeded streams do not depend on their
+batch, so they should; in bf16 two runs whose steps batch differently can still part at a
+near-tie, which is why the exact check is tests/test_cuda.py's, in fp32.)
 
 Run: `python bench/bench_overlap.py --device cuda [--streams 1 16 64] [--tokens 128]
 [--rounds 3] [--out FILE.json]` (under a minute on a GPU; on the CPU overlap has nothing
