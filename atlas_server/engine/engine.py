@@ -370,13 +370,13 @@ class Engine:
         device, not read back): this step's forward is queued first, feeding on that
         step's tokens where the device has them, and only then are they read and emitted
         (see the module docstring)."""
-        plan: StepPlan = self.scheduler.schedule()
-        for request, error in plan.rejected:
-            self._end(request, "error", error)
         previous = self._in_flight
         if previous is not None and not self.outputs.has_live_rows(previous):
             self.outputs.discard(previous)  # all aborted: no read-back, no wait
             previous = self._in_flight = None
+        plan: StepPlan = self.scheduler.schedule()
+        for request, error in plan.rejected:
+            self._end(request, "error", error)
         logits = None
         if plan.runs_model:
             self._steps_total += 1
