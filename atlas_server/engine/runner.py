@@ -21,7 +21,10 @@ prompts, -2% with 4 (within the run-to-run noise).
 On CUDA, `make_runner` picks `GraphRunner` (cuda_runner.py): the same `execute()`, with
 the decode rows replayed from CUDA graphs captured at start-up; the plan gives every
 number as host integers (tokens, positions, slots), so filling the graphs' static input
-buffers needs no device read-back. `make_runner` also sizes the KV cache
+buffers needs no device read-back. In overlap mode some decode rows' tokens are still on
+the device: the plan names the row of the last step's sampled ids each comes from, and
+`feed_sampled` copies them in on the device. Host lists reach a GPU through
+`transfer.to_device`, which never waits for the device. `make_runner` also sizes the KV cache
 (`engine.kv_cache_gib`, by default a share of the free GPU memory) and `resolve_dtype`
 picks the serving dtype ("auto": bfloat16 on CUDA, float32 elsewhere).
 
