@@ -12,6 +12,8 @@
 #        - tests/test_cuda.py (the CUDA correctness list: graph replay vs eager, greedy at
 #          every bucket, seeded sampling, abort, prefix caching, n > 1, 64 streams, bf16,
 #          kv_cache_gib, training);
+#        - tests/test_api.py against a CUDA engine (ATLAS_TEST_DEVICE=cuda: graphs, GPU
+#          sampling, overlap, fp32), through the openai client;
 #        - bench/bench_cuda_decode.py: decode step time, eager vs graph replay, batch 1-256,
 #          fp32 and bf16, and the sampler's time per step;
 #        - bench/bench_serving.py --device cuda --quick, fp32 (like for like with the
@@ -22,7 +24,7 @@
 #          1/16/64 sampled streams, bf16 (what scheduling ahead of the tokens buys);
 #        - bench/bench_prefill_attention.py: a prompt's first chunk, causal (flash) over its
 #          own keys against the cache read with a mask, 512-4096 tokens, bf16;
-#      and writes under $OUT (what the device tool brings back): pytest.xml, decode.json,
+#      and writes under $OUT (what the device tool brings back): pytest.xml, pytest_api_cuda.xml, decode.json,
 #      serving_fp32.json, serving_bf16.json, train.json, overlap.json, prefill.json, gpu_check.log, nvidia-smi.txt. A step that fails or runs
 #      out of time is logged and the next one still runs; the exit status is the number of
 #      failed steps.
@@ -71,6 +73,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, count fail
 
 step test_cuda 150 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
+step api_cuda 60 env ATLAS_TEST_DEVICE=cuda python3 -m pytest -q tests/test_api.py \
+    -p no:cacheprovider --junitxml="$OUT/pytest_api_cuda.xml"
 step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \
     --out "$OUT/decode.json"
 step serving_fp32 110 python3 bench/bench_serving.py --device cuda --quick --dtype float32 \

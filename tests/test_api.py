@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -21,16 +22,24 @@ from servers import serving
 
 from atlas_server.api import ServerState, create_app
 from atlas_server.checkpoint import load_checkpoint
-from atlas_server.config import EngineSection, RAGSection, ServerConfig
+from atlas_server.config import EngineSection, ModelSection, RAGSection, ServerConfig
 from atlas_server.engine.types import RequestOutput
 
 MODEL = "tiny"
+# ATLAS_TEST_DEVICE=cuda serves the whole suite from a CUDA engine (bench/gpu_check.sh runs
+# it so): graphs, GPU sampling and overlap mode, in fp32 so that greedy output still equals
+# the CPU reference loops here.
+DEVICE = os.environ.get("ATLAS_TEST_DEVICE", "cpu")
 
 
 @contextmanager
 def running_server(checkpoint, api_key=None, engine=EngineSection(), load=True):
     """A server without RAG (tests/test_rag_server.py serves it): no vector store opens."""
-    config = ServerConfig(engine=engine, rag=RAGSection(enabled=False))
+    config = ServerConfig(
+        model=ModelSection(device=DEVICE, dtype="float32"),
+        engine=engine,
+        rag=RAGSection(enabled=False),
+    )
     state = ServerState(config=config, model_name=MODEL, checkpoint_path=str(checkpoint))
     app = create_app(state, api_key=api_key, load_on_startup=load)
     # Without loading, /health answers 503 ("loading") for good: that is ready enough.
@@ -298,6 +307,13 @@ def test_api_key_is_required_on_v1_only(tiny_checkpoint):
         with pytest.raises(APIStatusError) as e:
             OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()
         assert e.value.status_code == 401
+
+
+def test_the_suite_serves_from_the_device_it_was_given(server):
+    """On CPU by default; with ATLAS_TEST_DEVICE=cuda every test here ran on the GPU."""
+    backend = httpx.get(server[0] + "/health").json()["backend"]
+    assert backend["device"].split(":")[0] == DEVICE.split(":")[0]
+    assert backend["dtype"] == "float32"
 
 
 def test_health_is_503_until_the_model_is_loaded(tiny_checkpoint):
