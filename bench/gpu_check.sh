@@ -36,6 +36,9 @@ WHEELS=(
     litestar==2.25.0 litestar-htmx==0.5.0 msgspec==0.23.0 multipart==2.0.1
     polyfactory==3.5.0 faker==40.63.0 rich-click==1.9.9 sniffio==1.3.1
     uvicorn==0.55.0 annotated-types==0.8.0 dill==0.4.1
+    # the openai client, for tests/test_api.py against a CUDA engine
+    openai==3.60.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 jiter==0.19.0
+    pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5
 )
 
 if [ "${1:-}" = "wheels" ]; then
