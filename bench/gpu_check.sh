@@ -76,7 +76,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, count fail
 
 step test_cuda 150 python3 -m pytest -q tests/test_cuda.py -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml"
+# Less the one test that needs the MiniLM package and Atlas's installed entry points
+# (embeddings and plugins; no engine in it), which the GPU image has neither of.
 step api_cuda 60 env ATLAS_TEST_DEVICE=cuda python3 -m pytest -q tests/test_api.py \
+    --deselect tests/test_api.py::test_embeddings_and_plugins_are_served_without_rag \
     -p no:cacheprovider --junitxml="$OUT/pytest_api_cuda.xml"
 step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \
     --out "$OUT/decode.json"
