@@ -42,6 +42,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_prefill_attention.py", ["--repeats", "0"]),
         ("bench_overlap.py", ["--streams", "16", "0"]),
         ("bench_overlap.py", ["--tokens", "1"]),
+        ("bench_overlap.py", ["--rounds", "0"]),
+        ("bench_overlap.py", ["--out", "/no/such/folder/overlap.json"]),
         ("step_times.py", ["--streams", "0"]),
     ],
 )

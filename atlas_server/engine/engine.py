@@ -7,7 +7,8 @@ stream of `RequestOutput` events bound to the caller's event loop. `abort()`, `d
 everything else, one step at a time, along the data flow:
 
     inbox -> Scheduler.schedule() -> StepPlan -> ModelRunner.execute() -> StepLogits
-          -> OutputProcessor.process() -> events, finished sequences -> Scheduler.finish()
+          -> OutputProcessor.launch() / take_tokens() / emit_text() -> events,
+             finished sequences -> Scheduler.finish()
 
   - scheduler.py: admission, KV slots, prefix reuse and packing under `max_batched_tokens`;
     returns a plain plan (which sequences decode in which slots, which prompt chunks
@@ -22,8 +23,8 @@ device with nothing queued behind. While step N's forward and sampling run, the 
 schedules step N+1 and queues its forward, each decode row's input token taken from step
 N's sampled ids on the device (the plan says which row; the host has not read them yet).
 Only then does it read step N's tokens (one copy, queued right behind N's sampling with
-an event after it: the host waits for that event, not for N+1's forward), append them and decide token-level finishes (stop token ids, EOS,
-max_tokens), queue step N+1's sampling, and detokenize, match stop strings and emit step
+an event after it: the host waits for that event, not for N+1's forward), append them and
+decide token-level finishes (stop token ids, EOS, max_tokens), queue step N+1's sampling, and detokenize, match stop strings and emit step
 N's events while the device runs step N+1. Sampling is queued after the read on purpose:
 penalties, min_tokens and seeded streams then see every earlier token, so they need no
 device-side copy of the output history, and the forward, most of a step, is what overlaps.

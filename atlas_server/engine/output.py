@@ -1,13 +1,17 @@
 """The output processor: from a step's logits to the events each request's stream receives.
 
-What it does: for each step, `process(plan, logits)` collects prompt logprobs of the chunks
-that asked for them, samples one token for every decode row and for every choice of a
-prompt that just completed (engine/sampling.py; each choice with its own seeded generator
-when the request has a seed), appends it to the sequence, detokenizes it incrementally,
-checks stop token ids, EOS, stop strings (held back until they cannot match; detokenizer.py)
-and max_tokens, and emits one `RequestOutput` per row through the request's `emit`. It
-returns the sequences that finished, which the engine reports to the scheduler to free
-their slots. `finish_request()` ends whatever is still open of a request (abort, error,
+What it does: each step in three calls, so that the engine can put other work between
+them (engine.py, "Overlap"):
+  - `launch(plan, logits)` collects prompt logprobs of the chunks that asked for them and
+    queues sampling of one token for every decode row and every choice of a prompt that
+    just completed (engine/sampling.py; each choice with its own seeded generator when
+    the request has a seed); nothing is read back;
+  - `take_tokens(step)` reads the tokens (one copy), appends them and returns the
+    sequences a stop token id, EOS or max_tokens finished;
+  - `emit_text(step)` detokenizes incrementally, checks stop strings (held back until
+    they cannot match; detokenizer.py), emits one `RequestOutput` per row through the
+    request's `emit`, and returns the sequences only a stop string finished.
+The engine reports finished sequences to the scheduler to free their slots. `finish_request()` ends whatever is still open of a request (abort, error,
 shutdown) with a final event per choice.
 
 What it does not do: choose which sequences run or touch KV slots (scheduler.py), run the
@@ -130,13 +134,6 @@ class OutputProcessor:
         self._states.pop(request.request_id, None)
 
     # --- one step ---------------------------------------------------------------------
-    def process(self, plan: StepPlan, logits: StepLogits) -> list[Sequence]:
-        """Sample and emit this step's tokens; returns the sequences that finished."""
-        pending = self.launch(plan, logits)
-        if pending is None:
-            return []
-        return self.take_tokens(pending) + self.emit_text(pending)
-
     def launch(self, plan: StepPlan, logits: StepLogits) -> PendingStep | None:
         """Queue the step's sampling on the device (prompt logprobs are read here); None if
         no row samples. Nothing of the sampled tokens is read back yet.
