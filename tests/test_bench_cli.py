@@ -113,3 +113,45 @@ def test_bench_overlap_measures_both_modes_and_they_give_the_same_tokens(tmp_pat
         assert len(row["off_tok_s"]) == len(row["on_tok_s"]) == 1
         assert min(row["off_tok_s"] + row["on_tok_s"]) > 0
     assert report["dtype"] == "float32"  # the CPU's serving dtype
+
+
+def _run_gpu_check(tmp_path: Path, budget: int) -> tuple[subprocess.CompletedProcess, str]:
+    """bench/gpu_check.sh from a copy with no wheels beside it, with `python3` replaced by
+    a stand-in that only records its arguments: the script's own time keeping, no GPU."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gpu_check.sh").write_text((BENCH / "gpu_check.sh").read_text())
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python3").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    (fake_bin / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}",
+           "CALLS": str(tmp_path / "calls.txt"), "OUT": str(tmp_path / "out"),
+           "GPU_CHECK_SECONDS": str(budget)}  # fmt: skip
+    r = subprocess.run(["bash", str(tmp_path / "bench" / "gpu_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    return r, (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+STEPS = ["test_cuda", "serving_fp32", "serving_bf16", "train", "api_cuda", "overlap",
+         "decode", "prefill"]  # fmt: skip
+
+
+def test_the_gpu_check_runs_its_steps_in_order_within_its_budget(tmp_path):
+    """Issue 16's one GPU script stays under 8 minutes: a step's limit is cut to what is
+    left of the whole run's budget (less the 10 s a stuck step gets to die)."""
+    r, log = _run_gpu_check(tmp_path, budget=100)
+    assert r.returncode == 0, log
+    started = [line.split()[1] for line in log.splitlines() if "(limit" in line]
+    assert started == STEPS
+    assert "=== test_cuda (limit 90s)" in log  # its own limit is 150
+    assert "=== prefill (limit 20s)" in log  # under what is left: its own
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert sum("bench/bench_" in c or "pytest" in c for c in calls) == len(STEPS)
+
+
+def test_a_gpu_check_step_that_finds_the_budget_spent_is_skipped_and_counted(tmp_path):
+    r, log = _run_gpu_check(tmp_path, budget=0)
+    assert r.returncode == len(STEPS)  # the exit status counts failed and skipped steps
+    assert [line.split()[1].rstrip(":") for line in log.splitlines() if "skipped" in line] == STEPS
+    calls = tmp_path / "calls.txt"
+    assert not calls.exists() or "pytest" not in calls.read_text()
