@@ -189,3 +189,37 @@ def test_remove_lora_gives_back_the_base_model(byte_tokenizer):
     apply_lora(model, LoRAConfig(rank=2))
     remove_lora(model)
     assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("cross_entropy", ["chunked", "plain"])
+def test_an_adapter_on_an_untied_head_trains_serves_and_merges(
+    tmp_path, byte_tokenizer, cross_entropy
+):
+    """`lm_head` is a documented target where embeddings are untied: its adapter changes the
+    logits in training (through the pretraining loss, chunked by default), in serving
+    (packed inference copies) and once merged."""
+    from trainer.loss import NextTokenLoss
+
+    model = base_model(byte_tokenizer, "llama-tiny")
+    assert not model.config.tie_embeddings
+    report = apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=("lm_head",)))
+    assert report.modules == ["lm_head"]
+    loss_module = NextTokenLoss(model, chunked=cross_entropy == "chunked")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens(33, seed=1)
+    model.train()
+    for _ in range(3):
+        loss = loss_module(ids[:, :-1], ids[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert model.lm_head.lora_B.abs().sum() > 0  # the head's adapter got gradients
+    with torch.no_grad():
+        adapted = model(tokens())
+        assert not torch.allclose(adapted, base_model(byte_tokenizer, "llama-tiny")(tokens()))
+        torch.testing.assert_close(
+            model.prepare_for_inference()(tokens()), adapted, rtol=1e-4, atol=1e-4
+        )
+        merged = merge_lora(base_model(byte_tokenizer, "llama-tiny"), adapter_of(model, report))
+        torch.testing.assert_close(merged(tokens()), adapted, rtol=1e-5, atol=1e-5)

@@ -118,6 +118,20 @@ def test_prepare_for_inference_keeps_logits_and_tied_head():
     torch.testing.assert_close(changed, 2.0 * head)
 
 
+class _Recorded:
+    """An inference copy that notes each use of itself."""
+
+    def __init__(self, inner, ran: list) -> None:
+        self.inner, self.ran = inner, ran
+
+    def usable_for(self, x):
+        return self.inner.usable_for(x)
+
+    def __call__(self, *args):
+        self.ran.append(self)
+        return self.inner(*args)
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -136,7 +150,14 @@ def test_onednn_packed_weights_give_the_same_logits_and_step_aside_when_stale(co
         packed = [m for m in model.modules() if getattr(m, "packed", None) is not None]
         assert len(packed) == sum(isinstance(m, Linear) for m in model.modules())
         assert (model._packed_head is not None) == config.tie_embeddings
+        # Every projection, an untied head included, runs through its copy.
+        ran = []
+        for m in packed:
+            m.packed = _Recorded(m.packed, ran)
         torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=1e-5)
+        assert sorted(map(id, ran)) == sorted(id(m.packed) for m in packed)
+        for m in packed:
+            m.packed = m.packed.inner
         # Incremental decode through the packed path equals the full forward.
         cache = model.new_cache(3, 16)
         slots, pos = torch.arange(3), torch.arange(9).expand(3, 9)

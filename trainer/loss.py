@@ -140,7 +140,8 @@ class NextTokenLoss(nn.Module):
         self.chunk_rows = chunk_rows
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
-        if self.chunked:
+        # A wrapped head (LoRA on lm_head) is no single matrix to chunk against: plain path.
+        if self.chunked and self.model.head_is_one_matrix():
             hidden = self.model.hidden_states(idx)  # [B, T, C]
             return chunked_cross_entropy(
                 hidden.flatten(0, 1), self.model.output_weight(), targets.flatten(), self.chunk_rows

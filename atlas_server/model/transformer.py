@@ -364,8 +364,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     # --- forward --------------------------------------------------------------------
+    def head_is_one_matrix(self) -> bool:
+        """The logits are `hidden @ output_weight()`: true unless the untied head is wrapped
+        (a LoRA adapter on `lm_head` adds its own low-rank term, with its own dropout)."""
+        return self.config.tie_embeddings or type(self.lm_head) is Linear
+
     def output_weight(self) -> Tensor:
-        """The [C, V] matrix that maps final hidden states to logits."""
+        """The [C, V] matrix that maps final hidden states to logits (see head_is_one_matrix)."""
+        if not self.head_is_one_matrix():
+            raise TypeError(f"lm_head is a {type(self.lm_head).__name__}, not one matrix")
         if self.config.tie_embeddings:
             # A transposed view of the [V, C] embedding; see prepare_for_inference().
             # The inference copy goes stale once training updates the embedding: train mode
@@ -450,6 +457,10 @@ class Transformer(nn.Module):
 
     def _logits(self, x: Tensor) -> Tensor:
         x = self.final_norm(x)
+        if not self.config.tie_embeddings:
+            # Through the module, not its weight: its CPU inference copy (the head is the
+            # largest matrix of a small model), and a LoRA adapter's update where it has one.
+            return self.lm_head(x)  # [..., V]
         if self._packed_head is not None and self._packed_head.usable_for(x):
             return self._packed_head(x)  # [..., V]
         head = self.output_weight()  # [C, V]
