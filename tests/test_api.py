@@ -504,6 +504,25 @@ def test_openapi_schema_is_served(server):
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert chat["max_completion_tokens"]["minimum"] == 0
     assert chat["top_logprobs"]["minimum"] == 0
+    assert completion["repetition_penalty"]["minimum"] == 0.01
+
+    # Bounds inside unions and containers, which Litestar drops altogether.
+    def member(prop: dict, kind: str) -> dict:
+        found = [m for m in prop.get("oneOf", prop.get("anyOf", [])) if m.get("type") == kind]
+        assert len(found) == 1, prop
+        return found[0]
+
+    one_stop, stops = member(completion["stop"], "string"), member(completion["stop"], "array")
+    assert (one_stop["minLength"], one_stop["maxLength"]) == (1, 256)
+    assert stops["maxItems"] == 16 and stops["items"]["maxLength"] == 256
+    bias = member(completion["logit_bias"], "object")
+    assert (bias["additionalProperties"]["minimum"], bias["additionalProperties"]["maximum"]) == (
+        -100,
+        100,
+    )
+    assert bias["propertyNames"]["pattern"] == "^-?[0-9]+$"
+    assert member(completion["prompt"], "string")["minLength"] == 1
+    assert member(completion["prompt"], "array")["minItems"] == 1
 
 
 def test_next_chat_turn_reports_cached_prompt_tokens(server, client, model, byte_tokenizer):
@@ -679,3 +698,109 @@ def test_a_bad_chat_template_fails_the_load_not_each_request(tmp_path, tiny_chec
         body = {"messages": [{"role": "user", "content": "x"}]}
         r = httpx.post(base + "/v1/chat/completions", json=body)
         assert r.status_code == 503 and "chat_template.jinja" in r.json()["error"]["message"]
+
+
+def _error(response) -> dict:
+    assert response.status_code == 400, response.text
+    return response.json()["error"]
+
+
+def test_context_errors_name_what_does_not_fit(server, model):
+    """The tiny server's context is 256 tokens: errors blame the field that overflows it, in
+    words `eval_suites/fit.py` recognises, and scoring uses every position it can."""
+    url = server[0] + "/v1/completions"
+    full = {"model": MODEL, "prompt": [[7] * 256]}
+    e = _error(httpx.post(url, json=full))  # no max_tokens: nothing is left to generate
+    assert e["param"] == "prompt" and "maximum context length is 256" in e["message"]
+    assert "has 256, which leaves nothing to generate" in e["message"]
+    e = _error(httpx.post(url, json={"model": MODEL, "prompt": [[7] * 300], "max_tokens": 0,
+                                     "echo": True, "logprobs": 0}))  # fmt: skip
+    assert e["param"] == "prompt" and "has 300, more than that" in e["message"]
+    e = _error(httpx.post(url, json={**full, "max_tokens": 0, "echo": True, "logprobs": 0}))
+    assert e["param"] == "prompt" and "at most 255 tokens" in e["message"]
+    # 255 tokens score whole: every prompt token but the first gets the model's logprob.
+    ids = [(5 * i) % 250 for i in range(255)]
+    r = httpx.post(url, json={"model": MODEL, "prompt": [ids], "max_tokens": 0, "echo": True,
+                              "logprobs": 0})  # fmt: skip
+    assert r.status_code == 200, r.text
+    scored = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    assert len(scored) == 255 and scored[0] is None
+    assert abs(scored[254] - float(expected[253, ids[254]])) < 1e-4
+
+    chat = server[0] + "/v1/chat/completions"
+    messages = [{"role": "user", "content": "hi"}]
+    for field in ("max_tokens", "max_completion_tokens"):
+        e = _error(httpx.post(chat, json={"messages": messages, field: 0}))
+        assert e["param"] == field and f"{field} must be >= 1" in e["message"]
+        e = _error(httpx.post(chat, json={"messages": messages, field: 1000}))
+        assert e["param"] == field and f"{field} asks for 1000 more" in e["message"]
+    e = _error(httpx.post(chat, json={"messages": [{"role": "user", "content": "x" * 300}]}))
+    assert e["param"] == "messages" and "maximum context length is 256" in e["message"]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_text_offsets_run_on_like_the_whole_response(client, echo):
+    kwargs = dict(model=MODEL, prompt="Offsets", max_tokens=12, temperature=0, logprobs=2,
+                  echo=echo, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert whole.text_offset == sorted(whole.text_offset) and len(set(whole.text_offset)) > 1
+
+
+def test_a_temperature_too_small_for_fp32_is_greedy(client):
+    """Below 1e-5 a temperature is greedy (as in vLLM): dividing fp32 logits by 1e-45 gave
+    infinities, a NaN softmax and token 0 every time."""
+    kwargs = dict(model=MODEL, prompt="Tiny", max_tokens=8, extra_body={"ignore_eos": True})
+    greedy_text = client.completions.create(temperature=0, **kwargs).choices[0].text
+    for t in (1e-45, 5e-324, 1e-6):
+        assert client.completions.create(temperature=t, **kwargs).choices[0].text == greedy_text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tiny"}], max_tokens=8,
+        temperature=1e-45, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert "\x00" not in chat.choices[0].message.content
+
+
+def test_a_repetition_penalty_too_small_for_fp32_is_refused(server):
+    for value in (1e-300, 0.001):
+        r = httpx.post(server[0] + "/v1/completions",
+                       json={"prompt": "x", "repetition_penalty": value})  # fmt: skip
+        assert _error(r)["param"] == "repetition_penalty"
+
+
+def _successes(base: str) -> dict[str, float]:
+    families = {
+        f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)
+    }
+    return {
+        s.labels["finished_reason"]: s.value
+        for s in families["atlas:request_success"].samples
+        if s.name.endswith("_total")
+    }
+
+
+def test_metrics_count_each_choices_finish_streamed_or_not(server, client):
+    base = server[0]
+    response = httpx.get(base + "/metrics")
+    assert response.headers["content-type"].count("charset") == 1
+    before = _successes(base)
+    kwargs = dict(model=MODEL, prompt="Count", max_tokens=3, n=2, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    client.completions.create(**kwargs)
+    list(client.completions.create(stream=True, **kwargs))
+    after = _successes(base)
+    assert set(after) <= {"stop", "length"}, after
+    assert after["length"] - before.get("length", 0) == 4  # 2 requests x 2 choices
+
+
+def test_the_served_model_can_be_retrieved_by_id(client):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] == 256
+    with pytest.raises(APIStatusError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.status_code == 404 and e.value.body["param"] == "model"

@@ -587,6 +587,7 @@ async def test_zero_queue_still_admits_into_free_slots(varied_model, gated_engin
         ([1], SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
         ([1], SamplingParams(presence_penalty=3.0), "presence_penalty"),
         ([1], SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
+        ([1], SamplingParams(repetition_penalty=1e-3), "repetition_penalty"),  # fp32 overflow
         ([1], SamplingParams(min_tokens=20, max_tokens=5), "min_tokens"),
         ([1], SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
         ([1], SamplingParams(stop_token_ids=(-1,)), "stop_token_ids"),

@@ -101,6 +101,21 @@ def test_greedy_picks_the_argmax_after_bias_and_penalties(params):
         assert int(token) == max(range(VOCAB), key=ref.__getitem__)
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 9.9e-6])
+def test_a_temperature_below_1e_5_is_greedy_in_a_mixed_batch(temperature):
+    """fp32 logits divided by 1e-45 are infinities, whose softmax is NaN: such rows are greedy
+    (as in vLLM), beside a row that really samples."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(5)) * 30
+    tiny = SamplingParams(temperature=temperature, seed=1)
+    warm = SamplingParams(temperature=1.0, seed=2)
+    rows = [SamplingRow(tiny, [1], [], torch.Generator().manual_seed(1)),
+            SamplingRow(warm, [1], [], torch.Generator().manual_seed(2))]  # fmt: skip
+    tokens = sample(logits, rows)
+    assert int(tokens[0]) == int(logits[0].argmax())
+    alone = sample(logits[1:], [SamplingRow(warm, [1], [], torch.Generator().manual_seed(2))])
+    assert int(tokens[1]) == int(alone[0])
+
+
 def test_logit_bias_forces_a_token():
     logits = torch.randn(4, VOCAB)
     rows = [SamplingRow(SamplingParams(logit_bias={7: 100.0}), [1], [], None) for _ in range(4)]

@@ -43,6 +43,7 @@ from .system import (
     list_models,
     list_plugins,
     metrics,
+    retrieve_model,
     tokenize,
     tokenizer_info,
 )
@@ -105,6 +106,7 @@ def create_app(
         create_completion,
         create_chat_completion,
         list_models,
+        retrieve_model,
         tokenize,
         detokenize,
         tokenizer_info,

@@ -28,9 +28,9 @@ from .generation import (
     check_model,
     check_ready,
     collect,
-    default_max_tokens,
     finite,
     grounding,
+    max_tokens_for,
     new_id,
     sampling_params,
     submit,
@@ -110,14 +110,14 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             data, messages=[msgspec.convert(m, ChatMessage) for m in augmentation.messages]
         )
     ids = prompt_ids(state, data.messages, data.add_generation_prompt)
-    asked = (
-        data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+    # max_completion_tokens is OpenAI's newer name for max_tokens; errors name the one sent.
+    param = "max_completion_tokens" if data.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(data, param)
+    if asked == 0:
+        raise RequestError(f"{param} must be >= 1 for a chat completion, got 0", param=param)
+    max_tokens = max_tokens_for(
+        state, len(ids), asked, state.max_model_len, param=param, prompt_param="messages"
     )
-    max_tokens = default_max_tokens(state, len(ids), asked, state.max_model_len)
-    if max_tokens < 1:
-        raise RequestError(
-            "the messages fill the whole context; nothing is left to generate", param="messages"
-        )
     top = data.top_logprobs or 0
     params = sampling_params(
         data,

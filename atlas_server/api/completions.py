@@ -29,8 +29,8 @@ from .generation import (
     check_ready,
     collect,
     completion_logprobs,
-    default_max_tokens,
     grounding,
+    max_tokens_for,
     new_id,
     sampling_params,
     submit,
@@ -142,7 +142,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     state.enter()
     try:
         for i, (ids, _) in enumerate(prompts):
-            max_tokens = default_max_tokens(state, len(ids), data.max_tokens, 16)
+            max_tokens = max_tokens_for(state, len(ids), data.max_tokens, 16)
             if max_tokens == 0 and not (data.echo and not data.stream):
                 raise RequestError(
                     "max_tokens 0 (scoring the prompt only) needs echo and no streaming",
@@ -225,6 +225,9 @@ class CompletionChunks:
         self.tokenizer, self.req, self.prompts = tokenizer, req, prompts
         self.echoed: set[int] = set()
         self.prompt_lp: dict[int, list] = {}  # prompt index -> its prompt logprobs
+        # choice index -> text_offset of its next token: offsets run on across chunks, as
+        # in the non-streamed response (and vLLM's stream)
+        self.next_offset: dict[int, int] = {}
 
     def choice(self, index: int, event: RequestOutput, finish: str | None) -> dict | None:
         req = self.req
@@ -243,7 +246,13 @@ class CompletionChunks:
             if first:
                 entries = list(self.prompt_lp.get(prompt) or [None] * len(ids)) + entries
                 token_ids = list(ids) + token_ids
-            logprobs = completion_logprobs(self.tokenizer, entries, token_ids, 0)
+            start = self.next_offset.get(index, 0)
+            logprobs = completion_logprobs(self.tokenizer, entries, token_ids, start)
+            if token_ids:
+                last = token_ids[-1]
+                self.next_offset[index] = logprobs["text_offset"][-1] + len(
+                    self.tokenizer.decode([last])
+                )
         if not (text or finish or event.token_ids):
             return None
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

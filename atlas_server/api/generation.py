@@ -119,13 +119,45 @@ def sampling_params(
     )
 
 
-def default_max_tokens(
-    state: ServerState, prompt_len: int, asked: int | None, fallback: int
+def max_tokens_for(
+    state: ServerState,
+    prompt_len: int,
+    asked: int | None,
+    fallback: int,
+    param: str = "max_tokens",
+    prompt_param: str = "prompt",
 ) -> int:
-    """OpenAI's completions default is 16; chat's is "until the context is full"."""
-    if asked is not None:
-        return asked
-    return max(0, min(fallback, state.max_model_len - prompt_len))
+    """How many tokens to generate after a prompt, checked the OpenAI way: prompt +
+    max_tokens within the context. `asked` is the client's value (under the name `param`);
+    without one, `fallback` (completions: 16; chat: until the context is full) cut to what
+    the context leaves, and a prompt that leaves nothing is refused as such. An asked 0
+    (completions' scoring) needs one position past the prompt: the engine computes the
+    prompt's logprobs while generating one token that the response leaves out."""
+    limit = state.max_model_len
+    if prompt_len > limit or (asked is None and prompt_len == limit):
+        why = "more than that" if prompt_len > limit else "which leaves nothing to generate"
+        raise RequestError(
+            f"this model's maximum context length is {limit} tokens and the {prompt_param} "
+            f"has {prompt_len}, {why}; shorten the {prompt_param}",
+            param=prompt_param,
+        )
+    if asked == 0 and prompt_len == limit:
+        raise RequestError(
+            f"this model's maximum context length is {limit} tokens; scoring a prompt "
+            f"(max_tokens 0) takes one position past it, so it can have at most {limit - 1} "
+            f"tokens, and this one has {prompt_len}; shorten the {prompt_param}",
+            param=prompt_param,
+        )
+    if asked is None:
+        return min(fallback, limit - prompt_len)
+    if prompt_len + asked > limit:
+        raise RequestError(
+            f"this model's maximum context length is {limit} tokens; the {prompt_param} has "
+            f"{prompt_len} and {param} asks for {asked} more ({prompt_len + asked}); shorten "
+            f"the {prompt_param} or lower {param}",
+            param=param,
+        )
+    return asked
 
 
 def finish_reason(event: RequestOutput) -> str:
@@ -273,7 +305,7 @@ async def collect(
         choice.add(event)
         timer.on_queue_time(event.queue_time_s)
         timer.on_tokens(choice.index, time.perf_counter(), len(event.token_ids))
-    timer.on_finish(time.perf_counter(), ",".join(sorted({c.finish_reason or "" for c in choices})))
+    timer.on_finish(time.perf_counter(), [c.finish_reason for c in choices if c.finish_reason])
     return choices
 
 

@@ -82,7 +82,7 @@ class Metrics:
         self.generation_tokens = Counter("atlas:generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter(
             "atlas:request_success",
-            "Finished requests by finish reason.",
+            "Finished sequences (one per choice) by finish reason: stop or length.",
             ["finished_reason"],
             registry=r,
         )
@@ -135,6 +135,9 @@ class RequestTimer:
         self.last[index] = now
         self.metrics.generation_tokens.inc(n_tokens)
 
-    def on_finish(self, now: float, reason: str | None) -> None:
+    def on_finish(self, now: float, reasons: list[str]) -> None:
+        """The request's end-to-end latency, and one finish per choice (OpenAI's "stop" or
+        "length"): n choices finish n sequences, as vLLM counts its child requests."""
         self.metrics.e2e.observe(now - self.start)
-        self.metrics.finished.labels(finished_reason=reason or "unknown").inc()
+        for reason in reasons:
+            self.metrics.finished.labels(finished_reason=reason).inc()

@@ -63,7 +63,7 @@ class _SamplingFields(_Body, kw_only=True):
     seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] = 1.0  # engine's minimum
     logit_bias: dict[TokenIdKey, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     ignore_eos: bool = False

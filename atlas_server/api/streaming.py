@@ -53,6 +53,7 @@ async def stream_chunks(
     texts: dict[int, list[str]] = {}  # generated text per choice, for citations
     cached: dict[int, int] = {}  # per prompt (stream offset): tokens the prefix cache served
     completion_tokens = 0
+    finishes: list[str] = []  # one OpenAI finish_reason per finished choice
     try:
         async for offset, event in merged_events(streams, offsets):
             raise_if_failed(event)
@@ -63,6 +64,8 @@ async def stream_chunks(
             cached[offset] = event.num_cached_tokens
             texts.setdefault(index, []).append(event.text)
             finish = finish_reason(event) if event.finished else None
+            if finish:
+                finishes.append(finish)
             choice = formatter.choice(index, event, finish)
             if choice is None:
                 continue
@@ -71,7 +74,7 @@ async def stream_chunks(
                 rag.add_citations(choice, "".join(texts[index]))
                 extra = rag.sources
             yield sse_event({**base, "choices": [choice], **extra})
-        timer.on_finish(time.perf_counter(), "stream")
+        timer.on_finish(time.perf_counter(), finishes)
         if include_usage:
             total = usage(prompt_tokens, completion_tokens, sum(cached.values()))
             yield sse_event({**base, "choices": [], "usage": total})

@@ -68,9 +68,8 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = _state(request)
     stats = state.engine.stats() if state.engine is not None else None
-    return Response(
-        state.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    # Litestar adds "; charset=utf-8" to a text/* media type itself.
+    return Response(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
 
 @get(
@@ -80,19 +79,30 @@ async def metrics(request: Request) -> Response:
 )
 async def list_models(request: Request) -> dict[str, Any]:
     state = _state(request)
-    data = []
-    if state.ready:
-        data.append(
-            {
-                "id": state.model_name,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "atlas",
-                "root": state.checkpoint_path,
-                "max_model_len": state.max_model_len,
-            }
-        )
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model_card(state)] if state.ready else []}
+
+
+@get(
+    "/v1/models/{model:path}",  # a path: served names may hold "/" (org/name)
+    summary="Retrieve the served model (OpenAI-compatible)",
+    responses=error_responses(401, 404, 503),
+)
+async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+    state = _state(request)
+    _loaded(state)
+    check_model(state, model.lstrip("/"))
+    return _model_card(state)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "atlas",
+        "root": state.checkpoint_path,
+        "max_model_len": state.max_model_len,
+    }
 
 
 @post(

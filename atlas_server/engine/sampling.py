@@ -3,7 +3,7 @@
 What it does: turns the model's logits [B, V] for B sequences into B token ids, applying
 per row, in this order: logit_bias (added first) -> min_tokens masking of EOS / stop ids
 -> repetition penalty (HF/CTRL: over prompt + output) -> presence / frequency penalties
-(OpenAI: over output only) -> greedy argmax for temperature 0, otherwise temperature ->
+(OpenAI: over output only) -> greedy argmax for temperature 0 (or below 1e-5), otherwise temperature ->
 top-k -> top-p -> min-p -> a draw. Every stage is one batched tensor operation over the
 step's rows, on whatever device the logits live (the GPU when serving on CUDA); no Python
 loop ever walks the vocabulary, and nothing is read back from the device until the end.
@@ -180,6 +180,11 @@ def _draw(probs: Tensor, rows: list[SamplingRow]) -> Tensor:
     return (probs / exp_noise).argmax(dim=-1)
 
 
+# Temperatures below this are greedy, as in vLLM: dividing fp32 logits by a smaller one
+# overflows (1e-45 is a denormal; 1e-46 rounds to 0), and the softmax of infinities is NaN.
+GREEDY_BELOW = 1e-5
+
+
 def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
     """Token ids [B] for logits [B, V] (any float dtype), one row per entry of `rows`.
 
@@ -199,7 +204,7 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
     ):
         logits = _apply_penalties(logits, rows)
     greedy = logits.argmax(dim=-1)  # [B]
-    sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    sampled_rows = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
     if not sampled_rows:
         return greedy
     everyone = len(sampled_rows) == len(rows)

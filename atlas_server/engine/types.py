@@ -43,6 +43,9 @@ class EngineStoppedError(EngineError):
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch generators take 64-bit seeds
+# A repetition penalty divides positive logits: below this, fp32 logits overflow (and a
+# value under 1e-45 rounds to 0 in fp32), and the sampler's softmax would be NaN.
+MIN_REPETITION_PENALTY = 0.01
 MAX_LOGPROBS = 20  # top alternatives a request may ask for, per position (OpenAI's bound)
 
 
@@ -61,7 +64,7 @@ class SamplingParams:
 
     max_tokens: int = 16
     min_tokens: int = 0  # stop conditions (EOS, stop ids/strings) are ignored before this many
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below 1e-5, sampling.GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 or less: off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -133,9 +136,11 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                math.isfinite(self.repetition_penalty)
+                and self.repetition_penalty >= MIN_REPETITION_PENALTY,
                 "repetition_penalty",
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                f"repetition_penalty must be >= {MIN_REPETITION_PENALTY}, "
+                f"got {self.repetition_penalty}",
             ),
             (
                 1 <= self.n <= limits.max_n,
