@@ -6,7 +6,10 @@ checkpoint is served through /v1/chat/completions like any other."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,7 @@ from posttrain_helpers import (
     config,
     make_base,
     preference_records,
+    settings,
     write_jsonl,
 )
 from safetensors.torch import load_file
@@ -25,7 +29,7 @@ from typer.testing import CliRunner
 
 from atlas_server.api import ServerState, create_app
 from atlas_server.chat_template import ChatTemplate
-from atlas_server.checkpoint import load_checkpoint, read_metadata
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from atlas_server.cli import app as atlas_app
 from atlas_server.config import ServerConfig
 from trainer.loop import train
@@ -33,6 +37,7 @@ from trainer.lora import apply_lora, load_adapter, load_adapter_weights
 from trainer.posttrain import dpo_task, sft_task
 from trainer.state import list_checkpoints
 
+ROOT = Path(__file__).resolve().parent.parent
 LORA = ("lora.enabled=true", "lora.rank=4", "lora.alpha=8.0")
 
 
@@ -151,3 +156,42 @@ def test_lora_dpo_reference_is_the_base_without_adapters(tmp_path, byte_tokenize
     assert frozen["losses"][0] == pytest.approx(math.log(2), abs=1e-5)
     assert frozen["losses"] == pytest.approx(cached["losses"], rel=1e-5)
     assert (list_checkpoints(tmp_path / "frozen")[-1] / "adapter.json").is_file()
+
+
+def test_resuming_a_lora_run_without_lora_or_on_another_base_is_refused(
+    lora_run, tmp_path, byte_tokenizer
+):
+    """A LoRA run's checkpoints hold its adapter only: resumed as a full run, the error says
+    so (it listed every missing weight); resumed over another base it is refused, as
+    merge-lora refuses it (it trained on silently)."""
+    part = tmp_path / "part"
+    shutil.copytree(lora_run["run"], part)
+    chat = f'sft.train=["{lora_run["chat"]}"]'
+    with pytest.raises(CheckpointError, match="holds a LoRA adapter, not a whole model"):
+        train(config(lora_run["base"], part, chat), resume=True, progress=False, task=sft_task())
+    other = make_base(tmp_path / "other", byte_tokenizer, seed=1)
+    with pytest.raises(CheckpointError, match="trained on other base weights"):
+        train(config(other, part, chat, *LORA), resume=True, progress=False, task=sft_task())
+
+
+def test_fsdp_lora_saves_the_adapter_ddp_trains(lora_run, tmp_path):
+    """LoRA under FSDP (two CPU processes) checkpoints the adapter DDP trains from the same
+    rows; its save used to fail, loading the gathered LoRA weights into a plain model."""
+    chat = f'sft.train=["{lora_run["chat"]}"]'
+    flags = [chat, *LORA, "lora.dropout=0.0", "schedule.max_steps=3", "run.sample_tokens=0",
+             "data.micro_batch=1"]  # fmt: skip
+    adapters = {}
+    for port, strategy in enumerate(("ddp", "fsdp")):
+        out = tmp_path / strategy
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(29700 + port + 2 * (os.getpid() % 500)), "-m",
+               "trainer.cli", "sft"]  # fmt: skip
+        for s in settings(lora_run["base"], out, *flags, f'run.distributed="{strategy}"'):
+            cmd += ["--set", s]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        adapters[strategy] = load_adapter(out / "checkpoints" / "step_000003").tensors
+    assert set(adapters["ddp"]) == set(adapters["fsdp"])
+    assert any(t.abs().sum() > 0 for k, t in adapters["fsdp"].items() if k.endswith("lora_B"))
+    for name, tensor in adapters["ddp"].items():
+        torch.testing.assert_close(adapters["fsdp"][name], tensor, atol=1e-5, rtol=1e-4)

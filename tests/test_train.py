@@ -417,9 +417,45 @@ def test_config_errors_are_one_line(tmp_path):
     assert result.exit_code == 1 and result.output.startswith("error:") and "seed" in result.output
 
 
-def test_profile_writes_a_trace(tmp_path, data_dir):
-    train(config(data_dir, tmp_path / "prof", "schedule.max_steps=6"), profile=True, progress=False)
-    assert (tmp_path / "prof" / "profile_trace.json").stat().st_size > 0
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("run.eval_batches=0", "run.eval_batches must be >= 1"),  # reported val loss 0.0
+        ("run.threads=-1", "run.threads must be >= 1"),
+        ('run.device="gpu"', "run.device 'gpu' is not a device"),
+        ("run.mlflow=true", "MLflow at run.mlflow_uri 'bogus://x'"),
+        ("OUT_UNDER_A_FILE", "Not a directory"),
+    ]
+    + (
+        []
+        if torch.cuda.is_available()
+        else [('run.device="cuda"', "run.device is 'cuda' but this machine has")]
+    ),
+)
+def test_bad_run_settings_are_one_line_errors_not_tracebacks(tmp_path, data_dir, setting, message):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / ("a_file/run" if setting == "OUT_UNDER_A_FILE" else "run")
+    sets = [f'data.path="{data_dir}"', f'run.out_dir="{out}"', "schedule.max_steps=2",
+            "schedule.warmup_steps=1", 'run.mlflow_uri="bogus://x"']  # fmt: skip
+    if setting != "OUT_UNDER_A_FILE":
+        sets.append(setting)
+    result = CliRunner().invoke(app, ["train", *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error:") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("steps", [6, 2])
+def test_profile_writes_a_trace(tmp_path, data_dir, steps):
+    """Also on a run shorter than the usual skip-one, warm-one, trace-three schedule (it
+    used to write nothing and leave the profiler running, which crashed the exit)."""
+    cfg = config(
+        data_dir, tmp_path / "prof", f"schedule.max_steps={steps}", "schedule.warmup_steps=1"
+    )
+    train(cfg, profile=True, progress=False)
+    trace = json.loads((tmp_path / "prof" / "profile_trace.json").read_text())
+    assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
 
 
 def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):

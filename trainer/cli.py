@@ -38,7 +38,7 @@ USER_ERRORS = (
     CheckpointError,
     ConfigError,
     LoRAError,
-    FileNotFoundError,
+    OSError,  # a missing input, an output that exists or sits under a file, no permission
     ValueError,
 )
 

@@ -187,6 +187,15 @@ class TrainConfig(_Section):
                 and self.run.log_every >= 1,
                 "run.eval_every, run.checkpoint_every and run.log_every must be >= 1",
             ),
+            (self.run.eval_batches >= 1, "run.eval_batches must be >= 1"),
+            (
+                self.run.threads is None or self.run.threads >= 1,
+                "run.threads must be >= 1 (leave it unset for PyTorch's default)",
+            ),
+            (
+                _is_device(self.run.device),
+                f"run.device {self.run.device!r} is not a device: cpu, cuda or cuda:N",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +210,16 @@ class TrainConfig(_Section):
                 lines.append(f"{k} = {_toml_value(v)}")
             lines.append("")
         return "\n".join(lines)
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _toml_value(v: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, TrainConfigError
 
 
 class Logger:
@@ -25,12 +25,18 @@ class Logger:
             import mlflow
 
             # A local SQLite store beside the run (MLflow 3 retired the plain file store).
-            mlflow.set_tracking_uri(
-                cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-            )
-            mlflow.set_experiment("atlas")
-            mlflow.start_run(run_name=run_dir.name)
-            mlflow.log_text(cfg.to_toml(), "config.toml")
+            uri = cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+            try:
+                mlflow.set_tracking_uri(uri)
+                mlflow.set_experiment("atlas")
+                mlflow.start_run(run_name=run_dir.name)
+                mlflow.log_text(cfg.to_toml(), "config.toml")
+            except Exception as e:  # MLflow's own exception types vary with the store
+                self.close()
+                if mlflow.active_run() is not None:
+                    mlflow.end_run()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise TrainConfigError(f"MLflow at run.mlflow_uri {uri!r}: {first}") from e
             self.mlflow = mlflow
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

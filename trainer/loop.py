@@ -340,6 +340,11 @@ def setup(
     # A LoRA run's resume point holds the adapter only: the base weights come from init_from.
     model = _build_model(cfg, tokenizer, resuming=resume is not None and not lora).to(device)
     if resume is not None and not lora:
+        if resume.adapter_only:
+            raise CheckpointError(
+                f"{resume.path} holds a LoRA adapter, not a whole model: resume it with "
+                "lora.enabled = true, its [lora] settings and its model.init_from"
+            )
         try:  # full weights, before any sharding
             model.load_state_dict(resume.weights)
         except RuntimeError as e:
@@ -353,7 +358,14 @@ def setup(
         if d.main:
             say(str(report))
         if resume is not None:
-            load_adapter_weights(model, load_adapter(resume.path))
+            adapter = load_adapter(resume.path)
+            if adapter.base_sha256 != report.base_sha256:  # as merge_lora refuses it
+                raise CheckpointError(
+                    f"{resume.path} holds an adapter trained on other base weights (sha256 "
+                    f"{adapter.base_sha256[:12]}) than model.init_from = {cfg.model.init_from} "
+                    f"({report.base_sha256[:12]}); resume with the run's own model.init_from"
+                )
+            load_adapter_weights(model, adapter)
         seed_everything(cfg.run.seed)
     if cfg.run.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -588,7 +600,11 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
         return None, run.model
     full_model = run.model
     if weights is not None:  # names are the loss module's: "model.blocks.0..."
-        full_model = Transformer(run.model.config)
+        # A private RNG: building the copy must not move the training stream (exact resume).
+        with torch.random.fork_rng(devices=[]):
+            full_model = Transformer(run.model.config)
+            if run.lora is not None:  # the same adapters, so the gathered names fit
+                apply_lora(full_model, run.lora.config)
         full_model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
     state = TrainerState(
         step=run.step,
@@ -612,7 +628,7 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
     adapter = None
     if run.lora is not None:
         provenance["base_checkpoint"] = cfg.model.init_from
-        adapter = adapter_of(run.model, run.lora, provenance)
+        adapter = adapter_of(full_model, run.lora, provenance)  # FSDP: the gathered copy
     path = save_training_checkpoint(
         run.run_dir, full_model, run.tokenizer, state, provenance, cfg.run.keep_last,
         chat_template=_own_template(cfg), adapter=adapter,
@@ -699,7 +715,9 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
     summary: dict[str, Any] = {"losses": run.losses, "start_step": run.start_step}
     byte_table = token_bytes_table(run.tokenizer, run.model.config.vocab_size)
     log = Progress(run, progress)
-    profiler = _profiler() if profile and d.main else None
+    profiler, profiled_steps = None, 0
+    if profile and d.main:
+        profiler, profiled_steps = _profiler(max_steps - run.step)
     stopped = False
     try:
         with graceful_interrupt(enabled=d.world == 1) as stop:
@@ -709,7 +727,7 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
                 done, stopped = run.step, stop.requested
                 if profiler is not None:
                     profiler.step()
-                    if done - run.start_step >= 5:
+                    if done - run.start_step >= profiled_steps:
                         _finish_profile(profiler, run.run_dir)
                         profiler = None
                 last = done == max_steps
@@ -728,6 +746,11 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
         if d.main:
             say(_stop_message(run))
         raise
+    finally:
+        if profiler is not None:  # stopped before its steps were traced (Ctrl-C, an error)
+            # A profiler left running crashes the interpreter at exit (seen: SIGSEGV).
+            profiler.stop()
+            say("profiling: the run stopped before the traced steps ran; no trace written")
     log.close()
     if "val" not in summary and run.val_data is not None and run.step == run.start_step:
         # Resumed at max_steps: nothing to train, but the summary still has its metrics.
@@ -782,6 +805,7 @@ def train(
 ) -> dict:
     """Run training; returns a summary (losses per step, final validation metrics, whether
     Ctrl-C stopped it, the last checkpoint)."""
+    _check_device_present(cfg.run.device)
     d = setup_distributed(cfg.run.device)
     try:
         point = find_resume_point(Path(cfg.run.out_dir), d) if resume else None
@@ -793,6 +817,21 @@ def train(
 
 
 # --- helpers -----------------------------------------------------------------------------------
+def _check_device_present(device: str) -> None:
+    """A CUDA device asked for on a machine or a PyTorch build without one is a config error
+    (one line), not PyTorch's assertion from deep inside the first tensor move."""
+    if torch.device(device).type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only PyTorch" if torch.version.cuda is None else "no visible CUDA device"
+        raise TrainConfigError(f"run.device is {device!r} but this machine has {build}")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise TrainConfigError(
+            f"run.device is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+
+
 def _sample(
     model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, chat: ChatTemplate | None = None
 ) -> str:
@@ -841,17 +880,27 @@ def _manifest_hash(path: str) -> str:
     return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
 
 
-def _profiler():
+def _profiler(steps_left: int):
+    """A started profiler and the number of steps it needs: skip one step (start-up
+    costs), warm up one, trace three; fewer on a run with under five steps left. (None, 0)
+    when no step is left."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
+    if steps_left < 1:
+        say("profiling: no step left to train, so nothing to trace")
+        return None, 0
+    wait, warmup = (1, 1) if steps_left >= 5 else (0, min(1, steps_left - 1))
+    active = min(3, steps_left - wait - warmup)
     activities = [ProfilerActivity.CPU] + (
         [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
     )
     prof = profile(
-        activities=activities, schedule=schedule(wait=1, warmup=1, active=3), record_shapes=True
+        activities=activities,
+        schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+        record_shapes=True,
     )
     prof.start()
-    return prof
+    return prof, wait + warmup + active
 
 
 def _finish_profile(prof, run_dir: Path) -> None:

@@ -106,6 +106,11 @@ class ResumePoint:
     rng_tensors: dict[str, torch.Tensor]
     rng_plain: dict[str, Any]
 
+    @property
+    def adapter_only(self) -> bool:
+        """A LoRA run's checkpoint: its adapter (read by the loop), no whole model."""
+        return not self.weights and (self.path / "adapter.json").is_file()
+
 
 def save_training_checkpoint(
     run_dir: Path,
