@@ -301,7 +301,9 @@ def plot_latency(group: list[tuple[str, dict[str, Any]]], path: Path) -> Path | 
         for i, (label, levels) in enumerate(series):
             x = [lv["concurrency"] for lv in levels]
             for pct, style in (("median", "-"), ("p90", "--"), ("p99", ":")):
-                y = [lv["summary"].get(f"{pct}_{key}_ms", float("nan")) for lv in levels]
+                # null where a level measured nothing: a gap in the line, not a 0 ms point
+                y = [lv["summary"].get(f"{pct}_{key}_ms") for lv in levels]
+                y = [float("nan") if v is None else v for v in y]
                 shown += y
                 ax.plot(
                     x,

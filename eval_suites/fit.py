@@ -33,9 +33,11 @@ __all__ = ["ContextWindow", "PromptFitter", "is_context_error", "resolve_context
 T = TypeVar("T")
 Prompt = str | list[dict[str, Any]]
 # How servers word "the prompt does not fit": Atlas, vLLM and OpenAI ("maximum context
-# length"), llama.cpp ("exceeds the available context size"), TGI ("must be <= N").
+# length"), llama.cpp ("exceeds the available context size"), TGI ("must be <= N"), Atlas's
+# RAG ("no retrieved source fits the model's 512-token context next to the question").
 CONTEXT_ERROR = re.compile(
-    r"context (?:length|size|window)|too long|exceeds? the|must be <= \d+", re.IGNORECASE
+    r"context (?:length|size|window)|too long|exceeds? the|must be <= \d+|\d+-token context",
+    re.IGNORECASE,
 )
 
 

@@ -71,14 +71,12 @@ class RequestRecord:
         )
 
 
-def _percentiles(values: list[float], name: str, unit_scale: float = 1000.0) -> dict[str, float]:
-    if not values:
-        return {
-            f"mean_{name}_ms": 0.0,
-            f"median_{name}_ms": 0.0,
-            f"std_{name}_ms": 0.0,
-            **{f"p{p}_{name}_ms": 0.0 for p in PERCENTILES},
-        }
+def _percentiles(
+    values: list[float], name: str, unit_scale: float = 1000.0
+) -> dict[str, float | None]:
+    if not values:  # nothing measured (every request failed): null, never a 0 ms "best"
+        keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
+        return dict.fromkeys(keys + [f"p{p}_{name}_ms" for p in PERCENTILES])
     ordered = sorted(values)
 
     def pct(p: float) -> float:  # linear interpolation, as numpy.percentile does
@@ -132,9 +130,16 @@ def summarize(records: list[RequestRecord], duration: float, spec: LoadSpec) -> 
     return summary
 
 
+def _auth(spec: LoadSpec) -> dict[str, str]:
+    return {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+
+
 async def _vocab_size(http: httpx.AsyncClient, spec: LoadSpec) -> int | None:
+    # With the key: a server that wants one answers 401 without it, and the prompts would
+    # fall back to words whose token count is not the asked input_len.
     try:
-        r = await http.get(spec.base_url.rstrip("/") + "/tokenizer_info", timeout=10)
+        url = spec.base_url.rstrip("/") + "/tokenizer_info"
+        r = await http.get(url, headers=_auth(spec), timeout=10)
         return int(r.json()["vocab_size"]) if r.status_code == 200 else None
     except (httpx.HTTPError, KeyError, ValueError, json.JSONDecodeError):
         return None
@@ -171,7 +176,7 @@ async def _one(
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+    headers = _auth(spec)
     record = RequestRecord(False, prompt_len)
     start = time.perf_counter()
     last = None

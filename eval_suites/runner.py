@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import os
 import shutil
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,8 @@ from .fit import PromptFitter, resolve_context
 from .results import LIMIT_NOTE, command_line, git_state, package_versions, write_run
 from .server import checkpoint_identity, local_atlas_server
 from .suites import SUITES
-from .suites.base import RunContext, SuiteResult
+from .suites.base import RunContext, SuiteResult, data_path
+from .suites.retrieval import PYTHON_DOCS
 from .tokens import LocalTokenizer, TokenCounter
 
 __all__ = ["RunOptions", "default_cache_path", "run_suite"]
@@ -77,10 +80,18 @@ def run_suite(options: RunOptions) -> Path:
         raise SuiteConfigError("give exactly one of --base-url URL or --checkpoint DIR")
     if options.limit is not None and options.limit < 1:
         raise SuiteConfigError("--limit must be >= 1")
+    if options.base_url is not None:
+        url = urllib.parse.urlsplit(options.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise SuiteConfigError(
+                f"--base-url {options.base_url!r} is not an http(s) URL; "
+                "give one like http://127.0.0.1:8000"
+            )
     suite = SUITES[options.suite]()
     config = load_suite_config(
         options.suite, suite.config_cls, options.config_file, options.overrides
     )
+    check_data_files(options.suite, config)
     if options.base_url is not None:
         suite.check_server(options.base_url)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -122,6 +133,20 @@ def server_for(options: RunOptions, output: Path) -> Iterator[tuple[str, str]]:
         yield url, checkpoint_identity(options.checkpoint)
 
 
+# Suite options that name a data file (relative to eval_suites/data/ or absolute).
+DATA_FILE_OPTIONS = ("data", "corpus", "calibration", "lengths_file", "pairs", "questions")
+
+
+def check_data_files(suite: str, config) -> None:
+    """A data file option that names no file is a one-line error before anything runs."""
+    for name in DATA_FILE_OPTIONS:
+        value = getattr(config, name, None)
+        if not isinstance(value, str) or not value or (suite, value) == ("retrieval", PYTHON_DOCS):
+            continue
+        if not data_path(value).is_file():
+            raise SuiteConfigError(f"{suite} option {name}: {data_path(value)} is not a file")
+
+
 async def _run(
     options: RunOptions, suite, config, base_url: str, server_id: str, output: Path
 ) -> Path:
@@ -146,7 +171,10 @@ async def _run(
         ctx = RunContext(
             client, config, options.seed, options.limit, output, card, fit, options.tokenizer
         )
-        result: SuiteResult = await suite.run(ctx)
+        try:
+            result: SuiteResult = await suite.run(ctx)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a user's data file
+            raise SuiteConfigError(f"{suite.name}: a data file is not UTF-8 JSONL: {e}") from None
     finally:
         await client.aclose()
         if cache is not None:

@@ -57,8 +57,11 @@ def wait_for_health(
                 f"the server exited with status {process.returncode} while starting; {tail(log)}"
             )
         try:
-            if httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200:
+            health = httpx.get(f"{base_url}/health", timeout=2.0)
+            if health.status_code == 200:
                 return
+            if _load_failed(health):  # Atlas says why (a bad checkpoint): no use waiting
+                raise EvalError(f"the server at {base_url} failed to load: {_load_failed(health)}")
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -67,10 +70,26 @@ def wait_for_health(
     )
 
 
+def _load_failed(health: httpx.Response) -> str | None:
+    """Atlas's /health error while not serving ({"status": "error", "error": WHY}), if any."""
+    try:
+        body = health.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and body.get("status") == "error":
+        return str(body.get("error") or "no reason given")
+    return None
+
+
 def tail(log: Path | None, lines: int = 5) -> str:
     if log is None or not log.is_file():
         return "no server log"
-    text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    # The health polls' access-log lines would crowd out what the server said.
+    text = [
+        line
+        for line in log.read_text(errors="replace").strip().splitlines()
+        if "GET /health" not in line
+    ][-lines:]
     return f"last lines of {log}: " + " | ".join(text) if text else f"{log} is empty"
 
 

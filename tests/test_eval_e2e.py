@@ -609,3 +609,71 @@ def test_generation_through_chat_completions(tmp_path, atlas_url):
     assert len(results["_samples"]) == 4
     assert all(s["finish_reason"] in ("stop", "length") for s in results["_samples"])
     assert set(results["metrics"]) == {"heading/chrf", "continuation/chrf", "all/chrf"}
+
+
+# --- fixes from the 2026-12-05 audit ---------------------------------------------------------------
+def test_latency_prompts_have_input_len_tokens_behind_an_api_key(eval_checkpoint):
+    """The load generator asks /tokenizer_info with the key: without it a keyed server said
+    401 and prompts fell back to words of ~6x the asked length."""
+    import asyncio
+
+    from servers import serving
+
+    from atlas_server.api import ServerState, create_app
+    from atlas_server.config import ModelSection, RAGSection, ServerConfig
+    from eval_suites import loadgen
+
+    config = ServerConfig(model=ModelSection(device="cpu"), rag=RAGSection(enabled=False))
+    state = ServerState(config=config, model_name="tiny", checkpoint_path=str(eval_checkpoint))
+    with serving(create_app(state, api_key=API_KEY)) as base:
+        spec = loadgen.LoadSpec(base_url=base, api_key=API_KEY, num_requests=3, prompt_tokens=24,
+                                output_tokens=3)  # fmt: skip
+        records, summary = asyncio.run(loadgen.run_load(spec))
+    assert summary["failed"] == 0, summary
+    assert [r.prompt_tokens for r in records] == [24, 24, 24]
+    assert summary["total_input_tokens"] == 72
+
+
+def test_a_level_where_every_request_failed_has_no_latency_and_no_best(tmp_path):
+    """Nothing measured is null, not 0 ms: compare never bolds it as the lowest latency."""
+    from eval_suites import loadgen
+    from eval_suites.compare import best_index
+
+    failed = [loadgen.RequestRecord(False, 16, status=400, error="HTTP 400")]
+    summary = loadgen.summarize(failed, 1.0, loadgen.LoadSpec(base_url="http://127.0.0.1:9"))
+    assert summary["failed"] == 1
+    assert summary["median_ttft_ms"] is None and summary["p99_itl_ms"] is None
+    assert best_index([12.5, summary["median_ttft_ms"]], higher=False) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--base-url", "127.0.0.1:9"], "is not an http(s) URL"),
+        (["--base-url", "http://127.0.0.1:9", "--set", "data=/no/such.jsonl"],
+         "perplexity option data: /no/such.jsonl is not a file"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_bad_url_or_data_file_in_one_line(tmp_path, args, needle):
+    proc = cli("run", "perplexity", *args, "--no-cache", "-o", str(tmp_path / "r"))
+    assert_one_line_error(proc, needle)
+
+
+def test_a_data_file_that_is_not_jsonl_is_a_one_line_error(tmp_path, atlas_url):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    proc = cli("run", "perplexity", "--base-url", atlas_url, "--set", f"data={bad}",
+               "--no-cache", "-o", str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(proc, "perplexity: a data file is not UTF-8 JSONL")
+
+
+def test_checkpoint_mode_reports_a_checkpoint_the_server_cannot_load_at_once(tmp_path):
+    """The server's /health says why it failed to load; waiting 180 s for it hid the cause."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    started = time.monotonic()
+    proc = cli("run", "perplexity", "--checkpoint", str(broken), "--no-cache", "-o",
+               str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(proc, "failed to load")
+    assert time.monotonic() - started < 120

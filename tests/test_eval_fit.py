@@ -363,6 +363,8 @@ def test_the_context_comes_from_the_server_or_the_option_whichever_is_smaller():
         (400, "This model's maximum context length is 2048 tokens. However, you requested", True),
         (400, "the request exceeds the available context size, try increasing it", True),
         (422, "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 2048", True),
+        # Atlas's RAG, when no retrieved source fits beside the question
+        (400, "no retrieved source fits the model's 512-token context next to the question", True),
         (400, "temperature must be >= 0", False),
         (500, "maximum context length", False),
     ],

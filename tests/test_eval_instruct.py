@@ -171,3 +171,20 @@ def test_the_default_data_parses_and_a_bad_record_stops_the_run_in_one_line(tmp_
     bad.write_text(json.dumps(chat("q", "a", "ok")) + "\n" + '{"messages": [{"role": "user"}]}\n')
     with pytest.raises(SuiteConfigError, match=rf"{bad}:2: messages\[0\] has no content"):
         run(tmp_path, server, f"data='{bad}'", "pairs=''")
+
+
+def test_conversations_that_do_not_fit_the_context_are_skipped_and_counted(tmp_path, server):
+    """`max_context_tokens` (every suite has it) and fitting: a conversation too long for the
+    context is skipped and listed in context_fit, never the end of the run; if none fits, a
+    one-line error says so."""
+    data = tmp_path / "mixed.jsonl"
+    rows = [chat("What does f1 do?", "Return it.", "short"), chat("why? " * 80, "Because.", "long")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = run(tmp_path, server, f"data='{data}'", "pairs=''", "max_tokens=8",
+                  "max_context_tokens=200")  # fmt: skip
+    assert [s["id"] for s in results["_samples"]] == ["short"]
+    fit = results["context_fit"]
+    assert fit["max_model_len"] == 200 and fit["items_skipped"] == 1
+    assert fit["skipped"][0]["id"] == "long"
+    with pytest.raises(SuiteConfigError, match="instruct"):
+        run(tmp_path, server, f"data='{data}'", "pairs=''", "max_tokens=300")

@@ -36,7 +36,16 @@ from typing import Any
 from ..client import first_choice, gather_with_progress
 from ..errors import CapabilityError, ServerRequestError, SuiteConfigError
 from ..metrics import compute_metric
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, stable_order
+from .base import (
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    metric,
+    nothing_fits,
+    stable_order,
+)
 
 __all__ = ["InstructConfig", "InstructSuite"]
 
@@ -51,10 +60,13 @@ class InstructConfig:
     temperature: float
     metrics: tuple[str, ...]  # metric plugin names for the answers
     score_max_tokens: int  # generated tokens per scoring request (0 works on Atlas and vLLM)
+    max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise SuiteConfigError("instruct: max_tokens must be >= 1")
+        if self.max_context_tokens < 0:
+            raise SuiteConfigError("instruct: max_context_tokens must be >= 0 (0 = the server's)")
         if self.score_max_tokens not in (0, 1):
             raise SuiteConfigError("instruct: score_max_tokens must be 0 or 1")
 
@@ -151,9 +163,21 @@ class InstructSuite(Suite):
         cfg: InstructConfig = ctx.config
         data = data_path(cfg.data)
         items = seeded(load_items(data), ctx.seed, ctx.limit)
+        # A conversation that does not fit the context with max_tokens is skipped and
+        # counted (context_fit), as in every suite; a server's own "too long" 400 as well.
+        for it in items:
+            if await ctx.fit.fits(it.messages, cfg.max_tokens):
+                ctx.fit.keep(it.id, trimmed=False)
+            else:
+                ctx.fit.skip(it.id, ctx.fit.too_long_reason("the conversation", cfg.max_tokens))
+        items = [it for it in items if not ctx.fit.is_skipped(it.id)]
         answers = await gather_with_progress(
-            (self.answer(ctx, cfg, it) for it in items), desc="instruct answers"
+            (ctx.fit.refused_as_too_long(it.id, self.answer(ctx, cfg, it)) for it in items),
+            desc="instruct answers",
         )
+        answered = [(it, a) for it, a in zip(items, answers, strict=True) if a is not None]
+        if not answered:
+            raise nothing_fits(self.name, ctx.fit, "conversations")
         samples = [
             {
                 "id": it.id,
@@ -163,22 +187,26 @@ class InstructSuite(Suite):
                 "prediction": text,
                 "finish_reason": finish,
             }
-            for it, (text, finish) in zip(items, answers, strict=True)
+            for it, (text, finish) in answered
         ]
         metrics, signatures = score_answers(cfg, samples)
         files = {cfg.data: file_sha256(data)}
-        details: dict[str, Any] = {"items": len(items), "signatures": signatures}
+        details: dict[str, Any] = {"items": len(answered), "signatures": signatures}
         if cfg.pairs:
             pairs_file = data_path(cfg.pairs)
             pairs = seeded(load_pairs(pairs_file), ctx.seed, ctx.limit)
             end_id = await end_of_message_id(ctx)
             scored = await gather_with_progress(
-                (score_pair(ctx, cfg, p, end_id) for p in pairs), desc="instruct pairs"
+                (ctx.fit.refused_as_too_long(p.id, score_pair(ctx, cfg, p, end_id)) for p in pairs),
+                desc="instruct pairs",
             )
             pair_samples = [
-                {"id": p.id, "kind": "pair", **s} for p, s in zip(pairs, scored, strict=True)
+                {"id": p.id, "kind": "pair", **s}
+                for p, s in zip(pairs, scored, strict=True)
+                if s is not None
             ]
-            metrics.update(preference_metrics(pair_samples))
+            if pair_samples:  # none fitted: no accuracy, rather than a 0 that means nothing
+                metrics.update(preference_metrics(pair_samples))
             samples += pair_samples
             files[cfg.pairs] = file_sha256(pairs_file)
             details["pairs"] = len(pairs)
