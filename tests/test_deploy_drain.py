@@ -304,3 +304,49 @@ def test_atlas_sets_the_openmp_wait_policy_before_torch_loads(monkeypatch, given
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == f"policy: {seen}"
+
+
+def test_a_port_in_use_or_a_bad_log_level_is_one_line_and_exit_1(long_context_checkpoint):
+    """The port is bound before the model loads: uvicorn's own bind error came while the
+    loader thread was inside PyTorch, and the process aborted (exit 134)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for extra, needle in (
+            ([], f"error: cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--log-level", "verbose"], "error: --log-level 'verbose' is not one of"),
+        ):
+            out = subprocess.run(
+                [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint",
+                 str(long_context_checkpoint), "--port", str(port), "--set", "rag.enabled=false",
+                 *extra],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert out.returncode == 1, out.stderr[-2000:]
+            assert needle in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
+def test_shutdown_during_the_load_waits_for_it_and_stops_the_engine_it_started():
+    """SIGTERM while the model loads: the shutdown hook waits for the loader (exiting under
+    it aborted the process) and stops the engine the load then started."""
+    from atlas_server.api import ServerState
+    from atlas_server.config import ServerConfig
+
+    class SlowLoad(ServerState):
+        def load(self, checkpoint, engine=None):
+            time.sleep(0.5)
+            self.engine = engine
+
+    class Engine:
+        stopped = False
+
+        def shutdown(self, timeout):
+            Engine.stopped = True
+
+    state = SlowLoad(config=ServerConfig(), model_name="m", checkpoint_path="unused")
+    loader = state.load_in_background("unused", Engine())
+    state.shutdown()
+    assert not loader.is_alive() and Engine.stopped

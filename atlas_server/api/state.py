@@ -84,6 +84,7 @@ class ServerState:
     rag: Any = None  # atlas_server.rag.service.RAGService when [rag] enabled
     created: int = 0
     _idle: asyncio.Event | None = None
+    _loader: threading.Thread | None = None  # the load_in_background thread, while it runs
 
     # --- lifecycle --------------------------------------------------------------------
     def load_in_background(self, checkpoint: str, engine: Any = None) -> threading.Thread:
@@ -98,6 +99,7 @@ class ServerState:
 
         thread = threading.Thread(target=load, name="atlas-load", daemon=True)
         thread.start()
+        self._loader = thread
         return thread
 
     def load(self, checkpoint: str | None, engine: Any = None) -> None:
@@ -135,6 +137,12 @@ class ServerState:
         log.info("model %s ready (max_model_len=%d)", self.model_name, self.max_model_len)
 
     def shutdown(self) -> None:
+        if self._loader is not None and self._loader.is_alive():
+            # A process that exits while the loader is inside PyTorch aborts (SIGABRT,
+            # "terminate called without an active exception"): a SIGTERM during start-up
+            # waits for the load, then stops the engine it started.
+            log.warning("waiting for the model load to finish before exiting")
+            self._loader.join()
         if self.engine is not None:
             self.engine.shutdown(timeout=5.0)
         if self.rag is not None:

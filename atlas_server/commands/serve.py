@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import typer
@@ -25,6 +26,7 @@ from ..paths import quickstart_dir
 from ._common import fail, user_errors
 
 log = logging.getLogger("atlas.serve")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
 def default_checkpoint() -> Path:
@@ -140,7 +142,9 @@ def serve(
     ),
     device: str = typer.Option(None, help="cpu or cuda."),
     max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_level: str = typer.Option(
+        "info", help="Log level: critical, error, warning, info, debug or trace."
+    ),
 ) -> None:
     """Serve a checkpoint over the OpenAI-compatible API (and RAG, unless disabled).
 
@@ -154,6 +158,8 @@ def serve(
 
     from ..api import ServerState, create_app
 
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     with user_errors(ConfigFileError):
         cfg = load_config(config, set_)
         cfg = with_overrides(
@@ -171,7 +177,8 @@ def serve(
     cfg = with_overrides(cfg, model__checkpoint=str(path))
     key = read_api_key(api_key, api_key_file)
     logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if log_level.lower() == "trace" else log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     typer.echo(
         f"atlas serve: checkpoint {path}\n{render(cfg)}\napi key: {'set' if key else 'none'}"
@@ -186,11 +193,23 @@ def serve(
         application,
         host=cfg.http.host,
         port=cfg.http.port,
-        log_level=log_level,
+        log_level=log_level.lower(),
         timeout_graceful_shutdown=5,
     )
+    # Bound here, before anything loads: uvicorn would log a bind error and exit while the
+    # model loader thread is inside PyTorch, which aborts the process (SIGABRT).
+    sock = bind_socket(cfg.http.host, cfg.http.port)
     server = DrainingServer(uv_config, state, cfg.http.drain_timeout_s)
+    server.run(sockets=[sock])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6), or a one-line error and exit 1."""
     try:
-        server.run()
-    except OSError as e:
-        fail(f"cannot listen on {cfg.http.host}:{cfg.http.port}: {e.strerror or e}")
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind(address)
+    except OSError as e:  # in use, not an address of this machine, a bad name
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    return sock
