@@ -268,7 +268,12 @@ def load_checkpoint(
     model.to(dtype=dtype)
     model.eval()
     template_path = directory / CHAT_TEMPLATE_FILE
-    chat_template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    try:
+        chat_template = (
+            template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+        )
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{template_path} is not UTF-8 text: {e}") from None
     return Checkpoint(
         model, tokenizer, config, directory, meta.get("provenance", {}), chat_template
     )

@@ -127,11 +127,14 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> HFSou
 def _read_config(src: Path) -> dict[str, Any]:
     path = src / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise HFImportError(f"{path} is missing; SRC must be a Hugging Face model folder") from None
     except json.JSONDecodeError as e:
         raise HFImportError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise HFImportError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +167,10 @@ def hf_to_atlas_model(src: str | os.PathLike) -> Transformer:
     """Build an Atlas Transformer holding the weights of a local HF model folder."""
     src = Path(src)
     hf_config = _read_config(src)
-    model_config_from_hf(hf_config)  # refuse an unsupported model before reading its weights
+    try:  # refuse an unsupported model before reading its weights
+        model_config_from_hf(hf_config)
+    except (TypeError, AttributeError) as e:  # a value of the wrong JSON type ("2" for 2)
+        raise HFImportError(f"{src / 'config.json'}: a value has the wrong type: {e}") from None
     return model_from_hf_tensors(hf_config, load_hf_weights(src))
 
 

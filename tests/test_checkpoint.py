@@ -137,10 +137,24 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
             "--tokenizer",
             str(tmp_path / "atlas_tokenizer.json"),
             "--output",
-            str(out),
+            str(tmp_path / "other"),
         ],
     )
     assert bad.exit_code == 1 and "no model preset 'gpt9'" in bad.output
+    # A non-empty output is replaced only when asked (it was deleted silently), never an input.
+    (out / "notes.txt").write_text("mine")
+    init = ["checkpoint", "init", "--preset", "llama-tiny", "--tokenizer",
+            str(tmp_path / "atlas_tokenizer.json"), "--output", str(out)]  # fmt: skip
+    refused = runner.invoke(app, init)
+    assert refused.exit_code == 1 and "is not empty; pass --overwrite" in refused.output
+    assert (out / "notes.txt").read_text() == "mine" and load_checkpoint(
+        out
+    ).config.norm == "layernorm"
+    assert runner.invoke(app, [*init, "--overwrite"]).exit_code == 0
+    assert load_checkpoint(out).config.norm == "rmsnorm" and not (out / "notes.txt").exists()
+    onto_itself = runner.invoke(app, ["checkpoint", "import-hf", str(out), str(out), "--overwrite"])
+    assert onto_itself.exit_code == 1 and "is an input" in onto_itself.output
+    assert load_checkpoint(out).config.norm == "rmsnorm"
     bad = runner.invoke(app, ["checkpoint", "inspect", str(tmp_path / "nowhere")])
     assert bad.exit_code == 1 and bad.output.startswith("error:")
 
@@ -271,3 +285,9 @@ def test_chat_template_is_saved_loaded_and_shown(tmp_path, byte_tokenizer):
     assert info["chat_template"] == "chat_template.jinja"
     plain = save_checkpoint(tmp_path / "d", model, byte_tokenizer)
     assert load_checkpoint(plain).chat_template is None
+
+
+def test_a_chat_template_that_is_not_utf8_is_a_checkpoint_error(ckpt):
+    (ckpt / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\xfe")
+    with pytest.raises(CheckpointError, match="chat_template.jinja is not UTF-8 text"):
+        load_checkpoint(ckpt)

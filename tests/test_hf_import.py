@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from atlas_server.checkpoint import load_checkpoint
 from atlas_server.cli import app
 from atlas_server.hf_import import HFImportError, import_hf
+from atlas_server.model.config import ConfigError
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.hf_format import tokenizer_from_hf_json
 
@@ -109,6 +110,22 @@ def test_import_refuses_unsupported_architecture(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(HFImportError, match="bert"):
+        import_hf(tmp_path / "hf", tmp_path / "atlas")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([{"model_type": "gpt2"}], "holds a JSON list, not an object"),
+        ("N_LAYER_AS_STRING", "n_layers must be int, got '2'|wrong type"),
+    ],
+)
+def test_import_refuses_a_config_of_the_wrong_json_types(tmp_path, config, message):
+    if config == "N_LAYER_AS_STRING":
+        config = {**hf_gpt2(300).config.to_dict(), "n_layer": "2"}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises((HFImportError, ConfigError), match=message):
         import_hf(tmp_path / "hf", tmp_path / "atlas")
 
 

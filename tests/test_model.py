@@ -210,6 +210,11 @@ def test_position_past_max_seq_len_is_refused():
         ({"pos_encoding": "rope", "rotary_dim": 16}, "1..head_dim"),
         ({"rotary_dim": 4}, "pos_encoding='rope' only"),
         ({"mlp": "relu"}, "mlp"),
+        # Wrong JSON types in a hand-edited config.json: "no" is truthy, "x" is no width.
+        ({"tie_embeddings": "no"}, "tie_embeddings must be bool, got 'no'"),
+        ({"d_model": "x"}, "d_model must be int, got 'x'"),
+        ({"norm_eps": "a"}, "norm_eps must be int or float"),
+        ({"n_layers": True}, "n_layers must be int, got True"),
     ],
 )
 def test_invalid_configs_name_the_problem(change, message):

@@ -264,6 +264,15 @@ def merge_lora_command(
     )
 
 
+def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse to replace a non-empty OUT unless asked, and never one of the inputs (the
+    checkpoint writer replaces a folder whole)."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
+    if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in inputs):
+        raise CheckpointError(f"{out} is an input; write the checkpoint elsewhere")
+
+
 @app.command()
 def init(
     preset: str = typer.Option(
@@ -274,12 +283,14 @@ def init(
     ),
     output: Path = typer.Option(..., help="Checkpoint directory to write."),
     seed: int = typer.Option(0, help="Seed for the random initialisation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUTPUT."),
 ) -> None:
     """Write a randomly initialised checkpoint from a preset.
 
     Example: atlas checkpoint init --preset gpt2-tiny --tokenizer tok/ --output ckpt/
     """
-    with user_errors():
+    with user_errors(FileExistsError):
+        check_output(output, overwrite, inputs=[tokenizer])
         tok = Tokenizer.from_file(tokenizer)
         config = load_preset(preset, vocab_size=tok.vocab_size)
         torch.manual_seed(seed)
@@ -319,6 +330,7 @@ def import_hf_command(
     tokenizer: Path = typer.Option(
         None, help="Use this tokenizer file instead of SRC's (Atlas or HF byte-level BPE)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty DST."),
 ) -> None:
     """Convert a Hugging Face GPT-2 or Llama model into an atlas checkpoint.
 
@@ -326,7 +338,8 @@ def import_hf_command(
     """
     from ..hf_import import import_hf
 
-    with user_errors():
+    with user_errors(FileExistsError):
+        check_output(dst, overwrite, inputs=[Path(src), *([tokenizer] if tokenizer else [])])
         path = import_hf(src, dst, str(tokenizer) if tokenizer else None, revision)
     typer.echo(f"wrote {path}")
 

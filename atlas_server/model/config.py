@@ -57,6 +57,18 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        # Types first: a config.json edited by hand ("tie_embeddings": "no" is truthy) must
+        # not build a different model than it says.
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), _KINDS.get(field.name)
+            if kind is None or (value is None and "None" in str(field.type)):
+                continue
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if not ok:
+                names = " or ".join(
+                    k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))
+                )
+                raise ConfigError(f"{field.name} must be {names}, got {value!r}")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
@@ -122,6 +134,18 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# The JSON type each non-choice field must have (an int is a valid float).
+_KINDS: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(
+        ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+         "rotary_dim"),
+        int,
+    ),
+    **dict.fromkeys(("rope_theta", "norm_eps", "dropout", "init_std"), (int, float)),
+    **dict.fromkeys(("bias", "qkv_bias", "parallel_residual", "tie_embeddings"), bool),
+}  # fmt: skip
 
 
 def configs_dir() -> Path:
