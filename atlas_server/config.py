@@ -73,6 +73,9 @@ class RAGSection(_Section):
     retriever: str = "hybrid"
     reranker: str | None = None
     top_k: int = 4
+    # Options of retrievers and rerankers by registered name, handed to the component as
+    # ctx.options: [rag.plugin_options.cross-encoder] model_path = "..." (docs/plugins.md).
+    plugin_options: dict[str, dict[str, Any]] = {}
 
 
 class ServerConfig(_Section):

@@ -19,9 +19,10 @@ Every hook follows the register-callback style: the host calls the hook with a
 `register(name, factory)` function; the plugin calls it once per thing it provides. A
 factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument; vector stores:
 a `atlas_server.rag.store.StoreSettings`) and returns the object. Names are global per kind: registering a name another plugin already took is
-an error that names both plugins. Objects are built lazily, the first time config or a
-request names them. The built-in retrievers, rerankers and metrics in `plugins/` are
-registered exactly this way.
+an error that names both plugins. A hook that raises is reported with the plugin's name
+and the plugin is left out (everything it registered too), as one that fails to import
+is. Objects are built lazily, the first time config or a request names them. The
+built-in retrievers, rerankers and metrics in `plugins/` are registered exactly this way.
 
 Plugins import only this module, `atlas_server.rag.types` and (vector stores)
 `atlas_server.rag.store`.
@@ -49,8 +50,12 @@ def atlas_register_retrievers(register: Register) -> None:
     `retrieve(collection, query, top_k, filters=None) -> list[RetrievedChunk]`, best first.
     `ctx.store` is the vector store (`atlas_server.rag.store.VectorStore`, whichever back
     end `[rag] store` names), `ctx.embedder` the sentence embedder, and
-    `ctx.retrievers` the other retrievers (for fusion). Config (`[rag] retriever = NAME`)
-    and requests (`"rag": {"retriever": NAME}`) choose among them by name.
+    `ctx.retrievers` the other retrievers (for fusion), `ctx.options` the config's
+    `[rag.plugin_options.NAME]` table. Config (`[rag] retriever = NAME`) and requests
+    (`"rag": {"retriever": NAME}`) choose among them by name. The server does not check
+    that the store holds the collection first: raise `atlas_server.rag.store.StoreError`
+    for one you do not serve (404 when the store lacks it too). A result that is not a
+    list of `RetrievedChunk` is reported as this plugin's error (502), as an exception is.
     """
 
 
@@ -65,7 +70,7 @@ def atlas_register_rerankers(register: Register) -> None:
     model is served). `ctx.score_text(prefix, text)`, the one-pair form, still works but
     costs a round trip per call: score all candidates with one `score_texts` call. Both
     block; call them from `rerank` (a worker thread). Chosen by `[rag] reranker = NAME` or
-    `"rag": {"reranker": NAME}`.
+    `"rag": {"reranker": NAME}`; `ctx.options` is the config's `[rag.plugin_options.NAME]`.
     """
 
 

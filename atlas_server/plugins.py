@@ -5,7 +5,9 @@ of the `atlas` group (the built-ins in `plugins/` included: they are registered 
 pyproject.toml like any third party's), reports a plugin that fails to import by name
 and keeps loading the others (`strict=True` makes that fatal), refuses misspelled hooks
 (`check_pending`), and calls the register hooks to fill four registries — retrievers,
-rerankers, metrics, vector stores — rejecting a duplicate name with an error naming both plugins.
+rerankers, metrics, vector stores — rejecting a duplicate name with an error naming both
+plugins. A plugin whose register hook raises is reported by name and left out, with
+everything it registered, like one that fails to import.
 `describe()` is what `atlas plugins` and `GET /v1/plugins` show.
 What it does not do: build retrievers (factories run lazily, see `rag/pipeline.py`).
 """
@@ -30,6 +32,10 @@ KINDS = ("retrievers", "rerankers", "metrics", "vector_stores")
 
 class PluginError(Exception):
     """A plugin that cannot be loaded or that broke a rule of the plugin API."""
+
+
+class _Duplicate(PluginError):
+    """Two plugins registered one name (always fatal: see PluginHost.collect)."""
 
 
 @dataclass
@@ -105,10 +111,31 @@ class PluginHost:
         for plugin_name, plugin in self.pm.list_name_plugin():
             if plugin is None:
                 continue
-            for kind in KINDS:
-                impl = getattr(plugin, f"atlas_register_{kind}", None)
-                if impl is not None:
-                    self._call(plugin_name, kind, impl)
+            try:
+                for kind in KINDS:
+                    impl = getattr(plugin, f"atlas_register_{kind}", None)
+                    if impl is not None:
+                        self._call(plugin_name, kind, impl)
+            except _Duplicate:
+                raise  # two plugins claim one name: which to keep is the user's choice
+            except Exception as e:
+                self._skip(plugin_name, e)
+
+    def _skip(self, plugin_name: str, error: Exception) -> None:
+        """Report a plugin whose register hook raised and drop what it registered, as a
+        plugin that fails to import is reported and left out (fatal when strict)."""
+        for (kind, name), owner in list(self._owner.items()):
+            if owner == plugin_name:
+                del getattr(self, kind)[name], self._owner[(kind, name)]
+        reason = f"{type(error).__name__}: {error}"
+        message = f"plugin {plugin_name!r} failed to register: {reason}"
+        info = self.plugins.get(plugin_name)
+        if info is not None:
+            info.registered = {k: [] for k in KINDS}
+            info.error = f"register hook failed: {reason}"
+        if self.strict:
+            raise PluginError(message) from error
+        log.error(message)
 
     def _call(self, plugin_name: str, kind: str, impl: Callable) -> None:
         registry: dict[str, Callable] = getattr(self, kind)
@@ -124,7 +151,7 @@ class PluginHost:
                 )
             if name in registry:
                 other = self._owner[(kind, name)]
-                raise PluginError(
+                raise _Duplicate(
                     f"{kind[:-1].replace('_', ' ')} {name!r} is registered by both plugin {other!r} "
                     f"and plugin {plugin_name!r}; uninstall one or rename it"
                 )

@@ -70,6 +70,26 @@ def mixed_folder(root: Path) -> Path:
     return folder
 
 
+def test_jsonl_records_whose_title_is_not_a_string_are_counted_as_bad_lines(tmp_path):
+    """Found by an audit: a title of 5 or ["x"] became a chunk heading (str | None)."""
+    path = tmp_path / "titles.jsonl"
+    path.write_text(
+        '{"text": "Heaps keep order.", "title": "Heaps"}\n'
+        '{"text": "Queues pass items.", "title": 5}\n'
+        '{"text": "Bisect finds places.", "title": ["x"]}\n'
+        '{"text": "No title here."}\n'
+    )
+    corpus = Corpus([str(path)])
+    docs = list(corpus)
+    assert [(d.text, d.title) for d in docs] == [
+        ("Heaps keep order.", "Heaps"),
+        ("No title here.", None),
+    ]
+    [bad] = corpus.bad_lines
+    assert bad.path == f"{path}:2" and bad.reason.startswith("2 line(s) without")
+    assert "string `title`" in bad.reason
+
+
 def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
     folder = mixed_folder(tmp_path)
     data = tmp_path / "q"

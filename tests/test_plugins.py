@@ -100,6 +100,42 @@ def test_atlas_plugins_command_lists_them(broken_plugin_path):
     assert strict.exit_code == 1 and "boom at import" in strict.output
 
 
+@pytest.fixture
+def raising_register_path(tmp_path, monkeypatch):
+    """A fake installed distribution whose register hook raises."""
+    dist = tmp_path / "regraise_atlas_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: regraise-atlas-plugin\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text("[atlas]\nregraise = regraise_atlas_plugin\n")
+    (tmp_path / "regraise_atlas_plugin.py").write_text(
+        "from atlas_server.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def atlas_register_retrievers(register):\n"
+        "    register('half', lambda ctx: None)\n"
+        "    raise RuntimeError('register hook exploded')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_register_hook_that_raises_is_named_and_the_rest_load(raising_register_path):
+    """Found by an audit: it took `atlas plugins` and `atlas serve` down with a traceback."""
+    host = PluginHost()
+    assert "dense" in host.retrievers and "half" not in host.retrievers
+    row = next(p for p in host.describe() if p["name"] == "regraise")
+    assert "RuntimeError: register hook exploded" in row["error"]
+    result = CliRunner().invoke(app, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "regraise 0.1 (regraise_atlas_plugin)  FAILED: register hook failed" in result.output
+    strict = CliRunner().invoke(app, ["plugins", "--strict"])
+    assert strict.exit_code == 1
+    assert strict.output.strip().splitlines()[-1] == (
+        "error: plugin 'regraise' failed to register: RuntimeError: register hook exploded"
+    )
+
+
 def install_faiss_example(target: Path) -> None:
     """pip-install examples/atlas-faiss-retriever into `target`, as a user would."""
     subprocess.run(

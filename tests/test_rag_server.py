@@ -53,10 +53,16 @@ class Exploding:
         raise ValueError("index corrupted")
 
 
+class ReturnsInts:
+    def retrieve(self, collection, query, top_k, filters=None):
+        return [1, 2, 3]
+
+
 class BrokenPlugin:
     @hookimpl
     def atlas_register_retrievers(self, register):
         register("exploding", lambda ctx: Exploding())
+        register("returns-ints", lambda ctx: ReturnsInts())
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +211,48 @@ def test_plugin_failure_is_named_logged_once_and_the_server_stays_up(rag_server,
     assert httpx.get(rag_server + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/retrieve"])
+def test_a_malformed_plugin_result_is_a_502_naming_the_plugin(rag_server, route):
+    """Found by an audit: [1, 2, 3] from a retriever was a 500 on /v1/retrieve, and a 502
+    blaming the reranker after it on completions."""
+    rag = {"collection": "std", "retriever": "returns-ints", "reranker": "mmr"}
+    body = {
+        "/v1/retrieve": {"collection": "std", "query": "heap", "retriever": "returns-ints"},
+        "/v1/completions": {"prompt": "heap", "max_tokens": 1, "rag": rag},
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": "heap"}],
+            "max_tokens": 1,
+            "rag": rag,
+        },
+    }[route]
+    r = httpx.post(rag_server + route, json=body, timeout=60)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "plugin_error", r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("retriever 'returns-ints' (plugin 'broken-at-runtime')"), message
+    assert "result 0 is int" in message
+
+
+@pytest.mark.parametrize("filters", [{"": "x"}, {"metadata.": "x"}, {"start": True}])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/retrieve"])
+def test_a_bad_filter_key_is_a_400_naming_filters(rag_server, route, filters):
+    """Found by an audit: {"": "x"} and "metadata." answered 503 store_unavailable."""
+    rag = {"collection": "std", "filters": filters}
+    body = {
+        "/v1/retrieve": {"collection": "std", "query": "heap", "filters": filters},
+        "/v1/completions": {"prompt": "heap", "max_tokens": 1, "rag": rag},
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": "heap"}],
+            "max_tokens": 1,
+            "rag": rag,
+        },
+    }[route]
+    r = httpx.post(rag_server + route, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == ("filters" if route == "/v1/retrieve" else "rag.filters"), error
+
+
 def test_sources_are_dropped_to_fit_a_short_context(tiny_checkpoint, tmp_path):
     """gpt2-tiny has 256 positions: the grounded prompt keeps as many sources as fit."""
     from atlas_server.api.schemas import RAGOptions
@@ -311,7 +359,7 @@ def test_embeddings_match_sentence_transformers(rag_server):
 
 def test_plugins_route_lists_registrations(rag_server):
     rows = {p["name"]: p for p in httpx.get(rag_server + "/v1/plugins").json()["data"]}
-    assert rows["broken-at-runtime"]["registered"]["retrievers"] == ["exploding"]
+    assert rows["broken-at-runtime"]["registered"]["retrievers"] == ["exploding", "returns-ints"]
     assert "hybrid" in rows["atlas-retrievers"]["registered"]["retrievers"]
 
 

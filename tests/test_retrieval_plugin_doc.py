@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import types
 from pathlib import Path
 
@@ -56,3 +57,46 @@ def test_the_documented_retriever_ranks_filters_and_builds_every_field(pipeline)
 def test_the_documented_retriever_fails_loudly_and_is_named(pipeline):
     with pytest.raises(PluginRuntimeError, match="keyword-example.*source only"):
         pipeline.retrieve("notes", "q", 2, "keyword", filters={"heading": "x"})
+
+
+def documented_config(data_dir: Path) -> Path:
+    """The TOML block after the example, with a store folder of the test's own."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text[text.index("Installed as a plugin, it serves") :]
+    toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    path = data_dir / "server.toml"
+    path.write_text(toml.replace("[rag]\n", f"[rag]\ndata_dir = {str(data_dir)!r}\n", 1))
+    return path
+
+
+def test_the_documented_retriever_serves_its_configured_passages(tiny_checkpoint, tmp_path):
+    """Options come from `[rag.plugin_options.keyword]`, and the collection the retriever
+    serves need not exist in the store (docs/plugins.md)."""
+    import httpx
+
+    from atlas_server.api import ServerState, create_app
+    from atlas_server.config import load_config
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from servers import serving
+
+    config = load_config(documented_config(tmp_path))
+    assert config.rag.plugin_options["keyword"]["passages"]["notes"]
+    state = ServerState(config=config, model_name="tiny", checkpoint_path=str(tiny_checkpoint))
+    host = PluginHost()
+    host.register(documented_plugin(), "keyword-example")
+    with serving(create_app(state, plugin_host=host)) as base:
+        r = httpx.post(
+            base + "/v1/retrieve",
+            json={"collection": "notes", "query": "keep a list sorted"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        ranked = [c["source"] for c in r.json()["data"]]
+        assert ranked[0] == "bisect.md" and r.json()["data"][0]["retriever"] == "keyword"
+        filtered = httpx.post(
+            base + "/v1/retrieve",
+            json={"collection": "notes", "query": "heap", "filters": {"heading": "x"}},
+            timeout=60,
+        )
+        assert filtered.status_code == 502 and "keyword-example" in filtered.text

@@ -146,19 +146,26 @@ def query(
     store: str = typer.Option(None, help=STORE_HELP),
     store_url: str = typer.Option(None, help=URL_HELP),
     qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
+    config: Path = typer.Option(
+        None, "--config", help="Server config TOML whose [rag.plugin_options] the plugins get."
+    ),
 ) -> None:
     """Show the chunks a retriever returns for a question.
 
     Example: atlas rag query "How do I open a file?" --collection manual
     """
+    from ..config import ConfigFileError, load_config
     from ..plugins import get_plugin_host
     from ..rag.embedding import Embedder
     from ..rag.pipeline import RAGPipeline
     from ..rag.types import RAGContext
 
+    with user_errors(ConfigFileError):
+        options = load_config(config, []).rag.plugin_options if config else {}
     with _errors():
         vector_store = _store(data_dir, qdrant_url, store, store_url)
-        pipeline = RAGPipeline(get_plugin_host(), RAGContext(vector_store, Embedder()))
+        context = RAGContext(vector_store, Embedder())
+        pipeline = RAGPipeline(get_plugin_host(), context, options)
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)
         vector_store.close()
     for i, r in enumerate(results, 1):

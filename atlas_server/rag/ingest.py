@@ -97,7 +97,8 @@ class Corpus:
                             Skipped(
                                 f"{f}:{first_bad}",
                                 f"{bad} line(s) without a JSON object with a string `text` "
-                                "field skipped (the file's other records are ingested)",
+                                "field (and a string `title`, if any) skipped (the file's "
+                                "other records are ingested)",
                             )
                         )
                 else:
@@ -133,7 +134,8 @@ def _read_text(path: Path) -> Document:
 
 
 def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
-    """The records with a string `text`, how many lines had none, and the first such line."""
+    """The records with a string `text` (and a string `title` or none), how many lines were
+    not such a record, and the first of those lines."""
     docs, bad, first_bad = [], 0, None
     with path.open("rb") as handle:
         for n, line in enumerate(handle, 1):
@@ -141,18 +143,21 @@ def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
                 continue
             try:
                 record = json.loads(line)
-                text = record["text"]
-                if not isinstance(text, str):
+                text, title = record["text"], record.get("title")
+                # A title becomes the chunks' heading, which is a string or None.
+                if not isinstance(text, str) or not (title is None or isinstance(title, str)):
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 bad += 1
                 first_bad = first_bad or n
                 continue
             source = record.get("source") or f"{path}#{n}"
-            docs.append(Document(text, str(source), record.get("title"), len(line)))
+            docs.append(Document(text, str(source), title, len(line)))
     if not docs:
         where = f" (line {first_bad} is the first)" if first_bad else " (the file is empty)"
-        raise _Unusable(f"no JSON object with a string `text` field{where}")
+        raise _Unusable(
+            f"no JSON object with a string `text` field (and a string `title`, if any){where}"
+        )
     return docs, bad, first_bad
 
 

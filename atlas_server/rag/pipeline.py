@@ -3,19 +3,21 @@
 What it does: builds retriever and reranker objects lazily from the plugin host's
 factories (once per name, with the shared `RAGContext`), runs retrieve + rerank, and
 wraps any exception a plugin raises in `PluginRuntimeError` naming the plugin, so the
-server answers with a clear error and stays up.
+server answers with a clear error and stays up. What a plugin returns is checked too (a list of well-formed `RetrievedChunk`),
+and a malformed result is the returning plugin's `PluginRuntimeError`, not a crash later.
 What it does not do: HTTP, prompting or ingestion.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import threading
 from typing import Any
 
 from ..plugins import PluginHost
 from .errors import PluginRuntimeError, UnknownComponentError
-from .types import RAGContext, RetrievedChunk
+from .types import Chunk, RAGContext, RetrievedChunk
 
 __all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError"]
 
@@ -35,8 +37,10 @@ class RAGPipeline:
     def component(self, kind: str, name: str) -> Any:
         registry = getattr(self.host, kind)
         if name not in registry:
+            failed = sorted(p.name for p in self.host.plugins.values() if p.error)
+            hint = f" (failed to load: {', '.join(failed)}; see `atlas plugins`)" if failed else ""
             raise UnknownComponentError(
-                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}",
+                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}{hint}",
                 param=kind[:-1],
             )
         with self._lock:
@@ -71,11 +75,13 @@ class RAGPipeline:
         if reranker:
             rr = self.component("rerankers", reranker)
             results = self._run("rerankers", reranker, lambda: rr.rerank(query, results, top_k))
-        return list(results)[:top_k]
+        return results[:top_k]
 
-    def _run(self, kind: str, name: str, fn):
+    def _run(self, kind: str, name: str, fn) -> list[RetrievedChunk]:
+        """fn()'s results, checked; a plugin's exception or malformed result is blamed on it
+        here, so neither a later stage nor the HTTP layer trips over it."""
         try:
-            return fn()
+            return checked_results(fn())
         except (UnknownComponentError, PluginRuntimeError):
             raise
         except Exception as e:
@@ -84,6 +90,36 @@ class RAGPipeline:
             if isinstance(e, StoreError):
                 raise
             raise PluginRuntimeError(self.host.owner(kind, name) or "?", kind[:-1], name, e) from e
+
+
+class MalformedResults(TypeError):
+    """A retriever or reranker returned something other than a list of RetrievedChunk."""
+
+
+def checked_results(results: Any) -> list[RetrievedChunk]:
+    """`results` as a list if it is a sequence of well-formed RetrievedChunk, else raise."""
+    if not isinstance(results, list | tuple):
+        raise MalformedResults(f"returned {type(results).__name__}, not a list of RetrievedChunk")
+    for i, r in enumerate(results):
+        if not isinstance(r, RetrievedChunk):
+            raise MalformedResults(
+                f"result {i} is {type(r).__name__} {r!r:.60}, not a RetrievedChunk"
+            )
+        if not isinstance(r.chunk, Chunk):
+            raise MalformedResults(f"result {i}'s chunk is {type(r.chunk).__name__}, not a Chunk")
+        # numbers.Real / Integral: NumPy's scalars (FAISS scores, say) are numbers too.
+        if not isinstance(r.score, numbers.Real) or isinstance(r.score, bool):
+            raise MalformedResults(f"result {i}'s score is {r.score!r}, not a number")
+        c = r.chunk
+        if not (isinstance(c.id, str) and isinstance(c.text, str) and isinstance(c.source, str)):
+            raise MalformedResults(f"result {i}'s chunk id, text and source must be strings")
+        if not (c.heading is None or isinstance(c.heading, str)):
+            raise MalformedResults(f"result {i}'s chunk heading is {c.heading!r}, not a string")
+        if not (isinstance(c.start, numbers.Integral) and isinstance(c.end, numbers.Integral)):
+            raise MalformedResults(f"result {i}'s chunk span must be integers")
+        if not isinstance(c.metadata, dict):
+            raise MalformedResults(f"result {i}'s chunk metadata is not a dict")
+    return list(results)
 
 
 class _LazyRetrievers(dict):

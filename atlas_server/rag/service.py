@@ -26,6 +26,7 @@ from .grounding import grounded_messages, grounded_prompt
 from .ingest import Document, ingest
 from .pipeline import RAGPipeline
 from .store import StoreError, VectorStore, check_name, store_from_config
+from .store import check_filters as store_check_filters
 from .types import RAGContext, RetrievedChunk, ScoreTexts
 
 
@@ -56,11 +57,12 @@ def check_collection_name(name: str) -> None:
 
 
 def check_filters(filters: dict[str, Any] | None) -> None:
-    for key, value in (filters or {}).items():
-        if isinstance(value, list) and len({type(v) for v in value}) > 1:
-            raise InvalidRAGRequest(
-                f"filter {key!r}: a list of values holds strings or integers, not both", "filters"
-            )
+    """Refuse filters outside the filter language (store.py) as the request's fault: a
+    StoreError from the store's own check would otherwise read as the store failing."""
+    try:
+        store_check_filters(filters)
+    except StoreError as e:
+        raise InvalidRAGRequest(str(e), "filters") from None
 
 
 class RAGService:
@@ -100,7 +102,8 @@ class RAGService:
         with self._lock:
             if self._pipeline is None:
                 ctx = RAGContext(store, self._embedder(), score_texts=self._score_texts)
-                self._pipeline = RAGPipeline(self.host, ctx)
+                options = getattr(self._store_config, "plugin_options", None) or {}
+                self._pipeline = RAGPipeline(self.host, ctx, options)
             return self._pipeline
 
     def close(self) -> None:
@@ -126,7 +129,9 @@ class RAGService:
         if not query.strip():
             raise InvalidRAGRequest("the query must not be empty", "query")
         check_filters(filters)
-        self._require(collection)
+        # No existence check here: a retriever may serve a collection the store does not
+        # hold (its own index, a remote service). Built-in retrievers raise StoreError for
+        # a missing one, which becomes CollectionNotFound below (docs/plugins.md).
         pipeline = self.pipeline
         try:
             return pipeline.retrieve(
@@ -138,28 +143,38 @@ class RAGService:
                 filters,
             )
         except StoreError as e:
-            self._require(collection)  # deleted while we searched?
+            self._require(collection)  # missing, or deleted while we searched?
             raise VectorStoreUnavailable(str(e)) from None
 
     def collections(self) -> list[tuple[str, int]]:
         """(name, number of chunks) of every collection."""
         store = self.store
-        return [(name, store.count(name)) for name in store.collections()]
+        try:
+            return [(name, store.count(name)) for name in store.collections()]
+        except StoreError as e:
+            raise VectorStoreUnavailable(str(e)) from None
 
     def add_documents(self, collection: str, documents: list[Document]) -> dict[str, Any]:
         """Chunk, embed and store documents (idempotent: chunk ids come from content)."""
         check_collection_name(collection)
         store = self.store
-        return ingest(
-            store, self._embedder(), collection, documents, ChunkSettings(), progress=False
-        )
+        try:
+            return ingest(
+                store, self._embedder(), collection, documents, ChunkSettings(), progress=False
+            )
+        except StoreError as e:  # the store failing, as on the other routes: a 503
+            raise VectorStoreUnavailable(str(e)) from None
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
         self.store.delete_collection(collection)
 
     def _require(self, collection: str) -> None:
-        if not self.store.exists(collection):
+        try:
+            present = self.store.exists(collection)
+        except StoreError as e:
+            raise VectorStoreUnavailable(str(e)) from None
+        if not present:
             raise CollectionNotFound(f"collection {collection!r} does not exist", "collection")
 
     # --- grounding ----------------------------------------------------------------------

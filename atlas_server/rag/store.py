@@ -24,11 +24,15 @@ The interface (what ingest, retrievers and the HTTP routes call):
 
 Vectors are L2-normalised float32 rows (the embedder's output), so cosine = dot product.
 Results come best first; scores are comparable only within one back end and one method.
-An unknown collection raises `StoreError` (the HTTP layer turns it into a 400).
+An unknown collection raises `StoreError` (the service answers it as 404 collection_not_found).
 
 Filters: `{field: value}` or `{field: [values]}` (strings or integers, not both in one
-list), all fields must match. A field is a chunk field (`source`, `heading`, `start`,
-`end`) or a metadata key, written `metadata.KEY` or plainly `KEY`.
+list), all fields must match. A field is a chunk field (`source`, `heading`: strings;
+`start`, `end`: integers; a value of another type is an error) or a metadata key, written
+`metadata.KEY` or plainly `KEY`. Every back end compares JSON values by type and value:
+true is not 1 and "1" is not 1. Dots separate nested keys, as in Qdrant and MongoDB:
+`a.b` is metadata["a"]["b"], so a metadata key that itself holds a dot cannot be filtered
+on. A key with an empty part (`a..b`, `metadata.`) or a `[`, `]` or `"` is an error.
 
 BM25: every back end ranks with Okapi BM25 (k1 = 1.2, b = 0.75). The Qdrant back ends store
 the document side, tf * (k1 + 1) / (tf + k1 * (1 - b + b * len / avg_len)), as a sparse
@@ -63,6 +67,7 @@ DENSE, SPARSE = "dense", "bm25"
 K1, B, AVG_LEN = 1.2, 0.75, 120.0
 DEFAULT_STORE = "embedded"
 CHUNK_FIELDS = ("source", "heading", "start", "end")
+CHUNK_FIELD_TYPES = {"source": str, "heading": str, "start": int, "end": int}
 _WORD = re.compile(r"\w+", re.UNICODE)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
@@ -117,14 +122,19 @@ def bm25_query_terms(text: str) -> tuple[list[int], list[float]]:
 
 # --- filters, payloads --------------------------------------------------------------------
 def filter_path(key: str) -> tuple[str, ...]:
-    """A filter key as a path into the payload: ("source",) or ("metadata", "lang")."""
+    """A filter key as a path into the payload: ("source",), ("metadata", "lang") or, for
+    a dotted key, ("metadata", "a", "b") (metadata["a"]["b"]; see the module docstring)."""
     if key in CHUNK_FIELDS:
         return (key,)
-    if key.startswith("metadata."):
-        key = key[len("metadata.") :]
-    if not key:
-        raise StoreError("a filter key must name a chunk field or a metadata key")
-    return ("metadata", key)
+    name = key[len("metadata.") :] if key.startswith("metadata.") else key
+    parts = name.split(".")
+    if not all(parts) or any(c in name for c in '[]"'):
+        raise StoreError(
+            f"filter key {key!r} names no metadata key: use a chunk field "
+            f"({', '.join(CHUNK_FIELDS)}), KEY or metadata.KEY, with dots only between "
+            'nested keys (a.b) and no [, ] or "'
+        )
+    return ("metadata", *parts)
 
 
 def check_filters(filters: Filters | None) -> list[tuple[tuple[str, ...], list[Any]]]:
@@ -143,7 +153,25 @@ def check_filters(filters: Filters | None) -> list[tuple[tuple[str, ...], list[A
             raise StoreError(
                 f"filter {key!r}: a list of values holds strings or integers, not both"
             )
-        out.append((filter_path(key), values))
+        path = filter_path(key)
+        # Chunk fields have one type each; a value of another could never match.
+        want = CHUNK_FIELD_TYPES.get(path[0]) if len(path) == 1 else None
+        if want is not None and type(values[0]) is not want:
+            kind = "a string" if want is str else "an integer"
+            raise StoreError(f"filter {key!r}: {key} is {kind}; got {values[0]!r}")
+        out.append((path, values))
+    return out
+
+
+def bool_copies(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The boolean leaves of `metadata` as 0/1, nested as they are: back ends whose engines
+    equate true with 1 store this beside the metadata, so filters can tell them apart."""
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, dict) and (inner := bool_copies(value)):
+            out[key] = inner
     return out
 
 

@@ -36,6 +36,7 @@ from ..store import (
     as_matrix,
     bm25_document_terms,
     bm25_query_terms,
+    bool_copies,
     check_filters,
     check_name,
     chunk_from_payload,
@@ -55,15 +56,16 @@ def edge_filter(filters: Filters | None) -> qe.Filter | None:
         key = ".".join(path)
         if isinstance(values[0], bool):
             # qdrant-edge 0.9 turns a Python bool in MatchValue into an integer, which no
-            # stored boolean equals; booleans are matched on their 0/1 copies instead.
-            key, values = f"{BOOLS}.{path[-1]}", [int(v) for v in values]
+            # stored boolean equals; booleans are matched on their 0/1 copies instead
+            # (path[0] is "metadata": chunk fields hold no booleans, check_filters says).
+            key, values = ".".join((BOOLS, *path[1:])), [int(v) for v in values]
         match = qe.MatchValue(values[0]) if len(values) == 1 else qe.MatchAny(values)
         conditions.append(qe.FieldCondition(key=key, match=match))
     return qe.Filter(must=conditions) if conditions else None
 
 
 def edge_payload(chunk: Chunk) -> dict[str, Any]:
-    bools = {k: int(v) for k, v in chunk.metadata.items() if isinstance(v, bool)}
+    bools = bool_copies(chunk.metadata)
     return {**payload_of(chunk), "chunk_id": chunk.id, BOOLS: bools}
 
 

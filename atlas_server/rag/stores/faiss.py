@@ -85,14 +85,23 @@ def sql_filter(filters: Filters | None) -> tuple[str, list[Any]]:
     """A WHERE fragment (over table alias c) and its parameters."""
     clauses, params = [], []
     for path, values in check_filters(filters):
-        if path[0] == "metadata":
-            key = path[1].replace('"', '""')
-            column = f"json_extract(c.metadata, '$.\"{key}\"')"
-        else:
-            column = f'c."{path[0]}"'
-        values = [int(v) if isinstance(v, bool) else v for v in values]  # JSON true is 1
-        clauses.append(f"{column} IN ({', '.join('?' * len(values))})")
-        params += values
+        if path[0] != "metadata":
+            clauses.append(f'c."{path[0]}" IN ({", ".join("?" * len(values))})')
+            params += values
+            continue
+        # '$."a"."b"' reaches metadata["a"]["b"]; json_extract gives JSON true as 1, so
+        # json_type keeps booleans and integers apart (the store contract: true is not 1).
+        json_path = "$" + "".join(f'."{part}"' for part in path[1:])  # no " in keys
+        if isinstance(values[0], bool):
+            clauses.append("json_type(c.metadata, ?) = ?")
+            params += [json_path, "true" if values[0] else "false"]
+            continue
+        kind = "= 'integer'" if isinstance(values[0], int) else "= 'text'"
+        marks = ", ".join("?" * len(values))
+        clauses.append(
+            f"(json_type(c.metadata, ?) {kind} AND json_extract(c.metadata, ?) IN ({marks}))"
+        )
+        params += [json_path, json_path, *values]
     return " AND ".join(clauses) or "1", params
 
 

@@ -15,8 +15,9 @@ What it does not do: run a Milvus cluster (deploy/k8s/README.md names the Helm c
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..store import (
@@ -26,6 +27,7 @@ from ..store import (
     StoreSettings,
     VectorStore,
     as_matrix,
+    bool_copies,
     check_filters,
     check_name,
     default_data_dir,
@@ -37,18 +39,48 @@ FIELDS = ["id", "text", "source", "heading", "start", "end", "metadata", "dense"
 MAX_TEXT = 65_535  # Milvus VARCHAR limit, bytes
 
 
+BOOLS = "__atlas_bools"  # in `metadata`: 0/1 copies of its booleans (see milvus_filter)
+
+
+ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(text: str) -> str:
+    """A string literal of Milvus's expression language: backslash, double quote, newline,
+    return and tab escaped, every other character as it is (Milvus refuses JSON's \\uXXXX
+    escapes, which json.dumps writes for any non-ASCII character)."""
+    return '"' + "".join(ESCAPES.get(c, c) for c in text) + '"'
+
+
+def literal(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int) else quote(value)
+
+
 def milvus_filter(filters: Filters | None) -> str:
     clauses = []
     for path, values in check_filters(filters):
-        field = path[0] if len(path) == 1 else f"metadata[{json.dumps(path[1])}]"
-        # `in [...]` takes only plain fields (Milvus Lite), so JSON keys get an or-chain;
-        # json.dumps writes the literals Milvus reads: true/false, numbers, "strings".
-        either = " or ".join(f"{field} == {json.dumps(v)}" for v in values)
+        keys = "".join(f"[{quote(k)}]" for k in path[1:])
+        field = path[0] + keys
+        # `in [...]` takes only plain fields (Milvus Lite), so JSON keys get an or-chain.
+        either = " or ".join(f"{field} == {literal(v)}" for v in values)
+        if path[0] == "metadata" and not isinstance(values[0], str):
+            # Milvus equates JSON true with 1: rows carry 0/1 copies of their booleans
+            # under BOOLS, so a boolean must have one and an integer must not. Rows
+            # written before BOOLS existed have none and match as Milvus compares.
+            copy = f"metadata[{quote(BOOLS)}]{keys}"
+            if isinstance(values[0], bool):
+                either += f") and (exists {copy} or not exists metadata[{quote(BOOLS)}]"
+            else:
+                either += f") and (not exists {copy}"
         clauses.append(f"({either})")
     return " and ".join(clauses)
 
 
 def _chunk(entity: dict[str, Any]) -> Chunk:
+    metadata = dict(entity.get("metadata") or {})
+    metadata.pop(BOOLS, None)
     return Chunk(
         str(entity["id"]),
         entity["text"],
@@ -56,8 +88,19 @@ def _chunk(entity: dict[str, Any]) -> Chunk:
         entity.get("heading"),
         int(entity["start"]),
         int(entity["end"]),
-        entity.get("metadata") or {},
+        metadata,
     )
+
+
+def _store_errors(method: Callable) -> Callable:
+    """Milvus's own exceptions as StoreError, so callers report a store failure (503)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class MilvusStore(VectorStore):
@@ -84,24 +127,48 @@ class MilvusStore(VectorStore):
         except Exception as e:
             raise StoreError(f"cannot open Milvus at {uri}: {type(e).__name__}: {e}") from None
         self._closed = False
+        # Collections this client has loaded: Milvus searches and reads only loaded
+        # (in-memory) collections, and one written by another process starts released.
+        self._loaded: set[str] = set()
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            yield
+        except MilvusException as e:
+            message = getattr(e, "message", None) or str(e)
+            raise StoreError(f"Milvus at {self.location} failed: {message}") from e
+
+    def _use(self, name: str) -> None:
+        """Refuse an unknown collection; load a known one the first time it is used."""
+        self._require(name)
+        if name not in self._loaded:
+            self.client.load_collection(name)
+            self._loaded.add(name)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.client.close()
 
+    @_store_errors
     def collections(self) -> list[str]:
         return sorted(self.client.list_collections())
 
+    @_store_errors
     def exists(self, name: str) -> bool:
         return bool(self.client.has_collection(name))
 
+    @_store_errors
     def _dim(self, name: str) -> int:
         for f in self.client.describe_collection(name)["fields"]:
             if f["name"] == "dense":
                 return int(f["params"]["dim"])
         raise StoreError(f"collection {name!r} was not created by Atlas (no dense field)")
 
+    @_store_errors
     def ensure_collection(self, name: str, dim: int) -> None:
         from pymilvus import DataType, Function, FunctionType, MilvusClient
 
@@ -138,20 +205,25 @@ class MilvusStore(VectorStore):
         self.client.create_collection(
             name, schema=schema, index_params=index, consistency_level="Strong"
         )
+        self._loaded.add(name)  # create_collection with indexes loads it
 
+    @_store_errors
     def delete_collection(self, name: str) -> bool:
         if not self.exists(name):
             return False
         self.client.drop_collection(name)
+        self._loaded.discard(name)
         return True
 
+    @_store_errors
     def count(self, name: str) -> int:
         self._require(name)
         rows = self.client.query(name, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
+    @_store_errors
     def upsert(self, name: str, chunks: list[Chunk], vectors: Any) -> None:
-        self._require(name)
+        self._use(name)
         matrix = as_matrix(vectors)  # [N, D]
         rows = []
         for c, v in zip(chunks, matrix, strict=True):
@@ -168,7 +240,7 @@ class MilvusStore(VectorStore):
                     "heading": c.heading,
                     "start": c.start,
                     "end": c.end,
-                    "metadata": c.metadata,
+                    "metadata": {**c.metadata, BOOLS: bool_copies(c.metadata)},
                 }
             )
         # Milvus refuses two rows with one primary key in one request: the last one wins.
@@ -176,12 +248,14 @@ class MilvusStore(VectorStore):
         if unique:
             self.client.upsert(name, unique)
 
+    @_store_errors
     def existing_ids(self, name: str, ids: list[str]) -> set[str]:
-        self._require(name)
+        self._use(name)
         if not ids:
             return set()
         return {str(r["id"]) for r in self.client.get(name, ids=list(ids), output_fields=["id"])}
 
+    @_store_errors
     def delete(self, name: str, ids: list[str]) -> int:
         present = self.existing_ids(name, ids)
         if present:
@@ -200,8 +274,9 @@ class MilvusStore(VectorStore):
             for h in results[0]
         ]
 
+    @_store_errors
     def search_dense(self, name, vector, top_k, filters=None) -> list[Hit]:
-        self._require(name)
+        self._use(name)
         results = self.client.search(
             name,
             data=[as_matrix(vector)[0].tolist()],
@@ -213,8 +288,9 @@ class MilvusStore(VectorStore):
         )
         return self._hits(results)
 
+    @_store_errors
     def search_bm25(self, name, query, top_k, filters=None) -> list[Hit]:
-        self._require(name)
+        self._use(name)
         if not terms(query):
             return []
         results = self.client.search(
@@ -228,20 +304,26 @@ class MilvusStore(VectorStore):
         )
         return self._hits(results, bm25=True)
 
+    @_store_errors
     def vectors(self, name: str, ids: list[str]) -> dict[str, Any]:
-        self._require(name)
+        self._use(name)
         if not ids:
             return {}
         rows = self.client.get(name, ids=list(ids), output_fields=["id", "dense"])
         return {str(r["id"]): r["dense"] for r in rows}
 
     def iter_chunks(self, name: str, batch_size: int = 1024) -> Iterator[tuple[Chunk, Any]]:
-        self._require(name)
-        iterator = self.client.query_iterator(
-            name, batch_size=batch_size, filter="", output_fields=FIELDS
-        )
+        with self.errors():
+            self._use(name)
+            iterator = self.client.query_iterator(
+                name, batch_size=batch_size, filter="", output_fields=FIELDS
+            )
         try:
-            while batch := iterator.next():
+            while True:
+                with self.errors():
+                    batch = iterator.next()
+                if not batch:
+                    return
                 for row in batch:
                     yield _chunk(row), row["dense"]
         finally:

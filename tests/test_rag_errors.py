@@ -1,0 +1,221 @@
+"""Who is blamed when retrieval fails: the request (400), the store (503) or a plugin (502).
+
+RAGService is driven directly, with a tiny fake embedder, so each rule is checked in
+milliseconds; tests/test_rag_server.py checks the same errors through HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from atlas_server.hookspecs import hookimpl
+from atlas_server.plugins import PluginError, PluginHost
+from atlas_server.rag.errors import (
+    CollectionNotFound,
+    InvalidRAGRequest,
+    PluginRuntimeError,
+    UnknownComponentError,
+    VectorStoreUnavailable,
+)
+from atlas_server.rag.pipeline import RAGPipeline
+from atlas_server.rag.service import RAGService
+from atlas_server.rag.types import Chunk, RAGContext, RetrievedChunk
+
+DIM = 8
+
+
+class FakeEmbedder:
+    """Bag of hashed words, L2-normalised: enough for dense search to rank."""
+
+    def encode(self, texts, **_):
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for row, text in zip(out, texts, strict=True):
+            for word in text.lower().split():
+                row[hash(word) % DIM] += 1
+            row /= max(float(np.linalg.norm(row)), 1e-6)
+        return out
+
+
+def chunk(source: str, text: str) -> Chunk:
+    return Chunk(f"id-{source}", text, source, None, 0, len(text))
+
+
+class Returns:
+    def __init__(self, value):
+        self.value = value
+
+    def retrieve(self, collection, query, top_k, filters=None):
+        return self.value
+
+    def rerank(self, query, candidates, top_k):
+        return self.value
+
+
+GOOD = [RetrievedChunk(chunk("a.md", "alpha"), 1.0, "own")]
+
+
+class OddPlugin:
+    @hookimpl
+    def atlas_register_retrievers(self, register):
+        register("returns-none", lambda ctx: Returns(None))
+        register("returns-ints", lambda ctx: Returns([1, 2, 3]))
+        register("returns-bad-chunk", lambda ctx: Returns([RetrievedChunk("x", 1.0, "r")]))
+        register(
+            "returns-bad-score", lambda ctx: Returns([RetrievedChunk(GOOD[0].chunk, "hi", "r")])
+        )
+        register("own-passages", lambda ctx: Returns(GOOD))
+
+    @hookimpl
+    def atlas_register_rerankers(self, register):
+        register("rerank-none", lambda ctx: Returns(None))
+
+
+def service(tmp_path, store="embedded", plugin_options=None) -> RAGService:
+    host = PluginHost()
+    host.register(OddPlugin(), "odd-plugin")
+    rag = SimpleNamespace(
+        store=store,
+        store_url=None,
+        qdrant_url=None,
+        data_dir=str(tmp_path / "store"),
+        store_options={},
+        plugin_options=plugin_options or {},
+    )
+    svc = RAGService(host, FakeEmbedder, store_config=rag)
+    svc.store.ensure_collection("c", DIM)
+    chunks = [chunk("a.md", "alpha heap"), chunk("b.md", "beta queue")]
+    svc.store.upsert("c", chunks, FakeEmbedder().encode([c.text for c in chunks]))
+    return svc
+
+
+@pytest.fixture()
+def svc(tmp_path):
+    s = service(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "filters", [{"": "x"}, {"metadata.": "x"}, {"a..b": 1}, {"start": True}, {"n": [1, "x"]}]
+)
+def test_a_bad_filter_is_the_requests_fault_not_the_stores(svc, filters):
+    """Found by an audit: a bad key came back 503 store_unavailable."""
+    with pytest.raises(InvalidRAGRequest) as caught:
+        svc.retrieve("c", "alpha", filters=filters)
+    assert caught.value.param == "filters"
+
+
+@pytest.mark.parametrize(
+    ("retriever", "reranker", "blamed", "says"),
+    [
+        ("returns-none", None, "retriever 'returns-none'", "returned NoneType"),
+        ("returns-ints", None, "retriever 'returns-ints'", "result 0 is int"),
+        ("returns-bad-chunk", None, "retriever 'returns-bad-chunk'", "chunk is str"),
+        ("returns-bad-score", None, "retriever 'returns-bad-score'", "score is 'hi'"),
+        ("dense", "rerank-none", "reranker 'rerank-none'", "returned NoneType"),
+        ("returns-ints", "mmr", "retriever 'returns-ints'", "result 0 is int"),
+    ],
+)
+def test_a_malformed_result_is_blamed_on_the_plugin_that_returned_it(
+    svc, retriever, reranker, blamed, says
+):
+    """Found by an audit: None or [1, 2, 3] gave a 500, or blamed the next stage."""
+    with pytest.raises(PluginRuntimeError) as caught:
+        svc.retrieve("c", "alpha", retriever=retriever, reranker=reranker)
+    message = str(caught.value)
+    assert message.startswith(blamed) and "odd-plugin" in message and says in message
+
+
+def test_a_retriever_may_serve_a_collection_the_store_does_not_hold(svc):
+    """The retriever, not the store, decides which collections exist for it."""
+    assert svc.retrieve("elsewhere", "alpha", retriever="own-passages") == GOOD
+    with pytest.raises(CollectionNotFound):  # the built-ins still answer 404
+        svc.retrieve("elsewhere", "alpha", retriever="dense")
+
+
+def test_plugin_options_from_config_reach_the_component(tmp_path):
+    seen = {}
+
+    class Recorder:
+        @hookimpl
+        def atlas_register_retrievers(self, register):
+            register("recorder", lambda ctx: seen.update(ctx.options) or Returns(GOOD))
+
+    s = service(tmp_path, plugin_options={"recorder": {"k": 3}, "other": {"x": 1}})
+    s.host.register(Recorder(), "recorder-plugin")
+    try:
+        assert s.retrieve("c", "alpha", retriever="recorder") == GOOD
+        assert seen == {"k": 3}
+    finally:
+        s.close()
+
+
+def test_a_milvus_failure_is_a_store_failure_not_the_retrievers(tmp_path):
+    """Found by an audit: MilvusException surfaced as a 502 blaming retriever 'hybrid'."""
+    pytest.importorskip("milvus_lite")
+    from pymilvus.exceptions import MilvusException
+
+    s = service(tmp_path, store="milvus")
+    try:
+        assert [r.chunk.source for r in s.retrieve("c", "alpha heap", 1)] == ["a.md"]
+
+        def down(*args, **kwargs):
+            raise MilvusException(code=2, message="the query node is gone")
+
+        s.store.client.search = down
+        with pytest.raises(VectorStoreUnavailable, match="Milvus at .* the query node is gone"):
+            s.retrieve("c", "alpha heap", 1)
+    finally:
+        s.close()
+
+
+def test_milvus_filters_quote_unicode_and_refuse_bad_types(tmp_path):
+    """Found by an audit: json.dumps wrote é as \\u00e9, which Milvus refuses."""
+    pytest.importorskip("milvus_lite")
+    s = service(tmp_path, store="milvus")
+    try:
+        s.store.upsert("c", [Chunk("id-u", "café", "é.md", "Straße", 0, 4)], np.eye(1, DIM))
+        hits = s.retrieve("c", "café", 4, retriever="dense", filters={"heading": "Straße"})
+        assert [r.chunk.source for r in hits] == ["é.md"]
+        with pytest.raises(InvalidRAGRequest, match="start is an integer"):
+            s.retrieve("c", "café", filters={"start": True})
+    finally:
+        s.close()
+
+
+class RaisesOnRegister:
+    @hookimpl
+    def atlas_register_retrievers(self, register):
+        register("half-registered", lambda ctx: Returns(GOOD))
+        raise RuntimeError("register hook exploded")
+
+
+def test_a_register_hook_that_raises_is_reported_and_skipped(caplog):
+    """Found by an audit: it took down `atlas plugins`, `atlas serve` and `atlas rag`."""
+    host = PluginHost()
+    with caplog.at_level(logging.ERROR):
+        host.register(RaisesOnRegister(), "exploding-register")
+    assert "plugin 'exploding-register' failed to register" in caplog.text
+    assert "half-registered" not in host.retrievers and "dense" in host.retrievers
+    row = next(p for p in host.describe() if p["name"] == "exploding-register")
+    assert "register hook exploded" in row["error"]
+    with pytest.raises(UnknownComponentError, match="failed to load: exploding-register"):
+        RAGPipeline(host, RAGContext()).component("retrievers", "half-registered")
+    strict = PluginHost(strict=True)
+    with pytest.raises(PluginError, match="'exploding-register'.*register hook exploded"):
+        strict.register(RaisesOnRegister(), "exploding-register")
+
+
+def test_numpy_scores_and_spans_are_well_formed_results():
+    """A plugin scoring with NumPy (FAISS returns float32) is not a malformed result."""
+    import numpy as np
+
+    from atlas_server.rag.pipeline import checked_results
+    from atlas_server.rag.types import Chunk, RetrievedChunk
+
+    chunk = Chunk("id", "text", "src.md", None, np.int64(0), np.int64(4))
+    assert len(checked_results([RetrievedChunk(chunk, np.float32(0.5), "mine")])) == 1
