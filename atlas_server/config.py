@@ -118,12 +118,16 @@ class ServerConfig(_Section):
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), validate: bool = True
 ) -> ServerConfig:
-    """Read a TOML server config (or the defaults when `path` is None), then `--set` options."""
+    """Read a TOML server config (or the defaults when `path` is None), then `--set` options.
+
+    `validate=False` leaves the checks across fields to a later `with_overrides` (command-line
+    flags come last: a file's max_batched_tokens = 8 is fine once --max-running 4 applies)."""
     layers = [tomlconfig.file_layer(path, ConfigFileError)] if path is not None else []
     layers.append(tomlconfig.set_layer(overrides, ConfigFileError))
-    return tomlconfig.decode(ServerConfig, layers, ConfigFileError).validate()
+    config = tomlconfig.decode(ServerConfig, layers, ConfigFileError)
+    return config.validate() if validate else config
 
 
 def with_overrides(config: ServerConfig, **overrides: Any) -> ServerConfig:

@@ -71,6 +71,20 @@ def test_serve_exits_with_one_line_before_loading_anything(tmp_path):
     assert len(lines) == 1 and "max_batched_tokens (16) must be >=" in lines[0], r.stderr
 
 
+def test_flags_apply_before_the_checks_across_fields(tmp_path):
+    """'flags override both': a file's budget of 8 is valid once --max-running 4 applies
+    (it was refused against the default max_running of 16 before the flag was read)."""
+    config = write(tmp_path, "[engine]\nmax_batched_tokens = 8\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tmp_path),
+         "--config", str(config), "--max-running", "4"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "is not an atlas checkpoint" in lines[-1], r.stderr
+    assert "max_batched_tokens" not in r.stderr
+
+
 @pytest.mark.parametrize(
     ("command", "example"),
     [

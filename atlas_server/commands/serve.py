@@ -161,7 +161,7 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         fail(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     with user_errors(ConfigFileError):
-        cfg = load_config(config, set_)
+        cfg = load_config(config, set_, validate=False)  # checked once the flags apply
         cfg = with_overrides(
             cfg,
             http__host=host,
