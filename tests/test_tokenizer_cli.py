@@ -168,6 +168,15 @@ def test_info_reports_sizes_and_special_tokens(trained_file):
             ["train", "{corpus}", "--vocab-size", "500", "-o", "{out}", "--pattern", "(x"],
             "invalid split pattern",
         ),
+        # A pattern that skips text would drop it silently ("banana split" -> "aaa").
+        (
+            ["train", "{corpus}", "--vocab-size", "500", "-o", "{out}", "--pattern", "a"],
+            "the split pattern must match every character",
+        ),
+        (
+            ["train", "{corpus}", "--vocab-size", "500", "-o", "{out}", "--pattern", ""],
+            "the split pattern must match every character",
+        ),
         (
             ["train", "{corpus}", "--vocab-size", "500", "-o", "{out}", "--workers", "-1"],
             "--workers",

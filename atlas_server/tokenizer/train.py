@@ -93,9 +93,21 @@ class TrainConfig:
         if self.min_frequency < 1:
             raise TokenizerError(f"min frequency must be at least 1, got {self.min_frequency}")
         try:
-            regex.compile(self.pattern)
+            split = regex.compile(self.pattern).findall
         except regex.error as e:
             raise TokenizerError(f"invalid split pattern: {e}") from None
+        # decode(encode(s)) == s needs the pieces to cover every character: text the pattern
+        # skips would be dropped silently ("a" on "banana split" encodes to "aaa").
+        pieces = "".join(split(PATTERN_PROBE))
+        if pieces != PATTERN_PROBE:
+            raise TokenizerError(
+                f"the split pattern must match every character; on {PATTERN_PROBE!r} "
+                f"its pieces join to {pieces!r}"
+            )
+
+
+# Letters, digits, punctuation, runs of spaces and newlines, tabs, accents, CJK, an emoji.
+PATTERN_PROBE = "Hello, world! It's 2024:  x=y+1;\n\n\tcafé ñ 你好 🙂 (ok)?"
 
 
 @dataclass
