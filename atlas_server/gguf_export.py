@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .hf_arch import HFConversionError, architecture_for
+from .io import as_created
 from .model import ModelConfig
 from .tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, IM_END, Tokenizer
 from .tokenizer.hf_format import (
@@ -219,6 +220,7 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    as_created(tmp_name)  # 0644 under the usual umask, not mkstemp's 0600
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(str(tmp), arch)

@@ -36,10 +36,32 @@ __all__ = [
 ]
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask sets it,
+    for every thread, while it reads it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode a plain open() or mkdir()
+    would: what we publish must be readable by whoever the umask allows (a server or
+    llama.cpp running as another user)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 def _write_atomically(path: str | os.PathLike, mode: str, write: Callable[[IO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    as_created(tmp)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
@@ -90,9 +112,12 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    as_created(tmp, folder=True)
     try:
         yield tmp
         for child in tmp.rglob("*"):
+            # Writers that make private files (safetensors writes 0600) publish readable ones.
+            as_created(child, folder=child.is_dir())
             if child.is_file():
                 with child.open("rb") as f:
                     os.fsync(f.fileno())

@@ -389,3 +389,23 @@ def test_added_tokens_are_user_defined_and_digit_splitting_is_smollm(tmp_path):
     assert f["tokenizer.ggml.pre"] == "smollm"
     assert f["tokenizer.ggml.tokens"][300] == "    "
     assert f["tokenizer.ggml.token_type"][300] == gguf.TokenType.USER_DEFINED
+
+
+def test_written_checkpoints_and_gguf_files_follow_the_umask(tmp_path, tokenizer):
+    """Temporary files and folders are 0600 / 0700; published, they were left so, and a
+    server or llama.cpp running as another user could not read them."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = _checkpoint(tmp_path, "gpt2-tiny", tokenizer)
+        gguf = export_gguf(path, tmp_path / "m.gguf", "f32")
+        alone = tmp_path / "tok" / "atlas_tokenizer.json"
+        tokenizer.save(alone)  # the tokenizer's own atomic write, outside a checkpoint
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(alone.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()} == {0o644}
+    assert stat.S_IMODE(gguf.stat().st_mode) == 0o644

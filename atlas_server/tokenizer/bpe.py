@@ -27,7 +27,7 @@ import json
 import operator
 import os
 import re
-import tempfile
+import secrets
 import unicodedata
 from collections.abc import Iterable, Sequence
 from itertools import chain, compress, repeat
@@ -491,9 +491,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     else of Atlas (docs/architecture.md), so that it can be lifted out whole.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A plain exclusive open, not mkstemp: the file gets the umask's mode (0644 as a rule),
+    # not 0600, so a server running as another user can read the tokenizer.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
