@@ -67,18 +67,27 @@ def test_misspelled_hook_is_refused():
         PluginHost().register(Typo(), "typo-plugin")
 
 
+def fake_distribution(tmp_path, monkeypatch, name: str, source: str):
+    """An installed distribution (on sys.path) whose `atlas` entry point NAME is a module
+    NAME_atlas_plugin with `source`."""
+    module = f"{name}_atlas_plugin"
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}-atlas-plugin\nVersion: 0.1\n"
+    )
+    (dist / "entry_points.txt").write_text(f"[atlas]\n{name} = {module}\n")
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture
 def broken_plugin_path(tmp_path, monkeypatch):
     """A fake installed distribution whose `atlas` entry point fails to import."""
-    dist = tmp_path / "broken_atlas_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: broken-atlas-plugin\nVersion: 0.1\n"
+    return fake_distribution(
+        tmp_path, monkeypatch, "broken", "raise RuntimeError('boom at import')\n"
     )
-    (dist / "entry_points.txt").write_text("[atlas]\nbroken = broken_atlas_plugin\n")
-    (tmp_path / "broken_atlas_plugin.py").write_text("raise RuntimeError('boom at import')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def test_broken_plugin_is_reported_and_the_rest_load(broken_plugin_path):
@@ -103,21 +112,14 @@ def test_atlas_plugins_command_lists_them(broken_plugin_path):
 @pytest.fixture
 def raising_register_path(tmp_path, monkeypatch):
     """A fake installed distribution whose register hook raises."""
-    dist = tmp_path / "regraise_atlas_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: regraise-atlas-plugin\nVersion: 0.1\n"
-    )
-    (dist / "entry_points.txt").write_text("[atlas]\nregraise = regraise_atlas_plugin\n")
-    (tmp_path / "regraise_atlas_plugin.py").write_text(
+    source = (
         "from atlas_server.hookspecs import hookimpl\n\n"
         "@hookimpl\n"
         "def atlas_register_retrievers(register):\n"
         "    register('half', lambda ctx: None)\n"
         "    raise RuntimeError('register hook exploded')\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    return fake_distribution(tmp_path, monkeypatch, "regraise", source)
 
 
 def test_a_register_hook_that_raises_is_named_and_the_rest_load(raising_register_path):

@@ -211,20 +211,22 @@ def test_plugin_failure_is_named_logged_once_and_the_server_stays_up(rag_server,
     assert httpx.get(rag_server + "/health").status_code == 200
 
 
+def _body_for(route: str, options: dict, rag_only: dict | None = None) -> dict:
+    """A request about "heap" over collection std: /v1/retrieve's body with `options`, or a
+    one-token completion / chat whose `rag` holds `options` and `rag_only`."""
+    if route == "/v1/retrieve":
+        return {"collection": "std", "query": "heap", **options}
+    rag = {"collection": "std", **options, **(rag_only or {})}
+    if route == "/v1/completions":
+        return {"prompt": "heap", "max_tokens": 1, "rag": rag}
+    return {"messages": [{"role": "user", "content": "heap"}], "max_tokens": 1, "rag": rag}
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/retrieve"])
 def test_a_malformed_plugin_result_is_a_502_naming_the_plugin(rag_server, route):
     """Found by an audit: [1, 2, 3] from a retriever was a 500 on /v1/retrieve, and a 502
     blaming the reranker after it on completions."""
-    rag = {"collection": "std", "retriever": "returns-ints", "reranker": "mmr"}
-    body = {
-        "/v1/retrieve": {"collection": "std", "query": "heap", "retriever": "returns-ints"},
-        "/v1/completions": {"prompt": "heap", "max_tokens": 1, "rag": rag},
-        "/v1/chat/completions": {
-            "messages": [{"role": "user", "content": "heap"}],
-            "max_tokens": 1,
-            "rag": rag,
-        },
-    }[route]
+    body = _body_for(route, {"retriever": "returns-ints"}, {"reranker": "mmr"})
     r = httpx.post(rag_server + route, json=body, timeout=60)
     assert r.status_code == 502 and r.json()["error"]["code"] == "plugin_error", r.text
     message = r.json()["error"]["message"]
@@ -236,16 +238,7 @@ def test_a_malformed_plugin_result_is_a_502_naming_the_plugin(rag_server, route)
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/retrieve"])
 def test_a_bad_filter_key_is_a_400_naming_filters(rag_server, route, filters):
     """Found by an audit: {"": "x"} and "metadata." answered 503 store_unavailable."""
-    rag = {"collection": "std", "filters": filters}
-    body = {
-        "/v1/retrieve": {"collection": "std", "query": "heap", "filters": filters},
-        "/v1/completions": {"prompt": "heap", "max_tokens": 1, "rag": rag},
-        "/v1/chat/completions": {
-            "messages": [{"role": "user", "content": "heap"}],
-            "max_tokens": 1,
-            "rag": rag,
-        },
-    }[route]
+    body = _body_for(route, {"filters": filters})
     r = httpx.post(rag_server + route, json=body, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]

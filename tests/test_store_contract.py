@@ -269,7 +269,20 @@ def test_bad_filters_are_store_errors(store, filled):
 
 
 TYPED = [  # (source, metadata): JSON types, a key holding a dot, nesting, odd strings
-    ("a.md", {"n": 1, "flag": True, "v.x": "dot", "s": "1", "v": {"x": "nest", "b": True}}),
+    (
+        "a.md",
+        {
+            "n": 1,
+            "flag": True,
+            "v.x": "dot",
+            "s": "1",
+            "v": {"x": "nest", "b": True},
+            "a b": "space",
+            "\u00a8\u0084": "control",
+            "café": "é",
+            "t\tab": "tab",
+        },
+    ),  # fmt: skip
     ("b.md", {"n": 2, "flag": False, "e": "Straße", "q": 'say "hi" \\ now\n'}),
 ]
 
@@ -307,6 +320,10 @@ def typed(store):
         ({"e": "Straße"}, ["b.md"]),  # non-ASCII strings
         ({"q": 'say "hi" \\ now\n'}, ["b.md"]),  # quotes, backslashes, newlines
         ({"flag": True, "n": 1}, ["a.md"]),
+        ({"a b": "space"}, ["a.md"]),  # keys no bare JSON path can name (schemathesis found
+        ({"\u00a8\u0084": "control"}, ["a.md"]),  # the second: Qdrant refused the path)
+        ({"café": "é"}, ["a.md"]),  # FAISS stored it as "caf\\u00e9", which no path reached
+        ({"t\tab": "tab"}, ["a.md"]),
     ],
 )
 def test_filters_compare_json_types_and_read_dots_as_nesting(store, typed, filters, sources):

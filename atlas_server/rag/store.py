@@ -163,6 +163,13 @@ def check_filters(filters: Filters | None) -> list[tuple[tuple[str, ...], list[A
     return out
 
 
+def json_path(path: tuple[str, ...]) -> str:
+    """Qdrant's JSON path (Qdrant server, local mode and Edge alike) of a payload path: keys below the top one quoted, since a bare key
+    with a space or a control character is no path ("invalid JSON path"). check_filters
+    refuses keys holding a double quote, so quoting needs no escapes."""
+    return ".".join((path[0], *(f'"{part}"' for part in path[1:])))
+
+
 def bool_copies(metadata: dict[str, Any]) -> dict[str, Any]:
     """The boolean leaves of `metadata` as 0/1, nested as they are: back ends whose engines
     equate true with 1 store this beside the metadata, so filters can tell them apart."""

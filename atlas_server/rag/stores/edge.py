@@ -41,6 +41,7 @@ from ..store import (
     check_name,
     chunk_from_payload,
     default_data_dir,
+    json_path,
     payload_of,
 )
 from ..types import Chunk
@@ -53,12 +54,12 @@ BOOLS = "_bools"  # 0/1 copies of boolean metadata, for filters (see edge_filter
 def edge_filter(filters: Filters | None) -> qe.Filter | None:
     conditions = []
     for path, values in check_filters(filters):
-        key = ".".join(path)
+        key = json_path(path)
         if isinstance(values[0], bool):
             # qdrant-edge 0.9 turns a Python bool in MatchValue into an integer, which no
             # stored boolean equals; booleans are matched on their 0/1 copies instead
             # (path[0] is "metadata": chunk fields hold no booleans, check_filters says).
-            key, values = ".".join((BOOLS, *path[1:])), [int(v) for v in values]
+            key, values = json_path((BOOLS, *path[1:])), [int(v) for v in values]
         match = qe.MatchValue(values[0]) if len(values) == 1 else qe.MatchAny(values)
         conditions.append(qe.FieldCondition(key=key, match=match))
     return qe.Filter(must=conditions) if conditions else None

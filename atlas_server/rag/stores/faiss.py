@@ -81,6 +81,13 @@ def _chunk(row) -> tuple[int, Chunk, np.ndarray]:
     )
 
 
+def metadata_json(metadata: dict[str, Any]) -> str:
+    """A chunk's metadata as stored: non-ASCII kept as is, so that SQLite's JSON paths,
+    which compare key text unescaped, find a key such as "café" (stored as "caf\\u00e9",
+    no path reached it)."""
+    return json.dumps(metadata, ensure_ascii=False)
+
+
 def sql_filter(filters: Filters | None) -> tuple[str, list[Any]]:
     """A WHERE fragment (over table alias c) and its parameters."""
     clauses, params = [], []
@@ -91,7 +98,11 @@ def sql_filter(filters: Filters | None) -> tuple[str, list[Any]]:
             continue
         # '$."a"."b"' reaches metadata["a"]["b"]; json_extract gives JSON true as 1, so
         # json_type keeps booleans and integers apart (the store contract: true is not 1).
-        json_path = "$" + "".join(f'."{part}"' for part in path[1:])  # no " in keys
+        # SQLite matches a path label against the key's text as stored, escapes and all:
+        # labels are written as metadata_json writes keys (no " in keys: check_filters).
+        json_path = "$" + "".join(
+            f'."{json.dumps(part, ensure_ascii=False)[1:-1]}"' for part in path[1:]
+        )
         if isinstance(values[0], bool):
             clauses.append("json_type(c.metadata, ?) = ?")
             params += [json_path, "true" if values[0] else "false"]
@@ -203,7 +214,7 @@ class _Collection:
                 c.heading,
                 c.start,
                 c.end,
-                json.dumps(c.metadata),
+                metadata_json(c.metadata),
                 v.tobytes(),
             )
             for c, v in zip(chunks, matrix, strict=True)

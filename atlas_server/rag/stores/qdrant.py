@@ -33,6 +33,7 @@ from ..store import (
     check_name,
     chunk_from_payload,
     default_data_dir,
+    json_path,
     payload_of,
 )
 from ..types import Chunk
@@ -41,7 +42,7 @@ from ..types import Chunk
 def qdrant_filter(filters: Filters | None) -> models.Filter | None:
     conditions = []
     for path, values in check_filters(filters):
-        key = ".".join(path)
+        key = json_path(path)
         match = (
             models.MatchValue(value=values[0]) if len(values) == 1 else models.MatchAny(any=values)
         )
