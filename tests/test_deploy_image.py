@@ -195,6 +195,23 @@ def test_image_config_loads_and_drains_within_dockers_stop_timeout(tmp_path):
     assert config.http.drain_timeout_s + UVICORN_SHUTDOWN_S < 10
 
 
+def test_every_documented_docker_run_stops_after_its_configs_drain():
+    """A `docker run` in docs/deployment.md that mounts a config of its own must give
+    `docker stop` longer than that config's drain plus uvicorn's 5 s (it had no
+    --stop-timeout with a 20 s drain: docker stop would SIGKILL mid-drain)."""
+    from atlas_server.config import load_config
+
+    text = (REPO / "docs" / "deployment.md").read_text()
+    commands = re.findall(r"docker run (?:[^\n]*\\\n)*[^\n]*", text)
+    mounted = [c for c in commands if ":/etc/atlas/atlas.toml" in c]
+    assert mounted, "the doc shows mounting a config"
+    for command in mounted:
+        source = re.search(r'"\$PWD/([^:"]+):/etc/atlas/atlas.toml', command).group(1)
+        drain = load_config(REPO / source).http.drain_timeout_s
+        stop = re.search(r"--stop-timeout (\d+)", command)
+        assert stop is not None and int(stop.group(1)) > drain + UVICORN_SHUTDOWN_S, command
+
+
 def test_the_embedded_model_is_built_by_the_quickstart(dockerfile):
     runs = [i.args for i in stage_instructions(dockerfile, "quickstart") if i.keyword == "RUN"]
     assert any("atlas-train quickstart --output /opt/atlas/quickstart" in r for r in runs)

@@ -512,3 +512,20 @@ def test_nli_judge_loads_a_local_cross_encoder(tmp_path: Path):
     assert calibrate(judge, claims[:6], texts[:6], labels[:6]).pairs == 6
     with pytest.raises(SuiteConfigError, match="not a local directory"):
         hallucination_config(nli_model="'cross-encoder/nli-deberta'")
+
+
+def test_perplexity_documents_need_text_and_number_their_lines_without_an_id(tmp_path: Path):
+    """docs/training.md's held-out files are plain {"text": ...} records: a missing id was
+    a KeyError traceback in the middle of the run."""
+    from eval_suites.errors import SuiteConfigError
+    from eval_suites.suites.perplexity import load_documents
+
+    data = tmp_path / "heldout.jsonl"
+    data.write_text('{"text": "def f(): pass"}\n\n{"text": "x = 1", "id": "mine"}\n')
+    assert [(d["id"], d["text"]) for d in load_documents(data, None)] == [
+        ("line-1", "def f(): pass"),
+        ("mine", "x = 1"),
+    ]
+    data.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(SuiteConfigError, match=r'heldout.jsonl:2: no "text" string'):
+        load_documents(data, None)

@@ -87,7 +87,16 @@ def count_words(text: str) -> int:
 
 
 def load_documents(path: Path, limit: int | None) -> list[dict[str, str]]:
-    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    """JSONL records with a "text" string; "id" is optional (default: line-N, N counting
+    from 1), since docs/training.md's held-out files are plain {"text": ...} records."""
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SuiteConfigError(f'perplexity: {path}:{number}: no "text" string')
+        docs.append({**record, "id": str(record.get("id", f"line-{number}"))})
     return docs[:limit] if limit else docs
 
 
