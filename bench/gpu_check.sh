@@ -25,11 +25,12 @@
 #          fp32 and bf16, and the sampler's time per step;
 #        - bench/bench_prefill_attention.py: a prompt's first chunk, causal (flash) over its
 #          own keys against the cache read with a mask, 512-4096 tokens, bf16;
-#      and writes under $OUT (what the device tool brings back): pytest.xml,
-#      serving_fp32.json, serving_bf16.json, train.json, pytest_api_cuda.xml, overlap.json,
-#      decode.json, prefill.json, gpu_check.log, nvidia-smi.txt. A step that fails, runs out
-#      of time or finds the budget spent is logged and the next one still runs; the exit
-#      status is the number of failed or skipped steps.
+#      and writes under $OUT (what the device tool brings back) eight files, the most the
+#      device tool returns: pytest.xml, serving_fp32.json, serving_bf16.json, train.json,
+#      overlap.json, decode.json, prefill.json and gpu_check.log (nvidia-smi's report and
+#      every step's output, the API suite's pytest summary included). A step that fails,
+#      runs out of time or finds the budget spent is logged and the next one still runs;
+#      the exit status is the number of failed or skipped steps.
 # Commit the JSON next to the figures in docs/benchmarks.md ("On a GPU").
 set -u
 cd "$(dirname "$0")/.."
@@ -61,7 +62,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+# The device tool brings back at most 8 files from $OUT: add a step's report to the log,
+# not a ninth file (tests/test_bench_cli.py counts them).
+nvidia-smi 2>&1 | tee -a "$LOG" >/dev/null
 python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python', sys.version.split()[0])" 2>&1 | tee -a "$LOG"
 
 # The whole run stays under 8 minutes (the device tool's budget is 15, machine start
@@ -102,7 +105,7 @@ step train 70 python3 bench/bench_train.py --device cuda --batch 16 --seq 1024 \
 # (embeddings and plugins; no engine in it), which the GPU image has neither of.
 step api_cuda 60 env ATLAS_TEST_DEVICE=cuda python3 -m pytest -q tests/test_api.py \
     --deselect tests/test_api.py::test_embeddings_and_plugins_are_served_without_rag \
-    -p no:cacheprovider --junitxml="$OUT/pytest_api_cuda.xml"
+    -p no:cacheprovider -rfE
 step overlap 45 python3 bench/bench_overlap.py --device cuda --streams 1 16 64 --tokens 128 \
     --rounds 2 --out "$OUT/overlap.json"
 step decode 50 python3 bench/bench_cuda_decode.py --device cuda --steps 30 \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,12 +118,19 @@ def test_bench_overlap_measures_both_modes_and_they_give_the_same_tokens(tmp_pat
 
 def _run_gpu_check(tmp_path: Path, budget: int) -> tuple[subprocess.CompletedProcess, str]:
     """bench/gpu_check.sh from a copy with no wheels beside it, with `python3` replaced by
-    a stand-in that only records its arguments: the script's own time keeping, no GPU."""
+    a stand-in that records its arguments and creates the files it is told to write
+    (`--out PATH`, `--junitxml=PATH`): the script's own time keeping, no GPU."""
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "gpu_check.sh").write_text((BENCH / "gpu_check.sh").read_text())
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "python3").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    (fake_bin / "python3").write_text(
+        '#!/bin/sh\necho "$@" >> "$CALLS"\n'
+        "while [ $# -gt 0 ]; do\n"
+        '  case "$1" in --out) echo "{}" > "$2";; --junitxml=*) echo "<x/>" > "${1#*=}";; esac\n'
+        "  shift\n"
+        "done\n"
+    )
     (fake_bin / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}",
            "CALLS": str(tmp_path / "calls.txt"), "OUT": str(tmp_path / "out"),
@@ -147,6 +155,18 @@ def test_the_gpu_check_runs_its_steps_in_order_within_its_budget(tmp_path):
     assert "=== prefill (limit 20s)" in log  # under what is left: its own
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert sum("bench/bench_" in c or "pytest" in c for c in calls) == len(STEPS)
+
+
+def test_the_gpu_check_writes_no_more_files_than_the_device_tool_brings_back(tmp_path):
+    """The device tool returns at most 8 files from $OUT, each named in letters, digits,
+    '.', '_' and '-': a ninth would be left on the GPU machine, lost with it."""
+    r, log = _run_gpu_check(tmp_path, budget=100)
+    assert r.returncode == 0, log
+    written = sorted(path.name for path in (tmp_path / "out").rglob("*") if path.is_file())
+    assert "serving_bf16.json" in written and "pytest.xml" in written  # the fake wrote them
+    assert len(written) <= 8, written
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in written), written
+    assert "nvidia-smi" in log  # its report went into the log, not a file of its own
 
 
 def test_a_gpu_check_step_that_finds_the_budget_spent_is_skipped_and_counted(tmp_path):
