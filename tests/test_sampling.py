@@ -122,6 +122,20 @@ def test_logit_bias_forces_a_token():
     assert sample(logits, rows).tolist() == [7, 7, 7, 7]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(top_k=2), SamplingParams(top_p=0.5), SamplingParams(min_p=0.5)],
+    ids=["top_k", "top_p", "min_p"],
+)
+def test_a_uniform_draw_of_exactly_zero_never_picks_a_removed_token(monkeypatch, params):
+    """torch.rand can return 0.0 (one draw in 2^24 on the CPU, 2^25 on CUDA, several per
+    step at a 50k vocabulary): the race must still choose among the kept tokens."""
+    logits = torch.full((1, VOCAB), -5.0)
+    logits[0, 3], logits[0, 4] = 4.0, 3.9  # the kept tokens; token 0 is removed
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
+    assert int(sample(logits, [SamplingRow(params, [1], [], None)])) in (3, 4)
+
+
 def test_min_tokens_masks_stop_ids_until_reached():
     logits = torch.zeros(1, VOCAB)
     logits[0, 5] = 50.0

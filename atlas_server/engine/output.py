@@ -252,7 +252,7 @@ class OutputProcessor:
         # predicts the first generated token, which is not a prompt logprob.
         targets = r.prompt_ids[start + 1 : end + 1]
         if targets:
-            chosen = torch.tensor(targets, device=logits.device)
+            chosen = to_device(targets, logits.device)  # [n], no pageable-copy sync
             state.prompt_logprobs += top_logprobs(
                 logits[: len(targets)], chosen, r.params.prompt_logprobs or 0
             )

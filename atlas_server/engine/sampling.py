@@ -86,7 +86,10 @@ def _mask_early_stops(logits: Tensor, rows: list[SamplingRow]) -> None:
     ]
     if index:
         which = to_device(index, logits.device)  # [n, 2]
-        logits[which[:, 0], which[:, 1]] = float("-inf")
+        # The value as a device tensor: a Python float assigned through advanced indexing
+        # is built on the host and copied over with a blocking copy (a stream sync on CUDA).
+        minus_inf = logits.new_full((len(index),), float("-inf"))  # [n]
+        logits.index_put_((which[:, 0], which[:, 1]), minus_inf)
 
 
 def _apply_penalties(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
@@ -176,7 +179,9 @@ def _draw(probs: Tensor, rows: list[SamplingRow]) -> Tensor:
         for i, row in enumerate(rows):
             if row.generator is not None:  # a stateful stream: one launch per seeded row
                 uniform[i] = torch.rand(V, generator=row.generator, device=device)
-    exp_noise = -torch.log1p(-uniform)  # Exp(1); log1p(-u) is finite for u in [0, 1)
+    # Exp(1); log1p(-u) is finite for u in [0, 1). A draw of exactly 0 (one in 2^24-2^25)
+    # would make a removed token's 0 / 0 a NaN, which argmax picks: the floor keeps it 0.
+    exp_noise = (-torch.log1p(-uniform)).clamp_min_(torch.finfo(torch.float32).tiny)
     return (probs / exp_noise).argmax(dim=-1)
 
 
