@@ -55,6 +55,7 @@ from ceilings import dram_read_bandwidth, machine, matmul_peak_flops  # noqa: E4
 from progress import Progress  # noqa: E402
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
+from atlas_server.io import atomic_write_text  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import Tokenizer  # noqa: E402
 from eval_suites.loadgen import LoadSpec, run  # noqa: E402
@@ -294,6 +295,17 @@ def main() -> None:
         prompt, output = workloads["prompt_heavy"]
         sweep, atlas_c16, streams = {}, {}, {}
         lengths = f"{prompt} prompt + {output} output tokens"
+        # What is measured so far, rewritten to --out after each phase: a run cut off (the
+        # GPU check's time limit) still leaves its Atlas rows. The full result replaces it.
+        partial = {"complete": False, "device": args.device, "dtype": args.dtype,
+                   "prompt_tokens": prompt, "output_tokens": output, "atlas_sweep": sweep,
+                   "atlas_16_streams": atlas_c16, "atlas_streams": streams}  # fmt: skip
+
+        def save_partial(**measured) -> None:
+            partial.update(measured)
+            if args.out:
+                atomic_write_text(args.out, json.dumps(partial, indent=2))
+
         try:
             progress.phase("atlas: warm-up request")
             warm_up(base)
@@ -302,10 +314,12 @@ def main() -> None:
                 progress.phase(f"atlas: concurrency {c}, {n} requests of {lengths}")
                 sweep[c] = closed_loop(base, c, n, prompt, output, seed=c)
                 progress.note(f"concurrency {c}: {sweep[c]['output_throughput']:.1f} output tok/s")
+                save_partial()
             atlas_c16["prompt_heavy"] = sweep[16]
             n = 8 if args.quick else 32
             progress.phase(f"atlas: Poisson arrivals at 2 req/s, {n} requests of {lengths}")
             poisson = poisson_arrivals(base, 2.0, n, prompt, output, seed=7)
+            save_partial(atlas_poisson=poisson)
             n = 32 if args.quick else 48
             decode_prompt, decode_output = workloads["decode_bound"]
             progress.phase(
@@ -315,9 +329,11 @@ def main() -> None:
             atlas_c16["decode_bound"] = closed_loop(
                 base, 16, n, *workloads["decode_bound"], seed=16
             )
+            save_partial()
             for c in args.streams:
                 progress.note(f"atlas: {c} streams, {2 * c} requests of {lengths}")
                 streams[c] = closed_loop(base, c, 2 * c, prompt, output, seed=c)
+                save_partial()
         finally:
             server.terminate()
             server.wait(60)
@@ -327,12 +343,14 @@ def main() -> None:
         progress.phase(f"transformers: generate at batch 1, {reps} repeat(s) of {lengths}")
         hf_b1 = hf_generate_tok_s(hf, 1, reps, prompt, output)
         hf_b16 = {}
+        save_partial(transformers_batch1_tok_s=hf_b1, transformers_batch16_tok_s=hf_b16)
         for name, w in workloads.items():
             progress.phase(
                 f"transformers: generate at batch 16, {reps} repeat(s) of {w[0]} prompt +"
                 f" {w[1]} output tokens"
             )
             hf_b16[name] = hf_generate_tok_s(hf, 16, reps, *w)
+            save_partial()
     atlas_b1 = 1000.0 / sweep[1]["mean_tpot_ms"]
     ceiling_b1 = bandwidth / weight_bytes
     ceiling_batch = peak / (2 * n_params)
@@ -355,6 +373,7 @@ def main() -> None:
             "median_ttft_ms": atlas_c16[name]["median_ttft_ms"],
         }
     result = {
+        "complete": True,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "device": args.device,
@@ -420,7 +439,7 @@ def main() -> None:
             f"TPOT p50 {row['median_tpot_ms']:.1f} ms"
         )
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.out, json.dumps(result, indent=2))
     progress.done()
 
 

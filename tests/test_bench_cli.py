@@ -175,3 +175,65 @@ def test_a_gpu_check_step_that_finds_the_budget_spent_is_skipped_and_counted(tmp
     assert [line.split()[1].rstrip(":") for line in log.splitlines() if "skipped" in line] == STEPS
     calls = tmp_path / "calls.txt"
     assert not calls.exists() or "pytest" not in calls.read_text()
+
+
+def test_bench_train_saves_each_setting_as_it_is_measured(tmp_path, monkeypatch):
+    """The GPU check cuts bench_train.py off at its time limit (SIGINT, a KeyboardInterrupt):
+    the rows measured by then are already in --out, marked incomplete."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import argparse
+
+    import bench_train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_train, "optimizer_step_ms", interrupted)
+    monkeypatch.setattr(bench_train, "matmul_peak_flops", lambda device: 1e11)  # not measured
+    out = tmp_path / "train.json"
+    args = argparse.Namespace(quick=True, preset="gpt2-tiny", device="cpu", batch=2, seq=32,
+                              precision="fp32", out=str(out), steps=1, repeats=1)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main_step(args)
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [row["attention"] for row in report["settings"]] == ["sdpa", "reference", "sdpa", "sdpa"]
+    assert all(row["tokens_per_s"] > 0 for row in report["settings"])
+
+
+def test_bench_serving_saves_what_it_measured_when_cut_off(tmp_path, monkeypatch):
+    """Like bench_train.py: the GPU check's time limit stops bench_serving.py with SIGINT;
+    the Atlas rows measured by then are in --out (here the run stops at its Poisson phase).
+    The server, ceilings and load generator are stand-ins: only the bookkeeping runs."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_serving
+
+    from atlas_server.model import Transformer, load_preset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    class Server:
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            pass
+
+    fake_row = {"output_throughput": 100.0, "mean_tpot_ms": 10.0}
+    monkeypatch.setattr(bench_serving, "dram_read_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(bench_serving, "matmul_peak_flops", lambda: 1e11)
+    monkeypatch.setattr(bench_serving, "build_checkpoint",
+                        lambda folder: (folder, Transformer(load_preset("gpt2-tiny"))))  # fmt: skip
+    monkeypatch.setattr(bench_serving, "serve", lambda *a, **kw: Server())
+    monkeypatch.setattr(bench_serving, "warm_up", lambda base: None)
+    monkeypatch.setattr(bench_serving, "closed_loop", lambda *a, **kw: dict(fake_row))
+    monkeypatch.setattr(bench_serving, "poisson_arrivals", interrupted)
+    out = tmp_path / "serving.json"
+    monkeypatch.setattr(sys, "argv", ["bench_serving.py", "--quick", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        bench_serving.main()
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert sorted(report["atlas_sweep"]) == ["1", "16"]  # both concurrencies of --quick
+    assert report["atlas_sweep"]["16"] == fake_row
