@@ -66,6 +66,10 @@ fi
 # not a ninth file (tests/test_bench_cli.py counts them).
 nvidia-smi 2>&1 | tee -a "$LOG" >/dev/null
 python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python', sys.version.split()[0])" 2>&1 | tee -a "$LOG"
+# The image's own copies of what the carried wheels need (pydantic wants typing-extensions
+# >= 4.16, httpx2 idna >= 3.18 and h11 >= 0.16): a failed import later is explained here.
+python3 -m pip list 2>/dev/null | grep -iE '^(typing.extensions|idna|h11|anyio|transformers|triton) ' \
+    | tee -a "$LOG"
 
 # The whole run stays under 8 minutes (the device tool's budget is 15, machine start
 # included): each step gets its own limit or what is left of GPU_CHECK_SECONDS, whichever
