@@ -13,7 +13,7 @@ from test_model import tiny
 
 from atlas_server.model import Transformer, native
 from atlas_server.model.attention import reference_attention
-from atlas_server.model.transformer import Linear
+from atlas_server.model.transformer import Linear, apply_rope, rope_tables
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
@@ -119,6 +119,107 @@ def test_model_decode_steps_run_the_kernel_and_equal_the_full_forward(monkeypatc
             parts.append(model(ids[:, t : t + 1], torch.full((3, 1), t), cache, slots))
     assert len(calls) == 6 * model.config.n_layers  # every decode step, every layer; no prefill
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+# --- a Llama block's RMSNorm and rotary embedding -------------------------------------------
+def pytorch_rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 768), (3, 7, 48), (5, 30)])
+def test_rms_norm_equals_its_pytorch_form(shape):
+    torch.manual_seed(0)
+    x, weight = torch.randn(shape) * 3, torch.rand(shape[-1]) + 0.5
+    out = native.rms_norm(x, weight, 1e-6)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, pytorch_rms_norm(x, weight, 1e-6), atol=2e-6, rtol=2e-6)
+    view = x.flatten().flip(0).view(x.shape[-1], -1).t()  # not contiguous: read as values
+    torch.testing.assert_close(
+        native.rms_norm(view, weight, 1e-6), pytorch_rms_norm(view, weight, 1e-6),
+        atol=2e-6, rtol=2e-6,
+    )  # fmt: skip
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, rotated",
+    [(4, 4, 16, 16), (12, 12, 64, 64), (8, 2, 32, 32), (4, 4, 32, 8)],
+    ids=["multi-head", "gpt2-size", "grouped", "partial (NeoX)"],
+)
+def test_rope_in_place_turns_q_and_k_as_apply_rope_does_and_leaves_v(
+    heads, kv_heads, head_dim, rotated
+):
+    torch.manual_seed(0)
+    cos, sin = rope_tables(50, rotated, 10000.0)
+    B, T, turned = 3, 5, heads + kv_heads
+    qkv = torch.randn(B, T, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.randint(0, 50, (B, T))
+    before = qkv.clone().view(B, T, -1, head_dim)
+    c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)  # [B, T, 1, R]
+    expected = torch.cat(
+        [apply_rope(before[:, :, :turned, :rotated], c, s), before[:, :, :turned, rotated:]], -1
+    )
+    native.rope_in_place(qkv, positions, cos, sin, turned, head_dim)
+    after = qkv.view(B, T, -1, head_dim)
+    torch.testing.assert_close(after[:, :, :turned], expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(after[:, :, turned:], before[:, :, turned:])  # the value heads
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"positions": torch.tensor([[0, 50]])}, IndexError),
+        ({"positions": torch.tensor([[-1, 0]])}, IndexError),
+        ({"positions": torch.tensor([[0, 1]], dtype=torch.int32)}, ValueError),
+        ({"qkv": torch.randn(1, 4, 96).transpose(1, 2)[:, :2]}, ValueError),
+        ({"heads": 7}, ValueError),
+        ({"cos": torch.randn(50, 15), "sin": torch.randn(50, 15)}, ValueError),
+        ({"qkv": torch.randn(1, 2, 96, dtype=torch.float64)}, ValueError),
+    ],
+    ids=["past the tables", "negative", "int32", "not contiguous", "too many heads", "odd dims",
+         "float64"],
+)  # fmt: skip
+def test_rope_in_place_refuses_what_it_would_misread_and_changes_nothing(change, error):
+    cos, sin = rope_tables(50, 16, 10000.0)
+    args = {"qkv": torch.randn(1, 2, 96), "positions": torch.tensor([[0, 1]]), "cos": cos,
+            "sin": sin, "heads": 4, "head_dim": 16}  # fmt: skip
+    args.update(change)
+    before = args["qkv"].clone()
+    with pytest.raises(error):
+        native.rope_in_place(**args)
+    assert torch.equal(args["qkv"], before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rotary_dim", [None, 4], ids=["full", "partial"])
+def test_llama_inference_runs_the_norm_and_rope_kernels_and_training_does_not(
+    monkeypatch, rotary_dim
+):
+    """Inference (no autograd) takes the C norm and RoPE with the same logits as the PyTorch
+    forward that training runs, which never calls them: they record nothing for backward."""
+    calls = []
+    for name in ("rms_norm", "rope_in_place"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    torch.manual_seed(0)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2, rotary_dim=rotary_dim))
+    ids = torch.randint(0, 97, (2, 12))
+    trained = model(ids)  # grad enabled: PyTorch's path, differentiable
+    trained.sum().backward()
+    assert calls == [] and model.blocks[0].attn_norm.weight.grad is not None
+    with torch.inference_mode():
+        served = model(ids)
+        cache = model.new_cache(n_slots=2, max_len=12)
+        slots = torch.tensor([1, 0])
+        model(ids[:, :11], torch.arange(11).expand(2, 11), cache, slots)
+        step = model(ids[:, 11:], torch.full((2, 1), 11), cache, slots)
+    layers = model.config.n_layers
+    assert calls.count("rope_in_place") == 3 * layers  # each forward, each layer
+    assert calls.count("rms_norm") == 3 * (2 * layers + 1)  # two per block and the final one
+    torch.testing.assert_close(served, trained.detach(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(step[:, -1], trained.detach()[:, -1], atol=2e-5, rtol=1e-4)
 
 
 def test_without_a_compiler_decoding_falls_back_to_pytorch_with_one_warning(

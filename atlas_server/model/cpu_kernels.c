@@ -22,6 +22,14 @@
  * batch. NR is a vector multiple chosen at compile time; `panel_width()` tells Python how
  * to lay the panels out.
  *
+ * rms_norm and rope_rows: a Llama block's small steps at one token, each one call instead
+ * of the 6-10 PyTorch operations (~3-20 us apiece) that made up ~8% of a llama-124m
+ * batch-1 step. rms_norm is out = x / sqrt(mean(x^2) + eps) * w per row; rope_rows turns,
+ * in place, the first R dims of each of `heads` heads of each row by its position's angles
+ * ("rotate half": dims i and i + R/2 as a pair), reading the cos/sin tables [L, R] at the
+ * row's position itself, so no gathered copy of them is made per layer. It checks each
+ * position against L and returns the first row out of range (-1 when all are in).
+ *
  * Built by native.py with the system C compiler; OpenMP here is the runtime torch already
  * loaded (same soname), so the kernels share torch's threads. Layouts (element strides):
  * q and out [B, H, D] contiguous; k and v share strides (slot, head, pos) with D
@@ -178,4 +186,41 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
             }
         }
     }
+}
+
+void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps,
+              int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t d = 0; d < dim; d++) squares += xr[d] * xr[d];
+        const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) o[d] = xr[d] * inv * w[d];
+    }
+}
+
+int64_t rope_rows(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t D,
+                  int64_t R, const int64_t *positions, const float *cos_table,
+                  const float *sin_table, int64_t table_len, int threads) {
+    for (int64_t r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= table_len) return r;
+    const int64_t half = R / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_table + positions[r] * R, *s = sin_table + positions[r] * R;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + r * row_stride + h * D;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
+    return -1;
 }

@@ -78,10 +78,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if native_inference(x, self.weight):
+            return native.rms_norm(x, self.weight, self.eps)  # one call, not six
         # Normalise in fp32 so bf16/fp16 activations keep their precision here.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
+
+
+def native_inference(*tensors: Tensor) -> bool:
+    """Whether Atlas's C kernels (native.py) can take this step: fp32 CPU tensors, no
+    autograd to record it, and the kernels compiled."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return all(t.is_cpu and t.dtype == torch.float32 for t in tensors) and native.available()
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -181,11 +191,18 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, _ = qkv.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        rotated = False
+        if self.use_rope and qkv.is_contiguous() and positions.dtype == torch.int64:
+            cos, sin = rope  # type: ignore[misc]
+            if native_inference(qkv, cos, sin):
+                # q and k heads turned in place, reading the tables at each row's position.
+                native.rope_in_place(qkv, positions, cos, sin, H + K, D)
+                rotated = True
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D)
         k = k.view(B, T, K, D)
         v = v.view(B, T, K, D)
-        if self.use_rope:
+        if self.use_rope and not rotated:
             cos, sin = rope  # type: ignore[misc]
             cos = cos[positions].unsqueeze(2)  # [B, T, 1, R], R = rotated dims (D or fewer)
             sin = sin[positions].unsqueeze(2)
