@@ -114,7 +114,30 @@ class ServerConfig(_Section):
         for ok, message in checks:
             if not ok:
                 raise ConfigFileError(message)
+        problem = device_problem(self.model.device)
+        if problem is not None:
+            raise ConfigFileError(f"model.device {self.model.device!r}: {problem}")
         return self
+
+
+def device_problem(device: str) -> str | None:
+    """Why the server cannot run on `device`, or None: checked at start, so a typo or a CUDA
+    device on a machine without one is a one-line error, not a server that answers 503."""
+    import torch  # here, not at import: reading a config needs no PyTorch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return "not a device; use cpu, cuda or cuda:N"
+    if parsed.type not in ("cpu", "cuda"):
+        return "Atlas serves on cpu or cuda"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch" if torch.version.cuda is None else "no visible CUDA device"
+            return f"this machine has {build}"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"only {torch.cuda.device_count()} CUDA device(s) exist"
+    return None
 
 
 def load_config(

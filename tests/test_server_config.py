@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from atlas_server.config import ConfigFileError, load_config, with_overrides
 
@@ -42,11 +43,28 @@ def test_the_shipped_defaults_load():
         ("[engine]\noverlap = 1\n", "'engine.overlap' must be"),
         ("[model]\ndtype = 'int4'\n", "model.dtype must be auto, float32, bfloat16 or float16"),
         ("[engine\n", "is not valid TOML"),
+        ("[model]\ndevice = 'nope'\n", "model.device 'nope': not a device; use cpu, cuda"),
+        ("[model]\ndevice = 'mps'\n", "model.device 'mps': Atlas serves on cpu or cuda"),
     ],
 )
 def test_bad_config_files_are_refused_with_what_is_wrong(tmp_path, text, message):
     with pytest.raises(ConfigFileError, match=message):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_serve_refuses_a_cuda_device_this_machine_lacks_before_loading(tmp_path, device):
+    """Not a server that starts, then answers 503 with the reason only in its log."""
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tmp_path),
+         "--device", device],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: model.device {device!r}: this machine has ")
 
 
 def test_a_flag_that_breaks_the_budget_is_refused():
