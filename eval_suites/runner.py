@@ -31,7 +31,7 @@ from .fit import PromptFitter, resolve_context
 from .results import LIMIT_NOTE, command_line, git_state, package_versions, write_run
 from .server import checkpoint_identity, local_atlas_server
 from .suites import SUITES
-from .suites.base import RunContext, SuiteResult, data_path
+from .suites.base import RunContext, SuiteResult, data_path, missing_data_file
 from .suites.retrieval import PYTHON_DOCS
 from .tokens import LocalTokenizer, TokenCounter
 
@@ -133,7 +133,7 @@ def server_for(options: RunOptions, output: Path) -> Iterator[tuple[str, str]]:
         yield url, checkpoint_identity(options.checkpoint)
 
 
-# Suite options that name a data file (relative to eval_suites/data/ or absolute).
+# Suite options that name a data file (suites.base.data_path says where it is looked for).
 DATA_FILE_OPTIONS = ("data", "corpus", "calibration", "lengths_file", "pairs", "questions")
 
 
@@ -143,8 +143,11 @@ def check_data_files(suite: str, config) -> None:
         value = getattr(config, name, None)
         if not isinstance(value, str) or not value or (suite, value) == ("retrieval", PYTHON_DOCS):
             continue
-        if not data_path(value).is_file():
-            raise SuiteConfigError(f"{suite} option {name}: {data_path(value)} is not a file")
+        path = data_path(value)
+        if path.is_dir():
+            raise SuiteConfigError(f"{suite} option {name}: {path} is a folder, not a file")
+        if not path.is_file():
+            raise SuiteConfigError(f"{suite} option {name}: {missing_data_file(value)}")
 
 
 async def _run(

@@ -7,6 +7,7 @@ References nobody here wrote: the model's own logits (perplexity), lm-evaluation
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import http.server
 import inspect
@@ -241,12 +242,13 @@ def test_an_interrupted_run_resumes_from_the_cache_with_identical_results(
 
 
 # --- errors -------------------------------------------------------------------------------------------
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "eval_suites.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=cwd,
     )
 
 
@@ -651,12 +653,30 @@ def test_a_level_where_every_request_failed_has_no_latency_and_no_best(tmp_path)
     [
         (["--base-url", "127.0.0.1:9"], "is not an http(s) URL"),
         (["--base-url", "http://127.0.0.1:9", "--set", "data=/no/such.jsonl"],
-         "perplexity option data: /no/such.jsonl is not a file"),
+         "perplexity option data: /no/such.jsonl does not exist"),
+        (["--base-url", "http://127.0.0.1:9", "--set", "data=no_such.jsonl"],
+         "perplexity option data: no_such.jsonl is neither in the current folder nor in "),
+        (["--base-url", "http://127.0.0.1:9", "--set", "data=/"],
+         "perplexity option data: / is a folder, not a file"),
     ],
 )  # fmt: skip
 def test_cli_refuses_a_bad_url_or_data_file_in_one_line(tmp_path, args, needle):
     proc = cli("run", "perplexity", *args, "--no-cache", "-o", str(tmp_path / "r"))
     assert_one_line_error(proc, needle)
+
+
+def test_a_relative_data_file_is_read_from_the_current_folder(tmp_path, atlas_url):
+    """`--set data=held.jsonl` names the user's file where they run the command (the suites'
+    own files, named relative to eval_suites/data/, are found there when it holds none)."""
+    lines = [json.dumps({"id": f"d{i}", "text": f"def f{i}(x):\n    return x + {i}\n"})
+             for i in range(3)]  # fmt: skip
+    (tmp_path / "held.jsonl").write_text("\n".join(lines) + "\n")
+    proc = cli("run", "perplexity", "--base-url", atlas_url, "--set", "data=held.jsonl",
+               "--no-cache", "-o", "r", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(next((tmp_path / "r").rglob("results.json")).read_text())
+    own = hashlib.sha256((tmp_path / "held.jsonl").read_bytes()).hexdigest()
+    assert results["data"] == {"held.jsonl": own}  # this file, not one in eval_suites/data/
 
 
 def test_a_data_file_that_is_not_jsonl_is_a_one_line_error(tmp_path, atlas_url):

@@ -82,9 +82,22 @@ def file_sha256(path: Path) -> str:
 
 
 def data_path(relative: str) -> Path:
-    """A suite data file: relative paths resolve inside eval_suites/data/."""
+    """A suite data file: an absolute path as it is; a relative one from the current folder
+    where it exists there (a user's `--set data=heldout.jsonl`), else inside eval_suites/data/
+    (where the suites' own files live, named so in their configs)."""
     path = Path(relative)
-    return path if path.is_absolute() else DATA_DIR / path
+    if path.is_absolute():
+        return path
+    if path.exists():
+        return path.resolve()
+    return DATA_DIR / path
+
+
+def missing_data_file(value: str) -> str:
+    """Where a data file that does not exist was looked for, for the error that says so."""
+    if Path(value).is_absolute():
+        return f"{value} does not exist"
+    return f"{value} is neither in the current folder nor in {DATA_DIR}"
 
 
 def stable_order(ids: list[str], seed: int) -> list[str]:

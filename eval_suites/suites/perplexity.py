@@ -46,7 +46,7 @@ __all__ = ["PerplexityConfig", "PerplexitySuite", "rolling_windows"]
 
 @dataclass(frozen=True)
 class PerplexityConfig:
-    data: str  # JSONL with "id" and "text", relative to eval_suites/data/
+    data: str  # JSONL with "id" and "text"; a relative path as base.data_path finds it
     window: int  # W: tokens scored per window; 0 = the context length - 2 (max 2048)
     stride: int  # tokens newly scored per later window; 0 = W (disjoint windows)
     prefix_token_id: int  # token fed before the first window; -1 = the tokenizer's end-of-text

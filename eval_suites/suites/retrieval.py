@@ -41,7 +41,16 @@ from typing import Any
 from ..client import OpenAIClient, gather_with_progress
 from ..errors import CapabilityError, ServerRequestError, SuiteConfigError
 from ..metrics import load_metric
-from .base import DATA_DIR, RunContext, Suite, SuiteResult, data_path, file_sha256, metric
+from .base import (
+    DATA_DIR,
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    metric,
+    missing_data_file,
+)
 
 __all__ = ["RetrievalConfig", "RetrievalSuite", "load_corpus", "ranked_sources", "score_rankings"]
 
@@ -50,7 +59,7 @@ PYTHON_DOCS = "python-docs"  # `corpus` value: build the Python documentation co
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    questions: str  # JSONL, relative to eval_suites/data/ or absolute
+    questions: str  # JSONL; a relative path as base.data_path finds it
     corpus: str  # "python-docs" or a JSONL file of documents
     docs_dir: str  # python-docs: the package's html/_sources folder; "" = fetch into the cache
     collection: str  # "" = retrieval-<hash of the corpus>
@@ -70,12 +79,10 @@ class RetrievalConfig:
         if self.corpus != PYTHON_DOCS and not data_path(self.corpus).is_file():
             raise SuiteConfigError(
                 f"retrieval: corpus must be {PYTHON_DOCS!r} or a JSONL file of documents;"
-                f" {data_path(self.corpus)} does not exist"
+                f" {missing_data_file(self.corpus)}"
             )
         if not data_path(self.questions).is_file():
-            raise SuiteConfigError(
-                f"retrieval: questions file {data_path(self.questions)} does not exist"
-            )
+            raise SuiteConfigError(f"retrieval: questions file {missing_data_file(self.questions)}")
 
 
 def _read_jsonl(path: Path, what: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
