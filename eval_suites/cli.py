@@ -15,7 +15,7 @@ from .errors import EvalError
 
 app = typer.Typer(
     name="atlas-eval",
-    help="Evaluate Atlas or any OpenAI-compatible server: perplexity, generation, hallucination, latency, instruct.",
+    help="Evaluate Atlas or any OpenAI-compatible server: perplexity, generation, hallucination, latency, instruct, retrieval.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -74,3 +74,14 @@ def test_the_default_folder_is_under_atlas_home(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["quickstart", "--steps", "5"])
     assert result.exit_code == 0, result.output
     assert seen["target"] == tmp_path / "quickstart"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "0"], "error: --steps must be >= 1, got 0"),
+    (["--threads", "0"], "error: --threads must be >= 1, got 0"),
+])  # fmt: skip
+def test_bad_counts_are_refused_before_any_work(tmp_path, flags, message):
+    """Not after ~10 s of corpus, tokenizer and shards that the run never uses."""
+    r = CliRunner().invoke(app, ["quickstart", "--output", str(tmp_path / "qs"), *flags])
+    assert r.exit_code == 1 and message in r.output
+    assert not (tmp_path / "qs").exists()

@@ -8,7 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "eval_suites" / "data"))
-from build_retrieval import QUESTIONS, build_corpus, build_questions, split_of  # noqa: E402
+from build_retrieval import (  # noqa: E402
+    QUESTIONS,
+    build_corpus,
+    build_questions,
+    cache_dir,
+    split_of,
+)
 
 FAQ = """\
 :tocdepth: 2
@@ -75,3 +81,12 @@ def test_the_committed_set_is_large_split_and_well_formed():
     assert min(len(v) for v in splits.values()) >= 100
     assert all(q["split"] == split_of(q["id"]) and q["relevant"] == [q["id"]] for q in questions)
     assert sum(q["kind"] == "faq" for q in questions) >= 150
+
+
+def test_the_docs_download_is_kept_under_atlas_home(monkeypatch, tmp_path):
+    """Atlas's one home folder, as the eval cache and the kernels: not ~/.cache regardless."""
+    monkeypatch.setenv("ATLAS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "home" / "python3.11-doc"
+    monkeypatch.delenv("ATLAS_HOME")
+    assert cache_dir() == tmp_path / "xdg" / "atlas" / "python3.11-doc"

@@ -27,7 +27,7 @@ from atlas_server.tokenizer import TOKENIZER_FILE, Tokenizer, train_from_files
 from atlas_server.tokenizer.corpus import stdlib_sample
 from atlas_server.tokenizer.train import TrainConfig as TokenizerConfig
 
-from .config import load_train_config
+from .config import TrainConfigError, load_train_config
 from .data import prepare_data, read_shard
 from .loop import train
 
@@ -70,6 +70,11 @@ def quickstart(
     """Corpus, tokenizer, token shards, then configs/train/quickstart.toml for `steps` steps
     (warmup 5% of them) with `overrides` (`section.key=value`) applied last; resumes a run
     that was stopped. Returns (and writes to OUTPUT/quickstart.json) the held-out metrics."""
+    # Checked before the corpus, tokenizer and shards (~10 s), not by the config after them.
+    if steps < 1:
+        raise TrainConfigError(f"--steps must be >= 1, got {steps}")
+    if threads is not None and threads < 1:
+        raise TrainConfigError(f"--threads must be >= 1, got {threads}")
     output = Path(output)
     corpus = write_corpus(output / "corpus", corpus_bytes)
     tok_file = output / "tokenizer" / TOKENIZER_FILE

@@ -155,7 +155,7 @@ def inspect(
 ) -> None:
     """Show parameter counts, config, tokenizer, provenance and file sizes.
 
-    Example: atlas checkpoint inspect runs/quickstart/checkpoint
+    Example: atlas checkpoint inspect ~/.cache/atlas/quickstart/checkpoint
     """
     with user_errors():
         info = describe(directory)
@@ -332,7 +332,7 @@ def import_hf_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty DST."),
 ) -> None:
-    """Convert a Hugging Face GPT-2 or Llama model into an atlas checkpoint.
+    """Convert a Hugging Face GPT-2, Llama, Qwen2 or GPT-NeoX model into an atlas checkpoint.
 
     Example: atlas checkpoint import-hf HuggingFaceTB/SmolLM2-135M checkpoints/smollm2
     """
@@ -355,7 +355,7 @@ def export_hf_command(
 ) -> None:
     """Write a Hugging Face model folder: weights, config, tokenizer.json, chat template.
 
-    Example: atlas checkpoint export-hf runs/quickstart/checkpoint hf/quickstart
+    Example: atlas checkpoint export-hf ~/.cache/atlas/quickstart/checkpoint hf/quickstart
     """
     from ..hf_export import export_hf
 
@@ -375,7 +375,7 @@ def export_gguf_command(
 ) -> None:
     """Write a GGUF file for llama.cpp: weights, hyper-parameters, tokenizer, chat template.
 
-    Example: atlas checkpoint export-gguf runs/quickstart/checkpoint quickstart-q8_0.gguf --type q8_0
+    Example: atlas checkpoint export-gguf ~/.cache/atlas/quickstart/checkpoint quickstart-q8_0.gguf --type q8_0
     """
     from ..gguf_export import GGUF_TYPES, GGUFExportError, export_gguf
 

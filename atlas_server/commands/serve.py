@@ -152,7 +152,7 @@ def serve(
     else ATLAS_CHECKPOINT, else the quickstart's. SIGTERM or Ctrl-C
     drains running requests, then exits.
 
-    Example: atlas serve --checkpoint runs/quickstart/checkpoint --port 8000
+    Example: atlas serve --checkpoint ~/.cache/atlas/quickstart/checkpoint --port 8000
     """
     import uvicorn
 

@@ -74,7 +74,7 @@ def train(
 ) -> None:
     """Learn merges from text files and write OUTPUT/atlas_tokenizer.json (atomically).
 
-    Example: atlas tokenizer train docs/ notes/*.md --vocab-size 8192 --output tok/
+    Example: atlas tokenizer train docs/*.md notes/*.md --vocab-size 8192 --output tok/
     """
     from ..tokenizer.train import TrainConfig, TrainStats, train_from_files
 

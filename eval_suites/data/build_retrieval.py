@@ -48,6 +48,10 @@ _GLOSSARY_BODY = re.compile(r"^      ")
 
 
 def cache_dir() -> Path:
+    """$ATLAS_HOME/python3.11-doc (Atlas's one home folder, as the eval cache), else
+    $XDG_CACHE_HOME/atlas/..., else ~/.cache/atlas/python3.11-doc."""
+    if home := os.environ.get("ATLAS_HOME"):
+        return Path(home).expanduser() / PACKAGE
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "atlas" / PACKAGE
 
