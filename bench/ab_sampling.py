@@ -30,6 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from progress import check_device  # noqa: E402
 
 from atlas_server.engine.types import SamplingParams  # noqa: E402
 
@@ -95,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1 or args.calls < 1 or min(args.batch) < 1:
         parser.error("--rounds, --calls and every --batch must be at least 1")
+    check_device(parser, args.device)
     device = torch.device(args.device)
     modules = {"A": load_revision(args.rev_a, "a"), "B": load_revision(args.rev_b, "b")}
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)

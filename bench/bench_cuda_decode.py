@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from progress import check_device, check_preset  # noqa: E402
+
 from atlas_server.engine.cuda_runner import GraphRunner  # noqa: E402
 from atlas_server.engine.request import Request  # noqa: E402
 from atlas_server.engine.runner import EagerRunner  # noqa: E402
@@ -102,7 +104,9 @@ def time_sampling(batch: int, vocab: int, steps: int, device: torch.device) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default) or cpu (then only the eager runners)"
+    )
     parser.add_argument("--preset", default="gpt2-124m")
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
@@ -113,6 +117,8 @@ def main() -> None:
         parser.error("--steps and every --batch must be at least 1")
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
+    check_device(parser, args.device)
+    check_preset(parser, args.preset)
     device = torch.device(args.device)
     results: dict = {"device": str(device), "preset": args.preset, "prompt": PROMPT, "rows": []}
     if device.type == "cuda":

@@ -115,12 +115,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
+    from progress import Progress, check_preset
+
+    check_preset(parser, args.preset)
     torch.set_num_threads(args.threads)
     new_tokens = 32 if args.quick else 128
     args.repeats = args.repeats or (2 if args.quick else 3)
-
-    from progress import Progress
-
     progress = Progress(__file__, phases=4)
     progress.phase(f"building {args.preset} for Atlas and transformers, checking their logits")
     tokenizer = byte_level_tokenizer()

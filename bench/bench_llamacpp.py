@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
         p.error(f"--checkpoint {args.checkpoint} is not an atlas checkpoint (no config.json)")
+    if args.checkpoint is None and args.worker is None and not args.build_only:
+        from progress import check_preset  # loads PyTorch, which the worker must not
+
+        check_preset(p, args.preset)  # now, not after minutes of building llama.cpp
     if args.json is not None and not args.json.parent.is_dir():
         p.error(f"--json: folder {args.json.parent} does not exist")
     args.new_tokens = args.new_tokens or (24 if args.quick else 64)

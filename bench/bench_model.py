@@ -4,10 +4,11 @@ What it does: builds a random transformers `GPT2LMHeadModel` at the gpt2-124m si
 seed 0), converts the very same weights into an Atlas `Transformer` with
 `atlas_server.hf_import.model_from_hf_tensors` (and checks the logits agree), then times
 greedy decode at batch 1 with a KV cache for both: Atlas calls `forward(..., cache, slots,
-last_only=True)` one token at a time, transformers calls the model with `past_key_values`
-and `use_cache=True`. Only decode steps are timed (the prompt's prefill is not); the two
-alternate step by step, so both see the same background load, and the median step time is
-reported (with the mean), since the machine may be shared.
+last_only=True)` one token at a time, transformers calls the model with its KV cache
+(`cache`, `past_key_values` in versions before the rename) and `use_cache=True`. Only
+decode steps are timed (the prompt's prefill is not); the two alternate step by step, so
+both see the same background load, and the median step time is reported (with the mean),
+since the machine may be shared.
 
 The ceiling: a batch-1 decode step reads every weight once (the embedding only through the
 tied output head), so tokens/s can not exceed DRAM bandwidth / weight bytes per token. The
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import statistics
@@ -90,13 +92,17 @@ def atlas_decoder(model: Transformer, prompt: torch.Tensor) -> Iterator[float]:
 
 
 def hf_decoder(hf, prompt: torch.Tensor) -> Iterator[float]:
+    # The KV cache's name, argument and output field alike: `cache` in current transformers,
+    # where the old `past_key_values` still works but prints a FutureWarning on every run.
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = hf(input_ids=prompt, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        kwargs = {name: out[name], "use_cache": True}
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
         while True:
             start = time.perf_counter()
-            out = hf(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = hf(input_ids=token, **kwargs)
+            kwargs[name], token = out[name], out.logits[:, -1].argmax(-1, keepdim=True)
             yield time.perf_counter() - start
 
 

@@ -83,11 +83,10 @@ def main() -> None:
         parser.error("--streams must be >= 1, --tokens >= 2 and --rounds >= 1")
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
+    from progress import Progress, check_device, check_preset
 
-    from progress import Progress
-
+    check_device(parser, args.device)
+    check_preset(parser, args.preset)
     progress = Progress(__file__, phases=2 + len(args.streams))
     progress.phase(f"building {args.preset} on {args.device} and two engines (overlap off, on)")
     dtype = resolve_dtype(args.device, "auto")

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from progress import check_device, check_preset  # noqa: E402
 
 from atlas_server.model.config import load_preset  # noqa: E402
 from atlas_server.model.transformer import Segment, Transformer  # noqa: E402
@@ -43,6 +44,8 @@ def main() -> None:
         parser.error(f"--lengths takes comma-separated token counts, not {args.lengths!r}")
     if min(lengths) < 1 or args.repeats < 1:
         parser.error("--lengths and --repeats must be at least 1")
+    check_device(parser, args.device)
+    check_preset(parser, args.preset)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -15,6 +15,7 @@ What it does not do: concurrent load (bench_serving.py), or compare with other s
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -92,6 +93,9 @@ def run_loads(base: str, rng: random.Random) -> dict:
 
 
 def main() -> None:
+    # No options: the loads are fixed (the constants above); a parser so that `--help` and
+    # a mistyped argument do not start minutes of building and serving.
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     results = {}
     progress = Progress(__file__, phases=5)
     with tempfile.TemporaryDirectory() as tmp:

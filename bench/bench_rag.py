@@ -28,7 +28,9 @@ source), so the collection keeps the real data's cluster structure; the output s
 which rows are synthetic. Progress goes to stderr; the table (Markdown) to stdout, and
 `--json PATH` writes every number.
 `--quality` instead prints hit@1, hit@5 and MRR of each retriever and fusion setting on
-the labelled questions in tests/data/rag_queries.json (the table in docs/rag.md).
+the earlier 24 labelled questions in tests/data/rag_queries.json (bm25 weights 1.0 and
+0.5; a quick check that no longer sets a default: the quality table in docs/rag.md comes
+from bench/bench_retrieval.py).
 Run: `python bench/bench_rag.py [--sizes 1000,10000,100000,1000000] [--stores ...]`.
 """
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_engine import hf_from_atlas  # noqa: E402
 from ceilings import dram_read_bandwidth, machine, matmul_peak_flops  # noqa: E402
-from progress import Progress  # noqa: E402
+from progress import Progress, check_device  # noqa: E402
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402
 from atlas_server.io import atomic_write_text  # noqa: E402
@@ -257,6 +257,7 @@ def main() -> None:
         parser.error(f"--streams takes concurrencies of at least 1, got {args.streams}")
     if args.out is not None and not args.out.parent.is_dir():  # before minutes of measuring
         parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
+    check_device(parser, args.device)
     # The sweep's workload, then the decode-bound one that bench_engine.py times without
     # HTTP; each compared at 16 streams with transformers at batch 16 on the same lengths.
     workloads = {

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ceilings import machine, matmul_peak_flops  # noqa: E402
-from progress import Progress  # noqa: E402
+from progress import Progress, check_device, check_preset  # noqa: E402
 
 from atlas_server.io import atomic_write_text  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
@@ -388,6 +388,8 @@ def main() -> None:
     parser.add_argument("--quickstart-child", choices=list(SETTINGS), help=argparse.SUPPRESS)
     parser.add_argument("--omp-default", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_device(parser, args.device)
+    check_preset(parser, args.preset)
     if args.quickstart_child:
         args.steps = args.steps or 3
         quickstart_child(args)

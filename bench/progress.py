@@ -8,16 +8,22 @@ JSON (or table) on stdout stays clean for `> result.json` and pipes:
 
 `ATLAS_BENCH_QUIET=1` silences them. What it does not do: bars that redraw in place (a log
 file or CI output would fill with carriage returns), or timing that enters the results.
+
+Beside it, the checks the benchmarks share for arguments that would fail only once work
+has started: `check_device` (a `--device` PyTorch cannot parse, or CUDA where there is
+none) and `check_preset` (an unknown `--preset`). Each refuses through `parser.error`, in
+one line with exit status 2, and imports PyTorch or Atlas only when called.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "check_device", "check_preset"]
 
 
 class Progress:
@@ -51,3 +57,27 @@ class Progress:
 
     def done(self) -> None:
         self._line(f"done in {time.perf_counter() - self.start:.0f} s", counted=False)
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """`parser.error` unless `device` names a device PyTorch can use here (cpu, cuda, cuda:N)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parser.error(f"--device {device}: not a PyTorch device (e.g. cpu, cuda, cuda:1)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device here")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def check_preset(parser: argparse.ArgumentParser, name: str) -> None:
+    """`parser.error` unless `name` is a model preset (configs/models/NAME.toml) that loads."""
+    from atlas_server.model import ConfigError, load_preset
+
+    try:
+        load_preset(name)
+    except ConfigError as e:
+        parser.error(str(e))

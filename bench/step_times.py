@@ -27,6 +27,8 @@ import torch
 # Last, not first: the checkout on PYTHONPATH (or installed) is the one measured.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
+from progress import check_preset  # noqa: E402
+
 from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
@@ -42,6 +44,7 @@ def main() -> None:
         parser.error("--tokens must be at least 4")
     if not 1 <= args.streams <= 256:
         parser.error("--streams must be in 1..256")
+    check_preset(parser, args.preset)
     torch.manual_seed(0)
     model = Transformer(load_preset(args.preset))
     config = EngineConfig(max_running=max(32, args.streams), max_batched_tokens=8192)

@@ -1,5 +1,5 @@
-"""The benchmarks' command lines: counts that would measure nothing are refused in one line,
-and a long run says which phase it is in."""
+"""The benchmarks' command lines: counts that would measure nothing, devices and presets
+that do not exist are refused in one line, and a long run says which phase it is in."""
 
 from __future__ import annotations
 
@@ -11,8 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from atlas_server.model import native
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+DEVICE_SCRIPTS = ["bench_cuda_decode.py", "bench_prefill_attention.py", "bench_serving.py"]
+DEVICE_SCRIPTS += ["bench_train.py", "bench_overlap.py"]
+PRESET_SCRIPTS = ["bench_engine.py", "bench_train.py", "bench_cuda_decode.py", "step_times.py"]
+PRESET_SCRIPTS += ["bench_prefill_attention.py", "bench_overlap.py", "bench_llamacpp.py"]
+NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="cuda is a valid device here")
 
 
 @pytest.mark.parametrize(
@@ -46,15 +54,38 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ("bench_overlap.py", ["--rounds", "0"]),
         ("bench_overlap.py", ["--out", "/no/such/folder/overlap.json"]),
         ("step_times.py", ["--streams", "0"]),
+        # A device PyTorch cannot parse, and CUDA where there is none (a valid device, so
+        # not refused, where there is one): before any model is built.
+        *[(s, ["--device", "nope"]) for s in DEVICE_SCRIPTS],
+        *[pytest.param(s, ["--device", "cuda"], marks=NEEDS_NO_CUDA) for s in DEVICE_SCRIPTS],
+        pytest.param("bench_cuda_decode.py", [], marks=NEEDS_NO_CUDA),  # its default is cuda
+        *[(s, ["--preset", "nope"]) for s in PRESET_SCRIPTS],
+        ("bench_prefix_cache.py", ["--bogus"]),
+        ("ab_sampling.py", ["HEAD", "HEAD", "--device", "nope"]),
+        pytest.param("ab_sampling.py", ["HEAD", "HEAD", "--device", "cuda"], marks=NEEDS_NO_CUDA),
+        ("ab_norm_rope.py", ["--presets", "gpt2-tiny"]),  # no RMSNorm or RoPE to compare
+        ("ab_norm_rope.py", ["--presets", "nope"]),
+        ("ab_norm_rope.py", ["--steps", "3"]),
     ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else value,
 )
-def test_non_positive_counts_are_refused(script, args):
+def test_bad_arguments_are_refused_in_one_line(script, args):
     r = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+
+
+def test_bench_prefix_cache_help_starts_nothing():
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "bench_prefix_cache.py"), "--help"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "ATLAS_BENCH_QUIET": "0"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: bench_prefix_cache.py")
+    assert "prefix caching" in r.stdout and "[bench_prefix_cache" not in r.stderr
 
 
 def test_a_long_benchmark_reports_each_phase_on_stderr_and_keeps_stdout_clean():
@@ -237,3 +268,18 @@ def test_bench_serving_saves_what_it_measured_when_cut_off(tmp_path, monkeypatch
     assert report["complete"] is False
     assert sorted(report["atlas_sweep"]) == ["1", "16"]  # both concurrencies of --quick
     assert report["atlas_sweep"]["16"] == fake_row
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler here")
+def test_ab_norm_rope_times_both_paths_at_a_toy_size(tmp_path):
+    out = tmp_path / "ab.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "ab_norm_rope.py"), "--presets", "llama-tiny", "--steps",
+         "12", "--batch", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["preset"] == "llama-tiny" and row["batch"] == 2
+    assert row["c_ms"] > 0 and row["pytorch_ms"] > 0
+    assert "| llama-tiny | 2 |" in r.stdout
