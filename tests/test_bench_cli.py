@@ -23,59 +23,88 @@ PRESET_SCRIPTS += ["bench_prefill_attention.py", "bench_overlap.py", "bench_llam
 NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="cuda is a valid device here")
 
 
+REFUSED = [
+    ("omp_teams.py", ["--rounds", "0"]),
+    ("omp_teams.py", ["--steps", "-3"]),
+    ("omp_teams.py", ["--rounds", "many"]),
+    ("bench_matmul.py", ["--rows", "16", "0"]),
+    ("profile_step.py", ["--steps", "0"]),
+    ("bench_serving.py", ["--prompt-tokens", "0"]),
+    ("bench_serving.py", ["--output-tokens", "1"]),
+    ("bench_serving.py", ["--out", "/no/such/folder/out.json"]),
+    ("bench_step_budget.py", ["--budgets", "512", "16"]),
+    ("bench_step_budget.py", ["--rounds", "0"]),
+    ("bench_step_budget.py", ["--out", __file__]),  # a file, not a folder
+    ("ab_serving.py", ["HEAD", "HEAD", "--output-tokens", "1"]),
+    ("ab_serving.py", ["HEAD", "HEAD", "--concurrency", "0"]),
+    ("bench_serving.py", ["--streams", "64", "0"]),
+    ("bench_cuda_decode.py", ["--steps", "0"]),
+    ("bench_cuda_decode.py", ["--batch", "16", "0"]),
+    ("ab_sampling.py", ["HEAD", "HEAD", "--rounds", "0"]),
+    ("step_times.py", ["--tokens", "0"]),
+    ("bench_ingest.py", ["--chunks", "0"]),
+    ("bench_ingest.py", ["--variants", "fp32,turbo"]),
+    ("bench_prefill_attention.py", ["--lengths", "128,0"]),
+    ("bench_prefill_attention.py", ["--lengths", "long"]),
+    ("bench_prefill_attention.py", ["--repeats", "0"]),
+    ("bench_overlap.py", ["--streams", "16", "0"]),
+    ("bench_overlap.py", ["--tokens", "1"]),
+    ("bench_overlap.py", ["--rounds", "0"]),
+    ("bench_overlap.py", ["--out", "/no/such/folder/overlap.json"]),
+    ("step_times.py", ["--streams", "0"]),
+    # A device PyTorch cannot parse, and CUDA where there is none (a valid device, so
+    # not refused, where there is one): before any model is built.
+    *[(s, ["--device", "nope"]) for s in DEVICE_SCRIPTS],
+    *[pytest.param(s, ["--device", "cuda"], marks=NEEDS_NO_CUDA) for s in DEVICE_SCRIPTS],
+    pytest.param("bench_cuda_decode.py", [], marks=NEEDS_NO_CUDA),  # its default is cuda
+    *[(s, ["--preset", "nope"]) for s in PRESET_SCRIPTS],
+    ("bench_prefix_cache.py", ["--bogus"]),
+    ("ab_sampling.py", ["HEAD", "HEAD", "--device", "nope"]),
+    pytest.param("ab_sampling.py", ["HEAD", "HEAD", "--device", "cuda"], marks=NEEDS_NO_CUDA),
+    ("ab_norm_rope.py", ["--presets", "gpt2-tiny"]),  # no RMSNorm or RoPE to compare
+    ("ab_norm_rope.py", ["--presets", "nope"]),
+    ("ab_norm_rope.py", ["--steps", "3"]),
+]
+
+# Each case as its script run as __main__ in one child process (one PyTorch import for all,
+# not one per case): exit status and stderr per case, keyed by (script, *args).
+_RUN_ALL = """
+import contextlib, io, json, runpy, sys
+bench, results = sys.argv[1], []
+for script, args in json.loads(sys.argv[2]):
+    sys.argv, err, code = [script, *args], io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(f"{bench}/{script}", run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # what a process of its own would end in a traceback
+            code = 1
+            print("Traceback:", repr(e), file=sys.stderr)
+    results.append([script, args, code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals() -> dict:
+    cases = [list(case.values if hasattr(case, "values") else case) for case in REFUSED]
+    r = subprocess.run([sys.executable, "-c", _RUN_ALL, str(BENCH), json.dumps(cases)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return {(name, *args): (code, err) for name, args, code, err in json.loads(r.stdout)}
+
+
 @pytest.mark.parametrize(
     ("script", "args"),
-    [
-        ("omp_teams.py", ["--rounds", "0"]),
-        ("omp_teams.py", ["--steps", "-3"]),
-        ("omp_teams.py", ["--rounds", "many"]),
-        ("bench_matmul.py", ["--rows", "16", "0"]),
-        ("profile_step.py", ["--steps", "0"]),
-        ("bench_serving.py", ["--prompt-tokens", "0"]),
-        ("bench_serving.py", ["--output-tokens", "1"]),
-        ("bench_serving.py", ["--out", "/no/such/folder/out.json"]),
-        ("bench_step_budget.py", ["--budgets", "512", "16"]),
-        ("bench_step_budget.py", ["--rounds", "0"]),
-        ("bench_step_budget.py", ["--out", __file__]),  # a file, not a folder
-        ("ab_serving.py", ["HEAD", "HEAD", "--output-tokens", "1"]),
-        ("ab_serving.py", ["HEAD", "HEAD", "--concurrency", "0"]),
-        ("bench_serving.py", ["--streams", "64", "0"]),
-        ("bench_cuda_decode.py", ["--steps", "0"]),
-        ("bench_cuda_decode.py", ["--batch", "16", "0"]),
-        ("ab_sampling.py", ["HEAD", "HEAD", "--rounds", "0"]),
-        ("step_times.py", ["--tokens", "0"]),
-        ("bench_ingest.py", ["--chunks", "0"]),
-        ("bench_ingest.py", ["--variants", "fp32,turbo"]),
-        ("bench_prefill_attention.py", ["--lengths", "128,0"]),
-        ("bench_prefill_attention.py", ["--lengths", "long"]),
-        ("bench_prefill_attention.py", ["--repeats", "0"]),
-        ("bench_overlap.py", ["--streams", "16", "0"]),
-        ("bench_overlap.py", ["--tokens", "1"]),
-        ("bench_overlap.py", ["--rounds", "0"]),
-        ("bench_overlap.py", ["--out", "/no/such/folder/overlap.json"]),
-        ("step_times.py", ["--streams", "0"]),
-        # A device PyTorch cannot parse, and CUDA where there is none (a valid device, so
-        # not refused, where there is one): before any model is built.
-        *[(s, ["--device", "nope"]) for s in DEVICE_SCRIPTS],
-        *[pytest.param(s, ["--device", "cuda"], marks=NEEDS_NO_CUDA) for s in DEVICE_SCRIPTS],
-        pytest.param("bench_cuda_decode.py", [], marks=NEEDS_NO_CUDA),  # its default is cuda
-        *[(s, ["--preset", "nope"]) for s in PRESET_SCRIPTS],
-        ("bench_prefix_cache.py", ["--bogus"]),
-        ("ab_sampling.py", ["HEAD", "HEAD", "--device", "nope"]),
-        pytest.param("ab_sampling.py", ["HEAD", "HEAD", "--device", "cuda"], marks=NEEDS_NO_CUDA),
-        ("ab_norm_rope.py", ["--presets", "gpt2-tiny"]),  # no RMSNorm or RoPE to compare
-        ("ab_norm_rope.py", ["--presets", "nope"]),
-        ("ab_norm_rope.py", ["--steps", "3"]),
-    ],
+    REFUSED,
     ids=lambda value: " ".join(value) if isinstance(value, list) else value,
 )
-def test_bad_arguments_are_refused_in_one_line(script, args):
-    r = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
+def test_bad_arguments_are_refused_in_one_line(refusals, script, args):
+    returncode, stderr = refusals[(script, *args)]
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"{script}: error:")
 
 
 def test_bench_prefix_cache_help_starts_nothing():
