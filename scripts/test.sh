@@ -16,8 +16,8 @@ fi
 # /health's test fails if a leg claims the C kernels: the legs test what they say.
 health=tests/test_native_kernels.py::test_health_says_which_kernels_serve
 echo "--- engine and API tests without Atlas's C kernels (oneDNN serves fp32)"
-ATLAS_NATIVE=0 .venv/bin/python -m pytest -q \
+ATLAS_NATIVE=0 .venv/bin/python -m pytest -q -n 2 --dist loadfile \
   tests/test_engine.py tests/test_prefix_cache.py tests/test_api.py "$health"
 echo "--- engine tests without the C kernels and without oneDNN (plain PyTorch)"
-ATLAS_NATIVE=0 ATLAS_ONEDNN=0 .venv/bin/python -m pytest -q \
+ATLAS_NATIVE=0 ATLAS_ONEDNN=0 .venv/bin/python -m pytest -q -n 2 --dist loadfile \
   tests/test_engine.py tests/test_prefix_cache.py "$health"
