@@ -106,7 +106,10 @@ def test_flags_apply_before_the_checks_across_fields(tmp_path):
 @pytest.mark.parametrize(
     ("command", "example"),
     [
-        ("serve", "Example: atlas serve --checkpoint ~/.cache/atlas/quickstart/checkpoint --port 8000"),
+        (
+            "serve",
+            "Example: atlas serve --checkpoint ~/.cache/atlas/quickstart/checkpoint --port 8000",
+        ),
         ("plugins", "Example: atlas plugins --strict"),
     ],
 )
