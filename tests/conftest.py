@@ -21,17 +21,6 @@ from atlas_server.checkpoint import save_checkpoint  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import Tokenizer, byte_level_tokenizer  # noqa: E402
 
-# The files that take longest (seconds of one worker, 2 cores, 2026-12-05), run first: the
-# suite's two xdist workers take whole files (--dist loadfile) in collection order, so a
-# long file started last would leave the other worker idle while it finishes.
-LONGEST_FIRST = ("test_notebooks.py", "test_train.py", "test_lora_command.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    # sort is stable: files keep their order among themselves, tests theirs within a file
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session")
 def byte_tokenizer() -> Tokenizer:
