@@ -4,11 +4,13 @@ Each notebook is executed in a fresh Jupyter kernel (nbclient, the library behin
 `jupyter nbconvert --execute`) against the tiny models it builds itself; a cell that
 raises, or a command that exits non-zero (the notebooks' `sh` helper raises), fails the
 test. The kernel inherits this process's environment (PYTHONPATH, HF_HUB_OFFLINE), so
-the notebooks run the Atlas under test. They take about a minute each on 2 CPU cores.
+the notebooks run the Atlas under test. They take 20-90 s each on 2 CPU cores; the three
+that train models run only with ATLAS_TEST_ALL_NOTEBOOKS=1 (the suite's time budget).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,9 +43,29 @@ def test_committed_without_outputs(path):
     assert "widgets" not in nb.metadata
 
 
+# The three that train and evaluate models (34-86 s each on 2 cores, about 160 s of the
+# suite's 10 minutes) run when ATLAS_TEST_ALL_NOTEBOOKS=1; the default run keeps the two
+# quick ones (about 20 s each), so every notebook's setup cell still runs in CI.
+SLOW_NOTEBOOKS = {"02_training", "04_evaluation", "05_posttraining"}
+ALL_NOTEBOOKS = os.environ.get("ATLAS_TEST_ALL_NOTEBOOKS") == "1"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            p,
+            marks=pytest.mark.skipif(
+                p.stem in SLOW_NOTEBOOKS and not ALL_NOTEBOOKS,
+                reason="trains models: set ATLAS_TEST_ALL_NOTEBOOKS=1 to run it",
+            ),
+        )
+        for p in NOTEBOOKS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("ATLAS_NOTEBOOK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
