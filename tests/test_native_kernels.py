@@ -533,3 +533,18 @@ def test_health_says_which_kernels_serve(tiny_checkpoint):
         assert "C" not in (health["backend"]["matmul"], health["backend"]["attention"])
     elif native.available():
         assert health["backend"]["matmul"] == "C"
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "x, weight",
+    [
+        (torch.randn(2, 8), torch.ones(7)),  # weight of another width
+        (torch.randn(2, 8), torch.ones(8, 2)[:, 0]),  # weight not contiguous
+        (torch.randn(2, 8, dtype=torch.float64), torch.ones(8)),
+    ],
+    ids=["width", "strided weight", "float64"],
+)
+def test_rms_norm_refuses_what_it_would_misread(x, weight):
+    with pytest.raises(ValueError):
+        native.rms_norm(x, weight, 1e-6)
