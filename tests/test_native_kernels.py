@@ -409,12 +409,13 @@ def test_pack_panels_refuses_what_is_not_a_float32_matrix(weight):
 
 @needs_kernel
 def test_a_rows_numbers_do_not_depend_on_the_other_rows_in_the_product():
-    # Batch invariance, bit for bit: each row is summed in the same order whatever tile it
-    # lands in, so a sequence's logits are the same alone and inside any batch.
-    weight, x = torch.randn(768, 2304), torch.randn(17, 768)
+    # Batch invariance, bit for bit: each row is summed in the same order whatever tile or
+    # block of rows it lands in, so a sequence's logits are the same alone and inside any
+    # batch (40 rows: two blocks of rows, the second ragged).
+    weight, x = torch.randn(768, 2304), torch.randn(40, 768)
     panels = native.pack_panels(weight)
     together = native.matmul_panels(x, panels, 2304)
-    for i in (0, 7, 8, 16):
+    for i in (0, 7, 8, 16, 31, 32, 39):
         assert torch.equal(native.matmul_panels(x[i : i + 1], panels, 2304)[0], together[i])
     assert torch.equal(native.matmul_panels(x[5:11], panels, 2304), together[5:11])
 
