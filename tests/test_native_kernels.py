@@ -103,6 +103,51 @@ def test_kernel_refuses_inputs_it_would_read_out_of_bounds(change, error):
 
 
 @needs_kernel
+def test_kernel_stores_the_new_keys_and_values_before_attending_as_a_cache_write_would():
+    gen = torch.Generator().manual_seed(7)
+    k_store, v_store = torch.randn(2, 4, 2, 12, 16, generator=gen)  # [slots, K, len, D] each
+    qkv = torch.randn(3, (8 + 2 * 2) * 16, generator=gen)  # one fused projection row each
+    q, new_k, new_v = (t.view(3, -1, 16) for t in qkv.split([8 * 16, 2 * 16, 2 * 16], -1))
+    slots, lengths = torch.tensor([3, 0, 2]), torch.tensor([5, 12, 1])
+    written_k, written_v = k_store.clone(), v_store.clone()
+    rows = slots[:, None]
+    written_k[rows, :, (lengths - 1)[:, None]] = new_k[:, None]  # KVCache.write's indexing
+    written_v[rows, :, (lengths - 1)[:, None]] = new_v[:, None]
+    expected = native.decode_attention(q, written_k, written_v, slots, lengths, 0.25)
+
+    out = native.decode_attention(q, k_store, v_store, slots, lengths, 0.25, new_k, new_v)
+    assert torch.equal(k_store, written_k) and torch.equal(v_store, written_v)
+    assert torch.equal(out, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("slots", "lengths"), [([0, 4], [3, 3]), ([0, 1], [3, 0]), ([0, 1], [11, 3])]
+)
+def test_kernel_with_an_index_out_of_range_stores_nothing(slots, lengths):
+    k_store, v_store = torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8)
+    before = k_store.clone(), v_store.clone()
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        native.decode_attention(
+            torch.randn(2, 4, 8), k_store, v_store, torch.tensor(slots), torch.tensor(lengths),
+            1.0, torch.randn(2, 2, 8), torch.randn(2, 2, 8),
+        )  # fmt: skip
+    assert torch.equal(k_store, before[0]) and torch.equal(v_store, before[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "new", [(torch.randn(2, 2, 8), None), (torch.randn(2, 2, 8), torch.randn(2, 1, 8))]
+)
+def test_kernel_refuses_new_keys_without_values_or_of_another_shape(new):
+    with pytest.raises(ValueError, match="new"):
+        native.decode_attention(
+            torch.randn(2, 4, 8), torch.randn(4, 2, 10, 8), torch.randn(4, 2, 10, 8),
+            torch.tensor([0, 1]), torch.tensor([3, 3]), 1.0, *new,
+        )  # fmt: skip
+
+
+@needs_kernel
 def test_model_decode_steps_run_the_kernel_and_equal_the_full_forward(monkeypatch):
     calls = []
     kernel = native.decode_attention
@@ -398,6 +443,23 @@ def test_matmul_panels_refuses_shapes_it_would_misread(x_shape, n_out, change):
 
 @needs_kernel
 @pytest.mark.parametrize(
+    ("x", "bias"),
+    [
+        (torch.randn(2, 7), None),  # 7 features, the weight 8
+        (torch.randn(2, 8, dtype=torch.float64), None),
+        (torch.randn(2, 8), torch.randn(11)),  # bias of the wrong length
+        (torch.randn(2, 8), torch.randn(10, dtype=torch.float64)),
+    ],
+    ids=["features", "float64 x", "bias length", "float64 bias"],
+)
+def test_a_panel_weight_checks_each_call_as_matmul_panels_does(x, bias):
+    # The per-call fast path skips the panels' checks, never x's or the bias's.
+    with pytest.raises(ValueError):
+        native.PanelWeight(torch.randn(8, 10))(x, bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
     "weight",
     [torch.randn(3), torch.randn(2, 3, 4), torch.randn(4, 3, dtype=torch.float64)],
     ids=["1-D", "3-D", "float64"],
@@ -423,8 +485,8 @@ def test_a_rows_numbers_do_not_depend_on_the_other_rows_in_the_product():
 @needs_kernel
 def test_model_products_all_go_through_the_panels_with_the_same_logits(monkeypatch):
     calls = []
-    kernel = native.matmul_panels
-    monkeypatch.setattr(native, "matmul_panels", lambda *a: calls.append(1) or kernel(*a))
+    kernel = native._multiply  # what the checked and the per-weight paths both call
+    monkeypatch.setattr(native, "_multiply", lambda *a: calls.append(1) or kernel(*a))
     torch.manual_seed(0)
     model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
     ids = torch.randint(0, 97, (3, 12))
@@ -480,7 +542,7 @@ async def test_the_engine_reports_the_kernels_that_actually_serve(
         pytest.skip("this PyTorch has no oneDNN packing")
     calls: list[str] = []
     for module, name, label in [
-        (native, "matmul_panels", "C"),
+        (native, "_multiply", "C"),
         (native, "decode_attention", "C attention"),
         (onednn.PackedWeight, "__call__", "oneDNN"),
     ]:

@@ -147,12 +147,15 @@ def _library() -> ctypes.CDLL | None:
         )
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    library.decode_attention.argtypes = [pointer] * 6 + [i64] * 7 + [ctypes.c_float, ctypes.c_int]
+    library.decode_attention.argtypes = (
+        [pointer, i64, pointer, pointer, i64] + [pointer] * 5 + [i64] * 9
+    ) + [ctypes.c_float, ctypes.c_int]
+    library.decode_attention.restype = i64
     library.matmul_panels.argtypes = [pointer] * 4 + [i64] * 3 + [ctypes.c_int] * 2
     library.rms_norm.argtypes = [pointer] * 3 + [i64] * 2 + [ctypes.c_float, ctypes.c_int]
     library.rope_rows.argtypes = [pointer] + [i64] * 5 + [pointer] * 3 + [i64, ctypes.c_int]
     library.rope_rows.restype = i64
-    library.decode_attention.restype = library.matmul_panels.restype = None
+    library.matmul_panels.restype = None
     library.rms_norm.restype = None
     library.width = library.panel_width()  # floats per panel, fixed when it was compiled
     return library
@@ -178,40 +181,53 @@ def decode_attention(
     slots: Tensor,  # [B] int64: the cache slot of each row
     lengths: Tensor,  # [B] int64: row b attends to positions [0, lengths[b])
     scale: float,
+    new_k: Tensor | None = None,  # [B, K, D]: this step's keys, stored before attending
+    new_v: Tensor | None = None,  # [B, K, D]: this step's values
 ) -> Tensor:
-    """softmax(q K^T * scale) V per row over its own cached positions: [B, H, D]."""
+    """softmax(q K^T * scale) V per row over its own cached positions: [B, H, D]. With
+    `new_k` and `new_v`, row b's key and value are first stored at position lengths[b] - 1
+    of its slot (a decode step's cache write, in the same call)."""
     library = _library()
     if library is None:
         raise RuntimeError("native CPU kernels are not available (see available())")
     B, H, D = q.shape
     n_slots, K, max_len, _ = k_store.shape
-    tensors = (q, k_store, v_store)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-        raise ValueError("decode_attention needs float32 CPU tensors")
+    new = () if new_k is None and new_v is None else (new_k, new_v)
+    # Checked with the cheapest attributes: at one token the whole call is ~10 us.
+    if any(
+        t is None or not t.is_cpu or t.dtype != torch.float32 for t in (q, k_store, v_store, *new)
+    ):
+        raise ValueError("decode_attention needs float32 CPU tensors (new_k and new_v together)")
     if k_store.shape != v_store.shape or k_store.stride() != v_store.stride():
         raise ValueError("key and value caches must share shape and strides")
     if k_store.shape[3] != D or k_store.stride(3) != 1 or H % K or D > _MAX_HEAD_DIM:
         raise ValueError(f"unsupported shapes: q {tuple(q.shape)}, cache {tuple(k_store.shape)}")
-    slots, lengths = slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
+    if new and (
+        new_k.shape != (B, K, D) or new_v.shape != (B, K, D) or new_k.stride() != new_v.stride()
+    ):
+        raise ValueError(f"new keys and values must both be [{B}, {K}, {D}] with one layout")
+    if q.stride(2) != 1 or q.stride(1) != D:  # rows may be any distance apart, heads not
+        q = q.contiguous()
+    if new and (new_k.stride(2) != 1 or new_k.stride(1) != D):
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
     if slots.shape != (B,) or lengths.shape != (B,):
         raise ValueError("slots and lengths need one entry per row")
-    if B and (
-        int(slots.min()) < 0
-        or int(slots.max()) >= n_slots
-        or int(lengths.min()) < 1
-        or int(lengths.max()) > max_len
-    ):
-        raise IndexError("slot or length outside the KV cache")
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    slots, lengths = slots.to(torch.int64).contiguous(), lengths.to(torch.int64).contiguous()
+    out = q.new_empty((B, H, D))
     with _named("atlas::decode_attention"):
-        library.decode_attention(
+        bad = library.decode_attention(
             q.data_ptr(),
+            q.stride(0),
+            new_k.data_ptr() if new else None,
+            new_v.data_ptr() if new else None,
+            new_k.stride(0) if new else 0,
             k_store.data_ptr(),
             v_store.data_ptr(),
             out.data_ptr(),
             slots.data_ptr(),
             lengths.data_ptr(),
+            n_slots,
+            max_len,
             B,
             H,
             K,
@@ -219,6 +235,11 @@ def decode_attention(
             *k_store.stride()[:3],
             scale,
             torch.get_num_threads(),
+        )
+    if bad >= 0:
+        raise IndexError(
+            f"row {bad}: slot {int(slots[bad])} or length {int(lengths[bad])} outside the KV"
+            f" cache ({n_slots} slots of {max_len} positions)"
         )
     return out
 
@@ -323,17 +344,28 @@ def matmul_panels(
             f"unsupported shapes: x {tuple(x.shape)}, panels {tuple(panels.shape)}, "
             f"n_out {n_out}, bias {None if bias is None else tuple(bias.shape)}"
         )
-    k = x.shape[-1]
-    rows = x.reshape(-1, k).contiguous()  # [M, K]
-    y = torch.empty(*x.shape[:-1], n_out)
+    return _multiply(library, x, panels, n_out, bias, gelu_tanh)
+
+
+def _multiply(
+    library: ctypes.CDLL,
+    x: Tensor,
+    panels: Tensor,
+    n_out: int,
+    bias: Tensor | None,
+    gelu_tanh: bool,
+) -> Tensor:
+    """matmul_panels once its arguments are known to be right: [..., n_out]."""
+    x = x if x.is_contiguous() else x.contiguous()  # [..., K], rows back to back
+    y = x.new_empty(x.shape[:-1] + (n_out,))
     with _named("atlas::matmul_panels"):
         library.matmul_panels(
-            rows.data_ptr(),
+            x.data_ptr(),
             panels.data_ptr(),
             None if bias is None else bias.data_ptr(),
             y.data_ptr(),
-            rows.shape[0],
-            k,
+            x.numel() // panels.shape[1],
+            panels.shape[1],
             n_out,
             int(gelu_tanh),
             torch.get_num_threads(),
@@ -353,6 +385,27 @@ class PanelWeight(WeightCopy):
         super().__init__(source, out_in, torch.float32)
 
     def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
+        # The panels were checked when they were made: only x and the bias are checked per
+        # call, with the cheapest attributes (matmul_panels' full checks cost ~8 us, ~0.4 ms
+        # of a llama-124m step at one token). Anything unusual takes the checked path, which
+        # says what is wrong.
+        library = _library()
+        if (
+            library is not None
+            and x.is_cpu
+            and x.dtype == torch.float32
+            and x.shape[-1] == self.panels.shape[1]
+            and (
+                bias is None
+                or (
+                    bias.is_cpu
+                    and bias.dtype == torch.float32
+                    and bias.shape == (self.n_out,)
+                    and bias.is_contiguous()
+                )
+            )
+        ):
+            return _multiply(library, x, self.panels, self.n_out, bias, gelu_tanh)
         return matmul_panels(x, self.panels, self.n_out, bias, gelu_tanh)  # [..., out]
 
 
