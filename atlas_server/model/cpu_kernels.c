@@ -6,7 +6,12 @@
  * owns (no padding to the batch's longest row, no mask, no gather copy). Rows are
  * independent: a row's result is the same whatever else is in the batch. Why: at batch 16
  * the general SDPA kernel reads the cache at well under half of DRAM bandwidth for
- * one-token queries (docs/benchmarks.md, bench/profile_step.py).
+ * one-token queries (docs/benchmarks.md, bench/profile_step.py). Given the step's new keys
+ * and values, it first stores them at position len_b - 1 of each row's slot: one call
+ * instead of two index_put calls, and the index checks in C rather than four reductions
+ * read back in Python (together ~70 us a layer at one token, ~0.8 ms of a llama-124m step).
+ * It checks every slot and length before touching the cache and returns the first row out
+ * of range (-1 when all are in).
  *
  * matmul_panels: y = x W (+ bias), then GELU (tanh form) when asked, for x [M, K] and W
  * [K, N] stored as column panels:
@@ -33,8 +38,10 @@
  *
  * Built by native.py with the system C compiler; OpenMP here is the runtime torch already
  * loaded (same soname), so the kernels share torch's threads. Layouts (element strides):
- * q and out [B, H, D] contiguous; k and v share strides (slot, head, pos) with D
- * contiguous; D <= 256. Callers validate every index.
+ * q [B, H, D] with heads D apart and rows q_row_stride apart (a slice of the fused qkv
+ * projection), out [B, H, D] contiguous, new keys and values [B, K, D] likewise with rows
+ * new_row_stride apart; k and v share strides (slot, head, pos) with D contiguous;
+ * D <= 256. Callers validate shapes; the kernels check the indices they read.
  */
 #include <math.h>
 #include <stdint.h>
@@ -46,45 +53,6 @@
 #define SOURCE_SHA "unknown"
 #endif
 const char *source_sha(void) { return SOURCE_SHA; }
-
-void decode_attention(const float *q, const float *k, const float *v, float *out,
-                      const int64_t *slots, const int64_t *lengths, int64_t B, int64_t H,
-                      int64_t K, int64_t D, int64_t slot_stride, int64_t head_stride,
-                      int64_t pos_stride, float scale, int threads) {
-    const int64_t group = H / K;
-    /* dynamic: rows differ in length, so equal shares of (b, h) are unequal work */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H;
-        const int64_t offset = slots[b] * slot_stride + (h / group) * head_stride;
-        const float *kp = k + offset, *vp = v + offset, *qp = q + bh * D;
-        float query[256], acc[256];
-        for (int64_t d = 0; d < D; d++) {
-            query[d] = qp[d] * scale;
-            acc[d] = 0.f;
-        }
-        float running_max = -INFINITY, denominator = 0.f;
-        for (int64_t j = 0; j < lengths[b]; j++) {
-            const float *key = kp + j * pos_stride, *value = vp + j * pos_stride;
-            float score = 0.f;
-#pragma omp simd reduction(+ : score)
-            for (int64_t d = 0; d < D; d++) score += query[d] * key[d];
-            if (score > running_max) { /* rescale what was summed under the old maximum */
-                const float c = expf(running_max - score);
-                denominator *= c;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) acc[d] *= c;
-                running_max = score;
-            }
-            const float p = expf(score - running_max);
-            denominator += p;
-#pragma omp simd
-            for (int64_t d = 0; d < D; d++) acc[d] += p * value[d];
-        }
-        float *op = out + bh * D;
-        for (int64_t d = 0; d < D; d++) op[d] = acc[d] / denominator;
-    }
-}
 
 /* Tile sizes per instruction set: MR x NV accumulators plus NV weight vectors and a
  * broadcast must fit the register file (32 zmm with AVX-512, 16 ymm with AVX2). */
@@ -126,6 +94,167 @@ static inline vec exp_approx(vec t) {
     p = p * r + 1.f;
     const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23; /* 2^n */
     return p * (vec)bits;
+}
+
+/* decode_attention's blocking: a task keeps the scores of BLOCK positions at a time, and
+ * takes up to GQ query heads that share one key/value head together, so each key and
+ * value is read from memory once and from L1 by the group's other heads. */
+#define BLOCK 64
+#define GQ 8
+
+static inline float lane_sum(vec a) {
+    float s = 0.f;
+    for (int lane = 0; lane < VL; lane++) s += a[lane];
+    return s;
+}
+
+/* scores[j] = query . key_j for n keys pos_stride apart: four keys at a time, so that four
+ * independent sums hide the FMA latency, in vectors with a scalar tail past the last whole
+ * vector of D (OpenMP's simd reductions here spilled each sum to the stack and read it
+ * back lane by lane, ~2x slower). */
+static void block_scores(const float *query, const float *keys, int64_t pos_stride,
+                         int64_t D, int64_t n, float *scores) {
+    const int64_t whole = D / VL * VL;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = keys + j * pos_stride, *k1 = k0 + pos_stride;
+        const float *k2 = k1 + pos_stride, *k3 = k2 + pos_stride;
+        vec s0 = (vec){0}, s1 = (vec){0}, s2 = (vec){0}, s3 = (vec){0};
+        for (int64_t d = 0; d < whole; d += VL) {
+            const vec qd = *(const vec *)(query + d);
+            s0 += qd * *(const vec *)(k0 + d);
+            s1 += qd * *(const vec *)(k1 + d);
+            s2 += qd * *(const vec *)(k2 + d);
+            s3 += qd * *(const vec *)(k3 + d);
+        }
+        float t0 = lane_sum(s0), t1 = lane_sum(s1), t2 = lane_sum(s2), t3 = lane_sum(s3);
+        for (int64_t d = whole; d < D; d++) {
+            t0 += query[d] * k0[d], t1 += query[d] * k1[d];
+            t2 += query[d] * k2[d], t3 += query[d] * k3[d];
+        }
+        scores[j] = t0, scores[j + 1] = t1, scores[j + 2] = t2, scores[j + 3] = t3;
+    }
+    for (; j < n; j++) {
+        const float *key = keys + j * pos_stride;
+        vec s0 = (vec){0};
+        for (int64_t d = 0; d < whole; d += VL) s0 += *(const vec *)(query + d) * *(const vec *)(key + d);
+        float t = lane_sum(s0);
+        for (int64_t d = whole; d < D; d++) t += query[d] * key[d];
+        scores[j] = t;
+    }
+}
+
+/* acc[:U*VL] += sum_j p[j] value_j[:U*VL]: U <= 8 vectors of acc stay in registers over all
+ * n values (U independent sums per step); inlined once per U so the loop over u unrolls. */
+static inline __attribute__((always_inline)) void values_chunk(const float *p,
+                                                               const float *values,
+                                                               int64_t pos_stride, int64_t n,
+                                                               float *acc, const int U) {
+    vec a[8];
+    for (int u = 0; u < U; u++) a[u] = *(const vec *)(acc + u * VL);
+    for (int64_t j = 0; j < n; j++) {
+        const float *value = values + j * pos_stride, pj = p[j];
+        for (int u = 0; u < U; u++) a[u] += pj * *(const vec *)(value + u * VL);
+    }
+    for (int u = 0; u < U; u++) *(vec *)(acc + u * VL) = a[u];
+}
+
+/* acc += sum_j p[j] value_j over n values pos_stride apart: up to 8 vectors of D at a time
+ * held in registers (a pass over acc in memory per value ran ~2x slower), then the dims
+ * past the last whole vector. */
+static void block_values(const float *p, const float *values, int64_t pos_stride, int64_t D,
+                         int64_t n, float *acc) {
+    const int64_t vectors = D / VL;
+    for (int64_t c = 0; c < vectors; c += 8) {
+        float *a = acc + c * VL;
+        const float *v = values + c * VL;
+        switch (vectors - c < 8 ? vectors - c : 8) {
+#define CHUNK(u) \
+    case u: values_chunk(p, v, pos_stride, n, a, u); break;
+            CHUNK(1) CHUNK(2) CHUNK(3) CHUNK(4) CHUNK(5) CHUNK(6) CHUNK(7) CHUNK(8)
+        }
+    }
+    for (int64_t d = vectors * VL; d < D; d++) {
+        float sum = acc[d];
+        for (int64_t j = 0; j < n; j++) sum += p[j] * values[j * pos_stride + d];
+        acc[d] = sum;
+    }
+}
+
+int64_t decode_attention(const float *q, int64_t q_row_stride, const float *k_new,
+                         const float *v_new, int64_t new_row_stride, float *k, float *v,
+                         float *out, const int64_t *slots, const int64_t *lengths,
+                         int64_t n_slots, int64_t max_len, int64_t B, int64_t H, int64_t K,
+                         int64_t D, int64_t slot_stride, int64_t head_stride,
+                         int64_t pos_stride, float scale, int threads) {
+    for (int64_t b = 0; b < B; b++) /* every index first: a bad one must change nothing */
+        if (slots[b] < 0 || slots[b] >= n_slots || lengths[b] < 1 || lengths[b] > max_len)
+            return b;
+    if (k_new) /* serially, before any row reads: rows sharing a slot see the last write */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < K; h++) {
+                const int64_t at = slots[b] * slot_stride + h * head_stride +
+                                   (lengths[b] - 1) * pos_stride;
+                memcpy(k + at, k_new + b * new_row_stride + h * D, D * sizeof(float));
+                memcpy(v + at, v_new + b * new_row_stride + h * D, D * sizeof(float));
+            }
+    const int64_t group = H / K, chunks = (group + GQ - 1) / GQ; /* tasks per kv head */
+    /* dynamic: rows differ in length, so equal shares of the tasks are unequal work */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < B * K * chunks; task++) {
+        const int64_t b = task / (K * chunks), kv = task / chunks % K;
+        const int64_t h0 = kv * group + task % chunks * GQ;
+        const int64_t G = kv * group + group - h0 < GQ ? kv * group + group - h0 : GQ;
+        const int64_t offset = slots[b] * slot_stride + kv * head_stride, len = lengths[b];
+        const float *kp = k + offset, *vp = v + offset;
+        float query[GQ][256], acc[GQ][256], running_max[GQ], denominator[GQ];
+        float scores[BLOCK] __attribute__((aligned(64)));
+        for (int64_t g = 0; g < G; g++) {
+            const float *qp = q + b * q_row_stride + (h0 + g) * D;
+            for (int64_t d = 0; d < D; d++) {
+                query[g][d] = qp[d] * scale;
+                acc[g][d] = 0.f;
+            }
+            running_max[g] = -INFINITY, denominator[g] = 0.f;
+        }
+        for (int64_t j0 = 0; j0 < len; j0 += BLOCK) {
+            const int64_t n = len - j0 < BLOCK ? len - j0 : BLOCK;
+            for (int64_t g = 0; g < G; g++) {
+                block_scores(query[g], kp + j0 * pos_stride, pos_stride, D, n, scores);
+                const int64_t padded = (n + VL - 1) / VL * VL;
+                for (int64_t j = n; j < padded; j++) scores[j] = -INFINITY; /* exp gives 0 */
+                vec top_lanes = (vec){0} + running_max[g];
+                for (int64_t j = 0; j < padded; j += VL) {
+                    const vec s = *(vec *)(scores + j);
+                    top_lanes = select_lanes(s > top_lanes, s, top_lanes);
+                }
+                float top = top_lanes[0];
+                for (int lane = 1; lane < VL; lane++) top = top_lanes[lane] > top ? top_lanes[lane] : top;
+                if (top > running_max[g]) { /* rescale what was summed under the old maximum */
+                    const float c = expf(running_max[g] - top);
+                    denominator[g] *= c;
+                    for (int64_t d = 0; d < D; d++) acc[g][d] *= c;
+                    running_max[g] = top;
+                }
+                vec sum = (vec){0};
+                for (int64_t j = 0; j < padded; j += VL) { /* probabilities, VL at a time */
+                    vec t = *(vec *)(scores + j) - top;
+                    /* exp_approx's range; below it (and the padding's -inf) e^t < 2e-38 */
+                    t = select_lanes(t > -87.f, t, (vec){0} - 87.f);
+                    const vec e = exp_approx(t);
+                    *(vec *)(scores + j) = e;
+                    sum += e;
+                }
+                for (int lane = 0; lane < VL; lane++) denominator[g] += sum[lane];
+                block_values(scores, vp + j0 * pos_stride, pos_stride, D, n, acc[g]);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *op = out + (b * H + h0 + g) * D;
+            for (int64_t d = 0; d < D; d++) op[d] = acc[g][d] / denominator[g];
+        }
+    }
+    return -1;
 }
 
 /* GELU, tanh form: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715

@@ -226,9 +226,9 @@ class CausalSelfAttention(nn.Module):
             )
         else:
             assert slots is not None, "a KV cache needs the slot of each batch row"
-            cache.write(self.layer_index, slots, positions, k, v)
             if T == 1 and self._native_decode_applies(q, cache):
-                # One token per row: read each row's own positions straight from the cache.
+                # One token per row: the kernel stores its key and value in the cache, then
+                # reads each row's own positions straight from it.
                 out = native.decode_attention(
                     q[:, 0],  # [B, H, D]
                     cache.k[self.layer_index],
@@ -236,8 +236,11 @@ class CausalSelfAttention(nn.Module):
                     slots,
                     positions[:, 0] + 1,  # [B] cached positions each row attends to
                     D**-0.5,
+                    k[:, 0],  # [B, K, D]
+                    v[:, 0],
                 )  # [B, H, D]
                 return out.reshape(B, T, H * D)
+            cache.write(self.layer_index, slots, positions, k, v)
             if kv_length == T:
                 # A prompt chunk at position 0 (Segment: consecutive positions 0..T-1 in
                 # every row) sees only itself: plain causal attention over its own keys,
