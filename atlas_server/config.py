@@ -33,7 +33,7 @@ class ModelSection(_Section):
     # None: the embedded default (ATLAS_CHECKPOINT, else the quickstart checkpoint).
     checkpoint: str | None = None
     name: str | None = None  # the id in /v1/models; default: the checkpoint folder's name
-    device: str = "cpu"
+    device: str = "auto"  # cuda when PyTorch sees a CUDA device, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 elsewhere
 
 
@@ -120,15 +120,27 @@ class ServerConfig(_Section):
         return self
 
 
+def serving_device(device: str) -> str:
+    """The device `model.device` names: "auto" is cuda where PyTorch sees a CUDA device
+    (CUDA is Atlas's primary target), else cpu; any other name is itself."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device_problem(device: str) -> str | None:
     """Why the server cannot run on `device`, or None: checked at start, so a typo or a CUDA
     device on a machine without one is a one-line error, not a server that answers 503."""
     import torch  # here, not at import: reading a config needs no PyTorch
 
+    if device == "auto":
+        return None
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        return "not a device; use cpu, cuda or cuda:N"
+        return "not a device; use auto, cpu, cuda or cuda:N"
     if parsed.type not in ("cpu", "cuda"):
         return "Atlas serves on cpu or cuda"
     if parsed.type == "cuda":

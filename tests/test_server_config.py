@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atlas_server.config import ConfigFileError, load_config, with_overrides
+from atlas_server.config import ConfigFileError, load_config, serving_device, with_overrides
 
 
 def write(tmp_path, text: str):
@@ -43,13 +43,25 @@ def test_the_shipped_defaults_load():
         ("[engine]\noverlap = 1\n", "'engine.overlap' must be"),
         ("[model]\ndtype = 'int4'\n", "model.dtype must be auto, float32, bfloat16 or float16"),
         ("[engine\n", "is not valid TOML"),
-        ("[model]\ndevice = 'nope'\n", "model.device 'nope': not a device; use cpu, cuda"),
+        ("[model]\ndevice = 'nope'\n", "model.device 'nope': not a device; use auto, cpu, cuda"),
         ("[model]\ndevice = 'mps'\n", "model.device 'mps': Atlas serves on cpu or cuda"),
     ],
 )
 def test_bad_config_files_are_refused_with_what_is_wrong(tmp_path, text, message):
     with pytest.raises(ConfigFileError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_the_default_device_is_cuda_where_there_is_one_else_the_cpu(monkeypatch):
+    """CUDA is the primary target: a server started without a device uses the GPU it sees,
+    and a machine with none serves on its CPU, both without a word in the config."""
+    assert load_config(None).model.device == "auto"
+    assert serving_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serving_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving_device("auto") == "cpu"
+    assert serving_device("cuda:1") == "cuda:1" and serving_device("cpu") == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..chat_template import ChatTemplate, NoChatTemplateError, load_chat_template
-from ..config import ServerConfig
+from ..config import ServerConfig, serving_device
 from ..engine.types import EngineConfig
 from ..tokenizer import Tokenizer
 from .metrics import Metrics
@@ -119,7 +119,7 @@ class ServerState:
                     cuda_graphs=cfg.engine.cuda_graphs,
                     tf32=cfg.engine.tf32,
                     overlap=cfg.engine.overlap,
-                    device=cfg.model.device,
+                    device=serving_device(cfg.model.device),
                     dtype=cfg.model.dtype,
                 ),
             )

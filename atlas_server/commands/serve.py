@@ -140,7 +140,9 @@ def serve(
     dtype: str = typer.Option(
         None, help="auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16."
     ),
-    device: str = typer.Option(None, help="cpu or cuda."),
+    device: str = typer.Option(
+        None, help="auto (cuda where PyTorch sees one, else cpu), cpu, cuda or cuda:N."
+    ),
     max_running: int = typer.Option(None, help="Sequences decoded together (KV-cache slots)."),
     log_level: str = typer.Option(
         "info", help="Log level: critical, error, warning, info, debug or trace."
