@@ -20,6 +20,7 @@ DEVICE_SCRIPTS = ["bench_cuda_decode.py", "bench_prefill_attention.py", "bench_s
 DEVICE_SCRIPTS += ["bench_train.py", "bench_overlap.py"]
 PRESET_SCRIPTS = ["bench_engine.py", "bench_train.py", "bench_cuda_decode.py", "step_times.py"]
 PRESET_SCRIPTS += ["bench_prefill_attention.py", "bench_overlap.py", "bench_llamacpp.py"]
+PRESET_SCRIPTS += ["step_overhead.py"]
 NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="cuda is a valid device here")
 
 
@@ -31,6 +32,8 @@ REFUSED = [
     ("bench_decode_attention.py", ["--lengths", "64", "0"]),
     ("bench_decode_attention.py", ["--heads", "12", "--kv-heads", "5"]),
     ("bench_decode_attention.py", ["--head-dim", "512"]),
+    ("step_overhead.py", ["--batch", "0"]),
+    ("step_overhead.py", ["--steps", "some"]),
     ("profile_step.py", ["--steps", "0"]),
     ("bench_serving.py", ["--prompt-tokens", "0"]),
     ("bench_serving.py", ["--output-tokens", "1"]),

@@ -11,7 +11,10 @@
  * instead of two index_put calls, and the index checks in C rather than four reductions
  * read back in Python (together ~70 us a layer at one token, ~0.8 ms of a llama-124m step).
  * It checks every slot and length before touching the cache and returns the first row out
- * of range (-1 when all are in).
+ * of range (-1 when all are in). It works in blocks of positions (scores, one rescale,
+ * exps in vectors, then the weighted values): 1.3-1.6x faster than the loop of one
+ * position at a time it replaced, from DRAM, and 1.2-2.0x SDPA's unmasked time
+ * (`python bench/bench_decode_attention.py`, AVX2 host, one thread).
  *
  * matmul_panels: y = x W (+ bias), then GELU (tanh form) when asked, for x [M, K] and W
  * [K, N] stored as column panels:
@@ -21,12 +24,13 @@
  * in chunks of KC steps, every tile of a block of rows over one chunk before the next, so
  * one panel is read from memory once and from L1 by every further tile, and the last tile
  * prefetches the next chunk; a thread takes a contiguous run of panels, so the weight is
- * read as one stream per thread. Why: for the 1-32 rows of a decode step this runs 1.03-1.98x faster than
- * oneDNN's packed kernels, at 64-128 rows on par, and at batch 1 it streams the weight
- * near DRAM speed (`python bench/bench_matmul.py`, `python bench/ceilings.py`). Each row
- * is summed in the same order whatever tile it lands in, so results do not depend on the
- * batch. NR is a vector multiple chosen at compile time; `panel_width()` tells Python how
- * to lay the panels out.
+ * read as one stream per thread. Why: against oneDNN's packed kernels, on an AVX-512 host
+ * (before the chunking) 1.03-1.98x faster for the 1-32 rows of a decode step and on par at
+ * 64-128; on an AVX2 host (with it) 1.15-2.05x faster at 1-16 rows and 1.12-1.40x at
+ * 32-128; at one row it streams the weight near DRAM speed (`python
+ * bench/bench_matmul.py`, `python bench/ceilings.py`). Each row is summed in the same
+ * order whatever tile it lands in, so results do not depend on the batch. NR is a vector
+ * multiple chosen at compile time; `panel_width()` tells Python how to lay the panels out.
  *
  * rms_norm and rope_rows: a Llama block's small steps at one token, each one call instead
  * of the 6-10 PyTorch operations (~3-20 us apiece) that made up ~8% of a llama-124m

@@ -1,0 +1,138 @@
+"""How much of a CPU decode step is not its matrix products: the step, then the step without them.
+
+What it does: builds a random-weight model of `--preset` prepared for serving (fp32 on the
+CPU, its products through Atlas's C panel kernel), fills `--batch` KV slots with a
+16-token prompt, then times decode steps (median of `--steps`) two ways, alternated in
+rounds: the whole step, and the same step with every panel product replaced by a
+ready-made output of the right shape. The second is what the step costs besides reading
+and multiplying the weights: attention, norms, RoPE, the KV-cache write, the small
+PyTorch operations and the Python that calls them. At one row the products run at DRAM
+speed (bench/ceilings.py), so this remainder is what a decoder with no interpreter in
+the loop (llama.cpp) does not pay.
+Run: `python bench/step_overhead.py [--preset llama-124m] [--threads 1] [--batch 1]`.
+What it does not do: the engine's scheduling and sampling (bench/bench_engine.py), or a
+split of the remainder by operation (bench/profile_step.py, for gpt2-124m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ceilings import machine  # noqa: E402
+from progress import Progress, check_preset  # noqa: E402
+
+from atlas_server.model import Transformer, load_preset, native  # noqa: E402
+
+PROMPT = 16
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama-124m")
+    p.add_argument("--threads", type=positive, default=torch.get_num_threads())
+    p.add_argument("--batch", type=positive, default=1, help="rows decoding together")
+    p.add_argument("--steps", type=positive, default=20, help="timed steps per round")
+    p.add_argument("--rounds", type=positive, default=4, help="alternated rounds")
+    args = p.parse_args(argv)
+    check_preset(p, args.preset)
+    return args
+
+
+class ProductsSkipped:
+    """While active, every PanelWeight call returns a cached tensor of its output's shape."""
+
+    def __enter__(self) -> None:
+        self.real, outputs = native.PanelWeight.__call__, {}
+
+        def skipped(weight, x, bias=None, gelu_tanh=False):
+            shape = x.shape[:-1] + (weight.n_out,)
+            if shape not in outputs:
+                outputs[shape] = torch.zeros(shape)
+            return outputs[shape]
+
+        native.PanelWeight.__call__ = skipped
+
+    def __exit__(self, *exc) -> None:
+        native.PanelWeight.__call__ = self.real
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not native.available():
+        raise SystemExit("error: needs Atlas's C kernels (a C compiler; see docs/architecture.md)")
+    torch.set_num_threads(args.threads)
+    progress = Progress(__file__, phases=2)
+    progress.phase(f"building {args.preset} (random weights) and filling {args.batch} slot(s)")
+    torch.manual_seed(0)
+    config = load_preset(args.preset)
+    model = Transformer(config).eval().prepare_for_inference()
+    max_len = PROMPT + args.rounds * 2 * (args.steps + 1) + 1
+    cache = model.new_cache(args.batch, max_len)
+    slots = torch.arange(args.batch)
+    gen = torch.Generator().manual_seed(1)
+    position = PROMPT
+
+    def step() -> float:
+        nonlocal position
+        ids = torch.randint(0, config.vocab_size, (args.batch, 1), generator=gen)
+        start = time.perf_counter()
+        model(ids, torch.full((args.batch, 1), position), cache, slots, last_only=True)
+        position += 1
+        return time.perf_counter() - start
+
+    progress.phase(
+        f"{args.rounds} alternated rounds of {args.steps} steps, {args.threads} thread(s)"
+    )
+    times: dict[str, list[float]] = {"whole_step_ms": [], "without_products_ms": []}
+    with torch.inference_mode():
+        prompt = torch.randint(0, config.vocab_size, (args.batch, PROMPT), generator=gen)
+        model(prompt, torch.arange(PROMPT).expand(args.batch, PROMPT), cache, slots)
+        for r in range(args.rounds):
+            for kind in list(times) if r % 2 else list(times)[::-1]:
+                if kind == "without_products_ms":
+                    with ProductsSkipped():
+                        step()  # warm-up, also of the cached outputs
+                        times[kind] += [1e3 * step() for _ in range(args.steps)]
+                else:
+                    step()
+                    times[kind] += [1e3 * step() for _ in range(args.steps)]
+    progress.done()
+    whole, rest = (statistics.median(times[k]) for k in times)
+    result = {
+        "machine": machine(),
+        "preset": args.preset,
+        "threads": args.threads,
+        "batch": args.batch,
+        "cached_positions": f"{PROMPT}-{position}",
+        "whole_step_ms": whole,
+        "without_products_ms": rest,
+        "products_ms": whole - rest,
+        "share_not_products": rest / whole,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(result, indent=2))
+    print(
+        f"\n{args.preset}, batch {args.batch}, {args.threads} thread(s): step {whole:.2f} ms, "
+        f"without its products {rest:.2f} ms ({100 * rest / whole:.0f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
