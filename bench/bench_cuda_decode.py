@@ -36,6 +36,7 @@ from atlas_server.engine.runner import EagerRunner  # noqa: E402
 from atlas_server.engine.sampling import SamplingRow, sample_step  # noqa: E402
 from atlas_server.engine.scheduler import DecodeBatch, PrefillChunk, StepPlan  # noqa: E402
 from atlas_server.engine.types import SamplingParams  # noqa: E402
+from atlas_server.io import atomic_write_text  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 
 PROMPT = 128
@@ -120,7 +121,9 @@ def main() -> None:
     check_device(parser, args.device)
     check_preset(parser, args.preset)
     device = torch.device(args.device)
-    results: dict = {"device": str(device), "preset": args.preset, "prompt": PROMPT, "rows": []}
+    # "complete" stays False while the file is rewritten after each row.
+    results: dict = {"device": str(device), "preset": args.preset, "prompt": PROMPT}
+    results |= {"complete": False, "rows": []}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for dtype_name in args.dtype:
@@ -150,12 +153,15 @@ def main() -> None:
                 row["graphs_speedup"] = row["eager_ms"] / row["graphs_ms"]
             results["rows"].append(row)
             print(json.dumps(row), file=sys.stderr)
+            if args.out:  # what is measured survives a run cut short
+                atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
         del runners, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    results["complete"] = True
     print(json.dumps(results, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

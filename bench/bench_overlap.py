@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from atlas_server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from atlas_server.engine.runner import resolve_dtype  # noqa: E402
+from atlas_server.io import atomic_write_text  # noqa: E402
 from atlas_server.model import Transformer, load_preset  # noqa: E402
 from atlas_server.tokenizer import byte_level_tokenizer  # noqa: E402
 
@@ -103,6 +104,21 @@ def main() -> None:
         )
         engines[overlap] = Engine(model, byte_level_tokenizer(), config).start()
     rows = []
+
+    def report(complete: bool) -> dict:
+        return {
+            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "dtype": dtype,
+            "preset": args.preset,
+            "prompt_tokens": PROMPT_TOKENS,
+            "output_tokens": args.tokens,
+            "rounds": args.rounds,
+            "backend": engines[True].backend,
+            "load_average": os.getloadavg()[0],
+            "complete": complete,  # False: the file was written after a row, more were due
+            "rows": rows,
+        }
+
     try:
         for overlap in (False, True):  # warm-up: lazy initialisation, allocator pools
             asyncio.run(decode(engines[overlap], 2, min(8, args.tokens)))
@@ -129,25 +145,16 @@ def main() -> None:
                 }
             )
             progress.note(f"{streams} stream(s): off {off:.1f}, on {on:.1f} tok/s")
+            if args.out is not None:  # what is measured survives a run cut short
+                atomic_write_text(args.out, json.dumps(report(False), indent=2) + "\n")
     finally:
         for engine in engines.values():
             engine.shutdown()
     progress.phase("done")
-    report = {
-        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-        "dtype": dtype,
-        "preset": args.preset,
-        "prompt_tokens": PROMPT_TOKENS,
-        "output_tokens": args.tokens,
-        "rounds": args.rounds,
-        "backend": engines[True].backend,
-        "load_average": os.getloadavg()[0],
-        "rows": rows,
-    }
-    text = json.dumps(report, indent=2)
+    text = json.dumps(report(True), indent=2)
     print(text)
     if args.out is not None:
-        args.out.write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
     print("\n| streams | overlap off tok/s | on tok/s | on / off | same tokens |")
     print("|---:|---:|---:|---:|---|")
     for r in rows:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from progress import check_device, check_preset  # noqa: E402
 
+from atlas_server.io import atomic_write_text  # noqa: E402
 from atlas_server.model.config import load_preset  # noqa: E402
 from atlas_server.model.transformer import Segment, Transformer  # noqa: E402
 
@@ -64,6 +65,11 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
+
+    def report(rows: list, complete: bool) -> dict:
+        head = {"preset": args.preset, "device": str(device), "dtype": str(dtype)}
+        return head | {"complete": complete, "rows": rows}
+
     rows = []
     for n in lengths:
         ids = torch.randint(0, model.config.vocab_size, (n,), device=device)
@@ -100,10 +106,12 @@ def main() -> None:
             f"{slow * 1e3:8.1f} ms, {slow / fast:.2f}x; max |logit diff| {diff:.2e}",
             flush=True,
         )
-    result = {"preset": args.preset, "device": str(device), "dtype": str(dtype), "rows": rows}
+        if args.out:  # what is measured survives a run cut short
+            atomic_write_text(args.out, json.dumps(report(rows, False), indent=2) + "\n")
+    result = report(rows, True)
     print(json.dumps(result))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

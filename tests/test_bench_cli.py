@@ -217,7 +217,9 @@ def test_the_gpu_check_runs_its_steps_in_order_within_its_budget(tmp_path):
     assert r.returncode == 0, log
     started = [line.split()[1] for line in log.splitlines() if "(limit" in line]
     assert started == STEPS
-    assert "=== test_cuda (limit 90s)" in log  # its own limit is 150
+    # Its own limit is 180 s, cut to what is left: 90 s, or 89 when bash's whole-second
+    # clock ticks over during the preamble (a loaded machine).
+    assert re.search(r"=== test_cuda \(limit (89|90)s\)", log), log
     assert "=== prefill (limit 20s)" in log  # under what is left: its own
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     assert sum("bench/bench_" in c or "pytest" in c for c in calls) == len(STEPS)
