@@ -115,6 +115,9 @@ def test_kernel_stores_the_new_keys_and_values_before_attending_as_a_cache_write
     written_v[rows, :, (lengths - 1)[:, None]] = new_v[:, None]
     expected = native.decode_attention(q, written_k, written_v, slots, lengths, 0.25)
 
+    # The key as PyTorch's RoPE leaves it (a tensor of its own), the value still a view of
+    # the projection: two layouts, which the kernel's one row stride cannot both be.
+    new_k = new_k.clone()
     out = native.decode_attention(q, k_store, v_store, slots, lengths, 0.25, new_k, new_v)
     assert torch.equal(k_store, written_k) and torch.equal(v_store, written_v)
     assert torch.equal(out, expected)

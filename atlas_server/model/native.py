@@ -202,13 +202,13 @@ def decode_attention(
         raise ValueError("key and value caches must share shape and strides")
     if k_store.shape[3] != D or k_store.stride(3) != 1 or H % K or D > _MAX_HEAD_DIM:
         raise ValueError(f"unsupported shapes: q {tuple(q.shape)}, cache {tuple(k_store.shape)}")
-    if new and (
-        new_k.shape != (B, K, D) or new_v.shape != (B, K, D) or new_k.stride() != new_v.stride()
-    ):
-        raise ValueError(f"new keys and values must both be [{B}, {K}, {D}] with one layout")
+    if new and (new_k.shape != (B, K, D) or new_v.shape != (B, K, D)):
+        raise ValueError(f"new keys and values must both be [{B}, {K}, {D}]")
     if q.stride(2) != 1 or q.stride(1) != D:  # rows may be any distance apart, heads not
         q = q.contiguous()
-    if new and (new_k.stride(2) != 1 or new_k.stride(1) != D):
+    if new and (new_k.stride() != new_v.stride() or new_k.stride(2) != 1 or new_k.stride(1) != D):
+        # One layout for both (the kernel takes one row stride): views of the fused qkv
+        # share theirs; a key turned by PyTorch's RoPE is a tensor of its own.
         new_k, new_v = new_k.contiguous(), new_v.contiguous()
     if slots.shape != (B,) or lengths.shape != (B,):
         raise ValueError("slots and lengths need one entry per row")
