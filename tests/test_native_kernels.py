@@ -389,7 +389,9 @@ def test_building_for_an_unknown_cpu_is_a_one_line_error(tmp_path):
     ("rows", "k", "n"),
     # every tile height (1-8 rows, and past one tile), odd K, N short of a whole panel or
     # spanning many with a ragged last one, and the GPT-2 head
-    [(m, 33, 97) for m in range(1, 10)] + [(17, 3, 5), (64, 768, 2304), (2, 768, 50257)],
+    [(m, 33, 97) for m in range(1, 10)]
+    + [(17, 3, 5), (64, 768, 2304), (2, 768, 50257)]
+    + [(3, 0, 30)],  # K = 0: zeros, as x @ W gives
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matmul_panels_equals_x_at_w(rows, k, n, with_bias):

@@ -337,6 +337,8 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
         float sums[MB * NR] __attribute__((aligned(64)));
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int64_t rows = M - m0 < MB ? M - m0 : MB;
+            if (K == 0) /* no chunk to start the sums: a product over nothing is zero */
+                memset(sums, 0, sizeof(sums));
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = k0 + KC < K ? k0 + KC : K;
                 for (int64_t m = 0; m < rows; m += MR) {

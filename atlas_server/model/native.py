@@ -315,9 +315,10 @@ def pack_panels(weight: Tensor) -> Tensor:
         raise ValueError("pack_panels needs a 2-D float32 CPU tensor")
     width = library.width
     k, n = weight.shape
-    padded = weight.new_zeros(k, -(-n // width) * width)  # [K, P * NR]
+    n_panels = -(-n // width)
+    padded = weight.new_zeros(k, n_panels * width)  # [K, P * NR]
     padded[:, :n] = weight.detach()
-    return padded.view(k, -1, width).transpose(0, 1).contiguous()  # [P, K, NR]
+    return padded.view(k, n_panels, width).transpose(0, 1).contiguous()  # [P, K, NR]
 
 
 def matmul_panels(
@@ -364,7 +365,7 @@ def _multiply(
             panels.data_ptr(),
             None if bias is None else bias.data_ptr(),
             y.data_ptr(),
-            x.numel() // panels.shape[1],
+            x.shape[:-1].numel(),  # M rows
             panels.shape[1],
             n_out,
             int(gelu_tanh),
