@@ -33,18 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ceilings import dram_read_bandwidth, machine  # noqa: E402
-from progress import Progress  # noqa: E402
+from progress import Progress, positive  # noqa: E402
 
 from atlas_server.model import native  # noqa: E402
 
 COPY_BYTES = 96 * 2**20  # three times a 32 MB last-level cache
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -52,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from progress import positive  # noqa: E402  (no PyTorch: the llama.cpp worker imports this file)
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # Only the `llama` library: no tools, tests, server or curl/openssl. GGML_NATIVE builds for
 # this CPU (AVX2/AVX-512 where present), as a local llama.cpp build would.
@@ -68,13 +70,6 @@ BASE_CMAKE_ARGS = [
     "-DGGML_NATIVE=ON",
     "-DGGML_OPENMP=ON",
 ]
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

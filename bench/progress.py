@@ -11,7 +11,8 @@ file or CI output would fill with carriage returns), or timing that enters the r
 
 Beside it, the checks the benchmarks share for arguments that would fail only once work
 has started: `check_device` (a `--device` PyTorch cannot parse, or CUDA where there is
-none) and `check_preset` (an unknown `--preset`). Each refuses through `parser.error`, in
+none), `check_preset` (an unknown `--preset`) and `positive` (an argparse type for counts
+that must be at least 1). Each refuses through `parser.error`, in
 one line with exit status 2, and imports PyTorch or Atlas only when called.
 """
 
@@ -23,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Progress", "check_device", "check_preset"]
+__all__ = ["Progress", "check_device", "check_preset", "positive"]
 
 
 class Progress:
@@ -81,3 +82,11 @@ def check_preset(parser: argparse.ArgumentParser, name: str) -> None:
         load_preset(name)
     except ConfigError as e:
         parser.error(str(e))
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer of at least 1 (a count of rows, steps or rounds)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -29,18 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ceilings import machine  # noqa: E402
-from progress import Progress, check_preset  # noqa: E402
+from progress import Progress, check_preset, positive  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset, native  # noqa: E402
 
 PROMPT = 16
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
