@@ -226,14 +226,15 @@ int64_t decode_attention(const float *q, int64_t q_row_stride, const float *k_ne
             for (int64_t g = 0; g < G; g++) {
                 block_scores(query[g], kp + j0 * pos_stride, pos_stride, D, n, scores);
                 const int64_t padded = (n + VL - 1) / VL * VL;
-                for (int64_t j = n; j < padded; j++) scores[j] = -INFINITY; /* exp gives 0 */
+                for (int64_t j = n; j < padded; j++) scores[j] = -INFINITY; /* weigh nothing */
                 vec top_lanes = (vec){0} + running_max[g];
                 for (int64_t j = 0; j < padded; j += VL) {
                     const vec s = *(vec *)(scores + j);
                     top_lanes = select_lanes(s > top_lanes, s, top_lanes);
                 }
                 float top = top_lanes[0];
-                for (int lane = 1; lane < VL; lane++) top = top_lanes[lane] > top ? top_lanes[lane] : top;
+                for (int lane = 1; lane < VL; lane++)
+                    top = top_lanes[lane] > top ? top_lanes[lane] : top;
                 if (top > running_max[g]) { /* rescale what was summed under the old maximum */
                     const float c = expf(running_max[g] - top);
                     denominator[g] *= c;
