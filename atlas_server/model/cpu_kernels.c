@@ -141,7 +141,8 @@ static void block_scores(const float *query, const float *keys, int64_t pos_stri
     for (; j < n; j++) {
         const float *key = keys + j * pos_stride;
         vec s0 = (vec){0};
-        for (int64_t d = 0; d < whole; d += VL) s0 += *(const vec *)(query + d) * *(const vec *)(key + d);
+        for (int64_t d = 0; d < whole; d += VL)
+            s0 += *(const vec *)(query + d) * *(const vec *)(key + d);
         float t = lane_sum(s0);
         for (int64_t d = whole; d < D; d++) t += query[d] * key[d];
         scores[j] = t;
