@@ -33,6 +33,8 @@ REFUSED = [
     ("bench_decode_attention.py", ["--heads", "12", "--kv-heads", "5"]),
     ("bench_decode_attention.py", ["--head-dim", "512"]),
     ("step_overhead.py", ["--batch", "0"]),
+    ("omp_wait_policy.py", ["--busy", "-1"]),
+    ("omp_wait_policy.py", ["--spin", "100", "-5"]),
     ("step_overhead.py", ["--steps", "some"]),
     ("profile_step.py", ["--steps", "0"]),
     ("bench_serving.py", ["--prompt-tokens", "0"]),
