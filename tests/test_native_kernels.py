@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 import subprocess
 from dataclasses import replace
 
@@ -312,22 +313,41 @@ def test_compiled_library_is_cached_by_content_and_written_atomically(monkeypatc
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "march",
+    [
+        "native",
+        # The 4-lane build (no AVX): the vector width, tiles and register pin of a CPU that
+        # no test machine here has, so a build or arithmetic error in it shows up somewhere.
+        pytest.param(
+            "x86-64",
+            marks=pytest.mark.skipif(
+                platform.machine() not in ("x86_64", "AMD64"), reason="an x86 target"
+            ),
+        ),
+    ],
+)
 def test_a_library_built_ahead_of_time_runs_without_a_compiler(
-    monkeypatch, tmp_path, reload_library
+    monkeypatch, tmp_path, reload_library, march
 ):
     target = tmp_path / "cpu_kernels.so"
-    native.main([str(target)])  # the Dockerfile's step, for this machine's CPU
+    native.main([str(target), "--march", march])  # the Dockerfile's step
     monkeypatch.setenv("ATLAS_NATIVE_LIB", str(target))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert native.available()
-    q, k, v = torch.randn(2, 4, 16), torch.randn(3, 4, 8, 16), torch.randn(3, 4, 8, 16)
-    slots, lengths = torch.tensor([2, 0]), torch.tensor([8, 5])
+    if march == "x86-64":
+        assert native._library().width == 12  # 3 vectors of 4 lanes: that build, loaded
+    q, k, v = torch.randn(2, 4, 16), torch.randn(3, 4, 80, 16), torch.randn(3, 4, 80, 16)
+    slots, lengths = torch.tensor([2, 0]), torch.tensor([80, 5])  # past one block of 64
     torch.testing.assert_close(
         native.decode_attention(q, k, v, slots, lengths, 0.25),
         sdpa_over_own_lengths(q, k, v, slots, lengths),  # SDPA's default scale: 16**-0.5
         atol=1e-5,
         rtol=1e-5,
     )
+    weight, x = torch.randn(100, 70), torch.randn(37, 100)  # K past two chunks, 2 row blocks
+    y = native.matmul_panels(x, native.pack_panels(weight), 70)
+    torch.testing.assert_close(y, x @ weight, atol=1e-4, rtol=1e-5)
 
 
 def test_a_prebuilt_library_that_is_not_one_falls_back_with_a_warning(
