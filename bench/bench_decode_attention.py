@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ceilings import dram_read_bandwidth, machine  # noqa: E402
-from progress import Progress, positive  # noqa: E402
+from progress import Progress, check_fits, positive  # noqa: E402
 
 from atlas_server.model import native  # noqa: E402
 
@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
     if args.head_dim > 256:
         p.error("--head-dim above 256 is not served by the C kernel")
+    largest = 2 * max(args.rows) * args.kv_heads * max(args.lengths) * args.head_dim * 4
+    check_fits(p, max(largest, COPY_BYTES), "the largest case's key/value cache")
     return args
 
 

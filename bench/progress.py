@@ -11,8 +11,9 @@ file or CI output would fill with carriage returns), or timing that enters the r
 
 Beside it, the checks the benchmarks share for arguments that would fail only once work
 has started: `check_device` (a `--device` PyTorch cannot parse, or CUDA where there is
-none), `check_preset` (an unknown `--preset`) and `positive` (an argparse type for counts
-that must be at least 1). Each refuses through `parser.error`, in
+none), `check_preset` (an unknown `--preset`), `check_fits` (arguments whose tensors would
+not fit in half of this machine's memory) and `positive` (an argparse type for counts that
+must be at least 1). Each refuses through `parser.error`, in
 one line with exit status 2, and imports PyTorch or Atlas only when called.
 """
 
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["Progress", "check_device", "check_preset", "positive"]
+__all__ = ["Progress", "check_device", "check_fits", "check_preset", "positive"]
 
 
 class Progress:
@@ -90,3 +91,17 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def check_fits(parser: argparse.ArgumentParser, nbytes: int, what: str) -> None:
+    """`parser.error` when `nbytes` of tensors would take more than half of this machine's
+    memory: a one-line refusal before any work, not an allocator traceback minutes in."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: cannot tell
+        return
+    if nbytes > memory // 2:
+        parser.error(
+            f"{what} would take {nbytes / 2**30:.1f} GiB, more than half of this machine's"
+            f" {memory / 2**30:.1f} GiB"
+        )

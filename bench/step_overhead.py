@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ceilings import machine  # noqa: E402
-from progress import Progress, check_preset, positive  # noqa: E402
+from progress import Progress, check_fits, check_preset, positive  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset, native  # noqa: E402
 
@@ -45,7 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=positive, default=4, help="alternated rounds")
     args = p.parse_args(argv)
     check_preset(p, args.preset)
+    config = load_preset(args.preset)
+    if cache_len(args) > config.max_seq_len:
+        p.error(
+            f"--rounds {args.rounds} x --steps {args.steps} decode past {args.preset}'s"
+            f" max_seq_len {config.max_seq_len} (the steps follow each other in one cache)"
+        )
+    slot_bytes = 2 * config.n_layers * config.kv_heads * config.head_dim * 4 * cache_len(args)
+    check_fits(p, args.batch * slot_bytes, f"--batch {args.batch}'s KV cache")
     return args
+
+
+def cache_len(args: argparse.Namespace) -> int:
+    """Positions the run fills: the prompt, then every step of every round (and warm-ups)."""
+    return PROMPT + args.rounds * 2 * (args.steps + 1) + 1
 
 
 class ProductsSkipped:
@@ -76,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     config = load_preset(args.preset)
     model = Transformer(config).eval().prepare_for_inference()
-    max_len = PROMPT + args.rounds * 2 * (args.steps + 1) + 1
-    cache = model.new_cache(args.batch, max_len)
+    cache = model.new_cache(args.batch, cache_len(args))
     slots = torch.arange(args.batch)
     gen = torch.Generator().manual_seed(1)
     position = PROMPT

@@ -33,6 +33,9 @@ REFUSED = [
     ("bench_decode_attention.py", ["--heads", "12", "--kv-heads", "5"]),
     ("bench_decode_attention.py", ["--head-dim", "512"]),
     ("step_overhead.py", ["--batch", "0"]),
+    ("step_overhead.py", ["--preset", "gpt2-tiny", "--steps", "1000"]),  # past max_seq_len
+    ("step_overhead.py", ["--batch", "100000000"]),  # a KV cache past the memory
+    ("bench_decode_attention.py", ["--rows", "4096", "--lengths", "100000000"]),
     ("omp_wait_policy.py", ["--busy", "-1"]),
     ("omp_wait_policy.py", ["--spin", "100", "-5"]),
     ("step_overhead.py", ["--steps", "some"]),

@@ -9,7 +9,8 @@
  * one-token queries (docs/benchmarks.md, bench/profile_step.py). Given the step's new keys
  * and values, it first stores them at position len_b - 1 of each row's slot: one call
  * instead of two index_put calls, and the index checks in C rather than four reductions
- * read back in Python (together ~70 us a layer at one token, ~0.8 ms of a llama-124m step).
+ * read back in Python (with the leaner panel call, a llama-124m step's time outside its
+ * products fell from 3.6-4.0 to 2.7 ms at one token: `python bench/step_overhead.py`).
  * It checks every slot and length before touching the cache and returns the first row out
  * of range (-1 when all are in). It works in blocks of positions (scores, one rescale,
  * exps in vectors, then the weighted values): 1.3-1.6x faster than the loop of one
@@ -274,8 +275,10 @@ static inline vec gelu_tanh(vec x) {
 }
 
 /* Keep a vector in a register: with AVX2's 16 registers GCC otherwise folds the weight
- * loads into every row's FMA, 16 loads per k step instead of 7, and the tile runs at ~70%
- * of the FMA peak instead of ~93%. An empty asm that claims to change the value; "v" lets
+ * loads into every row's FMA, 16 loads per k step instead of 7 (`gcc -O3 -march=native
+ * -S` shows the folded FMAs), and the tile is bound by loads rather than by the FMAs
+ * (bench/bench_matmul.py before and after, docs/benchmarks.md). An empty asm that claims
+ * to change the value; "v" lets
  * it sit in any of AVX-512's 32 registers (where GCC kept the weights in registers anyway),
  * and other architectures do without. */
 #if defined(__AVX512F__)
@@ -290,7 +293,8 @@ static inline vec gelu_tanh(vec x) {
  * tile by tile, so the tiles after the first read the chunk from L1 rather than L2, and the
  * last tile prefetches the next chunk while it computes: at 8-32 rows the weight then
  * streams from DRAM while the arithmetic runs instead of before it. KC = 48 was the best of
- * 32-128 on an AVX2 host (KC = 128 was 1.2-1.3x slower at 8-16 rows), bench/bench_matmul.py. */
+ * 32-128 in a standalone sweep on an AVX2 host (not kept; rebuild with another KC and rerun
+ * bench/bench_matmul.py to check it on yours). */
 #define KC 48
 #define MB 32 /* rows whose partial sums a thread keeps on its stack: MB x NR floats */
 
@@ -356,7 +360,7 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
                 for (int64_t m = 0; m < rows; m += MR) {
                     const float *xm = x + (m0 + m) * K;
                     /* A single tile is left to the hardware prefetcher: software prefetch
-                     * made one row 10-25% slower. */
+                     * made one row slower in the same sweep. */
                     const char *ahead =
                         rows > MR && m + MR >= rows ? (const char *)(panel + k1 * NR) : 0;
                     switch (rows - m < MR ? rows - m : MR) {

@@ -193,7 +193,7 @@ def decode_attention(
     B, H, D = q.shape
     n_slots, K, max_len, _ = k_store.shape
     new = () if new_k is None and new_v is None else (new_k, new_v)
-    # Checked with the cheapest attributes: at one token the whole call is ~10 us.
+    # Checked with the cheapest attributes: at one token the call runs once per layer.
     if any(
         t is None or not t.is_cpu or t.dtype != torch.float32 for t in (q, k_store, v_store, *new)
     ):
@@ -249,7 +249,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     library = _library()
     if library is None:
         raise RuntimeError("native CPU kernels are not available (see available())")
-    # Checked with the cheapest attributes: at one token the whole call is ~8 us.
+    # Checked with the cheapest attributes: at one token the call runs twice per layer.
     if not (x.is_cpu and weight.is_cpu and x.dtype == weight.dtype == torch.float32):
         raise ValueError("rms_norm needs float32 CPU tensors")
     dim = x.shape[-1]
@@ -387,9 +387,9 @@ class PanelWeight(WeightCopy):
 
     def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
         # The panels were checked when they were made: only x and the bias are checked per
-        # call, with the cheapest attributes (matmul_panels' full checks cost ~8 us, ~0.4 ms
-        # of a llama-124m step at one token). Anything unusual takes the checked path, which
-        # says what is wrong.
+        # call, with the cheapest attributes (49 calls a llama-124m step; what a step spends
+        # outside its products: bench/step_overhead.py). Anything unusual takes the checked
+        # path, which says what is wrong.
         library = _library()
         if (
             library is not None
