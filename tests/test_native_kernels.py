@@ -14,6 +14,7 @@ from test_model import tiny
 
 from atlas_server.model import Transformer, native
 from atlas_server.model.attention import reference_attention
+from atlas_server.model.decode_stack import DecodeStack
 from atlas_server.model.transformer import Linear, apply_rope, rope_tables
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no C compiler here")
@@ -512,6 +513,9 @@ def test_model_products_all_go_through_the_panels_with_the_same_logits(monkeypat
     calls = []
     kernel = native._multiply  # what the checked and the per-weight paths both call
     monkeypatch.setattr(native, "_multiply", lambda *a: calls.append(1) or kernel(*a))
+    # Block by block: the one-call decode step (test_decode_stack.py) reads the same panels
+    # from C, so only its head's product would pass through here.
+    monkeypatch.setenv("ATLAS_DECODE_STACK", "0")
     torch.manual_seed(0)
     model = Transformer(tiny("learned", "layernorm", "gelu", 4)).prepare_for_inference()
     ids = torch.randint(0, 97, (3, 12))
@@ -569,6 +573,7 @@ async def test_the_engine_reports_the_kernels_that_actually_serve(
     for module, name, label in [
         (native, "_multiply", "C"),
         (native, "decode_attention", "C attention"),
+        (DecodeStack, "__call__", "C decode step"),
         (onednn.PackedWeight, "__call__", "oneDNN"),
     ]:
         real = getattr(module, name)
@@ -592,7 +597,8 @@ async def test_the_engine_reports_the_kernels_that_actually_serve(
         assert events[-1].finish_reason == "length"
     finally:
         engine.shutdown()
-    expected = {"C": {"C", "C attention"}, "oneDNN": {"oneDNN"}, "PyTorch": set()}[path]
+    # In C, the prompt's products are the panel kernel's and every decode step is one call.
+    expected = {"C": {"C", "C decode step"}, "oneDNN": {"oneDNN"}, "PyTorch": set()}[path]
     assert set(calls) == expected
 
 

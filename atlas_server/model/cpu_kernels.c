@@ -187,6 +187,67 @@ static void block_values(const float *p, const float *values, int64_t pos_stride
     }
 }
 
+/* One task of decode attention: row b's query heads h0..h0+G-1 (G <= GQ), which share key
+ * and value head kv, over positions [0, lengths[b]) of the row's slot. */
+static void attend_task(const float *q, int64_t q_row_stride, const float *k, const float *v,
+                        float *out, const int64_t *slots, const int64_t *lengths, int64_t H,
+                        int64_t K, int64_t D, int64_t slot_stride, int64_t head_stride,
+                        int64_t pos_stride, float scale, int64_t task) {
+    const int64_t group = H / K, chunks = (group + GQ - 1) / GQ; /* tasks per kv head */
+    const int64_t b = task / (K * chunks), kv = task / chunks % K;
+    const int64_t h0 = kv * group + task % chunks * GQ;
+    const int64_t G = kv * group + group - h0 < GQ ? kv * group + group - h0 : GQ;
+    const int64_t offset = slots[b] * slot_stride + kv * head_stride, len = lengths[b];
+    const float *kp = k + offset, *vp = v + offset;
+    float query[GQ][256], acc[GQ][256], running_max[GQ], denominator[GQ];
+    float scores[BLOCK] __attribute__((aligned(64)));
+    for (int64_t g = 0; g < G; g++) {
+        const float *qp = q + b * q_row_stride + (h0 + g) * D;
+        for (int64_t d = 0; d < D; d++) {
+            query[g][d] = qp[d] * scale;
+            acc[g][d] = 0.f;
+        }
+        running_max[g] = -INFINITY, denominator[g] = 0.f;
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += BLOCK) {
+        const int64_t n = len - j0 < BLOCK ? len - j0 : BLOCK;
+        for (int64_t g = 0; g < G; g++) {
+            block_scores(query[g], kp + j0 * pos_stride, pos_stride, D, n, scores);
+            const int64_t padded = (n + VL - 1) / VL * VL;
+            for (int64_t j = n; j < padded; j++) scores[j] = -INFINITY; /* weigh nothing */
+            vec top_lanes = (vec){0} + running_max[g];
+            for (int64_t j = 0; j < padded; j += VL) {
+                const vec s = *(vec *)(scores + j);
+                top_lanes = select_lanes(s > top_lanes, s, top_lanes);
+            }
+            float top = top_lanes[0];
+            for (int lane = 1; lane < VL; lane++)
+                top = top_lanes[lane] > top ? top_lanes[lane] : top;
+            if (top > running_max[g]) { /* rescale what was summed under the old maximum */
+                const float c = expf(running_max[g] - top);
+                denominator[g] *= c;
+                for (int64_t d = 0; d < D; d++) acc[g][d] *= c;
+                running_max[g] = top;
+            }
+            vec sum = (vec){0};
+            for (int64_t j = 0; j < padded; j += VL) { /* probabilities, VL at a time */
+                vec t = *(vec *)(scores + j) - top;
+                /* exp_approx's range; below it (and the padding's -inf) e^t < 2e-38 */
+                t = select_lanes(t > -87.f, t, (vec){0} - 87.f);
+                const vec e = exp_approx(t);
+                *(vec *)(scores + j) = e;
+                sum += e;
+            }
+            for (int lane = 0; lane < VL; lane++) denominator[g] += sum[lane];
+            block_values(scores, vp + j0 * pos_stride, pos_stride, D, n, acc[g]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *op = out + (b * H + h0 + g) * D;
+        for (int64_t d = 0; d < D; d++) op[d] = acc[g][d] / denominator[g];
+    }
+}
+
 int64_t decode_attention(const float *q, int64_t q_row_stride, const float *k_new,
                          const float *v_new, int64_t new_row_stride, float *k, float *v,
                          float *out, const int64_t *slots, const int64_t *lengths,
@@ -204,63 +265,12 @@ int64_t decode_attention(const float *q, int64_t q_row_stride, const float *k_ne
                 memcpy(k + at, k_new + b * new_row_stride + h * D, D * sizeof(float));
                 memcpy(v + at, v_new + b * new_row_stride + h * D, D * sizeof(float));
             }
-    const int64_t group = H / K, chunks = (group + GQ - 1) / GQ; /* tasks per kv head */
+    const int64_t chunks = (H / K + GQ - 1) / GQ; /* tasks per kv head */
     /* dynamic: rows differ in length, so equal shares of the tasks are unequal work */
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t task = 0; task < B * K * chunks; task++) {
-        const int64_t b = task / (K * chunks), kv = task / chunks % K;
-        const int64_t h0 = kv * group + task % chunks * GQ;
-        const int64_t G = kv * group + group - h0 < GQ ? kv * group + group - h0 : GQ;
-        const int64_t offset = slots[b] * slot_stride + kv * head_stride, len = lengths[b];
-        const float *kp = k + offset, *vp = v + offset;
-        float query[GQ][256], acc[GQ][256], running_max[GQ], denominator[GQ];
-        float scores[BLOCK] __attribute__((aligned(64)));
-        for (int64_t g = 0; g < G; g++) {
-            const float *qp = q + b * q_row_stride + (h0 + g) * D;
-            for (int64_t d = 0; d < D; d++) {
-                query[g][d] = qp[d] * scale;
-                acc[g][d] = 0.f;
-            }
-            running_max[g] = -INFINITY, denominator[g] = 0.f;
-        }
-        for (int64_t j0 = 0; j0 < len; j0 += BLOCK) {
-            const int64_t n = len - j0 < BLOCK ? len - j0 : BLOCK;
-            for (int64_t g = 0; g < G; g++) {
-                block_scores(query[g], kp + j0 * pos_stride, pos_stride, D, n, scores);
-                const int64_t padded = (n + VL - 1) / VL * VL;
-                for (int64_t j = n; j < padded; j++) scores[j] = -INFINITY; /* weigh nothing */
-                vec top_lanes = (vec){0} + running_max[g];
-                for (int64_t j = 0; j < padded; j += VL) {
-                    const vec s = *(vec *)(scores + j);
-                    top_lanes = select_lanes(s > top_lanes, s, top_lanes);
-                }
-                float top = top_lanes[0];
-                for (int lane = 1; lane < VL; lane++)
-                    top = top_lanes[lane] > top ? top_lanes[lane] : top;
-                if (top > running_max[g]) { /* rescale what was summed under the old maximum */
-                    const float c = expf(running_max[g] - top);
-                    denominator[g] *= c;
-                    for (int64_t d = 0; d < D; d++) acc[g][d] *= c;
-                    running_max[g] = top;
-                }
-                vec sum = (vec){0};
-                for (int64_t j = 0; j < padded; j += VL) { /* probabilities, VL at a time */
-                    vec t = *(vec *)(scores + j) - top;
-                    /* exp_approx's range; below it (and the padding's -inf) e^t < 2e-38 */
-                    t = select_lanes(t > -87.f, t, (vec){0} - 87.f);
-                    const vec e = exp_approx(t);
-                    *(vec *)(scores + j) = e;
-                    sum += e;
-                }
-                for (int lane = 0; lane < VL; lane++) denominator[g] += sum[lane];
-                block_values(scores, vp + j0 * pos_stride, pos_stride, D, n, acc[g]);
-            }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            float *op = out + (b * H + h0 + g) * D;
-            for (int64_t d = 0; d < D; d++) op[d] = acc[g][d] / denominator[g];
-        }
-    }
+    for (int64_t task = 0; task < B * K * chunks; task++)
+        attend_task(q, q_row_stride, k, v, out, slots, lengths, H, K, D, slot_stride,
+                    head_stride, pos_stride, scale, task);
     return -1;
 }
 
@@ -329,17 +339,56 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
         for (int v = 0; v < NV; v++) *(vec *)(sums + r * NR + v * VL) = acc[r][v];
 }
 
-/* y[r, :cols] = sums[r, :cols] (+ bias), then GELU when asked, for `rows` rows. */
+/* What a product does with its result once the sums are done (after adding the bias). */
+enum { STORE = 0, STORE_GELU = 1, ADD_TO_Y = 2 };
+
+/* y[r, :cols] = sums[r, :cols] (+ bias), then GELU when asked, or y += that (a residual
+ * add in the same pass), for `rows` rows. */
 static void finish_rows(float *sums, const float *bias, float *y, int64_t N, int64_t cols,
-                        int gelu, int64_t rows) {
+                        int epilogue, int64_t rows) {
     for (int64_t r = 0; r < rows; r++) {
         float *out = sums + r * NR;
         if (bias)
             for (int64_t c = 0; c < cols; c++) out[c] += bias[c];
-        if (gelu) /* over all NR columns: the padding past `cols` is never stored */
+        if (epilogue == STORE_GELU) /* over all NR columns: the padding is never stored */
             for (int v = 0; v < NV; v++)
                 *(vec *)(out + v * VL) = gelu_tanh(*(vec *)(out + v * VL));
-        memcpy(y + r * N, out, cols * sizeof(float));
+        if (epilogue == ADD_TO_Y)
+            for (int64_t c = 0; c < cols; c++) y[r * N + c] += out[c];
+        else
+            memcpy(y + r * N, out, cols * sizeof(float));
+    }
+}
+
+/* Panel p's columns of y = x W (+ bias), every row: the unit of work a thread takes. */
+static void multiply_panel(const float *x, const float *panels, const float *bias, float *y,
+                           int64_t M, int64_t K, int64_t N, int epilogue, int64_t p) {
+    const float *panel = panels + p * K * NR, *b = bias ? bias + p * NR : 0;
+    const int64_t cols = N - p * NR < NR ? N - p * NR : NR;
+    float sums[MB * NR] __attribute__((aligned(64)));
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t rows = M - m0 < MB ? M - m0 : MB;
+        if (K == 0) /* no chunk to start the sums: a product over nothing is zero */
+            memset(sums, 0, sizeof(sums));
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int64_t m = 0; m < rows; m += MR) {
+                const float *xm = x + (m0 + m) * K;
+                /* A single tile is left to the hardware prefetcher: software prefetch
+                 * made one row slower in the same sweep. */
+                const char *ahead =
+                    rows > MR && m + MR >= rows ? (const char *)(panel + k1 * NR) : 0;
+                switch (rows - m < MR ? rows - m : MR) {
+#define TILE(n) \
+    case n: tile(xm, K, panel, k0, k1, sums + m * NR, k0 == 0, ahead, n); break;
+                    TILE(1) TILE(2) TILE(3) TILE(4)
+#if MR > 4
+                    TILE(5) TILE(6) TILE(7) TILE(8)
+#endif
+                }
+            }
+        }
+        finish_rows(sums, b, y + m0 * N + p * NR, N, cols, epilogue, rows);
     }
 }
 
@@ -347,49 +396,46 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
                    int64_t K, int64_t N, int gelu, int threads) {
     const int64_t n_panels = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < n_panels; p++) {
-        const float *panel = panels + p * K * NR, *b = bias ? bias + p * NR : 0;
-        const int64_t cols = N - p * NR < NR ? N - p * NR : NR;
-        float sums[MB * NR] __attribute__((aligned(64)));
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int64_t rows = M - m0 < MB ? M - m0 : MB;
-            if (K == 0) /* no chunk to start the sums: a product over nothing is zero */
-                memset(sums, 0, sizeof(sums));
-            for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-                for (int64_t m = 0; m < rows; m += MR) {
-                    const float *xm = x + (m0 + m) * K;
-                    /* A single tile is left to the hardware prefetcher: software prefetch
-                     * made one row slower in the same sweep. */
-                    const char *ahead =
-                        rows > MR && m + MR >= rows ? (const char *)(panel + k1 * NR) : 0;
-                    switch (rows - m < MR ? rows - m : MR) {
-#define TILE(n) \
-    case n: tile(xm, K, panel, k0, k1, sums + m * NR, k0 == 0, ahead, n); break;
-                        TILE(1) TILE(2) TILE(3) TILE(4)
-#if MR > 4
-                        TILE(5) TILE(6) TILE(7) TILE(8)
-#endif
-                    }
-                }
-            }
-            finish_rows(sums, b, y + m0 * N + p * NR, N, cols, gelu, rows);
-        }
+    for (int64_t p = 0; p < n_panels; p++)
+        multiply_panel(x, panels, bias, y, M, K, N, gelu ? STORE_GELU : STORE, p);
+}
+
+/* One row of RMSNorm (x / sqrt(mean(x^2) + eps) * w) or, with `layer`, LayerNorm ((x -
+ * mean) / sqrt(var + eps) * w (+ b)). */
+static void norm_row(const float *x, const float *w, const float *b, float *o, int64_t dim,
+                     int layer, float eps) {
+    float mean = 0.f, squares = 0.f;
+    if (layer) {
+#pragma omp simd reduction(+ : mean)
+        for (int64_t d = 0; d < dim; d++) mean += x[d];
+        mean /= (float)dim;
     }
+#pragma omp simd reduction(+ : squares)
+    for (int64_t d = 0; d < dim; d++) squares += (x[d] - mean) * (x[d] - mean);
+    const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+#pragma omp simd
+    for (int64_t d = 0; d < dim; d++) o[d] = (x[d] - mean) * inv * w[d] + (b ? b[d] : 0.f);
 }
 
 void rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps,
               int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *o = out + r * dim;
-        float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t d = 0; d < dim; d++) squares += xr[d] * xr[d];
-        const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * dim, w, 0, out + r * dim, dim, 0, eps);
+}
+
+/* Turn the first R dims of each of `heads` heads (D apart) of one row by one position's
+ * angles c, s [R] ("rotate half": dims i and i + R/2 as a pair). */
+static void rope_row(float *x, int64_t heads, int64_t D, int64_t R, const float *c,
+                     const float *s) {
+    const int64_t half = R / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * D;
 #pragma omp simd
-        for (int64_t d = 0; d < dim; d++) o[d] = xr[d] * inv * w[d];
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c[i] - b * s[i];
+            v[i + half] = b * c[i + half] + a * s[i + half];
+        }
     }
 }
 
@@ -398,19 +444,125 @@ int64_t rope_rows(float *x, int64_t rows, int64_t row_stride, int64_t heads, int
                   const float *sin_table, int64_t table_len, int threads) {
     for (int64_t r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_len) return r;
-    const int64_t half = R / 2;
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows > 16)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_table + positions[r] * R, *s = sin_table + positions[r] * R;
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + r * row_stride + h * D;
-#pragma omp simd
-            for (int64_t i = 0; i < half; i++) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
+    for (int64_t r = 0; r < rows; r++)
+        rope_row(x + r * row_stride, heads, D, R, cos_table + positions[r] * R,
+                 sin_table + positions[r] * R);
+    return -1;
+}
+
+/* ---- decode_stack: a decode step through every block of a model, in one call ---- */
+
+/* One block's tensors; NULL where the model has none (biases, LayerNorm's shift). The
+ * products' weights are column panels (pack_panels); k_cache and v_cache are the layer's
+ * whole cache, strides as in decode_attention. */
+struct block_weights {
+    const float *norm1_w, *norm1_b, *qkv, *qkv_bias, *o, *o_bias;
+    const float *norm2_w, *norm2_b, *w_in, *in_bias, *w_out, *out_bias;
+    float *k_cache, *v_cache;
+};
+
+enum { MLP_SWIGLU = 0, MLP_GELU_TANH = 1, MLP_GELU_ERF = 2 };
+
+/* The shapes every block shares. R = 0: no rotary embedding (learned or sinusoidal
+ * positions were added to the embeddings). */
+struct stack_shape {
+    int64_t rows, C, H, K, D, F, R, n_slots, max_len, slot_stride, head_stride, pos_stride;
+    int64_t table_len, layer_norm, mlp, parallel_residual;
+    float eps, scale;
+};
+
+/* Floats of scratch decode_stack needs for `rows` rows (the caller allocates it). */
+int64_t decode_stack_scratch(const struct stack_shape *s) {
+    const int64_t in = s->mlp == MLP_SWIGLU ? 2 * s->F : s->F;
+    return s->rows * (2 * s->C + (s->H + 2 * s->K) * s->D + s->H * s->D + in + s->F);
+}
+
+/* x [rows, C] (the embedded tokens, updated in place to the last block's output) through
+ * n_layers blocks, one token per row at positions[b] in cache slot slots[b]: each block
+ * is norm -> q|k|v product -> RoPE -> this token's key and value stored in the cache ->
+ * attention over positions [0, positions[b]] -> output product added to x -> norm -> MLP
+ * -> its output added to x (with parallel_residual both norms read the block's input).
+ * The same numbers as those steps one call at a time (the kernels above, in the same
+ * order of operations), but in one OpenMP region: no interpreter, no allocation and no
+ * thread wake-up between the steps, only a barrier where a step needs the previous one's
+ * whole result. Checks every slot and position first and returns the first row out of
+ * range (-1 when all are in), having changed nothing. */
+int64_t decode_stack(const struct block_weights *layers, int64_t n_layers,
+                     const struct stack_shape *s, float *x, float *scratch,
+                     const int64_t *slots, const int64_t *positions, const float *cos_table,
+                     const float *sin_table, int threads) {
+    const int64_t B = s->rows, C = s->C, H = s->H, K = s->K, D = s->D, F = s->F;
+    const int64_t QKV = (H + 2 * K) * D, A = H * D, IN = s->mlp == MLP_SWIGLU ? 2 * F : F;
+    if (B < 1) return -1;
+    for (int64_t b = 0; b < B; b++)
+        if (slots[b] < 0 || slots[b] >= s->n_slots || positions[b] < 0 ||
+            positions[b] >= s->max_len || (s->R && positions[b] >= s->table_len))
+            return b;
+    float *normed = scratch, *normed2 = normed + B * C, *qkv = normed2 + B * C;
+    float *attn = qkv + B * QKV, *hidden = attn + B * A, *act = hidden + B * IN;
+    int64_t lengths[B]; /* what each row attends to: its own position and those before */
+    for (int64_t b = 0; b < B; b++) lengths[b] = positions[b] + 1;
+    const int64_t chunks = (H / K + GQ - 1) / GQ;
+#define PANELS(n) (((n) + NR - 1) / NR)
+#pragma omp parallel num_threads(threads)
+    for (int64_t l = 0; l < n_layers; l++) {
+        const struct block_weights *w = layers + l;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            norm_row(x + b * C, w->norm1_w, w->norm1_b, normed + b * C, C, s->layer_norm, s->eps);
+            if (s->parallel_residual) /* the MLP reads the block's input too */
+                norm_row(x + b * C, w->norm2_w, w->norm2_b, normed2 + b * C, C, s->layer_norm,
+                         s->eps);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < PANELS(QKV); p++)
+            multiply_panel(normed, w->qkv, w->qkv_bias, qkv, B, C, QKV, STORE, p);
+#pragma omp single /* one thread, in row order: rows sharing a slot see the last write */
+        for (int64_t b = 0; b < B; b++) {
+            float *row = qkv + b * QKV;
+            if (s->R)
+                rope_row(row, H + K, D, s->R, cos_table + positions[b] * s->R,
+                         sin_table + positions[b] * s->R);
+            for (int64_t h = 0; h < K; h++) {
+                const int64_t at =
+                    slots[b] * s->slot_stride + h * s->head_stride + positions[b] * s->pos_stride;
+                memcpy(w->k_cache + at, row + (H + h) * D, D * sizeof(float));
+                memcpy(w->v_cache + at, row + (H + K + h) * D, D * sizeof(float));
             }
         }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * K * chunks; task++)
+            attend_task(qkv, QKV, w->k_cache, w->v_cache, attn, slots, lengths, H, K, D,
+                        s->slot_stride, s->head_stride, s->pos_stride, s->scale, task);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < PANELS(C); p++)
+            multiply_panel(attn, w->o, w->o_bias, x, B, A, C, ADD_TO_Y, p);
+        if (!s->parallel_residual) {
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < B; b++)
+                norm_row(x + b * C, w->norm2_w, w->norm2_b, normed2 + b * C, C, s->layer_norm,
+                         s->eps);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < PANELS(IN); p++)
+            multiply_panel(normed2, w->w_in, w->in_bias, hidden, B, C, IN,
+                           s->mlp == MLP_GELU_TANH ? STORE_GELU : STORE, p);
+        const float *mlp_in = hidden;
+        if (s->mlp != MLP_GELU_TANH) {
+            mlp_in = act;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * F; i++) {
+                const int64_t b = i / F, j = i % F;
+                const float g = hidden[b * IN + j];
+                act[i] = s->mlp == MLP_SWIGLU ? g / (1.f + expf(-g)) * hidden[b * IN + F + j]
+                                              : 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < PANELS(C); p++)
+            multiply_panel(mlp_in, w->w_out, w->out_bias, x, B, F, C, ADD_TO_Y, p);
     }
+#undef PANELS
     return -1;
 }

@@ -157,6 +157,10 @@ def _library() -> ctypes.CDLL | None:
     library.rope_rows.restype = i64
     library.matmul_panels.restype = None
     library.rms_norm.restype = None
+    library.decode_stack.argtypes = [pointer, i64] + [pointer] * 7 + [ctypes.c_int]
+    library.decode_stack.restype = i64
+    library.decode_stack_scratch.argtypes = [pointer]
+    library.decode_stack_scratch.restype = i64
     library.width = library.panel_width()  # floats per panel, fixed when it was compiled
     return library
 

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
+from . import decode_stack, native
 from .attention import attention, document_causal_mask
 from .config import ModelConfig
+from .decode_stack import DecodeStack
 from .kv_cache import KVCache
 from .onednn import PackedWeight, packing_supported, train_matmul
 from .weight_copy import WeightCopy
@@ -347,6 +348,7 @@ class Transformer(nn.Module):
         # non-persistent, so checkpoints never hold it. Set by prepare_for_inference().
         self.register_buffer("_tied_head_t", None, persistent=False)
         self._packed_head: WeightCopy | None = None  # inference copy of a tied head (CPU)
+        self._decode_stack: DecodeStack | None = None  # one-call CPU decode (decode_stack.py)
         if config.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
         self._rebuild_buffers()
@@ -423,8 +425,13 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids are for packed training rows, not for a KV cache")
             mask = document_causal_mask(doc_ids)  # [B, 1, T, T]
         x, rope = self._embed(idx, positions, furthest)  # [B, T, C]
-        for block in self.blocks:
-            x = block(x, positions, rope, cache, slots, None, mask)
+        if (
+            T > 1
+            or slots is None
+            or not self._decode_in_one_call(x[:, 0], positions[:, 0], slots, cache)
+        ):
+            for block in self.blocks:
+                x = block(x, positions, rope, cache, slots, None, mask)
         if last_only:
             x = x[:, -1:, :]  # [B, 1, C]
         return self._logits(x)  # [B, T, V]
@@ -457,9 +464,34 @@ class Transformer(nn.Module):
         lengths = [g.kv_length for g in segments]
         furthest = max(lengths) - 1 if None not in lengths else int(positions.max())
         x, rope = self._embed(idx[None], positions, furthest)  # [1, N, C]
-        for block in self.blocks:
-            x = block(x, positions, rope, cache, None, segments)
+        decode_only = len(segments) == 1 and segments[0].length == 1
+        if not (
+            decode_only and self._decode_in_one_call(x[0], positions[0], segments[0].slots, cache)
+        ):
+            for block in self.blocks:
+                x = block(x, positions, rope, cache, None, segments)
         return self._logits(x[0, logit_rows])  # [R, V]
+
+    def _decode_in_one_call(
+        self,
+        x: Tensor,  # [B, C]: one embedded token per row, a view the step may write
+        positions: Tensor,  # [B]
+        slots: Tensor,  # [B]
+        cache: KVCache | None,
+    ) -> bool:
+        """Take x through every block in one C call (decode_stack.py) where the model and
+        cache allow it, updating x in place; False (x untouched) where they do not."""
+        if cache is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32:
+            return False
+        if not decode_stack.enabled():
+            return False
+        stack = self._decode_stack
+        if stack is None or not stack.current(self, cache):
+            stack = self._decode_stack = DecodeStack.build(self, cache)
+        if stack is None or not x.is_contiguous():
+            return False
+        stack(x, positions, slots)
+        return True
 
     def _embed(self, idx: Tensor, positions: Tensor, furthest: int) -> tuple[Tensor, tuple | None]:
         """Token embeddings plus positional information; RoPE tables are returned instead."""
