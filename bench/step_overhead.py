@@ -1,14 +1,18 @@
-"""How much of a CPU decode step is not its matrix products: the step, then the step without them.
+"""How much of a CPU decode step is not its matrix products, block by block and in one call.
 
 What it does: builds a random-weight model of `--preset` prepared for serving (fp32 on the
 CPU, its products through Atlas's C panel kernel), fills `--batch` KV slots with a
-16-token prompt, then times decode steps (median of `--steps`) two ways, alternated in
-rounds: the whole step, and the same step with every panel product replaced by a
-ready-made output of the right shape. The second is what the step costs besides reading
-and multiplying the weights: attention, norms, RoPE, the KV-cache write, the small
-PyTorch operations and the Python that calls them. At one row the products run at DRAM
-speed (bench/ceilings.py), so this remainder is what a decoder with no interpreter in
-the loop (llama.cpp) does not pay.
+16-token prompt, then times decode steps (median of `--steps`) three ways, alternated in
+rounds: the whole step block by block (`ATLAS_DECODE_STACK=0`), the same step with every
+panel product replaced by a ready-made output of the right shape, and the whole step as
+the server runs it, every block in one C call (atlas_server/model/decode_stack.py); and,
+in the same rounds, the step's products alone (every panel weight of the model, head
+included, called in a loop on inputs of the step's shape). The second is what the
+block-by-block step costs besides reading and multiplying the weights: attention, norms,
+RoPE, the KV-cache write, the small PyTorch operations and the Python that calls them.
+At one row the products run at DRAM speed (bench/ceilings.py), so this remainder is what
+a decoder with no interpreter in the loop (llama.cpp) does not pay; the one-call step
+over the products alone says how much of it is left.
 Run: `python bench/step_overhead.py [--preset llama-124m] [--threads 1] [--batch 1]`.
 What it does not do: the engine's scheduling and sampling (bench/bench_engine.py), or a
 split of the remainder by operation (bench/profile_step.py, for gpt2-124m).
@@ -18,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,6 +38,7 @@ from ceilings import machine  # noqa: E402
 from progress import Progress, check_fits, check_preset, positive  # noqa: E402
 
 from atlas_server.model import Transformer, load_preset, native  # noqa: E402
+from atlas_server.model.transformer import Linear  # noqa: E402
 
 PROMPT = 16
 
@@ -58,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cache_len(args: argparse.Namespace) -> int:
     """Positions the run fills: the prompt, then every step of every round (and warm-ups)."""
-    return PROMPT + args.rounds * 2 * (args.steps + 1) + 1
+    return PROMPT + args.rounds * 3 * (args.steps + 1) + 1
 
 
 class ProductsSkipped:
@@ -105,21 +112,29 @@ def main(argv: list[str] | None = None) -> None:
     progress.phase(
         f"{args.rounds} alternated rounds of {args.steps} steps, {args.threads} thread(s)"
     )
-    times: dict[str, list[float]] = {"whole_step_ms": [], "without_products_ms": []}
+    weights = [m.packed for m in model.modules() if isinstance(m, Linear)] + [model._packed_head]
+    inputs = [(w, torch.randn(args.batch, w.panels.shape[1])) for w in weights if w is not None]
+
+    def products() -> float:
+        start = time.perf_counter()
+        for weight, x in inputs:
+            weight(x)
+        return time.perf_counter() - start
+
+    kinds = ("whole_step_ms", "without_products_ms", "one_call_step_ms", "products_alone_ms")
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     with torch.inference_mode():
         prompt = torch.randint(0, config.vocab_size, (args.batch, PROMPT), generator=gen)
         model(prompt, torch.arange(PROMPT).expand(args.batch, PROMPT), cache, slots)
         for r in range(args.rounds):
-            for kind in list(times) if r % 2 else list(times)[::-1]:
-                if kind == "without_products_ms":
-                    with ProductsSkipped():
-                        step()  # warm-up, also of the cached outputs
-                        times[kind] += [1e3 * step() for _ in range(args.steps)]
-                else:
-                    step()
-                    times[kind] += [1e3 * step() for _ in range(args.steps)]
+            for kind in kinds if r % 2 else kinds[::-1]:
+                os.environ["ATLAS_DECODE_STACK"] = "1" if kind == "one_call_step_ms" else "0"
+                run = products if kind == "products_alone_ms" else step
+                with ProductsSkipped() if kind == "without_products_ms" else nullcontext():
+                    run()  # warm-up, also of the cached outputs
+                    times[kind] += [1e3 * run() for _ in range(args.steps)]
     progress.done()
-    whole, rest = (statistics.median(times[k]) for k in times)
+    whole, rest, one_call, alone = (statistics.median(times[k]) for k in kinds)
     result = {
         "machine": machine(),
         "preset": args.preset,
@@ -130,12 +145,18 @@ def main(argv: list[str] | None = None) -> None:
         "without_products_ms": rest,
         "products_ms": whole - rest,
         "share_not_products": rest / whole,
+        "one_call_step_ms": one_call,
+        "products_alone_ms": alone,
+        "one_call_over_products_alone": one_call / alone,
+        "one_call_speedup": whole / one_call,
         "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(result, indent=2))
     print(
         f"\n{args.preset}, batch {args.batch}, {args.threads} thread(s): step {whole:.2f} ms, "
-        f"without its products {rest:.2f} ms ({100 * rest / whole:.0f}%)"
+        f"without its products {rest:.2f} ms ({100 * rest / whole:.0f}%); in one call "
+        f"{one_call:.2f} ms ({whole / one_call:.2f}x faster), {one_call / alone:.2f}x its products"
+        f" alone ({alone:.2f} ms)"
     )
 
 
