@@ -227,14 +227,15 @@ class DecodeStack:
             )
         positions = positions.to(torch.int64).contiguous()
         slots = slots.to(torch.int64).contiguous()
-        self._shape.rows = B
+        shape = _StackShape.from_buffer_copy(self._shape)  # a call's own: C reads it unlocked
+        shape.rows = B
         scratch = torch.empty(B * self._scratch_per_row)
         cos, sin = self._rope if self._rope is not None else (None, None)
         with native._named("atlas::decode_stack"):
             bad = native._library().decode_stack(
                 ctypes.byref(self._blocks),
                 len(self._blocks),
-                ctypes.byref(self._shape),
+                ctypes.byref(shape),
                 x.data_ptr(),
                 scratch.data_ptr(),
                 slots.data_ptr(),
