@@ -588,10 +588,12 @@ async def test_the_engine_reports_the_kernels_that_actually_serve(
         engine = Engine(Transformer(config), byte_tokenizer, EngineConfig(max_running=2)).start()
     try:
         attention = "C" if path == "C" else "PyTorch"
+        step = "one call" if path == "C" else "block by block"
         assert engine.backend == {
-            "device": "cpu", "dtype": "float32", "matmul": path, "attention": attention
+            "device": "cpu", "dtype": "float32", "matmul": path, "attention": attention,
+            "decode_step": step,
         }  # fmt: skip
-        assert f"kernels: matmul {path}, attention {attention}" in caplog.text
+        assert f"kernels: matmul {path}, attention {attention}, decode step {step}" in caplog.text
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         events = [e async for e in engine.submit([1, 2, 3], params)]
         assert events[-1].finish_reason == "length"
@@ -621,12 +623,14 @@ def test_health_says_which_kernels_serve(tiny_checkpoint):
         health = httpx.get(base + "/health").json()
     state.shutdown()
     assert health["status"] == "ok" and health["backend"] == state.engine.backend
-    assert set(health["backend"]) == {"device", "dtype", "matmul", "attention"}
+    assert set(health["backend"]) == {"device", "dtype", "matmul", "attention", "decode_step"}
     assert health["backend"]["matmul"] in {"C", "oneDNN", "PyTorch"}
     if os.environ.get("ATLAS_NATIVE") == "0":
         assert "C" not in (health["backend"]["matmul"], health["backend"]["attention"])
+        assert health["backend"]["decode_step"] == "block by block"
     elif native.available():
         assert health["backend"]["matmul"] == "C"
+        assert health["backend"]["decode_step"] == "one call"
 
 
 @needs_kernel

@@ -175,7 +175,7 @@ class Engine:
         self.backend = self.runner.describe()
         log.info(
             "engine: %s %s, %d KV slots x %d positions (%.0f MiB), kernels: matmul %s, "
-            "attention %s",
+            "attention %s%s",
             self.backend["device"],
             self.backend["dtype"],
             config.max_running,
@@ -183,6 +183,7 @@ class Engine:
             self.cache.nbytes / 2**20,
             self.backend["matmul"],
             self.backend["attention"],
+            f", decode step {self.backend['decode_step']}" if "decode_step" in self.backend else "",
         )
         # Requests submitted but not yet taken in by the engine thread, with their emitters.
         self._inbox: deque[tuple[Request, Emit]] = deque()

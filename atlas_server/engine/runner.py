@@ -73,7 +73,8 @@ class ModelRunner(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, str]:
-        """What serves: {"device", "dtype", "matmul", "attention"} (kernel names)."""
+        """What serves: {"device", "dtype", "matmul", "attention"} (kernel names), and how a
+        decode step runs where there is a choice ("decode_step" on the CPU, "cuda_graphs")."""
 
 
 class EagerRunner(ModelRunner):
@@ -154,11 +155,15 @@ class EagerRunner(ModelRunner):
         return StepLogits(decode_logits, per_chunk)
 
     def describe(self) -> dict[str, str]:
-        return {
+        described = {
             "device": str(self.device),
             "dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
             **serving_kernels(self.model),
         }
+        if self.device.type == "cpu":  # CUDA's runner says how it decodes (cuda_graphs)
+            one_call = self.model.decodes_in_one_call(self.cache)
+            described["decode_step"] = "one call" if one_call else "block by block"
+        return described
 
 
 def feed_sampled(ids: Tensor, sampled_rows: tuple[int, ...], sampled: Tensor) -> None:

@@ -485,13 +485,22 @@ class Transformer(nn.Module):
             return False
         if not decode_stack.enabled():
             return False
-        stack = self._decode_stack
-        if stack is None or not stack.current(self, cache):
-            stack = self._decode_stack = DecodeStack.build(self, cache)
+        stack = self._current_decode_stack(cache)
         if stack is None or not x.is_contiguous():
             return False
         stack(x, positions, slots)
         return True
+
+    def _current_decode_stack(self, cache: KVCache) -> DecodeStack | None:
+        stack = self._decode_stack
+        if stack is None or not stack.current(self, cache):
+            stack = self._decode_stack = DecodeStack.build(self, cache)
+        return stack
+
+    def decodes_in_one_call(self, cache: KVCache) -> bool:
+        """Whether one-token steps over `cache` run every block in one C call (decode_stack.py)
+        rather than block by block: fp32 on the CPU, plain blocks with their panel copies."""
+        return decode_stack.enabled() and self._current_decode_stack(cache) is not None
 
     def _embed(self, idx: Tensor, positions: Tensor, furthest: int) -> tuple[Tensor, tuple | None]:
         """Token embeddings plus positional information; RoPE tables are returned instead."""
