@@ -120,19 +120,53 @@ def test_changed_weights_are_never_read_stale():
     model = varied(ARCHITECTURES["llama, grouped-query"])
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
     slots = torch.tensor([0, 1])
-    decode(model, ids, slots, model.new_cache(2, 16), start=6)
+    cache = model.new_cache(2, 16)  # one cache throughout: only the weights change
+    decode(model, ids, slots, cache, start=6)
     assert model._decode_stack is not None
     with torch.no_grad():
         model.blocks[1].mlp.w_out.weight.mul_(-1.5)
-        model.blocks[0].attn_norm.weight.add_(0.5)  # read by address: must count too
-    got = decode(model, ids, slots, model.new_cache(2, 16), start=6)
+    got = decode(model, ids, slots, cache, start=6)
     assert model._decode_stack is None
     with torch.inference_mode():
         torch.testing.assert_close(got, model(ids)[:, 6:], atol=2e-5, rtol=1e-5)
     model.prepare_for_inference()
-    again = decode(model, ids, slots, model.new_cache(2, 16), start=6)
+    again = decode(model, ids, slots, cache, start=6)
     assert model._decode_stack is not None
     torch.testing.assert_close(again, got, atol=2e-5, rtol=1e-5)
+
+
+def test_norms_and_biases_changed_in_place_are_read_fresh():
+    """Norm gains and biases have no inference copy: a change to one in place must reach
+    the next step as it does on the block-by-block path."""
+    model = varied(ARCHITECTURES["neox, partial rope, parallel residual, exact gelu"])
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    slots, cache = torch.tensor([1, 0]), model.new_cache(2, 16)
+    decode(model, ids, slots, cache, start=6)
+    with torch.no_grad():
+        model.blocks[0].mlp_norm.weight.add_(0.5)
+        model.blocks[1].attn.wo.bias.mul_(-2.0)
+    got = decode(model, ids, slots, cache, start=6)
+    assert model._decode_stack is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(ids)[:, 6:], atol=2e-5, rtol=1e-5)
+
+
+def test_a_new_prepare_for_inference_is_followed():
+    """Copies made anew (here from a weight swapped for another tensor, which PyTorch's
+    version counters do not see) replace the ones the stack was built from."""
+    model = varied(ARCHITECTURES["qwen2, q|k|v bias only, one kv head"])
+    ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(7))
+    cache = model.new_cache(1, 16)
+    decode(model, ids, torch.tensor([0]), cache, start=5)
+    first = model._decode_stack
+    with torch.no_grad():
+        wqkv = model.blocks[0].attn.wqkv
+        wqkv.weight = torch.nn.Parameter(wqkv.weight * 0.5)
+    model.prepare_for_inference()
+    got = decode(model, ids, torch.tensor([0]), cache, start=5)
+    assert model._decode_stack is not None and model._decode_stack is not first
+    with torch.inference_mode():
+        torch.testing.assert_close(got, model(ids)[:, 5:], atol=2e-5, rtol=1e-5)
 
 
 def test_models_it_does_not_cover_keep_their_own_path():
@@ -156,6 +190,21 @@ def test_models_it_does_not_cover_keep_their_own_path():
     assert model._decode_stack is None
     with torch.inference_mode():
         torch.testing.assert_close(got, model(ids)[:, 5:], atol=2e-5, rtol=1e-5)
+
+
+def test_train_mode_decodes_block_by_block(monkeypatch):
+    """Dropout applies in train mode, which the one call does not do: a stack built in eval
+    mode must not be used once the model is back in train mode."""
+    calls = []
+    monkeypatch.setattr(DecodeStack, "__call__", lambda *a: calls.append(1))
+    model = varied(ARCHITECTURES["gpt2, learned positions"].replace(dropout=0.5))
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache(1, 8)  # the same cache: the stack stays current
+    decode(model, ids, torch.tensor([0]), cache, start=4)
+    assert len(calls) == 4  # eval mode: every decode step in one call
+    model.train()
+    decode(model, ids, torch.tensor([0]), cache, start=4)
+    assert len(calls) == 4
 
 
 def test_a_copied_model_builds_its_own_stack():

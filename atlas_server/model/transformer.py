@@ -483,7 +483,7 @@ class Transformer(nn.Module):
         cache allow it, updating x in place; False (x untouched) where they do not."""
         if cache is None or torch.is_grad_enabled() or not x.is_cpu or x.dtype != torch.float32:
             return False
-        if not decode_stack.enabled():
+        if self.training or not decode_stack.enabled():  # training: dropout, block by block
             return False
         stack = self._current_decode_stack(cache)
         if stack is None or not x.is_contiguous():
@@ -553,6 +553,7 @@ class Transformer(nn.Module):
         must not free the tensor the first one's captured CUDA graphs read.
         """
         self.eval()
+        self._decode_stack = None  # it holds the old copies; the next decode step builds anew
         kept_head = self._tied_head_t if self._tied_head_is_current() else None
         self._packed_head, self._tied_head_t = None, None
         for module in self.modules():
