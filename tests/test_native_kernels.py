@@ -349,6 +349,14 @@ def test_a_library_built_ahead_of_time_runs_without_a_compiler(
     weight, x = torch.randn(100, 70), torch.randn(37, 100)  # K past two chunks, 2 row blocks
     y = native.matmul_panels(x, native.pack_panels(weight), 70)
     torch.testing.assert_close(y, x @ weight, atol=1e-4, rtol=1e-5)
+    torch.manual_seed(0)  # and a whole decode step in one call (decode_stack.py)
+    model = Transformer(tiny("rope", "rmsnorm", "swiglu", 2)).prepare_for_inference()
+    ids, cache, slots = torch.randint(0, 97, (2, 9)), model.new_cache(2, 9), torch.tensor([1, 0])
+    with torch.inference_mode():
+        model(ids[:, :8], torch.arange(8).expand(2, 8), cache, slots)
+        step = model(ids[:, 8:], torch.full((2, 1), 8), cache, slots)[:, 0]
+        assert model._decode_stack is not None
+        torch.testing.assert_close(step, model(ids)[:, -1], atol=2e-5, rtol=1e-4)
 
 
 def test_a_prebuilt_library_that_is_not_one_falls_back_with_a_warning(
