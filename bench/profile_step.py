@@ -8,7 +8,8 @@ sequences at ~190 cached positions in consecutive slots (the shapes of
 the panel kernel and with oneDNN-packed copies instead, alternated in rounds. A
 `torch.profiler` pass splits each into matmuls (Atlas's C panels, oneDNN), attention (SDPA
 or the C kernel), KV-cache writes and everything else (self CPU time; the profiler adds
-overhead, so the split is a proportion, the medians are the times).
+overhead, so the split is a proportion, the medians are the times). Decode steps run
+block by block (`ATLAS_DECODE_STACK=0`), the way a split by kind can see them.
 Run: `python bench/profile_step.py [--steps N]`; prints JSON and a markdown table.
 What it does not do: HTTP, scheduling or sampling (see bench_serving.py, bench_engine.py).
 """
@@ -24,6 +25,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as atlas_server sets it
+# Block by block: the split needs each kind as its own call, and the two kernels' rounds
+# must differ only in their products (bench/step_overhead.py times the one-call step).
+os.environ["ATLAS_DECODE_STACK"] = "0"
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
