@@ -7,12 +7,14 @@ its layer of the KV cache, and the shapes the blocks share. Calling the stack ta
 decode step's embedded tokens x [B, C], one token per row, through all the blocks in
 place, storing each row's key and value in its cache slot on the way.
 
-Why: at one token a llama-124m step spent ~2.7 ms, 11-15% of it, outside its products
-(`python bench/step_overhead.py`): per block about fifteen module calls, small PyTorch
-operations and ctypes calls of a few microseconds each, and every C call a new wake-up
-of OpenMP's threads. Here the step is one call and one parallel region, with a barrier
-only where a step needs the whole result of the one before. The numbers are those of the
-block-by-block path: the same kernels in the same order (tests/test_decode_stack.py).
+Why: block by block, a llama-124m step at one token spent 2.7-3.4 ms, 11-18% of it,
+outside its products (`python bench/step_overhead.py`): per block about fifteen module
+calls, small PyTorch operations and ctypes calls of a few microseconds each, and every C
+call a new wake-up of OpenMP's threads. Here the step is one call and one parallel
+region, with a barrier only where a step needs the whole result of the one before: a
+one-row step then takes the time of its products called alone (1.18-1.29x faster than
+block by block on the AVX2 host). The numbers are those of the block-by-block path to
+float rounding: the same kernels in the same order (tests/test_decode_stack.py).
 
 `current()` says whether the weights, their inference copies and the cache are still the
 ones it was built from; `Transformer` rebuilds the stack when they are not (an in-place
