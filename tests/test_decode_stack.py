@@ -176,6 +176,9 @@ def test_models_it_does_not_cover_keep_their_own_path():
     assert DecodeStack.build(reference, reference.new_cache(1, 8)) is None
     unpacked = varied(ARCHITECTURES["llama, grouped-query"]).prepare_for_inference(pack=False)
     assert DecodeStack.build(unpacked, unpacked.new_cache(1, 8)) is None
+    other_eps = varied(ARCHITECTURES["gpt2, learned positions"])
+    other_eps.blocks[1].mlp_norm.eps = 1e-2  # the C function takes one eps for every norm
+    assert DecodeStack.build(other_eps, other_eps.new_cache(1, 8)) is None
     model = varied(ARCHITECTURES["llama, grouped-query"])
     ids = torch.randint(0, 97, (1, 10), generator=torch.Generator().manual_seed(4))
     decode(model, ids, torch.tensor([0]), model.new_cache(1, 16), start=5)

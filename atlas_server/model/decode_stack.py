@@ -128,6 +128,8 @@ class DecodeStack:
         def norm(module: nn.Module) -> tuple[int | None, int | None] | None:
             if type(module) is not norm_type or module.weight is None:
                 return None
+            if module.eps != config.norm_eps:  # the C function takes one eps for all
+                return None
             bias = getattr(module, "bias", None)  # RMSNorm has none; LayerNorm may not
             tensors = [module.weight] + ([bias] if bias is not None else [])
             if not _plain(tensors):
