@@ -1,9 +1,10 @@
 """The Atlas checkpoint: a directory the trainer writes and the server reads.
 
-Layout (format version 2):
-    config.json           {"format": "atlas-checkpoint", "format_version": 2,
+Layout (format version 3):
+    config.json           {"format": "atlas-checkpoint", "format_version": 3,
                            "model": {ModelConfig fields},
                            "tokenizer": {"file", "sha256", "vocab_size"},
+                           "weights": {"sha256"},
                            "provenance": {"created_by", "created_at", "source", "step", ...}}
     model.safetensors     the weights, named as in `Transformer.state_dict()`
     atlas_tokenizer.json  the Atlas tokenizer
@@ -20,14 +21,17 @@ chain is one link inferred from its provenance (`lineage()`), so it still loads 
 still be a base.
 
 Version 1 named the tokenizer `tokenizer.json`, the name Hugging Face `tokenizers` files
-have, although it is in Atlas's format. Version 1 checkpoints load as they are (config.json
-names the file); `migrate_checkpoint` (`atlas checkpoint migrate`) renames it in place.
+have, although it is in Atlas's format. Version 2 records no hash of the weights. Both load
+as they are (config.json names the tokenizer file; weights without a recorded hash load
+unchecked); `migrate_checkpoint` (`atlas checkpoint migrate`) renames the tokenizer and
+records the hash of the weights file as it is now, in place.
 
 What it does: save (atomically: written into a sibling temp directory, then renamed),
 load (safetensors only, never unpickling), validate (every tensor present with the right
-shape, no unknown config keys, no newer format, the tokenizer still the file whose sha256
-config.json records: a changed tokenizer is refused, not warned about), migrate and
-describe a checkpoint. What it does not do: trainer state (optimizer, data position; see
+shape, no unknown config keys, no newer format, the tokenizer and the weights still the
+files whose sha256 config.json records: a changed tokenizer or a damaged weights file is
+refused, not warned about), migrate and describe a checkpoint. The weights' hash costs a
+read of the file at load (about a second per GB). What it does not do: trainer state (optimizer, data position; see
 `trainer/state.py`) or format conversion (see `hf_import.py`, `hf_export.py`).
 """
 
@@ -52,7 +56,7 @@ from .model import ConfigError, ModelConfig, Transformer
 from .tokenizer import TOKENIZER_FILE, Tokenizer, TokenizerError
 
 FORMAT_NAME = "atlas-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", TOKENIZER_FILE
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 V1_TOKENIZER_FILE = "tokenizer.json"  # version 1's name for the Atlas tokenizer
@@ -120,6 +124,7 @@ def save_checkpoint(
                 "sha256": sha256_file(tmp / TOKENIZER_FILE),
                 "vocab_size": tokenizer.vocab_size,
             },
+            "weights": {"sha256": sha256_file(tmp / WEIGHTS_FILE)},
             "provenance": {
                 "created_by": f"atlas {_atlas_version()}",
                 "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -215,7 +220,8 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
         )
-    unknown = sorted(set(meta) - {"format", "format_version", "model", "tokenizer", "provenance"})
+    known = {"format", "format_version", "model", "tokenizer", "weights", "provenance"}
+    unknown = sorted(set(meta) - known)
     if unknown:
         raise CheckpointError(f"{path} has unknown top-level keys {unknown}")
     try:
@@ -262,6 +268,8 @@ def load_checkpoint(
     with torch.device("meta"):
         model = Transformer(config)
     state = _read_weights(directory / WEIGHTS_FILE, model)
+    # After the names and shapes, which say more about a wrong file than a hash does.
+    _check_weights_hash(directory / WEIGHTS_FILE, (meta.get("weights") or {}).get("sha256"))
     model.to_empty(device=device)
     model.load_state_dict(state, strict=True, assign=False)
     model._rebuild_buffers()  # non-persistent tables (RoPE, sinusoid) were on the meta device
@@ -294,6 +302,8 @@ def migrate_checkpoint(directory: str | os.PathLike) -> bool:
     """Bring a checkpoint to the current format in place; False if it already was.
 
     Version 1 -> 2: the Atlas tokenizer moves from tokenizer.json to atlas_tokenizer.json.
+    Version 2 -> 3: config.json records the sha256 of model.safetensors as it is now (the
+    file must still match the config's tensors: it is read as a load would).
     Every step leaves a loadable checkpoint: the new name is linked first, config.json is
     replaced atomically to point at it, and only then the old name is removed.
     """
@@ -314,7 +324,15 @@ def migrate_checkpoint(directory: str | os.PathLike) -> bool:
             shutil.copy2(old, new)
     tokenizer_meta = {**(meta.get("tokenizer") or {}), "file": TOKENIZER_FILE}
     tokenizer_meta.setdefault("sha256", sha256_file(new))
-    meta = {**meta, "format_version": FORMAT_VERSION, "tokenizer": tokenizer_meta}
+    weights = directory / WEIGHTS_FILE
+    with torch.device("meta"):  # the tensors' names and shapes, before the file is vouched for
+        _read_weights(weights, Transformer(ModelConfig.from_dict(meta["model"])), header_only=True)
+    meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": tokenizer_meta,
+        "weights": {"sha256": sha256_file(weights)},
+    }
     atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     if old != new:
         old.unlink()
@@ -336,7 +354,26 @@ def _check_tokenizer_hash(path: Path, recorded: str | None) -> None:
         )
 
 
-def _read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+def _check_weights_hash(path: Path, recorded: str | None) -> None:
+    # Refuse: a weights file that changed after the save (a flipped bit, a partial copy, a
+    # file from another run dropped in) still has the right names and shapes, and would
+    # serve wrong numbers without a word.
+    if recorded is None:
+        return  # a version 2 checkpoint, or a hand-made config: nothing to compare
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} changed since the checkpoint was saved (sha256 {actual[:12]}..., config.json "
+            f"records {recorded[:12]}...): the file is damaged or was replaced; restore it, or "
+            "re-save the checkpoint if the change is deliberate"
+        )
+
+
+def _read_weights(
+    path: Path, model: Transformer, header_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, checked by name and shape against `model`'s; with
+    `header_only`, only the check (nothing is read past the header)."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -358,7 +395,8 @@ def _read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
                     raise CheckpointError(
                         f"{path}: tensor {name} has shape {list(shape)}, the config needs {list(expected[name])}"
                     )
-                state[name] = f.get_tensor(name)
+                if not header_only:
+                    state[name] = f.get_tensor(name)
             return state
     except CheckpointError:
         raise

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sha256_file
 from atlas_server.cli import app
 from atlas_server.model import Transformer, load_preset
 
@@ -78,6 +78,49 @@ def test_truncated_weights_are_refused(ckpt):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(ckpt)
+
+
+def _damage_one_weight(ckpt) -> None:
+    """Flip one bit inside the tensor data: names, shapes and the header stay as they were."""
+    path = ckpt / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_weights_file_changed_after_the_save_is_refused(ckpt):
+    load_checkpoint(ckpt)
+    _damage_one_weight(ckpt)
+    with pytest.raises(CheckpointError, match="model.safetensors changed since the checkpoint"):
+        load_checkpoint(ckpt)
+    result = CliRunner().invoke(app, ["checkpoint", "inspect", str(ckpt)])
+    assert result.exit_code == 1 and result.output.startswith("error:")
+    assert "damaged or was replaced" in result.output and "Traceback" not in result.output
+
+
+def test_a_version_2_checkpoint_loads_unchecked_and_migrates_to_a_recorded_hash(ckpt):
+    _edit_config(ckpt, lambda m: (m.update(format_version=2), m.pop("weights")))
+    _damage_one_weight(ckpt)  # nothing recorded to compare: a v2 checkpoint loads as it is
+    load_checkpoint(ckpt)
+    result = CliRunner().invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert result.exit_code == 0 and "v3" in result.output
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["weights"]["sha256"] == sha256_file(ckpt / "model.safetensors")
+    load_checkpoint(ckpt)
+    _damage_one_weight(ckpt)  # flips the bit back: another file again
+    with pytest.raises(CheckpointError, match="changed since"):
+        load_checkpoint(ckpt)
+
+
+def test_migration_does_not_vouch_for_weights_that_do_not_fit_the_config(ckpt):
+    _edit_config(ckpt, lambda m: (m.update(format_version=2), m.pop("weights")))
+    weights = load_file(ckpt / "model.safetensors")
+    del weights["blocks.0.attn.wo.weight"]
+    save_file(weights, ckpt / "model.safetensors")
+    before = (ckpt / "config.json").read_text()
+    result = CliRunner().invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert result.exit_code == 1 and r"blocks.0.attn.wo.weight" in result.output
+    assert (ckpt / "config.json").read_text() == before
 
 
 def test_corrupt_tokenizer_is_refused(ckpt):
@@ -216,6 +259,7 @@ def _write_v1_layout(ckpt, drop_file_key=False):
     meta = json.loads((ckpt / "config.json").read_text())
     meta["format_version"] = 1
     meta["tokenizer"]["file"] = "tokenizer.json"
+    del meta["weights"]  # recorded since version 3
     if drop_file_key:  # hand-made v1 configs may leave the name to the default
         del meta["tokenizer"]["file"]
     (ckpt / "config.json").write_text(json.dumps(meta, indent=2))
@@ -227,7 +271,7 @@ def test_saved_checkpoint_has_no_file_named_tokenizer_json(tmp_path, byte_tokeni
     names = {p.name for p in path.iterdir()}
     assert "tokenizer.json" not in names and "atlas_tokenizer.json" in names
     meta = json.loads((path / "config.json").read_text())
-    assert meta["format_version"] == 2 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
+    assert meta["format_version"] == 3 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
 
 
 @pytest.mark.parametrize("drop_file_key", [False, True])
@@ -243,10 +287,11 @@ def test_version_1_checkpoint_loads_and_migrates(ckpt, drop_file_key):
 
     runner = CliRunner()
     result = runner.invoke(app, ["checkpoint", "migrate", str(ckpt)])
-    assert result.exit_code == 0 and "migrated" in result.output and "v2" in result.output
+    assert result.exit_code == 0 and "migrated" in result.output and "v3" in result.output
     assert not (ckpt / "tokenizer.json").exists()
     meta = json.loads((ckpt / "config.json").read_text())
-    assert meta["format_version"] == 2 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
+    assert meta["format_version"] == 3 and meta["tokenizer"]["file"] == "atlas_tokenizer.json"
+    assert meta["weights"]["sha256"] == sha256_file(ckpt / "model.safetensors")
     new = load_checkpoint(ckpt)  # the recorded sha256 still matches the renamed file
     assert new.tokenizer.encode("héllo") == old.tokenizer.encode("héllo")
     with torch.no_grad():

@@ -306,7 +306,8 @@ def migrate(
     directory: Path = typer.Argument(..., help="Checkpoint directory, changed in place."),
 ) -> None:
     """Bring an older checkpoint to the current layout (v1 -> v2: the Atlas tokenizer file
-    becomes atlas_tokenizer.json). Older checkpoints load without it; this makes it official.
+    becomes atlas_tokenizer.json; v2 -> v3: config.json records the weights file's sha256,
+    which every later load checks). Older checkpoints load without it; this makes it official.
 
     Example: atlas checkpoint migrate runs/old/checkpoint
     """
