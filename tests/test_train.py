@@ -458,7 +458,10 @@ def test_profile_writes_a_trace(tmp_path, data_dir, steps):
     assert any(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"])
 
 
-def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):
+def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir, monkeypatch):
+    elsewhere = tmp_path / "started-here"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the folder the command runs from must stay clean
     train(
         config(
             data_dir,
@@ -474,6 +477,8 @@ def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir):
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'ml' / 'mlflow.db').resolve()}")
     runs = mlflow.search_runs(experiment_names=["atlas"])
     assert len(runs) == 1 and runs.iloc[0]["metrics.train_loss"] > 0
+    assert list(elsewhere.iterdir()) == []
+    assert list((tmp_path / "ml").rglob("mlflow-artifacts/**/config.toml"))
 
 
 def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenizer_file):

@@ -28,6 +28,11 @@ class Logger:
             uri = cfg.run.mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
             try:
                 mlflow.set_tracking_uri(uri)
+                if cfg.run.mlflow_uri is None and mlflow.get_experiment_by_name("atlas") is None:
+                    # Its artifacts beside the run too: by default a SQLite store puts them
+                    # in ./mlruns under whatever folder the command was started from.
+                    artifacts = (run_dir / "mlflow-artifacts").resolve().as_uri()
+                    mlflow.create_experiment("atlas", artifact_location=artifacts)
                 mlflow.set_experiment("atlas")
                 mlflow.start_run(run_name=run_dir.name)
                 mlflow.log_text(cfg.to_toml(), "config.toml")
