@@ -31,7 +31,7 @@ load (safetensors only, never unpickling), validate (every tensor present with t
 shape, no unknown config keys, no newer format, the tokenizer and the weights still the
 files whose sha256 config.json records: a changed tokenizer or a damaged weights file is
 refused, not warned about), migrate and describe a checkpoint. The weights' hash costs a
-read of the file at load (about a second per GB). What it does not do: trainer state (optimizer, data position; see
+read of the file at load. What it does not do: trainer state (optimizer, data position; see
 `trainer/state.py`) or format conversion (see `hf_import.py`, `hf_export.py`).
 """
 
@@ -42,6 +42,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +225,14 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(meta) - known)
     if unknown:
         raise CheckpointError(f"{path} has unknown top-level keys {unknown}")
+    weights = meta.get("weights", {})
+    recorded = weights.get("sha256") if isinstance(weights, dict) else None
+    if not isinstance(weights, dict) or not (
+        recorded is None or (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded))
+    ):
+        raise CheckpointError(
+            f'{path}: "weights" must be {{"sha256": "<64 hex digits>"}}, not {json.dumps(weights)[:80]}'
+        )
     try:
         ModelConfig.from_dict(meta.get("model") or {})
     except (ConfigError, TypeError) as e:

@@ -98,6 +98,18 @@ def test_a_weights_file_changed_after_the_save_is_refused(ckpt):
     assert "damaged or was replaced" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "weights", ["abc", {"sha256": 12}, {"sha256": "not-hex"}, {"sha256": "0" * 63}, ["x"]]
+)
+def test_a_malformed_weights_record_is_one_clear_error(ckpt, weights):
+    _edit_config(ckpt, lambda m: m.update(weights=weights))
+    with pytest.raises(CheckpointError, match='"weights" must be'):
+        load_checkpoint(ckpt)
+    result = CliRunner().invoke(app, ["checkpoint", "inspect", str(ckpt)])
+    assert result.exit_code == 1 and result.output.startswith("error:")
+    assert "Traceback" not in result.output
+
+
 def test_a_version_2_checkpoint_loads_unchecked_and_migrates_to_a_recorded_hash(ckpt):
     _edit_config(ckpt, lambda m: (m.update(format_version=2), m.pop("weights")))
     _damage_one_weight(ckpt)  # nothing recorded to compare: a v2 checkpoint loads as it is

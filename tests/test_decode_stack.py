@@ -112,6 +112,13 @@ def test_out_of_range_slot_or_position_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, kept_cache, strict=True))
     with pytest.raises(ValueError, match="unsupported shapes"):
         stack(torch.randn(2, 31), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unsupported shapes"):  # one position short
+        stack(torch.randn(2, 32), torch.tensor([0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        stack(torch.randn(2, 32, dtype=torch.float64), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        stack(torch.randn(32, 2).t(), torch.tensor([0, 0]), torch.tensor([0, 1]))
+    assert torch.equal(x, kept_x)
 
 
 def test_changed_weights_are_never_read_stale():
