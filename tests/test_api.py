@@ -196,9 +196,7 @@ def test_streaming_matches_non_streaming_and_reports_usage(client):
 
 def test_chat_completion_and_stream(client, model, byte_tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    r = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
-    )
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
     assert r.choices[0].message.role == "assistant"
     tok = byte_tokenizer
     start, end = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
@@ -207,16 +205,12 @@ def test_chat_completion_and_stream(client, model, byte_tokenizer):
         ids += [start, *tok.encode(f"{m['role']}\n{m['content']}"), end, *tok.encode("\n")]
     ids += [start, *tok.encode("assistant\n")]
     expected = greedy(model, ids, 6)
-    cut = expected.index(end) if end in expected else len(expected)
+    stops = [i for i, t in enumerate(expected) if t in (end, tok.eot_id)]
+    cut = stops[0] if stops else len(expected)
     assert r.choices[0].message.content == tok.decode(expected[:cut])
     chunks = list(
         client.chat.completions.create(
-            model=MODEL,
-            messages=messages,
-            max_tokens=6,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
+            model=MODEL, messages=messages, max_tokens=6, temperature=0, stream=True
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -381,6 +375,10 @@ def test_full_queue_answers_429_with_retry_after(tiny_checkpoint):
             )
 
     with running_server(tiny_checkpoint, engine=engine) as (base, _):
+        # Two prompts are two requests, and the second would always wait: a 400, not a
+        # 429 that a client retries forever.
+        listed = httpx.post(base + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+        assert _error(listed)["param"] == "prompt" and "max_queued" in _error(listed)["message"]
         responses = asyncio.run(burst(base))
     statuses = sorted(r.status_code for r in responses)
     assert 200 in statuses and 429 in statuses
@@ -804,3 +802,90 @@ def test_the_served_model_can_be_retrieved_by_id(client):
     with pytest.raises(APIStatusError) as e:
         client.models.retrieve("gpt-9")
     assert e.value.status_code == 404 and e.value.body["param"] == "model"
+
+
+def test_ignore_eos_on_chat_also_ignores_the_end_of_turn(server, byte_tokenizer):
+    """vLLM's `ignore_eos` (what `vllm bench serve` sends for fixed-length outputs) runs a
+    chat to max_tokens even when the model ends its turn; without it the turn ends there."""
+    end = byte_tokenizer.special_tokens["<|im_end|>"]
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "logit_bias": {str(end): 100}}  # fmt: skip
+    url = server[0] + "/v1/chat/completions"
+    ended = httpx.post(url, json=body, timeout=30).json()
+    assert ended["choices"][0]["finish_reason"] == "stop"
+    assert ended["usage"]["completion_tokens"] == 1
+    ran_on = httpx.post(url, json={**body, "ignore_eos": True}, timeout=30).json()
+    assert ran_on["choices"][0]["finish_reason"] == "length"
+    assert ran_on["usage"]["completion_tokens"] == 4
+
+
+def test_streamed_chat_logprobs_cover_tokens_whose_text_is_held_back(client):
+    """A sampled byte that starts a UTF-8 character has no text yet, but it has a logprob:
+    the stream carries one entry per generated token, as the whole response does."""
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=40,
+                  temperature=1.0, seed=3, logprobs=True, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert len(whole) == 40
+    # The random byte model samples bytes >= 0x80 that open or continue a character: the
+    # case where a chunk's text is empty.
+    assert any(not e.bytes or e.bytes[0] >= 0x80 for e in whole)
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    # The second request reuses the first one's prompt rows (prefix caching) and computes
+    # only the last prompt token anew, in a one-token step rather than the prefill: the
+    # same numbers to float rounding, not bit for bit.
+    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(streamed, whole, strict=True))
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_huge_top_k_means_no_top_k_and_fails_no_one(server, route):
+    """top_k past int64 once failed the tensor build, and with it every request in the
+    step; it is now clamped to the vocabulary, which is no truncation at all."""
+    base = server[0] + route
+    body = {"max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    body |= {"prompt": "k"} if route == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "k"}]}  # fmt: skip
+
+    def text(response):
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice.get("text", (choice.get("message") or {}).get("content"))
+
+    async def together():
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(
+                *[http.post(base, json={**body, "top_k": k}) for k in (2**63, 2**70, 0, 0)]
+            )
+
+    texts = [text(r) for r in asyncio.run(together())]
+    assert len(set(texts)) == 1, texts  # each as if top_k were off
+
+
+def test_null_means_the_default_as_in_the_openai_api(server):
+    base = server[0]
+    plain = {"prompt": "nulls", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    nulls = dict.fromkeys(
+        ["stream", "n", "echo", "presence_penalty", "frequency_penalty", "repetition_penalty",
+         "min_tokens", "stream_options", "logprobs"]
+    )  # fmt: skip
+    a = httpx.post(base + "/v1/completions", json=plain, timeout=30).json()
+    b = httpx.post(base + "/v1/completions", json={**plain, **nulls}, timeout=30)
+    assert b.status_code == 200, b.text
+    assert b.json()["choices"][0]["text"] == a["choices"][0]["text"]
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0}
+    chat_nulls = dict.fromkeys(["logprobs", "stream", "n", "add_generation_prompt", "ignore_eos"])
+    r = httpx.post(base + "/v1/chat/completions", json={**chat, **chat_nulls}, timeout=30)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+    assert httpx.post(base + "/tokenize",
+                      json={"prompt": "x", "add_special_tokens": None}).status_code == 200  # fmt: skip
+
+
+def test_every_bit_of_a_seed_counts(client):
+    """PyTorch's CPU generator keeps only a seed's low 32 bits; seeds are mixed first, so
+    seeds 2**32 apart draw different tokens."""
+    kwargs = dict(model=MODEL, prompt="Seeds", max_tokens=16, temperature=1.0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    texts = [client.completions.create(seed=s, **kwargs).choices[0].text for s in (0, 2**32, -1)]
+    assert len(set(texts)) == 3, texts

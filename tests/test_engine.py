@@ -269,7 +269,9 @@ def feature_mix(eos: int) -> list[SamplingParams]:
                        presence_penalty=0.5, frequency_penalty=0.5, ignore_eos=True),
         SamplingParams(temperature=1.0, seed=2, max_tokens=20, top_k=20, top_p=0.9,
                        min_p=0.05, logprobs=3, n=2),
-        SamplingParams(temperature=1.0, seed=3, max_tokens=30, stop=("e", "th")),
+        # The bias makes "e" likely whatever the seed draws (byte tokenizer: 101 is "e").
+        SamplingParams(temperature=1.0, seed=3, max_tokens=30, stop=("e", "th"),
+                       logit_bias={101: 4.0}),
         SamplingParams(temperature=1.0, seed=4, max_tokens=16, min_tokens=5,
                        logit_bias={eos: 6.0}),
         SamplingParams(temperature=1.0, seed=5, max_tokens=16, stop_token_ids=(101,),

@@ -350,6 +350,26 @@ def test_embeddings_match_sentence_transformers(rag_server):
     assert httpx.post(rag_server + "/v1/embeddings", json={"input": []}).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("extra", "status", "param"),
+    [
+        ({"model": "all-MiniLM-L6-v2"}, 200, None),
+        ({"model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": 384}, 200, None),
+        ({"model": "text-embedding-3-small"}, 404, "model"),
+        ({"dimensions": 8}, 400, "dimensions"),
+    ],
+)
+def test_embeddings_model_and_dimensions_are_checked(rag_server, extra, status, param):
+    """As on the generation routes, another model's name is a 404, and a size MiniLM cannot
+    give is a 400, rather than 384 floats the client did not ask for."""
+    r = httpx.post(rag_server + "/v1/embeddings", json={"input": "heap", **extra}, timeout=60)
+    assert r.status_code == status, r.text
+    if param is not None:
+        assert r.json()["error"]["param"] == param
+    else:
+        assert len(r.json()["data"][0]["embedding"]) == 384
+
+
 def test_plugins_route_lists_registrations(rag_server):
     rows = {p["name"]: p for p in httpx.get(rag_server + "/v1/plugins").json()["data"]}
     assert rows["broken-at-runtime"]["registered"]["retrievers"] == ["exploding", "returns-ints"]

@@ -200,9 +200,11 @@ class ChatChunks:
             delta["role"] = "assistant"
         if event.text or not delta:
             delta["content"] = event.text
-        if not (delta.get("content") or "role" in delta or finish):
-            return None
         logprobs = None
         if self.logprobs and event.logprobs:
             logprobs = chat_logprobs(self.tokenizer, event.logprobs, event.token_ids)
+        # A token whose text is held back (a partial UTF-8 character) still gets its chunk
+        # when logprobs were asked for, so a stream reports one entry per generated token.
+        if not (delta.get("content") or "role" in delta or finish or logprobs):
+            return None
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

@@ -63,6 +63,16 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
         )
     if len(items) > 64:
         raise RequestError("at most 64 prompts per request", param="prompt")
+    # Each prompt is its own engine request, and all but an idle server's first one wait
+    # in the queue: a list longer than the queue could never be admitted, so it is a 400
+    # here rather than a 429 that a client would retry forever.
+    max_queued = state.engine.config.max_queued
+    if len(items) > max(1, max_queued):
+        raise RequestError(
+            f"this server queues at most {max_queued} requests (engine.max_queued), so it "
+            f"cannot take {len(items)} prompts in one request; send at most {max(1, max_queued)}",
+            param="prompt",
+        )
     prompts = []
     for item in items:
         if isinstance(item, str):

@@ -31,6 +31,7 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=2048)]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
 
 
 def default_embedder() -> Any:
@@ -59,11 +60,25 @@ class SharedEmbedder:
             return self._embedder
 
 
+def check_embedding_model(embedder: Any, model: str | None) -> None:
+    """A 404, as the generation routes give, unless `model` names the served embedder
+    (with or without its organisation: `sentence-transformers/all-MiniLM-L6-v2`)."""
+    if model is None or model == embedder.name or model.endswith("/" + embedder.name):
+        return
+    raise APIError(
+        404,
+        f"the embedding model {model!r} does not exist; this server embeds with "
+        f"{embedder.name!r}",
+        param="model",
+        code="model_not_found",
+    )
+
+
 @post(
     "/v1/embeddings",
     status_code=200,
     summary="Embed text (OpenAI-compatible)",
-    responses=error_responses(400, 401, 413, 503),
+    responses=error_responses(400, 401, 404, 413, 503),
 )
 async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[str, Any]:
     state: ServerState = request.app.state.atlas
@@ -77,6 +92,16 @@ async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[s
         embedder, vectors, pieces = await run_in_fresh_thread(embed)
     except (ImportError, RuntimeError, OSError) as e:  # no embedder package or model folder
         raise APIError(503, f"the embedder is unavailable: {e}") from None
+    check_embedding_model(embedder, data.model)
+    if data.dimensions is not None and data.dimensions != embedder.dim:
+        # OpenAI's text-embedding-3 models are trained to be cut short; MiniLM is not, so
+        # a shorter vector would be a worse one, not a smaller one of the same quality.
+        raise APIError(
+            400,
+            f"{embedder.name} gives {embedder.dim}-dimensional vectors and cannot shorten "
+            f"them; leave dimensions out or send {embedder.dim}",
+            param="dimensions",
+        )
     if data.encoding_format == "base64":
         rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:

@@ -111,7 +111,9 @@ def sampling_params(
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
         seed=req.seed,
         stop=stops,
-        stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+        # ignore_eos (vLLM's, for fixed-length benchmarks) also ignores the chat
+        # template's end-of-turn ids, which are the chat route's EOS.
+        stop_token_ids=tuple(req.stop_token_ids or ()) + (() if req.ignore_eos else extra_stop_ids),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,

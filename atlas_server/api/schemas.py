@@ -21,7 +21,31 @@ from .errors import RequestError
 
 
 class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """Unknown fields are ignored, as OpenAI-compatible servers do for client extras."""
+    """Unknown fields are ignored, as OpenAI-compatible servers do for client extras.
+
+    An explicit `null` on a field with a default means that default: the OpenAI API and
+    vLLM accept `"stream": null` or `"n": null`, and some SDKs and proxies send unset
+    fields that way. Such fields are typed `X | None` and reset here after decoding.
+    """
+
+    def __post_init__(self) -> None:
+        for name, default in _defaults_of(type(self)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+
+
+_DEFAULTS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _defaults_of(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(name, default) of `cls`'s fields whose default is a value other than None."""
+    if cls not in _DEFAULTS:
+        _DEFAULTS[cls] = tuple(
+            (f.name, f.default)
+            for f in msgspec.structs.fields(cls)
+            if f.default is not None and f.default is not msgspec.NODEFAULT
+        )
+    return _DEFAULTS[cls]
 
 
 # Ranges are declared on the fields (msgspec checks them while decoding, and the served
@@ -57,17 +81,17 @@ class _SamplingFields(_Body, kw_only=True):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=16)] = 1
+    n: Annotated[int, Meta(ge=1, le=16)] | None = 1
     stop: Stop | Annotated[list[Stop], Meta(max_length=16)] | None = None
     stop_token_ids: list[int] | None = None
     seed: Annotated[int, Meta(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] = 1.0  # engine's minimum
+    presence_penalty: Penalty | None = 0.0
+    frequency_penalty: Penalty | None = 0.0
+    repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] | None = 1.0  # engine's minimum
     logit_bias: dict[TokenIdKey, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
-    min_tokens: Annotated[int, Meta(ge=0)] = 0
-    ignore_eos: bool = False
-    stream: bool = False
+    min_tokens: Annotated[int, Meta(ge=0)] | None = 0
+    ignore_eos: bool | None = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     rag: RAGOptions | None = None
@@ -77,7 +101,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     # str | list[str] | list[int] | list[list[int]]: msgspec allows one array type in a
     # union, so the list forms are checked in `prompts_of()`.
     prompt: Annotated[str, Meta(min_length=1)] | Annotated[list[Any], Meta(min_length=1)]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -97,10 +121,10 @@ class ChatMessage(_Body, kw_only=True):
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
     def check_ranges(self) -> None:
         if self.top_logprobs and not self.logprobs:
@@ -111,8 +135,8 @@ class TokenizeRequest(_Body, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(_Body, kw_only=True):

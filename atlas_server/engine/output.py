@@ -39,6 +39,21 @@ from .types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 Emit = Callable[[RequestOutput], None]
 
+_MASK64 = (1 << 64) - 1
+
+
+def generator_seed(seed: int) -> int:
+    """A request's 64-bit seed mixed (SplitMix64's finaliser) into a generator seed.
+
+    PyTorch's CPU generator keeps only the low 32 bits of a seed, so seeds 0 and 2**32
+    would draw the same stream; mixed, every one of the 64 bits changes the low 32 and two
+    seeds collide only by chance (2**-32), as on CUDA where Philox keeps all 64.
+    """
+    z = (seed + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
 
 @dataclass(eq=False)
 class _Choice:
@@ -105,7 +120,8 @@ class OutputProcessor:
             generator = None
             if p.seed is not None:
                 # Each choice gets its own stream: distinct, and reproducible per (seed, index).
-                generator = torch.Generator(device=self.device).manual_seed(p.seed + seq.index)
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(generator_seed(p.seed + seq.index))
             state.choices.append(
                 _Choice(
                     seq,

@@ -219,7 +219,10 @@ def sample(logits: Tensor, rows: list[SamplingRow]) -> Tensor:
         [[r.params.temperature, r.params.top_p, r.params.min_p] for r in sub], device, torch.float32
     )  # [b, 3]
     temperature, top_p, min_p = numbers.unbind(1)
-    top_k = to_device([r.params.top_k for r in sub], device)  # [b]
+    # Clamped here, not only in _truncate: a top_k past int64 (any Python int is a valid
+    # SamplingParams) must not fail the tensor build, and with it every row of the step.
+    vocab = logits.shape[-1]
+    top_k = to_device([min(max(r.params.top_k, 0), vocab) for r in sub], device)  # [b]
     scaled = (logits if index is None else logits[index]) / temperature[:, None]  # [b, V]
     scaled = _truncate(
         scaled,
