@@ -67,8 +67,7 @@ def check_embedding_model(embedder: Any, model: str | None) -> None:
         return
     raise APIError(
         404,
-        f"the embedding model {model!r} does not exist; this server embeds with "
-        f"{embedder.name!r}",
+        f"the embedding model {model!r} does not exist; this server embeds with {embedder.name!r}",
         param="model",
         code="model_not_found",
     )
