@@ -90,6 +90,25 @@ def test_jsonl_records_whose_title_is_not_a_string_are_counted_as_bad_lines(tmp_
     assert "string `title`" in bad.reason
 
 
+def test_jsonl_metadata_goes_on_every_chunk_and_a_non_object_is_a_bad_line(tmp_path, embedder):
+    path = tmp_path / "meta.jsonl"
+    path.write_text(
+        '{"text": "Heaps keep order.", "metadata": {"lang": "en", "year": 2024}}\n'
+        '{"text": "Queues pass items.", "metadata": ["en"]}\n'
+    )
+    corpus = Corpus([str(path)])
+    [doc] = list(corpus)
+    assert doc.metadata == {"lang": "en", "year": 2024}
+    assert "object `metadata`" in corpus.bad_lines[0].reason
+    store = VectorStore(tmp_path / "q")
+    try:
+        ingest(store, embedder, "c", [doc], progress=False)
+        [(chunk, _)] = stored(store, "c").values()
+        assert chunk.metadata == {"lang": "en", "year": 2024}
+    finally:
+        store.close()
+
+
 def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
     folder = mixed_folder(tmp_path)
     data = tmp_path / "q"

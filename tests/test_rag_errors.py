@@ -219,3 +219,66 @@ def test_numpy_scores_and_spans_are_well_formed_results():
 
     chunk = Chunk("id", "text", "src.md", None, np.int64(0), np.int64(4))
     assert len(checked_results([RetrievedChunk(chunk, np.float32(0.5), "mine")])) == 1
+
+
+class Exits:
+    def retrieve(self, collection, query, top_k, filters=None):
+        raise SystemExit(3)
+
+
+def _results(*retrieved):
+    return lambda ctx: Returns(list(retrieved))
+
+
+def test_numpy_results_come_out_as_plain_json_types(svc):
+    """Found by an audit: NumPy scalars passed the check, then failed the JSON encoder (a
+    500 after the model had generated)."""
+    import msgspec
+
+    c = Chunk("id-n", "text", "n.md", None, np.int64(0), np.int64(4), {"rank": 1})
+    svc.host.retrievers["numpy"] = _results(RetrievedChunk(c, np.float32(0.5), "mine"))
+    [r] = svc.retrieve("c", "alpha", retriever="numpy")
+    assert type(r.score) is float and type(r.chunk.start) is int and type(r.chunk.end) is int
+    msgspec.json.encode({"score": r.score, "span": [r.chunk.start, r.chunk.end]})
+
+
+@pytest.mark.parametrize(
+    ("returned", "says"),
+    [
+        (RetrievedChunk(chunk("a.md", "x"), float("nan"), "r"), "not a finite number"),
+        (RetrievedChunk(Chunk("i", "x", "a.md", None, 5, 2), 1.0, "r"), "0 <= start <= end"),
+        (RetrievedChunk(Chunk("i", "x", "a.md", None, True, 2), 1.0, "r"), "must be integers"),
+        (RetrievedChunk(Chunk("i", "x", "a.md", None, 0, 1, {"o": object()}), 1.0, "r"),
+         "metadata is not JSON"),
+    ],
+)  # fmt: skip
+def test_results_the_api_could_not_send_are_the_plugins_fault(svc, returned, says):
+    svc.host.retrievers["odd"] = _results(returned)
+    with pytest.raises(PluginRuntimeError, match=says):
+        svc.retrieve("c", "alpha", retriever="odd")
+
+
+def test_a_chunk_returned_twice_is_kept_once_in_its_first_place(svc):
+    first, other = GOOD[0], RetrievedChunk(chunk("b.md", "beta"), 0.9, "own")
+    svc.host.retrievers["twice"] = _results(first, other, first)
+    assert svc.retrieve("c", "alpha", 5, retriever="twice") == [first, other]
+
+
+def test_a_plugin_calling_sys_exit_is_a_plugin_error(svc):
+    svc.host.retrievers["exits"] = lambda ctx: Exits()
+    with pytest.raises(PluginRuntimeError, match="SystemExit"):
+        svc.retrieve("c", "alpha", retriever="exits")
+
+
+@pytest.mark.filterwarnings("ignore:Failed to obtain server version")  # nothing listens there
+def test_an_unreachable_qdrant_server_is_a_store_failure(tmp_path):
+    """Found by an audit: a 500 on the collection routes and a 502 blaming 'hybrid'."""
+    rag = SimpleNamespace(store="qdrant", store_url="http://127.0.0.1:9", qdrant_url=None,
+                          data_dir=None, store_options={}, plugin_options={})  # fmt: skip
+    svc = RAGService(PluginHost(), FakeEmbedder, store_config=rag)
+    try:
+        for call in (svc.collections, lambda: svc.retrieve("c", "alpha")):
+            with pytest.raises(VectorStoreUnavailable, match="Qdrant server at .*127.0.0.1:9"):
+                call()
+    finally:
+        svc.close()

@@ -110,6 +110,27 @@ def test_ingest_is_idempotent_over_http(rag_server):
     assert {"name": "std", "chunks": 3} in listed
 
 
+def test_document_metadata_is_stored_and_filtered_on(rag_server):
+    """Found by an audit: the route dropped `metadata`, so the documented metadata filters
+    could match nothing a user had ingested."""
+    docs = [
+        {"text": "A heap keeps its smallest item first.", "source": "en.md",
+         "metadata": {"lang": "en", "tags": {"level": 1}}},
+        {"text": "Un tas garde son plus petit élément en tête.", "source": "fr.md",
+         "metadata": {"lang": "fr", "tags": {"level": 2}}},
+    ]  # fmt: skip
+    url = rag_server + "/v1/collections/meta/documents"
+    assert httpx.post(url, json={"documents": docs}, timeout=60).status_code == 200
+    for filters, source in (({"lang": "fr"}, "fr.md"), ({"metadata.tags.level": 1}, "en.md")):
+        body = {"collection": "meta", "query": "heap", "filters": filters}
+        data = httpx.post(rag_server + "/v1/retrieve", json=body, timeout=60).json()["data"]
+        assert [c["source"] for c in data] == [source], data
+        assert data[0]["metadata"] == docs[["en.md", "fr.md"].index(source)]["metadata"]
+    bad = {"documents": [{"text": "x", "source": "x", "metadata": {'a"b': 1}}]}
+    r = httpx.post(url, json=bad, timeout=60)
+    assert r.status_code == 400 and "metadata" in r.json()["error"]["param"], r.text
+
+
 @pytest.mark.parametrize("retriever", ["dense", "bm25", "hybrid", "hybrid-rrf"])
 def test_retrieve_ranks_the_right_document_first(rag_server, retriever):
     r = httpx.post(

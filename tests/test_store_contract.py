@@ -458,6 +458,43 @@ def test_folder_stores_allow_one_process_per_folder(tmp_path, name):
     open_store(name, tmp_path).close()  # released on close
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("embedded", "faiss"), ("faiss", "embedded"), ("embedded", "qdrant"),
+     ("faiss", "qdrant"), ("qdrant", "faiss")],
+)  # fmt: skip
+@pytest.mark.parametrize("marked", [True, False])
+def test_back_ends_refuse_each_others_folders(tmp_path, first, second, marked):
+    """Found by an audit: faiss and embedded both keep collections/NAME/, so a faiss
+    server on an embedded folder wrote into its collections, and deleting one there
+    deleted the other's. Folders from before the marker are recognised by their layout."""
+    if "faiss" in (first, second):
+        pytest.importorskip("faiss")
+    store = open_store(first, tmp_path)
+    try:
+        store.ensure_collection("manual", DIM)
+    finally:
+        store.close()
+    if not marked:
+        (tmp_path / ".atlas-store").unlink()
+    with pytest.raises(StoreError, match=f"holds the {first} store's data"):
+        open_store(second, tmp_path)
+    again = open_store(first, tmp_path)  # its owner still opens it, collection and all
+    try:
+        assert again.exists("manual")
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("name", ["embedded", "faiss", "qdrant"])
+def test_a_data_dir_that_cannot_be_a_folder_is_a_store_error(tmp_path, name):
+    if name == "faiss":
+        pytest.importorskip("faiss")
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot use the data dir"):
+        open_store(name, tmp_path / "a-file")
+
+
 def test_default_folder_honours_atlas_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ATLAS_HOME", str(tmp_path / "home"))
     store = open_store("embedded")

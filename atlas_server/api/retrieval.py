@@ -45,6 +45,9 @@ class DocumentIn(msgspec.Struct, kw_only=True):
     text: str
     source: str
     title: str | None = None
+    # On every chunk of the document; `filters` match its keys (docs/rag.md). Keys are
+    # what a filter can name: no empty key, and no `[`, `]` or `"` (store.check_filters).
+    metadata: dict[Annotated[str, Meta(pattern=r'^[^\[\]"]+$')], Any] | None = None
 
 
 class DocumentsRequest(msgspec.Struct, kw_only=True):
@@ -151,7 +154,7 @@ async def list_collections(request: Request) -> dict[str, Any]:
     responses=error_responses(400, 401, 413, 503),
 )
 async def add_documents(request: Request, name: str, data: DocumentsRequest) -> dict[str, Any]:
-    docs = [Document(d.text, d.source, d.title) for d in data.documents]
+    docs = [Document(d.text, d.source, d.title, metadata=d.metadata) for d in data.documents]
     try:
         return await run_in_fresh_thread(_service(request).add_documents, name, docs)
     except RAGError as e:

@@ -4,7 +4,7 @@ What it does:
 - `Corpus(paths)` lists the text, Markdown and reST files (and JSON Lines records with a
   `text` field, optional `source`/`title`) under the given paths and reads them lazily. A
   file that cannot be used (not UTF-8, binary, unreadable, a JSONL file with no usable
-  record) is skipped and recorded in `corpus.skipped` with the reason; the rest go on.
+  record; a record's `metadata` object goes on every chunk of it) is skipped and recorded in `corpus.skipped` with the reason; the rest go on.
 - `ingest(...)` chunks documents (see `chunking.py`), drops chunks the collection already
   holds (ids are content-derived, so this is what makes a killed ingest, run again,
   continue where it stopped instead of starting over), sorts the rest of each window of
@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -46,6 +47,8 @@ class Document:
     source: str
     title: str | None = None
     nbytes: int = 0  # bytes of input this document accounts for (progress only)
+    # Every chunk of the document carries it; filters match its keys (docs/rag.md).
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,8 @@ class Corpus:
                             Skipped(
                                 f"{f}:{first_bad}",
                                 f"{bad} line(s) without a JSON object with a string `text` "
-                                "field (and a string `title`, if any) skipped (the file's "
-                                "other records are ingested)",
+                                "field (and a string `title` and an object `metadata`, if "
+                                "any) skipped (the file's other records are ingested)",
                             )
                         )
                 else:
@@ -144,15 +147,18 @@ def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
             try:
                 record = json.loads(line)
                 text, title = record["text"], record.get("title")
+                metadata = record.get("metadata")
                 # A title becomes the chunks' heading, which is a string or None.
                 if not isinstance(text, str) or not (title is None or isinstance(title, str)):
+                    raise TypeError
+                if not (metadata is None or isinstance(metadata, dict)):
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 bad += 1
                 first_bad = first_bad or n
                 continue
             source = record.get("source") or f"{path}#{n}"
-            docs.append(Document(text, str(source), title, len(line)))
+            docs.append(Document(text, str(source), title, len(line), metadata))
     if not docs:
         where = f" (line {first_bad} is the first)" if first_bad else " (the file is empty)"
         raise _Unusable(
@@ -163,7 +169,9 @@ def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
 
 def chunk_documents(docs, count, settings: ChunkSettings) -> Iterator[Chunk]:
     for doc in docs:
-        yield from chunk_text(doc.text, doc.source, count, settings, title=doc.title)
+        yield from chunk_text(
+            doc.text, doc.source, count, settings, title=doc.title, metadata=doc.metadata
+        )
 
 
 @dataclass
@@ -180,7 +188,10 @@ def _windows(docs, count, settings: ChunkSettings, size: int):
     done_bytes = 0
     seen: set[str] = set()
     for doc in docs:
-        for chunk in chunk_text(doc.text, doc.source, count, settings, title=doc.title):
+        chunks = chunk_text(
+            doc.text, doc.source, count, settings, title=doc.title, metadata=doc.metadata
+        )
+        for chunk in chunks:
             if chunk.id in seen:  # the same span of the same source twice in one call
                 continue
             seen.add(chunk.id)

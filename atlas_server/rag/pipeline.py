@@ -11,9 +11,12 @@ What it does not do: HTTP, prompting or ingestion.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import threading
 from typing import Any
+
+import msgspec
 
 from ..plugins import PluginHost
 from .errors import PluginRuntimeError, UnknownComponentError
@@ -52,7 +55,7 @@ class RAGPipeline:
                 ctx = dataclasses.replace(self.ctx, options=dict(self.options.get(name, {})))
                 try:
                     self._built[key] = registry[name](ctx)
-                except Exception as e:
+                except (Exception, SystemExit) as e:
                     raise PluginRuntimeError(
                         self.host.owner(kind, name) or "?", kind[:-1], name, e
                     ) from e
@@ -84,7 +87,9 @@ class RAGPipeline:
             return checked_results(fn())
         except (UnknownComponentError, PluginRuntimeError):
             raise
-        except Exception as e:
+        # SystemExit too: a plugin calling sys.exit() must not take a request (or, outside
+        # a request, the server) down with it; KeyboardInterrupt still stops the process.
+        except (Exception, SystemExit) as e:
             from .store import StoreError
 
             if isinstance(e, StoreError):
@@ -97,9 +102,14 @@ class MalformedResults(TypeError):
 
 
 def checked_results(results: Any) -> list[RetrievedChunk]:
-    """`results` as a list if it is a sequence of well-formed RetrievedChunk, else raise."""
+    """`results` as a list of well-formed RetrievedChunk in plain Python types, else raise.
+
+    NumPy's scalars (FAISS scores, say) are numbers too, so they pass, converted: what goes
+    on must serialise as JSON. A chunk returned twice keeps its first (best) place.
+    """
     if not isinstance(results, list | tuple):
         raise MalformedResults(f"returned {type(results).__name__}, not a list of RetrievedChunk")
+    checked, seen = [], set()
     for i, r in enumerate(results):
         if not isinstance(r, RetrievedChunk):
             raise MalformedResults(
@@ -107,19 +117,34 @@ def checked_results(results: Any) -> list[RetrievedChunk]:
             )
         if not isinstance(r.chunk, Chunk):
             raise MalformedResults(f"result {i}'s chunk is {type(r.chunk).__name__}, not a Chunk")
-        # numbers.Real / Integral: NumPy's scalars (FAISS scores, say) are numbers too.
         if not isinstance(r.score, numbers.Real) or isinstance(r.score, bool):
             raise MalformedResults(f"result {i}'s score is {r.score!r}, not a number")
+        if not math.isfinite(float(r.score)):
+            raise MalformedResults(f"result {i}'s score is {r.score!r}, not a finite number")
         c = r.chunk
         if not (isinstance(c.id, str) and isinstance(c.text, str) and isinstance(c.source, str)):
             raise MalformedResults(f"result {i}'s chunk id, text and source must be strings")
         if not (c.heading is None or isinstance(c.heading, str)):
             raise MalformedResults(f"result {i}'s chunk heading is {c.heading!r}, not a string")
-        if not (isinstance(c.start, numbers.Integral) and isinstance(c.end, numbers.Integral)):
-            raise MalformedResults(f"result {i}'s chunk span must be integers")
+        if not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (c.start, c.end)
+        ) or not 0 <= c.start <= c.end:
+            raise MalformedResults(
+                f"result {i}'s chunk span [{c.start!r}, {c.end!r}) must be integers with "
+                "0 <= start <= end"
+            )
         if not isinstance(c.metadata, dict):
             raise MalformedResults(f"result {i}'s chunk metadata is not a dict")
-    return list(results)
+        try:
+            metadata = msgspec.json.decode(msgspec.json.encode(c.metadata))
+        except (TypeError, ValueError, msgspec.MsgspecError) as e:
+            raise MalformedResults(f"result {i}'s chunk metadata is not JSON: {e}") from None
+        if c.id in seen:
+            continue
+        seen.add(c.id)
+        chunk = dataclasses.replace(c, start=int(c.start), end=int(c.end), metadata=metadata)
+        checked.append(dataclasses.replace(r, chunk=chunk, score=float(r.score)))
+    return checked
 
 
 class _LazyRetrievers(dict):

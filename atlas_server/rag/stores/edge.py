@@ -101,12 +101,7 @@ class EdgeStore(VectorStore):
         # Every segment is searched on its own: as many as CPUs (Qdrant's rule; Qdrant Edge
         # counts the host's CPUs, not this process's).
         self.segments = int(opts.get("segments", len(os.sched_getaffinity(0))))
-        if (self.root / "meta.json").is_file() and (self.root / "collection").is_dir():
-            raise StoreError(
-                f"{self.root} is a qdrant-client local-mode folder (the embedded store before "
-                'Atlas used Qdrant Edge); open it with `[rag] store = "qdrant"` (or '
-                "`--store qdrant`), or give the embedded store another --data-dir"
-            )
+        # The lock also refuses a folder another back end's data is in (folder.claim_folder).
         self._folder_lock = FolderLock(self.root, self.name)
         (self.root / "collections").mkdir(exist_ok=True)
         self._shards: dict[str, qe.EdgeShard] = {}

@@ -1,10 +1,13 @@
-"""Helpers for back ends that keep collections in a local folder (embedded, faiss).
+"""Helpers for back ends that keep collections in a local folder (embedded, faiss, qdrant's
+local mode).
 
 What it does: `FolderLock` holds an exclusive lock on `<root>/.lock` for the life of a
 store (one process per data directory, as with any embedded database; the lock goes with
-the process, so a killed server never leaves a stale one), and `remove_tree` deletes a
-collection's folder by first renaming it (atomic) so a crash leaves the collection whole
-or gone, never half deleted.
+the process, so a killed server never leaves a stale one); `claim_folder` marks a folder
+as one back end's (`<root>/.atlas-store`) and refuses a folder another back end's data is
+in, because the embedded and faiss stores both keep `collections/NAME/` and deleting one's
+collection would delete the other's; `remove_tree` deletes a collection's folder by first
+renaming it (atomic) so a crash leaves the collection whole or gone, never half deleted.
 What it does not do: store anything.
 """
 
@@ -19,10 +22,49 @@ from pathlib import Path
 from ..store import StoreError
 
 
+MARKER = ".atlas-store"
+
+
+def _found_layout(root: Path) -> str | None:
+    """Which back end's data an unmarked folder holds (folders from before the marker)."""
+    if (root / "meta.json").is_file() and (root / "collection").is_dir():
+        return "qdrant"
+    collections = root / "collections"
+    if collections.is_dir():
+        for folder in collections.iterdir():
+            if (folder / "edge_config.json").is_file():
+                return "embedded"
+            if (folder / "chunks.sqlite").is_file():
+                return "faiss"
+    return None
+
+
+def claim_folder(root: Path, store: str) -> None:
+    """Mark `root` as `store`'s, or raise StoreError if another back end's data is there."""
+    marker = root / MARKER
+    try:
+        owner = marker.read_text().strip() if marker.is_file() else _found_layout(root)
+        if owner is None or owner == store:
+            if not marker.is_file():
+                atomic_write_bytes(marker, f"{store}\n".encode())
+            return
+    except OSError as e:
+        raise StoreError(f"cannot use the data dir {root}: {e}") from None
+    legacy = " (the embedded store before Atlas used Qdrant Edge)" if owner == "qdrant" else ""
+    raise StoreError(
+        f"the data dir {root} holds the {owner} store's data{legacy}; open it with "
+        f'`[rag] store = "{owner}"` (or `--store {owner}`), or give the {store} store '
+        "another data_dir: two back ends in one folder would overwrite each other"
+    )
+
+
 class FolderLock:
     def __init__(self, root: Path, store: str) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self._file = open(root / ".lock", "a+")  # noqa: SIM115 (held until release)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._file = open(root / ".lock", "a+")  # noqa: SIM115 (held until release)
+        except OSError as e:  # a file where the folder should be, no permission, ...
+            raise StoreError(f"cannot use the data dir {root}: {e}") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -33,6 +75,11 @@ class FolderLock:
                 "POST /v1/collections/NAME/documents on that server, stop it, or use a "
                 "Qdrant or Milvus server (docs/rag.md)"
             ) from None
+        try:
+            claim_folder(root, store)
+        except StoreError:
+            self.release()
+            raise
 
     def release(self) -> None:
         if not self._file.closed:

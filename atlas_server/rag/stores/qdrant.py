@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ..store import (
     DENSE,
@@ -37,6 +39,7 @@ from ..store import (
     payload_of,
 )
 from ..types import Chunk
+from .folder import claim_folder
 
 
 def qdrant_filter(filters: Filters | None) -> models.Filter | None:
@@ -58,6 +61,29 @@ def point_id(chunk_id: str) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, chunk_id))
 
 
+class _Reported:
+    """The QdrantClient, with a server's failures (unreachable, an error answer) raised as
+    StoreError, so that callers report the store failing (a 503), not a plugin or a bug."""
+
+    def __init__(self, client: QdrantClient, location: str) -> None:
+        self._client, self._location = client, location
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except (ResponseHandlingException, UnexpectedResponse) as e:
+                raise StoreError(
+                    f"the Qdrant server at {self._location} failed: {type(e).__name__}: {e}"
+                ) from e
+
+        return call
+
+
 class QdrantStore(VectorStore):
     name = "qdrant"
 
@@ -66,14 +92,15 @@ class QdrantStore(VectorStore):
         timeout = int(settings.options.get("timeout", 30))
         try:
             if settings.url:
-                self.client = QdrantClient(
-                    url=settings.url, api_key=settings.api_key, timeout=timeout
-                )
+                client = QdrantClient(url=settings.url, api_key=settings.api_key, timeout=timeout)
             else:
-                from pathlib import Path
-
-                Path(self.location).mkdir(parents=True, exist_ok=True)
-                self.client = QdrantClient(path=self.location)
+                folder = Path(self.location)
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise StoreError(f"cannot use the data dir {folder}: {e}") from None
+                claim_folder(folder, self.name)  # not an embedded or faiss store's folder
+                client = QdrantClient(path=self.location)
         except RuntimeError as e:
             if "already accessed" in str(e):
                 raise StoreError(
@@ -83,6 +110,7 @@ class QdrantStore(VectorStore):
                     "(--qdrant-url)"
                 ) from None
             raise
+        self.client = _Reported(client, self.location)
         self.remote = bool(settings.url)
         self._closed = False
 

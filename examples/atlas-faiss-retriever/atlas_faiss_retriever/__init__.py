@@ -28,7 +28,7 @@ __version__ = "0.2.0"
 class FaissRetriever:
     def __init__(self, ctx: RAGContext) -> None:
         self.store, self.embedder = ctx.store, ctx.embedder
-        self._indexes: dict[str, tuple[int, faiss.Index, list]] = {}
+        self._indexes: dict[str, tuple[int, faiss.Index | None, list]] = {}
         self._lock = threading.Lock()
 
     def _index(self, collection: str):
@@ -40,9 +40,11 @@ class FaissRetriever:
                 for chunk, vector in self.store.iter_chunks(collection):
                     chunks.append(chunk)
                     vectors.append(vector)
-                matrix = np.asarray(vectors, dtype=np.float32)  # [N, D]
-                index = faiss.IndexFlatIP(matrix.shape[1])
-                index.add(matrix)
+                index = None
+                if chunks:
+                    matrix = np.asarray(vectors, dtype=np.float32)  # [N, D]
+                    index = faiss.IndexFlatIP(matrix.shape[1])
+                    index.add(matrix)
                 cached = self._indexes[collection] = (size, index, chunks)
             return cached
 
@@ -53,6 +55,8 @@ class FaissRetriever:
                 '(the built-in `faiss` vector store does: [rag] store = "faiss")'
             )
         _, index, chunks = self._index(collection)
+        if not chunks:  # an empty collection: nothing to search (FAISS needs a dimension)
+            return []
         query_vector = self.embedder.encode([query])  # [1, D]
         scores, ids = index.search(query_vector, min(top_k, len(chunks)))
         return [

@@ -33,3 +33,13 @@ def test_faiss_matches_dense(tmp_path):
     dense_ids = [r.chunk.id for r in pipeline.retrieve("c", "how to open a file", 3, "dense")]
     assert faiss_ids == dense_ids
     store.close()
+
+
+def test_an_empty_collection_gives_no_results(tmp_path):
+    from atlas_server.rag.embedding import Embedder
+
+    store = VectorStore(tmp_path / "q")
+    store.ensure_collection("empty", 384)
+    retriever = atlas_faiss_retriever.FaissRetriever(RAGContext(store, Embedder()))
+    assert retriever.retrieve("empty", "anything", 3) == []
+    store.close()
