@@ -126,9 +126,13 @@ def checked_results(results: Any) -> list[RetrievedChunk]:
             raise MalformedResults(f"result {i}'s chunk id, text and source must be strings")
         if not (c.heading is None or isinstance(c.heading, str)):
             raise MalformedResults(f"result {i}'s chunk heading is {c.heading!r}, not a string")
-        if not all(
-            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (c.start, c.end)
-        ) or not 0 <= c.start <= c.end:
+        if (
+            not all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                for x in (c.start, c.end)
+            )
+            or not 0 <= c.start <= c.end
+        ):
             raise MalformedResults(
                 f"result {i}'s chunk span [{c.start!r}, {c.end!r}) must be integers with "
                 "0 <= start <= end"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from ..store import StoreError
 
-
 MARKER = ".atlas-store"
 
 
