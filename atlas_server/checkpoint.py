@@ -219,12 +219,19 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format version {version}; this Atlas reads up to {FORMAT_VERSION}"
+            f"{path} has format version {json.dumps(version)}; this Atlas reads versions 1 "
+            f"to {FORMAT_VERSION} (an integer)"
         )
     known = {"format", "format_version", "model", "tokenizer", "weights", "provenance"}
     unknown = sorted(set(meta) - known)
     if unknown:
         raise CheckpointError(f"{path} has unknown top-level keys {unknown}")
+    for key in ("model", "tokenizer", "provenance"):
+        # Read as objects everywhere (.get on each); anything else is a damaged file.
+        if key in meta and not isinstance(meta[key], dict):
+            raise CheckpointError(
+                f'{path}: "{key}" must be a JSON object, not {json.dumps(meta[key])[:80]}'
+            )
     weights = meta.get("weights", {})
     recorded = weights.get("sha256") if isinstance(weights, dict) else None
     if not isinstance(weights, dict) or not (

@@ -171,6 +171,11 @@ def hf_to_atlas_model(src: str | os.PathLike) -> Transformer:
         model_config_from_hf(hf_config)
     except (TypeError, AttributeError) as e:  # a value of the wrong JSON type ("2" for 2)
         raise HFImportError(f"{src / 'config.json'}: a value has the wrong type: {e}") from None
+    except KeyError as e:  # a key every model of its type has (hidden_size, n_head, ...)
+        kind = hf_config.get("model_type")
+        raise HFImportError(
+            f"{src / 'config.json'}: missing {e.args[0]!r}, which a {kind} config needs"
+        ) from None
     return model_from_hf_tensors(hf_config, load_hf_weights(src))
 
 

@@ -110,6 +110,9 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     untouched.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        # Replacing folders is this function's job; a file there is someone's data.
+        raise FileExistsError(f"{directory} exists and is not a folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     as_created(tmp, folder=True)

@@ -348,3 +348,35 @@ def test_a_chat_template_that_is_not_utf8_is_a_checkpoint_error(ckpt):
     (ckpt / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\xfe")
     with pytest.raises(CheckpointError, match="chat_template.jinja is not UTF-8 text"):
         load_checkpoint(ckpt)
+
+
+def test_init_never_replaces_a_file_with_a_checkpoint(tmp_path, byte_tokenizer):
+    """Found by an audit: `--output notes.txt` turned the file into a checkpoint folder and
+    left the file as a hidden `.notes.txt.old-PID` nobody was told about."""
+    byte_tokenizer.save(tmp_path / "atlas_tokenizer.json")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious notes")
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["checkpoint", "init", "--preset", "gpt2-tiny",
+                                          "--tokenizer", str(tmp_path / "atlas_tokenizer.json"),
+                                          "--output", str(notes), *extra])  # fmt: skip
+        assert result.exit_code == 1 and "exists and is not a folder" in result.output
+    assert notes.read_text() == "precious notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas_tokenizer.json", "notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("tokenizer", None), ("provenance", "x"), ("provenance", None), ("model", None),
+     ("model", "abc"), ("format_version", "3")],
+)  # fmt: skip
+def test_a_config_field_of_the_wrong_json_type_is_one_error_line(ckpt, key, value):
+    """Found by an audit: `"tokenizer": null` or `"provenance": "x"` gave AttributeError
+    tracebacks from inspect and export-hf."""
+    path = ckpt / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    for command in (["inspect", str(ckpt)], ["export-hf", str(ckpt), str(ckpt.parent / "hf")]):
+        result = CliRunner().invoke(app, ["checkpoint", *command])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+        assert f'"{key}"' in result.output or "format version" in result.output

@@ -129,6 +129,18 @@ def test_import_refuses_a_config_of_the_wrong_json_types(tmp_path, config, messa
         import_hf(tmp_path / "hf", tmp_path / "atlas")
 
 
+@pytest.mark.parametrize("missing", ["n_embd", "n_head", "vocab_size"])
+def test_import_names_a_missing_config_key(tmp_path, missing):
+    """Found by an audit: a config.json without hidden_size or n_head was a KeyError
+    traceback."""
+    config = hf_gpt2(300).config.to_dict()
+    del config[missing]
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFImportError, match=f"missing '{missing}', which a gpt2 config needs"):
+        import_hf(tmp_path / "hf", tmp_path / "atlas")
+
+
 def test_import_refuses_pickled_weights(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()

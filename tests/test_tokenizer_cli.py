@@ -212,3 +212,26 @@ def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
     assert "Example: atlas tokenizer " + command in " ".join(result.output.split())
+
+
+def test_train_refuses_to_replace_a_tokenizer_unless_asked(tmp_path):
+    """Found by an audit: a second `train` into the same folder silently replaced the
+    tokenizer that existing shards and checkpoints were made with."""
+    (tmp_path / "text.md").write_text("the quick brown fox jumps over the lazy dog " * 50)
+    args = [
+        "train",
+        str(tmp_path / "text.md"),
+        "--vocab-size",
+        "300",
+        "-o",
+        str(tmp_path / "t"),
+        "-q",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    before = (tmp_path / "t" / "atlas_tokenizer.json").read_bytes()
+    again = runner.invoke(app, [*args[:3], "280", *args[4:]])
+    assert again.exit_code == 1 and "exists; pass --overwrite" in again.output
+    assert (tmp_path / "t" / "atlas_tokenizer.json").read_bytes() == before
+    replaced = runner.invoke(app, [*args[:3], "280", *args[4:], "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert Tokenizer.from_file(tmp_path / "t" / "atlas_tokenizer.json").vocab_size == 280

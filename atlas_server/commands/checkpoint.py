@@ -266,7 +266,10 @@ def merge_lora_command(
 
 def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """Refuse to replace a non-empty OUT unless asked, and never one of the inputs (the
-    checkpoint writer replaces a folder whole)."""
+    checkpoint writer replaces a folder whole), nor a file, which --overwrite does not
+    cover: it replaces folders."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; write the checkpoint elsewhere")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
     if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in inputs):

@@ -71,6 +71,9 @@ def train(
         1, "--workers", help="Processes counting pre-tokens (0: one per CPU); same result."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an atlas_tokenizer.json already in OUTPUT."
+    ),
 ) -> None:
     """Learn merges from text files and write OUTPUT/atlas_tokenizer.json (atomically).
 
@@ -91,6 +94,13 @@ def train(
     with user_errors():
         if output.exists() and not output.is_dir():
             raise TokenizerError(f"--output must be a folder; {output} is a file")
+        # Checked before training: the shards and checkpoints made with a tokenizer are
+        # only readable with it, so replacing one is a choice, not a side effect.
+        if (output / TOKENIZER_FILE).exists() and not overwrite:
+            raise TokenizerError(
+                f"{output / TOKENIZER_FILE} exists; pass --overwrite to replace it, or "
+                "choose another --output"
+            )
         if workers < 0:
             raise TokenizerError(f"--workers must be 0 (one per CPU) or more, got {workers}")
         tokenizer = train_from_files(
