@@ -297,6 +297,15 @@ def test_api_key_is_required_on_v1_only(tiny_checkpoint):
             httpx.get(base + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code
             == 200
         )
+        for header, status in (
+            ("bearer s3cret", 200),
+            ("BEARER  s3cret", 200),
+            ("Bearer S3CRET", 401),
+            ("Basic s3cret", 401),
+            ("s3cret", 401),
+        ):
+            r = httpx.get(base + "/v1/models", headers={"Authorization": header})
+            assert r.status_code == status, header  # the scheme's case is free, the key's not
         assert httpx.get(base + "/health").status_code == 200
         with pytest.raises(APIStatusError) as e:
             OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()

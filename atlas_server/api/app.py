@@ -52,14 +52,15 @@ OPEN_PATHS = ("/health", "/metrics", "/schema")
 
 
 def _auth_hook(api_key: str | None):
-    expected = f"Bearer {api_key}".encode() if api_key else None
+    expected = api_key.encode() if api_key else None
 
     async def check(request: Request) -> Response | None:
         if expected is None or request.url.path.startswith(OPEN_PATHS):
             return None
-        given = request.headers.get("authorization", "").encode()
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # The scheme is case-insensitive (RFC 7235: "bearer" is "Bearer"); the key is not.
         # Constant-time comparison: the time taken does not reveal how much of a guess matched.
-        if hmac.compare_digest(given, expected):
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected):
             return None
         return Response(
             error_body(
