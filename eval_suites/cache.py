@@ -10,6 +10,8 @@ The key is the SHA-256 of the canonical JSON (sorted keys, no whitespace) of
 stable identity of the checkpoint (path + weights hash), because the port changes every
 run. What it does not do: expire entries or notice that a server at the same URL now runs
 different weights under the same model name (use `--no-cache` or a fresh cache file then).
+A cache path that cannot be opened (a folder, a file that is not SQLite, no permission) is
+a one-line `CacheError`, raised before the run starts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .errors import CacheError
 
 __all__ = ["ResponseCache", "request_key"]
 
@@ -49,15 +53,41 @@ class ResponseCache:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        # WAL: readers never block the writer, and a killed process loses nothing committed.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
+        self._db = self._open()
         self.hits = 0
         self.misses = 0
+
+    def _open(self) -> sqlite3.Connection:
+        """Open (or create) the file; what a user can fix is a one-line CacheError, since
+        sqlite3's own "unable to open database file" does not say which file or why."""
+        if self.path.is_dir():
+            raise CacheError(
+                f"the response cache {self.path} is a folder, not a file; give a file with"
+                f" --cache FILE (e.g. {self.path / 'eval-cache.sqlite'}) or pass --no-cache"
+            )
+        if file := next((p for p in self.path.parents if p.is_file()), None):
+            raise CacheError(
+                f"cannot create the response cache {self.path}: {file} is a file, not a folder;"
+                " give another --cache FILE or pass --no-cache"
+            )
+        db = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            # WAL: readers never block the writer, and a killed process loses nothing committed.
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            if db is not None:
+                db.close()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CacheError(
+                f"cannot open the response cache {self.path}: {reason}; give another"
+                " --cache FILE or pass --no-cache"
+            ) from None
+        return db
 
     def get(self, key: str) -> dict[str, Any] | None:
         with self._lock:

@@ -1,7 +1,9 @@
 """`atlas-eval`: list suites, run one against a server, compare runs.
 
 Errors a user can fix (unreachable server, wrong API key, a server without echo/logprobs,
-a bad option) are printed as one line `error: ...` with exit status 1, never a traceback.
+a bad option, an output folder that already holds results) are printed as one line
+`error: ...` with exit status 1, never a traceback. Ctrl-C during a run exits 130 (128 +
+SIGINT, as `atlas-train` does), after saying how to continue.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def run(
         help="response cache file (default $ATLAS_HOME/eval-cache.sqlite, ~/.cache/atlas/...)",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="send every request again"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace a complete earlier run in the --output folder"
+    ),
 ) -> None:
     """Run SUITE against a server and write results.json, samples.jsonl and report.md.
 
@@ -110,13 +115,18 @@ def run(
         tokenizer=tokenizer,
         cache_path=cache,
         use_cache=not no_cache,
+        overwrite=overwrite,
     )
     try:
         out = run_suite(options)
     except EvalError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to continue from the response cache")
+        typer.echo(
+            "error: interrupted; rerun the same command to continue from the response cache",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(report)
     typer.echo(f"results: {out / 'results.json'}")
@@ -126,10 +136,16 @@ def run(
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="results directories of `atlas-eval run`"),
     output: Path = typer.Option(
-        None, "--output", "-o", help="where to write compare.md and PNG plots"
+        None,
+        "--output",
+        "-o",
+        help="where to write compare.md and PNG plots (default eval_compare)",
     ),
     labels: list[str] = typer.Option(
         [], "--label", help="a column label per run (default: model@server)"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an earlier comparison in the --output folder"
     ),
 ) -> None:
     """Print a side-by-side markdown table of runs and write plots (PNG).
@@ -139,7 +155,7 @@ def compare(
     from .compare import compare_runs
 
     try:
-        table, files = compare_runs(run_dirs, output, labels)
+        table, files = compare_runs(run_dirs, output, labels, overwrite=overwrite)
     except EvalError as e:
         fail(str(e))
     typer.echo(table)

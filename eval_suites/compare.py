@@ -10,8 +10,10 @@ concurrency line plots (TTFT, TPOT, ITL, E2E at p50/p90/p99) and a table per loa
 Column labels, unless given with --label: `model@host` (the model alone for `--checkpoint`
 runs, whose port is random); runs of one suite whose labels collide are told apart by their
 results folder's name (without the `SUITE-` prefix), then by start time, then by number.
-Plots use matplotlib's Agg backend (no display needed). What it does not do: statistics
-across seeds or re-scoring; it reads results.json files only.
+Plots use matplotlib's Agg backend (no display needed). An output folder that already
+holds a comparison (compare.md) is refused unless `overwrite` is set, as `atlas-eval run`
+refuses a folder with a complete run. What it does not do: statistics across seeds or
+re-scoring; it reads results.json files only.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def colliding(runs: list[dict[str, Any]], labels: list[str]) -> list[int]:
 
 
 def compare_runs(
-    run_dirs: list[Path], output: Path | None, labels: list[str]
+    run_dirs: list[Path], output: Path | None, labels: list[str], overwrite: bool = False
 ) -> tuple[str, list[Path]]:
     if not run_dirs:
         raise ResultsError("give at least one results directory")
@@ -108,11 +110,29 @@ def compare_runs(
     names = labels_for(runs, labels, [Path(d) for d in run_dirs])
     table = markdown_tables(runs, names)
     output = output or Path("eval_compare")
-    output.mkdir(parents=True, exist_ok=True)
+    make_output(output, overwrite)
     files = [output / "compare.md"]
     write_text_atomic(files[0], table)
     files += plot_runs(runs, names, output)
     return table, files
+
+
+def make_output(output: Path, overwrite: bool) -> None:
+    """The folder for compare.md and the plots; one holding an earlier comparison is refused
+    unless `overwrite` (its compare.md and plots would be replaced)."""
+    if output.exists() and not output.is_dir():
+        raise ResultsError(f"--output {output} is a file, not a folder")
+    if file := next((p for p in output.parents if p.is_file()), None):
+        raise ResultsError(f"--output {output}: {file} is a file, not a folder")
+    if (output / "compare.md").exists() and not overwrite:
+        raise ResultsError(
+            f"{output} already holds a comparison (compare.md); pass --overwrite to replace"
+            " it, or give another --output"
+        )
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no permission, a read-only disk
+        raise ResultsError(f"cannot create the output folder {output}: {e.strerror or e}") from None
 
 
 def by_suite(
@@ -152,7 +172,7 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
         for name in metric_names:
             entries = [run["metrics"].get(name) for _, run in group]
             values = [e["value"] if e else None for e in entries]
-            higher = next((e["higher_is_better"] for e in entries if e), None)
+            higher = next((e.get("higher_is_better") for e in entries if e), None)
             best = best_index(values, higher)
             cells = [
                 "—" if v is None else (f"**{format_value(v)}**" if i == best else format_value(v))
@@ -160,7 +180,7 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
             ]
             arrow = {True: "↑", False: "↓", None: ""}[higher]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {arrow} |")
-        limited = [label for label, run in group if run["run"].get("limit")]
+        limited = [label for label, run in group if run.get("run", {}).get("limit")]
         if limited:
             lines += ["", f"*{', '.join(limited)}: run with --limit (for testing only).*"]
         if suite == "latency":
@@ -181,7 +201,7 @@ def latency_table(group: list[tuple[str, dict[str, Any]]]) -> list[str]:
                 format_value(summary[f]) if isinstance(summary.get(f), int | float) else "—"
                 for f in LATENCY_TABLE_FIELDS
             ]
-            lines.append(f"| {label} | {level['load']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {level.get('load', '?')} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -232,7 +252,7 @@ def metric_bars_figure(suite: str, group: list[tuple[str, dict[str, Any]]]):
         log = scale_panel(ax, values)
         higher = next(
             (
-                run["metrics"][name]["higher_is_better"]
+                run["metrics"][name].get("higher_is_better")
                 for _, run in group
                 if name in run["metrics"]
             ),

@@ -10,14 +10,19 @@ traceback):
       CapabilityError          the server lacks something a suite needs (echo + logprobs,
                                /tokenize, streaming); the message names the suite
       ServerRequestError       any other non-2xx answer, with the server's own message
-      SuiteConfigError         an unknown suite, an unknown or mistyped config key
-      ResultsError             a results directory that cannot be read (compare)
+      SuiteConfigError         an unknown suite, an unknown or mistyped config key, a bad
+                               option (--limit, --concurrency, an --output that holds a run)
+      ResultsError             a results directory that cannot be read or is malformed, or
+                               a compare --output that holds an earlier comparison
+      CacheError               a response cache file that cannot be opened (a folder, not
+                               SQLite, no permission)
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CacheError",
     "CapabilityError",
     "EvalError",
     "ResultsError",
@@ -54,4 +59,8 @@ class SuiteConfigError(EvalError):
 
 
 class ResultsError(EvalError):
+    pass
+
+
+class CacheError(EvalError):
     pass

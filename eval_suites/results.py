@@ -5,8 +5,9 @@ with its higher-is-better flag and a description), the suite config snapshot, th
 files' SHA-256, the seed, `--limit` (marked "for testing only"), package versions, the git
 commit of this checkout, the server's /v1/models answer and the start/end times. Only
 `run.started_at`, `run.finished_at`, `run.duration_s` and `cache` vary between two runs
-with the same seed against the same server. What it does not do: compare runs (see
-`compare.py`).
+with the same seed against the same server. `load_results` (what `compare` reads) checks
+the fields compare uses and names the first malformed one, so a hand-edited or foreign
+file is a one-line error. What it does not do: compare runs (see `compare.py`).
 """
 
 from __future__ import annotations
@@ -148,9 +149,51 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ResultsError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ResultsError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(results, dict) or "metrics" not in results or "suite" not in results:
         raise ResultsError(f"{path} is not an atlas-eval results file")
+    if problem := malformed_field(results):
+        raise ResultsError(f"{path} is malformed: {problem}")
     return results
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def malformed_field(results: dict[str, Any]) -> str | None:
+    """The first field `compare` reads that does not have the shape `write_run` gives it
+    (a hand-edited or foreign file), said so the user can find it; None when all do."""
+    if not isinstance(results["suite"], str):
+        return '"suite" is not a string'
+    if not isinstance(results["metrics"], dict):
+        return '"metrics" is not an object'
+    for name, entry in results["metrics"].items():
+        if not isinstance(entry, dict):
+            return f'metrics.{name} is not an object with a "value" (got {entry!r:.40})'
+        if not is_number(entry.get("value")):
+            return f"metrics.{name}.value is not a number (got {entry.get('value')!r:.40})"
+        if entry.get("higher_is_better") not in (True, False, None):
+            return f"metrics.{name}.higher_is_better is not true, false or null"
+    for key in ("run", "server", "details"):
+        if not isinstance(results.get(key, {}), dict):
+            return f'"{key}" is not an object'
+    levels = results.get("details", {}).get("levels", [])
+    if not isinstance(levels, list):
+        return "details.levels is not a list"
+    for i, level in enumerate(levels):
+        if not isinstance(level, dict) or not isinstance(level.get("summary"), dict):
+            return f'details.levels[{i}] is not an object with a "summary" object'
+        concurrency = level.get("concurrency")
+        if concurrency is not None and not is_number(concurrency):
+            return f"details.levels[{i}].concurrency is not a number"
+        for field, value in level["summary"].items():
+            if field.endswith("_ms") and value is not None and not is_number(value):
+                return f"details.levels[{i}].summary.{field} is not a number or null"
+    return None
 
 
 def command_line() -> list[str]:

@@ -3,8 +3,11 @@
 This is `atlas-eval run` without the command-line parsing, so tests and scripts can call
 it directly. A run that fails leaves no empty results folder behind: a folder it created
 and left empty is removed, and the error says so (with `--checkpoint` the folder keeps the
-server's log, and the error points to it). What it does not do: print (the CLI does) or
-interpret numbers (suites do).
+server's log, and the error points to it). A folder that already holds a complete run
+(results.json) is refused unless `overwrite` is set, so a rerun never replaces earlier
+results silently; a folder without one (an interrupted run) is used as it is, so rerunning
+the same command continues it from the response cache. What it does not do: print (the CLI
+does) or interpret numbers (suites do).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class RunOptions:
     tokenizer: Path | None = None
     cache_path: Path | None = None
     use_cache: bool = True
+    overwrite: bool = False  # replace a complete earlier run in `output`
     server_args: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -80,6 +84,8 @@ def run_suite(options: RunOptions) -> Path:
         raise SuiteConfigError("give exactly one of --base-url URL or --checkpoint DIR")
     if options.limit is not None and options.limit < 1:
         raise SuiteConfigError("--limit must be >= 1")
+    if options.concurrency < 1:
+        raise SuiteConfigError("--concurrency must be >= 1")
     if options.base_url is not None:
         url = urllib.parse.urlsplit(options.base_url)
         if url.scheme not in ("http", "https") or not url.netloc:
@@ -92,20 +98,50 @@ def run_suite(options: RunOptions) -> Path:
         options.suite, suite.config_cls, options.config_file, options.overrides
     )
     check_data_files(options.suite, config)
-    if options.base_url is not None:
-        suite.check_server(options.base_url)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     output = options.output or Path("eval_runs") / f"{options.suite}-{stamp}"
+    check_output(output, options.overwrite)
+    if options.base_url is not None:
+        suite.check_server(options.base_url)
+    # Opened before the folder and the server: a bad --cache is refused before anything starts.
+    cache = ResponseCache(options.cache_path or default_cache_path()) if options.use_cache else None
     created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
     try:
+        make_output(output)
         with server_for(options, output) as (base_url, server_id):
-            return asyncio.run(_run(options, suite, config, base_url, server_id, output))
+            return asyncio.run(_run(options, suite, config, base_url, server_id, output, cache))
     except BaseException as e:
         note = tidy_failed_output(output, created)
         if isinstance(e, EvalError) and note and e.args:
             e.args = (f"{str(e.args[0]).rstrip()} ({note})", *e.args[1:])
         raise
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse a results folder that is a file, or that holds a complete run (results.json is
+    written last, so only a finished run has it) unless `overwrite`. A folder without
+    results.json is an interrupted run's: rerunning the same command continues it."""
+    if output.exists() and not output.is_dir():
+        raise SuiteConfigError(f"--output {output} is a file, not a folder")
+    if file := next((p for p in output.parents if p.is_file()), None):
+        raise SuiteConfigError(f"--output {output}: {file} is a file, not a folder")
+    if (output / "results.json").exists() and not overwrite:
+        raise SuiteConfigError(
+            f"{output} already holds a complete run (results.json); pass --overwrite to"
+            " replace it, or give another --output"
+        )
+
+
+def make_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no permission, a read-only disk
+        raise SuiteConfigError(
+            f"cannot create the results folder {output}: {e.strerror or e}"
+        ) from None
 
 
 def tidy_failed_output(output: Path, created: bool) -> str | None:
@@ -151,9 +187,14 @@ def check_data_files(suite: str, config) -> None:
 
 
 async def _run(
-    options: RunOptions, suite, config, base_url: str, server_id: str, output: Path
+    options: RunOptions,
+    suite,
+    config,
+    base_url: str,
+    server_id: str,
+    output: Path,
+    cache: ResponseCache | None,
 ) -> Path:
-    cache = ResponseCache(options.cache_path or default_cache_path()) if options.use_cache else None
     started_at, t0 = utc_now(), time.perf_counter()
     client = OpenAIClient(
         base_url,
@@ -180,8 +221,6 @@ async def _run(
             raise SuiteConfigError(f"{suite.name}: a data file is not UTF-8 JSONL: {e}") from None
     finally:
         await client.aclose()
-        if cache is not None:
-            cache.close()
     results = assemble(options, suite, config, base_url, server_id, client.model, models, result)
     results["run"].update(
         started_at=started_at, finished_at=utc_now(), duration_s=round(time.perf_counter() - t0, 3)

@@ -78,13 +78,13 @@ fi
 for name in base sft dpo; do
     case $name in base) ckpt=$BASE ;; *) ckpt="$WORK/$name-final" ;; esac
     stage "eval-$name" "$PYTHON" -m eval_suites.cli run instruct --checkpoint "$ckpt" \
-        --output "$WORK/eval/$name" --seed "$SEED" --cache "$WORK/eval-cache.sqlite" \
+        --output "$WORK/eval/$name" --overwrite --seed "$SEED" --cache "$WORK/eval-cache.sqlite" \
         --set "data=\"$WORK/instruct/sft_heldout.jsonl\"" \
         --set "pairs=\"$WORK/instruct/prefs_heldout.jsonl\"" >/dev/null
 done
 stage compare "$PYTHON" -m eval_suites.cli compare \
     "$WORK/eval/base" "$WORK/eval/sft" "$WORK/eval/dpo" \
-    --label base --label sft --label dpo --output "$WORK/compare"
+    --label base --label sft --label dpo --output "$WORK/compare" --overwrite
 
 # 6. The lineage of the final model, and a few held-out answers from each.
 "$PYTHON" -m atlas_server.cli checkpoint inspect "$WORK/dpo-final" | sed -n '/^lineage/,/^files/p'

@@ -94,7 +94,8 @@ def run(tmp_path: Path, url: str, *overrides: str) -> dict:
         RunOptions(
             suite="instruct",
             base_url=url,
-            output=tmp_path / "run",
+            # A folder per call: a folder holding a complete run is refused.
+            output=tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}",
             cache_path=tmp_path / "cache.sqlite",
             overrides=overrides,
         )

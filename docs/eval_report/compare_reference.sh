@@ -83,4 +83,4 @@ runs=() labels=()
 for suite in "${suites[@]}"; do
   for model in "${models[@]}"; do runs+=("$out/$model-$suite"); labels+=(--label "$model"); done
 done
-atlas-eval compare "${runs[@]}" "${labels[@]}" -o "$out"
+atlas-eval compare "${runs[@]}" "${labels[@]}" -o "$out" --overwrite

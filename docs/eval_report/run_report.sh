@@ -66,4 +66,4 @@ for run in atlas-perplexity hf-perplexity atlas-generation hf-generation atlas-h
     labels+=(--label "$label")
   fi
 done
-atlas-eval compare "${runs[@]}" "${labels[@]}" -o docs/img
+atlas-eval compare "${runs[@]}" "${labels[@]}" -o docs/img --overwrite
