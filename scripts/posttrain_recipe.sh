@@ -62,7 +62,8 @@ if [ ! -f "$WORK/sft-final/config.json" ]; then
         --set "model.init_from=\"$BASE\"" \
         --set "sft.train=[\"$WORK/instruct/sft_train.jsonl\"]" \
         --set "sft.val=[\"$WORK/instruct/sft_heldout.jsonl\"]" \
-        --set "run.out_dir=\"$WORK/sft\"" --set "run.seed=$SEED" "${threads[@]}"
+        --set "run.out_dir=\"$WORK/sft\"" --set "run.seed=$SEED" "${threads[@]}" \
+        --resume  # a rerun after an interruption continues the run (a fresh folder: step 0)
     final "$WORK/sft" "$WORK/sft-final"
 fi
 if [ ! -f "$WORK/dpo-final/config.json" ]; then
@@ -70,7 +71,8 @@ if [ ! -f "$WORK/dpo-final/config.json" ]; then
         --set "model.init_from=\"$WORK/sft-final\"" \
         --set "dpo.train=[\"$WORK/instruct/prefs_train.jsonl\"]" \
         --set "dpo.val=[\"$WORK/instruct/prefs_heldout.jsonl\"]" \
-        --set "run.out_dir=\"$WORK/dpo\"" --set "run.seed=$SEED" "${threads[@]}"
+        --set "run.out_dir=\"$WORK/dpo\"" --set "run.seed=$SEED" "${threads[@]}" \
+        --resume  # a rerun after an interruption continues the run (a fresh folder: step 0)
     final "$WORK/dpo" "$WORK/dpo-final"
 fi
 

@@ -23,6 +23,7 @@ from atlas_server.tokenizer import TokenizerError
 
 from .config import TrainConfigError, load_train_config
 from .data import DataError
+from .interrupt import NOTHING_SAVED
 from .lora import LoRAError
 
 app = typer.Typer(
@@ -122,10 +123,11 @@ def dpo_command(
 
 
 def _run_stage(stage: str, config: Path | None, set_: list[str], resume: bool, profile: bool):
-    from .loop import PRETRAINING, train
-    from .posttrain import task_for
-
+    started = False  # from `train` on, the loop says where a Ctrl-C stopped the run
     try:
+        from .loop import PRETRAINING, train  # torch: seconds to import
+        from .posttrain import task_for
+
         cfg = load_train_config(config, set_)
         if cfg.stage != stage:
             what = {"pretrain": "has no [sft] or [dpo] train data"}.get(
@@ -134,10 +136,13 @@ def _run_stage(stage: str, config: Path | None, set_: list[str], resume: bool, p
             raise TrainConfigError(
                 f"{config or 'the default config'} {what}; run it with {STAGE_COMMAND[cfg.stage]}"
             )
+        started = True
         summary = train(cfg, resume=resume, profile=profile, task=task_for(cfg) or PRETRAINING)
     except USER_ERRORS as e:
         _fail(e)
-    except KeyboardInterrupt:  # a second Ctrl-C; the loop has said where it stopped
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C during it
+        if not started:
+            print(NOTHING_SAVED, file=sys.stderr)
         raise typer.Exit(130) from None
     if summary.get("interrupted"):
         raise typer.Exit(130)  # the loop saved a checkpoint and said how to resume
@@ -158,7 +163,7 @@ def prepare_data_command(
     shard_tokens: int = typer.Option(
         1 << 24, help="Tokens per shard (cut at document boundaries)."
     ),
-    workers: int = typer.Option(None, help="Tokenizer processes (default: CPU count)."),
+    workers: int = typer.Option(None, help="Tokenizer processes (default, or 0: one per CPU)."),
     text_field: str = typer.Option(
         "text", help="Field of .jsonl/.parquet records that holds the text."
     ),

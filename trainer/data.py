@@ -3,7 +3,9 @@
 Shard file: a 32-byte header — magic `ATLASTOK`, format version (u32), bytes per token
 (u32: 2 for uint16, 4 for uint32), token count (u64), 8 reserved bytes — then the tokens.
 Documents are separated by `<|endoftext|>`. A folder of shards has `manifest.json`
-(shards with token counts and sha256, the tokenizer's hash, the sources, the split rule).
+(shards with token counts and sha256, the tokenizer's hash, the sources, the split rule)
+and `atlas_tokenizer.json`, a copy of the tokenizer whose hash the manifest also records:
+training reads that copy and refuses one that is not the shards' (`data_tokenizer`).
 
 Preparation streams documents from files (or a `datasets` source), tokenizes them in
 several processes with results kept in input order (so the output does not depend on
@@ -11,7 +13,8 @@ scheduling), puts each document in the validation split when a hash of its text 
 under `val_fraction`, and cuts a shard once it holds `shard_tokens` tokens, always at a
 document boundary. Each finished shard is written atomically and recorded in
 `progress.json` with the index of the next document, so an interrupted run resumes from
-the last finished shard and ends byte-identical to an uninterrupted one.
+the last finished shard and ends byte-identical to an uninterrupted one. Every argument is
+checked before anything is written, so a refused call changes nothing on disk.
 
 Loading: shards are memory-mapped. The training stream is cut into windows of
 `seq_len + 1` tokens; each epoch visits them in a permutation seeded by (seed, epoch).
@@ -41,6 +44,7 @@ from tqdm import tqdm
 
 from atlas_server.io import atomic_write_bytes, atomic_write_json
 from atlas_server.tokenizer import ENDOFTEXT, TOKENIZER_FILE, Tokenizer
+from atlas_server.tokenizer.bpe import HF_TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +220,46 @@ class _Split:
     shards: list[dict]
 
 
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The file `Tokenizer.from_file(path)` reads: `path` itself, or for a folder (a
+    tokenizer's, a checkpoint's, an HF model's) its atlas_tokenizer.json, else its
+    tokenizer.json. What is hashed must be what is read, whichever was given."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    own, legacy = path / TOKENIZER_FILE, path / HF_TOKENIZER_FILE
+    return legacy if legacy.is_file() and not own.is_file() else own
+
+
+def data_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a prepared folder's shards were encoded with: the copy beside them,
+    checked against the hashes in manifest.json. Another tokenizer there would feed the
+    model ids it has no embedding rows for (or the wrong ones), so it is refused.
+
+    A manifest written before `tokenizer_copy_sha256` was recorded names only the hash of
+    the file given to prepare-data, which the copy equals unless it was converted from
+    another format; then only the vocabulary size can be checked."""
+    folder = Path(folder)
+    tokenizer = Tokenizer.from_file(folder)
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        return tokenizer  # not prepared: the loader says so
+    copy = tokenizer_file(folder)
+    actual = hashlib.sha256(copy.read_bytes()).hexdigest()
+    given = manifest.get("tokenizer_sha256")
+    expected = manifest.get("tokenizer_copy_sha256")
+    if actual in (expected, given):
+        return tokenizer
+    if expected is None and tokenizer.vocab_size == manifest.get("tokenizer_vocab_size"):
+        return tokenizer
+    raise DataError(
+        f"{copy} is not the tokenizer the shards of {folder} were encoded with (sha256 "
+        f"{actual[:12]}, manifest.json records {str(expected or given)[:12]}); re-run the "
+        "prepare-data command that made the folder to restore it, or prepare the data again"
+    )
+
+
 def prepare_data(
     sources: Sequence[str],
     tokenizer_path: str | os.PathLike,
@@ -226,20 +270,26 @@ def prepare_data(
     text_field: str = "text",
     progress: bool = True,
 ) -> dict:
-    """Tokenize `sources` into shards under `output`; returns the manifest."""
+    """Tokenize `sources` into shards under `output`; returns the manifest.
+
+    Every argument is checked before anything is written: a refused call leaves an
+    existing preparation (its tokenizer copy included) as it was, and creates no folder.
+    """
     if not 0 <= val_fraction < 1:
         raise DataError("val_fraction must be in [0, 1)")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be >= 1 (got {shard_tokens})")
+    if workers is not None and workers < 0:
+        raise DataError(f"--workers must be >= 0 (got {workers}; 0 means one per CPU)")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    # The shards are meaningless without their tokenizer: keep a copy beside them.
-    tokenizer.save(out / TOKENIZER_FILE)  # Atlas format, whatever format it came in
+    tok_file = tokenizer_file(tokenizer_path)  # a folder is resolved once, used everywhere
+    tokenizer = Tokenizer.from_file(tok_file)
     eot = tokenizer.eot_id
     if eot is None:
         raise DataError(f"the tokenizer has no {ENDOFTEXT} token to separate documents")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     files = resolve_sources(sources)
-    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()
+    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
     settings = {
         "sources": files,
         "tokenizer_sha256": tok_hash,
@@ -254,6 +304,13 @@ def prepare_data(
         raise DataError(f"{out} holds a preparation with other settings; use another --output")
     if state is None:
         state = {"settings": settings, "next_doc": 0, "train": [], "val": [], "done": False}
+    # Checked: only now is anything written. The shards are meaningless without their
+    # tokenizer, so a copy goes beside them (rewritten by a re-run with the same settings,
+    # which restores a copy damaged since).
+    out.mkdir(parents=True, exist_ok=True)
+    copy_hash = hashlib.sha256(
+        tokenizer.save(out / TOKENIZER_FILE).read_bytes()  # Atlas format, whatever it came in
+    ).hexdigest()
     if state["done"]:
         return json.loads((out / "manifest.json").read_text())
     splits = {name: _Split(name, [], 0, list(state[name])) for name in ("train", "val")}
@@ -294,7 +351,7 @@ def prepare_data(
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, initial=skip)
     doc_index = skip
     texts = (t for i, t in enumerate(documents()) if i >= skip)
-    with _encoder_pool(n_workers, str(tokenizer_path)) as encode_all:
+    with _encoder_pool(n_workers, str(tok_file)) as encode_all:
         # Bounded batches keep memory flat (Pool.imap would read the whole corpus ahead);
         # map() returns results in input order, so the output never depends on scheduling.
         for batch in _batched(texts, 256 * n_workers):
@@ -316,6 +373,7 @@ def prepare_data(
         "format": "atlas-tokens",
         "version": VERSION,
         **settings,
+        "tokenizer_copy_sha256": copy_hash,  # its atlas_tokenizer.json (data_tokenizer)
         "tokenizer_vocab_size": tokenizer.vocab_size,
         "train": splits["train"].shards,
         "val": splits["val"].shards,

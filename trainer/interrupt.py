@@ -7,6 +7,9 @@ resume with --resume"); a second SIGINT raises KeyboardInterrupt at once (saves 
 atomic, so at worst the run resumes from the checkpoint before). Saving on the way out is
 cheap next to a step of training: the trainer writes the same checkpoint every
 `checkpoint_every` steps.
+A Ctrl-C before the first step (while the data is read, the model built, the matmul
+peak measured) stops at once with "interrupted before training started; no checkpoint was
+saved" (`before_training`).
 What it does not do: distributed runs (ranks would stop at different steps and wait on
 each other forever); there Ctrl-C stops at once and the run resumes from the last
 periodic checkpoint. Nor threads other than the main one, where Python cannot install
@@ -20,6 +23,20 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+
+NOTHING_SAVED = "interrupted before training started; no checkpoint was saved"
+
+
+@contextlib.contextmanager
+def before_training(report: bool = True) -> Iterator[None]:
+    """Say NOTHING_SAVED (when `report`) if Ctrl-C stops the run here, then let it through:
+    no loop runs yet to say where the run stopped, and the command exits 130 silently."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if report:
+            print(f"\n{NOTHING_SAVED}", file=sys.stderr, flush=True)
+        raise
 
 
 class StopRequest:

@@ -2,14 +2,17 @@
 
 The pieces, in the order a run uses them:
 - `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`).
-- `setup` -> `Run`: threads, seeds, data, the model (from a preset, `init_from`, or the
+- `setup` -> `Run`: without a resume point, the refusal of a run folder that already
+  holds checkpoints (two runs would mix there); threads, seeds, data (the tokenizer copy
+  checked against the manifest), the model (from a preset, `init_from`, or the
   resume point's weights; LoRA adapters when `[lora] enabled`), the loss module
   (`Task.make_loss`; pretraining's is `NextTokenLoss`), DDP or FSDP2 when launched by
   torchrun (gloo on CPU, NCCL on GPU), `torch.compile` of the whole loss module (the
   default on CUDA: forward, head and loss in one graph, backward too), fused AdamW
   (weight decay on matrices and embeddings, none on norms and biases, as GPT-2/nanoGPT
   do), the GradScaler; then the resume point's optimizer, scaler, data position and RNG
-  states.
+  states. Only then, with everything checked, is RUN/config.toml written (atomically): a
+  refused call leaves the folder as it was.
 - `train_step`: one optimizer step: learning rate (warmup + cosine, WSD or constant; a
   pure function of the step), gradient accumulation, bf16/fp16 autocast, clipping. It
   returns the loss as a device tensor and never reads it back: the loop reads the losses
@@ -61,18 +64,20 @@ from atlas_server.checkpoint import (
     read_metadata,
     tokenizer_path,
 )
+from atlas_server.io import atomic_write_text
 from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 
 from .config import TrainConfig, TrainConfigError
-from .data import DataError
+from .data import DataError, data_tokenizer
 from .flops import flops_per_token, measured_matmul_peak
-from .interrupt import graceful_interrupt
+from .interrupt import before_training, graceful_interrupt
 from .loader import TokenLoader
 from .logger import Logger
 from .lora import LoRAConfig, LoRAReport, adapter_of, apply_lora, load_adapter, load_adapter_weights
 from .loss import IGNORE_INDEX, NextTokenLoss
 from .state import (
+    STEP_DIR,
     ResumePoint,
     TrainerState,
     clean_partial,
@@ -330,9 +335,8 @@ def setup(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+    if resume is None:
+        _refuse_a_folder_with_checkpoints(run_dir)
     seed_everything(cfg.run.seed)
     tokenizer = _run_tokenizer(cfg)
     train_data, val_data = task.make_data(cfg, d)
@@ -397,15 +401,29 @@ def setup(
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
+    if d.main:  # everything is checked and built: the run starts, and its folder says how
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return run
 
 
+def _refuse_a_folder_with_checkpoints(run_dir: Path) -> None:
+    """A fresh run into a folder that holds checkpoints would mix two runs: its saves
+    replace the old run's at the same steps, and the old run's later ones outlive it."""
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        step = int(STEP_DIR.match(last.name).group(1))
+        raise TrainConfigError(
+            f"run.out_dir {run_dir} already holds checkpoints (the latest: step {step}, {last});"
+            " pass --resume to continue that run, or choose another run.out_dir"
+        )
+
+
 def _run_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """Pretraining: the data's tokenizer (which must be init_from's, if any); SFT and DPO:
-    the base checkpoint's."""
+    """Pretraining: the data's tokenizer (which must be init_from's, if any), checked
+    against the data's manifest; SFT and DPO: the base checkpoint's."""
     if cfg.stage != "pretrain":
         return load_checkpoint_tokenizer(cfg.model.init_from)
-    tokenizer = Tokenizer.from_file(Path(cfg.data.path))  # its atlas_tokenizer.json
+    tokenizer = data_tokenizer(cfg.data.path)  # its atlas_tokenizer.json
     if cfg.model.init_from:
         base = load_checkpoint_tokenizer(cfg.model.init_from)
         if _vocabulary(base) != _vocabulary(tokenizer):
@@ -649,6 +667,10 @@ class Progress:
         cfg = run.cfg
         self.run = run
         self.pending: list[Tensor] = []
+        n_params = run.model.num_parameters()
+        self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
+        # Before the bar: a Ctrl-C during these seconds leaves no half-drawn bar behind.
+        self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
         self.logger = Logger(cfg, run.run_dir, run.dist.main)
         self.bar = tqdm(
             total=cfg.schedule.max_steps,
@@ -657,9 +679,6 @@ class Progress:
             desc="training",
             unit="step",
         )
-        n_params = run.model.num_parameters()
-        self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
-        self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
         self.t_last, self.tokens_last = time.perf_counter(), run.tokens_seen
 
     def step_done(self, loss_sum: Tensor) -> None:
@@ -713,8 +732,9 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
     cfg, d = run.cfg, run.dist
     max_steps = cfg.schedule.max_steps
     summary: dict[str, Any] = {"losses": run.losses, "start_step": run.start_step}
-    byte_table = token_bytes_table(run.tokenizer, run.model.config.vocab_size)
-    log = Progress(run, progress)
+    with before_training(d.main):  # the matmul peak takes seconds on a GPU
+        byte_table = token_bytes_table(run.tokenizer, run.model.config.vocab_size)
+        log = Progress(run, progress)
     profiler, profiled_steps = None, 0
     if profile and d.main:
         profiler, profiled_steps = _profiler(max_steps - run.step)
@@ -759,7 +779,9 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
         say(_stop_message(run))
     summary["interrupted"] = stopped
     summary["run_dir"] = str(run.run_dir)
-    summary["checkpoint"] = str(latest_checkpoint(run.run_dir)) if d.main else None
+    # The run's own last save (or its resume point): not whatever step is highest on disk.
+    last = run.last_checkpoint
+    summary["checkpoint"] = str(last[0]) if d.main and last is not None else None
     return summary
 
 
@@ -808,8 +830,9 @@ def train(
     _check_device_present(cfg.run.device)
     d = setup_distributed(cfg.run.device)
     try:
-        point = find_resume_point(Path(cfg.run.out_dir), d) if resume else None
-        run = setup(cfg, d, point, task)
+        with before_training(d.main):
+            point = find_resume_point(Path(cfg.run.out_dir), d) if resume else None
+            run = setup(cfg, d, point, task)
         return fit(run, profile, progress)
     finally:
         if d.world > 1:

@@ -1,0 +1,263 @@
+"""A refused `atlas-train` call destroys nothing: prepare-data checks everything before it
+writes (the tokenizer copy of an existing preparation included), takes tokenizer and
+checkpoint folders, and refuses bad --shard-tokens / --workers; training checks the data's
+tokenizer copy, refuses a run folder that holds checkpoints unless --resume, writes
+config.toml only once the run starts, names its own last checkpoint, and says so when
+Ctrl-C stops it before the first step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from posttrain_helpers import (
+    chat_records,
+    make_base,
+    preference_records,
+    settings,
+    write_jsonl,
+)
+from typer.testing import CliRunner
+
+import trainer.cli
+import trainer.loop
+from atlas_server.tokenizer import DEFAULT_SPECIAL_TOKENS, byte_level_tokenizer
+from atlas_server.tokenizer.corpus import stdlib_sample
+from trainer.cli import app
+from trainer.config import load_train_config
+from trainer.data import data_tokenizer, prepare_data
+from trainer.loop import Dist, fit, setup
+from trainer.state import list_checkpoints
+
+NOTHING_SAVED = "interrupted before training started; no checkpoint was saved"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str) -> str:
+    """The output of a refused call: exit 1, one `error:` line holding every fragment."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert all(f in lines[0] for f in fragments), result.output
+    return lines[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, byte_tokenizer) -> dict[str, Path]:
+    """A small corpus; tokenizer A (extra special tokens before <|endoftext|>, so its ids
+    run past the byte tokenizer's) and tokenizer B (the byte tokenizer); data prepared
+    with A; a base checkpoint and chat and preference files for sft and dpo."""
+    root = tmp_path_factory.mktemp("safety")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(stdlib_sample(40_000, docstring_share=0.5)):
+        (corpus / f"d{i:03d}.txt").write_text(text)
+    extra = tuple(f"<|extra_{i}|>" for i in range(100))
+    tok_a = byte_level_tokenizer(extra + DEFAULT_SPECIAL_TOKENS).save(
+        root / "a" / "atlas_tokenizer.json"
+    )
+    tok_b = byte_tokenizer.save(root / "b" / "atlas_tokenizer.json")
+    data = root / "tokens"
+    prepare_data([str(corpus)], tok_a, data, 0.1, shard_tokens=20_000, workers=1, progress=False)
+    return {
+        "corpus": corpus,
+        "tok_a": tok_a,
+        "tok_b": tok_b,
+        "data": data,
+        "base": make_base(root, byte_tokenizer),
+        "chat": write_jsonl(root / "chat.jsonl", chat_records()),
+        "prefs": write_jsonl(root / "prefs.jsonl", preference_records()),
+    }
+
+
+def pretrain_sets(data: Path, out: Path, *extra: str) -> list[str]:
+    sets = [
+        f'data.path="{data}"', f'run.out_dir="{out}"', 'model.preset="gpt2-tiny"',
+        "data.seq_len=32", "data.micro_batch=2", "schedule.max_steps=2",
+        "schedule.warmup_steps=1", "run.eval_every=2", "run.eval_batches=1",
+        "run.checkpoint_every=2", "run.sample_tokens=0", "run.tensorboard=false",
+        "run.threads=1", *extra,
+    ]  # fmt: skip
+    return [word for s in sets for word in ("--set", s)]
+
+
+def plant_checkpoint(out: Path, step: int) -> Path:
+    """What `list_checkpoints` counts as a complete checkpoint of another run."""
+    folder = out / "checkpoints" / f"step_{step:06d}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    return folder
+
+
+# --- prepare-data -------------------------------------------------------------------------------
+def test_a_refused_preparation_leaves_the_stored_tokenizer_and_progress_alone(files, tmp_path):
+    """D2: another tokenizer into an existing preparation is refused, and the copy of the
+    shards' tokenizer is still theirs (it was overwritten before the refusal)."""
+    data = tmp_path / "tokens"
+    shutil.copytree(files["data"], data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    result = invoke(
+        "prepare-data", files["corpus"], "--tokenizer", files["tok_b"], "--output", data,
+        "--val-fraction", "0.1", "--shard-tokens", "20000", "--workers", "1",
+    )  # fmt: skip
+    one_line_error(result, "holds a preparation with other settings")
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
+def test_training_refuses_a_tokenizer_copy_that_is_not_the_shards(files, tmp_path):
+    """D2: a copy replaced since preparation (the data holds ids up to 356, the byte
+    tokenizer has 259) is a one-line error, not an IndexError from the embedding; the
+    preparation's own command restores the copy."""
+    data = tmp_path / "tokens"
+    shutil.copytree(files["data"], data)
+    shutil.copy(files["tok_b"], data / "atlas_tokenizer.json")
+    out = tmp_path / "run"
+    result = invoke("train", *pretrain_sets(data, out))
+    one_line_error(result, "is not the tokenizer the shards of", str(data))
+    assert not out.exists()
+    prepare_data(
+        [str(files["corpus"])], files["tok_a"], data, 0.1, shard_tokens=20_000, workers=1,
+        progress=False,
+    )  # fmt: skip
+    assert data_tokenizer(data).vocab_size == 359
+
+
+@pytest.mark.parametrize("which", ["tokenizer folder", "checkpoint folder"])
+def test_prepare_data_takes_a_tokenizer_or_a_checkpoint_folder(files, tmp_path, which):
+    """D5: --help says a folder holding atlas_tokenizer.json works, and the trainer's error
+    suggests `--tokenizer CHECKPOINT`; the folder's file is hashed and handed to the
+    workers (it failed with "[Errno 21] Is a directory")."""
+    folder = files["tok_a"].parent if which == "tokenizer folder" else files["base"]
+    out = tmp_path / "tokens"
+    workers = "2" if which == "checkpoint folder" else "1"  # the worker processes read it too
+    result = invoke(
+        "prepare-data", files["corpus"], "--tokenizer", folder, "--output", out,
+        "--val-fraction", "0.1", "--workers", workers,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == sha256(folder / "atlas_tokenizer.json")
+    assert data_tokenizer(out).vocab_size == manifest["tokenizer_vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--shard-tokens", "0"], "--shard-tokens must be >= 1"),
+        (["--shard-tokens", "-5"], "--shard-tokens must be >= 1"),
+        (["--workers", "-3"], "--workers must be >= 0"),
+        (["--tokenizer", "no/such/tokenizer.json"], "no tokenizer file at"),
+        (["--val-fraction", "1.5"], "val_fraction must be in [0, 1)"),
+    ],
+)
+def test_bad_prepare_data_arguments_are_refused_before_anything_is_written(
+    files, tmp_path, flags, message
+):
+    """D11 (and D2's "check before writing"): no output folder is left behind."""
+    out = tmp_path / "tokens"
+    args = {"--tokenizer": str(files["tok_a"]), "--workers": "1"}
+    args.update(zip(flags[::2], flags[1::2], strict=True))
+    result = invoke(
+        "prepare-data", files["corpus"], "--output", out, *(w for kv in args.items() for w in kv)
+    )
+    one_line_error(result, message)
+    assert not out.exists()
+
+
+def test_missing_input_is_refused_before_anything_is_written(files, tmp_path):
+    out = tmp_path / "tokens"
+    result = invoke(
+        "prepare-data", tmp_path / "nothing", "--tokenizer", files["tok_a"], "--output", out
+    )
+    one_line_error(result, "no such file, folder or glob match")
+    assert not out.exists()
+
+
+# --- training into a run folder -----------------------------------------------------------------
+@pytest.mark.parametrize("stage", ["train", "sft", "dpo"])
+def test_a_run_folder_with_checkpoints_needs_resume(files, tmp_path, stage):
+    """D3: a fresh run into a folder holding another run's checkpoints used to replace
+    them step by step and report the old run's last one as its own. Each command refuses
+    it, naming the folder and the step, before it writes or reads anything large."""
+    out = tmp_path / "run"
+    old = plant_checkpoint(out, 20)
+    (out / "config.toml").write_text("# the old run's\n")
+    if stage == "train":
+        args = pretrain_sets(files["data"], out)
+    else:
+        data = files["chat"] if stage == "sft" else files["prefs"]
+        sets = settings(files["base"], out, f'{stage}.train=["{data}"]', "schedule.max_steps=1")
+        args = [word for s in sets for word in ("--set", s)]
+    result = invoke(stage, *args)
+    one_line_error(result, f"run.out_dir {out} already holds checkpoints", "step 20", "--resume")
+    assert "choose another run.out_dir" in result.output
+    assert list_checkpoints(out) == [old]
+    assert (out / "config.toml").read_text() == "# the old run's\n"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.toml"]
+
+
+def test_the_summary_names_this_runs_last_checkpoint(files, tmp_path):
+    """D3: the final checkpoint reported is the one this run saved, not the highest step
+    on disk (a later step of something else appeared in the folder meanwhile)."""
+    out = tmp_path / "run"
+    run = setup(load_train_config(None, pretrain_sets(files["data"], out)[1::2]), Dist())
+    plant_checkpoint(out, 40)
+    summary = fit(run, progress=False)
+    assert summary["checkpoint"] == str(out / "checkpoints" / "step_000002")
+
+
+def test_a_refused_call_keeps_the_run_folder_as_it_was(files, tmp_path):
+    """D4: a config that fails to build used to overwrite the folder's config.toml first,
+    and leave a new run folder behind."""
+    out = tmp_path / "ref"
+    out.mkdir()
+    (out / "config.toml").write_text("# the run that worked\n")
+    result = invoke("train", *pretrain_sets(files["data"], out, "model.overrides={n_heads=3}"))
+    one_line_error(result, "not divisible by n_heads=3")
+    assert (out / "config.toml").read_text() == "# the run that worked\n"
+    fresh = tmp_path / "fresh"
+    result = invoke("train", *pretrain_sets(files["data"], fresh, "data.seq_len=512"))
+    one_line_error(result, "exceeds the model's max_seq_len")
+    assert not fresh.exists()
+
+
+def test_config_toml_is_written_once_the_run_starts(files, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", *pretrain_sets(files["data"], out))
+    assert result.exit_code == 0, result.output
+    assert f"final checkpoint: {out / 'checkpoints' / 'step_000002'}" in result.output
+    assert 'out_dir = "' in (out / "config.toml").read_text()
+    assert not list(out.glob(".config.toml*"))  # no temp file of the atomic write left
+
+
+# --- Ctrl-C before the first step ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        (trainer.cli, "load_train_config"),  # before the loop is called
+        (trainer.loop, "setup"),  # reading data, building the model
+        (trainer.loop, "measured_matmul_peak"),  # the progress tracker's peak
+    ],
+)
+def test_ctrl_c_before_training_says_nothing_was_saved(files, tmp_path, monkeypatch, module, name):
+    """D13: it exited 130 without a word, as if the loop had said where it stopped."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, interrupted)
+    out = tmp_path / "run"
+    result = invoke("train", *pretrain_sets(files["data"], out))
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [NOTHING_SAVED], result.output
+    assert not list_checkpoints(out)
