@@ -24,7 +24,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ResultsError
-from .results import format_value, load_results, write_text_atomic
+from .results import (
+    check_output_folder,
+    format_value,
+    load_results,
+    make_output_folder,
+    write_text_atomic,
+)
 
 __all__ = ["compare_runs", "labels_for", "markdown_tables"]
 
@@ -120,19 +126,8 @@ def compare_runs(
 def make_output(output: Path, overwrite: bool) -> None:
     """The folder for compare.md and the plots; one holding an earlier comparison is refused
     unless `overwrite` (its compare.md and plots would be replaced)."""
-    if output.exists() and not output.is_dir():
-        raise ResultsError(f"--output {output} is a file, not a folder")
-    if file := next((p for p in output.parents if p.is_file()), None):
-        raise ResultsError(f"--output {output}: {file} is a file, not a folder")
-    if (output / "compare.md").exists() and not overwrite:
-        raise ResultsError(
-            f"{output} already holds a comparison (compare.md); pass --overwrite to replace"
-            " it, or give another --output"
-        )
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # no permission, a read-only disk
-        raise ResultsError(f"cannot create the output folder {output}: {e.strerror or e}") from None
+    check_output_folder(output, "compare.md", "a comparison", overwrite)
+    make_output_folder(output)
 
 
 def by_suite(

@@ -22,7 +22,7 @@ from typing import Any
 
 from atlas_server.io import atomic_write_text
 
-from .errors import ResultsError
+from .errors import EvalError, ResultsError
 
 __all__ = ["load_results", "package_versions", "git_state", "write_json_atomic", "write_run"]
 
@@ -69,6 +69,34 @@ def git_state() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
+
+
+def check_output_folder(
+    output: Path,
+    finished_file: str,
+    holds: str,
+    overwrite: bool,
+    error: type[EvalError] = ResultsError,
+) -> None:
+    """Refuse an --output that is (or is under) a file, or that holds `finished_file` (what
+    a finished run or comparison writes last) unless `overwrite`: earlier results are never
+    replaced silently."""
+    if output.exists() and not output.is_dir():
+        raise error(f"--output {output} is a file, not a folder")
+    if file := next((p for p in output.parents if p.is_file()), None):
+        raise error(f"--output {output}: {file} is a file, not a folder")
+    if (output / finished_file).exists() and not overwrite:
+        raise error(
+            f"{output} already holds {holds} ({finished_file}); pass --overwrite to replace"
+            " it, or give another --output"
+        )
+
+
+def make_output_folder(output: Path, error: type[EvalError] = ResultsError) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # no permission, a read-only disk
+        raise error(f"cannot create the output folder {output}: {e.strerror or e}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -31,7 +31,15 @@ from .client import OpenAIClient
 from .config import load_suite_config
 from .errors import EvalError, SuiteConfigError
 from .fit import PromptFitter, resolve_context
-from .results import LIMIT_NOTE, command_line, git_state, package_versions, write_run
+from .results import (
+    LIMIT_NOTE,
+    check_output_folder,
+    command_line,
+    git_state,
+    make_output_folder,
+    package_versions,
+    write_run,
+)
 from .server import checkpoint_identity, local_atlas_server
 from .suites import SUITES
 from .suites.base import RunContext, SuiteResult, data_path, missing_data_file
@@ -107,7 +115,7 @@ def run_suite(options: RunOptions) -> Path:
     cache = ResponseCache(options.cache_path or default_cache_path()) if options.use_cache else None
     created = not output.exists()
     try:
-        make_output(output)
+        make_output_folder(output, SuiteConfigError)
         with server_for(options, output) as (base_url, server_id):
             return asyncio.run(_run(options, suite, config, base_url, server_id, output, cache))
     except BaseException as e:
@@ -124,24 +132,7 @@ def check_output(output: Path, overwrite: bool) -> None:
     """Refuse a results folder that is a file, or that holds a complete run (results.json is
     written last, so only a finished run has it) unless `overwrite`. A folder without
     results.json is an interrupted run's: rerunning the same command continues it."""
-    if output.exists() and not output.is_dir():
-        raise SuiteConfigError(f"--output {output} is a file, not a folder")
-    if file := next((p for p in output.parents if p.is_file()), None):
-        raise SuiteConfigError(f"--output {output}: {file} is a file, not a folder")
-    if (output / "results.json").exists() and not overwrite:
-        raise SuiteConfigError(
-            f"{output} already holds a complete run (results.json); pass --overwrite to"
-            " replace it, or give another --output"
-        )
-
-
-def make_output(output: Path) -> None:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # no permission, a read-only disk
-        raise SuiteConfigError(
-            f"cannot create the results folder {output}: {e.strerror or e}"
-        ) from None
+    check_output_folder(output, "results.json", "a complete run", overwrite, SuiteConfigError)
 
 
 def tidy_failed_output(output: Path, created: bool) -> str | None:

@@ -1,4 +1,5 @@
-"""Test helpers for servers: a free local port, and an ASGI app served from a thread.
+"""Test helpers for servers: a free local port, an ASGI app served from a thread, and a
+base for fake JSON servers (`JSONHandler`).
 
 `serving(app)` runs the app under uvicorn in a daemon thread and yields its base URL
 once `/health` answers (200, or any status `ready` accepts); it stops the server on exit.
@@ -9,6 +10,8 @@ to test the command itself).
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import socket
 import threading
 import time
@@ -44,3 +47,18 @@ def serving(app, ready: Callable[[int], bool] = lambda status: status == 200) ->
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """A base for fake OpenAI-style servers in tests: quiet, `reply(payload)` sends JSON."""
+
+    def log_message(self, *args):
+        return
+
+    def reply(self, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

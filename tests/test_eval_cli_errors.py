@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from servers import JSONHandler, free_port
 from typer.testing import CliRunner
 
 from eval_suites.cache import ResponseCache
@@ -214,21 +214,10 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path: Path, monkeypatch):
 
 
 # --- docs/evaluation.md "Determinism and resume": answers combine in item order ---------------------
-class ShuffledAnswersHandler(http.server.BaseHTTPRequestHandler):
+class ShuffledAnswersHandler(JSONHandler):
     """Scores every prompt token by a fixed rule, with values of very different sizes (so a
     sum in another order rounds differently), and answers after a random delay (so answers
     arrive in a different order at every concurrency)."""
-
-    def log_message(self, *args):
-        return
-
-    def reply(self, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/tokenizer_info":

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from servers import free_port
+from servers import JSONHandler, free_port
 
 from atlas_server.checkpoint import load_checkpoint, save_checkpoint
 from atlas_server.config import load_config
@@ -283,19 +283,8 @@ def test_cli_reports_a_wrong_api_key_in_one_line(tmp_path, shim_url):
     assert_one_line_error(proc, "401", "--api-key")
 
 
-class NoLogprobsHandler(http.server.BaseHTTPRequestHandler):
+class NoLogprobsHandler(JSONHandler):
     """A server that speaks the OpenAI API but ignores echo/logprobs (like some hosted APIs)."""
-
-    def log_message(self, *args):
-        return
-
-    def reply(self, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         self.reply(
