@@ -373,6 +373,17 @@ def test_missing_body_is_named(server):
     assert r.status_code == 400 and "request body is missing" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [("/v1/completions", {"max_tokens": 2}, "prompt"),
+     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages[0].role"),
+     ("/detokenize", {}, "tokens")],
+)  # fmt: skip
+def test_a_missing_required_field_is_named_in_param(server, path, body, param):
+    error = httpx.post(server[0] + path, json=body).json()["error"]
+    assert error["param"] == param and "missing required field" in error["message"], error
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_checkpoint):
     engine = EngineSection(max_running=1, max_queued=1, max_batched_tokens=64)
 

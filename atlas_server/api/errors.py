@@ -156,8 +156,12 @@ def _response(
 
 def _param_from_validation(detail: str) -> str | None:
     # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`", or for a dict key
-    # "... - at `key` in `$.logit_bias`"
+    # "... - at `key` in `$.logit_bias`"; a missing field is "Object missing required
+    # field `text` - at `$.documents[0]`" (no path at the top level).
     paths = re.findall(r"`\$\.([^`]+)`", detail)
+    missing = re.search(r"missing required field `([^`]+)`", detail)
+    if missing:
+        return f"{paths[-1]}.{missing[1]}" if paths else missing[1]
     return paths[-1] if paths else None
 
 
@@ -184,12 +188,11 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
             detail = "the request body is missing: send a JSON object"
         elif problems:
             first = problems[0]
-            key = first.get("key")
-            param = (
-                key
-                if key and key != "data"
-                else _param_from_validation(str(first.get("message", "")))
-            )
+            key, message = first.get("key"), str(first.get("message", ""))
+            param = _param_from_validation(message)
+            if key and key != "data":  # Litestar's path to the object; msgspec names the field
+                missing = re.search(r"missing required field `([^`]+)`", message)
+                param = f"{key}.{missing[1]}" if missing else key
             detail = "; ".join(
                 f"{p.get('message')}"
                 + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")
