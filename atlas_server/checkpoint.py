@@ -321,11 +321,16 @@ def migrate_checkpoint(directory: str | os.PathLike) -> bool:
     Version 2 -> 3: config.json records the sha256 of model.safetensors as it is now (the
     file must still match the config's tensors: it is read as a load would).
     Every step leaves a loadable checkpoint: the new name is linked first, config.json is
-    replaced atomically to point at it, and only then the old name is removed.
+    replaced atomically to point at it, and only then the old name is removed. A current
+    checkpoint is only checked: its files must match the hashes config.json records.
     """
     directory = Path(directory)
     meta = read_metadata(directory)
     if meta["format_version"] >= FORMAT_VERSION:
+        # "Already current" must not vouch for damaged files: check what load would check.
+        recorded = (meta.get("tokenizer") or {}).get("sha256")
+        _check_tokenizer_hash(tokenizer_path(directory, meta), recorded)
+        _check_weights_hash(directory / WEIGHTS_FILE, (meta.get("weights") or {}).get("sha256"))
         return False
     old = tokenizer_path(directory, meta)
     _check_tokenizer_hash(old, (meta.get("tokenizer") or {}).get("sha256"))

@@ -380,3 +380,12 @@ def test_a_config_field_of_the_wrong_json_type_is_one_error_line(ckpt, key, valu
         assert result.exit_code == 1, result.output
         assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1
         assert f'"{key}"' in result.output or "format version" in result.output
+
+
+def test_migrate_of_a_current_checkpoint_checks_its_files(ckpt):
+    """Found by an audit: `migrate` said "already current" of truncated weights."""
+    assert CliRunner().invoke(app, ["checkpoint", "migrate", str(ckpt)]).exit_code == 0
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    result = CliRunner().invoke(app, ["checkpoint", "migrate", str(ckpt)])
+    assert result.exit_code == 1 and "changed since the checkpoint was saved" in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from eval_suites.suites.hallucination import (
     contains_answer,
     score_answer,
 )
-from eval_suites.suites.perplexity import PerplexityConfig, rolling_windows
+from eval_suites.suites.perplexity import PerplexityConfig, rolling_windows, summarise
 from eval_suites.support import LexicalJudge, calibrate, load_pairs, numbers_in
 
 
@@ -529,3 +530,12 @@ def test_perplexity_documents_need_text_and_number_their_lines_without_an_id(tmp
     data.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(SuiteConfigError, match=r'heldout.jsonl:2: no "text" string'):
         load_documents(data, None)
+
+
+def test_a_perplexity_past_floats_range_is_infinite_not_a_crash():
+    """Found by an audit: 800 nats a word made math.exp raise OverflowError after the run."""
+    sample = {"loglikelihood": -8000.0, "tokens": 100, "bytes": 1000, "words": 10}
+    metrics = summarise([sample])
+    assert metrics["word_perplexity"]["value"] == float("inf")
+    assert metrics["token_perplexity"]["value"] == pytest.approx(math.exp(80))  # 80 nats a token
+    assert metrics["bits_per_byte"]["value"] == pytest.approx(8 / math.log(2))

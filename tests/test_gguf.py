@@ -268,6 +268,12 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, tokenizer, byte_token
     assert out.read_bytes() == b"mine"
     result = runner.invoke(app, ["checkpoint", "export-gguf", str(ckpt), str(out), "--type", "q4"])
     assert result.exit_code == 1 and "q4" in result.output
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    result = runner.invoke(
+        app, ["checkpoint", "export-gguf", str(ckpt), str(folder), "--overwrite"]
+    )
+    assert result.exit_code == 1 and "is a folder; give the path of the .gguf" in result.output
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files
 
 

@@ -386,6 +386,8 @@ def export_gguf_command(
     with user_errors(FileExistsError):
         if tensor_type not in GGUF_TYPES:
             raise GGUFExportError(f"--type {tensor_type!r}: choose one of {list(GGUF_TYPES)}")
+        if out.is_dir():  # --overwrite replaces a file; a folder is not a GGUF to replace
+            raise FileExistsError(f"{out} is a folder; give the path of the .gguf file to write")
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
         path = export_gguf(directory, out, tensor_type, progress=True)

@@ -250,6 +250,12 @@ async def resolve_prefix(
     )
 
 
+def _exp(x: float) -> float:
+    # A model that is all but certain of the wrong text (over ~709 nats a unit) has a
+    # perplexity past float's range: infinite, not an OverflowError that loses the run.
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def summarise(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     ll = sum(s["loglikelihood"] for s in samples)
     tokens = sum(s["tokens"] for s in samples)
@@ -258,10 +264,10 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         "nll": metric(-ll, False, "total negative log-likelihood of the text, nats"),
         "token_perplexity": metric(
-            math.exp(-ll / tokens), False, "exp(NLL / tokens); tokenizer-dependent"
+            _exp(-ll / tokens), False, "exp(NLL / tokens); tokenizer-dependent"
         ),
-        "word_perplexity": metric(math.exp(-ll / words), False, "exp(NLL / whitespace words)"),
-        "byte_perplexity": metric(math.exp(-ll / n_bytes), False, "exp(NLL / UTF-8 bytes)"),
+        "word_perplexity": metric(_exp(-ll / words), False, "exp(NLL / whitespace words)"),
+        "byte_perplexity": metric(_exp(-ll / n_bytes), False, "exp(NLL / UTF-8 bytes)"),
         "bits_per_byte": metric(
             -ll / (n_bytes * math.log(2)),
             False,
