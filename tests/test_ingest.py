@@ -109,6 +109,25 @@ def test_jsonl_metadata_goes_on_every_chunk_and_a_non_object_is_a_bad_line(tmp_p
         store.close()
 
 
+def test_one_file_is_one_source_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """Found by an audit: `docs/x.md`, `$PWD/docs/x.md` and `x.md` from inside docs/ were
+    three sources, so re-ingesting stored the chunks again and results held copies."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_text("A heap keeps its smallest item first.\n")
+    (tmp_path / "docs" / "r.jsonl").write_text('{"text": "Queues pass items."}\n')
+    monkeypatch.chdir(tmp_path)
+
+    def sources(paths, root=None):
+        return sorted(d.source for d in Corpus(paths, root))
+
+    expected = ["docs/r.jsonl#1", "docs/x.md"]
+    assert sources(["docs"]) == sources(["./docs/"]) == sources([str(tmp_path / "docs")])
+    assert sources(["docs"]) == expected
+    monkeypatch.chdir(tmp_path / "docs")
+    assert sources(["."], root=tmp_path) == expected  # the same names from another folder
+    assert sources(["x.md"], root="/nonexistent") == [str(tmp_path / "docs" / "x.md")]
+
+
 def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
     folder = mixed_folder(tmp_path)
     data = tmp_path / "q"

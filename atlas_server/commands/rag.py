@@ -78,6 +78,11 @@ def ingest(
     strict: bool = typer.Option(
         False, help="Exit non-zero if any file had to be skipped (default: only if all were)."
     ),
+    source_root: Path = typer.Option(
+        None,
+        help="Name sources relative to this folder (default: the working folder; a file "
+        "outside it by its absolute path). Re-ingest with the same root to add nothing.",
+    ),
 ) -> None:
     """Chunk, embed and store documents; re-running adds nothing and resumes a killed run.
 
@@ -97,10 +102,12 @@ def ingest(
     if backend not in BACKENDS:
         fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     with _errors():
-        corpus = Corpus(paths)
-        embedder = Embedder(backend=backend)
+        corpus = Corpus(paths, source_root)
+        # The store first: a folder locked by a running server is refused before the
+        # embedder spends seconds loading.
         vector_store = _store(data_dir, qdrant_url, store, store_url)
         try:
+            embedder = Embedder(backend=backend)
             result = run_ingest(
                 vector_store,
                 embedder,

@@ -22,6 +22,7 @@ and re-create the collection to rebuild it).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -69,8 +70,11 @@ class Corpus:
     counts the files that gave at least one document.
     """
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    def __init__(self, paths: Iterable[str], source_root: str | os.PathLike | None = None) -> None:
+        """`source_root` (default: the working folder) is what sources are named relative to;
+        a file outside it is named by its absolute path."""
         paths = list(paths)
+        self.source_root = Path(os.path.abspath(source_root or "."))
         files: list[Path] = []
         for item in paths:
             p = Path(item)
@@ -93,8 +97,9 @@ class Corpus:
     def __iter__(self) -> Iterator[Document]:
         for f in self.files:
             try:
+                source = self.source_of(f)
                 if f.suffix.lower() == ".jsonl":
-                    docs, bad, first_bad = _read_jsonl(f)
+                    docs, bad, first_bad = _read_jsonl(f, source)
                     if bad:
                         self.bad_lines.append(
                             Skipped(
@@ -105,7 +110,7 @@ class Corpus:
                             )
                         )
                 else:
-                    docs = [_read_text(f)]
+                    docs = [_read_text(f, source)]
             except _Unusable as e:
                 self.skipped.append(Skipped(str(f), str(e)))
                 continue
@@ -115,17 +120,28 @@ class Corpus:
             self.files_read += 1
             yield from docs
 
+    def source_of(self, path: Path) -> str:
+        """A file's source: its path relative to `source_root`, normalised, so that
+        `docs/x.md`, `./docs/x.md` and `$PWD/docs/x.md` are one source (chunk ids derive
+        from it: another spelling would store the file again). Symlinks are not followed:
+        a linked file keeps the name it was reached by."""
+        absolute = Path(os.path.abspath(path))
+        try:
+            return absolute.relative_to(self.source_root).as_posix()
+        except ValueError:
+            return absolute.as_posix()
 
-def documents_from_paths(paths: list[str]) -> Corpus:
+
+def documents_from_paths(paths: list[str], source_root: str | None = None) -> Corpus:
     """The documents under `paths` (see `Corpus`)."""
-    return Corpus(paths)
+    return Corpus(paths, source_root)
 
 
 class _Unusable(Exception):
     pass
 
 
-def _read_text(path: Path) -> Document:
+def _read_text(path: Path, source: str) -> Document:
     raw = path.read_bytes()
     if b"\0" in raw[:8192]:
         raise _Unusable("binary file (NUL bytes)")
@@ -133,10 +149,10 @@ def _read_text(path: Path) -> Document:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Unusable(f"not UTF-8 text (byte {e.start})") from None
-    return Document(text, str(path), path.stem, len(raw))
+    return Document(text, source, path.stem, len(raw))
 
 
-def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
+def _read_jsonl(path: Path, source: str) -> tuple[list[Document], int, int | None]:
     """The records with a string `text` (and a string `title` or none), how many lines were
     not such a record, and the first of those lines."""
     docs, bad, first_bad = [], 0, None
@@ -157,8 +173,8 @@ def _read_jsonl(path: Path) -> tuple[list[Document], int, int | None]:
                 bad += 1
                 first_bad = first_bad or n
                 continue
-            source = record.get("source") or f"{path}#{n}"
-            docs.append(Document(text, str(source), title, len(line), metadata))
+            name = record.get("source") or f"{source}#{n}"
+            docs.append(Document(text, str(name), title, len(line), metadata))
     if not docs:
         where = f" (line {first_bad} is the first)" if first_bad else " (the file is empty)"
         raise _Unusable(
