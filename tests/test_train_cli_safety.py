@@ -240,6 +240,18 @@ def test_config_toml_is_written_once_the_run_starts(files, tmp_path):
     assert not list(out.glob(".config.toml*"))  # no temp file of the atomic write left
 
 
+def test_progress_into_a_file_is_plain_lines_not_a_bar(files, tmp_path):
+    """Under nohup or a batch job a bar is a stream of carriage returns; there each log
+    step is one line (CliRunner's stderr is not a terminal)."""
+    out = tmp_path / "run"
+    result = invoke("train", *pretrain_sets(files["data"], out, "run.log_every=1"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if " | loss " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/2", "step 2/2"], result.output
+    assert all(" | tok_s " in line and " | grad_norm " in line for line in lines)
+    assert "\r" not in result.output and "training:" not in result.output
+
+
 # --- Ctrl-C before the first step ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("module", "name"),

@@ -672,10 +672,14 @@ class Progress:
         # Before the bar: a Ctrl-C during these seconds leaves no half-drawn bar behind.
         self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
         self.logger = Logger(cfg, run.run_dir, run.dist.main)
+        shown = enabled and run.dist.main
+        # Into a file or a pipe (nohup, a batch job) a bar is a stream of carriage returns:
+        # there, each log step is a plain line instead, as nanoGPT prints them.
+        self.lines = shown and not sys.stderr.isatty()
         self.bar = tqdm(
             total=cfg.schedule.max_steps,
             initial=run.step,
-            disable=not (enabled and run.dist.main),
+            disable=not shown or self.lines,
             desc="training",
             unit="step",
         )
@@ -715,12 +719,21 @@ class Progress:
         if run.device.startswith("cuda"):
             values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.scalars(run.step, values)
-        self.bar.set_postfix(
-            loss=f"{losses[-1]:.4f}",
+        fields = {
+            "loss": f"{losses[-1]:.4f}",
             **{k: f"{v:.3f}" for k, v in shown.items() if k in SHOWN_ON_BAR},
-            lr=f"{lr:.2e}",
-            tok_s=f"{tok_s:,.0f}",
-        )
+            "lr": f"{lr:.2e}",
+            "tok_s": f"{tok_s:,.0f}",
+        }
+        if self.lines:
+            mfu = f" | mfu {values['perf/mfu']:.1%}" if self.peak else ""
+            say(
+                f"step {run.step}/{cfg.schedule.max_steps} | "
+                + " | ".join(f"{k} {v}" for k, v in fields.items())
+                + f" | grad_norm {values['train/grad_norm']:.3f}{mfu}"
+            )
+        else:
+            self.bar.set_postfix(**fields)
 
     def close(self) -> None:
         self.bar.close()
