@@ -34,11 +34,16 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["Layer", "decode", "file_layer", "parse_set", "read_toml", "set_layer"]
+__all__ = ["Layer", "decode", "file_layer", "parse_set", "parse_toml", "read_toml", "set_layer"]
 
 T = TypeVar("T")
 Layer = tuple[str, Mapping[str, Any]]  # (where the values came from, the values)
 SET_ORIGIN = "--set"
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """The table of TOML text (tomllib, or tomli on Python 3.10)."""
+    return tomllib.loads(text)
 
 
 def read_toml(path: str | Path, error: type[Exception] = ValueError) -> dict[str, Any]:

@@ -252,6 +252,22 @@ def test_progress_into_a_file_is_plain_lines_not_a_bar(files, tmp_path):
     assert "\r" not in result.output and "training:" not in result.output
 
 
+def test_resume_says_which_settings_changed_the_run(files, tmp_path):
+    """Found by an audit: a --resume with another seq_len or batch continued silently, and
+    the run was no longer the one the docs call exact."""
+    out = tmp_path / "run"
+    assert invoke("train", *pretrain_sets(files["data"], out)).exit_code == 0
+    same = invoke("train", *pretrain_sets(files["data"], out, "run.log_every=1"), "--resume")
+    assert same.exit_code == 0 and "settings differ" not in same.output, same.output
+    longer = invoke(
+        "train", *pretrain_sets(files["data"], out, "schedule.max_steps=3", "optim.lr=1e-3"),
+        "--resume",
+    )  # fmt: skip
+    assert longer.exit_code == 0, longer.output
+    assert "settings differ from the checkpoint's: optim.lr (0.0006 -> 0.001), " in longer.output
+    assert "schedule.max_steps (2 -> 3)" in longer.output
+
+
 # --- Ctrl-C before the first step ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("module", "name"),

@@ -67,6 +67,7 @@ from atlas_server.checkpoint import (
 from atlas_server.io import atomic_write_text
 from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
+from atlas_server.tomlconfig import parse_toml
 
 from .config import TrainConfig, TrainConfigError
 from .data import DataError, data_tokenizer
@@ -318,6 +319,38 @@ def find_resume_point(run_dir: Path, d: Dist) -> ResumePoint | None:
     return point
 
 
+# Settings that change how often the run reports or saves, or how fast it runs, but not
+# its numbers: resuming with other values is still the run it was.
+_NOT_IN_THE_NUMBERS = {
+    "run.out_dir", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
+    "run.keep_last", "run.log_every", "run.sample_tokens", "run.sample_prompt",
+    "run.tensorboard", "run.mlflow", "run.mlflow_uri", "run.threads", "run.compile",
+}  # fmt: skip
+
+
+def changed_settings(saved_toml: str | None, cfg: TrainConfig) -> list[str]:
+    """`key (old -> new)` for each setting of `cfg` that differs from the checkpoint's
+    config and changes what the resumed run computes (data, batch, schedule, model...)."""
+    if not saved_toml:
+        return []  # a checkpoint from before the config was saved with it
+
+    def flat(table: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in table.items():
+            if isinstance(value, dict) and key != "overrides":
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(parse_toml(saved_toml)), flat(parse_toml(cfg.to_toml()))
+    return [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(old.keys() | new.keys())
+        if key not in _NOT_IN_THE_NUMBERS and old.get(key) != new.get(key)
+    ]
+
+
 def setup(
     cfg: TrainConfig, d: Dist, resume: ResumePoint | None = None, task: Task = PRETRAINING
 ) -> Run:
@@ -401,6 +434,13 @@ def setup(
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
+        changed = changed_settings(resume.config_toml, cfg)
+        if changed and d.main:  # allowed (a longer schedule, say), but no longer exact
+            say(
+                f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; the "
+                "run continues with the new ones, so it is not the run an uninterrupted "
+                "training with either config would give"
+            )
     if d.main:  # everything is checked and built: the run starts, and its folder says how
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return run

@@ -105,6 +105,7 @@ class ResumePoint:
     loader: dict
     rng_tensors: dict[str, torch.Tensor]
     rng_plain: dict[str, Any]
+    config_toml: str | None = None  # the config of the run that saved it
 
     @property
     def adapter_only(self) -> bool:
@@ -217,4 +218,5 @@ def load_training_checkpoint(path: Path) -> ResumePoint:
         loader=plain["loader"],
         rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng.")},
         rng_plain=plain["rng"],
+        config_toml=plain.get("config_toml"),
     )
