@@ -59,6 +59,10 @@ class HTTPSection(_Section):
     cors_allow_origins: list[str] = []
 
 
+# The server embeds with all-MiniLM-L6-v2: a 256-piece window less [CLS] and [SEP].
+MAX_CHUNK_TOKENS = 254
+
+
 class RAGSection(_Section):
     enabled: bool = True
     # The vector store back end, by registered name (`atlas plugins` lists them):
@@ -73,6 +77,11 @@ class RAGSection(_Section):
     retriever: str = "hybrid"
     reranker: str | None = None
     top_k: int = 4
+    # How POST /v1/collections/NAME/documents chunks text, in embedder word pieces (as
+    # `atlas rag ingest --max-tokens/--overlap`): a model with a short context needs
+    # shorter chunks for a source to fit beside the question.
+    chunk_max_tokens: int = 200
+    chunk_overlap: int = 40
     # Options of retrievers and rerankers by registered name, handed to the component as
     # ctx.options: [rag.plugin_options.cross-encoder] model_path = "..." (docs/plugins.md).
     plugin_options: dict[str, dict[str, Any]] = {}
@@ -110,6 +119,15 @@ class ServerConfig(_Section):
             (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),
             (self.http.drain_timeout_s >= 0, "http.drain_timeout_s must be >= 0"),
             (self.rag.top_k >= 1, "rag.top_k must be >= 1"),
+            (
+                1 <= self.rag.chunk_max_tokens <= MAX_CHUNK_TOKENS,
+                f"rag.chunk_max_tokens must be in 1..{MAX_CHUNK_TOKENS} (the embedder's "
+                "window less its special tokens)",
+            ),
+            (
+                0 <= self.rag.chunk_overlap < self.rag.chunk_max_tokens,
+                "rag.chunk_overlap must be in 0..rag.chunk_max_tokens-1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

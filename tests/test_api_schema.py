@@ -77,6 +77,7 @@ ROUTES = [
     ("POST", "/v1/retrieve"),
     ("GET", "/v1/collections"),
     ("POST", "/v1/collections/{name}/documents"),
+    ("DELETE", "/v1/collections/{name}/documents"),
     ("DELETE", "/v1/collections/{name}"),
     ("GET", "/v1/plugins"),
 ]

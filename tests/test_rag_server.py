@@ -131,6 +131,43 @@ def test_document_metadata_is_stored_and_filtered_on(rag_server):
     assert r.status_code == 400 and "metadata" in r.json()["error"]["param"], r.text
 
 
+def test_documents_are_chunked_as_the_rag_section_says(tmp_path):
+    """A short-context model needs short chunks; the documents route takes [rag]'s."""
+    from atlas_server.config import RAGSection
+    from atlas_server.plugins import PluginHost
+    from atlas_server.rag.embedding import Embedder
+    from atlas_server.rag.service import RAGService
+
+    text = " ".join(f"Sentence number {i} says something." for i in range(40))
+    counts = []
+    for size in (200, 20):
+        rag = RAGSection(data_dir=str(tmp_path / str(size)), chunk_max_tokens=size, chunk_overlap=0)
+        svc = RAGService(PluginHost(), Embedder, store_config=rag)
+        try:
+            counts.append(svc.add_documents("c", [Document(text, "s.md")])["chunks"])
+        finally:
+            svc.close()
+    assert counts[1] >= 5 * counts[0], counts  # 20-piece chunks: several times as many
+
+
+def test_a_changed_document_replaces_its_chunks_by_deleting_its_source(rag_server):
+    url = rag_server + "/v1/collections/edits/documents"
+    first = {"documents": [{"text": "Version one of the notes.", "source": "notes.md"},
+                           {"text": "Unrelated text stays.", "source": "other.md"}]}  # fmt: skip
+    assert httpx.post(url, json=first, timeout=60).json()["total"] == 2
+    r = httpx.delete(url, params={"source": ["notes.md", "never-stored.md"]}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"collection": "edits", "deleted": 1, "total": 1}
+    second = {"documents": [{"text": "Version two of the notes.", "source": "notes.md"}]}
+    assert httpx.post(url, json=second, timeout=60).json()["total"] == 2
+    body = {"collection": "edits", "query": "notes version", "filters": {"source": "notes.md"}}
+    hits = httpx.post(rag_server + "/v1/retrieve", json=body, timeout=60).json()["data"]
+    assert [h["text"] for h in hits] == ["Version two of the notes."]
+    for params, status in (({}, 400), ({"source": ""}, 400)):
+        assert httpx.delete(url, params=params).status_code == status
+    missing = httpx.delete(rag_server + "/v1/collections/nope/documents", params={"source": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "name"
+
+
 @pytest.mark.parametrize("retriever", ["dense", "bm25", "hybrid", "hybrid-rrf"])
 def test_retrieve_ranks_the_right_document_first(rag_server, retriever):
     r = httpx.post(

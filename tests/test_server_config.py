@@ -45,6 +45,9 @@ def test_the_shipped_defaults_load():
         ("[engine\n", "is not valid TOML"),
         ("[model]\ndevice = 'nope'\n", "model.device 'nope': not a device; use auto, cpu, cuda"),
         ("[model]\ndevice = 'mps'\n", "model.device 'mps': Atlas serves on cpu or cuda"),
+        ("[rag]\nchunk_max_tokens = 300\n", r"rag.chunk_max_tokens must be in 1..254"),
+        ("[rag]\nchunk_max_tokens = 0\n", r"rag.chunk_max_tokens must be in 1..254"),
+        ("[rag]\nchunk_max_tokens = 50\nchunk_overlap = 50\n", "rag.chunk_overlap must be"),
     ],
 )
 def test_bad_config_files_are_refused_with_what_is_wrong(tmp_path, text, message):

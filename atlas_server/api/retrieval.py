@@ -1,8 +1,8 @@
 """The RAG routes and the prompt augmenter, over `atlas_server.rag.service.RAGService`.
 
 What it does: `POST /v1/retrieve`, `GET /v1/collections`, `POST
-/v1/collections/{name}/documents` and `DELETE /v1/collections/{name}` (served when `[rag]
-enabled`), and `RAGAugmenter`, the `state.PromptAugmenter` that grounds a completion or
+/v1/collections/{name}/documents`, `DELETE /v1/collections/{name}/documents?source=...`
+and `DELETE /v1/collections/{name}` (served when `[rag] enabled`), and `RAGAugmenter`, the `state.PromptAugmenter` that grounds a completion or
 chat request with a `rag` object in retrieved sources and cites them after generation.
 Every call into the service runs on a thread that ends with it (`compute_threads.py`:
 the embedder and rerankers run PyTorch); the service's errors become HTTP errors in
@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, delete, get, post
+from litestar.params import Parameter
 from msgspec import Meta
 
 from ..compute_threads import run_in_fresh_thread
@@ -162,6 +163,26 @@ async def add_documents(request: Request, name: str, data: DocumentsRequest) -> 
 
 
 @delete(
+    "/v1/collections/{name:str}/documents",
+    status_code=200,
+    summary="Delete documents from a collection by source (Atlas)",
+    responses=error_responses(400, 401, 404, 503),
+)
+async def delete_documents(
+    request: Request,
+    name: str,
+    source: Annotated[list[str], Parameter(query="source", required=True)],
+) -> dict[str, Any]:
+    """Every chunk of each `?source=` given (repeat it for several); `deleted` counts them."""
+    if not all(source):
+        raise RequestError("source must not be empty", param="source")
+    try:
+        return await run_in_fresh_thread(_service(request).delete_documents, name, source)
+    except RAGError as e:
+        raise _named(e) from None
+
+
+@delete(
     "/v1/collections/{name:str}",
     status_code=200,
     summary="Delete a collection (Atlas)",
@@ -183,4 +204,4 @@ def _named(e: RAGError):
     return error
 
 
-RAG_ROUTES = [retrieve, list_collections, add_documents, delete_collection]
+RAG_ROUTES = [retrieve, list_collections, add_documents, delete_documents, delete_collection]

@@ -160,10 +160,33 @@ class RAGService:
         store = self.store
         try:
             return ingest(
-                store, self._embedder(), collection, documents, ChunkSettings(), progress=False
+                store, self._embedder(), collection, documents, self._chunking(), progress=False
             )
         except StoreError as e:  # the store failing, as on the other routes: a 503
             raise VectorStoreUnavailable(str(e)) from None
+
+    def _chunking(self) -> ChunkSettings:
+        """[rag] chunk_max_tokens / chunk_overlap (checked when the config is read)."""
+        cfg = self._store_config
+        default = ChunkSettings()
+        return ChunkSettings(
+            getattr(cfg, "chunk_max_tokens", default.max_tokens),
+            getattr(cfg, "chunk_overlap", default.overlap_tokens),
+        )
+
+    def delete_documents(self, collection: str, sources: list[str]) -> dict[str, Any]:
+        """Remove every chunk of the documents named by `sources`: with a new POST of the
+        same source, how a changed document replaces its old chunks. It reads the chunks'
+        sources from the store (one pass over the collection)."""
+        self._require(collection)
+        store, wanted = self.store, set(sources)
+        try:
+            ids = [chunk.id for chunk, _ in store.iter_chunks(collection) if chunk.source in wanted]
+            deleted = store.delete(collection, ids) if ids else 0
+            total = store.count(collection)
+        except StoreError as e:
+            raise VectorStoreUnavailable(str(e)) from None
+        return {"collection": collection, "deleted": deleted, "total": total}
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
