@@ -909,3 +909,26 @@ def test_every_bit_of_a_seed_counts(client):
                   extra_body={"ignore_eos": True})  # fmt: skip
     texts = [client.completions.create(seed=s, **kwargs).choices[0].text for s in (0, 2**32, -1)]
     assert len(set(texts)) == 3, texts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_special_tokens_are_left_out_of_the_text_unless_asked(server, byte_tokenizer, stream):
+    """As in vLLM (skip_special_tokens, default true): a model that emits <|im_start|>
+    mid-answer does not show it; its logprob entry still names it."""
+    start = byte_tokenizer.special_tokens["<|im_start|>"]
+    body = {"prompt": "s", "max_tokens": 3, "temperature": 0, "logprobs": 0, "stream": stream,
+            "logit_bias": {str(start): 100}}  # fmt: skip
+
+    def text_and_tokens(extra):
+        r = httpx.post(server[0] + "/v1/completions", json={**body, **extra}, timeout=30)
+        assert r.status_code == 200, r.text
+        if not stream:
+            choice = r.json()["choices"][0]
+            return choice["text"], choice["logprobs"]["tokens"]
+        chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        tokens = [t for c in choices if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        return "".join(c["text"] for c in choices), tokens
+
+    assert text_and_tokens({}) == ("", ["<|im_start|>"] * 3)
+    assert text_and_tokens({"skip_special_tokens": False})[0] == "<|im_start|>" * 3

@@ -115,6 +115,7 @@ def sampling_params(
         # template's end-of-turn ids, which are the chat route's EOS.
         stop_token_ids=tuple(req.stop_token_ids or ()) + (() if req.ignore_eos else extra_stop_ids),
         ignore_eos=req.ignore_eos,
+        skip_special_tokens=req.skip_special_tokens,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         n=req.n,

@@ -91,6 +91,7 @@ class _SamplingFields(_Body, kw_only=True):
     logit_bias: dict[TokenIdKey, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     min_tokens: Annotated[int, Meta(ge=0)] | None = 0
     ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -3,7 +3,8 @@
 What it does: `IncrementalDetokenizer` turns token ids into text as they arrive and
 emits only complete UTF-8 (a character split across tokens waits for its last byte);
 the concatenation of everything it emits equals `tokenizer.decode(all ids)`, invalid
-bytes included (both use the "replace" error handler). `StopStringMatcher` sits after
+bytes included (both use the "replace" error handler), less the special tokens when it
+is asked to skip them. `StopStringMatcher` sits after
 it: text that could still be the beginning of a stop string is held back, a matched stop
 string is cut off and never emitted. What it does not do: choose tokens or decide EOS.
 """
@@ -18,14 +19,19 @@ __all__ = ["IncrementalDetokenizer", "StopStringMatcher"]
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._token_bytes = tokenizer.token_bytes
+        # Special tokens (<|endoftext|>, <|im_start|>...) are control marks, not text: a
+        # model that emits one mid-answer should not show it (vLLM's default too).
+        self._skipped = frozenset(tokenizer.special_tokens.values()) if skip_special_tokens else ()
         # The codec's incremental decoder keeps an incomplete trailing sequence (at most
         # 3 bytes) between calls, which is exactly the hold-back we need.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
         """The text that became complete with this token (often '', at most a few chars)."""
+        if token_id in self._skipped:
+            return ""
         return self._decoder.decode(self._token_bytes(token_id), final=False)
 
     def flush(self) -> str:

@@ -125,7 +125,7 @@ class OutputProcessor:
             state.choices.append(
                 _Choice(
                     seq,
-                    IncrementalDetokenizer(self.tokenizer),
+                    IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens),
                     StopStringMatcher(p.stop),
                     generator,
                 )

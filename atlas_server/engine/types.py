@@ -76,6 +76,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # leave special tokens out of the text (vLLM's default)
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
     prompt_logprobs: int | None = None  # same, for the prompt tokens (OpenAI `echo` + `logprobs`)
     n: int = 1  # independent samples of one prompt; they share its prefill
