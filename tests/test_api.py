@@ -307,6 +307,7 @@ def test_api_key_is_required_on_v1_only(tiny_checkpoint):
             r = httpx.get(base + "/v1/models", headers={"Authorization": header})
             assert r.status_code == status, header  # the scheme's case is free, the key's not
         assert httpx.get(base + "/health").status_code == 200
+        assert httpx.head(base + "/health").status_code == 200
         with pytest.raises(APIStatusError) as e:
             OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()
         assert e.value.status_code == 401
@@ -322,6 +323,7 @@ def test_the_suite_serves_from_the_device_it_was_given(server):
 def test_health_is_503_until_the_model_is_loaded(tiny_checkpoint):
     with running_server(tiny_checkpoint, load=False) as (base, _):
         assert httpx.get(base + "/health").status_code == 503
+        assert httpx.head(base + "/health").status_code == 503  # load balancers probe so
         r = httpx.post(base + "/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
 

@@ -337,6 +337,13 @@ def test_bad_rag_requests_are_4xx(rag_server):
         r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"].startswith(("rag", "collection"))
+    # Found by schemathesis: a content part whose text is not a string reached retrieval,
+    # which read the question from it and failed (a 5xx).
+    for content in ([{"type": "text", "text": {}}], [{"type": "image_url", "image_url": {}}]):
+        body = {"messages": [{"role": "user", "content": content}], "rag": {"collection": "std"}}
+        r = httpx.post(rag_server + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "messages[0].content"
 
 
 def test_an_unknown_collection_is_a_404_everywhere(rag_server):

@@ -40,6 +40,7 @@ from .state import ServerState
 from .system import (
     detokenize,
     health,
+    health_head,
     list_models,
     list_plugins,
     metrics,
@@ -114,6 +115,7 @@ def create_app(
         create_embeddings,
         list_plugins,
         health,
+        health_head,
         metrics,
     ]
     if state.config.rag.enabled:

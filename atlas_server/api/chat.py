@@ -19,7 +19,7 @@ import msgspec
 from litestar import Request, post
 from litestar.response import Response
 
-from ..chat_template import ChatTemplate, ChatTemplateError
+from ..chat_template import ChatTemplate, ChatTemplateError, message_text
 from ..engine.types import RequestOutput
 from ..tokenizer import Tokenizer
 from .errors import RequestError
@@ -100,6 +100,11 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     augmentation = None
     if data.rag is not None:
         plain = [msgspec.to_builtins(m) for m in data.messages]
+        for i, m in enumerate(plain):  # before retrieval reads the question from them
+            try:
+                message_text(m.get("content"), i)
+            except ChatTemplateError as e:
+                raise RequestError(str(e), param=e.param) from None
         asked = (
             data.max_completion_tokens
             if data.max_completion_tokens is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, get, post
+from litestar import Request, get, head, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 
@@ -50,18 +50,30 @@ def _loaded(state: ServerState) -> None:
     responses={503: ResponseSpec(Health, description="Loading, draining, or the load failed.")},
 )
 async def health(request: Request) -> Response:
-    state = _state(request)
+    body, status = _health(_state(request))
+    return Response(body, status_code=status)
+
+
+# Load balancers and uptime checkers often probe with HEAD: the same status, no body.
+@head("/health", include_in_schema=False)
+async def health_head(request: Request) -> Response[None]:
+    return Response(None, status_code=_health(_state(request))[1])
+
+
+def _health(state) -> tuple[dict[str, Any], int]:
     if state.draining:
-        return Response({"status": "draining"}, status_code=503)
+        return {"status": "draining"}, 503
     if state.load_error is not None:
-        return Response({"status": "error", "error": state.load_error}, status_code=503)
+        return {"status": "error", "error": state.load_error}, 503
     if not state.ready:
-        return Response({"status": "loading"}, status_code=503)
+        return {"status": "loading"}, 503
     if state.engine is not None and state.engine.stopped_unexpectedly:
-        error = "the engine thread has stopped; the server log says why"
-        return Response({"status": "error", "error": error}, status_code=503)
+        return {
+            "status": "error",
+            "error": "the engine thread has stopped; the server log says why",
+        }, 503
     backend = getattr(state.engine, "backend", None)
-    return Response({"status": "ok", "model": state.model_name, "backend": backend})
+    return {"status": "ok", "model": state.model_name, "backend": backend}, 200
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")

@@ -78,6 +78,7 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
         if m.get("role") == "user":
             content = m.get("content")
             if isinstance(content, list):
-                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                texts = (p.get("text") for p in content if isinstance(p, dict))
+                return "".join(t for t in texts if isinstance(t, str))
             return content or ""
     return ""
