@@ -2,7 +2,8 @@
 
 - `mmr`: maximal marginal relevance over the embedder's vectors: repeatedly pick the
   candidate maximising lambda * sim(query, c) - (1 - lambda) * max sim(c, picked); lambda
-  from options (default 0.7). It trades a little relevance for less redundancy.
+  from options (default 0.7). It trades a little relevance for less redundancy; a chunk's
+  score is that objective's value when it was picked.
 - `query-likelihood`: scores each candidate by the mean log p(query | passage) under the
   model the server is serving (Atlas's own model judges which passage best "explains" the
   question), all of a query's candidates in one batched engine call
@@ -39,18 +40,21 @@ class MMRReranker:
         relevance = docs @ q  # [N]
         similarity = docs @ docs.T  # [N, N]
         picked: list[int] = []
+        picked_scores: list[float] = []
         remaining = list(range(len(candidates)))
         while remaining and len(picked) < top_k:
             redundancy = (
                 similarity[remaining][:, picked].max(axis=1) if picked else np.zeros(len(remaining))
             )
             scores = self.lam * relevance[remaining] - (1 - self.lam) * redundancy
-            best = remaining[int(np.argmax(scores))]
-            picked.append(best)
-            remaining.remove(best)
+            at = int(np.argmax(scores))
+            picked.append(remaining.pop(at))
+            picked_scores.append(float(scores[at]))
+        # Each chunk's score is the MMR value it was picked with, so scores fall with rank
+        # (redundancy only grows as more are picked), as every ranked list's do.
         return [
-            RetrievedChunk(candidates[i].chunk, float(relevance[i]), "mmr", candidates[i].vector)
-            for i in picked
+            RetrievedChunk(candidates[i].chunk, score, "mmr", candidates[i].vector)
+            for i, score in zip(picked, picked_scores, strict=True)
         ]
 
 

@@ -168,6 +168,11 @@ def test_missing_path_and_oversized_chunks_are_clear_errors(tmp_path, corpus):
     assert too_big.exit_code == 1
     assert "do not fit the embedder's window (254 pieces" in too_big.output
     assert "Traceback" not in too_big.output
+    # Found by an audit: a URL for the in-process store was silently ignored.
+    url = runner.invoke(
+        app, ["rag", "ingest", str(corpus), "--collection", "c", "--store-url", "http://q:6333"]
+    )
+    assert url.exit_code != 0 and "--store-url is for a Qdrant or Milvus server" in url.output
 
 
 def test_chunks_fit_the_window_whole_and_the_tokenizer_does_not_warn(embedder, caplog, capfd):

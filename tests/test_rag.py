@@ -132,6 +132,11 @@ def test_mmr_reranker_reduces_redundancy(store, embedder):
     mmr = pipeline.retrieve("std", "heap queue priority", 4, "dense", reranker="mmr")
     assert len(mmr) == 4 and mmr[0].chunk.id == plain[0].chunk.id
     assert len({r.chunk.source for r in mmr}) >= len({r.chunk.source for r in plain})
+    # Scores are the MMR value each was picked with: they fall with rank (found by an
+    # audit: the dense score came back, so rank 2 could show less than rank 3).
+    scores = [r.score for r in mmr]
+    assert scores == sorted(scores, reverse=True)
+    assert scores[0] == pytest.approx(0.3 * plain[0].score, abs=1e-5)  # lambda * relevance
 
 
 def test_cross_encoder_reranker_loads_a_local_model(tmp_path, store, embedder):

@@ -319,6 +319,9 @@ def test_sources_are_dropped_to_fit_a_short_context(tiny_checkpoint, tmp_path):
         assert len(state.tokenizer.encode(aug.prompt)) <= 340 and 1 <= len(aug.context) < 3
         with pytest.raises(RequestError, match="no retrieved source fits"):
             asyncio.run(state.augmenter.augment(options, "Why?", None, 200))
+        # A question too long by itself is named as the problem, not the sources.
+        with pytest.raises(RequestError, match="the question alone does not fit the model's"):
+            asyncio.run(state.augmenter.augment(options, "Why? " * 60, None, 200))
     finally:
         state.shutdown()
 
@@ -332,6 +335,7 @@ def test_bad_rag_requests_are_4xx(rag_server):
         {"prompt": "q", "rag": {"collection": "../etc"}},
         {"prompt": "q", "rag": {"collection": "std", "filters": {"source": ["a", 1]}}},
         {"prompt": "q", "rag": {"collection": "std", "filters": {"source": {"$ne": 1}}}},
+        {"prompt": "q", "rag": {"collection": "std", "filter": {"source": "a"}}},  # a typo
     ]
     for body in cases:
         r = httpx.post(rag_server + "/v1/completions", json=body, timeout=60)
@@ -344,6 +348,26 @@ def test_bad_rag_requests_are_4xx(rag_server):
         r = httpx.post(rag_server + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "messages[0].content"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [("/v1/retrieve", {"collection": "std", "query": "q", "topk": 2}, None),
+     ("/v1/collections/std/documents", {"documents": [{"text": "t", "source": ""}]},
+      "documents[0].source"),
+     ("/v1/collections/std/documents", {"documents": [{"text": "", "source": "s"}]},
+      "documents[0].text"),
+     ("/v1/collections/std/documents",
+      {"documents": [{"text": "t", "source": "s", "metdata": {}}]}, None)],
+)  # fmt: skip
+def test_atlas_bodies_refuse_unknown_fields_and_empty_names(rag_server, path, body, param):
+    """Found by an audit: a mistyped field was ignored (retrieving unfiltered), and an
+    empty source or text was stored."""
+    r = httpx.post(rag_server + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert param is None or error["param"] == param, error
+    assert param is not None or "unknown field" in error["message"], error
 
 
 def test_an_unknown_collection_is_a_404_everywhere(rag_server):

@@ -33,7 +33,9 @@ from .state import Augmentation, ServerState
 NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
-class RetrieveRequest(msgspec.Struct, kw_only=True):
+# Atlas's own bodies refuse unknown fields (unlike the OpenAI ones, which ignore client
+# extras): a mistyped `filter` or `topk` would otherwise retrieve unfiltered, silently.
+class RetrieveRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     collection: CollectionName
     query: NonEmpty
     top_k: Annotated[int, Meta(ge=1, le=100)] = 4
@@ -42,16 +44,16 @@ class RetrieveRequest(msgspec.Struct, kw_only=True):
     filters: Filters | None = None
 
 
-class DocumentIn(msgspec.Struct, kw_only=True):
-    text: str
-    source: str
+class DocumentIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    text: NonEmpty
+    source: NonEmpty  # what citations show and filters match: never empty
     title: str | None = None
     # On every chunk of the document; `filters` match its keys (docs/rag.md). Keys are
     # what a filter can name: no empty key, and no `[`, `]` or `"` (store.check_filters).
     metadata: dict[Annotated[str, Meta(pattern=r'^[^\[\]"]+$')], Any] | None = None
 
 
-class DocumentsRequest(msgspec.Struct, kw_only=True):
+class DocumentsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     documents: Annotated[list[DocumentIn], Meta(min_length=1)]
 
 

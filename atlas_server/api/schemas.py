@@ -64,8 +64,10 @@ class StreamOptions(_Body, kw_only=True):
     include_usage: bool = False
 
 
-class RAGOptions(_Body, kw_only=True):
-    """Atlas addition: retrieval-augmented generation for this request."""
+class RAGOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Atlas addition: retrieval-augmented generation for this request. Unknown fields are
+    refused here, unlike in the OpenAI fields around it: a mistyped `filter` would
+    otherwise ground the answer in unfiltered sources without a word."""
 
     collection: CollectionName
     top_k: Annotated[int, Meta(ge=1, le=100)] | None = None

@@ -29,6 +29,11 @@ def _store(data_dir: Path | None, qdrant_url: str | None, store: str | None, sto
     if data_dir and (qdrant_url or store_url):
         raise typer.BadParameter("give --data-dir or a server URL, not both")
     name = store or ("qdrant" if qdrant_url else DEFAULT_STORE)
+    if store_url and name in ("embedded", "faiss"):  # in-process stores: a URL means nothing
+        raise typer.BadParameter(
+            f"--store-url is for a Qdrant or Milvus server; the {name} store keeps its data in "
+            "--data-dir (give --store qdrant or --store milvus with the URL)"
+        )
     key = os.environ.get("ATLAS_VECTOR_STORE_API_KEY") or None
     return open_store(name, data_dir, store_url or qdrant_url, key)
 

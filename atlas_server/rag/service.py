@@ -227,7 +227,18 @@ class RAGService:
             chunks = chunks[:-1]
             if not chunks:
                 context = f"the model's {context_tokens}-token" if context_tokens else "the"
+                bare = (
+                    prompt
+                    if prompt is not None
+                    else " ".join(str(m.get("content") or "") for m in (messages or []))
+                )
+                if count_tokens(bare) > max_prompt_tokens:  # the sources were not the problem
+                    raise InvalidRAGRequest(
+                        f"the question alone does not fit {context} context with the "
+                        "max_tokens asked for; shorten it or lower max_tokens"
+                    )
                 raise InvalidRAGRequest(
                     f"no retrieved source fits {context} context next to the question; "
-                    "lower max_tokens or use a longer-context model"
+                    "lower max_tokens, ingest shorter chunks ([rag] chunk_max_tokens, "
+                    "--max-tokens) or use a longer-context model"
                 )
