@@ -126,7 +126,8 @@ class ServerConfig(_Section):
             ),
             (
                 0 <= self.rag.chunk_overlap < self.rag.chunk_max_tokens,
-                "rag.chunk_overlap must be in 0..rag.chunk_max_tokens-1",
+                f"rag.chunk_overlap ({self.rag.chunk_overlap}) must be in 0.."
+                f"{self.rag.chunk_max_tokens - 1} (below rag.chunk_max_tokens)",
             ),
         ]
         for ok, message in checks:

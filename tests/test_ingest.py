@@ -115,6 +115,7 @@ def test_one_file_is_one_source_however_its_path_is_spelled(tmp_path, monkeypatc
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "x.md").write_text("A heap keeps its smallest item first.\n")
     (tmp_path / "docs" / "r.jsonl").write_text('{"text": "Queues pass items."}\n')
+    (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path)
 
     def sources(paths, root=None):
@@ -125,7 +126,12 @@ def test_one_file_is_one_source_however_its_path_is_spelled(tmp_path, monkeypatc
     assert sources(["docs"]) == expected
     monkeypatch.chdir(tmp_path / "docs")
     assert sources(["."], root=tmp_path) == expected  # the same names from another folder
-    assert sources(["x.md"], root="/nonexistent") == [str(tmp_path / "docs" / "x.md")]
+    assert sources(["x.md"], root=tmp_path / "elsewhere") == [str(tmp_path / "docs" / "x.md")]
+    # A root that is not a folder would name every file anew (stored again): refused.
+    (tmp_path / "elsewhere").rmdir()
+    for root in (tmp_path / "elsewhere", tmp_path / "docs" / "x.md"):
+        with pytest.raises(IngestError, match="is not a folder"):
+            Corpus(["x.md"], root)
 
 
 def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):

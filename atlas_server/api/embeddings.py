@@ -16,21 +16,21 @@ import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-import msgspec
 from litestar import Request, post
 from msgspec import Meta
 
 from ..compute_threads import run_in_fresh_thread
 from .errors import APIError, error_responses
+from .schemas import NullMeansDefault
 from .state import ServerState
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
-class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+class EmbeddingsRequest(NullMeansDefault, kw_only=True):
     input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1, max_length=2048)]
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: Annotated[int, Meta(ge=1)] | None = None
 
 

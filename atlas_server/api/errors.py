@@ -193,6 +193,8 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
             if key and key != "data":  # Litestar's path to the object; msgspec names the field
                 missing = re.search(r"missing required field `([^`]+)`", message)
                 param = f"{key}.{missing[1]}" if missing else key
+            if param:  # a value inside a map (`filters[...]`, `logit_bias[...]`): the map
+                param = param.replace("[...]", "")
             detail = "; ".join(
                 f"{p.get('message')}"
                 + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")

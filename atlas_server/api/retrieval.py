@@ -27,7 +27,7 @@ from ..rag.ingest import Document
 from ..rag.service import RAGService
 from ..rag.types import RetrievedChunk
 from .errors import RequestError, error_responses, rag_error
-from .schemas import CollectionName, Filters
+from .schemas import CollectionName, Filters, NullMeansDefault
 from .state import Augmentation, ServerState
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
@@ -35,10 +35,10 @@ NonEmpty = Annotated[str, Meta(min_length=1)]
 
 # Atlas's own bodies refuse unknown fields (unlike the OpenAI ones, which ignore client
 # extras): a mistyped `filter` or `topk` would otherwise retrieve unfiltered, silently.
-class RetrieveRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class RetrieveRequest(NullMeansDefault, kw_only=True, forbid_unknown_fields=True):
     collection: CollectionName
     query: NonEmpty
-    top_k: Annotated[int, Meta(ge=1, le=100)] = 4
+    top_k: Annotated[int, Meta(ge=1, le=100)] | None = 4
     retriever: str | None = None
     reranker: str | None = None
     filters: Filters | None = None
@@ -48,13 +48,28 @@ class DocumentIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     text: NonEmpty
     source: NonEmpty  # what citations show and filters match: never empty
     title: str | None = None
-    # On every chunk of the document; `filters` match its keys (docs/rag.md). Keys are
-    # what a filter can name: no empty key, and no `[`, `]` or `"` (store.check_filters).
-    metadata: dict[Annotated[str, Meta(pattern=r'^[^\[\]"]+$')], Any] | None = None
+    # On every chunk of the document; `filters` match its keys (docs/rag.md), so keys at
+    # every depth are what a filter can name (`metadata_key_problem`).
+    metadata: dict[str, Any] | None = None
 
 
 class DocumentsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     documents: Annotated[list[DocumentIn], Meta(min_length=1)]
+
+
+def metadata_key_problem(metadata: dict[str, Any], path: str = "") -> str | None:
+    """Why a filter could never name one of `metadata`'s keys, or None. Filters read a dot
+    as nesting (`{"a.b": 1}` is `{"a": {"b": 1}}`) and refuse `[`, `]` and `"`, so a key
+    holding one would be stored but never matched."""
+    for key, value in metadata.items():
+        if not key or any(c in key for c in '.[]"'):
+            return (
+                f"metadata key {path + key!r} cannot be filtered on: keys are non-empty and "
+                'hold no ".", "[", "]" or \'"\' (a dot means nesting: use {"a": {"b": ...}})'
+            )
+        if isinstance(value, dict) and (inner := metadata_key_problem(value, f"{path}{key}.")):
+            return inner
+    return None
 
 
 def _service(request: Request) -> RAGService:
@@ -157,6 +172,10 @@ async def list_collections(request: Request) -> dict[str, Any]:
     responses=error_responses(400, 401, 413, 503),
 )
 async def add_documents(request: Request, name: str, data: DocumentsRequest) -> dict[str, Any]:
+    for i, d in enumerate(data.documents):
+        problem = metadata_key_problem(d.metadata or {})
+        if problem:
+            raise RequestError(problem, param=f"documents[{i}].metadata")
     docs = [Document(d.text, d.source, d.title, metadata=d.metadata) for d in data.documents]
     try:
         return await run_in_fresh_thread(_service(request).add_documents, name, docs)
@@ -173,11 +192,11 @@ async def add_documents(request: Request, name: str, data: DocumentsRequest) -> 
 async def delete_documents(
     request: Request,
     name: str,
-    source: Annotated[list[str], Parameter(query="source", required=True)],
+    source: Annotated[list[str] | None, Parameter(query="source")] = None,
 ) -> dict[str, Any]:
     """Every chunk of each `?source=` given (repeat it for several); `deleted` counts them."""
-    if not all(source):
-        raise RequestError("source must not be empty", param="source")
+    if not source or not all(source):
+        raise RequestError("give the documents to delete as ?source=NAME (repeatable)", "source")
     try:
         return await run_in_fresh_thread(_service(request).delete_documents, name, source)
     except RAGError as e:
@@ -188,7 +207,7 @@ async def delete_documents(
     "/v1/collections/{name:str}",
     status_code=200,
     summary="Delete a collection (Atlas)",
-    responses=error_responses(401, 404, 503),
+    responses=error_responses(400, 401, 404, 503),
 )
 async def delete_collection(request: Request, name: str) -> dict[str, Any]:
     try:

@@ -20,18 +20,19 @@ from ..engine.types import SEED_MAX, SEED_MIN
 from .errors import RequestError
 
 
-class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """Unknown fields are ignored, as OpenAI-compatible servers do for client extras.
-
-    An explicit `null` on a field with a default means that default: the OpenAI API and
+class NullMeansDefault(msgspec.Struct, kw_only=True):
+    """An explicit `null` on a field with a default means that default: the OpenAI API and
     vLLM accept `"stream": null` or `"n": null`, and some SDKs and proxies send unset
-    fields that way. Such fields are typed `X | None` and reset here after decoding.
-    """
+    fields that way. Such fields are typed `X | None` and reset here after decoding."""
 
     def __post_init__(self) -> None:
         for name, default in _defaults_of(type(self)):
             if getattr(self, name) is None:
                 setattr(self, name, default)
+
+
+class _Body(NullMeansDefault, kw_only=True, forbid_unknown_fields=False):
+    """Unknown fields are ignored, as OpenAI-compatible servers do for client extras."""
 
 
 _DEFAULTS: dict[type, tuple[tuple[str, Any], ...]] = {}
@@ -57,11 +58,13 @@ Role = Literal["system", "user", "assistant", "developer", "tool"]
 CollectionName = Annotated[str, Meta(min_length=1, max_length=255)]
 # RAG metadata filters: field -> the value it must equal, or a list of allowed values
 # (what the Qdrant store matches on; a list holds strings or integers, not both).
-Filters = dict[str, str | int | bool | Annotated[list[str | int], Meta(min_length=1)]]
+# Integers are 64-bit, as every store's filter engine holds them.
+FilterInt = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Filters = dict[str, str | FilterInt | bool | Annotated[list[str | FilterInt], Meta(min_length=1)]]
 
 
 class StreamOptions(_Body, kw_only=True):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class RAGOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -57,7 +57,7 @@ async def health(request: Request) -> Response:
 # Load balancers and uptime checkers often probe with HEAD: the same status, no body.
 @head("/health", include_in_schema=False)
 async def health_head(request: Request) -> Response[None]:
-    return Response(None, status_code=_health(_state(request))[1])
+    return Response(content=b"", status_code=_health(_state(request))[1])
 
 
 def _health(state) -> tuple[dict[str, Any], int]:

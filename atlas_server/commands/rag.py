@@ -85,6 +85,9 @@ def ingest(
     ),
     source_root: Path = typer.Option(
         None,
+        exists=True,
+        file_okay=False,
+        dir_okay=True,
         help="Name sources relative to this folder (default: the working folder; a file "
         "outside it by its absolute path). Re-ingest with the same root to add nothing.",
     ),

@@ -75,6 +75,8 @@ class Corpus:
         a file outside it is named by its absolute path."""
         paths = list(paths)
         self.source_root = Path(os.path.abspath(source_root or "."))
+        if not self.source_root.is_dir():  # a typo would name every file anew: stored twice
+            raise IngestError(f"the source root {source_root} is not a folder")
         files: list[Path] = []
         for item in paths:
             p = Path(item)

@@ -82,6 +82,9 @@ class RAGService:
         self._embedder, self._score_texts = embedder, score_texts
         self._store_config = store_config  # the server's [rag] section: which back end, where
         self._lock = threading.Lock()
+        # Adds and deletes run one at a time: a DELETE of a source while a POST of it is
+        # half written would leave part of the document behind.
+        self._writing = threading.Lock()
         self._store: Any = None
         self._pipeline: RAGPipeline | None = None
 
@@ -159,9 +162,10 @@ class RAGService:
         check_collection_name(collection)
         store = self.store
         try:
-            return ingest(
-                store, self._embedder(), collection, documents, self._chunking(), progress=False
-            )
+            with self._writing:
+                return ingest(
+                    store, self._embedder(), collection, documents, self._chunking(), progress=False
+                )
         except StoreError as e:  # the store failing, as on the other routes: a 503
             raise VectorStoreUnavailable(str(e)) from None
 
@@ -181,18 +185,22 @@ class RAGService:
         self._require(collection)
         store, wanted = self.store, set(sources)
         try:
-            ids = [chunk.id for chunk, _ in store.iter_chunks(collection) if chunk.source in wanted]
-            deleted = store.delete(collection, ids) if ids else 0
-            total = store.count(collection)
+            with self._writing:
+                chunks = store.iter_chunks(collection)
+                ids = [chunk.id for chunk, _ in chunks if chunk.source in wanted]
+                deleted = store.delete(collection, ids) if ids else 0
+                total = store.count(collection)
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         return {"collection": collection, "deleted": deleted, "total": total}
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
-        self.store.delete_collection(collection)
+        with self._writing:
+            self.store.delete_collection(collection)
 
     def _require(self, collection: str) -> None:
+        check_collection_name(collection)  # a name no store can hold is a 400, not a 404
         try:
             present = self.store.exists(collection)
         except StoreError as e:

@@ -149,6 +149,8 @@ def check_filters(filters: Filters | None) -> list[tuple[tuple[str, ...], list[A
                 raise StoreError(
                     f"filter {key!r}: values are strings, integers or one boolean; got {v!r}"
                 )
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:  # what the engines hold
+                raise StoreError(f"filter {key!r}: integers are 64-bit; got {v}")
         if len({type(v) for v in values}) > 1:
             raise StoreError(
                 f"filter {key!r}: a list of values holds strings or integers, not both"
