@@ -282,3 +282,51 @@ def test_an_unreachable_qdrant_server_is_a_store_failure(tmp_path):
                 call()
     finally:
         svc.close()
+
+
+class GatedEmbedder(FakeEmbedder):
+    """Embeds only once `gate` is set, so a test can hold an ingest half way."""
+
+    dim = DIM
+
+    def __init__(self, gate, started):
+        self.gate, self.started = gate, started
+
+    def count_pieces(self, text):
+        return len(text.split())
+
+    def encode(self, texts, **kwargs):
+        self.started.set()
+        assert self.gate.wait(10)
+        return super().encode(texts, **kwargs)
+
+
+def test_a_source_delete_waits_for_an_ingest_of_the_collection(tmp_path):
+    """Found by an audit: a DELETE of a source while it was being posted removed the chunks
+    written so far, and the rest of the document stayed."""
+    import threading
+
+    from atlas_server.rag.ingest import Document
+
+    gate, started = threading.Event(), threading.Event()
+    s = service(tmp_path)
+    s._embedder = lambda: GatedEmbedder(gate, started)
+    try:
+        docs = [Document(f"part {i} of the big document.", "big.md") for i in range(3)]
+        adding = threading.Thread(target=s.add_documents, args=("c", docs))
+        adding.start()
+        assert started.wait(10)  # the ingest is under way, holding its embedding
+        result = {}
+        deleting = threading.Thread(
+            target=lambda: result.update(s.delete_documents("c", ["big.md"]))
+        )
+        deleting.start()
+        deleting.join(0.5)
+        assert deleting.is_alive()  # it waits for the ingest, not cuts into it
+        gate.set()
+        adding.join(10)
+        deleting.join(10)
+        assert result["deleted"] == 3 and result["total"] == 2  # all of big.md, nothing else
+    finally:
+        gate.set()
+        s.close()
