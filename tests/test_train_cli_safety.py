@@ -268,6 +268,20 @@ def test_resume_says_which_settings_changed_the_run(files, tmp_path):
     assert "schedule.max_steps (2 -> 3)" in longer.output
 
 
+def test_the_cpu_matmul_peak_is_measured_again_and_the_best_kept(files, tmp_path, monkeypatch):
+    """A peak measured while other work loads the cores is low, and every MFU after it
+    high: it is measured again at each validation, and the best kept."""
+    peaks = iter([1e6, 1e15, 1e3])  # at the start (a loaded machine), then at steps 1 and 2
+    monkeypatch.setattr(trainer.loop, "measured_matmul_peak", lambda *a, **k: next(peaks))
+    out = tmp_path / "run"
+    sets = pretrain_sets(files["data"], out, "run.log_every=1", "run.eval_every=1",
+                         "schedule.max_steps=3")  # fmt: skip
+    result = invoke("train", *sets)
+    assert result.exit_code == 0, result.output
+    mfu = [line.rsplit("mfu ", 1)[1] for line in result.output.splitlines() if " | mfu " in line]
+    assert float(mfu[0].rstrip("%")) > 100 and mfu[1:] == ["0.0%", "0.0%"], result.output
+
+
 # --- Ctrl-C before the first step ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("module", "name"),
