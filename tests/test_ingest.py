@@ -95,11 +95,13 @@ def test_jsonl_metadata_goes_on_every_chunk_and_a_non_object_is_a_bad_line(tmp_p
     path.write_text(
         '{"text": "Heaps keep order.", "metadata": {"lang": "en", "year": 2024}}\n'
         '{"text": "Queues pass items.", "metadata": ["en"]}\n'
+        '{"text": "Bisect finds places.", "metadata": {"a.b": 1}}\n'  # no filter could match
     )
     corpus = Corpus([str(path)])
     [doc] = list(corpus)
     assert doc.metadata == {"lang": "en", "year": 2024}
-    assert "object `metadata`" in corpus.bad_lines[0].reason
+    [bad] = corpus.bad_lines
+    assert bad.reason.startswith("2 line(s)") and "object `metadata`" in bad.reason
     store = VectorStore(tmp_path / "q")
     try:
         ingest(store, embedder, "c", [doc], progress=False)

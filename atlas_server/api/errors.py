@@ -154,15 +154,18 @@ def _response(
     return Response(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _param_from_validation(detail: str) -> str | None:
-    # msgspec says e.g. "Expected `int`, got `str` - at `$.max_tokens`", or for a dict key
-    # "... - at `key` in `$.logit_bias`"; a missing field is "Object missing required
-    # field `text` - at `$.documents[0]`" (no path at the top level).
+def _param_from_validation(detail: str, key: str | None = None) -> str | None:
+    """The field a validation message is about. msgspec says e.g. "Expected `int`, got
+    `str` - at `$.max_tokens`", for a dict key "... - at `key` in `$.logit_bias`", and for
+    a missing field "Object missing required field `text` - at `$.documents[0]`" (no path
+    at the top level); Litestar may give the object's path as `key` instead. A value inside
+    a map (`filters[...]`) is reported as the map."""
     paths = re.findall(r"`\$\.([^`]+)`", detail)
+    where = key if key and key != "data" else (paths[-1] if paths else None)
     missing = re.search(r"missing required field `([^`]+)`", detail)
-    if missing:
-        return f"{paths[-1]}.{missing[1]}" if paths else missing[1]
-    return paths[-1] if paths else None
+    if missing:  # the field inside the object named
+        where = f"{where}.{missing[1]}" if where else missing[1]
+    return where.replace("[...]", "") if where else None
 
 
 def handle_api_error(request: Request, exc: APIError) -> Response:
@@ -188,13 +191,7 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
             detail = "the request body is missing: send a JSON object"
         elif problems:
             first = problems[0]
-            key, message = first.get("key"), str(first.get("message", ""))
-            param = _param_from_validation(message)
-            if key and key != "data":  # Litestar's path to the object; msgspec names the field
-                missing = re.search(r"missing required field `([^`]+)`", message)
-                param = f"{key}.{missing[1]}" if missing else key
-            if param:  # a value inside a map (`filters[...]`, `logit_bias[...]`): the map
-                param = param.replace("[...]", "")
+            param = _param_from_validation(str(first.get("message", "")), first.get("key"))
             detail = "; ".join(
                 f"{p.get('message')}"
                 + (f" (field `{p['key']}`)" if p.get("key") not in (None, "data") else "")

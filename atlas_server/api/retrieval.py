@@ -25,6 +25,7 @@ from ..rag.errors import RAGError
 from ..rag.grounding import extract_citations, given_sources, last_user_text
 from ..rag.ingest import Document
 from ..rag.service import RAGService
+from ..rag.store import metadata_key_problem
 from ..rag.types import RetrievedChunk
 from .errors import RequestError, error_responses, rag_error
 from .schemas import CollectionName, Filters, NullMeansDefault
@@ -55,21 +56,6 @@ class DocumentIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class DocumentsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     documents: Annotated[list[DocumentIn], Meta(min_length=1)]
-
-
-def metadata_key_problem(metadata: dict[str, Any], path: str = "") -> str | None:
-    """Why a filter could never name one of `metadata`'s keys, or None. Filters read a dot
-    as nesting (`{"a.b": 1}` is `{"a": {"b": 1}}`) and refuse `[`, `]` and `"`, so a key
-    holding one would be stored but never matched."""
-    for key, value in metadata.items():
-        if not key or any(c in key for c in '.[]"'):
-            return (
-                f"metadata key {path + key!r} cannot be filtered on: keys are non-empty and "
-                'hold no ".", "[", "]" or \'"\' (a dot means nesting: use {"a": {"b": ...}})'
-            )
-        if isinstance(value, dict) and (inner := metadata_key_problem(value, f"{path}{key}.")):
-            return inner
-    return None
 
 
 def _service(request: Request) -> RAGService:

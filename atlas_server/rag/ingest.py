@@ -34,6 +34,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .chunking import ChunkSettings, chunk_text
+from .store import metadata_key_problem
 from .types import Chunk
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".jsonl")
@@ -107,8 +108,9 @@ class Corpus:
                             Skipped(
                                 f"{f}:{first_bad}",
                                 f"{bad} line(s) without a JSON object with a string `text` "
-                                "field (and a string `title` and an object `metadata`, if "
-                                "any) skipped (the file's other records are ingested)",
+                                "field (and a string `title` and an object `metadata` whose "
+                                "keys a filter can name, if any) skipped (the file's other "
+                                "records are ingested)",
                             )
                         )
                 else:
@@ -170,6 +172,8 @@ def _read_jsonl(path: Path, source: str) -> tuple[list[Document], int, int | Non
                 if not isinstance(text, str) or not (title is None or isinstance(title, str)):
                     raise TypeError
                 if not (metadata is None or isinstance(metadata, dict)):
+                    raise TypeError
+                if metadata and metadata_key_problem(metadata):  # stored, never matched
                     raise TypeError
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 bad += 1

@@ -121,6 +121,24 @@ def bm25_query_terms(text: str) -> tuple[list[int], list[float]]:
 
 
 # --- filters, payloads --------------------------------------------------------------------
+KEY_FORBIDDEN = '[]"'  # characters no filter key may hold (a dot separates nested keys)
+
+
+def metadata_key_problem(metadata: dict[str, Any], path: str = "") -> str | None:
+    """Why a filter could never name one of `metadata`'s keys (at any depth), or None: a
+    key that is empty or holds a dot (`filter_path` reads it as nesting) or one of
+    KEY_FORBIDDEN would be stored and never matched."""
+    for key, value in metadata.items():
+        if not key or "." in key or any(c in key for c in KEY_FORBIDDEN):
+            return (
+                f"metadata key {path + key!r} cannot be filtered on: keys are non-empty and "
+                'hold no ".", "[", "]" or \'"\' (a dot means nesting: use {"a": {"b": ...}})'
+            )
+        if isinstance(value, dict) and (inner := metadata_key_problem(value, f"{path}{key}.")):
+            return inner
+    return None
+
+
 def filter_path(key: str) -> tuple[str, ...]:
     """A filter key as a path into the payload: ("source",), ("metadata", "lang") or, for
     a dotted key, ("metadata", "a", "b") (metadata["a"]["b"]; see the module docstring)."""
@@ -128,7 +146,7 @@ def filter_path(key: str) -> tuple[str, ...]:
         return (key,)
     name = key[len("metadata.") :] if key.startswith("metadata.") else key
     parts = name.split(".")
-    if not all(parts) or any(c in name for c in '[]"'):
+    if not all(parts) or any(c in name for c in KEY_FORBIDDEN):
         raise StoreError(
             f"filter key {key!r} names no metadata key: use a chunk field "
             f"({', '.join(CHUNK_FIELDS)}), KEY or metadata.KEY, with dots only between "

@@ -57,12 +57,21 @@ def claim_folder(root: Path, store: str) -> None:
     )
 
 
+def make_folder(root: Path) -> None:
+    """Create a store's folder, or a StoreError saying why it cannot be one (a file there,
+    no permission)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot use the data dir {root}: {e}") from None
+
+
 class FolderLock:
     def __init__(self, root: Path, store: str) -> None:
+        make_folder(root)
         try:
-            root.mkdir(parents=True, exist_ok=True)
             self._file = open(root / ".lock", "a+")  # noqa: SIM115 (held until release)
-        except OSError as e:  # a file where the folder should be, no permission, ...
+        except OSError as e:  # no permission, ...
             raise StoreError(f"cannot use the data dir {root}: {e}") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -39,7 +39,7 @@ from ..store import (
     payload_of,
 )
 from ..types import Chunk
-from .folder import claim_folder
+from .folder import claim_folder, make_folder
 
 
 def qdrant_filter(filters: Filters | None) -> models.Filter | None:
@@ -95,10 +95,7 @@ class QdrantStore(VectorStore):
                 client = QdrantClient(url=settings.url, api_key=settings.api_key, timeout=timeout)
             else:
                 folder = Path(self.location)
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise StoreError(f"cannot use the data dir {folder}: {e}") from None
+                make_folder(folder)
                 claim_folder(folder, self.name)  # not an embedded or faiss store's folder
                 client = QdrantClient(path=self.location)
         except RuntimeError as e:
