@@ -410,6 +410,26 @@ def test_delete_removes_chunks_from_count_and_results(store, fresh):
     assert store.delete(name, gone) == 0
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["backend", "portable-default"])
+def test_delete_sources_removes_exactly_those_documents(store, fresh, portable):
+    """The back end's filtered delete and the interface's portable default (read every
+    chunk, delete by id) remove the same chunks: all of the named sources, nothing else."""
+    name, chunks, vectors = fresh
+    delete_sources = (
+        (lambda *a: VectorStore.delete_sources(store, *a)) if portable else store.delete_sources
+    )
+    gone = {"docs/heap.md", "docs/json.md"}
+    expected = [c for c in chunks if c.source in gone]
+    assert delete_sources(name, [*sorted(gone), "docs/never.md"]) == len(expected) > 0
+    assert store.count(name) == N - len(expected)
+    left = {c.id for c, _ in store.iter_chunks(name)}
+    assert left == {c.id for c in chunks if c.source not in gone}
+    assert store.search_bm25(name, "heap queue", 5, {"source": "docs/heap.md"}) == []
+    assert delete_sources(name, sorted(gone)) == 0
+    assert delete_sources(name, []) == 0
+    assert store.count(name) == N - len(expected)
+
+
 def test_iter_chunks_returns_every_chunk_with_its_vector(store, filled):
     name, chunks, vectors = filled
     seen = {c.id: (c, np.asarray(v, np.float32)) for c, v in store.iter_chunks(name, batch_size=64)}

@@ -180,15 +180,13 @@ class RAGService:
 
     def delete_documents(self, collection: str, sources: list[str]) -> dict[str, Any]:
         """Remove every chunk of the documents named by `sources`: with a new POST of the
-        same source, how a changed document replaces its old chunks. It reads the chunks'
-        sources from the store (one pass over the collection)."""
+        same source, how a changed document replaces its old chunks (the store's filtered
+        delete: nothing else in the collection is read)."""
         self._require(collection)
-        store, wanted = self.store, set(sources)
+        store = self.store
         try:
             with self._writing:
-                chunks = store.iter_chunks(collection)
-                ids = [chunk.id for chunk, _ in chunks if chunk.source in wanted]
-                deleted = store.delete(collection, ids) if ids else 0
+                deleted = store.delete_sources(collection, sorted(set(sources)))
                 total = store.count(collection)
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None

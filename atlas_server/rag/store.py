@@ -16,6 +16,7 @@ The interface (what ingest, retrievers and the HTTP routes call):
     upsert(name, chunks, vectors)              by chunk id: the same id twice stores once
     existing_ids(name, ids) -> set[str]        which of `ids` are stored (resumable ingest)
     delete(name, ids) -> int                   remove chunks by id; returns how many were there
+    delete_sources(name, sources) -> int       remove every chunk of those sources; how many
     search_dense(name, vector, top_k, filters=None) -> [(Chunk, cosine, stored vector)]
     search_bm25(name, query, top_k, filters=None)   -> [(Chunk, bm25 score, stored vector)]
     vectors(name, ids) -> {id: vector}         stored dense vectors
@@ -315,6 +316,14 @@ class VectorStore(ABC, metaclass=_OpensDefault):
     def close(self) -> None: ...
 
     # shared behaviour ----------------------------------------------------------------------
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        """Remove every chunk whose source is one of `sources`; returns how many there were.
+        This portable default reads the whole collection once (iter_chunks); the built-in
+        back ends override it with their engine's filtered delete, which reads nothing."""
+        wanted = set(sources)
+        ids = [chunk.id for chunk, _ in self.iter_chunks(name) if chunk.source in wanted]
+        return self.delete(name, ids) if ids else 0
+
     def _require(self, name: str) -> None:
         if not self.exists(name):
             raise StoreError(

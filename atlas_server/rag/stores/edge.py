@@ -235,6 +235,15 @@ class EdgeStore(VectorStore):
             )
         return len(present)
 
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        if not sources:
+            return 0
+        shard, where = self._shard(name), edge_filter({"source": sources})
+        there = shard.count(qe.CountRequest(exact=True, filter=where))
+        if there:
+            shard.update(qe.UpdateOperation.delete_points_by_filter(where))
+        return there
+
     def existing_ids(self, name: str, ids: list[str]) -> set[str]:
         records = self._shard(name).retrieve(
             [point_id(i) for i in ids], with_payload=["chunk_id"], with_vector=False

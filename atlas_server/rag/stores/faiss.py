@@ -424,6 +424,17 @@ class FaissStore(VectorStore):
         with self._lock:
             return self._c(name).delete(ids) if ids else 0
 
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        if not sources:
+            return 0
+        with self._lock:
+            c = self._c(name)
+            marks = ", ".join("?" * len(sources))
+            # chunks_source indexes this lookup
+            found = c.db.execute(f"SELECT chunk_id FROM chunks WHERE source IN ({marks})", sources)
+            ids = [r[0] for r in found]
+            return c.delete(ids) if ids else 0
+
     def search_dense(self, name, vector, top_k, filters=None) -> list[Hit]:
         with self._lock:
             c = self._c(name)

@@ -262,6 +262,18 @@ class MilvusStore(VectorStore):
             self.client.delete(name, ids=sorted(present))
         return len(present)
 
+    @_store_errors
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        self._use(name)
+        if not sources:
+            return 0
+        where = milvus_filter({"source": sources})
+        rows = self.client.query(name, filter=where, output_fields=["count(*)"])
+        there = int(rows[0]["count(*)"])
+        if there:
+            self.client.delete(name, filter=where)
+        return there
+
     def _hits(self, results, bm25: bool = False) -> list[Hit]:
         # BM25 scores are never negative; Milvus Lite reports them negated (as distances).
         score = abs if bm25 else float

@@ -177,6 +177,17 @@ class QdrantStore(VectorStore):
             self.client.delete(name, points_selector=[point_id(i) for i in present], wait=True)
         return len(present)
 
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        self._require(name)
+        if not sources:
+            return 0
+        where = qdrant_filter({"source": sources})
+        there = self.client.count(name, count_filter=where, exact=True).count
+        if there:
+            selector = models.FilterSelector(filter=where)
+            self.client.delete(name, points_selector=selector, wait=True)
+        return there
+
     @staticmethod
     def _chunk_id(pid: Any, payload: dict | None) -> str:
         return str((payload or {}).get("chunk_id") or pid)
