@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import serving
 
 from atlas_server.api import ServerState, create_app
+from atlas_server.api.generation import TextOffsets
 from atlas_server.checkpoint import load_checkpoint
 from atlas_server.config import EngineSection, ModelSection, RAGSection, ServerConfig
 from atlas_server.engine.types import RequestOutput
@@ -138,6 +139,29 @@ def test_echo_logprobs_equal_log_softmax_like_lm_eval(server, model):
         top_token, top_value = max(lp["top_logprobs"][i].items(), key=lambda kv: kv[1])
         assert abs(top_value - float(expected[i - 1].max())) < 1e-4
     assert len(lp["tokens"]) == len(ids) + 1 and lp["text_offset"][:3] == [0, 1, 2]
+
+
+def test_text_offsets_count_a_character_split_across_tokens_once(server):
+    # byte-level ids: "a", then é and € as their UTF-8 bytes, one token each, then "b"
+    ids = [97, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 98]
+    body = {"model": MODEL, "prompt": [ids], "max_tokens": 0, "logprobs": 0, "echo": True}
+    choice = httpx.post(server[0] + "/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == "a\u00e9\u20acb"
+    # the tokens that make one character all start where it does
+    assert choice["logprobs"]["text_offset"] == [0, 1, 1, 2, 2, 2, 3]
+
+
+def test_text_offsets_follow_the_generated_text_as_the_engine_builds_it(byte_tokenizer):
+    eot = byte_tokenizer.eot_id
+    generated = [0xC3, 0xA9, eot, 98]  # é split in two, a special token, "b"
+    skipping = TextOffsets(byte_tokenizer, skip_special_tokens=True)
+    assert skipping.prompt([97]) + skipping.generated(generated) == [0, 1, 1, 2, 2]
+    keeping = TextOffsets(byte_tokenizer, skip_special_tokens=False)
+    # the echo's unfinished character ends as U+FFFD: one character before the answer
+    assert keeping.prompt([97, 0xE2]) == [0, 1]
+    assert keeping.generated(generated[:2]) + keeping.generated(generated[2:]) == [
+        2, 2, 3, 3 + len("<|endoftext|>"),
+    ]  # fmt: skip
 
 
 def test_echo_with_zero_max_tokens_scores_the_prompt(server):

@@ -24,6 +24,7 @@ from ..tokenizer import Tokenizer
 from .errors import RequestError
 from .generation import (
     Grounding,
+    TextOffsets,
     augment,
     check_model,
     check_ready,
@@ -108,11 +109,14 @@ def _choice_body(
     logprobs = None
     if req.logprobs is not None:
         entries, token_ids = list(choice.logprobs), list(choice.token_ids)
+        offsets = TextOffsets(state.tokenizer, req.skip_special_tokens)
+        starts = offsets.prompt(ids) if req.echo else []
+        starts += offsets.generated(token_ids)
         if req.echo:
             prompt_entries = prompt_lp or [None] * len(ids)
             entries = list(prompt_entries) + entries
             token_ids = list(ids) + token_ids
-        logprobs = completion_logprobs(state.tokenizer, entries, token_ids, 0)
+        logprobs = completion_logprobs(state.tokenizer, entries, token_ids, starts)
     body = {
         "index": choice.index,
         "text": text,
@@ -235,9 +239,9 @@ class CompletionChunks:
         self.tokenizer, self.req, self.prompts = tokenizer, req, prompts
         self.echoed: set[int] = set()
         self.prompt_lp: dict[int, list] = {}  # prompt index -> its prompt logprobs
-        # choice index -> text_offset of its next token: offsets run on across chunks, as
-        # in the non-streamed response (and vLLM's stream)
-        self.next_offset: dict[int, int] = {}
+        # choice index -> its text offsets: they run on across chunks, as in the
+        # non-streamed response (and vLLM's stream)
+        self.offsets: dict[int, TextOffsets] = {}
 
     def choice(self, index: int, event: RequestOutput, finish: str | None) -> dict | None:
         req = self.req
@@ -253,16 +257,15 @@ class CompletionChunks:
             entries, token_ids = list(event.logprobs or []), list(event.token_ids)
             if event.prompt_logprobs is not None:
                 self.prompt_lp[prompt] = event.prompt_logprobs
+            offsets = self.offsets.setdefault(
+                index, TextOffsets(self.tokenizer, req.skip_special_tokens)
+            )
+            starts = offsets.prompt(ids) if first else []
+            starts += offsets.generated(token_ids)
             if first:
                 entries = list(self.prompt_lp.get(prompt) or [None] * len(ids)) + entries
                 token_ids = list(ids) + token_ids
-            start = self.next_offset.get(index, 0)
-            logprobs = completion_logprobs(self.tokenizer, entries, token_ids, start)
-            if token_ids:
-                last = token_ids[-1]
-                self.next_offset[index] = logprobs["text_offset"][-1] + len(
-                    self.tokenizer.decode([last])
-                )
+            logprobs = completion_logprobs(self.tokenizer, entries, token_ids, starts)
         if not (text or finish or event.token_ids):
             return None
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -9,6 +9,9 @@ JSON finite. What it does not do: the route-specific response shapes (see
 Token strings in logprobs: a token whose bytes are valid UTF-8 is shown as that text; a
 token holding part of a multi-byte character is shown as `bytes:\\xe2\\x80` (the escaped
 bytes), the convention vLLM and OpenAI use, so clients can still rebuild the bytes.
+`text_offset` counts characters of the choice's text before the token, the text built
+as the engine builds it (TextOffsets): the tokens that together make one character all
+start where that character does.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from litestar import Request
 
+from ..engine.detokenizer import IncrementalDetokenizer
 from ..engine.types import (
     EngineStoppedError,
     InvalidRequestError,
@@ -312,20 +316,49 @@ async def collect(
     return choices
 
 
+class TextOffsets:
+    """Where each token's text starts in one choice's text: the echoed prompt (every token
+    shown, as `decode` gives it), then the generated text (as the engine's detokenizer
+    emits it: special tokens left out when it skips them). Counting per token instead,
+    two tokens that split one character would each count a U+FFFD and every later offset
+    would drift. One instance per choice; in a stream it carries across chunks."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._position = 0
+        self._generated: IncrementalDetokenizer | None = None
+
+    def prompt(self, ids: list[int]) -> list[int]:
+        detok = IncrementalDetokenizer(self._tokenizer, skip_special_tokens=False)
+        starts = self._advance(detok, ids)
+        self._position += len(detok.flush())  # the echo ends an incomplete char as U+FFFD
+        return starts
+
+    def generated(self, ids: list[int]) -> list[int]:
+        if self._generated is None:
+            self._generated = IncrementalDetokenizer(self._tokenizer, self._skip)
+        return self._advance(self._generated, ids)
+
+    def _advance(self, detok: IncrementalDetokenizer, ids: list[int]) -> list[int]:
+        starts = []
+        for token_id in ids:
+            starts.append(self._position)
+            self._position += len(detok.add(token_id))
+        return starts
+
+
 def completion_logprobs(
     tokenizer: Tokenizer,
     entries: list[TokenLogprob | None],
     token_ids: list[int],
-    text_start: int,
+    offsets: list[int],
 ) -> dict[str, Any]:
-    """The OpenAI completions `logprobs` object for `token_ids` (entries align with them)."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    position = text_start
+    """The OpenAI completions `logprobs` object for `token_ids` (entries and `offsets`,
+    from TextOffsets, align with them)."""
+    tokens, token_logprobs, top_logprobs = [], [], []
     for token_id, entry in zip(token_ids, entries, strict=False):
         text = token_text(tokenizer, token_id)
         tokens.append(text)
-        offsets.append(position)
-        position += len(tokenizer.decode([token_id]))
         if entry is None:
             token_logprobs.append(None)
             top_logprobs.append(None)
@@ -338,7 +371,7 @@ def completion_logprobs(
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": top_logprobs,
-        "text_offset": offsets,
+        "text_offset": offsets[: len(tokens)],
     }
 
 
