@@ -1,0 +1,50 @@
+"""The console scripts start through atlas_server.entry: a Ctrl-C while a CLI is still
+importing PyTorch is one line and exit status 130, not a traceback."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from atlas_server import entry
+from atlas_server.tomlconfig import parse_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scripts() -> dict[str, str]:
+    return parse_toml((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_console_script_starts_through_the_entry_module():
+    targets = scripts()
+    assert set(targets) == {"atlas", "atlas-train", "atlas-eval"}
+    for name, target in targets.items():
+        module, function = target.split(":")
+        assert module == "atlas_server.entry", name
+        assert callable(getattr(entry, function)), name
+
+
+@pytest.mark.parametrize("script", ["atlas", "atlas-train", "atlas-eval"])
+def test_a_ctrl_c_during_the_cli_import_is_one_line_and_status_130(script, monkeypatch, capsys):
+    def interrupted_import(name, *args, **kwargs):
+        raise KeyboardInterrupt  # what a Ctrl-C inside `import torch` raises
+
+    monkeypatch.setattr(importlib, "import_module", interrupted_import)
+    start = getattr(entry, scripts()[script].split(":")[1])
+    with pytest.raises(SystemExit) as stopped:
+        start()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_entry_points_run_their_cli(monkeypatch):
+    called = []
+    for module in ("atlas_server.cli", "trainer.cli", "eval_suites.cli"):
+        monkeypatch.setattr(
+            importlib.import_module(module), "main", lambda m=module: called.append(m)
+        )
+    entry.atlas(), entry.atlas_train(), entry.atlas_eval()
+    assert called == ["atlas_server.cli", "trainer.cli", "eval_suites.cli"]
