@@ -260,7 +260,7 @@ class ChatTemplate:
         pieces = self._pieces(text, cuts, protected)
         ids: list[int] = []
         mask: list[bool] = []
-        turn_ends = [self._learned_end(text, start, end) for start, end in turns]
+        turn_ends = [self._learned_end(text, start, end, protected) for start, end in turns]
         for start, end, special in pieces:
             piece_ids = [special] if special is not None else self.tokenizer.encode(text[start:end])
             learned = any(s <= start < e for (s, _), e in zip(turns, turn_ends, strict=True))
@@ -296,10 +296,16 @@ class ChatTemplate:
                 return []
         return turns
 
-    def _learned_end(self, text: str, start: int, end: int) -> int:
-        """Where the model's own output ends in an assistant turn: after the first stop token."""
+    def _learned_end(
+        self, text: str, start: int, end: int, protected: list[tuple[int, int]]
+    ) -> int:
+        """Where the model's own output ends in an assistant turn: after the first stop
+        token, not counting a stop token's text inside the content (`protected`), which is
+        encoded as plain text and ends nothing."""
         if self._specials is not None:
             for m in self._specials.finditer(text, start, end):
+                if any(s <= m.start() < e for s, e in protected):
+                    continue
                 if self.tokenizer.special_tokens[m.group()] in self.stop_token_ids:
                     return m.end()
         return end

@@ -227,6 +227,22 @@ def test_control_tokens_typed_by_a_user_stay_plain_text(atlas_tokenizer, name):
     assert sneaky in atlas_tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_a_stop_token_typed_in_a_reply_does_not_end_what_is_learned(atlas_tokenizer, name):
+    """The reply's own text of a stop token is plain text; the turn's real end-of-turn
+    token after it is still learned, so the model learns to stop after such replies."""
+    template = ChatTemplate(TEMPLATES[name], atlas_tokenizer, {"bos_token": BOS, "eos_token": EOT})
+    reply = f"end a turn with {IM_END} or {EOT}, then stop"
+    example = template.training_example(
+        [{"role": "user", "content": "how do turns end?"}, {"role": "assistant", "content": reply}]
+    )
+    learned = [i for i, m in zip(example.ids, example.assistant_mask, strict=True) if m]
+    assert learned[-1] in template.stop_token_ids  # the real end of the turn
+    assert atlas_tokenizer.decode(learned[:-1]).strip() == reply  # all of the reply, as text
+    specials = set(atlas_tokenizer.id_to_special)
+    assert not any(i in specials for i in learned[:-1])
+
+
 def test_templates_that_reorder_content_refuse_control_tokens_they_cannot_place(atlas_tokenizer):
     shouty = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
     template = ChatTemplate(shouty, atlas_tokenizer)
