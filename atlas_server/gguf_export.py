@@ -16,7 +16,9 @@ Atlas (like Hugging Face Llama) rotates halves: q and k rows are permuted for it
 llama.cpp's converter does; qwen2 and gptneox rotate halves in llama.cpp too.
 Known differences, none of them in Atlas-trained models: llama.cpp's BPE does not apply an
 imported tokenizer's NFC normalizer (ids differ only on text that is not NFC already), and
-its gptneox graph uses tanh GELU where Pythia's is exact.
+its gpt2 and gptneox graphs use tanh GELU where Pythia's (and a GPT-2 with
+activation_function="gelu") is exact. BOS/EOS ids are the ones `hf_export.special_ids`
+gives (an imported model's own; llama.cpp would take id 11 without them).
 What it does not do: other quantizations (use llama.cpp's `llama-quantize` on the f32
 or f16 file), importance matrices, or tokenizers llama.cpp has no pre-tokenizer for.
 """
@@ -33,9 +35,10 @@ from torch import Tensor
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .hf_arch import HFConversionError, architecture_for
+from .hf_export import special_ids
 from .io import as_created
 from .model import ModelConfig
-from .tokenizer import ENDOFTEXT, GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, IM_END, Tokenizer
+from .tokenizer import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, IM_END, Tokenizer
 from .tokenizer.hf_format import (
     CHATML_TEMPLATE,
     DIGITS_GPT2_SPLIT_PATTERN,
@@ -213,6 +216,12 @@ def export_gguf(
     model_type = architecture_for(config, ckpt.provenance.get("imported_from")).model_type
     arch = GGUF_ARCH[model_type]
     tok = _tokenizer_fields(tokenizer, config.vocab_size)
+    ids = special_ids(tokenizer, ckpt.provenance)
+    if ids.before not in ([], [ids.bos]) or ids.after not in ([], [ids.first_eos]):
+        raise GGUFExportError(
+            f"the tokenizer adds {ids.before} before and {ids.after} after each text; "
+            "GGUF can only say 'add BOS' and 'add EOS'"
+        )
     state = {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()}
     tensors = gguf_tensors(state, config, model_type)
 
@@ -257,13 +266,16 @@ def export_gguf(
         w.add_token_types(tok["types"])
         w.add_token_merges(tok["merges"])
         specials = tokenizer.special_tokens
-        if ENDOFTEXT in specials:
-            w.add_bos_token_id(specials[ENDOFTEXT])
-            w.add_eos_token_id(specials[ENDOFTEXT])
+        # Without these keys llama.cpp takes id 11 for both, an ordinary byte here.
+        if ids.bos is not None:
+            w.add_bos_token_id(ids.bos)
+        if ids.first_eos is not None:
+            w.add_eos_token_id(ids.first_eos)
         if IM_END in specials:
             w.add_eot_token_id(specials[IM_END])
-        w.add_add_bos_token(False)  # Atlas adds nothing when encoding
-        w.add_add_eos_token(False)
+        # Atlas adds nothing when encoding; an imported Llama 3 tokenizer added its BOS.
+        w.add_add_bos_token(bool(ids.before))
+        w.add_add_eos_token(bool(ids.after))
         template = ckpt.chat_template
         if template is None and IM_END in specials:
             template = CHATML_TEMPLATE

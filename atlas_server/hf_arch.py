@@ -13,6 +13,8 @@ is already the fused q|k|v, so its tensors copy unchanged. Llama's projections a
 fuses q/k/v per head ([head][q, k, v][D] rows), which is regrouped into q|k|v, and rotates
 only the first `rotary_pct` of each head. All use the "rotate half" RoPE convention, so
 q/k need no permutation.
+Importing refuses tensors the config leaves unused and unties a tied config whose file holds
+a different head, as transformers does.
 What it does not do: read or write files (hf_import.py, hf_export.py), tokenizers
 (tokenizer/hf_format.py), or import `transformers`.
 """
@@ -105,6 +107,11 @@ def _gelu_kind(act: str, model: str) -> str:
 
 def _gpt2_config(cfg: dict[str, Any]) -> ModelConfig:
     mlp = _gelu_kind(cfg.get("activation_function", "gelu_new"), "GPT-2")
+    # Both change the attention scores; Atlas always divides by sqrt(head_dim) only.
+    if not cfg.get("scale_attn_weights", True):
+        raise HFConversionError("GPT-2 scale_attn_weights=false is not supported")
+    if cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise HFConversionError("GPT-2 scale_attn_by_inverse_layer_idx=true is not supported")
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         n_layers=cfg["n_layer"],
@@ -520,12 +527,70 @@ def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     return _architecture(cfg.get("model_type")).config_from_hf(cfg)
 
 
+# Per model_type: (input embedding, output head) tensor names, both with the GPT-2 prefix
+# as transformers saves it.
+_HEADS = {
+    "gpt2": ("transformer.wte.weight", "lm_head.weight"),
+    "llama": ("model.embed_tokens.weight", "lm_head.weight"),
+    "qwen2": ("model.embed_tokens.weight", "lm_head.weight"),
+    "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight"),
+}
+# Buffers some checkpoints carry that hold no weights: GPT-2's and GPT-NeoX's causal masks,
+# older Llama/NeoX RoPE frequencies (recomputed from the config).
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias")
+_BUFFERS += (".rotary_emb.inv_freq",)
+
+
+def untie_if_head_differs(cfg: dict[str, Any], tensors: State) -> dict[str, Any]:
+    """`cfg` with tie_word_embeddings false when the file holds an output head unlike the
+    embedding: transformers 5 then keeps both and does not tie (it warns), so Atlas does too."""
+    model_type = cfg.get("model_type")
+    tied = cfg.get("tie_word_embeddings", model_type == "gpt2")
+    if model_type not in _HEADS or not tied:
+        return cfg
+    emb_name, head_name = _HEADS[model_type]
+    emb = tensors.get(emb_name, tensors.get(emb_name.removeprefix("transformer.")))
+    head = tensors.get(head_name)
+    if head is None or emb is None or (head.shape == emb.shape and torch.equal(head, emb)):
+        return cfg
+    return {**cfg, "tie_word_embeddings": False}
+
+
+class _Used(dict):
+    """A state dict that records which tensors were read, to find the ones left over."""
+
+    def __init__(self, tensors: State) -> None:
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> Tensor:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
 def atlas_state_from_hf(cfg: dict[str, Any], tensors: State) -> State:
-    """Atlas's state dict from an HF one (HF names and layouts), fp32, contiguous."""
+    """Atlas's state dict from an HF one (HF names and layouts), fp32, contiguous.
+
+    Every tensor must be used (a config with fewer layers than the file, a stray head):
+    leftovers are refused rather than silently dropped. A tied config whose file holds a
+    different head is untied, as transformers does (`untie_if_head_differs`).
+    """
     arch = _architecture(cfg.get("model_type"))
+    cfg = untie_if_head_differs(cfg, tensors)
     config = arch.config_from_hf(cfg)
-    tensors = {k: v.float() for k, v in tensors.items()}
-    return {k: v.contiguous() for k, v in arch.state_from_hf(tensors, config).items()}
+    used = _Used({k: v.float() for k, v in tensors.items()})
+    state = arch.state_from_hf(used, config)
+    head = _HEADS[arch.model_type][1]
+    if config.tie_embeddings and head in used:
+        used.read.add(head)  # equal to the embedding (else untied above): tied as saved
+    left = sorted(k for k in set(used) - used.read if not k.endswith(_BUFFERS))
+    if left:
+        more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+        raise HFConversionError(
+            f"the weights hold {len(left)} tensors this config does not use "
+            f"({', '.join(left[:3])}{more}); does config.json match the weights?"
+        )
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 def architecture_for(config: ModelConfig, preferred: str | None = None) -> Architecture:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +38,75 @@ from .model import Transformer
 from .tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from .tokenizer.hf_format import tokenizer_config_json, tokenizer_to_hf_json
 
-__all__ = ["export_hf", "hf_config_and_state", "to_transformers"]
+__all__ = ["SpecialIds", "export_hf", "hf_config_and_state", "special_ids", "to_transformers"]
 
 
-def _special_ids(tokenizer: Tokenizer) -> tuple[int | None, list[int]]:
-    """(eos id, ids that end a generation): <|endoftext|>, and <|im_end|> for chat."""
-    specials = tokenizer.special_tokens
-    eos = specials.get(ENDOFTEXT)
-    stops = [specials[t] for t in (ENDOFTEXT, IM_END) if t in specials]
-    return eos, stops
+# Spellings of end- and start-of-text tokens, for tokenizers with no recorded ids
+# (an Atlas-trained one with `--special-token "<|eos|>"`); GPT-2's <|endoftext|> is both.
+EOS_NAMES = (ENDOFTEXT, "<|end_of_text|>", "<|eos|>", "</s>", "<eos>")
+BOS_NAMES = ("<|begin_of_text|>", "<|bos|>", "<s>", "<bos>")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The special ids an export writes: config.json's bos/eos, the ids that end a
+    generation, and what the tokenizer adds around each text (an imported Llama 3 BOS)."""
+
+    bos: int | None
+    eos: int | list[int] | None  # as config.json holds it (Llama 3 Instruct lists several)
+    stops: list[int]
+    before: list[int] = field(default_factory=list)
+    after: list[int] = field(default_factory=list)
+
+    @property
+    def first_eos(self) -> int | None:
+        return self.eos[0] if isinstance(self.eos, list) else self.eos
+
+
+def special_ids(tokenizer: Tokenizer, provenance: dict[str, Any] | None = None) -> SpecialIds:
+    """bos/eos from what `import-hf` recorded (the source's config), else by the tokens'
+    names; stops are the eos ids and <|im_end|> for chat."""
+    provenance = provenance or {}
+    known = tokenizer.id_to_special.keys() | tokenizer.id_to_added.keys()
+
+    def recorded(key: str) -> int | list[int] | None:
+        value = provenance.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is None or value == [] or not all(type(i) is int and i in known for i in ids):
+            return None
+        return value
+
+    def named(names: tuple[str, ...]) -> int | None:
+        return next(
+            (tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens), None
+        )
+
+    eos = recorded("eos_token_id")
+    if eos is None:
+        eos = named(EOS_NAMES)
+    bos = recorded("bos_token_id")
+    if bos is None:
+        bos = named(BOS_NAMES)
+    if bos is None:
+        bos = eos[0] if isinstance(eos, list) else eos
+    stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
+    if IM_END in tokenizer.special_tokens and tokenizer.special_tokens[IM_END] not in stops:
+        stops.append(tokenizer.special_tokens[IM_END])
+    adds = provenance.get("tokenizer_adds") or {}
+    return SpecialIds(bos, eos, stops, list(adds.get("before", [])), list(adds.get("after", [])))
 
 
 def hf_config_and_state(
-    model: Transformer, tokenizer: Tokenizer | None = None, preferred: str | None = None
+    model: Transformer,
+    tokenizer: Tokenizer | None = None,
+    preferred: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[Architecture, dict[str, Any], dict[str, torch.Tensor]]:
     """The HF architecture, config.json dict and state dict (HF names) of an Atlas model."""
     arch = architecture_for(model.config, preferred)
-    eos = _special_ids(tokenizer)[0] if tokenizer is not None else None
-    hf_config = hf_config_from_atlas(model.config, arch, eos, eos)
+    ids = special_ids(tokenizer, provenance) if tokenizer is not None else None
+    bos, eos = (ids.bos, ids.eos) if ids is not None else (None, None)
+    hf_config = hf_config_from_atlas(model.config, arch, bos, eos)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return arch, hf_config, hf_state_from_atlas(state, model.config, arch)
 
@@ -102,19 +154,26 @@ def export_hf(
     out = Path(out)
     if dtype not in DTYPES:
         raise HFConversionError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    source = Path(checkpoint).resolve()
+    if out.resolve() == source or out.resolve() in source.parents:  # OUT is replaced whole
+        raise HFConversionError(f"{out} is or holds the checkpoint {checkpoint}; write elsewhere")
     if out.exists() and not out.is_dir():
         raise HFConversionError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise HFConversionError(f"{out} is not empty; pass --overwrite to replace it")
     ckpt = load_checkpoint(checkpoint)
     arch, hf_config, state = hf_config_and_state(
-        ckpt.model, ckpt.tokenizer, ckpt.provenance.get("imported_from")
+        ckpt.model, ckpt.tokenizer, ckpt.provenance.get("imported_from"), ckpt.provenance
     )
     torch_dtype = DTYPES[dtype]
     # transformers 4 reads "torch_dtype", 5 reads "dtype".
     hf_config["torch_dtype"] = hf_config["dtype"] = str(torch_dtype).removeprefix("torch.")
-    eos, stops = _special_ids(ckpt.tokenizer)
-    generation = {"bos_token_id": eos, "eos_token_id": stops or None, "pad_token_id": eos}
+    ids = special_ids(ckpt.tokenizer, ckpt.provenance)
+    generation = {
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.stops or None,
+        "pad_token_id": ids.first_eos,
+    }
 
     with atomic_directory(out) as tmp:
         tensors = {k: v.to(torch_dtype).contiguous() for k, v in state.items()}
@@ -122,9 +181,15 @@ def export_hf(
         files = {
             "config.json": hf_config,
             "generation_config.json": generation,
-            "tokenizer.json": tokenizer_to_hf_json(ckpt.tokenizer),
+            "tokenizer.json": tokenizer_to_hf_json(ckpt.tokenizer, ids.before, ids.after),
             "tokenizer_config.json": tokenizer_config_json(
-                ckpt.tokenizer, ckpt.chat_template, ckpt.config.max_seq_len
+                ckpt.tokenizer,
+                ckpt.chat_template,
+                ckpt.config.max_seq_len,
+                ids.bos,
+                ids.first_eos,
+                add_bos=ids.before == [ids.bos],
+                add_eos=ids.after == [ids.first_eos],
             ),
         }
         for name, content in files.items():

@@ -7,7 +7,10 @@ cache only), reads `config.json` and the safetensors weights (single file or sha
 Atlas's names and layouts (`hf_arch.py`), converts the byte-level BPE `tokenizer.json`,
 keeps the chat template (`tokenizer_config.json`'s `chat_template` or
 `chat_template.jinja`) as the checkpoint's `chat_template.jinja`, and writes an atlas
-checkpoint whose provenance names the source, revision and architecture.
+checkpoint whose provenance names the source, revision and architecture, the model's own
+bos/eos ids and what its tokenizer's post-processor adds around each text (Llama 3's BOS,
+which Atlas's encode does not add), for the exports to write back. Every tensor of the
+weights must be used, and shard paths stay inside the folder.
 What it does not do: pickled `.bin` weights (never unpickled: convert them to safetensors
 first), rope scaling, or SentencePiece tokenizers (pass `--tokenizer FILE`).
 """
@@ -31,10 +34,11 @@ from .hf_arch import (
     HFConversionError,
     atlas_state_from_hf,
     model_config_from_hf,
+    untie_if_head_differs,
 )
 from .model import Transformer
 from .tokenizer import Tokenizer, TokenizerError
-from .tokenizer.hf_format import tokenizer_from_hf_json
+from .tokenizer.hf_format import post_processor_ids, tokenizer_from_hf_json
 
 __all__ = [
     "GPT2_BLOCK_NAMES",
@@ -46,6 +50,7 @@ __all__ = [
     "model_config_from_hf",
     "model_from_hf_tensors",
     "resolve_source",
+    "special_token_ids",
 ]
 
 # One error type for both directions; the import side keeps its own name.
@@ -141,7 +146,7 @@ def load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of model.safetensors or its shards (never a pickle)."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shards_of(index)
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -161,6 +166,22 @@ def load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # a missing shard or a corrupt header: name the file
             raise HFImportError(f"{src / name} is not a readable safetensors file: {e}") from None
     return tensors
+
+
+def _shards_of(index: Path) -> list[str]:
+    """The shard files an index names, each a file inside the model folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise HFImportError(f"{index} is not a JSON object: {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise HFImportError(f"{index} has no weight_map object of tensor name -> shard file")
+    folder = index.parent.resolve()
+    for name in set(weight_map.values()):
+        # An index is data from the download: a shard must not point anywhere else.
+        if Path(name).is_absolute() or folder not in (folder / name).resolve().parents:
+            raise HFImportError(f"{index} names a shard outside the model folder: {name!r}")
+    return sorted(set(weight_map.values()))
 
 
 def hf_to_atlas_model(src: str | os.PathLike) -> Transformer:
@@ -183,7 +204,7 @@ def model_from_hf_tensors(
     hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> Transformer:
     """An Atlas Transformer from an HF config.json dict and its state dict (HF names)."""
-    config = model_config_from_hf(hf_config)
+    config = model_config_from_hf(untie_if_head_differs(hf_config, tensors))
     state = atlas_state_from_hf(hf_config, tensors)
     model = Transformer(config)
     expected = model.state_dict()
@@ -213,7 +234,60 @@ def import_hf(
     provenance = {**source.provenance, "imported_from": model_type, "architecture": hf_class}
     if tokenizer_file is not None:
         provenance["tokenizer"] = str(Path(tokenizer_file).resolve())
+    else:
+        provenance.update(_tokenizer_adds(source.path / "tokenizer.json"))
+    provenance.update(special_token_ids(source.path, hf_config, tokenizer))
     return save_checkpoint(dst, model, tokenizer, provenance, chat_template_of(source.path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from an optional file of the model folder ({} when absent)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFImportError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HFImportError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def special_token_ids(
+    src: Path, hf_config: dict[str, Any], tokenizer: Tokenizer
+) -> dict[str, int | list[int]]:
+    """The model's own bos/eos ids, for the exports to write back: generation_config.json's,
+    else config.json's, else tokenizer_config.json's token names. An id that is not one of
+    the tokenizer's special tokens (transformers' LlamaConfig default of 1 and 2 under a
+    GPT-2 vocabulary) is a default nobody chose, and is not kept."""
+    generation = _read_json(src / "generation_config.json")
+    names = _read_json(src / "tokenizer_config.json")
+    known = tokenizer.id_to_special.keys() | tokenizer.id_to_added.keys()
+    by_name = {**tokenizer.added_tokens, **tokenizer.special_tokens}
+    found: dict[str, int | list[int]] = {}
+    for kind in ("bos", "eos"):
+        key = f"{kind}_token_id"
+        name = names.get(f"{kind}_token")
+        if isinstance(name, dict):  # {"content": "<|endoftext|>", ...}
+            name = name.get("content")
+        for value in (generation.get(key), hf_config.get(key), by_name.get(name)):
+            ids = value if isinstance(value, list) else [value]
+            if value not in (None, []) and all(type(i) is int and i in known for i in ids):
+                found[key] = value
+                break
+    return found
+
+
+def _tokenizer_adds(hf_json: Path) -> dict[str, Any]:
+    """{"tokenizer_adds": {"before": ids, "after": ids}} when the tokenizer's post-processor
+    adds tokens around each text (Llama 3's BOS); Atlas's encode does not, so this is
+    recorded for `import-hf` to say and for the exports to restore."""
+    data = _read_json(hf_json)
+    try:
+        before, after = post_processor_ids(data)
+    except TokenizerError as e:
+        raise HFImportError(f"{hf_json}: {e}") from None
+    return {"tokenizer_adds": {"before": before, "after": after}} if before or after else {}
 
 
 def chat_template_of(src: Path) -> str | None:
@@ -249,7 +323,8 @@ def _tokenizer_for(src: Path, tokenizer_file: str | None, name: str) -> Tokenize
     try:
         return tokenizer_from_hf_json(hf_json, name=name)
     except TokenizerError as e:
+        where = "" if str(hf_json) in str(e) else f"{hf_json}: "  # name the file once
         raise HFImportError(
-            f"{hf_json}: {e}; pass --tokenizer FILE (an Atlas or Hugging Face byte-level BPE "
+            f"{where}{e}; pass --tokenizer FILE (an Atlas or Hugging Face byte-level BPE "
             "tokenizer file) to import the weights with another tokenizer"
         ) from None

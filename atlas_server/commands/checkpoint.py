@@ -232,8 +232,7 @@ def merge_lora_command(
     with user_errors(LoRAError, FileExistsError):
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        if out.exists() and out.resolve() in (base.resolve(), adapter.resolve()):
-            raise CheckpointError(f"{out} is an input; write the merged checkpoint elsewhere")
+        check_output(out, overwrite, inputs=[base, adapter])
         ckpt = load_checkpoint(base)
         lora = load_adapter(adapter)
         merged = merge_lora(ckpt.model, lora)
@@ -264,16 +263,34 @@ def merge_lora_command(
     )
 
 
-def check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Refuse to replace a non-empty OUT unless asked, and never one of the inputs (the
-    checkpoint writer replaces a folder whole), nor a file, which --overwrite does not
-    cover: it replaces folders."""
+def check_output(out: Path, overwrite: bool, inputs: list[Path], folder: bool = True) -> None:
+    """Refuse to replace a non-empty OUT unless asked, and never an input, --overwrite or
+    not: not OUT equal to an input, nor a folder holding one (the writers replace OUT
+    whole, so `export-hf ck ck` or `merge-lora base run/checkpoints/step_8 run` would delete
+    what they read), nor, for a file OUT, an existing file inside an input folder (its
+    weights). Symlinks are resolved first. `folder`: OUT is a folder (--overwrite replaces
+    folders, never a file), else a file (a folder is refused)."""
+    target = out.resolve()
+    for given in inputs:
+        if not Path(given).exists():  # a hub repository id
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            raise CheckpointError(f"{out} is an input; write the output elsewhere")
+        if target in source.parents:
+            raise CheckpointError(f"{out} holds the input {given}; write the output elsewhere")
+        if not folder and out.exists() and source in target.parents:
+            raise CheckpointError(f"{out} is part of the input {given}; write the output elsewhere")
+    if not folder:
+        if out.is_dir():
+            raise FileExistsError(f"{out} is a folder; give the path of the .gguf file to write")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        return
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; write the checkpoint elsewhere")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
-    if out.exists() and any(p.exists() and out.resolve() == p.resolve() for p in inputs):
-        raise CheckpointError(f"{out} is an input; write the checkpoint elsewhere")
 
 
 @app.command()
@@ -345,7 +362,15 @@ def import_hf_command(
     with user_errors(FileExistsError):
         check_output(dst, overwrite, inputs=[Path(src), *([tokenizer] if tokenizer else [])])
         path = import_hf(src, dst, str(tokenizer) if tokenizer else None, revision)
+        adds = read_metadata(path)["provenance"].get("tokenizer_adds")
     typer.echo(f"wrote {path}")
+    if adds:  # Llama 3's BOS: the model expects it, and Atlas's encode() does not add it
+        where = [f"id {adds[k]} {k}" for k in ("before", "after") if adds[k]]
+        typer.echo(
+            f"note: the source tokenizer adds {' and '.join(where)} every text; Atlas's "
+            "encode() does not (add them yourself); export-hf and export-gguf put them back",
+            err=True,
+        )
 
 
 @app.command("export-hf")
@@ -363,7 +388,8 @@ def export_hf_command(
     """
     from ..hf_export import export_hf
 
-    with user_errors():
+    with user_errors(FileExistsError):
+        check_output(out, overwrite, inputs=[directory])
         path = export_hf(directory, out, dtype, overwrite)
     typer.echo(f"wrote {path}")
 
@@ -386,9 +412,7 @@ def export_gguf_command(
     with user_errors(FileExistsError):
         if tensor_type not in GGUF_TYPES:
             raise GGUFExportError(f"--type {tensor_type!r}: choose one of {list(GGUF_TYPES)}")
-        if out.is_dir():  # --overwrite replaces a file; a folder is not a GGUF to replace
-            raise FileExistsError(f"{out} is a folder; give the path of the .gguf file to write")
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        # --overwrite replaces a file; a folder is not a GGUF to replace
+        check_output(out, overwrite, inputs=[directory], folder=False)
         path = export_gguf(directory, out, tensor_type, progress=True)
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {tensor_type})")

@@ -133,7 +133,16 @@ def _human_bytes(n: int) -> str:
 
 def _load(path: Path) -> Tokenizer:
     with user_errors():
-        return Tokenizer.from_file(path)
+        try:
+            return Tokenizer.from_file(path)
+        except TokenizerError as e:
+            # bpe.py's wording names its own API; say what the user can act on.
+            if str(e).startswith("not an Atlas tokenizer (format="):
+                raise TokenizerError(
+                    f"{path} is neither an Atlas tokenizer (atlas_tokenizer.json) nor a "
+                    "Hugging Face tokenizer.json"
+                ) from None
+            raise
 
 
 @app.command()

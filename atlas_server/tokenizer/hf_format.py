@@ -16,7 +16,10 @@ first, as Atlas does. `tokenizer_config_json` adds what `transformers.AutoTokeni
 (specials, chat template). `tests/test_hf_export.py` checks the ids against `tokenizers` and
 `AutoTokenizer` on held-out text.
 
-Both ways carry an NFC normalizer and non-special added tokens (matched in any text before
+Special and added tokens are written into the vocabulary too, with their ids: `tokenizers`
+ignores an added token's own id. `post_processor_ids` reads what a post-processor adds
+around each text (Llama 3's BOS), which an Atlas tokenizer cannot hold; the export can
+write it back. Both ways carry an NFC normalizer and non-special added tokens (matched in any text before
 pre-tokenization), and GPT-2's split after isolated digits (`Digits` + `ByteLevel`, SmolLM).
 What it does not do: SentencePiece/Unigram/WordPiece models (refused with a clear error),
 normalizers other than NFC, or other pre-tokenizers (refused: Atlas would encode differently).
@@ -35,6 +38,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "gpt2_bytes_to_unicode",
     "merges_by_rank",
+    "post_processor_ids",
     "tokenizer_config_json",
     "tokenizer_from_hf_json",
     "tokenizer_to_hf_json",
@@ -89,6 +93,11 @@ def _split_pattern(pre: dict[str, Any] | None) -> str:
     if kind == "ByteLevel":
         if pre.get("add_prefix_space"):
             raise TokenizerError("ByteLevel pre-tokenizers with add_prefix_space are not supported")
+        if not pre.get("use_regex", True):  # no split at all: the whole text is one piece
+            raise TokenizerError(
+                "a ByteLevel pre-tokenizer with use_regex=false and no Split is not supported "
+                "(Atlas needs a split pattern)"
+            )
         return GPT2_SPLIT_PATTERN
     if kind == "Sequence":
         parts = pre.get("pretokenizers", [])
@@ -149,7 +158,7 @@ def tokenizer_from_hf_json(
     if model.get("type") != "BPE":
         raise TokenizerError(
             f"tokenizer.json holds a {model.get('type')!r} model; Atlas imports byte-level BPE only "
-            "(SentencePiece tokenizers such as Llama 2's are not byte-level): pass --tokenizer FILE"
+            "(SentencePiece tokenizers such as Llama 2's are not byte-level)"
         )
     normalizer = _normalizer(data.get("normalizer"))
     pattern = _split_pattern(data.get("pre_tokenizer"))
@@ -192,6 +201,68 @@ def tokenizer_from_hf_json(
     return Tokenizer(ranks, specials, pattern, merges, name, normalizer, added_tokens)
 
 
+def post_processor_ids(data: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer.json's post-processor adds around one text: (before, after).
+
+    Llama 3's `TemplateProcessing` puts <|begin_of_text|> before every text. Atlas's
+    tokenizer never adds tokens when encoding, so `import-hf` records these ids (and says
+    so) for the exports to restore. GPT-2's `ByteLevel` post-processor adds nothing.
+    """
+    spec = data.get("post_processor")
+    if spec is None:
+        return [], []
+    kind = spec.get("type")
+    if kind == "ByteLevel":
+        return [], []
+    if kind == "Sequence":
+        before: list[int] = []
+        after: list[int] = []
+        for part in spec.get("processors", []):
+            b, a = post_processor_ids({"post_processor": part})
+            before, after = b + before, after + a
+        return before, after
+    if kind != "TemplateProcessing":
+        raise TokenizerError(f"tokenizer.json post-processor {kind!r} is not supported")
+    try:
+        table = {name: list(map(int, t["ids"])) for name, t in spec["special_tokens"].items()}
+        before, after, seen = [], [], False
+        for item in spec["single"]:
+            if "Sequence" in item:
+                seen = True
+                continue
+            (after if seen else before).extend(table[item["SpecialToken"]["id"]])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TokenizerError(f"tokenizer.json has a malformed TemplateProcessing: {e!r}") from None
+    return before, after
+
+
+def _template_processing(tokenizer: Tokenizer, before: list[int], after: list[int]) -> Any:
+    """A `TemplateProcessing` post-processor adding `before` and `after` around each text."""
+    names = {
+        i: tokenizer.id_to_special.get(i) or tokenizer.id_to_added.get(i) for i in before + after
+    }
+    missing = [i for i, name in names.items() if name is None]
+    if missing:
+        raise TokenizerError(f"ids {missing} added around each text are not special tokens")
+
+    def around(seq: str, type_id: int) -> list[dict[str, Any]]:
+        def special(i: int) -> dict[str, Any]:
+            return {"SpecialToken": {"id": names[i], "type_id": type_id}}
+
+        return [*map(special, before), {"Sequence": {"id": seq, "type_id": type_id}}] + [
+            *map(special, after)
+        ]
+
+    return {
+        "type": "TemplateProcessing",
+        "single": around("A", 0),
+        "pair": around("A", 0) + around("B", 1),
+        "special_tokens": {
+            name: {"id": name, "ids": [i], "tokens": [name]} for i, name in names.items()
+        },
+    }
+
+
 # The chat format Atlas's server renders when a checkpoint brings no template of its own
 # (atlas_server/api/chat.py): `<|im_start|>role\ncontent<|im_end|>\n` per message, then
 # `<|im_start|>assistant\n` when a reply is asked for. No BOS token, no system default.
@@ -218,8 +289,14 @@ def merges_by_rank(tokenizer: Tokenizer, as_text: dict[int, str]) -> list[list[s
     return [[as_text[left], as_text[right]] for _, left, right in found]
 
 
-def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
-    """The Hugging Face `tokenizers` JSON of an Atlas tokenizer (same ids, same encoding)."""
+def tokenizer_to_hf_json(
+    tokenizer: Tokenizer, before: list[int] = (), after: list[int] = ()
+) -> dict[str, Any]:
+    """The Hugging Face `tokenizers` JSON of an Atlas tokenizer (same ids, same encoding).
+
+    `before`/`after`: special ids to add around every text (an imported Llama 3 BOS,
+    `post_processor_ids`); by default none, as Atlas's own encode adds none.
+    """
     to_char = gpt2_bytes_to_unicode()
     as_text = {i: "".join(to_char[b] for b in raw) for raw, i in tokenizer.ranks.items()}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
@@ -276,6 +353,17 @@ def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
         for text, token_id in sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1])
     ]
     added.sort(key=lambda a: a["id"])
+    # `tokenizers` ignores an added token's "id": it takes the id of the same string in the
+    # model's vocabulary, else appends it after the vocabulary. Listing every added token
+    # in the vocabulary too (as GPT-2's file does with <|endoftext|>) keeps Atlas's ids,
+    # wherever they are (SmolLM2 and Pythia have their specials at 0, 1, 2).
+    vocab = {as_text[i]: i for i in sorted(as_text)}
+    for a in added:
+        if vocab.setdefault(a["content"], a["id"]) != a["id"]:
+            raise TokenizerError(
+                f"token {a['content']!r} (id {a['id']}) is spelled like ordinary token "
+                f"{vocab[a['content']]} in the byte-level alphabet; tokenizers cannot hold both"
+            )
     return {
         "version": "1.0",
         "truncation": None,
@@ -283,7 +371,9 @@ def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
         "added_tokens": added,
         "normalizer": {"type": tokenizer.normalizer} if tokenizer.normalizer else None,
         "pre_tokenizer": pre_tokenizer,
-        "post_processor": None,  # Atlas adds no BOS/EOS when encoding
+        "post_processor": (
+            _template_processing(tokenizer, list(before), list(after)) if before or after else None
+        ),
         "decoder": {
             "type": "ByteLevel",
             "add_prefix_space": True,
@@ -299,31 +389,45 @@ def tokenizer_to_hf_json(tokenizer: Tokenizer) -> dict[str, Any]:
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": True,
-            "vocab": {as_text[i]: i for i in sorted(as_text)},
+            "vocab": vocab,
             "merges": merges_by_rank(tokenizer, as_text),
         },
     }
 
 
 def tokenizer_config_json(
-    tokenizer: Tokenizer, chat_template: str | None, model_max_length: int
+    tokenizer: Tokenizer,
+    chat_template: str | None,
+    model_max_length: int,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    add_bos: bool = False,
+    add_eos: bool = False,
 ) -> dict[str, Any]:
     """`tokenizer_config.json` for `transformers.AutoTokenizer`: specials and chat template.
 
     `chat_template` None gives the ChatML template Atlas serves by default, when the
-    tokenizer has its tokens (else no template).
+    tokenizer has its tokens (else no template). `bos_id`/`eos_id` None (both) mean
+    <|endoftext|> for both, as GPT-2 has it; `add_bos`/`add_eos` say that the
+    tokenizer.json's post-processor adds them.
     """
     specials = tokenizer.special_tokens
     if chat_template is None and IM_START in specials and IM_END in specials:
         chat_template = CHATML_TEMPLATE
-    eos = ENDOFTEXT if ENDOFTEXT in specials else None
+    if bos_id is None and eos_id is None:
+        bos = eos = ENDOFTEXT if ENDOFTEXT in specials else None
+    else:
+        bos, eos = (
+            None if i is None else tokenizer.id_to_special.get(i) or tokenizer.id_to_added.get(i)
+            for i in (bos_id, eos_id)
+        )
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,  # decode gives the bytes back unchanged
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": eos,
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
         "eos_token": eos,
         "unk_token": None,
         "pad_token": None,
@@ -339,7 +443,7 @@ def tokenizer_config_json(
             for text, token_id in sorted(specials.items(), key=lambda kv: kv[1])
         },
     }
-    others = [t for t in sorted(specials, key=specials.get) if t != eos]
+    others = [t for t in sorted(specials, key=specials.get) if t not in (bos, eos)]
     if others:
         config["additional_special_tokens"] = others
     if chat_template is not None:

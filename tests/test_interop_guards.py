@@ -1,0 +1,367 @@
+"""Interop guards: ids, options and files the Hugging Face / GGUF conversions must not lose.
+
+Each test is a defect a QA pass found (special tokens renumbered on export, GPT-2 attention
+options ignored, BOS/EOS dropped, outputs that deleted their inputs, a pre-tokenizer option
+ignored, tensors dropped, malformed shard indexes), checked against `tokenizers`,
+`transformers` and the `gguf` reader where they are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from hf_models import hf_gpt2, hf_llama
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from atlas_server.checkpoint import load_checkpoint, save_checkpoint
+from atlas_server.cli import app
+from atlas_server.gguf_export import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN, export_gguf
+from atlas_server.hf_arch import HFConversionError, model_config_from_hf
+from atlas_server.hf_export import export_hf
+from atlas_server.hf_import import HFImportError, import_hf, load_hf_weights
+from atlas_server.model import Transformer, load_preset
+from atlas_server.tokenizer import TokenizerError, TrainConfig, train_from_texts
+from atlas_server.tokenizer.corpus import stdlib_sample
+from atlas_server.tokenizer.hf_format import tokenizer_from_hf_json, tokenizer_to_hf_json
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+gguf = pytest.importorskip("gguf")
+
+runner = CliRunner()
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TEXTS = [
+    "<|im_start|>user\nhi there<|im_end|>\n",
+    "<|endoftext|>def f(x):\n        return x  # 1234567",
+    "naïve 東京 🙂 \r\n  x  it's<|im_end|>",
+]
+
+
+def _hf_tokenizer(style: str):
+    """A small byte-level BPE tokenizer shaped like GPT-2's, Pythia's, SmolLM2's or Qwen2's."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from tokenizers import Tokenizer as HFTokenizer
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pre, norm, first = byte_level, None, []
+    if style == "pythia":  # specials at 0 and 1, NFC, runs of spaces added at the end
+        first, norm = ["<|endoftext|>", "<|padding|>"], normalizers.NFC()
+    elif style == "smollm":  # specials at 0, 1, 2; digits one by one
+        first = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        pre = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)]
+        )
+    elif style == "qwen2":  # a split regex, NFC, specials after the vocabulary
+        norm = normalizers.NFC()
+        pre = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = norm, pre, decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=first,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_sample(60_000), trainer)
+    if style in ("gpt2", "qwen2"):  # specials appended after the vocabulary, as theirs are
+        tok.add_special_tokens(
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"][: 1 + 2 * (style == "qwen2")]
+        )
+    if style == "pythia":
+        tok.add_tokens([AddedToken(" " * n, normalized=True) for n in range(2, 8)])
+    return tok
+
+
+@pytest.mark.parametrize("style", ["gpt2", "pythia", "smollm", "qwen2"])
+def test_exported_tokenizer_keeps_every_added_token_id(style):
+    """tokenizers ignores an added token's id unless the vocabulary holds it: SmolLM2's
+    specials at 0, 1, 2 came back at the end of the vocabulary."""
+    original = _hf_tokenizer(style)
+    atlas = tokenizer_from_hf_json(json.loads(original.to_str()))
+    exported = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_to_hf_json(atlas)))
+    for token in original.get_added_tokens_decoder().values():
+        assert exported.token_to_id(token.content) == original.token_to_id(token.content)
+    for text in TEXTS:
+        assert exported.encode(text).ids == original.encode(text).ids
+    assert exported.get_vocab_size() == original.get_vocab_size()
+
+
+def _hf_folder(folder, tokenizer, tokenizer_config, **config):
+    """A tiny HF Llama model folder holding `tokenizer` (a `tokenizers.Tokenizer`)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        **config,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return folder
+
+
+def test_smollm_style_export_keeps_ids_chat_template_and_eos(tmp_path):
+    src = _hf_folder(
+        tmp_path / "hf",
+        _hf_tokenizer("smollm"),
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|im_start|>",
+            "eos_token": "<|im_end|>",
+            "chat_template": CHATML,
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    import_hf(src, tmp_path / "atlas")
+    export_hf(tmp_path / "atlas", tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "user", "content": "hi 42"}, {"role": "assistant", "content": "ok"}]
+
+    def chat(tok):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    assert chat(ours) == chat(theirs)
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert (ours.bos_token_id, ours.eos_token_id) == (1, 2)
+
+
+def test_gpt2_attention_options_atlas_lacks_are_refused():
+    base = hf_gpt2(300).config.to_dict()
+    for option, value in (("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True)):
+        with pytest.raises(HFConversionError, match=option):
+            model_config_from_hf({**base, option: value})
+    model_config_from_hf({**base, "reorder_and_upcast_attn": True})  # same numbers, upcast
+
+
+def _llama3_folder(folder):
+    """Llama 3's shape: <|begin_of_text|> (id 0) added before every text by a
+    TemplateProcessing, <|end_of_text|> (id 1) the EOS; neither is <|endoftext|>."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_sample(60_000), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+        special_tokens=[("<|begin_of_text|>", 0)],
+    )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        "add_bos_token": True,
+    }
+    return _hf_folder(folder, tok, config, bos_token_id=0, eos_token_id=1)
+
+
+def test_llama3_bos_and_eos_survive_import_export_hf_and_gguf(tmp_path):
+    src = _llama3_folder(tmp_path / "hf")
+    imported = runner.invoke(app, ["checkpoint", "import-hf", str(src), str(tmp_path / "ck")])
+    assert imported.exit_code == 0, imported.output
+    assert "note: the source tokenizer adds id [0] before every text" in imported.output
+    ckpt = load_checkpoint(tmp_path / "ck")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    assert theirs("Hello world")["input_ids"] == [0, *ckpt.tokenizer.encode("Hello world")]
+
+    export_hf(tmp_path / "ck", tmp_path / "out")
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ["Hello world", "", "日本語 42"]:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, [1])
+    assert (ours.bos_token, ours.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+
+    fields = _gguf_fields(export_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
+    assert fields["tokenizer.ggml.bos_token_id"] == 0
+    assert fields["tokenizer.ggml.eos_token_id"] == 1
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+
+
+def _gguf_fields(path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def test_atlas_tokenizer_with_its_own_eos_name_gets_gguf_and_hf_eos(tmp_path):
+    """Without the keys llama.cpp takes id 11 for BOS and EOS: an ordinary byte here."""
+    tok = train_from_texts(
+        stdlib_sample(20_000), TrainConfig(vocab_size=300, special_tokens=("<|eos|>",))
+    )
+    eos = tok.special_tokens["<|eos|>"]
+    save_checkpoint(tmp_path / "ck", Transformer(load_preset("gpt2-tiny", vocab_size=300)), tok)
+    fields = _gguf_fields(export_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
+    assert fields["tokenizer.ggml.eos_token_id"] == fields["tokenizer.ggml.bos_token_id"] == eos
+    export_hf(tmp_path / "ck", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eos_token_id"] == eos
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").eos_token_id == eos
+
+
+@pytest.fixture
+def own_checkpoint(tmp_path, tiny_checkpoint):
+    """A copy of the session's tiny checkpoint, for tests that may (wrongly) delete it."""
+    return shutil.copytree(tiny_checkpoint, tmp_path / "ck")
+
+
+def _refused(args, *survivors):
+    result = runner.invoke(app, ["checkpoint", *map(str, args)])
+    assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+    assert len(result.output.strip().splitlines()) == 1
+    for path in survivors:
+        assert path.exists(), f"{path} was deleted"
+
+
+def test_outputs_that_are_or_hold_an_input_are_refused_even_with_overwrite(
+    tmp_path, own_checkpoint
+):
+    ck = own_checkpoint
+    _refused(["export-hf", ck, ck, "--overwrite"], ck / "model.safetensors")
+    run = tmp_path / "run"
+    shutil.copytree(ck, run / "checkpoint")
+    (run / "notes.txt").write_text("mine")
+    _refused(["export-hf", run / "checkpoint", run, "--overwrite"], run / "notes.txt")
+    link = tmp_path / "link"
+    link.symlink_to(run, target_is_directory=True)  # the same folder by another name
+    _refused(["export-hf", link / "checkpoint", run, "--overwrite"], run / "checkpoint")
+    hf = tmp_path / "models" / "llama"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    _refused(["import-hf", hf, tmp_path / "models", "--overwrite"], hf / "config.json")
+    adapter = tmp_path / "runs" / "lora" / "checkpoints" / "step_000008"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter.safetensors").write_bytes(b"x")
+    _refused(
+        ["merge-lora", ck, adapter, tmp_path / "runs" / "lora", "--overwrite"],
+        adapter / "adapter.safetensors",
+    )
+    _refused(
+        ["init", "--preset", "gpt2-tiny", "--tokenizer", ck / "atlas_tokenizer.json",
+         "--output", ck, "--overwrite"],
+        ck / "model.safetensors",
+    )  # fmt: skip
+    before = (ck / "model.safetensors").read_bytes()
+    _refused(["export-gguf", ck, ck / "model.safetensors", "--overwrite"])
+    assert (ck / "model.safetensors").read_bytes() == before
+    with pytest.raises(HFConversionError, match="holds the checkpoint"):
+        export_hf(run / "checkpoint", run, overwrite=True)
+    assert (run / "notes.txt").exists()
+
+
+def test_byte_level_without_its_regex_is_refused():
+    data = json.loads(_hf_tokenizer("gpt2").to_str())
+    data["pre_tokenizer"]["use_regex"] = False  # tokenizers: the whole text is one piece
+    with pytest.raises(TokenizerError, match="use_regex=false"):
+        tokenizer_from_hf_json(data)
+
+
+def test_tensors_the_config_does_not_use_are_refused(tmp_path):
+    src, tok = tmp_path / "hf", _hf_tokenizer("gpt2")
+    hf_llama(tok.get_vocab_size()).save_pretrained(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    tok.save(str(src / "tokenizer.json"))
+    with pytest.raises(HFImportError, match=r"9 tensors .*model\.layers\.1\."):
+        import_hf(src, tmp_path / "out")
+
+
+def test_tied_config_with_a_different_head_in_the_file_is_untied_as_transformers_does(
+    tmp_path,
+):
+    src, tok = tmp_path / "hf", _hf_tokenizer("gpt2")
+    vocab = tok.get_vocab_size()
+    hf_gpt2(vocab, tie=True).save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn(vocab, 48, generator=torch.Generator().manual_seed(0))
+    tensors["transformer.h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # a mask buffer: ignored
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    tok.save(str(src / "tokenizer.json"))
+    import_hf(src, tmp_path / "ck")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(ids).logits - load_checkpoint(tmp_path / "ck").model(ids)).abs().max()
+    assert diff.item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ("{not json", "is not a JSON object"),
+        ('{"metadata": {}}', "has no weight_map"),
+        ('{"weight_map": ["model.safetensors"]}', "has no weight_map"),
+        ('{"weight_map": {"x": "/etc/passwd"}}', "outside the model folder"),
+        ('{"weight_map": {"x": "../elsewhere/model.safetensors"}}', "outside the model folder"),
+    ],
+)
+def test_malformed_shard_index_is_one_line_naming_the_file(tmp_path, index, message):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(HFImportError, match=message) as error:
+        load_hf_weights(tmp_path)
+    assert "model.safetensors.index.json" in str(error.value)
+
+
+def test_tokenizer_errors_name_the_file_and_the_fix_once(tmp_path, own_checkpoint):
+    src = tmp_path / "hf"
+    hf_llama(300).save_pretrained(src)
+    (src / "tokenizer.json").write_text("{bad")
+    with pytest.raises(HFImportError) as error:
+        import_hf(src, tmp_path / "out")
+    assert str(error.value).count(str(src / "tokenizer.json")) == 1
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(HFImportError) as error:
+        import_hf(src, tmp_path / "out")
+    assert str(error.value).count("pass --tokenizer FILE") == 1
+    result = runner.invoke(
+        app, ["tokenizer", "encode", "-t", str(own_checkpoint / "config.json"), "hi"]
+    )
+    assert result.exit_code == 1 and "Tokenizer.from_file" not in result.output
+    assert "neither an Atlas tokenizer" in result.output
+    assert os.path.exists(own_checkpoint / "config.json")
