@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,7 @@ def merges_by_rank(tokenizer: Tokenizer, as_text: dict[int, str]) -> list[list[s
 
 
 def tokenizer_to_hf_json(
-    tokenizer: Tokenizer, before: list[int] = (), after: list[int] = ()
+    tokenizer: Tokenizer, before: Sequence[int] = (), after: Sequence[int] = ()
 ) -> dict[str, Any]:
     """The Hugging Face `tokenizers` JSON of an Atlas tokenizer (same ids, same encoding).
 
