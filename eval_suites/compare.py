@@ -47,6 +47,8 @@ LATENCY_TABLE_FIELDS = (
     "median_e2el_ms",
     "request_goodput",
     "failed",
+    "short",
+    "not_sent",
 )
 
 

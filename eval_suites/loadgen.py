@@ -13,9 +13,16 @@ Goodput counts requests that met the stated SLO (TTFT and TPOT limits).
 Prompts are random token ids when the server has `/tokenizer_info` (Atlas, vLLM), which
 fixes the prompt length exactly; otherwise random words. Output length is fixed by
 `max_tokens` with `ignore_eos` (honoured by Atlas and vLLM). Output tokens are counted from
-the server's usage chunk (`stream_options.include_usage`), else one per content chunk.
-Only loopback or explicitly given URLs are contacted; every run is bounded in requests
-and time. What it does not do: plots or result files (the latency suite and bench/ do).
+the server's usage chunk (`stream_options.include_usage`), else one per chunk that carries
+a choice (its text may be empty: a token ending inside a UTF-8 character).
+
+A request is `failed` when it gets an HTTP error, an error or malformed chunk, a stream that
+ends without `[DONE]` or a finish_reason (cut short), or is cut off at `max_duration_s`;
+it is `short` when it finished with fewer tokens than asked (a server that stops at EOS
+despite `ignore_eos`). Only `completed` requests (neither) enter the latencies and
+throughputs, so a server that makes fewer tokens never looks faster; `not_sent` counts the
+requests the level's deadline left unsent. Only loopback or explicitly given URLs are
+contacted; every run is bounded in requests and time. What it does not do: plots or result files (the latency suite and bench/ do).
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ from typing import Literal
 import httpx
 
 PERCENTILES = (50, 90, 99)
+# The load generator's clock and its waits between Poisson arrivals; module attributes so a
+# test can run a level on a fake clock.
+clock = time.perf_counter
+
+
+async def pause(seconds: float) -> None:
+    await asyncio.sleep(max(0.0, seconds))
 
 
 @dataclass
@@ -55,14 +69,20 @@ class LoadSpec:
 
 @dataclass
 class RequestRecord:
-    success: bool
+    success: bool  # the stream finished ([DONE] or a finish_reason) without an error
     prompt_tokens: int
     output_tokens: int = 0
+    requested_tokens: int = 0  # max_tokens asked (with ignore_eos: exactly what should come)
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
     status: int = 0
     error: str | None = None
+
+    @property
+    def short(self) -> bool:
+        """Finished, but with fewer tokens than asked (a server that ignores ignore_eos)."""
+        return self.success and self.output_tokens < self.requested_tokens
 
     @property
     def tpot(self) -> float | None:
@@ -93,8 +113,12 @@ def _percentiles(
     return out
 
 
-def summarize(records: list[RequestRecord], duration: float, spec: LoadSpec) -> dict:
-    ok = [r for r in records if r.success]
+def summarize(
+    records: list[RequestRecord], duration: float, spec: LoadSpec, not_sent: int = 0
+) -> dict:
+    # Short requests are neither completed nor failed: their latencies and tokens are left
+    # out, since fewer tokens than asked would flatter TPOT, E2E and throughput.
+    ok = [r for r in records if r.success and not r.short]
     tpots = [r.tpot for r in ok if r.tpot is not None]
     itls = [gap for r in ok for gap in r.itl]
     good = [
@@ -111,7 +135,9 @@ def summarize(records: list[RequestRecord], duration: float, spec: LoadSpec) -> 
         "request_rate": spec.request_rate if spec.mode == "poisson" else None,
         "duration": duration,
         "completed": len(ok),
-        "failed": len(records) - len(ok),
+        "failed": sum(1 for r in records if not r.success),
+        "short": sum(1 for r in records if r.short),
+        "not_sent": not_sent,
         "rate_limited": sum(1 for r in records if r.status == 429),
         "total_input_tokens": total_in,
         "total_output_tokens": total_out,
@@ -156,9 +182,35 @@ def _make_prompt(rng: random.Random, n_tokens: int, vocab: int | None, chat: boo
     return " ".join(rng.choice(words) for _ in range(n_tokens))
 
 
+class StreamError(Exception):
+    """A streamed chunk that ends its request as failed; the message is the record's error."""
+
+
+def _chunk(data: str) -> dict:
+    """One `data:` payload as a dict, or StreamError naming what the server sent instead."""
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise StreamError(f"a stream chunk is not a JSON object: {data[:120]}")
+    if "error" in chunk:
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        raise StreamError(str(message or error)[:200])
+    choices = chunk.get("choices")
+    if choices is not None and not (
+        isinstance(choices, list) and all(isinstance(c, dict) for c in choices)
+    ):
+        raise StreamError(f"a stream chunk's choices are not a list of objects: {data[:120]}")
+    usage = chunk.get("usage")
+    if usage and not (isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int)):
+        raise StreamError(f"a stream chunk's usage has no completion_tokens count: {data[:120]}")
+    return chunk
+
+
 async def _one(
-    http: httpx.AsyncClient, spec: LoadSpec, prompt, prompt_len: int, out_len: int
-) -> RequestRecord:
+    http: httpx.AsyncClient, spec: LoadSpec, record: RequestRecord, prompt, out_len: int
+) -> None:
+    """Stream one request, filling `record` as chunks arrive (so a request cut off at the
+    level's deadline keeps what it had)."""
     url = spec.base_url.rstrip("/") + (
         "/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions"
     )
@@ -177,10 +229,11 @@ async def _one(
     else:
         body["prompt"] = prompt
     headers = _auth(spec)
-    record = RequestRecord(False, prompt_len)
-    start = time.perf_counter()
+    start = clock()
     last = None
     chunks = 0
+    usage_tokens = None
+    finished = False  # [DONE] or a finish_reason seen: the server ended the stream on purpose
     try:
         async with http.stream(
             "POST", url, json=body, headers=headers, timeout=spec.timeout_s
@@ -190,50 +243,60 @@ async def _one(
                 record.error = (
                     f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
                 )
-                return record
+                return
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if not line.startswith("data: "):
                     continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    record.error = str(chunk["error"].get("message"))
-                    return record
+                if line == "data: [DONE]":
+                    finished = True
+                    continue
+                chunk = _chunk(line[6:])
                 if chunk.get("usage"):
-                    record.output_tokens = int(chunk["usage"]["completion_tokens"])
-                    record.prompt_tokens = int(chunk["usage"]["prompt_tokens"])
-                choices = chunk.get("choices") or []
-                text = (
-                    (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
-                    if choices
-                    else None
-                )
-                if text:
-                    now = time.perf_counter()
+                    usage_tokens = chunk["usage"]["completion_tokens"]
+                    if isinstance(chunk["usage"].get("prompt_tokens"), int):
+                        record.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                if choices := chunk.get("choices"):
+                    # Every chunk carrying a choice is a token, its text empty or not (Atlas
+                    # streams "" for a token that ends inside a UTF-8 character), as
+                    # `vllm bench serve` times them: else TTFT waits for the next non-empty one.
+                    now = clock()
                     if last is None:
                         record.ttft = now - start
                     else:
                         record.itl.append(now - last)
                     last = now
                     chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        record.error = f"{type(e).__name__}: {e}"
-        return record
-    record.e2el = time.perf_counter() - start
-    record.output_tokens = record.output_tokens or chunks
-    record.success = last is not None
-    if not record.success:
+                    finished = finished or any(c.get("finish_reason") for c in choices)
+    except (httpx.HTTPError, json.JSONDecodeError, StreamError) as e:
+        record.error = str(e) if isinstance(e, StreamError) else f"{type(e).__name__}: {e}"
+        return
+    record.e2el = clock() - start
+    record.output_tokens = usage_tokens if usage_tokens is not None else chunks
+    if not finished:
+        record.error = f"the stream ended without [DONE] or a finish_reason after {chunks} chunks"
+    elif last is None:
         record.error = "no tokens streamed"
-    return record
+    else:
+        record.success = True
 
 
-async def run_load(spec: LoadSpec, progress=None) -> tuple[list[RequestRecord], dict]:
-    """Run one load test; returns the per-request records and the summary."""
+async def run_load(
+    spec: LoadSpec, progress=None, transport: httpx.AsyncBaseTransport | None = None
+) -> tuple[list[RequestRecord], dict]:
+    """Run one load test; returns the per-request records and the summary.
+
+    The level ends at `max_duration_s` after its first request: requests still streaming
+    then are cancelled and recorded as failed, and requests not yet sent are not sent (the
+    summary's `not_sent`). The duration that throughputs divide by runs from the first
+    request sent to the last one finished (or cut off).
+    """
     rng = random.Random(spec.seed)
     limits = httpx.Limits(
         max_connections=max(spec.concurrency, 64),
         max_keepalive_connections=max(spec.concurrency, 64),
     )
-    async with httpx.AsyncClient(limits=limits) as http:
+    # `transport`: an in-process fake server in tests; None is the network.
+    async with httpx.AsyncClient(limits=limits, transport=transport) as http:
         vocab = await _vocab_size(http, spec)
         jobs = []
         for i in range(spec.num_requests):
@@ -244,14 +307,22 @@ async def run_load(spec: LoadSpec, progress=None) -> tuple[list[RequestRecord], 
             )
             jobs.append((_make_prompt(rng, p_len, vocab, spec.endpoint == "chat"), p_len, o_len))
         records: list[RequestRecord] = []
-        deadline = time.perf_counter() + spec.max_duration_s
-        start = time.perf_counter()
+        start = clock()
+        deadline = start + spec.max_duration_s
 
         async def run_job(job) -> None:
-            if time.perf_counter() < deadline:
-                records.append(await _one(http, spec, *job))
-                if progress is not None:
-                    progress(1)
+            prompt, p_len, o_len = job
+            if clock() >= deadline:
+                return  # never sent: counted in the summary's not_sent
+            record = RequestRecord(False, p_len, requested_tokens=o_len)
+            try:
+                await asyncio.wait_for(_one(http, spec, record, prompt, o_len), deadline - clock())
+            except asyncio.TimeoutError:  # the level's deadline, not httpx's (caught in _one)
+                record.success = False
+                record.error = f"cut off at max_duration_s ({spec.max_duration_s:g} s)"
+            records.append(record)
+            if progress is not None:
+                progress(1)
 
         if spec.mode == "concurrency":
             queue: asyncio.Queue = asyncio.Queue()
@@ -259,20 +330,24 @@ async def run_load(spec: LoadSpec, progress=None) -> tuple[list[RequestRecord], 
                 queue.put_nowait(job)
 
             async def worker() -> None:
-                while not queue.empty():
+                while not queue.empty() and clock() < deadline:
                     await run_job(queue.get_nowait())
 
             await asyncio.gather(*[worker() for _ in range(max(1, spec.concurrency))])
         else:
-            tasks = []
-            for job in jobs:
+            # Send times from seeded exponential gaps, the first request at once; no wait
+            # after the last one (it would count as idle time in the throughputs).
+            tasks, send_at = [], start
+            for i, job in enumerate(jobs):
+                if i:
+                    send_at += rng.expovariate(spec.request_rate)
+                    if send_at >= deadline:
+                        break
+                    await pause(send_at - clock())
                 tasks.append(asyncio.create_task(run_job(job)))
-                await asyncio.sleep(rng.expovariate(spec.request_rate))
-                if time.perf_counter() > deadline:
-                    break
             await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return records, summarize(records, duration, spec)
+        duration = clock() - start
+    return records, summarize(records, duration, spec, not_sent=len(jobs) - len(records))
 
 
 def run(spec: LoadSpec) -> dict:

@@ -8,8 +8,9 @@ every request makes exactly that many; or per-request lengths from `lengths_file
 records TTFT, TPOT, ITL and end-to-end latency. Per level it reports what
 `vllm bench serve` reports, with the same field names (`median_ttft_ms`, `p99_tpot_ms`,
 `request_throughput`, `output_throughput`, ...), plus goodput under the stated SLO
-(`slo_ttft_ms`, `slo_tpot_ms`) and error / 429 counts. The headline metrics are those of
-the lowest and the highest concurrency. What it does not do: cache anything (every run
+(`slo_ttft_ms`, `slo_tpot_ms`) and counts of failed, short (fewer tokens than asked: left
+out of the latencies), not-sent (past `max_duration_s`) and 429-answered requests. The
+headline metrics are those of the lowest and the highest concurrency. What it does not do: cache anything (every run
 measures afresh), reach beyond loopback addresses, or run unbounded (num_prompts and
 max_duration_s bound every level).
 
@@ -123,15 +124,23 @@ def fit_lengths(
 
 
 def load_lengths(path: Path) -> list[tuple[int, int]]:
-    rows = [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
-    try:
-        return [(int(r["input_len"]), int(r["output_len"])) for r in rows]
-    except (KeyError, TypeError, ValueError):
-        raise SuiteConfigError(
-            f'{path}: each line must be {{"input_len": N, "output_len": M}}'
-        ) from None
+    lengths = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        try:
+            pair = (int(row["input_len"]), int(row["output_len"]))
+        except (KeyError, TypeError, ValueError):
+            raise SuiteConfigError(
+                f'{path}:{number}: each line must be {{"input_len": N, "output_len": M}}'
+            ) from None
+        if min(pair) < 1:  # as for the fixed input_len / output_len: the server would refuse it
+            raise SuiteConfigError(
+                f"{path}:{number}: input_len and output_len must be > 0, got {pair[0]} and {pair[1]}"
+            )
+        lengths.append(pair)
+    return lengths
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,15 @@ class LatencySuite(Suite):
     description = (
         "streaming load: TTFT/TPOT/ITL/E2E p50-p99, throughput, goodput (vllm bench serve fields)"
     )
-    metrics = ("median_ttft_ms", "p99_tpot_ms", "output_throughput", "request_goodput", "failed")
+    metrics = (
+        "median_ttft_ms",
+        "p99_tpot_ms",
+        "output_throughput",
+        "request_goodput",
+        "failed",
+        "short",
+        "not_sent",
+    )
     config_cls = LatencyConfig
 
     def check_server(self, base_url: str) -> None:
@@ -238,6 +255,8 @@ def record_dict(record: Any) -> dict[str, Any]:
         "status": record.status,
         "prompt_tokens": record.prompt_tokens,
         "output_tokens": record.output_tokens,
+        "requested_tokens": record.requested_tokens,
+        "short": record.short,
         "ttft_s": record.ttft,
         "e2el_s": record.e2el,
         "tpot_s": record.tpot,
@@ -258,6 +277,16 @@ def summarise(levels: list[Level], details: list[dict[str, Any]]) -> dict[str, d
                 )
     out["failed"] = metric(
         sum(d["summary"]["failed"] for d in details), False, "failed requests, all levels"
+    )
+    out["short"] = metric(
+        sum(d["summary"]["short"] for d in details),
+        False,
+        "requests that finished with fewer tokens than asked (left out of latencies), all levels",
+    )
+    out["not_sent"] = metric(
+        sum(d["summary"]["not_sent"] for d in details),
+        False,
+        "requests left unsent at a level's max_duration_s, all levels",
     )
     out["rate_limited"] = metric(
         sum(d["summary"]["rate_limited"] for d in details), False, "HTTP 429 answers, all levels"
