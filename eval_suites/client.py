@@ -77,14 +77,16 @@ class OpenAIClient:
             try:
                 async with self._semaphore:
                     response = await self._http.request(method, path, json=body)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as e:
-                raise ServerUnreachableError(
-                    f"cannot reach an OpenAI-compatible server at {self.base_url} ({e.__class__.__name__}:"
-                    f" {e or 'connection failed'}); is it running, and is the URL right?"
-                ) from None
             except httpx.TimeoutException:
                 raise ServerUnreachableError(
                     f"{method} {self.base_url}{path} timed out; the server is too slow or stuck"
+                ) from None
+            except (httpx.TransportError, httpx.InvalidURL, OSError, OverflowError) as e:
+                # Any failure to connect or exchange (a refused or reset connection, a URL
+                # the socket layer rejects) means no server answers there.
+                raise ServerUnreachableError(
+                    f"cannot reach an OpenAI-compatible server at {self.base_url} ({e.__class__.__name__}:"
+                    f" {e or 'connection failed'}); is it running, and is the URL right?"
                 ) from None
             if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
                 await asyncio.sleep(_retry_delay(response, attempt))

@@ -1,7 +1,9 @@
 """`atlas-eval compare`: side-by-side markdown tables and PNG plots of several runs.
 
 Runs are grouped by suite; each suite gets one table (rows: metrics, columns: runs, the
-best value in bold where the metric has a direction) and one figure of small multiples
+best value in bold where the metric has a direction and the runs evaluated the same items:
+the same seed, --limit, suite config, data files and items kept by the context; otherwise a
+note under the table names what differs) and one figure of small multiples
 (one bar panel per metric, so metrics of different scales stay readable; a panel whose
 values span more than `LOG_SPAN` uses a log scale, so a small bar never vanishes beside a
 large one, and every bar carries its value). Latency runs also get percentile-vs-
@@ -18,6 +20,7 @@ re-scoring; it reads results.json files only.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -153,9 +156,59 @@ def best_index(values: list[float | None], higher: bool | None) -> int | None:
     return index
 
 
+# Config keys that change no item: the context is compared through what it did to the
+# items (context_fit), so a server needing max_context_tokens set still compares; `metrics`
+# only adds or removes rows (a metric both runs computed scored the same items the same way).
+NOT_ITEM_KEYS = {"max_context_tokens", "metrics"}
+
+
+def item_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """What decides which items a run evaluated, by the name the note shows: the seed,
+    --limit, the suite config, the data files' SHA-256 and the items the context kept."""
+    settings = {
+        "--seed": run.get("run", {}).get("seed"),
+        "--limit": run.get("run", {}).get("limit"),
+    }
+    for key, value in (run.get("config") or {}).items():
+        if key not in NOT_ITEM_KEYS:
+            settings[key] = value
+    for name, sha in (run.get("data") or {}).items():
+        settings[f"SHA-256 of {name}"] = sha
+    fit = run.get("context_fit") or {}
+    settings["items evaluated"] = fit.get("items_evaluated")
+    settings["items trimmed"] = fit.get("items_trimmed")
+    settings["skipped items"] = [
+        s.get("id") if isinstance(s, dict) else s for s in fit.get("skipped") or []
+    ]
+    return settings
+
+
+def item_differences(runs: list[dict[str, Any]]) -> list[str]:
+    """The item settings (`item_settings`) that differ between runs, each with its values
+    in column order."""
+    settings = [item_settings(run) for run in runs]
+    differ = []
+    for key in dict.fromkeys(k for s in settings for k in s):
+        values = [s.get(key) for s in settings]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            differ.append(f"{key} ({' vs '.join(short_value(v) for v in values)})")
+    return differ
+
+
+def short_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, list) and len(value) > 3:
+        return f"{len(value)} ids"
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 20 else text[:12] + "…"
+
+
 def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
     parts = []
     for suite, group in by_suite(runs, labels).items():
+        # Runs that evaluated different items measured different things: no "best" then.
+        differ = item_differences([run for _, run in group])
         names = [label for label, _ in group]
         metric_names: list[str] = []
         for _, run in group:
@@ -170,13 +223,20 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
             entries = [run["metrics"].get(name) for _, run in group]
             values = [e["value"] if e else None for e in entries]
             higher = next((e.get("higher_is_better") for e in entries if e), None)
-            best = best_index(values, higher)
+            best = None if differ else best_index(values, higher)
             cells = [
                 "—" if v is None else (f"**{format_value(v)}**" if i == best else format_value(v))
                 for i, v in enumerate(values)
             ]
             arrow = {True: "↑", False: "↓", None: ""}[higher]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {arrow} |")
+        if differ:
+            lines += [
+                "",
+                "*No best value marked: these runs did not evaluate the same items; differs: "
+                + "; ".join(differ)
+                + ".*",
+            ]
         limited = [label for label, run in group if run.get("run", {}).get("limit")]
         if limited:
             lines += ["", f"*{', '.join(limited)}: run with --limit (for testing only).*"]

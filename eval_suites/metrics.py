@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import SuiteConfigError
 
-__all__ = ["available_metrics", "compute_metric", "load_metric"]
+__all__ = ["available_metrics", "check_metrics", "compute_metric", "load_metric"]
 
 
 def _registry() -> Mapping[str, Any]:
@@ -29,14 +29,21 @@ def available_metrics() -> list[str]:
     return sorted(_registry())
 
 
-def load_metric(name: str) -> Any:
+def check_metrics(names: tuple[str, ...] | list[str]) -> None:
+    """Every name is a registered metric. Suites call it when validating their config, so a
+    typo is an error before the first request, not after the last."""
     registry = _registry()
-    if name not in registry:
-        raise SuiteConfigError(
-            f"metric {name!r} is not registered by any installed plugin;"
-            f" registered metrics: {', '.join(sorted(registry)) or 'none'}"
-        )
-    return registry[name]()
+    for name in names:
+        if name not in registry:
+            raise SuiteConfigError(
+                f"metric {name!r} is not registered by any installed plugin;"
+                f" registered metrics: {', '.join(sorted(registry)) or 'none'}"
+            )
+
+
+def load_metric(name: str) -> Any:
+    check_metrics([name])
+    return _registry()[name]()
 
 
 def compute_metric(

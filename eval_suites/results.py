@@ -206,9 +206,15 @@ def malformed_field(results: dict[str, Any]) -> str | None:
             return f"metrics.{name}.value is not a number (got {entry.get('value')!r:.40})"
         if entry.get("higher_is_better") not in (True, False, None):
             return f"metrics.{name}.higher_is_better is not true, false or null"
-    for key in ("run", "server", "details"):
+    for key in ("run", "server", "details", "config", "data", "context_fit"):
         if not isinstance(results.get(key, {}), dict):
             return f'"{key}" is not an object'
+    if not isinstance(results.get("context_fit", {}).get("skipped", []), list):
+        return "context_fit.skipped is not a list"
+    for key in ("base_url", "model", "checkpoint"):  # what compare's column labels read
+        value = results.get("server", {}).get(key)
+        if value is not None and not isinstance(value, str):
+            return f"server.{key} is not a string or null (got {value!r:.40})"
     levels = results.get("details", {}).get("levels", [])
     if not isinstance(levels, list):
         return "details.levels is not a list"

@@ -95,12 +95,7 @@ def run_suite(options: RunOptions) -> Path:
     if options.concurrency < 1:
         raise SuiteConfigError("--concurrency must be >= 1")
     if options.base_url is not None:
-        url = urllib.parse.urlsplit(options.base_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise SuiteConfigError(
-                f"--base-url {options.base_url!r} is not an http(s) URL; "
-                "give one like http://127.0.0.1:8000"
-            )
+        check_base_url(options.base_url)
     suite = SUITES[options.suite]()
     config = load_suite_config(
         options.suite, suite.config_cls, options.config_file, options.overrides
@@ -126,6 +121,25 @@ def run_suite(options: RunOptions) -> Path:
     finally:
         if cache is not None:
             cache.close()
+
+
+def check_base_url(base_url: str) -> None:
+    """An http(s) URL with a host and, if given, a port in 1..65535 (else the HTTP client
+    fails deep inside with an OverflowError)."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise SuiteConfigError(
+            f"--base-url {base_url!r} is not an http(s) URL; give one like http://127.0.0.1:8000"
+        )
+    try:
+        port = url.port
+    except ValueError:  # not a number, or above 65535
+        port = -1
+    if not url.hostname or (port is not None and not 1 <= port <= 65535):
+        raise SuiteConfigError(
+            f"--base-url {base_url!r} needs a host and a port from 1 to 65535;"
+            " give one like http://127.0.0.1:8000"
+        )
 
 
 def check_output(output: Path, overwrite: bool) -> None:

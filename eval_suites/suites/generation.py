@@ -35,7 +35,7 @@ from typing import Any
 
 from ..client import first_choice, gather_with_progress
 from ..errors import SuiteConfigError
-from ..metrics import compute_metric
+from ..metrics import check_metrics, compute_metric
 from .base import (
     RunContext,
     Suite,
@@ -87,6 +87,7 @@ class GenerationConfig:
             )
         if self.max_context_tokens < 0:
             raise SuiteConfigError("generation: max_context_tokens must be >= 0 (0 = the server's)")
+        check_metrics(self.metrics)
 
 
 @dataclass(frozen=True)

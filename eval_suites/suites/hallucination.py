@@ -66,7 +66,7 @@ from typing import Any
 
 from ..client import OpenAIClient, first_choice, gather_with_progress
 from ..errors import CapabilityError, EvalError, ServerRequestError, SuiteConfigError
-from ..metrics import compute_metric
+from ..metrics import check_metrics, compute_metric
 from ..support import (
     EmbeddingJudge,
     LexicalJudge,
@@ -162,6 +162,7 @@ class HallucinationConfig:
                 "hallucination: max_context_tokens and max_passage_chars must be >= 0,"
                 " max_tokens >= 1"
             )
+        check_metrics(self.metrics)
 
 
 @dataclass(frozen=True)

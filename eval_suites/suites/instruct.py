@@ -35,7 +35,7 @@ from typing import Any
 
 from ..client import first_choice, gather_with_progress
 from ..errors import CapabilityError, ServerRequestError, SuiteConfigError
-from ..metrics import compute_metric
+from ..metrics import check_metrics, compute_metric
 from .base import (
     RunContext,
     Suite,
@@ -69,6 +69,7 @@ class InstructConfig:
             raise SuiteConfigError("instruct: max_context_tokens must be >= 0 (0 = the server's)")
         if self.score_max_tokens not in (0, 1):
             raise SuiteConfigError("instruct: score_max_tokens must be 0 or 1")
+        check_metrics(self.metrics)
 
 
 @dataclass(frozen=True)
