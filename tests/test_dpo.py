@@ -87,6 +87,20 @@ def test_the_loss_equals_the_papers_formulas_computed_by_hand():
     assert m["preference_accuracy"] == 0.5
 
 
+def test_a_margin_within_rounding_is_a_tie_not_a_preference():
+    """Cached reference log-probs come from batches padded otherwise than the policy's:
+    with policy == reference they differ in the last bits, and step 1's accuracy was
+    0.075-0.25 instead of 0. A margin of one fp32 ulp of the sums is a tie; 1e-3 nats is
+    a preference, as is the same on IPO's per-token averages."""
+    ref = torch.tensor([-150.0, -150.0, -150.0, -5.0])  # [4]
+    ulp = torch.tensor([1.5258789e-05, 0.0, 0.0, 4.7683716e-07])
+    real = torch.tensor([0.0, 1e-3, -1e-3, 1e-4])
+    for policy_chosen, accuracy in ((ref + ulp, 0.0), (ref + real, 0.5)):
+        out = preference_loss(policy_chosen, ref, ref, ref, beta=0.1)
+        assert out.metrics()["preference_accuracy"] == accuracy
+        assert out.preferred.tolist() == [False, accuracy > 0, False, accuracy > 0]
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

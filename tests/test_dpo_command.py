@@ -6,6 +6,7 @@ raises the reward margin on its pairs, and the checkpoint records the dpo stage.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -56,12 +57,13 @@ def dpo_config(files, out: Path, *extra: str):
 def test_dpo_trains_from_log2_with_cached_or_frozen_reference_alike(tmp_path, files):
     cached = train(dpo_config(files, tmp_path / "cached"), progress=False, task=dpo_task())
     (cache,) = files["prefs"].parent.glob("prefs.jsonl.ref-logps-*.safetensors")
-    # Scored once, stored beside the data, named after the reference weights' hash.
-    assert cache.name == f"prefs.jsonl.ref-logps-{weights_hash(files['base'])[:12]}.safetensors"
+    # Scored once, stored beside the data, named by a hash of what its numbers depend on.
+    assert re.fullmatch(r"prefs\.jsonl\.ref-logps-[0-9a-f]{12}\.safetensors", cache.name)
     with safe_open(str(cache), framework="pt") as f:
         meta = f.metadata()
         assert f.get_tensor("chosen").shape == (10,)
-    assert meta["format"] == "atlas-dpo-reference" and len(meta["model_sha256"]) == 64
+    assert meta["format"] == "atlas-dpo-reference"
+    assert meta["model_sha256"] == weights_hash(files["base"])
     frozen = train(
         dpo_config(files, tmp_path / "frozen", 'dpo.reference="frozen"'),
         progress=False,
@@ -117,26 +119,30 @@ def weights_hash(checkpoint: Path) -> str:
     return weights_sha256(load_checkpoint(checkpoint).model.state_dict())
 
 
-def test_each_reference_has_its_own_cache_and_changed_data_is_refused(
-    tmp_path, files, byte_tokenizer
-):
-    """Another reference model gets its own log-prob file; a file whose pairs changed
-    since it was computed is refused, never reused."""
+def test_each_reference_and_each_data_has_its_own_cache(tmp_path, files, byte_tokenizer):
+    """Another reference model gets its own log-prob file, and so do other pairs in the
+    same file: the name is a hash of both, so a stale file is never picked up."""
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_records())
     other = make_base(tmp_path / "other", byte_tokenizer, seed=1)
     one = ("schedule.max_steps=1", "run.sample_tokens=0")
     for base, out in ((files["base"], "a"), (other, "b")):
         cfg = dpo_config({"base": base, "prefs": prefs}, tmp_path / out, *one)
         train(cfg, progress=False, task=dpo_task())
-    names = sorted(p.name for p in tmp_path.glob("prefs.jsonl.ref-logps-*"))
-    assert names == sorted(
-        f"prefs.jsonl.ref-logps-{weights_hash(b)[:12]}.safetensors" for b in (files["base"], other)
+    caches = sorted(tmp_path.glob("prefs.jsonl.ref-logps-*"))
+    assert sorted(cache_meta(p)["model_sha256"] for p in caches) == sorted(
+        weights_hash(b) for b in (files["base"], other)
     )
     write_jsonl(prefs, preference_records()[::-1])  # the same file name, other pairs
-    args = settings(files["base"], tmp_path / "c", f'dpo.train=["{prefs}"]')
-    result = CliRunner().invoke(app, ["dpo", *[a for s in args for a in ("--set", s)]])
-    assert result.exit_code == 1
-    assert "was computed for other inputs (data sha256" in result.output
+    train(dpo_config(files | {"prefs": prefs}, tmp_path / "c", *one), progress=False,
+          task=dpo_task())  # fmt: skip
+    (new,) = set(tmp_path.glob("prefs.jsonl.ref-logps-*")) - set(caches)
+    assert cache_meta(new)["model_sha256"] == weights_hash(files["base"])
+    assert len({cache_meta(p)["data_sha256"] for p in (caches[0], new)}) == 2
+
+
+def cache_meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
 
 
 def test_sft_weight_adds_the_chosen_responses_mean_token_loss(tmp_path, files):

@@ -111,13 +111,7 @@ def iter_records(source: str) -> Iterator[tuple[str, Any]]:
         for n, record in enumerate(iter_hf_records(source), 1):
             yield f"{source} row {n}", record
     elif source.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        n = 0
-        for batch in pq.ParquetFile(source).iter_batches():
-            for record in batch.to_pylist():
-                n += 1
-                yield f"{source} row {n}", record
+        yield from _parquet_records(source)
     else:
         with open(source, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -129,6 +123,20 @@ def iter_records(source: str) -> Iterator[tuple[str, Any]]:
                     yield f"{source}:{n}", RecordError("not valid UTF-8")
                 except json.JSONDecodeError as e:
                     yield f"{source}:{n}", RecordError(f"not valid JSON ({e.msg})")
+
+
+def _parquet_records(source: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 0
+    try:  # pyarrow's own errors name no file: "Parquet magic bytes not found in footer..."
+        for batch in pq.ParquetFile(source).iter_batches():
+            for record in batch.to_pylist():
+                n += 1
+                yield f"{source} row {n}", record
+    except (pa.ArrowException, OSError) as e:
+        raise ChatDataError(f"{source} is not a readable parquet file: {e}") from None
 
 
 def read_records(sources: Sequence[str], parse: Callable[[Any, str], Any]) -> list:

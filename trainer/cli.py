@@ -21,7 +21,7 @@ from atlas_server.checkpoint import CheckpointError
 from atlas_server.model import ConfigError
 from atlas_server.tokenizer import TokenizerError
 
-from .config import TrainConfigError, load_train_config
+from .config import STAGE_COMMAND, TrainConfigError, load_train_config
 from .data import DataError
 from .interrupt import NOTHING_SAVED
 from .lora import LoRAError
@@ -55,11 +55,6 @@ RESUME_OPTION = typer.Option(
 PROFILE_OPTION = typer.Option(
     False, "--profile", help="Record a short torch.profiler trace and print the top operators."
 )
-STAGE_COMMAND = {
-    "pretrain": "atlas-train train",
-    "sft": "atlas-train sft",
-    "dpo": "atlas-train dpo",
-}
 
 
 def _fail(e: BaseException) -> None:

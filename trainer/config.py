@@ -11,6 +11,7 @@ What it does not do: build models or optimizers (see `loop.py`).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -20,6 +21,14 @@ from atlas_server import tomlconfig
 
 class TrainConfigError(ValueError):
     """A training config that cannot be used; the message names the key."""
+
+
+# The command that trains each stage (TrainConfig.stage), for messages that say which to run.
+STAGE_COMMAND = {
+    "pretrain": "atlas-train train",
+    "sft": "atlas-train sft",
+    "dpo": "atlas-train dpo",
+}
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -106,7 +115,8 @@ class DPOSection(_Section):
     # RPO paper's NLL term): the policy keeps generating what it prefers, not only ranking it.
     sft_weight: float = 0.0
     # "cached": the reference (model.init_from) scores every pair once, before training, into
-    # PREFS.jsonl.ref-logps.safetensors beside the data (reused while weights and data match);
+    # PREFS.jsonl.ref-logps-KEY.safetensors beside the data (KEY: a hash of the reference
+    # weights, the tokenized pairs and the settings the numbers depend on);
     # "frozen": a frozen copy of the reference runs beside the policy at every step.
     reference: Literal["cached", "frozen"] = "cached"
 
@@ -222,15 +232,41 @@ def _is_device(name: str) -> bool:
     return True
 
 
+# TOML basic strings: these have short escapes; every other control character (U+0000 to
+# U+001F and U+007F) is written \uXXXX. A raw newline would end the line mid-string.
+_SHORT_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_string(text: str) -> str:
+    escaped = (
+        _SHORT_ESCAPES.get(c) or (f"\\u{ord(c):04X}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+        for c in text
+    )
+    return '"' + "".join(escaped) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_string(key)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _toml_string(v)
     if v is None:
         return '"__none__"'
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

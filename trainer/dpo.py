@@ -14,7 +14,8 @@ What it does:
       "ipo":     (h - 1/(2 beta))^2  (IPO, Azar et al. 2023, eq. 17) on length-averaged
                  log-probs, as the IPO authors and TRL compute it;
     with the logged numbers: implicit rewards beta (log pi - log ref) of chosen and
-    rejected, their margin, and preference accuracy (chosen reward > rejected reward);
+    rejected, their margin, and preference accuracy (chosen reward > rejected reward by
+    more than a rounding tie, `TIE_RTOL`);
   - reference log-probs computed once with the frozen reference model and stored in a
     safetensors file beside the data, whose metadata holds the sha256 of the reference
     weights and of the tokenized pairs: a file made for other weights or other data is
@@ -107,11 +108,26 @@ def sequence_logps(model: Transformer, batch: PairBatch, average: bool = False) 
     return logps
 
 
+# Relative tolerance of a preference: cached reference log-probs come from batches padded
+# otherwise than the policy's, so with policy == reference the rewards differ in the last
+# bits (seen: 1 ulp of a -150 nat sum, which made step 1's accuracy 0.075 instead of 0).
+# A margin under TIE_RTOL times the reference log-probs' size (tens of fp32 ulps) is a tie,
+# and a tie is not a preference. bf16 autocast rounds more coarsely; that is not covered.
+TIE_RTOL = 1e-6
+
+
 @dataclass
 class DPOOutput:
     loss: Tensor  # scalar: mean over the pairs
     chosen_rewards: Tensor  # [B] beta * (log pi - log ref) of the chosen responses (detached)
     rejected_rewards: Tensor  # [B] the same for the rejected responses
+    tie_tolerance: Tensor | None = None  # [B] reward margins this small are ties (TIE_RTOL)
+
+    @property
+    def preferred(self) -> Tensor:
+        """[B] bool: the chosen reward beats the rejected one by more than a tie."""
+        margin = self.chosen_rewards - self.rejected_rewards
+        return margin > (0.0 if self.tie_tolerance is None else self.tie_tolerance)
 
     def metrics(self) -> dict[str, float]:
         """What a training log shows: loss, rewards, reward margin, preference accuracy."""
@@ -120,9 +136,7 @@ class DPOOutput:
             "reward_chosen": float(self.chosen_rewards.mean()),
             "reward_rejected": float(self.rejected_rewards.mean()),
             "reward_margin": float((self.chosen_rewards - self.rejected_rewards).mean()),
-            "preference_accuracy": float(
-                (self.chosen_rewards > self.rejected_rewards).float().mean()
-            ),
+            "preference_accuracy": float(self.preferred.float().mean()),
         }
 
 
@@ -153,7 +167,13 @@ def preference_loss(
         )
     else:
         losses = (h - 1 / (2 * beta)) ** 2
-    return DPOOutput(losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+    scale = ref_chosen.abs() + ref_rejected.abs()  # [B] the size of the numbers compared
+    return DPOOutput(
+        losses.mean(),
+        beta * chosen_ratio.detach(),
+        beta * rejected_ratio.detach(),
+        beta * TIE_RTOL * scale.detach(),
+    )
 
 
 def dpo_step_loss(

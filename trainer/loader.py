@@ -71,13 +71,18 @@ class TokenLoader:
         batch = torch.from_numpy(np.stack(rows))  # [B, T+1]
         return batch[:, :-1], batch[:, 1:]  # inputs [B, T], targets [B, T]
 
-    def next_batch(self, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's `per_rank` sequences of the next global batch of per_rank * world."""
+    def check_batch(self, per_rank: int) -> None:
+        """Refuse a global batch larger than the split (checked before a run writes)."""
         global_size = per_rank * self.world
         if global_size > len(self.windows):
             raise DataError(
                 f"a global batch of {global_size} exceeds the {len(self.windows)} training windows"
             )
+
+    def next_batch(self, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's `per_rank` sequences of the next global batch of per_rank * world."""
+        self.check_batch(per_rank)
+        global_size = per_rank * self.world
         if self.position.cursor + global_size > len(self.windows):
             # The tail of an epoch that cannot fill a global batch is dropped, as in most loaders.
             self.position = LoaderPosition(self.position.epoch + 1, 0)

@@ -1,10 +1,12 @@
 """The training loop: config -> checkpoints, in pieces that other training tasks reuse.
 
 The pieces, in the order a run uses them:
-- `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`).
+- `find_resume_point`: the newest complete checkpoint of the run, read once (`--resume`);
+  a run folder of another stage (an SFT run resumed by `atlas-train dpo`) is refused first.
 - `setup` -> `Run`: without a resume point, the refusal of a run folder that already
-  holds checkpoints (two runs would mix there); threads, seeds, data (the tokenizer copy
-  checked against the manifest), the model (from a preset, `init_from`, or the
+  holds checkpoints (two runs would mix there); data.seq_len against init_from's
+  max_seq_len; threads, seeds, data (the tokenizer copy checked against the manifest; the
+  global batch against the data's size), the model (from a preset, `init_from`, or the
   resume point's weights; LoRA adapters when `[lora] enabled`), the loss module
   (`Task.make_loss`; pretraining's is `NextTokenLoss`), DDP or FSDP2 when launched by
   torchrun (gloo on CPU, NCCL on GPU), `torch.compile` of the whole loss module (the
@@ -38,6 +40,7 @@ What it does not do: prepare data (see `data.py`) or define losses (see `loss.py
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -69,7 +72,7 @@ from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 from atlas_server.tomlconfig import parse_toml
 
-from .config import TrainConfig, TrainConfigError
+from .config import STAGE_COMMAND, TrainConfig, TrainConfigError
 from .data import DataError, data_tokenizer
 from .flops import flops_per_token, measured_matmul_peak
 from .interrupt import before_training, graceful_interrupt
@@ -201,6 +204,7 @@ class Batches(Protocol):
     """A resumable source of batches (TokenLoader is one)."""
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]: ...
+    def check_batch(self, per_rank: int) -> None: ...  # DataError if a batch cannot be cut
     def eval_batches(self, batch_size: int, n_batches: int): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -304,8 +308,12 @@ class Run:
         return getattr(self.step_module, "_orig_mod", self.step_module)
 
 
-def find_resume_point(run_dir: Path, d: Dist) -> ResumePoint | None:
-    """The newest complete checkpoint of `run_dir`, read once; partial saves are removed."""
+def find_resume_point(run_dir: Path, d: Dist, stage: str | None = None) -> ResumePoint | None:
+    """The newest complete checkpoint of `run_dir`, read once; partial saves are removed.
+    With `stage`, a run folder of another stage is refused before anything is removed."""
+    last = latest_checkpoint(run_dir)
+    if stage is not None and last is not None:
+        refuse_another_stage(run_dir, last, stage)
     if d.main:
         clean_partial(run_dir)
     last = latest_checkpoint(run_dir)
@@ -317,6 +325,41 @@ def find_resume_point(run_dir: Path, d: Dist) -> ResumePoint | None:
     if d.main:
         say(f"resuming from step {point.step} ({last})")
     return point
+
+
+_STAGE_RUN = {"pretrain": "a pretraining run", "sft": "an SFT run", "dpo": "a DPO run"}
+
+
+def checkpoint_stage(path: Path) -> str | None:
+    """The stage that saved a run's checkpoint: its provenance's `stage` (config.json, or a
+    LoRA checkpoint's adapter.json), else what its saved config trains; None if unknown."""
+    for name in ("config.json", "adapter.json"):
+        try:
+            stage = (json.loads((path / name).read_text()).get("provenance") or {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if stage in _STAGE_RUN:
+            return stage
+    try:  # a checkpoint saved before lineage was recorded
+        saved = json.loads((path / "trainer_state.json").read_text()).get("config_toml")
+        table = parse_toml(saved)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    for stage in ("sft", "dpo"):
+        if (table.get(stage) or {}).get("train"):
+            return stage
+    return "pretrain"
+
+
+def refuse_another_stage(run_dir: Path, checkpoint: Path, stage: str) -> None:
+    """Resuming another stage's run would train it as this stage, and `keep_last` would
+    then delete its checkpoints: refused before anything is written or removed."""
+    found = checkpoint_stage(checkpoint)
+    if found is not None and found != stage:
+        raise TrainConfigError(
+            f"{run_dir} holds {_STAGE_RUN[found]} ({checkpoint.name}); resume it with "
+            f"{STAGE_COMMAND[found]}, or choose another run.out_dir for this {stage} run"
+        )
 
 
 # Settings that change how often the run reports or saves, or how fast it runs, but not
@@ -370,9 +413,13 @@ def setup(
     run_dir = Path(cfg.run.out_dir)
     if resume is None:
         _refuse_a_folder_with_checkpoints(run_dir)
+    else:
+        refuse_another_stage(run_dir, resume.path, task.stage)
+    _check_seq_len_fits_init_from(cfg)  # before the data: DPO runs the reference over it
     seed_everything(cfg.run.seed)
     tokenizer = _run_tokenizer(cfg)
     train_data, val_data = task.make_data(cfg, d)
+    train_data.check_batch(cfg.data.micro_batch)  # not at the first step: after writing
     lora = cfg.lora.enabled
     # A LoRA run's resume point holds the adapter only: the base weights come from init_from.
     model = _build_model(cfg, tokenizer, resuming=resume is not None and not lora).to(device)
@@ -434,7 +481,7 @@ def setup(
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
-        changed = changed_settings(resume.config_toml, cfg)
+        changed = _changed_since(resume, cfg, d)
         if changed and d.main:  # allowed (a longer schedule, say), but no longer exact
             say(
                 f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; the "
@@ -444,6 +491,29 @@ def setup(
     if d.main:  # everything is checked and built: the run starts, and its folder says how
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return run
+
+
+def _changed_since(resume: ResumePoint, cfg: TrainConfig, d: Dist) -> list[str]:
+    try:
+        return changed_settings(resume.config_toml, cfg)
+    except ValueError as e:  # TOMLDecodeError: saved by an Atlas that left newlines unescaped
+        if d.main:
+            say(
+                f"warning: the config saved in {resume.path / 'trainer_state.json'} is not valid"
+                f" TOML ({e}); the settings it ran with cannot be compared with these"
+            )
+        return []
+
+
+def _check_seq_len_fits_init_from(cfg: TrainConfig) -> None:
+    if not cfg.model.init_from:
+        return
+    max_seq_len = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+    if cfg.data.seq_len > max_seq_len:
+        raise TrainConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.init_from}'s "
+            f"max_seq_len={max_seq_len}"
+        )
 
 
 def _refuse_a_folder_with_checkpoints(run_dir: Path) -> None:
@@ -510,12 +580,7 @@ def _build_model(cfg: TrainConfig, tokenizer: Tokenizer, resuming: bool) -> Tran
                 f"the tokenizer has {tokenizer.vocab_size} ids, {cfg.model.init_from} only "
                 f"{model.config.vocab_size} embeddings"
             )
-        if cfg.data.seq_len > model.config.max_seq_len:
-            raise ValueError(
-                f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.init_from}'s "
-                f"max_seq_len={model.config.max_seq_len}"
-            )
-        return model
+        return model  # data.seq_len was checked against it before the data was read
     overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
     config = load_preset(cfg.model.preset, vocab_size=tokenizer.vocab_size, **overrides)
     if cfg.data.seq_len > config.max_seq_len:
@@ -896,7 +961,7 @@ def train(
     d = setup_distributed(cfg.run.device)
     try:
         with before_training(d.main):
-            point = find_resume_point(Path(cfg.run.out_dir), d) if resume else None
+            point = find_resume_point(Path(cfg.run.out_dir), d, task.stage) if resume else None
             run = setup(cfg, d, point, task)
         return fit(run, profile, progress)
     finally:

@@ -14,9 +14,10 @@ the ids `/v1/chat/completions` serves.
     chosen and rejected in one forward pass; the reference is `init_from`, either scored
     once into a cached log-prob file beside the data (`reference = "cached"`) or run frozen
     beside the policy (`"frozen"`; with LoRA, the policy with its adapters switched off).
-    The cache file is named after the data file and the reference weights' hash
-    (`prefs.jsonl.ref-logps-<sha256[:12]>.safetensors`); one whose data changed since is
-    refused (dpo.py).
+    The cache file is named after the data file and a hash of everything its numbers
+    depend on (`prefs.jsonl.ref-logps-<key>.safetensors`, `_cache_key`: reference
+    weights, tokenized pairs, averaging, precision...), so each variant has its own file;
+    one whose contents do not match is refused (dpo.py).
     Training logs reward margin, preference accuracy and the two rewards; validation gives
     loss, reward margin and preference accuracy on the held-out pairs.
 Conversations or pairs longer than the row are skipped and counted (the count is printed
@@ -27,6 +28,8 @@ reading and rendering records (chat_data.py).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atlas_server.checkpoint import load_checkpoint
+from atlas_server.checkpoint import load_checkpoint, read_metadata
 from atlas_server.model import Transformer
 from atlas_server.tokenizer import Tokenizer
 
@@ -56,6 +59,7 @@ from .chat_data import (
 from .config import TrainConfig
 from .data import DataError
 from .dpo import (
+    REFERENCE_VERSION,
     DPOOutput,
     PairBatch,
     ReferenceLogps,
@@ -86,6 +90,17 @@ def _renderer(cfg: TrainConfig) -> tuple[Tokenizer, TemplateRenderer]:
     return tokenizer, TemplateRenderer.for_checkpoint(cfg.model.init_from, tokenizer)
 
 
+def _raise_seq_len(cfg: TrainConfig) -> str:
+    """What to do about data longer than data.seq_len: raise it, up to the model's limit."""
+    limit = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+    if cfg.data.seq_len >= limit:
+        return (
+            f"data.seq_len is already {cfg.model.init_from}'s max_seq_len ({limit}):"
+            " this model cannot train on them; use shorter records"
+        )
+    return f"raise data.seq_len (up to {cfg.model.init_from}'s max_seq_len, {limit})"
+
+
 def _pad_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eot_id if tokenizer.eot_id is not None else 0
 
@@ -101,6 +116,9 @@ class SFTData:
     conversations: int
     skipped_too_long: int
     loader: PackedLoader | None = None  # training data only
+
+    def check_batch(self, per_rank: int) -> None:
+        self.loader.check_batch(per_rank)
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]:
         b = self.loader.next_batch(per_rank)
@@ -152,7 +170,7 @@ def load_sft_data(
     if stats.rows == 0:
         raise DataError(
             f"sft {split}: every conversation is longer than data.seq_len + 1 ="
-            f" {cfg.data.seq_len + 1} tokens; raise data.seq_len"
+            f" {cfg.data.seq_len + 1} tokens; {_raise_seq_len(cfg)}"
         )
     data = SFTData(rows, files, digest, len(conversations), stats.skipped_too_long)
     if train:
@@ -224,10 +242,17 @@ class PairData:
             return batch.inputs, batch.labels
         return (batch.inputs, batch.labels, *self.reference.for_batch(batch))
 
+    def check_batch(self, per_rank: int) -> None:
+        """Refuse a global batch larger than the pairs (checked before a run writes)."""
+        if per_rank * self.world > len(self.pairs):
+            raise DataError(
+                f"a global batch of {per_rank * self.world} pairs exceeds the {len(self.pairs)}"
+                " pairs (data.micro_batch times the processes); lower data.micro_batch"
+            )
+
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]:
+        self.check_batch(per_rank)
         n, global_size = len(self.pairs), per_rank * self.world
-        if global_size > n:
-            raise DataError(f"a global batch of {global_size} pairs exceeds the {n} pairs")
         if self.position is None:
             self.position = LoaderPosition()
         if self.position.cursor + global_size > n:
@@ -276,7 +301,7 @@ def load_pairs(cfg: TrainConfig, sources: Sequence[str], d: Dist, split: str) ->
     if not pairs:
         raise DataError(
             f"dpo {split}: every pair is longer than data.seq_len + 1 = {limit} tokens;"
-            " raise data.seq_len"
+            f" {_raise_seq_len(cfg)}"
         )
     return PairData(
         pairs, _pad_id(tokenizer), files, pairs_sha256(pairs), len(skipped), cfg.run.seed,
@@ -284,12 +309,28 @@ def load_pairs(cfg: TrainConfig, sources: Sequence[str], d: Dist, split: str) ->
     )  # fmt: skip
 
 
+def _cache_key(cfg: TrainConfig, data: PairData, reference_sha256: str) -> str:
+    """A hash of everything the cached numbers depend on: the reference weights, the
+    tokenized pairs (the data, the chat template, and data.seq_len, which drops the long
+    ones), IPO's per-token averaging, the precision, attention and device type. Another
+    value of any of them is another file, so no setting can pick up a stale one."""
+    parts = {
+        "format": REFERENCE_VERSION,
+        "reference": reference_sha256,
+        "pairs": data.sha256,
+        "average": cfg.dpo.loss_type == "ipo",
+        "precision": resolve_precision(cfg, cfg.run.device),
+        "attention": cfg.run.attention,
+        "device": torch.device(cfg.run.device).type,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _cache_file(cfg: TrainConfig, data: PairData, split: str, reference_sha256: str) -> Path:
     """Beside the data file when there is one local file; else in the run folder. The name
-    carries the reference weights' hash (each reference model has its own file) and the
-    precision when it is not fp32 (bf16 log-probs are other numbers)."""
-    precision = resolve_precision(cfg, cfg.run.device)
-    tag = f"-{reference_sha256[:12]}" + ("" if precision == "fp32" else f"-{precision}")
+    carries `_cache_key`: each reference model and each setting that changes the numbers
+    has its own file."""
+    tag = "-" + _cache_key(cfg, data, reference_sha256)
     local = [s for s in data.sources if not s.startswith("hf:")]
     if len(data.sources) == 1 and local:
         path = reference_path(local[0])
@@ -299,11 +340,13 @@ def _cache_file(cfg: TrainConfig, data: PairData, split: str, reference_sha256: 
 
 def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
     train = load_pairs(cfg, cfg.dpo.train, d, "train")
+    train.check_batch(cfg.data.micro_batch)  # before the reference pass, not after it
     val = load_pairs(cfg, cfg.dpo.val, d, "val") if cfg.dpo.val else None
     if val is None and d.main:
         say("warning: dpo.val is empty; validation is skipped")
     if cfg.dpo.reference == "cached":
-        reference = load_checkpoint(cfg.model.init_from).model
+        # With the policy's attention path: at step 0 the two then agree to the last bit.
+        reference = load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model
         reference_sha256 = weights_sha256(reference.state_dict())
         for split, data in (("train", train), ("val", val)):
             if data is None:
@@ -343,7 +386,9 @@ class DPOLoss(nn.Module):
         self._pending: list[Tensor] = []
         reference = None
         if cfg.dpo.reference == "frozen" and not lora_modules(model):
-            reference = frozen_copy(load_checkpoint(cfg.model.init_from).model)
+            reference = frozen_copy(
+                load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model
+            )
             reference.to(next(model.parameters()).device)
         # Not a submodule: its weights are no part of the policy's state or optimizer.
         self.__dict__["reference"] = reference
@@ -416,7 +461,8 @@ STAT_NAMES = ("reward_margin", "preference_accuracy", "reward_chosen", "reward_r
 
 def _stats(out: DPOOutput) -> Tensor:
     c, r = out.chosen_rewards, out.rejected_rewards  # [B]
-    return torch.stack([(c - r).mean(), (c > r).float().mean(), c.mean(), r.mean()])  # [4]
+    accuracy = out.preferred.float().mean()  # a tie within rounding is not a preference
+    return torch.stack([(c - r).mean(), accuracy, c.mean(), r.mean()])  # [4]
 
 
 @torch.no_grad()

@@ -90,12 +90,18 @@ class PackedLoader:
     def __len__(self) -> int:
         return len(self.rows.inputs)
 
-    def next_batch(self, per_rank: int, device: str | torch.device = "cpu") -> SFTBatch:
+    def check_batch(self, per_rank: int) -> None:
+        """Refuse a global batch larger than the packed rows (checked before a run writes)."""
         global_size = per_rank * self.world
         if global_size > len(self):
             raise DataError(
                 f"a global batch of {global_size} rows exceeds the {len(self)} packed rows"
+                " (data.micro_batch times the processes); lower data.micro_batch"
             )
+
+    def next_batch(self, per_rank: int, device: str | torch.device = "cpu") -> SFTBatch:
+        self.check_batch(per_rank)
+        global_size = per_rank * self.world
         if self.position.cursor + global_size > len(self):
             self.position = LoaderPosition(self.position.epoch + 1, 0)
         order = np.random.default_rng([self.seed, self.position.epoch]).permutation(len(self))
