@@ -10,8 +10,14 @@
 #   BASE=DIR      the base checkpoint (default: the quickstart's, built first if missing)
 #   THREADS=N     torch threads for training (default: all cores)
 #   PYTHON=...    the interpreter with Atlas installed (default: python)
-# Every stage writes into WORK; timings.txt records how long each took. Rerunning reuses
-# finished stages (delete WORK/<stage> to redo one).
+# Every stage writes into WORK; timings.txt records how long each took. A rerun reuses
+# the finished stages: the data (WORK/instruct), SFT (run WORK/sft, model WORK/sft-final)
+# and DPO (run WORK/dpo, model WORK/dpo-final); the evaluations always run again. Delete a
+# stage's folder, WORK/instruct, WORK/sft or WORK/dpo, to redo that stage and every stage
+# after it (a stage that was interrupted continues where its last checkpoint left it).
+# The data records its SEED (WORK/instruct/manifest.json) and another SEED is refused: the
+# finished models would be scored on a held-out split that overlaps their training data.
+# Delete WORK/instruct (everything is redone) or use another WORK to run another seed.
 set -euo pipefail
 
 WORK=${1:-posttrain}
@@ -45,8 +51,29 @@ if [ -z "${BASE:-}" ]; then
 fi
 echo "base checkpoint: $BASE" >&2
 
+redo_after() {  # redo_after STAGE: STAGE starts afresh, so the stages built on it go too
+    case $1 in
+        data) rm -rf "$WORK/sft" "$WORK/sft-final" "$WORK/dpo" "$WORK/dpo-final" ;;
+        sft) rm -rf "$WORK/dpo" "$WORK/dpo-final" ;;
+    esac
+}
+
 # 2. The instruction and preference data, from this Python's docstrings (held-out split).
-stage data "$PYTHON" -m trainer.instruct_data "$WORK/instruct" --seed "$SEED"
+#    instruct_data writes manifest.json last: with it, the data is whole.
+MANIFEST="$WORK/instruct/manifest.json"
+if [ -f "$MANIFEST" ]; then
+    made_with=$(grep -o '"seed": *-\{0,1\}[0-9]*' "$MANIFEST" | grep -o -- '-\{0,1\}[0-9]*$' || true)
+    if [ "$made_with" != "$SEED" ]; then
+        echo "error: $WORK/instruct was made with SEED=$made_with, not SEED=$SEED; its held-out" \
+            "split would overlap the training data of the models trained on it. Rerun with" \
+            "SEED=$made_with, delete $WORK/instruct to redo every stage, or use another WORK" >&2
+        exit 1
+    fi
+    echo "== data: reusing $WORK/instruct (SEED=$SEED)" >&2
+else
+    redo_after data
+    stage data "$PYTHON" -m trainer.instruct_data "$WORK/instruct" --seed "$SEED"
+fi
 
 # 3. SFT from the base, 4. DPO from the SFT model (reference log-probs cached beside the data).
 final() {  # the run's last checkpoint, without its trainer state: a servable checkpoint
@@ -57,7 +84,13 @@ final() {  # the run's last checkpoint, without its trainer state: a servable ch
         case $(basename "$f") in trainer_state.*) ;; *) cp "$f" "$out/" ;; esac
     done
 }
-if [ ! -f "$WORK/sft-final/config.json" ]; then
+# A stage is finished when its run folder and its model are there; without the run folder
+# it starts afresh (and the stages after it go); with it, --resume continues the run.
+finished() { [ -d "$WORK/$1" ] && [ -f "$WORK/$1-final/config.json" ]; }
+if finished sft; then
+    echo "== sft: reusing $WORK/sft-final" >&2
+else
+    [ -d "$WORK/sft" ] || redo_after sft
     stage sft "$PYTHON" -m trainer.cli sft --config configs/train/sft-instruct.toml \
         --set "model.init_from=\"$BASE\"" \
         --set "sft.train=[\"$WORK/instruct/sft_train.jsonl\"]" \
@@ -66,7 +99,9 @@ if [ ! -f "$WORK/sft-final/config.json" ]; then
         --resume  # a rerun after an interruption continues the run (a fresh folder: step 0)
     final "$WORK/sft" "$WORK/sft-final"
 fi
-if [ ! -f "$WORK/dpo-final/config.json" ]; then
+if finished dpo; then
+    echo "== dpo: reusing $WORK/dpo-final" >&2
+else
     stage dpo "$PYTHON" -m trainer.cli dpo --config configs/train/dpo-instruct.toml \
         --set "model.init_from=\"$WORK/sft-final\"" \
         --set "dpo.train=[\"$WORK/instruct/prefs_train.jsonl\"]" \
