@@ -795,3 +795,36 @@ def test_cuda_resume_continues_like_an_uninterrupted_run(trainer_api, token_data
     b = load_checkpoint(tmp_path / "part" / "checkpoints" / "step_000008").model.state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", ["sft", "dpo-cached", "dpo-frozen"])
+def test_post_training_runs_on_cuda(trainer_api, byte_tokenizer, tmp_path, stage):
+    """SFT and DPO (both references) on the GPU: finite losses, DPO's first at log 2
+    (policy == reference, so the cached reference was scored on the GPU model it matches)."""
+    from posttrain_helpers import (
+        chat_records,
+        make_base,
+        preference_records,
+        settings,
+        write_jsonl,
+    )
+
+    from trainer.posttrain import dpo_task, sft_task
+
+    base = make_base(tmp_path, byte_tokenizer)
+    if stage == "sft":
+        data = write_jsonl(tmp_path / "chat.jsonl", chat_records())
+        extra, task = [f'sft.train=["{data}"]'], sft_task()
+    else:
+        data = write_jsonl(tmp_path / "prefs.jsonl", preference_records())
+        reference = stage.split("-")[1]
+        extra, task = [f'dpo.train=["{data}"]', f'dpo.reference="{reference}"'], dpo_task()
+    cfg = trainer_api.load_config(
+        None,
+        settings(base, tmp_path / "run", f'run.device="{DEVICE}"', "run.compile=false", *extra),
+    )
+    summary = trainer_api.train(cfg, progress=False, task=task)
+    assert all(math.isfinite(x) for x in summary["losses"])
+    if stage != "sft":
+        assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-3)

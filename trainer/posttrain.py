@@ -346,7 +346,10 @@ def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
         say("warning: dpo.val is empty; validation is skipped")
     if cfg.dpo.reference == "cached":
         # With the policy's attention path: at step 0 the two then agree to the last bit.
-        reference = load_checkpoint(cfg.model.init_from, attention=cfg.run.attention).model
+        # On run.device, where the pairs' batches are put (a CPU copy fails on CUDA).
+        reference = load_checkpoint(
+            cfg.model.init_from, device=cfg.run.device, attention=cfg.run.attention
+        ).model
         reference_sha256 = weights_sha256(reference.state_dict())
         for split, data in (("train", train), ("val", val)):
             if data is None:
