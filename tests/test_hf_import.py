@@ -9,6 +9,7 @@ build (offline, `HF_HUB_OFFLINE=1`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -459,15 +460,18 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _hub_cache(root, repo_id, folder, commit=COMMIT, branch="main"):
-    """The huggingface_hub cache layout: models--org--name/{refs/BRANCH, snapshots/COMMIT/}."""
+    """The huggingface_hub cache layout: models--org--name/{refs/BRANCH, snapshots/COMMIT/,
+    blobs/}, each snapshot file a relative symlink to its blob, as a download leaves it."""
     repo = root / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
     for f in folder.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / blob).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/{blob}")
     (repo / "refs").mkdir()
     (repo / "refs" / branch).write_text(commit)
-    (repo / "blobs").mkdir()
     return snapshot
 
 
@@ -508,6 +512,24 @@ def test_import_from_the_hub_cache_offline_with_revision(tmp_path, hub_cache):
     with pytest.raises(HFImportError, match="applies to hub repositories"):
         import_hf(tmp_path / "hf", tmp_path / "z", revision="main")
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_a_sharded_model_imports_from_the_hub_cache(tmp_path, hf_bpe_json, monkeypatch):
+    """Every shard of a cached download is a symlink into blobs/, outside the snapshot
+    folder: the index's shard names are checked as written, not where the links lead."""
+    hf = hf_qwen2(600)
+    folder = tmp_path / "hf"
+    hf.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB")
+    (folder / "tokenizer.json").write_text(hf_bpe_json.read_text())
+    assert (folder / "model.safetensors.index.json").is_file()
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    snapshot = _hub_cache(tmp_path / "hub", "atlas-tests/sharded", folder)
+    assert (snapshot / "model.safetensors.index.json").is_symlink()
+    import_hf("atlas-tests/sharded", tmp_path / "atlas")
+    _assert_same_logits(hf, tmp_path / "atlas", 600)
 
 
 def test_cli_import_from_the_hub_then_inspect_says_what_was_imported(tmp_path, hub_cache):
