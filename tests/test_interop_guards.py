@@ -18,8 +18,9 @@ from hf_models import hf_gpt2, hf_llama
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from atlas_server.checkpoint import load_checkpoint, save_checkpoint
+from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atlas_server.cli import app
+from atlas_server.commands.checkpoint import check_output
 from atlas_server.gguf_export import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN, export_gguf
 from atlas_server.hf_arch import HFConversionError, model_config_from_hf
 from atlas_server.hf_export import export_hf
@@ -290,6 +291,12 @@ def test_outputs_that_are_or_hold_an_input_are_refused_even_with_overwrite(
     before = (ck / "model.safetensors").read_bytes()
     _refused(["export-gguf", ck, ck / "model.safetensors", "--overwrite"])
     assert (ck / "model.safetensors").read_bytes() == before
+    # an earlier GGUF export inside the checkpoint is an output, not an input: it may be replaced
+    earlier = run / "checkpoint" / "model.gguf"
+    earlier.write_bytes(b"GGUF" + bytes(60))
+    check_output(earlier, True, [run / "checkpoint"], folder=False)
+    with pytest.raises(CheckpointError, match="is part of the input"):
+        check_output(run / "checkpoint" / "config.json", True, [run / "checkpoint"], folder=False)
     with pytest.raises(HFConversionError, match="holds the checkpoint"):
         export_hf(run / "checkpoint", run, overwrite=True)
     assert (run / "notes.txt").exists()

@@ -263,12 +263,17 @@ def merge_lora_command(
     )
 
 
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"  # the format's magic
+
+
 def check_output(out: Path, overwrite: bool, inputs: list[Path], folder: bool = True) -> None:
     """Refuse to replace a non-empty OUT unless asked, and never an input, --overwrite or
     not: not OUT equal to an input, nor a folder holding one (the writers replace OUT
     whole, so `export-hf ck ck` or `merge-lora base run/checkpoints/step_8 run` would delete
     what they read), nor, for a file OUT, an existing file inside an input folder (its
-    weights). Symlinks are resolved first. `folder`: OUT is a folder (--overwrite replaces
+    weights; an earlier GGUF export there may be replaced). Symlinks are resolved first. `folder`: OUT is a folder (--overwrite replaces
     folders, never a file), else a file (a folder is refused)."""
     target = out.resolve()
     for given in inputs:
@@ -279,7 +284,8 @@ def check_output(out: Path, overwrite: bool, inputs: list[Path], folder: bool = 
             raise CheckpointError(f"{out} is an input; write the output elsewhere")
         if target in source.parents:
             raise CheckpointError(f"{out} holds the input {given}; write the output elsewhere")
-        if not folder and out.exists() and source in target.parents:
+        if not folder and out.is_file() and source in target.parents and not _is_gguf(out):
+            # an earlier export may be replaced; the checkpoint's own files may not
             raise CheckpointError(f"{out} is part of the input {given}; write the output elsewhere")
     if not folder:
         if out.is_dir():
