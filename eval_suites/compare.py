@@ -169,11 +169,18 @@ def item_settings(run: dict[str, Any]) -> dict[str, Any]:
         "--seed": run.get("run", {}).get("seed"),
         "--limit": run.get("run", {}).get("limit"),
     }
+    data = run.get("data") or {}  # file as the config names it -> its SHA-256
+
+    def content(value: Any) -> Any:
+        # A data file counts by its content: the same file spelled two ways is one file.
+        if isinstance(value, list):
+            return [content(v) for v in value]
+        return f"SHA-256 {data[value][:12]}" if isinstance(value, str) and value in data else value
+
     for key, value in (run.get("config") or {}).items():
         if key not in NOT_ITEM_KEYS:
-            settings[key] = value
-    for name, sha in (run.get("data") or {}).items():
-        settings[f"SHA-256 of {name}"] = sha
+            settings[key] = content(value)
+    settings["data files (SHA-256)"] = sorted(data.values())
     fit = run.get("context_fit") or {}
     settings["items evaluated"] = fit.get("items_evaluated")
     settings["items trimmed"] = fit.get("items_trimmed")

@@ -9,6 +9,7 @@ hand-written results files.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -69,7 +70,7 @@ def chrf_row(table: str) -> str:
         ({"run": {"seed": 1}}, "--seed (0 vs 1)"),
         ({"run": {"limit": 5}}, "--limit (— vs 5)"),
         ({"config": {"num_shots": 3}}, "num_shots (1 vs 3)"),
-        ({"data": {"generation/items.jsonl": "cd" * 32}}, "SHA-256 of generation/items.jsonl"),
+        ({"data": {"generation/items.jsonl": "cd" * 32}}, "data files (SHA-256)"),
         ({"context_fit": {"items_evaluated": 18}}, "items evaluated (20 vs 18)"),
         ({"context_fit": {"skipped": [{"id": "x", "reason": "long"}]}}, "skipped items"),
     ],
@@ -90,6 +91,22 @@ def test_compare_marks_no_best_between_runs_of_different_items(
     assert "**" not in chrf_row(table)
     assert "*No best value marked: these runs did not evaluate the same items" in table
     assert named in table
+
+
+def test_compare_counts_one_data_file_spelled_two_ways_as_the_same_items(tmp_path: Path):
+    sha = "ab" * 32
+    runs = []
+    for name, value, path in (
+        ("a", 50.0, "generation/items.jsonl"),
+        ("b", 40.0, "/abs/items.jsonl"),
+    ):
+        run = results_dir(tmp_path, name, value, config={"data": path})
+        results = json.loads((run / "results.json").read_text())
+        results["data"] = {path: sha}
+        (run / "results.json").write_text(json.dumps(results))
+        runs.append(run)
+    table, _ = compare_runs(runs, tmp_path / "cmp", ["a", "b"])
+    assert "**50.0000**" in chrf_row(table) and "No best value" not in table
 
 
 def test_compare_refuses_a_results_file_whose_server_fields_are_not_strings(tmp_path: Path):
