@@ -57,9 +57,13 @@ class SpecialIds:
     stops: list[int]
     before: list[int] = field(default_factory=list)
     after: list[int] = field(default_factory=list)
+    named_eos: int | None = None  # the source tokenizer's own eos_token, when recorded
 
     @property
     def first_eos(self) -> int | None:
+        """The one eos id a single-id field takes: the tokenizer's own, else the first."""
+        if self.named_eos is not None:
+            return self.named_eos
         return self.eos[0] if isinstance(self.eos, list) else self.eos
 
 
@@ -93,7 +97,15 @@ def special_ids(tokenizer: Tokenizer, provenance: dict[str, Any] | None = None) 
     if IM_END in tokenizer.special_tokens and tokenizer.special_tokens[IM_END] not in stops:
         stops.append(tokenizer.special_tokens[IM_END])
     adds = provenance.get("tokenizer_adds") or {}
-    return SpecialIds(bos, eos, stops, list(adds.get("before", [])), list(adds.get("after", [])))
+    own_eos = recorded("tokenizer_eos_token_id")
+    return SpecialIds(
+        bos,
+        eos,
+        stops,
+        list(adds.get("before", [])),
+        list(adds.get("after", [])),
+        own_eos if isinstance(own_eos, int) else None,
+    )
 
 
 def hf_config_and_state(

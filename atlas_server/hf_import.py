@@ -276,6 +276,11 @@ def special_token_ids(
             if value not in (None, []) and all(type(i) is int and i in known for i in ids):
                 found[key] = value
                 break
+        if kind == "eos" and by_name.get(name) in known:
+            # The tokenizer's own eos_token: with several eos ids (Llama 3 Instruct lists
+            # <|end_of_text|> and <|eot_id|>), the one tokenizer_config.json and llama.cpp's
+            # converter name as *the* eos.
+            found["tokenizer_eos_token_id"] = by_name[name]
     return found
 
 

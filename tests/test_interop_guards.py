@@ -166,9 +166,11 @@ def test_gpt2_attention_options_atlas_lacks_are_refused():
     model_config_from_hf({**base, "reorder_and_upcast_attn": True})  # same numbers, upcast
 
 
-def _llama3_folder(folder):
+def _llama3_folder(folder, instruct: bool = False):
     """Llama 3's shape: <|begin_of_text|> (id 0) added before every text by a
-    TemplateProcessing, <|end_of_text|> (id 1) the EOS; neither is <|endoftext|>."""
+    TemplateProcessing, <|end_of_text|> (id 1) the EOS; neither is <|endoftext|>. The
+    Instruct shape adds <|eot_id|> (id 2): the tokenizer's eos_token, and a second id in
+    generation_config.json's eos list."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -182,7 +184,7 @@ def _llama3_folder(folder):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"][: 2 + instruct],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -195,10 +197,34 @@ def _llama3_folder(folder):
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|end_of_text|>",
+        "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>",
         "add_bos_token": True,
     }
-    return _hf_folder(folder, tok, config, bos_token_id=0, eos_token_id=1)
+    folder = _hf_folder(folder, tok, config, bos_token_id=0, eos_token_id=1)
+    if instruct:
+        generation = json.loads((folder / "generation_config.json").read_text())
+        generation["eos_token_id"] = [1, 2]
+        (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+def test_llama3_instruct_keeps_its_tokenizers_eos_as_llama_cpp_converts_it(tmp_path):
+    src = _llama3_folder(tmp_path / "hf", instruct=True)
+    expected = gguf.SpecialVocab(src, load_merges=False).special_token_ids  # llama.cpp's converter
+    assert expected["eos"] == 2
+    assert (
+        runner.invoke(app, ["checkpoint", "import-hf", str(src), str(tmp_path / "ck")]).exit_code
+        == 0
+    )
+    fields = _gguf_fields(export_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
+    assert fields["tokenizer.ggml.eos_token_id"] == expected["eos"]
+    assert fields["tokenizer.ggml.bos_token_id"] == expected["bos"]
+    export_hf(tmp_path / "ck", tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (ours.eos_token, ours.eos_token_id) == (theirs.eos_token, theirs.eos_token_id)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [1, 2]  # both still end a generation
 
 
 def test_llama3_bos_and_eos_survive_import_export_hf_and_gguf(tmp_path):
