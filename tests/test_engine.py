@@ -318,6 +318,37 @@ async def test_overlap_and_serial_give_the_same_outputs_for_every_sampling_featu
     }
 
 
+async def test_a_checkpoints_own_eos_ids_end_generation(tmp_path):
+    """A tokenizer without <|endoftext|> (TinyLlama's </s>, Llama 3 Instruct's pair): the
+    ids import-hf recorded end a generation, else the end-of-text token found by name."""
+    from atlas_server.checkpoint import save_checkpoint
+    from atlas_server.model import Transformer, load_preset
+    from atlas_server.tokenizer import TrainConfig, train_from_texts
+    from atlas_server.tokenizer.corpus import stdlib_sample
+
+    specials = ("<s>", "</s>", "<|eot_id|>")
+    tok = train_from_texts(
+        stdlib_sample(20_000), TrainConfig(vocab_size=300, special_tokens=specials)
+    )
+    assert tok.eot_id is None
+    end, turn = tok.special_tokens["</s>"], tok.special_tokens["<|eot_id|>"]
+    model = Transformer(load_preset("gpt2-tiny", vocab_size=tok.vocab_size))
+    save_checkpoint(tmp_path / "named", model, tok)
+    save_checkpoint(tmp_path / "recorded", model, tok, provenance={"eos_token_id": [end, turn]})
+    for folder, stops in (("named", {end}), ("recorded", {end, turn})):
+        engine = Engine.from_checkpoint(tmp_path / folder, EngineConfig(max_running=2)).start()
+        try:
+            for eos in (end, turn):
+                params = SamplingParams(logit_bias={eos: 100.0}, max_tokens=3)
+                ids, _, events = await run(engine, tok.encode("the end"), params)
+                if eos in stops:
+                    assert (ids[0], events[-1].finish_reason) == ([eos], "stop"), folder
+                else:
+                    assert (ids[0], events[-1].finish_reason) == ([eos] * 3, "length"), folder
+        finally:
+            engine.shutdown()
+
+
 async def test_stop_token_ids_eos_and_ignore_eos(varied_model, make_engine):
     engine = make_engine(max_running=2, max_batched_tokens=32)
     tok = varied_model.tokenizer

@@ -165,12 +165,13 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
     _loaded(state)
     tok = state.tokenizer
     specials = tok.special_tokens
+    eos = next(iter(state.engine.outputs.eos_ids), None)  # what ends a generation here
     return {
         "tokenizer_class": "AtlasBPETokenizer",
         "vocab_size": tok.vocab_size,
         "model_max_length": state.max_model_len,
-        "eos_token": "<|endoftext|>" if tok.eot_id is not None else None,
-        "eos_token_id": tok.eot_id,
+        "eos_token": None if eos is None else tok.decode([eos]),
+        "eos_token_id": eos,
         "additional_special_tokens": sorted(specials),
         "added_tokens_decoder": {
             str(i): {"content": s, "special": True} for s, i in specials.items()

@@ -62,8 +62,9 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -85,6 +86,9 @@ from .types import (
     SamplingParams,
     validate_prompt,
 )
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 log = logging.getLogger("atlas.engine")
 
@@ -135,6 +139,17 @@ def default_overlap(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def checkpoint_eos_ids(ckpt: Checkpoint) -> list[int]:
+    """The ids that end a generation of this checkpoint: the eos ids `import-hf` recorded
+    from the source model (generation_config.json's list: Llama 3 Instruct ends on two),
+    else the tokenizer's end-of-text token by name, <|endoftext|> first (docs/interop.md,
+    "BOS and EOS")."""
+    from ..hf_export import special_ids
+
+    eos = special_ids(ckpt.tokenizer, ckpt.provenance).eos
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+
 class Engine:
     """Continuous-batching generation over a Transformer with a preallocated KV cache."""
 
@@ -144,7 +159,10 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig,
         runner: ModelRunner | None = None,
+        eos_ids: Sequence[int] | None = None,
     ) -> None:
+        """`eos_ids`: the ids that end a generation (default: the tokenizer's <|endoftext|>;
+        from_checkpoint passes the checkpoint's own)."""
         model_max = model.config.max_seq_len
         self.max_model_len = config.max_model_len or model_max
         if not 1 <= self.max_model_len <= model_max:
@@ -166,7 +184,7 @@ class Engine:
         self.scheduler = Scheduler(
             config.max_running, config.max_batched_tokens, config.prefix_caching
         )
-        self.outputs = OutputProcessor(tokenizer, model.tok_emb.weight.device)
+        self.outputs = OutputProcessor(tokenizer, model.tok_emb.weight.device, eos_ids)
         device = model.tok_emb.weight.device
         self.overlap = default_overlap(device) if config.overlap is None else config.overlap
         # Overlap mode: the step sampled on the device whose tokens the host has not read.
@@ -207,7 +225,7 @@ class Engine:
         config = config or EngineConfig()
         dtype = resolve_dtype(config.device, config.dtype)
         ckpt = load_checkpoint(path, device=config.device, dtype=dtype)
-        return cls(ckpt.model, ckpt.tokenizer, config)
+        return cls(ckpt.model, ckpt.tokenizer, config, eos_ids=checkpoint_eos_ids(ckpt))
 
     # --- lifecycle ------------------------------------------------------------------
     @property

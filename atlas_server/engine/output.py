@@ -22,7 +22,7 @@ hands a step's events to each caller's event loop at once).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -104,9 +104,15 @@ class _RequestState:
 class OutputProcessor:
     """Sampling, detokenizing, stop conditions and events; see the module docstring."""
 
-    def __init__(self, tokenizer: Tokenizer, device: torch.device) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, device: torch.device, eos_ids: Iterable[int] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eot_id
+        # The ids that end every generation unless ignore_eos: the checkpoint's own (an
+        # imported model's </s> or <|end_of_text|>), else the tokenizer's <|endoftext|>.
+        if eos_ids is None:
+            eos_ids = () if tokenizer.eot_id is None else (tokenizer.eot_id,)
+        self.eos_ids = tuple(eos_ids)
         self.device = device
         self._states: dict[str, _RequestState] = {}
         self.generation_tokens_total = 0
@@ -174,7 +180,6 @@ class OutputProcessor:
                 rows += r.sequences
         if not rows:
             return None
-        eos = self.eos_id
         states = [self._states[seq.request.request_id] for seq in rows]
         choices = [state.choices[seq.index] for state, seq in zip(states, rows, strict=True)]
         sampling_rows = [
@@ -184,7 +189,7 @@ class OutputProcessor:
                 seq.output_ids,
                 choice.generator,
                 tuple(seq.request.params.stop_token_ids)
-                + ((eos,) if eos is not None and not seq.request.params.ignore_eos else ()),
+                + (self.eos_ids if not seq.request.params.ignore_eos else ()),
             )
             for seq, choice in zip(rows, choices, strict=True)
         ]
@@ -239,7 +244,7 @@ class OutputProcessor:
                 row.first = True
             if token in p.stop_token_ids:
                 row.reason, row.stop_reason = "stop", token
-            elif token == self.eos_id and not p.ignore_eos:
+            elif token in self.eos_ids and not p.ignore_eos:
                 row.reason = "stop"
             row.at_length = row.count >= p.max_tokens
             if row.reason is not None or row.at_length:
