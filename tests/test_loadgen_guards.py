@@ -74,6 +74,18 @@ def fake_server(stream, sent: list | None = None) -> httpx.MockTransport:
     return httpx.MockTransport(handle)
 
 
+def answering_at_once(clock: FakeClock, sent_at: list[float]):
+    """A stream that answers in no (fake) time, noting when each request was sent."""
+
+    async def instant(n):
+        sent_at.append(clock.now)
+        for _ in range(n):
+            yield token()
+        yield sse("[DONE]")
+
+    return instant
+
+
 def run_level(stream, *, sent: list | None = None, **spec) -> tuple[list, dict]:
     spec = {"base_url": "http://127.0.0.1:9", "num_requests": 1, "output_tokens": 10, **spec}
     load = loadgen.run_load(loadgen.LoadSpec(**spec), transport=fake_server(stream, sent))
@@ -188,12 +200,7 @@ def test_a_hung_server_is_cut_off_at_max_duration_and_unsent_requests_are_counte
 
 def test_poisson_arrivals_after_the_deadline_are_not_sent(clock):
     sent_at: list[float] = []
-
-    async def instant(n):
-        sent_at.append(clock.now)
-        for _ in range(n):
-            yield token()
-        yield sse("[DONE]")
+    instant = answering_at_once(clock, sent_at)
 
     # Gaps average 10,000 s of fake time: arrivals after 300 s are never sent, nor waited for.
     records, summary = run_level(
@@ -207,12 +214,7 @@ def test_poisson_arrivals_after_the_deadline_are_not_sent(clock):
 # --- Poisson throughput --------------------------------------------------------------------------
 def test_poisson_duration_ends_at_the_last_completion_not_after_an_idle_gap(clock):
     sent_at: list[float] = []
-
-    async def instant(n):
-        sent_at.append(clock.now)
-        for _ in range(n):
-            yield token()
-        yield sse("[DONE]")
+    instant = answering_at_once(clock, sent_at)
 
     _, summary = run_level(instant, mode="poisson", request_rate=1.0, num_requests=3)
     assert sent_at[0] == 0.0 and len(sent_at) == 3
