@@ -102,3 +102,33 @@ def hf_gpt_neox(vocab: int, parallel: bool = True, rotary_pct: float = 0.25, act
         attn_implementation="eager",
     )
     return _random_norms(transformers.GPTNeoXForCausalLM(cfg).eval())
+
+
+def llama3_style_tokenizer(
+    vocab_size: int, special_tokens: list[str], text_chars: int, split: str | None = None
+):
+    """A `tokenizers` BPE shaped like Llama 3's: its split regex (`split`, default Atlas's
+    copy of it), then byte-level with no regex of its own, trained on `text_chars` of
+    standard-library text."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from atlas_server.gguf_export import LLAMA3_SPLIT_PATTERN
+    from atlas_server.tokenizer.corpus import stdlib_sample
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split or LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_sample(text_chars), trainer)
+    return tok

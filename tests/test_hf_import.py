@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from hf_models import hf_gpt2, hf_gpt_neox, hf_llama, hf_qwen2
+from hf_models import hf_gpt2, hf_gpt_neox, hf_llama, hf_qwen2, llama3_style_tokenizer
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import load_checkpoint
@@ -174,24 +174,8 @@ LLAMA3_SPLIT = (
 
 
 def test_llama3_style_split_regex_tokenizer_matches_hf_tokenizers(tmp_path):
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    theirs = HFTokenizer(models.BPE())
-    theirs.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    theirs.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=450,
-        special_tokens=["<|begin_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    theirs.train_from_iterator(stdlib_sample(100_000), trainer)
+    # the regex as Llama 3 publishes it, not Atlas's copy
+    theirs = llama3_style_tokenizer(450, ["<|begin_of_text|>"], 100_000, split=LLAMA3_SPLIT)
     theirs.save(str(tmp_path / "tokenizer.json"))
     ours = tokenizer_from_hf_json(tmp_path / "tokenizer.json")
     for text in stdlib_sample(60_000, stride=5) + ["12345 ÉCOLE it's\n\n  x"]:

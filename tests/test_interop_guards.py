@@ -14,14 +14,14 @@ import shutil
 
 import pytest
 import torch
-from hf_models import hf_gpt2, hf_llama
+from hf_models import hf_gpt2, hf_llama, llama3_style_tokenizer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from atlas_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from atlas_server.cli import app
 from atlas_server.commands.checkpoint import check_output
-from atlas_server.gguf_export import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN, export_gguf
+from atlas_server.gguf_export import QWEN2_SPLIT_PATTERN, export_gguf
 from atlas_server.hf_arch import HFConversionError, model_config_from_hf
 from atlas_server.hf_export import export_hf
 from atlas_server.hf_import import HFImportError, import_hf, load_hf_weights
@@ -171,24 +171,10 @@ def _llama3_folder(folder, instruct: bool = False):
     TemplateProcessing, <|end_of_text|> (id 1) the EOS; neither is <|endoftext|>. The
     Instruct shape adds <|eot_id|> (id 2): the tokenizer's eos_token, and a second id in
     generation_config.json's eos list."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
 
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"][: 2 + instruct],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(stdlib_sample(60_000), trainer)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"][: 2 + instruct]
+    tok = llama3_style_tokenizer(400, specials, 60_000)
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A",
         pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
