@@ -286,7 +286,8 @@ def merge_lora(base: Transformer, adapter: Adapter, check_base: bool = True) -> 
         raise LoRAError("merge into the plain base model, not one that carries adapters")
     if check_base and weights_sha256(base.state_dict()) != adapter.base_sha256:
         raise LoRAError(
-            f"the adapter was trained on other base weights (sha256 {adapter.base_sha256[:12]}...);"
+            "the adapter was trained on other base weights (tensor sha256 "
+            f"{adapter.base_sha256[:12]}...);"
             " load the base checkpoint it names in its provenance (in the same dtype)"
         )
     merged = copy.deepcopy(base)

@@ -170,7 +170,9 @@ def inspect(
             f"{lora['modules']} projections ({', '.join(lora['targets'])}): "
             f"{lora['parameters']:,} parameters"
         )
-        typer.echo(f"base weights sha256: {info['base_weights_sha256']}")
+        # Over the tensors (names, dtypes, shapes, values), so that a base re-saved or
+        # loaded in another file still matches; not what `sha256sum model.safetensors` prints.
+        typer.echo(f"base weights sha256 (of the tensors): {info['base_weights_sha256']}")
         show_lineage(info["lineage"])
         typer.echo("merge for serving: atlas checkpoint merge-lora BASE ADAPTER OUT")
         return
