@@ -18,6 +18,8 @@
 # The data records its SEED (WORK/instruct/manifest.json) and another SEED is refused: the
 # finished models would be scored on a held-out split that overlaps their training data.
 # Delete WORK/instruct (everything is redone) or use another WORK to run another seed.
+# Likewise the SFT run records its BASE (WORK/base.txt) and another BASE is refused: the
+# reused models would not be the new base's. Delete WORK/sft or use another WORK.
 set -euo pipefail
 
 WORK=${1:-posttrain}
@@ -49,6 +51,7 @@ if [ -z "${BASE:-}" ]; then
         stage quickstart "$PYTHON" -m trainer.cli quickstart
     fi
 fi
+BASE=$(cd "$BASE" && pwd)  # one spelling of the folder, for the record below
 echo "base checkpoint: $BASE" >&2
 
 redo_after() {  # redo_after STAGE: STAGE starts afresh, so the stages built on it go too
@@ -87,10 +90,17 @@ final() {  # the run's last checkpoint, without its trainer state: a servable ch
 # A stage is finished when its run folder and its model are there; without the run folder
 # it starts afresh (and the stages after it go); with it, --resume continues the run.
 finished() { [ -d "$WORK/$1" ] && [ -f "$WORK/$1-final/config.json" ]; }
+BASE_RECORD="$WORK/base.txt"
+if [ -d "$WORK/sft" ] && [ -f "$BASE_RECORD" ] && [ "$(cat "$BASE_RECORD")" != "$BASE" ]; then
+    echo "error: $WORK/sft was trained from BASE=$(cat "$BASE_RECORD"), not BASE=$BASE;" \
+        "delete $WORK/sft to redo SFT and DPO from the new base, or use another WORK" >&2
+    exit 1
+fi
 if finished sft; then
     echo "== sft: reusing $WORK/sft-final" >&2
 else
     [ -d "$WORK/sft" ] || redo_after sft
+    echo "$BASE" >"$BASE_RECORD"
     stage sft "$PYTHON" -m trainer.cli sft --config configs/train/sft-instruct.toml \
         --set "model.init_from=\"$BASE\"" \
         --set "sft.train=[\"$WORK/instruct/sft_train.jsonl\"]" \

@@ -47,7 +47,7 @@ def recipe(tmp_path):
     base.mkdir()
     work = tmp_path / "work"
 
-    def run(seed: int = 0) -> tuple[subprocess.CompletedProcess, list[str]]:
+    def run(seed: int = 0, base: Path = base) -> tuple[subprocess.CompletedProcess, list[str]]:
         log.write_text("")
         env = {
             **os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable, "LOG": str(log),
@@ -114,3 +114,20 @@ def test_deleting_a_stage_folder_redoes_it_and_the_stages_after(recipe, deleted,
         assert (now != before) == (name in trained), name
     if deleted == "instruct":
         assert '"seed": 1' in (work / "instruct" / "manifest.json").read_text()
+
+
+def test_another_base_is_refused_until_sft_is_redone(recipe, tmp_path):
+    """The reused SFT and DPO models were trained from the first BASE: scoring them as the
+    new base's fine-tunes would be wrong."""
+    run, work = recipe
+    assert run()[0].returncode == 0
+    other = tmp_path / "other-base"
+    other.mkdir()
+    result, calls = run(base=other)
+    assert result.returncode == 1 and calls == []
+    assert f"{work}/sft was trained from BASE={tmp_path}/base, not BASE={other}" in result.stderr
+    assert run(base=tmp_path / "base" / ".." / "base")[0].returncode == 0  # the same folder
+    shutil.rmtree(work / "sft")
+    result, calls = run(base=other)
+    assert result.returncode == 0, result.stderr
+    assert calls == ["sft fresh", "dpo fresh"]
