@@ -51,6 +51,7 @@ if [ -z "${BASE:-}" ]; then
         stage quickstart "$PYTHON" -m trainer.cli quickstart
     fi
 fi
+[ -d "$BASE" ] || { echo "error: BASE=$BASE is not a checkpoint folder" >&2; exit 1; }
 BASE=$(cd "$BASE" && pwd)  # one spelling of the folder, for the record below
 echo "base checkpoint: $BASE" >&2
 
