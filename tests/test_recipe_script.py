@@ -131,3 +131,12 @@ def test_another_base_is_refused_until_sft_is_redone(recipe, tmp_path):
     result, calls = run(base=other)
     assert result.returncode == 0, result.stderr
     assert calls == ["sft fresh", "dpo fresh"]
+
+
+def test_a_base_that_is_not_a_folder_is_one_line(recipe, tmp_path):
+    run, work = recipe
+    result, calls = run(base=tmp_path / "no such base")
+    assert result.returncode == 1 and calls == []
+    assert (
+        result.stderr.strip() == f"error: BASE={tmp_path}/no such base is not a checkpoint folder"
+    )

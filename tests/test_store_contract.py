@@ -428,6 +428,16 @@ def test_delete_sources_removes_exactly_those_documents(store, fresh, portable):
     assert delete_sources(name, sorted(gone)) == 0
     assert delete_sources(name, []) == 0
     assert store.count(name) == N - len(expected)
+    # A source is data: quotes, backslashes and filter syntax must match only themselves.
+    hostile = ["we\"ird\\na'me.md", "x.md' or source != '", 'a" || true || "b', "ünï cødé.md"]
+    extra = [
+        Chunk(str(uuid.uuid5(uuid.NAMESPACE_URL, f"hostile-{i}")), f"odd {i}", src, None, 0, 5)
+        for i, src in enumerate(hostile)
+    ]
+    store.upsert(name, extra, vectors[: len(extra)])
+    for i, src in enumerate(hostile):
+        assert delete_sources(name, [src]) == 1, src
+        assert store.count(name) == N - len(expected) + len(hostile) - i - 1
 
 
 def test_iter_chunks_returns_every_chunk_with_its_vector(store, filled):
