@@ -369,14 +369,40 @@ class ChatTemplate:
         return tuple(dict.fromkeys(stops))
 
 
-def _default_variables(tokenizer: Tokenizer) -> dict[str, str]:
-    return {"eos_token": ENDOFTEXT} if ENDOFTEXT in tokenizer.special_tokens else {}
+def _default_variables(
+    tokenizer: Tokenizer, provenance: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """bos_token and eos_token as `export-hf` names them in tokenizer_config.json: the ids
+    `import-hf` recorded in the checkpoint's provenance (an imported Llama 3's
+    <|begin_of_text|>), else the tokens' names (<|endoftext|> for both, as GPT-2 has it). A
+    template that writes `{{ bos_token }}` thus renders here what transformers renders for
+    the export."""
+    from .hf_export import special_ids  # hf_export imports the checkpoint module, and it this
+
+    ids = special_ids(tokenizer, dict(provenance or {}))
+    variables = {}
+    for key, token_id in (("bos_token", ids.bos), ("eos_token", ids.first_eos)):
+        if token_id is not None:
+            variables[key] = tokenizer.decode([token_id])
+    return variables
+
+
+def _checkpoint_provenance(directory: Path) -> dict[str, Any]:
+    """The provenance of the atlas checkpoint in `directory` ({} for any other folder: a
+    tokenizer folder, a damaged config that loading the checkpoint reports)."""
+    try:
+        meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    return provenance if isinstance(provenance, dict) else {}
 
 
 def _variables_from(directory: Path, tokenizer: Tokenizer) -> dict[str, str]:
-    """bos_token, eos_token, ... from HF's tokenizer_config.json beside the template, if any."""
+    """bos_token, eos_token, ...: the checkpoint's own (_default_variables), then HF's
+    tokenizer_config.json beside the template, if any, over them."""
     path = directory / TOKENIZER_CONFIG_FILE
-    variables = _default_variables(tokenizer)
+    variables = _default_variables(tokenizer, _checkpoint_provenance(directory))
     if not path.is_file():
         return variables
     try:

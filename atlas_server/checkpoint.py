@@ -139,6 +139,10 @@ def save_checkpoint(
 
 # --- lineage ------------------------------------------------------------------------------------
 STAGES = ("pretrain", "sft", "dpo", "merge-lora", "import")
+# What `import-hf` records about the source tokenizer's special ids (hf_export.special_ids
+# reads them). A checkpoint made from a base keeps the base's tokenizer, so it keeps these:
+# without them a fine-tuned Llama 3 would end generations on no EOS at all.
+TOKENIZER_ID_KEYS = ("bos_token_id", "eos_token_id", "tokenizer_eos_token_id", "tokenizer_adds")
 
 
 def infer_stage(provenance: dict[str, Any]) -> str:
@@ -173,7 +177,8 @@ def lineage_provenance(
     stage: str, base: str | os.PathLike | None, data: Any, data_sha256: str, **fields: Any
 ) -> dict[str, Any]:
     """Provenance fields for a checkpoint made by `stage` from `base` (None: from scratch)
-    on data hashing to `data_sha256`; `fields` (step, ...) go into its link of the chain."""
+    on data hashing to `data_sha256`; `fields` (step, ...) go into its link of the chain.
+    The base's recorded special ids (TOKENIZER_ID_KEYS) carry over."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
     link: dict[str, Any] = {"stage": stage, "data": data, "data_sha256": data_sha256, **fields}
@@ -183,7 +188,9 @@ def lineage_provenance(
         base = Path(base)
         base_meta = read_metadata(base)
         base_sha = weights_sha256_of(base)
-        chain = lineage(base_meta.get("provenance") or {})
+        base_provenance = base_meta.get("provenance") or {}
+        chain = lineage(base_provenance)
+        out.update({k: base_provenance[k] for k in TOKENIZER_ID_KEYS if k in base_provenance})
         chain[-1] = {**chain[-1], "checkpoint": str(base), "checkpoint_sha256": base_sha}
         out["base_checkpoint"] = str(base)
         out["base_checkpoint_sha256"] = base_sha

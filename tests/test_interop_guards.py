@@ -384,3 +384,77 @@ def test_tokenizer_errors_name_the_file_and_the_fix_once(tmp_path, own_checkpoin
     assert result.exit_code == 1 and "Tokenizer.from_file" not in result.output
     assert "neither an Atlas tokenizer" in result.output
     assert os.path.exists(own_checkpoint / "config.json")
+
+
+def test_imported_llama3_is_served_with_its_bos_as_transformers_scores_it(tmp_path):
+    """The completions endpoint reads a text prompt as HF's tokenizer encodes it, BOS
+    first, and scores it as transformers does; `add_special_tokens: false` and token-id
+    prompts are sent as they are; /tokenize follows vLLM (BOS for a prompt, not for
+    messages whose template writes it)."""
+    import httpx
+    from servers import serving
+
+    from atlas_server.api import ServerState, create_app
+    from atlas_server.config import ModelSection, RAGSection, ServerConfig
+
+    src = _llama3_folder(tmp_path / "hf", instruct=True)
+    (src / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    import_hf(src, tmp_path / "ck")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    reference = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    text = "Hello world, said the parser."
+    expected_ids = theirs(text)["input_ids"]
+    assert expected_ids[0] == 0  # <|begin_of_text|>
+    with torch.no_grad():
+        logits = reference(torch.tensor([expected_ids])).logits[0]  # (T, vocab)
+    expected_lp = torch.log_softmax(logits.double(), -1)[:-1].gather(
+        1, torch.tensor(expected_ids[1:])[:, None]
+    )[:, 0]  # (T-1,)
+
+    config = ServerConfig(
+        model=ModelSection(device="cpu", dtype="float32"), rag=RAGSection(enabled=False)
+    )
+    state = ServerState(config=config, model_name="l3", checkpoint_path=str(tmp_path / "ck"))
+    with (
+        serving(create_app(state), ready=lambda status: status == 200) as base,
+        httpx.Client(base_url=base, timeout=60) as http,
+    ):
+
+        def score(**extra):
+            body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0, **extra}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        out = score()
+        lp = out["choices"][0]["logprobs"]
+        assert out["usage"]["prompt_tokens"] == len(expected_ids)
+        assert lp["tokens"][0] == "<|begin_of_text|>" and lp["token_logprobs"][0] is None
+        assert torch.allclose(
+            torch.tensor(lp["token_logprobs"][1:], dtype=torch.float64), expected_lp, atol=1e-4
+        )
+        # The echo shows the BOS it read, and every offset points into that text.
+        echoed = out["choices"][0]["text"]
+        assert echoed == "<|begin_of_text|>" + text
+        starts = zip(lp["text_offset"], lp["tokens"], strict=True)
+        assert [echoed[o:][: len(t)] for o, t in starts] == lp["tokens"]
+
+        bare = score(add_special_tokens=False)
+        assert bare["usage"]["prompt_tokens"] == len(expected_ids) - 1
+        assert bare["choices"][0]["text"] == text
+        ids = score(prompt=expected_ids[1:])  # token ids: nothing added
+        assert ids["usage"]["prompt_tokens"] == len(expected_ids) - 1
+
+        tokenize = lambda body: http.post("/tokenize", json=body).json()["tokens"]  # noqa: E731
+        assert tokenize({"prompt": text}) == expected_ids
+        assert tokenize({"prompt": text, "add_special_tokens": False}) == expected_ids[1:]
+        messages = [{"role": "user", "content": "hi"}]
+        chat = tokenize({"messages": messages})
+        assert chat == theirs.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert chat[0] == 0  # the template's own BOS, and only one
+        assert tokenize({"messages": messages, "add_special_tokens": True}) == [0, *chat]

@@ -154,3 +154,36 @@ def test_checkpoints_without_lineage_still_load_inspect_and_serve_as_bases(
     train(cfg, progress=False, task=sft_task())
     chain = read_metadata(list_checkpoints(tmp_path / "sft")[-1])["provenance"]["lineage"]
     assert [link["stage"] for link in chain] == ["unknown", "sft"]
+
+
+def test_a_fine_tune_keeps_the_special_ids_its_base_recorded(tmp_path, byte_tokenizer):
+    """An imported model's recorded BOS/EOS ids (Llama 3 Instruct ends on two ids, neither
+    <|endoftext|>) carry over to a checkpoint fine-tuned from it: the server still stops on
+    them and the exports still write them."""
+    from atlas_server.engine.engine import checkpoint_eos_ids, checkpoint_text_adds
+    from atlas_server.hf_export import special_ids
+
+    base = make_base(tmp_path, byte_tokenizer)
+    specials = byte_tokenizer.special_tokens
+    start, end = specials["<|im_start|>"], specials["<|im_end|>"]
+    recorded = {
+        "bos_token_id": start,
+        "eos_token_id": [end, specials["<|endoftext|>"]],
+        "tokenizer_eos_token_id": end,
+        "tokenizer_adds": {"before": [start], "after": []},
+    }
+    meta = json.loads((base / "config.json").read_text())
+    meta["provenance"].update(recorded)
+    (base / "config.json").write_text(json.dumps(meta))
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_records())
+    one = ("schedule.max_steps=1", "run.checkpoint_every=1", "run.sample_tokens=0")
+    train(
+        config(base, tmp_path / "sft", f'sft.train=["{chat}"]', *one),
+        progress=False,
+        task=sft_task(),
+    )
+    tuned = load_checkpoint(list_checkpoints(tmp_path / "sft")[-1])
+    assert {k: tuned.provenance.get(k) for k in recorded} == recorded
+    assert checkpoint_eos_ids(tuned) == [end, specials["<|endoftext|>"]]
+    assert checkpoint_text_adds(tuned) == ([start], [])
+    assert special_ids(tuned.tokenizer, tuned.provenance).first_eos == end

@@ -30,6 +30,7 @@ from .generation import (
     check_ready,
     collect,
     completion_logprobs,
+    encode_text,
     grounding,
     max_tokens_for,
     new_id,
@@ -77,8 +78,7 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
     prompts = []
     for item in items:
         if isinstance(item, str):
-            ids = tokenizer.encode(item)
-            text = item
+            ids, text = encode_text(state, item, req.add_special_tokens is not False)
         elif isinstance(item, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in item
         ):

@@ -68,6 +68,22 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def encode_text(state: ServerState, text: str, add_special_tokens: bool) -> tuple[list[int], str]:
+    """(ids, text as the model reads it) of a text prompt. With `add_special_tokens`, the
+    ids the checkpoint's source tokenizer adds around every text (an imported Llama 3's
+    <|begin_of_text|>, Engine.text_adds) go around it, as HF's `encode(text)` and vLLM's
+    completions put them; the text then shows them too, so an echo's `text_offset`s point
+    into the text it returns."""
+    ids = state.tokenizer.encode(text)
+    if not add_special_tokens:
+        return ids, text
+    before, after = state.engine.text_adds
+    if not before and not after:
+        return ids, text
+    decode = state.tokenizer.decode
+    return before + ids + after, decode(before) + text + decode(after)
+
+
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise APIError(

@@ -111,6 +111,10 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's extension: put the tokens the model's source tokenizer adds around each text
+    # (an imported Llama 3's <|begin_of_text|>) around a text prompt. Token-id prompts are
+    # sent as they are.
+    add_special_tokens: bool | None = True
 
     def check_ranges(self) -> None:
         if self.best_of is not None and self.best_of != self.n:
@@ -141,7 +145,9 @@ class TokenizeRequest(_Body, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
-    add_special_tokens: bool | None = True
+    # As vLLM: null means true for a prompt (what /v1/completions sends) and false for
+    # messages, whose chat template writes the model's BOS itself.
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = True
 
 

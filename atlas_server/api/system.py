@@ -19,7 +19,7 @@ from litestar.response import Response
 from ..compute_threads import run_in_fresh_thread
 from .chat import prompt_ids
 from .errors import APIError, RequestError, error_responses
-from .generation import check_model
+from .generation import check_model, encode_text
 from .schemas import DetokenizeRequest, TokenizeRequest
 from .state import ServerState
 
@@ -131,8 +131,11 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
         raise RequestError("give exactly one of prompt or messages", param="prompt")
     if data.messages is not None:
         tokens = prompt_ids(state, data.messages, data.add_generation_prompt)
+        if data.add_special_tokens:
+            before, after = state.engine.text_adds
+            tokens = before + tokens + after
     else:
-        tokens = state.tokenizer.encode(data.prompt)
+        tokens, _ = encode_text(state, data.prompt, data.add_special_tokens is not False)
     return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
 
 

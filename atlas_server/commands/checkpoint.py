@@ -375,8 +375,9 @@ def import_hf_command(
     if adds:  # Llama 3's BOS: the model expects it, and Atlas's encode() does not add it
         where = [f"id {adds[k]} {k}" for k in ("before", "after") if adds[k]]
         typer.echo(
-            f"note: the source tokenizer adds {' and '.join(where)} every text; Atlas's "
-            "encode() does not (add them yourself); export-hf and export-gguf put them back",
+            f"note: the source tokenizer adds {' and '.join(where)} every text; `atlas "
+            "serve` adds them to text prompts and export-hf and export-gguf put them back, "
+            "but Atlas's encode() does not (add them yourself when you call it)",
             err=True,
         )
 

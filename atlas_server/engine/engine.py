@@ -150,6 +150,17 @@ def checkpoint_eos_ids(ckpt: Checkpoint) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
+def checkpoint_text_adds(ckpt: Checkpoint) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) that the source tokenizer puts around every text it encodes
+    (Llama 3's <|begin_of_text|>), as `import-hf` recorded them; ([], []) for an Atlas
+    tokenizer, which adds nothing. The API puts them around text prompts, as HF's
+    `encode(text)` and vLLM's completions do (docs/interop.md, "BOS and EOS")."""
+    from ..hf_export import special_ids
+
+    ids = special_ids(ckpt.tokenizer, ckpt.provenance)
+    return list(ids.before), list(ids.after)
+
+
 class Engine:
     """Continuous-batching generation over a Transformer with a preallocated KV cache."""
 
@@ -160,9 +171,12 @@ class Engine:
         config: EngineConfig,
         runner: ModelRunner | None = None,
         eos_ids: Sequence[int] | None = None,
+        text_adds: tuple[Sequence[int], Sequence[int]] = ((), ()),
     ) -> None:
         """`eos_ids`: the ids that end a generation (default: the tokenizer's <|endoftext|>;
-        from_checkpoint passes the checkpoint's own)."""
+        from_checkpoint passes the checkpoint's own). `text_adds`: the ids the checkpoint's
+        source tokenizer adds before and after each text (checkpoint_text_adds); the engine
+        does not use them, it carries them for the API's text prompts."""
         model_max = model.config.max_seq_len
         self.max_model_len = config.max_model_len or model_max
         if not 1 <= self.max_model_len <= model_max:
@@ -175,6 +189,7 @@ class Engine:
                 f"{config.max_running}: every decoding sequence needs a token each step"
             )
         self.tokenizer = tokenizer
+        self.text_adds = (list(text_adds[0]), list(text_adds[1]))
         self.runner = runner or make_runner(model, config, self.max_model_len)
         self.model, self.cache = self.runner.model, self.runner.cache
         if self.cache.n_slots < config.max_running:  # the KV budget holds fewer slots
@@ -225,7 +240,13 @@ class Engine:
         config = config or EngineConfig()
         dtype = resolve_dtype(config.device, config.dtype)
         ckpt = load_checkpoint(path, device=config.device, dtype=dtype)
-        return cls(ckpt.model, ckpt.tokenizer, config, eos_ids=checkpoint_eos_ids(ckpt))
+        return cls(
+            ckpt.model,
+            ckpt.tokenizer,
+            config,
+            eos_ids=checkpoint_eos_ids(ckpt),
+            text_adds=checkpoint_text_adds(ckpt),
+        )
 
     # --- lifecycle ------------------------------------------------------------------
     @property
