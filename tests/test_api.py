@@ -310,6 +310,33 @@ def test_specific_error_statuses(server):
     assert big.status_code == 413
 
 
+def test_tool_calls_and_json_output_are_refused_not_ignored(client):
+    """A client asking for tool calls or JSON gets a 400 naming the field, not free text it
+    would fail to parse later; tool_choice "none" and response_format "text" are served."""
+    from openai import BadRequestError
+
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    tool = {
+        "type": "function",
+        "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}},
+    }
+    refused = (
+        ({"tools": [tool]}, "tools"),
+        ({"tools": [tool], "tool_choice": "required"}, "tools"),
+        ({"functions": [tool["function"]]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    )  # fmt: skip
+    for extra, param in refused:
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
+        assert e.value.body["param"] == param, extra
+        assert "not supported" in e.value.body["message"]
+    for extra in ({"tools": [tool], "tool_choice": "none"}, {"response_format": {"type": "text"}}):
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
+        assert out.choices[0].finish_reason == "length"
+
+
 def test_api_key_is_required_on_v1_only(tiny_checkpoint):
     with running_server(tiny_checkpoint, api_key="s3cret") as (base, _):
         assert httpx.get(base + "/v1/models").status_code == 401

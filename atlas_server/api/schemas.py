@@ -135,10 +135,31 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     add_generation_prompt: bool | None = True
+    # Declared so that they are refused rather than ignored: a client that asks for tool
+    # calls or JSON output and silently gets free text breaks later and further away.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    response_format: dict[str, Any] | None = None
 
     def check_ranges(self) -> None:
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        # As vLLM without a tool-call parser: any tool_choice but "none" needs tool calls
+        # parsed out of the text. With "none" the tools are left out of the prompt.
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            raise RequestError(
+                "tool calls are not supported: this server does not parse tool calls out of "
+                'generated text; leave tools out or send tool_choice: "none"',
+                param="tools" if self.tools else "functions",
+            )
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise RequestError(
+                f"response_format {kind!r} is not supported: this server has no constrained "
+                'decoding, so it cannot promise JSON; leave it out or send {"type": "text"}',
+                param="response_format",
+            )
 
 
 class TokenizeRequest(_Body, kw_only=True):
