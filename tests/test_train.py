@@ -182,17 +182,35 @@ def test_loader_is_deterministic_and_ranks_split_the_global_batch(data_dir):
     assert torch.equal(again.next_batch(6)[0], single.next_batch(6)[0])
 
 
-def test_same_seed_same_losses(tmp_path, data_dir):
-    a = train(config(data_dir, tmp_path / "a"), progress=False)["losses"]
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir) -> dict:
+    """One uninterrupted run of `config`'s 12 steps: the run that resumed, killed and served
+    runs are compared with (tests only read it; each made it again before, ~6 s apiece)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    return {**train(config(data_dir, out), progress=False), "out": out}
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory, data_dir) -> tuple[list[float], Path]:
+    """The DDP/FSDP tests' reference: one process, micro-batch 4, no dropout; (losses, the
+    step-12 checkpoint)."""
+    out = tmp_path_factory.mktemp("single") / "one"
+    cfg = config(data_dir, out, "data.micro_batch=4", "model.overrides={dropout = 0.0}")
+    losses = train(cfg, progress=False)["losses"]
+    return losses, out / "checkpoints" / "step_000012"
+
+
+def test_same_seed_same_losses(tmp_path, data_dir, reference_run):
+    a = reference_run["losses"]
     b = train(config(data_dir, tmp_path / "b"), progress=False)["losses"]
     assert a == b
     assert a[-1] < a[0]
 
 
 def test_resume_is_bit_exact_keeps_last_n_and_reads_each_file_once(
-    tmp_path, data_dir, monkeypatch, capsys
+    tmp_path, data_dir, monkeypatch, capsys, reference_run
 ):
-    full = train(config(data_dir, tmp_path / "full"), progress=False)["losses"]
+    full = reference_run["losses"]
     # an interrupted run: drop its last checkpoint so the newest one is at step 8
     part = train(config(data_dir, tmp_path / "part", "run.checkpoint_every=4"), progress=False)
     assert [p.name for p in list_checkpoints(tmp_path / "part")] == ["step_000008", "step_000012"]
@@ -287,8 +305,8 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(tmp_pa
     assert resumed["losses"] == full[stopped:]
 
 
-def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir):
-    full = train(config(data_dir, tmp_path / "full"), progress=False)["losses"]
+def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir, reference_run):
+    full = reference_run["losses"]
     out = tmp_path / "killed"
     script = (
         "import sys; from trainer.config import load_train_config; from trainer.loop import train; "
@@ -324,21 +342,20 @@ def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir):
     assert not (out / "checkpoints" / ".tmp-step_000008").exists()
 
 
-def test_checkpoint_is_served_unchanged_and_logs_exist(tmp_path, data_dir):
-    summary = train(config(data_dir, tmp_path / "run"), progress=False)
-    ckpt = load_checkpoint(summary["checkpoint"])
+def test_checkpoint_is_served_unchanged_and_logs_exist(reference_run):
+    ckpt = load_checkpoint(reference_run["checkpoint"])
     assert ckpt.provenance["step"] == 12
-    assert "bits_per_byte" in summary["val"] and summary["val"]["bits_per_byte"] > 0
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "run" / "config.toml").read_text().startswith("[model]")
+    val = reference_run["val"]
+    assert "bits_per_byte" in val and val["bits_per_byte"] > 0
+    assert list((reference_run["out"] / "tensorboard").glob("events.out.tfevents.*"))
+    assert (reference_run["out"] / "config.toml").read_text().startswith("[model]")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir, strategy):
-    single = train(
-        config(data_dir, tmp_path / "one", "data.micro_batch=4", "model.overrides={dropout = 0.0}"),
-        progress=False,
-    )["losses"]
+def test_distributed_data_parallel_matches_single_process(
+    tmp_path, data_dir, strategy, single_process_losses
+):
+    single, single_checkpoint = single_process_losses
     out = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -385,7 +402,7 @@ def test_distributed_data_parallel_matches_single_process(tmp_path, data_dir, st
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     ddp = load_checkpoint(out / "checkpoints" / "step_000012").model
-    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_000012").model
+    one = load_checkpoint(single_checkpoint).model
     for (name, a), b in zip(one.state_dict().items(), ddp.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     assert single[-1] < single[0]
