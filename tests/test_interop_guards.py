@@ -458,3 +458,57 @@ def test_imported_llama3_is_served_with_its_bos_as_transformers_scores_it(tmp_pa
         )
         assert chat[0] == 0  # the template's own BOS, and only one
         assert tokenize({"messages": messages, "add_special_tokens": True}) == [0, *chat]
+
+
+def test_an_imported_llama3_can_be_continued_on_documents_framed_as_its_tokenizer_frames_them(
+    tmp_path,
+):
+    """Domain adaptation of an imported Llama 3: prepare-data with its checkpoint as the
+    tokenizer used to refuse (no <|endoftext|>); now each document is what HF's tokenizer
+    encodes (BOS first) followed by <|end_of_text|>, and pretraining from it runs."""
+    import numpy as np
+
+    from trainer.config import load_train_config
+    from trainer.data import prepare_data, read_shard
+    from trainer.loop import train
+
+    src = _llama3_folder(tmp_path / "hf")
+    import_hf(src, tmp_path / "ck")
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [t for t in stdlib_sample(8_000) if t.strip()][:12]
+    for i, text in enumerate(texts):
+        (corpus / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
+    # The tokenizer file inside the checkpoint, as docs/training.md's example passes it.
+    manifest = prepare_data(
+        [str(corpus)], tmp_path / "ck" / "atlas_tokenizer.json", tmp_path / "tokens", 0.0,
+        workers=1, progress=False,
+    )  # fmt: skip
+    assert manifest["document_framing"] == {"before": [0], "after": [1]}
+    tokens = np.concatenate(
+        [read_shard(tmp_path / "tokens" / s["file"]) for s in manifest["train"]]
+    )
+    documents = np.split(tokens, np.flatnonzero(tokens == 1) + 1)[:-1]  # each ends with EOS
+    expected = sorted(
+        theirs(text)["input_ids"] + [1] for text in (p.read_text() for p in corpus.iterdir())
+    )
+    assert sorted(d.tolist() for d in documents) == expected
+
+    summary = train(
+        load_train_config(
+            None,
+            [
+                f'model.init_from="{tmp_path / "ck"}"',
+                f'data.path="{tmp_path / "tokens"}"',
+                f'run.out_dir="{tmp_path / "run"}"',
+                "data.seq_len=32", "data.micro_batch=2", "schedule.max_steps=2",
+                "schedule.warmup_steps=1", "run.checkpoint_every=2", "run.eval_every=2",
+                "run.sample_tokens=0", "run.threads=1",
+            ],
+        ),
+        progress=False,
+    )  # fmt: skip
+    assert len(summary["losses"]) == 2
+    tuned = load_checkpoint(summary["checkpoint"])
+    assert tuned.provenance["tokenizer_adds"] == {"before": [0], "after": []}

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from atlas_server.io import atomic_write_bytes, atomic_write_json
-from atlas_server.tokenizer import ENDOFTEXT, TOKENIZER_FILE, Tokenizer
+from atlas_server.tokenizer import TOKENIZER_FILE, Tokenizer
 from atlas_server.tokenizer.bpe import HF_TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
@@ -231,6 +231,35 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
     return legacy if legacy.is_file() and not own.is_file() else own
 
 
+def document_framing(tokenizer: Tokenizer, tok_file: Path) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) each document in the shards.
+
+    After: the end-of-text token, <|endoftext|> (GPT-2's and Atlas's), else another
+    end-of-text name (an imported Llama 3 has <|end_of_text|>). Before: nothing, unless the
+    tokenizer is an atlas checkpoint's whose source tokenizer adds ids to every text (Llama
+    3's <|begin_of_text|>, recorded by `import-hf`): a model trained with them at every
+    document start is continued with them, as HF's tokenizer would encode its documents."""
+    from atlas_server.checkpoint import CheckpointError, read_metadata
+    from atlas_server.hf_export import EOS_NAMES
+
+    end = next(
+        (tokenizer.special_tokens[n] for n in EOS_NAMES if n in tokenizer.special_tokens), None
+    )
+    if end is None:
+        raise DataError(
+            f"the tokenizer has no end-of-text token to separate documents (one of "
+            f"{', '.join(EOS_NAMES)})"
+        )
+    before: list[int] = []
+    if (tok_file.parent / "config.json").is_file():
+        try:
+            adds = read_metadata(tok_file.parent)["provenance"].get("tokenizer_adds") or {}
+        except CheckpointError:
+            adds = {}  # a tokenizer folder with some other config.json
+        before = [int(i) for i in adds.get("before", [])]
+    return before, [end]
+
+
 def data_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """The tokenizer a prepared folder's shards were encoded with: the copy beside them,
     checked against the hashes in manifest.json. Another tokenizer there would feed the
@@ -284,9 +313,7 @@ def prepare_data(
     out = Path(output)
     tok_file = tokenizer_file(tokenizer_path)  # a folder is resolved once, used everywhere
     tokenizer = Tokenizer.from_file(tok_file)
-    eot = tokenizer.eot_id
-    if eot is None:
-        raise DataError(f"the tokenizer has no {ENDOFTEXT} token to separate documents")
+    before, after = document_framing(tokenizer, tok_file)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     files = resolve_sources(sources)
     tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
@@ -298,6 +325,8 @@ def prepare_data(
         "dtype": np.dtype(dtype).name,
         "text_field": text_field,
     }
+    if before or after != [tokenizer.eot_id]:  # recorded only when not <|endoftext|> alone,
+        settings["document_framing"] = {"before": before, "after": after}  # as it always was
     progress_path = out / "progress.json"
     state = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if state is not None and state["settings"] != settings:
@@ -357,8 +386,8 @@ def prepare_data(
         for batch in _batched(texts, 256 * n_workers):
             for text, ids in zip(batch, encode_all(batch), strict=True):
                 split = splits["val" if is_validation(text, val_fraction) else "train"]
-                split.buffer.append(np.asarray(ids + [eot], dtype=np.int64))
-                split.count += len(ids) + 1
+                split.buffer.append(np.asarray(before + ids + after, dtype=np.int64))
+                split.count += len(before) + len(ids) + len(after)
                 doc_index += 1
                 bar.update(1)
                 if split.count >= shard_tokens:
