@@ -165,10 +165,12 @@ NOT_ITEM_KEYS = {"max_context_tokens", "metrics"}
 def item_settings(run: dict[str, Any]) -> dict[str, Any]:
     """What decides which items a run evaluated, by the name the note shows: the seed,
     --limit, the suite config, the data files' SHA-256 and the items the context kept."""
-    settings = {
-        "--seed": run.get("run", {}).get("seed"),
-        "--limit": run.get("run", {}).get("limit"),
-    }
+    from .suites import SUITES  # the suites import the client; compare alone does not
+
+    settings = {"--limit": run.get("run", {}).get("limit")}
+    suite = SUITES.get(run.get("suite"))
+    if suite is None or suite.seeded:  # an unknown suite: the seed may count
+        settings = {"--seed": run.get("run", {}).get("seed"), **settings}
     data = run.get("data") or {}  # file as the config names it -> its SHA-256
 
     def content(value: Any) -> Any:

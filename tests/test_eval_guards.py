@@ -55,7 +55,7 @@ def results_dir(tmp_path: Path, name: str, value: float, **changes) -> Path:
         "server": {"base_url": f"http://127.0.0.1:1/{name}", "model": name},
     }
     for key, value in changes.items():
-        results[key] = {**results[key], **value}
+        results[key] = {**results[key], **value} if isinstance(value, dict) else value
     write_run(tmp_path / name, results, [])
     return tmp_path / name
 
@@ -91,6 +91,21 @@ def test_compare_marks_no_best_between_runs_of_different_items(
     assert "**" not in chrf_row(table)
     assert "*No best value marked: these runs did not evaluate the same items" in table
     assert named in table
+
+
+@pytest.mark.parametrize(("suite", "seed_counts"), [("perplexity", False), ("generation", True)])
+def test_compare_ignores_the_seed_of_a_suite_it_does_not_change(
+    tmp_path: Path, suite: str, seed_counts: bool
+):
+    """Perplexity scores every item the same way whatever the seed: two runs of different
+    seeds measured the same thing, and one of them is the best."""
+    runs = [
+        results_dir(tmp_path, "a", 50.0, suite=suite),
+        results_dir(tmp_path, "b", 40.0, suite=suite, run={"seed": 7}),
+    ]
+    table, _ = compare_runs(runs, tmp_path / "cmp", ["a", "b"])
+    assert ("**50.0000**" in chrf_row(table)) is not seed_counts
+    assert ("--seed (0 vs 7)" in table) is seed_counts
 
 
 def test_compare_counts_one_data_file_spelled_two_ways_as_the_same_items(tmp_path: Path):

@@ -63,6 +63,9 @@ class Suite(abc.ABC):
     description: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
     config_cls: ClassVar[type]
+    # Whether --seed decides which items the suite evaluates (or how it asks for them):
+    # `compare` then marks no "best" between runs of different seeds.
+    seeded: ClassVar[bool] = True
 
     def check_server(self, base_url: str) -> None:
         """Refuse a server before any request is sent (default: every server is fine)."""

@@ -102,6 +102,7 @@ def load_documents(path: Path, limit: int | None) -> list[dict[str, str]]:
 
 class PerplexitySuite(Suite):
     name = "perplexity"
+    seeded = False  # every item, scored the same way whatever the seed
     description = "rolling log-likelihood of held-out Python documentation prose (echo + logprobs)"
     metrics = ("bits_per_byte", "token_perplexity", "word_perplexity", "byte_perplexity", "nll")
     config_cls = PerplexityConfig
