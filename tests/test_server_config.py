@@ -162,3 +162,32 @@ def test_serve_refuses_a_bad_chat_template_before_loading_anything(tmp_path, tin
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "chat_template.jinja" in lines[0], r.stderr
     assert "no_such_filter" in lines[0]
+
+
+def test_serve_refuses_plugin_options_for_a_plugin_nobody_registered(tmp_path, tiny_checkpoint):
+    """A misspelt `[rag.plugin_options.mmmr]` used to be accepted and the reranker left on
+    its defaults; now serve stops before loading, naming the table and what is installed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+         "--port", "1", "--set", "rag.plugin_options={mmmr={lambda=0.5}}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'mmmr'" in lines[0] and "mmr" in lines[0].split("installed:")[1]
+
+
+@pytest.mark.parametrize("store", ["embedded", "qdrant", "faiss"])
+def test_a_store_option_the_back_end_does_not_read_is_refused(tmp_path, store):
+    """`store_options = {hnsw_eff = 128}` used to open the store on its defaults; the error
+    names the key and the options the back end reads."""
+    from atlas_server.rag.store import StoreError, open_store
+
+    if store == "faiss":
+        pytest.importorskip("faiss")
+    with pytest.raises(StoreError, match=r"has no option 'hnsw_eff'.*reads .*") as e:
+        open_store(store, tmp_path / store, options={"hnsw_eff": 128})
+    assert store in str(e.value)
+    if store == "embedded":
+        assert "hnsw_ef," in str(e.value)
+        open_store(store, tmp_path / "ok", options={"hnsw_ef": 128}).close()  # a known one opens

@@ -172,11 +172,12 @@ def query(
     from ..config import ConfigFileError, load_config
     from ..plugins import get_plugin_host
     from ..rag.embedding import Embedder
-    from ..rag.pipeline import RAGPipeline
+    from ..rag.pipeline import RAGPipeline, check_plugin_options
     from ..rag.types import RAGContext
 
-    with user_errors(ConfigFileError):
+    with user_errors(ConfigFileError, ValueError):
         options = load_config(config, []).rag.plugin_options if config else {}
+        check_plugin_options(get_plugin_host(), options)
     with _errors():
         vector_store = _store(data_dir, qdrant_url, store, store_url)
         context = RAGContext(vector_store, Embedder())

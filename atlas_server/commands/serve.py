@@ -129,7 +129,8 @@ def serve(
     api_key: str = typer.Option(
         None,
         "--api-key",
-        help="Require `Authorization: Bearer KEY` on /v1 routes (or ATLAS_API_KEY).",
+        help="Require `Authorization: Bearer KEY` on every route but /health, /metrics and "
+        "/schema (or ATLAS_API_KEY).",
     ),
     api_key_file: Path = typer.Option(
         None, "--api-key-file", help="Read the API key from this file (a mounted secret)."
@@ -175,6 +176,12 @@ def serve(
         )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     check_chat_template(path)
+    if cfg.rag.enabled and cfg.rag.plugin_options:
+        from ..plugins import get_plugin_host
+        from ..rag.pipeline import check_plugin_options
+
+        with user_errors(ValueError):
+            check_plugin_options(get_plugin_host(), cfg.rag.plugin_options)
     # The printed config names the checkpoint actually served, not the unset default.
     cfg = with_overrides(cfg, model__checkpoint=str(path))
     key = read_api_key(api_key, api_key_file)

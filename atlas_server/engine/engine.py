@@ -312,7 +312,7 @@ class Engine:
             fits_now = not waiting and self.scheduler.num_free_slots >= params.n
             if waiting >= self.config.max_queued and not fits_now:
                 raise QueueFullError(
-                    f"{waiting} requests are queued (max_queued={self.config.max_queued})",
+                    f"{waiting} waiting for a slot (max_queued={self.config.max_queued})",
                     retry_after=self._retry_after(),
                 )
             self._ids.add(request_id)

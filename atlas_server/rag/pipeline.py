@@ -22,7 +22,20 @@ from ..plugins import PluginHost
 from .errors import PluginRuntimeError, UnknownComponentError
 from .types import Chunk, RAGContext, RetrievedChunk
 
-__all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError"]
+__all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError", "check_plugin_options"]
+
+
+def check_plugin_options(host: PluginHost, options: dict[str, Any]) -> None:
+    """Refuse `[rag.plugin_options.NAME]` tables whose NAME no installed plugin registered
+    (a misspelt `mmmr` would leave the reranker on its defaults without a word)."""
+    kinds = ("retrievers", "rerankers", "metrics", "vector_stores")
+    known = {name for kind in kinds for name in getattr(host, kind)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"rag.plugin_options names {', '.join(map(repr, unknown))}, which no installed "
+            f"plugin registered; installed: {', '.join(sorted(known))} (see `atlas plugins`)"
+        )
 
 
 class RAGPipeline:

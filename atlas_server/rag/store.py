@@ -55,7 +55,7 @@ import os
 import re
 from abc import ABC, ABCMeta, abstractmethod
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,16 @@ class StoreSettings:
     url: str | None = None  # a server or cluster (Qdrant, Milvus); None: in-process
     api_key: str | None = None  # never from the config file: CLI or environment
     options: dict[str, Any] = field(default_factory=dict)  # back-end specific tuning
+
+    def check_options(self, store: str, known: Sequence[str]) -> None:
+        """Refuse `store_options` keys the back end does not read: a misspelt `hnsw_eff`
+        would otherwise leave the default in force without a word."""
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise StoreError(
+                f"store {store!r} has no option {', '.join(map(repr, unknown))} (rag."
+                f"store_options); it reads {', '.join(sorted(known)) or 'none'}"
+            )
 
 
 class _OpensDefault(ABCMeta):
