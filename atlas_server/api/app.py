@@ -5,10 +5,10 @@ the tokenizer routes, embeddings, plugins, health and metrics always; the RAG ro
 (retrieve, collections) and the RAG prompt augmenter when `[rag] enabled` — the
 OpenAI-shaped exception handlers, the optional bearer-token check (every route but
 /health, /metrics and /schema), the body size limit and the OpenAPI schema (served at
-/schema, with the bounds Litestar drops put back: openapi_bounds.py). On startup it loads the checkpoint in a background thread, so
-/health answers 503 until the model is ready; on shutdown it stops the engine and closes
-the vector store. Nothing heavy happens at creation: the embedder and the vector store
-open on first use.
+/schema, with the bounds Litestar drops put back: openapi_bounds.py). On startup it
+loads the checkpoint in a background thread, so /health answers 503 until the model is
+ready; on shutdown it stops the engine and closes the vector store. Nothing heavy
+happens at creation: the embedder and the vector store open on first use.
 
 Extension point: `extra_handlers` (Litestar route handlers or routers) for applications
 that embed Atlas; a request with a `rag` field uses `state.augmenter` (any
