@@ -170,10 +170,7 @@ def load_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 def _shards_of(index: Path) -> list[str]:
     """The shard files an index names, each a file inside the model folder."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise HFImportError(f"{index} is not a JSON object: {e}") from None
+    weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise HFImportError(f"{index} has no weight_map object of tensor name -> shard file")
     for name in set(weight_map.values()):
@@ -301,13 +298,7 @@ def chat_template_of(src: Path) -> str | None:
     jinja = src / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    config = src / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise HFImportError(f"{config} is not a JSON object: {e}") from None
+    template = _read_json(src / "tokenizer_config.json").get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

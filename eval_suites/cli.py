@@ -122,10 +122,13 @@ def run(
     except EvalError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        typer.echo(
-            "error: interrupted; rerun the same command to continue from the response cache",
-            err=True,
+        # With --no-cache nothing was kept: a rerun starts over, and should be told so.
+        rerun = (
+            "rerun without --no-cache to keep answers across interruptions"
+            if no_cache
+            else "rerun the same command to continue from the response cache"
         )
+        typer.echo(f"error: interrupted; {rerun}", err=True)
         raise typer.Exit(130) from None
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(report)

@@ -211,6 +211,11 @@ def test_ctrl_c_exits_130_and_says_how_to_continue(tmp_path: Path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert "rerun the same command to continue" in result.stderr
     assert "Traceback" not in result.output
+    # With --no-cache nothing was kept: it must not promise that a rerun continues.
+    args = ["--base-url", unreachable(), "-o", tmp_path / "r2", "--no-cache"]
+    result = invoke("run", "perplexity", *args)
+    assert result.exit_code == 130
+    assert "continue" not in result.stderr and "without --no-cache" in result.stderr
 
 
 # --- docs/evaluation.md "Determinism and resume": answers combine in item order ---------------------

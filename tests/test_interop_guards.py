@@ -353,7 +353,8 @@ def test_tied_config_with_a_different_head_in_the_file_is_untied_as_transformers
 @pytest.mark.parametrize(
     "index, message",
     [
-        ("{not json", "is not a JSON object"),
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
         ('{"metadata": {}}', "has no weight_map"),
         ('{"weight_map": ["model.safetensors"]}', "has no weight_map"),
         ('{"weight_map": {"x": "/etc/passwd"}}', "outside the model folder"),
@@ -365,6 +366,7 @@ def test_malformed_shard_index_is_one_line_naming_the_file(tmp_path, index, mess
     with pytest.raises(HFImportError, match=message) as error:
         load_hf_weights(tmp_path)
     assert "model.safetensors.index.json" in str(error.value)
+    assert "attribute" not in str(error.value)  # no Python internals ('list' has no .get)
 
 
 def test_tokenizer_errors_name_the_file_and_the_fix_once(tmp_path, own_checkpoint):

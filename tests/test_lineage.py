@@ -158,8 +158,8 @@ def test_checkpoints_without_lineage_still_load_inspect_and_serve_as_bases(
 
 def test_a_fine_tune_keeps_the_special_ids_its_base_recorded(tmp_path, byte_tokenizer):
     """An imported model's recorded BOS/EOS ids (Llama 3 Instruct ends on two ids, neither
-    <|endoftext|>) carry over to a checkpoint fine-tuned from it: the server still stops on
-    them and the exports still write them."""
+    <|endoftext|>) carry over to a checkpoint fine-tuned from it, and to a LoRA adapter
+    merged into it: the server still stops on them and the exports still write them."""
     from atlas_server.engine.engine import checkpoint_eos_ids, checkpoint_text_adds
     from atlas_server.hf_export import special_ids
 
@@ -182,8 +182,19 @@ def test_a_fine_tune_keeps_the_special_ids_its_base_recorded(tmp_path, byte_toke
         progress=False,
         task=sft_task(),
     )
-    tuned = load_checkpoint(list_checkpoints(tmp_path / "sft")[-1])
-    assert {k: tuned.provenance.get(k) for k in recorded} == recorded
-    assert checkpoint_eos_ids(tuned) == [end, specials["<|endoftext|>"]]
-    assert checkpoint_text_adds(tuned) == ([start], [])
-    assert special_ids(tuned.tokenizer, tuned.provenance).first_eos == end
+    # ... and a LoRA adapter merged into the base (merge-lora builds its own provenance).
+    lora = ("lora.enabled=true", "lora.rank=4", "lora.alpha=8.0")
+    train(
+        config(base, tmp_path / "lora", f'sft.train=["{chat}"]', *one, *lora),
+        progress=False,
+        task=sft_task(),
+    )
+    adapter = list_checkpoints(tmp_path / "lora")[-1]
+    merge = ["checkpoint", "merge-lora", str(base), str(adapter), str(tmp_path / "merged")]
+    assert CliRunner().invoke(atlas_app, merge).exit_code == 0
+    for made in (list_checkpoints(tmp_path / "sft")[-1], tmp_path / "merged"):
+        tuned = load_checkpoint(made)
+        assert {k: tuned.provenance.get(k) for k in recorded} == recorded, made
+        assert checkpoint_eos_ids(tuned) == [end, specials["<|endoftext|>"]]
+        assert checkpoint_text_adds(tuned) == ([start], [])
+        assert special_ids(tuned.tokenizer, tuned.provenance).first_eos == end

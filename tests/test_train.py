@@ -432,6 +432,9 @@ def test_config_errors_are_one_line(tmp_path):
     bad.write_text("[run]\nseed = 'x'\n")
     result = CliRunner().invoke(app, ["train", "--config", str(bad)])
     assert result.exit_code == 1 and result.output.startswith("error:") and "seed" in result.output
+    # A run shrunk below the config's warmup says both values and what to set.
+    with pytest.raises(TrainConfigError, match=r"warmup_steps=20, max_steps=6\): set both"):
+        load_train_config(None, ["schedule.warmup_steps=20", "schedule.max_steps=6"])
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,9 @@ class TrainConfig(_Section):
             (self.schedule.max_steps >= 1, "schedule.max_steps must be >= 1"),
             (
                 0 <= self.schedule.warmup_steps <= self.schedule.max_steps,
-                "schedule.warmup_steps must be between 0 and max_steps",
+                f"schedule.warmup_steps must be between 0 and max_steps (warmup_steps="
+                f"{self.schedule.warmup_steps}, max_steps={self.schedule.max_steps}): set "
+                "both, e.g. --set schedule.warmup_steps=1",
             ),
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),

@@ -22,6 +22,7 @@ import torch
 import typer
 
 from ..checkpoint import (
+    TOKENIZER_ID_KEYS,
     CheckpointError,
     lineage,
     lineage_provenance,
@@ -252,7 +253,11 @@ def merge_lora_command(
             }
         else:  # an adapter saved without lineage: the merge is the stage on record
             fields = lineage_provenance("merge-lora", base, str(adapter), adapter_sha256)
+        # The merged model keeps the base's tokenizer, so it keeps the ids recorded about it
+        # (an imported Llama 3's BOS and EOS ids), whichever branch made `fields`.
+        recorded = {k: ckpt.provenance[k] for k in TOKENIZER_ID_KEYS if k in ckpt.provenance}
         provenance = {
+            **recorded,
             "source": "atlas checkpoint merge-lora",
             "adapter": str(adapter),
             "adapter_sha256": adapter_sha256,
