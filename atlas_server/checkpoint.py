@@ -321,6 +321,35 @@ def tokenizer_path(directory: Path, meta: dict[str, Any]) -> Path:
     return directory / name
 
 
+def text_adds_of(tokenizer_file: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) that the model reading this tokenizer's ids expects around
+    every text: an HF tokenizer.json's post-processor (Llama 3's <|begin_of_text|>), or
+    what `import-hf` recorded in the checkpoint holding an Atlas tokenizer file; ([], [])
+    for any other tokenizer, since Atlas's own `encode()` adds nothing. Whichever file of
+    the same model is given (the HF folder's, the checkpoint's), the answer is the same."""
+    from .tokenizer.hf_format import post_processor_ids
+
+    path = Path(tokenizer_file)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [], []  # loading the tokenizer reports the file
+    if isinstance(data, dict) and "model" in data and "pre_tokenizer" in data:  # HF format
+        try:
+            return post_processor_ids(data)
+        except TokenizerError:
+            return [], []  # a post-processor HF import refuses: loading says why
+    try:
+        provenance = read_metadata(path.parent).get("provenance") or {}
+    except (CheckpointError, OSError):
+        return [], []  # not inside an atlas checkpoint
+    adds = provenance.get("tokenizer_adds") or {}
+    ids = [adds.get(side) or [] for side in ("before", "after")]
+    if not all(isinstance(v, list) and all(type(i) is int for i in v) for v in ids):
+        return [], []  # a damaged record: the server's special_ids ignores it too
+    return ids[0], ids[1]
+
+
 def migrate_checkpoint(directory: str | os.PathLike) -> bool:
     """Bring a checkpoint to the current format in place; False if it already was.
 

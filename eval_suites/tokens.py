@@ -55,11 +55,15 @@ class LocalTokenizer:
             self.count = lambda text: len(hf.encode(text, add_special_tokens=True).ids)
             self.eot_id = hf.token_to_id("<|endoftext|>")
         else:
+            from atlas_server.checkpoint import text_adds_of
             from atlas_server.tokenizer import Tokenizer
 
             tok = Tokenizer.from_file(path)
+            # What an Atlas server sends for a completion prompt: the text, plus the BOS an
+            # imported model's source tokenizer adds (recorded in the checkpoint beside it).
+            added = sum(map(len, text_adds_of(path)))
             self.encode = tok.encode_ordinary
-            self.count = lambda text: len(tok.encode(text))  # as Atlas encodes a prompt
+            self.count = lambda text: len(tok.encode(text)) + added
             self.eot_id = tok.eot_id
 
 

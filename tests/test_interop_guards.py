@@ -488,6 +488,26 @@ def test_an_imported_llama3_can_be_continued_on_documents_framed_as_its_tokenize
         workers=1, progress=False,
     )  # fmt: skip
     assert manifest["document_framing"] == {"before": [0], "after": [1]}
+    # The same model's tokenizer given as the HF folder's tokenizer.json frames alike.
+    from_hf = prepare_data(
+        [str(corpus)], src / "tokenizer.json", tmp_path / "tokens-hf", 0.0, workers=1,
+        progress=False,
+    )  # fmt: skip
+    assert from_hf["document_framing"] == manifest["document_framing"]
+    assert from_hf["train_tokens"] == manifest["train_tokens"]
+    # atlas-eval's --tokenizer counts a prompt as the server sends it, BOS included.
+    from eval_suites.tokens import LocalTokenizer
+
+    for file in (tmp_path / "ck" / "atlas_tokenizer.json", src / "tokenizer.json"):
+        assert LocalTokenizer(file).count(texts[0]) == len(theirs(texts[0])["input_ids"]), file
+    # A checkpoint whose config.json has no provenance (it loads) frames with EOS alone.
+    bare = shutil.copytree(tmp_path / "ck", tmp_path / "bare")
+    meta = json.loads((bare / "config.json").read_text())
+    del meta["provenance"]
+    (bare / "config.json").write_text(json.dumps(meta))
+    from atlas_server.checkpoint import text_adds_of
+
+    assert text_adds_of(bare / "atlas_tokenizer.json") == ([], [])
     tokens = np.concatenate(
         [read_shard(tmp_path / "tokens" / s["file"]) for s in manifest["train"]]
     )

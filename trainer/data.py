@@ -235,11 +235,12 @@ def document_framing(tokenizer: Tokenizer, tok_file: Path) -> tuple[list[int], l
     """(ids before, ids after) each document in the shards.
 
     After: the end-of-text token, <|endoftext|> (GPT-2's and Atlas's), else another
-    end-of-text name (an imported Llama 3 has <|end_of_text|>). Before: nothing, unless the
-    tokenizer is an atlas checkpoint's whose source tokenizer adds ids to every text (Llama
-    3's <|begin_of_text|>, recorded by `import-hf`): a model trained with them at every
-    document start is continued with them, as HF's tokenizer would encode its documents."""
-    from atlas_server.checkpoint import CheckpointError, read_metadata
+    end-of-text name (an imported Llama 3 has <|end_of_text|>). Before: what the model
+    expects before every text (`text_adds_of`: Llama 3's <|begin_of_text|>, whether the
+    tokenizer is given as the HF folder's tokenizer.json or the imported checkpoint's), so
+    a model trained with it at every document start is continued with it, as HF's
+    tokenizer would encode its documents."""
+    from atlas_server.checkpoint import text_adds_of
     from atlas_server.hf_export import EOS_NAMES
 
     end = next(
@@ -250,14 +251,9 @@ def document_framing(tokenizer: Tokenizer, tok_file: Path) -> tuple[list[int], l
             f"the tokenizer has no end-of-text token to separate documents (one of "
             f"{', '.join(EOS_NAMES)})"
         )
-    before: list[int] = []
-    if (tok_file.parent / "config.json").is_file():
-        try:
-            adds = read_metadata(tok_file.parent)["provenance"].get("tokenizer_adds") or {}
-        except CheckpointError:
-            adds = {}  # a tokenizer folder with some other config.json
-        before = [int(i) for i in adds.get("before", [])]
-    return before, [end]
+    before, after = text_adds_of(tok_file)
+    # A tokenizer that already appends the end-of-text token needs no second one.
+    return before, after if after[-1:] == [end] else [*after, end]
 
 
 def data_tokenizer(folder: str | os.PathLike) -> Tokenizer:
