@@ -45,26 +45,29 @@ class LocalTokenizer:
             ) from None
 
     def _load(self, path: Path) -> None:
+        from atlas_server.checkpoint import text_adds_of
+
         raw = json.loads(path.read_text(encoding="utf-8"))
+        # What the model expects around every text (an imported Llama 3's BOS), from the
+        # HF post-processor or the checkpoint's record beside an Atlas file.
+        before, after = text_adds_of(path)
+        # lm-eval puts the BOS, if the tokenizer has one, before a document it scores.
+        self.bos_id = before[0] if before else None
         if "model" in raw and "pre_tokenizer" in raw:  # the Hugging Face tokenizers format
             from tokenizers import Tokenizer as HFTokenizer
 
             hf = HFTokenizer.from_file(str(path))
             self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
-            # What a server sends to its model for a completion prompt (BOS included).
-            self.count = lambda text: len(hf.encode(text, add_special_tokens=True).ids)
             self.eot_id = hf.token_to_id("<|endoftext|>")
         else:
-            from atlas_server.checkpoint import text_adds_of
             from atlas_server.tokenizer import Tokenizer
 
             tok = Tokenizer.from_file(path)
-            # What an Atlas server sends for a completion prompt: the text, plus the BOS an
-            # imported model's source tokenizer adds (recorded in the checkpoint beside it).
-            added = sum(map(len, text_adds_of(path)))
             self.encode = tok.encode_ordinary
-            self.count = lambda text: len(tok.encode(text)) + added
             self.eot_id = tok.eot_id
+        # What a server sends to its model for a completion prompt, BOS included.
+        added = len(before) + len(after)
+        self.count = lambda text: len(self.encode(text)) + added
 
 
 def estimate_tokens(prompt: str | list[dict[str, Any]]) -> int:

@@ -460,6 +460,33 @@ def test_imported_llama3_is_served_with_its_bos_as_transformers_scores_it(tmp_pa
         )
         assert chat[0] == 0  # the template's own BOS, and only one
         assert tokenize({"messages": messages, "add_special_tokens": True}) == [0, *chat]
+        info = http.get("/tokenizer_info").json()
+        assert (info["bos_token_id"], info["bos_token"]) == (0, "<|begin_of_text|>")
+
+        # atlas-eval's perplexity puts the BOS before each document, as lm-eval and HF's
+        # tokenizer do: its log-likelihoods equal transformers' over theirs(text).
+        from eval_suites.runner import RunOptions, run_suite
+
+        docs = ["The parser reads a line.", "Hello world, said the module."]
+        data = tmp_path / "docs.jsonl"
+        data.write_text(
+            "".join(json.dumps({"id": str(i), "text": d}) + "\n" for i, d in enumerate(docs))
+        )
+        out = run_suite(
+            RunOptions(
+                suite="perplexity", base_url=base, output=tmp_path / "ppl", use_cache=False,
+                overrides=(f"data='{data}'",),
+            )
+        )  # fmt: skip
+        results = json.loads((out / "results.json").read_text())
+        assert results["details"]["prefix_token_id"] == 0
+        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        for sample, doc in zip(samples, docs, strict=True):
+            ids = theirs(doc)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(reference(torch.tensor([ids])).logits[0].double(), -1)
+            expected = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+            assert sample["loglikelihood"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_an_imported_llama3_can_be_continued_on_documents_framed_as_its_tokenizer_frames_them(

@@ -175,6 +175,11 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
         "model_max_length": state.max_model_len,
         "eos_token": None if eos is None else tok.decode([eos]),
         "eos_token_id": eos,
+        # The start-of-text token the model was trained with (an imported Llama 3's
+        # <|begin_of_text|>; <|endoftext|> for GPT-2-style ones): lm-eval-style scoring
+        # puts it before a document.
+        "bos_token": None if state.engine.bos_id is None else tok.decode([state.engine.bos_id]),
+        "bos_token_id": state.engine.bos_id,
         "additional_special_tokens": sorted(specials),
         "added_tokens_decoder": {
             str(i): {"content": s, "special": True} for s, i in specials.items()

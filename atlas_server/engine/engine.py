@@ -150,6 +150,15 @@ def checkpoint_eos_ids(ckpt: Checkpoint) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
+def checkpoint_bos_id(ckpt: Checkpoint) -> int | None:
+    """The checkpoint's start-of-text id as its exports name it (special_ids: the id
+    `import-hf` recorded, else a BOS token by name, else the EOS, as GPT-2 has it); what
+    /tokenizer_info reports and lm-eval-style scoring puts before a document."""
+    from ..hf_export import special_ids
+
+    return special_ids(ckpt.tokenizer, ckpt.provenance).bos
+
+
 def checkpoint_text_adds(ckpt: Checkpoint) -> tuple[list[int], list[int]]:
     """(ids before, ids after) that the source tokenizer puts around every text it encodes
     (Llama 3's <|begin_of_text|>), as `import-hf` recorded them; ([], []) for an Atlas
@@ -172,11 +181,13 @@ class Engine:
         runner: ModelRunner | None = None,
         eos_ids: Sequence[int] | None = None,
         text_adds: tuple[Sequence[int], Sequence[int]] = ((), ()),
+        bos_id: int | None = None,
     ) -> None:
         """`eos_ids`: the ids that end a generation (default: the tokenizer's <|endoftext|>;
         from_checkpoint passes the checkpoint's own). `text_adds`: the ids the checkpoint's
         source tokenizer adds before and after each text (checkpoint_text_adds); the engine
-        does not use them, it carries them for the API's text prompts."""
+        does not use them, it carries them for the API's text prompts; so is `bos_id`
+        (checkpoint_bos_id, default: the first end-of-text id) for /tokenizer_info."""
         model_max = model.config.max_seq_len
         self.max_model_len = config.max_model_len or model_max
         if not 1 <= self.max_model_len <= model_max:
@@ -200,6 +211,7 @@ class Engine:
             config.max_running, config.max_batched_tokens, config.prefix_caching
         )
         self.outputs = OutputProcessor(tokenizer, model.tok_emb.weight.device, eos_ids)
+        self.bos_id = bos_id if bos_id is not None else next(iter(self.outputs.eos_ids), None)
         device = model.tok_emb.weight.device
         self.overlap = default_overlap(device) if config.overlap is None else config.overlap
         # Overlap mode: the step sampled on the device whose tokens the host has not read.
@@ -246,6 +258,7 @@ class Engine:
             config,
             eos_ids=checkpoint_eos_ids(ckpt),
             text_adds=checkpoint_text_adds(ckpt),
+            bos_id=checkpoint_bos_id(ckpt),
         )
 
     # --- lifecycle ------------------------------------------------------------------

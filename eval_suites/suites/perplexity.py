@@ -4,8 +4,9 @@ How: each document is tokenized (the server's `/tokenize`, else a local `--token
 file), cut into rolling windows, and every window is scored by one `/v1/completions`
 request with token-id prompts, `echo: true, logprobs: 1, max_tokens: 1, temperature: 0`
 (exactly the request lm-eval's `local-completions` sends). The first window is
-`[prefix] + tokens[:W]` and scores all W tokens, the prefix (end-of-text) giving the first
-token something to condition on; every later window scores the next `stride` tokens and
+`[prefix] + tokens[:W]` and scores all W tokens, the prefix (the tokenizer's BOS, else
+its end-of-text token, as lm-eval picks it) giving the first token something to
+condition on; every later window scores the next `stride` tokens and
 feeds as much preceding text as fits in W + 1 prompt tokens. With the default
 `stride = W` the scored spans are disjoint and each window's first token is conditioned on
 the token before it — lm-eval's `get_rolling_token_windows(context_len=1)` +
@@ -49,7 +50,7 @@ class PerplexityConfig:
     data: str  # JSONL with "id" and "text"; a relative path as base.data_path finds it
     window: int  # W: tokens scored per window; 0 = the context length - 2 (max 2048)
     stride: int  # tokens newly scored per later window; 0 = W (disjoint windows)
-    prefix_token_id: int  # token fed before the first window; -1 = the tokenizer's end-of-text
+    prefix_token_id: int  # token fed before the first window; -1 = the BOS, else end-of-text
     max_tokens: int  # generated tokens per scoring request (lm-eval sends 1; vLLM/Atlas accept 0)
     max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
 
@@ -235,12 +236,16 @@ def fit_window(cfg: PerplexityConfig, context: ContextWindow, notes: list[str]) 
 async def resolve_prefix(
     ctx: RunContext, cfg: PerplexityConfig, local: LocalTokenizer | None
 ) -> int:
+    # As lm-eval's prefix_token_id: the tokenizer's BOS where it has one (Llama 3's
+    # <|begin_of_text|>), else its end-of-text token (GPT-2's serves as both).
     if cfg.prefix_token_id >= 0:
         return cfg.prefix_token_id
-    if local is not None and local.eot_id is not None:
-        return int(local.eot_id)
+    if local is not None:
+        for token_id in (local.bos_id, local.eot_id):
+            if token_id is not None:
+                return int(token_id)
     info = await ctx.client.tokenizer_info() or {}
-    for key in ("eos_token_id", "bos_token_id"):
+    for key in ("bos_token_id", "eos_token_id"):
         if isinstance(info.get(key), int):
             return int(info[key])
     ids = await ctx.client.tokenize("<|endoftext|>")
