@@ -324,6 +324,7 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
         ({"tools": [tool]}, "tools"),
         ({"tools": [tool], "tool_choice": "required"}, "tools"),
         ({"functions": [tool["function"]]}, "functions"),
+        ({"tool_choice": "required"}, "tool_choice"),  # nothing to call
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     )  # fmt: skip
@@ -331,8 +332,14 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
         with pytest.raises(BadRequestError) as e:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert e.value.body["param"] == param, extra
-        assert "not supported" in e.value.body["message"]
-    for extra in ({"tools": [tool], "tool_choice": "none"}, {"response_format": {"type": "text"}}):
+        assert "not supported" in e.value.body["message"] or param == "tool_choice"
+    served = (
+        {"tools": [tool], "tool_choice": "none"},
+        {"functions": [tool["function"]], "function_call": "none"},
+        {"response_format": {"type": "text"}},
+        {"response_format": {}},
+    )
+    for extra in served:
         out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert out.choices[0].finish_reason == "length"
 

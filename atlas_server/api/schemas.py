@@ -140,6 +140,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    function_call: str | dict[str, Any] | None = None  # ... and of tool_choice
     response_format: dict[str, Any] | None = None
 
     def check_ranges(self) -> None:
@@ -147,13 +148,24 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         # As vLLM without a tool-call parser: any tool_choice but "none" needs tool calls
         # parsed out of the text. With "none" the tools are left out of the prompt.
-        if (self.tools or self.functions) and self.tool_choice != "none":
+        if self.tools and self.tool_choice != "none":
             raise RequestError(
                 "tool calls are not supported: this server does not parse tool calls out of "
                 'generated text; leave tools out or send tool_choice: "none"',
-                param="tools" if self.tools else "functions",
+                param="tools",
             )
-        kind = (self.response_format or {}).get("type", "text")
+        if self.functions and self.function_call != "none":
+            raise RequestError(
+                "function calls are not supported: this server does not parse them out of "
+                'generated text; leave functions out or send function_call: "none"',
+                param="functions",
+            )
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise RequestError(  # "required" or a named function, with nothing to call
+                f"tool_choice {self.tool_choice!r} needs tools, and none were given",
+                param="tool_choice",
+            )
+        kind = (self.response_format or {}).get("type") or "text"
         if kind != "text":
             raise RequestError(
                 f"response_format {kind!r} is not supported: this server has no constrained "
