@@ -96,7 +96,9 @@ def atlas_register_vector_stores(register: Register) -> None:
     `StoreSettings` carries `data_dir` (a folder for in-process stores; None means the
     store's default under `$ATLAS_HOME/rag/NAME`), `url` (a server or cluster), `api_key`
     (from the command line or `ATLAS_VECTOR_STORE_API_KEY`, never the config file) and
-    `options` (the `[rag] store_options` table, for tuning). The server and `atlas rag`
+    `options` (the `[rag] store_options` table, for tuning; a factory that lists the keys
+    it reads as its own `options` attribute gets any other key refused, at `atlas serve`
+    start and on open). The server and `atlas rag`
     open the one named by `[rag] store = NAME` (or `--store NAME`) once, on first RAG use,
     and close it at shutdown; retrievers reach it as `ctx.store`. The factory should
     import its client library itself, so Atlas starts without it, and raise

@@ -46,6 +46,18 @@ def faiss(settings: StoreSettings):
     return FaissStore(settings)
 
 
+# The `store_options` keys each back end reads (open_store refuses others, and `atlas
+# serve` checks them at start, before any store opens): kept beside the factories so a
+# check needs no client library. Each store's module reads exactly these.
+embedded.options = (
+    "hnsw_m", "ef_construct", "hnsw_ef", "optimize_every", "search_threads",
+    "indexing_threshold_kb", "full_scan_threshold_kb", "segments",
+)  # fmt: skip
+qdrant.options = ("timeout",)
+milvus.options = ("index_type", "index_params")
+faiss.options = ("exact_below", "nprobe", "save_every_s")
+
+
 @hookimpl
 def atlas_register_vector_stores(register) -> None:
     register("embedded", embedded)

@@ -326,3 +326,27 @@ def test_bf16_and_int8_backends_stay_close_to_fp32(embedder, corpus):
         cosine = np.sum(vectors * reference, axis=1)
         assert cosine.min() > floor and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
         assert cosine.mean() < 0.999999, backend  # it really computes differently
+
+
+def test_rag_query_with_a_server_config_searches_that_servers_store(tmp_path):
+    """`atlas rag query --config server.toml` used to take only the config's plugin
+    options and search the default store; it now opens the store the server would (its
+    data_dir, store_options), and a store flag still overrides it."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "heap.md").write_text("# heapq\n\nA heap is a priority queue kept as a list.\n")
+    data = tmp_path / "store"
+    runner = CliRunner()
+    ingest_args = ["rag", "ingest", str(docs), "--collection", "notes", "--data-dir", str(data)]
+    assert runner.invoke(app, ingest_args).exit_code == 0
+    config = tmp_path / "server.toml"
+    config.write_text(f'[rag]\ndata_dir = "{data}"\n')
+    query = ["rag", "query", "priority queue", "--collection", "notes", "--config", str(config)]
+    found = runner.invoke(app, query)
+    assert found.exit_code == 0, found.output
+    assert "heap.md" in found.output
+    elsewhere = runner.invoke(app, [*query, "--data-dir", str(tmp_path / "empty")])
+    assert elsewhere.exit_code == 1 and "notes" in elsewhere.output  # no such collection there
+    config.write_text(f'[rag]\ndata_dir = "{data}"\nstore_options = {{hnsw_eff = 1}}\n')
+    typo = runner.invoke(app, query)
+    assert typo.exit_code == 1 and "'hnsw_eff'" in typo.output

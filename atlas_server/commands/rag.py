@@ -162,7 +162,10 @@ def query(
     store_url: str = typer.Option(None, help=URL_HELP),
     qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
     config: Path = typer.Option(
-        None, "--config", help="Server config TOML whose [rag.plugin_options] the plugins get."
+        None,
+        "--config",
+        help="Server config TOML: its \\[rag] store (unless a store flag is given), "
+        "store_options and plugin_options, as `atlas serve` uses them.",
     ),
 ) -> None:
     """Show the chunks a retriever returns for a question.
@@ -173,13 +176,18 @@ def query(
     from ..plugins import get_plugin_host
     from ..rag.embedding import Embedder
     from ..rag.pipeline import RAGPipeline, check_plugin_options
+    from ..rag.store import store_from_config
     from ..rag.types import RAGContext
 
     with user_errors(ConfigFileError, ValueError):
-        options = load_config(config, []).rag.plugin_options if config else {}
+        rag = load_config(config, []).rag if config else None
+        options = rag.plugin_options if rag else {}
         check_plugin_options(get_plugin_host(), options)
     with _errors():
-        vector_store = _store(data_dir, qdrant_url, store, store_url)
+        if rag is not None and not (data_dir or store or store_url or qdrant_url):
+            vector_store = store_from_config(rag)  # the server's store, as it opens it
+        else:
+            vector_store = _store(data_dir, qdrant_url, store, store_url)
         context = RAGContext(vector_store, Embedder())
         pipeline = RAGPipeline(get_plugin_host(), context, options)
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)

@@ -176,12 +176,14 @@ def serve(
         )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     check_chat_template(path)
-    if cfg.rag.enabled and cfg.rag.plugin_options:
+    if cfg.rag.enabled:  # config mistakes stop the start, not every later RAG request
         from ..plugins import get_plugin_host
         from ..rag.pipeline import check_plugin_options
+        from ..rag.store import StoreError, check_store_options, store_name
 
-        with user_errors(ValueError):
+        with user_errors(ValueError, StoreError):
             check_plugin_options(get_plugin_host(), cfg.rag.plugin_options)
+            check_store_options(store_name(cfg.rag)[0], dict(cfg.rag.store_options))
     # The printed config names the checkpoint actually served, not the unset default.
     cfg = with_overrides(cfg, model__checkpoint=str(path))
     key = read_api_key(api_key, api_key_file)

@@ -373,6 +373,7 @@ def open_store(
     settings = StoreSettings(
         Path(data_dir).expanduser() if data_dir else None, url, api_key, dict(options or {})
     )
+    check_store_options(name, settings.options, host)
     store = factories[name](settings)
     if not isinstance(store, VectorStore):
         raise StoreError(
@@ -382,10 +383,28 @@ def open_store(
     return store
 
 
-def store_from_config(rag: Any, host: Any = None) -> VectorStore:
-    """The store a server's `[rag]` section names (`qdrant_url` alone means store "qdrant")."""
+def check_store_options(name: str, options: dict[str, Any], host: Any = None) -> None:
+    """Refuse `store_options` keys store `name` does not read, without opening it: a
+    factory may list the keys it reads as its `options` attribute (the built-ins do); a
+    factory without one takes any. An unknown store name is left to open_store."""
+    from ..plugins import get_plugin_host
+
+    factory = (host or get_plugin_host()).vector_stores.get(name)
+    known = getattr(factory, "options", None)
+    if known is not None:
+        StoreSettings(options=dict(options)).check_options(name, known)
+
+
+def store_name(rag: Any) -> tuple[str, str | None]:
+    """(store name, url) a server's `[rag]` section names (`qdrant_url` alone: "qdrant")."""
     name, url = rag.store, rag.store_url
     if rag.qdrant_url and not url:
         name, url = ("qdrant" if name == DEFAULT_STORE else name), rag.qdrant_url
+    return name, url
+
+
+def store_from_config(rag: Any, host: Any = None) -> VectorStore:
+    """The store a server's `[rag]` section names (`qdrant_url` alone means store "qdrant")."""
+    name, url = store_name(rag)
     key = os.environ.get("ATLAS_VECTOR_STORE_API_KEY") or None
     return open_store(name, rag.data_dir, url, key, dict(rag.store_options), host)

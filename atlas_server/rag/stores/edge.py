@@ -79,14 +79,11 @@ def point_id(chunk_id: str) -> str:
 
 class EdgeStore(VectorStore):
     name = "embedded"
-    OPTIONS = ("hnsw_m", "ef_construct", "hnsw_ef", "optimize_every", "search_threads",
-               "indexing_threshold_kb", "full_scan_threshold_kb", "segments")  # fmt: skip
 
     def __init__(self, settings: StoreSettings) -> None:
         self.root = settings.data_dir or default_data_dir(self.name)
         self.location = str(self.root)
         opts = settings.options
-        settings.check_options(self.name, self.OPTIONS)
         self.hnsw_m = int(opts.get("hnsw_m", 16))
         self.ef_construct = int(opts.get("ef_construct", 100))
         # Search width: Qdrant's default (ef_construct, 100) kept recall@10 at 0.98-0.99 at

@@ -341,12 +341,10 @@ class _Collection:
 
 class FaissStore(VectorStore):
     name = "faiss"
-    OPTIONS = ("exact_below", "nprobe", "save_every_s")  # what _Collection reads
 
     def __init__(self, settings: StoreSettings) -> None:
         self.root = settings.data_dir or default_data_dir(self.name)
         self.location = str(self.root)
-        settings.check_options(self.name, self.OPTIONS)
         self.opts = dict(settings.options)
         self._folder_lock = FolderLock(self.root, self.name)
         (self.root / "collections").mkdir(exist_ok=True)

@@ -120,7 +120,6 @@ class MilvusStore(VectorStore):
             folder.mkdir(parents=True, exist_ok=True)
             uri = str(folder / "milvus.db")
         self.location = uri
-        settings.check_options(self.name, ("index_type", "index_params"))
         self.index_type = str(settings.options.get("index_type", "AUTOINDEX"))
         self.index_params = dict(settings.options.get("index_params", {}))
         try:

@@ -89,7 +89,6 @@ class QdrantStore(VectorStore):
 
     def __init__(self, settings: StoreSettings) -> None:
         self.location = settings.url or str(settings.data_dir or default_data_dir("qdrant"))
-        settings.check_options(self.name, ("timeout",))
         timeout = int(settings.options.get("timeout", 30))
         try:
             if settings.url:
