@@ -98,18 +98,22 @@ def test_init_from_refuses_data_of_another_tokenizer(tmp_path, base):
     assert len(result.output.strip().splitlines()) == 1
 
 
+ONE_STEP = ("schedule.max_steps=1", "run.checkpoint_every=1", "run.sample_tokens=0")
+
+
+def sft_one_step(base: Path, out: Path, chat: Path, *extra: str) -> Path:
+    """One SFT step from `base` on `chat`; its checkpoint (or adapter) folder."""
+    cfg = config(base, out, f'sft.train=["{chat}"]', *ONE_STEP, *extra)
+    train(cfg, progress=False, task=sft_task())
+    return list_checkpoints(out)[-1]
+
+
 def test_inspect_shows_the_chain_pretrain_sft_dpo(tmp_path, base):
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_records())
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_records())
-    one = ("schedule.max_steps=1", "run.checkpoint_every=1", "run.sample_tokens=0")
+    sft = sft_one_step(base, tmp_path / "sft", chat)
     train(
-        config(base, tmp_path / "sft", f'sft.train=["{chat}"]', *one),
-        progress=False,
-        task=sft_task(),
-    )
-    sft = list_checkpoints(tmp_path / "sft")[-1]
-    train(
-        config(sft, tmp_path / "dpo", f'dpo.train=["{prefs}"]', *one),
+        config(sft, tmp_path / "dpo", f'dpo.train=["{prefs}"]', *ONE_STEP),
         progress=False,
         task=dpo_task(),
     )
@@ -176,23 +180,13 @@ def test_a_fine_tune_keeps_the_special_ids_its_base_recorded(tmp_path, byte_toke
     meta["provenance"].update(recorded)
     (base / "config.json").write_text(json.dumps(meta))
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_records())
-    one = ("schedule.max_steps=1", "run.checkpoint_every=1", "run.sample_tokens=0")
-    train(
-        config(base, tmp_path / "sft", f'sft.train=["{chat}"]', *one),
-        progress=False,
-        task=sft_task(),
-    )
+    sft = sft_one_step(base, tmp_path / "sft", chat)
     # ... and a LoRA adapter merged into the base (merge-lora builds its own provenance).
     lora = ("lora.enabled=true", "lora.rank=4", "lora.alpha=8.0")
-    train(
-        config(base, tmp_path / "lora", f'sft.train=["{chat}"]', *one, *lora),
-        progress=False,
-        task=sft_task(),
-    )
-    adapter = list_checkpoints(tmp_path / "lora")[-1]
+    adapter = sft_one_step(base, tmp_path / "lora", chat, *lora)
     merge = ["checkpoint", "merge-lora", str(base), str(adapter), str(tmp_path / "merged")]
     assert CliRunner().invoke(atlas_app, merge).exit_code == 0
-    for made in (list_checkpoints(tmp_path / "sft")[-1], tmp_path / "merged"):
+    for made in (sft, tmp_path / "merged"):
         tuned = load_checkpoint(made)
         assert {k: tuned.provenance.get(k) for k in recorded} == recorded, made
         assert checkpoint_eos_ids(tuned) == [end, specials["<|endoftext|>"]]
