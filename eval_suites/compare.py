@@ -205,10 +205,10 @@ def item_differences(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def short_value(value: Any) -> str:
-    if value is None:
+    if value is None or value == "" or value == []:
         return "—"
-    if isinstance(value, list) and len(value) > 3:
-        return f"{len(value)} ids"
+    if isinstance(value, list):  # data files' SHA-256, skipped item ids
+        return f"{len(value)} ids" if len(value) > 3 else ", ".join(map(short_value, value))
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 20 else text[:12] + "…"
 

@@ -70,7 +70,11 @@ def chrf_row(table: str) -> str:
         ({"run": {"seed": 1}}, "--seed (0 vs 1)"),
         ({"run": {"limit": 5}}, "--limit (— vs 5)"),
         ({"config": {"num_shots": 3}}, "num_shots (1 vs 3)"),
-        ({"data": {"generation/items.jsonl": "cd" * 32}}, "data files (SHA-256)"),
+        (
+            {"data": {"generation/items.jsonl": "cd" * 32}},
+            "data files (SHA-256) (abababababab… vs cdcdcdcdcdcd…)",
+        ),
+        ({"config": {"tasks": []}}, "tasks (heading vs —)"),
         ({"context_fit": {"items_evaluated": 18}}, "items evaluated (20 vs 18)"),
         ({"context_fit": {"skipped": [{"id": "x", "reason": "long"}]}}, "skipped items"),
     ],
