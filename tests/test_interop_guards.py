@@ -449,6 +449,12 @@ def test_imported_llama3_is_served_with_its_bos_as_transformers_scores_it(tmp_pa
         assert bare["choices"][0]["text"] == text
         ids = score(prompt=expected_ids[1:])  # token ids: nothing added
         assert ids["usage"]["prompt_tokens"] == len(expected_ids) - 1
+        # Too long for the context: the error counts the BOS the client did not send.
+        long = http.post("/v1/completions", json={"prompt": text * 20, "max_tokens": 1})
+        assert long.status_code == 400
+        assert "including 1 the model's tokenizer adds" in long.json()["error"]["message"]
+        body = {"prompt": text * 20, "max_tokens": 1, "add_special_tokens": False}
+        assert "tokenizer adds" not in http.post("/v1/completions", json=body).text
 
         tokenize = lambda body: http.post("/tokenize", json=body).json()["tokens"]  # noqa: E731
         assert tokenize({"prompt": text}) == expected_ids

@@ -100,6 +100,13 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
     return prompts
 
 
+def text_prompts(req: CompletionRequest) -> bool:
+    """Whether the prompts are text (which add_special_tokens applies to), not token ids."""
+    raw = req.prompt
+    text = isinstance(raw, str) or bool(raw) and isinstance(raw[0], str)
+    return text and req.add_special_tokens is not False
+
+
 def _choice_body(
     state: ServerState, req: CompletionRequest, choice, prompt, prompt_lp, rag: Grounding | None
 ):
@@ -155,8 +162,12 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
     streams, offsets = [], []
     state.enter()
     try:
+        # Tokens the server put around each text prompt (an imported Llama 3's BOS): an
+        # error about the context names them, since the client never sent them.
+        before, after = state.engine.text_adds
+        added = len(before) + len(after) if text_prompts(data) else 0
         for i, (ids, _) in enumerate(prompts):
-            max_tokens = max_tokens_for(state, len(ids), data.max_tokens, 16)
+            max_tokens = max_tokens_for(state, len(ids), data.max_tokens, 16, added=added)
             if max_tokens == 0 and not (data.echo and not data.stream):
                 raise RequestError(
                     "max_tokens 0 (scoring the prompt only) needs echo and no streaming",

@@ -149,26 +149,35 @@ def max_tokens_for(
     fallback: int,
     param: str = "max_tokens",
     prompt_param: str = "prompt",
+    added: int = 0,
 ) -> int:
     """How many tokens to generate after a prompt, checked the OpenAI way: prompt +
     max_tokens within the context. `asked` is the client's value (under the name `param`);
     without one, `fallback` (completions: 16; chat: until the context is full) cut to what
     the context leaves, and a prompt that leaves nothing is refused as such. An asked 0
     (completions' scoring) needs one position past the prompt: the engine computes the
-    prompt's logprobs while generating one token that the response leaves out."""
+    prompt's logprobs while generating one token that the response leaves out. `added`:
+    how many of the prompt's tokens the server put around a text prompt (encode_text),
+    which a refusal names, since the client did not send them."""
     limit = state.max_model_len
+    counted = (
+        f" (including {added} the model's tokenizer adds to every text, such as its BOS; "
+        '"add_special_tokens": false leaves them out)'
+        if added
+        else ""
+    )
     if prompt_len > limit or (asked is None and prompt_len == limit):
         why = "more than that" if prompt_len > limit else "which leaves nothing to generate"
         raise RequestError(
             f"this model's maximum context length is {limit} tokens and the {prompt_param} "
-            f"has {prompt_len}, {why}; shorten the {prompt_param}",
+            f"has {prompt_len}{counted}, {why}; shorten the {prompt_param}",
             param=prompt_param,
         )
     if asked == 0 and prompt_len == limit:
         raise RequestError(
             f"this model's maximum context length is {limit} tokens; scoring a prompt "
             f"(max_tokens 0) takes one position past it, so it can have at most {limit - 1} "
-            f"tokens, and this one has {prompt_len}; shorten the {prompt_param}",
+            f"tokens, and this one has {prompt_len}{counted}; shorten the {prompt_param}",
             param=prompt_param,
         )
     if asked is None:
@@ -176,7 +185,7 @@ def max_tokens_for(
     if prompt_len + asked > limit:
         raise RequestError(
             f"this model's maximum context length is {limit} tokens; the {prompt_param} has "
-            f"{prompt_len} and {param} asks for {asked} more ({prompt_len + asked}); shorten "
+            f"{prompt_len}{counted} and {param} asks for {asked} more ({prompt_len + asked}); shorten "
             f"the {prompt_param} or lower {param}",
             param=param,
         )
