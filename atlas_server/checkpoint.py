@@ -141,7 +141,8 @@ def save_checkpoint(
 STAGES = ("pretrain", "sft", "dpo", "merge-lora", "import")
 # What `import-hf` records about the source tokenizer's special ids (hf_export.special_ids
 # reads them). A checkpoint made from a base keeps the base's tokenizer, so it keeps these:
-# without them a fine-tuned Llama 3 would end generations on no EOS at all.
+# without them a fine-tuned Llama 3 Instruct would stop on <|end_of_text|> alone (found by
+# name), not on its <|eot_id|>, and be served without its BOS.
 TOKENIZER_ID_KEYS = ("bos_token_id", "eos_token_id", "tokenizer_eos_token_id", "tokenizer_adds")
 
 
@@ -344,6 +345,8 @@ def text_adds_of(tokenizer_file: str | os.PathLike) -> tuple[list[int], list[int
     except (CheckpointError, OSError):
         return [], []  # not inside an atlas checkpoint
     adds = provenance.get("tokenizer_adds") or {}
+    if not isinstance(adds, dict):
+        return [], []  # a damaged record: the server's special_ids ignores it too
     ids = [adds.get(side) or [] for side in ("before", "after")]
     if not all(isinstance(v, list) and all(type(i) is int for i in v) for v in ids):
         return [], []  # a damaged record: the server's special_ids ignores it too

@@ -96,14 +96,23 @@ def special_ids(tokenizer: Tokenizer, provenance: dict[str, Any] | None = None) 
     stops = list(eos) if isinstance(eos, list) else [] if eos is None else [eos]
     if IM_END in tokenizer.special_tokens and tokenizer.special_tokens[IM_END] not in stops:
         stops.append(tokenizer.special_tokens[IM_END])
-    adds = provenance.get("tokenizer_adds") or {}
+    adds = provenance.get("tokenizer_adds")
+    adds = adds if isinstance(adds, dict) else {}
+
+    def added(side: str) -> list[int]:
+        # The server puts these around every text prompt: a damaged record (not special
+        # ids of this tokenizer) is ignored, as a recorded eos that is not one is.
+        ids = adds.get(side)
+        ok = isinstance(ids, list) and all(type(i) is int and i in known for i in ids)
+        return list(ids) if ok else []
+
     own_eos = recorded("tokenizer_eos_token_id")
     return SpecialIds(
         bos,
         eos,
         stops,
-        list(adds.get("before", [])),
-        list(adds.get("after", [])),
+        added("before"),
+        added("after"),
         own_eos if isinstance(own_eos, int) else None,
     )
 

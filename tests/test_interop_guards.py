@@ -567,3 +567,21 @@ def test_an_imported_llama3_can_be_continued_on_documents_framed_as_its_tokenize
     assert len(summary["losses"]) == 2
     tuned = load_checkpoint(summary["checkpoint"])
     assert tuned.provenance["tokenizer_adds"] == {"before": [0], "after": []}
+
+
+def test_a_damaged_tokenizer_adds_record_is_ignored_not_put_around_every_prompt(tmp_path):
+    """The server puts the recorded ids around every text prompt; a record that is not a
+    table of this tokenizer's special ids (hand-edited, another tokenizer's) must not
+    break or change every request."""
+    from atlas_server.checkpoint import text_adds_of
+    from atlas_server.hf_export import special_ids
+
+    tok = train_from_texts(stdlib_sample(5_000), TrainConfig(vocab_size=270))
+    eot = tok.special_tokens["<|endoftext|>"]
+    for record in ([0], {"before": [10**6]}, {"before": "x"}, {"before": [1.5]}, {"before": [5]}):
+        ids = special_ids(tok, {"tokenizer_adds": record})
+        assert (ids.before, ids.after) == ([], []), record  # 5 is a byte, not a special id
+    assert special_ids(tok, {"tokenizer_adds": {"before": [eot]}}).before == [eot]
+    model = Transformer(load_preset("gpt2-tiny", vocab_size=tok.vocab_size))
+    save_checkpoint(tmp_path / "ck", model, tok, {"tokenizer_adds": [0]})
+    assert text_adds_of(tmp_path / "ck" / "atlas_tokenizer.json") == ([], [])
