@@ -58,16 +58,17 @@ class LocalTokenizer:
 
             hf = HFTokenizer.from_file(str(path))
             self.encode = lambda text: hf.encode(text, add_special_tokens=False).ids
+            # What a server sends to its model for a completion prompt (BOS included).
+            self.count = lambda text: len(hf.encode(text, add_special_tokens=True).ids)
             self.eot_id = hf.token_to_id("<|endoftext|>")
         else:
             from atlas_server.tokenizer import Tokenizer
 
             tok = Tokenizer.from_file(path)
+            added = len(before) + len(after)  # what an Atlas server adds to a text prompt
             self.encode = tok.encode_ordinary
+            self.count = lambda text: len(tok.encode(text)) + added
             self.eot_id = tok.eot_id
-        # What a server sends to its model for a completion prompt, BOS included.
-        added = len(before) + len(after)
-        self.count = lambda text: len(self.encode(text)) + added
 
 
 def estimate_tokens(prompt: str | list[dict[str, Any]]) -> int:
