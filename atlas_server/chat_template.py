@@ -390,12 +390,12 @@ def _default_variables(
 def _checkpoint_provenance(directory: Path) -> dict[str, Any]:
     """The provenance of the atlas checkpoint in `directory` ({} for any other folder: a
     tokenizer folder, a damaged config that loading the checkpoint reports)."""
+    from .checkpoint import CheckpointError, read_metadata  # it imports the model; lazily
+
     try:
-        meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_metadata(directory).get("provenance") or {}
+    except (CheckpointError, OSError):
         return {}
-    provenance = meta.get("provenance") if isinstance(meta, dict) else None
-    return provenance if isinstance(provenance, dict) else {}
 
 
 def _variables_from(directory: Path, tokenizer: Tokenizer) -> dict[str, str]:

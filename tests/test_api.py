@@ -333,6 +333,19 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert e.value.body["param"] == param, extra
         assert "not supported" in e.value.body["message"] or param == "tool_choice"
+    # Malformed values are the schema's 400 naming the field, never a 500.
+    for extra, param in (
+        ({"tools": "weather"}, "tools"),
+        ({"tool_choice": 5}, "tool_choice"),
+        ({"response_format": "json"}, "response_format"),
+        ({"response_format": {"type": ["json_object"] * 10_000}}, "response_format"),
+        ({"functions": [1, 2]}, "functions"),
+    ):
+        body = {"model": MODEL, "messages": messages, "max_tokens": 2, **extra}
+        r = httpx.post(str(client.base_url) + "chat/completions", json=body, timeout=30)
+        assert r.status_code == 400, (extra, r.text[:200])
+        assert param in (r.json()["error"]["param"] or ""), (extra, r.text[:200])
+        assert len(r.json()["error"]["message"]) < 400  # the input is not echoed back whole
     served = (
         {"tools": [tool], "tool_choice": "none"},
         {"functions": [tool["function"]], "function_call": "none"},

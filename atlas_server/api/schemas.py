@@ -167,8 +167,10 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             )
         kind = (self.response_format or {}).get("type") or "text"
         if kind != "text":
+            # Named when short; a hostile value is not echoed back whole.
+            name = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "of that type"
             raise RequestError(
-                f"response_format {kind!r} is not supported: this server has no constrained "
+                f"response_format {name} is not supported: this server has no constrained "
                 'decoding, so it cannot promise JSON; leave it out or send {"type": "text"}',
                 param="response_format",
             )
