@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from posttrain_helpers import (
     chat_records,
     make_base,
@@ -29,6 +31,7 @@ from atlas_server.tokenizer.corpus import stdlib_sample
 from trainer.cli import app
 from trainer.config import load_train_config
 from trainer.data import data_tokenizer, prepare_data
+from trainer.flops import measured_matmul_peak
 from trainer.loop import Dist, fit, setup
 from trainer.state import list_checkpoints
 
@@ -273,6 +276,8 @@ def test_the_cpu_matmul_peak_is_measured_again_and_the_best_kept(files, tmp_path
     high: it is measured again at each validation, and the best kept."""
     peaks = iter([1e6, 1e15, 1e3])  # at the start (a loaded machine), then at steps 1 and 2
     monkeypatch.setattr(trainer.loop, "measured_matmul_peak", lambda *a, **k: next(peaks))
+    monkeypatch.setattr(trainer.loop, "_PEAK_SEEN", {})  # no earlier run's peak
+    monkeypatch.setattr(trainer.loop, "PEAK_REFRESH_SECONDS", 0.0)  # at every validation
     out = tmp_path / "run"
     sets = pretrain_sets(files["data"], out, "run.log_every=1", "run.eval_every=1",
                          "schedule.max_steps=3")  # fmt: skip
@@ -280,6 +285,42 @@ def test_the_cpu_matmul_peak_is_measured_again_and_the_best_kept(files, tmp_path
     assert result.exit_code == 0, result.output
     mfu = [line.rsplit("mfu ", 1)[1] for line in result.output.splitlines() if " | mfu " in line]
     assert float(mfu[0].rstrip("%")) > 100 and mfu[1:] == ["0.0%", "0.0%"], result.output
+
+
+def test_the_peak_is_measured_once_per_process_and_again_only_after_a_while(
+    files, tmp_path, monkeypatch
+):
+    """A second run in one process (a sweep, a notebook) starts from the peak the first
+    measured, and validating often does not re-measure more than every
+    PEAK_REFRESH_SECONDS: each measurement costs the run half a second to a second."""
+    calls = []
+    monkeypatch.setattr(
+        trainer.loop, "measured_matmul_peak", lambda *a, **k: calls.append(a) or 1e12
+    )
+    monkeypatch.setattr(trainer.loop, "_PEAK_SEEN", {})
+    sets = ("run.log_every=1", "run.eval_every=1", "schedule.max_steps=3")
+    first = invoke("train", *pretrain_sets(files["data"], tmp_path / "a", *sets))
+    assert first.exit_code == 0, first.output
+    assert len(calls) == 1  # at the start; the validations at steps 1 and 2 came too soon
+    second = invoke("train", *pretrain_sets(files["data"], tmp_path / "b", *sets))
+    assert second.exit_code == 0, second.output
+    assert len(calls) == 1  # the first run's peak was reused
+    assert " | mfu " in second.output
+
+
+def test_the_peak_measurement_keeps_to_its_time_on_one_thread():
+    """One thread multiplies a 3072^3 product in over a second; run.threads=1 runs (every
+    test run) spent 2-4 s measuring a 1 s peak before the sizes followed the budget."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        peak = measured_matmul_peak("cpu", seconds=0.2)
+        took = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    assert peak > 1e9  # FLOP/s: any CPU core of this century
+    assert took < 1.5, f"measuring for 0.2 s took {took:.2f} s"
 
 
 # --- Ctrl-C before the first step ---------------------------------------------------------------
@@ -298,6 +339,7 @@ def test_ctrl_c_before_training_says_nothing_was_saved(files, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module, name, interrupted)
+    monkeypatch.setattr(trainer.loop, "_PEAK_SEEN", {})  # the peak is measured, not recalled
     out = tmp_path / "run"
     result = invoke("train", *pretrain_sets(files["data"], out))
     assert result.exit_code == 130, result.output

@@ -4,7 +4,7 @@ What it does: counts training FLOPs per token as 6N + 12*L*C*T (PaLM, appendix B
 every parameter that takes part in a matrix multiply (all parameters but the position
 table; a tied embedding counts once, as the output projection), and 12*L*C*T is the
 attention score and value products for a context of T. It also measures the machine's
-peak fp32 matmul rate (or bf16 on CUDA) in a few hundred milliseconds.
+peak fp32 matmul rate (or bf16 on CUDA) in about a second.
 What it does not do: decide what "good" is; benchmarks compare against this peak.
 """
 
@@ -28,42 +28,58 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
 def measured_matmul_peak(
     device: str = "cpu", size: int | None = None, seconds: float = 1.0
 ) -> float:
-    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA), fastest kernel.
+    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA), fastest kernel,
+    in about `seconds`.
 
-    Two sizes (size and 1.5 x size; default 2048 on CPU, 8192 on a GPU, where smaller
-    products leave an H100 at ~70% of what it reaches): with 2 MB-aligned buffers
-    (THP_MEM_ALLOC_ENABLE, which atlas_server sets) a 2048^3 product can hit cache-set
-    conflicts and understate the peak.
+    Two sizes, n and 1.5 n: with 2 MB-aligned buffers (THP_MEM_ALLOC_ENABLE, which
+    atlas_server sets) a 2048^3 product can hit cache-set conflicts and understate the peak.
+    n is `size`, or 8192 on a GPU (smaller products leave an H100 at ~70% of what it
+    reaches); on a CPU, the largest of 2048, 1024, 512, ... whose 1.5 n product fits its
+    share of the time: one 3072^3 product takes over a second on one thread (a run with
+    run.threads=1), and every kernel runs at least once, so a fixed 2048 overran a second's
+    budget fourfold. A single thread is at its peak long before 1024.
     """
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
-    size = size or (8192 if gpu else 2048)
     # Random operands (a GPU draws less power on constant data and runs faster than on real
     # work) from a private generator: measuring must not move the global RNG (exact resume).
     generator = torch.Generator(device=device).manual_seed(0)
-    kernels = []  # (function, FLOPs)
-    for n in (size, size * 3 // 2):
+
+    def kernels(n: int) -> list:
+        """The products of two n x n operands: the default matmul, and oneDNN's on a CPU."""
         a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
         b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
-        kernels.append((lambda a=a, b=b: a @ b, 2 * n**3))
+        found = [lambda: a @ b]
         if device == "cpu" and packing_supported(b):
             # PyTorch's default fp32 matmul (MKL) runs at under half of oneDNN's rate on AMD
             # CPUs; the peak is what the fastest kernel reaches (see bench/ceilings.py).
-            kernels.append(
-                (
-                    lambda a=a, b=b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""),
-                    2 * n**3,
-                )
-            )
-    best = 0.0
-    for kernel, flops in kernels:
-        deadline = time.perf_counter() + seconds / len(kernels)
-        while time.perf_counter() < deadline:
-            if device.startswith("cuda"):
+            found.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        return found
+
+    def rate(kernel, flops: float, budget: float) -> float:
+        """Best FLOP/s of `kernel` over `budget` seconds (one run at least)."""
+        best, deadline = 0.0, time.perf_counter() + budget
+        while True:
+            if gpu:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             kernel()
-            if device.startswith("cuda"):
+            if gpu:
                 torch.cuda.synchronize()
             best = max(best, flops / (time.perf_counter() - t0))
+            if time.perf_counter() >= deadline:
+                return best
+
+    n = size or (8192 if gpu else 2048)
+    if size is None and not gpu:
+        probe = kernels(512)
+        fast = max(rate(k, 2 * 512**3, 0.0) for k in probe)  # FLOP/s, one product each
+        share = seconds / (2 * len(probe))  # per kernel and size
+        while n > 512 and 2 * (n * 3 // 2) ** 3 / fast > share:
+            n //= 2
+    best = 0.0
+    for m in (n, n * 3 // 2):
+        found = kernels(m)
+        for kernel in found:
+            best = max(best, rate(kernel, 2 * m**3, seconds / (2 * len(found))))
     return best

@@ -763,6 +763,15 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
 # --- the loop ----------------------------------------------------------------------------------
 SHOWN_ON_BAR = ("reward_margin", "preference_accuracy")
 
+# The best matmul peak this process has measured, by (device, threads): the hardware does not
+# change between the runs of one process (a sweep, a notebook, a test suite), so a later run
+# starts from it instead of spending a second measuring again.
+_PEAK_SEEN: dict[tuple[str, int], float] = {}
+# A CPU peak measured under load comes out low, so it is measured again (half a second) at a
+# validation step, but no sooner than this after the last measurement: at most ~1% of the
+# time goes to it, however often a run validates.
+PEAK_REFRESH_SECONDS = 50.0
+
 
 class Progress:
     """Logging every `log_every` steps: reads the pending step losses back in one transfer,
@@ -775,7 +784,12 @@ class Progress:
         n_params = run.model.num_parameters()
         self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
         # Before the bar: a Ctrl-C during these seconds leaves no half-drawn bar behind.
-        self.peak = measured_matmul_peak(run.device) if run.dist.main else 0.0
+        self.peak_key = (str(run.device), torch.get_num_threads())
+        self.peak = 0.0
+        if run.dist.main:
+            self.peak = _PEAK_SEEN.get(self.peak_key) or measured_matmul_peak(run.device)
+            _PEAK_SEEN[self.peak_key] = self.peak
+        self.peak_measured_at = time.perf_counter()
         self.logger = Logger(cfg, run.run_dir, run.dist.main)
         shown = enabled and run.dist.main
         # Into a file or a pipe (nohup, a batch job) a bar is a stream of carriage returns:
@@ -791,14 +805,18 @@ class Progress:
         self.t_last, self.tokens_last = time.perf_counter(), run.tokens_seen
 
     def refresh_peak(self) -> None:
-        """On the CPU, measure the matmul peak again (half a second) and keep the best: one
-        measured while other work loads the cores comes out low, and every MFU after it
-        high (96% was seen in a run that started beside the test suite). A GPU is rarely
-        shared that way, and a second measurement there would allocate ~0.7 GB at once."""
-        if self.run.dist.main and self.run.device == "cpu":
-            start = time.perf_counter()
+        """On the CPU, measure the matmul peak again (half a second, at most every
+        PEAK_REFRESH_SECONDS) and keep the best: one measured while other work loads the
+        cores comes out low, and every MFU after it high (96% was seen in a run that started
+        beside the test suite). A GPU is rarely shared that way, and a second measurement
+        there would allocate ~0.7 GB at once."""
+        start = time.perf_counter()
+        due = start - self.peak_measured_at >= PEAK_REFRESH_SECONDS
+        if self.run.dist.main and self.run.device == "cpu" and due:
             self.peak = max(self.peak, measured_matmul_peak("cpu", seconds=0.5))
-            self.t_last += time.perf_counter() - start  # not training time: out of tok/s
+            _PEAK_SEEN[self.peak_key] = self.peak
+            self.peak_measured_at = time.perf_counter()
+            self.t_last += self.peak_measured_at - start  # not training time: out of tok/s
 
     def step_done(self, loss_sum: Tensor) -> None:
         self.pending.append(loss_sum)
