@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -235,3 +236,27 @@ def test_train_refuses_to_replace_a_tokenizer_unless_asked(tmp_path):
     replaced = runner.invoke(app, [*args[:3], "280", *args[4:], "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert Tokenizer.from_file(tmp_path / "t" / "atlas_tokenizer.json").vocab_size == 280
+
+
+def test_tokenizer_commands_start_without_pytorch(trained_file):
+    """`atlas --help` and `atlas tokenizer ...` never touch a model: with PyTorch imported
+    at start (by the checkpoint command's module) each call took ~2.4 s on 2 cores, ~0.4 s
+    without. A missing tokenizer file is still the one-line error."""
+    script = (
+        "import sys\n"
+        "from atlas_server.cli import app\n"
+        "for args in (['--help'], ['tokenizer', 'encode', '-t', sys.argv[1], 'x = 1'],\n"
+        "             ['tokenizer', 'info', sys.argv[1] + '.missing']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as e:\n"
+        "        print('exit', e.code)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(trained_file)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("exit 0") == 2 and "exit 1" in done.stdout, done.stdout
+    assert "error:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.rstrip().endswith("torch loaded: False"), done.stdout

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import typer
 
 # Errors whose message is meant for the user; anything else is a bug and keeps its traceback.
-from ..checkpoint import CheckpointError
-from ..model import ConfigError
+# The checkpoint's error class is looked up only once its module is loaded (it imports
+# PyTorch, which `atlas tokenizer ...` never needs): before that, none can have been raised.
+from ..model.config import ConfigError
 from ..tokenizer import TokenizerError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError,
     ConfigError,
     TokenizerError,
     FileNotFoundError,
@@ -22,6 +22,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
+_LOADED_ON_USE = (("atlas_server.checkpoint", "CheckpointError"),)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, and the classes of _LOADED_ON_USE whose modules are loaded."""
+    loaded = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in _LOADED_ON_USE
+        if module in sys.modules
+    )
+    return USER_ERRORS + loaded
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -31,11 +42,13 @@ def fail(message: str, code: int = 1) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+def user_errors(*extra: type[Exception]) -> Iterator[None]:
     """Turn expected errors into a one-line message and exit status 1."""
     try:
         yield
-    except (*USER_ERRORS, *extra) as e:
+    except Exception as e:
+        if not isinstance(e, (*user_error_types(), *extra)):
+            raise
         msg = str(e) or e.__class__.__name__
         if isinstance(e, OSError) and e.filename:
             msg = f"{e.strerror}: {e.filename}"
