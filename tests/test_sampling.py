@@ -36,15 +36,16 @@ def reference_probs(logits: list[float], p: SamplingParams, prompt: list[int], o
     order = sorted(range(len(x)), key=lambda i: -x[i])
     z = sum(math.exp(v) for v in x)
     probs = [math.exp(v) / z for v in x]
-    keep = set(order[: p.top_k] if p.top_k > 0 else order)
+    # top-k, then top-p over what top-k kept, renormalised (transformers' and vLLM's order)
+    top = order[: p.top_k] if p.top_k > 0 else order
+    within = sum(probs[i] for i in top)
     mass = 0.0
-    nucleus = set()
-    for i in order:
+    keep = set()
+    for i in top:
         if mass >= p.top_p:
             break
-        nucleus.add(i)
-        mass += probs[i]
-    keep &= nucleus
+        keep.add(i)
+        mass += probs[i] / within
     kept = [probs[i] if i in keep else 0.0 for i in range(len(x))]
     z = sum(kept)
     kept = [v / z for v in kept]
@@ -83,6 +84,44 @@ def test_sampled_frequencies_match_the_reference_distribution(params):
             assert count == 0, f"token {token} is outside the reference support"
     total_variation = 0.5 * sum(abs(c / draws - p) for c, p in zip(counts, expected, strict=True))
     assert total_variation < 0.04
+
+
+def test_top_k_top_p_and_min_p_keep_the_tokens_transformers_keeps():
+    """The support after top-k, top-p and min-p together, against transformers' own
+    warpers in their order (top-k, then top-p over what it kept, then min-p): top-p over
+    the whole distribution kept two tokens of 0.50/0.30/0.18 at top_k=2, top_p=0.6."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    gen = torch.Generator().manual_seed(11)
+    three = torch.log(torch.tensor([0.50, 0.30, 0.18] + [0.02 / (VOCAB - 3)] * (VOCAB - 3)))
+    cases = [(three, SamplingParams(top_k=2, top_p=0.6))]
+    for _ in range(60):
+        top_k, top_p = random.Random(len(cases)).choice([0, 2, 5, 12]), float(torch.rand(1))
+        min_p = random.Random(-len(cases)).choice([0.0, 0.05, 0.3])
+        params = SamplingParams(top_k=top_k, top_p=max(top_p, 0.05), min_p=min_p)
+        cases.append((torch.randn(VOCAB, generator=gen) * 3, params))
+    for logits, params in cases:
+        scores = logits[None].clone()
+        if params.top_k:
+            scores = TopKLogitsWarper(params.top_k)(None, scores)
+        scores = TopPLogitsWarper(params.top_p)(None, scores)
+        if params.min_p:
+            scores = MinPLogitsWarper(params.min_p)(None, scores)
+        theirs = set(torch.isfinite(scores[0]).nonzero().flatten().tolist())
+        draws = 1000
+        rows = [SamplingRow(params, [1], [], None) for _ in range(draws)]
+        ours = set(sample(logits.expand(draws, -1), rows).tolist())
+        # Every token we draw is one they keep; and in 1,000 draws every kept token of
+        # 2% or more shows up (one is missed with probability 0.98^1000, 2e-9).
+        assert ours <= theirs, (params, ours - theirs)
+        probs = scores[0].softmax(-1)
+        assert {i for i in theirs if probs[i] >= 0.02} <= ours, params
+    assert set(sample(three.expand(64, -1), [SamplingRow(cases[0][1], [1], [], None)] * 64)
+               .tolist()) == {0}  # fmt: skip
 
 
 @pytest.mark.parametrize("params", CASES[4:], ids=lambda p: repr(p)[15:70])

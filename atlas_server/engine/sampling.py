@@ -150,7 +150,10 @@ def _truncate(
         rank = torch.arange(vocab, device=scaled.device)[None, :]  # [1, V]
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)[:, None]  # [B, 1]
         drop = rank >= k
-        probs = sorted_logits.softmax(dim=-1)
+        # Top-k first, then top-p over what top-k kept, renormalised (as vLLM and
+        # transformers do): top_k=2, top_p=0.6 over 0.50/0.30/0.18 keeps one token, whose
+        # share of the two is 0.62, not two.
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the
         # mass *before* it already reaches top_p (so the top token always stays).
         mass_before = probs.cumsum(dim=-1) - probs
