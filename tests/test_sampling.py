@@ -309,3 +309,20 @@ def test_stop_strings_are_ignored_when_not_checked():
     matcher = StopStringMatcher(("ab",))
     assert matcher.feed("xab", check=False) == ("xab", None)
     assert matcher.feed("zab") == ("z", "ab")
+
+
+def test_a_stop_string_straddling_min_tokens_stops_and_is_cut():
+    """A stop string that starts in the text before min_tokens and ends after it matches,
+    as in vLLM (its window reaches len(stop) - 1 characters back); it used to be released
+    with the unchecked text and leak into the answer. One that ends before never matches."""
+    matcher = StopStringMatcher(("yL",))
+    assert matcher.feed("ab y", check=False) == ("ab ", None)  # "y" may begin "yL"
+    assert matcher.feed("Lq") == ("", "yL")
+    aaa = StopStringMatcher(("AAA",))  # min_tokens=2, one "A" per token: stops at the third
+    assert [aaa.feed("A", check=False), aaa.feed("A"), aaa.feed("A")] == [
+        ("", None), ("", None), ("", "AAA")
+    ]  # fmt: skip
+    inner = StopStringMatcher(("ab", "xabc"))  # "ab" lies wholly before min_tokens
+    assert inner.feed("xab", check=False) == ("", None)
+    assert inner.feed("d") == ("xabd", None)
+    assert inner.feed("ab") == ("", "ab")

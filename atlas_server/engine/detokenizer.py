@@ -45,31 +45,43 @@ class StopStringMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self._held = ""
+        self._unchecked = 0  # leading chars of _held that arrived before min_tokens
 
     def feed(self, text: str, check: bool = True) -> tuple[str, str | None]:
         """Returns (text safe to emit, matched stop string or None).
 
-        With `check=False` (min_tokens not reached yet) stop strings are ignored and
-        everything is released.
+        With `check=False` (min_tokens not reached yet) no stop string matches, but the text
+        that could begin one is still held: a stop string that starts before min_tokens and
+        ends after it stops the stream, as in vLLM, whose window reaches len(stop) - 1
+        characters back. One that ends before min_tokens never matches.
         """
-        if not self.stops or not check:
-            out, self._held = self._held + text, ""
-            return out, None
+        if not self.stops:
+            return text, None
         buffer = self._held + text
         match_at, matched = -1, None
-        for stop in self.stops:
-            at = buffer.find(stop)
-            if at != -1 and (match_at == -1 or at < match_at):
-                match_at, matched = at, stop
+        if check:
+            for stop in self.stops:
+                at = self._find_after(buffer, stop, self._unchecked)
+                if at != -1 and (match_at == -1 or at < match_at):
+                    match_at, matched = at, stop
         if matched is not None:
-            self._held = ""
+            self._held, self._unchecked = "", 0
             return buffer[:match_at], matched
         keep = self._longest_stop_prefix_suffix(buffer)
         self._held = buffer[len(buffer) - keep :]
+        # Of the held text, the part that arrived unchecked: all of it below min_tokens;
+        # after, what is left of the unchecked prefix of `buffer` in its held suffix.
+        dropped = len(buffer) - keep
+        self._unchecked = keep if not check else max(0, self._unchecked - dropped)
         return buffer[: len(buffer) - keep], None
 
+    @staticmethod
+    def _find_after(buffer: str, stop: str, start: int) -> int:
+        """First index of `stop` in `buffer` whose match ends past `start` characters."""
+        return buffer.find(stop, max(0, start - len(stop) + 1))
+
     def flush(self) -> str:
-        out, self._held = self._held, ""
+        out, self._held, self._unchecked = self._held, "", 0
         return out
 
     def _longest_stop_prefix_suffix(self, buffer: str) -> int:
