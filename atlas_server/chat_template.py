@@ -210,15 +210,31 @@ class ChatTemplate:
         return cls(CHATML, tokenizer, _default_variables(tokenizer), name="chatml")
 
     # --- the public renderings ----------------------------------------------------------
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
-        """The template's text for these messages (what `apply_chat_template` returns)."""
-        return self._render(normalize_messages(messages), add_generation_prompt)
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The template's text for these messages (what `apply_chat_template` returns);
+        `continue_final_message`: cut after the last message's content, left open."""
+        plain = normalize_messages(messages)
+        text = self._render(plain, add_generation_prompt)
+        return _open_final(plain, text) if continue_final_message else text
 
     def prompt_ids(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
-        """The ids to serve: the conversation, then (by default) the generation prompt."""
-        ids, _ = self._encode(normalize_messages(messages), add_generation_prompt, strict=False)
+        """The ids to serve: the conversation, then (by default) the generation prompt; or,
+        with `continue_final_message`, the conversation up to the end of the last message's
+        content, for the model to continue that message (a prefilled answer)."""
+        ids, _ = self._encode(
+            normalize_messages(messages), add_generation_prompt, strict=False,
+            continue_final_message=continue_final_message,
+        )  # fmt: skip
         return ids
 
     def training_example(self, messages: Sequence[Mapping[str, Any]]) -> TrainingExample:
@@ -249,9 +265,15 @@ class ChatTemplate:
             ) from None
 
     def _encode(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, strict: bool
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        strict: bool,
+        continue_final_message: bool = False,
     ) -> tuple[list[int], list[bool]]:
         text = self._render(messages, add_generation_prompt)
+        if continue_final_message:
+            text = _open_final(messages, text)
         turns = self._assistant_turns(messages, text, strict)
         cuts = {0, len(text)}
         for start, end in turns:
@@ -367,6 +389,23 @@ class ChatTemplate:
             if name in self.tokenizer.special_tokens:
                 stops.append(self.tokenizer.special_tokens[name])
         return tuple(dict.fromkeys(stops))
+
+
+def _open_final(messages: list[dict[str, Any]], text: str) -> str:
+    """`text` cut right after the last message's content, as transformers'
+    `apply_chat_template(continue_final_message=True)` cuts it (and vLLM, which calls it):
+    at the content's last occurrence, less the trailing spaces a template trimmed."""
+    content = messages[-1]["content"]
+    at = text.rfind(content.strip())
+    if not content.strip() or at < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not write the final message's "
+            "content as it is (or it is empty), so there is nothing to continue",
+            param=f"messages[{len(messages) - 1}].content",
+        )
+    kept = content.lstrip()
+    end = at + len(kept) if text[at : at + len(kept)] == kept else at + len(content.strip())
+    return text[:end]
 
 
 def _default_variables(

@@ -203,6 +203,14 @@ def test_stop_string_cuts_the_text_and_never_leaks(client, model, byte_tokenizer
         c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices
     )
     assert streamed == r.choices[0].text
+    # vLLM's include_stop_str_in_output keeps the stop string, streamed or not
+    kwargs["extra_body"] = {"ignore_eos": True, "include_stop_str_in_output": True}
+    kept = client.completions.create(**kwargs).choices[0]
+    assert kept.text == full[: full.index(stop) + len(stop)] and kept.finish_reason == "stop"
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices
+    )
+    assert streamed == kept.text
 
 
 def test_streaming_matches_non_streaming_and_reports_usage(client):
@@ -333,6 +341,28 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert e.value.body["param"] == param, extra
         assert "not supported" in e.value.body["message"] or param == "tool_choice"
+    # vLLM's structured-output fields, on both routes; they were ignored (free text
+    # answered a guided_choice of two words).
+    for field, value in (("guided_choice", ["yes", "no"]), ("guided_json", {"type": "object"}),
+                         ("guided_regex", "[0-9]+"), ("structured_outputs", {"choice": ["a"]})):  # fmt: skip
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=2, extra_body={field: value}
+            )
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"]
+        with pytest.raises(BadRequestError) as e:
+            client.completions.create(
+                model=MODEL, prompt="x", max_tokens=2, extra_body={field: value}
+            )
+        assert e.value.body["param"] == field
+    # stream_options without stream: OpenAI's 400
+    for route, body in (("completions", {"prompt": "x"}), ("chat/completions", {"messages": messages})):  # fmt: skip
+        r = httpx.post(
+            str(client.base_url) + route,
+            json={**body, "max_tokens": 2, "stream_options": {"include_usage": True}},
+            timeout=30,
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
     # Malformed values are the schema's 400 naming the field, never a 500.
     for extra, param in (
         ({"tools": "weather"}, "tools"),
@@ -355,6 +385,34 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
     for extra in served:
         out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert out.choices[0].finish_reason == "length"
+
+
+def test_continue_final_message_continues_the_prefilled_answer(
+    server, client, model, byte_tokenizer
+):
+    """vLLM's continue_final_message: the last (assistant) message is left open and the
+    model continues it; it was ignored, and the turn closed with <|im_end|>."""
+    tok = byte_tokenizer
+    start, end = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    ids = [start, *tok.encode("user\nHi"), end, *tok.encode("\n"), start,
+           *tok.encode("assistant\nHello, I")]  # fmt: skip
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = httpx.post(server[0] + "/tokenize", json=body, timeout=30).json()["tokens"]
+    assert tokens == ids
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=5, temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                    "ignore_eos": True},
+    )  # fmt: skip
+    assert r.choices[0].message.content == tok.decode(greedy(model, ids, 5))
+    assert r.usage.prompt_tokens == len(ids)
+    both = httpx.post(
+        server[0] + "/v1/chat/completions",
+        json={"messages": messages, "continue_final_message": True},  # add_generation_prompt
+        timeout=30,
+    )
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
 
 
 def test_api_key_is_required_on_v1_only(tiny_checkpoint):
@@ -907,6 +965,11 @@ def test_ignore_eos_on_chat_also_ignores_the_end_of_turn(server, byte_tokenizer)
     ended = httpx.post(url, json=body, timeout=30).json()
     assert ended["choices"][0]["finish_reason"] == "stop"
     assert ended["usage"]["completion_tokens"] == 1
+    # The end of turn is the chat's EOS: no stop_reason (vLLM's null), unless the client
+    # named the id itself.
+    assert ended["choices"][0]["stop_reason"] is None
+    named = httpx.post(url, json={**body, "stop_token_ids": [end]}, timeout=30).json()
+    assert named["choices"][0]["stop_reason"] == end
     ran_on = httpx.post(url, json={**body, "ignore_eos": True}, timeout=30).json()
     assert ran_on["choices"][0]["finish_reason"] == "length"
     assert ran_on["usage"]["completion_tokens"] == 4

@@ -157,6 +157,24 @@ def test_text_and_ids_equal_transformers(
         assert template.prompt_ids(messages, generation_prompt) == _ids(ids)
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3", "generation"])
+def test_continue_final_message_equals_transformers(tmp_path, atlas_tokenizer, hf_tokenizer, name):
+    """A prefilled assistant answer left open, as `apply_chat_template(...,
+    continue_final_message=True)` leaves it (vLLM calls it): cut after the content, also
+    when it ends in spaces or a line break that a template may trim."""
+    template = load_chat_template(saved(tmp_path, hf_tokenizer, TEMPLATES[name]), atlas_tokenizer)
+    for answer in ("Bubble sort.\n\nIt", "Merge sort, ", "Heap sort\n"):
+        messages = [*CONVERSATIONS[2][:4], {"role": "assistant", "content": answer}]
+        kwargs = dict(add_generation_prompt=False, continue_final_message=True)
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        assert template.render(messages, **kwargs) == expected, answer
+        ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        assert template.prompt_ids(messages, **kwargs) == _ids(ids), answer
+    empty = [*CONVERSATIONS[2][:4], {"role": "assistant", "content": ""}]
+    with pytest.raises(ChatTemplateError, match="nothing to continue"):
+        template.prompt_ids(empty, add_generation_prompt=False, continue_final_message=True)
+
+
 def test_the_default_is_chatml_as_served_before(atlas_tokenizer):
     """No template file: ChatML, with the ids the server has always fed the model."""
     template = load_chat_template(None, atlas_tokenizer)

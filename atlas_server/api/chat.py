@@ -52,11 +52,16 @@ def chat_template(state: ServerState) -> ChatTemplate:
     return state.chat_template
 
 
-def prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool):
+def prompt_ids(
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool = False,
+):
     """The ids the model is fed for these messages (atlas_server/chat_template.py)."""
     plain = [msgspec.to_builtins(m) for m in messages]
     try:
-        return chat_template(state).prompt_ids(plain, add_generation_prompt)
+        return chat_template(state).prompt_ids(plain, add_generation_prompt, continue_final_message)
     except ChatTemplateError as e:
         raise RequestError(str(e), param=e.param) from None
 
@@ -114,7 +119,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
         data = msgspec.structs.replace(
             data, messages=[msgspec.convert(m, ChatMessage) for m in augmentation.messages]
         )
-    ids = prompt_ids(state, data.messages, data.add_generation_prompt)
+    ids = prompt_ids(state, data.messages, data.add_generation_prompt, data.continue_final_message)
     # max_completion_tokens is OpenAI's newer name for max_tokens; errors name the one sent.
     param = "max_completion_tokens" if data.max_completion_tokens is not None else "max_tokens"
     asked = getattr(data, param)
@@ -129,7 +134,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
         max_tokens,
         top if data.logprobs else None,
         None,
-        extra_stop_ids=chat_template(state).stop_token_ids,
+        end_token_ids=chat_template(state).stop_token_ids,
     )
     request_id = new_id("chatcmpl")
     start = time.perf_counter()

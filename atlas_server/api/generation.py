@@ -115,7 +115,7 @@ def sampling_params(
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None,
-    extra_stop_ids: tuple[int, ...] = (),
+    end_token_ids: tuple[int, ...] = (),
 ) -> SamplingParams:
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return SamplingParams(
@@ -131,9 +131,11 @@ def sampling_params(
         logit_bias={int(k): float(v) for k, v in (req.logit_bias or {}).items()},
         seed=req.seed,
         stop=stops,
-        # ignore_eos (vLLM's, for fixed-length benchmarks) also ignores the chat
-        # template's end-of-turn ids, which are the chat route's EOS.
-        stop_token_ids=tuple(req.stop_token_ids or ()) + (() if req.ignore_eos else extra_stop_ids),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        # The chat template's end-of-turn ids are the chat route's EOS: no stop_reason, and
+        # ignore_eos (vLLM's, for fixed-length benchmarks) ignores them too.
+        end_token_ids=end_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
         ignore_eos=req.ignore_eos,
         skip_special_tokens=req.skip_special_tokens,
         logprobs=logprobs,

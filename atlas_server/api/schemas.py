@@ -101,6 +101,37 @@ class _SamplingFields(_Body, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     rag: RAGOptions | None = None
+    include_stop_str_in_output: bool | None = False  # vLLM's
+    # vLLM's structured-output fields, declared so that they are refused rather than
+    # ignored: a client that asks for one of two choices and gets free text breaks later.
+    guided_json: Any | None = None
+    guided_regex: Any | None = None
+    guided_choice: Any | None = None
+    guided_grammar: Any | None = None
+    structured_outputs: Any | None = None
+
+    def check_shared(self) -> None:
+        """The checks across fields that completions and chat share."""
+        if self.stream_options is not None and not self.stream:
+            raise RequestError(  # OpenAI's and vLLM's rule
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        for name in _STRUCTURED:
+            if getattr(self, name) is not None:
+                raise RequestError(
+                    f"{name} is not supported: this server has no constrained decoding, so "
+                    "it cannot promise output of that form; leave it out",
+                    param=name,
+                )
+
+
+_STRUCTURED = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+)
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
@@ -117,6 +148,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
     add_special_tokens: bool | None = True
 
     def check_ranges(self) -> None:
+        self.check_shared()
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of is supported only when null or equal to n", param="best_of")
         if self.suffix:
@@ -135,6 +167,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
     add_generation_prompt: bool | None = True
+    # vLLM's and transformers': the last message (a prefilled assistant answer) is left
+    # open for the model to continue, instead of closed and followed by a new turn.
+    continue_final_message: bool | None = False
     # Declared so that they are refused rather than ignored: a client that asks for tool
     # calls or JSON output and silently gets free text breaks later and further away.
     tools: list[dict[str, Any]] | None = None
@@ -144,6 +179,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     response_format: dict[str, Any] | None = None
 
     def check_ranges(self) -> None:
+        self.check_shared()
+        check_continuation(self)
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         # As vLLM without a tool-call parser: any tool_choice but "none" needs tool calls
@@ -184,6 +221,18 @@ class TokenizeRequest(_Body, kw_only=True):
     # messages, whose chat template writes the model's BOS itself.
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+
+
+def check_continuation(req: ChatCompletionRequest | TokenizeRequest) -> None:
+    """continue_final_message needs add_generation_prompt false (vLLM's rule): the model
+    cannot both continue the last message and start a new one."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise RequestError(
+            "continue_final_message and add_generation_prompt cannot both be true: send "
+            '"add_generation_prompt": false to continue the last message',
+            param="continue_final_message",
+        )
 
 
 class DetokenizeRequest(_Body, kw_only=True):

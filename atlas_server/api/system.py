@@ -20,7 +20,7 @@ from ..compute_threads import run_in_fresh_thread
 from .chat import prompt_ids
 from .errors import APIError, RequestError, error_responses
 from .generation import check_model, encode_text
-from .schemas import DetokenizeRequest, TokenizeRequest
+from .schemas import DetokenizeRequest, TokenizeRequest, check_continuation
 from .state import ServerState
 
 
@@ -130,7 +130,10 @@ async def tokenize(request: Request, data: TokenizeRequest) -> dict[str, Any]:
     if (data.prompt is None) == (data.messages is None):
         raise RequestError("give exactly one of prompt or messages", param="prompt")
     if data.messages is not None:
-        tokens = prompt_ids(state, data.messages, data.add_generation_prompt)
+        check_continuation(data)
+        tokens = prompt_ids(
+            state, data.messages, data.add_generation_prompt, data.continue_final_message
+        )
         if data.add_special_tokens:
             before, after = state.engine.text_adds
             tokens = before + tokens + after

@@ -188,8 +188,7 @@ class OutputProcessor:
                 seq.request.prompt_ids,
                 seq.output_ids,
                 choice.generator,
-                tuple(seq.request.params.stop_token_ids)
-                + (self.eos_ids if not seq.request.params.ignore_eos else ()),
+                self._ending_ids(seq.request.params),
             )
             for seq, choice in zip(rows, choices, strict=True)
         ]
@@ -244,7 +243,7 @@ class OutputProcessor:
                 row.first = True
             if token in p.stop_token_ids:
                 row.reason, row.stop_reason = "stop", token
-            elif token in self.eos_ids and not p.ignore_eos:
+            elif (token in self.eos_ids or token in p.end_token_ids) and not p.ignore_eos:
                 row.reason = "stop"
             row.at_length = row.count >= p.max_tokens
             if row.reason is not None or row.at_length:
@@ -278,6 +277,11 @@ class OutputProcessor:
                 logits[: len(targets)], chosen, r.params.prompt_logprobs or 0
             )
 
+    def _ending_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        """The ids that end this request's answer (masked below min_tokens)."""
+        ends = () if p.ignore_eos else self.eos_ids + p.end_token_ids
+        return tuple(p.stop_token_ids) + ends
+
     def _emit_row(self, row: _Row) -> bool:
         """One row's text and event; True if a stop string (and nothing before) ended it."""
         state, choice = row.state, row.choice
@@ -299,6 +303,8 @@ class OutputProcessor:
             text += tail
             if matched is not None:
                 reason, stop_reason = "stop", matched
+        if isinstance(stop_reason, str) and p.include_stop_str_in_output:
+            text += stop_reason
         if reason is not None:
             state.open.discard(seq.index)
         send_prompt_lp = (

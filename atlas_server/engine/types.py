@@ -74,7 +74,11 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # the client's: the id hit is the stop_reason
+    # Ids that end the answer as EOS does (a chat template's end of turn): "stop" with no
+    # stop_reason, masked below min_tokens and ignored with ignore_eos, as vLLM has it.
+    end_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # vLLM's: keep the matched stop string
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # leave special tokens out of the text (vLLM's default)
     logprobs: int | None = None  # None: none; k >= 0: sampled token's logprob + top-k alternatives
