@@ -9,8 +9,8 @@ GPT-2 124M then took 1.39x as long on the development machine (`python bench/omp
 that outlives its call, such as those of `asyncio.to_thread`, would keep a second team
 alive for the rest of the process once it had embedded one query.
 
-What it does: `run_in_fresh_thread(fn, *args)` awaits `fn(*args)` run in a new thread that
-ends with the call, taking its OpenMP team with it. What it does not do: limit how many
+What it does: `run_in_fresh_thread(fn, *args)` awaits `fn(*args)` run in a new (daemon)
+thread that ends with the call, taking its OpenMP team with it. What it does not do: limit how many
 run at once (callers that need that bound it themselves), or help work that never leaves
 the engine thread (the engine's own steps already run on one thread).
 """
@@ -18,6 +18,7 @@ the engine thread (the engine's own steps already run on one thread).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,7 +47,30 @@ def call_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
     """Await fn(*args) run in a new thread that ends with the call (see the module docstring).
 
-    The event loop keeps serving meanwhile. The pool thread of `asyncio.to_thread` only
-    waits for the fresh one to end; it never runs PyTorch, so it never gets a team.
+    The event loop keeps serving meanwhile. The thread reports to the loop itself, with no
+    executor between: `asyncio.to_thread`'s pool thread, waiting on a plugin hung in a
+    request, was joined at interpreter exit and kept a server alive for as long as the
+    plugin slept, long after SIGTERM and the drain. The thread is a daemon: it never does.
     """
-    return await asyncio.to_thread(call_in_fresh_thread, fn, *args)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if done.cancelled():  # the request went away (a disconnect, the drain's deadline)
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    def target() -> None:
+        value, error = None, None
+        try:
+            value = fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=target, name="atlas-compute", daemon=True).start()
+    return await done

@@ -24,8 +24,9 @@ and the plugin is left out (everything it registered too), as one that fails to 
 is. Objects are built lazily, the first time config or a request names them. The
 built-in retrievers, rerankers and metrics in `plugins/` are registered exactly this way.
 
-Plugins import only this module, `atlas_server.rag.types` and (vector stores)
-`atlas_server.rag.store`.
+Plugins import only this module, `atlas_server.rag.types`, `atlas_server.rag.store` (its
+StoreError; the VectorStore base of a store back end), `atlas_server.rag.chunking.chunk_id`
+and `atlas_server.rag.errors.InvalidRAGRequest` (docs/plugins.md).
 """
 
 from __future__ import annotations

@@ -103,6 +103,20 @@ class PluginHost:
             raise PluginError(
                 f"a plugin implements a hook that does not exist (misspelled?): {e}"
             ) from e
+        hooks = {f"atlas_register_{kind}" for kind in KINDS}
+        for plugin_name, plugin in self.pm.list_name_plugin():
+            # check_pending sees only @hookimpl functions; the host also calls undecorated
+            # ones by name, so an undecorated misspelling would register nothing silently.
+            stray = sorted(
+                attr for attr in dir(plugin)
+                if attr.startswith("atlas_register") and attr not in hooks
+                and callable(getattr(plugin, attr, None))
+            )  # fmt: skip
+            if stray:
+                raise PluginError(
+                    f"plugin {plugin_name!r} defines {', '.join(stray)}, which is no Atlas "
+                    f"hook (misspelled?); the hooks are {', '.join(sorted(hooks))}"
+                )
         for registry in (self.retrievers, self.rerankers, self.metrics, self.vector_stores):
             registry.clear()
         self._owner.clear()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import EvalError
+from .errors import EvalError, MetricError
 
 app = typer.Typer(
     name="atlas-eval",
@@ -119,6 +119,12 @@ def run(
     )
     try:
         out = run_suite(options)
+    except MetricError as e:  # after every request: say where the answers are
+        kept = (
+            "--no-cache kept no answers" if no_cache
+            else "the answers are cached: a rerun sends no request again"
+        )  # fmt: skip
+        fail(f"{e}; {kept}")
     except EvalError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@ traceback):
                                a compare --output that holds an earlier comparison
       CacheError               a response cache file that cannot be opened (a folder, not
                                SQLite, no permission)
+      MetricError              a metric plugin that raised or returned no MetricResult, or
+                               an installed plugin set the host refuses (a name clash)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "CacheError",
     "CapabilityError",
     "EvalError",
+    "MetricError",
     "ResultsError",
     "ServerRequestError",
     "ServerUnreachableError",
@@ -63,4 +66,8 @@ class ResultsError(EvalError):
 
 
 class CacheError(EvalError):
+    pass
+
+
+class MetricError(EvalError):
     pass

@@ -14,15 +14,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import SuiteConfigError
+from .errors import MetricError, SuiteConfigError
 
 __all__ = ["available_metrics", "check_metrics", "compute_metric", "load_metric"]
 
 
 def _registry() -> Mapping[str, Any]:
-    from atlas_server.plugins import get_plugin_host
+    from atlas_server.plugins import PluginError, get_plugin_host
 
-    return get_plugin_host().metrics
+    try:
+        return get_plugin_host().metrics
+    except PluginError as e:  # two plugins claim one name, a misspelled hook
+        raise MetricError(str(e)) from None
 
 
 def available_metrics() -> list[str]:
@@ -49,8 +52,22 @@ def load_metric(name: str) -> Any:
 def compute_metric(
     name: str, predictions: list[str], references: list[list[str]]
 ) -> tuple[dict[str, float], dict[str, bool], str | None]:
-    """Scores, higher-is-better flags and signature of metric `name` on one corpus."""
-    result = load_metric(name).compute(predictions, references)
-    scores = {k: float(v) for k, v in result.scores.items()}
-    flags = {k: bool(result.higher_is_better.get(k, True)) for k in scores}
-    return scores, flags, result.signature
+    """Scores, higher-is-better flags and signature of metric `name` on one corpus.
+
+    A metric that raises, or returns something other than a MetricResult of numbers, is a
+    MetricError naming it and its plugin (the metrics run after the last request: the
+    answers are in the response cache, and a rerun sends none of them again)."""
+    metric = load_metric(name)
+    try:
+        result = metric.compute(predictions, references)
+        scores = {k: float(v) for k, v in result.scores.items()}
+        flags = {k: bool(result.higher_is_better.get(k, True)) for k in scores}
+        signature = result.signature
+    except Exception as e:
+        from atlas_server.plugins import get_plugin_host
+
+        owner = get_plugin_host().owner("metrics", name)
+        raise MetricError(
+            f"metric {name!r} (plugin {owner!r}) failed: {type(e).__name__}: {e}"
+        ) from e
+    return scores, flags, signature

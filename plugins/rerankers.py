@@ -100,6 +100,12 @@ class CrossEncoderReranker:
         ]
 
 
+# The [rag.plugin_options.NAME] keys each factory reads (`atlas serve` refuses others).
+MMRReranker.options = ("lambda",)
+QueryLikelihoodReranker.options = ()
+CrossEncoderReranker.options = ("model_path",)
+
+
 @hookimpl
 def atlas_register_rerankers(register) -> None:
     register("mmr", MMRReranker)

@@ -77,9 +77,22 @@ class HybridRetriever:
         return [RetrievedChunk(chunks[cid], fused[cid], label, vectors[cid]) for cid in order]
 
 
+def hybrid(ctx: RAGContext) -> HybridRetriever:
+    return HybridRetriever(ctx, "score")
+
+
+def hybrid_rrf(ctx: RAGContext) -> HybridRetriever:
+    return HybridRetriever(ctx, "rrf")
+
+
+# The [rag.plugin_options.NAME] keys each factory reads (`atlas serve` refuses others).
+DenseRetriever.options = BM25Retriever.options = ()
+hybrid.options = hybrid_rrf.options = ("weights", "rrf_k", "candidates")
+
+
 @hookimpl
 def atlas_register_retrievers(register) -> None:
     register("dense", DenseRetriever)
     register("bm25", BM25Retriever)
-    register("hybrid", lambda ctx: HybridRetriever(ctx, "score"))
-    register("hybrid-rrf", lambda ctx: HybridRetriever(ctx, "rrf"))
+    register("hybrid", hybrid)
+    register("hybrid-rrf", hybrid_rrf)

@@ -94,3 +94,27 @@ def test_no_thread_outlives_the_call(two_torch_threads):
     with ThreadPoolExecutor(1) as pool:
         pool.submit(parallel_work).result()
         assert len(started_since(before, settle_s=0.5)) >= 2
+
+
+def test_a_hung_call_does_not_keep_the_process_alive_at_exit():
+    """A plugin hung in a request kept `atlas serve` running for as long as it slept (96 s
+    after SIGTERM): `asyncio.to_thread`'s pool thread waited on it, and the pool is joined
+    at interpreter exit. Abandoned (the request cancelled), the call must not hold the exit."""
+    import subprocess
+
+    script = (
+        "import asyncio, time\n"
+        "from atlas_server.compute_threads import run_in_fresh_thread\n"
+        "async def main():\n"
+        "    task = asyncio.ensure_future(run_in_fresh_thread(time.sleep, 120))\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    task.cancel()\n"
+        "asyncio.run(main())\n"
+        "print('exiting')\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
+    assert time.monotonic() - start < 60  # not the 120 s the call sleeps

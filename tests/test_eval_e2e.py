@@ -490,6 +490,50 @@ def test_a_metric_plugin_registered_by_a_third_party_scores_a_suite(
         run(tmp_path, "generation", atlas_url, "metrics=['no_such_metric']", limit=1)
 
 
+@pytest.mark.parametrize(
+    ("computes", "says"),
+    [("raise", "RuntimeError: metric kaboom"), ("a float", "AttributeError")],
+)
+def test_a_broken_metric_plugin_is_one_line_naming_it_after_the_requests(
+    tmp_path, atlas_url, monkeypatch, computes, says
+):
+    """A metric plugin that raised, or returned 0.5 instead of a MetricResult, ended the
+    run with a traceback after every request had been sent; it is one line naming the
+    metric and its plugin, and the answers stay in the response cache."""
+    from typer.testing import CliRunner
+
+    import atlas_server.plugins
+    from atlas_server.hookspecs import hookimpl
+    from eval_suites.cli import app
+
+    class Broken:
+        name = "broken"
+
+        def compute(self, predictions, references):
+            if computes == "raise":
+                raise RuntimeError("metric kaboom")
+            return 0.5
+
+    class BrokenPlugin:
+        @hookimpl
+        def atlas_register_metrics(self, register):
+            register("broken", Broken)
+
+    host = atlas_server.plugins.PluginHost()
+    host.register(BrokenPlugin(), "broken-metric")
+    monkeypatch.setattr(atlas_server.plugins, "get_plugin_host", lambda: host)
+    args = ["run", "generation", "--base-url", atlas_url, "--limit", "1",
+            "--output", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.sqlite"),
+            "--set", "metrics=['bleu','broken']", "--set", "tasks=['heading']",
+            "--set", "num_shots=0", "--set", "max_tokens=4"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "metric 'broken' (plugin 'broken-metric') failed" in lines[0] and says in lines[0]
+    assert "the answers are cached" in lines[0]
+
+
 def test_checkpoint_mode_starts_and_stops_an_atlas_server(tmp_path, eval_checkpoint, atlas_url):
     out = tmp_path / "ckpt-run"
     proc = cli(

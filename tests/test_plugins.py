@@ -66,6 +66,13 @@ def test_misspelled_hook_is_refused():
     with pytest.raises(PluginError, match="does not exist"):
         PluginHost().register(Typo(), "typo-plugin")
 
+    class Undecorated:  # the host calls hooks by name, so it must see these too
+        def atlas_register_retreivers(self, register):
+            register("x", lambda ctx: None)
+
+    with pytest.raises(PluginError, match=r"'undecorated'.*atlas_register_retreivers.*misspell"):
+        PluginHost().register(Undecorated(), "undecorated")
+
 
 def fake_distribution(tmp_path, monkeypatch, name: str, source: str):
     """An installed distribution (on sys.path) whose `atlas` entry point NAME is a module
@@ -173,3 +180,38 @@ def test_example_faiss_package_installs_and_registers(tmp_path):
     rows = {p["name"]: p for p in json.loads(out.stdout)}
     assert rows["faiss"]["registered"]["retrievers"] == ["faiss"]
     assert rows["faiss"]["distribution"] == "atlas-faiss-retriever"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve", "--port", "1"],
+        ["rag", "ingest", "README.md", "--collection", "c"],
+        ["rag", "query", "heap", "--collection", "c"],
+    ],
+    ids=["serve", "ingest", "query"],
+)
+def test_a_plugin_set_the_host_refuses_is_one_line_in_every_command(
+    command, monkeypatch, tmp_path, tiny_checkpoint
+):
+    """Two plugins registering one name (or a misspelled hook) printed a 50-line traceback
+    from `atlas serve`, `atlas rag ingest` and `atlas rag query`; `atlas plugins` alone said
+    it in one line."""
+    from typer.testing import CliRunner
+
+    import atlas_server.plugins
+    from atlas_server.cli import app
+
+    def refused():
+        raise atlas_server.plugins.PluginError(
+            "retriever 'dense' is registered by both plugin 'atlas-retrievers' and plugin "
+            "'clash'; uninstall one or rename it"
+        )
+
+    monkeypatch.setattr(atlas_server.plugins, "get_plugin_host", refused)
+    args = [*command, "--data-dir", str(tmp_path / "store")] if command[0] == "rag" else [
+        *command, "--checkpoint", str(tiny_checkpoint)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    assert result.output.strip().splitlines()[-1].startswith("error: retriever 'dense'")

@@ -58,6 +58,14 @@ class Returns:
 GOOD = [RetrievedChunk(chunk("a.md", "alpha"), 1.0, "own")]
 
 
+class Raises:
+    def __init__(self, error):
+        self.error = error
+
+    def retrieve(self, collection, query, top_k, filters=None):
+        raise self.error
+
+
 class OddPlugin:
     @hookimpl
     def atlas_register_retrievers(self, register):
@@ -68,6 +76,11 @@ class OddPlugin:
             "returns-bad-score", lambda ctx: Returns([RetrievedChunk(GOOD[0].chunk, "hi", "r")])
         )
         register("own-passages", lambda ctx: Returns(GOOD))
+        register(
+            "refuses-filters",
+            lambda ctx: Raises(InvalidRAGRequest("this retriever applies no filters", "filters")),
+        )
+        register("interrupts", lambda ctx: Raises(KeyboardInterrupt()))
 
     @hookimpl
     def atlas_register_rerankers(self, register):
@@ -330,3 +343,23 @@ def test_a_source_delete_waits_for_an_ingest_of_the_collection(tmp_path):
     finally:
         gate.set()
         s.close()
+
+
+def test_a_plugin_can_refuse_what_the_request_asks_as_the_clients_error(svc):
+    """A retriever that cannot apply `filters` raises InvalidRAGRequest naming the field:
+    that is the client's 400, not a 502 blaming the plugin (it used to be wrapped)."""
+    with pytest.raises(InvalidRAGRequest) as caught:
+        svc.retrieve("c", "alpha", retriever="refuses-filters", filters={"lang": "en"})
+    assert caught.value.param == "filters" and "applies no filters" in str(caught.value)
+
+
+def test_a_keyboard_interrupt_from_plugin_code_is_its_failure_off_the_main_thread(svc):
+    """Raised on a server's worker thread it is no Ctrl-C (signals reach the main thread
+    only): the plugin's failure, not a plain-text 500. On the main thread (the CLI) a
+    Ctrl-C still stops the command."""
+    from atlas_server.compute_threads import call_in_fresh_thread
+
+    with pytest.raises(PluginRuntimeError, match="KeyboardInterrupt"):
+        call_in_fresh_thread(svc.retrieve, "c", "alpha", 4, "interrupts")
+    with pytest.raises(KeyboardInterrupt):
+        svc.retrieve("c", "alpha", retriever="interrupts")

@@ -169,6 +169,7 @@ def test_serve_refuses_a_bad_chat_template_before_loading_anything(tmp_path, tin
     [
         ("rag.plugin_options={mmmr={lambda=0.5}}", "'mmmr'", "mmr"),
         ("rag.store_options={hnsw_eff=128}", "'hnsw_eff'", "hnsw_ef"),
+        ('rag.retriever="hybird"', "'hybird'", "hybrid"),
     ],
 )
 def test_serve_refuses_rag_options_nothing_reads_before_loading(
@@ -185,6 +186,35 @@ def test_serve_refuses_rag_options_nothing_reads_before_loading(
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and listed in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "components", "named", "listed"),
+    [
+        ({"mmr": {"lamda": 0.1}}, {}, "'lamda'", "'lambda'"),  # the factory lists its keys
+        ({"dense": {"k": 3}}, {}, "'k'", "no options"),
+        ({"bleu": {"x": 1}}, {}, "a metric", "retrievers and rerankers"),
+        ({"embedded": {"path": "x"}}, {}, "a vector store", "store_options"),
+        ({}, {"reranker": "mmmr"}, "'mmmr'", "mmr"),  # [rag] reranker, as the retriever
+    ],
+)
+def test_rag_settings_that_would_be_ignored_or_fail_every_request_are_refused(
+    options, components, named, listed
+):
+    """Option keys a built-in does not read (mmr's `lamda`) were ignored without a word, as
+    were tables for metrics and stores, which take none; a misspelt default retriever or
+    reranker made every RAG request a 400 blaming the client."""
+    from atlas_server.plugins import get_plugin_host
+    from atlas_server.rag.pipeline import check_plugin_options
+
+    host = get_plugin_host()
+    with pytest.raises(ValueError) as e:
+        check_plugin_options(host, options, **components)
+    assert named in str(e.value) and listed in str(e.value), e.value
+    check_plugin_options(
+        host, {"mmr": {"lambda": 0.5}, "hybrid": {"weights": {"dense": 1.0}, "candidates": 20}},
+        "hybrid", "mmr",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("store", ["embedded", "qdrant", "faiss"])

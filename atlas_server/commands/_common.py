@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import typer
 
 # Errors whose message is meant for the user; anything else is a bug and keeps its traceback.
-# The checkpoint's error class is looked up only once its module is loaded (it imports
-# PyTorch, which `atlas tokenizer ...` never needs): before that, none can have been raised.
+# The checkpoint's and the plugin host's error classes are looked up only once their modules
+# are loaded (the first imports PyTorch, which `atlas tokenizer ...` never needs): before
+# that, none can have been raised.
 from ..model.config import ConfigError
 from ..tokenizer import TokenizerError
 
@@ -22,7 +23,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
-_LOADED_ON_USE = (("atlas_server.checkpoint", "CheckpointError"),)
+_LOADED_ON_USE = (
+    ("atlas_server.checkpoint", "CheckpointError"),
+    ("atlas_server.plugins", "PluginError"),  # a name clash, a misspelled hook
+)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -154,9 +154,13 @@ def query(
     collection: str = typer.Option(..., help="Collection name."),
     top_k: int = typer.Option(4, help="Chunks to return."),
     retriever: str = typer.Option(
-        "hybrid", help="Retriever plugin name (atlas plugins lists them)."
+        None,
+        help="Retriever plugin name (atlas plugins lists them; default: --config's [rag] "
+        "retriever, else hybrid).",
     ),
-    reranker: str = typer.Option(None, help="Reranker plugin name."),
+    reranker: str = typer.Option(
+        None, help="Reranker plugin name (default: --config's [rag] reranker, else none)."
+    ),
     data_dir: Path = typer.Option(None, help="The store's folder."),
     store: str = typer.Option(None, help=STORE_HELP),
     store_url: str = typer.Option(None, help=URL_HELP),
@@ -165,7 +169,7 @@ def query(
         None,
         "--config",
         help="Server config TOML: its \\[rag] store (unless a store flag is given), "
-        "store_options and plugin_options, as `atlas serve` uses them.",
+        "store_options, plugin_options, retriever and reranker, as `atlas serve` uses them.",
     ),
 ) -> None:
     """Show the chunks a retriever returns for a question.
@@ -182,7 +186,9 @@ def query(
     with user_errors(ConfigFileError, ValueError):
         rag = load_config(config, []).rag if config else None
         options = rag.plugin_options if rag else {}
-        check_plugin_options(get_plugin_host(), options)
+        retriever = retriever or (rag.retriever if rag else "hybrid")
+        reranker = reranker or (rag.reranker if rag else None)
+        check_plugin_options(get_plugin_host(), options, retriever, reranker)
     with _errors():
         if rag is not None and not (data_dir or store or store_url or qdrant_url):
             vector_store = store_from_config(rag)  # the server's store, as it opens it

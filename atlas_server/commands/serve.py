@@ -176,13 +176,16 @@ def serve(
         )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     check_chat_template(path)
+    from ..plugins import get_plugin_host
+
+    with user_errors():  # plugins the host refuses (two claim one name): one line, not later
+        host = get_plugin_host()
     if cfg.rag.enabled:  # config mistakes stop the start, not every later RAG request
-        from ..plugins import get_plugin_host
         from ..rag.pipeline import check_plugin_options
         from ..rag.store import StoreError, check_store_options, store_name
 
         with user_errors(ValueError, StoreError):
-            check_plugin_options(get_plugin_host(), cfg.rag.plugin_options)
+            check_plugin_options(host, cfg.rag.plugin_options, cfg.rag.retriever, cfg.rag.reranker)
             check_store_options(store_name(cfg.rag)[0], dict(cfg.rag.store_options))
     # The printed config names the checkpoint actually served, not the unset default.
     cfg = with_overrides(cfg, model__checkpoint=str(path))

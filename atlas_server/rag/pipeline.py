@@ -19,23 +19,55 @@ from typing import Any
 import msgspec
 
 from ..plugins import PluginHost
-from .errors import PluginRuntimeError, UnknownComponentError
+from .errors import InvalidRAGRequest, PluginRuntimeError, UnknownComponentError
 from .types import Chunk, RAGContext, RetrievedChunk
 
 __all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError", "check_plugin_options"]
 
 
-def check_plugin_options(host: PluginHost, options: dict[str, Any]) -> None:
-    """Refuse `[rag.plugin_options.NAME]` tables whose NAME no installed plugin registered
-    (a misspelt `mmmr` would leave the reranker on its defaults without a word)."""
-    kinds = ("retrievers", "rerankers", "metrics", "vector_stores")
-    known = {name for kind in kinds for name in getattr(host, kind)}
-    unknown = sorted(set(options) - known)
-    if unknown:
+def check_plugin_options(
+    host: PluginHost,
+    options: dict[str, Any],
+    retriever: str | None = None,
+    reranker: str | None = None,
+) -> None:
+    """Refuse the RAG settings that would be ignored or fail on every request, before a
+    server starts: `[rag.plugin_options.NAME]` tables whose NAME is no installed retriever
+    or reranker (a misspelt `mmmr` would leave the reranker on its defaults without a word;
+    metrics and vector stores take no such table), keys a component's factory does not
+    list in its `options` attribute (when it has one: `lamda` for mmr's `lambda`), and a
+    default `retriever` or `reranker` that no plugin registered."""
+    components = {**host.retrievers, **host.rerankers}
+    for kind, name in (("retriever", retriever), ("reranker", reranker)):
+        registry = getattr(host, f"{kind}s")
+        if name is not None and name not in registry:
+            raise ValueError(
+                f"rag.{kind} {name!r} is not registered by any installed plugin; "
+                f"installed {kind}s: {', '.join(sorted(registry)) or 'none'} (see `atlas plugins`)"
+            )
+    for name in sorted(options):
+        if name in components:
+            continue
+        if name in host.metrics or name in host.vector_stores:
+            what = "a metric" if name in host.metrics else "a vector store (see rag.store_options)"
+            raise ValueError(
+                f"rag.plugin_options.{name}: {name!r} is {what}; these tables configure "
+                "retrievers and rerankers"
+            )
         raise ValueError(
-            f"rag.plugin_options names {', '.join(map(repr, unknown))}, which no installed "
-            f"plugin registered; installed: {', '.join(sorted(known))} (see `atlas plugins`)"
+            f"rag.plugin_options names {name!r}, which no installed plugin registered as a "
+            f"retriever or reranker; installed: {', '.join(sorted(components))} "
+            "(see `atlas plugins`)"
         )
+    for name, table in options.items():
+        reads = getattr(components[name], "options", None)
+        unread = sorted(set(table) - set(reads)) if reads is not None else []
+        if unread:
+            listed = ", ".join(map(repr, reads)) if reads else "no options"
+            raise ValueError(
+                f"rag.plugin_options.{name} sets {', '.join(map(repr, unread))}, which "
+                f"{name!r} does not read; it reads {listed}"
+            )
 
 
 class RAGPipeline:
@@ -68,7 +100,9 @@ class RAGPipeline:
                 ctx = dataclasses.replace(self.ctx, options=dict(self.options.get(name, {})))
                 try:
                     self._built[key] = registry[name](ctx)
-                except (Exception, SystemExit) as e:
+                except (Exception, SystemExit, KeyboardInterrupt) as e:
+                    if _a_real_ctrl_c(e):
+                        raise
                     raise PluginRuntimeError(
                         self.host.owner(kind, name) or "?", kind[:-1], name, e
                     ) from e
@@ -98,16 +132,25 @@ class RAGPipeline:
         here, so neither a later stage nor the HTTP layer trips over it."""
         try:
             return checked_results(fn())
-        except (UnknownComponentError, PluginRuntimeError):
+        # InvalidRAGRequest is how a plugin says the request asks what it cannot do (filters
+        # it cannot apply): the client's 400, naming the field, not the plugin's failure.
+        except (UnknownComponentError, PluginRuntimeError, InvalidRAGRequest):
             raise
-        # SystemExit too: a plugin calling sys.exit() must not take a request (or, outside
-        # a request, the server) down with it; KeyboardInterrupt still stops the process.
-        except (Exception, SystemExit) as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
             from .store import StoreError
 
-            if isinstance(e, StoreError):
+            if isinstance(e, StoreError) or _a_real_ctrl_c(e):
                 raise
             raise PluginRuntimeError(self.host.owner(kind, name) or "?", kind[:-1], name, e) from e
+
+
+def _a_real_ctrl_c(e: BaseException) -> bool:
+    """A KeyboardInterrupt on the main thread (the CLI's Ctrl-C) stops the process; raised
+    on a server's worker thread it is plugin code's own doing (signals reach only the main
+    thread), and, like sys.exit() there, must not take the request or the server down."""
+    return (
+        isinstance(e, KeyboardInterrupt) and threading.current_thread() is threading.main_thread()
+    )
 
 
 class MalformedResults(TypeError):
