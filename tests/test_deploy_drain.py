@@ -289,7 +289,8 @@ class Spy:
             print("policy:", os.environ.get("OMP_WAIT_POLICY"), flush=True)
             sys.meta_path.remove(self)
 sys.meta_path.insert(0, Spy())
-import atlas_server.cli
+import atlas_server.cli  # the CLI loads PyTorch only once a command needs it
+import atlas_server.checkpoint
 """
 
 
