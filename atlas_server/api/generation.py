@@ -447,8 +447,12 @@ async def augment(
             param="rag",
         )
     try:
-        # Leave room for the answer (and the chat template's few tokens).
-        budget = state.max_model_len - (max_tokens if max_tokens is not None else 16) - 16
+        # Leave room for the answer (16 tokens when the client set no max_tokens). A chat's
+        # messages are counted as the ids its template renders, so the prompt may take
+        # the rest; a text prompt's count leaves out the tokens the server adds around it
+        # (a BOS), hence its 16 spare.
+        answer = max_tokens if max_tokens is not None else 16
+        budget = state.max_model_len - answer - (16 if prompt is not None else 0)
         return await state.augmenter.augment(rag, prompt, messages, max_prompt_tokens=budget)
     except APIError:
         raise

@@ -27,6 +27,7 @@ from ..rag.ingest import Document
 from ..rag.service import RAGService
 from ..rag.store import metadata_key_problem
 from ..rag.types import RetrievedChunk
+from .chat import prompt_ids
 from .errors import RequestError, error_responses, rag_error
 from .schemas import CollectionName, Filters, NullMeansDefault
 from .state import Augmentation, ServerState
@@ -94,6 +95,9 @@ class RAGAugmenter:
                 messages=messages,
                 max_prompt_tokens=max_prompt_tokens,
                 context_tokens=state.max_model_len,
+                # The ids the chat route will feed the model (chat.prompt_ids, with the
+                # generation prompt): the contents alone miss the template's tokens.
+                count_messages=lambda grounded: len(prompt_ids(state, grounded, True)),
             )
 
         try:

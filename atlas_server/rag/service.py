@@ -215,30 +215,36 @@ class RAGService:
         messages: list[dict[str, Any]] | None = None,
         max_prompt_tokens: int | None = None,
         context_tokens: int | None = None,
+        count_messages: Callable[[list[dict[str, Any]]], int] | None = None,
     ) -> Grounded:
         """The prompt (or messages) with sources, the lowest-ranked dropped until it fits
-        `max_prompt_tokens` (as `count_tokens` counts; `context_tokens`, the model's
-        context, is named in the error when not even one source fits)."""
+        `max_prompt_tokens`: a prompt as `count_tokens` counts it, messages as
+        `count_messages` does (needed for chat: the ids the chat template renders, its
+        headers, special tokens and generation prompt included, which the contents alone
+        miss). `context_tokens`, the model's context, is named in the error when not even
+        one source fits."""
         if not chunks:
             raise InvalidRAGRequest("retrieval found no source for this question")
+
+        def size(grounded: Grounded) -> int:  # in tokens, as the model will be fed it
+            if grounded.prompt is not None:
+                return count_tokens(grounded.prompt)
+            if count_messages is None:  # a caller's bug: contents alone undercount
+                raise TypeError("grounding messages needs count_messages")
+            return count_messages(grounded.messages or [])
+
         while True:
             if prompt is not None:
                 grounded = Grounded(chunks, prompt=grounded_prompt(prompt, chunks))
-                text = grounded.prompt
             else:
                 grounded = Grounded(chunks, messages=grounded_messages(messages or [], chunks))
-                text = " ".join(str(m.get("content") or "") for m in grounded.messages)
-            if max_prompt_tokens is None or count_tokens(text) <= max_prompt_tokens:
+            if max_prompt_tokens is None or size(grounded) <= max_prompt_tokens:
                 return grounded
             chunks = chunks[:-1]
             if not chunks:
                 context = f"the model's {context_tokens}-token" if context_tokens else "the"
-                bare = (
-                    prompt
-                    if prompt is not None
-                    else " ".join(str(m.get("content") or "") for m in (messages or []))
-                )
-                if count_tokens(bare) > max_prompt_tokens:  # the sources were not the problem
+                bare = Grounded([], prompt=prompt, messages=messages)
+                if size(bare) > max_prompt_tokens:  # the sources were not the problem
                     raise InvalidRAGRequest(
                         f"the question alone does not fit {context} context with the "
                         "max_tokens asked for; shorten it or lower max_tokens"
