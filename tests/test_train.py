@@ -444,7 +444,7 @@ def test_config_errors_are_one_line(tmp_path):
         ("run.threads=-1", "run.threads must be >= 1"),
         ('run.device="gpu"', "run.device 'gpu' is not a device"),
         ("run.mlflow=true", "MLflow at run.mlflow_uri 'bogus://x'"),
-        ("OUT_UNDER_A_FILE", "Not a directory"),
+        ("OUT_UNDER_A_FILE", "is under the file"),
     ]
     + (
         []

@@ -72,11 +72,15 @@ def files(tmp_path_factory, byte_tokenizer) -> dict[str, Path]:
     tok_b = byte_tokenizer.save(root / "b" / "atlas_tokenizer.json")
     data = root / "tokens"
     prepare_data([str(corpus)], tok_a, data, 0.1, shard_tokens=20_000, workers=1, progress=False)
+    tokens_b = root / "tokens-b"
+    prepare_data([str(corpus)], tok_b, tokens_b, 0.1, shard_tokens=20_000, workers=1,
+                 progress=False)  # fmt: skip
     return {
         "corpus": corpus,
         "tok_a": tok_a,
         "tok_b": tok_b,
         "data": data,
+        "tokens_b": tokens_b,
         "base": make_base(root, byte_tokenizer),
         "chat": write_jsonl(root / "chat.jsonl", chat_records()),
         "prefs": write_jsonl(root / "prefs.jsonl", preference_records()),
@@ -321,6 +325,42 @@ def test_the_peak_measurement_keeps_to_its_time_on_one_thread():
         torch.set_num_threads(threads)
     assert peak > 1e9  # FLOP/s: any CPU core of this century
     assert took < 1.5, f"measuring for 0.2 s took {took:.2f} s"
+
+
+def test_resuming_on_data_of_another_tokenizer_is_refused_before_training(files, tmp_path):
+    """Data prepared with another tokenizer of the same size used to be resumed on without
+    a word: the trained weights were fed other ids, and the next checkpoint carried the new
+    tokenizer. Of another size, torch's multi-line load report came out."""
+    other = tuple(f"<|other_{i}|>" for i in range(100))  # as many ids as tokenizer A
+    tok_c = byte_level_tokenizer(other + DEFAULT_SPECIAL_TOKENS).save(
+        tmp_path / "c" / "atlas_tokenizer.json"
+    )
+    data_c = tmp_path / "tokens-c"
+    prepare_data([str(files["corpus"])], tok_c, data_c, 0.1, shard_tokens=20_000, workers=1,
+                 progress=False)  # fmt: skip
+    out = tmp_path / "run"
+    assert invoke("train", *pretrain_sets(files["data"], out)).exit_code == 0
+    before = [p.name for p in list_checkpoints(out)]
+    for data in (data_c, files["tokens_b"]):
+        longer = pretrain_sets(data, out, "schedule.max_steps=4")
+        result = invoke("train", *longer, "--resume")
+        lines = result.output.strip().splitlines()  # "resuming from step 2 (...)", then it
+        assert result.exit_code == 1 and lines[-1].startswith("error:"), result.output
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+        assert "has another tokenizer than" in lines[-1] and str(data) in lines[-1]
+    assert [p.name for p in list_checkpoints(out)] == before  # nothing written
+
+
+def test_a_run_folder_that_is_a_file_and_data_that_is_not_prepared_are_named(files, tmp_path):
+    """They came out as `[Errno 17] File exists` and `no tokenizer file at ...`."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, says in ((afile, "is a file"), (afile / "sub", "is under the file")):
+        one_line_error(invoke("train", *pretrain_sets(files["data"], out)), "run.out_dir", says)
+    for data, says in ((tmp_path / "nodata", "does not exist"),
+                       (files["corpus"], "is not prepared data")):  # fmt: skip
+        result = invoke("train", *pretrain_sets(data, tmp_path / "run"))
+        one_line_error(result, f"data.path {data}", says, "prepare-data")
 
 
 # --- Ctrl-C before the first step ---------------------------------------------------------------

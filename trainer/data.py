@@ -265,6 +265,16 @@ def data_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     the file given to prepare-data, which the copy equals unless it was converted from
     another format; then only the vocabulary size can be checked."""
     folder = Path(folder)
+    # Named as the data folder it should be, not as a missing tokenizer file (which is what
+    # reading one first said of a typo or of a folder of raw text).
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file"
+        raise DataError(f"data.path {folder} {what}; make it with `atlas-train prepare-data`")
+    if not (folder / "manifest.json").is_file() and not tokenizer_file(folder).is_file():
+        raise DataError(
+            f"data.path {folder} is not prepared data (no manifest.json, no tokenizer copy); "
+            f"make it with `atlas-train prepare-data TEXT... --tokenizer TOK --output {folder}`"
+        )
     tokenizer = Tokenizer.from_file(folder)
     try:
         manifest = json.loads((folder / "manifest.json").read_text())

@@ -411,6 +411,7 @@ def setup(
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
+    _refuse_a_file_as_run_folder(run_dir)
     if resume is None:
         _refuse_a_folder_with_checkpoints(run_dir)
     else:
@@ -418,6 +419,8 @@ def setup(
     _check_seq_len_fits_init_from(cfg)  # before the data: DPO runs the reference over it
     seed_everything(cfg.run.seed)
     tokenizer = _run_tokenizer(cfg)
+    if resume is not None:
+        _refuse_another_vocabulary(cfg, resume.path, tokenizer)
     train_data, val_data = task.make_data(cfg, d)
     train_data.check_batch(cfg.data.micro_batch)  # not at the first step: after writing
     lora = cfg.lora.enabled
@@ -543,6 +546,30 @@ def _run_tokenizer(cfg: TrainConfig) -> Tokenizer:
                 f" --tokenizer {cfg.model.init_from})"
             )
     return tokenizer
+
+
+def _refuse_another_vocabulary(cfg: TrainConfig, checkpoint: Path, tokenizer: Tokenizer) -> None:
+    """A resumed run keeps its vocabulary. Data prepared with another tokenizer of the same
+    size fed the trained weights other ids without a word (and the next checkpoint carried
+    the new tokenizer); of another size, the weights failed to load with torch's report."""
+    if not (checkpoint / "config.json").is_file():
+        return  # a LoRA run's adapter: its base, model.init_from, is checked instead
+    if _vocabulary(load_checkpoint_tokenizer(checkpoint)) == _vocabulary(tokenizer):
+        return
+    source = f"data.path {cfg.data.path}" if cfg.stage == "pretrain" else cfg.model.init_from
+    raise DataError(
+        f"{source} has another tokenizer than {checkpoint}, the checkpoint being resumed; "
+        "resume with the data it trained on, or start a new run in another run.out_dir"
+    )
+
+
+def _refuse_a_file_as_run_folder(run_dir: Path) -> None:
+    """run.out_dir is a folder (to be): a file there, or above it, is named as such rather
+    than as the OSError's errno."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == run_dir else f"is under the file {path}"
+            raise TrainConfigError(f"run.out_dir {run_dir} {where}; give a folder")
 
 
 def _vocabulary(tokenizer: Tokenizer) -> dict:
