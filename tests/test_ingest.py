@@ -162,6 +162,20 @@ def test_unusable_files_are_skipped_by_name_and_the_rest_ingested(tmp_path):
         (folder / name).unlink()
     nothing = CliRunner().invoke(app, [*args, "--collection", "d"])
     assert nothing.exit_code == 1 and "no file could be ingested" in nothing.output
+    store = VectorStore(data)  # and it left no empty collection "d" to list and search
+    assert store.collections() == ["c"]
+    store.close()
+    # Bad values are one line and exit 1, as over HTTP, not Click's box (exit 2) or a
+    # silent exit 0 with nothing (or 1,000 results) printed.
+    query = ["rag", "query", "x", "--collection", "c", "--data-dir", str(data)]
+    for bad, says in (
+        ([*args, "--source-root", str(tmp_path / "nothere")], "is not a folder"),
+        ([*query, "--top-k", "0"], "--top-k must be in 1..100"),
+        ([*query, "--top-k", "1000"], "--top-k must be in 1..100"),
+        (["rag", "query", " ", "--collection", "c", "--data-dir", str(data)], "empty"),
+    ):
+        result = CliRunner().invoke(app, bad)
+        assert result.exit_code == 1 and says in result.output, (bad, result.output)
 
 
 def test_missing_path_and_oversized_chunks_are_clear_errors(tmp_path, corpus):

@@ -158,13 +158,13 @@ def _param_from_validation(detail: str, key: str | None = None) -> str | None:
     """The field a validation message is about. msgspec says e.g. "Expected `int`, got
     `str` - at `$.max_tokens`", for a dict key "... - at `key` in `$.logit_bias`", and for
     a missing field "Object missing required field `text` - at `$.documents[0]`" (no path
-    at the top level); Litestar may give the object's path as `key` instead. A value inside
+    at the top level), an unknown one "Object contains unknown field `filter`"; Litestar may give the object's path as `key` instead. A value inside
     a map (`filters[...]`) is reported as the map."""
     paths = re.findall(r"`\$\.([^`]+)`", detail)
     where = key if key and key != "data" else (paths[-1] if paths else None)
-    missing = re.search(r"missing required field `([^`]+)`", detail)
-    if missing:  # the field inside the object named
-        where = f"{where}.{missing[1]}" if where else missing[1]
+    named = re.search(r"(?:missing required|contains unknown) field `([^`]+)`", detail)
+    if named:  # the field inside the object named (a missing one, or a mistyped one)
+        where = f"{where}.{named[1]}" if where else named[1]
     return where.replace("[...]", "") if where else None
 
 

@@ -85,9 +85,6 @@ def ingest(
     ),
     source_root: Path = typer.Option(
         None,
-        exists=True,
-        file_okay=False,
-        dir_okay=True,
         help="Name sources relative to this folder (default: the working folder; a file "
         "outside it by its absolute path). Re-ingest with the same root to add nothing.",
     ),
@@ -109,6 +106,8 @@ def ingest(
         fail("--max-tokens must be >= 1, --overlap in 0..max-tokens-1, --batch-size >= 1")
     if backend not in BACKENDS:
         fail(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if source_root is not None and not source_root.is_dir():  # one line, not Click's box
+        fail(f"--source-root {source_root} is not a folder")
     with _errors():
         corpus = Corpus(paths, source_root)
         # The store first: a folder locked by a running server is refused before the
@@ -152,7 +151,7 @@ def ingest(
 def query(
     text: str = typer.Argument(..., help="The question."),
     collection: str = typer.Option(..., help="Collection name."),
-    top_k: int = typer.Option(4, help="Chunks to return."),
+    top_k: int = typer.Option(4, help="Chunks to return (1-100, as over HTTP)."),
     retriever: str = typer.Option(
         None,
         help="Retriever plugin name (atlas plugins lists them; default: --config's [rag] "
@@ -183,6 +182,10 @@ def query(
     from ..rag.store import store_from_config
     from ..rag.types import RAGContext
 
+    if not 1 <= top_k <= 100:  # the bounds /v1/retrieve has
+        fail(f"--top-k must be in 1..100, got {top_k}")
+    if not text.strip():
+        fail("the question is empty")
     with user_errors(ConfigFileError, ValueError):
         rag = load_config(config, []).rag if config else None
         options = rag.plugin_options if rag else {}

@@ -289,6 +289,7 @@ def ingest(
             f"chunks of {settings.max_tokens} word pieces do not fit the embedder's window "
             f"({limit} pieces plus its special tokens): use at most {limit}"
         )
+    created = not store.exists(collection)
     store.ensure_collection(collection, embedder.dim)
     stats = IngestStats()
     # With the input's size the bar counts bytes (and shows an ETA); without it, chunks.
@@ -357,12 +358,16 @@ def ingest(
                 write(chunks, nbytes, embedder.encode([c.text for c in chunks]))
     finally:
         bar.close()
+        # An ingest that stored nothing (every file skipped, or a failure before the first
+        # write) leaves no empty collection behind, which would then be listed and searched.
+        if created and store.count(collection) == 0:
+            store.delete_collection(collection)
     stats.seconds = time.perf_counter() - t0
     return {
         "collection": collection,
         "chunks": stats.chunks,
         "embedded": stats.embedded,
         "already_stored": stats.already_stored,
-        "total": store.count(collection),
+        "total": store.count(collection) if store.exists(collection) else 0,
         "seconds": stats.seconds,
     }

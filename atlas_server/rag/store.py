@@ -137,6 +137,13 @@ def metadata_key_problem(metadata: dict[str, Any], path: str = "") -> str | None
             )
         if isinstance(value, dict) and (inner := metadata_key_problem(value, f"{path}{key}.")):
             return inner
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in values):
+            # The stores keep 64-bit integers: a larger one came back a float, unmatched.
+            return (
+                f"metadata value of {path + key!r} is an integer outside 64 bits, which no "
+                "store keeps as an integer; send it as a string"
+            )
     return None
 
 
