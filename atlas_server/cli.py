@@ -37,7 +37,9 @@ app.command("plugins")(plugins.plugins)
 
 
 def main() -> None:
-    app()
+    from .commands._common import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from atlas_server.commands._common import run_app
+
 from .errors import EvalError, MetricError
 
 app = typer.Typer(
@@ -175,7 +177,7 @@ def compare(
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

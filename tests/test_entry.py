@@ -48,3 +48,27 @@ def test_the_entry_points_run_their_cli(monkeypatch):
         )
     entry.atlas(), entry.atlas_train(), entry.atlas_eval()
     assert called == ["atlas_server.cli", "trainer.cli", "eval_suites.cli"]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "says"),
+    [
+        ("atlas", ["tokenizer", "train", "x", "--vocab-size", "300"], "Missing option '--output'"),
+        ("atlas", ["tokenizer", "decode", "-t", "x", "72", "-5"], "No such option: -5"),
+        ("atlas-train", ["--bogus"], "No such option: --bogus"),
+        ("atlas-eval", ["run", "perplexity", "--limit", "abc"], "Invalid value for '--limit'"),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_help_to_read(script, args, says):
+    """Click's usage errors were a boxed usage panel and help text (found by two QA passes);
+    they are one `error:` line naming the option and the --help to read, exit status 2."""
+    import subprocess
+    import sys
+
+    code = f"import sys; sys.argv = ['{script}', *sys.argv[1:]]; from atlas_server import entry; "
+    code += f"entry.{scripts()[script].split(':')[1]}()"
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and says in lines[0] and "--help`)" in lines[0]

@@ -18,6 +18,7 @@ from pathlib import Path
 import typer
 
 from atlas_server.checkpoint import CheckpointError
+from atlas_server.commands._common import run_app
 from atlas_server.model import ConfigError
 from atlas_server.tokenizer import TokenizerError
 
@@ -217,7 +218,7 @@ def main() -> None:
     # `atlas-train --config X` is short for `atlas-train train --config X`.
     if len(sys.argv) > 1 and sys.argv[1].startswith("-") and sys.argv[1] not in ("--help", "-h"):
         sys.argv.insert(1, "train")
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

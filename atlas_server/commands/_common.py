@@ -1,4 +1,5 @@
-"""Shared helpers for the CLI: turning known errors into one-line messages."""
+"""Shared helpers for the CLIs (`atlas`, `atlas-train`, `atlas-eval`): known errors, and
+Click's own usage errors, as one-line messages."""
 
 from __future__ import annotations
 
@@ -58,3 +59,22 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
             msg = f"{e.strerror}: {e.filename}"
         print(f"error: {msg}", file=sys.stderr)
         raise typer.Exit(1) from None
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run a Typer app as a console script. Click's usage errors (a missing option, an
+    unknown one, a value of the wrong type) come out as one line, `error: ... (see `CMD
+    --help`)`, with Click's exit status 2, instead of its usage box; the rest as Click."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # Click's exceptions (Typer carries its own Click)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # a group given no command shows its help, as before
+        else:
+            see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {e.format_message()}{see}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Click's form of a Ctrl-C it caught: the entry point says it
+        raise KeyboardInterrupt from None
+    sys.exit(code if isinstance(code, int) else 0)
