@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # so in-process engines run as the server does: idle OpenMP threads do not spin and starve
 # the test's event loop on a loaded machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Each test process has its own ATLAS_HOME (servers it starts inherit it): nothing is
+# written into the user's (RAG stores, the eval cache, compiled kernels), and the two xdist
+# workers' servers never contend for the default embedded store's folder, which a server
+# holds from its start.
+os.environ["ATLAS_HOME"] = tempfile.mkdtemp(prefix="atlas-test-home-")
+atexit.register(shutil.rmtree, os.environ["ATLAS_HOME"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from atlas_server.checkpoint import save_checkpoint  # noqa: E402

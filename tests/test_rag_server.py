@@ -101,6 +101,27 @@ def rag_server(rag_served):
     return rag_served.base
 
 
+def test_the_server_holds_its_embedded_store_from_the_start(long_checkpoint, tmp_path):
+    """The folder used to be taken at the first RAG request: until then `atlas rag ingest`
+    wrote into a served store, and the server's next request got a 503 blaming a running
+    `atlas serve`. A folder that cannot be opened at start is retried by the requests."""
+    from atlas_server.rag.store import StoreError, VectorStore
+
+    data = tmp_path / "store"
+    config = ServerConfig(rag=RAGSection(data_dir=str(data)))
+    state = ServerState(config=config, model_name="tiny", checkpoint_path=str(long_checkpoint))
+    up = lambda status: status == 503  # noqa: E731 (answering; no model is loaded)
+    served = serving(create_app(state, load_on_startup=False), ready=up)
+    with served, pytest.raises(StoreError, match="in use by another process"):
+        VectorStore(data)  # what `atlas rag ingest --data-dir` opens; no request made
+    held = VectorStore(data)  # the server has let it go; now another takes it first
+    state = ServerState(config=config, model_name="tiny", checkpoint_path=str(long_checkpoint))
+    with serving(create_app(state, load_on_startup=False), ready=up) as base:
+        assert httpx.get(base + "/v1/collections").status_code == 503
+        held.close()
+        assert httpx.get(base + "/v1/collections").status_code == 200  # retried
+
+
 def test_ingest_is_idempotent_over_http(rag_server):
     r = httpx.post(
         rag_server + "/v1/collections/std/documents", json={"documents": DOCS}, timeout=60

@@ -77,7 +77,8 @@ def _auth_hook(api_key: str | None):
 
 
 def install_rag(state: ServerState) -> None:
-    """The RAG service (lazy: nothing opens until a request needs it) and its augmenter."""
+    """The RAG service and its augmenter (the store opens at start-up, `on_startup`; the
+    embedder and plugins when a request first needs them)."""
     from ..rag.service import RAGService, RetrievalDefaults
     from .retrieval import RAGAugmenter
     from .scoring import EngineScorer
@@ -125,6 +126,8 @@ def create_app(
         handlers += RAG_ROUTES
 
     def on_startup(_: Litestar) -> None:
+        if state.rag is not None:
+            state.rag.open_store()
         if load_on_startup and not state.ready and state.engine is None:
             state.load_in_background(state.checkpoint_path)
 

@@ -14,6 +14,7 @@ chunking and embedding details (`chunking.py`, `embedding.py`).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .pipeline import RAGPipeline
 from .store import StoreError, VectorStore, check_name, store_from_config
 from .store import check_filters as store_check_filters
 from .types import RAGContext, RetrievedChunk, ScoreTexts
+
+log = logging.getLogger("atlas.rag")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,17 @@ class RAGService:
                 except StoreError as e:
                     raise VectorStoreUnavailable(str(e)) from None
             return self._store
+
+    def open_store(self) -> None:
+        """Open the store now (a server at start-up): an embedded store's folder is then
+        held from the start, so `atlas rag ingest` on it is refused at once, not until the
+        server's first RAG request. A store that cannot be opened yet (a Qdrant server not
+        up, a folder another process holds) is logged; the requests that need it answer
+        503 and try again."""
+        try:
+            _ = self.store  # the property opens it
+        except VectorStoreUnavailable as e:
+            log.warning("vector store not opened at start-up (RAG requests will retry): %s", e)
 
     @property
     def pipeline(self) -> RAGPipeline:
