@@ -336,7 +336,16 @@ def prepare_data(
     progress_path = out / "progress.json"
     state = json.loads(progress_path.read_text()) if progress_path.is_file() else None
     if state is not None and state["settings"] != settings:
-        raise DataError(f"{out} holds a preparation with other settings; use another --output")
+        before_settings = state["settings"]
+        differ = sorted(
+            k for k in set(settings) | set(before_settings)
+            if settings.get(k) != before_settings.get(k)
+        )  # fmt: skip
+        named = {"tokenizer_sha256": "the tokenizer", "sources": "the input files"}
+        raise DataError(
+            f"{out} holds a preparation with other settings "
+            f"({', '.join(named.get(k, k) for k in differ)}); use another --output"
+        )
     if state is None:
         state = {"settings": settings, "next_doc": 0, "train": [], "val": [], "done": False}
     # Checked: only now is anything written. The shards are meaningless without their
