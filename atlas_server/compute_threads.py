@@ -72,5 +72,13 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=target, name="atlas-compute", daemon=True).start()
-    return await done
+    thread = threading.Thread(target=target, name="atlas-compute", daemon=True)
+    thread.start()
+    try:
+        return await done
+    finally:
+        # Answered: let the thread finish ending (its OpenMP team goes with it) before the
+        # caller goes on, as a join did. Abandoned (cancelled): it ends on its own.
+        if done.done() and not done.cancelled():
+            while thread.is_alive():
+                await asyncio.sleep(0.001)
