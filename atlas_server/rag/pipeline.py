@@ -86,7 +86,11 @@ class RAGPipeline:
         registry = getattr(self.host, kind)
         if name not in registry:
             failed = sorted(p.name for p in self.host.plugins.values() if p.error)
-            hint = f" (failed to load: {', '.join(failed)}; see `atlas plugins`)" if failed else ""
+            hint = (
+                f" (failed to load or to register: {', '.join(failed)}; see `atlas plugins`)"
+                if failed
+                else ""
+            )
             raise UnknownComponentError(
                 f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}{hint}",
                 param=kind[:-1],

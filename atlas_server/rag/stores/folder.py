@@ -78,7 +78,8 @@ class FolderLock:
         except BlockingIOError:
             self._file.close()
             raise StoreError(
-                f"the data dir {root} is in use by another process (a running `atlas serve`?): "
+                f"the data dir {root} is in use by another process (a running `atlas serve`, or "
+                "`atlas rag ingest`?): "
                 f"the {store} store allows one process per data directory. Ingest through "
                 "POST /v1/collections/NAME/documents on that server, stop it, or use a "
                 "Qdrant or Milvus server (docs/rag.md)"

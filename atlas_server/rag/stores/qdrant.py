@@ -101,7 +101,8 @@ class QdrantStore(VectorStore):
         except RuntimeError as e:
             if "already accessed" in str(e):
                 raise StoreError(
-                    f"the data dir {self.location} is in use by another process (a running `atlas serve`?): "
+                    f"the data dir {self.location} is in use by another process (a running `atlas serve`, or "
+                    "`atlas rag ingest`?): "
                     "qdrant-client's local mode allows one process per data directory. Ingest through "
                     "POST /v1/collections/NAME/documents on that server, stop it, or use a Qdrant server "
                     "(--qdrant-url)"
