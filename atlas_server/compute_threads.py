@@ -26,20 +26,30 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def call_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a new thread that ends with it; blocks until it has (exceptions pass on)."""
-    result: dict[str, Any] = {}
+Report = Callable[[Any, "BaseException | None"], None]
+
+
+def _start(fn: Callable[..., Any], args: tuple, report: Report) -> threading.Thread:
+    """Start fn(*args) on a new daemon thread that hands (value, error) to `report` and ends."""
 
     def target() -> None:
+        value, error = None, None
         try:
-            result["value"] = fn(*args)
-        except BaseException as e:  # handed to the caller below
-            result["error"] = e
+            value = fn(*args)
+        except BaseException as e:  # handed to whoever waits, through `report`
+            error = e
+        report(value, error)
 
     thread = threading.Thread(target=target, name="atlas-compute", daemon=True)
     thread.start()
-    thread.join()
-    if "error" in result:
+    return thread
+
+
+def call_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a new thread that ends with it; blocks until it has (exceptions pass on)."""
+    result: dict[str, Any] = {}
+    _start(fn, args, lambda value, error: result.update(value=value, error=error)).join()
+    if result["error"] is not None:
         raise result["error"]
     return result["value"]
 
@@ -63,17 +73,11 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
         else:
             done.set_result(value)
 
-    def target() -> None:
-        value, error = None, None
-        try:
-            value = fn(*args)
-        except BaseException as e:  # handed to the awaiting coroutine
-            error = e
+    def report(value: Any, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
             loop.call_soon_threadsafe(settle, value, error)
 
-    thread = threading.Thread(target=target, name="atlas-compute", daemon=True)
-    thread.start()
+    thread = _start(fn, args, report)
     try:
         return await done
     finally:
