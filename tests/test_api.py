@@ -799,6 +799,52 @@ def test_embeddings_and_plugins_are_served_without_rag(tiny_checkpoint, monkeypa
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "rag"
 
 
+def test_the_drain_waits_for_work_off_the_engine_and_answers_it_503_past_the_deadline():
+    """Retrieval, documents, embeddings and plugin discovery run on compute threads, not
+    in the engine: the drain counts them as in flight, and one still running at the
+    deadline (a hung plugin) answers an OpenAI 503 at once instead of being cancelled by
+    uvicorn at exit with a plain-text 500."""
+    from atlas_server.api.errors import ServerDraining, ShutDownBeforeFinishing
+
+    release = threading.Event()
+
+    async def scenario():
+        state = ServerState(config=ServerConfig(rag=RAGSection(enabled=False)))
+        quick = asyncio.ensure_future(state.compute(lambda: 7))
+        hung = asyncio.ensure_future(state.compute(release.wait, 60))
+        await asyncio.sleep(0)
+        assert state.in_flight == 2
+        assert await quick == 7  # the drain below waits for none of it: it is done
+        state.draining = True
+        with pytest.raises(ServerDraining):  # new work is refused while draining
+            await state.compute(lambda: 8)
+        await state.drain(0.3)
+        assert hung.done() and state.in_flight == 0
+        with pytest.raises(ShutDownBeforeFinishing) as caught:
+            hung.result()
+        assert caught.value.status == 503 and "shut down" in caught.value.message
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        release.set()
+
+
+def test_a_draining_server_refuses_embeddings_and_plugin_listing_with_503(server):
+    base, state = server
+    state.draining = True
+    try:
+        for method, path, body in [
+            ("POST", "/v1/embeddings", {"input": "x"}),
+            ("GET", "/v1/plugins", None),
+        ]:
+            r = httpx.request(method, base + path, json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert "shutting down" in r.json()["error"]["message"]
+    finally:
+        state.draining = False
+
+
 # A template of a checkpoint's own (as an imported Hugging Face model brings one), using
 # the byte tokenizer's special tokens in a layout unlike ChatML.
 CUSTOM_TEMPLATE = (

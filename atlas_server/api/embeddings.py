@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 from litestar import Request, post
 from msgspec import Meta
 
-from ..compute_threads import run_in_fresh_thread
 from .errors import APIError, error_responses
 from .schemas import NullMeansDefault
 from .state import ServerState
@@ -88,7 +87,7 @@ async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[s
         return embedder, embedder.encode(texts), sum(embedder.count_pieces(t) for t in texts)
 
     try:
-        embedder, vectors, pieces = await run_in_fresh_thread(embed)
+        embedder, vectors, pieces = await state.compute(embed)
     except (ImportError, RuntimeError, OSError) as e:  # no embedder package or model folder
         raise APIError(503, f"the embedder is unavailable: {e}") from None
     check_embedding_model(embedder, data.model)

@@ -114,6 +114,24 @@ class ClientDisconnected(APIError):
         super().__init__(499, "client closed the connection before the response")
 
 
+class ServerDraining(APIError):
+    """The server received SIGTERM: new work is refused while running requests finish."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "the server is shutting down; retry on another replica",
+            headers={"Retry-After": "1"},
+        )
+
+
+class ShutDownBeforeFinishing(APIError):
+    """The drain deadline passed while this request was running (see ServerState.drain)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server shut down before this request finished; retry it")
+
+
 class RequestError(APIError):
     """400: the request is malformed or asks for something out of range."""
 

@@ -37,7 +37,13 @@ from ..engine.types import (
     TokenLogprob,
 )
 from ..tokenizer import Tokenizer
-from .errors import APIError, ClientDisconnected, RequestError
+from .errors import (
+    APIError,
+    ClientDisconnected,
+    RequestError,
+    ServerDraining,
+    ShutDownBeforeFinishing,
+)
 from .metrics import RequestTimer
 from .schemas import _SamplingFields
 from .state import ServerState
@@ -96,11 +102,7 @@ def check_model(state: ServerState, model: str | None) -> None:
 
 def check_ready(state: ServerState) -> None:
     if state.draining:
-        raise APIError(
-            503,
-            "the server is shutting down; retry on another replica",
-            headers={"Retry-After": "1"},
-        )
+        raise ServerDraining
     if not state.ready:
         message = (
             "the model is still loading"
@@ -249,13 +251,6 @@ def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, re
         ) from None
     except EngineStoppedError as e:
         raise APIError(503, f"the engine is not accepting requests: {e}") from None
-
-
-class ShutDownBeforeFinishing(APIError):
-    """The engine stopped (the drain deadline passed) while this request was running."""
-
-    def __init__(self) -> None:
-        super().__init__(503, "the server shut down before this request finished; retry it")
 
 
 def _check_not_aborted(event: RequestOutput) -> RequestOutput:

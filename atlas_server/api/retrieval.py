@@ -20,7 +20,6 @@ from litestar import Request, delete, get, post
 from litestar.params import Parameter
 from msgspec import Meta
 
-from ..compute_threads import run_in_fresh_thread
 from ..rag.errors import RAGError
 from ..rag.grounding import extract_citations, given_sources, last_user_text
 from ..rag.ingest import Document
@@ -59,9 +58,12 @@ class DocumentsRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     documents: Annotated[list[DocumentIn], Meta(min_length=1)]
 
 
+def _state(request: Request) -> ServerState:
+    return request.app.state.atlas
+
+
 def _service(request: Request) -> RAGService:
-    state: ServerState = request.app.state.atlas
-    return state.rag
+    return _state(request).rag
 
 
 class RAGAugmenter:
@@ -101,7 +103,7 @@ class RAGAugmenter:
             )
 
         try:
-            grounded = await run_in_fresh_thread(run)
+            grounded = await state.compute(run)
         except RAGError as e:
             raise rag_error(e, prefix="rag.") from None
         return Augmentation(grounded.prompt, grounded.messages, context=grounded.chunks)
@@ -137,7 +139,7 @@ def _chunk_json(r: RetrievedChunk, rank: int) -> dict[str, Any]:
 async def retrieve(request: Request, data: RetrieveRequest) -> dict[str, Any]:
     service = _service(request)
     args = (data.collection, data.query, data.top_k, data.retriever, data.reranker, data.filters)
-    chunks = await run_in_fresh_thread(service.retrieve, *args)
+    chunks = await _state(request).compute(service.retrieve, *args)
     return {
         "object": "list",
         "collection": data.collection,
@@ -151,7 +153,7 @@ async def retrieve(request: Request, data: RetrieveRequest) -> dict[str, Any]:
     responses=error_responses(401, 503),
 )
 async def list_collections(request: Request) -> dict[str, Any]:
-    rows = await run_in_fresh_thread(_service(request).collections)
+    rows = await _state(request).compute(_service(request).collections)
     return {"object": "list", "data": [{"name": n, "chunks": count} for n, count in rows]}
 
 
@@ -168,7 +170,7 @@ async def add_documents(request: Request, name: str, data: DocumentsRequest) -> 
             raise RequestError(problem, param=f"documents[{i}].metadata")
     docs = [Document(d.text, d.source, d.title, metadata=d.metadata) for d in data.documents]
     try:
-        return await run_in_fresh_thread(_service(request).add_documents, name, docs)
+        return await _state(request).compute(_service(request).add_documents, name, docs)
     except RAGError as e:
         raise _named(e) from None
 
@@ -188,7 +190,7 @@ async def delete_documents(
     if not source or not all(source):
         raise RequestError("give the documents to delete as ?source=NAME (repeatable)", "source")
     try:
-        return await run_in_fresh_thread(_service(request).delete_documents, name, source)
+        return await _state(request).compute(_service(request).delete_documents, name, source)
     except RAGError as e:
         raise _named(e) from None
 
@@ -201,7 +203,7 @@ async def delete_documents(
 )
 async def delete_collection(request: Request, name: str) -> dict[str, Any]:
     try:
-        await run_in_fresh_thread(_service(request).delete_collection, name)
+        await _state(request).compute(_service(request).delete_collection, name)
     except RAGError as e:
         raise _named(e) from None
     return {"deleted": name}

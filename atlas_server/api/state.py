@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..chat_template import ChatTemplate, NoChatTemplateError, load_chat_template
+from ..compute_threads import run_in_fresh_thread
 from ..config import ServerConfig, serving_device
 from ..engine.types import EngineConfig
 from ..tokenizer import Tokenizer
+from .errors import ServerDraining, ShutDownBeforeFinishing
 from .metrics import Metrics
 
 log = logging.getLogger("atlas.api")
@@ -84,6 +86,8 @@ class ServerState:
     rag: Any = None  # atlas_server.rag.service.RAGService when [rag] enabled
     created: int = 0
     _idle: asyncio.Event | None = None
+    # The `compute` calls running; the drain's deadline cancels them (they answer 503).
+    _computing: set[asyncio.Future] = field(default_factory=set)
     _loader: threading.Thread | None = None  # the load_in_background thread, while it runs
 
     # --- lifecycle --------------------------------------------------------------------
@@ -159,6 +163,49 @@ class ServerState:
         return self.plugin_host
 
     # --- in-flight accounting (for draining) --------------------------------------------
+    async def compute(self, fn: Any, *args: Any) -> Any:
+        """Await fn(*args) on a fresh thread (compute_threads), as a request in flight.
+
+        For the routes whose work is not the engine's (retrieval, documents, embeddings,
+        plugin discovery): a drain waits for them as for a generation, a draining server
+        refuses new ones with 503, and past the drain's deadline one still running (a hung
+        plugin) answers 503 at once, its daemon thread left to end on its own. Without
+        this, uvicorn cancelled such a request at exit and sent a plain-text 500.
+        """
+        if self.draining:
+            raise ServerDraining
+        self.enter()
+        work = asyncio.ensure_future(run_in_fresh_thread(fn, *args))
+        self._computing.add(work)
+        try:
+            # wait() returns once `work` is done, cancelled by the drain included; only
+            # this request's own cancellation (its client went away) raises out of it.
+            await asyncio.wait((work,))
+        finally:
+            self._computing.discard(work)
+            if not work.done():
+                work.cancel()
+            self.leave()
+        if work.cancelled():
+            raise ShutDownBeforeFinishing
+        return work.result()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the requests in flight; then end what still runs.
+
+        Past the deadline, generations are aborted (streams end with a 503 event, waiting
+        requests get a 503 body) and `compute` calls answer 503, so every client hears an
+        OpenAI error before the connections close.
+        """
+        if await self.wait_idle(timeout):
+            return
+        log.warning("drain timeout: ending %d running request(s)", self.in_flight)
+        for work in self._computing:
+            work.cancel()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown, 5.0)
+        await self.wait_idle(5.0)
+
     def enter(self) -> None:
         self.in_flight += 1
 
@@ -168,7 +215,7 @@ class ServerState:
             self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no generation request is in flight; False if the timeout hit first."""
+        """Wait until no request is in flight; False if the timeout hit first."""
         if self.in_flight == 0:
             return True
         self._idle = asyncio.Event()

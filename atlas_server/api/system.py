@@ -16,7 +16,6 @@ from litestar import Request, get, head, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Response
 
-from ..compute_threads import run_in_fresh_thread
 from .chat import prompt_ids
 from .errors import APIError, RequestError, error_responses
 from .generation import check_model, encode_text
@@ -199,5 +198,5 @@ async def tokenizer_info(request: Request) -> dict[str, Any]:
 )
 async def list_plugins(request: Request) -> dict[str, Any]:
     # Discovery imports the plugins' modules: done once, off the event loop.
-    host = await run_in_fresh_thread(_state(request).plugins)
+    host = await _state(request).compute(_state(request).plugins)
     return {"object": "list", "data": host.describe()}

@@ -82,14 +82,9 @@ class DrainingServer:
                 loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
 
             async def _drain(self) -> None:
-                finished = await state.wait_idle(drain_timeout)
-                if not finished and state.engine is not None:
-                    log.warning("drain timeout: ending %d running request(s)", state.in_flight)
-                    # Abort what is still generating: streams end with a 503 error event
-                    # and `data: [DONE]`, waiting requests get a 503 body, and the
-                    # connections close before uvicorn's own graceful-shutdown wait.
-                    await asyncio.to_thread(state.engine.shutdown, 5.0)
-                    await state.wait_idle(5.0)
+                # Every running request answers before uvicorn's own graceful-shutdown
+                # wait, which would cancel it and send a plain-text 500.
+                await state.drain(drain_timeout)
                 self.should_exit = True
 
             async def serve(self, sockets=None) -> None:
