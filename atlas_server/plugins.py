@@ -80,7 +80,7 @@ class PluginHost:
             module = ep.load()
             self.pm.register(module, name=ep.name)
         except Exception as e:
-            info.error = f"{type(e).__name__}: {e}"
+            info.error = f"{type(e).__name__}: {_one_line(e)}"
             message = f"plugin {ep.name!r} ({ep.value}) failed to load: {info.error}"
             if self.strict:
                 raise PluginError(message) from e
@@ -88,10 +88,13 @@ class PluginHost:
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
         """Add a plugin object directly (tests, applications embedding Atlas)."""
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin {name!r} cannot be registered: {_one_line(e)}") from e
         self.plugins[name] = PluginInfo(
             name, getattr(plugin, "__name__", type(plugin).__name__), None, version
         )
-        self.pm.register(plugin, name=name)
         self.collect()
 
     # --- registration -------------------------------------------------------------------
@@ -197,3 +200,8 @@ class PluginHost:
 def get_plugin_host() -> PluginHost:
     """The process-wide host with every installed plugin loaded (built once)."""
     return PluginHost()
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line: pluggy's validation errors span three."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())

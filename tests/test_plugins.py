@@ -116,6 +116,33 @@ def test_atlas_plugins_command_lists_them(broken_plugin_path):
     assert strict.exit_code == 1 and "boom at import" in strict.output
 
 
+def test_a_hook_with_wrong_argument_names_is_reported_on_one_line(tmp_path, monkeypatch):
+    """pluggy's PluginValidationError spans three lines; `atlas plugins` printed them
+    unindented, as if they were three rows of its own."""
+    source = (
+        "from atlas_server.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def atlas_register_retrievers(registry):\n"
+        "    pass\n"
+    )
+    fake_distribution(tmp_path, monkeypatch, "wrongargs", source)
+    error = next(p for p in PluginHost().describe() if p["name"] == "wrongargs")["error"]
+    assert "\n" not in error and "'registry'" in error and "hookspec" in error, error
+    strict = CliRunner().invoke(app, ["plugins", "--strict"])
+    assert strict.exit_code == 1 and len(strict.output.strip().splitlines()) == 1, strict.output
+    assert "'registry'" in strict.output
+
+    class Direct:
+        @staticmethod
+        def atlas_register_retrievers(registry):
+            pass
+
+    Direct.atlas_register_retrievers = hookimpl(Direct.atlas_register_retrievers)
+    with pytest.raises(PluginError, match=r"'direct' cannot be registered: .*'registry'") as e:
+        PluginHost(discover=False).register(Direct, "direct")
+    assert "\n" not in str(e.value)
+
+
 @pytest.fixture
 def raising_register_path(tmp_path, monkeypatch):
     """A fake installed distribution whose register hook raises."""
