@@ -4,8 +4,8 @@ What it does: finds headings (Markdown `#` lines; reST titles underlined with `=
 ' * + #` characters), cuts each section into sentences (or paragraph lines), and packs
 whole sentences into chunks of at most `max_tokens` (counted by the caller's function,
 normally the embedder's word-piece count), repeating the last sentences of a chunk at the
-start of the next up to `overlap_tokens`. A sentence too long on its own is split at word
-boundaries. Every chunk keeps its source, nearest heading and character span, and gets a
+start of the next up to `overlap_tokens`. A sentence too long for a chunk is packed word
+by word instead, with the sentences around it. Every chunk keeps its source, nearest heading and character span, and gets a
 content-derived id, so re-ingesting the same file produces the same ids.
 What it does not do: read files (see `ingest.py`) or embed.
 """
@@ -91,22 +91,24 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
-def _split_long(
+def _words(
     text: str, a: int, b: int, count: Callable[[str], int], limit: int
 ) -> list[tuple[int, int, int]]:
-    """Cut text[a:b] into (start, end, pieces) runs of whole words of at most `limit` pieces.
+    """(start, end, pieces) of each word of text[a:b], for a sentence too long for a chunk.
 
-    Each word is counted once and runs are packed by summing (exact for word-piece
-    tokenizers, whose pieces never span whitespace); a run is re-counted before it is
-    kept. A single word longer than `limit` (a URL, a base64 blob) is cut between
-    characters, so no part of the text is ever left for the embedder to truncate.
+    The words then pack into chunks like sentences do, so the short sentences around a long
+    one share its chunks: cut into chunk-sized runs on its own, it left a heading-like
+    remnant before it (a table row's `|`) as a chunk of one character, which outranked
+    whole passages for short queries. A single word longer than `limit` (a URL, a base64
+    blob) is cut between characters, so no part of the text is ever left for the
+    embedder to truncate.
     """
     words: list[tuple[int, int, int]] = []
     for m in re.finditer(r"\S+", text[a:b]):
         s, e = a + m.start(), a + m.end()
         n = count(text[s:e])
         words += _cut_word(text, s, e, count, limit) if n > limit else [(s, e, n)]
-    return _pack_runs(text, words, count, limit)
+    return words
 
 
 def _cut_word(
@@ -124,23 +126,6 @@ def _cut_word(
         pieces.append((a, lo, count(text[a:lo])))
         a = lo
     return pieces
-
-
-def _pack_runs(
-    text: str, units: list[tuple[int, int, int]], count: Callable[[str], int], limit: int
-) -> list[tuple[int, int, int]]:
-    runs, i = [], 0
-    while i < len(units):
-        j, total = i + 1, units[i][2]
-        while j < len(units) and total + units[j][2] <= limit:
-            total += units[j][2]
-            j += 1
-        # Sums are exact for word pieces; for other counters confirm and shrink if needed.
-        while j > i + 1 and count(text[units[i][0] : units[j - 1][1]]) > limit:
-            j -= 1
-        runs.append((units[i][0], units[j - 1][1], count(text[units[i][0] : units[j - 1][1]])))
-        i = j
-    return runs
 
 
 def chunk_text(
@@ -163,7 +148,7 @@ def chunk_text(
         units: list[tuple[int, int, int]] = []  # (start, end, pieces) of each sentence
         for a, b in sentences(text, s_start, s_end):
             n = count(text[a:b])
-            units += _split_long(text, a, b, count, limit) if n > limit else [(a, b, n)]
+            units += _words(text, a, b, count, limit) if n > limit else [(a, b, n)]
         i = 0
         while i < len(units):
             j, total = i + 1, units[i][2]
