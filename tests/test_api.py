@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch
-from openai import APIError, APIStatusError, InternalServerError, OpenAI
+from openai import APIError, APIStatusError, BadRequestError, InternalServerError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from servers import serving
 
@@ -321,8 +321,6 @@ def test_specific_error_statuses(server):
 def test_tool_calls_and_json_output_are_refused_not_ignored(client):
     """A client asking for tool calls or JSON gets a 400 naming the field, not free text it
     would fail to parse later; tool_choice "none" and response_format "text" are served."""
-    from openai import BadRequestError
-
     messages = [{"role": "user", "content": "weather in Paris?"}]
     tool = {
         "type": "function",
@@ -341,10 +339,11 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert e.value.body["param"] == param, extra
         assert "not supported" in e.value.body["message"] or param == "tool_choice"
-    # vLLM's structured-output fields, on both routes; they were ignored (free text
-    # answered a guided_choice of two words).
+    # vLLM's structured-output fields and its prompt_logprobs, on both routes; they were
+    # ignored (free text answered a guided_choice of two words).
     for field, value in (("guided_choice", ["yes", "no"]), ("guided_json", {"type": "object"}),
-                         ("guided_regex", "[0-9]+"), ("structured_outputs", {"choice": ["a"]})):  # fmt: skip
+                         ("guided_regex", "[0-9]+"), ("structured_outputs", {"choice": ["a"]}),
+                         ("prompt_logprobs", 3)):  # fmt: skip
         with pytest.raises(BadRequestError) as e:
             client.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=2, extra_body={field: value}
@@ -797,6 +796,39 @@ def test_embeddings_and_plugins_are_served_without_rag(tiny_checkpoint, monkeypa
         rag = {"prompt": "q", "rag": {"collection": "c"}}
         refused = httpx.post(base + "/v1/completions", json=rag)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "rag"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server, model):
+    """vLLM's truncate_prompt_tokens (left truncation) was ignored: the whole prompt ran."""
+    state = server[1]
+    ids = state.tokenizer.encode("The quick brown fox")
+    kept = ids[-3:]
+    body = dict(model=MODEL, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    cut = client.completions.create(
+        prompt="The quick brown fox",
+        echo=True,
+        **{**body, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 3}},
+    )
+    assert cut.usage.prompt_tokens == 3
+    expected = greedy(model, kept, 5)
+    assert cut.choices[0].text == state.tokenizer.decode(kept) + state.tokenizer.decode(expected)
+    same = client.completions.create(prompt=kept, **body)
+    assert same.choices[0].text == state.tokenizer.decode(expected)
+    # Longer than the prompt: nothing is cut. Chat cuts the rendered prompt.
+    whole = client.completions.create(
+        prompt=ids, **{**body, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 99}}
+    )
+    assert whole.usage.prompt_tokens == len(ids)
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": "a rather long question " * 4}],
+        **{**body, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 7}},
+    )
+    assert chat.usage.prompt_tokens == 7
+    with pytest.raises(BadRequestError) as e:
+        client.completions.create(
+            prompt="x", **{**body, "extra_body": {"truncate_prompt_tokens": 0}}
+        )
+    assert e.value.body["param"] == "truncate_prompt_tokens"
 
 
 def test_the_drain_waits_for_work_off_the_engine_and_answers_it_503_past_the_deadline():

@@ -35,6 +35,7 @@ from .generation import (
     sampling_params,
     submit,
     token_text,
+    truncated,
     until_disconnect,
     usage,
 )
@@ -120,6 +121,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
             data, messages=[msgspec.convert(m, ChatMessage) for m in augmentation.messages]
         )
     ids = prompt_ids(state, data.messages, data.add_generation_prompt, data.continue_final_message)
+    ids = truncated(ids, data.truncate_prompt_tokens)
     # max_completion_tokens is OpenAI's newer name for max_tokens; errors name the one sent.
     param = "max_completion_tokens" if data.max_completion_tokens is not None else "max_tokens"
     asked = getattr(data, param)

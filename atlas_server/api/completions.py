@@ -36,6 +36,7 @@ from .generation import (
     new_id,
     sampling_params,
     submit,
+    truncated,
     until_disconnect,
     usage,
 )
@@ -96,6 +97,9 @@ def prompts_of(req: CompletionRequest, state: ServerState) -> list[tuple[list[in
             )
         if not ids:
             raise RequestError("prompt must contain at least one token", param="prompt")
+        kept = truncated(ids, req.truncate_prompt_tokens)
+        if len(kept) < len(ids):  # an echo shows the prompt the model read
+            ids, text = kept, tokenizer.decode(kept)
         prompts.append((ids, text))
     return prompts
 

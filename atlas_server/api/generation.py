@@ -90,6 +90,11 @@ def encode_text(state: ServerState, text: str, add_special_tokens: bool) -> tupl
     return before + ids + after, decode(before) + text + decode(after)
 
 
+def truncated(ids: list[int], keep: int | None) -> list[int]:
+    """The prompt's last `keep` tokens (vLLM's `truncate_prompt_tokens`); all when None."""
+    return ids if keep is None or len(ids) <= keep else ids[-keep:]
+
+
 def check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model != state.model_name:
         raise APIError(

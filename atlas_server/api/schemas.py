@@ -102,6 +102,12 @@ class _SamplingFields(_Body, kw_only=True):
     user: str | None = None
     rag: RAGOptions | None = None
     include_stop_str_in_output: bool | None = False  # vLLM's
+    # vLLM's: keep only the prompt's last k tokens (left truncation), e.g. to stay within
+    # the context without counting tokens on the client.
+    truncate_prompt_tokens: Annotated[int, Meta(ge=1)] | None = None
+    # vLLM's prompt log-probabilities, refused (below): echo with logprobs gives them in
+    # OpenAI's form, which is the one this server speaks.
+    prompt_logprobs: Any | None = None
     # vLLM's structured-output fields, declared so that they are refused rather than
     # ignored: a client that asks for one of two choices and gets free text breaks later.
     guided_json: Any | None = None
@@ -115,6 +121,12 @@ class _SamplingFields(_Body, kw_only=True):
         if self.stream_options is not None and not self.stream:
             raise RequestError(  # OpenAI's and vLLM's rule
                 "stream_options is only allowed when stream is true", param="stream_options"
+            )
+        if self.prompt_logprobs is not None:
+            raise RequestError(
+                "prompt_logprobs (vLLM's form) is not supported: send echo: true with "
+                "logprobs: N to /v1/completions for the prompt's log-probabilities",
+                param="prompt_logprobs",
             )
         for name in _STRUCTURED:
             if getattr(self, name) is not None:
