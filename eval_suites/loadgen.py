@@ -21,8 +21,9 @@ ends without `[DONE]` or a finish_reason (cut short), or is cut off at `max_dura
 it is `short` when it finished with fewer tokens than asked (a server that stops at EOS
 despite `ignore_eos`). Only `completed` requests (neither) enter the latencies and
 throughputs, so a server that makes fewer tokens never looks faster; `not_sent` counts the
-requests the level's deadline left unsent. Only loopback or explicitly given URLs are
-contacted; every run is bounded in requests and time. What it does not do: plots or result files (the latency suite and bench/ do).
+requests the level's deadline left unsent. It contacts only the URL it is given (the
+latency suite decides which servers may be loaded); every run is bounded in requests and
+time. What it does not do: plots or result files (the latency suite and bench/ do).
 """
 
 from __future__ import annotations

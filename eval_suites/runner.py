@@ -105,7 +105,7 @@ def run_suite(options: RunOptions) -> Path:
     output = options.output or Path("eval_runs") / f"{options.suite}-{stamp}"
     check_output(output, options.overwrite)
     if options.base_url is not None:
-        suite.check_server(options.base_url)
+        suite.check_server(options.base_url, config)
     # Opened before the folder and the server: a bad --cache is refused before anything starts.
     cache = ResponseCache(options.cache_path or default_cache_path()) if options.use_cache else None
     created = not output.exists()

@@ -607,7 +607,49 @@ def test_latency_refuses_non_loopback_servers(tmp_path):
         "-o",
         str(tmp_path / "r"),
     )
-    assert_one_line_error(proc, "loopback", "10.255.255.1")
+    assert_one_line_error(proc, "loopback", "10.255.255.1", "allow_remote=true")
+
+
+def test_allow_remote_lets_the_latency_suite_load_another_host():
+    from eval_suites.config import load_suite_config
+    from eval_suites.errors import SuiteConfigError
+    from eval_suites.suites.latency import LatencyConfig, LatencySuite
+
+    remote = "http://10.255.255.1:8000"
+    allowed = load_suite_config("latency", LatencyConfig, overrides=["allow_remote=true"])
+    LatencySuite().check_server(remote, allowed)  # no error: nothing is sent yet
+    default = load_suite_config("latency", LatencyConfig)
+    with pytest.raises(SuiteConfigError, match="allow_remote"):
+        LatencySuite().check_server(remote, default)
+
+
+def test_a_level_the_server_refused_whole_stops_the_run_with_its_message(tmp_path, atlas_url):
+    """Found by a QA pass: chat prompts of input_len random words outgrew a model's context,
+    every request was a 400, and the run still exited 0 with a report of zeros."""
+    proc = cli("run", "latency", "--base-url", atlas_url, "--no-cache", "-o", str(tmp_path / "r"),
+               "--set", 'endpoint="chat"', "--set", 'mode="sweep"', "--set", "concurrencies=[1,2]",
+               "--set", "num_prompts=2", "--set", "input_len=400", "--set", "output_len=4")  # fmt: skip
+    assert_one_line_error(
+        proc, "refused every request at concurrency 1", "maximum context length", "lower input_len"
+    )
+
+
+def test_only_refusals_stop_a_latency_run():
+    """429s are an answer under load, and cut-off or 5xx requests are what a load test
+    reports; a level with one success is measured."""
+    from eval_suites.loadgen import RequestRecord
+    from eval_suites.suites.latency import refused_level
+
+    def record(status, success=False, error=None):
+        return RequestRecord(success, 8, status=status, error=error or f"HTTP {status}")
+
+    refused = refused_level("concurrency 4", [record(400, error="too long")] * 3, "completions")
+    assert "concurrency 4: too long" in str(refused) and refused.status == 400
+    assert refused_level("c", [record(429), record(400)], "completions") is None
+    assert refused_level("c", [record(400), record(200, success=True)], "completions") is None
+    assert refused_level("c", [record(0, error="cut off at max_duration_s (1 s)")], "chat") is None
+    assert refused_level("c", [record(503)], "chat") is None
+    assert refused_level("c", [], "chat") is None
 
 
 def test_a_local_tokenizer_file_gives_the_same_ids_as_the_servers_tokenize(

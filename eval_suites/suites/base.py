@@ -67,7 +67,7 @@ class Suite(abc.ABC):
     # `compare` then marks no "best" between runs of different seeds.
     seeded: ClassVar[bool] = True
 
-    def check_server(self, base_url: str) -> None:
+    def check_server(self, base_url: str, config: Any) -> None:
         """Refuse a server before any request is sent (default: every server is fine)."""
         return None
 

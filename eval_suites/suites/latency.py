@@ -10,9 +10,13 @@ records TTFT, TPOT, ITL and end-to-end latency. Per level it reports what
 `request_throughput`, `output_throughput`, ...), plus goodput under the stated SLO
 (`slo_ttft_ms`, `slo_tpot_ms`) and counts of failed, short (fewer tokens than asked: left
 out of the latencies), not-sent (past `max_duration_s`) and 429-answered requests. The
-headline metrics are those of the lowest and the highest concurrency. What it does not do: cache anything (every run
-measures afresh), reach beyond loopback addresses, or run unbounded (num_prompts and
-max_duration_s bound every level).
+headline metrics are those of the lowest and the highest concurrency. A level whose every
+request the server refused with a 4xx other than 429 (a prompt too long for it, a wrong
+model name) stops the run with that error: such a run measures nothing, and vLLM's
+`bench serve` stops on its first test request likewise. What it does not do: cache
+anything (every run measures afresh), load a server on another host unless
+`allow_remote = true` says so (a load test is traffic its owner should expect), or run
+unbounded (num_prompts and max_duration_s bound every level).
 
 Fitting the server's context (`fit.py`): `input_len + output_len` must fit the context
 length, else the run stops before sending anything with a one-line error that says so; rows
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import SuiteConfigError
+from ..errors import ServerRequestError, SuiteConfigError
 from ..fit import PromptFitter
 from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, nothing_fits
 
@@ -65,6 +69,7 @@ class LatencyConfig:
     slo_tpot_ms: float
     endpoint: str  # "completions" | "chat"
     max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
+    allow_remote: bool  # load a server that is not on this machine's loopback address
 
     def validate(self) -> None:
         if self.mode not in ("sweep", "poisson", "both"):
@@ -92,8 +97,32 @@ def require_loopback(base_url: str) -> None:
     host = urlparse(base_url).hostname or ""
     if host not in LOOPBACK:
         raise SuiteConfigError(
-            f"the latency suite loads only loopback servers (127.0.0.1, localhost, ::1), not {host!r}"
+            f"the latency suite loads only loopback servers (127.0.0.1, localhost, ::1) unless "
+            f"told otherwise; to load {host!r}, a server you may load, add --set allow_remote=true"
         )
+
+
+def refused_level(load: str, records: list[Any], endpoint: str) -> ServerRequestError | None:
+    """The error to stop on when the server refused every request of a level as malformed.
+
+    A 429 is an answer under load (counted, not fatal); a refusal with another 4xx means
+    the run's own settings are wrong for this server, and would be again at every level.
+    """
+    if not records or any(r.success for r in records):
+        return None
+    refusals = [r for r in records if 400 <= r.status < 500 and r.status != 429]
+    if len(refusals) < len(records):
+        return None
+    hint = (
+        ' (with endpoint = "chat" prompts are input_len random words, which the server may '
+        "count as many more tokens: lower input_len)"
+        if endpoint == "chat"
+        else ""
+    )
+    return ServerRequestError(
+        f"latency: the server refused every request at {load}: {refusals[0].error}{hint}",
+        refusals[0].status,
+    )
 
 
 def fit_lengths(
@@ -190,8 +219,9 @@ class LatencySuite(Suite):
     )
     config_cls = LatencyConfig
 
-    def check_server(self, base_url: str) -> None:
-        require_loopback(base_url)
+    def check_server(self, base_url: str, config: LatencyConfig) -> None:
+        if not config.allow_remote:
+            require_loopback(base_url)
 
     async def run(self, ctx: RunContext) -> SuiteResult:
         from tqdm.auto import tqdm
@@ -226,6 +256,9 @@ class LatencySuite(Suite):
                 total=num_requests, desc=f"latency {level.load}", unit="req", leave=False
             ) as bar:
                 records, summary = await loadgen.run_load(spec, progress=bar.update)
+            refused = refused_level(level.load, records, cfg.endpoint)
+            if refused is not None:
+                raise refused
             details_levels.append(
                 {
                     "load": level.load,
