@@ -600,6 +600,31 @@ def test_32_concurrent_streams_with_disconnects(server, client):
     assert _gauge(base, "atlas:time_to_first_token_seconds_count") > 0
 
 
+def _errors_with_status(base: str, status: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "atlas:request_errors_total" and sample.labels["status"] == status:
+                return sample.value
+    return 0.0
+
+
+def test_a_stream_the_client_leaves_is_counted_as_499_like_a_non_streamed_one(server):
+    """QA found dropped streams counted nowhere in /metrics, while a non-streamed request
+    whose client hung up counted as a 499: dashboards under-counted aborts."""
+    base, _ = server
+    before = _errors_with_status(base, "499")
+    limit = httpx.get(base + "/v1/models").json()["data"][0]["max_model_len"]
+    body = {"model": MODEL, "prompt": "leave", "max_tokens": limit - 16, "n": 4,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    deadline = time.time() + 30
+    while _errors_with_status(base, "499") == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert _errors_with_status(base, "499") == before + 1
+
+
 def test_non_streaming_client_that_hangs_up_is_cancelled_quietly(server):
     """No traceback in the server log (a hang-up is routine), and the request is aborted."""
     base, _ = server

@@ -162,7 +162,8 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
         return sse_response(
             stream_chunks(
                 state, [stream], [0], formatter, base, timer, len(ids), include_usage, rag
-            )
+            ),
+            state.metrics.errors,
         )
     try:
         choices = await until_disconnect(request, collect(state, [stream], [0], data.n, timer))

@@ -203,7 +203,8 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
         return sse_response(
             stream_chunks(
                 state, streams, offsets, formatter, base, timer, prompt_tokens, include_usage, rag
-            )
+            ),
+            state.metrics.errors,
         )
     try:
         choices = await until_disconnect(

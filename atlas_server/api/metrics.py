@@ -88,7 +88,8 @@ class Metrics:
         )
         self.errors = Counter(
             "atlas:request_errors",
-            "Requests answered with an error, by status.",
+            "Requests answered with an error (or a stream ended by one), by status; "
+            "499: the client went away first.",
             ["status"],
             registry=r,
         )

@@ -10,6 +10,7 @@ What it does not do: decide chunk contents (the route modules do).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
 from litestar.response import Stream
+from prometheus_client import Counter
 
 from .errors import APIError, error_body, error_responses
 
@@ -36,23 +38,33 @@ def sse_error(status: int, message: str, param: str | None = None) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-async def _framed(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _framed(events: AsyncIterator[bytes], errors: Counter) -> AsyncIterator[bytes]:
+    """The events, then `[DONE]`; an error ends the stream as an error event. Each way a
+    stream fails is counted in `errors` by status, as an error answer is, so dashboards see
+    streamed and non-streamed failures alike: 499 when the client goes away mid-stream
+    (the server stops reading its generator), as for a non-streamed request."""
     try:
         async for chunk in events:
             yield chunk
+    except (GeneratorExit, asyncio.CancelledError):
+        errors.labels(status="499").inc()
+        raise
     except APIError as e:
+        errors.labels(status=str(e.status)).inc()
         yield sse_event(e.body())
     except Exception:
         log.exception("error while streaming")
+        errors.labels(status="500").inc()
         yield sse_error(
             500, "internal server error while streaming; the server log has the details"
         )
     yield DONE
 
 
-def sse_response(events: AsyncIterator[bytes]) -> Stream:
+def sse_response(events: AsyncIterator[bytes], errors: Counter) -> Stream:
+    """A streamed answer; `errors` is the server's error counter (`Metrics.errors`)."""
     return Stream(
-        _framed(events),
+        _framed(events, errors),
         media_type="text/event-stream",
         # Also as a header: Litestar 2 lets the route's media type (JSON, for the same
         # route's non-streamed answers) override the Stream's own, and SSE clients such as
