@@ -497,8 +497,60 @@ def test_mlflow_logging_writes_a_local_run(tmp_path, data_dir, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'ml' / 'mlflow.db').resolve()}")
     runs = mlflow.search_runs(experiment_names=["atlas"])
     assert len(runs) == 1 and runs.iloc[0]["metrics.train_loss"] > 0
+    assert runs.iloc[0]["params.model.preset"] == "gpt2-tiny"  # comparable in MLflow's UI
     assert list(elsewhere.iterdir()) == []
     assert list((tmp_path / "ml").rglob("mlflow-artifacts/**/config.toml"))
+    # A resumed run continues the same MLflow run: one curve, not two runs of one name.
+    longer = config(data_dir, tmp_path / "ml", "schedule.max_steps=8", "run.mlflow=true",
+                    "run.tensorboard=false")  # fmt: skip
+    train(longer, resume=True, progress=False)
+    runs = mlflow.search_runs(experiment_names=["atlas"])
+    assert len(runs) == 1
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "train_loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8]
+
+
+def test_a_resumed_run_replaces_the_tensorboard_points_logged_after_its_checkpoint(
+    tmp_path, data_dir
+):
+    """A run killed after its last checkpoint logged steps that the resumed run logs again:
+    TensorBoard showed them twice (QA, SIGKILL at step 24 with a checkpoint at 20)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(config(data_dir, out, "schedule.max_steps=8", "run.log_every=1"), progress=False)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_000008")  # as if killed after logging step 8
+    train(config(data_dir, out, "schedule.max_steps=8", "run.log_every=1"), resume=True,
+          progress=False)  # fmt: skip
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, 9)), steps
+
+
+def test_a_logging_backend_that_is_not_installed_is_one_line_before_anything_is_written(
+    tmp_path, data_dir, monkeypatch
+):
+    """Without the optional `mlflow` package a run printed a 58-line traceback after writing
+    its folder's config.toml."""
+    shadow = tmp_path / "shadow" / "mlflow"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'mlflow'\", name='mlflow')\n"
+    )
+    monkeypatch.syspath_prepend(str(shadow.parent))
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    out = tmp_path / "run"
+    sets = [f'data.path="{data_dir}"', f'run.out_dir="{out}"', "schedule.max_steps=2",
+            "schedule.warmup_steps=1", "run.mlflow=true"]  # fmt: skip
+    result = CliRunner().invoke(app, ["train", *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'atlas-llm[mlflow]'" in lines[0], result.output
+    assert not out.exists()
 
 
 def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenizer_file):

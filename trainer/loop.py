@@ -77,7 +77,7 @@ from .data import DataError, data_tokenizer
 from .flops import flops_per_token, measured_matmul_peak
 from .interrupt import before_training, graceful_interrupt
 from .loader import TokenLoader
-from .logger import Logger
+from .logger import Logger, check_logging_packages
 from .lora import LoRAConfig, LoRAReport, adapter_of, apply_lora, load_adapter, load_adapter_weights
 from .loss import IGNORE_INDEX, NextTokenLoss
 from .state import (
@@ -412,6 +412,8 @@ def setup(
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(cfg.run.out_dir)
     _refuse_a_file_as_run_folder(run_dir)
+    if d.main:
+        check_logging_packages(cfg)
     if resume is None:
         _refuse_a_folder_with_checkpoints(run_dir)
     else:
@@ -817,7 +819,7 @@ class Progress:
             self.peak = _PEAK_SEEN.get(self.peak_key) or measured_matmul_peak(run.device)
             _PEAK_SEEN[self.peak_key] = self.peak
         self.peak_measured_at = time.perf_counter()
-        self.logger = Logger(cfg, run.run_dir, run.dist.main)
+        self.logger = Logger(cfg, run.run_dir, run.dist.main, resumed_at=run.start_step)
         shown = enabled and run.dist.main
         # Into a file or a pipe (nohup, a batch job) a bar is a stream of carriage returns:
         # there, each log step is a plain line instead, as nanoGPT prints them.
