@@ -71,6 +71,26 @@ async def test_next_chat_turn_reuses_the_previous_answer(varied_model, make_engi
     assert ids == reference(varied_model, turn2, 10)
 
 
+async def test_conversations_sharing_a_system_prompt_keep_their_own_histories(
+    varied_model, make_engine
+):
+    """Users taking turns with one system prompt: each next turn reuses its own whole
+    history. A QA pass found turn 2 reusing only the system prompt for every user (each
+    request took over the slot of the previous user, who shared just that prefix)."""
+    tok = varied_model.tokenizer
+    engine = make_engine(max_running=6, max_batched_tokens=64)
+    system = tok.encode("system: answer briefly.\n")
+    firsts = [system + tok.encode(f"user: question {u}?\nassistant:") for u in range(4)]
+    answers = [(await generate(engine, prompt, 6))[0] for prompt in firsts]
+    for prompt, answer in zip(firsts, answers, strict=True):
+        second = prompt + answer + tok.encode("\nuser: more?\nassistant:")
+        ids, cached = await generate(engine, second, 6)
+        assert cached == len(prompt) + len(answer) - 1, (len(system), cached)
+        assert ids == reference(varied_model, second, 6)
+    # Four conversations in six slots, plus the second turns' own: nothing was lost.
+    assert engine.stats().kv_slots_used == 0
+
+
 async def test_prefix_of_a_running_sequence_is_copied(varied_model, gated_engine):
     tok = varied_model.tokenizer
     shared = tok.encode("a shared preamble that both requests start with, ")

@@ -164,9 +164,37 @@ def test_prefix_reuse_picks_the_longest_prefix():
     plan, _ = step(s)
     assert new.cached == 5 and new.prefilled == 7  # [1..5] reused, [6, 7] prefilled
     assert plan.prefill[0].start == 5 and plan.prefill[0].tokens == (6, 7)
-    assert plan.prefill[0].slot == 1  # the slot "long" left
-    assert not plan.moves  # a free slot is taken as it is
+    # The slot "long" left holds more than the match (its 9): it keeps that for a prompt
+    # that repeats it, and an empty slot gets a copy of the matched rows.
+    assert plan.prefill[0].slot == 2 and plan.moves == [SlotCopy(1, (2,), 5)]
     assert s.prefix_hit_tokens_total == 5
+    while s.num_running_sequences():
+        step(s)
+    # A prompt repeating all a free slot holds (a chat's next turn) takes it as it is.
+    turn = request("turn", [*long, 8])
+    s.add(turn)
+    plan, _ = step(s)
+    assert turn.cached == len(long) and plan.prefill[0].slot == 1 and not plan.moves
+
+
+def test_conversations_that_share_a_preamble_keep_their_own_rows():
+    """Users taking turns with one system prompt: each next turn finds its own history. A
+    prompt that took over a free slot matching only the preamble lost the other history."""
+    s = Scheduler(num_slots=4, max_batched_tokens=64)
+    rows = Rows(4)
+    system = [1, 2, 3]
+    firsts = [[*system, 10 + u, 20 + u] for u in range(3)]
+    for u, prompt in enumerate(firsts):
+        s.add(request(f"u{u}", prompt, max_tokens=2))
+        while s.num_running_sequences() or s.num_waiting:
+            step(s, rows)
+    for u, prompt in enumerate(firsts):
+        again = request(f"u{u}-2", [*prompt, TOKEN, 30])
+        s.add(again)
+        step(s, rows)  # the decode row check in step() proves the reused rows are its own
+        assert again.cached == len(prompt) + 1, u
+        while s.num_running_sequences():
+            step(s, rows)
 
 
 def test_prefix_of_a_running_sequence_is_an_explicit_copy():
@@ -197,23 +225,28 @@ def test_prefix_caching_off_and_prompt_logprobs_never_reuse():
         assert plan.prefill[0].logits == ("all" if params else "last")
 
 
-def test_a_decoder_moves_into_a_free_low_slot_by_an_explicit_copy():
-    s = Scheduler(num_slots=3, max_batched_tokens=16)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_decoder_moves_into_a_free_low_slot_by_an_explicit_copy_or_swap(prefix_caching):
+    s = Scheduler(num_slots=3, max_batched_tokens=16, prefix_caching=prefix_caching)
     rows = Rows(3)
     a, b = request("a", [1, 2], max_tokens=2), request("b", [3, 4, 5], max_tokens=30)
     s.add(a)
     s.add(b)
     step(s, rows)  # a -> slot 0, b -> slot 1
-    step(s, rows)  # a finishes: slot 0 is free (and still holds a's rows)
+    step(s, rows)  # a finishes: slot 0 is free (and, with caching, remembered as a's rows)
     plan, _ = step(s, rows)
-    # b alone decodes: it belongs in slot 0; its rows (3 prompt + 2 generated) are copied.
-    assert plan.moves == [SlotCopy(1, (0,), 5)]
+    # b alone decodes: it belongs in slot 0 with its rows (3 prompt + 2 generated). Slot 0
+    # holding nothing worth keeping, they are copied; holding a's cached rows, the two
+    # slots trade rows, so a's prefix survives in slot 1.
+    moved = SlotSwap(1, 0, 5) if prefix_caching else SlotCopy(1, (0,), 5)
+    assert plan.moves == [moved]
     assert plan.decode.slots == (0,) and b.sequences[0].slot == 0
-    # Its old slot is free and remembered as holding b's tokens, for prefix reuse.
-    follower = request("follower", [3, 4, 5, TOKEN, 1])
-    s.add(follower)
-    plan, _ = step(s, rows)
-    assert follower.cached == 4 and follower.sequences[0].slot == 1
+    if prefix_caching:
+        assert rows.rows[1] == {0: 1, 1: 2, 2: TOKEN}
+        again = request("again", [1, 2, TOKEN, 9])
+        s.add(again)
+        plan, _ = step(s, rows)
+        assert again.cached == 3 and again.sequences[0].slot == 1 and not plan.moves
 
 
 def test_a_decoder_trades_slots_with_a_prefilling_sequence_by_an_explicit_swap():

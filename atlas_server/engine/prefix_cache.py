@@ -10,8 +10,10 @@ history costs a second of TTFT each turn without this; copying a slot's rows cos
 What it does: `SlotContents` remembers, for each free slot, the tokens whose KV rows it
 still holds (set when a sequence leaves the slot, forgotten when the slot is reused), and
 `longest_prefix()` finds the slot, free or running, holding the longest prefix of a
-prompt. The scheduler (scheduler.py) then takes that free slot as it is, or copies the rows of a running
-one into a free slot, and prefills only the rest.
+prompt. The scheduler (scheduler.py) then takes that free slot as it is when the prompt
+covers all it holds (a chat's next turn), or else copies the matched rows into another
+free slot (the source runs, or holds more: another conversation that shares only a system
+prompt keeps its history for its own next turn), and prefills only the rest.
 
 What it does not do: share rows between running sequences without a copy (that needs paged
 KV blocks, which Atlas does not use: model/kv_cache.py says why), or keep anything once a
@@ -49,6 +51,10 @@ class SlotContents:
 
     def holds(self, slot: int) -> bool:
         return slot in self._held
+
+    def held(self, slot: int) -> list[int]:
+        """The tokens whose rows `slot` holds ([] if none)."""
+        return self._held.get(slot, [])
 
     def longest_prefix(
         self,

@@ -276,11 +276,13 @@ class Scheduler:
         else:
             seq.slot = self._take_free_slot()
 
-    def _take_free_slot(self) -> int:
+    def _take_free_slot(self, spare: int | None = None) -> int:
         """A free slot, sparing the ones that still hold a cached prefix: the lowest empty
-        slot if any (decode batches pack into low slots), else the longest-free one."""
-        empty = [s for s in self._free_slots if not self._contents.holds(s)]
-        slot = min(empty) if empty else self._free_slots[0]
+        slot if any (decode batches pack into low slots), else the longest-free one
+        (least recently used). Never `spare`, the source of a copy being planned."""
+        candidates = [s for s in self._free_slots if s != spare]
+        empty = [s for s in candidates if not self._contents.holds(s)]
+        slot = min(empty) if empty else candidates[0]
         self._free_slots.remove(slot)
         self._contents.forget(slot)
         return slot
@@ -288,9 +290,13 @@ class Scheduler:
     def _slot_for_prompt(self, r: Request, plan: StepPlan) -> int:
         """Choice 0's slot, with as much of the prompt's KV as the cache already holds.
 
-        Sets r.prefilled (and r.cached) to the reused length: a free slot holding a prefix
-        is taken as it is; a prefix held by a running sequence is copied into a free slot.
-        Requests that want prompt logprobs need every position's logits: never reused.
+        Sets r.prefilled (and r.cached) to the reused length. A free slot whose every held
+        token the prompt repeats (a chat's next turn) is taken as it is; one that holds more
+        (another conversation sharing only a system prompt) keeps it while another free
+        slot can take a copy of the matched rows, as a running sequence's prefix is copied:
+        taken over, it lost that conversation's history to a few shared tokens, and users
+        taking turns evicted each other's. Requests that want prompt logprobs need every
+        position's logits: never reused.
         """
         if not self.prefix_caching or r.params.prompt_logprobs is not None:
             return self._take_free_slot()
@@ -304,12 +310,13 @@ class Scheduler:
         )
         if source is None:
             return self._take_free_slot()
-        if source_is_free:
+        keeps_more = len(self._contents.held(source)) > length
+        if source_is_free and not (keeps_more and len(self._free_slots) > 1):
             self._free_slots.remove(source)
             self._contents.forget(source)
             slot = source
         else:
-            slot = self._take_free_slot()
+            slot = self._take_free_slot(spare=source)
             plan.moves.append(SlotCopy(source, (slot,), length))
         r.prefilled = r.cached = length
         self.prefix_hit_tokens_total += length
@@ -335,9 +342,10 @@ class Scheduler:
     def _pack_decode_slots(self, decoding: list[Sequence], plan: StepPlan) -> None:
         """Move decoding sequences into slots 0..B-1 (B = len(decoding)); see step 4 of the
         module docstring. A decoder above B-1 takes a low slot that is free (a copy of its
-        rows; its old slot is freed and still holds them) or held by a sequence that is not
-        decoding (a prefilling prompt, or an n > 1 choice waiting for its copy): the two
-        trade slots and rows."""
+        rows; its old slot is freed and still holds them, or, when the low slot held a
+        cached prefix, the two trade rows so that prefix is kept) or held by a sequence
+        that is not decoding (a prefilling prompt, or an n > 1 choice waiting for its
+        copy): the two trade slots and rows."""
         n = len(decoding)
         misplaced = [s for s in decoding if s.slot >= n]
         if not misplaced:
@@ -349,11 +357,16 @@ class Scheduler:
             length = len(seq.request.prompt_ids) + seq.num_generated
             other = held.get(hole)
             if other is None:  # a free slot
-                plan.moves.append(SlotCopy(seq.slot, (hole,), length))
+                cached = self._contents.held(hole)
+                if cached:  # its cached rows trade places with seq's, not overwritten
+                    plan.moves.append(SlotSwap(seq.slot, hole, max(length, len(cached))))
+                    self._contents.forget(hole)
+                    self._contents.remember(seq.slot, cached)
+                else:
+                    plan.moves.append(SlotCopy(seq.slot, (hole,), length))
+                    if self.prefix_caching:  # the old slot still holds seq's rows
+                        self._contents.remember(seq.slot, seq.tokens_held)
                 self._free_slots[self._free_slots.index(hole)] = seq.slot
-                self._contents.forget(hole)
-                if self.prefix_caching:  # the old slot still holds seq's rows
-                    self._contents.remember(seq.slot, seq.tokens_held)
             else:  # a sequence that is not decoding: its rows move up into seq's slot
                 plan.moves.append(SlotSwap(seq.slot, hole, max(length, len(other.tokens_held))))
                 other.slot = seq.slot
