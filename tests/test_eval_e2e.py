@@ -569,6 +569,13 @@ def test_checkpoint_mode_starts_and_stops_an_atlas_server(tmp_path, eval_checkpo
 
 
 # --- latency ---------------------------------------------------------------------------------------------
+def prefix_cache_hits(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("atlas:prefix_cache_hit_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no atlas:prefix_cache_hit_tokens_total in /metrics")
+
+
 def test_latency_suite_measures_every_level_with_vllm_field_names(tmp_path, atlas_url):
     overrides = (
         "concurrencies=[1,2]",
@@ -577,7 +584,11 @@ def test_latency_suite_measures_every_level_with_vllm_field_names(tmp_path, atla
         "input_len=16",
         "output_len=6",
     )
+    hits_before = prefix_cache_hits(atlas_url)
     results = run(tmp_path, "latency", atlas_url, *overrides)
+    # Each level sends its own prompts: with one list for all, the second and third levels
+    # were served from the prefix cache (8 x 15 of their 16-token prompts).
+    assert prefix_cache_hits(atlas_url) - hits_before < 16
     levels = results["details"]["levels"]
     assert [lv["load"] for lv in levels] == ["concurrency 1", "concurrency 2", "poisson 8 req/s"]
     for level in levels:
