@@ -157,7 +157,7 @@ def prepare_data_command(
     output: Path = typer.Option(..., help="Folder for the shards and manifest.json."),
     val_fraction: float = typer.Option(0.01, help="Share of documents held out for validation."),
     shard_tokens: int = typer.Option(
-        1 << 24, help="Tokens per shard (cut at document boundaries)."
+        1 << 24, help="Tokens per shard (cut inside a document where need be)."
     ),
     workers: int = typer.Option(None, help="Tokenizer processes (default, or 0: one per CPU)."),
     text_field: str = typer.Option(
@@ -176,9 +176,15 @@ def prepare_data_command(
         )
     except USER_ERRORS as e:
         _fail(e)
+    skipped = len(manifest.get("skipped", ()))
     typer.echo(
         f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens "
         f"from {manifest['documents']:,} documents in {output}"
+        + (
+            f" ({skipped:,} input file{'s' * (skipped > 1)} skipped: not UTF-8 text)"
+            if skipped
+            else ""
+        )
     )
 
 
