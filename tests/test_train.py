@@ -246,9 +246,14 @@ def test_resume_without_a_checkpoint_says_so_and_starts_at_zero(tmp_path, data_d
     assert "--resume: no checkpoint in" in capsys.readouterr().err
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(tmp_path, data_dir):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(
+    tmp_path, data_dir, sig, status
+):
     """SIGINT to `atlas-train train`: the step finishes, a checkpoint of it is saved, the
-    command says where and exits 130; --resume then continues bit for bit."""
+    command says where and exits 130; --resume then continues bit for bit. SIGTERM, what a
+    scheduler sends to preempt a job, does the same and exits 143 (it killed the run with
+    no checkpoint)."""
     out = tmp_path / "interrupted"
     constant = ["schedule.kind=constant", "run.checkpoint_every=3", "run.sample_tokens=0"]
     sets = [
@@ -280,12 +285,12 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(tmp_pa
                 "no checkpoint after 240 s: " + log.read_text()[-3000:]
             )
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=240)
     finally:
         proc.kill()
     err = log.read_text()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == status, err[-3000:]
     assert "Traceback" not in err
     match = re.search(
         r"stopped at step (\d+); last checkpoint (\S+) \(step (\d+)\); resume with --resume", err
@@ -420,9 +425,21 @@ def test_schedule_warms_up_then_decays():
     )
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(
+    # The last step trains at the final lr (it stopped one step short of it, 0.1002).
+    assert lrs[-1] == pytest.approx(0.1, rel=1e-12) and all(
         a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)
     )
+    wsd = load_train_config(
+        None,
+        ["schedule.kind=wsd", "schedule.max_steps=20", "schedule.warmup_steps=4",
+         "schedule.decay_fraction=0.25", "optim.lr=1.0", "optim.min_lr_ratio=0.1"],
+    )  # fmt: skip
+    lrs = [lr_at(s, wsd) for s in range(20)]
+    assert lrs[14] == 1.0 and lrs[15] == 1.0 and lrs[-1] == pytest.approx(0.1, rel=1e-12)
+    # A warmup ending inside the decay made the lr jump from the peak to half of it.
+    with pytest.raises(TrainConfigError, match="warmup_steps must end before the WSD decay"):
+        load_train_config(None, ["schedule.kind=wsd", "schedule.max_steps=100",
+                                 "schedule.warmup_steps=90", "schedule.decay_fraction=0.2"])  # fmt: skip
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -445,6 +462,18 @@ def test_config_errors_are_one_line(tmp_path):
         ('run.device="gpu"', "run.device 'gpu' is not a device"),
         ("run.mlflow=true", "MLflow at run.mlflow_uri 'bogus://x'"),
         ("OUT_UNDER_A_FILE", "is under the file"),
+        # Found by a QA pass: tracebacks, other libraries' words, or silently accepted.
+        ('run.device="mps"', "run.device 'mps' is not a device"),
+        ('run.device="meta"', "run.device 'meta' is not a device"),
+        ('run.device="cpu:1"', "run.device 'cpu:1' is not a device"),
+        ("optim.lr=inf", "optim.lr must be a finite number > 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.beta1=1.5", "optim.beta1 must be in [0, 1)"),
+        ("optim.eps=-1", "optim.eps must be > 0"),
+        ("run.seed=-1", "run.seed must be in [0, 2**32)"),
+        ("run.sample_tokens=-5", "run.sample_tokens must be >= 0"),
+        ("model.overrides={vocab_size=100}", "model.overrides cannot set vocab_size"),
+        ("data.seq_len=100000", "data.seq_len=100000 exceeds the model's max_seq_len=256"),
     ]
     + (
         []
@@ -464,6 +493,28 @@ def test_bad_run_settings_are_one_line_errors_not_tracebacks(tmp_path, data_dir,
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1], result.output
     assert "Traceback" not in result.output
+
+
+def test_a_diverged_run_stops_naming_the_step_and_saves_no_nan_checkpoint(tmp_path, data_dir):
+    """With lr 1e6 the loss was NaN from step 2 on; the run went on saving NaN checkpoints
+    (keep_last pruning the good ones) and died in the checkpoint sample with a traceback."""
+    from trainer.config import TrainingDiverged
+
+    out = tmp_path / "diverged"
+    # No checkpoint sample: without one, the run exited 0 after saving NaN checkpoints.
+    cfg = config(data_dir, out, "optim.lr=1e6", "optim.grad_clip=0", "run.checkpoint_every=1",
+                 "run.keep_last=100", "run.sample_tokens=0")  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"training diverged: .* not finite at step \d+"):
+        train(cfg, progress=False)
+    for checkpoint in list_checkpoints(out):
+        weights = load_checkpoint(checkpoint).model.state_dict().values()
+        assert all(bool(torch.isfinite(w).all()) for w in weights), checkpoint
+    # The command says it in one line.
+    sets = [f'data.path="{data_dir}"', f'run.out_dir="{tmp_path / "cli"}"', "optim.lr=1e6",
+            "optim.grad_clip=0", "schedule.max_steps=6", "schedule.warmup_steps=1"]  # fmt: skip
+    result = CliRunner().invoke(app, ["train", *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: training diverged")
 
 
 @pytest.mark.parametrize("steps", [6, 2])

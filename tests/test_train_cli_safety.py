@@ -276,6 +276,28 @@ def test_resume_says_which_settings_changed_the_run(files, tmp_path):
     assert "schedule.max_steps (2 -> 3)" in longer.output
 
 
+def test_resume_compares_the_global_batch_and_names_changes_of_rounding():
+    """Found by a QA pass: resuming a 2-process run in one process halved the global batch
+    without a word, while 2 x 8 resumed as 1 x 16 (the same batch) was called another run;
+    and another run.threads or run.compile passed quietly though no longer bit for bit."""
+    from trainer.loop import resume_differences
+
+    def cfg(*sets):
+        return load_train_config(None, ["data.micro_batch=8", *sets])
+
+    saved = cfg().to_toml()
+    assert resume_differences(saved, 2, cfg(), 2) == ([], [])
+    changes, rounding = resume_differences(saved, 2, cfg(), 1)
+    assert changes == ["the global batch (16 -> 8 windows: data.micro_batch x data.grad_accum "
+                       "x processes, 8 x 1 x 2 -> 8 x 1 x 1)"] and rounding == []  # fmt: skip
+    changes, rounding = resume_differences(saved, 2, cfg("data.micro_batch=16"), 1)
+    assert changes == [] and rounding[0].startswith("the split of the global batch (16 -> 16")
+    changes, rounding = resume_differences(saved, 1, cfg("run.threads=1", "run.compile=true"), 1)
+    assert changes == [] and [r.split(" ")[0] for r in rounding] == ["run.compile", "run.threads"]
+    # A checkpoint from before processes were recorded: taken to have as many as now.
+    assert resume_differences(saved, None, cfg(), 2) == ([], [])
+
+
 def test_the_cpu_matmul_peak_is_measured_again_and_the_best_kept(files, tmp_path, monkeypatch):
     """A peak measured while other work loads the cores is low, and every MFU after it
     high: it is measured again at each validation, and the best kept."""

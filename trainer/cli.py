@@ -22,7 +22,7 @@ from atlas_server.commands._common import run_app
 from atlas_server.model import ConfigError
 from atlas_server.tokenizer import TokenizerError
 
-from .config import STAGE_COMMAND, TrainConfigError, load_train_config
+from .config import STAGE_COMMAND, TrainConfigError, TrainingDiverged, load_train_config
 from .data import DataError
 from .interrupt import NOTHING_SAVED
 from .lora import LoRAError
@@ -35,6 +35,7 @@ app = typer.Typer(
 )
 USER_ERRORS = (
     TrainConfigError,
+    TrainingDiverged,
     DataError,
     TokenizerError,
     CheckpointError,
@@ -140,8 +141,8 @@ def _run_stage(stage: str, config: Path | None, set_: list[str], resume: bool, p
         if not started:
             print(NOTHING_SAVED, file=sys.stderr)
         raise typer.Exit(130) from None
-    if summary.get("interrupted"):
-        raise typer.Exit(130)  # the loop saved a checkpoint and said how to resume
+    if summary.get("interrupted"):  # the loop saved a checkpoint and said how to resume
+        raise typer.Exit(summary.get("exit_status", 130))
     if summary.get("checkpoint"):
         typer.echo(f"final checkpoint: {summary['checkpoint']}")
 

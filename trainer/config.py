@@ -10,6 +10,7 @@ What it does not do: build models or optimizers (see `loop.py`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Literal
@@ -21,6 +22,11 @@ from atlas_server import tomlconfig
 
 class TrainConfigError(ValueError):
     """A training config that cannot be used; the message names the key."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite (raised by the loop, which saves no checkpoint
+    after it); the fix is in the config: a lower lr, a longer warmup, gradient clipping."""
 
 
 # The command that trains each stage (TrainConfig.stage), for messages that say which to run.
@@ -157,7 +163,17 @@ class TrainConfig(_Section):
             (self.data.seq_len >= 2, "data.seq_len must be >= 2"),
             (self.data.micro_batch >= 1, "data.micro_batch must be >= 1"),
             (self.data.grad_accum >= 1, "data.grad_accum must be >= 1"),
-            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 < self.optim.lr < math.inf, "optim.lr must be a finite number > 0"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (0 <= self.optim.beta1 < 1, "optim.beta1 must be in [0, 1)"),
+            (0 <= self.optim.beta2 < 1, "optim.beta2 must be in [0, 1)"),
+            (self.optim.eps > 0, "optim.eps must be > 0"),
+            (0 <= self.run.seed < 2**32, "run.seed must be in [0, 2**32)"),
+            (self.run.sample_tokens >= 0, "run.sample_tokens must be >= 0 (0: no sample)"),
+            (
+                "vocab_size" not in self.model.overrides,
+                "model.overrides cannot set vocab_size: it comes from the tokenizer",
+            ),
             (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
             (self.schedule.max_steps >= 1, "schedule.max_steps must be >= 1"),
@@ -168,6 +184,13 @@ class TrainConfig(_Section):
                 "both, e.g. --set schedule.warmup_steps=1",
             ),
             (0 < self.schedule.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
+            (
+                self.schedule.kind != "wsd"
+                or self.schedule.warmup_steps
+                <= int(self.schedule.max_steps * (1 - self.schedule.decay_fraction)),
+                "schedule.warmup_steps must end before the WSD decay starts (at "
+                "max_steps * (1 - decay_fraction)): the lr would jump down when warmup ends",
+            ),
             (self.run.keep_last >= 1, "run.keep_last must be >= 1"),
             (self.run.cross_entropy_chunk >= 0, "run.cross_entropy_chunk must be >= 0"),
             (
@@ -225,13 +248,9 @@ class TrainConfig(_Section):
 
 
 def _is_device(name: str) -> bool:
-    import torch
-
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        return False
-    return True
+    """cpu, cuda or cuda:N: the devices the trainer runs on (PyTorch parses more, such as
+    mps or meta, which failed later with a traceback)."""
+    return re.fullmatch(r"cpu|cuda(:\d+)?", name) is not None
 
 
 # TOML basic strings: these have short escapes; every other control character (U+0000 to

@@ -1,6 +1,7 @@
-"""Ctrl-C during training: finish the step, save a checkpoint, say how to resume.
+"""Ctrl-C (or SIGTERM) during training: finish the step, save a checkpoint, say how to resume.
 
-What it does: while a single-process run trains, the first SIGINT only sets a flag that
+What it does: while a single-process run trains, the first SIGINT or SIGTERM (a
+scheduler preempting the job) only sets a flag that
 the loop reads after each step (the step finishes, a checkpoint is saved unless the step
 already has one, and the run ends with "stopped at step N; last checkpoint DIR (step N);
 resume with --resume"); a second SIGINT raises KeyboardInterrupt at once (saves are
@@ -40,10 +41,11 @@ def before_training(report: bool = True) -> Iterator[None]:
 
 
 class StopRequest:
-    """Set by the first Ctrl-C; the loop reads `requested` between steps."""
+    """Set by the first Ctrl-C or SIGTERM; the loop reads `requested` between steps."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal = signal.SIGINT  # which one asked: the exit status is 128 + its number
 
 
 @contextlib.contextmanager
@@ -53,18 +55,22 @@ def graceful_interrupt(enabled: bool = True) -> Iterator[StopRequest]:
         yield stop
         return
 
-    def on_sigint(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
         if stop.requested:
             raise KeyboardInterrupt
-        stop.requested = True
+        stop.requested, stop.signal = True, signal.Signals(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else stop.signal.name
         print(
-            "\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again stops at once)",
+            f"\n{name}: finishing this step and saving a checkpoint (again: stop at once)",
             file=sys.stderr,
             flush=True,
         )
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # SIGTERM is what a scheduler sends to preempt a job (SLURM, Kubernetes, torchrun
+    # passing it on): the run saves and stops as for a Ctrl-C, and loses no step.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

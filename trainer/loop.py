@@ -72,7 +72,7 @@ from atlas_server.model import ModelConfig, Transformer, load_preset
 from atlas_server.tokenizer import Tokenizer
 from atlas_server.tomlconfig import parse_toml
 
-from .config import STAGE_COMMAND, TrainConfig, TrainConfigError
+from .config import STAGE_COMMAND, TrainConfig, TrainConfigError, TrainingDiverged
 from .data import DataError, data_tokenizer
 from .flops import flops_per_token, measured_matmul_peak
 from .interrupt import before_training, graceful_interrupt
@@ -138,9 +138,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         decay_start = int(s.max_steps * (1 - s.decay_fraction))
         if step < decay_start:
             return o.lr
-        frac = (step - decay_start) / max(1, s.max_steps - decay_start)
+        # The last step trains at min_lr, as the config says ("final lr"): step max_steps,
+        # where the fraction would otherwise reach 1, never runs.
+        frac = (step - decay_start) / max(1, s.max_steps - 1 - decay_start)
         return o.lr - (o.lr - min_lr) * min(1.0, frac)
-    frac = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    frac = (step - s.warmup_steps) / max(1, s.max_steps - 1 - s.warmup_steps)
     return min_lr + 0.5 * (o.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
@@ -367,15 +369,23 @@ def refuse_another_stage(run_dir: Path, checkpoint: Path, stage: str) -> None:
 _NOT_IN_THE_NUMBERS = {
     "run.out_dir", "run.eval_every", "run.eval_batches", "run.checkpoint_every",
     "run.keep_last", "run.log_every", "run.sample_tokens", "run.sample_prompt",
-    "run.tensorboard", "run.mlflow", "run.mlflow_uri", "run.threads", "run.compile",
+    "run.tensorboard", "run.mlflow", "run.mlflow_uri",
 }  # fmt: skip
+# Settings that change only the order of float sums (threads split reductions, compile
+# fuses kernels, DDP and FSDP reduce gradients differently): the same computation, but the
+# resumed run is no longer bit for bit the uninterrupted one.
+_ROUNDING_ONLY = {"run.threads", "run.compile", "run.distributed"}
+# The global batch, micro_batch x grad_accum x processes, is compared as a whole.
+_BATCH_PARTS = {"data.micro_batch", "data.grad_accum"}
 
 
-def changed_settings(saved_toml: str | None, cfg: TrainConfig) -> list[str]:
-    """`key (old -> new)` for each setting of `cfg` that differs from the checkpoint's
-    config and changes what the resumed run computes (data, batch, schedule, model...)."""
+def resume_differences(
+    saved_toml: str | None, saved_world: int | None, cfg: TrainConfig, world: int
+) -> tuple[list[str], list[str]]:
+    """(changes to what the resumed run computes, changes to its float rounding only), each
+    `key (old -> new)`, between the checkpoint's config and process count and these."""
     if not saved_toml:
-        return []  # a checkpoint from before the config was saved with it
+        return [], []  # a checkpoint from before the config was saved with it
 
     def flat(table: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -387,11 +397,26 @@ def changed_settings(saved_toml: str | None, cfg: TrainConfig) -> list[str]:
         return out
 
     old, new = flat(parse_toml(saved_toml)), flat(parse_toml(cfg.to_toml()))
-    return [
-        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
-        for key in sorted(old.keys() | new.keys())
-        if key not in _NOT_IN_THE_NUMBERS and old.get(key) != new.get(key)
-    ]
+    differ = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    computes = [k for k in differ if k not in _NOT_IN_THE_NUMBERS | _ROUNDING_ONLY | _BATCH_PARTS]
+    rounding = [k for k in differ if k in _ROUNDING_ONLY]
+    changes = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in computes]
+    rounding_changes = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in rounding]
+    before_world = saved_world or world  # unknown before it was saved: assume the same
+    batch_old = old["data.micro_batch"] * old["data.grad_accum"] * before_world
+    batch_new = new["data.micro_batch"] * new["data.grad_accum"] * world
+    split_old = (old["data.micro_batch"], old["data.grad_accum"], before_world)
+    split_new = (new["data.micro_batch"], new["data.grad_accum"], world)
+    batch = (
+        f"the global batch ({batch_old} -> {batch_new} windows: data.micro_batch x "
+        f"data.grad_accum x processes, {' x '.join(map(str, split_old))} -> "
+        f"{' x '.join(map(str, split_new))})"
+    )
+    if batch_old != batch_new:
+        changes.append(batch)
+    elif split_old != split_new:  # the same windows per step, summed in other groups
+        rounding_changes.append(batch.replace("the global batch", "the split of the global batch"))
+    return changes, rounding_changes
 
 
 def setup(
@@ -418,7 +443,7 @@ def setup(
         _refuse_a_folder_with_checkpoints(run_dir)
     else:
         refuse_another_stage(run_dir, resume.path, task.stage)
-    _check_seq_len_fits_init_from(cfg)  # before the data: DPO runs the reference over it
+    _check_seq_len_fits_the_model(cfg)  # before the data: DPO runs the reference over it
     seed_everything(cfg.run.seed)
     tokenizer = _run_tokenizer(cfg)
     if resume is not None:
@@ -486,38 +511,51 @@ def setup(
     )  # fmt: skip
     if resume is not None:
         _restore_trainer_state(run, resume)
-        changed = _changed_since(resume, cfg, d)
+        changed, rounding = _changed_since(resume, cfg, d)
         if changed and d.main:  # allowed (a longer schedule, say), but no longer exact
             say(
                 f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; the "
                 "run continues with the new ones, so it is not the run an uninterrupted "
                 "training with either config would give"
             )
+        elif rounding and d.main:
+            say(
+                f"--resume: {', '.join(rounding)} change only the order of float sums: the "
+                "run continues the same computation, but not bit for bit"
+            )
     if d.main:  # everything is checked and built: the run starts, and its folder says how
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     return run
 
 
-def _changed_since(resume: ResumePoint, cfg: TrainConfig, d: Dist) -> list[str]:
+def _changed_since(resume: ResumePoint, cfg: TrainConfig, d: Dist) -> tuple[list, list]:
     try:
-        return changed_settings(resume.config_toml, cfg)
+        return resume_differences(resume.config_toml, resume.world_size, cfg, d.world)
     except ValueError as e:  # TOMLDecodeError: saved by an Atlas that left newlines unescaped
         if d.main:
             say(
                 f"warning: the config saved in {resume.path / 'trainer_state.json'} is not valid"
                 f" TOML ({e}); the settings it ran with cannot be compared with these"
             )
-        return []
+        return [], []
 
 
-def _check_seq_len_fits_init_from(cfg: TrainConfig) -> None:
-    if not cfg.model.init_from:
-        return
-    max_seq_len = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+def _check_seq_len_fits_the_model(cfg: TrainConfig) -> None:
+    """Before the data is read: a window longer than the model's context would otherwise
+    be reported as a data problem (no window of that length, a batch too large)."""
+    if cfg.model.init_from:
+        max_seq_len = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+        owner = f"{cfg.model.init_from}'s"
+    else:
+        try:  # the vocabulary does not change the context length
+            overrides = {"attention": cfg.run.attention, **cfg.model.overrides}
+            max_seq_len = load_preset(cfg.model.preset, vocab_size=256, **overrides).max_seq_len
+        except Exception:  # a bad preset or override: _build_model names it
+            return
+        owner = "the model's"
     if cfg.data.seq_len > max_seq_len:
         raise TrainConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds {cfg.model.init_from}'s "
-            f"max_seq_len={max_seq_len}"
+            f"data.seq_len={cfg.data.seq_len} exceeds {owner} max_seq_len={max_seq_len}"
         )
 
 
@@ -764,6 +802,7 @@ def save(run: Run) -> tuple[Path | None, Transformer]:
         scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
         loader=run.train_data.state_dict(),
         config_toml=cfg.to_toml(),
+        world_size=run.dist.world,
     )
     lineage = dict(run.lineage)
     lineage["lineage"] = [*lineage["lineage"][:-1], {**lineage["lineage"][-1], "step": run.step}]
@@ -859,6 +898,7 @@ class Progress:
         accum = cfg.data.grad_accum
         losses = [v / accum for v in torch.stack(self.pending).tolist()]
         self.pending.clear()
+        self._refuse_non_finite(losses)
         run.losses.extend(losses)
         if not run.dist.main:
             return
@@ -871,7 +911,11 @@ class Progress:
             "train/lr": lr,
             "train/grad_norm": float(grad_norm),
             "perf/tokens_per_s": tok_s,
-            "perf/mfu": tok_s * self.flops_per_token / self.peak if self.peak else 0.0,
+            # Against every process's device: tok_s counts all of them (nanoGPT's and
+            # torchtitan's MFU are per device too).
+            "perf/mfu": (
+                tok_s * self.flops_per_token / (self.peak * run.dist.world) if self.peak else 0.0
+            ),
         }
         extra = getattr(run.loss_module, "pop_metrics", None)
         shown = {}
@@ -897,9 +941,42 @@ class Progress:
         else:
             self.bar.set_postfix(**fields)
 
+    def check_finite(self) -> None:
+        """Before a checkpoint: the losses since the last log step, and the weights this
+        step's update made (no loss has seen them yet), must be numbers."""
+        run = self.run
+        if self.pending:
+            accum = run.cfg.data.grad_accum
+            self._refuse_non_finite([v / accum for v in torch.stack(self.pending).tolist()])
+        # FSDP holds a shard of each parameter on each rank (to_local): each checks its own.
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in local]).all()):
+            raise TrainingDiverged(_diverged_message(run, "the weights are", run.step))
+
+    def _refuse_non_finite(self, losses: list[float]) -> None:
+        """Stop a diverged run: training on only makes NaN weights, whose checkpoints
+        `keep_last` would keep in place of the good ones (`losses` end at run.step)."""
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                step = self.run.step - len(losses) + 1 + i
+                raise TrainingDiverged(_diverged_message(self.run, f"the loss ({loss}) is", step))
+
     def close(self) -> None:
         self.bar.close()
         self.logger.close()
+
+
+def _diverged_message(run: Run, what: str, step: int) -> str:
+    last = run.last_checkpoint
+    kept = (
+        f"the last checkpoint is {last[0]} (step {last[1]})"
+        if last is not None
+        else "no checkpoint was saved"
+    )
+    return (
+        f"training diverged: {what} not finite at step {step} (lower optim.lr, lengthen "
+        f"the warmup, or set optim.grad_clip); {kept}"
+    )
 
 
 def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
@@ -943,6 +1020,9 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
         if d.main:
             say(_stop_message(run))
         raise
+    except TrainingDiverged:
+        log.close()
+        raise
     finally:
         if profiler is not None:  # stopped before its steps were traced (Ctrl-C, an error)
             # A profiler left running crashes the interpreter at exit (seen: SIGSEGV).
@@ -955,6 +1035,8 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
     if stopped and d.main:
         say(_stop_message(run))
     summary["interrupted"] = stopped
+    if stopped:  # the exit status a signal gives: 130 for Ctrl-C, 143 for SIGTERM
+        summary["exit_status"] = 128 + int(stop.signal)
     summary["run_dir"] = str(run.run_dir)
     # The run's own last save (or its resume point): not whatever step is highest on disk.
     last = run.last_checkpoint
@@ -977,10 +1059,16 @@ def _describe(metrics: dict[str, float]) -> str:
 
 
 def _checkpoint_and_sample(run: Run, log: Progress) -> None:
+    log.check_finite()  # never a checkpoint of NaN weights
     path, full_model = save(run)
     if path is None or run.cfg.run.sample_tokens <= 0:
         return
-    sample = _sample(full_model, run.tokenizer, run.cfg, run.chat)
+    try:
+        sample = _sample(full_model, run.tokenizer, run.cfg, run.chat)
+    except FloatingPointError:  # finite weights whose outputs overflow: the next loss is NaN
+        raise TrainingDiverged(
+            _diverged_message(run, "the model's outputs are", run.step)
+        ) from None
     log.logger.text(run.step, "sample", sample)
     say(f"step {run.step}: saved {path}\n  sample: {sample!r}")
 

@@ -91,6 +91,7 @@ class TrainerState:
     scaler: dict | None  # GradScaler state (fp16 only)
     loader: dict  # the data position
     config_toml: str
+    world_size: int = 1  # processes: with micro_batch and grad_accum, the global batch
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ResumePoint:
     rng_tensors: dict[str, torch.Tensor]
     rng_plain: dict[str, Any]
     config_toml: str | None = None  # the config of the run that saved it
+    world_size: int | None = None  # its processes (None: saved before they were recorded)
 
     @property
     def adapter_only(self) -> bool:
@@ -151,6 +153,7 @@ def save_training_checkpoint(
         "loader": state.loader,
         "rng": rng_plain,
         "config_toml": state.config_toml,
+        "world_size": state.world_size,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(plain))
     for f in tmp.iterdir():
@@ -219,4 +222,5 @@ def load_training_checkpoint(path: Path) -> ResumePoint:
         rng_tensors={k: v for k, v in tensors.items() if k.startswith("rng.")},
         rng_plain=plain["rng"],
         config_toml=plain.get("config_toml"),
+        world_size=plain.get("world_size"),
     )

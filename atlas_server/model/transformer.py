@@ -624,6 +624,8 @@ class Transformer(nn.Module):
         out: list[int] = []
         for _ in range(max_new_tokens):
             logits = self(ids, positions, cache, slots, last_only=True)[0, -1].float()  # [V]
+            if not bool(torch.isfinite(logits).all()):  # diverged weights: say so, not garbage
+                raise FloatingPointError("the model's logits are not finite (NaN or infinite)")
             if temperature <= 0:
                 next_id = int(logits.argmax())
             else:
