@@ -305,3 +305,30 @@ def test_utf8_check_reads_characters_across_its_blocks(tmp_path):
     assert data.not_text(path) == f"not UTF-8 (byte 0xff at offset {(1 << 20) + 5})"
     path.write_bytes(b"a" * 10 + "é".encode()[:1])
     assert data.not_text(path) == "not UTF-8 (it ends inside a character)"
+
+
+# --- records whose text field is named otherwise ---------------------------------------
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_records_without_the_text_field_are_a_one_line_error_naming_the_fields(
+    tmp_path, tok, suffix
+):
+    """Found by a QA pass: a .parquet without a `text` column gave a 54-line traceback, and a
+    .jsonl whose records name it `content` dropped every record ("empty input")."""
+    records = [{"content": f"Document {i} of a corpus." * 3, "id": i} for i in range(6)]
+    path = tmp_path / f"docs{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    refused = invoke("prepare-data", path, "--tokenizer", tok, "--output", tmp_path / "out",
+                     "--workers", "1")  # fmt: skip
+    line = error_line(refused)
+    assert "'text'" in line and "'content'" in line and "--text-field" in line, line
+    assert not (tmp_path / "out").exists()
+    named = invoke("prepare-data", path, "--tokenizer", tok, "--output", tmp_path / "out",
+                   "--workers", "1", "--val-fraction", "0", "--text-field", "content")  # fmt: skip
+    assert named.exit_code == 0, named.output
+    assert "from 6 documents" in named.output

@@ -179,13 +179,32 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         raise DataError(f"{path}:{n} is not valid JSON") from None
-                    text = record.get(text_field) if isinstance(record, dict) else None
-                    if isinstance(text, str) and text:
-                        yield text
+                    # A record without the text is an error, not a skip: a misnamed
+                    # field dropped every record, reported as "empty input".
+                    if not isinstance(record, dict) or not isinstance(
+                        record.get(text_field), str | None
+                    ):
+                        raise DataError(
+                            f"{path}:{n} is not a record with a string {text_field!r} field"
+                        )
+                    if text_field not in record:
+                        fields = ", ".join(map(repr, record)) or "none"
+                        raise DataError(
+                            f"{path}:{n} has no {text_field!r} field (its fields: {fields}); "
+                            "name the text's field with --text-field"
+                        )
+                    if record[text_field]:
+                        yield record[text_field]
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.ParquetFile(path)
+            columns = table.schema_arrow.names
+            if text_field not in columns:
+                raise DataError(
+                    f"{path} has no column {text_field!r} (its columns: "
+                    f"{', '.join(map(repr, columns))}); name the text's column with --text-field"
+                )
             for batch in table.iter_batches(columns=[text_field]):
                 yield from (t for t in batch.column(0).to_pylist() if t)
         else:
