@@ -4,14 +4,23 @@ What it does: cuts each split into windows of `seq_len + 1` tokens (stride `seq_
 never crossing a shard boundary), visits the training windows in a permutation seeded by
 (seed, epoch), and hands each data-parallel rank its slice of every global batch. The
 position — (epoch, cursor into the permutation) — is plain data saved in the trainer
-state, so a resumed run continues at exactly the next batch. Validation batches are the
-first windows in order, identical on every call.
-What it does not do: tokenization or shard writing (see `data.py`).
+state, so a resumed run continues at exactly the next batch.
+
+An optimizer step's micro-batches come from `step_batches`, which decides the epoch
+roll-over once for the step's whole global batch (micro_batch x processes x grad_accum):
+a step either fits in what is left of the epoch or starts the next one, so B x accum A
+gets exactly the windows of B*A x accum 1. `next_batch` is one step of one micro-batch.
+
+Validation (`eval_batches`) is the first windows of the split in order, the same on every
+call, split into equal contiguous parts over the ranks; the caller sums over the ranks.
+What it does not do: tokenization or shard writing (see `data.py`); sum validation losses
+across ranks (the training loop does).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +36,21 @@ class LoaderPosition:
     cursor: int = 0  # windows of the epoch's permutation already consumed (all ranks)
 
 
+def window_table(lengths: Sequence[int], seq_len: int) -> np.ndarray:
+    """[N, 2] int64 (shard index, start offset) of every full window of `seq_len + 1`
+    tokens at stride `seq_len`, shard by shard. Built with numpy: a Python list of tuples
+    took seconds and over a GB for 8.8M windows."""
+    window = seq_len + 1
+    counts = np.array([max(0, (n - window) // seq_len + 1) for n in lengths], dtype=np.int64)
+    table = np.empty((int(counts.sum()), 2), dtype=np.int64)
+    table[:, 0] = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    # Each window's index within its shard times the stride: a running index minus the
+    # index its shard's first window has.
+    first = np.cumsum(counts) - counts
+    table[:, 1] = (np.arange(len(table), dtype=np.int64) - np.repeat(first, counts)) * seq_len
+    return table
+
+
 class TokenLoader:
     def __init__(
         self, folder: str | Path, split: str, seq_len: int, seed: int, rank: int = 0, world: int = 1
@@ -40,25 +64,26 @@ class TokenLoader:
             ) from None
         self.shards = [read_shard(folder / s["file"]) for s in self.manifest[split]]
         self.seq_len, self.seed, self.rank, self.world = seq_len, seed, rank, world
-        window = seq_len + 1
-        # (shard index, start offset) of every full window
-        starts = [
-            (i, off)
-            for i, shard in enumerate(self.shards)
-            for off in range(0, len(shard) - window + 1, seq_len)
-        ]
-        if not starts:
+        self.windows = window_table([len(s) for s in self.shards], seq_len)  # [N, 2]
+        if len(self.windows) == 0:
             raise DataError(
-                f"the {split} split has no window of {window} tokens; lower data.seq_len"
+                f"the {split} split has no window of {seq_len + 1} tokens; lower data.seq_len"
             )
-        self.windows = np.array(starts, dtype=np.int64)  # [N, 2]
         self.position = LoaderPosition()
+        self._order: tuple[tuple[int, int], np.ndarray] | None = None  # ((epoch, N), order)
 
     def __len__(self) -> int:
         return len(self.windows)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+        # Cached: an epoch's permutation of 8.8M windows takes ~0.3-0.5 s, and it was once
+        # recomputed for every micro-batch. Keyed by the table's length too, which tools
+        # and tests may replace.
+        key = (epoch, len(self.windows))
+        if self._order is None or self._order[0] != key:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+            self._order = (key, order)
+        return self._order[1]
 
     def _gather(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
@@ -81,22 +106,56 @@ class TokenLoader:
 
     def next_batch(self, per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's `per_rank` sequences of the next global batch of per_rank * world."""
+        return self.step_batches(per_rank, 1)[0]
+
+    def step_batches(self, per_rank: int, accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `accum` micro-batches of `per_rank` sequences for one optimizer step.
+
+        The step takes the next per_rank * world * accum windows of the permutation: micro-
+        batch m is the m-th run of per_rank * world, rank r its r-th slice (so a step that
+        stays inside an epoch gets the windows it got one micro-batch at a time). When they
+        do not fit in what is left of the epoch, that tail is dropped and the step starts
+        the next epoch, as one micro-batch of the whole step would (accumulation is then a
+        pure memory trade). A step larger than an epoch cannot fit in one: its micro-batches
+        roll over one by one instead.
+        """
         self.check_batch(per_rank)
         global_size = per_rank * self.world
+        step_size = global_size * accum
+        if step_size <= len(self.windows) and self.position.cursor + step_size > len(self.windows):
+            # The tail of an epoch that cannot fill a step is dropped, as in most loaders.
+            self.position = LoaderPosition(self.position.epoch + 1, 0)
+        return [self._micro_batch(per_rank, global_size) for _ in range(accum)]
+
+    def _micro_batch(self, per_rank: int, global_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch of `global_size` (starting the next
+        epoch when it does not fit: only a step larger than an epoch gets here so)."""
         if self.position.cursor + global_size > len(self.windows):
-            # The tail of an epoch that cannot fill a global batch is dropped, as in most loaders.
             self.position = LoaderPosition(self.position.epoch + 1, 0)
         order = self._permutation(self.position.epoch)
         lo = self.position.cursor + self.rank * per_rank
-        ids = order[lo : lo + per_rank]
         self.position.cursor += global_size
-        return self._gather(ids)
+        return self._gather(order[lo : lo + per_rank])
 
-    def eval_batches(self, batch_size: int, n_batches: int):
-        """The first windows in order: the same validation set on every call."""
-        total = min(len(self.windows), batch_size * n_batches)
-        for lo in range(0, total - batch_size + 1, batch_size):
-            yield self._gather(np.arange(lo, lo + batch_size))
+    def eval_batches(
+        self, batch_size: int, n_batches: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's part of the validation set, in batches of `batch_size` (the last may
+        be shorter).
+
+        The set is the first batch_size * n_batches * world windows of the split in order
+        (the same on every call), or all of them rounded down to a multiple of world when
+        the split is shorter; rank r of w takes its r-th contiguous w-th. The parts are
+        equal, so every rank runs as many batches (FSDP's forward is collective), and the
+        set depends on the product alone: eval_batches * grad_accum batches of micro_batch
+        are eval_batches global batches, however micro_batch, grad_accum and the
+        processes split them.
+        """
+        total = min(len(self.windows), batch_size * n_batches * self.world)
+        part = total // self.world
+        lo = self.rank * part
+        for start in range(lo, lo + part, batch_size):
+            yield self._gather(np.arange(start, min(start + batch_size, lo + part)))
 
     def state_dict(self) -> dict:
         return {"epoch": self.position.epoch, "cursor": self.position.cursor}

@@ -207,6 +207,9 @@ class Batches(Protocol):
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]: ...
     def check_batch(self, per_rank: int) -> None: ...  # DataError if a batch cannot be cut
+    # Validation: this rank's batches (TokenLoader: its part of batch_size x n_batches x
+    # processes windows; a source that does not split gives every rank the same). `evaluate`
+    # sums over the ranks.
     def eval_batches(self, batch_size: int, n_batches: int): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -227,7 +230,7 @@ def pretraining_data(cfg: TrainConfig, d: Dist) -> tuple[Batches, Batches | None
         )
         return train_data, None
     try:
-        return train_data, TokenLoader(path, "val", seq, seed)
+        return train_data, TokenLoader(path, "val", seq, seed, d.rank, d.world)
     except DataError as e:
         _warn_no_validation(d, str(e))
         return train_data, None
@@ -702,6 +705,16 @@ def _to_device(batch: tuple[Tensor, ...], device: str) -> tuple[Tensor, ...]:
     return tuple(t.to(device) for t in batch)
 
 
+def _step_batches(data: Batches, per_rank: int, accum: int) -> list[tuple[Tensor, ...]]:
+    """A step's micro-batches. TokenLoader's `step_batches` decides the epoch roll-over for
+    the step's whole global batch, so micro_batch B x grad_accum A trains on the windows of
+    B*A x 1; a source without it is asked for one micro-batch at a time."""
+    step_batches = getattr(data, "step_batches", None)
+    if step_batches is not None:
+        return step_batches(per_rank, accum)
+    return [data.next_batch(per_rank) for _ in range(accum)]
+
+
 def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
     """One optimizer step. Returns (sum of the micro-batch losses, gradient norm, lr), the
     first two as device tensors that nothing here reads back."""
@@ -711,7 +724,7 @@ def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     accum = cfg.data.grad_accum
-    batches = [run.train_data.next_batch(cfg.data.micro_batch) for _ in range(accum)]
+    batches = _step_batches(run.train_data, cfg.data.micro_batch, accum)
     # What the model ran on: DPO's padded pairs vary in length from step to step.
     run.tokens_seen += sum(b[0].numel() for b in batches)
     shares = [1.0 / accum] * accum
@@ -750,11 +763,15 @@ def evaluate(
 
     Runs the task's loss module (unwrapped, uncompiled) on (inputs, targets) batches; its
     mean over the targets that count (not IGNORE_INDEX) times their number is their sum.
+    Each rank evaluates its part of the validation set and the sums are added over the
+    ranks. Token data's set is `run.eval_batches` global batches (micro_batch x processes x
+    grad_accum windows), so re-splitting the batch leaves it as it is.
     """
     was_training = loss_module.training
     loss_module.eval()
     nll, tokens, n_bytes = 0.0, 0, 0.0
-    for batch in data.eval_batches(cfg.data.micro_batch, cfg.run.eval_batches):
+    n_batches = cfg.run.eval_batches * cfg.data.grad_accum
+    for batch in data.eval_batches(cfg.data.micro_batch, n_batches):
         y = batch[1]  # [B, T] targets; SFT batches also carry positions and doc ids
         valid = y != IGNORE_INDEX  # [B, T]
         count = int(valid.sum())
@@ -762,6 +779,10 @@ def evaluate(
         tokens += count
         n_bytes += float(byte_table[y[valid]].sum())
     loss_module.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sums = torch.tensor([nll, tokens, n_bytes], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)  # every rank evaluated its own part
+        nll, tokens, n_bytes = sums.tolist()
     loss = nll / max(1, tokens)
     return {
         "loss": loss,
