@@ -1048,6 +1048,11 @@ def test_metrics_count_each_choices_finish_streamed_or_not(server, client):
     after = _successes(base)
     assert set(after) <= {"stop", "length"}, after
     assert after["length"] - before.get("length", 0) == 4  # 2 requests x 2 choices
+    # Every series names the served model, as vLLM's do: its Grafana dashboard selects
+    # each panel on model_name, and with no such label every panel was empty.
+    families = text_string_to_metric_families(httpx.get(base + "/metrics").text)
+    samples = [sample for family in families for sample in family.samples]
+    assert samples and all(sample.labels.get("model_name") == MODEL for sample in samples)
 
 
 def test_the_served_model_can_be_retrieved_by_id(client):

@@ -570,9 +570,12 @@ def test_checkpoint_mode_starts_and_stops_an_atlas_server(tmp_path, eval_checkpo
 
 # --- latency ---------------------------------------------------------------------------------------------
 def prefix_cache_hits(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("atlas:prefix_cache_hit_tokens_total "):
-            return float(line.split()[1])
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "atlas:prefix_cache_hit_tokens_total":
+                return sample.value
     raise AssertionError("no atlas:prefix_cache_hit_tokens_total in /metrics")
 
 

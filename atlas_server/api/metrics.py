@@ -105,10 +105,30 @@ class Metrics:
             self.prefix_cache_hits.inc(new_hits)
             self._prefix_hits_seen = stats.prefix_cache_hit_tokens_total
 
-    def render(self, engine_stats=None) -> bytes:
+    def render(self, engine_stats=None, model_name: str | None = None) -> bytes:
+        """The Prometheus text; every series labelled `model_name` when given, as vLLM's
+        are: its Grafana dashboard selects every panel on that label."""
         if engine_stats is not None:
             self.observe_engine(engine_stats)
-        return generate_latest(self.registry)
+        if model_name is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Labelled(self.registry, {"model_name": model_name}))
+
+
+class _Labelled:
+    """A registry's families with extra labels on every sample (a collector for
+    `generate_latest`): the served name is known only once the model loads, after the
+    metrics were made, and changing every metric's label set would touch every update."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [
+                s._replace(labels={**self.labels, **s.labels}) for s in family.samples
+            ]
+            yield family
 
 
 class RequestTimer:

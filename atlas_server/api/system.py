@@ -80,7 +80,8 @@ async def metrics(request: Request) -> Response:
     state = _state(request)
     stats = state.engine.stats() if state.engine is not None else None
     # Litestar adds "; charset=utf-8" to a text/* media type itself.
-    return Response(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+    body = state.metrics.render(stats, model_name=state.model_name)
+    return Response(body, media_type="text/plain; version=0.0.4")
 
 
 @get(
