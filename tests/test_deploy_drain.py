@@ -309,7 +309,8 @@ def test_atlas_sets_the_openmp_wait_policy_before_torch_loads(monkeypatch, given
 
 def test_a_port_in_use_or_a_bad_log_level_is_one_line_and_exit_1(long_context_checkpoint):
     """The port is bound before the model loads: uvicorn's own bind error came while the
-    loader thread was inside PyTorch, and the process aborted (exit 134)."""
+    loader thread was inside PyTorch, and the process aborted (exit 134). Engine settings
+    the checkpoint cannot honour are refused before the load too."""
     import socket
 
     with socket.socket() as taken:
@@ -319,7 +320,12 @@ def test_a_port_in_use_or_a_bad_log_level_is_one_line_and_exit_1(long_context_ch
         for extra, needle in (
             ([], f"error: cannot listen on 127.0.0.1:{port}: Address already in use"),
             (["--log-level", "verbose"], "error: --log-level 'verbose' is not one of"),
-        ):
+            # Settings the checkpoint cannot honour: they failed the background load and
+            # left a server answering 503 for good (found by a QA pass).
+            (["--set", "engine.max_model_len=5000"],
+             "error: engine.max_model_len=5000 exceeds the model's context of 2048 positions"),
+            (["--set", "engine.kv_cache_gib=0.000001"], "holds no slot"),
+        ):  # fmt: skip
             out = subprocess.run(
                 [sys.executable, "-m", "atlas_server.cli", "serve", "--checkpoint",
                  str(long_context_checkpoint), "--port", str(port), "--set", "rag.enabled=false",

@@ -107,6 +107,33 @@ def check_chat_template(path: Path) -> None:
         load_chat_template(path, Tokenizer.from_file(path / name))
 
 
+def check_engine_fits(path: Path, cfg) -> None:
+    """Refuse, before any weights load, engine settings this checkpoint cannot honour: a
+    context longer than the model's, or a KV budget that holds no slot. Found later, in the
+    background load, they left a server up that answered 503 for good (vLLM exits)."""
+    import torch
+
+    from ..checkpoint import CheckpointError, read_metadata
+    from ..config import serving_device
+    from ..engine import cuda_runner
+    from ..engine.runner import resolve_dtype
+    from ..model import ModelConfig
+
+    with user_errors(CheckpointError, ValueError):
+        model = ModelConfig.from_dict(read_metadata(path)["model"])
+        max_len = cfg.engine.max_model_len or model.max_seq_len
+        if max_len > model.max_seq_len:
+            raise ValueError(
+                f"engine.max_model_len={max_len} exceeds the model's context of "
+                f"{model.max_seq_len} positions ({path}); leave it unset or lower it"
+            )
+        if cfg.engine.kv_cache_gib is not None:
+            dtype = resolve_dtype(serving_device(cfg.model.device), cfg.model.dtype)
+            per_slot = cuda_runner.kv_bytes_per_slot(model, max_len, getattr(torch, dtype))
+            budget = cuda_runner.kv_budget_bytes(cfg.engine.kv_cache_gib, None)
+            cuda_runner.kv_slots(budget, per_slot, cfg.engine.max_running)
+
+
 def serve(
     checkpoint: str = typer.Option(None, "--checkpoint", "-c", help="Atlas checkpoint directory."),
     host: str = typer.Option(
@@ -171,6 +198,7 @@ def serve(
         )
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     check_chat_template(path)
+    check_engine_fits(path, cfg)
     from ..plugins import get_plugin_host
 
     with user_errors():  # plugins the host refuses (two claim one name): one line, not later
