@@ -735,6 +735,10 @@ def train_step(run: Run) -> tuple[Tensor, Tensor, float]:
     for micro, batch in enumerate(batches):
         batch = _to_device(batch, run.device)
         sync = micro == accum - 1
+        # Gradients are reduced across ranks once per step, not per micro-batch: DDP's
+        # no_sync, FSDP2's switch (it reduce-scattered after every micro-batch before).
+        if d.world > 1 and hasattr(run.wrapped, "set_requires_gradient_sync"):
+            run.wrapped.set_requires_gradient_sync(sync)
         no_sync = d.world > 1 and not sync and hasattr(run.wrapped, "no_sync")
         with run.wrapped.no_sync() if no_sync else contextlib.nullcontext():
             with autocast_context(run.precision, run.device):
