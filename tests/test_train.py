@@ -310,6 +310,25 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resume_is_exact(
     assert resumed["losses"] == full[stopped:]
 
 
+def test_a_step_saved_twice_keeps_its_first_save_until_the_second_is_in(tmp_path):
+    """A second save of one step removed the first before renaming the new one in: killed
+    between the two, with keep_last = 1, the run had no checkpoint at all."""
+    from trainer.state import clean_partial
+
+    root = tmp_path / "checkpoints"
+    first = root / ".old-step_000004"  # killed after moving the first save aside
+    first.mkdir(parents=True)
+    (first / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step_000004").mkdir()  # the second save, never renamed in
+    clean_partial(tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004"]
+    # Killed after the second save was in: the first is only removed.
+    (root / ".old-step_000004").mkdir()
+    clean_partial(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000004"]
+
+
 def test_sigkill_mid_save_then_resume_matches_uninterrupted(tmp_path, data_dir, reference_run):
     full = reference_run["losses"]
     out = tmp_path / "killed"

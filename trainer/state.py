@@ -11,7 +11,9 @@ JSON only.
 
 Atomicity: everything is written into `.tmp-step_000200/` and renamed into place at the
 end, so a crash (SIGKILL included) leaves either a whole checkpoint or a temp folder that
-`latest_checkpoint()` ignores and `clean_partial()` removes. `keep_last` prunes the oldest.
+`latest_checkpoint()` ignores and `clean_partial()` removes. A step saved twice keeps its
+first save (renamed `.old-step_000200/`) until the second is in place, and the folder is
+fsynced after the renames. `keep_last` prunes the oldest.
 What it does not do: decide when to save (see `loop.py`).
 """
 
@@ -160,11 +162,23 @@ def save_training_checkpoint(
         with f.open("rb") as handle:
             os.fsync(handle.fileno())
     final = ckpt_root / name
-    shutil.rmtree(final, ignore_errors=True)
+    previous = ckpt_root / f".old-{name}"
+    if final.exists():  # this step saved again: its first save stays until the new one is in
+        os.replace(final, previous)
     os.replace(tmp, final)
+    _fsync_folder(ckpt_root)  # the renames themselves survive a power loss
+    shutil.rmtree(previous, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _maybe_die_for_test(step: int) -> None:
@@ -192,10 +206,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def clean_partial(run_dir: Path) -> None:
+    """Remove what an interrupted save left: its temporary folder, and the earlier save of
+    the same step it was replacing, which is put back if the new one never got in."""
     root = run_dir / "checkpoints"
     if root.is_dir():
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".old-*"):
+            target = root / p.name.removeprefix(".old-")
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:  # killed between the two renames: the earlier save is whole
+                os.replace(p, target)
 
 
 def load_training_checkpoint(path: Path) -> ResumePoint:
