@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -776,13 +777,20 @@ def test_a_data_file_that_is_not_jsonl_is_a_one_line_error(tmp_path, atlas_url):
     assert_one_line_error(proc, "perplexity: a data file is not UTF-8 JSONL")
 
 
-def test_checkpoint_mode_reports_a_checkpoint_the_server_cannot_load_at_once(tmp_path):
-    """The server's /health says why it failed to load; waiting 180 s for it hid the cause."""
+def test_checkpoint_mode_reports_a_checkpoint_the_server_cannot_load_at_once(
+    tmp_path, eval_checkpoint
+):
+    """The server's /health says why it failed to load; waiting 180 s for it hid the cause.
+    A config that is not a checkpoint's is refused by `atlas serve` before the load."""
     broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{}")
+    shutil.copytree(eval_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")  # fails in the load
     started = time.monotonic()
     proc = cli("run", "perplexity", "--checkpoint", str(broken), "--no-cache", "-o",
                str(tmp_path / "r"))  # fmt: skip
     assert_one_line_error(proc, "failed to load")
     assert time.monotonic() - started < 120
+    (broken / "config.json").write_text("{}")
+    proc = cli("run", "perplexity", "--checkpoint", str(broken), "--no-cache", "-o",
+               str(tmp_path / "r2"))  # fmt: skip
+    assert_one_line_error(proc, "is not an atlas checkpoint config")
