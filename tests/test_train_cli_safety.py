@@ -274,6 +274,13 @@ def test_resume_says_which_settings_changed_the_run(files, tmp_path):
     assert longer.exit_code == 0, longer.output
     assert "settings differ from the checkpoint's: optim.lr (0.0006 -> 0.001), " in longer.output
     assert "schedule.max_steps (2 -> 3)" in longer.output
+    # A rounding-only change made beside them is named too (it was dropped).
+    threads = invoke(
+        "train", *pretrain_sets(files["data"], out, "schedule.max_steps=4", "run.threads=2"),
+        "--resume",
+    )  # fmt: skip
+    assert threads.exit_code == 0, threads.output
+    assert "schedule.max_steps (3 -> 4) (and run.threads" in threads.output, threads.output
 
 
 def test_resume_compares_the_global_batch_and_names_changes_of_rounding():
@@ -294,6 +301,7 @@ def test_resume_compares_the_global_batch_and_names_changes_of_rounding():
     assert changes == [] and rounding[0].startswith("the split of the global batch (16 -> 16")
     changes, rounding = resume_differences(saved, 1, cfg("run.threads=1", "run.compile=true"), 1)
     assert changes == [] and [r.split(" ")[0] for r in rounding] == ["run.compile", "run.threads"]
+    assert "run.threads (unset -> 1)" in rounding  # not the config's "__none__" marker
     # A checkpoint from before processes were recorded: taken to have as many as now.
     assert resume_differences(saved, None, cfg(), 2) == ([], [])
 

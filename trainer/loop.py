@@ -403,8 +403,13 @@ def resume_differences(
     differ = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     computes = [k for k in differ if k not in _NOT_IN_THE_NUMBERS | _ROUNDING_ONLY | _BATCH_PARTS]
     rounding = [k for k in differ if k in _ROUNDING_ONLY]
-    changes = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in computes]
-    rounding_changes = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in rounding]
+
+    def shown(key: str, values: dict) -> str:  # to_toml() writes None as "__none__"
+        value = values.get(key)
+        return "unset" if value in (None, "__none__") else repr(value)
+
+    changes = [f"{k} ({shown(k, old)} -> {shown(k, new)})" for k in computes]
+    rounding_changes = [f"{k} ({shown(k, old)} -> {shown(k, new)})" for k in rounding]
     before_world = saved_world or world  # unknown before it was saved: assume the same
     batch_old = old["data.micro_batch"] * old["data.grad_accum"] * before_world
     batch_new = new["data.micro_batch"] * new["data.grad_accum"] * world
@@ -516,10 +521,11 @@ def setup(
         _restore_trainer_state(run, resume)
         changed, rounding = _changed_since(resume, cfg, d)
         if changed and d.main:  # allowed (a longer schedule, say), but no longer exact
+            also = f" (and {', '.join(rounding)}, which change only float rounding)"
             say(
-                f"--resume: settings differ from the checkpoint's: {', '.join(changed)}; the "
-                "run continues with the new ones, so it is not the run an uninterrupted "
-                "training with either config would give"
+                f"--resume: settings differ from the checkpoint's: {', '.join(changed)}"
+                f"{also if rounding else ''}; the run continues with the new ones, so it is "
+                "not the run an uninterrupted training with either config would give"
             )
         elif rounding and d.main:
             say(
