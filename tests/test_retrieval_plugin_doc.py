@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from atlas_server.plugins import PluginHost
-from atlas_server.rag.pipeline import PluginRuntimeError, RAGPipeline
+from atlas_server.rag.pipeline import RAGPipeline
 from atlas_server.rag.types import RAGContext, RetrievedChunk
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
@@ -54,9 +54,14 @@ def test_the_documented_retriever_ranks_filters_and_builds_every_field(pipeline)
     assert [r.chunk.source for r in only] == ["json.md"]
 
 
-def test_the_documented_retriever_fails_loudly_and_is_named(pipeline):
-    with pytest.raises(PluginRuntimeError, match="keyword-example.*source only"):
+def test_the_documented_retriever_refuses_a_filter_it_cannot_honour_as_the_clients(pipeline):
+    """The example raised ValueError, so a client's filter became the server's 502,
+    against the contract the same page states (InvalidRAGRequest, a 400 naming filters)."""
+    from atlas_server.rag.errors import InvalidRAGRequest
+
+    with pytest.raises(InvalidRAGRequest, match="source only") as caught:
         pipeline.retrieve("notes", "q", 2, "keyword", filters={"heading": "x"})
+    assert caught.value.param == "filters"
 
 
 def documented_config(data_dir: Path) -> Path:
@@ -99,4 +104,5 @@ def test_the_documented_retriever_serves_its_configured_passages(tiny_checkpoint
             json={"collection": "notes", "query": "heap", "filters": {"heading": "x"}},
             timeout=60,
         )
-        assert filtered.status_code == 502 and "keyword-example" in filtered.text
+        assert filtered.status_code == 400, filtered.text
+        assert filtered.json()["error"]["param"] == "filters"
