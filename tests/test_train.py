@@ -638,6 +638,11 @@ def test_hugging_face_datasets_source_streams_a_local_dataset(tmp_path, tokenize
         progress=False,
     )
     assert manifest["documents"] == 40 and manifest["sources"] == [f"hf:{folder}"]
+    # A misnamed field is named, with the fields the records have (every record was
+    # dropped, then "no training tokens ... empty input").
+    with pytest.raises(DataError, match=r"record 1 has no 'content' field \(its fields: 'text'\)"):
+        prepare_data([f"hf:{folder}"], tokenizer_file, tmp_path / "out2", val_fraction=0.0,
+                     workers=1, progress=False, text_field="content")  # fmt: skip
 
 
 # --- validation split ---------------------------------------------------------------------------

@@ -270,8 +270,14 @@ def iter_hf_records(source: str) -> Iterator[dict]:
 
 
 def _hf_documents(source: str, text_field: str) -> Iterator[str]:
-    for record in iter_hf_records(source):
-        text = record.get(text_field)
+    for n, record in enumerate(iter_hf_records(source), 1):
+        if text_field not in record:  # as for .jsonl: a misnamed field dropped every record
+            fields = ", ".join(map(repr, record)) or "none"
+            raise DataError(
+                f"{source} record {n} has no {text_field!r} field (its fields: {fields}); "
+                "name the text's field with --text-field"
+            )
+        text = record[text_field]
         if text:
             yield text
 
