@@ -823,6 +823,28 @@ def test_embeddings_and_plugins_are_served_without_rag(tiny_checkpoint, monkeypa
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "rag"
 
 
+def test_nan_infinity_and_huge_numbers_are_a_400_naming_their_field(server):
+    """Python's json.dumps writes NaN and Infinity (httpx and requests users send them):
+    msgspec refused the body as malformed JSON with `param: null`."""
+    base, _ = server
+    for body, param in [
+        (b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+        (b'{"prompt": "hi", "top_p": 1e400}', "top_p"),
+        (b'{"prompt": "hi", "logit_bias": {"5": -Infinity}}', "logit_bias.5"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": NaN}',
+         "presence_penalty"),
+    ]:  # fmt: skip
+        route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+        r = httpx.post(base + route, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and "finite number" in error["message"], error
+    # Malformed for another reason: still malformed, naming nothing.
+    r = httpx.post(base + "/v1/completions", content=b'{"prompt": "hi",',
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server, model):
     """vLLM's truncate_prompt_tokens (left truncation) was ignored: the whole prompt ran."""
     state = server[1]

@@ -16,7 +16,9 @@ What it does not do: decide when a request is invalid (schemas and routes do tha
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -218,6 +220,15 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         if not missing and ("decod" in detail.lower() or "json" in detail.lower() and not problems):
             detail = f"the request body is not valid JSON: {exc.detail}"
         status = 400
+    if status == 400 and param is None and ("malformed" in detail or "out of range" in detail):
+        field = _non_finite_field(request)
+        if field is not None:
+            param = field
+            detail = (
+                f"{field} must be a finite number: JSON has no NaN or Infinity (Python's "
+                "json.dumps writes them for float('nan') and float('inf')), and numbers "
+                "beyond 1.8e308 do not fit a double"
+            )
     if status == 413:
         detail = "the request body is too large"
     elif status == 404:
@@ -228,6 +239,36 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         log.error("HTTP %s: %s", status, detail)
         detail = "internal server error"
     return _response(request, status, detail, param, headers=getattr(exc, "headers", None))
+
+
+def _non_finite_field(request: Request) -> str | None:
+    """The path (`temperature`, `logit_bias.5`) of the body's first NaN, Infinity or number
+    too large for a double, or None. msgspec refuses such a body whole, naming no field;
+    Python's json reads them, so the body (read already, or this is not reached) is read
+    again with it to say which field holds one."""
+    body = getattr(request, "_body", None)
+    if not isinstance(body, bytes) or len(body) > 1 << 20:
+        return None
+
+    def walk(value: Any, path: str) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return path
+        if isinstance(value, dict):
+            pairs: Any = ((f"{path}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            pairs = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+        else:
+            return None
+        for where, item in pairs:
+            if (found := walk(item, where)) is not None:
+                return found
+        return None
+
+    try:
+        found = walk(json.loads(body), "")
+    except (ValueError, RecursionError):
+        return None
+    return found.lstrip(".") if found else None
 
 
 def handle_too_deep(request: Request, exc: RecursionError) -> Response:
