@@ -280,6 +280,35 @@ def test_streams_still_running_at_the_drain_deadline_end_with_a_503_event(
     assert "timeout graceful shutdown exceeded" not in server.output()
 
 
+def test_a_request_still_uploading_at_shutdown_gets_the_openai_503_body(
+    long_context_checkpoint, tmp_path, servers
+):
+    """A request whose body was still arriving when SIGTERM came was seen by no handler,
+    so nothing answered it but uvicorn's cancellation at exit: a plain-text 500 and a
+    traceback in the log (found by a QA pass)."""
+    import socket
+
+    server = start_server(long_context_checkpoint, tmp_path, drain_timeout_s=0.5)
+    servers.append(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as conn:
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt":'
+        )
+        time.sleep(0.5)  # the request is inside the app, reading its body
+        server.process.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := conn.recv(4096):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"application/json" in head and json.loads(body)["error"]["message"].startswith(
+        "the server shut down"
+    )
+    assert wait_exit(server, within_s=60) == 0, server.output()
+    assert "Exception in ASGI application" not in server.output()
+
+
 # What torch sees when it loads under `atlas` (a meta-path hook runs before its import).
 _POLICY_AT_TORCH_IMPORT = """
 import os, sys

@@ -13,6 +13,7 @@ What it does not do: routes (see `atlas_server/api/`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -92,6 +93,42 @@ class DrainingServer:
                 await super().serve(sockets)
 
         return _Server(config)
+
+
+class AnswerCutRequests:
+    """ASGI wrapper: a request uvicorn cancels at shutdown before it was answered gets the
+    OpenAI 503 body, not uvicorn's plain-text 500 and a logged traceback.
+
+    The drain answers every request it knows of (ServerState.drain); this catches the
+    others, such as one whose body was still uploading at SIGTERM, which no handler had
+    seen yet. Only while draining: any other cancellation passes through untouched.
+    """
+
+    def __init__(self, app, state) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if started or not self.state.draining:
+                raise
+            from ..api.errors import ShutDownBeforeFinishing
+
+            body = json.dumps(ShutDownBeforeFinishing().body()).encode()
+            headers = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode())]  # fmt: skip
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 def check_chat_template(path: Path) -> None:
@@ -227,7 +264,7 @@ def serve(
     )
     application = create_app(state, api_key=key)
     uv_config = uvicorn.Config(
-        application,
+        AnswerCutRequests(application, state),
         host=cfg.http.host,
         port=cfg.http.port,
         log_level=log_level.lower(),
