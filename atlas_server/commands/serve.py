@@ -101,34 +101,34 @@ class AnswerCutRequests:
 
     The drain answers every request it knows of (ServerState.drain); this catches the
     others, such as one whose body was still uploading at SIGTERM, which no handler had
-    seen yet. Only while draining: any other cancellation passes through untouched.
+    seen yet. Only while draining, and only before a response began (sending a second
+    start is then refused, and the cancellation goes on as before): nothing is added to
+    the messages of a request that is not cut.
     """
 
     def __init__(self, app, state) -> None:
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def watched(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, watched)
+            await self.app(scope, receive, send)
         except asyncio.CancelledError:
-            if started or not self.state.draining:
+            if scope["type"] != "http" or not self.state.draining or not await _answer_503(send):
                 raise
-            from ..api.errors import ShutDownBeforeFinishing
 
-            body = json.dumps(ShutDownBeforeFinishing().body()).encode()
-            headers = [(b"content-type", b"application/json"),
-                       (b"content-length", str(len(body)).encode())]  # fmt: skip
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+
+async def _answer_503(send) -> bool:
+    """Send the shutdown's OpenAI 503; False if a response had already begun."""
+    from ..api.errors import ShutDownBeforeFinishing
+
+    body = json.dumps(ShutDownBeforeFinishing().body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+    except RuntimeError:  # uvicorn: a response was already started
+        return False
+    await send({"type": "http.response.body", "body": body})
+    return True
 
 
 def check_chat_template(path: Path) -> None:
