@@ -193,3 +193,11 @@ def test_packed_loader_is_seeded_resumable_and_split_by_rank(examples):
         or len(rows.inputs) < 3
     )
     assert np.unique(np.concatenate([t.numpy() for t in first])).size > 1
+    # The epoch's order is drawn once, not for every micro-batch.
+    from trainer.loader import epoch_permutation
+
+    epoch_permutation.cache_clear()
+    d = PackedLoader(rows, seed=11)
+    for _ in range(len(rows.inputs) // 2):
+        d.next_batch(1)
+    assert epoch_permutation.cache_info().misses == 1

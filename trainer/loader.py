@@ -19,6 +19,7 @@ across ranks (the training loop does).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ from .data import DataError, read_shard
 class LoaderPosition:
     epoch: int = 0
     cursor: int = 0  # windows of the epoch's permutation already consumed (all ranks)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of n items in `epoch` (read-only): drawn once, not for every micro-batch
+    (the SFT and DPO loaders drew it per call, as the token loader once did)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def window_table(lengths: Sequence[int], seq_len: int) -> np.ndarray:

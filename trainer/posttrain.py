@@ -72,7 +72,7 @@ from .dpo import (
     sequence_logps,
     token_logps,
 )
-from .loader import LoaderPosition
+from .loader import LoaderPosition, epoch_permutation
 from .loop import (
     Dist,
     Task,
@@ -257,7 +257,7 @@ class PairData:
             self.position = LoaderPosition()
         if self.position.cursor + global_size > n:
             self.position = LoaderPosition(self.position.epoch + 1, 0)
-        order = np.random.default_rng([self.seed, self.position.epoch]).permutation(n)
+        order = epoch_permutation(self.seed, self.position.epoch, n)
         lo = self.position.cursor + self.rank * per_rank
         self.position.cursor += global_size
         return self._batch([int(i) for i in order[lo : lo + per_rank]])

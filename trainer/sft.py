@@ -25,7 +25,7 @@ from atlas_server.model import Transformer
 
 from .chat_data import IGNORE, PackedRows
 from .data import DataError
-from .loader import LoaderPosition
+from .loader import LoaderPosition, epoch_permutation
 
 
 @dataclass
@@ -104,7 +104,7 @@ class PackedLoader:
         global_size = per_rank * self.world
         if self.position.cursor + global_size > len(self):
             self.position = LoaderPosition(self.position.epoch + 1, 0)
-        order = np.random.default_rng([self.seed, self.position.epoch]).permutation(len(self))
+        order = epoch_permutation(self.seed, self.position.epoch, len(self))
         lo = self.position.cursor + self.rank * per_rank
         self.position.cursor += global_size
         return SFTBatch.from_rows(self.rows, order[lo : lo + per_rank], device)
