@@ -1077,6 +1077,48 @@ def test_metrics_count_each_choices_finish_streamed_or_not(server, client):
     assert samples and all(sample.labels.get("model_name") == MODEL for sample in samples)
 
 
+def _histograms(base: str) -> dict[str, float]:
+    """Every histogram's `_count` and `_sum` in /metrics, by sample name."""
+    families = text_string_to_metric_families(httpx.get(base + "/metrics").text)
+    return {
+        s.name: s.value
+        for f in families
+        if f.type == "histogram"
+        for s in f.samples
+        if s.name.endswith(("_count", "_sum"))
+    }
+
+
+def test_metrics_have_vllms_per_request_histograms(server, client):
+    """vLLM's dashboards read TPOT from `request_time_per_output_token_seconds` (a
+    choice's decode time over its tokens after the first) and request sizes from
+    `request_prompt_tokens` / `request_generation_tokens`: each choice and prompt counts
+    once, with its own sizes."""
+    base = server[0]
+    before = _histograms(base)
+    kwargs = dict(model=MODEL, prompt="Count", max_tokens=3, n=2, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    prompt_tokens = client.completions.create(**kwargs).usage.prompt_tokens
+    list(client.completions.create(stream=True, **kwargs))
+    after = _histograms(base)
+
+    def grew(name: str) -> float:
+        return after[f"atlas:{name}"] - before.get(f"atlas:{name}", 0.0)
+
+    assert grew("request_prompt_tokens_count") == 2  # two requests, one prompt each
+    assert grew("request_prompt_tokens_sum") == 2 * prompt_tokens
+    assert grew("request_generation_tokens_count") == 4  # 2 requests x 2 choices
+    assert grew("request_generation_tokens_sum") == 4 * 3
+    assert grew("request_time_per_output_token_seconds_count") == 4
+    assert grew("request_decode_time_seconds_count") == 4
+    # Three tokens each: a choice's TPOT is its decode time over two gaps.
+    decode = grew("request_decode_time_seconds_sum")
+    assert decode > 0
+    assert grew("request_time_per_output_token_seconds_sum") == pytest.approx(decode / 2)
+    assert grew("request_prefill_time_seconds_count") == 2
+    assert 0 < grew("request_prefill_time_seconds_sum") <= grew("time_to_first_token_seconds_sum")
+
+
 def test_the_served_model_can_be_retrieved_by_id(client):
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and card.model_extra["max_model_len"] == 256

@@ -146,7 +146,7 @@ async def create_chat_completion(request: Request, data: ChatCompletionRequest) 
     except BaseException:
         state.leave()
         raise
-    state.metrics.prompt_tokens.inc(len(ids))
+    state.metrics.on_prompt(len(ids))
     timer = RequestTimer(state.metrics, start)
     created = int(time.time())
     rag = grounding(state, augmentation)

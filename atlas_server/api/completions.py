@@ -181,7 +181,7 @@ async def create_completion(request: Request, data: CompletionRequest) -> Any:
             params = sampling_params(data, max(1, max_tokens), data.logprobs, want_prompt_lp)
             streams.append(submit(state, ids, params, f"{request_id}-{i}"))
             offsets.append(i * data.n)
-            state.metrics.prompt_tokens.inc(len(ids))
+            state.metrics.on_prompt(len(ids))
     except BaseException:
         for s in streams:
             await s.aclose()

@@ -1,9 +1,11 @@
 """Prometheus metrics, named like vLLM's so existing dashboards transfer.
 
 What it does: one `prometheus_client` registry per app with latency histograms (time to
-first token, inter-token latency, end-to-end latency, queue time), gauges read from the
-engine at scrape time (running and waiting requests, KV-cache slot usage) and counters
-(prompt and generation tokens, finished requests by reason, errors by status).
+first token, inter-token latency, each choice's mean time per output token, prefill and
+decode time, end-to-end latency, queue time), size histograms (prompt and generated
+tokens per request), gauges read from the engine at scrape time (running and waiting
+requests, KV-cache slot usage) and counters (prompt and generation tokens, finished
+requests by reason, errors by status).
 Latencies are measured at the HTTP layer, from the moment the request body is parsed,
 so they include tokenization and queueing as a client sees them.
 What it does not do: serve the endpoint (see `system.py`).
@@ -34,6 +36,9 @@ _LATENCY_BUCKETS = (
     40.0,
     80.0,
 )
+# 1, 2, 5, 10, ... 50,000 tokens, as vLLM's request size histograms (which stop at the
+# model's context; the metrics exist before the model loads, so these go past any here).
+_TOKEN_BUCKETS = tuple(m * 10**e for e in range(5) for m in (1, 2, 5))
 
 
 class Metrics:
@@ -49,6 +54,37 @@ class Metrics:
             "atlas:inter_token_latency_seconds",
             "Time between successive streamed tokens.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "atlas:request_time_per_output_token_seconds",
+            "Each choice's mean time per output token after its first: decode time over "
+            "tokens - 1 (vLLM's TPOT, which its dashboards read).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill = Histogram(
+            "atlas:request_prefill_time_seconds",
+            "Time to first token less queue time: tokenization and the prompt's forward pass.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode = Histogram(
+            "atlas:request_decode_time_seconds",
+            "Each choice's time from its first token to its last.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_sizes = Histogram(
+            "atlas:request_prompt_tokens",
+            "Prompt tokens per prompt.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.generation_sizes = Histogram(
+            "atlas:request_generation_tokens",
+            "Tokens generated per choice.",
+            buckets=_TOKEN_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
@@ -94,6 +130,11 @@ class Metrics:
             registry=r,
         )
 
+    def on_prompt(self, n_tokens: int) -> None:
+        """One prompt admitted: its tokens counted and its size observed."""
+        self.prompt_tokens.inc(n_tokens)
+        self.prompt_sizes.observe(n_tokens)
+
     def observe_engine(self, stats) -> None:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
@@ -136,11 +177,16 @@ class RequestTimer:
 
     def __init__(self, metrics: Metrics, start: float) -> None:
         self.metrics, self.start = metrics, start
-        self.last: dict[int, float] = {}
+        self.first: dict[int, float] = {}  # per choice: when its first token came
+        self.last: dict[int, float] = {}  # ... and its latest
+        self.counts: dict[int, int] = {}  # ... and how many so far
+        self.queued: float | None = None  # the first queue time reported
 
     def on_queue_time(self, seconds: float | None) -> None:
         if seconds is not None:
             self.metrics.queue.observe(seconds)
+            if self.queued is None:
+                self.queued = seconds
 
     def on_tokens(self, index: int, now: float, n_tokens: int) -> None:
         if n_tokens <= 0:
@@ -148,17 +194,27 @@ class RequestTimer:
         previous = self.last.get(index)
         if previous is None:
             self.metrics.ttft.observe(now - self.start)
+            self.first[index] = now
+            if not self.counts:  # the request's first token: its prefill ends here
+                self.metrics.prefill.observe(max(0.0, now - self.start - (self.queued or 0.0)))
         else:
             # Several tokens in one event share the gap evenly.
             gap = (now - previous) / n_tokens
             for _ in range(n_tokens):
                 self.metrics.itl.observe(gap)
         self.last[index] = now
+        self.counts[index] = self.counts.get(index, 0) + n_tokens
         self.metrics.generation_tokens.inc(n_tokens)
 
     def on_finish(self, now: float, reasons: list[str]) -> None:
         """The request's end-to-end latency, and one finish per choice (OpenAI's "stop" or
         "length"): n choices finish n sequences, as vLLM counts its child requests."""
         self.metrics.e2e.observe(now - self.start)
+        for index, count in self.counts.items():
+            self.metrics.generation_sizes.observe(count)
+            decode = self.last[index] - self.first[index]
+            self.metrics.decode.observe(decode)
+            if count > 1:
+                self.metrics.tpot.observe(decode / (count - 1))
         for reason in reasons:
             self.metrics.finished.labels(finished_reason=reason).inc()
