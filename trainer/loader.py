@@ -13,6 +13,8 @@ gets exactly the windows of B*A x accum 1. `next_batch` is one step of one micro
 
 Validation (`eval_batches`) is the first windows of the split in order, the same on every
 call, split into equal contiguous parts over the ranks; the caller sums over the ranks.
+`step_picks` and `eval_part` are that bookkeeping over item indices alone: the SFT and DPO
+loaders (packed rows, preference pairs) walk their items with them too.
 What it does not do: tokenization or shard writing (see `data.py`); sum validation losses
 across ranks (the training loop does).
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,58 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     order = np.random.default_rng([seed, epoch]).permutation(n)
     order.flags.writeable = False
     return order
+
+
+def step_picks(
+    position: LoaderPosition,
+    n: int,
+    order_of: Callable[[int], np.ndarray],
+    per_rank: int,
+    rank: int,
+    world: int,
+    accum: int,
+) -> tuple[LoaderPosition, list[np.ndarray]]:
+    """This rank's item indices for each of one optimizer step's `accum` micro-batches, and
+    the position after the step, walking epochs of n items in the orders `order_of(epoch)`.
+
+    The step takes the next per_rank * world * accum items of the order: micro-batch m is
+    the m-th run of per_rank * world, rank r its r-th slice (so a step that stays inside an
+    epoch gets the items it got one micro-batch at a time). When they do not fit in what is
+    left of the epoch, that tail is dropped and the step starts the next epoch, as one
+    micro-batch of the whole step would (accumulation is then a pure memory trade). A step
+    larger than an epoch cannot fit in one: its micro-batches roll over one by one instead.
+    """
+    global_size = per_rank * world
+    step_size = global_size * accum
+    if step_size <= n and position.cursor + step_size > n:
+        # The tail of an epoch that cannot fill a step is dropped, as in most loaders.
+        position = LoaderPosition(position.epoch + 1, 0)
+    picks = []
+    for _ in range(accum):
+        if position.cursor + global_size > n:  # only a step larger than an epoch
+            position = LoaderPosition(position.epoch + 1, 0)
+        lo = position.cursor + rank * per_rank
+        picks.append(order_of(position.epoch)[lo : lo + per_rank])
+        position = LoaderPosition(position.epoch, position.cursor + global_size)
+    return position, picks
+
+
+def eval_part(
+    n: int, batch_size: int, n_batches: int, rank: int, world: int
+) -> Iterator[np.ndarray]:
+    """This rank's validation batches (item indices, the last batch maybe shorter).
+
+    The set is the first batch_size * n_batches * world items in order (the same on every
+    call), or all n rounded down to a multiple of world when there are fewer; rank r of w
+    takes its r-th contiguous w-th. The parts are equal, so every rank runs as many batches
+    (FSDP's forward is collective), and the set depends on the product alone:
+    eval_batches * grad_accum batches of micro_batch are eval_batches global batches,
+    however micro_batch, grad_accum and the processes split them.
+    """
+    part = min(n, batch_size * n_batches * world) // world
+    lo = rank * part
+    for start in range(lo, lo + part, batch_size):
+        yield np.arange(start, min(start + batch_size, lo + part))
 
 
 def window_table(lengths: Sequence[int], seq_len: int) -> np.ndarray:
@@ -119,53 +173,22 @@ class TokenLoader:
         return self.step_batches(per_rank, 1)[0]
 
     def step_batches(self, per_rank: int, accum: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's `accum` micro-batches of `per_rank` sequences for one optimizer step.
-
-        The step takes the next per_rank * world * accum windows of the permutation: micro-
-        batch m is the m-th run of per_rank * world, rank r its r-th slice (so a step that
-        stays inside an epoch gets the windows it got one micro-batch at a time). When they
-        do not fit in what is left of the epoch, that tail is dropped and the step starts
-        the next epoch, as one micro-batch of the whole step would (accumulation is then a
-        pure memory trade). A step larger than an epoch cannot fit in one: its micro-batches
-        roll over one by one instead.
-        """
+        """This rank's `accum` micro-batches of `per_rank` sequences for one optimizer step
+        (`step_picks` says which windows)."""
         self.check_batch(per_rank)
-        global_size = per_rank * self.world
-        step_size = global_size * accum
-        if step_size <= len(self.windows) and self.position.cursor + step_size > len(self.windows):
-            # The tail of an epoch that cannot fill a step is dropped, as in most loaders.
-            self.position = LoaderPosition(self.position.epoch + 1, 0)
-        return [self._micro_batch(per_rank, global_size) for _ in range(accum)]
-
-    def _micro_batch(self, per_rank: int, global_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the next global batch of `global_size` (starting the next
-        epoch when it does not fit: only a step larger than an epoch gets here so)."""
-        if self.position.cursor + global_size > len(self.windows):
-            self.position = LoaderPosition(self.position.epoch + 1, 0)
-        order = self._permutation(self.position.epoch)
-        lo = self.position.cursor + self.rank * per_rank
-        self.position.cursor += global_size
-        return self._gather(order[lo : lo + per_rank])
+        self.position, picks = step_picks(
+            self.position, len(self.windows), self._permutation, per_rank, self.rank,
+            self.world, accum,
+        )  # fmt: skip
+        return [self._gather(pick) for pick in picks]
 
     def eval_batches(
         self, batch_size: int, n_batches: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's part of the validation set, in batches of `batch_size` (the last may
-        be shorter).
-
-        The set is the first batch_size * n_batches * world windows of the split in order
-        (the same on every call), or all of them rounded down to a multiple of world when
-        the split is shorter; rank r of w takes its r-th contiguous w-th. The parts are
-        equal, so every rank runs as many batches (FSDP's forward is collective), and the
-        set depends on the product alone: eval_batches * grad_accum batches of micro_batch
-        are eval_batches global batches, however micro_batch, grad_accum and the
-        processes split them.
-        """
-        total = min(len(self.windows), batch_size * n_batches * self.world)
-        part = total // self.world
-        lo = self.rank * part
-        for start in range(lo, lo + part, batch_size):
-            yield self._gather(np.arange(start, min(start + batch_size, lo + part)))
+        """This rank's part of the validation set (`eval_part`: the first windows of the
+        split in order, in equal contiguous parts per rank)."""
+        for pick in eval_part(len(self.windows), batch_size, n_batches, self.rank, self.world):
+            yield self._gather(pick)
 
     def state_dict(self) -> dict:
         return {"epoch": self.position.epoch, "cursor": self.position.cursor}

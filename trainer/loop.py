@@ -207,9 +207,8 @@ class Batches(Protocol):
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]: ...
     def check_batch(self, per_rank: int) -> None: ...  # DataError if a batch cannot be cut
-    # Validation: this rank's batches (TokenLoader: its part of batch_size x n_batches x
-    # processes windows; a source that does not split gives every rank the same). `evaluate`
-    # sums over the ranks.
+    # Validation: this rank's batches, its part of batch_size x n_batches x processes items
+    # (`loader.eval_part`); `evaluate` sums over the ranks.
     def eval_batches(self, batch_size: int, n_batches: int): ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -712,8 +711,8 @@ def _to_device(batch: tuple[Tensor, ...], device: str) -> tuple[Tensor, ...]:
 
 
 def _step_batches(data: Batches, per_rank: int, accum: int) -> list[tuple[Tensor, ...]]:
-    """A step's micro-batches. TokenLoader's `step_batches` decides the epoch roll-over for
-    the step's whole global batch, so micro_batch B x grad_accum A trains on the windows of
+    """A step's micro-batches. The loaders' `step_batches` decide the epoch roll-over for
+    the step's whole global batch, so micro_batch B x grad_accum A trains on the items of
     B*A x 1; a source without it is asked for one micro-batch at a time."""
     step_batches = getattr(data, "step_batches", None)
     if step_batches is not None:
@@ -774,8 +773,9 @@ def evaluate(
     Runs the task's loss module (unwrapped, uncompiled) on (inputs, targets) batches; its
     mean over the targets that count (not IGNORE_INDEX) times their number is their sum.
     Each rank evaluates its part of the validation set and the sums are added over the
-    ranks. Token data's set is `run.eval_batches` global batches (micro_batch x processes x
-    grad_accum windows), so re-splitting the batch leaves it as it is.
+    ranks. The set is `run.eval_batches` global batches (micro_batch x processes x
+    grad_accum items: windows, packed rows or pairs), so re-splitting the batch leaves it
+    as it is.
     """
     was_training = loss_module.training
     loss_module.eval()

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from atlas_server.checkpoint import load_checkpoint, read_metadata
@@ -72,7 +73,7 @@ from .dpo import (
     sequence_logps,
     token_logps,
 )
-from .loader import LoaderPosition, epoch_permutation
+from .loader import LoaderPosition, epoch_permutation, eval_part, step_picks
 from .loop import (
     Dist,
     Task,
@@ -82,7 +83,7 @@ from .loop import (
     say,
 )
 from .lora import adapters_disabled, lora_modules
-from .sft import PackedLoader
+from .sft import PackedLoader, SFTBatch
 
 
 def _renderer(cfg: TrainConfig) -> tuple[Tokenizer, TemplateRenderer]:
@@ -115,23 +116,29 @@ class SFTData:
     sha256: str  # of the tokenized conversations (ids and masks, in file order)
     conversations: int
     skipped_too_long: int
+    rank: int = 0
+    world: int = 1
     loader: PackedLoader | None = None  # training data only
 
     def check_batch(self, per_rank: int) -> None:
         self.loader.check_batch(per_rank)
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]:
-        b = self.loader.next_batch(per_rank)
-        return b.inputs, b.labels, b.positions, b.doc_ids
+        return self.step_batches(per_rank, 1)[0]
+
+    def step_batches(self, per_rank: int, accum: int) -> list[tuple[Tensor, ...]]:
+        """A step's micro-batches, the epoch rolling over for the step as a whole."""
+        return [
+            (b.inputs, b.labels, b.positions, b.doc_ids)
+            for b in self.loader.step_batches(per_rank, accum)
+        ]
 
     def eval_batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[Tensor, ...]]:
+        """This rank's part of the first rows (`loader.eval_part`); the loop sums ranks."""
         n = len(self.rows.inputs)
-        for lo in range(0, min(n, batch_size * n_batches), batch_size):
-            pick = slice(lo, min(lo + batch_size, n))
-            yield tuple(
-                torch.from_numpy(getattr(self.rows, k)[pick])
-                for k in ("inputs", "labels", "positions", "doc_ids")
-            )
+        for pick in eval_part(n, batch_size, n_batches, self.rank, self.world):
+            b = SFTBatch.from_rows(self.rows, pick)
+            yield b.inputs, b.labels, b.positions, b.doc_ids
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -172,7 +179,7 @@ def load_sft_data(
             f"sft {split}: every conversation is longer than data.seq_len + 1 ="
             f" {cfg.data.seq_len + 1} tokens; {_raise_seq_len(cfg)}"
         )
-    data = SFTData(rows, files, digest, len(conversations), stats.skipped_too_long)
+    data = SFTData(rows, files, digest, len(conversations), stats.skipped_too_long, d.rank, d.world)
     if train:
         data.loader = PackedLoader(rows, cfg.run.seed, d.rank, d.world)
     return data
@@ -251,21 +258,29 @@ class PairData:
             )
 
     def next_batch(self, per_rank: int) -> tuple[Tensor, ...]:
+        return self.step_batches(per_rank, 1)[0]
+
+    def step_batches(self, per_rank: int, accum: int) -> list[tuple[Tensor, ...]]:
+        """A step's micro-batches of pairs, the epoch rolling over for the step as a whole
+        (`loader.step_picks`)."""
         self.check_batch(per_rank)
-        n, global_size = len(self.pairs), per_rank * self.world
-        if self.position is None:
-            self.position = LoaderPosition()
-        if self.position.cursor + global_size > n:
-            self.position = LoaderPosition(self.position.epoch + 1, 0)
-        order = epoch_permutation(self.seed, self.position.epoch, n)
-        lo = self.position.cursor + self.rank * per_rank
-        self.position.cursor += global_size
-        return self._batch([int(i) for i in order[lo : lo + per_rank]])
+        n = len(self.pairs)
+        self.position, picks = step_picks(
+            self.position or LoaderPosition(),
+            n,
+            lambda epoch: epoch_permutation(self.seed, epoch, n),
+            per_rank,
+            self.rank,
+            self.world,
+            accum,
+        )
+        return [self._batch([int(i) for i in pick]) for pick in picks]
 
     def eval_batches(self, batch_size: int, n_batches: int) -> Iterator[tuple[Tensor, ...]]:
-        n = min(len(self.pairs), batch_size * n_batches)
-        for lo in range(0, n, batch_size):
-            yield self._batch(range(lo, min(lo + batch_size, n)))
+        """This rank's part of the first pairs (`loader.eval_part`); `dpo_evaluate` sums
+        the ranks."""
+        for pick in eval_part(len(self.pairs), batch_size, n_batches, self.rank, self.world):
+            yield self._batch([int(i) for i in pick])
 
     def state_dict(self) -> dict:
         p = self.position or LoaderPosition()
@@ -473,7 +488,8 @@ def dpo_evaluate(
     loss_module: DPOLoss, data: PairData, cfg: TrainConfig, device: str, byte_table: Tensor
 ) -> dict[str, float]:
     """The preference loss, reward margin and preference accuracy over the held-out pairs
-    (pair-weighted), and with dpo.sft_weight the chosen responses' token loss apart."""
+    (pair-weighted), and with dpo.sft_weight the chosen responses' token loss apart. Each
+    rank evaluates its part of the pairs and the sums are added over the ranks."""
     was_training = loss_module.training
     loss_module.eval()
     sums = torch.zeros(6, dtype=torch.float64)
@@ -488,6 +504,10 @@ def dpo_evaluate(
             sums[5] += float(loss_module.last_nll) * k
         n += k
     loss_module.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        totals = torch.cat([sums, torch.tensor([float(n)], dtype=torch.float64)]).to(device)
+        dist.all_reduce(totals)  # every rank evaluated its own part of the pairs
+        sums, n = totals[:6].cpu(), int(totals[6])
     values = (sums / max(1, n)).tolist()
     metrics = dict(zip(("loss", *STAT_NAMES), values[:5], strict=True))
     if cfg.dpo.sft_weight > 0:

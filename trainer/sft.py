@@ -25,7 +25,7 @@ from atlas_server.model import Transformer
 
 from .chat_data import IGNORE, PackedRows
 from .data import DataError
-from .loader import LoaderPosition, epoch_permutation
+from .loader import LoaderPosition, epoch_permutation, step_picks
 
 
 @dataclass
@@ -100,14 +100,22 @@ class PackedLoader:
             )
 
     def next_batch(self, per_rank: int, device: str | torch.device = "cpu") -> SFTBatch:
+        """This rank's `per_rank` rows of the next global batch of per_rank * world."""
+        return self.step_batches(per_rank, 1, device)[0]
+
+    def step_batches(
+        self, per_rank: int, accum: int, device: str | torch.device = "cpu"
+    ) -> list[SFTBatch]:
+        """This rank's `accum` micro-batches for one optimizer step, the epoch rolling over
+        for the step as a whole (`loader.step_picks`)."""
         self.check_batch(per_rank)
-        global_size = per_rank * self.world
-        if self.position.cursor + global_size > len(self):
-            self.position = LoaderPosition(self.position.epoch + 1, 0)
-        order = epoch_permutation(self.seed, self.position.epoch, len(self))
-        lo = self.position.cursor + self.rank * per_rank
-        self.position.cursor += global_size
-        return SFTBatch.from_rows(self.rows, order[lo : lo + per_rank], device)
+        self.position, picks = step_picks(
+            self.position, len(self), self._order, per_rank, self.rank, self.world, accum
+        )
+        return [SFTBatch.from_rows(self.rows, pick, device) for pick in picks]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_permutation(self.seed, epoch, len(self))
 
     def state_dict(self) -> dict:
         return {"epoch": self.position.epoch, "cursor": self.position.cursor}
