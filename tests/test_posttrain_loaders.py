@@ -1,12 +1,14 @@
 """The SFT and DPO loaders walk their items as the token loader walks its windows
 (`loader.step_picks`, `loader.eval_part`): an optimizer step's global batch rolls over the
 epoch as a whole, so micro_batch B x grad_accum A trains on the items of B*A x 1, and
-validation is split over the ranks, whose sums (DPO's in `dpo_evaluate`) are added."""
+validation is split over the ranks, whose sums (DPO's in `dpo_evaluate`) are added; DPO's
+reference pass is split over them too."""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from posttrain_helpers import make_base, preference_records, settings, write_jsonl
 
+import trainer.dpo as dpo
 from atlas_server.checkpoint import load_checkpoint
+from trainer.artifacts import weights_sha256
 from trainer.chat_data import PackedRows, TokenizedPair
 from trainer.config import load_train_config
+from trainer.dpo import load_reference_logps, pairs_sha256, reference_logps
 from trainer.loop import Dist
 from trainer.posttrain import DPOLoss, PairData, SFTData, dpo_evaluate, load_pairs
 from trainer.sft import PackedLoader
@@ -95,8 +100,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _dpo_metrics(rank: int, world: int, root: str, port: int, results) -> None:
-    """One rank's `dpo_evaluate` of a policy nudged away from its reference."""
+def _dpo_rank(rank: int, world: int, root: str, port: int, results) -> None:
+    """One process of a DPO run's data side over 10 pairs: the cached reference pass (its
+    log-probs and how many pairs this process scored itself), then `dpo_evaluate` of a
+    policy nudged away from the reference."""
     torch.set_num_threads(1)
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -107,26 +114,58 @@ def _dpo_metrics(rank: int, world: int, root: str, port: int, results) -> None:
         settings(base, f"{root}/out", f'dpo.train=["{prefs}"]', f'dpo.val=["{prefs}"]',
                  'dpo.reference="frozen"', "run.eval_batches=8"),
     )  # fmt: skip
+    data = load_pairs(cfg, cfg.dpo.val, Dist(rank, world), "val")
+    scored: list[int] = []
+    compute = dpo.compute_reference_logps
+    dpo.compute_reference_logps = lambda m, p, *a, **k: (
+        scored.append(len(p)) or compute(m, p, *a, **k)
+    )
+    try:
+        logps = reference_logps(
+            Path(root) / f"ref-{world}.safetensors", load_checkpoint(base).model, data.pairs,
+            data.pad_id, batch_size=3, progress=False, rank=rank, world=world,
+        )  # fmt: skip
+    finally:
+        dpo.compute_reference_logps = compute
     model = load_checkpoint(base).model
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    data = load_pairs(cfg, cfg.dpo.val, Dist(rank, world), "val")
-    results[rank] = dpo_evaluate(DPOLoss(model, cfg), data, cfg, "cpu", torch.ones(256))
+    metrics = dpo_evaluate(DPOLoss(model, cfg), data, cfg, "cpu", torch.ones(256))
+    results[rank] = (logps.chosen.tolist(), logps.rejected.tolist(), sum(scored), metrics)
+    results["pairs_sha256"] = pairs_sha256(data.pairs)
     if world > 1:
         dist.destroy_process_group()
 
 
-def test_dpo_validation_over_two_ranks_equals_one_process(tmp_path, byte_tokenizer):
-    make_base(tmp_path, byte_tokenizer)
-    write_jsonl(tmp_path / "prefs.jsonl", preference_records())  # 10 pairs: 5 per rank
+def test_dpo_reference_pass_and_validation_over_two_ranks_equal_one_process(
+    tmp_path, byte_tokenizer
+):
+    """Each of 2 processes scores 5 of the 10 pairs for the reference; both get all 10 in
+    pair order, as one process computes them, and the first stores them. Each evaluates 5
+    pairs; the summed metrics are one process's."""
+    base = make_base(tmp_path, byte_tokenizer)
+    write_jsonl(tmp_path / "prefs.jsonl", preference_records())
     one: dict = {}
-    _dpo_metrics(0, 1, str(tmp_path), 0, one)
+    _dpo_rank(0, 1, str(tmp_path), 0, one)
     with mp.Manager() as manager:
         two = manager.dict()
-        mp.spawn(_dpo_metrics, args=(2, str(tmp_path), _free_port(), two), nprocs=2)
+        mp.spawn(_dpo_rank, args=(2, str(tmp_path), _free_port(), two), nprocs=2)
         two = dict(two)
-    assert one[0]["preference_accuracy"] not in (0.0, 1.0)  # the pairs differ, so do halves
+    chosen, rejected, scored, metrics = one[0]
+    assert scored == 10 and [two[rank][2] for rank in (0, 1)] == [5, 5]
+    assert len(set(chosen)) == 10  # every pair its own number: the order is checked
     for rank in (0, 1):
-        assert two[rank] == pytest.approx(one[0], rel=1e-5, abs=1e-6)
+        assert two[rank][0] == pytest.approx(chosen, rel=1e-5)
+        assert two[rank][1] == pytest.approx(rejected, rel=1e-5)
+    stored = load_reference_logps(
+        tmp_path / "ref-2.safetensors",
+        weights_sha256(load_checkpoint(base).model.state_dict()),
+        one["pairs_sha256"],
+        False,
+    )
+    assert stored.chosen.tolist() == pytest.approx(chosen, rel=1e-5)
+    assert metrics["preference_accuracy"] not in (0.0, 1.0)  # the pairs differ, so do halves
+    for rank in (0, 1):
+        assert two[rank][3] == pytest.approx(metrics, rel=1e-5, abs=1e-6)

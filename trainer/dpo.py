@@ -16,7 +16,8 @@ What it does:
     with the logged numbers: implicit rewards beta (log pi - log ref) of chosen and
     rejected, their margin, and preference accuracy (chosen reward > rejected reward by
     more than a rounding tie, `TIE_RTOL`);
-  - reference log-probs computed once with the frozen reference model and stored in a
+  - reference log-probs computed once with the frozen reference model (each process of a
+    distributed run scoring its share of the pairs) and stored in a
     safetensors file beside the data, whose metadata holds the sha256 of the reference
     weights and of the tokenized pairs: a file made for other weights or other data is
     refused (`StaleReferenceError`), never silently reused. `frozen_copy` makes a
@@ -35,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
@@ -306,15 +308,48 @@ def reference_logps(
     pad_id: int,
     average: bool = False,
     recompute: bool = False,
+    rank: int = 0,
+    world: int = 1,
     **compute_options,
 ) -> ReferenceLogps:
     """Stored reference log-probs when `path` holds ones for these weights and pairs;
-    computed and stored when it holds none (or `recompute`); a stale file is refused."""
+    computed and stored when it holds none (or `recompute`); a stale file is refused.
+
+    With `world` processes (torch.distributed initialized), each scores every world-th
+    pair from its `rank` and the shares are gathered, so the pass takes 1/world of the
+    time (every process scored every pair before); the first process stores the file.
+    The processes agree first whether all of them see the file (nodes may not share a
+    folder), so all take the same branch."""
     model_hash, data_hash = weights_sha256(reference.state_dict()), pairs_sha256(pairs)
-    if path.is_file() and not recompute:
+    stored = path.is_file() and not recompute
+    if world > 1:
+        flag = torch.tensor([int(stored)], device=compute_options.get("device", "cpu"))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        stored = bool(flag.item())
+    if stored:
         return load_reference_logps(path, model_hash, data_hash, average)
-    logps = compute_reference_logps(reference, pairs, pad_id, average, **compute_options)
+    share = compute_reference_logps(
+        reference, pairs[rank::world], pad_id, average, **compute_options
+    )
+    logps = share if world == 1 else _gather_shares(share, len(pairs), world, compute_options)
     if not bool(torch.isfinite(logps.chosen).all() and torch.isfinite(logps.rejected).all()):
         raise DataError("the reference model gave non-finite log-probs; is it a trained model?")
-    save_reference_logps(path, logps, model_hash, data_hash)
+    if rank == 0:
+        save_reference_logps(path, logps, model_hash, data_hash)
     return logps
+
+
+def _gather_shares(
+    share: ReferenceLogps, n: int, world: int, compute_options: dict
+) -> ReferenceLogps:
+    """Every process's share (rank r held pairs r, r + world, ...) back in pair order."""
+    m = -(-n // world)  # the largest share; shorter ones are padded to it
+    # On the scoring device: NCCL gathers CUDA tensors only.
+    mine = torch.zeros(2, m, device=compute_options.get("device", "cpu"))  # [2, m]
+    mine[0, : len(share.chosen)] = share.chosen.to(mine.device)
+    mine[1, : len(share.rejected)] = share.rejected.to(mine.device)
+    shares = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shares, mine)
+    # [world, 2, m] -> [2, m, world]: pair r + world * j is share r's j-th, at j * world + r.
+    both = torch.stack(shares).permute(1, 2, 0).reshape(2, m * world)[:, :n].cpu()  # [2, n]
+    return ReferenceLogps(both[0].contiguous(), both[1].contiguous(), share.average)

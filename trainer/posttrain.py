@@ -376,7 +376,7 @@ def dpo_data(cfg: TrainConfig, d: Dist) -> tuple[PairData, PairData | None]:
                 data.reference = reference_logps(
                     path, reference, data.pairs, data.pad_id,
                     average=cfg.dpo.loss_type == "ipo", batch_size=cfg.data.micro_batch,
-                    device=cfg.run.device, progress=d.main,
+                    device=cfg.run.device, progress=d.main, rank=d.rank, world=d.world,
                 )  # fmt: skip
             if d.main:
                 say(
