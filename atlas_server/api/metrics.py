@@ -44,60 +44,48 @@ _TOKEN_BUCKETS = tuple(m * 10**e for e in range(5) for m in (1, 2, 5))
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.ttft = Histogram(
+
+        def histogram(name: str, doc: str, buckets: tuple = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.ttft = histogram(
             "atlas:time_to_first_token_seconds",
             "Time to first token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.itl = Histogram(
+        self.itl = histogram(
             "atlas:inter_token_latency_seconds",
             "Time between successive streamed tokens.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.tpot = Histogram(
+        self.tpot = histogram(
             "atlas:request_time_per_output_token_seconds",
             "Each choice's mean time per output token after its first: decode time over "
             "tokens - 1 (vLLM's TPOT, which its dashboards read).",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.prefill = Histogram(
+        self.prefill = histogram(
             "atlas:request_prefill_time_seconds",
             "Time to first token less queue time: tokenization and the prompt's forward pass.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.decode = Histogram(
+        self.decode = histogram(
             "atlas:request_decode_time_seconds",
             "Each choice's time from its first token to its last.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.prompt_sizes = Histogram(
+        self.prompt_sizes = histogram(
             "atlas:request_prompt_tokens",
             "Prompt tokens per prompt.",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+            _TOKEN_BUCKETS,
         )
-        self.generation_sizes = Histogram(
+        self.generation_sizes = histogram(
             "atlas:request_generation_tokens",
             "Tokens generated per choice.",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+            _TOKEN_BUCKETS,
         )
-        self.e2e = Histogram(
+        self.e2e = histogram(
             "atlas:e2e_request_latency_seconds",
             "End-to-end request latency.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue = Histogram(
+        self.queue = histogram(
             "atlas:request_queue_time_seconds",
             "Time a request waited before the engine first scheduled it.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
         self.running = Gauge(
             "atlas:num_requests_running", "Sequences in the running batch.", registry=r
