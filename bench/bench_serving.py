@@ -171,6 +171,10 @@ def serve(
             "warning",
             *(["--config", str(config)] if config else []),
             *(["--dtype", dtype] if dtype else []),
+            # Generation only: with RAG on, the server opens its vector store at start-up,
+            # whose package a bare GPU image may lack, and holds its folder.
+            "--set",
+            "rag.enabled=false",
         ],
         env=env,
         # Not the repo: `python -m` puts the working directory first on sys.path, which would

@@ -365,3 +365,25 @@ def test_a_keyboard_interrupt_from_plugin_code_is_its_failure_off_the_main_threa
         call_in_fresh_thread(svc.retrieve, "c", "alpha", 4, "interrupts")
     with pytest.raises(KeyboardInterrupt):
         svc.retrieve("c", "alpha", retriever="interrupts")
+
+
+def test_a_store_whose_package_is_missing_is_a_store_failure(tmp_path, monkeypatch, caplog):
+    """Found by the GPU-readiness review: on an image without qdrant-edge-py, the server's
+    start-up store opening raised ImportError and the whole server exited, so not even
+    completions were served. Now the store is unavailable (RAG's 503) and says why."""
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith(("plugins", "atlas_server.rag.stores"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "qdrant_edge", None)  # import qdrant_edge: ImportError
+    rag = SimpleNamespace(store="embedded", store_url=None, qdrant_url=None,
+                          data_dir=str(tmp_path / "store"), store_options={}, plugin_options={})  # fmt: skip
+    svc = RAGService(PluginHost(), FakeEmbedder, store_config=rag)
+    try:
+        with caplog.at_level(logging.WARNING):
+            svc.open_store()  # the server's start-up: logged, not raised
+        assert "its package is not installed" in caplog.text
+        with pytest.raises(VectorStoreUnavailable, match="'embedded' vector store .* qdrant_edge"):
+            svc.retrieve("c", "alpha")
+    finally:
+        svc.close()

@@ -100,6 +100,14 @@ class RAGService:
                     self._store = store_from_config(self._store_config, self.host)
                 except StoreError as e:
                     raise VectorStoreUnavailable(str(e)) from None
+                except ImportError as e:
+                    # A back end whose package is not installed: RAG answers 503 saying
+                    # so, and completions are served as ever (the server used to exit).
+                    name = getattr(self._store_config, "store", "configured")
+                    raise VectorStoreUnavailable(
+                        f"the {name!r} vector store cannot be opened: its package is not"
+                        f" installed ({e})"
+                    ) from None
             return self._store
 
     def open_store(self) -> None:
