@@ -124,6 +124,51 @@ def test_top_k_top_p_and_min_p_keep_the_tokens_transformers_keeps():
                .tolist()) == {0}  # fmt: skip
 
 
+def test_penalties_are_transformers_repetition_penalty_and_openais_formula():
+    """The penalised logits themselves, exactly, not through a sampled histogram: the
+    repetition penalty against transformers' own processor (negative logits multiplied,
+    positive divided, each seen token once however often), presence and frequency against
+    OpenAI's formula (logit - count * frequency - (count > 0) * presence)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from atlas_server.engine.sampling import _apply_penalties
+
+    gen = torch.Generator().manual_seed(21)
+    prompt, out = [1, 2, 3, 1], [4, 4, 5, 1, 9, 4]
+    for penalty in (1.8, 0.7):
+        logits = torch.randn(1, VOCAB, generator=gen) * 3  # both signs among the seen tokens
+        seen = torch.tensor([prompt + out])
+        assert (logits[0, seen[0]] < 0).any() and (logits[0, seen[0]] > 0).any()
+        theirs = RepetitionPenaltyLogitsProcessor(penalty)(seen, logits.clone())
+        row = SamplingRow(SamplingParams(repetition_penalty=penalty), prompt, out, None)
+        torch.testing.assert_close(_apply_penalties(logits.clone(), [row]), theirs)
+    logits = torch.randn(1, VOCAB, generator=gen) * 3
+    params = SamplingParams(presence_penalty=0.75, frequency_penalty=0.5)
+    expected = logits.clone()
+    for token in set(out):  # the output only: the prompt is not penalised
+        expected[0, token] -= out.count(token) * 0.5 + 0.75
+    row = SamplingRow(params, prompt, out, None)
+    torch.testing.assert_close(_apply_penalties(logits.clone(), [row]), expected)
+
+
+def test_top_p_at_an_exact_boundary_and_min_p_of_one():
+    """Four tokens of exactly 0.25: top_p 0.5 keeps two (the mass before the third
+    already reaches 0.5), as transformers' warper does; min_p 1.0 keeps only the most
+    likely token (it used to be easy to drop it with the rest, leaving nothing)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.full((1, VOCAB), float("-inf"))
+    logits[0, [2, 5, 7, 11]] = 0.0
+    theirs = TopPLogitsWarper(0.5)(None, logits.clone())
+    draws = 2000
+    rows = [SamplingRow(SamplingParams(top_p=0.5), [1], [], None) for _ in range(draws)]
+    ours = set(sample(logits.expand(draws, -1), rows).tolist())
+    assert len(ours) == 2 == int(torch.isfinite(theirs).sum())
+    peaked = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(4))
+    rows = [SamplingRow(SamplingParams(min_p=1.0), [1], [], None) for _ in range(200)]
+    assert set(sample(peaked.expand(200, -1), rows).tolist()) == {int(peaked.argmax())}
+
+
 @pytest.mark.parametrize("params", CASES[4:], ids=lambda p: repr(p)[15:70])
 def test_greedy_picks_the_argmax_after_bias_and_penalties(params):
     gen = torch.Generator().manual_seed(3)
