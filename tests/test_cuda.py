@@ -768,13 +768,21 @@ def test_short_cuda_training_learns_and_saves_a_checkpoint_that_loads_on_cuda(
 
 
 @pytest.mark.timeout(600)
-def test_cuda_resume_continues_like_an_uninterrupted_run(trainer_api, token_data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_resume_continues_like_an_uninterrupted_run(
+    trainer_api, token_data, tmp_path, precision
+):
     """8 steps straight vs 4 steps, resume, 4 more (dropout on: the CUDA RNG state must be
-    restored too). A restore that misses anything (weights, AdamW moments, data position,
-    RNG) moves losses by 1e-3 or more; the tolerance only absorbs summation order."""
+    restored too), in fp32 and in bf16 autocast (issue 16: exact resume in bf16). A
+    restore that misses anything (weights, AdamW moments, data position, RNG) moves losses
+    by 1e-3 or more; the tolerance only absorbs summation order."""
     # Eager (compile is the CUDA default): two cold compiles would double the test's time in
     # the GPU check's 8 minutes; the compiled step is the bf16-compile case above.
-    overrides = ("model.overrides={dropout = 0.1}", "run.compile=false")
+    overrides = (
+        "model.overrides={dropout = 0.1}",
+        "run.compile=false",
+        f'run.precision="{precision}"',
+    )
     full = trainer_api.train(
         train_config(trainer_api, token_data, tmp_path / "full", *overrides), progress=False
     )
