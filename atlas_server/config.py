@@ -38,7 +38,7 @@ class ModelSection(_Section):
 
 
 class EngineSection(_Section):
-    max_running: int = 16
+    max_running: int | None = None  # None: 16 on the CPU, 256 on CUDA
     max_batched_tokens: int = 512
     max_queued: int = 256
     max_model_len: int | None = None
@@ -95,11 +95,17 @@ class ServerConfig(_Section):
 
     def validate(self) -> ServerConfig:
         checks = [
-            (self.engine.max_running >= 1, "engine.max_running must be >= 1"),
             (
-                self.engine.max_batched_tokens >= self.engine.max_running,
+                self.engine.max_running is None or self.engine.max_running >= 1,
+                "engine.max_running must be >= 1",
+            ),
+            (
+                # Unset, it is 16 on the CPU and 256 on CUDA: checked against the device
+                # at start (commands/serve.check_engine_fits), where the device is known.
+                self.engine.max_batched_tokens >= (self.engine.max_running or 16),
                 f"engine.max_batched_tokens ({self.engine.max_batched_tokens}) must be >= "
-                f"engine.max_running ({self.engine.max_running}): every running sequence "
+                f"engine.max_running ({self.engine.max_running or '16, the CPU default'}):"
+                " every running sequence "
                 "needs one token of each step",
             ),
             (

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 
 from atlas_server.config import ConfigFileError, load_config, serving_device, with_overrides
 
@@ -22,7 +23,8 @@ def write(tmp_path, text: str):
 
 def test_the_shipped_defaults_load():
     config = load_config(Path(__file__).parent.parent / "configs/server/default.toml")
-    assert config.engine.max_batched_tokens >= config.engine.max_running
+    # max_running unset: 256 on CUDA, which the step budget must hold too.
+    assert config.engine.max_running is None and config.engine.max_batched_tokens >= 256
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,7 @@ def test_the_shipped_defaults_load():
     [
         (
             "[engine]\nmax_batched_tokens = 8\n",
-            r"engine.max_batched_tokens \(8\) must be >= engine.max_running \(16\)",
+            r"engine.max_batched_tokens \(8\) must be >= engine.max_running \(16, the CPU default\)",
         ),
         ("[engine]\nmax_model_len = 0\n", "engine.max_model_len must be >= 1"),
         ("[engine]\nmax_running = 0\n", "engine.max_running must be >= 1"),
@@ -231,3 +233,41 @@ def test_a_store_option_the_back_end_does_not_read_is_refused(tmp_path, store):
     if store == "embedded":
         assert "hnsw_ef," in str(e.value)
         open_store(store, tmp_path / "ok", options={"hnsw_ef": 128}).close()  # a known one opens
+
+
+def test_max_running_unset_is_the_devices_default():
+    """Unset, max_running is 16 on the CPU and 256 on CUDA, where a step of 256 rows costs
+    about what one does and the KV budget is what should limit it (issue 16: "a large GPU
+    runs hundreds of sequences"); set, it is itself on either."""
+    from atlas_server.engine.runner import resolve_max_running
+
+    assert resolve_max_running("cpu", None) == 16
+    assert resolve_max_running("cuda", None) == resolve_max_running("cuda:1", None) == 256
+    assert resolve_max_running("cuda", 8) == resolve_max_running("cpu", 8) == 8
+    assert load_config(None).engine.max_running is None
+
+
+def test_a_step_budget_below_the_devices_max_running_is_refused_at_start(
+    tmp_path, monkeypatch, capsys
+):
+    """max_batched_tokens 128 is valid on the CPU (16 rows) but not with CUDA's 256 rows:
+    refused in one line before any weights load, naming the default it fell below."""
+    from atlas_server.checkpoint import save_checkpoint
+    from atlas_server.commands import serve as serve_command
+    from atlas_server.model import Transformer, load_preset
+    from atlas_server.tokenizer import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    path = save_checkpoint(
+        tmp_path / "ckpt", Transformer(load_preset("gpt2-tiny", vocab_size=tok.vocab_size)), tok, {}
+    )
+    config = load_config(None, ["engine.max_batched_tokens=128"])
+    serve_command.check_engine_fits(path, config)  # the CPU: 16 rows fit
+    monkeypatch.setattr("atlas_server.config.serving_device", lambda device: "cuda")
+    with pytest.raises(typer.Exit) as e:
+        serve_command.check_engine_fits(path, config)
+    assert e.value.exit_code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        "max_batched_tokens (128) must be >= engine.max_running (256, the default on cuda)" in line
+    )

@@ -146,14 +146,15 @@ def check_chat_template(path: Path) -> None:
 
 def check_engine_fits(path: Path, cfg) -> None:
     """Refuse, before any weights load, engine settings this checkpoint cannot honour: a
-    context longer than the model's, or a KV budget that holds no slot. Found later, in the
+    context longer than the model's, a step budget below the device's default max_running,
+    or a KV budget that holds no slot. Found later, in the
     background load, they left a server up that answered 503 for good (vLLM exits)."""
     import torch
 
     from ..checkpoint import CheckpointError, read_metadata
     from ..config import serving_device
     from ..engine import cuda_runner
-    from ..engine.runner import resolve_dtype
+    from ..engine.runner import resolve_dtype, resolve_max_running
     from ..model import ModelConfig
 
     with user_errors(CheckpointError, ValueError):
@@ -164,11 +165,19 @@ def check_engine_fits(path: Path, cfg) -> None:
                 f"engine.max_model_len={max_len} exceeds the model's context of "
                 f"{model.max_seq_len} positions ({path}); leave it unset or lower it"
             )
+        device = serving_device(cfg.model.device)
+        max_running = resolve_max_running(device, cfg.engine.max_running)
+        if cfg.engine.max_batched_tokens < max_running:  # unset, max_running is the device's
+            raise ValueError(
+                f"engine.max_batched_tokens ({cfg.engine.max_batched_tokens}) must be >= "
+                f"engine.max_running ({max_running}, the default on {device}): every running"
+                " sequence needs one token of each step; raise it or set engine.max_running"
+            )
         if cfg.engine.kv_cache_gib is not None:
-            dtype = resolve_dtype(serving_device(cfg.model.device), cfg.model.dtype)
+            dtype = resolve_dtype(device, cfg.model.dtype)
             per_slot = cuda_runner.kv_bytes_per_slot(model, max_len, getattr(torch, dtype))
             budget = cuda_runner.kv_budget_bytes(cfg.engine.kv_cache_gib, None)
-            cuda_runner.kv_slots(budget, per_slot, cfg.engine.max_running)
+            cuda_runner.kv_slots(budget, per_slot, max_running)
 
 
 def serve(

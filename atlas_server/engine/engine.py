@@ -72,7 +72,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .output import Emit, OutputProcessor, PendingStep
 from .request import Request
-from .runner import ModelRunner, make_runner, resolve_dtype
+from .runner import ModelRunner, make_runner, resolve_dtype, resolve_max_running
 from .scheduler import Scheduler, StepPlan
 from .types import (
     EngineConfig,
@@ -192,6 +192,8 @@ class Engine:
         self.max_model_len = config.max_model_len or model_max
         if not 1 <= self.max_model_len <= model_max:
             raise ValueError(f"max_model_len={self.max_model_len} must be in [1, {model_max}]")
+        max_running = resolve_max_running(model.tok_emb.weight.device, config.max_running)
+        config = dataclasses.replace(config, max_running=max_running)
         if config.max_running < 1 or config.max_queued < 0:
             raise ValueError("max_running must be >= 1 and max_queued >= 0")
         if config.max_batched_tokens < config.max_running:

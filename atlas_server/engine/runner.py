@@ -179,6 +179,20 @@ def feed_sampled(ids: Tensor, sampled_rows: tuple[int, ...], sampled: Tensor) ->
     ids.index_copy_(0, index[0], sampled.index_select(0, index[1]))
 
 
+# The default number of sequences decoded together: on 2-16 CPU cores a step of 16 rows
+# already keeps the cores busy and more rows lengthen every stream's step; a GPU decodes
+# 256 rows in about the time of one (the weights are read once a step), so the KV budget,
+# not this number, should be what limits it there (vLLM's max_num_seqs is 256 too).
+DEFAULT_MAX_RUNNING = {"cpu": 16, "cuda": 256}
+
+
+def resolve_max_running(device: str | torch.device, max_running: int | None) -> int:
+    """`max_running` when set, else the device's default (DEFAULT_MAX_RUNNING)."""
+    if max_running is not None:
+        return max_running
+    return DEFAULT_MAX_RUNNING.get(torch.device(device).type, DEFAULT_MAX_RUNNING["cpu"])
+
+
 def resolve_dtype(device: str | torch.device, dtype: str) -> str:
     """The serving dtype's name: "auto" is bfloat16 on CUDA (the weights and KV cache read
     half the bytes of fp32 per step), float32 elsewhere (CPUs without fast bf16 matmuls

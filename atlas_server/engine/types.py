@@ -185,7 +185,9 @@ def validate_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
 class EngineConfig:
     """Bounds of one engine. All memory is allocated at start from these numbers."""
 
-    max_running: int = 16  # sequences decoding at once (= KV cache slots)
+    # Sequences decoding at once (= KV cache slots); None: 16 on the CPU, 256 on CUDA
+    # (runner.resolve_max_running), fewer where the KV budget holds fewer.
+    max_running: int | None = None
     max_batched_tokens: int = 512  # tokens per forward step, prefill chunks included
     max_queued: int = 256  # requests waiting beyond the running set; more -> QueueFullError
     max_model_len: int | None = None  # None: the model's max_seq_len
