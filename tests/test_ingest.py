@@ -337,13 +337,23 @@ def test_a_killed_ingest_rerun_continues_and_never_duplicates(tmp_path, embedder
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     store = VectorStore(data)
     before = set(stored(store, "c"))
-    assert len(before) == 48  # three windows of 16 were written before the kill
+    # Three documents were written before the kill, each whole; the fourth not at all (a
+    # document is written once all its chunks are embedded: never a fragment).
+    by_source = {
+        doc.source: {
+            c.id for c in chunk_text(doc.text, doc.source, embedder.count_pieces, ChunkSettings())
+        }
+        for doc in Corpus([str(corpus)])
+    }
+    whole = [source for source, ids in by_source.items() if ids <= before]
+    assert len(whole) == 3 and before == set().union(*(by_source[s] for s in whole))
     result = ingest(store, embedder, "c", Corpus([str(corpus)]), batch_size=16, progress=False)
     after = stored(store, "c")
     store.close()
     everything = expected_ids(embedder, corpus)
     assert set(after) == everything and result["total"] == len(everything)  # no duplicates
-    assert result["already_stored"] == 48 and result["embedded"] == len(everything) - 48
+    assert result["already_stored"] == len(before)
+    assert result["embedded"] == len(everything) - len(before)
     again = VectorStore(data)
     rerun = ingest(again, embedder, "c", Corpus([str(corpus)]), progress=False)
     again.close()
@@ -391,3 +401,39 @@ def test_rag_query_with_a_server_config_searches_that_servers_store(tmp_path):
     config.write_text(f'[rag]\ndata_dir = "{data}"\nstore_options = {{hnsw_eff = 1}}\n')
     typo = runner.invoke(app, query)
     assert typo.exit_code == 1 and "'hnsw_eff'" in typo.output
+
+
+EARLY_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from atlas_server.rag import embedding
+    from atlas_server.cli import app
+
+    def encode_then_die(self, *a, **k):  # killed while the first document is embedded
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    embedding.Embedder.encode = encode_then_die
+    sys.argv = ["atlas"] + sys.argv[1:]
+    app()
+    """
+)
+
+
+def test_an_ingest_killed_before_its_first_write_leaves_no_collection(tmp_path, corpus):
+    """The collection is made at the first write: a kill while the first document is
+    embedded left an empty collection listed (and searched) after the restart."""
+    data = tmp_path / "q"
+    args = ["rag", "ingest", str(corpus), "--collection", "c", "--data-dir", str(data)]
+    killed = subprocess.run(
+        [sys.executable, "-c", EARLY_KILLER, *args, "--backend", "fp32"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    store = VectorStore(data)
+    try:
+        assert not store.exists("c")
+    finally:
+        store.close()

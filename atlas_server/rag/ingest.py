@@ -8,8 +8,10 @@ What it does:
 - `ingest(...)` chunks documents (see `chunking.py`), drops chunks the collection already
   holds (ids are content-derived, so this is what makes a killed ingest, run again,
   continue where it stopped instead of starting over), sorts the rest of each window of
-  256 by length and embeds and upserts them 64 at a time (similar lengths in one call,
-  so little padding is computed). With `pipeline=True` the embedding runs on its own thread while this
+  256 by length and embeds them 64 at a time (similar lengths in one call, so little
+  padding is computed). A document's chunks are written once all of them are embedded,
+  together (`_Documents`), so a crash mid-ingest leaves each document whole or absent,
+  and the collection is made at the first write (no empty one after an early crash). With `pipeline=True` the embedding runs on its own thread while this
   thread reads, chunks and writes the windows before and after it; that thread is the
   only one that runs PyTorch, so one OpenMP team exists (docs/architecture.md, "One
   thread runs the model"), and it ends with the call.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from .chunking import ChunkSettings, chunk_text
@@ -39,7 +42,8 @@ from .types import Chunk
 
 SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".jsonl")
 WINDOW = 256  # chunks read, resume-checked and sorted by length together
-BATCH = 64  # chunks per embedding call (and per store write)
+BATCH = 64  # chunks per embedding call
+STORE_BATCH = 1024  # chunks per store write of a finished document
 PIPELINE_DEPTH = 2  # batches queued for or held by the embedding thread
 
 
@@ -205,11 +209,15 @@ class IngestStats:
 
 
 def _windows(docs, count, settings: ChunkSettings, size: int):
-    """Lists of up to `size` chunks (with the bytes of input they complete), in order."""
+    """Lists of up to `size` chunks, in order, each with the bytes of input it completes and
+    the documents whose last chunk it holds (their ordinals; `doc_of` maps each chunk id
+    to its document's)."""
     window: list[Chunk] = []
     done_bytes = 0
+    ended: list[int] = []
     seen: set[str] = set()
-    for doc in docs:
+    doc_of: dict[str, int] = {}
+    for ordinal, doc in enumerate(docs):
         chunks = chunk_text(
             doc.text, doc.source, count, settings, title=doc.title, metadata=doc.metadata
         )
@@ -217,13 +225,59 @@ def _windows(docs, count, settings: ChunkSettings, size: int):
             if chunk.id in seen:  # the same span of the same source twice in one call
                 continue
             seen.add(chunk.id)
+            doc_of[chunk.id] = ordinal
             window.append(chunk)
             if len(window) >= size:
-                yield window, done_bytes
-                window, done_bytes = [], 0
+                yield window, done_bytes, ended, doc_of
+                window, done_bytes, ended = [], 0, []
         done_bytes += doc.nbytes
-    if window or done_bytes:
-        yield window, done_bytes
+        ended.append(ordinal)
+    if window or done_bytes or ended:
+        yield window, done_bytes, ended, doc_of
+
+
+class _Documents:
+    """Embedded chunks held until their whole document is embedded, then written together:
+    a crash or a drain mid-ingest leaves each document whole or absent, never a fragment
+    that retrieval serves and RAG cites as the document (a QA pass found 64 of 462 chunks
+    stored after a kill). The writes of one document follow each other within milliseconds
+    (STORE_BATCH chunks per call, so a huge document does not become one oversized request).
+    An interrupted ingest run again still skips every document written whole."""
+
+    def __init__(self, write) -> None:
+        self.write = write  # write(chunks, vectors): one store call
+        self.held: dict[int, list[tuple[Chunk, Any]]] = {}  # ordinal -> (chunk, vector)s
+        self.missing: dict[int, int] = {}  # ordinal -> fresh chunks not embedded yet
+        self.ended: set[int] = set()  # documents whose every fresh chunk is counted
+
+    def expect(self, chunks: list[Chunk], doc_of: dict[str, int], ended: list[int]) -> None:
+        """A window's fresh chunks (to be embedded), and the documents it ends."""
+        for chunk in chunks:
+            ordinal = doc_of[chunk.id]
+            self.missing[ordinal] = self.missing.get(ordinal, 0) + 1
+        self.ended.update(ended)
+
+    def embedded(self, chunks: list[Chunk], vectors, doc_of: dict[str, int]) -> int:
+        """Hold a batch; write every document it completes. Returns chunks written."""
+        for i, chunk in enumerate(chunks):
+            ordinal = doc_of[chunk.id]
+            self.held.setdefault(ordinal, []).append((chunk, vectors[i]))
+            self.missing[ordinal] -= 1
+        written = 0
+        for ordinal in sorted(self.held):
+            if ordinal in self.ended and self.missing.get(ordinal) == 0:
+                pairs = self.held.pop(ordinal)
+                del self.missing[ordinal]
+                for lo in range(0, len(pairs), STORE_BATCH):
+                    part = pairs[lo : lo + STORE_BATCH]
+                    self.write([c for c, _ in part], _stack([v for _, v in part]))
+                written += len(pairs)
+        return written
+
+
+def _stack(vectors: list) -> Any:
+    """Rows of one embedding call or several, as the store takes them: one 2-D array."""
+    return np.stack([np.asarray(v) for v in vectors])
 
 
 class _EmbeddingThread:
@@ -290,7 +344,6 @@ def ingest(
             f"({limit} pieces plus its special tokens): use at most {limit}"
         )
     created = not store.exists(collection)
-    store.ensure_collection(collection, embedder.dim)
     stats = IngestStats()
     # With the input's size the bar counts bytes (and shows an ETA); without it, chunks.
     by_bytes = total_bytes is not None
@@ -306,17 +359,24 @@ def ingest(
     def new(window: list[Chunk]) -> list[Chunk]:
         """The chunks of `window` the collection does not hold yet."""
         stats.chunks += len(window)
-        if not window:
+        if not window or not store.exists(collection):
             return window
         stored = store.vectors(collection, [c.id for c in window])
         fresh = [c for c in window if c.id not in stored]
         stats.already_stored += len(window) - len(fresh)
         return fresh
 
-    def write(window: list[Chunk], done_bytes: int, vectors) -> None:
+    def store_write(chunks: list[Chunk], vectors) -> None:
+        # The collection is made at the first write, so a crash before it (while the first
+        # document is embedded) leaves no empty collection listed.
+        store.ensure_collection(collection, embedder.dim)
+        store.upsert(collection, chunks, vectors)
+
+    documents = _Documents(store_write)
+
+    def write(window: list[Chunk], done_bytes: int, doc_of, vectors) -> None:
         if window:
-            store.upsert(collection, window, vectors)
-            stats.embedded += len(window)
+            stats.embedded += documents.embedded(window, vectors, doc_of)
         bar.update(done_bytes if by_bytes else len(window))
         rate = stats.embedded / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(
@@ -324,14 +384,17 @@ def ingest(
         )
 
     def batches():
-        """(chunks, input bytes they complete) per embedding call, in length order."""
-        for chunks, done_bytes in _windows(docs, embedder.count_pieces, settings, window):
+        """(chunks, input bytes they complete, doc_of) per embedding call, in length order."""
+        for chunks, done_bytes, ended, doc_of in _windows(
+            docs, embedder.count_pieces, settings, window
+        ):
             fresh = sorted(new(chunks), key=lambda c: len(c.text))
+            documents.expect(fresh, doc_of, ended)
             if not fresh:
-                yield [], done_bytes
+                yield [], done_bytes, doc_of
             for i in range(0, len(fresh), batch_size):
                 last = i + batch_size >= len(fresh)
-                yield fresh[i : i + batch_size], done_bytes if last else 0
+                yield fresh[i : i + batch_size], done_bytes if last else 0, doc_of
 
     try:
         if pipeline:
@@ -343,24 +406,26 @@ def ingest(
                     in_flight += 1
                     # Write whatever is finished; wait only when the queue is full.
                     while in_flight >= PIPELINE_DEPTH or not worker.done.empty():
-                        (chunks, nbytes), vectors = worker.result()
-                        write(chunks, nbytes, vectors)
+                        (chunks, nbytes, doc_of), vectors = worker.result()
+                        write(chunks, nbytes, doc_of, vectors)
                         in_flight -= 1
                 while in_flight:
-                    (chunks, nbytes), vectors = worker.result()
-                    write(chunks, nbytes, vectors)
+                    (chunks, nbytes, doc_of), vectors = worker.result()
+                    write(chunks, nbytes, doc_of, vectors)
                     in_flight -= 1
                 finished = True
             finally:
                 worker.close(wait=finished)
         else:
-            for chunks, nbytes in batches():
-                write(chunks, nbytes, embedder.encode([c.text for c in chunks]))
+            for chunks, nbytes, doc_of in batches():
+                vectors = embedder.encode([c.text for c in chunks]) if chunks else None
+                write(chunks, nbytes, doc_of, vectors)
+        assert not documents.held, "every document ended, so every one was written"
     finally:
         bar.close()
         # An ingest that stored nothing (every file skipped, or a failure before the first
         # write) leaves no empty collection behind, which would then be listed and searched.
-        if created and store.count(collection) == 0:
+        if created and store.exists(collection) and store.count(collection) == 0:
             store.delete_collection(collection)
     stats.seconds = time.perf_counter() - t0
     return {
