@@ -625,6 +625,29 @@ def test_a_stream_the_client_leaves_is_counted_as_499_like_a_non_streamed_one(se
     assert _errors_with_status(base, "499") == before + 1
 
 
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(server, caplog):
+    """QA found a body cut short (headers say 100 bytes, 12 arrive, the socket closes)
+    counted as a 500 and logged at ERROR: every flaky client paged whoever alerts on 5xx."""
+    import socket
+    from urllib.parse import urlsplit
+
+    base, _ = server
+    before = {s: _errors_with_status(base, s) for s in ("499", "500")}
+    url = urlsplit(base)
+    with caplog.at_level(logging.INFO, logger="atlas.api"):
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 100\r\n\r\n" + b'{"prompt": "'
+            )
+        deadline = time.time() + 30
+        while _errors_with_status(base, "499") == before["499"] and time.time() < deadline:
+            time.sleep(0.05)
+    assert _errors_with_status(base, "499") == before["499"] + 1
+    assert _errors_with_status(base, "500") == before["500"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 def test_non_streaming_client_that_hangs_up_is_cancelled_quietly(server):
     """No traceback in the server log (a hang-up is routine), and the request is aborted."""
     base, _ = server

@@ -198,7 +198,15 @@ def handle_rag_error(request: Request, exc: RAGError) -> Response:
     return handle_api_error(request, rag_error(exc))
 
 
+# What Litestar raises (as a 500) when the client hangs up while its body is being read.
+_BODY_CUT_SHORT = "client disconnected prematurely"
+
+
 def handle_http_exception(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code >= 500 and _BODY_CUT_SHORT in str(exc.detail):
+        # Routine (a flaky client, a load balancer's timeout), not a server error: counted
+        # and logged as the other hang-ups are, so no alert on 5xx fires for it.
+        return handle_api_error(request, ClientDisconnected())
     status = exc.status_code
     detail = str(exc.detail)
     param = None
