@@ -343,7 +343,8 @@ def test_tool_calls_and_json_output_are_refused_not_ignored(client):
     # ignored (free text answered a guided_choice of two words).
     for field, value in (("guided_choice", ["yes", "no"]), ("guided_json", {"type": "object"}),
                          ("guided_regex", "[0-9]+"), ("structured_outputs", {"choice": ["a"]}),
-                         ("prompt_logprobs", 3)):  # fmt: skip
+                         ("prompt_logprobs", 3),
+                         ("response_format", {"type": "json_object"})):  # fmt: skip
         with pytest.raises(BadRequestError) as e:
             client.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=2, extra_body={field: value}

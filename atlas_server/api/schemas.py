@@ -115,9 +115,19 @@ class _SamplingFields(_Body, kw_only=True):
     guided_choice: Any | None = None
     guided_grammar: Any | None = None
     structured_outputs: Any | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI's JSON mode (vLLM: both routes)
 
     def check_shared(self) -> None:
         """The checks across fields that completions and chat share."""
+        kind = (self.response_format or {}).get("type") or "text"
+        if kind != "text":
+            # Named when short; a hostile value is not echoed back whole.
+            name = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "of that type"
+            raise RequestError(
+                f"response_format {name} is not supported: this server has no constrained "
+                'decoding, so it cannot promise JSON; leave it out or send {"type": "text"}',
+                param="response_format",
+            )
         if self.stream_options is not None and not self.stream:
             raise RequestError(  # OpenAI's and vLLM's rule
                 "stream_options is only allowed when stream is true", param="stream_options"
@@ -188,7 +198,6 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
     function_call: str | dict[str, Any] | None = None  # ... and of tool_choice
-    response_format: dict[str, Any] | None = None
 
     def check_ranges(self) -> None:
         self.check_shared()
@@ -213,15 +222,6 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             raise RequestError(  # "required" or a named function, with nothing to call
                 f"tool_choice {self.tool_choice!r} needs tools, and none were given",
                 param="tool_choice",
-            )
-        kind = (self.response_format or {}).get("type") or "text"
-        if kind != "text":
-            # Named when short; a hostile value is not echoed back whole.
-            name = repr(kind) if isinstance(kind, str) and len(kind) <= 40 else "of that type"
-            raise RequestError(
-                f"response_format {name} is not supported: this server has no constrained "
-                'decoding, so it cannot promise JSON; leave it out or send {"type": "text"}',
-                param="response_format",
             )
 
 
