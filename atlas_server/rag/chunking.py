@@ -5,8 +5,11 @@ What it does: finds headings (Markdown `#` lines; reST titles underlined with `=
 whole sentences into chunks of at most `max_tokens` (counted by the caller's function,
 normally the embedder's word-piece count), repeating the last sentences of a chunk at the
 start of the next up to `overlap_tokens`. A sentence too long for a chunk is packed word
-by word instead, with the sentences around it. Every chunk keeps its source, nearest heading and character span, and gets a
-content-derived id, so re-ingesting the same file produces the same ids.
+by word instead, with the sentences around it; a run of more than `MAX_RUN` characters
+without a space or punctuation (a hash, an emoji run) is cut into slices first, because
+the tokenizer counts it as one piece whatever its length. Every chunk keeps its source,
+nearest heading and character span, and gets a content-derived id, so re-ingesting the
+same file produces the same ids.
 What it does not do: read files (see `ingest.py`) or embed.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +30,14 @@ _RST_UNDERLINE = re.compile(r"^([=\-~^\"'*+#`])\1{2,}\s*$")
 # A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace,
 # or at a blank line; lists and code lines end at their newline.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+\.)\s)")
+# WordPiece (MiniLM's tokenizer) reads a run of more than 100 characters (its
+# max_input_chars_per_word) between spaces, punctuation and CJK ideographs as one [UNK], so
+# counted whole a 50,000-character hash or emoji run is "1 piece" and was never cut.
+MAX_RUN = 100
+_RUN = re.compile(  # such a run; _long_runs also cuts it at non-ASCII punctuation
+    r"[^\s!-/:-@\[-`{-~\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    rf"\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f]{{{MAX_RUN + 1},}}"
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,19 @@ def sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
     return out
 
 
+def _long_runs(text: str, a: int, b: int) -> list[tuple[int, int]]:
+    """Spans of the runs of more than MAX_RUN characters in text[a:b] (see _RUN)."""
+    runs = []
+    for m in _RUN.finditer(text, a, b):
+        s = m.start()
+        for i in range(s, m.end() + 1):
+            if i == m.end() or unicodedata.category(text[i]).startswith("P"):
+                if i - s > MAX_RUN:
+                    runs.append((s, i))
+                s = i + 1
+    return runs
+
+
 def _words(
     text: str, a: int, b: int, count: Callable[[str], int], limit: int
 ) -> list[tuple[int, int, int]]:
@@ -101,14 +126,35 @@ def _words(
     remnant before it (a table row's `|`) as a chunk of one character, which outranked
     whole passages for short queries. A single word longer than `limit` (a URL, a base64
     blob) is cut between characters, so no part of the text is ever left for the
-    embedder to truncate.
+    embedder to truncate; so is a long run inside a word (_cut_run).
     """
     words: list[tuple[int, int, int]] = []
     for m in re.finditer(r"\S+", text[a:b]):
         s, e = a + m.start(), a + m.end()
-        n = count(text[s:e])
-        words += _cut_word(text, s, e, count, limit) if n > limit else [(s, e, n)]
+        for r_start, r_end in [*_long_runs(text, s, e), (e, e)]:
+            if r_start > s:  # the part of the word before the run (all of an ordinary word)
+                n = count(text[s:r_start])
+                words += (
+                    _cut_word(text, s, r_start, count, limit) if n > limit else [(s, r_start, n)]
+                )
+            words += _cut_run(text, r_start, r_end, count, limit)
+            s = r_end
     return words
+
+
+def _cut_run(
+    text: str, a: int, b: int, count: Callable[[str], int], limit: int
+) -> list[tuple[int, int, int]]:
+    """Slices of a long run, each of at least one piece per character: WordPiece makes at
+    most one of a character, and one it has no piece for (an emoji) turns a whole word into
+    one [UNK], which would let a run of them fill a chunk however long it is."""
+    step = min(MAX_RUN, limit)
+    slices = []
+    for s in range(a, b, step):
+        e = min(s + step, b)
+        n = max(count(text[s:e]), e - s)
+        slices += _cut_word(text, s, e, count, limit) if n > limit else [(s, e, n)]
+    return slices
 
 
 def _cut_word(
@@ -148,7 +194,8 @@ def chunk_text(
         units: list[tuple[int, int, int]] = []  # (start, end, pieces) of each sentence
         for a, b in sentences(text, s_start, s_end):
             n = count(text[a:b])
-            units += _words(text, a, b, count, limit) if n > limit else [(a, b, n)]
+            long = n > limit or _long_runs(text, a, b)
+            units += _words(text, a, b, count, limit) if long else [(a, b, n)]
         i = 0
         while i < len(units):
             j, total = i + 1, units[i][2]

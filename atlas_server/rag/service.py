@@ -216,8 +216,11 @@ class RAGService:
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
-        with self._writing:
-            self.store.delete_collection(collection)
+        try:
+            with self._writing:
+                self.store.delete_collection(collection)
+        except StoreError as e:  # e.g. the folder could not be renamed away: a 503
+            raise VectorStoreUnavailable(str(e)) from None
 
     def _require(self, collection: str) -> None:
         check_collection_name(collection)  # a name no store can hold is a 400, not a 404

@@ -45,7 +45,7 @@ from ..store import (
     payload_of,
 )
 from ..types import Chunk
-from .folder import FolderLock, remove_tree
+from .folder import FolderLock, remove_tree, sweep_trash
 
 INDEXED_FIELDS = ("source", "heading")
 BOOLS = "_bools"  # 0/1 copies of boolean metadata, for filters (see edge_filter)
@@ -104,6 +104,7 @@ class EdgeStore(VectorStore):
         # The lock also refuses a folder another back end's data is in (folder.claim_folder).
         self._folder_lock = FolderLock(self.root, self.name)
         (self.root / "collections").mkdir(exist_ok=True)
+        sweep_trash(self.root / "collections")  # deletes a crash interrupted
         self._shards: dict[str, qe.EdgeShard] = {}
         self._unindexed: dict[str, int] = {}
         self._lock = threading.RLock()  # opening, creating, deleting and optimising shards

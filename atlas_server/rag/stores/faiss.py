@@ -44,7 +44,7 @@ from ..store import (
     terms,
 )
 from ..types import Chunk
-from .folder import FolderLock, atomic_write_bytes, remove_tree
+from .folder import FolderLock, atomic_write_bytes, remove_tree, sweep_trash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -348,6 +348,7 @@ class FaissStore(VectorStore):
         self.opts = dict(settings.options)
         self._folder_lock = FolderLock(self.root, self.name)
         (self.root / "collections").mkdir(exist_ok=True)
+        sweep_trash(self.root / "collections")  # deletes a crash interrupted
         self._open: dict[str, _Collection] = {}
         self._lock = threading.RLock()  # FAISS indexes and the SQLite connections
         self._closed = False

@@ -7,7 +7,8 @@ the process, so a killed server never leaves a stale one); `claim_folder` marks 
 as one back end's (`<root>/.atlas-store`) and refuses a folder another back end's data is
 in, because the embedded and faiss stores both keep `collections/NAME/` and deleting one's
 collection would delete the other's; `remove_tree` deletes a collection's folder by first
-renaming it (atomic) so a crash leaves the collection whole or gone, never half deleted.
+renaming it (atomic) so a crash leaves the collection whole or gone, never half deleted,
+and `sweep_trash` removes what such a crash left behind when a store opens.
 What it does not do: store anything.
 """
 
@@ -96,10 +97,29 @@ class FolderLock:
             self._file.close()
 
 
+TRASH = ".deleted-"  # no collection name starts with "." (store.check_name)
+
+
 def remove_tree(path: Path) -> None:
-    trash = path.parent / f".deleted-{path.name}-{uuid.uuid4().hex}"
-    os.replace(path, trash)
+    """Delete a collection's folder: renamed away first, so a crash leaves it whole or gone."""
+    # The trash name leaves the collection's name out: `.deleted-NAME-UUID` outgrew the
+    # 255-byte file name limit for names over 213 characters (valid names go to 255).
+    trash = path.parent / f"{TRASH}{uuid.uuid4().hex}"
+    try:
+        os.replace(path, trash)
+    except OSError as e:
+        raise StoreError(f"cannot delete the collection folder {path}: {e}") from None
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def sweep_trash(folder: Path) -> None:
+    """Remove the trash folders of deletes that a crash interrupted (see remove_tree)."""
+    # Safe to remove: a trash folder was renamed away from its collection's name before
+    # anything in it was deleted, so no collection is read from it; and the caller holds
+    # the data dir's lock (FolderLock), so no delete of another process is still using it.
+    for p in folder.iterdir():
+        if p.name.startswith(TRASH) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
