@@ -387,3 +387,26 @@ def test_a_store_whose_package_is_missing_is_a_store_failure(tmp_path, monkeypat
             svc.retrieve("c", "alpha")
     finally:
         svc.close()
+
+
+def test_a_collection_deleted_meanwhile_is_not_a_store_failure(svc, monkeypatch):
+    """Found by the API QA pass under concurrent deletes: a listing whose collection went
+    away between the names and their counts failed whole with 503 "retry in 5 s", and a
+    document delete that waited for the collection's delete answered the same 503 for a
+    collection that can never come back (a 404 without the wait)."""
+    store = svc.store
+    names = store.collections
+    monkeypatch.setattr(store, "collections", lambda: [*names(), "gone"])  # deleted meanwhile
+    assert [name for name, _ in svc.collections()] == ["c"]
+    monkeypatch.setattr(store, "collections", names)
+    # A document delete that waited while the collection was deleted under it.
+    real_require = svc._require
+
+    def deleted_while_waiting(collection):
+        real_require(collection)
+        if not svc._writing.locked():  # the first check passes; then the delete wins
+            store.delete_collection(collection)
+
+    monkeypatch.setattr(svc, "_require", deleted_while_waiting)
+    with pytest.raises(CollectionNotFound):
+        svc.delete_documents("c", ["a.md"])

@@ -174,10 +174,19 @@ class RAGService:
     def collections(self) -> list[tuple[str, int]]:
         """(name, number of chunks) of every collection."""
         store = self.store
+        listed = []
         try:
-            return [(name, store.count(name)) for name in store.collections()]
+            for name in store.collections():
+                try:
+                    listed.append((name, store.count(name)))
+                except StoreError:
+                    if store.exists(name):
+                        raise
+                    # Deleted between the listing and its count: it is not there any more,
+                    # and a concurrent delete must not fail the whole listing.
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
+        return listed
 
     def add_documents(self, collection: str, documents: list[Document]) -> dict[str, Any]:
         """Chunk, embed and store documents (idempotent: chunk ids come from content)."""
@@ -208,6 +217,9 @@ class RAGService:
         store = self.store
         try:
             with self._writing:
+                # Again once writes are ours: a collection deleted while this waited is a
+                # 404, as it is without the wait, not a store failure to retry.
+                self._require(collection)
                 deleted = store.delete_sources(collection, sorted(set(sources)))
                 total = store.count(collection)
         except StoreError as e:
