@@ -491,6 +491,22 @@ def test_embeddings_model_and_dimensions_are_checked(rag_server, extra, status, 
         assert len(r.json()["data"][0]["embedding"]) == 384
 
 
+def test_an_embedding_input_longer_than_the_model_reads_is_refused(rag_server):
+    """QA found texts past MiniLM's 254 word pieces embedded by their start only (two
+    texts differing after it got one vector) while usage billed every piece: a 400 naming
+    the input and the limit, as OpenAI answers a text over its context."""
+    long = "word " * 300
+    r = httpx.post(
+        rag_server + "/v1/embeddings", json={"input": ["heap", long + "about physics"]}, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input" and "input[1] is" in error["message"]
+    assert "at most 254" in error["message"]
+    fits = httpx.post(rag_server + "/v1/embeddings", json={"input": "word " * 250}, timeout=60)
+    assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == 250
+
+
 def test_plugins_route_lists_registrations(rag_server):
     rows = {p["name"]: p for p in httpx.get(rag_server + "/v1/plugins").json()["data"]}
     assert rows["broken-at-runtime"]["registered"]["retrievers"] == ["exploding", "returns-ints"]

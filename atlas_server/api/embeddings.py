@@ -72,6 +72,37 @@ def check_embedding_model(embedder: Any, model: str | None) -> None:
     )
 
 
+def check_embedding_request(embedder: Any, data: EmbeddingsRequest, texts: list[str]) -> None:
+    """The model and dimensions asked for, checked before any text is embedded."""
+    check_embedding_model(embedder, data.model)
+    if data.dimensions is not None and data.dimensions != embedder.dim:
+        # OpenAI's text-embedding-3 models are trained to be cut short; MiniLM is not, so
+        # a shorter vector would be a worse one, not a smaller one of the same quality.
+        raise APIError(
+            400,
+            f"{embedder.name} gives {embedder.dim}-dimensional vectors and cannot shorten "
+            f"them; leave dimensions out or send {embedder.dim}",
+            param="dimensions",
+        )
+
+
+def check_lengths(embedder: Any, counts: list[int]) -> None:
+    """A 400 for a text longer than the embedder reads, as OpenAI answers ("maximum context
+    length"): the model would silently embed only its start (two texts differing after it
+    got one vector) while usage counted the whole."""
+    limit = getattr(embedder, "max_text_pieces", None)
+    if limit is None:
+        return
+    for i, n in enumerate(counts):
+        if n > limit:
+            raise APIError(
+                400,
+                f"input[{i}] is {n} word pieces; {embedder.name} reads at most {limit}: "
+                "split it (e.g. into the chunks RAG ingest makes) and embed the parts",
+                param="input",
+            )
+
+
 @post(
     "/v1/embeddings",
     status_code=200,
@@ -84,22 +115,15 @@ async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[s
 
     def embed():  # one fresh thread: loading the embedder (first call) and encoding
         embedder = state.embedder.get()
-        return embedder, embedder.encode(texts), sum(embedder.count_pieces(t) for t in texts)
+        check_embedding_request(embedder, data, texts)  # before the work, not after it
+        counts = [embedder.count_pieces(t) for t in texts]
+        check_lengths(embedder, counts)
+        return embedder, embedder.encode(texts), sum(counts)
 
     try:
         embedder, vectors, pieces = await state.compute(embed)
     except (ImportError, RuntimeError, OSError) as e:  # no embedder package or model folder
         raise APIError(503, f"the embedder is unavailable: {e}") from None
-    check_embedding_model(embedder, data.model)
-    if data.dimensions is not None and data.dimensions != embedder.dim:
-        # OpenAI's text-embedding-3 models are trained to be cut short; MiniLM is not, so
-        # a shorter vector would be a worse one, not a smaller one of the same quality.
-        raise APIError(
-            400,
-            f"{embedder.name} gives {embedder.dim}-dimensional vectors and cannot shorten "
-            f"them; leave dimensions out or send {embedder.dim}",
-            param="dimensions",
-        )
     if data.encoding_format == "base64":
         rows: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
