@@ -900,6 +900,20 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server, mo
             prompt="x", **{**body, "extra_body": {"truncate_prompt_tokens": 0}}
         )
     assert e.value.body["param"] == "truncate_prompt_tokens"
+    # With rag, the cut kept the grounded prompt's tail while the answer listed the sources
+    # it dropped (API QA pass): refused on both routes, before any retrieval.
+    rag = {"truncate_prompt_tokens": 5, "rag": {"collection": "docs"}}
+    for call in (
+        lambda: client.completions.create(prompt="x", **{**body, "extra_body": rag}),
+        lambda: client.chat.completions.create(
+            messages=[{"role": "user", "content": "x"}], **{**body, "extra_body": rag}
+        ),
+    ):
+        with pytest.raises(BadRequestError) as e:
+            call()
+        assert (
+            e.value.body["param"] == "truncate_prompt_tokens" and "rag" in e.value.body["message"]
+        )
 
 
 def test_the_drain_waits_for_work_off_the_engine_and_answers_it_503_past_the_deadline():

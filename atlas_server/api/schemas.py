@@ -119,6 +119,15 @@ class _SamplingFields(_Body, kw_only=True):
 
     def check_shared(self) -> None:
         """The checks across fields that completions and chat share."""
+        if self.rag is not None and self.truncate_prompt_tokens is not None:
+            # The cut keeps the grounded prompt's tail: the sources (and the question)
+            # went, while the answer still listed them as given.
+            raise RequestError(
+                "truncate_prompt_tokens cannot be combined with rag: cutting the grounded "
+                "prompt would drop the sources it lists; a grounded prompt is fitted to the "
+                "context already (the lowest-ranked sources are left out)",
+                param="truncate_prompt_tokens",
+            )
         kind = (self.response_format or {}).get("type") or "text"
         if kind != "text":
             # Named when short; a hostile value is not echoed back whole.
