@@ -289,6 +289,17 @@ HOSTILE = [
 ]
 
 
+def test_a_body_that_ends_early_is_called_incomplete_json(server):
+    """msgspec's "Input data was truncated" did not say that the body was JSON cut short."""
+    for body in (b'{"prompt": "ab', b"{", b'{"prompt"'):
+        r = httpx.post(server[0] + "/v1/completions", content=body,
+                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["error"]["message"].startswith(
+            "the request body is not valid JSON: it ends"
+        )
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_hostile_bodies_get_openai_errors_never_5xx(server, path):
     for body, ctype in HOSTILE:

@@ -228,6 +228,9 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         if not missing and ("decod" in detail.lower() or "json" in detail.lower() and not problems):
             detail = f"the request body is not valid JSON: {exc.detail}"
         status = 400
+    if status == 400 and detail.lower().startswith("input data was truncated"):
+        # msgspec's words for a body that ends inside a value ('{"prompt": "ab')
+        detail = "the request body is not valid JSON: it ends before the JSON does"
     if status == 400 and param is None and ("malformed" in detail or "out of range" in detail):
         field = _non_finite_field(request)
         if field is not None:
