@@ -155,6 +155,10 @@ def test_document_metadata_is_stored_and_filtered_on(rag_server):
         r = httpx.post(url, json=bad, timeout=60)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "documents[0].metadata", r.text
+    # A whitespace-only text made no chunk, and the 200 said nothing of it (API QA pass).
+    blank = {"documents": [docs[0], {"text": " \n\n ", "source": "blank.md"}]}
+    r = httpx.post(url, json=blank, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents[1].text", r.text
     huge = {"collection": "meta", "query": "heap", "filters": {"lang": 2**80}}
     r = httpx.post(rag_server + "/v1/retrieve", json=huge, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "filters", r.text

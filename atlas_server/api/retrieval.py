@@ -165,6 +165,11 @@ async def list_collections(request: Request) -> dict[str, Any]:
 )
 async def add_documents(request: Request, name: str, data: DocumentsRequest) -> dict[str, Any]:
     for i, d in enumerate(data.documents):
+        if not d.text.strip():  # it made no chunk, and the 200 said nothing of it
+            raise RequestError(
+                "the document's text is only whitespace: there is nothing to store",
+                param=f"documents[{i}].text",
+            )
         problem = metadata_key_problem(d.metadata or {})
         if problem:
             raise RequestError(problem, param=f"documents[{i}].metadata")
