@@ -511,6 +511,26 @@ def test_an_embedding_input_longer_than_the_model_reads_is_refused(rag_server):
     assert fits.status_code == 200 and fits.json()["usage"]["prompt_tokens"] == 250
 
 
+def test_a_big_embeddings_request_leaves_the_embedder_between_slices(rag_server, monkeypatch):
+    """One request of 2,048 texts held the embedder's lock for all of them (a RAG query
+    waited 96 s behind it in the API QA pass): it is embedded in slices, each its own call,
+    so other requests get the model between them; the vectors are the same."""
+    from atlas_server.api.embeddings import SLICE
+    from atlas_server.rag.embedding import Embedder
+
+    sizes: list[int] = []
+    encode = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, t: sizes.append(len(t)) or encode(self, t))
+    texts = [f"text {i}" for i in range(2 * SLICE + 5)]
+    r = httpx.post(rag_server + "/v1/embeddings", json={"input": texts}, timeout=120).json()
+    assert sizes == [SLICE, SLICE, 5]
+    assert len(r["data"]) == len(texts) and [d["index"] for d in r["data"]] == list(
+        range(len(texts))
+    )
+    alone = httpx.post(rag_server + "/v1/embeddings", json={"input": texts[-1]}, timeout=60).json()
+    assert r["data"][-1]["embedding"] == pytest.approx(alone["data"][0]["embedding"], abs=1e-5)
+
+
 def test_plugins_route_lists_registrations(rag_server):
     rows = {p["name"]: p for p in httpx.get(rag_server + "/v1/plugins").json()["data"]}
     assert rows["broken-at-runtime"]["registered"]["retrievers"] == ["exploding", "returns-ints"]
