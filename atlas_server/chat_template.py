@@ -141,14 +141,13 @@ def message_text(content: Any, index: int) -> str:
         return content
     if isinstance(content, Sequence):
         parts = []
-        for part in content:
-            if (
-                not isinstance(part, Mapping)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+        where = f"messages[{index}].content"
+        for i, part in enumerate(content):
+            if not isinstance(part, Mapping) or part.get("type") != "text":
+                raise ChatTemplateError("only text content parts are supported", param=where)
+            if not isinstance(part.get("text"), str):  # a text part, but its text is wrong
                 raise ChatTemplateError(
-                    "only text content parts are supported", param=f"messages[{index}].content"
+                    f'content part {i} is a text part without "text" as a string', param=where
                 )
             parts.append(part["text"])
         return "".join(parts)

@@ -309,3 +309,7 @@ def test_content_parts_and_missing_content(atlas_tokenizer):
     with pytest.raises(ChatTemplateError) as e:
         template.prompt_ids([{"role": "user", "content": [{"type": "image_url"}]}])
     assert e.value.param == "messages[0].content"
+    # A text part whose text is missing or not a string is not "another kind of part".
+    for part in ({"type": "text"}, {"type": "text", "text": 5}):
+        with pytest.raises(ChatTemplateError, match='part 1 is a text part without "text"'):
+            template.prompt_ids([{"role": "user", "content": [parts[0], part]}])

@@ -179,7 +179,10 @@ def max_tokens_for(
         why = "more than that" if prompt_len > limit else "which leaves nothing to generate"
         raise RequestError(
             f"this model's maximum context length is {limit} tokens and the {prompt_param} "
-            f"has {prompt_len}{counted}, {why}; shorten the {prompt_param}",
+            f"take {prompt_len}{counted}, {why}; shorten the {prompt_param}"
+            if prompt_param == "messages"
+            else f"this model's maximum context length is {limit} tokens and the "
+            f"{prompt_param} has {prompt_len}{counted}, {why}; shorten the {prompt_param}",
             param=prompt_param,
         )
     if asked == 0 and prompt_len == limit:
