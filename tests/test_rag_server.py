@@ -155,6 +155,10 @@ def test_document_metadata_is_stored_and_filtered_on(rag_server):
         r = httpx.post(url, json=bad, timeout=60)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "documents[0].metadata", r.text
+    # A source too long for the URL query its DELETE names it in (API QA pass).
+    long_source = {"documents": [{"text": "x", "source": "s" * 2049}]}
+    r = httpx.post(url, json=long_source, timeout=60)
+    assert r.status_code == 400 and "documents[0].source" in r.json()["error"]["param"], r.text
     # A whitespace-only text made no chunk, and the 200 said nothing of it (API QA pass).
     blank = {"documents": [docs[0], {"text": " \n\n ", "source": "blank.md"}]}
     r = httpx.post(url, json=blank, timeout=60)

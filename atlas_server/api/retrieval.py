@@ -45,9 +45,14 @@ class RetrieveRequest(NullMeansDefault, kw_only=True, forbid_unknown_fields=True
     filters: Filters | None = None
 
 
+MAX_SOURCE = 2048  # characters of a document's source
+
+
 class DocumentIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     text: NonEmpty
-    source: NonEmpty  # what citations show and filters match: never empty
+    # What citations show and filters match: never empty, and short enough for the URL
+    # query its DELETE names it in (httpx refuses longer queries, nginx's default is 8 KB).
+    source: Annotated[str, Meta(min_length=1, max_length=MAX_SOURCE)]
     title: str | None = None
     # On every chunk of the document; `filters` match its keys (docs/rag.md), so keys at
     # every depth are what a filter can name (`metadata_key_problem`).
