@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from atlas_server.hookspecs import hookimpl
+from atlas_server.rag.errors import InvalidRAGRequest
 from atlas_server.rag.types import RAGContext, RetrievedChunk
 
 
@@ -78,8 +79,13 @@ class CrossEncoderReranker:
     def __init__(self, ctx: RAGContext) -> None:
         path = ctx.options.get("model_path")
         if not path:
-            raise RuntimeError(
-                "the cross-encoder reranker needs options.model_path (a local CrossEncoder folder)"
+            # The client asked for a reranker this server offers but was not given a model
+            # for: a 400 naming it (a 502 blaming the plugin, with a traceback, before).
+            raise InvalidRAGRequest(
+                "the cross-encoder reranker is not configured on this server (it needs "
+                "[rag.plugin_options.cross-encoder] model_path, a local CrossEncoder folder); "
+                "choose another reranker",
+                "reranker",
             )
         from sentence_transformers import CrossEncoder
 

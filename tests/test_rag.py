@@ -172,12 +172,16 @@ def test_cross_encoder_reranker_loads_a_local_model(tmp_path, store, embedder):
     assert [r.chunk.id for r in reranked] == [candidates[i].chunk.id for i in order[:3]]
 
 
-def test_failing_plugin_is_named(store, embedder):
-    pipeline = RAGPipeline(get_plugin_host(), RAGContext(store, embedder))
+def test_failing_plugin_is_named(store, embedder, monkeypatch):
+    host = get_plugin_host()
+
+    def broken(ctx):  # a reranker whose construction fails (a model that cannot load)
+        raise RuntimeError("the model folder is unreadable")
+
+    monkeypatch.setitem(host.rerankers, "mmr", broken)
+    pipeline = RAGPipeline(host, RAGContext(store, embedder))
     with pytest.raises(PluginRuntimeError, match="atlas-rerankers"):
-        pipeline.retrieve(
-            "std", "q", 2, "dense", reranker="cross-encoder"
-        )  # no model_path configured
+        pipeline.retrieve("std", "q", 2, "dense", reranker="mmr")
 
 
 def test_grounded_prompt_and_citations(store, embedder):

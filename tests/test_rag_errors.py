@@ -410,3 +410,12 @@ def test_a_collection_deleted_meanwhile_is_not_a_store_failure(svc, monkeypatch)
     monkeypatch.setattr(svc, "_require", deleted_while_waiting)
     with pytest.raises(CollectionNotFound):
         svc.delete_documents("c", ["a.md"])
+
+
+def test_an_unconfigured_cross_encoder_is_the_requests_400_not_a_plugin_failure(svc):
+    """`cross-encoder` is offered by /v1/plugins but needs a model folder in the server's
+    config; without one every request naming it was a 502 blaming the plugin, with a
+    traceback logged each time (API QA pass). It is a 400 naming the reranker."""
+    with pytest.raises(InvalidRAGRequest, match="not configured on this server") as caught:
+        svc.retrieve("c", "alpha", reranker="cross-encoder")
+    assert caught.value.param == "reranker"

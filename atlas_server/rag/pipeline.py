@@ -104,6 +104,8 @@ class RAGPipeline:
                 ctx = dataclasses.replace(self.ctx, options=dict(self.options.get(name, {})))
                 try:
                     self._built[key] = registry[name](ctx)
+                except InvalidRAGRequest:  # the plugin says the request asked amiss (a 400)
+                    raise
                 except (Exception, SystemExit, KeyboardInterrupt) as e:
                     if _a_real_ctrl_c(e):
                         raise
