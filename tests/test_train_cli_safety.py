@@ -343,6 +343,34 @@ def test_the_peak_is_measured_once_per_process_and_again_only_after_a_while(
     assert " | mfu " in second.output
 
 
+def test_mfu_is_against_the_peak_of_the_precision_the_run_multiplies_in(
+    files, tmp_path, monkeypatch
+):
+    """bf16 autocast on a CPU with bf16 units (AVX512-BF16, AMX) multiplies faster than the
+    fp32 peak it was measured against: the quickstart logged MFU 104-108% on such a host.
+    A bf16 run's peak is a bf16 one; an fp32 run's stays fp32."""
+    asked = []
+    monkeypatch.setattr(
+        trainer.loop, "measured_matmul_peak", lambda *a, **k: asked.append(k.get("dtype")) or 1e12
+    )
+    monkeypatch.setattr(trainer.loop, "_PEAK_SEEN", {})
+    sets = ("schedule.max_steps=1",)
+    for precision in ("bf16", "fp32"):
+        out = tmp_path / precision
+        result = invoke("train", *pretrain_sets(files["data"], out, *sets,
+                                                f'run.precision="{precision}"'))  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert asked == [torch.bfloat16, None]
+    # And the measurement itself multiplies in the dtype asked for.
+    seen = []
+    real_randn = torch.randn
+    monkeypatch.setattr(
+        torch, "randn", lambda *a, **k: seen.append(k.get("dtype")) or real_randn(*a, **k)
+    )
+    assert measured_matmul_peak("cpu", size=64, seconds=0.01, dtype=torch.bfloat16) > 0
+    assert seen and set(seen) == {torch.bfloat16}
+
+
 def test_the_peak_measurement_keeps_to_its_time_on_one_thread():
     """One thread multiplies a 3072^3 product in over a second; run.threads=1 runs (every
     test run) spent 2-4 s measuring a 1 s peak before the sizes followed the budget."""

@@ -4,7 +4,8 @@ What it does: counts training FLOPs per token as 6N + 12*L*C*T (PaLM, appendix B
 every parameter that takes part in a matrix multiply (all parameters but the position
 table; a tied embedding counts once, as the output projection), and 12*L*C*T is the
 attention score and value products for a context of T. It also measures the machine's
-peak fp32 matmul rate (or bf16 on CUDA) in about a second.
+peak matmul rate in the run's precision (fp32, or bf16 on CUDA, by default) in about a
+second.
 What it does not do: decide what "good" is; benchmarks compare against this peak.
 """
 
@@ -26,10 +27,15 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 def measured_matmul_peak(
-    device: str = "cpu", size: int | None = None, seconds: float = 1.0
+    device: str = "cpu",
+    size: int | None = None,
+    seconds: float = 1.0,
+    dtype: torch.dtype | None = None,
 ) -> float:
-    """Best observed FLOP/s of square matmuls (fp32 on CPU, bf16 on CUDA), fastest kernel,
-    in about `seconds`.
+    """Best observed FLOP/s of square matmuls in `dtype` (default fp32 on CPU, bf16 on CUDA:
+    pass the precision the run multiplies in, e.g. bf16 for bf16 autocast on a CPU that has
+    AVX512-BF16 or AMX, where an fp32 peak put MFU over 100%), fastest kernel, in about
+    `seconds`.
 
     Two sizes, n and 1.5 n: with 2 MB-aligned buffers (THP_MEM_ALLOC_ENABLE, which
     atlas_server sets) a 2048^3 product can hit cache-set conflicts and understate the peak.
@@ -40,7 +46,7 @@ def measured_matmul_peak(
     budget fourfold. A single thread is at its peak long before 1024.
     """
     gpu = device.startswith("cuda")
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
     # Random operands (a GPU draws less power on constant data and runs faster than on real
     # work) from a private generator: measuring must not move the global RNG (exact resume).
     generator = torch.Generator(device=device).manual_seed(0)

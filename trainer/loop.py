@@ -865,7 +865,7 @@ SHOWN_ON_BAR = ("reward_margin", "preference_accuracy")
 # The best matmul peak this process has measured, by (device, threads): the hardware does not
 # change between the runs of one process (a sweep, a notebook, a test suite), so a later run
 # starts from it instead of spending a second measuring again.
-_PEAK_SEEN: dict[tuple[str, int], float] = {}
+_PEAK_SEEN: dict[tuple[str, int, str], float] = {}
 # A CPU peak measured under load comes out low, so it is measured again (half a second) at a
 # validation step, but no sooner than this after the last measurement: at most ~1% of the
 # time goes to it, however often a run validates.
@@ -883,10 +883,15 @@ class Progress:
         n_params = run.model.num_parameters()
         self.flops_per_token = flops_per_token(run.model.config, n_params, cfg.data.seq_len)
         # Before the bar: a Ctrl-C during these seconds leaves no half-drawn bar behind.
-        self.peak_key = (str(run.device), torch.get_num_threads())
+        # The peak of the precision the matmuls run in: bf16 autocast on a CPU with bf16
+        # units ran past an fp32 peak (MFU 104-108% in the quickstart on such a host).
+        self.peak_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision)
+        self.peak_key = (str(run.device), torch.get_num_threads(), str(self.peak_dtype))
         self.peak = 0.0
         if run.dist.main:
-            self.peak = _PEAK_SEEN.get(self.peak_key) or measured_matmul_peak(run.device)
+            self.peak = _PEAK_SEEN.get(self.peak_key) or measured_matmul_peak(
+                run.device, dtype=self.peak_dtype
+            )
             _PEAK_SEEN[self.peak_key] = self.peak
         self.peak_measured_at = time.perf_counter()
         self.logger = Logger(cfg, run.run_dir, run.dist.main, resumed_at=run.start_step)
@@ -912,7 +917,9 @@ class Progress:
         start = time.perf_counter()
         due = start - self.peak_measured_at >= PEAK_REFRESH_SECONDS
         if self.run.dist.main and self.run.device == "cpu" and due:
-            self.peak = max(self.peak, measured_matmul_peak("cpu", seconds=0.5))
+            self.peak = max(
+                self.peak, measured_matmul_peak("cpu", seconds=0.5, dtype=self.peak_dtype)
+            )
             _PEAK_SEEN[self.peak_key] = self.peak
             self.peak_measured_at = time.perf_counter()
             self.t_last += self.peak_measured_at - start  # not training time: out of tok/s
