@@ -468,6 +468,11 @@ def test_health_is_503_until_the_model_is_loaded(tiny_checkpoint):
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
 
 
+def test_health_says_rag_is_off_on_a_server_without_it(server):
+    body = httpx.get(server[0] + "/health").json()
+    assert body["status"] == "ok" and body["rag"] == "off"
+
+
 def test_out_of_range_seed_is_a_400_and_the_server_keeps_serving(server):
     base = server[0]
     for seed in (2**63, -(2**63) - 1, 2**64 + 5):

@@ -380,9 +380,12 @@ def test_a_store_whose_package_is_missing_is_a_store_failure(tmp_path, monkeypat
                           data_dir=str(tmp_path / "store"), store_options={}, plugin_options={})  # fmt: skip
     svc = RAGService(PluginHost(), FakeEmbedder, store_config=rag)
     try:
+        assert svc.store_status() == "not opened yet"
         with caplog.at_level(logging.WARNING):
             svc.open_store()  # the server's start-up: logged, not raised
         assert "its package is not installed" in caplog.text
+        # /health says so (its status stays 200: generation is served).
+        assert svc.store_status().startswith("unavailable: the 'embedded' vector store")
         with pytest.raises(VectorStoreUnavailable, match="'embedded' vector store .* qdrant_edge"):
             svc.retrieve("c", "alpha")
     finally:
@@ -395,6 +398,7 @@ def test_a_collection_deleted_meanwhile_is_not_a_store_failure(svc, monkeypatch)
     document delete that waited for the collection's delete answered the same 503 for a
     collection that can never come back (a 404 without the wait)."""
     store = svc.store
+    assert svc.store_status() == "ok"
     names = store.collections
     monkeypatch.setattr(store, "collections", lambda: [*names(), "gone"])  # deleted meanwhile
     assert [name for name, _ in svc.collections()] == ["c"]

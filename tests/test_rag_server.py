@@ -308,7 +308,8 @@ def test_plugin_failure_is_named_logged_once_and_the_server_stays_up(rag_server,
     assert len(logged) == 1 and "broken-at-runtime" in logged[0].getMessage()
     traceback = caplog.text[caplog.text.index("Traceback") :]
     assert "in retrieve" in traceback and "ValueError: index corrupted" in traceback
-    assert httpx.get(rag_server + "/health").status_code == 200
+    health = httpx.get(rag_server + "/health")
+    assert health.status_code == 200 and health.json()["rag"] == "ok"  # the store opened
 
 
 def _body_for(route: str, options: dict, rag_only: dict | None = None) -> dict:

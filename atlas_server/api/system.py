@@ -72,7 +72,10 @@ def _health(state) -> tuple[dict[str, Any], int]:
             "error": "the engine thread has stopped; the server log says why",
         }, 503
     backend = getattr(state.engine, "backend", None)
-    return {"status": "ok", "model": state.model_name, "backend": backend}, 200
+    # RAG's store, said but not judged: generation is served whatever it is, so a store
+    # that cannot open (its RAG routes answer 503) does not take the server out of service.
+    rag = state.rag.store_status() if state.rag is not None else "off"
+    return {"status": "ok", "model": state.model_name, "backend": backend, "rag": rag}, 200
 
 
 @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")

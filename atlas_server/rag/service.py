@@ -89,6 +89,7 @@ class RAGService:
         # half written would leave part of the document behind.
         self._writing = threading.Lock()
         self._store: Any = None
+        self._store_problem: str | None = None  # why the last try to open it failed
         self._pipeline: RAGPipeline | None = None
 
     # --- lazily opened parts ------------------------------------------------------------
@@ -99,16 +100,28 @@ class RAGService:
                 try:
                     self._store = store_from_config(self._store_config, self.host)
                 except StoreError as e:
+                    self._store_problem = str(e)
                     raise VectorStoreUnavailable(str(e)) from None
                 except ImportError as e:
                     # A back end whose package is not installed: RAG answers 503 saying
                     # so, and completions are served as ever (the server used to exit).
                     name = getattr(self._store_config, "store", "configured")
-                    raise VectorStoreUnavailable(
+                    self._store_problem = (
                         f"the {name!r} vector store cannot be opened: its package is not"
                         f" installed ({e})"
-                    ) from None
+                    )
+                    raise VectorStoreUnavailable(self._store_problem) from None
+                self._store_problem = None
             return self._store
+
+    def store_status(self) -> str:
+        """For /health, without trying to open anything: "ok" (open), "not opened yet", or
+        "unavailable: WHY" (the last try failed; RAG requests answer 503 and try again)."""
+        if self._store is not None:
+            return "ok"
+        if self._store_problem is not None:
+            return f"unavailable: {self._store_problem}"
+        return "not opened yet"
 
     def open_store(self) -> None:
         """Open the store now (a server at start-up): an embedded store's folder is then
