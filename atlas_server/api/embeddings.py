@@ -74,7 +74,7 @@ def check_embedding_model(embedder: Any, model: str | None) -> None:
     )
 
 
-def check_embedding_request(embedder: Any, data: EmbeddingsRequest, texts: list[str]) -> None:
+def check_embedding_request(embedder: Any, data: EmbeddingsRequest) -> None:
     """The model and dimensions asked for, checked before any text is embedded."""
     check_embedding_model(embedder, data.model)
     if data.dimensions is not None and data.dimensions != embedder.dim:
@@ -117,7 +117,7 @@ async def create_embeddings(request: Request, data: EmbeddingsRequest) -> dict[s
 
     def embed():  # one fresh thread: loading the embedder (first call) and encoding
         embedder = state.embedder.get()
-        check_embedding_request(embedder, data, texts)  # before the work, not after it
+        check_embedding_request(embedder, data)  # before the work, not after it
         counts = [embedder.count_pieces(t) for t in texts]
         check_lengths(embedder, counts)
         # In slices, each its own call and its own hold of the embedder's lock: a query of
