@@ -56,6 +56,9 @@ class HTTPSection(_Section):
     # Seconds a SIGTERM waits for running requests before ending them (keep it below
     # Kubernetes' terminationGracePeriodSeconds).
     drain_timeout_s: float = 20.0
+    # Seconds a request body may go without arriving before a 408 (nginx's
+    # client_body_timeout default); 0 turns it off.
+    body_timeout_s: float = 60.0
     cors_allow_origins: list[str] = []
 
 
@@ -124,6 +127,7 @@ class ServerConfig(_Section):
             (0 < self.http.port < 65536, "http.port must be in 1..65535"),
             (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),
             (self.http.drain_timeout_s >= 0, "http.drain_timeout_s must be >= 0"),
+            (self.http.body_timeout_s >= 0, "http.body_timeout_s must be >= 0 (0: off)"),
             (self.rag.top_k >= 1, "rag.top_k must be >= 1"),
             (
                 1 <= self.rag.chunk_max_tokens <= MAX_CHUNK_TOKENS,

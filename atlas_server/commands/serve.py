@@ -117,6 +117,15 @@ class AnswerCutRequests:
                 raise
 
 
+def asgi_app(application, state):
+    """What uvicorn runs: the Litestar app, with stalled bodies answered 408 (inside, so
+    the 408 is a response the drain's 503 does not replace) and cut requests 503."""
+    from ..api.body_timeout import BodyReadTimeout
+
+    timed = BodyReadTimeout(application, state.config.http.body_timeout_s, state.metrics.errors)
+    return AnswerCutRequests(timed, state)
+
+
 async def _answer_503(send) -> bool:
     """Send the shutdown's OpenAI 503; False if a response had already begun."""
     from ..api.errors import ShutDownBeforeFinishing
@@ -273,7 +282,7 @@ def serve(
     )
     application = create_app(state, api_key=key)
     uv_config = uvicorn.Config(
-        AnswerCutRequests(application, state),
+        asgi_app(application, state),
         host=cfg.http.host,
         port=cfg.http.port,
         log_level=log_level.lower(),
