@@ -76,6 +76,7 @@ ROUTES = [
     ("POST", "/v1/embeddings"),
     ("POST", "/v1/retrieve"),
     ("GET", "/v1/collections"),
+    ("GET", "/v1/collections/{name}/documents"),
     ("POST", "/v1/collections/{name}/documents"),
     ("DELETE", "/v1/collections/{name}/documents"),
     ("DELETE", "/v1/collections/{name}"),

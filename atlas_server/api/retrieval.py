@@ -1,8 +1,9 @@
 """The RAG routes and the prompt augmenter, over `atlas_server.rag.service.RAGService`.
 
-What it does: `POST /v1/retrieve`, `GET /v1/collections`, `POST
-/v1/collections/{name}/documents`, `DELETE /v1/collections/{name}/documents?source=...`
-and `DELETE /v1/collections/{name}` (served when `[rag] enabled`), and `RAGAugmenter`, the `state.PromptAugmenter` that grounds a completion or
+What it does: `POST /v1/retrieve`, `GET /v1/collections`, `GET` (a page of its
+documents, by source), `POST` (ingest) and `DELETE ?source=...` on
+`/v1/collections/{name}/documents`, and `DELETE /v1/collections/{name}` (served when
+`[rag] enabled`), and `RAGAugmenter`, the `state.PromptAugmenter` that grounds a completion or
 chat request with a `rag` object in retrieved sources and cites them after generation.
 Every call into the service runs on a thread that ends with it (`compute_threads.py`:
 the embedder and rerankers run PyTorch); the service's errors become HTTP errors in
@@ -23,7 +24,7 @@ from msgspec import Meta
 from ..rag.errors import RAGError
 from ..rag.grounding import extract_citations, given_sources, last_user_text
 from ..rag.ingest import Document
-from ..rag.service import RAGService
+from ..rag.service import MAX_DOCUMENTS_PAGE, RAGService
 from ..rag.store import metadata_key_problem
 from ..rag.types import RetrievedChunk
 from .chat import prompt_ids
@@ -185,6 +186,48 @@ async def add_documents(request: Request, name: str, data: DocumentsRequest) -> 
         raise _named(e) from None
 
 
+@get(
+    "/v1/collections/{name:str}/documents",
+    summary="List a collection's documents, by source (Atlas)",
+    responses=error_responses(400, 401, 404, 503),
+)
+async def list_documents(
+    request: Request,
+    name: str,
+    limit: Annotated[
+        int,
+        Parameter(ge=1, le=MAX_DOCUMENTS_PAGE, description="Documents in the page (1-1000)."),
+    ] = 100,
+    after: Annotated[
+        str | None,
+        Parameter(description="The previous page's `last_id`: list the sources after it."),
+    ] = None,
+    prefix: Annotated[
+        str | None, Parameter(description="Only sources that start with this.")
+    ] = None,
+) -> dict[str, Any]:
+    """One row per source, sorted by source, paged as OpenAI's lists are (`after` =
+    `last_id`, `has_more`). Every page reads the whole collection (docs/rag.md)."""
+    service = _service(request)
+    try:
+        rows, more = await _state(request).compute(
+            service.documents, name, limit, after, prefix or ""
+        )
+    except RAGError as e:
+        raise _named(e) from None
+    return {
+        "object": "list",
+        "collection": name,
+        "data": [
+            {"source": d.source, "title": d.title, "chunks": d.chunks, "characters": d.characters}
+            for d in rows
+        ],
+        "first_id": rows[0].source if rows else None,
+        "last_id": rows[-1].source if rows else None,
+        "has_more": more,
+    }
+
+
 @delete(
     "/v1/collections/{name:str}/documents",
     status_code=200,
@@ -227,4 +270,11 @@ def _named(e: RAGError):
     return error
 
 
-RAG_ROUTES = [retrieve, list_collections, add_documents, delete_documents, delete_collection]
+RAG_ROUTES = [
+    retrieve,
+    list_collections,
+    list_documents,
+    add_documents,
+    delete_documents,
+    delete_collection,
+]

@@ -2,8 +2,9 @@
 
 What it does: `atlas rag ingest PATH... --collection NAME [--store NAME] [--data-dir DIR |
 --store-url URL]` chunks, embeds and stores files (progress bar; idempotent and resumable;
-unusable files are skipped by name and counted), and `atlas rag query` shows what a
-retriever returns. The default store folder is the one `atlas serve`
+unusable files are skipped by name and counted), `atlas rag documents --collection NAME`
+lists the documents a collection holds (one line per source), and `atlas rag query` shows
+what a retriever returns. The default store folder is the one `atlas serve`
 uses (one process at a time: while a server holds it, ingest through its HTTP route).
 What it does not do: generation.
 """
@@ -205,3 +206,40 @@ def query(
         heading = f" — {r.chunk.heading}" if r.chunk.heading else ""
         typer.echo(f"[{i}] {r.score:.4f} {r.chunk.source}{heading} [{r.chunk.start}:{r.chunk.end}]")
         typer.echo("    " + r.chunk.text[:200].replace("\n", " "))
+
+
+@app.command()
+def documents(
+    collection: str = typer.Option(..., help="Collection name."),
+    data_dir: Path = typer.Option(None, help="The store's folder."),
+    store: str = typer.Option(None, help=STORE_HELP),
+    store_url: str = typer.Option(None, help=URL_HELP),
+    qdrant_url: str = typer.Option(None, help="Shorthand for --store qdrant --store-url URL."),
+    prefix: str = typer.Option("", help="Only the sources that start with this."),
+) -> None:
+    """List a collection's documents, one line per source.
+
+    Each line gives the document's chunks, its length in characters and its title, sorted
+    by source: what GET /v1/collections/NAME/documents pages through. Reads every chunk of
+    the collection once.
+
+    Example: atlas rag documents --collection manual --data-dir data/qdrant
+    """
+    from ..rag.service import documents_of
+
+    with _errors():
+        vector_store = _store(data_dir, qdrant_url, store, store_url)
+        try:
+            rows = documents_of(vector_store, collection, prefix=prefix)
+        finally:
+            vector_store.close()
+    typer.echo(f"{'chunks':>8} {'characters':>11}  source — title")
+    for d in rows:
+        title = f" — {d.title}" if d.title else ""
+        typer.echo(f"{d.chunks:>8} {d.characters:>11}  {d.source}{title}")
+    chunks = sum(d.chunks for d in rows)
+    matching = f" under {prefix!r}" if prefix else ""
+    typer.echo(
+        f"{len(rows)} document{'s' * (len(rows) != 1)}{matching}, {chunks} chunk"
+        f"{'s' * (chunks != 1)} (collection {collection!r})"
+    )

@@ -4,7 +4,8 @@ What it does: `RAGService` opens the vector store and the retrieval pipeline laz
 first use (a server that never sees a RAG request never locks a data directory or loads
 the embedder), checks a request before any plugin sees it (collection name, query,
 filters), retrieves and reranks through the plugins, ingests documents, lists and deletes
-collections, and grounds a prompt or a chat in retrieved sources, dropping the
+collections, lists a collection's documents (`documents_of`) and deletes them by source,
+and grounds a prompt or a chat in retrieved sources, dropping the
 lowest-ranked ones until the prompt fits the model's context. It raises only the errors
 of `errors.py`. Every method blocks: callers run them off their event loop (the HTTP
 layer does, on a thread that ends with the call, see `compute_threads.py`).
@@ -68,6 +69,54 @@ def check_filters(filters: dict[str, Any] | None) -> None:
         raise InvalidRAGRequest(str(e), "filters") from None
 
 
+MAX_DOCUMENTS_PAGE = 1000  # rows one listing of a collection's documents returns at most
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    """One document of a collection (its chunks sharing a source), as its chunks describe
+    it: no store keeps a record of the document itself."""
+
+    source: str
+    # Its first chunk's heading: the title it was ingested with, unless its text opens
+    # under a heading of its own (None when neither).
+    title: str | None
+    chunks: int
+    characters: int  # where its last chunk's span ends: the text's length, bar trailing space
+
+
+def documents_of(
+    store: VectorStore, collection: str, after: str | None = None, prefix: str = ""
+) -> list[DocumentInfo]:
+    """The documents of `collection` whose source starts with `prefix` and sorts after
+    `after`, sorted by source (code point order). One pass over every chunk of the
+    collection (`iter_chunks`), whatever is asked: O(collection), the price of a store
+    contract that has no per-source index (docs/rag.md). The back ends' iter_chunks hand
+    each chunk's vector too, read and dropped here. Raises StoreError for a collection
+    the store does not hold."""
+    check_name(collection)  # a name no store can hold says so, not "does not exist"
+    if not store.exists(collection):
+        there = ", ".join(store.collections()) or "none"
+        raise StoreError(f"collection {collection!r} does not exist (collections: {there})")
+    found: dict[str, list[Any]] = {}  # source -> [chunks, first start, title, last end]
+    for chunk, _ in store.iter_chunks(collection):
+        source = chunk.source
+        if (after is not None and source <= after) or not source.startswith(prefix):
+            continue
+        row = found.get(source)
+        if row is None:
+            found[source] = [1, chunk.start, chunk.heading, chunk.end]
+            continue
+        row[0] += 1
+        if chunk.start < row[1]:
+            row[1], row[2] = chunk.start, chunk.heading
+        row[3] = max(row[3], chunk.end)
+    return [
+        DocumentInfo(source, title, chunks, end)
+        for source, (chunks, _, title, end) in sorted(found.items())
+    ]
+
+
 class RAGService:
     """Lazily opened store + pipeline over a plugin host (see the module docstring)."""
 
@@ -86,7 +135,8 @@ class RAGService:
         self._store_config = store_config  # the server's [rag] section: which back end, where
         self._lock = threading.Lock()
         # Adds and deletes run one at a time: a DELETE of a source while a POST of it is
-        # half written would leave part of the document behind.
+        # half written would leave part of the document behind. Document listings take
+        # it too (see `documents`).
         self._writing = threading.Lock()
         self._store: Any = None
         self._store_problem: str | None = None  # why the last try to open it failed
@@ -238,6 +288,28 @@ class RAGService:
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         return {"collection": collection, "deleted": deleted, "total": total}
+
+    def documents(
+        self, collection: str, limit: int = 100, after: str | None = None, prefix: str = ""
+    ) -> tuple[list[DocumentInfo], bool]:
+        """A page of `collection`'s documents, sorted by source: the first `limit` after the
+        source `after` (the previous page's last), and whether more follow."""
+        if not 1 <= limit <= MAX_DOCUMENTS_PAGE:
+            raise InvalidRAGRequest(f"limit must be in 1..{MAX_DOCUMENTS_PAGE}", "limit")
+        self._require(collection)
+        store = self.store
+        try:
+            # Under the write lock, as the adds and deletes are: a listing waits for an
+            # ingest under way and then counts each document whole (one too big for a
+            # single store write is otherwise seen half written, miscounted), and a
+            # collection's delete cannot close its shard under the scan. The cost is
+            # that writes wait for one scan of the collection; retrieval never waits.
+            with self._writing:
+                self._require(collection)  # deleted while this waited: a 404, as above
+                rows = documents_of(store, collection, after, prefix)
+        except StoreError as e:
+            raise VectorStoreUnavailable(str(e)) from None
+        return rows[:limit], len(rows) > limit
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
