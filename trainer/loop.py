@@ -1030,11 +1030,12 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
         profiler, profiled_steps = _profiler(max_steps - run.step)
     stopped = False
     try:
-        with graceful_interrupt(enabled=d.world == 1) as stop:
+        # Distributed: the ranks agree on the step to stop after (a collective each step).
+        with graceful_interrupt(distributed=d.world > 1, announce=d.main) as stop:
             while run.step < max_steps and not stopped:
                 loss_sum, grad_norm, lr = train_step(run)
                 log.step_done(loss_sum)
-                done, stopped = run.step, stop.requested
+                done, stopped = run.step, stop.after_step()
                 if profiler is not None:
                     profiler.step()
                     if done - run.start_step >= profiled_steps:
@@ -1053,7 +1054,7 @@ def fit(run: Run, profile: bool = False, progress: bool = True) -> dict:
                         say(f"step {done}: {_describe(metrics)}")
                 if done % cfg.run.checkpoint_every == 0 or last or stopped:
                     _checkpoint_and_sample(run, log)
-    except KeyboardInterrupt:  # a second Ctrl-C, or any Ctrl-C in a distributed run
+    except KeyboardInterrupt:  # a second Ctrl-C (distributed: 2 s or more after the first)
         log.close()
         if d.main:
             say(_stop_message(run))
