@@ -408,7 +408,7 @@ def test_a_collection_deleted_meanwhile_is_not_a_store_failure(svc, monkeypatch)
 
     def deleted_while_waiting(collection):
         real_require(collection)
-        if not svc._writing.locked():  # the first check passes; then the delete wins
+        if not svc._writing(collection).locked():  # the first check passes; then the delete wins
             store.delete_collection(collection)
 
     monkeypatch.setattr(svc, "_require", deleted_while_waiting)
@@ -423,3 +423,30 @@ def test_an_unconfigured_cross_encoder_is_the_requests_400_not_a_plugin_failure(
     with pytest.raises(InvalidRAGRequest, match="not configured on this server") as caught:
         svc.retrieve("c", "alpha", reranker="cross-encoder")
     assert caught.value.param == "reranker"
+
+
+def test_a_long_ingest_holds_up_only_its_own_collection(tmp_path):
+    """A large ingest held one server-wide write lock: a delete or a document listing in
+    any other collection waited behind it for its whole run."""
+    import threading
+
+    from atlas_server.rag.ingest import Document
+
+    gate, started = threading.Event(), threading.Event()
+    s = service(tmp_path)
+    s._embedder = lambda: GatedEmbedder(gate, started)
+    try:
+        docs = [Document(f"part {i} of the big document.", "big.md") for i in range(3)]
+        adding = threading.Thread(target=s.add_documents, args=("other", docs))
+        adding.start()
+        assert started.wait(10)  # the ingest into "other" is under way, holding its lock
+        # Collection "c" is served meanwhile (the gate stays shut until after).
+        assert [d.source for d in s.documents("c")[0]] == ["a.md", "b.md"]
+        assert s.delete_documents("c", ["a.md"]) == {"collection": "c", "deleted": 1, "total": 1}
+        assert adding.is_alive()
+        gate.set()
+        adding.join(10)
+        assert [d.source for d in s.documents("other")[0]] == ["big.md"]
+    finally:
+        gate.set()
+        s.close()

@@ -134,10 +134,12 @@ class RAGService:
         self._embedder, self._score_texts = embedder, score_texts
         self._store_config = store_config  # the server's [rag] section: which back end, where
         self._lock = threading.Lock()
-        # Adds and deletes run one at a time: a DELETE of a source while a POST of it is
-        # half written would leave part of the document behind. Document listings take
-        # it too (see `documents`).
-        self._writing = threading.Lock()
+        # A collection's adds and deletes run one at a time: a DELETE of a source while a
+        # POST of it is half written would leave part of the document behind. Document
+        # listings take the lock too (see `documents`). One lock per collection, so a
+        # long ingest holds up only its own collection's writes and listings (the stores
+        # guard their own structures across collections).
+        self._write_locks: dict[str, threading.Lock] = {}
         self._store: Any = None
         self._store_problem: str | None = None  # why the last try to open it failed
         self._pipeline: RAGPipeline | None = None
@@ -256,12 +258,17 @@ class RAGService:
         check_collection_name(collection)
         store = self.store
         try:
-            with self._writing:
+            with self._writing(collection):
                 return ingest(
                     store, self._embedder(), collection, documents, self._chunking(), progress=False
                 )
         except StoreError as e:  # the store failing, as on the other routes: a 503
             raise VectorStoreUnavailable(str(e)) from None
+
+    def _writing(self, collection: str) -> threading.Lock:
+        """The lock of `collection`'s writes (made on first use; a name is checked first)."""
+        with self._lock:
+            return self._write_locks.setdefault(collection, threading.Lock())
 
     def _chunking(self) -> ChunkSettings:
         """[rag] chunk_max_tokens / chunk_overlap (checked when the config is read)."""
@@ -279,7 +286,7 @@ class RAGService:
         self._require(collection)
         store = self.store
         try:
-            with self._writing:
+            with self._writing(collection):
                 # Again once writes are ours: a collection deleted while this waited is a
                 # 404, as it is without the wait, not a store failure to retry.
                 self._require(collection)
@@ -299,12 +306,12 @@ class RAGService:
         self._require(collection)
         store = self.store
         try:
-            # Under the write lock, as the adds and deletes are: a listing waits for an
-            # ingest under way and then counts each document whole (one too big for a
-            # single store write is otherwise seen half written, miscounted), and a
-            # collection's delete cannot close its shard under the scan. The cost is
-            # that writes wait for one scan of the collection; retrieval never waits.
-            with self._writing:
+            # Under the collection's write lock, as its adds and deletes are: a listing
+            # waits for an ingest under way and then counts each document whole (one too
+            # big for a single store write is otherwise seen half written, miscounted),
+            # and the collection's delete cannot close its shard under the scan. The cost
+            # is that its writes wait for one scan of it; retrieval never waits.
+            with self._writing(collection):
                 self._require(collection)  # deleted while this waited: a 404, as above
                 rows = documents_of(store, collection, after, prefix)
         except StoreError as e:
@@ -314,7 +321,7 @@ class RAGService:
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
         try:
-            with self._writing:
+            with self._writing(collection):
                 self.store.delete_collection(collection)
         except StoreError as e:  # e.g. the folder could not be renamed away: a 503
             raise VectorStoreUnavailable(str(e)) from None
