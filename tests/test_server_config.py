@@ -172,6 +172,8 @@ def test_serve_refuses_a_bad_chat_template_before_loading_anything(tmp_path, tin
         ("rag.plugin_options={mmmr={lambda=0.5}}", "'mmmr'", "mmr"),
         ("rag.store_options={hnsw_eff=128}", "'hnsw_eff'", "hnsw_ef"),
         ('rag.retriever="hybird"', "'hybird'", "hybrid"),
+        # A misspelt store started a server whose every RAG request answered 503 for good.
+        ('rag.store="embeded"', "'embeded'", "embedded"),
     ],
 )
 def test_serve_refuses_rag_options_nothing_reads_before_loading(

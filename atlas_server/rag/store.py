@@ -371,12 +371,6 @@ def open_store(
 
     host = host or get_plugin_host()
     factories = host.vector_stores
-    if name not in factories:
-        installed = ", ".join(sorted(factories)) or (
-            "none (the built-ins come from the `atlas` entry points: reinstall Atlas with "
-            "`pip install -e .` if it was installed before they existed)"
-        )
-        raise StoreError(f"no vector store named {name!r}; installed: {installed}")
     settings = StoreSettings(
         Path(data_dir).expanduser() if data_dir else None, url, api_key, dict(options or {})
     )
@@ -391,13 +385,19 @@ def open_store(
 
 
 def check_store_options(name: str, options: dict[str, Any], host: Any = None) -> None:
-    """Refuse `store_options` keys store `name` does not read, without opening it: a
-    factory may list the keys it reads as its `options` attribute (the built-ins do); a
-    factory without one takes any. An unknown store name is left to open_store."""
+    """Refuse, without opening anything, a store name no plugin registered and
+    `store_options` keys store `name` does not read: a factory may list the keys it reads
+    as its `options` attribute (the built-ins do); a factory without one takes any."""
     from ..plugins import get_plugin_host
 
-    factory = (host or get_plugin_host()).vector_stores.get(name)
-    known = getattr(factory, "options", None)
+    factories = (host or get_plugin_host()).vector_stores
+    if name not in factories:
+        installed = ", ".join(sorted(factories)) or (
+            "none (the built-ins come from the `atlas` entry points: reinstall Atlas with "
+            "`pip install -e .` if it was installed before they existed)"
+        )
+        raise StoreError(f"no vector store named {name!r}; installed: {installed}")
+    known = getattr(factories[name], "options", None)
     if known is not None:
         StoreSettings(options=dict(options)).check_options(name, known)
 
