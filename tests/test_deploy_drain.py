@@ -250,6 +250,8 @@ def test_sigterm_refuses_new_work_and_lets_running_streams_finish(
     assert len({s.text for s in streams}) == 1
     assert exit_code == 0, server.output()
     assert "drain timeout" not in server.output()  # it ended because the streams did
+    # Where it listens (uvicorn says so only when it binds the socket itself).
+    assert f"listening on {server.url} " in server.output()
 
 
 def test_streams_still_running_at_the_drain_deadline_end_with_a_503_event(

@@ -273,3 +273,20 @@ def test_a_step_budget_below_the_devices_max_running_is_refused_at_start(
     assert (
         "max_batched_tokens (128) must be >= engine.max_running (256, the default on cuda)" in line
     )
+
+
+def test_the_base_url_of_a_bound_socket_brackets_an_ipv6_address():
+    import socket
+
+    from atlas_server.commands.serve import base_url, bind_socket
+
+    with bind_socket("127.0.0.1", 0) as sock:
+        assert base_url(sock) == f"http://127.0.0.1:{sock.getsockname()[1]}"
+    if socket.has_ipv6:
+        try:
+            sock = socket.socket(socket.AF_INET6)
+            sock.bind(("::1", 0))
+        except OSError:
+            return  # no IPv6 loopback on this machine
+        with sock:
+            assert base_url(sock) == f"http://[::1]:{sock.getsockname()[1]}"

@@ -291,8 +291,16 @@ def serve(
     # Bound here, before anything loads: uvicorn would log a bind error and exit while the
     # model loader thread is inside PyTorch, which aborts the process (SIGABRT).
     sock = bind_socket(cfg.http.host, cfg.http.port)
+    # uvicorn says where it listens only when it binds the socket itself.
+    typer.echo(f"atlas serve: listening on {base_url(sock)} (/health answers 200 once loaded)")
     server = DrainingServer(uv_config, state, cfg.http.drain_timeout_s)
     server.run(sockets=[sock])
+
+
+def base_url(sock: socket.socket) -> str:
+    """http://HOST:PORT of a bound socket (an IPv6 address in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
