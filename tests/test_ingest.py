@@ -437,3 +437,28 @@ def test_an_ingest_killed_before_its_first_write_leaves_no_collection(tmp_path, 
         assert not store.exists("c")
     finally:
         store.close()
+
+
+def test_a_bad_or_unknown_collection_is_refused_before_the_embedder_loads(
+    tmp_path, corpus, monkeypatch
+):
+    """QA: `atlas rag ingest --collection 'bad name!'` and `atlas rag query --collection
+    nosuch` loaded the embedder (seconds) before saying what was wrong."""
+    import atlas_server.rag.embedding as embedding
+
+    def no_embedder(*args, **kwargs):
+        raise AssertionError("the embedder was loaded")
+
+    monkeypatch.setattr(embedding, "Embedder", no_embedder)
+    data = str(tmp_path / "q")
+    runner = CliRunner()
+    bad = runner.invoke(
+        app, ["rag", "ingest", str(corpus), "--collection", "bad name!", "--data-dir", data]
+    )
+    assert bad.exit_code == 1 and "collection names are" in bad.output, bad.output
+    unknown = runner.invoke(
+        app, ["rag", "query", "x", "--collection", "nosuch", "--data-dir", data]
+    )
+    assert unknown.exit_code == 1, unknown.output
+    assert "collection 'nosuch' does not exist" in unknown.output
+    assert len(unknown.output.strip().splitlines()) == 1

@@ -102,6 +102,7 @@ def ingest(
     from ..rag.embedding import BACKENDS, Embedder
     from ..rag.ingest import Corpus
     from ..rag.ingest import ingest as run_ingest
+    from ..rag.store import check_name
 
     if max_tokens < 1 or not 0 <= overlap < max_tokens or batch_size < 1:
         fail("--max-tokens must be >= 1, --overlap in 0..max-tokens-1, --batch-size >= 1")
@@ -110,6 +111,7 @@ def ingest(
     if source_root is not None and not source_root.is_dir():  # one line, not Click's box
         fail(f"--source-root {source_root} is not a folder")
     with _errors():
+        check_name(collection)  # before the files are read and the embedder loads
         corpus = Corpus(paths, source_root)
         # The store first: a folder locked by a running server is refused before the
         # embedder spends seconds loading.
@@ -180,7 +182,7 @@ def query(
     from ..plugins import get_plugin_host
     from ..rag.embedding import Embedder
     from ..rag.pipeline import RAGPipeline, check_plugin_options
-    from ..rag.store import store_from_config
+    from ..rag.store import StoreError, check_name, store_from_config
     from ..rag.types import RAGContext
 
     if not 1 <= top_k <= 100:  # the bounds /v1/retrieve has
@@ -198,6 +200,9 @@ def query(
             vector_store = store_from_config(rag)  # the server's store, as it opens it
         else:
             vector_store = _store(data_dir, qdrant_url, store, store_url)
+        if not vector_store.exists(check_name(collection)):  # before the embedder loads
+            there = ", ".join(vector_store.collections()) or "none"
+            raise StoreError(f"collection {collection!r} does not exist (collections: {there})")
         context = RAGContext(vector_store, Embedder())
         pipeline = RAGPipeline(get_plugin_host(), context, options)
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)
