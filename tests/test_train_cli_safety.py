@@ -281,6 +281,14 @@ def test_resume_says_which_settings_changed_the_run(files, tmp_path):
     )  # fmt: skip
     assert threads.exit_code == 0, threads.output
     assert "schedule.max_steps (3 -> 4) (and run.threads" in threads.output, threads.output
+    # QA: a max_steps below the checkpoint's step trained nothing, said "the run continues"
+    # and exited 0.
+    shorter = invoke(
+        "train", *pretrain_sets(files["data"], out, "schedule.max_steps=3"), "--resume"
+    )
+    assert shorter.exit_code == 1, shorter.output
+    assert "the checkpoint is at step 4, past schedule.max_steps = 3" in shorter.output
+    assert "Traceback" not in shorter.output
 
 
 def test_resume_compares_the_global_batch_and_names_changes_of_rounding():

@@ -1136,6 +1136,13 @@ def train(
     try:
         with before_training(d.main):
             point = find_resume_point(Path(cfg.run.out_dir), d, task.stage) if resume else None
+            if point is not None and point.step > cfg.schedule.max_steps:
+                # It would load everything, train nothing and exit 0 as if it had continued.
+                raise TrainConfigError(
+                    f"--resume: the checkpoint is at step {point.step}, past schedule.max_steps"
+                    f" = {cfg.schedule.max_steps}: there is nothing to train; raise"
+                    " schedule.max_steps to continue the run"
+                )
             run = setup(cfg, d, point, task)
         return fit(run, profile, progress)
     finally:
