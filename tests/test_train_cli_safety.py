@@ -452,3 +452,15 @@ def test_ctrl_c_before_training_says_nothing_was_saved(files, tmp_path, monkeypa
     assert result.exit_code == 130, result.output
     assert result.output.strip().splitlines() == [NOTHING_SAVED], result.output
     assert not list_checkpoints(out)
+
+
+def test_a_missing_init_from_is_named_by_its_key(files, tmp_path):
+    """QA: the shipped SFT config's `init_from = "posttrain/base"` gave "posttrain/base is
+    not a directory", and the user had to find which setting held that path."""
+    missing = tmp_path / "posttrain" / "base"
+    result = invoke(
+        "train", *pretrain_sets(files["data"], tmp_path / "run", f'model.init_from="{missing}"')
+    )
+    assert result.exit_code == 1, result.output
+    assert f"model.init_from: {missing} is not a directory" in result.output
+    assert "Traceback" not in result.output

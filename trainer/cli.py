@@ -99,7 +99,7 @@ def sft_command(
     """Supervised fine-tuning on chat data, loss on assistant tokens only.
 
     Example: atlas-train sft --config configs/train/sft-instruct.toml
-    --set model.init_from=quickstart/checkpoint
+    --set model.init_from=$HOME/.cache/atlas/quickstart/checkpoint
     """
     _run_stage("sft", config, set_, resume, profile)
 
@@ -114,7 +114,7 @@ def dpo_command(
     """Direct preference optimisation on (prompt, chosen, rejected) pairs.
 
     Example: atlas-train dpo --config configs/train/dpo-instruct.toml
-    --set model.init_from=runs/sft/final
+    --set model.init_from=posttrain/sft/checkpoints/step_000120
     """
     _run_stage("dpo", config, set_, resume, profile)
 

@@ -552,7 +552,10 @@ def _check_seq_len_fits_the_model(cfg: TrainConfig) -> None:
     """Before the data is read: a window longer than the model's context would otherwise
     be reported as a data problem (no window of that length, a batch too large)."""
     if cfg.model.init_from:
-        max_seq_len = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+        try:  # the first read of init_from: a wrong path is named by its key
+            max_seq_len = read_metadata(cfg.model.init_from)["model"]["max_seq_len"]
+        except CheckpointError as e:
+            raise TrainConfigError(f"model.init_from: {e}") from None
         owner = f"{cfg.model.init_from}'s"
     else:
         try:  # the vocabulary does not change the context length
