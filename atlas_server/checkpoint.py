@@ -216,6 +216,11 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
+        if (directory / "adapter.json").is_file():  # trainer/lora.py's adapter checkpoint
+            raise CheckpointError(
+                f"{directory} holds a LoRA adapter, not a model; merge it into its base "
+                "first: atlas checkpoint merge-lora BASE ADAPTER OUT"
+            ) from None
         raise CheckpointError(f"{path} is missing; is {directory} an atlas checkpoint?") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None

@@ -119,6 +119,22 @@ def test_merge_lora_bad_input_is_one_line_and_non_zero(lora_run, tmp_path, byte_
     assert load_checkpoint(other)  # the existing OUT was left as it was
 
 
+def test_serving_or_exporting_an_adapter_says_to_merge_it_first(lora_run, tmp_path):
+    """QA: `atlas serve` and `export-hf` on an adapter folder said it was not a checkpoint
+    (no config.json), though `checkpoint inspect` knew it for an adapter."""
+    adapter = str(lora_run["adapter"])
+    runner = CliRunner()
+    for args in (
+        ["serve", "--checkpoint", adapter, "--port", "1"],
+        ["checkpoint", "export-hf", adapter, str(tmp_path / "hf")],
+    ):
+        result = runner.invoke(atlas_app, args)
+        assert result.exit_code == 1, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "holds a LoRA adapter" in lines[0], (args, result.output)
+        assert "atlas checkpoint merge-lora BASE ADAPTER OUT" in lines[0]
+
+
 def test_merged_checkpoint_serves_base_plus_adapter_replies(lora_run, tmp_path, byte_tokenizer):
     out = tmp_path / "merged"
     args = ["checkpoint", "merge-lora", str(lora_run["base"]), str(lora_run["adapter"]), str(out)]

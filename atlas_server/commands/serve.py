@@ -40,6 +40,11 @@ def resolve_checkpoint(flag: str | None, configured: str | None) -> Path:
         if candidate:
             path = Path(candidate).expanduser()
             if not (path / "config.json").is_file():
+                if (path / "adapter.json").is_file():
+                    fail(
+                        f"{path} holds a LoRA adapter, not a model; merge it into its base "
+                        "first: atlas checkpoint merge-lora BASE ADAPTER OUT"
+                    )
                 fail(f"{path} is not an atlas checkpoint (no config.json there)")
             return path
     path = default_checkpoint()
