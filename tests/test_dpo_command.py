@@ -75,6 +75,7 @@ def test_dpo_trains_from_log2_with_cached_or_frozen_reference_alike(tmp_path, fi
     val = cached["val"]
     assert set(val) == {
         "loss",
+        "preference_loss",
         "reward_margin",
         "preference_accuracy",
         "reward_chosen",
@@ -83,6 +84,7 @@ def test_dpo_trains_from_log2_with_cached_or_frozen_reference_alike(tmp_path, fi
     # Eight steps on ten pairs: the policy now prefers the chosen answers it was shown.
     assert val["reward_margin"] > 0 and val["loss"] < math.log(2)
     assert val["preference_accuracy"] > 0.5
+    assert val["loss"] == val["preference_loss"]  # no sft_weight: the objective is DPO's
     assert val == pytest.approx(frozen["val"], rel=1e-4, abs=1e-6)
 
 
@@ -109,6 +111,7 @@ def test_dpo_command_logs_reward_metrics_and_records_lineage(tmp_path, files):
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/reward_margin", "train/preference_accuracy"} <= tags
+    assert "train/preference_loss" in tags and "train/chosen_nll" not in tags
     prov = read_metadata(list_checkpoints(out)[-1])["provenance"]
     assert prov["stage"] == "dpo"
     assert prov["base_checkpoint_sha256"] == sha256_file(files["base"] / "model.safetensors")
@@ -176,3 +179,23 @@ def test_dpo_resume_is_bit_exact(tmp_path, files):
     a = load_file(str(tmp_path / "full" / "checkpoints" / "step_000008" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "step_000008" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_with_sft_weight_train_and_val_loss_are_one_objective_logged_in_parts(tmp_path, files):
+    """QA: with sft_weight 1, train/loss was DPO + NLL (about 6.3) while val/loss was DPO
+    alone (about 0.70): the curves read as a 9x train/val gap. Both are now the objective
+    trained on, and its two parts are logged apart on both sides."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    cfg = dpo_config(files, out, "dpo.sft_weight=1.0", "run.log_every=1", "run.tensorboard=true")
+    summary = train(cfg, progress=False, task=dpo_task())
+    val = summary["val"]
+    assert val["loss"] == pytest.approx(val["preference_loss"] + val["chosen_nll"], rel=1e-9)
+    assert val["chosen_nll"] > 1.0 > val["preference_loss"]  # parts of very different sizes
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    scalar = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in
+              ("train/loss", "train/preference_loss", "train/chosen_nll")}  # fmt: skip
+    for step, loss in scalar["train/loss"].items():
+        parts = scalar["train/preference_loss"][step] + scalar["train/chosen_nll"][step]
+        assert loss == pytest.approx(parts, rel=1e-5), step

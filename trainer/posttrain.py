@@ -444,7 +444,8 @@ class DPOLoss(nn.Module):
             nll = None
         self.last, self.last_nll = out, nll
         if self.training:  # device tensors; read back with the loss, every log_every steps
-            self._pending.append(_stats(out))
+            parts = [out.loss.detach()] if nll is None else [out.loss.detach(), nll.detach()]
+            self._pending.append(torch.cat([_stats(out), torch.stack(parts)]))
         return out.loss if nll is None else out.loss + self.sft_weight * nll
 
     def _with_chosen_nll(
@@ -471,7 +472,8 @@ class DPOLoss(nn.Module):
             return {}
         means = torch.stack(self._pending).mean(dim=0).tolist()
         self._pending.clear()
-        return dict(zip(STAT_NAMES, means, strict=True))
+        names = (*STAT_NAMES, "preference_loss", "chosen_nll")[: len(means)]
+        return dict(zip(names, means, strict=True))
 
 
 STAT_NAMES = ("reward_margin", "preference_accuracy", "reward_chosen", "reward_rejected")
@@ -487,8 +489,9 @@ def _stats(out: DPOOutput) -> Tensor:
 def dpo_evaluate(
     loss_module: DPOLoss, data: PairData, cfg: TrainConfig, device: str, byte_table: Tensor
 ) -> dict[str, float]:
-    """The preference loss, reward margin and preference accuracy over the held-out pairs
-    (pair-weighted), and with dpo.sft_weight the chosen responses' token loss apart. Each
+    """The loss trained on (`loss`), its preference part, reward margin and preference
+    accuracy over the held-out pairs (pair-weighted), and with dpo.sft_weight the chosen
+    responses' token loss (`chosen_nll`, the loss's other part). Each
     rank evaluates its part of the pairs and the sums are added over the ranks."""
     was_training = loss_module.training
     loss_module.eval()
@@ -509,9 +512,13 @@ def dpo_evaluate(
         dist.all_reduce(totals)  # every rank evaluated its own part of the pairs
         sums, n = totals[:6].cpu(), int(totals[6])
     values = (sums / max(1, n)).tolist()
-    metrics = dict(zip(("loss", *STAT_NAMES), values[:5], strict=True))
+    metrics = dict(zip(("preference_loss", *STAT_NAMES), values[:5], strict=True))
+    # `loss` is the objective training minimises, as train/loss is (and TRL's eval loss):
+    # with sft_weight the chosen answers' token loss is part of it, and logged apart.
+    metrics["loss"] = metrics["preference_loss"]
     if cfg.dpo.sft_weight > 0:
         metrics["chosen_nll"] = values[5]
+        metrics["loss"] += cfg.dpo.sft_weight * values[5]
     return metrics
 
 
