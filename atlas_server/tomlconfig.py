@@ -20,6 +20,7 @@ A leaf: it imports nothing of Atlas, so any room may use it (see docs/architectu
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import types
 import typing
@@ -185,7 +186,16 @@ def _type_message(
     value = _lookup(merged, steps)
     annotation = _annotation(cls, steps)
     if detail.startswith(("Expected", "Invalid enum value")) and annotation is not None:
-        return f"{origin}: {what} {name!r}{items} must be {_describe(annotation)}, got {value!r}"
+        wanted = _describe(annotation)
+        bare = isinstance(value, (datetime.date, datetime.time, int, float))
+        if wanted == "str" and bare and not items:
+            # TOML read a bare 2024-06-01 or 42 as a date or a number, not as a word.
+            how = f" (--set {name}='\"{value}\"')" if origin == "--set" else ""
+            return (
+                f"{origin}: {what} {name!r}{items} must be a string; {str(value)!r} was read"
+                f" as a TOML {type(value).__name__}: quote it{how}"
+            )
+        return f"{origin}: {what} {name!r}{items} must be {wanted}, got {value!r}"
     return f"{origin}: {what} {name!r}{items}: {detail}"
 
 

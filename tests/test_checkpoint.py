@@ -182,6 +182,11 @@ def test_cli_init_then_inspect(tmp_path, byte_tokenizer):
     assert load_checkpoint(out).config.vocab_size == byte_tokenizer.vocab_size
     result = runner.invoke(app, ["checkpoint", "inspect", str(out)])
     assert result.exit_code == 0 and "parameters:" in result.output
+    # The sizes line up under the longest file name (QA: trainer_state.safetensors ran on).
+    (out / "a_rather_long_file_name.safetensors").write_bytes(b"x" * 2**20)
+    lines = runner.invoke(app, ["checkpoint", "inspect", str(out)]).output.splitlines()
+    files = lines[lines.index("files:") + 1 :]
+    assert len(files) >= 3 and len({line.index(" MiB") for line in files}) == 1, files
     bad = runner.invoke(
         app,
         [

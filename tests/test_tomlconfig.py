@@ -57,6 +57,19 @@ def test_set_values_are_toml_literals_and_bare_words_are_strings():
             tomlconfig.parse_set(bad)
 
 
+def test_a_bare_date_or_number_for_a_string_says_to_quote_it():
+    """QA: `--set run.out_dir=2024-06-01` said "must be str, got datetime.date(2024, 6, 1)":
+    a Python repr, and no word of the quoting that fixes it."""
+    for word, kind in (("2024-06-01", "date"), ("42", "int")):
+        with pytest.raises(TrainConfigError) as e:
+            load_train_config(None, [f"run.out_dir={word}"])
+        assert str(e.value) == (
+            f"--set: field 'run.out_dir' must be a string; '{word}' was read as a TOML {kind}:"
+            f" quote it (--set run.out_dir='\"{word}\"')"
+        )
+    assert load_train_config(None, ['run.out_dir="2024-06-01"']).run.out_dir == "2024-06-01"
+
+
 def test_layers_merge_in_order_and_tables_merge_key_by_key(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("rate = 1\n[inner]\nsize = 2\n[extra]\nx = 1\n")

@@ -210,8 +210,9 @@ def inspect(
             typer.echo(f"  {k:<16} {v}")
     show_lineage(info["lineage"])
     typer.echo("files:")
+    width = max((len(name) for name in info["files"]), default=0)  # trainer_state.safetensors
     for name, size in info["files"].items():
-        typer.echo(f"  {name:<20} {size / 2**20:>10.2f} MiB")
+        typer.echo(f"  {name:<{width}} {size / 2**20:>10.2f} MiB")
 
 
 @app.command("merge-lora")
