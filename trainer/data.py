@@ -56,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from atlas_server.io import atomic_write_bytes, atomic_write_json
+from atlas_server.progress import progress_bar
 from atlas_server.tokenizer import TOKENIZER_FILE, Tokenizer
 from atlas_server.tokenizer.bpe import HF_TOKENIZER_FILE
 
@@ -542,7 +543,7 @@ def prepare_data(
         )
         n_workers = 1
     skip, written_of_next = state["next_doc"], state.get("next_doc_offset", 0)
-    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, initial=skip)
+    bar = progress_bar(desc="tokenizing", unit="doc", disable=not progress, initial=skip)
     doc_index = skip
     framing = (np.array(before, dtype=np.uint32), np.array(after, dtype=np.uint32))
     try:

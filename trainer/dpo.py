@@ -40,9 +40,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
-from tqdm import tqdm
 
 from atlas_server.model import Transformer
+from atlas_server.progress import progress_bar
 
 from .artifacts import arrays_sha256, save_safetensors_atomic, weights_sha256
 from .chat_data import IGNORE, TokenizedPair
@@ -239,7 +239,9 @@ def compute_reference_logps(
     chosen, rejected = [], []
     try:
         starts = range(0, len(pairs), batch_size)
-        for lo in tqdm(starts, desc="reference log-probs", unit="batch", disable=not progress):
+        for lo in progress_bar(
+            starts, desc="reference log-probs", unit="batch", disable=not progress
+        ):
             batch = PairBatch.from_pairs(
                 pairs, range(lo, min(lo + batch_size, len(pairs))), pad_id, device
             )

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from ..progress import progress_bar
 from .chunking import ChunkSettings, chunk_text
 from .store import metadata_key_problem
 from .types import Chunk
@@ -347,7 +347,7 @@ def ingest(
     stats = IngestStats()
     # With the input's size the bar counts bytes (and shows an ETA); without it, chunks.
     by_bytes = total_bytes is not None
-    bar = tqdm(
+    bar = progress_bar(
         total=total_bytes,
         desc=f"ingesting into {collection}",
         unit="B" if by_bytes else " chunks",
