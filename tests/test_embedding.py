@@ -106,3 +106,16 @@ def test_bad_batch_size_is_refused():
         Embedder(batch_size=0)
     with pytest.raises(ValueError, match="workers must be at least 1"):
         Embedder(workers=-1)
+
+
+def test_loading_the_embedder_draws_no_bar_and_leaves_transformers_bars_as_they_were(capfd):
+    """QA: transformers' "Loading weights" bar went into every server log and each `atlas
+    rag query`'s output, for a local model that loads in well under a second."""
+    from transformers.utils import logging as hf_logging
+
+    from atlas_server.rag.embedding import Embedder
+
+    assert hf_logging.is_progress_bar_enabled()
+    Embedder()
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # only this load was quiet
