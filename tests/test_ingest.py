@@ -462,3 +462,14 @@ def test_a_bad_or_unknown_collection_is_refused_before_the_embedder_loads(
     assert unknown.exit_code == 1, unknown.output
     assert "collection 'nosuch' does not exist" in unknown.output
     assert len(unknown.output.strip().splitlines()) == 1
+
+
+def test_ingest_quiet_draws_no_progress(tmp_path, corpus):
+    """QA: `atlas rag ingest` had no -q (`atlas tokenizer train` has one)."""
+    data = str(tmp_path / "q")
+    args = ["rag", "ingest", str(corpus), "--collection", "c", "--data-dir", data]
+    loud = CliRunner().invoke(app, args)
+    quiet = CliRunner().invoke(app, [*args, "--collection", "d", "-q"])
+    assert loud.exit_code == 0 and quiet.exit_code == 0, quiet.output
+    assert "ingesting into c" in loud.output and "ingesting into" not in quiet.output
+    assert "collection 'd' now holds" in quiet.output  # the summary still comes

@@ -89,6 +89,7 @@ def ingest(
         help="Name sources relative to this folder (default: the working folder; a file "
         "outside it by its absolute path). Re-ingest with the same root to add nothing.",
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Chunk, embed and store documents; re-running adds nothing and resumes a killed run.
 
@@ -127,6 +128,7 @@ def ingest(
                 batch_size=batch_size,
                 pipeline=pipeline,
                 total_bytes=corpus.total_bytes,
+                progress=not quiet,
             )
         finally:
             vector_store.close()
