@@ -243,7 +243,7 @@ def test_resume_without_a_checkpoint_says_so_and_starts_at_zero(tmp_path, data_d
     cfg = config(data_dir, tmp_path / "fresh", "schedule.max_steps=2", "schedule.warmup_steps=1")
     summary = train(cfg, resume=True, progress=False)
     assert summary["start_step"] == 0 and len(summary["losses"]) == 2
-    assert "--resume: no checkpoint in" in capsys.readouterr().err
+    assert "no checkpoint to resume from in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

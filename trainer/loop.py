@@ -323,7 +323,8 @@ def find_resume_point(run_dir: Path, d: Dist, stage: str | None = None) -> Resum
     last = latest_checkpoint(run_dir)
     if last is None:
         if d.main:
-            say(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting at step 0")
+            # (Said without the flag's name: the quickstart resumes on its own, unasked.)
+            say(f"no checkpoint to resume from in {run_dir / 'checkpoints'}; starting at step 0")
         return None
     point = load_training_checkpoint(last)
     if d.main:
