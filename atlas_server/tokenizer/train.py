@@ -38,8 +38,8 @@ from itertools import pairwise
 from pathlib import Path
 
 import regex
+from tqdm.auto import tqdm
 
-from ..progress import progress_bar
 from .bpe import (
     DEFAULT_SPECIAL_TOKENS,
     GPT4_SPLIT_PATTERN,
@@ -165,9 +165,7 @@ def _count_files(
     """
     counts: Counter = Counter()
     total = sum(f.size for f in files)
-    with progress_bar(
-        total=total, unit="B", unit_scale=True, desc="reading", disable=not progress
-    ) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress) as bar:
         for batch_counts, batch in _counted_batches(files, config, workers):
             counts.update(batch_counts)
             batch_bytes = sum(f.size for f in batch)
@@ -354,7 +352,7 @@ def learn_merges(
     """
     state = _MergeState(word_counts)
     merges: list[Pair] = []
-    for step in progress_bar(range(num_merges), desc="merging", unit="merge", disable=not progress):
+    for step in tqdm(range(num_merges), desc="merging", unit="merge", disable=not progress):
         pair = state.best_pair(min_frequency)
         if pair is None:
             break
