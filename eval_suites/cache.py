@@ -57,6 +57,7 @@ class ResponseCache:
         self._db = self._open()
         self.hits = 0
         self.misses = 0
+        self.stored = 0  # answers put this run (a failed run's errors say they are kept)
 
     def _open(self) -> sqlite3.Connection:
         """Open (or create) the file; what a user can fix is a one-line CacheError, since
@@ -107,6 +108,7 @@ class ResponseCache:
                 " VALUES (?, ?, ?, ?, ?)",
                 (key, path, canonical_json(request), canonical_json(response), time.time()),
             )
+            self.stored += 1
 
     def __len__(self) -> int:
         with self._lock:

@@ -3,11 +3,14 @@
 Errors a user can fix (unreachable server, wrong API key, a server without echo/logprobs,
 a bad option, an output folder that already holds results) are printed as one line
 `error: ...` with exit status 1, never a traceback. Ctrl-C during a run exits 130 (128 +
-SIGINT, as `atlas-train` does), after saying how to continue.
+SIGINT, as `atlas-train` does), after saying how to continue (from the response cache, or,
+for the latency suite, which caches nothing, where its finished levels are). A finished
+run's warnings (results.json `warnings`) follow its report as `warning: ...` on stderr.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +46,8 @@ def list_suites() -> None:
     for name, suite in SUITES.items():
         typer.echo(f"{name:<14} {suite.description}")
         typer.echo(f"{'':<14} metrics: {', '.join(suite.metrics)}")
+        if suite.metrics_note:
+            typer.echo(f"{'':<14}          ({suite.metrics_note})")
         typer.echo(f"{'':<14} config:  {CONFIG_DIR / (name + '.toml')}")
 
 
@@ -68,7 +73,11 @@ def run(
         None, "--limit", help="evaluate only the first N items (for testing only)"
     ),
     seed: int = typer.Option(0, "--seed", help="seed for item selection and sampling"),
-    concurrency: int = typer.Option(4, "--concurrency", help="requests in flight at once"),
+    concurrency: int = typer.Option(
+        None,
+        "--concurrency",
+        help="requests in flight at once (default 4; not for latency: --set 'concurrencies=[...]')",
+    ),
     config: Path = typer.Option(None, "--config", help="a TOML file with suite options"),
     set_: list[str] = typer.Option(
         [], "--set", help="suite option override key=value (repeatable)"
@@ -129,9 +138,10 @@ def run(
         fail(f"{e}; {kept}")
     except EvalError as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        # With --no-cache nothing was kept: a rerun starts over, and should be told so.
-        rerun = (
+    except KeyboardInterrupt as e:
+        # The runner says what the suite kept (the latency suite caches nothing); with
+        # --no-cache nothing was kept: a rerun starts over, and should be told so.
+        rerun = getattr(e, "advice", None) or (
             "rerun without --no-cache to keep answers across interruptions"
             if no_cache
             else "rerun the same command to continue from the response cache"
@@ -141,6 +151,10 @@ def run(
     report = (out / "report.md").read_text(encoding="utf-8")
     typer.echo(report)
     typer.echo(f"results: {out / 'results.json'}")
+    for warning in json.loads((out / "results.json").read_text(encoding="utf-8")).get(
+        "warnings", []
+    ):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command("compare")

@@ -4,8 +4,11 @@ What it does: sends JSON requests to `/v1/completions`, `/v1/chat/completions`,
 `/v1/models` and the vLLM-style `/tokenize` and `/tokenizer_info` of any server that speaks
 the OpenAI API (Atlas, vLLM, llama.cpp's server, the transformers shim in bench/), with
   - a response cache (see `cache.py`) so interrupted runs resume and reruns are free;
-  - a concurrency bound (an asyncio semaphore) and retries on 429/503 that honour
-    Retry-After, with a bounded number of attempts;
+  - a concurrency bound (an asyncio semaphore) and retries on 429/502/503 (overload) that
+    honour Retry-After, up to `max_retries` (5) times; and, as lm-evaluation-harness retries
+    a failed API request (3 times), up to `max_error_retries` (3) retries with exponential
+    backoff (0.5, 1, 2 s) of any other 5xx answer and of a connection reset or closed
+    mid-exchange, so one server hiccup does not end a long run;
   - errors mapped to `errors.py`: unreachable server, 401/403, other 4xx/5xx with the
     server's own message;
   - capability probes: echo + prompt logprobs, /tokenize.
@@ -16,6 +19,7 @@ server internals: everything goes over HTTP.
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
@@ -30,10 +34,14 @@ from .errors import (
     ServerUnreachableError,
 )
 
-__all__ = ["OpenAIClient", "first_choice", "gather_with_progress"]
+__all__ = ["OpenAIClient", "first_choice", "gather_with_progress", "server_root"]
 
 T = TypeVar("T")
-RETRY_STATUSES = {429, 502, 503}
+RETRY_STATUSES = {429, 502, 503}  # overload: Retry-After honoured, max_retries
+# A connection that the server reset or closed mid-exchange: retried like a 5xx (not a
+# refused connection: nothing listens there, and the user should know at once).
+RESET_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+ERROR_BACKOFF_S = 0.5  # first wait before retrying a 5xx or a reset; doubled each time
 
 
 class OpenAIClient:
@@ -48,13 +56,15 @@ class OpenAIClient:
         concurrency: int = 4,
         timeout_s: float = 600.0,
         max_retries: int = 5,
+        max_error_retries: int = 3,
     ) -> None:
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.base_url = server_root(base_url)
         self.api_key = api_key
         self.model = model
         self.cache = cache
         self.server_id = server_id or self.base_url
         self.max_retries = max_retries
+        self.max_error_retries = max_error_retries
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(
@@ -72,8 +82,10 @@ class OpenAIClient:
 
     # --- transport ------------------------------------------------------------------
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        """One request with retries on overload; returns the decoded JSON body."""
-        for attempt in range(self.max_retries + 1):
+        """One request with retries on overload, on other 5xx answers and on connection
+        resets (module docstring); returns the decoded JSON body."""
+        overloads = errors = 0
+        while True:
             try:
                 async with self._semaphore:
                     response = await self._http.request(method, path, json=body)
@@ -82,19 +94,28 @@ class OpenAIClient:
                     f"{method} {self.base_url}{path} timed out; the server is too slow or stuck"
                 ) from None
             except (httpx.TransportError, httpx.InvalidURL, OSError, OverflowError) as e:
+                if isinstance(e, RESET_ERRORS) and errors < self.max_error_retries:
+                    await asyncio.sleep(ERROR_BACKOFF_S * 2**errors)
+                    errors += 1
+                    continue
                 # Any failure to connect or exchange (a refused or reset connection, a URL
                 # the socket layer rejects) means no server answers there.
                 raise ServerUnreachableError(
                     f"cannot reach an OpenAI-compatible server at {self.base_url} ({e.__class__.__name__}:"
-                    f" {e or 'connection failed'}); is it running, and is the URL right?"
+                    f" {e or 'connection failed'}){retried(errors)}; is it running, and is the URL right?"
                 ) from None
-            if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
-                await asyncio.sleep(_retry_delay(response, attempt))
+            status = response.status_code
+            if status in RETRY_STATUSES and overloads < self.max_retries:
+                await asyncio.sleep(_retry_delay(response, overloads))
+                overloads += 1
                 continue
-            return self._decode(method, path, response)
-        raise AssertionError("unreachable: the loop returns or raises")
+            if status >= 500 and status not in RETRY_STATUSES and errors < self.max_error_retries:
+                await asyncio.sleep(ERROR_BACKOFF_S * 2**errors)
+                errors += 1
+                continue
+            return self._decode(method, path, response, overloads + errors)
 
-    def _decode(self, method: str, path: str, response: httpx.Response) -> Any:
+    def _decode(self, method: str, path: str, response: httpx.Response, retries: int = 0) -> Any:
         if response.status_code in (401, 403):
             raise AuthenticationError(
                 f"{self.base_url} refused the request with HTTP {response.status_code}"
@@ -102,7 +123,8 @@ class OpenAIClient:
             )
         if response.status_code >= 400:
             raise ServerRequestError(
-                f"{method} {path} failed with HTTP {response.status_code}: {_server_message(response)}",
+                f"{method} {path} failed with HTTP {response.status_code}"
+                f"{retried(retries)}: {_server_message(response)}",
                 status=response.status_code,
             )
         try:
@@ -161,16 +183,22 @@ class OpenAIClient:
         key = None if key_body is None else {"model": self.model, **key_body}
         return await self.cached_post("/v1/chat/completions", {"model": self.model, **body}, key)
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, cache: bool = True) -> list[int]:
         """Token ids from the server's vLLM-style /tokenize (no special tokens added)."""
-        body = await self.tokenize_request({"prompt": text, "add_special_tokens": False})
+        body = await self.tokenize_request({"prompt": text, "add_special_tokens": False}, cache)
         return body["tokens"]
 
-    async def tokenize_request(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST /tokenize (cached) with `body` (a prompt or chat messages); the answer has a
-        list of integer `tokens`. A server without the route raises CapabilityError."""
+    async def tokenize_request(self, body: dict[str, Any], cache: bool = True) -> dict[str, Any]:
+        """POST /tokenize (through the response cache unless `cache` is false) with `body`
+        (a prompt or chat messages); the answer has a list of integer `tokens`. A server
+        without the route raises CapabilityError."""
         try:
-            answer = await self.cached_post("/tokenize", {"model": self.model, **body})
+            request = {"model": self.model, **body}
+            answer = await (
+                self.cached_post("/tokenize", request)
+                if cache
+                else self.request("POST", "/tokenize", request)
+            )
         except ServerRequestError as e:
             if e.status in (404, 405):
                 raise CapabilityError(
@@ -216,6 +244,20 @@ class OpenAIClient:
             raise CapabilityError(
                 f"{what}; {self.base_url} answered the probe without prompt logprobs"
             )
+
+
+def server_root(base_url: str) -> str:
+    """The server's root URL: `http://h:8000`, `http://h:8000/` and `http://h:8000/v1/`
+    are one server (routes are asked at /v1/... and /tokenize beside it), so they are one
+    base URL and one response-cache identity; the scheme and host are lower-cased."""
+    url = urllib.parse.urlsplit(base_url.strip())
+    path = url.path.rstrip("/").removesuffix("/v1").rstrip("/")
+    netloc = url.netloc if "@" in url.netloc else url.netloc.lower()  # keep a password's case
+    return urllib.parse.urlunsplit((url.scheme.lower(), netloc, path, url.query, url.fragment))
+
+
+def retried(times: int) -> str:
+    return f" (after {times} {'retry' if times == 1 else 'retries'})" if times else ""
 
 
 def first_choice(response: Any, path: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Runs are grouped by suite; each suite gets one table (rows: metrics, columns: runs, the
 best value in bold where the metric has a direction and the runs evaluated the same items:
 the same seed, --limit, suite config, data files and items kept by the context; otherwise a
-note under the table names what differs) and one figure of small multiples
+note under the table names what differs; token perplexity gets no best either between runs
+whose tokenizers cut the same text into different numbers of tokens, and a note says so)
+and one figure of small multiples
 (one bar panel per metric, so metrics of different scales stay readable; a panel whose
 values span more than `LOG_SPAN` uses a log scale, so a small bar never vanishes beside a
 large one, and every bar carries its value). Latency runs also get percentile-vs-
@@ -151,7 +153,8 @@ def best_index(values: list[float | None], higher: bool | None) -> int | None:
     value, index = max(present) if higher else min(present)
     # A tie has no winner, and neither has a difference the table cannot show (1e-9 apart
     # looks like a tie and is one for any reader).
-    if sum(format_value(v) == format_value(value) for v, _ in present) > 1:
+    # (As floats: a count of 0 and an older file's 0.0 are one value.)
+    if sum(format_value(float(v)) == format_value(float(value)) for v, _ in present) > 1:
         return None
     return index
 
@@ -204,6 +207,19 @@ def item_differences(runs: list[dict[str, Any]]) -> list[str]:
     return differ
 
 
+# Metrics per token: runs whose tokenizers cut the same text into different numbers of
+# tokens (details.counts.tokens) measured them on different scales.
+PER_TOKEN_METRICS = ("token_perplexity",)
+
+
+def token_counts(runs: list[dict[str, Any]]) -> list[Any] | None:
+    """Each run's token count of its text, when they differ (different tokenizers)."""
+    counts = [(run.get("details") or {}).get("counts", {}).get("tokens") for run in runs]
+    if all(c is None for c in counts) or len({json.dumps(c) for c in counts}) == 1:
+        return None
+    return counts
+
+
 def short_value(value: Any) -> str:
     if value is None or value == "" or value == []:
         return "—"
@@ -218,6 +234,8 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
     for suite, group in by_suite(runs, labels).items():
         # Runs that evaluated different items measured different things: no "best" then.
         differ = item_differences([run for _, run in group])
+        # The same items, cut into other numbers of tokens: per-token metrics get no best.
+        tokens = None if differ else token_counts([run for _, run in group])
         names = [label for label, _ in group]
         metric_names: list[str] = []
         for _, run in group:
@@ -232,7 +250,8 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
             entries = [run["metrics"].get(name) for _, run in group]
             values = [e["value"] if e else None for e in entries]
             higher = next((e.get("higher_is_better") for e in entries if e), None)
-            best = None if differ else best_index(values, higher)
+            per_token = tokens is not None and name in PER_TOKEN_METRICS
+            best = None if differ or per_token else best_index(values, higher)
             cells = [
                 "—" if v is None else (f"**{format_value(v)}**" if i == best else format_value(v))
                 for i, v in enumerate(values)
@@ -245,6 +264,16 @@ def markdown_tables(runs: list[dict[str, Any]], labels: list[str]) -> str:
                 "*No best value marked: these runs did not evaluate the same items; differs: "
                 + "; ".join(differ)
                 + ".*",
+            ]
+        shown = [m for m in PER_TOKEN_METRICS if m in metric_names]
+        if tokens is not None and shown:
+            counts = " vs ".join(f"{c:,}" if isinstance(c, int) else short_value(c) for c in tokens)
+            lines += [
+                "",
+                f"*No best {', '.join(shown)} marked: the runs' tokenizers cut the same text"
+                f" into different numbers of tokens ({counts}), so a per-token figure is on"
+                " another scale in each run; bits_per_byte, byte_perplexity, word_perplexity"
+                " and nll compare across tokenizers.*",
             ]
         limited = [label for label, run in group if run.get("run", {}).get("limit")]
         if limited:

@@ -12,18 +12,29 @@ Goodput counts requests that met the stated SLO (TTFT and TPOT limits).
 
 Prompts are random token ids when the server has `/tokenizer_info` (Atlas, vLLM), which
 fixes the prompt length exactly; otherwise random words. Output length is fixed by
-`max_tokens` with `ignore_eos` (honoured by Atlas and vLLM). Output tokens are counted from
-the server's usage chunk (`stream_options.include_usage`), else one per chunk that carries
-a choice (its text may be empty: a token ending inside a UTF-8 character).
+`max_tokens` with `ignore_eos` (honoured by Atlas and vLLM). A streamed chunk carries a
+token when its choice has text (`text`, or chat's `delta.content`), even empty (a token
+ending inside a UTF-8 character); a chunk that carries only a finish_reason (OpenAI sends
+one after the last token) or only chat's role does not. TTFT runs to the first chunk
+carrying a token, ITL is every gap between two of them. Output tokens are counted from the
+server's usage chunk (`stream_options.include_usage`); without one, as `vllm bench serve`
+does, by tokenizing the generated text with `LoadSpec.count_tokens` (the latency suite
+passes the server's /tokenize or the --tokenizer file), since a server may bundle several
+tokens in one chunk; without a tokenizer, one per chunk carrying a token. Each record says
+which (`tokens_from`).
 
 A request is `failed` when it gets an HTTP error, an error or malformed chunk, a stream that
 ends without `[DONE]` or a finish_reason (cut short), or is cut off at `max_duration_s`;
 it is `short` when it finished with fewer tokens than asked (a server that stops at EOS
-despite `ignore_eos`). Only `completed` requests (neither) enter the latencies and
-throughputs, so a server that makes fewer tokens never looks faster; `not_sent` counts the
-requests the level's deadline left unsent. It contacts only the URL it is given (the
-latency suite decides which servers may be loaded); every run is bounded in requests and
-time. What it does not do: plots or result files (the latency suite and bench/ do).
+despite `ignore_eos`): by the usage count where the server sent one; otherwise when it did
+not end with finish_reason "length" (which says max_tokens was reached) and neither the
+tokenizer's count nor the chunks carrying a token reach the tokens asked (re-tokenizing
+generated text may merge tokens, so a count below max_tokens alone proves nothing). Only
+`completed` requests (neither) enter the latencies and throughputs, so a server that makes
+fewer tokens never looks faster; `not_sent` counts the requests the level's deadline left
+unsent. It contacts only the URL it is given (the latency suite decides which servers may
+be loaded); every run is bounded in requests and time. What it does not do: plots or
+result files (the latency suite and bench/ do).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -66,6 +78,9 @@ class LoadSpec:
     slo_ttft_ms: float = 1000.0
     slo_tpot_ms: float = 200.0
     timeout_s: float = 600.0
+    # Tokens in a generated text, for streams without a usage chunk (None: cannot count,
+    # the chunks carrying a token are counted instead); called after the level, untimed.
+    count_tokens: Callable[[str], Awaitable[int | None]] | None = None
 
 
 @dataclass
@@ -79,11 +94,24 @@ class RequestRecord:
     itl: list[float] = field(default_factory=list)
     status: int = 0
     error: str | None = None
+    # How output_tokens was counted: "usage" (the server's usage chunk), "tokenizer" (the
+    # generated text re-tokenized), "chunks" (chunks carrying a token).
+    tokens_from: str = "usage"
+    token_chunks: int = 0  # streamed chunks that carried a token
+    finish_reason: str | None = None
+    text: str = ""  # the generated text (for counting; left out of `run`'s records)
 
     @property
     def short(self) -> bool:
-        """Finished, but with fewer tokens than asked (a server that ignores ignore_eos)."""
-        return self.success and self.output_tokens < self.requested_tokens
+        """Finished, but with fewer tokens than asked (a server that ignores ignore_eos);
+        see the module docstring for a stream without a usage chunk."""
+        if not self.success:
+            return False
+        if self.tokens_from == "usage":
+            return self.output_tokens < self.requested_tokens
+        if self.finish_reason == "length":  # the server says it reached max_tokens
+            return False
+        return max(self.output_tokens, self.token_chunks) < self.requested_tokens
 
     @property
     def tpot(self) -> float | None:
@@ -207,6 +235,25 @@ def _chunk(data: str) -> dict:
     return chunk
 
 
+def token_text(choice: dict) -> str | None:
+    """The text a streamed choice carries ("" for a token that ends inside a UTF-8
+    character), or None when it carries no token: only a finish_reason (OpenAI's last
+    chunk), or a chat delta with only the role (OpenAI's and vLLM's first chunk) or no
+    text at all."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):  # chat
+        parts = [v for k in ("content", "reasoning_content") if isinstance(v := delta.get(k), str)]
+        text = "".join(parts)
+        if not text and ("role" in delta or not parts):
+            return None
+    else:
+        raw = choice.get("text")
+        text = raw if isinstance(raw, str) else ""
+    if not text and choice.get("finish_reason"):
+        return None
+    return text
+
+
 async def _one(
     http: httpx.AsyncClient, spec: LoadSpec, record: RequestRecord, prompt, out_len: int
 ) -> None:
@@ -232,8 +279,9 @@ async def _one(
     headers = _auth(spec)
     start = clock()
     last = None
-    chunks = 0
+    chunks = 0  # chunks carrying a choice
     usage_tokens = None
+    texts: list[str] = []
     finished = False  # [DONE] or a finish_reason seen: the server ended the stream on purpose
     try:
         async with http.stream(
@@ -257,28 +305,54 @@ async def _one(
                     if isinstance(chunk["usage"].get("prompt_tokens"), int):
                         record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                 if choices := chunk.get("choices"):
-                    # Every chunk carrying a choice is a token, its text empty or not (Atlas
-                    # streams "" for a token that ends inside a UTF-8 character), as
-                    # `vllm bench serve` times them: else TTFT waits for the next non-empty one.
+                    chunks += 1
+                    for choice in choices:
+                        if choice.get("finish_reason"):
+                            record.finish_reason = str(choice["finish_reason"])
+                            finished = True
+                    carried = [t for c in choices if (t := token_text(c)) is not None]
+                    if not carried:
+                        continue  # a finish-only or role-only chunk: no token, not timed
+                    # A chunk carrying a token, its text empty or not (Atlas streams "" for a
+                    # token that ends inside a UTF-8 character), as `vllm bench serve`
+                    # times them: else TTFT waits for the next non-empty one.
                     now = clock()
                     if last is None:
                         record.ttft = now - start
                     else:
                         record.itl.append(now - last)
                     last = now
-                    chunks += 1
-                    finished = finished or any(c.get("finish_reason") for c in choices)
+                    record.token_chunks += 1
+                    texts += carried
     except (httpx.HTTPError, json.JSONDecodeError, StreamError) as e:
         record.error = str(e) if isinstance(e, StreamError) else f"{type(e).__name__}: {e}"
+        record.output_tokens, record.tokens_from = record.token_chunks, "chunks"
         return
     record.e2el = clock() - start
-    record.output_tokens = usage_tokens if usage_tokens is not None else chunks
+    record.text = "".join(texts)
+    if usage_tokens is not None:
+        record.output_tokens, record.tokens_from = usage_tokens, "usage"
+    else:  # counted again from the text after the level, where a tokenizer is given
+        record.output_tokens, record.tokens_from = record.token_chunks, "chunks"
     if not finished:
         record.error = f"the stream ended without [DONE] or a finish_reason after {chunks} chunks"
     elif last is None:
         record.error = "no tokens streamed"
     else:
         record.success = True
+
+
+async def count_output_tokens(records: list[RequestRecord], spec: LoadSpec) -> None:
+    """Output tokens of finished streams without a usage chunk, from their generated text
+    (`spec.count_tokens`), as `vllm bench serve` counts them; a count that cannot be made
+    (None) leaves the chunk count."""
+    if spec.count_tokens is None:
+        return
+    todo = [r for r in records if r.success and r.tokens_from == "chunks"]
+    counts = await asyncio.gather(*(spec.count_tokens(r.text) for r in todo))
+    for record, count in zip(todo, counts, strict=True):
+        if count is not None:
+            record.output_tokens, record.tokens_from = count, "tokenizer"
 
 
 async def run_load(
@@ -348,10 +422,14 @@ async def run_load(
                 tasks.append(asyncio.create_task(run_job(job)))
             await asyncio.gather(*tasks)
         duration = clock() - start
+    await count_output_tokens(records, spec)  # after the clock stopped: never timed
     return records, summarize(records, duration, spec, not_sent=len(jobs) - len(records))
 
 
 def run(spec: LoadSpec) -> dict:
-    """Synchronous wrapper: the summary plus the records as plain dicts."""
+    """Synchronous wrapper: the summary plus the records as plain dicts (without texts)."""
     records, summary = asyncio.run(run_load(spec))
-    return {"summary": summary, "records": [asdict(r) for r in records]}
+    return {
+        "summary": summary,
+        "records": [{k: v for k, v in asdict(r).items() if k != "text"} for r in records],
+    }

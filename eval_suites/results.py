@@ -3,9 +3,11 @@
 results.json holds everything needed to trust and reproduce a number: the metrics (each
 with its higher-is-better flag and a description), the suite config snapshot, the data
 files' SHA-256, the seed, `--limit` (marked "for testing only"), package versions, the git
-commit of this checkout, the server's /v1/models answer and the start/end times. Only
-`run.started_at`, `run.finished_at`, `run.duration_s` and `cache` vary between two runs
-with the same seed against the same server. `load_results` (what `compare` reads) checks
+commit of this checkout, the server's /v1/models answer, the start/end times and the
+run's `warnings` (also in report.md; the CLI prints them on stderr). Counts (a metric
+stored as an integer) are shown as integers. Only `run.started_at`, `run.finished_at`,
+`run.duration_s` and `cache` vary between two runs with the same seed against the same
+server. `load_results` (what `compare` reads) checks
 the fields compare uses and names the first malformed one, so a hand-edited or foreign
 file is a one-line error. What it does not do: compare runs (see `compare.py`).
 """
@@ -129,6 +131,7 @@ def run_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- **limit {results['run']['limit']}: {LIMIT_NOTE}**")
     if fit := results.get("context_fit"):
         lines.append(f"- {context_fit_line(fit)}")
+    lines += [f"- **warning: {w}**" for w in results.get("warnings") or []]
     lines += ["", "| metric | value | better |", "|---|---:|:---:|"]
     for name, m in results["metrics"].items():
         arrow = {True: "higher", False: "lower", None: ""}[m.get("higher_is_better")]
@@ -160,6 +163,8 @@ def context_fit_line(fit: dict[str, Any]) -> str:
 
 
 def format_value(value: float) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):  # a count: failed requests
+        return f"{value:,}"
     if value != value:  # NaN: a metric with nothing to measure (e.g. no numbers in answers)
         return "n/a"
     if abs(value) >= 1e7:

@@ -6,8 +6,13 @@ and left empty is removed, and the error says so (with `--checkpoint` the folder
 server's log, and the error points to it). A folder that already holds a complete run
 (results.json) is refused unless `overwrite` is set, so a rerun never replaces earlier
 results silently; a folder without one (an interrupted run) is used as it is, so rerunning
-the same command continues it from the response cache. What it does not do: print (the CLI
-does) or interpret numbers (suites do).
+the same command continues it from the response cache. A run stopped by Ctrl-C raises
+`RunInterrupted` (a KeyboardInterrupt) whose `advice` says how to go on for its suite (the
+latency suite caches nothing, but keeps its finished levels in OUTPUT/levels.jsonl); a
+server that fails or goes away mid-run is an error that says how many answers the cache
+kept for the rerun. The server's cache identity is its root URL however it is spelled
+(`http://h:8000/v1/` and `http://h:8000` are one server). What it does not do: print (the
+CLI does) or interpret numbers (suites do).
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache import ResponseCache
-from .client import OpenAIClient
+from .client import OpenAIClient, server_root
 from .config import load_suite_config
-from .errors import EvalError, SuiteConfigError
+from .errors import EvalError, ServerRequestError, ServerUnreachableError, SuiteConfigError
 from .fit import PromptFitter, resolve_context
 from .results import (
     LIMIT_NOTE,
@@ -43,6 +48,7 @@ from .results import (
 from .server import checkpoint_identity, local_atlas_server
 from .suites import SUITES
 from .suites.base import RunContext, SuiteResult, data_path, missing_data_file
+from .suites.latency import LEVELS_FILE
 from .suites.retrieval import PYTHON_DOCS
 from .tokens import LocalTokenizer, TokenCounter
 
@@ -59,7 +65,7 @@ class RunOptions:
     output: Path | None = None
     limit: int | None = None
     seed: int = 0
-    concurrency: int = 4
+    concurrency: int | None = None  # None: DEFAULT_CONCURRENCY (the latency suite refuses it)
     config_file: Path | None = None
     overrides: tuple[str, ...] = ()
     tokenizer: Path | None = None
@@ -67,6 +73,17 @@ class RunOptions:
     use_cache: bool = True
     overwrite: bool = False  # replace a complete earlier run in `output`
     server_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+DEFAULT_CONCURRENCY = 4
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what the user should know to continue (`advice`)."""
+
+    def __init__(self, advice: str) -> None:
+        super().__init__(advice)
+        self.advice = advice
 
 
 def default_cache_path() -> Path:
@@ -92,8 +109,14 @@ def run_suite(options: RunOptions) -> Path:
         raise SuiteConfigError("give exactly one of --base-url URL or --checkpoint DIR")
     if options.limit is not None and options.limit < 1:
         raise SuiteConfigError("--limit must be >= 1")
-    if options.concurrency < 1:
+    if options.concurrency is not None and options.concurrency < 1:
         raise SuiteConfigError("--concurrency must be >= 1")
+    if options.concurrency is not None and options.suite == "latency":
+        # Its load levels are its own options; a --concurrency it ignored would look measured.
+        raise SuiteConfigError(
+            "the latency suite does not take --concurrency: its load levels are set with"
+            " --set 'concurrencies=[1,4,16]' (and request_rates for Poisson arrivals)"
+        )
     if options.base_url is not None:
         check_base_url(options.base_url)
     suite = SUITES[options.suite]()
@@ -115,12 +138,47 @@ def run_suite(options: RunOptions) -> Path:
             return asyncio.run(_run(options, suite, config, base_url, server_id, output, cache))
     except BaseException as e:
         note = tidy_failed_output(output, created)
-        if isinstance(e, EvalError) and note and e.args:
-            e.args = (f"{str(e.args[0]).rstrip()} ({note})", *e.args[1:])
+        if isinstance(e, KeyboardInterrupt):
+            raise RunInterrupted(interrupted_advice(suite, cache, output)) from None
+        if isinstance(e, EvalError) and e.args:
+            notes = [n for n in (kept_answers(e, suite, cache), note) if n]
+            if notes:
+                e.args = (f"{str(e.args[0]).rstrip()} ({'; '.join(notes)})", *e.args[1:])
         raise
     finally:
         if cache is not None:
             cache.close()
+
+
+def interrupted_advice(suite, cache: ResponseCache | None, output: Path) -> str:
+    """What Ctrl-C leaves behind and how to go on, for this suite and cache setting."""
+    if not suite.cached:
+        kept = finished_levels(output)
+        return f"the {suite.name} suite caches nothing: a rerun measures everything again" + (
+            f"; {kept}" if kept else ""
+        )
+    if cache is None:
+        return "rerun without --no-cache to keep answers across interruptions"
+    return "rerun the same command to continue from the response cache"
+
+
+def kept_answers(error: EvalError, suite, cache: ResponseCache | None) -> str | None:
+    """For a server that went away or failed mid-run: the answers it gave so far are in
+    the response cache, and a rerun asks only for the rest."""
+    server_failed = isinstance(error, ServerUnreachableError) or (
+        isinstance(error, ServerRequestError)
+        and error.status is not None
+        and (error.status >= 500 or error.status == 429)
+    )
+    if not server_failed or not suite.cached or cache is None:
+        return None
+    answers = cache.stored + cache.hits
+    if not answers:
+        return None
+    return (
+        f"the {answers} answer(s) received so far are in the response cache: rerun the same"
+        " command to continue"
+    )
 
 
 def check_base_url(base_url: str) -> None:
@@ -157,16 +215,28 @@ def tidy_failed_output(output: Path, created: bool) -> str | None:
     if created and output.is_dir() and not any(output.iterdir()):
         shutil.rmtree(output, ignore_errors=True)
         return f"no results written; removed the empty folder {output}"
+    notes = [finished_levels(output)]
     if (output / "server.log").is_file():
-        return f"no results written; the server's log is {output / 'server.log'}"
-    return None
+        notes.append(f"no results written; the server's log is {output / 'server.log'}")
+    return "; ".join(n for n in notes if n) or None
+
+
+def finished_levels(output: Path) -> str | None:
+    """Where the latency suite's levels that finished before a failure or Ctrl-C are."""
+    path = output / LEVELS_FILE
+    try:
+        done = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except OSError:
+        return None
+    return f"the {done} load level(s) that finished are in {path}" if done else None
 
 
 @contextlib.contextmanager
 def server_for(options: RunOptions, output: Path) -> Iterator[tuple[str, str]]:
     if options.checkpoint is None:
         assert options.base_url is not None
-        yield options.base_url, options.base_url.rstrip("/")
+        # One server, one cache identity, however its URL is spelled (…/v1/, a trailing /).
+        yield options.base_url, server_root(options.base_url)
         return
     with local_atlas_server(
         options.checkpoint, output, api_key=options.api_key, extra_args=options.server_args
@@ -207,7 +277,7 @@ async def _run(
         model=options.model,
         cache=cache,
         server_id=server_id,
-        concurrency=options.concurrency,
+        concurrency=options.concurrency or DEFAULT_CONCURRENCY,
     )
     try:
         card = await client.resolve_model()
@@ -231,6 +301,7 @@ async def _run(
         started_at=started_at, finished_at=utc_now(), duration_s=round(time.perf_counter() - t0, 3)
     )
     results["context_fit"] = fit.report()
+    results["warnings"] = [*result.warnings, *counter_warnings(fit)]
     results["cache"] = (
         {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses}
         if cache is not None
@@ -238,6 +309,19 @@ async def _run(
     )
     write_run(output, results, result.samples)
     return output
+
+
+def counter_warnings(fit: PromptFitter) -> list[str]:
+    """A /tokenize that answered something unusable (no tokens for a non-empty prompt, an
+    error) was given up for an estimate: safe (it never counts too few for a byte-level
+    BPE) but coarse, and a sign the server's /tokenize is not vLLM's."""
+    what = {"prompt": "prompts", "messages": "chat prompts"}
+    return [
+        f"{what.get(kind, kind)} were fitted to the context with an estimate of their tokens"
+        f" (safe but coarse): {reason}"
+        for kind, reason in sorted(fit.counter.estimated.items())
+        if reason.startswith("/tokenize could not")
+    ]
 
 
 def assemble(options, suite, config, base_url, server_id, model, models, result) -> dict[str, Any]:
@@ -255,7 +339,10 @@ def assemble(options, suite, config, base_url, server_id, model, models, result)
             "seed": options.seed,
             "limit": options.limit,
             "limit_note": LIMIT_NOTE if options.limit else None,
-            "concurrency": options.concurrency,
+            # The latency suite sets its own load (concurrencies): no client bound applies.
+            "concurrency": None
+            if suite.name == "latency"
+            else options.concurrency or DEFAULT_CONCURRENCY,
             "command": command_line(),
             "samples": len(result.samples),
         },

@@ -643,10 +643,16 @@ def test_a_level_the_server_refused_whole_stops_the_run_with_its_message(tmp_pat
     every request was a 400, and the run still exited 0 with a report of zeros."""
     proc = cli("run", "latency", "--base-url", atlas_url, "--no-cache", "-o", str(tmp_path / "r"),
                "--set", 'endpoint="chat"', "--set", 'mode="sweep"', "--set", "concurrencies=[1,2]",
-               "--set", "num_prompts=2", "--set", "input_len=400", "--set", "output_len=4")  # fmt: skip
+               "--set", "num_prompts=2", "--set", "input_len=400", "--set", "output_len=4",
+               "--set", "warmup_requests=0")  # fmt: skip
     assert_one_line_error(
         proc, "refused every request at concurrency 1", "maximum context length", "lower input_len"
     )
+    # With the warm-up request (the default), the run stops at it, as vllm bench serve stops
+    # at its test request.
+    proc = cli("run", "latency", "--base-url", atlas_url, "--no-cache", "-o", str(tmp_path / "r"),
+               "--set", 'endpoint="chat"', "--set", "input_len=400", "--set", "output_len=4")  # fmt: skip
+    assert_one_line_error(proc, "refused every request at warm-up", "maximum context length")
 
 
 def test_only_refusals_stop_a_latency_run():
@@ -774,7 +780,7 @@ def test_a_data_file_that_is_not_jsonl_is_a_one_line_error(tmp_path, atlas_url):
     bad.write_text("{not json\n")
     proc = cli("run", "perplexity", "--base-url", atlas_url, "--set", f"data={bad}",
                "--no-cache", "-o", str(tmp_path / "r"))  # fmt: skip
-    assert_one_line_error(proc, "perplexity: a data file is not UTF-8 JSONL")
+    assert_one_line_error(proc, f"perplexity: {bad}:1 is not JSON")
 
 
 def test_checkpoint_mode_reports_a_checkpoint_the_server_cannot_load_at_once(

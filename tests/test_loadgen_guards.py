@@ -118,9 +118,9 @@ def test_fewer_tokens_than_asked_is_short_and_left_out_of_latencies(clock):
     assert records[0].short and (records[0].output_tokens, records[0].requested_tokens) == (5, 10)
     assert summary["median_tpot_ms"] is None and summary["request_throughput"] == 0
 
-    async def fewer_without_usage(n):  # counted from the chunks, ended by a finish_reason
+    async def fewer_without_usage(n):  # counted from the chunks, stopped at EOS ("stop")
         for i in range(n - 1):
-            yield token(finish="length" if i == n - 2 else None)
+            yield token(finish="stop" if i == n - 2 else None)
 
     records, summary = run_level(fewer_without_usage)
     assert (summary["short"], records[0].output_tokens) == (1, 9)

@@ -6,8 +6,12 @@ answer paragraph of each Python FAQ entry, extracted by `data/build_data.py`):
     heading); reference = the FAQ's own question.
   - `continuation`: given the paragraph's first sentence, continue it; reference = the rest
     of the paragraph.
-The seed orders the records (a seeded permutation of their ids); the first `num_shots`
-become in-context examples for every prompt and the next `num_items` are evaluated.
+Another data file (`data`) must hold the same records, `{"id", "question", "paragraph"}`:
+each is checked when the file is read, before any request, and the first that is not (not
+JSON, a key missing or not a string, an id repeated) stops the run with one line naming
+FILE:LINE and the key (`base.read_jsonl`). The seed orders the records (a seeded
+permutation of their ids); the first `num_shots` become in-context examples for every
+prompt and the next `num_items` are evaluated.
 Greedy decoding by default, one `/v1/completions` (or `/v1/chat/completions` with
 `api = "chat"`) request per item, stopping at a blank line; the
 prediction is the first non-empty line of the answer.
@@ -28,9 +32,9 @@ factuality (see the hallucination suite) or use sampling unless configured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..client import first_choice, gather_with_progress
@@ -44,10 +48,11 @@ from .base import (
     file_sha256,
     metric,
     nothing_fits,
+    read_jsonl,
     stable_order,
 )
 
-__all__ = ["GenerationConfig", "GenerationSuite", "build_items"]
+__all__ = ["GenerationConfig", "GenerationSuite", "build_items", "load_records"]
 
 TASKS = ("heading", "continuation")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
@@ -120,6 +125,21 @@ def clip(text: str, max_chars: int) -> str:
     return text[:max_chars].rsplit(" ", 1)[0]
 
 
+def load_records(path: Path) -> list[dict[str, str]]:
+    """The data file's records, each checked before any request: a JSON object with a
+    string `question` and `paragraph` and a distinct `id` (a string or an integer, used as
+    a string); the first that is not stops the run with one line naming FILE:LINE."""
+    records = read_jsonl(
+        path,
+        "generation",
+        "data",
+        required=("id", "question", "paragraph"),
+        kinds={"id": (str, int), "question": (str,), "paragraph": (str,)},
+        unique="id",
+    )
+    return [{**r, "id": str(r["id"])} for r in records]
+
+
 def item_for(record: dict[str, str], task: str, max_chars: int) -> Item | None:
     paragraph = " ".join(record["paragraph"].split())
     if task == "heading":
@@ -179,9 +199,7 @@ class GenerationSuite(Suite):
     async def run(self, ctx: RunContext) -> SuiteResult:
         cfg: GenerationConfig = ctx.config
         path = data_path(cfg.data)
-        records = [
-            json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line
-        ]
+        records = load_records(path)
         shots, items = build_items(records, cfg, ctx.seed)
         if ctx.limit:
             items = {task: its[: ctx.limit] for task, its in items.items()}

@@ -10,13 +10,21 @@ records TTFT, TPOT, ITL and end-to-end latency. Per level it reports what
 `request_throughput`, `output_throughput`, ...), plus goodput under the stated SLO
 (`slo_ttft_ms`, `slo_tpot_ms`) and counts of failed, short (fewer tokens than asked: left
 out of the latencies), not-sent (past `max_duration_s`) and 429-answered requests. The
-headline metrics are those of the lowest and the highest concurrency. A level whose every
-request the server refused with a 4xx other than 429 (a prompt too long for it, a wrong
-model name) stops the run with that error: such a run measures nothing, and vLLM's
-`bench serve` stops on its first test request likewise. What it does not do: cache
-anything (every run measures afresh), load a server on another host unless
-`allow_remote = true` says so (a load test is traffic its owner should expect), or run
-unbounded (num_prompts and max_duration_s bound every level).
+headline metrics are those of the lowest and the highest concurrency. Before the first
+level, `warmup_requests` (default 1) requests are sent one at a time and not measured, as
+`vllm bench serve` sends a test request first: a cold server's first request (lazy
+compilation, CUDA graph capture, cold caches) would otherwise set the first level's tail
+percentiles. A level whose every request the server refused with a 4xx other than 429 (a
+prompt too long for it, a wrong model name) stops the run with that error, at the warm-up
+already: such a run measures nothing, and vLLM's `bench serve` stops on its first test
+request likewise. A level that completed no request (all failed or short) is a warning.
+Output tokens come from the server's usage chunk, else from the generated text tokenized
+by the server's /tokenize or the --tokenizer file (`loadgen.py`). Each finished level is
+written to OUTPUT/levels.jsonl as it finishes (removed once results.json holds them all),
+so an interrupted sweep keeps the levels it measured. What it does not do: cache anything
+(every run measures afresh), load a server on another host unless `allow_remote = true`
+says so (a load test is traffic its owner should expect), or run unbounded (num_prompts
+and max_duration_s bound every level).
 
 Fitting the server's context (`fit.py`): `input_len + output_len` must fit the context
 length, else the run stops before sending anything with a one-line error that says so; rows
@@ -34,9 +42,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..errors import ServerRequestError, SuiteConfigError
+from ..errors import CapabilityError, ServerRequestError, SuiteConfigError
 from ..fit import PromptFitter
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, nothing_fits
+from .base import (
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    iter_jsonl,
+    metric,
+    nothing_fits,
+)
 
 __all__ = ["LatencyConfig", "LatencySuite"]
 
@@ -70,6 +87,7 @@ class LatencyConfig:
     endpoint: str  # "completions" | "chat"
     max_context_tokens: int  # 0 = the server's max_model_len; set it for servers without one
     allow_remote: bool  # load a server that is not on this machine's loopback address
+    warmup_requests: int  # unmeasured requests before the first level (0 = none)
 
     def validate(self) -> None:
         if self.mode not in ("sweep", "poisson", "both"):
@@ -91,6 +109,8 @@ class LatencyConfig:
             raise SuiteConfigError("latency: endpoint must be completions or chat")
         if self.max_context_tokens < 0:
             raise SuiteConfigError("latency: max_context_tokens must be >= 0 (0 = the server's)")
+        if self.warmup_requests < 0:
+            raise SuiteConfigError("latency: warmup_requests must be >= 0 (0 = no warm-up)")
 
 
 def require_loopback(base_url: str) -> None:
@@ -154,10 +174,7 @@ def fit_lengths(
 
 def load_lengths(path: Path) -> list[tuple[int, int]]:
     lengths = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for number, row in iter_jsonl(path, "latency"):
         try:
             pair = (int(row["input_len"]), int(row["output_len"]))
         except (KeyError, TypeError, ValueError):
@@ -209,15 +226,26 @@ class LatencySuite(Suite):
         "streaming load: TTFT/TPOT/ITL/E2E p50-p99, throughput, goodput (vllm bench serve fields)"
     )
     metrics = (
-        "median_ttft_ms",
-        "p99_tpot_ms",
-        "output_throughput",
-        "request_goodput",
+        "{level}/median_ttft_ms",
+        "{level}/p99_ttft_ms",
+        "{level}/median_tpot_ms",
+        "{level}/p99_tpot_ms",
+        "{level}/median_itl_ms",
+        "{level}/median_e2el_ms",
+        "{level}/request_throughput",
+        "{level}/output_throughput",
+        "{level}/request_goodput",
         "failed",
         "short",
         "not_sent",
+        "rate_limited",
+    )
+    metrics_note = (
+        "{level}: cN for the lowest and the highest of concurrencies (c1, c8 by default) and"
+        " rateR for each Poisson rate (rate2); every level's summary is in details.levels"
     )
     config_cls = LatencyConfig
+    cached = False  # every run measures afresh
 
     def check_server(self, base_url: str, config: LatencyConfig) -> None:
         if not config.allow_remote:
@@ -233,28 +261,38 @@ class LatencySuite(Suite):
         lengths = fit_lengths(cfg, lengths, ctx.fit)
         num_requests = min(cfg.num_prompts, ctx.limit) if ctx.limit else cfg.num_prompts
         levels = levels_of(cfg)
-        details_levels, samples = [], []
-        for index, level in enumerate(levels):
-            spec = loadgen.LoadSpec(
+        counter = OutputTokenCounter(ctx)
+
+        def spec_for(level: Level, seed: int, requests: int) -> loadgen.LoadSpec:
+            return loadgen.LoadSpec(
                 base_url=ctx.client.base_url,
                 model=ctx.client.model,
                 mode=level.mode,
                 concurrency=level.concurrency or 1,
                 request_rate=level.request_rate or 1.0,
-                num_requests=num_requests,
+                num_requests=requests,
                 max_duration_s=cfg.max_duration_s,
                 prompt_tokens=cfg.input_len,
                 output_tokens=cfg.output_len,
                 lengths=lengths,
                 endpoint=cfg.endpoint,
-                # Each level its own prompts: with one list for all, a server's prefix
-                # cache served every level after the first warm (c4 showed a lower TTFT
-                # than c1), and GPU servers that hold thousands of prompts more so.
-                seed=level_seed(ctx.seed, index),
+                seed=seed,
                 api_key=ctx.client.api_key,
                 slo_ttft_ms=cfg.slo_ttft_ms,
                 slo_tpot_ms=cfg.slo_tpot_ms,
+                count_tokens=counter.count,
             )
+
+        # Written as each level finishes: an interrupted sweep keeps what it measured.
+        levels_file = ctx.output_dir / LEVELS_FILE
+        levels_file.unlink(missing_ok=True)  # an earlier interrupted run's
+        warmup = await self.warm_up(ctx, cfg, spec_for)
+        details_levels, samples, warnings = [], [], []
+        for index, level in enumerate(levels):
+            # Each level its own prompts: with one list for all, a server's prefix cache
+            # served every level after the first warm (c4 showed a lower TTFT than c1), and
+            # GPU servers that hold thousands of prompts more so.
+            spec = spec_for(level, level_seed(ctx.seed, index), num_requests)
             with tqdm(
                 total=num_requests, desc=f"latency {level.load}", unit="req", leave=False
             ) as bar:
@@ -262,15 +300,26 @@ class LatencySuite(Suite):
             refused = refused_level(level.load, records, cfg.endpoint)
             if refused is not None:
                 raise refused
-            details_levels.append(
-                {
-                    "load": level.load,
-                    "concurrency": level.concurrency,
-                    "request_rate": level.request_rate,
-                    "summary": summary,
-                }
+            if problem := measured_nothing(level.load, summary, records):
+                warnings.append(problem)
+            entry = {
+                "load": level.load,
+                "concurrency": level.concurrency,
+                "request_rate": level.request_rate,
+                "summary": summary,
+            }
+            details_levels.append(entry)
+            level_samples = [{"load": level.load, **record_dict(r)} for r in records]
+            samples += level_samples
+            with levels_file.open("a", encoding="utf-8") as out:
+                out.write(json.dumps({**entry, "samples": level_samples}) + "\n")
+        if counter.fallback:
+            warnings.append(
+                "the server sent no usage chunk and its output could not be tokenized"
+                f" ({counter.fallback}): output tokens were counted as streamed chunks, too"
+                " few where a server sends several tokens in one chunk; pass --tokenizer FILE"
             )
-            samples += [{"load": level.load, **record_dict(r)} for r in records]
+        levels_file.unlink(missing_ok=True)  # results.json holds every level from here on
         return SuiteResult(
             metrics=summarise(levels, details_levels),
             samples=samples,
@@ -281,8 +330,94 @@ class LatencySuite(Suite):
                 "levels": details_levels,
                 "num_requests_per_level": num_requests,
                 "slo": {"ttft_ms": cfg.slo_ttft_ms, "tpot_ms": cfg.slo_tpot_ms},
+                "warmup": warmup,
+                "output_tokens_from": counter.method(samples),
             },
+            warnings=warnings,
         )
+
+    async def warm_up(self, ctx: RunContext, cfg: LatencyConfig, spec_for) -> dict[str, Any]:
+        """`warmup_requests` requests one at a time, not measured; a warm-up the server
+        refused as malformed stops the run as a refused level would."""
+        from .. import loadgen
+
+        if not cfg.warmup_requests:
+            return {"requests": 0}
+        level = Level("warmup", "warm-up", "concurrency", 1, None)
+        spec = spec_for(level, level_seed(ctx.seed, WARMUP_LEVEL), cfg.warmup_requests)
+        records, summary = await loadgen.run_load(spec)
+        refused = refused_level(level.load, records, cfg.endpoint)
+        if refused is not None:
+            raise refused
+        return {
+            "requests": cfg.warmup_requests,
+            "completed": summary["completed"],
+            "errors": summary["errors"],
+        }
+
+
+# The prompt seed index of the warm-up: no level's (levels count from 0).
+WARMUP_LEVEL = 9_999
+LEVELS_FILE = "levels.jsonl"
+
+
+class OutputTokenCounter:
+    """Tokens of a generated text, for streams without a usage chunk (`loadgen.py`): the
+    --tokenizer file, else the server's /tokenize (not cached: the latency suite caches
+    nothing). A tokenizer that is missing or answers no tokens for a non-empty text is
+    given up (`fallback` says why), and loadgen counts streamed chunks instead."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.client = ctx.client
+        self.local = ctx.fit.counter.local
+        self.fallback: str | None = None
+
+    async def count(self, text: str) -> int | None:
+        if self.local is not None:
+            return len(self.local.encode(text))
+        if self.fallback is not None:
+            return None
+        try:
+            ids = await self.client.tokenize(text, cache=False)
+        except CapabilityError:
+            self.fallback = "the server has no /tokenize"
+            return None
+        except ServerRequestError as e:
+            self.fallback = f"/tokenize failed: {str(e)[:160]}"
+            return None
+        if text and not ids:
+            self.fallback = "/tokenize answered no tokens for a non-empty text"
+            return None
+        return len(ids)
+
+    def method(self, samples: list[dict[str, Any]]) -> dict[str, int]:
+        """Requests per way of counting output tokens: usage, tokenizer or chunks."""
+        counts: dict[str, int] = {}
+        for s in samples:
+            if s["success"]:
+                counts[s["tokens_from"]] = counts.get(s["tokens_from"], 0) + 1
+        return counts
+
+
+def measured_nothing(load: str, summary: dict[str, Any], records: list[Any]) -> str | None:
+    """A warning for a level that completed no request: its throughputs are 0 and it has
+    no latencies, which no one should read as a measurement."""
+    if summary["completed"] or not records:
+        return None
+    short = [r for r in records if r.short]
+    if short:
+        first = short[0]
+        return (
+            f"no request at {load} completed: {len(short)} of {len(records)} finished with"
+            f" fewer tokens than asked (e.g. {first.output_tokens} of"
+            f" {first.requested_tokens}, counted by {first.tokens_from}: does the server stop"
+            " at its end-of-text token despite ignore_eos?), so it has no latencies and"
+            " throughput 0"
+        )
+    return (
+        f"no request at {load} completed: all {len(records)} failed"
+        f" ({summary['errors'][0] if summary['errors'] else 'no error text'})"
+    )
 
 
 def level_seed(seed: int, index: int) -> int:
@@ -299,6 +434,9 @@ def record_dict(record: Any) -> dict[str, Any]:
         "output_tokens": record.output_tokens,
         "requested_tokens": record.requested_tokens,
         "short": record.short,
+        "tokens_from": record.tokens_from,
+        "token_chunks": record.token_chunks,
+        "finish_reason": record.finish_reason,
         "ttft_s": record.ttft,
         "e2el_s": record.e2el,
         "tpot_s": record.tpot,
@@ -318,19 +456,27 @@ def summarise(levels: list[Level], details: list[dict[str, Any]]) -> dict[str, d
                     summary[field_name], higher, f"{description} ({level.load})"
                 )
     out["failed"] = metric(
-        sum(d["summary"]["failed"] for d in details), False, "failed requests, all levels"
+        sum(d["summary"]["failed"] for d in details),
+        False,
+        "failed requests, all levels",
+        count=True,
     )
     out["short"] = metric(
         sum(d["summary"]["short"] for d in details),
         False,
         "requests that finished with fewer tokens than asked (left out of latencies), all levels",
+        count=True,
     )
     out["not_sent"] = metric(
         sum(d["summary"]["not_sent"] for d in details),
         False,
         "requests left unsent at a level's max_duration_s, all levels",
+        count=True,
     )
     out["rate_limited"] = metric(
-        sum(d["summary"]["rate_limited"] for d in details), False, "HTTP 429 answers, all levels"
+        sum(d["summary"]["rate_limited"] for d in details),
+        False,
+        "HTTP 429 answers, all levels",
+        count=True,
     )
     return out

@@ -29,7 +29,6 @@ do: score with the model directly (that is the test's reference) or use chat end
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -40,7 +39,16 @@ from ..client import first_choice, gather_with_progress
 from ..errors import ServerRequestError, SuiteConfigError
 from ..fit import ContextWindow
 from ..tokens import LocalTokenizer
-from .base import RunContext, Suite, SuiteResult, data_path, file_sha256, metric, nothing_fits
+from .base import (
+    RunContext,
+    Suite,
+    SuiteResult,
+    data_path,
+    file_sha256,
+    iter_jsonl,
+    metric,
+    nothing_fits,
+)
 
 __all__ = ["PerplexityConfig", "PerplexitySuite", "rolling_windows"]
 
@@ -89,16 +97,38 @@ def count_words(text: str) -> int:
 
 def load_documents(path: Path, limit: int | None) -> list[dict[str, str]]:
     """JSONL records with a "text" string; "id" is optional (default: line-N, N counting
-    from 1), since docs/training.md's held-out files are plain {"text": ...} records."""
+    from 1), since docs/training.md's held-out files are plain {"text": ...} records. Each
+    record keeps its place in the file (`_line`) for the errors that name it."""
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for number, record in iter_jsonl(path, "perplexity"):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise SuiteConfigError(f'perplexity: {path}:{number}: no "text" string')
-        docs.append({**record, "id": str(record.get("id", f"line-{number}"))})
+        docs.append({**record, "id": str(record.get("id", f"line-{number}")), "_line": number})
     return docs[:limit] if limit else docs
+
+
+def check_tokens(
+    path: Path, docs: list[dict[str, Any]], token_lists: list[list[int]], source: str
+) -> None:
+    """Every text that has characters must have tokens: a tokenizer that answers none for
+    one (a /tokenize route that reads another field than `prompt`) would score it as an
+    empty document, and with no tokens at all there is nothing to divide by."""
+    if not docs:
+        raise SuiteConfigError(f"perplexity: {path} holds no documents")
+    empty = [
+        i for i, (d, t) in enumerate(zip(docs, token_lists, strict=True)) if d["text"] and not t
+    ]
+    if empty:
+        first = docs[empty[0]]
+        raise SuiteConfigError(
+            f"perplexity: {source} returned no tokens for {len(empty)} non-empty text(s), e.g."
+            f" {first['id']} ({path}:{first['_line']}); if the server's /tokenize does not take"
+            ' vLLM\'s {"prompt": TEXT}, pass --tokenizer FILE'
+        )
+    if not any(token_lists):
+        raise SuiteConfigError(
+            f"perplexity: no document has any tokens: the {len(docs)} text(s) of {path} are empty"
+        )
 
 
 class PerplexitySuite(Suite):
@@ -114,6 +144,9 @@ class PerplexitySuite(Suite):
         docs = load_documents(path, ctx.limit)
         local = ctx.fit.counter.local
         token_lists = await self._tokenize(ctx, local, docs)
+        check_tokens(
+            path, docs, token_lists, f"--tokenizer {ctx.tokenizer_file}" if local else "/tokenize"
+        )
         window, stride = fit_window(cfg, ctx.fit.window, ctx.fit.notes)
         prefix = await resolve_prefix(ctx, cfg, local)
         probe = next((t for t in token_lists if t), [prefix])[:8]

@@ -5,10 +5,14 @@ What it does: fills a collection on the server with a corpus (`POST
 yet, so a rerun or an interrupted run costs little), asks every question of a labelled set
 through `/v1/retrieve` (top `top_k` chunks, with the configured retriever and reranker or
 the server's defaults) and scores the ranking against the question's relevant documents:
-nDCG@10, recall@10 and MRR (the ranking metric plugins `ndcg`, `recall_at_k`, `mrr`), over
+nDCG@k, recall@k and MRR with k = `top_k` (`ndcg_at_10`, `recall_at_10` with the default 10;
+binary relevance, as the ranking metric plugins `ndcg`, `recall_at_k`, `mrr` score), over
 all questions and per split (`dev`: choose settings there; `test`: quote it) and per
 question kind. The ranking scored is the retrieved chunks' `source`s with repeats removed,
-in rank order: the documents a RAG prompt with `top_k` sources would draw on.
+in rank order: the documents a RAG prompt with `top_k` sources would draw on. So k counts
+chunks, and fewer than k documents are ranked where chunks share a source: BEIR's nDCG@10
+ranks 10 documents. The metrics are named after the cutoff applied, never "@10" for
+another top_k.
 
 The default set is the 310 questions of the Python 3.11 documentation
 (`retrieval/python_docs_qa.jsonl`, built by `eval_suites/data/build_retrieval.py`), over
@@ -33,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +55,7 @@ from .base import (
     file_sha256,
     metric,
     missing_data_file,
+    read_jsonl,
 )
 
 __all__ = ["RetrievalConfig", "RetrievalSuite", "load_corpus", "ranked_sources", "score_rankings"]
@@ -86,21 +92,7 @@ class RetrievalConfig:
 
 
 def _read_jsonl(path: Path, what: str, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise SuiteConfigError(f"retrieval: {path}:{n} is not JSON") from None
-        missing = [k for k in required if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise SuiteConfigError(f"retrieval: {what} {path}:{n} lacks {', '.join(missing)}")
-        rows.append(row)
-    if not rows:
-        raise SuiteConfigError(f"retrieval: {what} file {path} holds no records")
-    return rows
+    return read_jsonl(path, "retrieval", what, required)
 
 
 def load_corpus(cfg: RetrievalConfig) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -149,13 +141,23 @@ def ranked_sources(chunks: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
-def score_rankings(ranked: list[list[str]], relevant: list[set[str]]) -> dict[str, float]:
-    """nDCG@10, recall@10 and MRR of the rankings, by the ranking metric plugins."""
+def score_rankings(ranked: list[list[str]], relevant: list[set[str]], k: int) -> dict[str, float]:
+    """nDCG@k, recall@k and MRR of the rankings, with binary relevance as the ranking metric
+    plugins score them (`ndcg`, `recall_at_k`, `mrr`). k is `top_k`, the cutoff the ranking
+    had: the distinct sources of the top k chunks, so at most k documents (fewer where
+    chunks share a source) — not BEIR's k documents. The plugins cut at 1, 3, 5 and 10 only:
+    nDCG and recall at k are computed here by their formulas (equal at k = 10, tested)."""
+    n = max(1, len(ranked))
+    ndcg = recall = 0.0
+    for ids, rel in zip(ranked, relevant, strict=True):
+        top = ids[:k]
+        dcg = sum(1.0 / math.log2(i + 2) for i, x in enumerate(top) if x in rel)
+        ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(rel))))
+        ndcg += dcg / ideal if ideal else 0.0
+        recall += len(set(top) & rel) / max(1, len(rel))
     return {
-        "ndcg_at_10": load_metric("ndcg").compute_ranking(ranked, relevant).scores["ndcg@10"],
-        "recall_at_10": load_metric("recall_at_k")
-        .compute_ranking(ranked, relevant)
-        .scores["recall@10"],
+        f"ndcg_at_{k}": ndcg / n,
+        f"recall_at_{k}": recall / n,
         "mrr": load_metric("mrr").compute_ranking(ranked, relevant).scores["mrr"],
     }
 
@@ -192,8 +194,14 @@ async def fill_collection(
 class RetrievalSuite(Suite):
     name = "retrieval"
     seeded = False  # every item, scored the same way whatever the seed
-    description = "ranking quality of /v1/retrieve on labelled questions: nDCG@10, recall@10, MRR"
-    metrics = ("ndcg_at_10", "recall_at_10", "mrr", "test_ndcg_at_10", "dev_ndcg_at_10")
+    description = (
+        "ranking quality of /v1/retrieve on labelled questions: nDCG@k, recall@k, MRR (k = top_k)"
+    )
+    metrics = ("ndcg_at_{k}", "recall_at_{k}", "mrr", "{split}_ndcg_at_{k}", "{split}_mrr")
+    metrics_note = (
+        "{k}: top_k, the chunks ranked (10 by default: ndcg_at_10); {split}: each split asked"
+        " (dev, test)"
+    )
     config_cls = RetrievalConfig
 
     async def run(self, ctx: RunContext) -> SuiteResult:
@@ -277,7 +285,8 @@ class RetrievalSuite(Suite):
                 }
             )
         relevant = [set(q["relevant"]) for q in questions]
-        overall = score_rankings(ranked, relevant)
+        k = cfg.top_k
+        overall = score_rankings(ranked, relevant, k)
         groups: dict[str, dict[str, list[int]]] = {
             "split": defaultdict(list),
             "kind": defaultdict(list),
@@ -290,16 +299,22 @@ class RetrievalSuite(Suite):
             field: {
                 value: {
                     "questions": len(index),
-                    **score_rankings([ranked[i] for i in index], [relevant[i] for i in index]),
+                    **score_rankings([ranked[i] for i in index], [relevant[i] for i in index], k),
                 }
                 for value, index in sorted(members.items())
             }
             for field, members in groups.items()
         }
         metrics = {
-            "ndcg_at_10": metric(overall["ndcg_at_10"], True, "nDCG@10 over all questions asked"),
-            "recall_at_10": metric(
-                overall["recall_at_10"], True, "share of relevant documents in the top 10 sources"
+            f"ndcg_at_{k}": metric(
+                overall[f"ndcg_at_{k}"],
+                True,
+                f"nDCG@{k} of the distinct sources of the top {k} chunks, all questions asked",
+            ),
+            f"recall_at_{k}": metric(
+                overall[f"recall_at_{k}"],
+                True,
+                f"share of relevant documents among the sources of the top {k} chunks",
             ),
             "mrr": metric(
                 overall["mrr"], True, "mean reciprocal rank of the first relevant source"
