@@ -41,14 +41,22 @@ metrics measure. An item that cannot fit so, whose closed-book or rag-mode quest
 not fit, or that the server refuses as too long, is skipped: left out of every metric and
 listed in results.json `context_fit`. Samples record `passage_chars`, the cut (null: whole).
 
+Both data files (the corpus and the judges' calibration pairs) are checked when the run
+starts, before any request: a record with a missing or mistyped key is one line naming
+FILE:LINE (`load_facts`, `support.load_pairs`).
+
 Metrics (definitions in docs/evaluation.md): accuracy, closed-book accuracy and the gain;
 accuracy by distractor count and noise sensitivity, accuracy by gold position (inline only);
-abstention on unanswerable items and false abstention; counterfactual adherence vs
-parametric override; ALCE citation recall / precision (citations to sources not given
-count against both) and validity; supported-sentence ratio and unsupported-number rate,
-judged by the offline proxies of `support.py`, whose accuracy on the hand-labelled fixture
-is reported with the run; in rag mode, retrieval recall@k. What it does not do: judge with an
-LLM, or measure retrieval beyond whether the gold passage was among the sources given.
+each accuracy with the mean answer length in words of the answers it counts (containment
+rewards verbosity: a model that pastes its sources contains every gold answer); abstention
+on unanswerable items and false abstention; counterfactual adherence vs parametric
+override; ALCE citation recall / precision (citations to sources not given count against
+both) and validity; supported-sentence ratio and unsupported-number rate, judged by the
+offline proxies of `support.py` (a short answer sentence, "Athens [1].", is judged with its
+question), whose accuracy on the hand-labelled fixture is reported with the run; in rag
+mode, retrieval recall@k; metric plugins (token F1) on answerable answers without their
+citation markers. What it does not do: judge with an LLM, or measure retrieval beyond
+whether the gold passage was among the sources given.
 """
 
 from __future__ import annotations
@@ -68,12 +76,15 @@ from ..client import OpenAIClient, first_choice, gather_with_progress
 from ..errors import CapabilityError, EvalError, ServerRequestError, SuiteConfigError
 from ..metrics import check_metrics, compute_metric
 from ..support import (
+    Claim,
     EmbeddingJudge,
     LexicalJudge,
     NLIJudge,
     SupportJudge,
     calibrate,
+    line_numbers,
     load_pairs,
+    make_claim,
     numbers_in,
 )
 from .base import (
@@ -84,6 +95,7 @@ from .base import (
     file_sha256,
     metric,
     nothing_fits,
+    read_jsonl,
     stable_order,
 )
 
@@ -91,7 +103,9 @@ __all__ = [
     "HallucinationConfig",
     "HallucinationSuite",
     "build_items",
+    "calibration_passages",
     "collection_name",
+    "load_facts",
     "rag_documents",
     "score_answer",
 ]
@@ -104,6 +118,7 @@ ABSTAIN = re.compile(
 )
 CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,;:!?])")
 OPEN_INSTRUCTION = (
     "Answer the question using only the numbered sources below. Cite the sources you use"
     ' like [1]. If the sources do not contain the answer, reply "unanswerable".'
@@ -113,7 +128,10 @@ CLOSED_INSTRUCTION = 'Answer the question. If you do not know the answer, reply 
 MIN_PASSAGE_CHARS = 48
 # Metrics that need the item to fix which passages the model sees and where: meaningless
 # when the server's retriever chooses the context, so rag mode leaves them out.
-INLINE_ONLY = "accuracy_distractors_*, noise_sensitivity, accuracy_position_*"
+INLINE_ONLY = (
+    "accuracy_distractors_*, noise_sensitivity, accuracy_position_*, answer_words_distractors_*,"
+    " answer_words_position_*"
+)
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,49 @@ class Item:
     position: str | None  # where the gold source sits among >= 2 distractors
 
 
+FACT_KEYS = ("id", "title", "passage", "answer", "counterfactual", "questions", "unanswerable")
+
+
+def load_facts(path: Path) -> list[dict[str, Any]]:
+    """The corpus, each record checked as it is read (before any request): a JSON object
+    with a distinct string `id`, string `title`, `passage` (with an `{answer}` slot and no
+    other braces), `answer`, `counterfactual` (another value) and `unanswerable`, and
+    `questions`, a non-empty list of strings; the first that is not stops the run with one
+    line naming FILE:LINE and the key."""
+    facts = read_jsonl(
+        path,
+        "hallucination",
+        "corpus",
+        required=FACT_KEYS,
+        kinds={k: (list,) if k == "questions" else (str,) for k in FACT_KEYS},
+        unique="id",
+    )
+    for number, fact in zip(line_numbers(path), facts, strict=True):
+        where = f"hallucination: corpus {path}:{number}"
+        empty = [k for k in FACT_KEYS if not fact[k] or (k != "questions" and not fact[k].strip())]
+        if empty:
+            raise SuiteConfigError(f"{where}: empty {', '.join(empty)}")
+        if not all(isinstance(q, str) and q.strip() for q in fact["questions"]):
+            raise SuiteConfigError(f"{where}: questions is not a list of non-empty strings")
+        try:
+            slots = fact["passage"].format(answer="\x00").count("\x00")
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # {x}, {0}, {
+            slots = -1
+        if slots < 1:
+            raise SuiteConfigError(
+                f"{where}: passage needs its {{answer}} slot and no other braces (write a"
+                " literal brace as {{ or }})"
+            )
+        if normalize(fact["answer"]) == normalize(fact["counterfactual"]):
+            raise SuiteConfigError(f"{where}: counterfactual must differ from answer")
+    return facts
+
+
+def calibration_passages(facts: list[dict[str, Any]]) -> dict[str, str]:
+    """Fact id -> passage with its real answer: what the calibration pairs refer to."""
+    return {f["id"]: f["passage"].format(answer=f["answer"]) for f in facts}
+
+
 def passage_text(fact: dict[str, Any], value: str, max_chars: int) -> str:
     text = fact["passage"].format(answer=value)
     return text if not max_chars or len(text) <= max_chars else clip_around(text, value, max_chars)
@@ -234,6 +295,14 @@ def build_items(facts: list[dict[str, Any]], cfg: HallucinationConfig, seed: int
             )
         ]
         n = cfg.distractor_counts[k % len(cfg.distractor_counts)]
+        side_noise = max(cfg.distractor_counts) // 2 if max(cfg.distractor_counts) >= 2 else 0
+        if len(others) < max(n, side_noise):
+            raise SuiteConfigError(
+                f"hallucination: fact {fid!r} has {len(others)} other passages that can be its"
+                f" distractors (they must not contain its answer or counterfactual), fewer"
+                f" than the {max(n, side_noise)} its items need; add facts to the corpus or"
+                " lower distractor_counts"
+            )
         position = position_for(k, n, len(cfg.distractor_counts))
         distractors = [source(o) for o in rng.sample(others, n)]
         sources, gold_at = place(source(fid), distractors, position)
@@ -251,7 +320,6 @@ def build_items(facts: list[dict[str, Any]], cfg: HallucinationConfig, seed: int
             )
         )
         # The counterfactual/unanswerable item of a fact: half the largest noise level.
-        side_noise = max(cfg.distractor_counts) // 2 if max(cfg.distractor_counts) >= 2 else 0
         distractors = [source(o) for o in rng.sample(others, side_noise)]
         side_position = POSITIONS[k % 3] if side_noise >= 2 else "first"
         if k % 2 == 0:
@@ -470,6 +538,12 @@ def contains_answer(answer: str, gold: str) -> bool:
     return bool(target) and f" {target} " in f" {normalize(answer)} "
 
 
+def answer_words(answer: str) -> int:
+    """The answer's length in words: whitespace-separated pieces with a letter or digit,
+    citation markers removed ("Athens [1]." -> 1)."""
+    return sum(any(ch.isalnum() for ch in w) for w in strip_citations(answer).split())
+
+
 def citations_of(sentence: str) -> list[int]:
     return [int(n) for group in CITATION.findall(sentence) for n in group.split(",")]
 
@@ -479,7 +553,8 @@ def sentences_of(answer: str) -> list[str]:
 
 
 def strip_citations(sentence: str) -> str:
-    return " ".join(CITATION.sub(" ", sentence).split())
+    """The text without citation markers: "Athens [1]." -> "Athens."."""
+    return SPACE_BEFORE_PUNCTUATION.sub(r"\1", " ".join(CITATION.sub(" ", sentence).split()))
 
 
 @dataclass
@@ -487,22 +562,28 @@ class Judgements:
     """Support scores for (claim, passage) pairs, computed in one batch per judge."""
 
     judge: SupportJudge
-    scores: dict[tuple[str, str], float] = field(default_factory=dict)
+    scores: dict[tuple[Claim, str], float] = field(default_factory=dict)
 
-    def fill(self, pairs: set[tuple[str, str]]) -> None:
+    def fill(self, pairs: set[tuple[Claim, str]]) -> None:
         todo = sorted(pairs - set(self.scores))
         values = self.judge.scores([c for c, _ in todo], [p for _, p in todo])
         self.scores.update(zip(todo, values, strict=True))
 
-    def supports(self, claim: str, passage: str) -> bool:
+    def supports(self, claim: Claim, passage: str) -> bool:
         return bool(passage) and self.scores[(claim, passage)] >= self.judge.threshold
 
 
-def needed_pairs(item: Item, answer: str) -> set[tuple[str, str]]:
+def claim_of(item: Item, sentence: str) -> Claim:
+    """What an answer sentence claims: itself without citation markers, judged with the
+    item's question when it is short ("Athens [1]." -> "Which city ...? Athens.")."""
+    return make_claim(strip_citations(sentence), item.question)
+
+
+def needed_pairs(item: Item, answer: str) -> set[tuple[Claim, str]]:
     pairs = set()
     texts = [s.text for s in item.sources]
     for sentence in sentences_of(answer):
-        claim = strip_citations(sentence)
+        claim = claim_of(item, sentence)
         valid = [c for c in dict.fromkeys(citations_of(sentence)) if 1 <= c <= len(texts)]
         pairs |= {(claim, t) for t in texts}
         if valid:
@@ -522,6 +603,7 @@ def score_answer(item: Item, answer: str, judgements: Judgements | None) -> dict
     """Per-item record: correctness, abstention, citation and support counts."""
     abstained = bool(ABSTAIN.search(answer))
     record: dict[str, Any] = {
+        "answer_words": answer_words(answer),
         "abstained": abstained,
         "correct": (
             abstained if item.kind == "unanswerable" else contains_answer(answer, item.gold)
@@ -555,7 +637,7 @@ def citation_counts(
         "cites_gold": False,
     }
     for sentence in sentences:
-        claim = strip_citations(sentence)
+        claim = claim_of(item, sentence)
         cited = list(dict.fromkeys(citations_of(sentence)))
         valid = [c for c in cited if 1 <= c <= len(texts)]
         counts["sentences"] += 1
@@ -586,6 +668,7 @@ class HallucinationSuite(Suite):
     description = "RAG stress test: abstention, counterfactual adherence, noise, citations, support"
     metrics = (
         "accuracy",
+        "answer_words",
         "closed_book_accuracy",
         "abstention_unanswerable",
         "counterfactual_adherence",
@@ -600,11 +683,9 @@ class HallucinationSuite(Suite):
     async def run(self, ctx: RunContext) -> SuiteResult:
         cfg: HallucinationConfig = ctx.config
         corpus_path, pairs_path = data_path(cfg.corpus), data_path(cfg.calibration)
-        facts = [
-            json.loads(line)
-            for line in corpus_path.read_text(encoding="utf-8").splitlines()
-            if line
-        ]
+        # Both data files are checked here, before any request (a bad record is one line).
+        facts = load_facts(corpus_path)
+        claims, texts, labels = load_pairs(pairs_path, calibration_passages(facts))
         items = build_items(facts, cfg, ctx.seed)[: ctx.limit or None]
         rag_details: dict[str, Any] = {}
         if cfg.context == "rag":
@@ -672,8 +753,6 @@ class HallucinationSuite(Suite):
                 sample["closed_book_answer"] = closed
                 sample["closed_book_scores"] = score_answer(it, closed, None)
             samples.append(sample)
-        passages = {f["id"]: f["passage"].format(answer=f["answer"]) for f in facts}
-        claims, texts, labels = load_pairs(pairs_path, passages)
         calibration = {
             name: vars(calibrate(j, claims, texts, labels)) for name, j in judges.items()
         }
@@ -873,6 +952,17 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def mean_words(scores: list[dict[str, Any]]) -> float | None:
+    """Mean answer length in words over score records that have it (None: none has)."""
+    words = [r["answer_words"] for r in scores if "answer_words" in r]
+    return ratio(sum(words), len(words))
+
+
+# Containment accuracy rewards verbosity (an answer that pastes every source contains the
+# gold answer), so every accuracy comes with the mean length of the answers it counts.
+WORDS_NOTE = "mean answer length in words (citation markers removed)"
+
+
 def summarise(samples: list[dict[str, Any]], cfg: HallucinationConfig) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
 
@@ -885,9 +975,27 @@ def summarise(samples: list[dict[str, Any]], cfg: HallucinationConfig) -> dict[s
     counterfactual = [s for s in samples if s["kind"] == "counterfactual"]
     acc = ratio(sum(s["scores"]["correct"] for s in answerable), len(answerable))
     add("accuracy", acc, True, "answerable items whose answer contains the gold answer")
+    add(
+        "answer_words",
+        mean_words([s["scores"] for s in samples]),
+        None,
+        f"{WORDS_NOTE}, every item asked with sources",
+    )
+    add(
+        "answer_words_answerable",
+        mean_words([s["scores"] for s in answerable]),
+        None,
+        f"{WORDS_NOTE}, answerable items (those of accuracy)",
+    )
     closed = [s for s in answerable if "closed_book_scores" in s]
     closed_acc = ratio(sum(s["closed_book_scores"]["correct"] for s in closed), len(closed))
     add("closed_book_accuracy", closed_acc, True, "the same answerable questions without sources")
+    add(
+        "closed_book_answer_words",
+        mean_words([s["closed_book_scores"] for s in closed]),
+        None,
+        f"{WORDS_NOTE}, answerable items asked closed-book",
+    )
     if acc is not None and closed_acc is not None:
         add(
             "context_gain",
@@ -923,6 +1031,12 @@ def summarise(samples: list[dict[str, Any]], cfg: HallucinationConfig) -> dict[s
         ratio(sum(s["scores"]["adherent"] for s in counterfactual), len(counterfactual)),
         True,
         "counterfactual items answered with the context's value",
+    )
+    add(
+        "answer_words_counterfactual",
+        mean_words([s["scores"] for s in counterfactual]),
+        None,
+        f"{WORDS_NOTE}, counterfactual items",
     )
     add(
         "parametric_override",
@@ -996,6 +1110,12 @@ def add_noise_and_position(add, answerable: list[dict[str, Any]], cfg: Hallucina
             True,
             f"answerable items with {n} distractor sources",
         )
+        add(
+            f"answer_words_distractors_{n}",
+            mean_words([s["scores"] for s in group]),
+            None,
+            f"{WORDS_NOTE}, answerable items with {n} distractor sources",
+        )
     lo, hi = by_noise.get(min(cfg.distractor_counts)), by_noise.get(max(cfg.distractor_counts))
     if lo is not None and hi is not None and len(by_noise) > 1:
         add("noise_sensitivity", lo - hi, False, "accuracy drop from fewest to most distractors")
@@ -1007,6 +1127,12 @@ def add_noise_and_position(add, answerable: list[dict[str, Any]], cfg: Hallucina
             True,
             f"answerable items (>= 2 distractors) with the gold source {pos}",
         )
+        add(
+            f"answer_words_position_{pos}",
+            mean_words([s["scores"] for s in group]),
+            None,
+            f"{WORDS_NOTE}, answerable items with the gold source {pos}",
+        )
 
 
 def plugin_scores(
@@ -1017,8 +1143,12 @@ def plugin_scores(
         return {}
     out = {}
     for name in cfg.metrics:
+        # Citation markers are what the prompt asks for, not part of the answer: a plugin
+        # scores the answer without them ("Athens [1]." -> "Athens .").
         scores, flags, _ = compute_metric(
-            name, [s["answer"] for s in answerable], [[s["gold"]] for s in answerable]
+            name,
+            [strip_citations(s["answer"]) for s in answerable],
+            [[s["gold"]] for s in answerable],
         )
         for key, value in scores.items():
             out[f"answerable/{key}"] = metric(
