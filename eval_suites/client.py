@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import httpx
-from tqdm.auto import tqdm
+
+from atlas_server.progress import progress_bar
 
 from .cache import ResponseCache, request_key
 from .errors import (
@@ -295,7 +296,7 @@ async def gather_with_progress(
 ) -> list[T]:
     """Run awaitables concurrently (the client bounds real concurrency); results in order."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
-    with tqdm(total=total or len(tasks), desc=desc, unit="req", leave=False) as bar:
+    with progress_bar(total=total or len(tasks), desc=desc, unit="req", leave=False) as bar:
         for task in tasks:
             task.add_done_callback(lambda _t: bar.update(1))
         try:

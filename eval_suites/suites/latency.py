@@ -252,7 +252,7 @@ class LatencySuite(Suite):
             require_loopback(base_url)
 
     async def run(self, ctx: RunContext) -> SuiteResult:
-        from tqdm.auto import tqdm
+        from atlas_server.progress import progress_bar
 
         from .. import loadgen
 
@@ -293,7 +293,7 @@ class LatencySuite(Suite):
             # served every level after the first warm (c4 showed a lower TTFT than c1), and
             # GPU servers that hold thousands of prompts more so.
             spec = spec_for(level, level_seed(ctx.seed, index), num_requests)
-            with tqdm(
+            with progress_bar(
                 total=num_requests, desc=f"latency {level.load}", unit="req", leave=False
             ) as bar:
                 records, summary = await loadgen.run_load(spec, progress=bar.update)

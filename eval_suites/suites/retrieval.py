@@ -166,12 +166,12 @@ async def fill_collection(
     client: OpenAIClient, name: str, docs: list[dict[str, str]], batch: int
 ) -> dict[str, Any]:
     """Ingest the corpus in batches; refuse a collection that holds other chunks."""
-    from tqdm.auto import tqdm
+    from atlas_server.progress import progress_bar
 
     path = f"/v1/collections/{name}/documents"
     chunks = embedded = 0
     total = None
-    with tqdm(total=len(docs), desc=f"filling {name}", unit="doc", leave=False) as bar:
+    with progress_bar(total=len(docs), desc=f"filling {name}", unit="doc", leave=False) as bar:
         for start in range(0, len(docs), batch):
             part = docs[start : start + batch]
             answer = await client.request("POST", path, {"documents": part})
