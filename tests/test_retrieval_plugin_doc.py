@@ -106,3 +106,26 @@ def test_the_documented_retriever_serves_its_configured_passages(tiny_checkpoint
         )
         assert filtered.status_code == 400, filtered.text
         assert filtered.json()["error"]["param"] == "filters"
+
+
+def test_atlas_rag_query_with_the_documented_config_asks_the_plugin(tmp_path, monkeypatch):
+    """The plugin QA pass: `atlas rag query --config server.toml --collection notes` said
+    "collection 'notes' does not exist" (a check before the embedder loads), where the
+    server answers the same query: a plugin's retriever may serve collections of its own."""
+    from typer.testing import CliRunner
+
+    import atlas_server.plugins as plugins
+    from atlas_server.cli import app
+
+    host = PluginHost(discover=True)
+    host.register(documented_plugin(), "keyword-example")
+    monkeypatch.setattr(plugins, "get_plugin_host", lambda: host)
+    config = documented_config(tmp_path)
+    args = ["rag", "query", "keep a list sorted", "--collection", "notes", "--config", str(config)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split()[2] == "bisect.md"
+    # Atlas's own retrievers search the store, so there a missing collection is still said
+    # before the embedder loads.
+    missing = CliRunner().invoke(app, [*args, "--retriever", "dense"])
+    assert missing.exit_code == 1 and "collection 'notes' does not exist" in missing.output

@@ -41,6 +41,7 @@ def _store(data_dir: Path | None, qdrant_url: str | None, store: str | None, sto
 
 STORE_HELP = "Vector store back end: embedded (default), qdrant, milvus, faiss (docs/rag.md)."
 URL_HELP = "A Qdrant or Milvus server for --store qdrant / milvus."
+BUILTIN_RETRIEVERS = "atlas-retrievers"  # the entry point of plugins/retrievers.py
 
 
 def _errors():
@@ -202,11 +203,16 @@ def query(
             vector_store = store_from_config(rag)  # the server's store, as it opens it
         else:
             vector_store = _store(data_dir, qdrant_url, store, store_url)
-        if not vector_store.exists(check_name(collection)):  # before the embedder loads
+        host = get_plugin_host()
+        check_name(collection)
+        # Atlas's own retrievers search the store: a collection it lacks is said before the
+        # embedder loads. A plugin's retriever may serve collections of its own (plugins.md).
+        own = host.owner("retrievers", retriever) == BUILTIN_RETRIEVERS
+        if own and not vector_store.exists(collection):
             there = ", ".join(vector_store.collections()) or "none"
             raise StoreError(f"collection {collection!r} does not exist (collections: {there})")
         context = RAGContext(vector_store, Embedder())
-        pipeline = RAGPipeline(get_plugin_host(), context, options)
+        pipeline = RAGPipeline(host, context, options)
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)
         vector_store.close()
     for i, r in enumerate(results, 1):
