@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from atlas_server.rag.types import MetricResult
+
 from .errors import MetricError, SuiteConfigError
 
 __all__ = ["available_metrics", "check_metrics", "compute_metric", "load_metric"]
@@ -60,6 +62,8 @@ def compute_metric(
     metric = load_metric(name)
     try:
         result = metric.compute(predictions, references)
+        if not isinstance(result, MetricResult):  # a dict's .scores said AttributeError
+            raise TypeError(f"returned a {type(result).__name__}, not a MetricResult")
         scores = {k: float(v) for k, v in result.scores.items()}
         flags = {k: bool(result.higher_is_better.get(k, True)) for k in scores}
         signature = result.signature

@@ -15,6 +15,7 @@ file is a one-line error. What it does not do: compare runs (see `compare.py`).
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -106,14 +107,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as None: Python writes them as bare NaN/Infinity,
+    which is not JSON (JavaScript's JSON.parse, jq and most other readers refuse the file).
+    A metric with nothing to measure is NaN in a run and null in its files (`load_results`
+    reads it back as NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+    text = json.dumps(json_safe(value), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def write_run(output_dir: Path, results: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     """Write samples first and results.json last: its presence marks a complete run."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    lines = "".join(
+        json.dumps(json_safe(s), ensure_ascii=False, allow_nan=False) + "\n" for s in samples
+    )
     write_text_atomic(output_dir / "samples.jsonl", lines)
     write_text_atomic(output_dir / "report.md", run_markdown(results))
     write_json_atomic(output_dir / "results.json", results)
@@ -188,6 +206,9 @@ def load_results(run_dir: Path) -> dict[str, Any]:
         raise ResultsError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(results, dict) or "metrics" not in results or "suite" not in results:
         raise ResultsError(f"{path} is not an atlas-eval results file")
+    for entry in results["metrics"].values() if isinstance(results["metrics"], dict) else ():
+        if isinstance(entry, dict) and "value" in entry and entry["value"] is None:
+            entry["value"] = math.nan  # written as null (json_safe): nothing to measure
     if problem := malformed_field(results):
         raise ResultsError(f"{path} is malformed: {problem}")
     return results

@@ -158,3 +158,65 @@ def test_any_transport_failure_is_an_unreachable_server(error: Exception):
 
     with pytest.raises(ServerUnreachableError, match="cannot reach an OpenAI-compatible server"):
         asyncio.run(ask())
+
+
+def test_a_metric_with_nothing_to_measure_is_null_in_the_files_and_nan_when_read(tmp_path):
+    """The plugin QA pass: results.json held a bare `NaN` ("value": NaN), which is not JSON:
+    JavaScript's JSON.parse and jq refuse the whole file."""
+    import json
+    import math
+
+    from eval_suites.results import load_results, write_run
+
+    run = results_dir(tmp_path, "run", math.nan, details={"inf": math.inf})
+    results = load_results(run)
+    write_run(run, results, [{"id": "a", "score": math.nan}])
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    text = (run / "results.json").read_text()
+    assert json.loads(text, parse_constant=strict)["metrics"]["all/chrf"]["value"] is None
+    sample = (run / "samples.jsonl").read_text()
+    assert json.loads(sample, parse_constant=strict)["score"] is None
+    assert math.isnan(load_results(run)["metrics"]["all/chrf"]["value"])
+    assert "| all/chrf | n/a |" in (run / "report.md").read_text()
+
+
+def test_a_metric_plugin_that_fails_or_returns_no_metricresult_is_named(monkeypatch):
+    """The plugin QA pass: a metric returning a dict failed with "AttributeError: 'dict'
+    object has no attribute 'scores'"."""
+    import types
+
+    import atlas_server.plugins as plugins
+    from atlas_server.hookspecs import hookimpl
+    from atlas_server.plugins import PluginHost
+    from eval_suites.errors import MetricError
+    from eval_suites.metrics import compute_metric
+
+    class Dicty:
+        def compute(self, predictions, references):
+            return {"dicty": 1.0}
+
+    class Broken:
+        def compute(self, predictions, references):
+            raise ValueError("no references")
+
+    module = types.ModuleType("qa_metrics")
+
+    @hookimpl
+    def atlas_register_metrics(register):
+        register("dicty", Dicty)
+        register("broken", Broken)
+
+    module.atlas_register_metrics = atlas_register_metrics
+    host = PluginHost(discover=False)
+    host.register(module, "qa-metrics")
+    monkeypatch.setattr(plugins, "get_plugin_host", lambda: host)
+    with pytest.raises(MetricError) as e:
+        compute_metric("dicty", ["a"], [["a"]])
+    assert str(e.value) == (
+        "metric 'dicty' (plugin 'qa-metrics') failed: TypeError: returned a dict, not a MetricResult"
+    )
+    with pytest.raises(MetricError, match=r"'broken' \(plugin 'qa-metrics'\) failed: ValueError"):
+        compute_metric("broken", ["a"], [["a"]])
