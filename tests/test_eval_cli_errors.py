@@ -146,7 +146,7 @@ def test_a_cache_that_cannot_be_opened_is_a_one_line_error_before_anything_start
     [
         ({"metrics": {"nll": 5}}, "metrics.nll is not an object"),
         ({"metrics": {"nll": {"value": "low"}}}, "metrics.nll.value is not a number"),
-        ({"metrics": {"nll": {"value": None}}}, "metrics.nll.value is not a number"),
+        ({"metrics": {"nll": {"value": [1.0]}}}, "metrics.nll.value is not a number"),
         (
             {"metrics": {"nll": {"value": 1.0, "higher_is_better": "no"}}},
             "metrics.nll.higher_is_better",

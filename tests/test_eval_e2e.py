@@ -493,7 +493,7 @@ def test_a_metric_plugin_registered_by_a_third_party_scores_a_suite(
 
 @pytest.mark.parametrize(
     ("computes", "says"),
-    [("raise", "RuntimeError: metric kaboom"), ("a float", "AttributeError")],
+    [("raise", "RuntimeError: metric kaboom"), ("a float", "returned a float, not a MetricResult")],
 )
 def test_a_broken_metric_plugin_is_one_line_naming_it_after_the_requests(
     tmp_path, atlas_url, monkeypatch, computes, says
