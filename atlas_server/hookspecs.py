@@ -21,12 +21,19 @@ factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument; vecto
 a `atlas_server.rag.store.StoreSettings`) and returns the object. Names are global per kind: registering a name another plugin already took is
 an error that names both plugins. A hook that raises is reported with the plugin's name
 and the plugin is left out (everything it registered too), as one that fails to import
-is. Objects are built lazily, the first time config or a request names them. The
-built-in retrievers, rerankers and metrics in `plugins/` are registered exactly this way.
+is. Objects are built lazily, the first time config or a request names them, once per
+process: one retriever or reranker object then serves every request, concurrently, from
+many threads at once (the server runs each request's retrieval on a thread of its own,
+without a lock), so `retrieve` and `rerank` must be thread-safe: guard shared mutable
+state (a cache, a client that is not thread-safe, a sqlite3 connection) with a lock, or
+keep it per call. They are plain functions: an `async def retrieve` is not awaited (its
+coroutine is a malformed result, a 502). The built-in retrievers, rerankers and metrics
+in `plugins/` are registered exactly this way.
 
 Plugins import only this module, `atlas_server.rag.types`, `atlas_server.rag.store` (its
 StoreError; the VectorStore base of a store back end), `atlas_server.rag.chunking.chunk_id`
-and `atlas_server.rag.errors.InvalidRAGRequest` (docs/plugins.md).
+and `atlas_server.rag.errors.InvalidRAGRequest` (docs/plugins.md); a store back end's
+tests, `atlas_server.testing.store_contract`.
 """
 
 from __future__ import annotations
@@ -52,11 +59,16 @@ def atlas_register_retrievers(register: Register) -> None:
     `ctx.store` is the vector store (`atlas_server.rag.store.VectorStore`, whichever back
     end `[rag] store` names), `ctx.embedder` the sentence embedder, and
     `ctx.retrievers` the other retrievers (for fusion), `ctx.options` the config's
-    `[rag.plugin_options.NAME]` table. Config (`[rag] retriever = NAME`) and requests
-    (`"rag": {"retriever": NAME}`) choose among them by name. The server does not check
-    that the store holds the collection first: raise `atlas_server.rag.store.StoreError`
-    for one you do not serve (404 when the store lacks it too). A result that is not a
-    list of `RetrievedChunk` is reported as this plugin's error (502), as an exception is.
+    `[rag.plugin_options.NAME]` table. In the server, the store opens and the embedder
+    loads when a plugin first calls them, so a retriever that uses neither is served
+    while the store is down. Config (`[rag] retriever = NAME`) and requests
+    (`"rag": {"retriever": NAME}`) choose among them by name. `top_k` is the request's
+    (1-100), times 4 when a reranker follows (the reranker's candidates: up to 400). The
+    server does not check that the store holds the collection first: raise
+    `atlas_server.rag.store.StoreError` for one you do not serve (404 when the store
+    lacks it too). A result that is not a list of well-formed `RetrievedChunk` (its
+    `vector` None or the embedder's own output for the passage) is reported as this
+    plugin's error (502), as an exception is. Called concurrently from many threads.
     """
 
 
@@ -65,7 +77,10 @@ def atlas_register_rerankers(register: Register) -> None:
     """Register rerankers: `register(name, factory)`.
 
     `factory(ctx: RAGContext) -> Reranker`, where the reranker has
-    `rerank(query, candidates, top_k) -> list[RetrievedChunk]`. For rerankers that score
+    `rerank(query, candidates, top_k) -> list[RetrievedChunk]`, at most `top_k` of the
+    candidates (the retriever's `top_k * 4`), reordered best first: a chunk that was not
+    among them is a malformed result (502). Called concurrently from many threads. For
+    rerankers that score
     with the served model itself, `ctx.score_texts(pairs)` gives the mean log p(text |
     prefix) of each (prefix, text) pair, all pairs in one engine round trip (None when no
     model is served). `ctx.score_text(prefix, text)`, the one-pair form, still works but
@@ -99,12 +114,21 @@ def atlas_register_vector_stores(register: Register) -> None:
     (from the command line or `ATLAS_VECTOR_STORE_API_KEY`, never the config file) and
     `options` (the `[rag] store_options` table, for tuning; a factory that lists the keys
     it reads as its own `options` attribute gets any other key refused, at `atlas serve`
-    start and on open). The server and `atlas rag`
-    open the one named by `[rag] store = NAME` (or `--store NAME`) once, on first RAG use,
-    and close it at shutdown; retrievers reach it as `ctx.store`. The factory should
-    import its client library itself, so Atlas starts without it, and raise
-    `atlas_server.rag.store.StoreError` with a message the user can act on (missing
-    package, folder locked, server unreachable). Built-ins, in `plugins/stores.py`:
-    `embedded` (the default), `qdrant`, `milvus`, `faiss`; `tests/test_store_contract.py`
-    is the contract a new back end should pass.
+    start and on open). `atlas serve` opens the one named by `[rag] store = NAME` once,
+    at start-up (a store that does not open then is tried again by each RAG request), and
+    closes it at shutdown; `atlas rag` opens it (or `--store NAME`) for the command;
+    retrievers reach it as `ctx.store`. The factory should import its client library
+    itself, so Atlas starts without it, and raise `atlas_server.rag.store.StoreError`
+    with a message the user can act on (missing package, folder locked, server
+    unreachable). Whatever else it raises is reported as the store failing to open,
+    naming it and its plugin, its traceback logged: the server still starts, RAG answers
+    503 `store_unavailable` and `/health` says why. Its methods should raise `StoreError`
+    too, for everything the store cannot do (a collection that does not exist, a server
+    gone): the API's 404 or 503. Any other exception from a method is the store's bug: a
+    502 `plugin_error` naming the store and its plugin (not the retriever that called
+    it), its traceback logged. The same object is called from many threads at once.
+    Built-ins, in `plugins/stores.py`: `embedded` (the default), `qdrant`, `milvus`,
+    `faiss`. The contract a back end should pass ships as a pytest suite,
+    `atlas_server.testing.store_contract.StoreContract` (docs/plugins.md shows how to
+    run it against yours).
     """

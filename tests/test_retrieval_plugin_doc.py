@@ -64,6 +64,18 @@ def test_the_documented_retriever_refuses_a_filter_it_cannot_honour_as_the_clien
     assert caught.value.param == "filters"
 
 
+def test_the_documented_retriever_lists_its_options_so_a_typo_is_refused():
+    """The plugin QA pass: the example had no `options`, so `[rag.plugin_options.keyword]
+    pasages = ...` started a server that served nothing for that table, without a word."""
+    from atlas_server.rag.pipeline import check_plugin_options
+
+    host = PluginHost(discover=True)
+    host.register(documented_plugin(), "keyword-example")
+    check_plugin_options(host, {"keyword": {"passages": PASSAGES}}, "keyword")
+    with pytest.raises(ValueError, match="sets 'pasages', which 'keyword' does not read"):
+        check_plugin_options(host, {"keyword": {"pasages": PASSAGES}}, "keyword")
+
+
 def documented_config(data_dir: Path) -> Path:
     """The TOML block after the example, with a store folder of the test's own."""
     text = DOC.read_text(encoding="utf-8")

@@ -7,8 +7,9 @@ error body with the right status. The RAG service raises its own errors
 (`atlas_server/rag/errors.py`); `rag_error()` maps them here: a bad request is a 400, an
 unknown collection a 404 (as OpenAI answers for a model that does not exist, also when a
 request body names it), a failing plugin a 502 whose traceback is logged once with the
-plugin's name, an unusable vector store a 503. Unexpected exceptions become 500 with a
-generic message; their traceback goes to the server log, never to the client.
+plugin's name (a vector store's own bug too: `StorePluginError`), an unusable vector
+store a 503. Unexpected exceptions become 500 with a generic message; their traceback
+goes to the server log, never to the client.
 It also declares those bodies for the OpenAPI schema (`error_responses(...)`, used on
 every route), so the served schema documents the errors a client can actually get.
 What it does not do: decide when a request is invalid (schemas and routes do that).
@@ -57,7 +58,7 @@ _MEANINGS = {
     404: "The named model or collection does not exist.",
     413: "The request body is larger than the server accepts.",
     429: "The request queue is full; retry after the `Retry-After` seconds.",
-    502: "A retriever or reranker plugin failed; `message` names it.",
+    502: "A retriever, reranker or vector store plugin failed; `message` names it.",
     503: "The model is still loading, the server is shutting down, or the vector store is unavailable.",
 }
 

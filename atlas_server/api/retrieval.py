@@ -7,7 +7,8 @@ documents, by source), `POST` (ingest) and `DELETE ?source=...` on
 chat request with a `rag` object in retrieved sources and cites them after generation.
 Every call into the service runs on a thread that ends with it (`compute_threads.py`:
 the embedder and rerankers run PyTorch); the service's errors become HTTP errors in
-`errors.rag_error`, the request's `rag.` fields named in `param`.
+`errors.rag_error`, the request's `rag.` fields named in `param` (every route that reaches
+the store may answer 502, a store plugin's bug, and 503, a store that is unavailable).
 What it does not do: retrieval itself (`atlas_server/rag/`), or `/v1/embeddings` and
 `/v1/plugins`, which every server has (embeddings.py, system.py).
 """
@@ -156,7 +157,7 @@ async def retrieve(request: Request, data: RetrieveRequest) -> dict[str, Any]:
 @get(
     "/v1/collections",
     summary="List collections (Atlas)",
-    responses=error_responses(401, 503),
+    responses=error_responses(401, 502, 503),
 )
 async def list_collections(request: Request) -> dict[str, Any]:
     rows = await _state(request).compute(_service(request).collections)
@@ -167,7 +168,7 @@ async def list_collections(request: Request) -> dict[str, Any]:
     "/v1/collections/{name:str}/documents",
     status_code=200,
     summary="Ingest documents into a collection (Atlas)",
-    responses=error_responses(400, 401, 413, 503),
+    responses=error_responses(400, 401, 413, 502, 503),
 )
 async def add_documents(request: Request, name: str, data: DocumentsRequest) -> dict[str, Any]:
     for i, d in enumerate(data.documents):
@@ -189,7 +190,7 @@ async def add_documents(request: Request, name: str, data: DocumentsRequest) -> 
 @get(
     "/v1/collections/{name:str}/documents",
     summary="List a collection's documents, by source (Atlas)",
-    responses=error_responses(400, 401, 404, 503),
+    responses=error_responses(400, 401, 404, 502, 503),
 )
 async def list_documents(
     request: Request,
@@ -232,7 +233,7 @@ async def list_documents(
     "/v1/collections/{name:str}/documents",
     status_code=200,
     summary="Delete documents from a collection by source (Atlas)",
-    responses=error_responses(400, 401, 404, 503),
+    responses=error_responses(400, 401, 404, 502, 503),
 )
 async def delete_documents(
     request: Request,
@@ -252,7 +253,7 @@ async def delete_documents(
     "/v1/collections/{name:str}",
     status_code=200,
     summary="Delete a collection (Atlas)",
-    responses=error_responses(400, 401, 404, 503),
+    responses=error_responses(400, 401, 404, 502, 503),
 )
 async def delete_collection(request: Request, name: str) -> dict[str, Any]:
     try:

@@ -25,7 +25,8 @@ app = typer.Typer(
 def _store(data_dir: Path | None, qdrant_url: str | None, store: str | None, store_url: str | None):
     import os
 
-    from ..rag.store import DEFAULT_STORE, open_store
+    from ..plugins import get_plugin_host
+    from ..rag.store import DEFAULT_STORE, guarded, open_store
 
     if data_dir and (qdrant_url or store_url):
         raise typer.BadParameter("give --data-dir or a server URL, not both")
@@ -36,7 +37,9 @@ def _store(data_dir: Path | None, qdrant_url: str | None, store: str | None, sto
             "--data-dir (give --store qdrant or --store milvus with the URL)"
         )
     key = os.environ.get("ATLAS_VECTOR_STORE_API_KEY") or None
-    return open_store(name, data_dir, store_url or qdrant_url, key)
+    # Guarded: a store method's own exception is one line naming the store and its plugin.
+    owner = get_plugin_host().owner("vector_stores", name)
+    return guarded(open_store(name, data_dir, store_url or qdrant_url, key), name, owner)
 
 
 STORE_HELP = "Vector store back end: embedded (default), qdrant, milvus, faiss (docs/rag.md)."

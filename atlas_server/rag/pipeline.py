@@ -1,11 +1,16 @@
 """Retrieval pipeline: named retriever -> optional named reranker, with plugin isolation.
 
 What it does: builds retriever and reranker objects lazily from the plugin host's
-factories (once per name, with the shared `RAGContext`), runs retrieve + rerank, and
-wraps any exception a plugin raises in `PluginRuntimeError` naming the plugin, so the
-server answers with a clear error and stays up. What a plugin returns is checked too (a list of well-formed `RetrievedChunk`),
-and a malformed result is the returning plugin's `PluginRuntimeError`, not a crash later.
-What it does not do: HTTP, prompting or ingestion.
+factories (once per name, with the shared `RAGContext`), runs retrieve + rerank (the
+retriever is asked for `top_k * 4` candidates when a reranker follows), and wraps any
+exception a plugin raises in `PluginRuntimeError` naming the plugin, so the server
+answers with a clear error and stays up. The store's and the embedder's own failures
+(`StoreError`, `VectorStoreUnavailable`) pass through a plugin's call unblamed. What a
+plugin returns is checked too (a list of well-formed `RetrievedChunk`: non-empty id,
+text and source, a finite score, a `vector` that is None or the embedder's, a reranker's
+chunks among its candidates), and a malformed result is the returning plugin's
+`PluginRuntimeError`, not a crash later. What it does not do: HTTP, prompting or
+ingestion; nor does it check that results are sorted (the contract asks for best first).
 """
 
 from __future__ import annotations
@@ -14,15 +19,26 @@ import dataclasses
 import math
 import numbers
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from ..plugins import PluginHost
-from .errors import InvalidRAGRequest, PluginRuntimeError, UnknownComponentError
+from .errors import (
+    InvalidRAGRequest,
+    PluginRuntimeError,
+    UnknownComponentError,
+    VectorStoreUnavailable,
+)
+from .store import StoreError, VectorStore, guarded, options_attribute_problem
 from .types import Chunk, RAGContext, RetrievedChunk
 
 __all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError", "check_plugin_options"]
+
+RERANK_CANDIDATES = 4  # a reranker gets top_k * this many candidates (400 at top_k 100)
+VECTOR_NORM_TOLERANCE = 0.01  # |L2 norm - 1| a RetrievedChunk.vector may be off by
 
 
 def check_plugin_options(
@@ -61,6 +77,13 @@ def check_plugin_options(
         )
     for name, table in options.items():
         reads = getattr(components[name], "options", None)
+        problem = options_attribute_problem(reads) if reads is not None else None
+        if problem:  # the plugin's slip, named, rather than keys "m", "o", ... accepted
+            kind = "retrievers" if name in host.retrievers else "rerankers"
+            raise ValueError(
+                f"rag.plugin_options.{name}: {name!r} (plugin "
+                f"{host.owner(kind, name) or '?'!r}) cannot be configured: {problem}"
+            )
         unread = sorted(set(table) - set(reads)) if reads is not None else []
         if unread:
             listed = ", ".join(map(repr, reads)) if reads else "no options"
@@ -77,6 +100,11 @@ class RAGPipeline:
         ctx: RAGContext,
         plugin_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        if isinstance(ctx.store, VectorStore):  # as `atlas rag query` opens it: guard it
+            # here too, so a store's bug is the store's there as in the server (RAGService)
+            name = ctx.store.name
+            store = guarded(ctx.store, name, host.owner("vector_stores", name))
+            ctx = dataclasses.replace(ctx, store=store)
         self.host, self.ctx = host, ctx
         self.options = plugin_options or {}
         self._built: dict[tuple[str, str], Any] = {}
@@ -106,6 +134,8 @@ class RAGPipeline:
                     self._built[key] = registry[name](ctx)
                 except InvalidRAGRequest:  # the plugin says the request asked amiss (a 400)
                     raise
+                except (StoreError, VectorStoreUnavailable):  # a factory that used ctx.store
+                    raise
                 except (Exception, SystemExit, KeyboardInterrupt) as e:
                     if _a_real_ctrl_c(e):
                         raise
@@ -124,30 +154,45 @@ class RAGPipeline:
         filters: dict | None = None,
     ) -> list[RetrievedChunk]:
         r = self.component("retrievers", retriever)
-        candidates_k = top_k * 4 if reranker else top_k
+        candidates_k = top_k * RERANK_CANDIDATES if reranker else top_k
         results = self._run(
             "retrievers", retriever, lambda: r.retrieve(collection, query, candidates_k, filters)
         )
         if reranker:
             rr = self.component("rerankers", reranker)
-            results = self._run("rerankers", reranker, lambda: rr.rerank(query, results, top_k))
+            given = {c.chunk.id for c in results}
+            results = self._run(
+                "rerankers", reranker, lambda: rr.rerank(query, results, top_k), given
+            )
         return results[:top_k]
 
-    def _run(self, kind: str, name: str, fn) -> list[RetrievedChunk]:
+    def _run(self, kind: str, name: str, fn, candidates: set[str] | None = None):
         """fn()'s results, checked; a plugin's exception or malformed result is blamed on it
         here, so neither a later stage nor the HTTP layer trips over it."""
         try:
-            return checked_results(fn())
+            return checked_results(fn(), self._embedder_dim, candidates)
         # InvalidRAGRequest is how a plugin says the request asks what it cannot do (filters
         # it cannot apply): the client's 400, naming the field, not the plugin's failure.
-        except (UnknownComponentError, PluginRuntimeError, InvalidRAGRequest):
+        # The store's failures (StoreError; StorePluginError for its bugs) and a store or
+        # embedder that cannot open (VectorStoreUnavailable) are theirs, not the caller's.
+        except (
+            UnknownComponentError,
+            PluginRuntimeError,
+            InvalidRAGRequest,
+            StoreError,
+            VectorStoreUnavailable,
+        ):
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as e:
-            from .store import StoreError
-
-            if isinstance(e, StoreError) or _a_real_ctrl_c(e):
+            if _a_real_ctrl_c(e):
                 raise
             raise PluginRuntimeError(self.host.owner(kind, name) or "?", kind[:-1], name, e) from e
+
+    def _embedder_dim(self) -> int | None:
+        """The embedder's dimension, which a result's `vector` must have (None: unknown).
+        Asked only when a result carries a vector: it loads the embedder."""
+        dim = getattr(self.ctx.embedder, "dim", None)
+        return int(dim) if isinstance(dim, numbers.Integral) else None
 
 
 def _a_real_ctrl_c(e: BaseException) -> bool:
@@ -163,14 +208,28 @@ class MalformedResults(TypeError):
     """A retriever or reranker returned something other than a list of RetrievedChunk."""
 
 
-def checked_results(results: Any) -> list[RetrievedChunk]:
+def checked_results(
+    results: Any,
+    dim: int | Callable[[], int | None] | None = None,
+    candidates: set[str] | None = None,
+) -> list[RetrievedChunk]:
     """`results` as a list of well-formed RetrievedChunk in plain Python types, else raise.
 
     NumPy's scalars (FAISS scores, say) are numbers too, so they pass, converted: what goes
-    on must serialise as JSON. A chunk returned twice keeps its first (best) place.
+    on must serialise as JSON. A chunk returned twice keeps its first (best) place. A
+    `vector` is None or the embedder's output (`_checked_vector`; `dim`, or `dim()` asked
+    on the first vector, is its dimension when known); it comes out as a float32 array.
+    With `candidates` (a reranker's), every chunk id must be one of them.
     """
     if not isinstance(results, list | tuple):
         raise MalformedResults(f"returned {type(results).__name__}, not a list of RetrievedChunk")
+    want: list[int | None] = []  # the dimension, once asked
+
+    def dimension() -> int | None:
+        if not want:
+            want.append(dim() if callable(dim) else dim)
+        return want[0]
+
     checked, seen = [], set()
     for i, r in enumerate(results):
         if not isinstance(r, RetrievedChunk):
@@ -180,12 +239,24 @@ def checked_results(results: Any) -> list[RetrievedChunk]:
         if not isinstance(r.chunk, Chunk):
             raise MalformedResults(f"result {i}'s chunk is {type(r.chunk).__name__}, not a Chunk")
         if not isinstance(r.score, numbers.Real) or isinstance(r.score, bool):
-            raise MalformedResults(f"result {i}'s score is {r.score!r}, not a number")
-        if not math.isfinite(float(r.score)):
-            raise MalformedResults(f"result {i}'s score is {r.score!r}, not a finite number")
+            raise MalformedResults(f"result {i}'s score is {r.score!r:.60}, not a number")
+        try:
+            score = float(r.score)
+        except OverflowError:  # an int beyond float's range (10**400)
+            score = math.inf
+        if not math.isfinite(score):
+            raise MalformedResults(f"result {i}'s score is {r.score!r:.60}, not a finite number")
         c = r.chunk
-        if not (isinstance(c.id, str) and isinstance(c.text, str) and isinstance(c.source, str)):
-            raise MalformedResults(f"result {i}'s chunk id, text and source must be strings")
+        if not all(isinstance(x, str) and x for x in (c.id, c.text, c.source)):
+            # an empty one would be cited, shown or deduplicated as if it were a passage
+            raise MalformedResults(
+                f"result {i}'s chunk id, text and source must be non-empty strings"
+            )
+        if candidates is not None and c.id not in candidates:
+            raise MalformedResults(
+                f"result {i} (chunk {c.id!r:.60}) was not among the candidates it was given: "
+                "a reranker returns some of its candidates, reordered"
+            )
         if not (c.heading is None or isinstance(c.heading, str)):
             raise MalformedResults(f"result {i}'s chunk heading is {c.heading!r}, not a string")
         if (
@@ -208,9 +279,40 @@ def checked_results(results: Any) -> list[RetrievedChunk]:
         if c.id in seen:
             continue
         seen.add(c.id)
+        vector = None if r.vector is None else _checked_vector(i, r.vector, dimension())
         chunk = dataclasses.replace(c, start=int(c.start), end=int(c.end), metadata=metadata)
-        checked.append(dataclasses.replace(r, chunk=chunk, score=float(r.score)))
+        checked.append(dataclasses.replace(r, chunk=chunk, score=score, vector=vector))
     return checked
+
+
+def _checked_vector(i: int, vector: Any, dim: int | None) -> np.ndarray:
+    """A result's `vector` as float32 [dim], else raise: what `mmr` and other rerankers
+    compare with the query's embedding, so it must be Atlas's embedder output for the
+    passage (L2-normalised; norm checked within VECTOR_NORM_TOLERANCE), not an embedding
+    of the plugin's own model, which would fail or mislead there, blamed on the reranker."""
+    try:
+        v = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError, OverflowError):
+        raise MalformedResults(
+            f"result {i}'s vector is {type(vector).__name__} {vector!r:.40}, not an array of "
+            "floats; give the embedder's vector of the passage, or None"
+        ) from None
+    if v.ndim != 1 or (dim is not None and v.shape[0] != dim):
+        shape = "x".join(map(str, v.shape)) or "a scalar"
+        expected = f"the embedder's {dim}" if dim is not None else "a vector's"
+        raise MalformedResults(
+            f"result {i}'s vector has shape {shape}, not {expected} dimensions; give Atlas's "
+            "embedder output for the passage, or None"
+        )
+    if not np.isfinite(v).all():
+        raise MalformedResults(f"result {i}'s vector holds NaN or infinity")
+    norm = float(np.linalg.norm(v))
+    if abs(norm - 1.0) > VECTOR_NORM_TOLERANCE:
+        raise MalformedResults(
+            f"result {i}'s vector has L2 norm {norm:.4g}, not 1: give the embedder's "
+            "(normalised) vector of the passage, or None"
+        )
+    return v
 
 
 class _LazyRetrievers(dict):

@@ -6,9 +6,15 @@ the embedder), checks a request before any plugin sees it (collection name, quer
 filters), retrieves and reranks through the plugins, ingests documents, lists and deletes
 collections, lists a collection's documents (`documents_of`) and deletes them by source,
 and grounds a prompt or a chat in retrieved sources, dropping the
-lowest-ranked ones until the prompt fits the model's context. It raises only the errors
-of `errors.py`. Every method blocks: callers run them off their event loop (the HTTP
-layer does, on a thread that ends with the call, see `compute_threads.py`).
+lowest-ranked ones until the prompt fits the model's context. The store it uses and hands
+to plugins is guarded (`store.GuardedStore`): the store's own StoreError is a 503 (404
+for a missing collection), any other exception from its code a `StorePluginError` naming
+the store and its plugin (a 502), never the retriever's; a factory that raises leaves the
+store unavailable (503, logged once with its traceback, /health saying why). Plugins'
+`ctx.store` and `ctx.embedder` open on their first use (`types.OnFirstUse`). It raises
+only the errors of `errors.py` (StorePluginError is one of its PluginRuntimeError).
+Every method blocks: callers run them off their event loop (the HTTP layer does, on a
+thread that ends with the call, see `compute_threads.py`).
 What it does not do: HTTP (`atlas_server/api/retrieval.py` serves it), generation, or
 chunking and embedding details (`chunking.py`, `embedding.py`).
 """
@@ -27,9 +33,18 @@ from .errors import CollectionNotFound, InvalidRAGRequest, VectorStoreUnavailabl
 from .grounding import grounded_messages, grounded_prompt
 from .ingest import Document, ingest
 from .pipeline import RAGPipeline
-from .store import StoreError, VectorStore, check_name, store_from_config
+from .store import (
+    StoreError,
+    StoreFactoryError,
+    StorePluginError,
+    VectorStore,
+    check_name,
+    guarded,
+    store_from_config,
+    store_name,
+)
 from .store import check_filters as store_check_filters
-from .types import RAGContext, RetrievedChunk, ScoreTexts
+from .types import OnFirstUse, RAGContext, RetrievedChunk, ScoreTexts
 
 log = logging.getLogger("atlas.rag")
 
@@ -142,29 +157,36 @@ class RAGService:
         self._write_locks: dict[str, threading.Lock] = {}
         self._store: Any = None
         self._store_problem: str | None = None  # why the last try to open it failed
+        self._store_logged: str | None = None  # the open failure last logged with a traceback
+        self._embedder_logged: str | None = None  # likewise for the embedder
         self._pipeline: RAGPipeline | None = None
 
     # --- lazily opened parts ------------------------------------------------------------
     @property
     def store(self) -> VectorStore:
+        """The store, opened now if it is not yet (and guarded: `GuardedStore`)."""
         with self._lock:
             if self._store is None:
                 try:
-                    self._store = store_from_config(self._store_config, self.host)
-                except StoreError as e:
-                    self._store_problem = str(e)
-                    raise VectorStoreUnavailable(str(e)) from None
-                except ImportError as e:
-                    # A back end whose package is not installed: RAG answers 503 saying
-                    # so, and completions are served as ever (the server used to exit).
-                    name = getattr(self._store_config, "store", "configured")
-                    self._store_problem = (
-                        f"the {name!r} vector store cannot be opened: its package is not"
-                        f" installed ({e})"
-                    )
-                    raise VectorStoreUnavailable(self._store_problem) from None
+                    opened = store_from_config(self._store_config, self.host)
+                except StoreError as e:  # open_store words every failure as one
+                    raise self._unavailable(e) from None
+                name = store_name(self._store_config)[0]
+                self._store = guarded(opened, name, self.host.owner("vector_stores", name))
                 self._store_problem = None
             return self._store
+
+    def _unavailable(self, e: StoreError) -> VectorStoreUnavailable:
+        """The 503 of a store that did not open, remembered for /health. A factory's own
+        exception (StoreFactoryError's cause: a bug, or a client's ConnectionRefusedError)
+        is logged with its traceback, once while the same problem lasts: every RAG
+        request tries to open the store again and would repeat it."""
+        problem = str(e)
+        if isinstance(e, StoreFactoryError) and problem != self._store_logged:
+            log.error("%s (RAG requests answer 503 until it opens)", problem, exc_info=e.__cause__)
+            self._store_logged = problem
+        self._store_problem = problem
+        return VectorStoreUnavailable(problem)
 
     def store_status(self) -> str:
         """For /health, without trying to open anything: "ok" (open), "not opened yet", or
@@ -179,19 +201,40 @@ class RAGService:
         """Open the store now (a server at start-up): an embedded store's folder is then
         held from the start, so `atlas rag ingest` on it is refused at once, not until the
         server's first RAG request. A store that cannot be opened yet (a Qdrant server not
-        up, a folder another process holds) is logged; the requests that need it answer
-        503 and try again."""
+        up, a folder another process holds, a factory that raised) is logged; the
+        requests that need it answer 503 and try again."""
         try:
             _ = self.store  # the property opens it
         except VectorStoreUnavailable as e:
-            log.warning("vector store not opened at start-up (RAG requests will retry): %s", e)
+            if str(e) != self._store_logged:  # not said already, with its traceback
+                log.warning("vector store not opened at start-up (RAG requests will retry): %s", e)
+
+    def _open_embedder(self) -> Any:
+        """The embedder, for a plugin's first use of `ctx.embedder`. One that cannot load
+        (its package or model folder missing) makes RAG unavailable, a 503 as for the
+        store, not the failure of the retriever that happened to need it first."""
+        try:
+            return self._embedder()
+        except Exception as e:
+            problem = f"the embedder cannot be loaded: {type(e).__name__}: {e}"
+            if problem != self._embedder_logged:
+                log.error("%s", problem, exc_info=e)
+                self._embedder_logged = problem
+            raise VectorStoreUnavailable(problem) from e
 
     @property
     def pipeline(self) -> RAGPipeline:
-        store = self.store
+        """The pipeline, made on first use. Its plugins' `ctx.store` and `ctx.embedder`
+        open when a plugin first uses them (`OnFirstUse`), not here: a retriever with an
+        index of its own is served while the store is down, and never loads the
+        embedder."""
         with self._lock:
             if self._pipeline is None:
-                ctx = RAGContext(store, self._embedder(), score_texts=self._score_texts)
+                ctx = RAGContext(
+                    OnFirstUse(lambda: self.store),
+                    OnFirstUse(self._open_embedder),
+                    score_texts=self._score_texts,
+                )
                 options = getattr(self._store_config, "plugin_options", None) or {}
                 self._pipeline = RAGPipeline(self.host, ctx, options)
             return self._pipeline
@@ -232,6 +275,8 @@ class RAGService:
                 reranker if reranker is not None else self.defaults.reranker,
                 filters,
             )
+        except StorePluginError:  # the store's code failed, not the retriever's: a 502
+            raise
         except StoreError as e:
             self._require(collection)  # missing, or deleted while we searched?
             raise VectorStoreUnavailable(str(e)) from None
@@ -244,11 +289,15 @@ class RAGService:
             for name in store.collections():
                 try:
                     listed.append((name, store.count(name)))
+                except StorePluginError:
+                    raise
                 except StoreError:
                     if store.exists(name):
                         raise
                     # Deleted between the listing and its count: it is not there any more,
                     # and a concurrent delete must not fail the whole listing.
+        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
+            raise
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         return listed
@@ -262,6 +311,8 @@ class RAGService:
                 return ingest(
                     store, self._embedder(), collection, documents, self._chunking(), progress=False
                 )
+        except StorePluginError:
+            raise
         except StoreError as e:  # the store failing, as on the other routes: a 503
             raise VectorStoreUnavailable(str(e)) from None
 
@@ -292,6 +343,8 @@ class RAGService:
                 self._require(collection)
                 deleted = store.delete_sources(collection, sorted(set(sources)))
                 total = store.count(collection)
+        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
+            raise
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         return {"collection": collection, "deleted": deleted, "total": total}
@@ -314,6 +367,8 @@ class RAGService:
             with self._writing(collection):
                 self._require(collection)  # deleted while this waited: a 404, as above
                 rows = documents_of(store, collection, after, prefix)
+        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
+            raise
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         return rows[:limit], len(rows) > limit
@@ -323,6 +378,8 @@ class RAGService:
         try:
             with self._writing(collection):
                 self.store.delete_collection(collection)
+        except StorePluginError:
+            raise
         except StoreError as e:  # e.g. the folder could not be renamed away: a 503
             raise VectorStoreUnavailable(str(e)) from None
 
@@ -330,6 +387,8 @@ class RAGService:
         check_collection_name(collection)  # a name no store can hold is a 400, not a 404
         try:
             present = self.store.exists(collection)
+        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
+            raise
         except StoreError as e:
             raise VectorStoreUnavailable(str(e)) from None
         if not present:

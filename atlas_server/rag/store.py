@@ -3,7 +3,10 @@
 What it does: defines `VectorStore`, the one interface every back end implements, the
 helpers they share (BM25 sparse vectors, filter normalisation, the default folder), and
 `open_store(name, ...)`, which builds the back end registered under `name` through the
-plugin host's `atlas_register_vector_stores` hook (built-ins: `plugins/stores.py`).
+plugin host's `atlas_register_vector_stores` hook (built-ins: `plugins/stores.py`); a
+factory's failure, whatever it raised, comes out of it as a StoreError naming the store
+and its plugin. `GuardedStore` is a store as Atlas hands it out: an exception of the back
+end's own code other than StoreError becomes a `StorePluginError` naming it.
 What it does not do: chunking, embedding, or any back end's storage (`rag/stores/`).
 
 The interface (what ingest, retrievers and the HTTP routes call):
@@ -62,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PluginRuntimeError, RAGError
 from .types import Chunk
 
 DENSE, SPARSE = "dense", "bm25"
@@ -78,6 +82,27 @@ Filters = dict[str, Any]
 
 class StoreError(RuntimeError):
     """A vector-store problem the user can act on (lock held, unknown collection, ...)."""
+
+
+class StoreFactoryError(StoreError):
+    """A store's factory raised something other than StoreError (its `__cause__`): the
+    store did not open. `open_store` raises it, naming the store and its plugin."""
+
+
+class StorePluginError(StoreError, PluginRuntimeError):
+    """A store back end's own code raised something other than StoreError (a bug, or a
+    client library's exception it let through). It is a StoreError, so no retriever is
+    blamed for it and `atlas rag` prints it as one line, and a PluginRuntimeError naming
+    the store and its plugin, so the server answers 502 `plugin_error` and logs the
+    traceback (`__cause__`). `GuardedStore` raises it."""
+
+    def __init__(self, plugin: str, store: str, method: str, error: BaseException) -> None:
+        RAGError.__init__(
+            self,
+            f"vector store {store!r} (plugin {plugin!r}) failed in {method}(): "
+            f"{type(error).__name__}: {error}",
+        )
+        self.plugin, self.kind, self.name, self.method = plugin, "vector store", store, method
 
 
 def atlas_data_home() -> Path:
@@ -358,6 +383,101 @@ class VectorStore(ABC, metaclass=_OpensDefault):
         return f"<{type(self).__name__} {self.name} at {self.location}>"
 
 
+class GuardedStore(VectorStore):
+    """`store` as Atlas hands it out (RAGService; `ctx.store` of plugins): every method
+    forwards to it, and an exception other than StoreError becomes a StorePluginError
+    naming the store and `plugin`, so a store's bug is reported as the store's, not as
+    the retriever's that called it, nor as a bare 500. A StoreError passes unchanged
+    (the store saying it is unavailable, or that a collection is missing). Other
+    attributes (a back end's own `client`, `flush`, ...) are the store's, its methods
+    guarded too. What it does not do: retry, lock, or change what a method returns."""
+
+    def __init__(self, store: VectorStore, name: str, plugin: str | None) -> None:
+        self.store, self.name, self.plugin = store, name, plugin or "?"
+        self.location = getattr(store, "location", "")
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.store, method)(*args, **kwargs)
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StorePluginError(self.plugin, self.name, method, e) from e
+
+    def __getattr__(self, attr: str) -> Any:  # only what the class does not define
+        if attr == "store":  # not set yet (a copy being made): no recursion
+            raise AttributeError(attr)
+        value = getattr(self.store, attr)
+        if not callable(value) or getattr(value, "__self__", None) is not self.store:
+            return value
+        return lambda *args, **kwargs: self._call(attr, *args, **kwargs)
+
+    def collections(self) -> list[str]:
+        return self._call("collections")
+
+    def exists(self, name: str) -> bool:
+        return self._call("exists", name)
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        return self._call("ensure_collection", name, dim)
+
+    def delete_collection(self, name: str) -> bool:
+        return self._call("delete_collection", name)
+
+    def count(self, name: str) -> int:
+        return self._call("count", name)
+
+    def upsert(self, name: str, chunks: list[Chunk], vectors: Any) -> None:
+        return self._call("upsert", name, chunks, vectors)
+
+    def existing_ids(self, name: str, ids: list[str]) -> set[str]:
+        return self._call("existing_ids", name, ids)
+
+    def delete(self, name: str, ids: list[str]) -> int:
+        return self._call("delete", name, ids)
+
+    def delete_sources(self, name: str, sources: list[str]) -> int:
+        return self._call("delete_sources", name, sources)  # the back end's own, if it has one
+
+    def search_dense(
+        self, name: str, vector: Any, top_k: int, filters: Filters | None = None
+    ) -> list[Hit]:
+        return self._call("search_dense", name, vector, top_k, filters)
+
+    def search_bm25(
+        self, name: str, query: str, top_k: int, filters: Filters | None = None
+    ) -> list[Hit]:
+        return self._call("search_bm25", name, query, top_k, filters)
+
+    def vectors(self, name: str, ids: list[str]) -> dict[str, Any]:
+        return self._call("vectors", name, ids)
+
+    def iter_chunks(self, name: str, batch_size: int = 1024) -> Iterator[tuple[Chunk, Any]]:
+        # A generator fails while it is read, not when it is made: guard each step.
+        rows = iter(self._call("iter_chunks", name, batch_size))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except StoreError:
+                raise
+            except Exception as e:
+                raise StorePluginError(self.plugin, self.name, "iter_chunks", e) from e
+            yield row
+
+    def close(self) -> None:
+        return self._call("close")
+
+    def __repr__(self) -> str:
+        return repr(self.store)
+
+
+def guarded(store: VectorStore, name: str, plugin: str | None) -> VectorStore:
+    """`store` in a GuardedStore (once: a guarded store is returned as it is)."""
+    return store if isinstance(store, GuardedStore) else GuardedStore(store, name, plugin)
+
+
 def open_store(
     name: str = DEFAULT_STORE,
     data_dir: str | os.PathLike | None = None,
@@ -375,7 +495,23 @@ def open_store(
         Path(data_dir).expanduser() if data_dir else None, url, api_key, dict(options or {})
     )
     check_store_options(name, settings.options, host)
-    store = factories[name](settings)
+    owner = host.owner("vector_stores", name) or "?"
+    try:
+        store = factories[name](settings)
+    except StoreError:
+        raise  # the store's own words, for the user
+    except ImportError as e:  # its client library is not installed
+        raise StoreError(
+            f"the {name!r} vector store (plugin {owner!r}) cannot be opened: its package is "
+            f"not installed ({e})"
+        ) from e
+    except Exception as e:
+        # Whatever else a factory raises (a client's ConnectionRefusedError, a bug) is
+        # still the store failing to open: a StoreError naming it, its cause kept for the
+        # log, so a server starts without RAG and `atlas rag` says one line.
+        raise StoreFactoryError(
+            f"vector store {name!r} (plugin {owner!r}) failed to open: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(store, VectorStore):
         raise StoreError(
             f"vector store {name!r} (plugin {host.owner('vector_stores', name)!r}) built a "
@@ -399,7 +535,24 @@ def check_store_options(name: str, options: dict[str, Any], host: Any = None) ->
         raise StoreError(f"no vector store named {name!r}; installed: {installed}")
     known = getattr(factories[name], "options", None)
     if known is not None:
+        problem = options_attribute_problem(known)
+        if problem:
+            owner = (host or get_plugin_host()).owner("vector_stores", name)
+            raise StoreError(f"vector store {name!r} (plugin {owner!r}): {problem}")
         StoreSettings(options=dict(options)).check_options(name, known)
+
+
+def options_attribute_problem(known: Any) -> str | None:
+    """Why a factory's `options` attribute is no list of key names, or None. The classic
+    slip is `options = ("mode")`, a string, which would read as the keys "m", "o", ..."""
+    if isinstance(known, str | bytes) or not isinstance(known, Sequence | set | frozenset):
+        return (
+            f"its factory's `options` attribute is {known!r}, not a tuple of the option "
+            'names it reads (for one option write ("mode",), with the comma)'
+        )
+    if not all(isinstance(key, str) for key in known):
+        return f"its factory's `options` attribute {known!r} holds a non-string"
+    return None
 
 
 def store_name(rag: Any) -> tuple[str, str | None]:

@@ -8,6 +8,7 @@ the served model — scoring functions). What it does not do: any retrieval.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -72,6 +73,37 @@ class Metric(Protocol):
     def compute(self, predictions: list[str], references: list[list[str]]) -> MetricResult: ...
 
 
+class OnFirstUse:
+    """Stands in for an object that is made on first use: the first attribute read on it
+    (a method call: `ctx.store.count(name)`) calls `make()`, and every read after goes to
+    what it made. Thread-safe: threads racing for the first use make it once, and one
+    that fails is made again on the next use (the failure raises to that caller).
+    What it does not do: pass `isinstance` checks, or stand in for operators (`len`, `==`)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._first_use_make = make
+        self._first_use_made: Any = None
+        self._first_use_lock = threading.Lock()
+
+    def _first_use(self) -> Any:
+        made = self._first_use_made
+        if made is None:
+            with self._first_use_lock:
+                if self._first_use_made is None:
+                    self._first_use_made = self._first_use_make()
+                made = self._first_use_made
+        return made
+
+    def __getattr__(self, attr: str) -> Any:  # only what this class does not define
+        if attr.startswith("_first_use"):  # not set yet (a copy being made): no recursion
+            raise AttributeError(attr)
+        return getattr(self._first_use(), attr)
+
+    def __repr__(self) -> str:
+        made = self._first_use_made
+        return repr(made) if made is not None else f"<{self._first_use_make!r}, on first use>"
+
+
 # (prefix, text) pairs -> the mean log p(text | prefix) of each under the served model.
 ScoreTexts = Callable[[Sequence[tuple[str, str]]], list[float]]
 
@@ -79,6 +111,13 @@ ScoreTexts = Callable[[Sequence[tuple[str, str]]], list[float]]
 @dataclass
 class RAGContext:
     """What a retriever or reranker factory may use. Fields are None when unavailable.
+
+    In `atlas serve`, `store` and `embedder` are `OnFirstUse` stand-ins: the store opens,
+    and the embedder loads, when a plugin first uses one (`ctx.store.search_dense(...)`),
+    so a retriever that never does is served while the store is down and loads no
+    embedder. One that cannot open raises, on that use, the service's 503 error, which
+    passes through the plugin's call as the store's or the embedder's failure, not the
+    plugin's.
 
     `score_texts(pairs)` scores many (prefix, text) pairs under the served model in one
     engine round trip (the engine batches them), for likelihood-based rerankers; call it

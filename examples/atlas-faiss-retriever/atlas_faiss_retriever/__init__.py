@@ -4,8 +4,11 @@ It reads a collection's chunks and dense vectors once through the public vector 
 interface (`ctx.store.iter_chunks`, which every back end implements), builds an exact
 inner-product index (`IndexFlatIP`; the vectors are normalised, so scores are cosine
 similarities), and rebuilds it when the collection's size changes. It shows everything a
-retriever plugin needs: a factory taking the `RAGContext`, and `retrieve()` returning
-`RetrievedChunk`s best first.
+retriever plugin needs: a factory taking the `RAGContext` (with the `options` it reads
+listed, here none, so a `[rag.plugin_options.faiss]` key is refused, not ignored), and
+`retrieve()` returning `RetrievedChunk`s best first, refusing what it cannot do (filters)
+as the client's error, a 400. One instance serves concurrent requests from many threads,
+so the index cache is guarded by a lock.
 
 It is a teaching example, not the way to run FAISS in production: Atlas's built-in
 `faiss` vector store (`[rag] store = "faiss"`) keeps a persisted FAISS index (exact, then
@@ -20,16 +23,19 @@ import faiss
 import numpy as np
 
 from atlas_server.hookspecs import hookimpl
+from atlas_server.rag.errors import InvalidRAGRequest
 from atlas_server.rag.types import RAGContext, RetrievedChunk
 
 __version__ = "0.2.0"
 
 
 class FaissRetriever:
+    options = ()  # the [rag.plugin_options.faiss] keys it reads: none, so any is refused
+
     def __init__(self, ctx: RAGContext) -> None:
         self.store, self.embedder = ctx.store, ctx.embedder
         self._indexes: dict[str, tuple[int, faiss.Index | None, list]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # requests call retrieve() on many threads at once
 
     def _index(self, collection: str):
         size = self.store.count(collection)
@@ -49,10 +55,11 @@ class FaissRetriever:
             return cached
 
     def retrieve(self, collection, query, top_k, filters=None) -> list[RetrievedChunk]:
-        if filters:
-            raise ValueError(
+        if filters:  # the client asked what this retriever cannot do: its 400, not a 502
+            raise InvalidRAGRequest(
                 "the faiss example retriever does not support filters "
-                '(the built-in `faiss` vector store does: [rag] store = "faiss")'
+                '(the built-in `faiss` vector store does: [rag] store = "faiss")',
+                "filters",
             )
         _, index, chunks = self._index(collection)
         if not chunks:  # an empty collection: nothing to search (FAISS needs a dimension)

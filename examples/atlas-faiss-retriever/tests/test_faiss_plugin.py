@@ -43,3 +43,30 @@ def test_an_empty_collection_gives_no_results(tmp_path):
     retriever = atlas_faiss_retriever.FaissRetriever(RAGContext(store, Embedder()))
     assert retriever.retrieve("empty", "anything", 3) == []
     store.close()
+
+
+def test_filters_are_refused_as_the_clients_400_not_a_plugin_failure():
+    """The plugin QA pass: the example raised ValueError, a 502 `plugin_error`, where the
+    contract (docs/plugins.md) asks for InvalidRAGRequest naming `filters`, a 400."""
+    import pytest
+
+    from atlas_server.rag.errors import InvalidRAGRequest
+
+    host = PluginHost(discover=False)
+    host.register(atlas_faiss_retriever, "faiss-example")
+    pipeline = RAGPipeline(host, RAGContext())
+    with pytest.raises(InvalidRAGRequest, match="does not support filters") as caught:
+        pipeline.retrieve("c", "q", 3, "faiss", filters={"lang": "en"})
+    assert caught.value.param == "filters"
+
+
+def test_its_options_are_listed_so_a_misspelt_key_is_refused():
+    import pytest
+
+    from atlas_server.rag.pipeline import check_plugin_options
+
+    host = PluginHost(discover=False)
+    host.register(atlas_faiss_retriever, "faiss-example")
+    assert atlas_faiss_retriever.FaissRetriever.options == ()
+    with pytest.raises(ValueError, match="'faiss' does not read"):
+        check_plugin_options(host, {"faiss": {"nprobe": 8}})
