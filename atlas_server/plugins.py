@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -49,10 +50,17 @@ class PluginInfo:
 
 
 class PluginHost:
-    def __init__(self, strict: bool = False, discover: bool = True) -> None:
+    """`strict`: a plugin that fails to load or register is fatal, not left out.
+    `diagnose` (`atlas plugins`): the problems that are otherwise fatal whatever `strict`
+    says (a misspelled hook, two plugins claiming one name) are each recorded on the
+    plugin at fault, which is left out, and listed in `problems`, so the tool that
+    diagnoses an installation can show all of it rather than stop at the first."""
+
+    def __init__(self, strict: bool = False, discover: bool = True, diagnose: bool = False) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.strict = strict
+        self.strict, self.diagnose = strict, diagnose
+        self.problems: list[str] = []  # diagnose: what would have stopped a command
         self.plugins: dict[str, PluginInfo] = {}
         self.retrievers: dict[str, Callable[..., Any]] = {}
         self.rerankers: dict[str, Callable[..., Any]] = {}
@@ -100,13 +108,22 @@ class PluginHost:
     # --- registration -------------------------------------------------------------------
     def collect(self) -> None:
         """Check hook names, then call every register hook, plugin by plugin."""
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            raise PluginError(
-                f"a plugin implements a hook that does not exist (misspelled?): {e}"
-            ) from e
         hooks = {f"atlas_register_{kind}" for kind in KINDS}
+        while True:
+            try:
+                self.pm.check_pending()
+                break
+            except pluggy.PluginValidationError as e:
+                name = self.pm.get_name(e.plugin) or repr(e.plugin)
+                # pluggy names the plugin by its object's repr ("<module ...>"): by name here
+                hook = re.search(r"unknown hook '([^']+)'", str(e))
+                message = (
+                    f"plugin {name!r} defines {hook[1]}, which is no Atlas hook (misspelled?);"
+                    f" the hooks are {', '.join(sorted(hooks))}"
+                    if hook
+                    else f"plugin {name!r} cannot be used: {_one_line(e)}"
+                )
+                self._refuse(name, message, e)
         for plugin_name, plugin in self.pm.list_name_plugin():
             # check_pending sees only @hookimpl functions; the host also calls undecorated
             # ones by name, so an undecorated misspelling would register nothing silently.
@@ -116,9 +133,10 @@ class PluginHost:
                 and callable(getattr(plugin, attr, None))
             )  # fmt: skip
             if stray:
-                raise PluginError(
+                self._refuse(
+                    plugin_name,
                     f"plugin {plugin_name!r} defines {', '.join(stray)}, which is no Atlas "
-                    f"hook (misspelled?); the hooks are {', '.join(sorted(hooks))}"
+                    f"hook (misspelled?); the hooks are {', '.join(sorted(hooks))}",
                 )
         for registry in (self.retrievers, self.rerankers, self.metrics, self.vector_stores):
             registry.clear()
@@ -133,14 +151,30 @@ class PluginHost:
                     impl = getattr(plugin, f"atlas_register_{kind}", None)
                     if impl is not None:
                         self._call(plugin_name, kind, impl)
-            except _Duplicate:
-                raise  # two plugins claim one name: which to keep is the user's choice
+            except _Duplicate as e:
+                # Two plugins claim one name: which to keep is the user's choice.
+                if not self.diagnose:
+                    raise
+                self._skip(plugin_name, e, quiet=True)
+                self.problems.append(str(e))
             except Exception as e:
                 self._skip(plugin_name, e)
 
-    def _skip(self, plugin_name: str, error: Exception) -> None:
+    def _refuse(self, plugin_name: str, message: str, cause: Exception | None = None) -> None:
+        """A plugin that breaks a rule of the API: fatal, or (diagnose) left out, its
+        problem recorded."""
+        if not self.diagnose:
+            raise PluginError(message) from cause
+        self.problems.append(message)
+        self.pm.unregister(name=plugin_name)
+        info = self.plugins.get(plugin_name)
+        if info is not None:
+            info.error = message
+
+    def _skip(self, plugin_name: str, error: Exception, quiet: bool = False) -> None:
         """Report a plugin whose register hook raised and drop what it registered, as a
-        plugin that fails to import is reported and left out (fatal when strict)."""
+        plugin that fails to import is reported and left out (fatal when strict).
+        `quiet`: recorded on the plugin only (diagnose's own problems)."""
         for (kind, name), owner in list(self._owner.items()):
             if owner == plugin_name:
                 del getattr(self, kind)[name], self._owner[(kind, name)]
@@ -149,7 +183,9 @@ class PluginHost:
         info = self.plugins.get(plugin_name)
         if info is not None:
             info.registered = {k: [] for k in KINDS}
-            info.error = f"register hook failed: {reason}"
+            info.error = str(error) if quiet else f"register hook failed: {reason}"
+        if quiet:
+            return
         if self.strict:
             raise PluginError(message) from error
         log.error(message)

@@ -63,7 +63,7 @@ def test_misspelled_hook_is_refused():
         def atlas_register_retreivers(self, register):
             register("x", lambda ctx: None)
 
-    with pytest.raises(PluginError, match="does not exist"):
+    with pytest.raises(PluginError, match=r"'typo-plugin' defines atlas_register_retreivers"):
         PluginHost().register(Typo(), "typo-plugin")
 
     class Undecorated:  # the host calls hooks by name, so it must see these too
@@ -170,6 +170,49 @@ def test_a_register_hook_that_raises_is_named_and_the_rest_load(raising_register
     assert strict.output.strip().splitlines()[-1] == (
         "error: plugin 'regraise' failed to register: RuntimeError: register hook exploded"
     )
+
+
+def test_atlas_plugins_lists_everything_beside_a_misspelled_hook_and_a_clash(tmp_path, monkeypatch):
+    """The plugin QA pass: one installed package with a misspelled hook or a name the
+    built-ins hold stopped `atlas plugins` too, the tool meant to find it. It now lists
+    every plugin, the two at fault FAILED with their problem, says each as an error line
+    and exits 1; every other command still refuses to start (test below)."""
+    typo = (
+        "from atlas_server.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def atlas_register_retreivers(register):\n"
+        "    register('x', lambda ctx: None)\n"
+    )
+    clash = (
+        "from atlas_server.hookspecs import hookimpl\n\n"
+        "@hookimpl\n"
+        "def atlas_register_retrievers(register):\n"
+        "    register('mine', lambda ctx: None)\n"
+        "    register('dense', lambda ctx: None)\n"
+    )
+    fake_distribution(tmp_path, monkeypatch, "typohook", typo)
+    fake_distribution(tmp_path, monkeypatch, "zclash", clash)
+    result = CliRunner().invoke(app, ["plugins"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert "atlas-retrievers 0.1.0 (plugins.retrievers)" in lines  # the built-ins too
+    typo_error = (
+        "plugin 'typohook' defines atlas_register_retreivers, which is no Atlas hook"
+        " (misspelled?); the hooks are atlas_register_metrics, atlas_register_rerankers,"
+        " atlas_register_retrievers, atlas_register_vector_stores"
+    )
+    clash_error = (
+        "retriever 'dense' is registered by both plugin 'atlas-retrievers' and plugin"
+        " 'zclash'; uninstall one or rename it"
+    )
+    assert f"typohook 0.1 (typohook_atlas_plugin)  FAILED: {typo_error}" in lines
+    assert f"zclash 0.1 (zclash_atlas_plugin)  FAILED: {clash_error}" in lines
+    assert lines[-2:] == [f"error: {typo_error}", f"error: {clash_error}"]
+    rows = {p["name"]: p for p in json.loads(
+        CliRunner().invoke(app, ["plugins", "--json"]).stdout)}  # fmt: skip
+    assert rows["zclash"]["registered"]["retrievers"] == []  # left out whole, 'mine' too
+    with pytest.raises(PluginError, match="no Atlas hook"):
+        PluginHost()  # everywhere else it stays fatal
 
 
 def install_faiss_example(target: Path) -> None:
