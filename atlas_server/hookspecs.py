@@ -11,9 +11,17 @@ through the `atlas` entry-point group of its package:
     # my_package/plugin.py
     from atlas_server.hookspecs import hookimpl
 
+    class MyRetriever:
+        options = ("depth",)  # the keys of [rag.plugin_options.my-retriever] it reads
+
+        def __init__(self, ctx):  # the factory: the class itself, called with a RAGContext
+            self.store, self.depth = ctx.store, ctx.options.get("depth", 1)
+
+        def retrieve(self, collection, query, top_k, filters=None): ...
+
     @hookimpl
     def atlas_register_retrievers(register):
-        register("my-retriever", lambda ctx: MyRetriever(ctx.store, ctx.embedder))
+        register("my-retriever", MyRetriever)
 
 Every hook follows the register-callback style: the host calls the hook with a
 `register(name, factory)` function; the plugin calls it once per thing it provides. A
