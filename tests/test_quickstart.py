@@ -85,3 +85,24 @@ def test_bad_counts_are_refused_before_any_work(tmp_path, flags, message):
     r = CliRunner().invoke(app, ["quickstart", "--output", str(tmp_path / "qs"), *flags])
     assert r.exit_code == 1 and message in r.output
     assert not (tmp_path / "qs").exists()
+
+
+def test_into_a_log_the_tokenizer_says_two_lines_not_a_bar(tmp_path, monkeypatch, capsys):
+    """scripts/serve.sh's log held the tokenizer's tqdm bars as carriage-return frames (the
+    tokenizer room may not use atlas_server.progress): a line before and after instead."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(files, config, progress):
+        seen["progress"] = progress
+        raise Stop
+
+    monkeypatch.setattr(trainer.quickstart, "train_from_files", record)
+    with pytest.raises(Stop):
+        trainer.quickstart.quickstart(
+            tmp_path, steps=1, corpus_bytes=50_000, vocab_size=384, progress=True
+        )
+    assert seen["progress"] is False  # stderr is captured here: no terminal
+    assert "training the tokenizer (vocabulary 384)" in capsys.readouterr().err

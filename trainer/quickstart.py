@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,9 +83,18 @@ def quickstart(
     if tok_file.is_file():  # a rerun after Ctrl-C: training it again gives the same file
         tokenizer = Tokenizer.from_file(tok_file)
     else:
+        # The tokenizer room draws tqdm's bars, which a log (scripts/serve.sh's) receives as
+        # carriage-return frames: there a line before and one after instead.
+        bars = progress and sys.stderr.isatty()
+        if progress and not bars:
+            print(f"training the tokenizer (vocabulary {vocab_size:,})", file=sys.stderr)
+        started = time.perf_counter()
         tokenizer = train_from_files(
-            [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=progress
+            [str(p) for p in corpus], TokenizerConfig(vocab_size=vocab_size), progress=bars
         )
+        if progress and not bars:
+            seconds = time.perf_counter() - started
+            print(f"tokenizer trained in {seconds:.1f} s", file=sys.stderr)
         tokenizer.save(tok_file)
     data_dir = output / "data"
     prepare_data(
