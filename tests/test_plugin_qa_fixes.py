@@ -721,3 +721,38 @@ def test_atlas_rag_documents_and_ingest_blame_a_store_methods_exception_in_one_l
             f"error: vector store 'broken' (plugin 'scan-plugin') failed in {method}(): "
             "KeyError: 'index corrupted'"
         ], result.output
+
+
+def test_atlas_rag_query_names_a_config_store_by_its_registered_name(tmp_path, monkeypatch):
+    """A store class that does not set `name` (here it inherits the embedded store's) was
+    named by that attribute in `atlas rag query --config`'s error: the built-in store and
+    its plugin were blamed for a third party's bug."""
+    from typer.testing import CliRunner
+
+    import atlas_server.plugins as plugins
+    from atlas_server.cli import app
+
+    class Unnamed:
+        @hookimpl
+        def atlas_register_vector_stores(self, register):
+            class NoName(edge_store_class()):  # keeps the embedded store's `name`
+                def search_bm25(self, *args, **kwargs):
+                    raise KeyError("index corrupted")
+
+            register("noname", NoName)
+
+    host = PluginHost(discover=True)
+    host.register(Unnamed(), "nn-plugin")
+    monkeypatch.setattr(plugins, "get_plugin_host", lambda: host)
+    store = open_store("noname", tmp_path / "s", host=host)
+    store.ensure_collection("c", DIM)
+    store.upsert("c", [chunk("a.md")], FakeEmbedder().encode(["alpha heap"]))
+    store.close()
+    config = tmp_path / "server.toml"
+    config.write_text(f'[rag]\nstore = "noname"\ndata_dir = {str(tmp_path / "s")!r}\n')
+    args = ["rag", "query", "alpha", "--collection", "c", "--retriever", "bm25"]
+    result = CliRunner().invoke(app, [*args, "--config", str(config)], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        "error: vector store 'noname' (plugin 'nn-plugin') failed in search_bm25(): KeyError"
+    ), result.output

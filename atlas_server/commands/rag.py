@@ -188,7 +188,7 @@ def query(
     from ..plugins import get_plugin_host
     from ..rag.embedding import Embedder
     from ..rag.pipeline import RAGPipeline, check_plugin_options
-    from ..rag.store import StoreError, check_name, store_from_config
+    from ..rag.store import StoreError, check_name, guarded, store_from_config, store_name
     from ..rag.types import RAGContext
 
     if not 1 <= top_k <= 100:  # the bounds /v1/retrieve has
@@ -202,11 +202,14 @@ def query(
         reranker = reranker or (rag.reranker if rag else None)
         check_plugin_options(get_plugin_host(), options, retriever, reranker)
     with _errors():
+        host = get_plugin_host()
         if rag is not None and not (data_dir or store or store_url or qdrant_url):
-            vector_store = store_from_config(rag)  # the server's store, as it opens it
+            # The server's store, as it opens it, guarded by the name it is registered under.
+            name = store_name(rag)[0]
+            owner = host.owner("vector_stores", name)
+            vector_store = guarded(store_from_config(rag), name, owner)
         else:
             vector_store = _store(data_dir, qdrant_url, store, store_url)
-        host = get_plugin_host()
         check_name(collection)
         # Atlas's own retrievers search the store: a collection it lacks is said before the
         # embedder loads. A plugin's retriever may serve collections of its own (plugins.md).
