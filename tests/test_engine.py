@@ -407,6 +407,12 @@ async def test_requests_join_and_leave_between_steps(varied_model, gated_engine)
     short = asyncio.ensure_future(
         run(engine, prompt, SamplingParams(max_tokens=5, ignore_eos=True))
     )
+    # Not before the short request reached the engine: the permits could all go to the
+    # long one's steps first (test_prefix_cache.py's twin of this test timed out so).
+    deadline = asyncio.get_running_loop().time() + 30
+    while engine.stats().running + engine.stats().waiting < 2:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
     gate.allow(10)  # enough steps for the short request, far too few for the long one
     _, _, short_events = await asyncio.wait_for(short, 30)
     # The short request joined and ran to completion while the long one was mid-stream.

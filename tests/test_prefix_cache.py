@@ -104,6 +104,11 @@ async def test_prefix_of_a_running_sequence_is_copied(varied_model, gated_engine
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.001)
     follower = asyncio.ensure_future(generate(engine, shared + tok.encode("B"), 8))
+    # The follower's task has not run yet: permits given now could all go to the long
+    # request's steps before the follower reaches the engine (a loaded CI run timed out so).
+    while engine.stats().running + engine.stats().waiting < 2:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
     gate.allow(20)  # enough for the follower's 8 tokens, far from the long request's end
     ids, cached = await asyncio.wait_for(follower, 30)
     assert cached == len(shared)
