@@ -100,8 +100,9 @@ class RAGPipeline:
         ctx: RAGContext,
         plugin_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        if isinstance(ctx.store, VectorStore):  # as `atlas rag query` opens it: guard it
-            # here too, so a store's bug is the store's there as in the server (RAGService)
+        if isinstance(ctx.store, VectorStore):  # a raw store a caller built: guard it here
+            # too, so a store's bug is the store's, as in the server and `atlas rag` (which
+            # guard by the registered name; here only the class's `name` is known)
             name = ctx.store.name
             store = guarded(ctx.store, name, host.owner("vector_stores", name))
             ctx = dataclasses.replace(ctx, store=store)

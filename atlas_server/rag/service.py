@@ -21,9 +21,10 @@ chunking and embedding details (`chunking.py`, `embedding.py`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,19 @@ def check_filters(filters: dict[str, Any] | None) -> None:
         store_check_filters(filters)
     except StoreError as e:
         raise InvalidRAGRequest(str(e), "filters") from None
+
+
+@contextlib.contextmanager
+def store_failures_as_unavailable() -> Iterator[None]:
+    """A StoreError from the store (down, locked, a folder it cannot rename) becomes the
+    503 VectorStoreUnavailable; a StorePluginError (the store's own code failed: a bug)
+    passes as the 502 it is, naming the store, never turned into a 503 to retry."""
+    try:
+        yield
+    except StorePluginError:
+        raise
+    except StoreError as e:
+        raise VectorStoreUnavailable(str(e)) from None
 
 
 MAX_DOCUMENTS_PAGE = 1000  # rows one listing of a collection's documents returns at most
@@ -285,7 +299,7 @@ class RAGService:
         """(name, number of chunks) of every collection."""
         store = self.store
         listed = []
-        try:
+        with store_failures_as_unavailable():
             for name in store.collections():
                 try:
                     listed.append((name, store.count(name)))
@@ -296,25 +310,16 @@ class RAGService:
                         raise
                     # Deleted between the listing and its count: it is not there any more,
                     # and a concurrent delete must not fail the whole listing.
-        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
-            raise
-        except StoreError as e:
-            raise VectorStoreUnavailable(str(e)) from None
         return listed
 
     def add_documents(self, collection: str, documents: list[Document]) -> dict[str, Any]:
         """Chunk, embed and store documents (idempotent: chunk ids come from content)."""
         check_collection_name(collection)
         store = self.store
-        try:
-            with self._writing(collection):
-                return ingest(
-                    store, self._embedder(), collection, documents, self._chunking(), progress=False
-                )
-        except StorePluginError:
-            raise
-        except StoreError as e:  # the store failing, as on the other routes: a 503
-            raise VectorStoreUnavailable(str(e)) from None
+        with store_failures_as_unavailable(), self._writing(collection):
+            return ingest(
+                store, self._embedder(), collection, documents, self._chunking(), progress=False
+            )
 
     def _writing(self, collection: str) -> threading.Lock:
         """The lock of `collection`'s writes (made on first use; a name is checked first)."""
@@ -336,17 +341,12 @@ class RAGService:
         delete: nothing else in the collection is read)."""
         self._require(collection)
         store = self.store
-        try:
-            with self._writing(collection):
-                # Again once writes are ours: a collection deleted while this waited is a
-                # 404, as it is without the wait, not a store failure to retry.
-                self._require(collection)
-                deleted = store.delete_sources(collection, sorted(set(sources)))
-                total = store.count(collection)
-        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
-            raise
-        except StoreError as e:
-            raise VectorStoreUnavailable(str(e)) from None
+        with store_failures_as_unavailable(), self._writing(collection):
+            # Again once writes are ours: a collection deleted while this waited is a
+            # 404, as it is without the wait, not a store failure to retry.
+            self._require(collection)
+            deleted = store.delete_sources(collection, sorted(set(sources)))
+            total = store.count(collection)
         return {"collection": collection, "deleted": deleted, "total": total}
 
     def documents(
@@ -358,39 +358,25 @@ class RAGService:
             raise InvalidRAGRequest(f"limit must be in 1..{MAX_DOCUMENTS_PAGE}", "limit")
         self._require(collection)
         store = self.store
-        try:
-            # Under the collection's write lock, as its adds and deletes are: a listing
-            # waits for an ingest under way and then counts each document whole (one too
-            # big for a single store write is otherwise seen half written, miscounted),
-            # and the collection's delete cannot close its shard under the scan. The cost
-            # is that its writes wait for one scan of it; retrieval never waits.
-            with self._writing(collection):
-                self._require(collection)  # deleted while this waited: a 404, as above
-                rows = documents_of(store, collection, after, prefix)
-        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
-            raise
-        except StoreError as e:
-            raise VectorStoreUnavailable(str(e)) from None
+        # Under the collection's write lock, as its adds and deletes are: a listing waits
+        # for an ingest under way and then counts each document whole (one too big for a
+        # single store write is otherwise seen half written, miscounted), and the
+        # collection's delete cannot close its shard under the scan. The cost is that its
+        # writes wait for one scan of it; retrieval never waits.
+        with store_failures_as_unavailable(), self._writing(collection):
+            self._require(collection)  # deleted while this waited: a 404, as above
+            rows = documents_of(store, collection, after, prefix)
         return rows[:limit], len(rows) > limit
 
     def delete_collection(self, collection: str) -> None:
         self._require(collection)
-        try:
-            with self._writing(collection):
-                self.store.delete_collection(collection)
-        except StorePluginError:
-            raise
-        except StoreError as e:  # e.g. the folder could not be renamed away: a 503
-            raise VectorStoreUnavailable(str(e)) from None
+        with store_failures_as_unavailable(), self._writing(collection):
+            self.store.delete_collection(collection)
 
     def _require(self, collection: str) -> None:
         check_collection_name(collection)  # a name no store can hold is a 400, not a 404
-        try:
+        with store_failures_as_unavailable():
             present = self.store.exists(collection)
-        except StorePluginError:  # the store's code failed: a 502 naming it, as raised
-            raise
-        except StoreError as e:
-            raise VectorStoreUnavailable(str(e)) from None
         if not present:
             raise CollectionNotFound(f"collection {collection!r} does not exist", "collection")
 
