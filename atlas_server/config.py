@@ -35,6 +35,9 @@ class ModelSection(_Section):
     name: str | None = None  # the id in /v1/models; default: the checkpoint folder's name
     device: str = "auto"  # cuda when PyTorch sees a CUDA device, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 elsewhere
+    # Weights for serving on the CPU: "none" (as the model's dtype) or "int8" (8-bit
+    # weights in blocks of 32 with a scale each, llama.cpp's q8_0; fp32 arithmetic).
+    quantize: str = "none"
 
 
 class EngineSection(_Section):
@@ -123,6 +126,10 @@ class ServerConfig(_Section):
             (
                 self.model.dtype in ("auto", "float32", "bfloat16", "float16"),
                 f"model.dtype must be auto, float32, bfloat16 or float16, got {self.model.dtype!r}",
+            ),
+            (
+                self.model.quantize in ("none", "int8"),
+                f"model.quantize must be none or int8, got {self.model.quantize!r}",
             ),
             (0 < self.http.port < 65536, "http.port must be in 1..65535"),
             (self.http.max_body_bytes >= 1024, "http.max_body_bytes must be >= 1024"),

@@ -4,7 +4,9 @@ What it does: builds llama.cpp once from the `llama-cpp-python` source distribut
 (`pip download --no-binary`; only the `llama` shared library, cached under
 `$ATLAS_HOME/llamacpp/VERSION`, default `~/.cache/atlas`; `CMAKE_ARGS` adds CMake options),
 loads it through that package's own ctypes bindings, exports the model with
-`atlas checkpoint export-gguf` (f32, or `--type`), then in the same run:
+`atlas checkpoint export-gguf` (f32, or `--type`; with `--type q8_0` Atlas serves the
+same 8-bit numbers, `model.quantize = "int8"`, unless `--quantize none`), then in the same
+run:
   1. checks llama.cpp's greedy tokens equal Atlas's (`Transformer.generate`, the KV-cache
      path with Atlas's CPU kernels) for every prompt; with f32 weights and an f32 KV
      cache both compute the same function, so they must agree (a divergence is printed
@@ -22,7 +24,10 @@ spin against each other (bench/omp_teams.py shows the same effect within PyTorch
 
 The model: `--checkpoint DIR` (any exportable atlas checkpoint), else a random-weight
 model from `--preset` (default gpt2-124m) with a 1024-id tokenizer trained on stdlib text.
-What it does not do: GPU, sampling, prompt-processing speed, or quantized-vs-f32 accuracy.
+With q8_0 the tokens may differ at near-ties without failing the run: llama.cpp also rounds
+each activation row to 8 bits for its dot products, where Atlas keeps them fp32.
+What it does not do: GPU, sampling, prompt-processing speed, or quantized-vs-f32 accuracy
+(bench/bench_int8.py measures that for Atlas's int8).
 
 Run:  python bench/bench_llamacpp.py --quick         (builds llama.cpp the first time)
       python bench/bench_llamacpp.py --preset llama-124m --type q8_0
@@ -83,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random models: matrices scaled up so greedy text varies (default 4)",
     )
     p.add_argument("--type", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF tensors")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default=None,
+        help="Atlas's weights: int8 (the same q8_0 numbers) by default with --type q8_0, else none",
+    )
     p.add_argument("--threads", type=positive, default=min(2, os.cpu_count() or 1))
     p.add_argument("--batch", type=positive, default=8, help="sequences decoding together")
     p.add_argument("--prompt-tokens", type=positive, default=16)
@@ -111,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (the rate is measured after the first)")
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.quantize = args.quantize or ("int8" if args.type == "q8_0" else "none")
     home = Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
     args.cache = args.cache or home / "llamacpp"
     return args
@@ -374,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_llamacpp_gguf."))
     try:
         gguf_path = export_gguf(ckpt_path, work / f"model-{args.type}.gguf", args.type)
-        model.prepare_for_inference()
+        model.prepare_for_inference(quantize=args.quantize)
         gen = torch.Generator().manual_seed(1)
         vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         prompts = torch.randint(0, vocab, (args.batch, args.prompt_tokens), generator=gen).tolist()
@@ -394,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
             max_running=args.batch,
             max_batched_tokens=max(512, args.batch * args.prompt_tokens),
             max_model_len=args.prompt_tokens + args.new_tokens,
+            quantize=args.quantize,
         )
 
         def atlas_rate(batch: int, n: int) -> float:
@@ -426,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random weights)",
         "parameters": model.num_parameters(),
         "gguf_type": args.type,
+        "atlas_quantize": args.quantize,
         "llama_cpp_python": args.version,
         "threads": args.threads,
         "prompt_tokens": args.prompt_tokens,

@@ -125,6 +125,7 @@ class ServerState:
                     overlap=cfg.engine.overlap,
                     device=serving_device(cfg.model.device),
                     dtype=cfg.model.dtype,
+                    quantize=cfg.model.quantize,
                 ),
             )
         # A bad chat template fails the load (named in /health and the log), not each request.

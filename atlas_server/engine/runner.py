@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..model import KVCache, Transformer, native
-from ..model.transformer import Segment
+from ..model.transformer import Segment, check_quantize
 from .scheduler import SlotCopy, StepPlan
 from .transfer import to_device
 from .types import EngineConfig
@@ -80,8 +80,10 @@ class ModelRunner(ABC):
 class EagerRunner(ModelRunner):
     """The plan as one eager `forward_segments` call per step (see the module docstring)."""
 
-    def __init__(self, model: Transformer, num_slots: int, max_len: int) -> None:
-        self.model = model.prepare_for_inference()
+    def __init__(
+        self, model: Transformer, num_slots: int, max_len: int, quantize: str = "none"
+    ) -> None:
+        self.model = model.prepare_for_inference(quantize=quantize)  # "int8": 8-bit copies
         self.cache = model.new_cache(num_slots, max_len)
         self.device = model.tok_emb.weight.device
 
@@ -230,14 +232,15 @@ def make_runner(model: Transformer, config: EngineConfig, max_len: int) -> Model
             budget // per_slot,
         )
     if device.type == "cuda":
+        check_quantize(config.quantize, device, model.tok_emb.weight.dtype)  # "none" only
         return cr.GraphRunner(model, slots, max_len, cuda_graphs=config.cuda_graphs)
-    return EagerRunner(model, slots, max_len)
+    return EagerRunner(model, slots, max_len, config.quantize)
 
 
 def serving_kernels(model: Transformer) -> dict[str, str]:
     """Which kernels a prepared model serves with: {"matmul": ..., "attention": ...}.
 
-    "C" is Atlas's own (model/native.py), "oneDNN" PyTorch's packed oneDNN matmul
+    "C" is Atlas's own (model/native.py), "C int8" the same over 8-bit weights, "oneDNN" PyTorch's packed oneDNN matmul
     (model/onednn.py), "PyTorch" the default path (matmul, SDPA). Decode attention is C
     where the model's decode steps take the C kernel (fp32 on the CPU, SDPA attention).
     """

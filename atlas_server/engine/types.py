@@ -195,6 +195,9 @@ class EngineConfig:
     prefix_caching: bool = True
     device: str = "cpu"
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 elsewhere (runner.resolve_dtype)
+    # "int8": the weights' CPU copies in 8 bits (q8_0 blocks, native.Int8PanelWeight); fp32
+    # models on the CPU only. "none": as the model's dtype.
+    quantize: str = "none"
     # KV cache budget in GiB; None: max_running slots on the CPU, a share of the free
     # memory on CUDA. Fewer slots than max_running fit -> the engine runs fewer.
     kv_cache_gib: float | None = None

@@ -33,6 +33,15 @@
  * order whatever tile it lands in, so results do not depend on the batch. NR is a vector
  * multiple chosen at compile time; `panel_width()` tells Python how to lay the panels out.
  *
+ * matmul_panels_q8: the same product over 8-bit weights (llama.cpp's q8_0, weight only):
+ * each column's weights in blocks of QK = 32 along k, each block an int8 run q with one
+ * scale d (d = max|w| / 127, q = round(w / d), d stored in fp16), panels [P, K, NR] int8
+ * and their scales [P, ceil(K / QK), NR] fp16. A tile widens NR weights a step to floats,
+ * sums a block of them against x, then adds that times the block's scales: x stays fp32
+ * (llama.cpp rounds x to 8 bits too). Why: a decode step at a few rows is bound by reading
+ * the weights, and these read 1.0625 bytes a weight instead of 4, q8_0's size
+ * (docs/benchmarks.md, `python bench/bench_int8.py`).
+ *
  * rms_norm and rope_rows: a Llama block's small steps at one token, each one call instead
  * of the 6-10 PyTorch operations (~3-20 us apiece) that made up ~8% of a llama-124m
  * batch-1 step. rms_norm is out = x / sqrt(mean(x^2) + eps) * w per row; rope_rows turns,
@@ -63,6 +72,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 /* Which source the library was built from (native.py passes its hash and refuses a library
  * built from another: the signatures below may have changed). */
@@ -85,12 +97,56 @@ const char *source_sha(void) { return SOURCE_SHA; }
 #endif
 #define NV 3
 #define NR (NV * VL)
+/* Rows of an 8-bit tile: its partial sums take as many registers again (tile_q8). */
+#if defined(__AVX512F__)
+#define MRQ 4
+#else
+#define MRQ 2
+#endif
 
 typedef float vec __attribute__((vector_size(VL * 4), aligned(4))); /* unaligned loads OK */
 
 int panel_width(void) { return NR; }
 
 typedef int32_t ivec __attribute__((vector_size(VL * 4))); /* a vec's lanes as integers */
+
+#define QK 32 /* weights per int8 block (along k) sharing one scale, as q8_0 */
+
+/* VL fp16 numbers (the blocks' scales, stored as q8_0 stores them) as floats. */
+static inline vec load_half(const uint16_t *h) {
+#if defined(__AVX512F__)
+    return (vec)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+#elif defined(__F16C__) && defined(__AVX__)
+    return (vec)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    vec out;
+    for (int i = 0; i < VL; i++) { /* IEEE half: sign, 5-bit exponent, 10-bit fraction */
+        const uint32_t sign = (uint32_t)(h[i] & 0x8000) << 16, e = (h[i] >> 10) & 31,
+                       f = h[i] & 1023;
+        float value = e ? ldexpf((float)(f | 1024), (int)e - 25) : ldexpf((float)f, -24);
+        if (e == 31) value = f ? NAN : INFINITY;
+        uint32_t bits;
+        memcpy(&bits, &value, 4);
+        bits |= sign;
+        memcpy(&out[i], &bits, 4);
+    }
+    return out;
+#endif
+}
+
+/* VL int8 weights as floats: sign-extend, convert (two instructions on x86). Intrinsics,
+ * because GCC 12 turns __builtin_convertvector from int8 into one scalar convert a lane. */
+static inline vec widen(const int8_t *q) {
+#if defined(__AVX512F__)
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+#elif defined(__AVX2__)
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+#else
+    vec w;
+    for (int i = 0; i < VL; i++) w[i] = (float)q[i];
+    return w;
+#endif
+}
 
 static inline vec select_lanes(ivec mask, vec a, vec b) { /* mask ? a : b, lane by lane */
     return (vec)(((ivec)a & mask) | ((ivec)b & ~mask));
@@ -351,6 +407,50 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t K
         for (int v = 0; v < NV; v++) *(vec *)(sums + r * NR + v * VL) = acc[r][v];
 }
 
+/* tile() over 8-bit weights: panel [K, NR] int8, scales [ceil(K / QK), NR]; k0 is a
+ * multiple of QK. Each block's QK steps are summed over the weights widened to floats but
+ * not yet scaled, then added to the tile times the block's scales: one multiply per block
+ * rather than one per step, which at one row (where this loop, not memory, is the limit)
+ * is a quarter of the work. The partial sums double the registers a row needs, hence
+ * tiles of at most MRQ rows. Every row, in any tile, sums in this same order. */
+static inline __attribute__((always_inline)) void tile_q8(const float *x, int64_t K,
+                                                          const int8_t *panel,
+                                                          const uint16_t *scales, int64_t k0,
+                                                          int64_t k1, float *sums, int first,
+                                                          const char *ahead, const int rows) {
+    vec acc[MRQ][NV];
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < NV; v++)
+            acc[r][v] = first ? (vec){0} : *(const vec *)(sums + r * NR + v * VL);
+    for (int64_t g0 = k0; g0 < k1; g0 += QK) {
+        const int64_t g1 = g0 + QK < k1 ? g0 + QK : k1;
+        vec part[MRQ][NV];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < NV; v++) part[r][v] = (vec){0};
+        for (int64_t k = g0; k < g1; k++) {
+            if (ahead) { /* NR bytes of the next chunk per step: under one line */
+                __builtin_prefetch(ahead, 0, 3);
+                ahead += NR;
+            }
+            vec w[NV];
+            for (int v = 0; v < NV; v++) {
+                w[v] = widen(panel + k * NR + v * VL);
+                KEEP_IN_REGISTER(w[v]);
+            }
+            for (int r = 0; r < rows; r++) {
+                const float s = x[r * K + k];
+                for (int v = 0; v < NV; v++) part[r][v] += w[v] * s;
+            }
+        }
+        vec d[NV];
+        for (int v = 0; v < NV; v++) d[v] = load_half(scales + g0 / QK * NR + v * VL);
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < NV; v++) acc[r][v] += part[r][v] * d[v];
+    }
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < NV; v++) *(vec *)(sums + r * NR + v * VL) = acc[r][v];
+}
+
 /* What a product does with its result once the sums are done (after adding the bias). */
 enum { STORE = 0, STORE_GELU = 1, ADD_TO_Y = 2 };
 
@@ -372,27 +472,49 @@ static void finish_rows(float *sums, const float *bias, float *y, int64_t N, int
     }
 }
 
-/* Panel p's columns of y = x W (+ bias), every row: the unit of work a thread takes. */
-static void multiply_panel(const float *x, const float *panels, const float *bias, float *y,
-                           int64_t M, int64_t K, int64_t N, int epilogue, int64_t p) {
-    const float *panel = panels + p * K * NR, *b = bias ? bias + p * NR : 0;
+/* Panel p's columns of y = x W (+ bias), every row: the unit of work a thread takes. W is
+ * fp32 panels, or with `scales` int8 panels and their block scales (matmul_panels_q8). */
+static void multiply_panel(const float *x, const void *panels, const uint16_t *scales,
+                           const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                           int epilogue, int64_t p) {
+    const float *panel = (const float *)panels + p * K * NR, *b = bias ? bias + p * NR : 0;
+    const int8_t *qpanel = (const int8_t *)panels + p * K * NR;
+    const uint16_t *d = scales ? scales + p * ((K + QK - 1) / QK) * NR : 0;
+    /* int8 chunks hold whole blocks, so a block's scales are loaded once per chunk */
+    const int64_t kc = scales ? 2 * QK : KC;
     const int64_t cols = N - p * NR < NR ? N - p * NR : NR;
     float sums[MB * NR] __attribute__((aligned(64)));
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t rows = M - m0 < MB ? M - m0 : MB;
         if (K == 0) /* no chunk to start the sums: a product over nothing is zero */
             memset(sums, 0, sizeof(sums));
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            for (int64_t m = 0; m < rows; m += MR) {
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t k1 = k0 + kc < K ? k0 + kc : K;
+            const int mr = scales ? MRQ : MR;
+            for (int64_t m = 0; m < rows; m += mr) {
                 const float *xm = x + (m0 + m) * K;
+                float *tile_sums = sums + m * NR;
+                const int n = rows - m < mr ? (int)(rows - m) : mr, first = k0 == 0;
                 /* A single tile is left to the hardware prefetcher: software prefetch
                  * made one row slower in the same sweep. */
-                const char *ahead =
-                    rows > MR && m + MR >= rows ? (const char *)(panel + k1 * NR) : 0;
-                switch (rows - m < MR ? rows - m : MR) {
-#define TILE(n) \
-    case n: tile(xm, K, panel, k0, k1, sums + m * NR, k0 == 0, ahead, n); break;
+                const char *ahead = 0;
+                if (rows > mr && m + mr >= rows)
+                    ahead = scales ? (const char *)(qpanel + k1 * NR)
+                                   : (const char *)(panel + k1 * NR);
+                if (scales) {
+                    switch (n) {
+#define TILE_Q8(r) \
+    case r: tile_q8(xm, K, qpanel, d, k0, k1, tile_sums, first, ahead, r); break;
+                        TILE_Q8(1) TILE_Q8(2)
+#if MRQ > 2
+                        TILE_Q8(3) TILE_Q8(4)
+#endif
+                    }
+                    continue;
+                }
+                switch (n) {
+#define TILE(r) \
+    case r: tile(xm, K, panel, k0, k1, tile_sums, first, ahead, r); break;
                     TILE(1) TILE(2) TILE(3) TILE(4)
 #if MR > 4
                     TILE(5) TILE(6) TILE(7) TILE(8)
@@ -409,7 +531,16 @@ void matmul_panels(const float *x, const float *panels, const float *bias, float
     const int64_t n_panels = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < n_panels; p++)
-        multiply_panel(x, panels, bias, y, M, K, N, gelu ? STORE_GELU : STORE, p);
+        multiply_panel(x, panels, 0, bias, y, M, K, N, gelu ? STORE_GELU : STORE, p);
+}
+
+void matmul_panels_q8(const float *x, const int8_t *panels, const uint16_t *scales,
+                      const float *bias, float *y, int64_t M, int64_t K, int64_t N, int gelu,
+                      int threads) {
+    const int64_t n_panels = (N + NR - 1) / NR;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < n_panels; p++)
+        multiply_panel(x, panels, scales, bias, y, M, K, N, gelu ? STORE_GELU : STORE, p);
 }
 
 /* One row of RMSNorm (x / sqrt(mean(x^2) + eps) * w) or, with `layer`, LayerNorm ((x -
@@ -469,9 +600,18 @@ int64_t rope_rows(float *x, int64_t rows, int64_t row_stride, int64_t heads, int
  * products' weights are column panels (pack_panels); k_cache and v_cache are the layer's
  * whole cache, strides as in decode_attention. */
 struct block_weights {
-    const float *norm1_w, *norm1_b, *qkv, *qkv_bias, *o, *o_bias;
-    const float *norm2_w, *norm2_b, *w_in, *in_bias, *w_out, *out_bias;
+    const float *norm1_w, *norm1_b;
+    const void *qkv;
+    const float *qkv_bias;
+    const void *o;
+    const float *o_bias, *norm2_w, *norm2_b;
+    const void *w_in;
+    const float *in_bias;
+    const void *w_out;
+    const float *out_bias;
     float *k_cache, *v_cache;
+    /* NULL for fp32 panels; with int8 panels (matmul_panels_q8), their block scales */
+    const uint16_t *qkv_scales, *o_scales, *in_scales, *out_scales;
 };
 
 enum { MLP_SWIGLU = 0, MLP_GELU_TANH = 1, MLP_GELU_ERF = 2 };
@@ -529,7 +669,7 @@ int64_t decode_stack(const struct block_weights *layers, int64_t n_layers,
         }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < PANELS(QKV); p++)
-            multiply_panel(normed, w->qkv, w->qkv_bias, qkv, B, C, QKV, STORE, p);
+            multiply_panel(normed, w->qkv, w->qkv_scales, w->qkv_bias, qkv, B, C, QKV, STORE, p);
 #pragma omp single /* one thread, in row order: rows sharing a slot see the last write */
         for (int64_t b = 0; b < B; b++) {
             float *row = qkv + b * QKV;
@@ -549,7 +689,7 @@ int64_t decode_stack(const struct block_weights *layers, int64_t n_layers,
                         s->slot_stride, s->head_stride, s->pos_stride, s->scale, task);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < PANELS(C); p++)
-            multiply_panel(attn, w->o, w->o_bias, x, B, A, C, ADD_TO_Y, p);
+            multiply_panel(attn, w->o, w->o_scales, w->o_bias, x, B, A, C, ADD_TO_Y, p);
         if (!s->parallel_residual) {
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++)
@@ -558,7 +698,7 @@ int64_t decode_stack(const struct block_weights *layers, int64_t n_layers,
         }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < PANELS(IN); p++)
-            multiply_panel(normed2, w->w_in, w->in_bias, hidden, B, C, IN,
+            multiply_panel(normed2, w->w_in, w->in_scales, w->in_bias, hidden, B, C, IN,
                            s->mlp == MLP_GELU_TANH ? STORE_GELU : STORE, p);
         const float *mlp_in = hidden;
         if (s->mlp != MLP_GELU_TANH) {
@@ -573,7 +713,7 @@ int64_t decode_stack(const struct block_weights *layers, int64_t n_layers,
         }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < PANELS(C); p++)
-            multiply_panel(mlp_in, w->w_out, w->out_bias, x, B, F, C, ADD_TO_Y, p);
+            multiply_panel(mlp_in, w->w_out, w->out_scales, w->out_bias, x, B, F, C, ADD_TO_Y, p);
     }
 #undef PANELS
     return -1;

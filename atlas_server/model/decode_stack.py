@@ -2,7 +2,8 @@
 
 What it does: `DecodeStack.build(model, cache)` gathers, once, what the C function
 `decode_stack` (cpu_kernels.c) reads: each block's norm weights, the column panels of its
-four products (the `PanelWeight` copies `prepare_for_inference()` made), its biases and
+four products (the `PanelWeight` copies `prepare_for_inference()` made, or the 8-bit
+`Int8PanelWeight` ones with their scales), its biases and
 its layer of the KV cache, and the shapes the blocks share. Calling the stack takes a
 decode step's embedded tokens x [B, C], one token per row, through all the blocks in
 place, storing each row's key and value in its cache slot on the way.
@@ -20,7 +21,8 @@ float rounding: the same kernels in the same order (tests/test_decode_stack.py).
 ones it was built from; `Transformer` rebuilds the stack when they are not (an in-place
 change, `.to()`, a new `prepare_for_inference()`).
 
-What it does not do: prompts (more than one token per row), any dtype but fp32, any device
+What it does not do: prompts (more than one token per row), arithmetic in any dtype but
+fp32 (8-bit weights are widened as they are read), any device
 but the CPU, autograd, or blocks that are not plain Atlas blocks (a LoRA-wrapped
 projection, the reference attention, a weight without its panel copy): `build` returns
 None and the model takes its block-by-block path. `ATLAS_DECODE_STACK=0` turns it off,
@@ -55,6 +57,10 @@ _LAYER_FIELDS = (
     "out_bias",
     "k_cache",
     "v_cache",
+    "qkv_scales",  # NULL for fp32 panels; an Int8PanelWeight's block scales
+    "o_scales",
+    "in_scales",
+    "out_scales",
 )
 _MLP_CODES = {"swiglu": 0, "gelu": 1, "gelu_exact": 2}  # cpu_kernels.c's MLP_* values
 
@@ -137,9 +143,11 @@ class DecodeStack:
             watched.extend(tensors)
             return module.weight.data_ptr(), None if bias is None else bias.data_ptr()
 
-        def product(module: nn.Module) -> tuple[int, int | None] | None:
+        def product(module: nn.Module) -> tuple[int, int | None, int | None] | None:
+            """(panels, bias, scales) addresses; scales only for 8-bit panels."""
             copy = getattr(module, "packed", None)
-            if type(module) is not Linear or not isinstance(copy, native.PanelWeight):
+            kinds = (native.PanelWeight, native.Int8PanelWeight)
+            if type(module) is not Linear or not isinstance(copy, kinds):
                 return None
             if copy.out_in or (copy.source._version, copy.source.data_ptr()) != (
                 copy.version,
@@ -150,7 +158,12 @@ class DecodeStack:
                 return None
             copies.append(copy)
             watched.extend([copy.source] + ([module.bias] if module.bias is not None else []))
-            return copy.panels.data_ptr(), None if module.bias is None else module.bias.data_ptr()
+            scales = getattr(copy, "scales", None)
+            return (
+                copy.panels.data_ptr(),
+                None if module.bias is None else module.bias.data_ptr(),
+                None if scales is None else scales.data_ptr(),
+            )
 
         for index, block in enumerate(model.blocks):
             if type(block) is not Block or block.attn.impl != "sdpa":
@@ -169,7 +182,14 @@ class DecodeStack:
             if k.stride() != k0.stride() or v.stride() != k0.stride():
                 return None
             cached.extend([k, v])
-            addresses = [a for pair in parts for a in pair] + [k.data_ptr(), v.data_ptr()]
+            norm1, qkv, o, norm2, w_in, w_out = parts
+            products = (qkv, o, w_in, w_out)
+            if len({p[2] is None for p in products}) > 1:
+                return None  # one block in two precisions: prepare_for_inference never does
+            addresses = [
+                *norm1, *qkv[:2], *o[:2], *norm2, *w_in[:2], *w_out[:2],
+                k.data_ptr(), v.data_ptr(), *(p[2] for p in products),
+            ]  # fmt: skip
             blocks.append(_BlockWeights(*addresses))
         rope = None
         if config.pos_encoding == "rope":

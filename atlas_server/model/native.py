@@ -20,9 +20,15 @@ as the Dockerfile does) and point `ATLAS_NATIVE_LIB` at it; nothing is compiled 
 Every library carries the hash of the source it was built from, and one built from another
 version is refused with a warning, since its functions may take other arguments.
 
+`quantize_q8()` turns a weight into 8-bit panels with a scale per block of 32 weights
+(llama.cpp's q8_0, the same numbers as its quantizer gives), `matmul_panels_q8()` multiplies
+by them in fp32 and `Int8PanelWeight` is that copy of a model's weight (`atlas serve --set
+model.quantize=int8`).
+
 `rms_norm()` and `rope_in_place()` are a Llama block's norm and rotary embedding at one
 call each, where PyTorch takes 6-10 small operations.
-What it does not do: anything but fp32 on the CPU, or autograd. Where no compiler is found
+What it does not do: arithmetic in anything but fp32 on the CPU (the int8 weights are
+widened to fp32 as they are read), or autograd. Where no compiler is found
 or compiling fails, `available()` is False (one warning says why) and callers keep their
 PyTorch path; `ATLAS_NATIVE=0` turns the kernel off to compare.
 """
@@ -47,11 +53,14 @@ from torch import Tensor
 from .weight_copy import WeightCopy
 
 __all__ = [
+    "Int8PanelWeight",
     "PanelWeight",
     "available",
     "decode_attention",
     "matmul_panels",
+    "matmul_panels_q8",
     "pack_panels",
+    "quantize_q8",
     "rms_norm",
     "rope_in_place",
 ]
@@ -60,6 +69,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
 _MAX_HEAD_DIM = 256  # the kernel's stack buffers
+Q8_BLOCK = 32  # cpu_kernels.c's QK: weights along k that share one int8 scale (as q8_0)
 
 
 def _cache_dir() -> Path:
@@ -156,6 +166,8 @@ def _library() -> ctypes.CDLL | None:
     library.rope_rows.argtypes = [pointer] + [i64] * 5 + [pointer] * 3 + [i64, ctypes.c_int]
     library.rope_rows.restype = i64
     library.matmul_panels.restype = None
+    library.matmul_panels_q8.argtypes = [pointer] * 5 + [i64] * 3 + [ctypes.c_int] * 2
+    library.matmul_panels_q8.restype = None
     library.rms_norm.restype = None
     library.decode_stack.argtypes = [pointer, i64] + [pointer] * 7 + [ctypes.c_int]
     library.decode_stack.restype = i64
@@ -378,6 +390,107 @@ def _multiply(
     return y
 
 
+def quantize_q8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [K, N] fp32 as the 8-bit panels matmul_panels_q8 reads: (q [P, K, NR] int8,
+    scales [P, G, NR] fp16), G = ceil(K / 32). Each column's weights are cut along k into
+    blocks of 32, each stored as q = round(w / d) with d = max|w| / 127 in fp16: ggml's
+    q8_0 rounding exactly (tests compare with the `gguf` package's), so a
+    checkpoint served in int8 computes with the weights `export-gguf --type q8_0` writes.
+    Columns past N are zero."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("native CPU kernels are not available (see available())")
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        raise ValueError("quantize_q8 needs a 2-D float32 CPU tensor")
+    w = weight.detach()
+    k, n = w.shape
+    width, n_blocks = library.width, -(-k // Q8_BLOCK)
+    n_panels = -(-n // width)
+    blocks = w.new_zeros(n_blocks * Q8_BLOCK, n_panels * width)  # [G * 32, P * NR]
+    blocks[:k, :n] = w
+    blocks = blocks.view(n_blocks, Q8_BLOCK, n_panels * width)  # [G, 32, P * NR]
+    d = blocks.abs().amax(dim=1) / 127  # [G, P * NR], fp32 as ggml computes it
+    inverse = torch.where(d == 0, 0.0, 1.0 / d)
+    scaled = blocks * inverse[:, None, :]
+    # Halves away from zero, as C's roundf in ggml, not torch.round's halves to even; and
+    # as the gguf package computes it (floor(a) + floor(2 (a - floor(a)))), because
+    # floor(a + 0.5) rounds a = 0.49999997 up: a + 0.5 is 1.0 in fp32.
+    magnitude = scaled.abs()
+    whole = magnitude.floor()
+    q = (scaled.sign() * (whole + (2 * (magnitude - whole)).floor())).to(torch.int8)
+    q = q.view(n_blocks * Q8_BLOCK, n_panels, width)[:k].transpose(0, 1).contiguous()
+    d = d.half()  # stored as fp16, as in q8_0: the scale it computes with
+    scales = d.view(n_blocks, n_panels, width).transpose(0, 1).contiguous()  # [P, G, NR]
+    return q, scales
+
+
+def matmul_panels_q8(
+    x: Tensor,
+    q: Tensor,
+    scales: Tensor,
+    n_out: int,
+    bias: Tensor | None = None,
+    gelu_tanh: bool = False,
+) -> Tensor:
+    """x [..., K] @ W (+ bias [N]) with W given as `quantize_q8(W)`, then GELU (tanh form)
+    when asked: [..., n_out]. The arithmetic is fp32; only the weights are 8-bit."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("native CPU kernels are not available (see available())")
+    tensors = (x,) if bias is None else (x, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        raise ValueError("matmul_panels_q8 needs float32 CPU tensors (and int8 panels)")
+    width = library.width
+    k = x.shape[-1]
+    if (
+        q.dtype != torch.int8
+        or q.device.type != "cpu"
+        or q.dim() != 3
+        or not q.is_contiguous()
+        or q.shape[1:] != (k, width)
+        or scales.dtype != torch.float16
+        or scales.device.type != "cpu"
+        or scales.shape != (q.shape[0], -(-k // Q8_BLOCK), width)
+        or not scales.is_contiguous()
+        or not (q.shape[0] - 1) * width < n_out <= q.shape[0] * width
+        or (bias is not None and (bias.shape != (n_out,) or not bias.is_contiguous()))
+    ):
+        raise ValueError(
+            f"unsupported shapes: x {tuple(x.shape)}, panels {tuple(q.shape)} {q.dtype}, "
+            f"scales {tuple(scales.shape)} {scales.dtype}, n_out {n_out}, "
+            f"bias {None if bias is None else tuple(bias.shape)}"
+        )
+    return _multiply_q8(library, x, q, scales, n_out, bias, gelu_tanh)
+
+
+def _multiply_q8(
+    library: ctypes.CDLL,
+    x: Tensor,
+    q: Tensor,
+    scales: Tensor,
+    n_out: int,
+    bias: Tensor | None,
+    gelu_tanh: bool,
+) -> Tensor:
+    """matmul_panels_q8 once its arguments are known to be right: [..., n_out]."""
+    x = x if x.is_contiguous() else x.contiguous()  # [..., K], rows back to back
+    y = x.new_empty(x.shape[:-1] + (n_out,))
+    with _named("atlas::matmul_panels_q8"):
+        library.matmul_panels_q8(
+            x.data_ptr(),
+            q.data_ptr(),
+            scales.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            x.shape[:-1].numel(),  # M rows
+            q.shape[1],
+            n_out,
+            int(gelu_tanh),
+            torch.get_num_threads(),
+        )
+    return y
+
+
 class PanelWeight(WeightCopy):
     """A weight as column panels for matmul_panels; call it like `x @ weight (+ bias)`."""
 
@@ -412,6 +525,45 @@ class PanelWeight(WeightCopy):
         ):
             return _multiply(library, x, self.panels, self.n_out, bias, gelu_tanh)
         return matmul_panels(x, self.panels, self.n_out, bias, gelu_tanh)  # [..., out]
+
+
+class Int8PanelWeight(WeightCopy):
+    """A weight as 8-bit column panels with a scale per 32 weights (`quantize_q8`), for
+    matmul_panels_q8; call it like `x @ weight (+ bias)`. A quarter of the fp32 panels'
+    memory plus a sixteenth for the scales (q8_0's size); the arithmetic stays fp32."""
+
+    kernel = "C int8"  # what /health and the start-up log call this path
+
+    def __init__(self, source: Tensor, out_in: bool = False) -> None:
+        w = source.detach()
+        w = w.t() if out_in else w  # [in, out]
+        self.q, self.scales = quantize_q8(w)  # [P, in, NR] int8, [P, G, NR] fp16
+        self.n_out = w.shape[1]
+        super().__init__(source, out_in, torch.float32)
+
+    @property
+    def panels(self) -> Tensor:  # what decode_stack reads, as for PanelWeight
+        return self.q
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
+        library = _library()
+        if (  # the cheap checks PanelWeight makes; anything unusual takes the checked path
+            library is not None
+            and x.is_cpu
+            and x.dtype == torch.float32
+            and x.shape[-1] == self.q.shape[1]
+            and (
+                bias is None
+                or (
+                    bias.is_cpu
+                    and bias.dtype == torch.float32
+                    and bias.shape == (self.n_out,)
+                    and bias.is_contiguous()
+                )
+            )
+        ):
+            return _multiply_q8(library, x, self.q, self.scales, self.n_out, bias, gelu_tanh)
+        return matmul_panels_q8(x, self.q, self.scales, self.n_out, bias, gelu_tanh)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,16 +34,47 @@ from .kv_cache import KVCache
 from .onednn import PackedWeight, packing_supported, train_matmul
 from .weight_copy import WeightCopy
 
+QUANTIZE = ("none", "int8")  # what prepare_for_inference(quantize=...) takes
 
-def inference_copy(weight: Tensor, out_in: bool = False) -> WeightCopy | None:
+
+def inference_copy(
+    weight: Tensor, out_in: bool = False, quantize: str = "none"
+) -> WeightCopy | None:
     """The fastest inference copy of `weight` this machine has, or None: column panels for
     Atlas's C kernel in fp32 (native.py: faster than oneDNN for a decode step's 1-32 rows
     and on par beyond, `python bench/bench_matmul.py`), else a oneDNN-packed copy
     (onednn.py). One kernel for every row count keeps a row's numbers independent of the
-    batch it is in."""
+    batch it is in. `quantize="int8"`: the C kernel's 8-bit panels (q8_0 blocks), which
+    needs an fp32 CPU weight and the C kernels (check_quantize says so beforehand)."""
+    if quantize == "int8":
+        return native.Int8PanelWeight(weight, out_in)
     if weight.dtype == torch.float32 and weight.device.type == "cpu" and native.available():
         return native.PanelWeight(weight, out_in)
     return PackedWeight(weight, out_in) if packing_supported(weight) else None
+
+
+def check_quantize(quantize: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Refuse, with what is wrong, a `quantize` the model cannot be served with."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize == "none":
+        return
+    if torch.device(device).type != "cpu":
+        raise ValueError(
+            f"quantize={quantize} is for serving on the CPU (Atlas's C kernels): pass "
+            f"--device cpu, or serve on {torch.device(device).type} in bfloat16 without it"
+        )
+    if dtype != torch.float32:
+        raise ValueError(
+            f"quantize={quantize} computes in float32: serve with dtype float32 (or auto), "
+            f"not {str(dtype).removeprefix('torch.')}"
+        )
+    if not native.available():
+        raise ValueError(
+            f"quantize={quantize} needs Atlas's C kernels, which are not available here "
+            "(the warning before this says why: no C compiler, a failed build, an "
+            "ATLAS_NATIVE_LIB that cannot be used, or ATLAS_NATIVE=0)"
+        )
 
 
 class Linear(nn.Module):
@@ -55,9 +86,9 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.packed: WeightCopy | None = None  # set by pack(); see inference_copy()
 
-    def pack(self) -> None:
+    def pack(self, quantize: str = "none") -> None:
         """Keep an inference copy of the weight for the CPU (see inference_copy())."""
-        self.packed = inference_copy(self.weight)
+        self.packed = inference_copy(self.weight, quantize=quantize)
 
     def forward(self, x: Tensor, gelu_tanh: bool = False) -> Tensor:
         """x @ W (+ b), then GELU (tanh form) when asked (oneDNN fuses it into its matmul)."""
@@ -538,7 +569,7 @@ class Transformer(nn.Module):
         )
 
     # --- serving helpers ------------------------------------------------------------
-    def prepare_for_inference(self, pack: bool = True) -> Transformer:
+    def prepare_for_inference(self, pack: bool = True, quantize: str = "none") -> Transformer:
         """Eval mode, plus the weight copies that make decoding fast.
 
         On a CPU (and with `pack=True`), every projection and the output head get an
@@ -547,11 +578,17 @@ class Transformer(nn.Module):
         a tied head gets a contiguous [C, V] copy: read as a transposed view of the [V, C]
         embedding it is the slow layout for matrix-vector products. Each copy costs the
         memory of the weights it copies.
+        `quantize="int8"` makes those copies 8-bit (native.Int8PanelWeight: q8_0 blocks,
+        fp32 arithmetic), for fp32 models on the CPU; the embedding lookup stays fp32.
         Packed copies notice in-place changes to their weight and step aside; call this
         again after changing the weights to get the fast path back. Calling it again with
         the weights unchanged keeps the tied head's copy: a second engine over the same model
         must not free the tensor the first one's captured CUDA graphs read.
         """
+        if quantize != "none":
+            check_quantize(quantize, self.tok_emb.weight.device, self.tok_emb.weight.dtype)
+            if not pack:
+                raise ValueError("quantize needs pack=True: the 8-bit weights are the copies")
         self.eval()
         self._decode_stack = None  # it holds the old copies; the next decode step builds anew
         kept_head = self._tied_head_t if self._tied_head_is_current() else None
@@ -560,10 +597,10 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.packed = None
                 if pack:
-                    module.pack()
+                    module.pack(quantize)
         if self.config.tie_embeddings:
             weight = self.tok_emb.weight
-            self._packed_head = inference_copy(weight, out_in=True) if pack else None
+            self._packed_head = inference_copy(weight, True, quantize) if pack else None
             if self._packed_head is None:
                 self._tied_head_t = (
                     kept_head if kept_head is not None else weight.detach().t().contiguous()
