@@ -1,6 +1,6 @@
 """Server configuration: TOML decoded into frozen, validated structs.
 
-What it does: defines `ServerConfig` (model, engine, http and rag sections), loads it from
+What it does: defines `ServerConfig` (model, engine, http, rag and plugins sections), loads it from
 a TOML file and `--set section.key=value` options through Atlas's one config loader
 (`tomlconfig.py`: unknown keys and wrong types are refused, naming them), applies the few
 command-line overrides and
@@ -93,11 +93,19 @@ class RAGSection(_Section):
     plugin_options: dict[str, dict[str, Any]] = {}
 
 
+class PluginsSection(_Section):
+    # Plugins not loaded, by the name `atlas plugins` lists (e.g. "atlas-retrievers"), so
+    # another plugin can take the names they register; besides ATLAS_DISABLE_PLUGINS's.
+    # A name no installed plugin has is refused at start (docs/plugins.md).
+    disable: list[str] = []
+
+
 class ServerConfig(_Section):
     model: ModelSection = ModelSection()
     engine: EngineSection = EngineSection()
     http: HTTPSection = HTTPSection()
     rag: RAGSection = RAGSection()
+    plugins: PluginsSection = PluginsSection()
 
     def validate(self) -> ServerConfig:
         checks = [

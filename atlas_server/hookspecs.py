@@ -29,8 +29,14 @@ factory takes a `atlas_server.rag.types.RAGContext` (metrics: no argument; vecto
 a `atlas_server.rag.store.StoreSettings`) and returns the object. Names are global per kind: registering a name another plugin already took is
 an error that names both plugins. A hook that raises is reported with the plugin's name
 and the plugin is left out (everything it registered too), as one that fails to import
-is. Objects are built lazily, the first time config or a request names them, once per
-process: one retriever or reranker object then serves every request, concurrently, from
+is. Objects are built lazily, the first time a request names them (`atlas serve` builds
+its configured retriever and reranker at start-up), once per process. A retriever or
+reranker may define `warm_up()`, called once after its factory, before its first use,
+and `close()`, called once at shutdown; both optional and plain (an `async def` one is
+not awaited); a failing `warm_up` is the plugin's failure, as a failing factory's is,
+and a failing `close` is logged. Plugins can be disabled by name (`[plugins] disable`,
+`ATLAS_DISABLE_PLUGINS`), freeing their names for another plugin (docs/plugins.md).
+One retriever or reranker object serves every request, concurrently, from
 many threads at once (the server runs each request's retrieval on a thread of its own,
 without a lock), so `retrieve` and `rerank` must be thread-safe: guard shared mutable
 state (a cache, a client that is not thread-safe, a sqlite3 connection) with a lock, or

@@ -7,7 +7,10 @@ and keeps loading the others (`strict=True` makes that fatal), refuses misspelle
 (`check_pending`), and calls the register hooks to fill four registries — retrievers,
 rerankers, metrics, vector stores — rejecting a duplicate name with an error naming both
 plugins. A plugin whose register hook raises is reported by name and left out, with
-everything it registered, like one that fails to import.
+everything it registered, like one that fails to import. Plugins named in `disable`
+(`ATLAS_DISABLE_PLUGINS`, and a server config's `[plugins] disable`) are not imported
+and are listed as disabled, so another plugin may register the names they would have;
+a name no installed plugin has is refused, as a misspelled hook is.
 `describe()` is what `atlas plugins` and `GET /v1/plugins` show.
 What it does not do: build retrievers (factories run lazily, see `rag/pipeline.py`).
 """
@@ -16,8 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -29,6 +33,7 @@ from . import hookspecs
 log = logging.getLogger("atlas.plugins")
 GROUP = "atlas"
 KINDS = ("retrievers", "rerankers", "metrics", "vector_stores")
+DISABLE_ENV = "ATLAS_DISABLE_PLUGINS"  # comma-separated plugin names, for every command
 
 
 class PluginError(Exception):
@@ -47,6 +52,7 @@ class PluginInfo:
     version: str | None
     registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
     error: str | None = None
+    disabled: bool = False
 
 
 class PluginHost:
@@ -54,11 +60,21 @@ class PluginHost:
     `diagnose` (`atlas plugins`): the problems that are otherwise fatal whatever `strict`
     says (a misspelled hook, two plugins claiming one name) are each recorded on the
     plugin at fault, which is left out, and listed in `problems`, so the tool that
-    diagnoses an installation can show all of it rather than stop at the first."""
+    diagnoses an installation can show all of it rather than stop at the first.
+    `disable`: plugin names (entry-point names) that are not loaded (`disabled_names()`)."""
 
-    def __init__(self, strict: bool = False, discover: bool = True, diagnose: bool = False) -> None:
+    def __init__(
+        self,
+        strict: bool = False,
+        discover: bool = True,
+        diagnose: bool = False,
+        disable: Iterable[str] = (),
+    ) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.disable = sorted(set(disable))
+        for name in self.disable:  # pluggy then refuses to register them, by any path
+            self.pm.set_blocked(name)
         self.strict, self.diagnose = strict, diagnose
         self.problems: list[str] = []  # diagnose: what would have stopped a command
         self.plugins: dict[str, PluginInfo] = {}
@@ -73,10 +89,29 @@ class PluginHost:
 
     # --- discovery ----------------------------------------------------------------------
     def load_entry_points(self) -> None:
-        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        found = sorted(entry_points(group=GROUP), key=lambda e: e.name)
+        for ep in found:
             if ep.name in self.plugins:
                 continue  # the same plugin installed twice (e.g. editable + site): first wins
+            if ep.name in self.disable:  # listed, never imported: its import may be the problem
+                dist = getattr(ep, "dist", None)
+                self.plugins[ep.name] = PluginInfo(
+                    ep.name, ep.value, dist.name if dist else None,
+                    dist.version if dist else None, disabled=True,
+                )  # fmt: skip
+                continue
             self._load(ep)
+        unknown = sorted(set(self.disable) - {ep.name for ep in found})
+        if unknown:
+            # A misspelt name would leave the plugin on without a word.
+            message = (
+                f"cannot disable {', '.join(map(repr, unknown))} ([plugins] disable or "
+                f"{DISABLE_ENV}): no installed plugin has that name; installed: "
+                f"{', '.join(sorted({ep.name for ep in found})) or 'none'} (see `atlas plugins`)"
+            )
+            if not self.diagnose:
+                raise PluginError(message)
+            self.problems.append(message)
 
     def _load(self, ep: EntryPoint) -> None:
         dist = getattr(ep, "dist", None)
@@ -95,11 +130,14 @@ class PluginHost:
             log.error(message)
 
     def register(self, plugin: object, name: str, version: str | None = None) -> None:
-        """Add a plugin object directly (tests, applications embedding Atlas)."""
+        """Add a plugin object directly (tests, applications embedding Atlas); one whose
+        name is disabled is left out, as its entry point would be."""
         try:
-            self.pm.register(plugin, name=name)
+            registered = self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as e:
             raise PluginError(f"plugin {name!r} cannot be registered: {_one_line(e)}") from e
+        if registered is None:  # a disabled name: pluggy blocks it (set_blocked)
+            return
         self.plugins[name] = PluginInfo(
             name, getattr(plugin, "__name__", type(plugin).__name__), None, version
         )
@@ -206,7 +244,8 @@ class PluginHost:
                 other = self._owner[(kind, name)]
                 raise _Duplicate(
                     f"{kind[:-1].replace('_', ' ')} {name!r} is registered by both plugin {other!r} "
-                    f"and plugin {plugin_name!r}; uninstall one or rename it"
+                    f"and plugin {plugin_name!r}; uninstall one or rename it, or disable one "
+                    f"([plugins] disable, {DISABLE_ENV})"
                 )
             registry[name] = factory
             self._owner[(kind, name)] = plugin_name
@@ -218,6 +257,10 @@ class PluginHost:
     def owner(self, kind: str, name: str) -> str | None:
         return self._owner.get((kind, name))
 
+    def disabled_hint(self) -> str:
+        """What "no retriever named X" adds when plugins are disabled (X may be theirs)."""
+        return f" (disabled plugins: {', '.join(self.disable)})" if self.disable else ""
+
     def describe(self) -> list[dict[str, Any]]:
         return [
             {
@@ -227,15 +270,34 @@ class PluginHost:
                 "version": p.version,
                 "registered": p.registered,
                 "error": p.error,
+                "disabled": p.disabled,
             }
             for p in sorted(self.plugins.values(), key=lambda p: p.name)
         ]
 
 
+def disabled_names(configured: Iterable[str] = ()) -> list[str]:
+    """The plugins not to load: those `ATLAS_DISABLE_PLUGINS` names (comma-separated) and
+    `configured` (a server config's `[plugins] disable`)."""
+    from_env = (n.strip() for n in os.environ.get(DISABLE_ENV, "").split(","))
+    return sorted({*filter(None, from_env), *configured})
+
+
 @functools.lru_cache(maxsize=1)
 def get_plugin_host() -> PluginHost:
-    """The process-wide host with every installed plugin loaded (built once)."""
-    return PluginHost()
+    """The process-wide host with every installed plugin loaded, but those
+    `ATLAS_DISABLE_PLUGINS` names (built once)."""
+    return PluginHost(disable=disabled_names())
+
+
+def server_plugin_host(configured: Iterable[str]) -> PluginHost:
+    """The host of a server whose config disables `configured`: the process-wide one when
+    that adds nothing (the host every other caller in the process shares), else one of
+    its own."""
+    configured = list(configured)
+    if not configured:
+        return get_plugin_host()
+    return PluginHost(disable=disabled_names(configured))
 
 
 def _one_line(error: Exception) -> str:

@@ -203,7 +203,8 @@ def test_atlas_plugins_lists_everything_beside_a_misspelled_hook_and_a_clash(tmp
     )
     clash_error = (
         "retriever 'dense' is registered by both plugin 'atlas-retrievers' and plugin"
-        " 'zclash'; uninstall one or rename it"
+        " 'zclash'; uninstall one or rename it, or disable one ([plugins] disable,"
+        " ATLAS_DISABLE_PLUGINS)"
     )
     assert f"typohook 0.1 (typohook_atlas_plugin)  FAILED: {typo_error}" in lines
     assert f"zclash 0.1 (zclash_atlas_plugin)  FAILED: {clash_error}" in lines

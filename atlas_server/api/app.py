@@ -7,7 +7,8 @@ OpenAI-shaped exception handlers, the optional bearer-token check (every route b
 /health, /metrics and /schema), the body size limit and the OpenAPI schema (served at
 /schema, with the bounds Litestar drops put back: openapi_bounds.py). On startup it
 loads the checkpoint in a background thread, so /health answers 503 until the model is
-ready; on shutdown it stops the engine and closes the vector store. Nothing heavy
+ready, and builds and warms up the configured retriever and reranker; on shutdown it
+stops the engine and closes the retrievers, rerankers and vector store. Nothing heavy
 happens at creation: the embedder and the vector store open on first use.
 
 Extension point: `extra_handlers` (Litestar route handlers or routers) for applications
@@ -77,8 +78,9 @@ def _auth_hook(api_key: str | None):
 
 
 def install_rag(state: ServerState) -> None:
-    """The RAG service and its augmenter (the store opens at start-up, `on_startup`; the
-    embedder and plugins when a request first needs them)."""
+    """The RAG service and its augmenter (the store, and the configured retriever and
+    reranker, open at start-up, `on_startup`; the embedder and other plugins when a
+    request first needs them)."""
     from ..rag.service import RAGService, RetrievalDefaults
     from .retrieval import RAGAugmenter
     from .scoring import EngineScorer
@@ -130,6 +132,10 @@ def create_app(
             state.rag.open_store()
         if load_on_startup and not state.ready and state.engine is None:
             state.load_in_background(state.checkpoint_path)
+        if state.rag is not None:
+            # While the model loads; before the server answers anything, so no request
+            # waits for a plugin's model or connection (a failure is logged, not fatal).
+            state.rag.warm_up()
 
     def on_shutdown(_: Litestar) -> None:
         state.shutdown()

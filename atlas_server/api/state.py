@@ -4,7 +4,7 @@ What it does: holds the loaded engine, tokenizer and chat template, the served m
 name, readiness and draining flags, the metrics, the shared sentence embedder, the RAG
 service and its prompt augmenter (when `[rag] enabled`) and the plugin host; loads the
 checkpoint in a background thread so `/health` can answer 503 while it loads; on shutdown
-stops the engine and closes the RAG store's clients.
+stops the engine and closes the RAG retrievers, rerankers and store's clients.
 What it does not do: handle requests (route modules) or run the model (the engine).
 """
 
@@ -156,11 +156,12 @@ class ServerState:
             self.rag.close()
 
     def plugins(self) -> Any:
-        """The plugin host (every installed plugin), discovered on first use."""
+        """The plugin host (every installed plugin but those `[plugins] disable` and
+        ATLAS_DISABLE_PLUGINS name), discovered on first use."""
         if self.plugin_host is None:
-            from ..plugins import get_plugin_host
+            from ..plugins import server_plugin_host
 
-            self.plugin_host = get_plugin_host()
+            self.plugin_host = server_plugin_host(self.config.plugins.disable)
         return self.plugin_host
 
     # --- in-flight accounting (for draining) --------------------------------------------

@@ -220,6 +220,7 @@ def query(
         context = RAGContext(vector_store, Embedder())
         pipeline = RAGPipeline(host, context, options)
         results = pipeline.retrieve(collection, text, top_k, retriever, reranker)
+        pipeline.close()  # the retriever's and reranker's close(), as a server's shutdown
         vector_store.close()
     for i, r in enumerate(results, 1):
         heading = f" — {r.chunk.heading}" if r.chunk.heading else ""

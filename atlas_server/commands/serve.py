@@ -270,17 +270,19 @@ def serve(
     path = resolve_checkpoint(checkpoint, cfg.model.checkpoint)
     check_chat_template(path)
     check_engine_fits(path, cfg)
-    from ..plugins import get_plugin_host
+    from ..plugins import server_plugin_host
 
-    with user_errors():  # plugins the host refuses (two claim one name): one line, not later
-        host = get_plugin_host()
+    # Plugins the host refuses (two claim one name, a disabled name no plugin has): one
+    # line, not later.
+    with user_errors():
+        host = server_plugin_host(cfg.plugins.disable)
     if cfg.rag.enabled:  # config mistakes stop the start, not every later RAG request
         from ..rag.pipeline import check_plugin_options
         from ..rag.store import StoreError, check_store_options, store_name
 
         with user_errors(ValueError, StoreError):
             check_plugin_options(host, cfg.rag.plugin_options, cfg.rag.retriever, cfg.rag.reranker)
-            check_store_options(store_name(cfg.rag)[0], dict(cfg.rag.store_options))
+            check_store_options(store_name(cfg.rag)[0], dict(cfg.rag.store_options), host)
     # The printed config names the checkpoint actually served, not the unset default.
     cfg = with_overrides(cfg, model__checkpoint=str(path))
     key = read_api_key(api_key, api_key_file)
@@ -296,7 +298,7 @@ def serve(
     state = ServerState(
         config=cfg, model_name=cfg.model.name or default_name, checkpoint_path=str(path)
     )
-    application = create_app(state, api_key=key)
+    application = create_app(state, api_key=key, plugin_host=host)
     uv_config = uvicorn.Config(
         asgi_app(application, state),
         host=cfg.http.host,

@@ -31,13 +31,17 @@ class UnknownComponentError(RAGError, LookupError):
 
 
 class PluginRuntimeError(RAGError, RuntimeError):
-    """A plugin failed while serving; `.plugin` names it, `__cause__` is its exception."""
+    """A plugin failed while serving; `.plugin` names it, `__cause__` is its exception,
+    `.method` the lifecycle method that raised ("warm_up"), if one did."""
 
-    def __init__(self, plugin: str, kind: str, name: str, error: BaseException) -> None:
+    def __init__(
+        self, plugin: str, kind: str, name: str, error: BaseException, method: str | None = None
+    ) -> None:
+        where = f" in {method}()" if method else ""
         super().__init__(
-            f"{kind} {name!r} (plugin {plugin!r}) failed: {type(error).__name__}: {error}"
+            f"{kind} {name!r} (plugin {plugin!r}) failed{where}: {type(error).__name__}: {error}"
         )
-        self.plugin, self.kind, self.name = plugin, kind, name
+        self.plugin, self.kind, self.name, self.method = plugin, kind, name, method
 
 
 class VectorStoreUnavailable(RAGError):

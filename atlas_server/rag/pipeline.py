@@ -1,7 +1,10 @@
 """Retrieval pipeline: named retriever -> optional named reranker, with plugin isolation.
 
 What it does: builds retriever and reranker objects lazily from the plugin host's
-factories (once per name, with the shared `RAGContext`), runs retrieve + rerank (the
+factories (once per name, with the shared `RAGContext`), calls a built object's optional
+`warm_up()` before its first use and its optional `close()` at `close()` (each once per
+object; one that fails to warm up is closed and dropped, its failure the plugin's, as a
+factory's is, and built again by the next request), runs retrieve + rerank (the
 retriever is asked for `top_k * 4` candidates when a reranker follows), and wraps any
 exception a plugin raises in `PluginRuntimeError` naming the plugin, so the server
 answers with a clear error and stays up. The store's and the embedder's own failures
@@ -16,6 +19,8 @@ ingestion; nor does it check that results are sorted (the contract asks for best
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 import math
 import numbers
 import threading
@@ -36,6 +41,7 @@ from .store import StoreError, VectorStore, guarded, options_attribute_problem
 from .types import Chunk, RAGContext, RetrievedChunk
 
 __all__ = ["PluginRuntimeError", "RAGPipeline", "UnknownComponentError", "check_plugin_options"]
+log = logging.getLogger("atlas.rag")
 
 RERANK_CANDIDATES = 4  # a reranker gets top_k * this many candidates (400 at top_k 100)
 VECTOR_NORM_TOLERANCE = 0.01  # |L2 norm - 1| a RetrievedChunk.vector may be off by
@@ -58,8 +64,9 @@ def check_plugin_options(
         registry = getattr(host, f"{kind}s")
         if name is not None and name not in registry:
             raise ValueError(
-                f"rag.{kind} {name!r} is not registered by any installed plugin; "
-                f"installed {kind}s: {', '.join(sorted(registry)) or 'none'} (see `atlas plugins`)"
+                f"rag.{kind} {name!r} is not registered by any installed plugin"
+                f"{host.disabled_hint()}; installed {kind}s: "
+                f"{', '.join(sorted(registry)) or 'none'} (see `atlas plugins`)"
             )
     for name in sorted(options):
         if name in components:
@@ -121,7 +128,8 @@ class RAGPipeline:
                 else ""
             )
             raise UnknownComponentError(
-                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}{hint}",
+                f"no {kind[:-1]} named {name!r}; installed: {', '.join(sorted(registry))}{hint}"
+                f"{self.host.disabled_hint()}",
                 param=kind[:-1],
             )
         with self._lock:
@@ -131,19 +139,51 @@ class RAGPipeline:
                     # fusion retrievers get the plain ones, built on demand
                     self.ctx.retrievers = _LazyRetrievers(self)
                 ctx = dataclasses.replace(self.ctx, options=dict(self.options.get(name, {})))
+                built, method = None, None
                 try:
-                    self._built[key] = registry[name](ctx)
-                except InvalidRAGRequest:  # the plugin says the request asked amiss (a 400)
-                    raise
-                except (StoreError, VectorStoreUnavailable):  # a factory that used ctx.store
-                    raise
+                    built = registry[name](ctx)
+                    # An object a factory hands out again (a shared client) is warmed once.
+                    if not any(built is other for other in self._built.values()):
+                        method = "warm_up"
+                        _plain_call(built, "warm_up")
                 except (Exception, SystemExit, KeyboardInterrupt) as e:
+                    if method is not None:  # what its warm_up half opened, closed now
+                        self._close(kind, name, built)
+                    # The plugin says the request asked amiss (a 400); the store's or
+                    # embedder's failure, from a factory that used them, is theirs.
+                    if isinstance(e, InvalidRAGRequest | StoreError | VectorStoreUnavailable):
+                        raise
                     if _a_real_ctrl_c(e):
                         raise
                     raise PluginRuntimeError(
-                        self.host.owner(kind, name) or "?", kind[:-1], name, e
+                        self.host.owner(kind, name) or "?", kind[:-1], name, e, method
                     ) from e
+                self._built[key] = built
             return self._built[key]
+
+    def close(self) -> None:
+        """Call `close()` on every object built, the last built first (a fusion retriever
+        before the parts it holds), once each; one that raises is logged, naming its
+        plugin, and the others are closed all the same."""
+        with self._lock:
+            built, self._built = list(self._built.items()), {}
+        closed: list[Any] = []
+        for (kind, name), component in reversed(built):
+            if not any(component is other for other in closed):
+                closed.append(component)
+                self._close(kind, name, component)
+
+    def _close(self, kind: str, name: str, component: Any) -> None:
+        try:
+            _plain_call(component, "close")
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            if _a_real_ctrl_c(e):
+                raise
+            log.error(
+                "%s %r (plugin %r) failed in close(): %s: %s",
+                kind[:-1], name, self.host.owner(kind, name) or "?", type(e).__name__, e,
+                exc_info=e,
+            )  # fmt: skip
 
     def retrieve(
         self,
@@ -194,6 +234,19 @@ class RAGPipeline:
         Asked only when a result carries a vector: it loads the embedder."""
         dim = getattr(self.ctx.embedder, "dim", None)
         return int(dim) if isinstance(dim, numbers.Integral) else None
+
+
+def _plain_call(component: Any, method: str) -> None:
+    """Call `component.method()` if it has one. An `async def` one is not awaited (as
+    `retrieve` is not): its coroutine is closed and refused, so the plugin hears why."""
+    call = getattr(component, method, None)
+    if call is None:
+        return
+    result = call()
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()  # no "never awaited" warning on top of this error
+        raise TypeError(f"{method}() is async; Atlas calls it without awaiting: make it plain")
 
 
 def _a_real_ctrl_c(e: BaseException) -> bool:

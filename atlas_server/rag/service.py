@@ -11,7 +11,10 @@ to plugins is guarded (`store.GuardedStore`): the store's own StoreError is a 50
 for a missing collection), any other exception from its code a `StorePluginError` naming
 the store and its plugin (a 502), never the retriever's; a factory that raises leaves the
 store unavailable (503, logged once with its traceback, /health saying why). Plugins'
-`ctx.store` and `ctx.embedder` open on their first use (`types.OnFirstUse`). It raises
+`ctx.store` and `ctx.embedder` open on their first use (`types.OnFirstUse`). A server
+builds the configured retriever and reranker at start-up (`warm_up`: their factories and
+`warm_up()` methods run then, a failure logged naming the plugin), and `close` closes
+every retriever and reranker built, then the store. It raises
 only the errors of `errors.py` (StorePluginError is one of its PluginRuntimeError).
 Every method blocks: callers run them off their event loop (the HTTP layer does, on a
 thread that ends with the call, see `compute_threads.py`).
@@ -30,7 +33,13 @@ from typing import Any
 
 from ..plugins import PluginHost
 from .chunking import ChunkSettings
-from .errors import CollectionNotFound, InvalidRAGRequest, VectorStoreUnavailable
+from .errors import (
+    CollectionNotFound,
+    InvalidRAGRequest,
+    PluginRuntimeError,
+    RAGError,
+    VectorStoreUnavailable,
+)
 from .grounding import grounded_messages, grounded_prompt
 from .ingest import Document, ingest
 from .pipeline import RAGPipeline
@@ -253,10 +262,38 @@ class RAGService:
                 self._pipeline = RAGPipeline(self.host, ctx, options)
             return self._pipeline
 
+    def warm_up(self) -> None:
+        """Build the configured retriever and reranker now, their `warm_up()` included (a
+        server at start-up), so the first request does not pay for loading them. One that
+        fails is logged, naming its plugin; requests that use it get the error a factory
+        that raised gives (502 `plugin_error`) and build it again."""
+        for kind, name in (
+            ("retrievers", self.defaults.retriever),
+            ("rerankers", self.defaults.reranker),
+        ):
+            if name is None:
+                continue
+            try:
+                self.pipeline.component(kind, name)
+            except PluginRuntimeError as e:
+                log.error(
+                    "%s (RAG requests that use it answer 502 and try it again)",
+                    e, exc_info=e.__cause__,
+                )  # fmt: skip
+            except (RAGError, StoreError) as e:  # the store or embedder not there yet, say
+                log.warning(
+                    "%s %r not built at start-up (requests will retry): %s", kind[:-1], name, e
+                )
+
     def close(self) -> None:
-        """Close the store's clients (only if it was opened), before the interpreter ends."""
+        """Close the retrievers and rerankers built (each plugin's `close()`; one that
+        fails is logged) and then the store's clients (only if it was opened), before the
+        interpreter ends."""
         with self._lock:
-            store, self._store, self._pipeline = self._store, None, None
+            store, self._store = self._store, None
+            pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.close()
         close = getattr(store, "close", None)
         if close is not None:
             close()

@@ -526,18 +526,23 @@ def check_store_options(name: str, options: dict[str, Any], host: Any = None) ->
     as its `options` attribute (the built-ins do); a factory without one takes any."""
     from ..plugins import get_plugin_host
 
-    factories = (host or get_plugin_host()).vector_stores
+    host = host or get_plugin_host()
+    factories = host.vector_stores
     if name not in factories:
         installed = ", ".join(sorted(factories)) or (
-            "none (the built-ins come from the `atlas` entry points: reinstall Atlas with "
-            "`pip install -e .` if it was installed before they existed)"
+            "none"
+            if host.disable
+            else "none (the built-ins come from the `atlas` entry points: reinstall Atlas "
+            "with `pip install -e .` if it was installed before they existed)"
         )
-        raise StoreError(f"no vector store named {name!r}; installed: {installed}")
+        raise StoreError(
+            f"no vector store named {name!r}{host.disabled_hint()}; installed: {installed}"
+        )
     known = getattr(factories[name], "options", None)
     if known is not None:
         problem = options_attribute_problem(known)
         if problem:
-            owner = (host or get_plugin_host()).owner("vector_stores", name)
+            owner = host.owner("vector_stores", name)
             raise StoreError(f"vector store {name!r} (plugin {owner!r}): {problem}")
         StoreSettings(options=dict(options)).check_options(name, known)
 
