@@ -24,8 +24,11 @@ spin against each other (bench/omp_teams.py shows the same effect within PyTorch
 
 The model: `--checkpoint DIR` (any exportable atlas checkpoint), else a random-weight
 model from `--preset` (default gpt2-124m) with a 1024-id tokenizer trained on stdlib text.
-With q8_0 the tokens may differ at near-ties without failing the run: llama.cpp also rounds
-each activation row to 8 bits for its dot products, where Atlas keeps them fp32.
+With q8_0 the tokens may differ without failing the run: llama.cpp also rounds each
+activation row (and the token embeddings) to 8 bits, where Atlas keeps them fp32. So for
+models with an untied head the run also has llama.cpp decode an f32 file of the 8-bit
+matrices' own numbers (dequantized), whose tokens Atlas's int8 ones must equal (it fails
+otherwise): the check that Atlas computes with exactly llama.cpp's q8_0 weights.
 What it does not do: GPU, sampling, prompt-processing speed, or quantized-vs-f32 accuracy
 (bench/bench_int8.py measures that for Atlas's int8).
 
@@ -305,6 +308,27 @@ def atlas_model(args):
     return model, tokenizer, path, tmp
 
 
+def dequantized_checkpoint(model, tokenizer, work: Path) -> Path:
+    """A checkpoint of `model` whose matrices are the numbers its int8 copies hold (the q8_0
+    weights, dequantized), in fp32; the embedding as it is (Atlas's lookup stays fp32)."""
+    import copy
+
+    import torch
+
+    from atlas_server.checkpoint import save_checkpoint
+    from atlas_server.model import native
+    from atlas_server.model.transformer import Linear
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in twin.modules():
+            if isinstance(module, Linear):
+                k, n = module.weight.shape
+                q, scales = native.quantize_q8(module.weight)
+                module.weight.copy_(native.dequantize_q8(q, scales, k, n))
+    return save_checkpoint(work / "dequantized", twin, tokenizer, {"source": "bench_llamacpp.py"})
+
+
 def first_divergence(model, prompt: list[int], ours: list[int], theirs: list[int]) -> str:
     import torch
 
@@ -401,6 +425,15 @@ def main(argv: list[str] | None = None) -> None:
             if a != b
         ]
 
+        # 1b. with int8: the same greedy tokens as llama.cpp running the 8-bit matrices'
+        # numbers as f32 (its q8_0 path also rounds activations, so it may differ)
+        same_dequantized = None
+        if args.quantize == "int8" and not model.config.tie_embeddings:
+            path = dequantized_checkpoint(model, tokenizer, work)
+            f32_file = export_gguf(path, work / "model-dequantized-f32.gguf", "f32")
+            tokens, _ = llamacpp_run(args, f32_file, prompts, args.new_tokens, work)
+            same_dequantized = sum(a == b for a, b in zip(ours, tokens, strict=True))
+
         # 2. decode speed, batch 1 and batched, interleaved repeats, best kept
         config = EngineConfig(
             max_running=args.batch,
@@ -445,6 +478,11 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
         "greedy_identical": f"{same}/{len(prompts)}",
+        **(
+            {"greedy_identical_to_dequantized_f32": f"{same_dequantized}/{len(prompts)}"}
+            if same_dequantized is not None
+            else {}
+        ),
         "divergences": divergences,
         **results,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
@@ -458,6 +496,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if same_dequantized is not None and same_dequantized != len(prompts):
+        sys.exit(
+            f"bench_llamacpp.py: Atlas's int8 tokens differ from llama.cpp's on the same "
+            f"8-bit matrices in f32 for {len(prompts) - same_dequantized} prompt(s)"
+        )
     if args.type == "f32" and same != len(prompts):
         if model.config.mlp in ("gelu", "gelu_exact"):
             # ggml's CPU GELU rounds its f32 input to fp16 and reads a table (GGML_GELU_FP16

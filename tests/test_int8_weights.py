@@ -25,12 +25,9 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler he
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """quantize_q8's panels back to the [K, N] weight they stand for."""
-    panels, width = q.shape[0], q.shape[2]
-    blocks = scales.shape[1]
-    values = q.float().transpose(0, 1).reshape(k, panels * width)[:, :n]  # [K, N]
-    per_row = scales.float().transpose(0, 1).reshape(blocks, panels * width)[:, :n]  # [G, N]
-    return values * per_row.repeat_interleave(native.Q8_BLOCK, 0)[:k]
+    """quantize_q8's panels back to the [K, N] weight they stand for (checked against the
+    gguf package's own dequantization below)."""
+    return native.dequantize_q8(q, scales, k, n)
 
 
 def with_dequantized_weights(model: Transformer) -> Transformer:
@@ -185,14 +182,22 @@ def test_int8_logits_stay_close_to_the_fp32_models():
     assert (int8 - fp32).abs().max() < 0.05 * fp32.std()
 
 
-def test_int8_copies_step_aside_once_the_weight_changes():
+def test_int8_copies_step_aside_once_the_weight_changes(tmp_path):
+    """...and /health stops naming them: a changed or unpickled model computes in fp32."""
+    from atlas_server.engine.runner import serving_kernels
+
     model = varied(ARCHITECTURES["llama, grouped-query"]).prepare_for_inference(quantize="int8")
+    assert serving_kernels(model)["matmul"] == "C int8"
+    torch.save(model, tmp_path / "model.pt")
+    unpickled = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert serving_kernels(unpickled)["matmul"] == "PyTorch"
     ids = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # an in-place change: the 8-bit copies now hold old numbers
     with torch.inference_mode():
         stale_safe = model(ids)
+        assert serving_kernels(model)["matmul"] == "PyTorch"
         fresh = model.prepare_for_inference(pack=False)(ids)
     torch.testing.assert_close(stale_safe, fresh, atol=1e-5, rtol=1e-5)
 

@@ -245,7 +245,8 @@ def serving_kernels(model: Transformer) -> dict[str, str]:
     where the model's decode steps take the C kernel (fp32 on the CPU, SDPA attention).
     """
     copies = [getattr(m, "packed", None) for m in model.modules() if hasattr(m, "packed")]
-    names = {getattr(c, "kernel", "PyTorch") if c is not None else "PyTorch" for c in copies}
+    # A stale copy (its weight changed, or the model was unpickled) steps aside: PyTorch's.
+    names = {c.kernel if c is not None and c.fresh() else "PyTorch" for c in copies}
     weight = model.tok_emb.weight
     native_attention = (
         weight.device.type == "cpu"

@@ -149,10 +149,7 @@ class DecodeStack:
             kinds = (native.PanelWeight, native.Int8PanelWeight)
             if type(module) is not Linear or not isinstance(copy, kinds):
                 return None
-            if copy.out_in or (copy.source._version, copy.source.data_ptr()) != (
-                copy.version,
-                copy.data_ptr,
-            ):
+            if copy.out_in or not copy.fresh():
                 return None  # stale: the weight changed since prepare_for_inference()
             if module.bias is not None and not _plain([module.bias]):
                 return None

@@ -58,6 +58,7 @@ __all__ = [
     "available",
     "decode_attention",
     "matmul_panels",
+    "dequantize_q8",
     "matmul_panels_q8",
     "pack_panels",
     "quantize_q8",
@@ -422,6 +423,15 @@ def quantize_q8(weight: Tensor) -> tuple[Tensor, Tensor]:
     d = d.half()  # stored as fp16, as in q8_0: the scale it computes with
     scales = d.view(n_blocks, n_panels, width).transpose(0, 1).contiguous()  # [P, G, NR]
     return q, scales
+
+
+def dequantize_q8(q: Tensor, scales: Tensor, k: int, n: int) -> Tensor:
+    """The [K, N] fp32 weight that `quantize_q8`'s panels stand for (what the int8 products
+    compute with): for checks against other implementations run on plain fp32 weights."""
+    panels, width = q.shape[0], q.shape[2]
+    values = q.float().transpose(0, 1).reshape(k, panels * width)[:, :n]  # [K, N]
+    blocks = scales.float().transpose(0, 1).reshape(scales.shape[1], panels * width)[:, :n]
+    return values * blocks.repeat_interleave(Q8_BLOCK, 0)[:k]  # [G, N] -> [K, N]
 
 
 def matmul_panels_q8(

@@ -36,11 +36,15 @@ class WeightCopy(ABC):
     def __deepcopy__(self, memo: dict) -> WeightCopy:
         return type(self)(copy.deepcopy(self.source, memo), self.out_in)
 
+    def fresh(self) -> bool:
+        """The source still holds the numbers copied (no in-place change, same storage; a
+        copy unpickled with its model has a new source and is not)."""
+        return self.source._version == self.version and self.source.data_ptr() == self.data_ptr
+
     def usable_for(self, x: Tensor) -> bool:
         """Fresh, and `x` is a CPU tensor of the copy's dtype with no gradient being recorded."""
         return (
-            self.source._version == self.version
-            and self.source.data_ptr() == self.data_ptr
+            self.fresh()
             and x.device.type == "cpu"
             and x.dtype == self.dtype
             and not torch.is_grad_enabled()
