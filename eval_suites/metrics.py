@@ -18,7 +18,14 @@ from atlas_server.rag.types import MetricResult
 
 from .errors import MetricError, SuiteConfigError
 
-__all__ = ["available_metrics", "check_metrics", "compute_metric", "load_metric"]
+__all__ = [
+    "available_metrics",
+    "check_metrics",
+    "check_ranking_metrics",
+    "compute_metric",
+    "compute_ranking_metric",
+    "load_metric",
+]
 
 
 def _registry() -> Mapping[str, Any]:
@@ -51,6 +58,22 @@ def load_metric(name: str) -> Any:
     return _registry()[name]()
 
 
+def check_ranking_metrics(names: tuple[str, ...] | list[str]) -> None:
+    """Every name is a registered metric with `compute_ranking(ranked, relevant)` (what
+    the retrieval suite calls), checked before the first request as check_metrics is."""
+    check_metrics(names)
+    registry = _registry()
+    ranking = sorted(
+        n for n in registry if callable(getattr(registry[n](), "compute_ranking", None))
+    )
+    for name in names:
+        if name not in ranking:
+            raise SuiteConfigError(
+                f"metric {name!r} is not a ranking metric (it has no compute_ranking(ranked,"
+                f" relevant)); ranking metrics: {', '.join(ranking) or 'none'}"
+            )
+
+
 def compute_metric(
     name: str, predictions: list[str], references: list[list[str]]
 ) -> tuple[dict[str, float], dict[str, bool], str | None]:
@@ -59,9 +82,22 @@ def compute_metric(
     A metric that raises, or returns something other than a MetricResult of numbers, is a
     MetricError naming it and its plugin (the metrics run after the last request: the
     answers are in the response cache, and a rerun sends none of them again)."""
+    return _checked(name, lambda metric: metric.compute(predictions, references))
+
+
+def compute_ranking_metric(
+    name: str, ranked: list[list[str]], relevant: list[set[str]]
+) -> tuple[dict[str, float], dict[str, bool], str | None]:
+    """compute_metric for a ranking metric: `ranked` ids per query, best first, and the
+    `relevant` ids of each (binary relevance)."""
+    return _checked(name, lambda metric: metric.compute_ranking(ranked, relevant))
+
+
+def _checked(name: str, call: Any) -> tuple[dict[str, float], dict[str, bool], str | None]:
+    """`call(metric)`'s MetricResult as (scores, flags, signature), or a MetricError."""
     metric = load_metric(name)
     try:
-        result = metric.compute(predictions, references)
+        result = call(metric)
         if not isinstance(result, MetricResult):  # a dict's .scores said AttributeError
             raise TypeError(f"returned a {type(result).__name__}, not a MetricResult")
         scores = {k: float(v) for k, v in result.scores.items()}

@@ -164,3 +164,56 @@ def test_a_server_without_rag_routes_is_refused_in_one_line(tmp_path, data):
         server.shutdown()
     assert_one_line_error(proc, "retrieval suite needs Atlas's RAG routes", "HTTP 404")
     assert NoRAGHandler.posted == []  # refused before ingesting or asking anything
+
+
+class HitsAtTwo:
+    """A third party's ranking metric: the share of queries with a relevant id in the top 2."""
+
+    name = "hits-at-2"
+
+    def compute(self, predictions, references):  # the text form every metric has
+        raise AssertionError("the retrieval suite must call compute_ranking")
+
+    def compute_ranking(self, ranked, relevant):
+        from atlas_server.rag.types import MetricResult
+
+        hits = [any(x in rel for x in ids[:2]) for ids, rel in zip(ranked, relevant, strict=True)]
+        return MetricResult({"hits_at_2": sum(hits) / len(hits)}, {"hits_at_2": True}, None)
+
+
+class NotRanking:
+    name = "text-only"
+
+    def compute(self, predictions, references):
+        raise AssertionError("never called")
+
+
+def test_ranking_metric_plugins_score_the_same_rankings(tmp_path, rag_server, data, monkeypatch):
+    """`metrics` names ranking metric plugins (a third party's too); their scores are
+    NAME/SCORE, on the rankings the server gave; a name without compute_ranking stops the
+    run before any request."""
+    import atlas_server.plugins as plugins_module
+    from atlas_server.hookspecs import hookimpl
+
+    class ThirdParty:
+        @staticmethod
+        @hookimpl
+        def atlas_register_metrics(register):
+            register("hits-at-2", HitsAtTwo)
+            register("text-only", NotRanking)
+
+    host = PluginHost()
+    host.register(ThirdParty, "third-party-metrics")
+    host.collect()
+    monkeypatch.setattr(plugins_module, "get_plugin_host", lambda: host)
+    corpus, questions = data
+    sets = (f"corpus={corpus}", f"questions={questions}", "collection=mods")
+    results = run(tmp_path, "retrieval", rag_server, *sets, "metrics=['hits-at-2', 'mrr']")
+    ranks = [s["first_relevant_rank"] for s in results["_samples"]]
+    metrics = {k: v["value"] for k, v in results["metrics"].items()}
+    assert metrics["hits-at-2/hits_at_2"] == pytest.approx(
+        sum(r is not None and r <= 2 for r in ranks) / len(ranks)
+    )
+    assert metrics["mrr/mrr"] == pytest.approx(metrics["mrr"])
+    with pytest.raises(SuiteConfigError, match="'text-only' is not a ranking metric"):
+        run(tmp_path, "retrieval", rag_server, *sets, "metrics=['text-only']")

@@ -4,7 +4,9 @@ What it does: fills a collection on the server with a corpus (`POST
 /v1/collections/NAME/documents`, in batches; the server embeds only chunks it does not hold
 yet, so a rerun or an interrupted run costs little), asks every question of a labelled set
 through `/v1/retrieve` (top `top_k` chunks, with the configured retriever and reranker or
-the server's defaults) and scores the ranking against the question's relevant documents:
+the server's defaults) and scores the ranking against the question's relevant documents
+(and with the ranking metric plugins `metrics` names, a third party's included, whose
+scores are `NAME/SCORE`):
 nDCG@k, recall@k and MRR with k = `top_k` (`ndcg_at_10`, `recall_at_10` with the default 10;
 binary relevance, as the ranking metric plugins `ndcg`, `recall_at_k`, `mrr` score), over
 all questions and per split (`dev`: choose settings there; `test`: quote it) and per
@@ -45,7 +47,7 @@ from typing import Any
 
 from ..client import OpenAIClient, gather_with_progress
 from ..errors import CapabilityError, ServerRequestError, SuiteConfigError
-from ..metrics import load_metric
+from ..metrics import check_ranking_metrics, compute_ranking_metric, load_metric
 from .base import (
     DATA_DIR,
     RunContext,
@@ -76,8 +78,10 @@ class RetrievalConfig:
     splits: tuple[str, ...]  # which questions to ask, by split; empty = all
     batch_documents: int  # documents per ingest request
     max_context_tokens: int  # unused (no prompts); kept for the runner's context check
+    metrics: tuple[str, ...]  # more ranking metric plugins, scored on the same rankings
 
     def validate(self) -> None:
+        check_ranking_metrics(self.metrics)
         if not 1 <= self.top_k <= 100:
             raise SuiteConfigError("retrieval: top_k must be between 1 and 100")
         if self.batch_documents < 1:
@@ -197,10 +201,17 @@ class RetrievalSuite(Suite):
     description = (
         "ranking quality of /v1/retrieve on labelled questions: nDCG@k, recall@k, MRR (k = top_k)"
     )
-    metrics = ("ndcg_at_{k}", "recall_at_{k}", "mrr", "{split}_ndcg_at_{k}", "{split}_mrr")
+    metrics = (
+        "ndcg_at_{k}",
+        "recall_at_{k}",
+        "mrr",
+        "{split}_ndcg_at_{k}",
+        "{split}_mrr",
+        "{plugin}/{score}",
+    )
     metrics_note = (
         "{k}: top_k, the chunks ranked (10 by default: ndcg_at_10); {split}: each split asked"
-        " (dev, test)"
+        " (dev, test); {plugin}/{score}: each ranking metric plugin in `metrics`"
     )
     config_cls = RetrievalConfig
 
@@ -324,6 +335,12 @@ class RetrievalSuite(Suite):
             for key, value in scores.items():
                 if key != "questions":
                     metrics[f"{split}_{key}"] = metric(value, True, f"{key} on the {split} split")
+        for name in cfg.metrics:  # a plugin's own cutoffs and formulas, on the same rankings
+            scores, flags, _ = compute_ranking_metric(name, ranked, relevant)
+            for key, value in scores.items():
+                metrics[f"{name}/{key}"] = metric(
+                    value, flags[key], f"{name} plugin, distinct sources of the top {k} chunks"
+                )
         return SuiteResult(
             metrics=metrics,
             samples=samples,
