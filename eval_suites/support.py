@@ -292,7 +292,9 @@ class LexicalJudge:
 def sentence_model(path: str):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(path, device="cpu")
+    from atlas_server.rag.embedding import quietly_loaded  # no "Loading weights" bar
+
+    return quietly_loaded(SentenceTransformer, path, "cpu")
 
 
 def default_embedder_path() -> str:

@@ -119,3 +119,12 @@ def test_loading_the_embedder_draws_no_bar_and_leaves_transformers_bars_as_they_
     Embedder()
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # only this load was quiet
+
+
+def test_the_evaluation_judges_embedder_loads_without_a_bar_too(capfd):
+    """The hallucination suite's embedding judge loads MiniLM itself (eval_suites/support)."""
+    from eval_suites.support import default_embedder_path, sentence_model
+
+    sentence_model.cache_clear()  # loaded here, not by an earlier test in this process
+    sentence_model(default_embedder_path())
+    assert "Loading weights" not in capfd.readouterr().err

@@ -100,7 +100,7 @@ class Embedder:
         if not path.is_dir():
             raise RuntimeError(f"embedding model folder {path} does not exist")
         self.name = DEFAULT_MODEL if model_path is None else path.name
-        self.model = _quietly_loaded(SentenceTransformer, str(path), device)
+        self.model = quietly_loaded(SentenceTransformer, str(path), device)
         if backend == "auto":
             backend = "bf16" if device == "cpu" and native_bf16() else "fp32"
         self.backend = backend
@@ -217,10 +217,11 @@ class Embedder:
         return len(self._counter.encode(text, add_special_tokens=False).ids)
 
 
-def _quietly_loaded(make, path: str, device: str):
+def quietly_loaded(make, path: str, device: str):
     """make(path, device=device) without transformers' "Loading weights" bar: a local 90 MB
     model loads in well under a second, and the bar's frames went into every server log and
-    `atlas rag query` output. Put back as it was after, for the rest of the process."""
+    `atlas rag query` output (and the evaluation suites' embedding judge uses it too). Put
+    back as it was after, for the rest of the process."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
