@@ -146,8 +146,8 @@ class DecodeStack:
         def product(module: nn.Module) -> tuple[int, int | None, int | None] | None:
             """(panels, bias, scales) addresses; scales only for 8-bit panels."""
             copy = getattr(module, "packed", None)
-            kinds = (native.PanelWeight, native.Int8PanelWeight)
-            if type(module) is not Linear or not isinstance(copy, kinds):
+            # PanelWeight, or its 8-bit subclass Int8PanelWeight (with scales)
+            if type(module) is not Linear or not isinstance(copy, native.PanelWeight):
                 return None
             if copy.out_in or not copy.fresh():
                 return None  # stale: the weight changed since prepare_for_inference()
@@ -155,7 +155,7 @@ class DecodeStack:
                 return None
             copies.append(copy)
             watched.extend([copy.source] + ([module.bias] if module.bias is not None else []))
-            scales = getattr(copy, "scales", None)
+            scales = copy.scales
             return (
                 copy.panels.data_ptr(),
                 None if module.bias is None else module.bias.data_ptr(),

@@ -372,22 +372,26 @@ def _multiply(
     n_out: int,
     bias: Tensor | None,
     gelu_tanh: bool,
+    scales: Tensor | None = None,
 ) -> Tensor:
-    """matmul_panels once its arguments are known to be right: [..., n_out]."""
+    """matmul_panels (or, with `scales`, matmul_panels_q8 over int8 `panels`) once its
+    arguments are known to be right: [..., n_out]."""
     x = x if x.is_contiguous() else x.contiguous()  # [..., K], rows back to back
     y = x.new_empty(x.shape[:-1] + (n_out,))
-    with _named("atlas::matmul_panels"):
-        library.matmul_panels(
-            x.data_ptr(),
-            panels.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            x.shape[:-1].numel(),  # M rows
-            panels.shape[1],
-            n_out,
-            int(gelu_tanh),
-            torch.get_num_threads(),
-        )
+    bias_ptr = None if bias is None else bias.data_ptr()
+    rows, threads = x.shape[:-1].numel(), torch.get_num_threads()  # M rows
+    if scales is None:
+        with _named("atlas::matmul_panels"):
+            library.matmul_panels(
+                x.data_ptr(), panels.data_ptr(), bias_ptr, y.data_ptr(), rows,
+                panels.shape[1], n_out, int(gelu_tanh), threads,
+            )  # fmt: skip
+    else:
+        with _named("atlas::matmul_panels_q8"):
+            library.matmul_panels_q8(
+                x.data_ptr(), panels.data_ptr(), scales.data_ptr(), bias_ptr, y.data_ptr(),
+                rows, panels.shape[1], n_out, int(gelu_tanh), threads,
+            )  # fmt: skip
     return y
 
 
@@ -470,35 +474,7 @@ def matmul_panels_q8(
             f"scales {tuple(scales.shape)} {scales.dtype}, n_out {n_out}, "
             f"bias {None if bias is None else tuple(bias.shape)}"
         )
-    return _multiply_q8(library, x, q, scales, n_out, bias, gelu_tanh)
-
-
-def _multiply_q8(
-    library: ctypes.CDLL,
-    x: Tensor,
-    q: Tensor,
-    scales: Tensor,
-    n_out: int,
-    bias: Tensor | None,
-    gelu_tanh: bool,
-) -> Tensor:
-    """matmul_panels_q8 once its arguments are known to be right: [..., n_out]."""
-    x = x if x.is_contiguous() else x.contiguous()  # [..., K], rows back to back
-    y = x.new_empty(x.shape[:-1] + (n_out,))
-    with _named("atlas::matmul_panels_q8"):
-        library.matmul_panels_q8(
-            x.data_ptr(),
-            q.data_ptr(),
-            scales.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            x.shape[:-1].numel(),  # M rows
-            q.shape[1],
-            n_out,
-            int(gelu_tanh),
-            torch.get_num_threads(),
-        )
-    return y
+    return _multiply(library, x, q, n_out, bias, gelu_tanh, scales)
 
 
 class PanelWeight(WeightCopy):
@@ -510,6 +486,7 @@ class PanelWeight(WeightCopy):
         w = source.detach()
         w = w.t() if out_in else w  # [in, out]
         self.panels, self.n_out = pack_panels(w), w.shape[1]  # [P, in, NR]
+        self.scales: Tensor | None = None  # fp32 panels; Int8PanelWeight's block scales
         super().__init__(source, out_in, torch.float32)
 
     def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
@@ -533,11 +510,14 @@ class PanelWeight(WeightCopy):
                 )
             )
         ):
-            return _multiply(library, x, self.panels, self.n_out, bias, gelu_tanh)
-        return matmul_panels(x, self.panels, self.n_out, bias, gelu_tanh)  # [..., out]
+            return _multiply(library, x, self.panels, self.n_out, bias, gelu_tanh, self.scales)
+        return self._checked(x, bias, gelu_tanh)  # [..., out]
+
+    def _checked(self, x: Tensor, bias: Tensor | None, gelu_tanh: bool) -> Tensor:
+        return matmul_panels(x, self.panels, self.n_out, bias, gelu_tanh)
 
 
-class Int8PanelWeight(WeightCopy):
+class Int8PanelWeight(PanelWeight):
     """A weight as 8-bit column panels with a scale per 32 weights (`quantize_q8`), for
     matmul_panels_q8; call it like `x @ weight (+ bias)`. A quarter of the fp32 panels'
     memory plus a sixteenth for the scales (q8_0's size); the arithmetic stays fp32."""
@@ -547,33 +527,12 @@ class Int8PanelWeight(WeightCopy):
     def __init__(self, source: Tensor, out_in: bool = False) -> None:
         w = source.detach()
         w = w.t() if out_in else w  # [in, out]
-        self.q, self.scales = quantize_q8(w)  # [P, in, NR] int8, [P, G, NR] fp16
+        self.panels, self.scales = quantize_q8(w)  # [P, in, NR] int8, [P, G, NR] fp16
         self.n_out = w.shape[1]
-        super().__init__(source, out_in, torch.float32)
+        WeightCopy.__init__(self, source, out_in, torch.float32)
 
-    @property
-    def panels(self) -> Tensor:  # what decode_stack reads, as for PanelWeight
-        return self.q
-
-    def __call__(self, x: Tensor, bias: Tensor | None = None, gelu_tanh: bool = False) -> Tensor:
-        library = _library()
-        if (  # the cheap checks PanelWeight makes; anything unusual takes the checked path
-            library is not None
-            and x.is_cpu
-            and x.dtype == torch.float32
-            and x.shape[-1] == self.q.shape[1]
-            and (
-                bias is None
-                or (
-                    bias.is_cpu
-                    and bias.dtype == torch.float32
-                    and bias.shape == (self.n_out,)
-                    and bias.is_contiguous()
-                )
-            )
-        ):
-            return _multiply_q8(library, x, self.q, self.scales, self.n_out, bias, gelu_tanh)
-        return matmul_panels_q8(x, self.q, self.scales, self.n_out, bias, gelu_tanh)
+    def _checked(self, x: Tensor, bias: Tensor | None, gelu_tanh: bool) -> Tensor:
+        return matmul_panels_q8(x, self.panels, self.scales, self.n_out, bias, gelu_tanh)
 
 
 def main(argv: list[str] | None = None) -> None:
