@@ -7,8 +7,9 @@ and weights hashes, file sizes; `--json` for scripts; a LoRA adapter directory t
 which `atlas serve` serves like any other), `init --preset NAME
 --tokenizer FILE --output DIR` (a randomly initialised model whose vocabulary matches the
 tokenizer), `migrate DIR` (an older checkpoint layout to the current one, in place),
-`import-hf SRC DST` (a Hugging Face folder or hub repository), `export-hf DIR OUT` (a
-folder `transformers` loads) and `export-gguf DIR OUT.gguf` (a file llama.cpp runs).
+`import-hf SRC DST` (a Hugging Face folder or hub repository), `import-gguf FILE DST` (a
+llama.cpp GGUF file), `export-hf DIR OUT` (a folder `transformers` loads) and
+`export-gguf DIR OUT.gguf` (a file llama.cpp runs).
 What it does not do: training (see `atlas-train`).
 """
 
@@ -397,6 +398,10 @@ def import_hf_command(
         path = import_hf(src, dst, str(tokenizer) if tokenizer else None, revision)
         adds = read_metadata(path)["provenance"].get("tokenizer_adds")
     typer.echo(f"wrote {path}")
+    _note_tokenizer_adds(adds)
+
+
+def _note_tokenizer_adds(adds: dict | None) -> None:
     if adds:  # Llama 3's BOS: the model expects it, and Atlas's encode() does not add it
         where = [f"id {adds[k]} {k}" for k in ("before", "after") if adds[k]]
         typer.echo(
@@ -405,6 +410,28 @@ def import_hf_command(
             "but Atlas's encode() does not (add them yourself when you call it)",
             err=True,
         )
+
+
+@app.command("import-gguf")
+def import_gguf_command(
+    src: Path = typer.Argument(..., help="GGUF file (llama.cpp's format) to convert."),
+    dst: Path = typer.Argument(..., help="Atlas checkpoint directory to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty DST."),
+) -> None:
+    """Convert a GGUF file (llama.cpp's gpt2, llama, qwen2 or gptneox; F32, F16, BF16 or Q8_0
+    tensors; a byte-level BPE tokenizer) into an atlas checkpoint.
+
+    Example: atlas checkpoint import-gguf quickstart-q8_0.gguf checkpoints/quickstart-q8_0
+    """
+    from ..checkpoint import read_metadata
+    from ..gguf_import import import_gguf
+
+    with user_errors(FileExistsError):
+        check_output(dst, overwrite, inputs=[src])
+        path = import_gguf(src, dst)
+        adds = read_metadata(path)["provenance"].get("tokenizer_adds")
+    typer.echo(f"wrote {path}")
+    _note_tokenizer_adds(adds)
 
 
 @app.command("export-hf")
