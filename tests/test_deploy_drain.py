@@ -317,7 +317,8 @@ import os, sys
 class Spy:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
-            print("policy:", os.environ.get("OMP_WAIT_POLICY"), flush=True)
+            print("policy:", os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"),
+                  flush=True)
             sys.meta_path.remove(self)
 sys.meta_path.insert(0, Spy())
 import atlas_server.cli  # the CLI loads PyTorch only once a command needs it
@@ -325,12 +326,21 @@ import atlas_server.checkpoint
 """
 
 
-@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+@pytest.mark.parametrize(
+    ("given", "seen"),
+    [
+        ({}, "PASSIVE 10000"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),  # the user's policy, its spin count
+        ({"GOMP_SPINCOUNT": "500"}, "None 500"),
+    ],
+)
 def test_atlas_sets_the_openmp_wait_policy_before_torch_loads(monkeypatch, given, seen):
-    """PASSIVE unless the user chose a policy; set before torch (and OpenMP) loads."""
+    """PASSIVE with a short GNU spin (GOMP_SPINCOUNT wins over the policy there) unless the
+    user chose either; set before torch (and OpenMP) loads."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    if given is not None:
-        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
     out = subprocess.run(
         [sys.executable, "-c", _POLICY_AT_TORCH_IMPORT], capture_output=True, text=True, timeout=120
     )
