@@ -187,7 +187,7 @@ def check_engine_fits(path: Path, cfg) -> None:
                 f"engine.max_running ({max_running}, the default on {device}): every running"
                 " sequence needs one token of each step; raise it or set engine.max_running"
             )
-        if cfg.model.quantize != "none":  # after the weights load, a 503 for good instead
+        if cfg.model.quantize != "none":  # now: after the load it would be a 503 for good
             from ..model.transformer import check_quantize
 
             dtype = getattr(torch, resolve_dtype(device, cfg.model.dtype))
