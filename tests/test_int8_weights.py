@@ -289,3 +289,19 @@ def test_the_engine_serves_int8_and_says_so(varied_model):
             for _ in range(5):
                 ids.append(int(reference(torch.tensor([ids]))[0, -1].argmax()))
         assert tokens == ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_prepared_model_copied_inside_inference_mode_serves_the_same(quantize):
+    """QA: a deepcopy under torch.inference_mode() (inference tensors: no version counter)
+    raised "Inference tensors do not track version counter"; the copies watch them by
+    address, and the copy decodes (one-call step included) as the original does."""
+    model = varied(ARCHITECTURES["llama, grouped-query"]).prepare_for_inference(quantize=quantize)
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    slots = torch.tensor([0, 1])
+    with torch.inference_mode():
+        twin = copy.deepcopy(model)
+    want = decode(model, ids, slots, model.new_cache(2, 16), start=5)
+    got = decode(twin, ids, slots, twin.new_cache(2, 16), start=5)
+    assert twin._decode_stack is not None
+    assert torch.equal(got, want)

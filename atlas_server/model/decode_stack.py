@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import native
 from .kv_cache import KVCache
+from .weight_copy import version_of
 
 __all__ = ["DecodeStack"]
 
@@ -218,7 +219,9 @@ class DecodeStack:
 
     def _current_state(self) -> tuple[int, ...]:
         # Version counters catch in-place changes; addresses catch `.to()` and new storage.
-        return tuple(t._version for t in self._watched) + tuple(t.data_ptr() for t in self._watched)
+        return tuple(version_of(t) for t in self._watched) + tuple(
+            t.data_ptr() for t in self._watched
+        )
 
     def current(self, model: nn.Module, cache: KVCache) -> bool:
         """Built from this cache, from the inference copies the model holds now, and no

@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .decode_stack import DecodeStack
 from .kv_cache import KVCache
 from .onednn import PackedWeight, packing_supported, train_matmul
-from .weight_copy import WeightCopy
+from .weight_copy import WeightCopy, version_of
 
 QUANTIZE = ("none", "int8")  # what prepare_for_inference(quantize=...) takes
 
@@ -605,7 +605,7 @@ class Transformer(nn.Module):
                 self._tied_head_t = (
                     kept_head if kept_head is not None else weight.detach().t().contiguous()
                 )
-                self._tied_head_source = (weight.data_ptr(), weight._version)
+                self._tied_head_source = (weight.data_ptr(), version_of(weight))
         return self
 
     def _tied_head_is_current(self) -> bool:
@@ -616,7 +616,7 @@ class Transformer(nn.Module):
             self._tied_head_t is not None
             and self._tied_head_t.device == weight.device
             and self._tied_head_t.dtype == weight.dtype
-            and getattr(self, "_tied_head_source", None) == (weight.data_ptr(), weight._version)
+            and getattr(self, "_tied_head_source", None) == (weight.data_ptr(), version_of(weight))
         )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -20,7 +20,15 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-__all__ = ["WeightCopy"]
+__all__ = ["WeightCopy", "version_of"]
+
+
+def version_of(t: Tensor) -> int | None:
+    """`t`'s version counter (bumped by every in-place change), or None for an inference
+    tensor (made under `torch.inference_mode()`, e.g. a model copied or loaded there),
+    which has none: outside that mode it cannot be changed in place at all, so its address
+    is what identifies its numbers."""
+    return None if t.is_inference() else t._version
 
 
 class WeightCopy(ABC):
@@ -31,7 +39,7 @@ class WeightCopy(ABC):
         self.source, self.out_in, self.dtype = source, out_in, dtype
         # Identity of the numbers copied: an in-place change bumps the version counter, and
         # `.to()`/`.float()` swap in new storage.
-        self.version, self.data_ptr = source._version, source.data_ptr()
+        self.version, self.data_ptr = version_of(source), source.data_ptr()
 
     def __deepcopy__(self, memo: dict) -> WeightCopy:
         return type(self)(copy.deepcopy(self.source, memo), self.out_in)
@@ -39,7 +47,7 @@ class WeightCopy(ABC):
     def fresh(self) -> bool:
         """The source still holds the numbers copied (no in-place change, same storage; a
         copy unpickled with its model has a new source and is not)."""
-        return self.source._version == self.version and self.source.data_ptr() == self.data_ptr
+        return version_of(self.source) == self.version and self.source.data_ptr() == self.data_ptr
 
     def usable_for(self, x: Tensor) -> bool:
         """Fresh, and `x` is a CPU tensor of the copy's dtype with no gradient being recorded."""
