@@ -84,6 +84,10 @@ def _permute_rotary(w: Tensor, heads: int) -> Tensor:
     return w.reshape(heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# Atlas's projections whose biases llama.cpp names after the tensor (q|k|v's go apart).
+BIASES = (("attn.wo", "attn_output"), ("mlp.w_in", "ffn_up"), ("mlp.w_out", "ffn_down"))
+
+
 def gguf_tensors(
     state: dict[str, Tensor], config: ModelConfig, model_type: str
 ) -> dict[str, Tensor]:
@@ -127,11 +131,7 @@ def gguf_tensors(
         else:
             out[g + "ffn_up.weight"] = w_in.t()  # [F, C]
         out[g + "ffn_down.weight"] = w_out.t()  # [C, F]
-        for ours, theirs in (
-            ("attn.wo", "attn_output"),
-            ("mlp.w_in", "ffn_up"),
-            ("mlp.w_out", "ffn_down"),
-        ):
+        for ours, theirs in BIASES:
             if a + f"{ours}.bias" in state:
                 out[g + f"{theirs}.bias"] = state[a + f"{ours}.bias"]
     out["output_norm.weight"] = state["final_norm.weight"]

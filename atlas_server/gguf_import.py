@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import save_checkpoint, sha256_file
-from .gguf_export import GGUF_ARCH, QWEN2_SPLIT_PATTERN, gguf_tensors
+from .gguf_export import BIASES, GGUF_ARCH, QWEN2_SPLIT_PATTERN, gguf_tensors
 from .hf_arch import ARCHITECTURES, HFConversionError
 from .model import ConfigError, ModelConfig, Transformer
 from .tokenizer import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, IM_END, Tokenizer, TokenizerError
@@ -107,11 +107,7 @@ def atlas_state_from_gguf(
         else:
             state[a + "mlp.w_in.weight"] = t[g + "ffn_up.weight"].t()  # [C, F]
         state[a + "mlp.w_out.weight"] = t[g + "ffn_down.weight"].t()  # [F, C]
-        for ours, theirs in (
-            ("attn.wo", "attn_output"),
-            ("mlp.w_in", "ffn_up"),
-            ("mlp.w_out", "ffn_down"),
-        ):
+        for ours, theirs in BIASES:
             if g + f"{theirs}.bias" in t:
                 state[a + f"{ours}.bias"] = t[g + f"{theirs}.bias"]
     state["final_norm.weight"] = t["output_norm.weight"]

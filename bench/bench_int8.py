@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import atlas_decode_rate  # noqa: E402
+from bench_model import weight_bytes_per_token  # noqa: E402
 from ceilings import dram_read_bandwidth  # noqa: E402
 
 from atlas_server.compute_threads import call_in_fresh_thread  # noqa: E402
@@ -50,11 +52,9 @@ BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0 + 2.0 / native.Q8_BLOCK}  # int8: f
 
 
 def step_weights(model: Transformer) -> int:
-    """Weights a one-row decode step reads: every matrix, the head in full (tied or not);
-    of the embedding tables only a row each, left out."""
-    cfg = model.config
-    n = model.num_parameters(exclude_embeddings=True)
-    return n + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    """Weights a one-row decode step reads (bench_model's count, which is in the model's
+    fp32 bytes): every matrix, the head in full; one row of each embedding table."""
+    return weight_bytes_per_token(model) // 4
 
 
 def decode_rates(preset: str, batch: int, new_tokens: int, repeats: int, prompt_tokens: int):
@@ -76,7 +76,7 @@ def decode_rates(preset: str, batch: int, new_tokens: int, repeats: int, prompt_
     for rows in sorted({1, batch}):
         for _ in range(repeats):
             for quantize, model in models.items():  # alternated: both see the same load
-                engine_config = EngineConfig(**{**config.__dict__, "quantize": quantize})
+                engine_config = dataclasses.replace(config, quantize=quantize)
                 engine = call_in_fresh_thread(
                     lambda m=model, c=engine_config: Engine(m, tokenizer, c).start()
                 )

@@ -3,7 +3,7 @@
 References: llama.cpp's own q8_0 quantizer (the `gguf` package, which reproduces
 ggml-quants.c bit for bit) for the quantized numbers, and PyTorch's fp32/fp64 matmul over
 the dequantized weights for every product and for whole models (the int8 path must compute
-exactly x @ dequantize(W), to float rounding, on every path a token takes).
+exactly x @ native.dequantize_q8(W), to float rounding, on every path a token takes).
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ from atlas_server.model.transformer import Linear, check_quantize
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """quantize_q8's panels back to the [K, N] weight they stand for (checked against the
-    gguf package's own dequantization below)."""
-    return native.dequantize_q8(q, scales, k, n)
-
-
 def with_dequantized_weights(model: Transformer) -> Transformer:
     """A copy of `model` whose matrices are the int8 copies' numbers, in fp32, served by
     PyTorch's own matmul: what the int8 path must compute."""
@@ -38,10 +32,10 @@ def with_dequantized_weights(model: Transformer) -> Transformer:
         for module in reference.modules():
             if isinstance(module, Linear):
                 k, n = module.weight.shape
-                module.weight.copy_(dequantize(*native.quantize_q8(module.weight), k, n))
+                module.weight.copy_(native.dequantize_q8(*native.quantize_q8(module.weight), k, n))
         if reference.config.tie_embeddings:
             emb = reference.tok_emb.weight  # [V, C], read as the head's [C, V]
-            head = dequantize(*native.quantize_q8(emb.t()), emb.shape[1], emb.shape[0])
+            head = native.dequantize_q8(*native.quantize_q8(emb.t()), emb.shape[1], emb.shape[0])
             # The tied embedding is also the input lookup, which stays fp32: untie the copy.
             reference.config = reference.config.replace(tie_embeddings=False)
             reference.lm_head = Linear(emb.shape[1], emb.shape[0], bias=False)
@@ -59,7 +53,7 @@ def test_quantized_numbers_are_llama_cpps_q8_0_bit_for_bit(k, n):
     kind = gguf.GGMLQuantizationType.Q8_0
     # ggml quantizes along a row's input dimension: rows of W^T, [N, K].
     theirs = gguf.quants.dequantize(gguf.quants.quantize(weight.t().numpy(), kind), kind)
-    ours = dequantize(*native.quantize_q8(weight), k, n)
+    ours = native.dequantize_q8(*native.quantize_q8(weight), k, n)
     assert torch.equal(ours, torch.from_numpy(theirs).t())
     assert not ours.isnan().any()
 
@@ -72,7 +66,7 @@ def test_rounding_at_the_edges_is_llama_cpps():
     weight[1:6] = torch.tensor([0.5, -0.5, 1.5, 0.49999997, -2.5])[:, None]
     kind = gguf.GGMLQuantizationType.Q8_0
     theirs = gguf.quants.dequantize(gguf.quants.quantize(weight.t().numpy(), kind), kind)
-    ours = dequantize(*native.quantize_q8(weight), 32, 4)
+    ours = native.dequantize_q8(*native.quantize_q8(weight), 32, 4)
     assert torch.equal(ours, torch.from_numpy(theirs).t())
     assert ours[1:6, 0].tolist() == [1.0, -1.0, 2.0, 0.0, -3.0]
 
@@ -102,7 +96,7 @@ def test_matmul_panels_q8_equals_x_at_the_dequantized_weight(rows, k, n, with_bi
     bias = torch.randn(n) if with_bias else None
     q, scales = native.quantize_q8(weight)
     y = native.matmul_panels_q8(x, q, scales, n, bias)
-    expected = x.double() @ dequantize(q, scales, k, n).double()
+    expected = x.double() @ native.dequantize_q8(q, scales, k, n).double()
     expected += 0 if bias is None else bias.double()
     torch.testing.assert_close(y.double(), expected, atol=1e-4 * k**0.5, rtol=1e-5)
     gelu = native.matmul_panels_q8(x, q, scales, n, bias, gelu_tanh=True)
@@ -305,3 +299,15 @@ def test_a_prepared_model_copied_inside_inference_mode_serves_the_same(quantize)
     got = decode(twin, ids, slots, twin.new_cache(2, 16), start=5)
     assert twin._decode_stack is not None
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("value", ["int4", "INT8", "", "int8 "])
+def test_a_bad_quantize_flag_is_one_line_and_exit_1(value, tmp_path):
+    from typer.testing import CliRunner
+
+    from atlas_server.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--quantize", value, "--checkpoint", str(tmp_path)])
+    assert r.exit_code == 1
+    (line,) = r.output.strip().splitlines()
+    assert "model.quantize must be none or int8" in line and "Traceback" not in r.output
